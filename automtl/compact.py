@@ -1,0 +1,241 @@
+"""Step 4 of the pipeline: compile a supermodel and a discrete policy into a compact model.
+
+This is cross-task common-subexpression elimination on the fx graph. For every node, the
+tasks fall into classes by the choices made in the node's whole ancestor cone; the node is
+emitted once per class. Tasks that share a prefix share its computation at run time; a
+specialized layer becomes one branch per task; a skipped layer becomes nothing (identity) or
+its 1x1 projection; operators no task uses are left out, with their parameters.
+"""
+from __future__ import annotations
+
+import copy
+import operator
+from typing import Iterable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from .capture import count_parameters
+from .errors import AutomtlError
+from .policy import CHOICES, SHARE, SKIP, SPECIALIZE, Policy
+from .supermodel import PolicyLayer, SuperModel, repeat_tasks
+from .tasks import Task
+
+#: node.meta keys set on every emitted node, read by render and the file format.
+META_TASKS = "automtl_tasks"      # tuple of task names this node computes for
+META_LAYER = "automtl_layer"      # policy layer name, for nodes that come from a policy layer
+META_CHOICE = "automtl_choice"    # "share", "specialize" or "skip" for those nodes
+META_SOURCE = "automtl_source"    # name of the node in the backbone graph
+
+
+class CompactModel(nn.Module):
+    """The compiled multi-task model: ``forward(x, tasks=None) -> {task: output}``.
+
+    ``graph_module`` is a plain fx GraphModule of standard torch modules and functions, so
+    it can be exported, saved as data and drawn. Asking for a subset of tasks runs only
+    the part of the graph those tasks need.
+    """
+
+    def __init__(self, graph_module: fx.GraphModule, tasks: Sequence[Task], policy: Optional[Policy]):
+        super().__init__()
+        self.graph_module = graph_module
+        self.tasks = list(tasks)
+        self.task_names = [t.name for t in self.tasks]
+        self.policy = policy
+        self._subsets: dict = {}
+
+    def forward(self, x: torch.Tensor, tasks: Optional[Sequence[str]] = None) -> dict:
+        if tasks is None or list(tasks) == self.task_names:
+            return self.graph_module(x)
+        return self._subset(tuple(tasks))(x)
+
+    def _subset(self, tasks: tuple) -> fx.GraphModule:
+        unknown = [t for t in tasks if t not in self.task_names]
+        if unknown:
+            raise AutomtlError(f"the model has no task {unknown[0]!r}; its tasks are {', '.join(self.task_names)}")
+        if tasks not in self._subsets:
+            self._subsets[tasks] = subset_graph_module(self.graph_module, tasks)
+        return self._subsets[tasks]
+
+    def num_parameters(self) -> int:
+        return count_parameters(self)
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_subsets"] = {}
+        return state
+
+
+def subset_graph_module(gm: fx.GraphModule, tasks: Sequence[str]) -> fx.GraphModule:
+    """A GraphModule (sharing gm's modules) that computes only ``tasks``; the rest is dead code."""
+    graph = fx.Graph()
+    env: dict = {}
+    out = graph.graph_copy(gm.graph, env)
+    graph.output({t: out[t] for t in tasks})
+    sub = fx.GraphModule(gm, graph, gm.__class__.__name__)
+    sub.graph.eliminate_dead_code()
+    sub.recompile()
+    return sub
+
+
+def compact(sm: SuperModel, policy: Optional[Policy] = None) -> CompactModel:
+    """Compile ``sm`` under ``policy`` (default: the supermodel's current hard policy).
+
+    The compact model owns a copy of the weights it uses: training it leaves the supermodel as is.
+    In eval mode its outputs equal ``sm.hard(policy)(x)`` to float tolerance.
+    """
+    if policy is None:
+        if sm.policy is None:
+            raise AutomtlError("compact() needs a policy: pass one, or call supermodel.hard(policy) first")
+        policy = sm.policy
+    policy.check(sm.layer_names, sm.task_names, sm.skip_legal)
+    root = nn.Module()
+    root.net = sm.net
+    root.heads = sm.heads
+    graph = _compile_graph(sm, policy)
+    gm = fx.GraphModule(root, graph, "CompactNet")
+    gm = copy.deepcopy(gm)  # own the weights
+    _make_out_of_place(gm)
+    for node in gm.graph.nodes:  # deepcopy keeps node.meta; make sure every node carries its tasks
+        node.meta.setdefault(META_TASKS, tuple(sm.task_names))
+    model = CompactModel(gm, sm.tasks, policy)
+    model.train(sm.training)
+    return model
+
+
+def _make_out_of_place(gm: fx.GraphModule) -> None:
+    """Turn in-place operations into out-of-place ones.
+
+    After compaction one tensor can feed several task classes (a skipped layer passes its input
+    on), so an in-place ReLU in one branch would change what another branch reads.
+    """
+    for m in gm.modules():
+        if getattr(m, "inplace", False) is True:
+            m.inplace = False
+    for node in gm.graph.nodes:
+        if node.kwargs.get("inplace") is True:
+            node.kwargs = {**node.kwargs, "inplace": False}
+        if node.op == "call_method" and node.target.endswith("_") and not node.target.startswith("_"):
+            if hasattr(torch.Tensor, node.target[:-1]):
+                node.target = node.target[:-1]
+        if node.op == "call_function" and node.target in _INPLACE_OPERATORS:
+            node.target = _INPLACE_OPERATORS[node.target]
+    gm.recompile()
+
+
+_INPLACE_OPERATORS = {
+    operator.iadd: operator.add, operator.isub: operator.sub,
+    operator.imul: operator.mul, operator.itruediv: operator.truediv,
+}
+
+
+def _compile_graph(sm: SuperModel, policy: Policy) -> fx.Graph:
+    names = sm.task_names
+    T = len(names)
+    layer_index = {n: i for i, n in enumerate(sm.layer_names)}
+    src = sm.net.graph
+    graph = fx.Graph()
+    # classes[old_node] = list of (tuple of task indices, new node or constant)
+    classes: dict = {}
+    ALL = tuple(range(T))
+
+    def lookup(old: fx.Node, task: int):
+        for members, new in classes[old]:
+            if task in members:
+                return new
+        raise AssertionError(f"task {task} has no value for {old.name}")
+
+    def tag(new: fx.Node, members: tuple, old: fx.Node, layer: Optional[str] = None, choice: Optional[str] = None):
+        new.meta[META_TASKS] = tuple(names[t] for t in members)
+        new.meta[META_SOURCE] = old.name
+        if layer is not None:
+            new.meta[META_LAYER] = layer
+            new.meta[META_CHOICE] = choice
+        if "tensor_meta" in old.meta:
+            new.meta["tensor_meta"] = old.meta["tensor_meta"]
+        return new
+
+    x_new = None
+    for old in src.nodes:
+        if old.op == "placeholder":
+            if old.name == "mix":
+                classes[old] = [(ALL, None)]
+                continue
+            x_new = graph.placeholder(old.name)
+            classes[old] = [(ALL, tag(x_new, ALL, old))]
+            continue
+        if old.op == "output":
+            feature = old.args[0]
+            continue
+        inputs = [i for i in old.all_input_nodes]
+        if old.op == "call_function" and old.target is operator.getitem and inputs and inputs[0].name == "mix":
+            classes[old] = [(ALL, None)]
+            continue
+        if old.op == "call_function" and old.target is repeat_tasks:
+            classes[old] = classes[old.args[0]]
+            continue
+        if old.op == "call_module" and old.target in layer_index:
+            classes[old] = _emit_policy_layer(graph, sm, policy, old, layer_index[old.target], classes, tag)
+            continue
+        # Any other node: tasks that agree on every input stay together.
+        groups: dict = {}
+        for t in range(T):
+            key = tuple(id(lookup(i, t)) for i in inputs)
+            groups.setdefault(key, []).append(t)
+        out = []
+        for members in groups.values():
+            members = tuple(members)
+            new = graph.node_copy(old, lambda n: lookup(n, members[0]))
+            if new.op in ("call_module", "get_attr"):
+                new.target = f"net.{old.target}"
+            if len(members) < T:
+                new.name = graph._graph_namespace.create_name(f"{old.name}__{'_'.join(names[t] for t in members)}", None)
+            out.append((members, tag(new, members, old)))
+        classes[old] = out
+
+    # Heads, and the dense tasks' upsampling to the input size.
+    size = graph.call_function(operator.getitem, (graph.call_method("size", (x_new,)), slice(2, 4)))
+    outputs = {}
+    for t, task in enumerate(sm.tasks):
+        feat = lookup(feature, t)
+        y = graph.call_module(f"heads.{task.name}", (feat,))
+        y.name = graph._graph_namespace.create_name(f"head_{task.name}", None)
+        tag(y, (t,), feature)
+        if task.head is None and task.dense:
+            y = tag(graph.call_function(F.interpolate, (y,), {"size": size, "mode": "bilinear", "align_corners": False}), (t,), feature)
+            if task.kind == "normal":
+                y = tag(graph.call_function(F.normalize, (y,), {"dim": 1}), (t,), feature)
+        outputs[task.name] = y
+    graph.output(outputs)
+    graph.lint()
+    return graph
+
+
+def _emit_policy_layer(graph, sm, policy, old, index, classes, tag):
+    """Emit a policy layer once per (input class, choice) and once per specializing task."""
+    layer_name = sm.layer_names[index]
+    row = policy.choices[index]
+    layer: PolicyLayer = sm.net.get_submodule(old.target)
+    inp = old.args[0]
+    out = []
+    for members, value in classes[inp]:
+        for choice in (SHARE, SKIP):
+            users = tuple(t for t in members if row[t] == choice)
+            if not users:
+                continue
+            if choice == SKIP and isinstance(layer.skip, nn.Identity):
+                out.append((users, value))  # identity: the input flows through, no node
+                continue
+            part = "shared" if choice == SHARE else "skip"
+            new = graph.call_module(f"net.{old.target}.{part}", (value,))
+            suffix = "" if len(users) == len(sm.task_names) else "__" + "_".join(sm.task_names[t] for t in users)
+            new.name = graph._graph_namespace.create_name(f"{old.name}_{part}{suffix}", None)
+            out.append((users, tag(new, users, old, layer_name, CHOICES[choice])))
+        for t in members:
+            if row[t] == SPECIALIZE:
+                new = graph.call_module(f"net.{old.target}.specialized.{t}", (value,))
+                new.name = graph._graph_namespace.create_name(f"{old.name}__{sm.task_names[t]}", None)
+                out.append(((t,), tag(new, (t,), old, layer_name, "specialize")))
+    out.sort(key=lambda mv: mv[0][0])
+    return out

@@ -1,0 +1,167 @@
+"""NYUv2 (13 classes, depth, surface normals) in the preprocessed .npy layout of MTAN
+(Liu et al., github.com/lorenmt/mtan), which AutoMTL and most MTL code bases reuse::
+
+    root/{train,val}/image/{i}.npy    (H, W, 3) float
+    root/{train,val}/label/{i}.npy    (H, W)    class id, -1 for void
+    root/{train,val}/depth/{i}.npy    (H, W, 1) float, 0 where unknown
+    root/{train,val}/normal/{i}.npy   (H, W, 3) float, 0 where unknown
+
+The folder checks happen once, up front, so a broken download fails with a clear message
+instead of deep inside a training epoch.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Mapping, Sequence, Union
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from ..errors import DataError
+from ..tasks import Task
+
+VOID = 255
+
+NYU_CLASS_NAMES = (
+    "wall", "floor", "cabinet", "bed", "chair", "sofa", "table", "door", "window",
+    "bookshelf", "picture", "counter", "blinds",
+)  # fmt: skip
+
+_SPLITS = {"train": "train", "val": "val", "test": "val"}
+
+
+def _split_dir(name: str, root, split: str) -> Path:
+    if root is None:
+        raise DataError(f"{name} needs root= the folder that holds train/ and val/ (the MTAN .npy layout)")
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DataError(f"{name} root {root} does not exist; pass the folder that holds train/ and val/")
+    if split not in _SPLITS:
+        raise DataError(f"{name} split {split!r} is unknown; use 'train' or 'val' ('test' reads val/)")
+    path = root / _SPLITS[split]
+    if not path.is_dir():
+        raise DataError(f"{name} split folder {path} does not exist; the root must hold train/ and val/ folders")
+    return path
+
+
+def _count(folder: Path, name: str) -> int:
+    if not folder.is_dir():
+        raise DataError(f"{name} folder {folder} does not exist; the layout needs it for the tasks asked for")
+    files = [f for f in os.listdir(folder) if f.endswith(".npy")]
+    expected = {f"{i}.npy" for i in range(len(files))}
+    if set(files) != expected:
+        odd = sorted(set(files) - expected)[:3]
+        raise DataError(
+            f"{name} folder {folder} should hold 0.npy ... {len(files) - 1}.npy but has {', '.join(odd)}; "
+            "rename the files to consecutive indices"
+        )
+    return len(files)
+
+
+def _load(path: Path, name: str) -> np.ndarray:
+    try:
+        return np.load(path, allow_pickle=False)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the same user problem
+        raise DataError(f"{name} file {path} cannot be read as .npy ({type(e).__name__}); regenerate it") from None
+
+
+def labels_to_long(label: np.ndarray, classes: int) -> torch.Tensor:
+    """Class ids as int64, with void (-1, NaN, or any id outside 0..classes-1) mapped to 255."""
+    lab = np.asarray(label, dtype=np.float64)
+    void = ~np.isfinite(lab) | (lab < 0) | (lab >= classes)
+    out = np.where(void, VOID, np.nan_to_num(lab)).astype(np.int64)
+    return torch.from_numpy(out)
+
+
+class NpyScenes(Dataset):
+    """A dense data set stored as one .npy per sample and per target, in parallel folders."""
+
+    name = "npy"
+    classes = 0
+    #: task name -> (folder, kind)
+    layout: Mapping[str, tuple[str, str]] = {}
+
+    def __init__(self, root, split: str, tasks: Sequence[str]):
+        tasks = tuple(tasks)
+        unknown = [t for t in tasks if t not in self.layout]
+        if unknown or not tasks:
+            raise DataError(
+                f"{self.name} has no task {', '.join(map(repr, unknown)) or '(none given)'}; "
+                f"choose from {', '.join(self.layout)}"
+            )
+        self.root = root
+        self.split = split
+        self.task_names = tasks
+        self.path = _split_dir(self.name, root, split)
+        n = _count(self.path / "image", self.name)
+        for t in tasks:
+            folder = self.layout[t][0]
+            m = _count(self.path / folder, self.name)
+            if m != n:
+                raise DataError(
+                    f"{self.name} {split} has {n} images but {m} files in {folder}/; every folder needs one file per image"
+                )
+        if n == 0:
+            raise DataError(f"{self.name} folder {self.path / 'image'} holds no .npy files; check the root")
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    @property
+    def tasks(self) -> list[Task]:
+        """Task specs for the targets this data set yields."""
+        out = []
+        for t in self.task_names:
+            kind = self.layout[t][1]
+            out.append(Task(t, kind=kind, classes=self.classes if kind == "segmentation" else None))
+        return out
+
+    def _file(self, folder: str, index: int) -> np.ndarray:
+        return _load(self.path / folder / f"{index}.npy", self.name)
+
+    def __getitem__(self, index: int):
+        if not -self.n <= index < self.n:
+            raise IndexError(f"index {index} out of range for {self.n} samples")
+        index = index % self.n
+        img = self._file("image", index)
+        if img.ndim != 3 or img.shape[-1] != 3:
+            raise DataError(f"{self.name} image {index}.npy has shape {img.shape}; expected (H, W, 3)")
+        x = torch.from_numpy(np.ascontiguousarray(np.moveaxis(img, -1, 0), dtype=np.float32))
+        hw = img.shape[:2]
+        targets = {}
+        for t in self.task_names:
+            folder, kind = self.layout[t]
+            a = self._file(folder, index)
+            if kind == "segmentation":
+                a = a.reshape(a.shape[:2]) if a.ndim == 3 and a.shape[-1] == 1 else a
+                y = labels_to_long(a, self.classes)
+            elif kind == "depth":
+                a = a[..., None] if a.ndim == 2 else a
+                y = torch.from_numpy(np.ascontiguousarray(np.moveaxis(a, -1, 0), dtype=np.float32))
+            else:  # normal
+                y = torch.from_numpy(np.ascontiguousarray(np.moveaxis(a, -1, 0), dtype=np.float32))
+            expected = {"segmentation": hw, "depth": (1, *hw), "normal": (3, *hw)}[kind]
+            if tuple(y.shape) != tuple(expected):
+                raise DataError(
+                    f"{self.name} {folder}/{index}.npy has shape {a.shape}, which does not fit its image of size {hw}"
+                )
+            targets[t] = y
+        return x, targets
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(root={str(self.root)!r}, split={self.split!r}, tasks={self.task_names}, n={self.n})"
+
+
+class NYUv2(NpyScenes):
+    """NYUv2 with 13 semantic classes, depth and normals (void labels become 255)."""
+
+    name = "nyuv2"
+    classes = 13
+    class_names = NYU_CLASS_NAMES
+    layout = {"segmentation": ("label", "segmentation"), "depth": ("depth", "depth"), "normal": ("normal", "normal")}
+
+    def __init__(self, root: Union[str, os.PathLike], split: str = "train", tasks: Sequence[str] = ("segmentation", "depth", "normal")):
+        super().__init__(root, split, tasks)

@@ -1,0 +1,25 @@
+"""The one exception type that means "the user gave us something wrong".
+
+The CLI turns an :class:`AutomtlError` into one clear sentence and exit code 2;
+anything else is a bug and keeps its traceback.
+"""
+
+
+class AutomtlError(Exception):
+    """A user mistake: the message names what is wrong and what to do."""
+
+
+class BackboneError(AutomtlError):
+    """The backbone cannot be loaded, traced or converted."""
+
+
+class ConfigError(AutomtlError):
+    """A configuration value, task spec or policy file is invalid."""
+
+
+class DataError(AutomtlError):
+    """A dataset is missing, malformed or does not fit the tasks."""
+
+
+class FileFormatError(AutomtlError):
+    """A model or policy file is unreadable, truncated or does not match its description."""

@@ -1,0 +1,396 @@
+"""Streaming metrics of each task kind, and the multi-task gain Δ_MTL.
+
+A metric accumulates sufficient statistics batch by batch (``update``) and reduces them once
+(``compute``), so a validation pass costs no more memory than one batch for every kind except
+multilabel mAP, which keeps the scores. Only labelled samples and pixels count, with the same
+notion of "missing" as :mod:`automtl.losses`. A metric with nothing counted computes to NaN:
+a number would claim a measurement that was never made.
+"""
+from __future__ import annotations
+
+import math
+from typing import Mapping, Optional
+
+import torch
+from torch import Tensor
+
+from .errors import ConfigError
+from .losses import _label_target, match_size
+from .tasks import Task
+
+__all__ = [
+    "HIGHER_IS_BETTER",
+    "Metric",
+    "Accuracy",
+    "MultilabelMetric",
+    "RegressionMetric",
+    "SegmentationMetric",
+    "DepthMetric",
+    "NormalMetric",
+    "metric_for",
+    "delta_mtl",
+]
+
+#: Direction of every builtin metric name: True when a larger value is better.
+HIGHER_IS_BETTER: dict[str, bool] = {
+    "accuracy": True,
+    "f1": True,
+    "map": True,
+    "mae": False,
+    "rmse": False,
+    "miou": True,
+    "pixel_acc": True,
+    "abs_err": False,
+    "rel_err": False,
+    "mean_angle": False,
+    "median_angle": False,
+    "within_11_25": True,
+    "within_22_5": True,
+    "within_30": True,
+}
+
+_NAN = float("nan")
+
+
+def _ratio(num: float, den: float) -> float:
+    return num / den if den > 0 else _NAN
+
+
+class Metric:
+    """Base of the builtin metrics: ``update`` per batch, ``compute`` at the end, ``reset``.
+
+    ``primary`` is the headline metric name, the one a search selects on.
+    """
+
+    primary: str = ""
+    names: tuple[str, ...] = ()
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def update(self, pred: Tensor, target: Tensor) -> None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def compute(self) -> dict[str, float]:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+
+class Accuracy(Metric):
+    """Top-1 accuracy (percent) over labelled samples."""
+
+    primary = "accuracy"
+    names = ("accuracy",)
+
+    def __init__(self, ignore_index: int = -1):
+        self.ignore_index = ignore_index
+        super().__init__()
+
+    def reset(self) -> None:
+        self.correct = 0
+        self.count = 0
+
+    @torch.no_grad()
+    def update(self, pred: Tensor, target: Tensor) -> None:
+        target = _label_target(target, self.ignore_index).reshape(-1)
+        labels = pred.argmax(dim=1) if pred.dim() > 1 else pred.long()
+        valid = target != self.ignore_index
+        self.correct += int((labels[valid] == target[valid]).sum())
+        self.count += int(valid.sum())
+
+    def compute(self) -> dict[str, float]:
+        return {"accuracy": 100.0 * _ratio(self.correct, self.count)}
+
+
+def average_precision(scores: Tensor, labels: Tensor) -> float:
+    """Area under the precision-recall step curve (scikit-learn's ``average_precision_score``).
+
+    Tied scores form one threshold, so the value does not depend on the order of ties.
+    """
+    positives = int(labels.sum())
+    if positives == 0:
+        return _NAN
+    order = torch.argsort(scores, descending=True, stable=True)
+    s, y = scores[order], labels[order].double()
+    tp = torch.cumsum(y, 0)
+    fp = torch.cumsum(1.0 - y, 0)
+    # last index of each group of equal scores = one threshold
+    last = torch.ones_like(s, dtype=torch.bool)
+    last[:-1] = s[1:] != s[:-1]
+    tp, fp = tp[last], fp[last]
+    precision = tp / (tp + fp)
+    recall = tp / positives
+    recall_prev = torch.cat([recall.new_zeros(1), recall[:-1]])
+    return float(((recall - recall_prev) * precision).sum())
+
+
+class MultilabelMetric(Metric):
+    """Mean per-class F1 at logit threshold 0 and mean average precision, both in percent.
+
+    Classes without any positive label or prediction have no F1 and are left out of the mean;
+    classes without any positive label have no AP and are left out of mAP. Rows or entries
+    that are NaN in the target are missing and do not count.
+    """
+
+    primary = "f1"
+    names = ("f1", "map")
+
+    def __init__(self, classes: Optional[int] = None):
+        self.classes = classes
+        super().__init__()
+
+    def reset(self) -> None:
+        self.tp = self.fp = self.fn = None
+        self.scores: list[Tensor] = []
+        self.labels: list[Tensor] = []
+
+    @torch.no_grad()
+    def update(self, pred: Tensor, target: Tensor) -> None:
+        pred = pred.detach().float().cpu()
+        target = target.detach().float().cpu().reshape(pred.shape)
+        valid = ~torch.isnan(target)
+        t = torch.where(valid, target, torch.zeros_like(target)) > 0.5
+        p = pred > 0
+        if self.tp is None:
+            c = pred.shape[1]
+            self.tp, self.fp, self.fn = (torch.zeros(c, dtype=torch.long) for _ in range(3))
+        self.tp += (p & t & valid).sum(0)
+        self.fp += (p & ~t & valid).sum(0)
+        self.fn += (~p & t & valid).sum(0)
+        # NaN score marks a missing entry for AP
+        self.scores.append(torch.where(valid, pred, torch.full_like(pred, _NAN)))
+        self.labels.append(t)
+
+    def compute(self) -> dict[str, float]:
+        if self.tp is None:
+            return {"f1": _NAN, "map": _NAN}
+        denom = 2 * self.tp + self.fp + self.fn
+        has = denom > 0
+        f1 = (2 * self.tp[has].double() / denom[has].double()).mean().item() if bool(has.any()) else _NAN
+        scores = torch.cat(self.scores)
+        labels = torch.cat(self.labels)
+        aps = []
+        for c in range(scores.shape[1]):
+            keep = ~torch.isnan(scores[:, c])
+            ap = average_precision(scores[keep, c], labels[keep, c])
+            if not math.isnan(ap):
+                aps.append(ap)
+        m = sum(aps) / len(aps) if aps else _NAN
+        return {"f1": 100.0 * f1, "map": 100.0 * m}
+
+
+class RegressionMetric(Metric):
+    """Mean absolute and root-mean-square error over labelled outputs (NaN = missing)."""
+
+    primary = "mae"
+    names = ("mae", "rmse")
+
+    def reset(self) -> None:
+        self.abs_sum = 0.0
+        self.sq_sum = 0.0
+        self.count = 0
+
+    @torch.no_grad()
+    def update(self, pred: Tensor, target: Tensor) -> None:
+        target = target.detach().double().reshape(pred.shape)
+        valid = ~torch.isnan(target)
+        err = pred.detach().double()[valid] - target[valid]
+        self.abs_sum += float(err.abs().sum())
+        self.sq_sum += float((err * err).sum())
+        self.count += int(valid.sum())
+
+    def compute(self) -> dict[str, float]:
+        return {"mae": _ratio(self.abs_sum, self.count), "rmse": math.sqrt(_ratio(self.sq_sum, self.count))}
+
+
+class SegmentationMetric(Metric):
+    """Mean IoU and pixel accuracy (percent) from a confusion matrix; void pixels excluded.
+
+    mIoU averages over the classes that occur in the targets or the predictions (a class absent
+    from both has no IoU), as the usual MTL code bases do.
+    """
+
+    primary = "miou"
+    names = ("miou", "pixel_acc")
+
+    def __init__(self, classes: int, ignore_index: int = 255):
+        self.classes = classes
+        self.ignore_index = ignore_index
+        super().__init__()
+
+    def reset(self) -> None:
+        self.confusion = torch.zeros(self.classes, self.classes, dtype=torch.long)
+
+    @torch.no_grad()
+    def update(self, pred: Tensor, target: Tensor) -> None:
+        target = _label_target(target.detach(), self.ignore_index)
+        if target.dim() == 4:
+            target = target[:, 0]
+        if pred.dim() == target.dim() + 1:
+            labels = match_size(pred.detach().float(), target.shape[-2:]).argmax(dim=1)
+        else:
+            labels = pred.detach().long()
+        valid = (target != self.ignore_index) & (target >= 0) & (target < self.classes)
+        idx = target[valid] * self.classes + labels[valid].clamp(0, self.classes - 1)
+        counts = torch.bincount(idx, minlength=self.classes**2).cpu()
+        self.confusion += counts.reshape(self.classes, self.classes)
+
+    def compute(self) -> dict[str, float]:
+        cm = self.confusion.double()
+        total = cm.sum().item()
+        inter = cm.diag()
+        union = cm.sum(0) + cm.sum(1) - inter
+        present = union > 0
+        miou = (inter[present] / union[present]).mean().item() if bool(present.any()) else _NAN
+        return {"miou": 100.0 * miou, "pixel_acc": 100.0 * _ratio(inter.sum().item(), total)}
+
+
+class DepthMetric(Metric):
+    """Absolute and relative error over valid pixels (depth 0 or non-finite is invalid).
+
+    Errors are averaged over all valid pixels of the whole set, not per batch, so the value does
+    not depend on the batch size.
+    """
+
+    primary = "abs_err"
+    names = ("abs_err", "rel_err")
+
+    def reset(self) -> None:
+        self.abs_sum = 0.0
+        self.rel_sum = 0.0
+        self.count = 0
+
+    @torch.no_grad()
+    def update(self, pred: Tensor, target: Tensor) -> None:
+        target = target.detach().double()
+        if target.dim() == 3:
+            target = target.unsqueeze(1)
+        pred = match_size(pred.detach().double(), target.shape[-2:])
+        valid = torch.isfinite(target) & (target != 0)
+        err = (pred[valid] - target[valid]).abs()
+        self.abs_sum += float(err.sum())
+        self.rel_sum += float((err / target[valid].abs()).sum())
+        self.count += int(valid.sum())
+
+    def compute(self) -> dict[str, float]:
+        return {"abs_err": _ratio(self.abs_sum, self.count), "rel_err": _ratio(self.rel_sum, self.count)}
+
+
+class NormalMetric(Metric):
+    """Angle error statistics (degrees; ``within_*`` in percent) over valid pixels.
+
+    The median comes from a histogram of 0.01-degree bins with linear interpolation inside the
+    bin, exact to well under 0.01 degree, so the metric never stores every pixel's angle.
+    """
+
+    primary = "mean_angle"
+    names = ("mean_angle", "median_angle", "within_11_25", "within_22_5", "within_30")
+    BIN = 0.01
+    THRESHOLDS = {"within_11_25": 11.25, "within_22_5": 22.5, "within_30": 30.0}
+
+    def reset(self) -> None:
+        self.bins = int(round(180.0 / self.BIN))
+        self.hist = torch.zeros(self.bins, dtype=torch.long)
+        self.angle_sum = 0.0
+        self.within = {k: 0 for k in self.THRESHOLDS}
+        self.count = 0
+
+    @torch.no_grad()
+    def update(self, pred: Tensor, target: Tensor) -> None:
+        target = target.detach().double()
+        pred = match_size(pred.detach().double(), target.shape[-2:])
+        finite = torch.isfinite(target).all(dim=1)
+        target = torch.where(torch.isfinite(target), target, torch.zeros_like(target))
+        valid = finite & (target.abs().sum(dim=1) > 0)
+        p = pred.permute(0, 2, 3, 1)[valid]
+        t = target.permute(0, 2, 3, 1)[valid]
+        # atan2(|p x t|, p.t) is accurate near 0 degrees, where acos loses precision.
+        angle = torch.rad2deg(torch.atan2(torch.linalg.cross(p, t).norm(dim=1), (p * t).sum(dim=1))).cpu()
+        self.angle_sum += float(angle.sum())
+        for k, thr in self.THRESHOLDS.items():
+            self.within[k] += int((angle < thr).sum())
+        self.count += angle.numel()
+        idx = (angle / self.BIN).long().clamp(0, self.bins - 1)
+        self.hist += torch.bincount(idx, minlength=self.bins)
+
+    def _median(self) -> float:
+        if self.count == 0:
+            return _NAN
+        cum = torch.cumsum(self.hist, 0)
+        half = self.count / 2.0
+        b = int(torch.searchsorted(cum.double(), torch.tensor([half], dtype=torch.double))[0])
+        before = float(cum[b - 1]) if b > 0 else 0.0
+        inside = float(self.hist[b])
+        return (b + (half - before) / inside) * self.BIN
+
+    def compute(self) -> dict[str, float]:
+        out = {"mean_angle": _ratio(self.angle_sum, self.count), "median_angle": self._median()}
+        for k in self.THRESHOLDS:
+            out[k] = 100.0 * _ratio(self.within[k], self.count)
+        return out
+
+
+def metric_for(task: Task):
+    """A fresh metric object for a task: its own ``metric()`` factory, or its kind's builtin."""
+    if task.metric is not None:
+        return task.metric()
+    kind = task.kind
+    if kind == "classification":
+        return Accuracy(task.ignore_index)
+    if kind == "multilabel":
+        return MultilabelMetric(task.classes)
+    if kind == "regression":
+        return RegressionMetric()
+    if kind == "segmentation":
+        if task.classes is None:
+            raise ConfigError(f"task {task.name!r}: the segmentation metric needs classes=N")
+        return SegmentationMetric(task.classes, task.ignore_index)
+    if kind == "depth":
+        return DepthMetric()
+    if kind == "normal":
+        return NormalMetric()
+    raise ConfigError(f"task {task.name!r} of kind {kind!r} has no builtin metric; pass metric= to its Task")
+
+
+def delta_mtl(
+    multi: Mapping[str, Mapping[str, float]],
+    single: Mapping[str, Mapping[str, float]],
+    higher_is_better: Optional[Mapping[str, bool]] = None,
+) -> float:
+    """Multi-task gain over single-task baselines, in percent (Maninis et al. 2019).
+
+    Δ_MTL = mean over tasks of mean over metrics of (-1)^l (M_m - M_s) / M_s * 100, with l = 1
+    when lower is better. Every metric of ``multi`` counts and must have a baseline in
+    ``single``; ``higher_is_better`` adds directions for custom metric names.
+    """
+    directions = dict(HIGHER_IS_BETTER)
+    directions.update(higher_is_better or {})
+    if not multi:
+        raise ConfigError("delta_mtl got no tasks; pass the multi-task metrics as {task: {metric: value}}")
+    per_task = []
+    for task, metrics in multi.items():
+        if task not in single:
+            raise ConfigError(f"delta_mtl: task {task!r} has no single-task baseline; add it to single=")
+        if not metrics:
+            raise ConfigError(f"delta_mtl: task {task!r} has no metrics; pass at least one value")
+        gains = []
+        for name, m in metrics.items():
+            if name not in single[task]:
+                raise ConfigError(f"delta_mtl: metric {name!r} of task {task!r} has no single-task baseline")
+            if name not in directions:
+                raise ConfigError(
+                    f"delta_mtl: the direction of metric {name!r} is unknown; pass higher_is_better={{{name!r}: True}} or False"
+                )
+            s = float(single[task][name])
+            m = float(m)
+            if s == 0 or not math.isfinite(s) or not math.isfinite(m):
+                raise ConfigError(
+                    f"delta_mtl: metric {name!r} of task {task!r} is {m} against a baseline of {s}; "
+                    "both must be finite and the baseline non-zero"
+                )
+            sign = 1.0 if directions[name] else -1.0
+            gains.append(sign * (m - s) / s * 100.0)
+        per_task.append(sum(gains) / len(gains))
+    return sum(per_task) / len(per_task)

@@ -1,0 +1,141 @@
+"""The discrete sharing policy: for every policy layer and task, share, specialize or skip.
+
+A policy is plain data. It is saved as readable YAML (layer -> task -> choice) so that a
+person can edit it and feed it back.
+"""
+from __future__ import annotations
+
+import os
+import random as _random
+from dataclasses import dataclass
+from typing import Iterable, Optional, Sequence
+
+import yaml
+
+from .errors import ConfigError, FileFormatError
+
+SHARE, SPECIALIZE, SKIP = 0, 1, 2
+CHOICES = ("share", "specialize", "skip")
+_FORMAT = 1
+
+
+@dataclass
+class Policy:
+    """``choices[l][t]`` is the choice (0 share, 1 specialize, 2 skip) of task ``t`` at layer ``l``."""
+
+    layers: list
+    tasks: list
+    choices: list
+
+    def __post_init__(self) -> None:
+        self.layers = [str(x) for x in self.layers]
+        self.tasks = [str(x) for x in self.tasks]
+        self.choices = [[int(c) for c in row] for row in self.choices]
+        if len(self.choices) != len(self.layers) or any(len(r) != len(self.tasks) for r in self.choices):
+            raise ConfigError(
+                f"a policy over {len(self.layers)} layers and {len(self.tasks)} tasks needs a "
+                f"{len(self.layers)}x{len(self.tasks)} table of choices"
+            )
+        for row in self.choices:
+            for c in row:
+                if c not in (SHARE, SPECIALIZE, SKIP):
+                    raise ConfigError(f"policy choice {c!r} is not one of 0 (share), 1 (specialize), 2 (skip)")
+
+    # ---- construction -------------------------------------------------------------
+    @classmethod
+    def uniform(cls, layers: Sequence[str], tasks: Sequence[str], choice: str | int) -> "Policy":
+        """Every task makes the same ``choice`` at every layer (e.g. all-share = hard sharing)."""
+        c = _choice_index(choice)
+        return cls(list(layers), list(tasks), [[c] * len(tasks) for _ in layers])
+
+    @classmethod
+    def random(cls, layers: Sequence[str], tasks: Sequence[str], skip_legal: Sequence[bool] = None,
+               seed: int = 0, probs: Sequence[float] = (1 / 3, 1 / 3, 1 / 3)) -> "Policy":
+        """A random policy (seeded); skip is only drawn where it is legal."""
+        rng = _random.Random(seed)
+        skip_legal = list(skip_legal) if skip_legal is not None else [True] * len(layers)
+        rows = []
+        for legal in skip_legal:
+            weights = list(probs) if legal else [probs[0], probs[1], 0.0]
+            rows.append([rng.choices((SHARE, SPECIALIZE, SKIP), weights=weights)[0] for _ in tasks])
+        return cls(list(layers), list(tasks), rows)
+
+    # ---- views --------------------------------------------------------------------
+    def column(self, task: str) -> list[int]:
+        t = self.tasks.index(task)
+        return [row[t] for row in self.choices]
+
+    def row(self, layer: str) -> list[int]:
+        return self.choices[self.layers.index(layer)]
+
+    def counts(self) -> dict:
+        """How often each choice is made, over all layers and tasks."""
+        flat = [c for row in self.choices for c in row]
+        return {name: flat.count(i) for i, name in enumerate(CHOICES)}
+
+    def check(self, layers: Sequence[str], tasks: Sequence[str], skip_legal: Sequence[bool]) -> None:
+        """Raise ConfigError unless this policy fits a supermodel with these layers and tasks."""
+        if list(tasks) != self.tasks:
+            raise ConfigError(f"the policy is for tasks {self.tasks} but the model has tasks {list(tasks)}; use a policy made for this model")
+        if list(layers) != self.layers:
+            missing = [l for l in layers if l not in self.layers]
+            extra = [l for l in self.layers if l not in layers]
+            detail = f"missing {missing[:3]}" if missing else f"unknown {extra[:3]}" if extra else "in another order"
+            raise ConfigError(f"the policy's layers do not match the model's ({detail}); use a policy made for this backbone")
+        for name, row, legal in zip(self.layers, self.choices, skip_legal):
+            if not legal and SKIP in row:
+                raise ConfigError(f"layer {name!r} cannot be skipped (no identity or 1x1 projection fits its shape); choose share or specialize there")
+
+    # ---- files --------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {
+            "automtl_policy": _FORMAT,
+            "tasks": list(self.tasks),
+            "layers": {l: {t: CHOICES[c] for t, c in zip(self.tasks, row)} for l, row in zip(self.layers, self.choices)},
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "policy") -> "Policy":
+        if not isinstance(data, dict) or "layers" not in data or "tasks" not in data:
+            raise FileFormatError(f"{source} is not an automtl policy (it needs 'tasks' and 'layers' keys); write one with automtl search")
+        tasks = data["tasks"]
+        layers = data["layers"]
+        if not isinstance(tasks, list) or not isinstance(layers, dict):
+            raise FileFormatError(f"{source}: 'tasks' must be a list and 'layers' a mapping of layer -> task -> choice")
+        rows = []
+        for lname, per_task in layers.items():
+            if not isinstance(per_task, dict):
+                raise FileFormatError(f"{source}: layer {lname!r} must map each task to share, specialize or skip")
+            if set(per_task) != set(tasks):
+                raise FileFormatError(
+                    f"{source}: layer {lname!r} gives choices for {sorted(per_task)} but the policy's tasks are {tasks}"
+                )
+            rows.append([_choice_index(per_task[t], f"{source}: layer {lname!r}, task {t!r}") for t in tasks])
+        return cls(list(layers), tasks, rows)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the policy as YAML, atomically."""
+        from .fileio import atomic_write_text
+
+        atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Policy":
+        try:
+            with open(path) as f:
+                data = yaml.safe_load(f)
+        except FileNotFoundError:
+            raise FileFormatError(f"policy file {str(path)!r} does not exist; check the path") from None
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark is not None else ""
+            raise FileFormatError(f"policy file {str(path)!r} is not valid YAML{where}; fix the syntax there") from None
+        return cls.from_dict(data, f"policy file {str(path)!r}")
+
+
+def _choice_index(choice, where: str = "policy") -> int:
+    if isinstance(choice, int) and choice in (SHARE, SPECIALIZE, SKIP):
+        return choice
+    if isinstance(choice, str) and choice.strip().lower() in CHOICES:
+        return CHOICES.index(choice.strip().lower())
+    raise ConfigError(f"{where}: choice {choice!r} is not one of share, specialize, skip")

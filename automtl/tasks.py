@@ -1,0 +1,121 @@
+"""What a task is: a name, a kind, and the head, loss and metric that go with the kind.
+
+A builtin kind brings its head, loss and metric; a custom task passes its own.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+from torch import nn
+
+from .errors import ConfigError
+
+#: Kinds whose output is a per-pixel map at the input resolution.
+DENSE_KINDS = ("segmentation", "depth", "normal")
+#: Kinds whose output is one vector per image.
+GLOBAL_KINDS = ("classification", "multilabel", "regression")
+KINDS = GLOBAL_KINDS + DENSE_KINDS
+#: Kinds that need a number of classes.
+_NEEDS_CLASSES = ("classification", "multilabel", "segmentation")
+#: Fixed output widths of kinds that do not take ``classes``.
+_FIXED_OUTPUTS = {"depth": 1, "normal": 3}
+
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+@dataclass
+class Task:
+    """One task of the multi-task model.
+
+    ``kind`` picks the builtin head, loss and metric; ``classes`` is the number of
+    classes (classification, multilabel, segmentation) or of outputs (regression).
+    A missing label is marked by ``ignore_index`` for label kinds and by NaN for
+    real-valued kinds; such samples do not count in the loss or the metrics.
+    ``head``, ``loss`` and ``metric`` override the builtin ones (``kind="custom"``
+    needs all three).
+    """
+
+    name: str
+    kind: str = "custom"
+    classes: Optional[int] = None
+    head: Optional[nn.Module] = None
+    loss: Optional[Callable[..., Any]] = None
+    metric: Optional[Callable[[], Any]] = None
+    ignore_index: int = 255
+    options: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not _NAME.match(self.name):
+            raise ConfigError(
+                f"task name {self.name!r} is not a valid identifier; use letters, digits and underscores, "
+                "starting with a letter"
+            )
+        if self.kind not in KINDS and self.kind != "custom":
+            raise ConfigError(
+                f"task {self.name!r} has unknown kind {self.kind!r}; choose one of {', '.join(KINDS)} "
+                "or pass head=, loss= and metric= for a custom task"
+            )
+        if self.kind == "custom" and (self.head is None or self.loss is None or self.metric is None):
+            raise ConfigError(f"custom task {self.name!r} needs head=, loss= and metric=")
+        if self.kind in _NEEDS_CLASSES and self.classes is None and self.head is None:
+            raise ConfigError(f"task {self.name!r} of kind {self.kind!r} needs classes=N")
+        if self.classes is not None and (not isinstance(self.classes, int) or self.classes < 1):
+            raise ConfigError(f"task {self.name!r}: classes must be a positive integer, got {self.classes!r}")
+        if self.kind == "classification" and self.ignore_index == 255:
+            self.ignore_index = -1
+
+    @property
+    def dense(self) -> bool:
+        """True when the output is a map at the input resolution."""
+        return self.kind in DENSE_KINDS
+
+    @property
+    def outputs(self) -> int:
+        """Number of output channels of the builtin head."""
+        if self.kind in _FIXED_OUTPUTS:
+            return _FIXED_OUTPUTS[self.kind]
+        if self.kind == "regression":
+            return self.classes or 1
+        if self.classes is None:
+            raise ConfigError(f"task {self.name!r} has no builtin output width; pass classes=N")
+        return self.classes
+
+    def describe(self) -> dict:
+        """Plain-data description (YAML-able) of the task."""
+        out = {"name": self.name, "kind": self.kind}
+        if self.classes is not None:
+            out["classes"] = self.classes
+        return out
+
+
+def parse_task(spec: str) -> Task:
+    """Parse a command-line task ``name:kind[:classes]``, e.g. ``segment:segmentation:13``."""
+    parts = spec.split(":")
+    if len(parts) not in (2, 3) or not all(parts):
+        raise ConfigError(
+            f"task {spec!r} is not of the form name:kind[:classes]; for example --task segment:segmentation:13"
+        )
+    classes = None
+    if len(parts) == 3:
+        try:
+            classes = int(parts[2])
+        except ValueError:
+            raise ConfigError(f"task {spec!r}: the class count {parts[2]!r} is not an integer") from None
+    return Task(parts[0], kind=parts[1], classes=classes)
+
+
+def check_tasks(tasks) -> list[Task]:
+    """Validate a task list: at least one, unique names, all :class:`Task`."""
+    tasks = list(tasks)
+    if not tasks:
+        raise ConfigError("no tasks given; pass at least one Task (or --task name:kind)")
+    for t in tasks:
+        if not isinstance(t, Task):
+            raise ConfigError(f"expected automtl.Task objects, got {type(t).__name__}")
+    names = [t.name for t in tasks]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ConfigError(f"task names must be unique; {', '.join(dup)} appear more than once")
+    return tasks

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Set up automtl on a fresh Debian/Ubuntu machine: Debian's graphviz (the `dot` program) and
+# Fashion-MNIST files, a virtualenv in .venv, the CPU build of torch, then the package itself.
+# Safe to run again: each step is skipped or a no-op when already done.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_apt=()
+command -v dot >/dev/null 2>&1 || need_apt+=(graphviz)
+[ -e /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || need_apt+=(dataset-fashion-mnist)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  echo "setup: installing ${need_apt[*]} with apt-get" >&2
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+
+[ -x .venv/bin/python ] || python3 -m venv .venv
+# The CPU build first: a plain `pip install torch` would pull a multi-GB CUDA build.
+.venv/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0
+.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test]"
+.venv/bin/python -c "import automtl, torch; print(f'setup: automtl {automtl.__version__} with torch {torch.__version__} is ready in .venv')" >&2

@@ -1,0 +1,117 @@
+"""Capture: fx trace, shape propagation, the cut at the feature node, and its errors."""
+import pytest
+import torch
+from torch import nn
+
+from automtl.backbones import build_backbone, count_convs, list_backbones
+from automtl.capture import capture
+from automtl.errors import BackboneError
+
+BUILTINS = [s.name for s in list_backbones()]
+
+
+@pytest.mark.parametrize("name", BUILTINS)
+def test_traced_equals_eager_and_convs_are_found(name):
+    backbone = build_backbone(name).eval()
+    x = torch.randn(1, 3, 64, 64)
+    cap = capture(backbone, x)
+    cap.graph_module.eval()
+    with torch.no_grad():
+        assert torch.equal(cap.graph_module(x), backbone(x))
+    assert len(cap.conv_nodes) == count_convs(backbone)
+    assert cap.feature_shape == tuple(backbone(x).shape)
+
+
+class WithClassifier(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, stride=2, padding=1)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        f = torch.relu(self.conv2(torch.relu(self.conv(x))))
+        return self.fc(f.mean((2, 3)))
+
+
+def test_default_cut_is_the_last_4d_node_and_drops_the_classifier():
+    cap = capture(WithClassifier(), torch.randn(2, 3, 16, 16))
+    assert cap.feature_shape == (2, 8, 8, 8)
+    assert not hasattr(cap.graph_module, "fc")
+    assert cap.graph_module(torch.randn(3, 3, 16, 16)).shape == (3, 8, 8, 8)
+
+
+def test_named_feature_node_by_node_or_module_name():
+    cap = capture(WithClassifier(), torch.randn(1, 3, 16, 16), feature_node="conv")
+    assert cap.feature_shape == (1, 8, 16, 16)
+    assert len(cap.conv_nodes) == 1
+
+
+def test_capture_does_not_change_the_users_backbone():
+    net = WithClassifier()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    capture(net, torch.randn(1, 3, 16, 16))
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+
+
+class Untraceable(nn.Module):
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent control flow
+            return x * 2
+        return -x
+
+
+class Wrapper(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.inner = Untraceable()
+
+    def forward(self, x):
+        return self.inner(self.conv(x))
+
+
+def test_untraceable_backbone_names_module_and_line():
+    with pytest.raises(BackboneError) as err:
+        capture(Wrapper(), torch.randn(1, 3, 8, 8))
+    msg = str(err.value)
+    assert "inner (Untraceable)" in msg
+    assert "test_capture.py" in msg and "x.sum() > 0" in msg
+    assert "leaf_modules" in msg and "concrete_args" in msg
+
+
+def test_leaf_module_makes_it_traceable():
+    cap = capture(Wrapper(), torch.randn(1, 3, 8, 8), leaf_modules=[Untraceable])
+    assert cap.feature_shape == (1, 4, 6, 6)
+
+
+def test_no_convolution():
+    net = nn.Sequential(nn.AvgPool2d(2), nn.ReLU())
+    with pytest.raises(BackboneError, match="no Conv2d"):
+        capture(net, torch.randn(1, 3, 8, 8))
+
+
+def test_unknown_feature_node_suggests_names():
+    with pytest.raises(BackboneError, match="no node named 'conv3'.*did you mean"):
+        capture(WithClassifier(), torch.randn(1, 3, 16, 16), feature_node="conv3")
+
+
+def test_feature_node_that_is_not_4d():
+    with pytest.raises(BackboneError, match="not a 4-D feature map"):
+        capture(WithClassifier(), torch.randn(1, 3, 16, 16), feature_node="fc")
+
+
+@pytest.mark.parametrize("shape", [(3, 16, 16), (1, 1, 3, 16, 16)])
+def test_example_input_of_wrong_rank(shape):
+    with pytest.raises(BackboneError, match="4-D input"):
+        capture(WithClassifier(), torch.randn(*shape))
+
+
+def test_example_input_with_wrong_channels():
+    with pytest.raises(BackboneError, match="example_input"):
+        capture(WithClassifier(), torch.randn(1, 4, 16, 16))
+
+
+def test_not_a_module():
+    with pytest.raises(BackboneError, match="torch.nn.Module"):
+        capture(lambda x: x, torch.randn(1, 3, 8, 8))

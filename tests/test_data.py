@@ -1,0 +1,369 @@
+"""Data sets: synthetic scenes, MultiFashion (IDX), NYUv2 and CityScapes (.npy layout)."""
+import gzip
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from automtl.data import (
+    DATASETS,
+    CityScapes,
+    MultiFashion,
+    NYUv2,
+    SyntheticScenes,
+    check_targets,
+    default_tasks,
+    make_dataset,
+    make_loader,
+    read_idx,
+)
+from automtl.errors import ConfigError, DataError
+from automtl.losses import loss_for
+from automtl.tasks import Task
+
+# ---------------------------------------------------------------- synthetic
+
+
+def test_synthetic_is_deterministic_per_seed_split_index():
+    a = SyntheticScenes(4, size=32, seed=1)
+    torch.manual_seed(0)
+    x1, t1 = a[2]
+    torch.manual_seed(12345)  # the global RNG plays no part
+    x2, t2 = SyntheticScenes(4, size=32, seed=1)[2]
+    assert torch.equal(x1, x2)
+    for k in t1:
+        assert torch.equal(t1[k], t2[k])
+    assert not torch.equal(x1, SyntheticScenes(4, size=32, seed=2)[2][0])
+    assert not torch.equal(x1, SyntheticScenes(4, size=32, seed=1, split="val")[2][0])
+    assert not torch.equal(x1, a[3][0])
+    assert torch.equal(a[-1][0], a[3][0])
+
+
+def test_synthetic_shapes_dtypes_ranges():
+    ds = SyntheticScenes(8, size=48, classes=4)
+    assert len(ds) == 8 and ds.class_names == ["background", "disc", "rectangle", "triangle"]
+    assert [t.name for t in ds.tasks] == ["segmentation", "depth", "normal"]
+    seen = set()
+    for i in range(len(ds)):
+        x, t = ds[i]
+        assert x.shape == (3, 48, 48) and x.dtype == torch.float32
+        assert 0.0 <= x.min() and x.max() <= 1.0
+        seg, depth, normal = t["segmentation"], t["depth"], t["normal"]
+        assert seg.shape == (48, 48) and seg.dtype == torch.int64
+        assert 0 <= seg.min() and seg.max() < 4
+        seen |= set(seg.unique().tolist())
+        assert depth.shape == (1, 48, 48) and depth.dtype == torch.float32
+        assert torch.isfinite(depth).all() and depth.min() > 0
+        assert normal.shape == (3, 48, 48) and normal.dtype == torch.float32
+        assert torch.allclose(normal.norm(dim=0), torch.ones(48, 48), atol=1e-5)
+        assert (normal[2] > 0).all()  # every visible surface faces the camera
+        # shapes are in front of the ground plane behind them
+        if (seg > 0).any() and (seg == 0).any():
+            assert depth[0][seg > 0].mean() < depth[0][seg == 0].mean()
+    assert seen >= {0, 1, 2, 3}
+
+
+def test_synthetic_geometry_is_consistent():
+    """Flat shapes and the ground have one normal each; discs curve (normals vary)."""
+    ds = SyntheticScenes(16, size=64)
+    for i in range(len(ds)):
+        _, t = ds[i]
+        seg, normal = t["segmentation"], t["normal"]
+        ground = normal[:, seg == 0]
+        if ground.numel():
+            assert (ground - ground[:, :1]).abs().max() < 1e-5
+        disc = normal[:, seg == 1]
+        if disc.shape[1] > 20:
+            assert disc[:2].std(dim=1).max() > 0.05
+
+
+def test_synthetic_missing_labels_and_bad_options():
+    ds = SyntheticScenes(40, size=16, missing=0.5)
+    blank = 0
+    for i in range(len(ds)):
+        _, t = ds[i]
+        blank += int((t["segmentation"] == 255).all()) + int(torch.isnan(t["depth"]).all())
+    assert blank > 0
+    with pytest.raises(ConfigError):
+        SyntheticScenes(0)
+    with pytest.raises(ConfigError, match="classes"):
+        SyntheticScenes(4, classes=9)
+
+
+def test_synthetic_targets_feed_the_losses():
+    ds = SyntheticScenes(4, size=16, missing=0.5)
+    loader = make_loader(ds, batch_size=4, shuffle=False, seed=0)
+    x, t = next(iter(loader))
+    assert x.shape == (4, 3, 16, 16)
+    for task in ds.tasks:
+        pred = torch.randn(4, task.outputs, 16, 16, requires_grad=True)
+        loss = loss_for(task)(pred, t[task.name])
+        assert torch.isfinite(loss)
+
+
+# ---------------------------------------------------------------- loader, registry
+
+
+def test_make_loader_shuffle_is_seeded():
+    ds = SyntheticScenes(16, size=8)
+
+    def order(seed):
+        torch.manual_seed(seed + 100)  # global RNG must not matter
+        return [b[0].sum().item() for b in make_loader(ds, 4, shuffle=True, seed=seed)]
+
+    assert order(0) == order(0)
+    assert order(0) != order(1)
+    with pytest.raises(ConfigError):
+        make_loader(ds, 0)
+
+
+def test_make_dataset_and_default_tasks(tmp_path):
+    ds = make_dataset("synthetic", "train", n=3, size=16)
+    assert isinstance(ds, SyntheticScenes) and len(ds) == 3
+    assert len(make_dataset("synthetic", "val")) == 256
+    assert set(DATASETS) == {"synthetic", "multifashion", "nyuv2", "cityscapes"}
+    assert [(t.name, t.kind, t.classes) for t in default_tasks("synthetic")] == [
+        ("segmentation", "segmentation", 4), ("depth", "depth", None), ("normal", "normal", None)
+    ]
+    assert [t.classes for t in default_tasks("multifashion")] == [10, 10]
+    assert default_tasks("nyuv2:/x")[0].classes == 13
+    assert [t.name for t in default_tasks("cityscapes")] == ["segmentation", "depth"]
+    with pytest.raises(DataError, match="did you mean 'synthetic'"):
+        make_dataset("synthetc", "train")
+    with pytest.raises(DataError, match="needs a root"):
+        make_dataset("nyuv2", "train")
+    with pytest.raises(DataError, match="does not exist"):
+        make_dataset(f"cityscapes:{tmp_path / 'nope'}", "train")
+    with pytest.raises(ConfigError, match="does not take"):
+        make_dataset("synthetic", "train", colour="red")
+
+
+def test_check_targets():
+    ds = SyntheticScenes(2, size=8)
+    check_targets(ds, ds.tasks)
+    with pytest.raises(DataError, match="no target for task 'edges'"):
+        check_targets(ds, [Task("edges", kind="depth")])
+    with pytest.raises(DataError, match="does not fit"):
+        check_targets(ds, [Task("depth", kind="classification", classes=3)])
+    listed = [(torch.zeros(3, 1, 2), {"seg": torch.tensor([[0, 3]]), "n": torch.zeros(2, 1, 2)})]
+    with pytest.raises(DataError, match="label 3 outside 0..1"):
+        check_targets(listed, [Task("seg", kind="segmentation", classes=2)])
+    with pytest.raises(DataError, match="needs 3"):
+        check_targets(listed, [Task("n", kind="normal")])
+    with pytest.raises(DataError, match="empty"):
+        check_targets([], [Task("seg", kind="segmentation", classes=2)])
+
+
+# ---------------------------------------------------------------- MultiFashion (IDX fixture)
+
+
+def _write_idx(path, arr, gz=True, code=0x08):
+    arr = np.asarray(arr)
+    head = bytes([0, 0, code, arr.ndim]) + struct.pack(f">{arr.ndim}I", *arr.shape)
+    data = head + arr.astype(">u1" if code == 0x08 else arr.dtype).tobytes()
+    opener = gzip.open if gz else open
+    with opener(path, "wb") as f:
+        f.write(data)
+
+
+def _fashion(root, n=6, split="train", gz=True):
+    rng = np.random.default_rng(0)
+    prefix = "train" if split == "train" else "t10k"
+    images = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
+    labels = (np.arange(n) % 10).astype(np.uint8)
+    ext = ".gz" if gz else ""
+    _write_idx(root / f"{prefix}-images-idx3-ubyte{ext}", images, gz)
+    _write_idx(root / f"{prefix}-labels-idx1-ubyte{ext}", labels, gz)
+    return images, labels
+
+
+def test_idx_reader_gzip_and_plain(tmp_path):
+    a = np.arange(24, dtype=np.uint8).reshape(2, 3, 4)
+    _write_idx(tmp_path / "a.gz", a, gz=True)
+    _write_idx(tmp_path / "b", a, gz=False)
+    assert np.array_equal(read_idx(tmp_path / "a.gz"), a)
+    assert np.array_equal(read_idx(tmp_path / "b"), a)
+    i32 = np.array([1, -2, 70000], dtype=">i4")
+    (tmp_path / "c").write_bytes(bytes([0, 0, 0x0C, 1]) + struct.pack(">I", 3) + i32.tobytes())
+    assert read_idx(tmp_path / "c").tolist() == [1, -2, 70000]
+
+
+def test_idx_reader_rejects_malformed(tmp_path):
+    (tmp_path / "bad").write_bytes(b"\x12\x34\x08\x01\x00\x00\x00\x02ab")
+    with pytest.raises(DataError, match="bad magic"):
+        read_idx(tmp_path / "bad")
+    a = np.zeros((2, 3), dtype=np.uint8)
+    _write_idx(tmp_path / "short", a, gz=False)
+    (tmp_path / "short").write_bytes((tmp_path / "short").read_bytes()[:-1])
+    with pytest.raises(DataError, match="data bytes"):
+        read_idx(tmp_path / "short")
+    (tmp_path / "trunc.gz").write_bytes(gzip.compress(b"\x00\x00\x08\x03" + b"\x00" * 40)[:-6])
+    with pytest.raises(DataError):
+        read_idx(tmp_path / "trunc.gz")
+    with pytest.raises(DataError, match="does not exist"):
+        read_idx(tmp_path / "missing")
+
+
+def test_multifashion_on_fixture(tmp_path):
+    images, labels = _fashion(tmp_path, n=6, split="train")
+    _fashion(tmp_path, n=4, split="test", gz=False)
+    ds = MultiFashion(root=tmp_path, split="train", seed=0)
+    assert len(ds) == 6
+    assert [t.name for t in ds.tasks] == ["left", "right"]
+    x, t = ds[0]
+    assert x.shape == (3, 36, 36) and x.dtype == torch.float32
+    assert 0.0 <= x.min() and x.max() <= 1.0
+    assert torch.equal(x[0], x[1]) and torch.equal(x[0], x[2])
+    i, j = ds.pairs[0].tolist()
+    assert i != j
+    assert t["left"].dtype == torch.int64 and t["left"].item() == labels[i] and t["right"].item() == labels[j]
+    canvas = np.zeros((36, 36), dtype=np.uint8)
+    canvas[:28, :28] = images[i]
+    canvas[8:, 8:] = np.maximum(canvas[8:, 8:], images[j])
+    assert torch.allclose(x[0], torch.from_numpy(canvas).float() / 255)
+    # deterministic pairing per seed; n keeps the first pairs
+    assert torch.equal(MultiFashion(root=tmp_path, seed=0).pairs, ds.pairs)
+    assert torch.equal(MultiFashion(root=tmp_path, seed=0, n=3).pairs, ds.pairs[:3])
+    assert len(MultiFashion(root=tmp_path, split="test")) == 4  # plain (non-gzip) files
+    assert isinstance(make_dataset(f"multifashion:{tmp_path}", "val"), MultiFashion)
+    check_targets(ds, default_tasks("multifashion"))
+
+
+def test_multifashion_errors(tmp_path):
+    with pytest.raises(DataError, match="apt-get install dataset-fashion-mnist"):
+        MultiFashion(root=tmp_path / "none")
+    with pytest.raises(DataError, match="apt-get install dataset-fashion-mnist"):
+        MultiFashion(root=tmp_path)  # folder exists, files do not
+    _fashion(tmp_path, n=6)
+    with pytest.raises(ConfigError, match="between 1 and the 6"):
+        MultiFashion(root=tmp_path, n=7)
+    with pytest.raises(DataError, match="split"):
+        MultiFashion(root=tmp_path, split="dev")
+    _write_idx(tmp_path / "train-labels-idx1-ubyte.gz", np.zeros(5, dtype=np.uint8))
+    with pytest.raises(DataError, match="6 images but .* 5 labels"):
+        MultiFashion(root=tmp_path)
+
+
+# ---------------------------------------------------------------- NYUv2 / CityScapes (.npy fixtures)
+
+
+def _npy_split(root, split, n, folders, h=4, w=6):
+    rng = np.random.default_rng(1)
+    for i in range(n):
+        for folder, shape_fn in folders.items():
+            d = root / split / folder
+            d.mkdir(parents=True, exist_ok=True)
+            np.save(d / f"{i}.npy", shape_fn(rng, h, w))
+
+
+def _image(rng, h, w):
+    return rng.random((h, w, 3)).astype(np.float32)
+
+
+def _label(classes):
+    def make(rng, h, w):
+        lab = rng.integers(0, classes, size=(h, w)).astype(np.float32)
+        lab[0, 0] = -1  # void
+        return lab
+
+    return make
+
+
+def _depth(rng, h, w):
+    d = (rng.random((h, w, 1)) + 0.5).astype(np.float32)
+    d[0, 0, 0] = 0  # unknown
+    return d
+
+
+def _normal(rng, h, w):
+    n = rng.normal(size=(h, w, 3))
+    return (n / np.linalg.norm(n, axis=-1, keepdims=True)).astype(np.float32)
+
+
+NYU_FOLDERS = {"image": _image, "label": _label(13), "depth": _depth, "normal": _normal}
+
+
+def test_nyuv2_on_fixture(tmp_path):
+    _npy_split(tmp_path, "train", 3, NYU_FOLDERS)
+    _npy_split(tmp_path, "val", 2, NYU_FOLDERS)
+    ds = NYUv2(tmp_path, split="train")
+    assert len(ds) == 3 and len(NYUv2(tmp_path, split="val")) == 2
+    x, t = ds[1]
+    assert x.shape == (3, 4, 6) and x.dtype == torch.float32
+    img = np.load(tmp_path / "train" / "image" / "1.npy")
+    assert torch.allclose(x, torch.from_numpy(img).permute(2, 0, 1))
+    assert set(t) == {"segmentation", "depth", "normal"}
+    seg = t["segmentation"]
+    assert seg.dtype == torch.int64 and seg.shape == (4, 6) and seg[0, 0] == 255
+    assert seg[seg != 255].max() < 13
+    assert t["depth"].shape == (1, 4, 6) and t["depth"][0, 0, 0] == 0
+    assert t["normal"].shape == (3, 4, 6)
+    check_targets(ds, default_tasks("nyuv2"))
+    only = NYUv2(tmp_path, tasks=("depth",))
+    assert set(only[0][1]) == {"depth"}
+    assert isinstance(make_dataset(f"nyuv2:{tmp_path}", "val"), NYUv2)
+    # losses on the real targets: void and unknown pixels stay out, nothing is NaN
+    for task in default_tasks("nyuv2"):
+        pred = torch.randn(1, task.outputs, 4, 6)
+        assert torch.isfinite(loss_for(task)(pred, t[task.name][None]))
+
+
+def test_nyuv2_errors(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        NYUv2(tmp_path / "nope")
+    with pytest.raises(DataError, match="train/ and val/"):
+        NYUv2(tmp_path)
+    _npy_split(tmp_path, "train", 3, NYU_FOLDERS)
+    with pytest.raises(DataError, match="no task 'edges'"):
+        NYUv2(tmp_path, tasks=("edges",))
+    (tmp_path / "train" / "normal" / "2.npy").unlink()
+    with pytest.raises(DataError, match="3 images but 2 files in normal/"):
+        NYUv2(tmp_path)
+    NYUv2(tmp_path, tasks=("segmentation", "depth"))  # normals not asked for: fine
+    for f in (tmp_path / "train" / "depth").iterdir():
+        f.unlink()
+    (tmp_path / "train" / "depth").rmdir()
+    with pytest.raises(DataError, match="depth does not exist|folder .*depth"):
+        NYUv2(tmp_path, tasks=("depth",))
+    (tmp_path / "train" / "image" / "7.npy").write_bytes(b"x")
+    with pytest.raises(DataError, match="consecutive"):
+        NYUv2(tmp_path, tasks=("segmentation",))
+    (tmp_path / "train" / "image" / "7.npy").unlink()
+    (tmp_path / "train" / "label" / "1.npy").write_bytes(b"not numpy")
+    with pytest.raises(DataError, match="cannot be read"):
+        NYUv2(tmp_path, tasks=("segmentation",))[1]
+
+
+def test_cityscapes_on_fixture(tmp_path):
+    folders = {"image": _image, "label_7": _label(7), "label_19": _label(19), "depth": _depth}
+    _npy_split(tmp_path, "train", 2, folders)
+    ds = CityScapes(tmp_path, split="train")
+    assert len(ds) == 2 and ds.classes == 7
+    x, t = ds[0]
+    assert set(t) == {"segmentation", "depth"}
+    assert t["segmentation"][0, 0] == 255 and t["segmentation"][t["segmentation"] != 255].max() < 7
+    ds19 = CityScapes(tmp_path, classes=19)
+    assert ds19.tasks[0].classes == 19
+    lab19 = np.load(tmp_path / "train" / "label_19" / "0.npy")
+    assert ds19[0][1]["segmentation"][1, 1] == int(lab19[1, 1])
+    check_targets(ds, default_tasks("cityscapes"))
+    with pytest.raises(DataError, match="classes=7 or 19"):
+        CityScapes(tmp_path, classes=13)
+    with pytest.raises(DataError, match="split folder"):
+        CityScapes(tmp_path, split="val")
+    (tmp_path / "train" / "label_7" / "1.npy").unlink()
+    with pytest.raises(DataError, match="2 images but 1 files in label_7/"):
+        CityScapes(tmp_path)
+
+
+@pytest.mark.skipif(
+    not __import__("os").path.exists("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz"),
+    reason="Debian's dataset-fashion-mnist is not installed",
+)
+def test_multifashion_reads_the_debian_package():
+    ds = make_dataset("multifashion", "test", n=8)
+    assert len(ds) == 8
+    x, t = ds[0]
+    assert x.shape == (3, 36, 36) and 0 < x.max() <= 1.0
+    assert 0 <= t["left"].item() < 10 and 0 <= t["right"].item() < 10

@@ -1,0 +1,297 @@
+"""Losses and metrics against small hand-computed examples, missing labels included."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from automtl.errors import ConfigError
+from automtl.losses import loss_for
+from automtl.metrics import (
+    HIGHER_IS_BETTER,
+    MultilabelMetric,
+    NormalMetric,
+    delta_mtl,
+    metric_for,
+)
+from automtl.tasks import Task
+
+NAN = float("nan")
+
+
+def _finite_with_grad(loss, pred):
+    assert loss.dim() == 0 and torch.isfinite(loss)
+    loss.backward()
+    assert pred.grad is not None and torch.isfinite(pred.grad).all()
+
+
+# ---------------------------------------------------------------- losses
+
+
+def test_classification_loss_masks_ignore_index():
+    task = Task("c", kind="classification", classes=3)
+    assert task.ignore_index == -1
+    pred = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [5.0, 5.0, 5.0]], requires_grad=True)
+    target = torch.tensor([0, -1, 2])
+    loss = loss_for(task)(pred, target)
+    # labelled rows: 0 and 2
+    l0 = -math.log(math.exp(2) / (math.exp(2) + 2))
+    l2 = -math.log(1 / 3)
+    assert loss.item() == pytest.approx((l0 + l2) / 2, rel=1e-6)
+    _finite_with_grad(loss, pred)
+    assert pred.grad[1].abs().sum() == 0  # the unlabelled sample gets no gradient
+
+
+def test_all_missing_batch_gives_zero_with_grad_path():
+    cases = [
+        (Task("c", kind="classification", classes=3), torch.randn(2, 3), torch.tensor([-1, -1])),
+        (Task("m", kind="multilabel", classes=2), torch.randn(2, 2), torch.full((2, 2), NAN)),
+        (Task("r", kind="regression", classes=2), torch.randn(2, 2), torch.full((2, 2), NAN)),
+        (Task("s", kind="segmentation", classes=3), torch.randn(2, 3, 4, 4), torch.full((2, 4, 4), 255)),
+        (Task("d", kind="depth"), torch.randn(2, 1, 4, 4), torch.zeros(2, 1, 4, 4)),
+        (Task("d", kind="depth"), torch.randn(2, 1, 4, 4), torch.full((2, 4, 4), NAN)),
+        (Task("n", kind="normal"), torch.randn(2, 3, 4, 4), torch.zeros(2, 3, 4, 4)),
+        (Task("n", kind="normal"), torch.randn(2, 3, 4, 4), torch.full((2, 3, 4, 4), NAN)),
+    ]
+    for task, pred, target in cases:
+        pred.requires_grad_(True)
+        loss = loss_for(task)(pred, target)
+        assert loss.item() == 0.0, task
+        loss.backward()
+        assert pred.grad is not None and (pred.grad == 0).all(), task
+
+
+def test_multilabel_loss_skips_nan_rows():
+    task = Task("m", kind="multilabel", classes=2)
+    pred = torch.tensor([[0.0, 1.0], [3.0, -3.0]], requires_grad=True)
+    target = torch.tensor([[1.0, 0.0], [NAN, NAN]])
+    loss = loss_for(task)(pred, target)
+    expected = (math.log(2) + math.log(1 + math.e)) / 2  # BCE(0,1)=log2, BCE(1,0)=log(1+e)
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    _finite_with_grad(loss, pred)
+
+
+def test_regression_l1_and_mse_with_missing():
+    pred = torch.tensor([[1.0, 2.0], [3.0, 4.0]], requires_grad=True)
+    target = torch.tensor([[2.0, NAN], [1.0, 4.0]])
+    l1 = loss_for(Task("r", kind="regression", classes=2))(pred, target)
+    assert l1.item() == pytest.approx((1 + 2 + 0) / 3)
+    _finite_with_grad(l1, pred)
+    mse = loss_for(Task("r", kind="regression", classes=2, options={"loss": "mse"}))(pred.detach(), target)
+    assert mse.item() == pytest.approx((1 + 4 + 0) / 3)
+    with pytest.raises(ConfigError):
+        loss_for(Task("r", kind="regression", options={"loss": "huberish"}))
+
+
+def test_segmentation_loss_ignores_void():
+    task = Task("s", kind="segmentation", classes=2)
+    pred = torch.zeros(1, 2, 1, 3)
+    pred[0, 0, 0, 0] = 1.0  # pixel 0 predicts class 0 with logit gap 1
+    pred.requires_grad_(True)
+    target = torch.tensor([[[0, 1, 255]]])
+    loss = loss_for(task)(pred, target)
+    p0 = -math.log(math.e / (math.e + 1))
+    p1 = math.log(2)
+    assert loss.item() == pytest.approx((p0 + p1) / 2, rel=1e-6)
+    _finite_with_grad(loss, pred)
+    assert pred.grad[0, :, 0, 2].abs().sum() == 0
+
+
+def test_segmentation_loss_upsamples_low_resolution_logits():
+    task = Task("s", kind="segmentation", classes=3)
+    pred = torch.randn(2, 3, 4, 4)
+    target = torch.randint(0, 3, (2, 8, 8))
+    up = F.interpolate(pred, size=(8, 8), mode="bilinear", align_corners=False)
+    assert loss_for(task)(pred, target).item() == pytest.approx(F.cross_entropy(up, target).item(), rel=1e-6)
+
+
+def test_depth_loss_valid_pixels_only():
+    task = Task("d", kind="depth")
+    pred = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]], requires_grad=True)
+    target = torch.tensor([[[2.0, 0.0], [NAN, 6.0]]])  # (B, H, W) form; 0 and NaN invalid
+    loss = loss_for(task)(pred, target)
+    assert loss.item() == pytest.approx((1 + 2) / 2)
+    _finite_with_grad(loss, pred)
+    assert pred.grad[0, 0, 0, 1] == 0 and pred.grad[0, 0, 1, 0] == 0
+
+
+def test_normal_loss_cosine_on_valid_pixels():
+    task = Task("n", kind="normal")
+    pred = torch.zeros(1, 3, 1, 3)
+    pred[0, :, 0, 0] = torch.tensor([0.0, 0.0, 2.0])  # same direction as target -> 0
+    pred[0, :, 0, 1] = torch.tensor([1.0, 0.0, 0.0])  # 90 degrees -> 1
+    pred[0, :, 0, 2] = torch.tensor([1.0, 1.0, 1.0])  # target missing
+    pred.requires_grad_(True)
+    target = torch.zeros(1, 3, 1, 3)
+    target[0, :, 0, 0] = torch.tensor([0.0, 0.0, 1.0])
+    target[0, :, 0, 1] = torch.tensor([0.0, 1.0, 0.0])
+    loss = loss_for(task)(pred, target)
+    assert loss.item() == pytest.approx(0.5, abs=1e-6)
+    _finite_with_grad(loss, pred)
+    assert pred.grad[0, :, 0, 2].abs().sum() == 0
+    target[0, :, 0, 2] = NAN  # NaN marks missing, too
+    pred.grad = None
+    loss = loss_for(task)(pred, target)
+    assert loss.item() == pytest.approx(0.5, abs=1e-6)
+    _finite_with_grad(loss, pred)
+
+
+def test_custom_loss_is_used():
+    own = lambda p, t: (p - t).abs().max()  # noqa: E731
+    task = Task("x", kind="regression", loss=own)
+    assert loss_for(task) is own
+
+
+# ---------------------------------------------------------------- metrics
+
+
+def test_accuracy_counts_labelled_only():
+    m = metric_for(Task("c", kind="classification", classes=3))
+    m.update(torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0]]), torch.tensor([0, 2, -1]))
+    m.update(torch.tensor([[0, 0, 1.0]]), torch.tensor([2]))
+    assert m.compute() == {"accuracy": pytest.approx(200 / 3)}
+    assert m.primary == "accuracy"
+    m.reset()
+    m.update(torch.randn(2, 3), torch.tensor([-1, -1]))
+    assert math.isnan(m.compute()["accuracy"])  # nothing labelled: undefined, not 0
+
+
+def test_multilabel_f1_and_map():
+    m = metric_for(Task("m", kind="multilabel", classes=2))
+    assert isinstance(m, MultilabelMetric) and m.primary == "f1"
+    # class 0: scores .9 .1 -.5 -2 labels 1 0 1 0 -> tp=1 fp=1 fn=1 -> F1 = 0.5
+    #          AP: ranks 1(+) 2(-) 3(+): (1/1 + 2/3)/2 = 5/6
+    # class 1: scores 1 -1 2 -3 labels 1 0 0 0 (row 3 missing for class 1)
+    #          -> tp=1 fp=1 fn=0 -> F1 = 2/3; AP: ranks .. 2(-) 1(+): 1/2
+    pred = torch.tensor([[0.9, 1.0], [0.1, -1.0], [-0.5, 2.0], [-2.0, -3.0]])
+    target = torch.tensor([[1.0, 1.0], [0.0, 0.0], [1.0, 0.0], [0.0, NAN]])
+    m.update(pred[:2], target[:2])
+    m.update(pred[2:], target[2:])
+    out = m.compute()
+    assert out["f1"] == pytest.approx(100 * (0.5 + 2 / 3) / 2)
+    assert out["map"] == pytest.approx(100 * (5 / 6 + 1 / 2) / 2)
+
+
+def test_average_precision_handles_ties():
+    from automtl.metrics import average_precision
+
+    # one threshold at 0.5 holding 1 positive and 1 negative -> P=1/2 at R=1
+    assert average_precision(torch.tensor([0.5, 0.5]), torch.tensor([1, 0])) == pytest.approx(0.5)
+    assert average_precision(torch.tensor([0.5, 0.5]), torch.tensor([0, 1])) == pytest.approx(0.5)
+
+
+def test_regression_metric():
+    m = metric_for(Task("r", kind="regression", classes=2))
+    m.update(torch.tensor([[1.0, 2.0], [3.0, 4.0]]), torch.tensor([[2.0, NAN], [1.0, 4.0]]))
+    out = m.compute()
+    assert out["mae"] == pytest.approx(1.0)
+    assert out["rmse"] == pytest.approx(math.sqrt(5 / 3))
+
+
+def test_segmentation_miou_and_pixel_acc():
+    m = metric_for(Task("s", kind="segmentation", classes=3))
+    assert m.primary == "miou"
+    labels = torch.tensor([[[0, 0, 1, 2, 1, 0]]])
+    target = torch.tensor([[[0, 1, 1, 255, 255, 0]]])
+    pred = F.one_hot(labels, 3).permute(0, 3, 1, 2).float()
+    m.update(pred, target)
+    out = m.compute()
+    # valid pixels: (t0,p0) (t1,p0) (t1,p1) (t0,p0); class 2 never appears -> left out
+    # IoU0 = 2 / (3 + 2 - 2) = 2/3, IoU1 = 1 / (1 + 2 - 1) = 1/2
+    assert out["miou"] == pytest.approx(100 * (2 / 3 + 1 / 2) / 2)
+    assert out["pixel_acc"] == pytest.approx(75.0)
+
+
+def test_depth_metric_valid_pixels():
+    m = metric_for(Task("d", kind="depth"))
+    m.update(torch.tensor([[[[1.0, 2.0], [3.0, 5.0]]]]), torch.tensor([[[[2.0, 0.0], [NAN, 4.0]]]]))
+    out = m.compute()
+    assert out["abs_err"] == pytest.approx(1.0)  # |1-2|, |5-4|
+    assert out["rel_err"] == pytest.approx((0.5 + 0.25) / 2)
+
+
+def test_normal_metric_angles():
+    m = metric_for(Task("n", kind="normal"))
+    assert isinstance(m, NormalMetric)
+    angles = [0.0, 10.0, 20.0, 25.0, 60.0]
+    target = torch.zeros(1, 3, 1, 6)
+    target[0, 2] = 1.0
+    target[0, :, 0, 5] = 0.0  # missing pixel
+    pred = torch.zeros(1, 3, 1, 6)
+    for i, a in enumerate(angles):
+        r = math.radians(a)
+        pred[0, :, 0, i] = torch.tensor([math.sin(r), 0.0, math.cos(r)]) * 3.0  # length does not matter
+    pred[0, :, 0, 5] = torch.tensor([1.0, 0.0, 0.0])
+    m.update(pred, target)
+    out = m.compute()
+    assert out["mean_angle"] == pytest.approx(sum(angles) / 5, abs=1e-4)
+    assert out["median_angle"] == pytest.approx(20.0, abs=0.01)
+    assert out["within_11_25"] == pytest.approx(40.0)
+    assert out["within_22_5"] == pytest.approx(60.0)
+    assert out["within_30"] == pytest.approx(80.0)
+
+
+def test_normal_median_matches_exact_median_on_random_data():
+    torch.manual_seed(0)
+    pred = torch.randn(2, 3, 8, 8)
+    target = F.normalize(torch.randn(2, 3, 8, 8), dim=1)
+    m = NormalMetric()
+    m.update(pred[:1], target[:1])
+    m.update(pred[1:], target[1:])
+    cos = F.cosine_similarity(pred.double(), target.double(), dim=1).clamp(-1, 1)
+    ang = torch.rad2deg(torch.acos(cos)).flatten()
+    s = ang.sort().values
+    exact = float((s[63] + s[64]) / 2)
+    assert m.compute()["median_angle"] == pytest.approx(exact, abs=0.02)
+    assert m.compute()["mean_angle"] == pytest.approx(float(ang.mean()), abs=1e-6)
+
+
+def test_every_builtin_metric_has_a_direction():
+    for kind, kw in [
+        ("classification", {"classes": 2}),
+        ("multilabel", {"classes": 2}),
+        ("regression", {}),
+        ("segmentation", {"classes": 2}),
+        ("depth", {}),
+        ("normal", {}),
+    ]:
+        m = metric_for(Task("t", kind=kind, **kw))
+        assert m.primary in m.names
+        assert all(n in HIGHER_IS_BETTER for n in m.names)
+
+
+def test_custom_metric_factory_is_called():
+    class Mine:
+        primary = "score"
+
+        def update(self, p, t):
+            pass
+
+        def compute(self):
+            return {"score": 1.0}
+
+        def reset(self):
+            pass
+
+    task = Task("x", kind="regression", metric=Mine)
+    assert isinstance(metric_for(task), Mine)
+
+
+# ---------------------------------------------------------------- delta_mtl
+
+
+def test_delta_mtl_hand_computed():
+    single = {"seg": {"miou": 40.0, "pixel_acc": 80.0}, "depth": {"abs_err": 0.5}}
+    multi = {"seg": {"miou": 44.0, "pixel_acc": 80.0}, "depth": {"abs_err": 0.6}}
+    # seg: (+10 % + 0 %) / 2 = 5 ; depth: lower is better, -(0.6-0.5)/0.5 = -20 %
+    assert delta_mtl(multi, single) == pytest.approx((5.0 - 20.0) / 2)
+
+
+def test_delta_mtl_errors_and_custom_direction():
+    with pytest.raises(ConfigError, match="baseline"):
+        delta_mtl({"a": {"miou": 1.0}}, {})
+    with pytest.raises(ConfigError, match="direction"):
+        delta_mtl({"a": {"mine": 1.0}}, {"a": {"mine": 2.0}})
+    assert delta_mtl({"a": {"mine": 1.0}}, {"a": {"mine": 2.0}}, higher_is_better={"mine": False}) == pytest.approx(50.0)
+    with pytest.raises(ConfigError, match="non-zero"):
+        delta_mtl({"a": {"miou": 1.0}}, {"a": {"miou": 0.0}})
