@@ -1,0 +1,142 @@
+"""The compact model: cross-task CSE equals the supermodel's hard policy, on every builtin backbone."""
+import functools
+
+import pytest
+import torch
+from torch import nn
+
+from automtl.backbones import build_backbone, count_parameters, list_backbones
+from automtl.compact import META_CHOICE, META_TASKS, compact
+from automtl.errors import AutomtlError
+from automtl.policy import SHARE, SKIP, SPECIALIZE, Policy
+from automtl.supermodel import supermodel
+from automtl.tasks import Task
+
+BUILTINS = [s.name for s in list_backbones()]
+TASKS = [Task("segment", "segmentation", classes=4), Task("depth", "depth"), Task("label", "classification", classes=5)]
+SIZE = 32
+
+
+@functools.lru_cache(maxsize=None)
+def built(name):
+    torch.manual_seed(0)
+    backbone = build_backbone(name).eval()
+    return backbone, supermodel(backbone, TASKS, torch.randn(1, 3, SIZE, SIZE)).eval()
+
+
+def policies(sm):
+    """all-share, all-specialize, all-skip-where-legal and random mixes."""
+    skip_or_share = [[SKIP if legal else SHARE] * len(sm.task_names) for legal in sm.skip_legal]
+    yield "share", Policy.uniform(sm.layer_names, sm.task_names, "share")
+    yield "specialize", Policy.uniform(sm.layer_names, sm.task_names, "specialize")
+    yield "skip", Policy(sm.layer_names, sm.task_names, skip_or_share)
+    for seed in range(3):
+        yield f"random{seed}", Policy.random(sm.layer_names, sm.task_names, sm.skip_legal, seed=seed)
+    # A staged policy: share the first half, then branch.
+    L = len(sm.layer_names)
+    staged = [[SHARE] * 3 if l < L // 2 else [SHARE, SPECIALIZE, SKIP if sm.skip_legal[l] else SPECIALIZE] for l in range(L)]
+    yield "staged", Policy(sm.layer_names, sm.task_names, staged)
+
+
+@pytest.mark.parametrize("name", BUILTINS)
+def test_compact_equals_supermodel_hard_policy(name):
+    _, sm = built(name)
+    x = torch.randn(2, 3, SIZE, SIZE)
+    for label, pol in policies(sm):
+        model = compact(sm, pol).eval()
+        with torch.no_grad():
+            expected = sm.hard(pol)(x)
+            got = model(x)
+        for task in sm.task_names:
+            assert torch.allclose(got[task], expected[task], atol=1e-5, rtol=1e-4), (label, task)
+        assert model.num_parameters() == sm.policy_parameter_count(pol), label
+
+
+@pytest.mark.parametrize("name", ["tiny", "resnet18", "mobilenet_v2"])
+def test_all_share_is_one_backbone_and_all_specialize_is_t_backbones(name):
+    backbone, sm = built(name)
+    heads = count_parameters(sm.heads)
+    share = compact(sm, Policy.uniform(sm.layer_names, sm.task_names, "share")).eval()
+    spec = compact(sm, Policy.uniform(sm.layer_names, sm.task_names, "specialize")).eval()
+    assert share.num_parameters() == count_parameters(backbone) + heads
+    assert spec.num_parameters() == len(TASKS) * count_parameters(backbone) + heads
+    # All-share runs the backbone once, at batch B: bitwise equal features.
+    x = torch.randn(2, 3, SIZE, SIZE)
+    feature = [n for n in share.graph_module.graph.nodes if n.op == "call_module" and n.target.startswith("heads.")]
+    assert len({n.args[0] for n in feature}) == 1
+    convs = [n for n in share.graph_module.graph.nodes if n.meta.get(META_CHOICE) == "share"]
+    assert len(convs) == len(sm.layer_names)
+    specs = [n for n in spec.graph_module.graph.nodes if n.meta.get(META_CHOICE) == "specialize"]
+    assert len(specs) == len(sm.layer_names) * len(TASKS)
+
+
+def test_shared_prefix_runs_once_and_branches_after():
+    _, sm = built("tiny")
+    L = len(sm.layer_names)
+    rows = [[SHARE, SHARE, SHARE] if l < 3 else [SHARE, SPECIALIZE, SPECIALIZE] for l in range(L)]
+    model = compact(sm, Policy(sm.layer_names, sm.task_names, rows))
+    nodes = [n for n in model.graph_module.graph.nodes if n.meta.get(META_CHOICE)]
+    by_layer = {}
+    for n in nodes:
+        by_layer.setdefault(n.meta["automtl_layer"], []).append(n.meta[META_TASKS])
+    for l, name in enumerate(sm.layer_names):
+        if l < 3:
+            assert by_layer[name] == [("segment", "depth", "label")]
+        else:
+            assert sorted(by_layer[name]) == [("depth",), ("label",), ("segment",)]
+
+
+def test_task_subset_computes_only_what_it_needs():
+    _, sm = built("tiny")
+    pol = Policy.uniform(sm.layer_names, sm.task_names, "specialize")
+    model = compact(sm, pol).eval()
+    x = torch.randn(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        full = model(x)
+        only = model(x, tasks=["depth"])
+    assert list(only) == ["depth"] and torch.equal(only["depth"], full["depth"])
+    sub = model._subset(("depth",))
+    used = {n.target for n in sub.graph.nodes if n.op == "call_module"}
+    assert not any(".specialized.0" in t or ".specialized.2" in t for t in used)
+    with pytest.raises(AutomtlError, match="no task 'nope'"):
+        model(x, tasks=["nope"])
+
+
+def test_compact_owns_its_weights():
+    _, sm = built("tiny")
+    pol = Policy.uniform(sm.layer_names, sm.task_names, "share")
+    model = compact(sm, pol)
+    before = sm.policy_layers[0].shared.conv.weight.clone()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    assert torch.equal(sm.policy_layers[0].shared.conv.weight, before)
+
+
+class InplaceAfterSkip(nn.Module):
+    """A skipped conv hands its input on; an in-place ReLU there must not change the residual."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv0 = nn.Conv2d(3, 4, 3, padding=1)
+        self.conv1 = nn.Conv2d(4, 4, 3, padding=1)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        x = self.conv0(x)  # may be negative: no ReLU before the residual
+        return self.relu(self.conv1(x)) + x
+
+
+def test_inplace_ops_are_safe_after_compaction():
+    tasks = [Task("a", "depth"), Task("b", "depth")]
+    sm = supermodel(InplaceAfterSkip(), tasks, torch.randn(1, 3, 8, 8)).eval()
+    pol = Policy(sm.layer_names, sm.task_names, [[SHARE, SHARE], [SKIP, SPECIALIZE]])
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        assert all(torch.allclose(compact(sm, pol).eval()(x)[t], sm.hard(pol)(x)[t], atol=1e-6) for t in sm.task_names)
+
+
+def test_compact_needs_a_policy():
+    sm = supermodel("tiny", TASKS, torch.randn(1, 3, SIZE, SIZE))
+    with pytest.raises(AutomtlError, match="needs a policy"):
+        compact(sm)
