@@ -34,15 +34,18 @@ class CompactModel(nn.Module):
 
     ``graph_module`` is a plain fx GraphModule of standard torch modules and functions, so
     it can be exported, saved as data and drawn. Asking for a subset of tasks runs only
-    the part of the graph those tasks need.
+    the part of the graph those tasks need. ``input_shape`` is the example input shape the
+    model was built at (the default example for export and accounting), or None.
     """
 
-    def __init__(self, graph_module: fx.GraphModule, tasks: Sequence[Task], policy: Optional[Policy]):
+    def __init__(self, graph_module: fx.GraphModule, tasks: Sequence[Task], policy: Optional[Policy],
+                 input_shape: Optional[Sequence[int]] = None):
         super().__init__()
         self.graph_module = graph_module
         self.tasks = list(tasks)
         self.task_names = [t.name for t in self.tasks]
         self.policy = policy
+        self.input_shape = tuple(int(d) for d in input_shape) if input_shape is not None else None
         self._subsets: dict = {}
 
     def forward(self, x: torch.Tensor, tasks: Optional[Sequence[str]] = None) -> dict:
@@ -99,7 +102,7 @@ def compact(sm: SuperModel, policy: Optional[Policy] = None) -> CompactModel:
     _make_out_of_place(gm)
     for node in gm.graph.nodes:  # deepcopy keeps node.meta; make sure every node carries its tasks
         node.meta.setdefault(META_TASKS, tuple(sm.task_names))
-    model = CompactModel(gm, sm.tasks, policy)
+    model = CompactModel(gm, sm.tasks, policy, input_shape=sm.input_shape)
     model.train(sm.training)
     return model
 
@@ -205,11 +208,23 @@ def _compile_graph(sm: SuperModel, policy: Policy) -> fx.Graph:
         if task.head is None and task.dense:
             y = tag(graph.call_function(F.interpolate, (y,), {"size": size, "mode": "bilinear", "align_corners": False}), (t,), feature)
             if task.kind == "normal":
-                y = tag(graph.call_function(F.normalize, (y,), {"dim": 1}), (t,), feature)
+                y = _emit_unit_length(graph, y, lambda n: tag(n, (t,), feature))
         outputs[task.name] = y
     graph.output(outputs)
     graph.lint()
     return graph
+
+
+def _emit_unit_length(graph: fx.Graph, y: fx.Node, tag) -> fx.Node:
+    """``F.normalize(y, dim=1)`` as y / max(sqrt(sum(y*y, 1)), 1e-12) in elementary ops.
+
+    Same result to float rounding, but several times faster on CPU: torch's vector norm over the
+    channel axis of an NCHW map takes a slow strided path (measured 15 ms against 2 ms for a
+    8x3x128x128 batch, about a fifth of a MobileNetV2 backbone's time).
+    """
+    sq = tag(graph.call_function(operator.mul, (y, y)))
+    norm = tag(graph.call_method("sqrt", (tag(graph.call_method("sum", (sq, 1), {"keepdim": True})),)))
+    return tag(graph.call_function(operator.truediv, (y, tag(graph.call_method("clamp_min", (norm, 1e-12))))))
 
 
 def _emit_policy_layer(graph, sm, policy, old, index, classes, tag):

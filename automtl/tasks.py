@@ -89,6 +89,35 @@ class Task:
             out["classes"] = self.classes
         return out
 
+    @classmethod
+    def from_description(cls, data: dict) -> "Task":
+        """Rebuild a task from its stored description (``describe()`` plus ``ignore_index``).
+
+        A model file holds no Python code, so a custom task comes back description-only: kind
+        ``"custom"`` with no head, loss or metric. It names and describes the model's output;
+        to train it again, pass the task with its head, loss and metric.
+        """
+        if not isinstance(data, dict) or not isinstance(data.get("name"), str):
+            raise ConfigError(f"a task description needs at least a 'name'; got {data!r}")
+        kind = data.get("kind", "custom")
+        classes = data.get("classes")
+        if kind != "custom":
+            extra = {"ignore_index": data["ignore_index"]} if isinstance(data.get("ignore_index"), int) else {}
+            return cls(data["name"], kind=kind, classes=classes, **extra)
+        if not _NAME.match(data["name"]):
+            raise ConfigError(
+                f"task name {data['name']!r} is not a valid identifier; use letters, digits and underscores, "
+                "starting with a letter"
+            )
+        if classes is not None and (not isinstance(classes, int) or isinstance(classes, bool) or classes < 1):
+            raise ConfigError(f"task {data['name']!r}: classes must be a positive integer, got {classes!r}")
+        task = cls.__new__(cls)  # skips __post_init__, which demands head/loss/metric for custom tasks
+        task.name, task.kind, task.classes = data["name"], "custom", classes
+        task.head = task.loss = task.metric = None
+        task.ignore_index = data["ignore_index"] if isinstance(data.get("ignore_index"), int) else 255
+        task.options = {}
+        return task
+
 
 def parse_task(spec: str) -> Task:
     """Parse a command-line task ``name:kind[:classes]``, e.g. ``segment:segmentation:13``."""

@@ -1,0 +1,301 @@
+"""Accounting: what a compact model costs, against the models it replaces.
+
+Parameters are counted on the modules the graph uses; multiply-accumulates (MACs) are
+counted by running the graph once with forward hooks on every Conv2d, ConvTranspose2d and
+Linear call (so a module called twice counts twice, and only what runs counts); latency is
+the median wall-clock time of repeated CPU runs. ``compare`` sets the compact model against
+one single-task backbone, T single-task models and the supermodel; the *FLOP bound* is the
+latency the compact model would have if its time scaled with its MACs from the backbone's.
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from .compact import CompactModel, compact as _compile
+from .policy import CHOICES, Policy
+
+__all__ = ["count_macs", "model_stats", "flop_bound", "compare", "format_inspect", "inspect_text"]
+
+#: The letters of the policy grid.
+LETTERS = {"share": "S", "specialize": "P", "skip": "-"}
+
+
+# ---------------------------------------------------------------------------------------
+# measuring
+# ---------------------------------------------------------------------------------------
+def _mac_hook(total: list):
+    def hook(mod, inp, out):
+        if not isinstance(out, torch.Tensor):
+            return
+        if isinstance(mod, nn.Conv2d):
+            k = mod.kernel_size[0] * mod.kernel_size[1]
+            total[0] += out.numel() * (mod.in_channels // mod.groups) * k
+        elif isinstance(mod, nn.ConvTranspose2d):
+            k = mod.kernel_size[0] * mod.kernel_size[1]
+            total[0] += inp[0].numel() * (mod.out_channels // mod.groups) * k
+        elif isinstance(mod, nn.Linear):
+            total[0] += out.numel() * mod.in_features
+    return hook
+
+
+def count_macs(model: nn.Module, x: torch.Tensor, **kwargs) -> int:
+    """Multiply-accumulates per input sample of one ``model(x, **kwargs)`` (Conv2d, ConvTranspose2d, Linear).
+
+    A conv counts output elements x in_channels/groups x kh x kw, a linear in x out per row;
+    the total is divided by the batch size of ``x``. Runs in eval mode, without gradients.
+    """
+    total = [0]
+    hook = _mac_hook(total)
+    handles = [m.register_forward_hook(hook) for m in model.modules()
+               if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear))]
+    try:
+        with _eval(model), torch.inference_mode():
+            model(x, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    return int(total[0] // max(x.shape[0], 1))
+
+
+class _eval:
+    """Eval mode for a measurement, the previous modes restored afterwards."""
+
+    def __init__(self, module: nn.Module):
+        self.modes = {m: m.training for m in module.modules()}
+        self.module = module
+
+    def __enter__(self):
+        self.module.eval()
+
+    def __exit__(self, *exc):
+        for m, mode in self.modes.items():
+            m.training = mode
+
+
+def _median_latency(fn, repeats: int, warmup: int = 1) -> dict:
+    with torch.inference_mode():
+        for _ in range(max(warmup, 0)):
+            fn()
+        times = []
+        for _ in range(max(repeats, 1)):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+    return {"latency_s": statistics.median(times), "latency_min_s": min(times), "repeats": len(times)}
+
+
+def _input(model: nn.Module, shape: Sequence[int]) -> torch.Tensor:
+    p = next(model.parameters(), None)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(*shape, generator=g)
+    return x.to(device=p.device, dtype=p.dtype) if p is not None else x
+
+
+def _check_shape(input_shape) -> tuple:
+    shape = tuple(int(d) for d in input_shape)
+    if len(shape) != 4 or min(shape) < 1:
+        raise ValueError(f"input_shape must be (N, C, H, W) with positive sizes, got {tuple(input_shape)}")
+    return shape
+
+
+def _task_parameters(model: CompactModel, tasks: Optional[Sequence[str]]) -> int:
+    """Parameters of the modules and attributes the graph for ``tasks`` actually uses."""
+    gm = model.graph_module if tasks is None or list(tasks) == model.task_names else model._subset(tuple(tasks))
+    seen: dict = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            for p in gm.get_submodule(node.target).parameters():
+                seen[id(p)] = p.numel()
+        elif node.op == "get_attr":
+            obj = gm
+            for part in node.target.split("."):
+                obj = getattr(obj, part)
+            if isinstance(obj, nn.Parameter):
+                seen[id(obj)] = obj.numel()
+    return sum(seen.values())
+
+
+def model_stats(compact: CompactModel, input_shape: Sequence[int], tasks: Optional[Sequence[str]] = None,
+                repeats: int = 10, warmup: int = 1) -> dict:
+    """Parameters, MACs per sample and median CPU latency of ``compact`` computing ``tasks`` (default all).
+
+    Latency is for one batch of ``input_shape`` (N, C, H, W) in eval mode; MACs are per sample.
+    """
+    shape = _check_shape(input_shape)
+    names = list(tasks) if tasks is not None else list(compact.task_names)
+    run_tasks = None if names == compact.task_names else names
+    macs = count_macs(compact, _input(compact, (1,) + shape[1:]), tasks=run_tasks)
+    x = _input(compact, shape)
+    with _eval(compact):
+        timing = _median_latency(lambda: compact(x, tasks=run_tasks), repeats, warmup)
+    return {"tasks": names, "input_shape": list(shape), "parameters": _task_parameters(compact, run_tasks),
+            "macs": macs, **timing}
+
+
+def _bound(reference_latency: float, reference_macs: int, macs: int) -> float:
+    return reference_latency * macs / reference_macs if reference_macs else float("nan")
+
+
+def flop_bound(compact: CompactModel, input_shape: Sequence[int], backbone: Optional[CompactModel] = None,
+               repeats: int = 10) -> float:
+    """Seconds per batch the compact model would take if its time scaled with its MACs.
+
+    ``backbone_latency * compact_macs / backbone_macs``, where the backbone is ``backbone``
+    computing its first task (e.g. the all-share compact model: one backbone and one head), or,
+    by default, the compact model's own heaviest single-task path.
+    """
+    shape = _check_shape(input_shape)
+    macs = count_macs(compact, _input(compact, (1,) + shape[1:]))
+    if backbone is None:
+        one = _input(compact, (1,) + shape[1:])
+        per_task = {t: count_macs(compact, one, tasks=[t]) for t in compact.task_names}
+        ref, task = compact, max(per_task, key=per_task.get)
+    else:
+        ref, task = backbone, backbone.task_names[0]
+    ref_stats = model_stats(ref, shape, tasks=[task], repeats=repeats)
+    return _bound(ref_stats["latency_s"], ref_stats["macs"], macs)
+
+
+def _restore_mode(sm, mode: str, policy: Optional[Policy], tau: float) -> None:
+    if mode == "hard" and policy is not None:
+        sm.hard(policy)
+    elif mode == "soft":
+        sm.soft(tau)
+    else:
+        sm.warmup()
+
+
+def compare(sm, compact: CompactModel, input_shape: Sequence[int], repeats: int = 10) -> dict:
+    """The compact model against what it replaces, measured in one run at ``input_shape``.
+
+    - ``backbone``: one backbone and one head (the all-share compact model computing the first task);
+    - ``separate``: T single-task models (backbone + that task's head), run one after another;
+    - ``supermodel``: ``sm`` itself in soft mode (every operator of every layer computed);
+    - ``flop_bound_s``: backbone latency x compact MACs / backbone MACs.
+    Ratios are compact / other (below 1 means the compact model is cheaper).
+    """
+    shape = _check_shape(input_shape)
+    names = list(compact.task_names)
+    ours = model_stats(compact, shape, repeats=repeats)
+    single = _compile(sm, Policy.uniform(sm.layer_names, sm.task_names, "share"))
+    backbone = model_stats(single, shape, tasks=[names[0]], repeats=repeats)
+
+    one = _input(single, (1,) + shape[1:])
+    x = _input(single, shape)
+    sep_params = sum(_task_parameters(single, [t]) for t in names)
+    sep_macs = sum(count_macs(single, one, tasks=[t]) for t in names)
+    with _eval(single):
+        sep_time = _median_latency(lambda: [single(x, tasks=[t]) for t in names], repeats)
+    separate = {"parameters": sep_params, "macs": sep_macs, **sep_time}
+
+    mode, policy, tau = sm.mode, sm.policy, sm.tau
+    try:
+        with torch.random.fork_rng(devices=[]):  # the Gumbel noise must not move the caller's RNG
+            sm.soft(tau)
+            sm_macs = count_macs(sm, _input(sm, (1,) + shape[1:]))
+            xs = _input(sm, shape)
+            with _eval(sm):
+                sm_time = _median_latency(lambda: sm(xs), repeats)
+    finally:
+        _restore_mode(sm, mode, policy, tau)
+    supermodel = {"parameters": sum(p.numel() for p in sm.parameters()), "macs": sm_macs, "mode": "soft", **sm_time}
+
+    bound = _bound(backbone["latency_s"], backbone["macs"], ours["macs"])
+
+    def ratio(a, b):
+        return a / b if b else float("nan")
+
+    ratios = {}
+    for key in ("parameters", "macs", "latency_s"):
+        label = key.replace("_s", "")
+        ratios[f"{label}_vs_backbone"] = ratio(ours[key], backbone[key])
+        ratios[f"{label}_vs_separate"] = ratio(ours[key], separate[key])
+        ratios[f"{label}_vs_supermodel"] = ratio(ours[key], supermodel[key])
+    ratios["latency_vs_flop_bound"] = ratio(ours["latency_s"], bound)
+    return {"input_shape": list(shape), "tasks": names, "repeats": repeats, "compact": ours, "backbone": backbone,
+            "separate": separate, "supermodel": supermodel, "flop_bound_s": bound, "ratios": ratios}
+
+
+# ---------------------------------------------------------------------------------------
+# text
+# ---------------------------------------------------------------------------------------
+def _num(n: float, unit: str = "") -> str:
+    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {suffix}{unit}"
+    return f"{n:.0f} {unit}".rstrip()
+
+
+def _ms(seconds: Optional[float]) -> str:
+    return "-" if seconds is None or seconds != seconds else f"{seconds * 1e3:.1f} ms"
+
+
+def format_inspect(stats: dict, policy: Optional[Policy]) -> str:
+    """A plain-text table of the accounting (``model_stats`` or ``compare`` output) and the policy grid.
+
+    The grid has one row per policy layer and one column per task: S = share, P = specialize
+    (a task-owned copy), - = skip.
+    """
+    lines = []
+    shape = stats.get("input_shape")
+    head = f"Accounting at input {'x'.join(str(d) for d in shape)}" if shape else "Accounting"
+    lines.append(head + " (MACs per sample, latency per batch, median)")
+    rows = []
+    if "compact" in stats:
+        n = len(stats.get("tasks", []))
+        for key, label in (("compact", "compact model"), ("backbone", "one backbone + head"),
+                           ("separate", f"{n} single-task models"), ("supermodel", "supermodel (soft)")):
+            s = stats[key]
+            rows.append((label, _num(s["parameters"]), _num(s["macs"], "MAC"), _ms(s.get("latency_s"))))
+        rows.append(("FLOP bound of the compact model", "", "", _ms(stats.get("flop_bound_s"))))
+    else:
+        rows.append(("compact model", _num(stats["parameters"]), _num(stats["macs"], "MAC"), _ms(stats.get("latency_s"))))
+    header = ("model", "parameters", "MACs", "latency")
+    widths = [max(len(r[i]) for r in rows + [header]) for i in range(4)]
+    fmt = "  ".join(f"{{:<{w}}}" if i == 0 else f"{{:>{w}}}" for i, w in enumerate(widths))
+    lines.append(fmt.format(*header))
+    lines.extend(fmt.format(*r) for r in rows)
+    if "ratios" in stats:
+        r = stats["ratios"]
+        lines.append(
+            f"compact / backbone: {r['parameters_vs_backbone']:.2f}x parameters, {r['macs_vs_backbone']:.2f}x MACs, "
+            f"{r['latency_vs_backbone']:.2f}x latency; compact / separate models: {r['parameters_vs_separate']:.2f}x "
+            f"parameters, {r['latency_vs_separate']:.2f}x latency; latency / FLOP bound: {r['latency_vs_flop_bound']:.2f}"
+        )
+    lines.append("")
+    if policy is None:
+        lines.append("Policy: none recorded.")
+        return "\n".join(lines) + "\n"
+    lines.append("Policy (S = share the backbone's layer, P = specialize: a task-owned copy, - = skip the layer)")
+    lw = max([len("layer")] + [len(l) for l in policy.layers])
+    cw = [max(len(t), 1) for t in policy.tasks]
+    lines.append("  ".join([f"{'layer':<{lw}}"] + [f"{t:<{w}}" for t, w in zip(policy.tasks, cw)]).rstrip())
+    for layer, row in zip(policy.layers, policy.choices):
+        cells = [f"{LETTERS[CHOICES[c]]:<{w}}" for c, w in zip(row, cw)]
+        lines.append("  ".join([f"{layer:<{lw}}"] + cells).rstrip())
+    counts = policy.counts()
+    lines.append(f"{counts['share']} share, {counts['specialize']} specialize, {counts['skip']} skip "
+                 f"over {len(policy.layers)} layers x {len(policy.tasks)} tasks")
+    return "\n".join(lines) + "\n"
+
+
+def inspect_text(path: str | os.PathLike, repeats: int = 5, batch: int = 1) -> str:
+    """What ``automtl inspect model.automtl`` prints: the tasks, the accounting and the policy grid."""
+    from .export import load
+
+    model = load(path)
+    shape = model.input_shape or (1, 3, 64, 64)
+    stats = model_stats(model, (batch,) + tuple(shape[1:]), repeats=repeats)
+    tasks = []
+    for t in model.tasks:
+        detail = f", {t.classes} classes" if t.classes is not None and t.kind != "regression" else (
+            f", {t.classes} outputs" if t.classes is not None else "")
+        tasks.append(f"  {t.name}: {t.kind}{detail}")
+    head = [f"{os.fspath(path)}: compact multi-task model, {len(model.tasks)} tasks", *tasks, ""]
+    return "\n".join(head) + "\n" + format_inspect(stats, model.policy)

@@ -1,0 +1,472 @@
+"""Files: the .automtl bundle (data, not code), the .pt2 and ONNX exports, and the accounting report."""
+import functools
+import hashlib
+import io
+import os
+import pathlib
+import pickle
+import subprocess
+import sys
+import textwrap
+import zipfile
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import nn
+
+from automtl.backbones import build_backbone
+from automtl.compact import META_CHOICE, META_LAYER, META_TASKS, compact
+from automtl.errors import AutomtlError, FileFormatError
+from automtl.export import export, export_onnx, load, save
+from automtl.policy import Policy
+from automtl.report import compare, count_macs, format_inspect, inspect_text, model_stats
+from automtl.supermodel import supermodel
+from automtl.tasks import Task
+
+SIZE = 32
+TASKS = [Task("segment", "segmentation", classes=4), Task("depth", "depth"), Task("label", "classification", classes=5)]
+
+
+@functools.lru_cache(maxsize=None)
+def built(name):
+    torch.manual_seed(0)
+    return supermodel(build_backbone(name), TASKS, torch.randn(1, 3, SIZE, SIZE)).eval()
+
+
+def random_model(name="tiny", seed=1):
+    sm = built(name)
+    pol = Policy.random(sm.layer_names, sm.task_names, sm.skip_legal, seed=seed)
+    return compact(sm, pol).eval()
+
+
+def outputs(model, x):
+    with torch.no_grad():
+        return model(x)
+
+
+def entries(path):
+    with zipfile.ZipFile(path) as zf:
+        return {n: zf.read(n) for n in zf.namelist()}
+
+
+def write_bundle(path, parts, fix_checksums=True):
+    """Write a bundle from raw parts; with fix_checksums, as a forger who knows the format would."""
+    parts = dict(parts)
+    if fix_checksums:
+        parts["checksums"] = "".join(
+            f"{hashlib.sha256(parts[n]).hexdigest()}  {n}\n" for n in ("model.yaml", "weights.pt")).encode()
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, data in parts.items():
+            zf.writestr(name, data)
+
+
+# ---------------------------------------------------------------------------------------
+# .automtl round trip
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["tiny", "resnet18", "mobilenet_v2"])
+def test_bundle_round_trip(name, tmp_path):
+    model = random_model(name, seed=3)
+    path = tmp_path / "model.automtl"
+    save(model, path)
+    loaded = load(path)
+    x = torch.randn(2, 3, SIZE, SIZE)
+    want, got = outputs(model, x), outputs(loaded, x)
+    assert list(got) == list(want)
+    for t in want:
+        assert torch.allclose(got[t], want[t], atol=1e-6, rtol=0), t
+    # tasks and policy survive
+    assert [(t.name, t.kind, t.classes, t.ignore_index) for t in loaded.tasks] == \
+        [(t.name, t.kind, t.classes, t.ignore_index) for t in model.tasks]
+    assert loaded.policy == model.policy and loaded.input_shape == model.input_shape == (1, 3, SIZE, SIZE)
+    assert loaded.num_parameters() == model.num_parameters()
+    # only torch.nn classes in the loaded module tree (containers are plain nn.Module)
+    for qualname, m in loaded.graph_module.named_modules():
+        if qualname:
+            assert type(m) is nn.Module or getattr(nn, type(m).__name__, None) is type(m), (qualname, type(m))
+    # the sharing meta survives, so render can draw a loaded model
+    def sharing(gm):
+        return {(n.meta[META_LAYER], n.meta[META_CHOICE], n.meta[META_TASKS]) for n in gm.graph.nodes if META_LAYER in n.meta}
+
+    assert sharing(loaded.graph_module) == sharing(model.graph_module)
+    assert all(isinstance(n.meta[META_TASKS], tuple) for n in loaded.graph_module.graph.nodes if META_TASKS in n.meta)
+    # a subset of tasks still runs only its part
+    assert torch.equal(outputs(loaded, x)["depth"], loaded(x, tasks=["depth"])["depth"].detach())
+
+
+def test_bundle_layout_and_checksums(tmp_path):
+    path = tmp_path / "m.automtl"
+    save(random_model(), path)
+    parts = entries(path)
+    assert set(parts) == {"model.yaml", "weights.pt", "checksums"}
+    for line in parts["checksums"].decode().splitlines():
+        digest, name = line.split()
+        assert hashlib.sha256(parts[name]).hexdigest() == digest
+    desc = yaml.safe_load(parts["model.yaml"])
+    assert desc["automtl_bundle"] == 1 and [t["name"] for t in desc["tasks"]] == ["segment", "depth", "label"]
+    assert all(m["class"] in ("Conv2d", "BatchNorm2d", "ReLU", "AdaptiveAvgPool2d", "Flatten", "Linear") for m in desc["modules"])
+    assert not list(tmp_path.glob(".*.tmp"))  # the atomic write left no temporary behind
+
+
+class Quirky(nn.Module):
+    """Graph patterns beyond convs: a parameter and a buffer read directly, slicing, cat, methods with dtypes."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv0 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv1 = nn.Conv2d(8, 8, 3, padding=1, groups=2)
+        self.scale = nn.Parameter(torch.ones(1, 8, 1, 1) * 0.5)
+        self.register_buffer("shift", torch.full((1, 8, 1, 1), 0.1))
+        self.pool = nn.MaxPool2d(2, ceil_mode=True)
+
+    def forward(self, x):
+        y = F.relu(self.conv0(x))
+        z = self.conv1(y) * self.scale + self.shift
+        z = torch.cat([z[:, :4], y[:, 4:]], dim=1)
+        z = z + z.mean(dim=(2, 3), keepdim=True).to(torch.float32)
+        return self.pool(F.leaky_relu(z, negative_slope=0.1))
+
+
+def test_bundle_round_trip_of_general_graph_patterns(tmp_path):
+    sm = supermodel(Quirky(), [Task("a", "depth"), Task("b", "classification", classes=3)], torch.randn(1, 3, 9, 9)).eval()
+    x = torch.randn(3, 3, 9, 9)
+    for seed in range(3):
+        model = compact(sm, Policy.random(sm.layer_names, sm.task_names, sm.skip_legal, seed=seed)).eval()
+        save(model, tmp_path / "q.automtl")
+        loaded = load(tmp_path / "q.automtl")
+        want, got = outputs(model, x), outputs(loaded, x)
+        assert all(torch.equal(got[t], want[t]) for t in want)
+    assert isinstance(loaded.graph_module.get_parameter("net.scale"), nn.Parameter)
+
+
+class MyHead(nn.Module):
+    def __init__(self, channels):
+        super().__init__()
+        self.fc = nn.Linear(channels, 2)
+
+    def forward(self, x):
+        return self.fc(x.mean((2, 3)))
+
+
+def _custom_task(head):
+    return Task("custom", head=head, loss=lambda y, t: (y - t).pow(2).mean(), metric=lambda: None)
+
+
+def test_custom_head_class_is_refused_with_a_way_out(tmp_path):
+    sm = supermodel("tiny", [Task("depth", "depth"), _custom_task(MyHead(32))], torch.randn(1, 3, SIZE, SIZE)).eval()
+    model = compact(sm, Policy.uniform(sm.layer_names, sm.task_names, "share")).eval()
+    with pytest.raises(FileFormatError, match=r"heads.custom.*not a torch.nn module.*export\(\)"):
+        save(model, tmp_path / "m.automtl")
+    assert not (tmp_path / "m.automtl").exists()
+    export(model, tmp_path / "m.pt2", example_input=torch.randn(1, 3, SIZE, SIZE))  # the .pt2 route works for any head
+    x = torch.randn(3, 3, SIZE, SIZE)
+    got = torch.export.load(tmp_path / "m.pt2").module()(x)
+    assert all(torch.allclose(got[t], outputs(model, x)[t], atol=1e-6) for t in model.task_names)
+
+
+def test_custom_task_built_from_torch_nn_comes_back_description_only(tmp_path):
+    head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 2))
+    sm = supermodel("tiny", [_custom_task(head), Task("depth", "depth")], torch.randn(1, 3, SIZE, SIZE)).eval()
+    model = compact(sm, Policy.random(sm.layer_names, sm.task_names, sm.skip_legal, seed=0)).eval()
+    save(model, tmp_path / "m.automtl")
+    loaded = load(tmp_path / "m.automtl")
+    custom = loaded.tasks[0]
+    assert (custom.name, custom.kind, custom.head, custom.loss) == ("custom", "custom", None, None)
+    x = torch.randn(2, 3, SIZE, SIZE)
+    assert all(torch.equal(outputs(loaded, x)[t], outputs(model, x)[t]) for t in model.task_names)
+
+
+# ---------------------------------------------------------------------------------------
+# damaged, forged and hostile bundles
+# ---------------------------------------------------------------------------------------
+@pytest.fixture
+def bundle(tmp_path):
+    path = tmp_path / "m.automtl"
+    save(random_model(seed=1), path)
+    return path
+
+
+class _Touch:
+    """Unpickling this creates a file: proof that code ran."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (pathlib.Path.touch, (pathlib.Path(self.marker),))
+
+
+@pytest.mark.parametrize("how", ["torch.save", "raw pickle"])
+def test_pickle_payload_in_weights_is_refused(bundle, tmp_path, how):
+    marker = tmp_path / "pwned"
+    parts = entries(bundle)
+    if how == "torch.save":
+        buf = io.BytesIO()
+        torch.save({"net.x": _Touch(marker)}, buf)
+        parts["weights.pt"] = buf.getvalue()
+    else:
+        parts["weights.pt"] = pickle.dumps({"net.x": _Touch(marker)}, protocol=2)
+    write_bundle(bundle, parts)  # a forger gets the checksums right
+    with pytest.raises(FileFormatError, match="refused"):
+        load(bundle)
+    assert not marker.exists()
+
+
+def test_truncated_bundle(bundle):
+    data = bundle.read_bytes()
+    bundle.write_bytes(data[: len(data) // 2])
+    with pytest.raises(FileFormatError, match="truncated or corrupted"):
+        load(bundle)
+
+
+def test_flipped_bytes_are_detected(bundle):
+    parts = entries(bundle)
+    w = bytearray(parts["weights.pt"])
+    w[len(w) // 2] ^= 0xFF
+    parts["weights.pt"] = bytes(w)
+    write_bundle(bundle, parts, fix_checksums=False)
+    with pytest.raises(FileFormatError, match="does not match its checksum"):
+        load(bundle)
+
+
+def test_edited_shape_names_the_tensor(bundle):
+    parts = entries(bundle)
+    desc = yaml.safe_load(parts["model.yaml"])
+    conv = next(m for m in desc["modules"] if m["class"] == "Conv2d")
+    conv["args"]["out_channels"] += 1
+    parts["model.yaml"] = yaml.safe_dump(desc, sort_keys=False).encode()
+    write_bundle(bundle, parts)
+    with pytest.raises(FileFormatError, match=rf"{conv['name']}\.weight.*shape"):
+        load(bundle)
+
+
+def test_weights_from_another_model(bundle, tmp_path):
+    other = tmp_path / "other.automtl"
+    save(random_model(seed=2), other)
+    parts = entries(bundle)
+    parts["weights.pt"] = entries(other)["weights.pt"]
+    write_bundle(bundle, parts, fix_checksums=False)
+    with pytest.raises(FileFormatError, match="checksum"):
+        load(bundle)
+    write_bundle(bundle, parts)
+    with pytest.raises(FileFormatError, match="another model"):
+        load(bundle)
+
+
+def test_not_a_zip_missing_file_and_missing_entry(tmp_path, bundle):
+    junk = tmp_path / "junk.automtl"
+    junk.write_text("this is not a model\n")
+    with pytest.raises(FileFormatError, match="not a valid .automtl bundle"):
+        load(junk)
+    with pytest.raises(FileFormatError, match="does not exist"):
+        load(tmp_path / "nope.automtl")
+    with pytest.raises(FileFormatError, match="directory"):
+        load(tmp_path)
+    parts = entries(bundle)
+    del parts["weights.pt"]
+    write_bundle(bundle, parts, fix_checksums=False)
+    with pytest.raises(FileFormatError, match="no weights.pt entry"):
+        load(bundle)
+
+
+def _edit(bundle, change):
+    parts = entries(bundle)
+    desc = yaml.safe_load(parts["model.yaml"])
+    change(desc)
+    parts["model.yaml"] = yaml.safe_dump(desc, sort_keys=False).encode()
+    write_bundle(bundle, parts)
+
+
+def _first(desc, op):
+    return next(n for n in desc["nodes"] if n["op"] == op)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda d: d.update(automtl_bundle=99), "newer than this automtl reads"),
+    (lambda d: _first(d, "call_function").update(target="os.system"), "not on automtl's allowlist"),
+    (lambda d: _first(d, "call_function").update(target="torch.load"), "not on automtl's allowlist"),
+    (lambda d: _first(d, "call_function").update(target="builtins.eval"), "not on automtl's allowlist"),
+    (lambda d: d["modules"][0].update({"class": "Evil"}), "not a torch.nn module"),
+    (lambda d: _first(d, "call_method").update(target="__reduce__"), "not a public torch.Tensor method"),
+    (lambda d: _first(d, "placeholder").update(target="x=__import__('os').system('true')"), "invalid input name"),
+    (lambda d: _first(d, "call_module").update(args=[{"$node": "later"}]), "before it is defined"),
+], ids=["newer-format", "os.system", "torch.load", "builtins.eval", "class-not-in-torch.nn", "private-method",
+        "code-in-input-name", "forward-reference"])
+def test_hostile_or_edited_descriptions_are_refused(bundle, change, message):
+    _edit(bundle, change)
+    with pytest.raises(FileFormatError, match=message):
+        load(bundle)
+
+
+# ---------------------------------------------------------------------------------------
+# .pt2 and ONNX
+# ---------------------------------------------------------------------------------------
+_PLAIN_TORCH = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, sys.argv[1])
+    try:
+        import automtl
+    except ImportError:
+        pass
+    else:
+        raise SystemExit("automtl must not be importable here")
+    import torch
+    program = torch.export.load(sys.argv[2])
+    inputs = torch.load(sys.argv[3], weights_only=True)
+    out = {}
+    for key, x in inputs.items():
+        for task, y in program.module()(x).items():
+            out[f"{key}/{task}"] = y
+    torch.save(out, sys.argv[4])
+""")
+
+
+def test_pt2_runs_with_plain_torch_any_batch(tmp_path):
+    model = random_model(seed=4)
+    export(model, tmp_path / "model.pt2")
+    xs = {f"b{b}": torch.randn(b, 3, SIZE, SIZE) for b in (1, 2, 5)}
+    torch.save(xs, tmp_path / "inputs.pt")
+    torch_parent = os.path.dirname(os.path.dirname(torch.__file__))
+    script = tmp_path / "run.py"
+    script.write_text(_PLAIN_TORCH)
+    # -I -S: no user site, no .pth files (so no editable automtl finder), no cwd on sys.path
+    proc = subprocess.run([sys.executable, "-I", "-S", str(script), torch_parent, str(tmp_path / "model.pt2"),
+                           str(tmp_path / "inputs.pt"), str(tmp_path / "out.pt")],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = torch.load(tmp_path / "out.pt", weights_only=True)
+    for key, x in xs.items():
+        want = outputs(model, x)
+        for task in model.task_names:
+            assert torch.allclose(got[f"{key}/{task}"], want[task], atol=1e-5, rtol=1e-5), (key, task)
+    assert model.training is False  # export put it in eval and left it there
+
+
+class DataDependentHead(nn.Module):
+    def __init__(self, channels):
+        super().__init__()
+        self.fc = nn.Linear(channels, 2)
+
+    def forward(self, x):
+        if x.sum() > 0:  # Python control flow on a value: torch.export cannot trace it
+            x = x * 2
+        return self.fc(x.mean((2, 3)))
+
+
+def test_export_failure_names_the_op(tmp_path):
+    sm = supermodel("tiny", [_custom_task(DataDependentHead(32))], torch.randn(1, 3, SIZE, SIZE)).eval()
+    model = compact(sm, Policy.uniform(sm.layer_names, sm.task_names, "share"))
+    model.train()
+    with pytest.raises(AutomtlError, match=r"torch.export cannot export .*heads.custom"):
+        export(model, tmp_path / "m.pt2")
+    assert not (tmp_path / "m.pt2").exists()
+    assert model.training and model.graph_module.training  # its mode is restored
+
+
+def test_onnx_matches_onnxruntime(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    model = random_model(seed=5)
+    export_onnx(model, tmp_path / "model.onnx")
+    session = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == model.task_names
+    for b in (1, 3):
+        x = torch.randn(b, 3, SIZE, SIZE)
+        got = session.run(None, {"input": x.numpy()})
+        want = outputs(model, x)
+        for y, task in zip(got, model.task_names):
+            assert torch.allclose(torch.from_numpy(y), want[task], atol=1e-4, rtol=1e-4), (b, task)
+
+
+def test_onnx_without_the_extra_says_how_to_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnx", None)  # import onnx now raises ImportError
+    with pytest.raises(AutomtlError, match=r"pip install 'automtl\[onnx\]'"):
+        export_onnx(random_model(), tmp_path / "model.onnx")
+
+
+# ---------------------------------------------------------------------------------------
+# accounting
+# ---------------------------------------------------------------------------------------
+def _hand_macs_of_tiny_backbone(size):
+    """MACs per sample of TinyCNN(16) from its layer list, by hand (no hooks, no automtl)."""
+    s2, s4 = size // 2, size // 4
+    return (s2 * s2 * 16 * 3 * 9            # stem 3->16, stride 2
+            + 2 * s2 * s2 * 16 * 16 * 9     # block1: two 16->16 3x3
+            + s4 * s4 * 32 * 16 * 9         # block2_conv1 16->32, stride 2
+            + s4 * s4 * 32 * 32 * 9         # block2_conv2
+            + s4 * s4 * 32 * 16 * 1         # block2_down 1x1
+            + s4 * s4 * 32 * 32 * 9)        # head conv
+
+
+def _hooked_macs(module, x):
+    """An independent count: forward hooks on the original backbone's convs."""
+    total = [0]
+
+    def hook(m, inp, out):
+        total[0] += out[0].numel() * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
+
+    hs = [m.register_forward_hook(hook) for m in module.modules() if isinstance(m, nn.Conv2d)]
+    with torch.no_grad():
+        module.eval()(x)
+    for h in hs:
+        h.remove()
+    return total[0]
+
+
+def test_all_share_macs_are_backbone_plus_heads():
+    sm = built("tiny")
+    share = compact(sm, Policy.uniform(sm.layer_names, sm.task_names, "share"))
+    backbone = _hand_macs_of_tiny_backbone(SIZE)
+    assert backbone == _hooked_macs(build_backbone("tiny"), torch.randn(1, 3, SIZE, SIZE))
+    f = SIZE // 4
+    dense_head = lambda classes: f * f * (32 * 32 + 32 * 32 * 9 + classes * 32)  # noqa: E731
+    heads = dense_head(4) + dense_head(1) + 32 * 5
+    stats = model_stats(share, (2, 3, SIZE, SIZE), repeats=1)
+    assert stats["macs"] == backbone + heads
+    assert stats["parameters"] == share.num_parameters()
+    assert stats["latency_s"] > 0 and stats["tasks"] == sm.task_names
+    # one task: the backbone and that head
+    assert model_stats(share, (1, 3, SIZE, SIZE), tasks=["label"], repeats=1)["macs"] == backbone + 32 * 5
+    # the supermodel's own estimate agrees
+    assert sm.policy_mac_count(share.policy) == stats["macs"]
+    # MACs are per sample
+    assert count_macs(share, torch.randn(4, 3, SIZE, SIZE)) == stats["macs"]
+
+
+def test_compare_ratios_are_sane():
+    sm = built("tiny")
+    T = len(sm.task_names)
+    spec = compact(sm, Policy.uniform(sm.layer_names, sm.task_names, "specialize"))
+    share = compact(sm, Policy.uniform(sm.layer_names, sm.task_names, "share"))
+    mode_before, rng_before = sm.mode, torch.get_rng_state()
+    c = compare(sm, spec, (2, 3, SIZE, SIZE), repeats=1)
+    assert sm.mode == mode_before and torch.equal(torch.get_rng_state(), rng_before)
+    # all-specialize is exactly T single-task models, parameters and MACs
+    assert c["compact"]["parameters"] == c["separate"]["parameters"]
+    assert c["compact"]["macs"] == c["separate"]["macs"]
+    assert 0.75 * T < c["compact"]["parameters"] / c["backbone"]["parameters"] <= T
+    assert c["supermodel"]["parameters"] > c["compact"]["parameters"]
+    assert c["supermodel"]["macs"] > c["compact"]["macs"]
+    assert c["flop_bound_s"] > 0 and all(v > 0 for v in c["ratios"].values())
+    c = compare(sm, share, (2, 3, SIZE, SIZE), repeats=1)
+    assert 1 <= c["ratios"]["macs_vs_backbone"] < 2
+    assert c["ratios"]["parameters_vs_separate"] < 0.5
+    text = format_inspect(c, share.policy)
+    assert "3 single-task models" in text and "FLOP bound" in text
+
+
+def test_format_inspect_and_inspect_text(bundle):
+    model = load(bundle)
+    stats = model_stats(model, (1, 3, SIZE, SIZE), repeats=1)
+    text = format_inspect(stats, model.policy)
+    for layer in model.policy.layers:
+        assert layer in text
+    for task in model.task_names:
+        assert task in text
+    assert "S = share" in text and "P = specialize" in text and "- = skip" in text
+    row = next(line for line in text.splitlines() if line.startswith(model.policy.layers[0]))
+    letters = row.split()[1:]
+    assert letters == [{"share": "S", "specialize": "P", "skip": "-"}[c] for c in model.policy.to_dict()["layers"][model.policy.layers[0]].values()]
+    full = inspect_text(bundle, repeats=1)
+    assert "segment: segmentation, 4 classes" in full and "S = share" in full and "parameters" in full
