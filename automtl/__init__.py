@@ -2,13 +2,17 @@
 
 Any single-task PyTorch CNN in; a compact multi-task model out. The pipeline, one module a step:
 ``capture`` (torch.fx trace) -> ``supermodel`` (policy layers) -> ``search`` (train the policy)
--> ``compact`` (cross-task CSE) -> ``export`` / ``render``.
+-> ``compact`` (cross-task CSE) -> ``export`` (files) / ``render`` (graphviz).
 """
 from .backbones import build_backbone, list_backbones, load_weights
 from .capture import Capture, capture
 from .compact import CompactModel, compact
+from .config import SearchConfig
 from .errors import AutomtlError, BackboneError, ConfigError, DataError, FileFormatError
+from .export import export, export_onnx, load, save
 from .policy import Policy
+from .render import render
+from .search import SearchResult, evaluate, search
 from .supermodel import SuperModel, supermodel
 from .tasks import Task
 
@@ -16,6 +20,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AutomtlError", "BackboneError", "Capture", "CompactModel", "ConfigError", "DataError", "FileFormatError",
-    "Policy", "SuperModel", "Task", "build_backbone", "capture", "compact", "list_backbones", "load_weights",
+    "Policy", "SearchConfig", "SearchResult", "SuperModel", "Task", "build_backbone", "capture", "compact",
+    "evaluate", "export", "export_onnx", "list_backbones", "load", "load_weights", "render", "save", "search",
     "supermodel",
 ]

@@ -98,6 +98,10 @@ class PolicyLayer(nn.Module):
 
     def _forward_hard(self, x: torch.Tensor, shared_input: bool) -> torch.Tensor:
         T = self.num_tasks
+        if not shared_input and self.choices[0] != SPECIALIZE and all(c == self.choices[0] for c in self.choices):
+            # every task runs the same operator: one call on the folded batch, no gather/scatter copies
+            y = (self.shared if self.choices[0] == SHARE else self.skip)(x)
+            return y.clone() if y is x else y  # an identity skip must not alias its input (in-place ops follow)
         xs = [x] * T if shared_input else list(x.chunk(T))
         outs: list = [None] * T
         for choice, op in ((SHARE, self.shared), (SKIP, self.skip)):
@@ -109,7 +113,12 @@ class PolicyLayer(nn.Module):
                 for t in users:
                     outs[t] = y
             else:
-                ys = op(torch.cat([xs[t] for t in users])).chunk(len(users))
+                if users[-1] - users[0] == len(users) - 1:  # consecutive tasks: their rows are a view
+                    b = x.shape[0] // T
+                    inp = x.narrow(0, users[0] * b, len(users) * b)
+                else:
+                    inp = torch.cat([xs[t] for t in users])
+                ys = op(inp).chunk(len(users))
                 for t, y in zip(users, ys):
                     outs[t] = y
         for t in range(T):

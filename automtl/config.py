@@ -1,0 +1,240 @@
+"""The search configuration: one dataclass, loadable from YAML, that fixes a whole run.
+
+Every field that changes what a search computes is here, so that a config file plus a seed
+reproduce a run (and a resumed run can check that it continues the same one).
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional, Union
+
+import yaml
+
+from .errors import ConfigError
+
+__all__ = ["SearchConfig", "parse_budget"]
+
+_BUDGET = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*[xX×]?\s*$")
+
+
+def parse_budget(value: Union[str, float, int, None]) -> Optional[float]:
+    """A resource budget as a multiple of the single backbone + heads: ``"1.5x"``, ``1.5`` or ``"2"``.
+
+    ``None``, ``"none"`` and ``"inf"`` mean no budget (the resource term is off).
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise ConfigError(f"budget {value!r} is not a multiple; write it like '1.5x' or 1.5")
+    if isinstance(value, (int, float)):
+        mult = float(value)
+    elif isinstance(value, str):
+        text = value.strip().lower()
+        if text in ("none", "inf", "infinite", "off", ""):
+            return None
+        m = _BUDGET.match(text)
+        if not m:
+            raise ConfigError(
+                f"budget {value!r} is not a multiple of the single model; write it like '1.5x' (or 1.5)"
+            )
+        mult = float(m.group(1))
+    else:
+        raise ConfigError(f"budget {value!r} is not a multiple; write it like '1.5x' or 1.5")
+    if math.isinf(mult):
+        return None
+    if not (mult > 0) or math.isnan(mult):
+        raise ConfigError(f"budget {value!r} must be a positive multiple of the single model, such as '1.5x'")
+    return mult
+
+
+_CHOICES = {
+    "device": ("auto", "cpu", "cuda"),
+    "weight_optimizer": ("adam", "sgd"),
+    "budget_metric": ("params", "macs"),
+    "discretize": ("argmax", "sample"),
+}
+
+
+@dataclass
+class SearchConfig:
+    """How :func:`automtl.search` runs. Step counts are optimizer steps (one batch each).
+
+    Stages: ``warmup_steps`` of all operators under the uniform mix; ``search_steps`` in
+    which every ``weight_steps_per_policy_step`` weight steps are followed by one policy step;
+    discretize; ``finetune_steps`` of the discrete architecture only.
+    """
+
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    amp: bool = False  # bf16 autocast, CUDA only
+    batch_size: int = 8  # only used when a Dataset (not a loader) is passed
+    # stage lengths
+    warmup_steps: int = 500
+    search_steps: int = 1000
+    finetune_steps: int = 1000
+    weight_steps_per_policy_step: int = 4  # AutoMTL: 400 weight / 100 policy steps
+    hard_weight_steps: bool = False  # weight steps of the search run one sampled hard path
+    # weights
+    weight_optimizer: str = "adam"  # adam | sgd
+    lr: float = 1e-3
+    momentum: float = 0.9  # sgd only
+    weight_decay: float = 1e-4
+    finetune_lr: Optional[float] = None  # None: lr
+    grad_clip: Optional[float] = None  # max gradient norm, None: off
+    # policy
+    policy_lr: float = 0.01
+    tau_start: float = 5.0
+    tau_decay: float = 0.965
+    tau_every: int = 100  # policy steps between temperature decays
+    tau_min: float = 0.1
+    reg_weight: float = 0.0005  # depth-weighted regulariser toward sharing
+    budget: Optional[Union[str, float]] = None  # e.g. "1.5x"; None: no resource term
+    budget_metric: str = "params"  # params | macs
+    budget_weight: float = 1.0
+    discretize: str = "argmax"  # argmax | sample
+    # losses
+    weighting: str = "equal"
+    weighting_options: dict = field(default_factory=dict)
+    # files and reporting
+    out_dir: Optional[str] = None  # checkpoints and policy.yaml
+    log_dir: Optional[str] = None  # log.jsonl; None: out_dir
+    log_every: int = 10
+    checkpoint_every: int = 100  # 0: only at the end of each stage
+    val_every: int = 0  # 0: validate at the end only
+    val_batches: Optional[int] = None  # None: the whole validation set
+    resume: bool = False
+    policy_file: Optional[str] = None  # fine-tune this policy only
+    quiet: bool = False
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ---- validation -------------------------------------------------------------
+    def validate(self) -> "SearchConfig":
+        """Check types and ranges; raise ConfigError naming the field."""
+        ints = {
+            "seed": None, "batch_size": 1, "warmup_steps": 0, "search_steps": 0, "finetune_steps": 0,
+            "weight_steps_per_policy_step": 0, "tau_every": 1, "log_every": 1, "checkpoint_every": 0,
+            "val_every": 0,
+        }
+        for name, low in ints.items():
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise ConfigError(f"config field {name!r} must be an integer, got {v!r}")
+            if low is not None and v < low:
+                raise ConfigError(f"config field {name!r} must be at least {low}, got {v}")
+        floats = {
+            "lr": "pos", "momentum": "nonneg", "weight_decay": "nonneg", "policy_lr": "pos", "tau_start": "pos",
+            "tau_decay": "pos", "tau_min": "pos", "reg_weight": "nonneg", "budget_weight": "nonneg",
+        }
+        for name, kind in floats.items():
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ConfigError(f"config field {name!r} must be a finite number, got {v!r}")
+            if (kind == "pos" and v <= 0) or (kind == "nonneg" and v < 0):
+                raise ConfigError(f"config field {name!r} must be {'positive' if kind == 'pos' else 'non-negative'}, got {v}")
+            setattr(self, name, float(v))
+        for name in ("finetune_lr", "grad_clip"):
+            v = getattr(self, name)
+            if v is None:
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 or not math.isfinite(v):
+                raise ConfigError(f"config field {name!r} must be a positive number or null, got {v!r}")
+            setattr(self, name, float(v))
+        if self.val_batches is not None and (isinstance(self.val_batches, bool) or not isinstance(self.val_batches, int) or self.val_batches < 1):
+            raise ConfigError(f"config field 'val_batches' must be a positive integer or null, got {self.val_batches!r}")
+        for name, options in _CHOICES.items():
+            v = getattr(self, name)
+            if not isinstance(v, str) or v.lower() not in options:
+                close = difflib.get_close_matches(str(v).lower(), options, n=1)
+                hint = f"did you mean {close[0]!r}? " if close else ""
+                raise ConfigError(f"config field {name!r} is {v!r}; {hint}choose one of {', '.join(options)}")
+            setattr(self, name, v.lower())
+        for name in ("amp", "hard_weight_steps", "resume", "quiet"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"config field {name!r} must be true or false, got {getattr(self, name)!r}")
+        if not isinstance(self.weighting, str) or not self.weighting:
+            raise ConfigError(f"config field 'weighting' must be a weighting name such as 'equal', got {self.weighting!r}")
+        if self.weighting_options is None:
+            self.weighting_options = {}
+        if not isinstance(self.weighting_options, Mapping):
+            raise ConfigError(f"config field 'weighting_options' must be a mapping, got {self.weighting_options!r}")
+        self.weighting_options = dict(self.weighting_options)
+        for name in ("out_dir", "log_dir", "policy_file"):
+            v = getattr(self, name)
+            if v is not None:
+                if not isinstance(v, (str, os.PathLike)):
+                    raise ConfigError(f"config field {name!r} must be a path, got {v!r}")
+                setattr(self, name, os.fspath(v))
+        parse_budget(self.budget)
+        return self
+
+    @property
+    def budget_multiple(self) -> Optional[float]:
+        """The budget as a float multiple of the single model, or None."""
+        return parse_budget(self.budget)
+
+    # ---- construction -----------------------------------------------------------
+    @classmethod
+    def fields(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def check_keys(cls, keys, where: str = "config") -> None:
+        """Raise ConfigError for a key that is not a field, suggesting the closest one."""
+        known = cls.fields()
+        for key in keys:
+            if key not in known:
+                close = difflib.get_close_matches(str(key), known, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else f"; known keys are {', '.join(known)}"
+                raise ConfigError(f"{where}: unknown key {key!r}{hint}")
+
+    @classmethod
+    def from_dict(cls, data: Optional[Mapping[str, Any]], where: str = "config") -> "SearchConfig":
+        """Build from a mapping; an unknown key is a ConfigError with a did-you-mean."""
+        if data is None:
+            return cls()
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{where} must be a mapping of field: value, got {type(data).__name__}")
+        cls.check_keys(data, where)
+        return cls(**dict(data))
+
+    @classmethod
+    def from_yaml(cls, path: Union[str, os.PathLike]) -> "SearchConfig":
+        """Load a YAML file of field: value pairs; bad YAML is a ConfigError naming the line."""
+        where = f"config file {os.fspath(path)!r}"
+        try:
+            with open(path) as f:
+                text = f.read()
+        except FileNotFoundError:
+            raise ConfigError(f"{where} does not exist; check the path") from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            line = f" at line {mark.line + 1}" if mark is not None else ""
+            problem = getattr(exc, "problem", None)
+            raise ConfigError(f"{where} is not valid YAML{line}" + (f" ({problem})" if problem else "") + "; fix the syntax there") from None
+        return cls.from_dict(data or {}, where)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self, path: Optional[Union[str, os.PathLike]] = None) -> str:
+        """The config as YAML text; written atomically to ``path`` when given."""
+        text = yaml.safe_dump(self.to_dict(), sort_keys=False)
+        if path is not None:
+            from .fileio import atomic_write_text
+
+            atomic_write_text(path, text)
+        return text
+
+    def replace(self, **changes) -> "SearchConfig":
+        """A copy with some fields changed (unknown names are a ConfigError)."""
+        self.check_keys(changes, "search option")
+        return dataclasses.replace(self, **changes)

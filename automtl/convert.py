@@ -1,0 +1,297 @@
+"""The whole pipeline in one call: backbone + tasks + data -> searched, compacted, exported model.
+
+``automtl convert`` is a thin wrapper around :func:`convert`. A :class:`ConvertConfig` fixes a
+run; the resolved config is written next to the results as ``config.yaml`` and can be fed back.
+A supermodel and its policy can also be kept as a *run directory* (``supermodel.yaml`` +
+``supermodel.pt``) so the steps can run one at a time (``automtl search`` / ``compact``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import torch
+import yaml
+
+from .config import SearchConfig
+from .errors import AutomtlError, ConfigError, FileFormatError
+from .fileio import atomic_write_text
+from .policy import Policy
+from .supermodel import SuperModel, supermodel
+from .tasks import Task, parse_task
+
+#: The default run is sized to finish in a few minutes on 2 CPU cores.
+DEFAULT_SCHEDULE = dict(warmup_steps=40, search_steps=80, finetune_steps=60, weight_steps_per_policy_step=2,
+                        batch_size=16, tau_every=10, tau_decay=0.9, log_every=5, checkpoint_every=50,
+                        val_batches=None, budget="1.5x")
+
+OUTPUT_FILES = ("model.automtl", "model.pt2", "policy.yaml", "sharing.svg", "report.json", "config.yaml")
+_SHORTCUTS = ("budget", "device", "seed")  # top-level keys that belong to the search section
+
+
+@dataclass
+class ConvertConfig:
+    """Everything a conversion needs. ``tasks: None`` takes the data set's natural tasks."""
+
+    backbone: str = "resnet18"
+    weights: Optional[str] = None
+    feature_node: Optional[str] = None
+    input_size: int = 64
+    tasks: Optional[list] = None
+    data: str = "synthetic"
+    train_samples: Optional[int] = 512
+    val_samples: Optional[int] = 128
+    search: SearchConfig = field(default_factory=lambda: SearchConfig(**DEFAULT_SCHEDULE))
+
+    def __post_init__(self) -> None:
+        if isinstance(self.search, Mapping):
+            self.search = SearchConfig.from_dict({**DEFAULT_SCHEDULE, **self.search}, "config section 'search'")
+        if not isinstance(self.input_size, int) or isinstance(self.input_size, bool) or self.input_size < 8:
+            raise ConfigError(f"input_size must be an integer of at least 8 pixels, got {self.input_size!r}")
+        for name in ("train_samples", "val_samples"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise ConfigError(f"{name} must be a positive integer or null, got {v!r}")
+        if self.tasks is not None:
+            self.tasks = [_task_dict(t) for t in self.tasks]
+
+    def task_objects(self) -> list[Task]:
+        from .data import default_tasks
+
+        if self.tasks is None:
+            return default_tasks(self.data)
+        return [Task(**t) for t in self.tasks]
+
+    def to_dict(self) -> dict:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "search"}
+        out["tasks"] = [t.describe() for t in self.task_objects()]
+        out["search"] = self.search.to_dict()
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], where: str = "config") -> "ConvertConfig":
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{where} must be a mapping of key: value, got {type(data).__name__}")
+        data = dict(data)
+        search = dict(data.pop("search", None) or {})
+        for key in _SHORTCUTS:
+            if key in data:
+                search[key] = data.pop(key)
+        known = [f.name for f in dataclasses.fields(cls)] + list(_SHORTCUTS)
+        for key in data:
+            if key not in known:
+                close = difflib.get_close_matches(str(key), known + SearchConfig.fields(), n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else f"; known keys are {', '.join(known)}"
+                if close and close[0] in SearchConfig.fields() and close[0] not in known:
+                    hint = f"; did you mean {close[0]!r} (under 'search:')?"
+                raise ConfigError(f"{where}: unknown key {key!r}{hint}")
+        return cls(**data, search=SearchConfig.from_dict({**DEFAULT_SCHEDULE, **search}, f"{where}, section 'search'"))
+
+    @classmethod
+    def from_yaml(cls, path) -> "ConvertConfig":
+        return cls.from_dict(_read_yaml(path, "config file"), f"config file {os.fspath(path)!r}")
+
+
+def _task_dict(t) -> dict:
+    if isinstance(t, Task):
+        return t.describe()
+    if isinstance(t, str):
+        return parse_task(t).describe()
+    if isinstance(t, Mapping):
+        unknown = set(t) - {"name", "kind", "classes", "ignore_index"}
+        if unknown or "name" not in t:
+            raise ConfigError(f"task {dict(t)!r} must have 'name', 'kind' and optionally 'classes' (unknown: {sorted(unknown)})")
+        Task(**t)  # validates
+        return dict(t)
+    raise ConfigError(f"task {t!r} must be a mapping like {{name: depth, kind: depth}} or 'name:kind[:classes]'")
+
+
+def _read_yaml(path, what: str):
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{what} {os.fspath(path)!r} does not exist; check the path") from None
+    except OSError as exc:
+        raise ConfigError(f"{what} {os.fspath(path)!r} cannot be read ({exc.strerror}); check its permissions") from None
+    try:
+        return yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{what} {os.fspath(path)!r} is not valid YAML{line}; fix the syntax there") from None
+
+
+# ---- building -------------------------------------------------------------------------
+def build_supermodel(cfg: ConvertConfig) -> SuperModel:
+    """Backbone (+ weights) and tasks of ``cfg`` turned into a supermodel."""
+    from .backbones import build_backbone, load_weights
+
+    backbone = build_backbone(cfg.backbone)
+    if cfg.weights:
+        load_weights(backbone, cfg.weights)
+    example = torch.randn(1, 3, cfg.input_size, cfg.input_size)
+    return supermodel(backbone, cfg.task_objects(), example, feature_node=cfg.feature_node)
+
+
+def build_data(cfg: ConvertConfig, tasks: Sequence[Task]):
+    """Train and validation datasets of ``cfg``, checked against the tasks."""
+    from .data import check_targets, make_dataset, parse_spec
+
+    name, _ = parse_spec(cfg.data)
+    sized = name in ("synthetic", "multifashion")
+    extra = {"size": cfg.input_size} if name == "synthetic" else {}
+    train = make_dataset(cfg.data, "train", **({"n": cfg.train_samples} if sized and cfg.train_samples else {}), **extra)
+    val = make_dataset(cfg.data, "val", **({"n": cfg.val_samples} if sized and cfg.val_samples else {}), **extra)
+    check_targets(train, tasks)
+    return train, val
+
+
+# ---- run directories --------------------------------------------------------------------
+def save_run(sm: SuperModel, cfg: ConvertConfig, directory, policy: Optional[Policy] = None) -> None:
+    """Keep a supermodel as ``supermodel.yaml`` (how to rebuild it) + ``supermodel.pt`` (tensors)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    from .fileio import atomic_path
+
+    with atomic_path(directory / "supermodel.pt") as tmp:
+        torch.save(sm.state_dict(), tmp)
+    atomic_write_text(directory / "supermodel.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    if policy is not None:
+        policy.save(directory / "policy.yaml")
+
+
+def load_run(directory) -> tuple[SuperModel, ConvertConfig, Optional[Policy]]:
+    """Rebuild the supermodel of a run directory written by :func:`save_run`."""
+    directory = Path(directory)
+    spec = directory / "supermodel.yaml"
+    if not spec.exists():
+        raise FileFormatError(f"{os.fspath(directory)!r} is not an automtl run directory (no supermodel.yaml); run automtl search first")
+    cfg = ConvertConfig.from_dict(_read_yaml(spec, "run file"), f"run file {os.fspath(spec)!r}")
+    cfg.weights = None  # the trained weights come from supermodel.pt
+    sm = supermodel_from_state(build_supermodel(cfg), directory / "supermodel.pt")
+    pol_path = directory / "policy.yaml"
+    return sm, cfg, Policy.load(pol_path) if pol_path.exists() else None
+
+
+def supermodel_from_state(sm: SuperModel, path) -> SuperModel:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileFormatError(f"weights file {os.fspath(path)!r} is missing; run automtl search again") from None
+    except Exception as exc:
+        raise FileFormatError(f"weights file {os.fspath(path)!r} is unreadable or not tensors only ({type(exc).__name__}); run automtl search again") from None
+    try:
+        sm.load_state_dict(state)
+    except RuntimeError as exc:
+        raise FileFormatError(f"weights file {os.fspath(path)!r} does not fit its supermodel.yaml ({str(exc).splitlines()[0]}); keep the two files together") from None
+    return sm
+
+
+# ---- the whole pipeline -------------------------------------------------------------------
+def prepare_out_dir(out) -> Path:
+    """Create ``out`` (or check it) and make sure we can write there, before any long work."""
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".automtl-write-check-"):
+            pass
+    except OSError as exc:
+        raise AutomtlError(f"output directory {os.fspath(out)!r} is not writable ({exc.strerror}); choose another --out") from None
+    return out
+
+
+def convert(cfg: ConvertConfig, out, resume: bool = False, quiet: bool = False,
+            log: Callable[[str], None] = lambda msg: None) -> dict:
+    """Run capture -> supermodel -> search -> compact -> save/export/render; return the report.
+
+    The six result files appear in ``out`` only when the whole run succeeded (each is staged in
+    a temporary directory and moved in at the end); search checkpoints live in ``out/checkpoints``
+    so that ``resume=True`` continues a killed run.
+    """
+    from .compact import compact
+    from .export import export, save
+    from .render import render
+    from .report import compare
+    from .search import search
+
+    out = prepare_out_dir(out)
+    started = time.time()
+    log(f"building the supermodel of {cfg.backbone} for tasks {', '.join(t.name for t in cfg.task_objects())}")
+    torch.manual_seed(cfg.search.seed)  # heads and skip projections start from the run's seed
+    sm = build_supermodel(cfg)
+    train, val = build_data(cfg, sm.tasks)
+    # The budget must be reachable: the smallest model any policy can compile to is all-share/skip.
+    _check_budget(sm, cfg.search)
+    search_cfg = cfg.search.replace(out_dir=str(out / "checkpoints"), resume=resume or cfg.search.resume,
+                                    quiet=quiet or cfg.search.quiet)
+    log(f"searching: {search_cfg.warmup_steps} warm-up, {search_cfg.search_steps} search and "
+        f"{search_cfg.finetune_steps} fine-tune steps on {cfg.data}")
+    t0 = time.time()
+    result = search(sm, train, val, search_cfg)
+    search_seconds = time.time() - t0
+    log("compacting, exporting and rendering")
+    model = compact(sm, result.policy).eval()
+    size = (1, 3, cfg.input_size, cfg.input_size)
+    stats = compare(sm, model, (8, 3, cfg.input_size, cfg.input_size), repeats=5)
+    report = {
+        "automtl": _version(),
+        "config": cfg.to_dict(),
+        "policy": {"counts": result.policy.counts()},
+        "metrics": result.metrics,
+        "accounting": stats,
+        "budget": {"multiple": cfg.search.budget_multiple, "params": result.params, "budget_params": result.budget_params},
+        "search_seconds": round(search_seconds, 2),
+        "total_seconds": None,
+    }
+    stage = Path(tempfile.mkdtemp(prefix=".automtl-stage-", dir=out))
+    try:
+        save(model, stage / "model.automtl")
+        export(model, stage / "model.pt2", example_input=torch.randn(*size))
+        result.policy.save(stage / "policy.yaml")
+        render(model, stage / "sharing.svg")
+        (stage / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        report["total_seconds"] = round(time.time() - started, 2)
+        (stage / "report.json").write_text(json.dumps(report, indent=2, default=_jsonable) + "\n")
+        for name in OUTPUT_FILES:
+            os.replace(stage / name, out / name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return report
+
+
+def _check_budget(sm: SuperModel, cfg: SearchConfig) -> None:
+    mult = cfg.budget_multiple
+    if mult is None:
+        return
+    share = Policy.uniform(sm.layer_names, sm.task_names, "share")
+    single = sm.policy_parameter_count(share)
+    rows = [[2 if legal and info.skip_params < info.unit_params else 0] * sm.num_tasks
+            for legal, info in zip(sm.skip_legal, sm.layer_info)]
+    smallest = sm.policy_parameter_count(Policy(sm.layer_names, sm.task_names, rows))
+    if mult * single < smallest:
+        raise ConfigError(
+            f"budget {cfg.budget} ({mult * single:,.0f} parameters) is below what any policy can reach "
+            f"({smallest:,} parameters, {smallest / single:.2f}x); raise --budget"
+        )
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def _jsonable(obj):
+    if isinstance(obj, (Path,)):
+        return os.fspath(obj)
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    return str(obj)

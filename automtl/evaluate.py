@@ -1,0 +1,30 @@
+"""Evaluate a model (supermodel or compact) on a builtin data set: per-task metrics."""
+from __future__ import annotations
+
+from typing import Optional
+
+from .errors import DataError
+
+
+def evaluate_model(model, data: str = "synthetic", split: str = "val", samples: Optional[int] = None,
+                   input_size: int = 64, batch_size: int = 16) -> dict:
+    """``{task: {metric: value}}`` of ``model`` on split ``split`` of data set ``data``."""
+    from torch.utils.data import Subset
+
+    from .data import check_targets, make_dataset, parse_spec
+    from .search import evaluate
+
+    name, _ = parse_spec(data)
+    options = {}
+    if name == "synthetic":
+        options["size"] = input_size
+        if samples:
+            options["n"] = samples
+    dataset = make_dataset(data, split, **options)
+    if samples and name != "synthetic":
+        dataset = Subset(dataset, range(min(samples, len(dataset))))
+    if len(dataset) == 0:
+        raise DataError(f"split {split!r} of data set {data!r} is empty; choose another split")
+    check_targets(dataset, model.tasks)
+    metrics, losses = evaluate(model, dataset, batch_size=batch_size)
+    return {t: {**m, "loss": losses[t]} for t, m in metrics.items()}

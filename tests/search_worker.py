@@ -1,0 +1,55 @@
+"""Child process of tests/test_search.py: a tiny, seeded search whose final state is saved.
+
+Run as ``python search_worker.py '<json args>'`` (or under torch.distributed.run). It is a
+script, not a test module: subprocesses are how the tests kill a run and launch two ranks.
+"""
+import json
+import os
+import sys
+import time
+
+import torch
+
+torch.set_num_threads(1)
+
+from automtl.data import SyntheticScenes, make_loader  # noqa: E402
+from automtl.search import search  # noqa: E402
+from automtl.supermodel import supermodel  # noqa: E402
+
+
+class Slow(torch.utils.data.Dataset):
+    """The same samples, slower: gives a test time to SIGKILL the run mid-way."""
+
+    def __init__(self, data, delay):
+        self.data, self.delay = data, delay
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        time.sleep(self.delay)
+        return self.data[i]
+
+
+def main():
+    args = json.loads(sys.argv[1])
+    torch.manual_seed(0)
+    train = SyntheticScenes(args.get("n_train", 32), size=32, seed=0)
+    tasks = train.tasks
+    if args.get("delay"):
+        train = Slow(train, args["delay"])
+    sm = supermodel("tiny", tasks, torch.randn(1, 3, 32, 32))
+    if os.environ.get("RANK", "0") != "0":
+        # a different initialisation on purpose: the search must start every rank from rank 0's weights
+        torch.manual_seed(123)
+        for p in sm.parameters():
+            p.data.add_(torch.randn_like(p) * 0.1)
+    loader = make_loader(train, args.get("batch_size", 8), shuffle=True, seed=1)
+    result = search(sm, loader, None, args["config"])
+    out = args["result"].format(rank=os.environ.get("RANK", "0"))
+    torch.save({"state": sm.state_dict(), "choices": result.policy.choices,
+                "logits": sm.policy_logits.detach().clone(), "history_len": len(result.history)}, out)
+
+
+if __name__ == "__main__":
+    main()

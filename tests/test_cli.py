@@ -1,0 +1,175 @@
+"""The command line as a user drives it: every command, and every bad input as one clear sentence, exit 2."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from automtl.cli import main
+from automtl.convert import OUTPUT_FILES
+
+SMALL = ["--steps", "2,3,2", "--samples", "16,8", "--input-size", "32", "--quiet"]
+
+
+def run(*args, ok=True):
+    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    if ok:
+        assert result.exit_code == 0, result.output
+    return result
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("convert")
+    run("convert", "tiny", *SMALL, "--out", out)
+    return out
+
+
+def test_backbones_lists_every_builtin_with_counts():
+    out = run("backbones").output
+    assert "resnet34" in out and "21,284,672" in out and "mobilenet_v2" in out
+    rows = json.loads(run("backbones", "--json").output)
+    assert {r["name"]: r["convolutions"] for r in rows}["resnet34"] == 36
+
+
+def test_convert_writes_every_file(converted):
+    assert sorted(p.name for p in converted.iterdir() if p.is_file()) == sorted(OUTPUT_FILES)
+    report = json.loads((converted / "report.json").read_text())
+    assert set(report["metrics"]) == {"segmentation", "depth", "normal"}
+    for key in ("compact", "backbone", "separate", "supermodel"):
+        assert report["accounting"][key]["parameters"] > 0
+    assert report["search_seconds"] > 0
+    assert "<svg" in (converted / "sharing.svg").read_text()
+    assert not [p for p in converted.iterdir() if p.name.startswith(".")], "staging files left behind"
+
+
+def test_the_resolved_config_reruns(converted, tmp_path):
+    again = tmp_path / "again"
+    run("convert", "--config", converted / "config.yaml", "--quiet", "--out", again)
+    assert (again / "policy.yaml").read_text() == (converted / "policy.yaml").read_text()
+
+
+def test_pt2_runs_in_plain_torch(converted):
+    model = torch.export.load(str(converted / "model.pt2")).module()
+    out = model(torch.rand(3, 3, 32, 32))
+    assert out["depth"].shape == (3, 1, 32, 32)
+
+
+def test_json_output(tmp_path):
+    result = run("convert", "tiny", *SMALL, "--json", "--out", tmp_path / "j")
+    assert "metrics" in json.loads(result.output)
+
+
+def test_steps_one_at_a_time(tmp_path, converted):
+    run_dir = tmp_path / "run"
+    run("search", "tiny", *SMALL, "--out", run_dir)
+    assert {"supermodel.yaml", "supermodel.pt", "policy.yaml", "metrics.json"} <= {p.name for p in run_dir.iterdir()}
+    model = tmp_path / "m.automtl"
+    run("compact", run_dir, "--out", model, "--quiet")
+    run("compact", run_dir, "--policy", run_dir / "policy.yaml", "--finetune-steps", "2", "--out", model, "--quiet")
+    run("export", model, tmp_path / "m.pt2")
+    assert (tmp_path / "m.pt2").stat().st_size > 0
+    run("render", model, tmp_path / "m.png")
+    run("render", run_dir / "policy.yaml", tmp_path / "grid.svg")
+    text = run("inspect", model).output
+    assert "parameters" in text.lower() and "layer" in text.lower()
+    metrics = json.loads(run("eval", model, "--samples", "8", "--input-size", "32", "--json").output)
+    assert set(metrics) == {"segmentation", "depth", "normal"}
+    out = run("supermodel", "mobilenet_v2", "--task", "seg:segmentation:13").output
+    assert "policy layers: 52" in out
+
+
+@pytest.mark.parametrize("command", ["convert", "search", "compact", "export", "render", "inspect", "eval",
+                                     "backbones", "supermodel"])
+def test_every_help_has_an_example(command):
+    assert "Example: automtl" in run(command, "--help").output
+
+
+def bad(*args):
+    """Run a command that must fail on user input: exit 2 and one sentence, no traceback."""
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    assert result.exit_code == 2, (result.exit_code, result.output)
+    assert "Traceback" not in result.output
+    assert not isinstance(result.exception, Exception) or isinstance(result.exception, SystemExit)
+    return result.output
+
+
+def test_unknown_backbone(tmp_path):
+    out = bad("convert", "resnet35", *SMALL, "--out", tmp_path / "o")
+    assert "resnet35" in out and "did you mean" in out
+    assert not (tmp_path / "o" / "model.automtl").exists()
+
+
+def test_malformed_task(tmp_path):
+    assert "name:kind" in bad("convert", "tiny", "--task", "depth", *SMALL, "--out", tmp_path)
+    assert "unknown kind" in bad("convert", "tiny", "--task", "d:dept", *SMALL, "--out", tmp_path)
+
+
+def test_bad_yaml_names_its_line(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("backbone: tiny\ntasks: [a\nseed: 1\n")
+    assert "line" in bad("convert", "--config", cfg, "--out", tmp_path / "o")
+
+
+def test_unknown_config_key_suggests(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("backbone: tiny\nwarmup_step: 3\n")
+    assert "did you mean 'warmup_steps'" in bad("convert", "--config", cfg, "--out", tmp_path / "o")
+    cfg.write_text("backbone: tiny\nsearch:\n  budjet: 2x\n")
+    assert "did you mean 'budget'" in bad("convert", "--config", cfg, "--out", tmp_path / "o")
+
+
+def test_missing_data_path(tmp_path):
+    out = bad("convert", "tiny", "--data", f"nyuv2:{tmp_path / 'nope'}", *SMALL, "--out", tmp_path / "o")
+    assert "nope" in out
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root can write anywhere")
+def test_output_dir_not_writable(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    assert "not writable" in bad("convert", "tiny", *SMALL, "--out", locked / "o")
+
+
+def test_output_dir_that_is_a_file_or_under_one(tmp_path):
+    f = tmp_path / "file"
+    f.write_text("x")
+    assert "is a file" in bad("convert", "tiny", *SMALL, "--out", f)
+    assert "not writable" in bad("convert", "tiny", *SMALL, "--out", f / "sub")
+
+
+def test_budget_below_any_policy(tmp_path):
+    out = bad("convert", "tiny", *SMALL, "--budget", "0.1x", "--out", tmp_path / "o")
+    assert "below what any policy can reach" in out
+    assert not any((tmp_path / "o").glob("*.automtl"))
+
+
+def test_bad_steps_and_samples(tmp_path):
+    assert "WARMUP,SEARCH,FINETUNE" in bad("convert", "tiny", "--steps", "1,2", "--out", tmp_path)
+    assert "TRAIN,VAL" in bad("convert", "tiny", "--samples", "x", "--out", tmp_path)
+
+
+def test_file_errors(tmp_path):
+    assert "does not exist" in bad("inspect", tmp_path / "missing.automtl")
+    junk = tmp_path / "junk.automtl"
+    junk.write_bytes(b"not a zip")
+    bad("export", junk, tmp_path / "x.pt2")
+    assert "supermodel.yaml" in bad("compact", tmp_path)
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    result = CliRunner().invoke(main, ["--debug", "convert", "resnet35", "--out", str(tmp_path)])
+    assert result.exit_code != 0 and result.exception is not None and not isinstance(result.exception, SystemExit)
+
+
+def test_console_script_exit_code(tmp_path):
+    exe = Path(sys.executable).parent / "automtl"
+    proc = subprocess.run([str(exe), "convert", "resnet35", "--out", str(tmp_path)], capture_output=True, text=True)
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and proc.stderr.endswith(errors[0] + "\n") and "Traceback" not in proc.stderr

@@ -1,0 +1,296 @@
+"""The search: stages end to end, a policy fed back, exact resume after SIGKILL, NaN stops,
+the config, and two DDP ranks agreeing on the policy."""
+import copy
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from automtl.data import SyntheticScenes, make_loader
+from automtl.errors import AutomtlError, ConfigError
+from automtl.policy import Policy
+from automtl.search import SearchConfig, evaluate, parse_budget, search
+from automtl.supermodel import supermodel
+from automtl.tasks import Task
+
+WORKER = Path(__file__).with_name("search_worker.py")
+SIZE = 32
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: tiny ops gain nothing from two, and a busy machine punishes spinning."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def data():
+    train = SyntheticScenes(64, size=SIZE, seed=0)
+    val = SyntheticScenes(32, size=SIZE, seed=1, split="val")
+    return train, val
+
+
+def fresh(tasks, seed=0):
+    torch.manual_seed(seed)
+    return supermodel("tiny", tasks, torch.randn(1, 3, SIZE, SIZE))
+
+
+def better(after, before):
+    """Every task's headline metric improved."""
+    return (after["segmentation"]["miou"] > before["segmentation"]["miou"]
+            and after["depth"]["abs_err"] < before["depth"]["abs_err"]
+            and after["normal"]["mean_angle"] < before["normal"]["mean_angle"])
+
+
+def test_search_runs_all_stages_and_learns(data, tmp_path):
+    train, val = data
+    sm = fresh(train.tasks)
+    untrained = copy.deepcopy(sm)
+    cfg = SearchConfig(warmup_steps=24, search_steps=40, finetune_steps=24, budget="2x", policy_lr=0.05,
+                       tau_every=2, log_every=4, checkpoint_every=16, out_dir=str(tmp_path), quiet=True)
+    res = search(sm, make_loader(train, 8, shuffle=True), make_loader(val, 16), cfg)
+
+    assert isinstance(res.policy, Policy) and res.policy.tasks == sm.task_names
+    counts = res.policy.counts()
+    assert sum(1 for c in counts.values() if c) >= 2, counts  # neither all-share nor all-specialize
+    assert sm.policy_logits.detach().abs().max() > 0.01  # the policy moved from its zero start
+    stages = {h["stage"] for h in res.history}
+    assert stages == {"warmup", "search", "finetune", "val"}
+    assert any(h.get("kind") == "policy" and "resource" in h for h in res.history)
+    taus = [h["tau"] for h in res.history if h["stage"] == "search"]
+    assert taus[0] == 5.0 and taus[-1] < taus[0]  # annealed
+    # budget accounting
+    assert res.base_params == sm.policy_parameter_count(Policy.uniform(sm.layer_names, sm.task_names, "share"))
+    assert res.budget == 2.0 and res.budget_params == 2.0 * res.base_params
+    assert res.params == sm.policy_parameter_count(res.policy)
+    # better than the untrained model under the same policy
+    untrained.hard(res.policy)
+    before, _ = evaluate(untrained, make_loader(val, 16))
+    assert better(res.metrics, before), (res.metrics, before)
+    assert set(res.losses) == set(sm.task_names)
+    # files: a JSONL line per logged step, the checkpoint and the policy
+    lines = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert len(lines) == len(res.history)
+    assert {"stage", "step", "losses", "total", "lr", "time"} <= set(lines[0])
+    assert Policy.load(tmp_path / "policy.yaml") == res.policy
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert ckpt["global_step"] == 88
+
+
+def test_policy_fed_back_fine_tunes_only(data, tmp_path):
+    train, val = data
+    sm = fresh(train.tasks)
+    policy = Policy.random(sm.layer_names, sm.task_names, sm.skip_legal, seed=3)
+    path = tmp_path / "policy.yaml"
+    policy.save(path)
+    text = path.read_text().replace("skip", "share", 1)  # a hand edit
+    path.write_text(text)
+    edited = Policy.load(path)
+    res = search(sm, make_loader(train, 8, shuffle=True), make_loader(val, 16),
+                 dict(finetune_steps=6, policy_file=str(path), quiet=True))
+    assert res.policy == edited
+    assert res.stages == ["finetune"]
+    assert {h["stage"] for h in res.history} == {"finetune", "val"}
+    assert sm.mode == "hard"
+    # the same through policy=
+    res2 = search(fresh(train.tasks), make_loader(train, 8), None, dict(finetune_steps=2, quiet=True), policy=edited)
+    assert res2.stages == ["finetune"] and res2.metrics == {}
+
+
+def _worker(args, **kw):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    return subprocess.Popen([sys.executable, str(WORKER), json.dumps(args)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kw)
+
+
+def test_killed_run_resumes_bitwise(tmp_path):
+    config = dict(warmup_steps=6, search_steps=10, finetune_steps=6, weight_steps_per_policy_step=1,
+                  checkpoint_every=4, tau_every=1, budget="1.5x", weighting="dwa", weighting_options={"window": 3},
+                  quiet=True, seed=7)
+    straight = _worker({"config": {**config, "out_dir": str(tmp_path / "a")}, "result": str(tmp_path / "a.pt")})
+    killed_dir = tmp_path / "b"
+    ckpt = killed_dir / "checkpoint.pt"
+    victim = _worker({"config": {**config, "out_dir": str(killed_dir)}, "result": str(tmp_path / "never.pt"),
+                      "delay": 0.03})
+    deadline = time.time() + 60
+    while not ckpt.exists():
+        assert victim.poll() is None, victim.stdout.read().decode()
+        assert time.time() < deadline, "no checkpoint was written"
+        time.sleep(0.01)
+    victim.send_signal(signal.SIGKILL)
+    assert victim.wait() == -signal.SIGKILL
+    step = torch.load(ckpt, weights_only=True)["global_step"]
+    assert 0 < step < 22 and not (tmp_path / "never.pt").exists()
+
+    resumed = _worker({"config": {**config, "out_dir": str(killed_dir), "resume": True}, "result": str(tmp_path / "b.pt")})
+    for p in (straight, resumed):
+        out = p.communicate(timeout=120)[0].decode()
+        assert p.returncode == 0, out
+    a = torch.load(tmp_path / "a.pt", weights_only=True)
+    b = torch.load(tmp_path / "b.pt", weights_only=True)
+    assert a["choices"] == b["choices"]
+    assert torch.equal(a["logits"], b["logits"])
+    assert a["state"].keys() == b["state"].keys()
+    for k in a["state"]:
+        assert torch.equal(a["state"][k], b["state"][k]), k
+    assert a["history_len"] == b["history_len"]
+    steps = [json.loads(x)["step"] for x in (killed_dir / "log.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps) and len(steps) == len(set(steps))  # no duplicate lines after the resume
+
+
+class NanAt:
+    """A depth loss that turns NaN on its ``k``-th call."""
+
+    def __init__(self, k):
+        from automtl.losses import DepthLoss
+
+        self.k, self.calls, self.inner = k, 0, DepthLoss()
+
+    def __call__(self, pred, target):
+        self.calls += 1
+        loss = self.inner(pred, target)
+        return loss * float("nan") if self.calls == self.k else loss
+
+
+def test_nan_loss_stops_with_task_and_step(data, tmp_path):
+    train, _ = data
+    tasks = [Task("segmentation", "segmentation", classes=4), Task("depth", "depth", loss=NanAt(13)), Task("normal", "normal")]
+    sm = fresh(tasks)
+    cfg = SearchConfig(warmup_steps=8, search_steps=10, finetune_steps=4, checkpoint_every=5, out_dir=str(tmp_path), quiet=True)
+    with pytest.raises(AutomtlError, match=r"'depth'.*step 13"):
+        search(sm, make_loader(train, 8, shuffle=True), None, cfg)
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert ckpt["global_step"] == 10  # the last good one; none after the bad step
+    fresh(tasks).load_state_dict(ckpt["model"])
+    # and a resume from it runs into the same bad step again (the loss counts its calls afresh)
+    tasks[1].loss.calls = 10
+    with pytest.raises(AutomtlError, match=r"step 13"):
+        search(sm, make_loader(train, 8, shuffle=True), None, cfg.replace(resume=True))
+
+
+def test_missing_task_key_is_all_missing(data):
+    train, _ = data
+
+    class DropDepth(torch.utils.data.Dataset):
+        def __len__(self):
+            return 16
+
+        def __getitem__(self, i):
+            x, y = train[i]
+            return x, {k: v for k, v in y.items() if k != "depth"}
+
+    sm = fresh(train.tasks)
+    res = search(sm, make_loader(DropDepth(), 8), None, dict(warmup_steps=2, search_steps=2, finetune_steps=2,
+                                                             weight_steps_per_policy_step=1, log_every=1, quiet=True))
+    assert all(h["losses"]["depth"] == 0.0 for h in res.history if "losses" in h)
+
+
+def test_per_task_loaders(data):
+    train, val = data
+    sm = fresh(train.tasks)
+    loaders = {t: make_loader(torch.utils.data.Subset(train, range(8 * (k + 1))), 8, shuffle=True, seed=k)
+               for k, t in enumerate(sm.task_names)}
+    vals = {t: make_loader(val, 16) for t in sm.task_names}
+    res = search(sm, loaders, vals, dict(warmup_steps=3, search_steps=4, finetune_steps=3, weight_steps_per_policy_step=1,
+                                         hard_weight_steps=True, quiet=True))
+    assert set(res.metrics) == set(sm.task_names)
+
+
+@pytest.mark.parametrize("options", [
+    dict(weighting="gradnorm", hard_weight_steps=True),
+    dict(weighting="uncertainty", weight_optimizer="sgd", budget="1.2x", budget_metric="macs", discretize="sample"),
+    dict(amp=True, grad_clip=1.0, val_every=4),  # amp is a no-op on the CPU
+])
+def test_options_run(data, options):
+    train, val = data
+    sm = fresh(train.tasks)
+    res = search(sm, make_loader(train, 8, shuffle=True), make_loader(val, 16, ), quiet=True, warmup_steps=2,
+                 search_steps=4, finetune_steps=2, weight_steps_per_policy_step=1, val_batches=1, **options)
+    assert res.policy.tasks == sm.task_names and res.metrics
+    if options.get("budget_metric") == "macs":
+        assert res.macs == sm.policy_mac_count(res.policy) and res.budget_macs == 1.2 * res.base_macs
+        assert any("expected_macs" in h for h in res.history)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without a GPU")
+def test_cuda_without_gpu_is_a_config_error(data):
+    train, _ = data
+    with pytest.raises(ConfigError, match="no CUDA"):
+        search(fresh(train.tasks), make_loader(train, 8), None, device="cuda", quiet=True)
+
+
+# ---- the config --------------------------------------------------------------------------
+def test_config_yaml_round_trip(tmp_path):
+    cfg = SearchConfig(warmup_steps=3, budget="1.5x", weighting="dwa", weighting_options={"window": 5}, out_dir="runs/x")
+    path = tmp_path / "search.yaml"
+    cfg.to_yaml(path)
+    assert SearchConfig.from_yaml(path) == cfg
+    assert SearchConfig.from_dict(yaml.safe_load(path.read_text())) == cfg
+
+
+def test_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="did you mean 'warmup_steps'"):
+        SearchConfig.from_dict({"warmup_step": 3})
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("seed: 1\nlr: [0.1\nquiet: true\n")
+    with pytest.raises(ConfigError, match="line 3"):
+        SearchConfig.from_yaml(bad)
+    with pytest.raises(ConfigError, match="warmup_steps"):
+        SearchConfig(warmup_steps=-1)
+    with pytest.raises(ConfigError, match="did you mean 'macs'"):
+        SearchConfig(budget_metric="mac")
+    with pytest.raises(ConfigError, match="did you mean 'finetune_steps'"):
+        search(None, [], None, finetune_step=3)
+
+
+@pytest.mark.parametrize("value, expected", [("1.5x", 1.5), (1.5, 1.5), ("2x", 2.0), (2, 2.0), ("3", 3.0),
+                                             (" 1.25 X ", 1.25), (None, None), ("none", None)])
+def test_parse_budget(value, expected):
+    assert parse_budget(value) == expected
+
+
+@pytest.mark.parametrize("value", ["1.5y", "x", "-1x", 0, -2.0, True, "1.5xx", [1.5]])
+def test_parse_budget_rejects(value):
+    with pytest.raises(ConfigError):
+        parse_budget(value)
+    with pytest.raises(ConfigError):
+        SearchConfig(budget=value)
+
+
+# ---- two ranks ---------------------------------------------------------------------------
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_ranks_agree_on_the_policy(tmp_path):
+    config = dict(warmup_steps=4, search_steps=8, finetune_steps=4, weight_steps_per_policy_step=1, tau_every=1,
+                  checkpoint_every=5, budget="1.5x", out_dir=str(tmp_path / "run"), quiet=True, log_every=1)
+    args = {"config": config, "result": str(tmp_path / "rank{rank}.pt"), "batch_size": 4}
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), str(WORKER), json.dumps(args)]
+    proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=180)
+    assert proc.returncode == 0, proc.stdout.decode()[-4000:]
+    r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    assert r0["choices"] == r1["choices"]
+    assert torch.equal(r0["logits"], r1["logits"])
+    assert r0["logits"].abs().max() > 0
+    for k in r0["state"]:
+        assert torch.equal(r0["state"][k], r1["state"][k]), k
+    # only rank 0 wrote files
+    assert (tmp_path / "run" / "checkpoint.pt").exists()
+    assert len((tmp_path / "run" / "log.jsonl").read_text().splitlines()) == 16
