@@ -283,7 +283,8 @@ def _collapse(model, policy: Optional[Policy], max_boxes: int) -> _Drawing:
                 seg, last_block = seg + 1, block
             base = (seg, block, tasks)
             box = new_box(("block",) + base + (generation.get(base, 0),), "block", tasks, blocks=[block])
-            box.layers.append((layer, choice))
+            if (layer, choice) not in box.layers:  # a loaded bundle splits a layer into conv and BN nodes
+                box.layers.append((layer, choice))
             if choice == "skip":
                 projections.add(layer)
         elif node.op == "call_module" and str(node.target).startswith("heads."):
