@@ -218,17 +218,13 @@ def search_cmd(backbone, tasks, config_path, data, weights, budget, device, seed
 
     Example: automtl search resnet18 --steps 60,120,120 --out runs/r18
     """
-    from .convert import build_data, build_supermodel, prepare_out_dir, save_run
+    from .convert import prepare_out_dir, prepare_run, save_run
     from .fileio import atomic_write_text
     from .search import search
 
     cfg = _resolve_config(backbone, tasks, config_path, data, weights, budget, device, seed, steps, input_size, samples)
     out = prepare_out_dir(out)
-    import torch
-
-    torch.manual_seed(cfg.search.seed)
-    sm = build_supermodel(cfg)
-    train, val = build_data(cfg, sm.tasks)
+    sm, train, val = prepare_run(cfg)
     result = search(sm, train, val, cfg.search.replace(out_dir=str(out / "checkpoints"), resume=resume, quiet=quiet))
     save_run(sm, cfg, out, result.policy)
     payload = {"metrics": result.metrics, "policy": result.policy.counts(), "parameters": result.params}

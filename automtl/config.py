@@ -207,19 +207,10 @@ class SearchConfig:
     @classmethod
     def from_yaml(cls, path: Union[str, os.PathLike]) -> "SearchConfig":
         """Load a YAML file of field: value pairs; bad YAML is a ConfigError naming the line."""
+        from .fileio import read_yaml
+
         where = f"config file {os.fspath(path)!r}"
-        try:
-            with open(path) as f:
-                text = f.read()
-        except FileNotFoundError:
-            raise ConfigError(f"{where} does not exist; check the path") from None
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            line = f" at line {mark.line + 1}" if mark is not None else ""
-            problem = getattr(exc, "problem", None)
-            raise ConfigError(f"{where} is not valid YAML{line}" + (f" ({problem})" if problem else "") + "; fix the syntax there") from None
+        data = read_yaml(path, "config file")
         return cls.from_dict(data or {}, where)
 
     def to_dict(self) -> dict:

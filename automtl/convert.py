@@ -23,7 +23,7 @@ import yaml
 
 from .config import SearchConfig
 from .errors import AutomtlError, ConfigError, FileFormatError
-from .fileio import atomic_write_text
+from .fileio import atomic_write_text, read_yaml
 from .policy import Policy
 from .supermodel import SuperModel, supermodel
 from .tasks import Task, parse_task
@@ -115,18 +115,7 @@ def _task_dict(t) -> dict:
 
 
 def _read_yaml(path, what: str):
-    try:
-        text = Path(path).read_text()
-    except FileNotFoundError:
-        raise ConfigError(f"{what} {os.fspath(path)!r} does not exist; check the path") from None
-    except OSError as exc:
-        raise ConfigError(f"{what} {os.fspath(path)!r} cannot be read ({exc.strerror}); check its permissions") from None
-    try:
-        return yaml.safe_load(text) or {}
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{what} {os.fspath(path)!r} is not valid YAML{line}; fix the syntax there") from None
+    return read_yaml(path, what) or {}
 
 
 # ---- building -------------------------------------------------------------------------
@@ -152,6 +141,16 @@ def build_data(cfg: ConvertConfig, tasks: Sequence[Task]):
     val = make_dataset(cfg.data, "val", **({"n": cfg.val_samples} if sized and cfg.val_samples else {}), **extra)
     check_targets(train, tasks)
     return train, val
+
+
+def prepare_run(cfg: ConvertConfig):
+    """Seed, supermodel, datasets and the budget check of a run: what convert and search share."""
+    torch.manual_seed(cfg.search.seed)  # heads and skip projections start from the run's seed
+    sm = build_supermodel(cfg)
+    train, val = build_data(cfg, sm.tasks)
+    # The budget must be reachable: the smallest model any policy can compile to is all-share/skip.
+    _check_budget(sm, cfg.search)
+    return sm, train, val
 
 
 # ---- run directories --------------------------------------------------------------------
@@ -225,11 +224,7 @@ def convert(cfg: ConvertConfig, out, resume: bool = False, quiet: bool = False,
     out = prepare_out_dir(out)
     started = time.time()
     log(f"building the supermodel of {cfg.backbone} for tasks {', '.join(t.name for t in cfg.task_objects())}")
-    torch.manual_seed(cfg.search.seed)  # heads and skip projections start from the run's seed
-    sm = build_supermodel(cfg)
-    train, val = build_data(cfg, sm.tasks)
-    # The budget must be reachable: the smallest model any policy can compile to is all-share/skip.
-    _check_budget(sm, cfg.search)
+    sm, train, val = prepare_run(cfg)
     search_cfg = cfg.search.replace(out_dir=str(out / "checkpoints"), resume=resume or cfg.search.resume,
                                     quiet=quiet or cfg.search.quiet)
     log(f"searching: {search_cfg.warmup_steps} warm-up, {search_cfg.search_steps} search and "

@@ -32,6 +32,29 @@ def _umask() -> int:
     return mask
 
 
+def read_yaml(path: str | os.PathLike, what: str, error: type = None):
+    """Parse a YAML file; a missing, unreadable or malformed file is ``error`` naming the file and line."""
+    import yaml
+
+    from .errors import ConfigError
+
+    error = error or ConfigError
+    where = f"{what} {os.fspath(path)!r}"
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        raise error(f"{where} does not exist; check the path") from None
+    except OSError as exc:
+        raise error(f"{where} cannot be read ({exc.strerror}); check its permissions") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None)
+        raise error(f"{where} is not valid YAML{line}" + (f" ({problem})" if problem else "") + "; fix the syntax there") from None
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)

@@ -121,15 +121,9 @@ class Policy:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Policy":
-        try:
-            with open(path) as f:
-                data = yaml.safe_load(f)
-        except FileNotFoundError:
-            raise FileFormatError(f"policy file {str(path)!r} does not exist; check the path") from None
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" at line {mark.line + 1}" if mark is not None else ""
-            raise FileFormatError(f"policy file {str(path)!r} is not valid YAML{where}; fix the syntax there") from None
+        from .fileio import read_yaml
+
+        data = read_yaml(path, "policy file", FileFormatError)
         return cls.from_dict(data, f"policy file {str(path)!r}")
 
 
