@@ -82,11 +82,15 @@ def subset_graph_module(gm: fx.GraphModule, tasks: Sequence[str]) -> fx.GraphMod
     return sub
 
 
-def compact(sm: SuperModel, policy: Optional[Policy] = None) -> CompactModel:
+def compact(sm: SuperModel, policy: Optional[Policy] = None, copy_weights: bool = True) -> CompactModel:
     """Compile ``sm`` under ``policy`` (default: the supermodel's current hard policy).
 
     The compact model owns a copy of the weights it uses: training it leaves the supermodel as is.
     In eval mode its outputs equal ``sm.hard(policy)(x)`` to float tolerance.
+    ``copy_weights=False`` gives a view instead: the graph calls the supermodel's own modules, so
+    training it trains the supermodel (the search's fine-tune stage runs this way: what tasks
+    share is computed once, not once per task). Its in-place activations are then made
+    out-of-place in the supermodel too, which changes no result.
     """
     if policy is None:
         if sm.policy is None:
@@ -98,7 +102,8 @@ def compact(sm: SuperModel, policy: Optional[Policy] = None) -> CompactModel:
     root.heads = sm.heads
     graph = _compile_graph(sm, policy)
     gm = fx.GraphModule(root, graph, "CompactNet")
-    gm = copy.deepcopy(gm)  # own the weights
+    if copy_weights:
+        gm = copy.deepcopy(gm)  # own the weights
     _make_out_of_place(gm)
     for node in gm.graph.nodes:  # deepcopy keeps node.meta; make sure every node carries its tasks
         node.meta.setdefault(META_TASKS, tuple(sm.task_names))

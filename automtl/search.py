@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset, RandomSampler, SequentialSampler
 
+from .compact import compact
 from .config import SearchConfig, parse_budget
 from .errors import AutomtlError, ConfigError, DataError, FileFormatError
 from .fileio import atomic_path, atomic_write_text
@@ -553,6 +554,7 @@ class _Search:
         self.weight_params = weights
         self.weighting_state = list(self.weighting.buffers()) + list(self.weighting.parameters())
         self.shared = None
+        self.finetune_net = None
         self.weight_opt = _make_optimizer(cfg.weight_optimizer, weights, cfg.lr, cfg.momentum, cfg.weight_decay)
         self.policy_opt = torch.optim.Adam(sm.policy_parameters(), lr=cfg.policy_lr)
         self.finetune_opt = _make_optimizer(cfg.weight_optimizer, weights, cfg.finetune_lr or cfg.lr, cfg.momentum, cfg.weight_decay)
@@ -794,7 +796,7 @@ class _Search:
             self.dist.broadcast(self.buffers + self.weighting_state)
         try:
             with self._autocast():
-                out = sm(x, mix=mix)
+                out = self.finetune_net(x) if stage == "finetune" and self.finetune_net is not None else sm(x, mix=mix)
             losses = {}
             for t in self.tasks:
                 target = targets.get(t)
@@ -863,6 +865,11 @@ class _Search:
             sm.soft(self.config.tau_start)
         else:
             sm.hard(self.policy)
+            # Fine-tune through a compact view of the supermodel: same modules and parameters,
+            # but what tasks share runs once (hard mode runs it on every task's copy of the batch).
+            # Per-task batches differ per task, so there the supermodel itself runs.
+            if not self.per_task:
+                self.finetune_net = compact(sm, self.policy, copy_weights=False)
         self.shared = self._shared_parameters()
 
     def _leave(self, stage: str) -> None:

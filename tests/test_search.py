@@ -294,3 +294,25 @@ def test_two_ranks_agree_on_the_policy(tmp_path):
     # only rank 0 wrote files
     assert (tmp_path / "run" / "checkpoint.pt").exists()
     assert len((tmp_path / "run" / "log.jsonl").read_text().splitlines()) == 16
+
+
+@pytest.mark.parametrize("choice", ["share", "specialize"])
+def test_finetune_through_compact_view_trains_like_hard_mode(data, monkeypatch, choice):
+    """Fine-tune runs a compact view of the supermodel (shared layers once, not per task). Where
+    every BatchNorm sees the same rows either way (all tasks share, or none do), one SGD step
+    must move every parameter exactly as a step of the supermodel in hard mode does."""
+    search_module = sys.modules["automtl.search"]  # (automtl.search is also the function's name)
+    train, _ = data
+    policy_of = lambda sm: Policy.uniform(sm.layer_names, sm.task_names, choice)  # noqa: E731
+    cfg = SearchConfig(finetune_steps=1, batch_size=8, weight_optimizer="sgd", lr=0.1, quiet=True, checkpoint_every=0)
+    via_view = fresh(train.tasks)
+    via_hard = copy.deepcopy(via_view)
+    start = {k: v.clone() for k, v in via_view.state_dict().items()}
+    search(via_view, train, None, cfg, policy=policy_of(via_view))
+    monkeypatch.setattr(search_module, "compact", lambda *a, **k: None)
+    search(via_hard, train, None, cfg, policy=policy_of(via_hard))
+    moved = 0
+    for (name, a), b in zip(via_view.named_parameters(), via_hard.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=f"{name} differs after one fine-tune step")
+        moved += not torch.equal(a, start[name])
+    assert moved > 0
