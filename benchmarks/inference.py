@@ -1,11 +1,11 @@
 """All-task inference latency of the compact model against what it replaces (3 dense tasks, CPU).
 
-    python benchmarks/inference.py [--backbones resnet34,mobilenet_v2] [--sizes 64,128] [--batch 8] [--repeats 5]
-                                   [--threads N] [--clock wall|cpu]
+    python benchmarks/inference.py [--backbones resnet18,resnet34,mobilenet_v2] [--sizes 64,128] [--batch 8]
+                                   [--repeats 5] [--threads N] [--clock wall|cpu]
 
 For every backbone and input size, and every policy (all-share, all-specialize, a seeded random
 mix, and the policy in ``benchmarks/results/found_policies/<backbone>.yaml`` when that file
-exists), one run measures, interleaved (one call of each per round, so that load from other
+exists: ``quality.py`` writes there the policy automtl found at 1.5x budget, seed 0), one run measures, interleaved (one call of each per round, so that load from other
 processes hits them all alike), the median latency of:
 
 - ``compact``: the compact model computing all tasks in one pass;
@@ -33,13 +33,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, write_result  # noqa: E402
 
-from automtl import Policy, Task, compact, supermodel  # noqa: E402
+from automtl import Policy, compact, supermodel  # noqa: E402
 from automtl.backbones import build_backbone  # noqa: E402
 from automtl.errors import AutomtlError  # noqa: E402
 from automtl.reference import run_task_by_task  # noqa: E402
 from automtl.report import count_macs, model_stats  # noqa: E402
 
-TASKS = [Task("segment", "segmentation", classes=13), Task("depth", "depth"), Task("normal", "normal")]
+from search_step import TASK_POOL  # noqa: E402
+
+TASKS = TASK_POOL[:3]
 FOUND = RESULTS / "found_policies"
 
 
@@ -83,15 +85,19 @@ def policies(sm, backbone: str, seed: int) -> dict:
     return out
 
 
-def run_one(name: str, size: int, batch: int, repeats: int, seed: int, clock: str = "wall") -> list:
+def run_one(name: str, size: int, batch: int, repeats: int, seed: int, clock: str = "wall", tasks=TASKS,
+            only: tuple = ()) -> list:
+    """Time every policy's compact model against its baselines; ``only`` keeps just those policy labels."""
     torch.manual_seed(0)
-    sm = supermodel(build_backbone(name), TASKS, torch.randn(1, 3, size, size)).eval()
+    sm = supermodel(build_backbone(name), tasks, torch.randn(1, 3, size, size)).eval()
     x = torch.randn(batch, 3, size, size)
     one = x[:1]
     first = sm.task_names[0]
     single = compact(sm, Policy.uniform(sm.layer_names, sm.task_names, "share")).eval()
     backbone_macs = count_macs(single, one, tasks=[first])
     pols = policies(sm, name, seed)
+    if only:
+        pols = {k: v for k, v in pols.items() if k.split("(")[0] in only}
     models = {label: compact(sm, pol).eval() for label, pol in pols.items()}
 
     def automtl_hard(pol):
@@ -110,7 +116,7 @@ def run_one(name: str, size: int, batch: int, repeats: int, seed: int, clock: st
     rows = []
     for label, model in models.items():
         stats = model_stats(model, (1, 3, size, size), repeats=1, warmup=0)  # parameters and MACs
-        row = {"backbone": name, "size": size, "batch": batch, "policy": label, "choices": pols[label].counts(),
+        row = {"backbone": name, "size": size, "batch": batch, "tasks": len(tasks), "policy": label, "choices": pols[label].counts(),
                "parameters": stats["parameters"], "macs_per_sample": stats["macs"],
                "backbone_macs_per_sample": backbone_macs}
         for suffix, k in (("s", "median_s"), ("cpu_s", "cpu_median_s")):
@@ -123,6 +129,7 @@ def run_one(name: str, size: int, batch: int, repeats: int, seed: int, clock: st
                 f"backbone_{suffix}": backbone_s, f"separate_{suffix}": timing["separate"][k],
                 f"automtl_hard_{suffix}": timing[f"automtl_hard/{label}"][k],
             })
+        row["compact_vs_backbone"] = row["compact_s"] / row["backbone_s"]
         row["speedup_vs_separate"] = row["separate_s"] / row["compact_s"]
         row["speedup_vs_automtl_hard"] = row["automtl_hard_s"] / row["compact_s"]
         row["timing"] = {k: v for k, v in timing.items() if k in ("backbone", "separate") or k.endswith("/" + label)}
@@ -139,7 +146,7 @@ def run_one(name: str, size: int, batch: int, repeats: int, seed: int, clock: st
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--backbones", default="resnet34,mobilenet_v2")
+    ap.add_argument("--backbones", default="resnet18,resnet34,mobilenet_v2")
     ap.add_argument("--sizes", default="64,128", help="input sides, comma-separated")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=5)

@@ -8,8 +8,12 @@ backward, measured in the same run and interleaved with the search steps so that
 noise hits both alike. Reported as a ratio; AutoMTL's reference code measures about 6.6x
 (ResNet-34, 64x64) and 8x (MobileNetV2) on the CPU these numbers were taken on.
 
-    python benchmarks/search_step.py                      # all backbones and sizes
-    python benchmarks/search_step.py --sizes 64 --repeats 3 --backbones resnet34
+The same run also times ``per_task_loop``: AutoMTL's own formulation of the same supermodel
+(each task runs the whole graph with all three operators, one task after another), so the gain
+of the batched pass is a ratio measured side by side (``speedup_vs_per_task_loop``).
+
+    python benchmarks/search_step.py                      # all backbones and sizes, 3 tasks
+    python benchmarks/search_step.py --sizes 64 --repeats 3 --backbones resnet34 --tasks 5
 """
 from __future__ import annotations
 
@@ -27,25 +31,61 @@ import torch.nn.functional as F
 
 from automtl.backbones import build_backbone
 from automtl.config import SearchConfig
+from automtl.fileio import atomic_write_text
 from automtl.heads import DenseHead
 from automtl.losses import loss_for
+from automtl.reference import run_task_by_task
 from automtl.search import _Search
 from automtl.supermodel import supermodel
 from automtl.tasks import Task
 
-TASKS = [Task("segmentation", "segmentation", classes=13), Task("depth", "depth"), Task("normal", "normal")]
+#: Dense tasks in the order they are added for the scaling table (T = 2, 3, 5 takes the first T).
+TASK_POOL = [Task("segmentation", "segmentation", classes=13), Task("depth", "depth"), Task("normal", "normal"),
+             Task("parts", "segmentation", classes=7), Task("distance", "depth")]
+TASKS = TASK_POOL[:3]
 RESULTS = Path(__file__).with_name("results") / "search_step.json"
 
 
-def batch(size: int, n: int, seed: int = 0):
+def batch(size: int, n: int, seed: int = 0, tasks=TASKS):
+    """A random image batch and a random target of each task's kind."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 3, size, size, generator=g)
-    y = {
-        "segmentation": torch.randint(0, 13, (n, size, size), generator=g),
-        "depth": torch.rand(n, 1, size, size, generator=g) + 0.5,
-        "normal": F.normalize(torch.randn(n, 3, size, size, generator=g), dim=1),
-    }
+    y = {}
+    for t in tasks:
+        if t.kind == "segmentation":
+            y[t.name] = torch.randint(0, t.classes, (n, size, size), generator=g)
+        elif t.kind == "depth":
+            y[t.name] = torch.rand(n, 1, size, size, generator=g) + 0.5
+        else:
+            y[t.name] = F.normalize(torch.randn(n, 3, size, size, generator=g), dim=1)
     return x, y
+
+
+class PerTaskLoop:
+    """The search step of the original AutoMTL formulation, on the same supermodel: each task runs
+    the whole graph on its own with all three operators of every layer computed and mixed
+    (:func:`automtl.reference.run_task_by_task`), then one backward; same optimizers and schedule."""
+
+    def __init__(self, sm, config: SearchConfig):
+        self.sm, self.config = sm.soft(config.tau_start), config
+        self.losses = {t.name: loss_for(t) for t in sm.tasks}
+        self.weight_opt = torch.optim.Adam(list(sm.weight_parameters()), lr=config.lr)
+        self.policy_opt = torch.optim.Adam(sm.policy_parameters(), lr=config.policy_lr)
+
+    def step(self, x, y, policy_step: bool, seed: int) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        with torch.set_grad_enabled(policy_step):
+            mix = self.sm.mixing_weights(gen)
+        out = run_task_by_task(self.sm, x, mix)
+        total = sum(self.losses[t](out[t], y[t]) for t in self.sm.task_names)
+        if policy_step:
+            (self.sm.policy_logits.grad,) = torch.autograd.grad(total, [self.sm.policy_logits])
+            self.policy_opt.step()
+            self.policy_opt.zero_grad(set_to_none=True)
+        else:
+            total.backward()
+            self.weight_opt.step()
+            self.weight_opt.zero_grad(set_to_none=True)
 
 
 def baseline_step(backbone, head, loss, x, target):
@@ -55,24 +95,28 @@ def baseline_step(backbone, head, loss, x, target):
     loss(y, target).backward()
 
 
-def measure(name: str, size: int, batch_size: int, repeats: int, warmup: int, variants: dict) -> dict:
+def measure(name: str, size: int, batch_size: int, repeats: int, warmup: int, variants: dict,
+            num_tasks: int = 3, per_task_loop: bool = True) -> dict:
+    """Baseline, each variant of the batched search and (optionally) the per-task loop, interleaved."""
     torch.manual_seed(0)
+    tasks = TASK_POOL[:num_tasks]
     backbone = build_backbone(name)
-    x, y = batch(size, batch_size)
+    x, y = batch(size, batch_size, tasks=tasks)
     with torch.no_grad():
         channels = backbone(x[:1]).shape[1]
     head = DenseHead(channels, 13)
-    seg_loss = loss_for(TASKS[0])
+    seg_loss = loss_for(tasks[0])
     default = SearchConfig()
     r = default.weight_steps_per_policy_step
     runs = {}
     for label, overrides in variants.items():
-        sm = supermodel(build_backbone(name), TASKS, torch.randn(1, 3, size, size))
+        sm = supermodel(build_backbone(name), tasks, torch.randn(1, 3, size, size))
         cfg = SearchConfig(quiet=True, device="cpu", **overrides)
         run = _Search(sm, [(x, y)], None, cfg, None)
         run._enter("search")
         iters = {k: s.iterate(0) for k, s in run.streams.items()}
         runs[label] = (run, iters)
+    loop = PerTaskLoop(supermodel(build_backbone(name), tasks, torch.randn(1, 3, size, size)), default) if per_task_loop else None
 
     def timed(fn):
         """Wall and CPU seconds of one call. CPU time (process_time) is what to read on a shared
@@ -85,7 +129,11 @@ def measure(name: str, size: int, batch_size: int, repeats: int, warmup: int, va
         """One schedule cycle (r weight steps + 1 policy step): (wall, cpu) seconds per step."""
         return [timed(lambda i=i: run._step("search", i, g0 + i, iters, False)) for i in range(r + 1)]
 
-    base_t, cycles = [], {k: [] for k in runs}
+    def loop_cycle(g0):
+        return [timed(lambda i=i: loop.step(x, y, i == r, g0 + i)) for i in range(r + 1)]
+
+    labels = list(runs) + (["per_task_loop"] if loop is not None else [])
+    base_t, cycles = [], {k: [] for k in labels}
     for rep in range(warmup + repeats):
         dt = timed(lambda: baseline_step(backbone, head, seg_loss, x, y["segmentation"]))
         backbone.zero_grad(set_to_none=True)
@@ -94,9 +142,13 @@ def measure(name: str, size: int, batch_size: int, repeats: int, warmup: int, va
             c = search_cycle(run, iters, rep * (r + 1))
             if rep >= warmup:
                 cycles[label].append(c)
+        if loop is not None:
+            c = loop_cycle(rep * (r + 1))
+            if rep >= warmup:
+                cycles["per_task_loop"].append(c)
         if rep >= warmup:
             base_t.append(dt)
-    out = {"backbone": name, "size": size, "batch": batch_size, "tasks": len(TASKS), "repeats": repeats,
+    out = {"backbone": name, "size": size, "batch": batch_size, "tasks": len(tasks), "repeats": repeats,
            "baseline_all_s": base_t, "variants": {}}
     for clock, k in (("wall", 0), ("cpu", 1)):
         base = statistics.median(t[k] for t in base_t)
@@ -107,10 +159,15 @@ def measure(name: str, size: int, batch_size: int, repeats: int, warmup: int, va
             policy = statistics.median(c[-1][k] for c in cs)
             step = (r * weight + policy) / (r + 1)
             cycle = statistics.median(sum(s[k] for s in c) / len(c) for c in cs)
-            v = out["variants"].setdefault(label, {"config": variants[label], "weight_steps_per_policy_step": r})
+            v = out["variants"].setdefault(label, {"config": variants.get(label, "AutoMTL per-task loop"),
+                                                   "weight_steps_per_policy_step": r})
             v[clock] = {"search_step_s": step, "weight_step_s": weight, "policy_step_s": policy, "ratio": step / base,
                         "weight_ratio": weight / base, "policy_ratio": policy / base,
                         "cycle_median_ratio": cycle / base}
+        if "per_task_loop" in out["variants"]:
+            loop_step = out["variants"]["per_task_loop"][clock]["search_step_s"]
+            for label in runs:
+                out["variants"][label][clock]["speedup_vs_per_task_loop"] = loop_step / out["variants"][label][clock]["search_step_s"]
     return out
 
 
@@ -121,6 +178,9 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--tasks", type=int, default=3, choices=range(1, len(TASK_POOL) + 1), metavar="T",
+                    help=f"number of dense tasks (1 to {len(TASK_POOL)})")
+    ap.add_argument("--no-per-task-loop", action="store_true", help="leave out the AutoMTL per-task loop (slow)")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
@@ -130,7 +190,8 @@ def main(argv=None) -> int:
     results = []
     for name in args.backbones:
         for size in args.sizes:
-            res = measure(name, size, args.batch, args.repeats, args.warmup, variants)
+            res = measure(name, size, args.batch, args.repeats, args.warmup, variants, args.tasks,
+                          per_task_loop=not args.no_per_task_loop)
             results.append(res)
             for clock in ("wall", "cpu"):
                 summary = ", ".join(
@@ -151,7 +212,7 @@ def main(argv=None) -> int:
         "results": results,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
+    atomic_write_text(args.out, json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.out}")
     return 0
 

@@ -1,0 +1,61 @@
+"""Every benchmark script runs end to end at the smallest sizes and writes what it promises.
+
+The figures themselves are measured by hand (benchmarks/README.md); these runs only keep the
+scripts from rotting: a script that no longer runs would silently keep stale results."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def run(script, *args, timeout=300):
+    proc = subprocess.run([sys.executable, str(BENCH / script), *map(str, args)], capture_output=True, text=True,
+                          env=ENV, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_search_step_measures_batched_and_per_task_loop(tmp_path):
+    out = tmp_path / "search_step.json"
+    run("search_step.py", "--backbones", "tiny", "--sizes", "32", "--repeats", "1", "--warmup", "0", "--tasks", "2", "--out", out)
+    res = json.loads(out.read_text())["results"][0]
+    assert res["tasks"] == 2
+    for label in ("default", "hard_weight_steps", "per_task_loop"):
+        assert res["variants"][label]["wall"]["ratio"] > 0
+    assert res["variants"]["default"]["cpu"]["speedup_vs_per_task_loop"] > 0
+
+
+def test_scaling_writes_a_row_per_task_count(tmp_path):
+    run("scaling.py", "--backbone", "tiny", "--size", "32", "--tasks", "2", "3", "--repeats", "1", "--warmup", "0", "--out", tmp_path)
+    rows = json.loads((tmp_path / "scaling.json").read_text())["rows"]
+    assert [r["wall"]["tasks"] for r in rows] == [2, 3]
+    assert all(r["cpu"]["separate"] > 0 and r["cpu"]["search_step"] > 0 for r in rows)
+    table = (tmp_path / "scaling.md").read_text()
+    assert "| 2 |" in table and "| 3 |" in table
+
+
+def test_quality_quick_run_on_multifashion(tmp_path):
+    out = run("quality.py", "--quick", "--only", "small_resnet", "--jobs", "1", "--out", tmp_path)
+    data = json.loads((tmp_path / "quality.json").read_text())
+    assert data["complete"] is True
+    res = data["results"]["multifashion/small_resnet"]
+    assert set(res["summary"]) == {"single-task", "hard-sharing", "automtl@1.0x", "automtl@1.5x", "automtl@2.0x", "random@1.5x"}
+    # the control is the random policy whose size is nearest automtl@1.5x's
+    jobs = data["jobs"]["multifashion/small_resnet"]
+    assert jobs["random@1.5x/0"]["parameters"] > 0 and "automtl@1.5x" in (tmp_path / "quality.md").read_text()
+    assert "wrote" in out
+
+
+@pytest.mark.slow
+def test_memory_reports_every_case(tmp_path):
+    run("memory.py", "--backbones", "tiny", "--size", "32", "--steps", "1", "--out", tmp_path / "memory.json")
+    rows = json.loads((tmp_path / "memory.json").read_text())["results"]
+    cases = {r["case"]: r for r in rows}
+    assert {"search/batched", "search/per_task_loop", "infer/compact/random"} <= set(cases)
+    assert cases["train/backbone"]["total_ratio"] == 1.0 and cases["search/batched"]["held_mib"] > cases["train/backbone"]["held_mib"]
