@@ -31,7 +31,7 @@ from .tasks import Task, parse_task
 #: The default run is sized to finish in a few minutes on 2 CPU cores.
 DEFAULT_SCHEDULE = dict(warmup_steps=40, search_steps=80, finetune_steps=60, weight_steps_per_policy_step=2,
                         batch_size=16, tau_every=10, tau_decay=0.9, log_every=5, checkpoint_every=50,
-                        val_batches=None, budget="1.5x", reg_weight=0.05)
+                        val_batches=None, budget="1.5x", reg_weight=0.5)
 
 OUTPUT_FILES = ("model.automtl", "model.pt2", "policy.yaml", "sharing.svg", "report.json", "config.yaml")
 _SHORTCUTS = ("budget", "device", "seed")  # top-level keys that belong to the search section

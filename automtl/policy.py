@@ -51,12 +51,18 @@ class Policy:
     @classmethod
     def random(cls, layers: Sequence[str], tasks: Sequence[str], skip_legal: Sequence[bool] = None,
                seed: int = 0, probs: Sequence[float] = (1 / 3, 1 / 3, 1 / 3)) -> "Policy":
-        """A random policy (seeded); skip is only drawn where it is legal."""
+        """A random policy (seeded) drawing each choice with ``probs`` (share, specialize, skip).
+
+        Skip is only drawn where it is legal; elsewhere its probability goes to share and specialize
+        in proportion (all of it to share when both are 0).
+        """
+        if len(probs) != 3 or any(not p >= 0 for p in probs) or sum(probs) <= 0:
+            raise ConfigError(f"probs must be three non-negative weights for share, specialize, skip, got {tuple(probs)}")
         rng = _random.Random(seed)
         skip_legal = list(skip_legal) if skip_legal is not None else [True] * len(layers)
         rows = []
         for legal in skip_legal:
-            weights = list(probs) if legal else [probs[0], probs[1], 0.0]
+            weights = list(probs) if legal else [probs[0], probs[1], 0.0] if probs[0] + probs[1] > 0 else [1.0, 0.0, 0.0]
             rows.append([rng.choices((SHARE, SPECIALIZE, SKIP), weights=weights)[0] for _ in tasks])
         return cls(list(layers), list(tasks), rows)
 
@@ -84,7 +90,7 @@ class Policy:
             raise ConfigError(f"the policy's layers do not match the model's ({detail}); use a policy made for this backbone")
         for name, row, legal in zip(self.layers, self.choices, skip_legal):
             if not legal and SKIP in row:
-                raise ConfigError(f"layer {name!r} cannot be skipped (no identity or 1x1 projection fits its shape); choose share or specialize there")
+                raise ConfigError(f"layer {name!r} cannot be skipped (its shape changes and no 1x1 projection cheaper than the layer reproduces it); choose share or specialize there")
 
     # ---- files --------------------------------------------------------------------
     def to_dict(self) -> dict:

@@ -128,12 +128,16 @@ class PolicyLayer(nn.Module):
 
 
 def _skip_operator(conv: nn.Conv2d, in_shape: tuple, out_shape: tuple) -> tuple[Optional[nn.Module], str]:
-    """Identity when the shape is kept, a strided 1x1 conv + BN when that reproduces the shape, else none."""
+    """Identity when the shape is kept; else a strided 1x1 conv + BN where that reproduces the shape and
+    costs fewer multiply-accumulates than the layer (a ResNet downsampling 3x3, not a 1x1 or a depthwise
+    conv, whose "skip" would cost as much or more than running it); else none (skip is illegal)."""
     if tuple(in_shape[1:]) == tuple(out_shape[1:]):
         return nn.Identity(), "identity"
     stride = conv.stride
     h, w = in_shape[2], in_shape[3]
-    if (h - 1) // stride[0] + 1 == out_shape[2] and (w - 1) // stride[1] + 1 == out_shape[3]:
+    fits = (h - 1) // stride[0] + 1 == out_shape[2] and (w - 1) // stride[1] + 1 == out_shape[3]
+    projection_macs = out_shape[1] * out_shape[2] * out_shape[3] * in_shape[1]
+    if fits and projection_macs < _conv_macs(conv, out_shape):
         proj = ConvUnit(
             nn.Conv2d(in_shape[1], out_shape[1], 1, stride=stride, bias=False),
             nn.BatchNorm2d(out_shape[1]),

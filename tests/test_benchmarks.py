@@ -59,3 +59,9 @@ def test_memory_reports_every_case(tmp_path):
     cases = {r["case"]: r for r in rows}
     assert {"search/batched", "search/per_task_loop", "infer/compact/random"} <= set(cases)
     assert cases["train/backbone"]["total_ratio"] == 1.0 and cases["search/batched"]["held_mib"] > cases["train/backbone"]["held_mib"]
+
+
+def test_summary_renders_the_committed_results(tmp_path):
+    run("summary.py", "--out", tmp_path / "summary.md")
+    text = (tmp_path / "summary.md").read_text()
+    assert "**One search step**" in text and "**All-task inference**" in text and "Δ_MTL" in text

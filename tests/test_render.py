@@ -31,9 +31,9 @@ def tiny_mixed(tiny_sm):
         "stem.0": [SHARE, SHARE, SHARE],
         "block1_conv1.0": [SHARE, SHARE, SHARE],
         "block1_conv2.0": [SHARE, SHARE, SKIP],
-        "block2_conv1.0": [SPECIALIZE, SHARE, SHARE],
+        "block2_conv1.0": [SPECIALIZE, SKIP, SHARE],
         "block2_conv2.0": [SPECIALIZE, SHARE, SPECIALIZE],
-        "block2_down.0": [SHARE, SKIP, SHARE],
+        "block2_down.0": [SHARE, SHARE, SHARE],
         "head.0": [SPECIALIZE, SPECIALIZE, SHARE],
     }
     policy = Policy(tiny_sm.layer_names, tiny_sm.task_names, [rows[l] for l in tiny_sm.layer_names])

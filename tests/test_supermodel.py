@@ -7,7 +7,7 @@ from torch import nn
 
 from automtl.backbones import build_backbone, count_convs, count_parameters, list_backbones
 from automtl.errors import AutomtlError, ConfigError
-from automtl.policy import SKIP, Policy
+from automtl.policy import SHARE, SKIP, Policy
 from automtl.reference import run_task_by_task
 from automtl.supermodel import PolicyLayer, supermodel
 from automtl.tasks import Task
@@ -205,3 +205,14 @@ def test_bad_inputs_get_clear_errors():
         supermodel("tiny", [Task("a", "depth"), Task("a", "depth")], torch.randn(1, 3, 32, 32))
     with pytest.raises(ConfigError, match="no tasks"):
         supermodel("tiny", [], torch.randn(1, 3, 32, 32))
+
+
+def test_random_policy_never_skips_an_illegal_layer_even_when_asked_only_for_skips():
+    _, sm = built("tiny")
+    assert not all(sm.skip_legal)
+    pol = Policy.random(sm.layer_names, sm.task_names, sm.skip_legal, seed=0, probs=(0, 0, 1))
+    for legal, row in zip(sm.skip_legal, pol.choices):
+        assert row == ([SKIP] * len(row) if legal else [SHARE] * len(row))
+    pol.check(sm.layer_names, sm.task_names, sm.skip_legal)
+    with pytest.raises(ConfigError, match="three non-negative weights"):
+        Policy.random(sm.layer_names, sm.task_names, sm.skip_legal, probs=(0, 0, 0))
