@@ -4,14 +4,17 @@
     python benchmarks/quality.py --resume         # go on after an interrupted run
     python benchmarks/quality.py --quick --out /tmp/q   # a smoke run: 1 seed, tiny data and steps
 
-For each benchmark and seed, every method starts from the same seed and gets the same number of
-weight-training steps:
+For each benchmark and seed, every architecture is trained from the seed's initial weights for the
+same number of weight steps N (automtl's warm-up + weight steps of the search + fine-tune):
   single-task   one model per task (backbone + that task's head);
   hard-sharing  the all-share policy (one backbone, a head per task);
-  automtl@B     warm-up -> policy search with budget B -> discretize -> fine-tune;
+  automtl@B     the policy found by warm-up -> search with budget B -> discretize (AutoMTL's protocol:
+                the found architecture is then trained like the others, the search is not charged
+                to it). The run's own fine-tuned result, as ``automtl convert`` delivers it with
+                the search's weights, is reported as "automtl@B search weights";
   random@1.5x   a random policy whose parameter count is the closest of a sweep over the simplex of
                 (share, specialize, skip) probabilities to automtl@1.5x's (the control that shows
-                the search matters), trained like hard sharing.
+                the search matters).
 Every method uses the search settings of ``automtl convert`` (its DEFAULT_SCHEDULE), with the
 step counts of the benchmark. The runs are independent jobs spread over ``--jobs`` worker
 processes of one thread each (the default 2 fills this project's 2-core machine); the JSON is
@@ -98,21 +101,31 @@ def run_job(bench: dict, seed: int, method: str, target_params=None, overrides=N
     warmup, search_steps, finetune = bench["steps"]
     base = {**DEFAULT_SCHEDULE, "seed": seed, "batch_size": bench["batch"], "quiet": True, "checkpoint_every": 0,
             "log_every": 50, "val_batches": None, "tau_every": max(1, search_steps // 24), **(overrides or {})}
+    search_weights = None
     if method.startswith("automtl@"):
         cfg = SearchConfig(**{**base, "warmup_steps": warmup, "search_steps": search_steps,
                               "finetune_steps": finetune, "budget": method.split("@", 1)[1]})
-        result = search(sm, train, val, cfg)
+        found = search(sm, train, val, cfg)
+        search_weights = {"metrics": _metrics(found, tasks), "parameters": found.params}
+        policy = found.policy
+        # The found architecture is then trained from the seed's initial weights like every other method
+        # (AutoMTL's protocol: the search's cost is not charged to the architecture it finds).
+        torch.manual_seed(seed)
+        sm = supermodel(make_backbone(bench["backbone"]), tasks, torch.randn(1, 3, bench["size"], bench["size"]))
+    elif method == "random@1.5x":
+        policy = random_policy_near(sm, target_params, seed)
     else:
-        if method == "random@1.5x":
-            policy = random_policy_near(sm, target_params, seed)
-        else:
-            policy = Policy.uniform(sm.layer_names, sm.task_names, "share")
-        cfg = SearchConfig(**{**base, "warmup_steps": 0, "search_steps": 0, "finetune_steps": weight_steps(bench["steps"]),
-                              "budget": None})
-        result = search(sm, train, val, cfg, policy=policy)
-    metrics = {t.name: {k: result.metrics[t.name][k] for k in DELTA_METRICS[t.kind]} for t in tasks}
-    return {"metrics": metrics, "parameters": result.params, "policy": result.policy.counts(),
-            "policy_file": result.policy.to_dict(), "seconds": round(time.time() - started, 1)}
+        policy = Policy.uniform(sm.layer_names, sm.task_names, "share")
+    cfg = SearchConfig(**{**base, "warmup_steps": 0, "search_steps": 0, "finetune_steps": weight_steps(bench["steps"]),
+                          "budget": None})
+    result = search(sm, train, val, cfg, policy=policy)
+    return {"metrics": _metrics(result, tasks), "parameters": result.params, "policy": result.policy.counts(),
+            "policy_file": result.policy.to_dict(), "search_weights": search_weights,
+            "seconds": round(time.time() - started, 1)}
+
+
+def _metrics(result, tasks) -> dict:
+    return {t.name: {k: result.metrics[t.name][k] for k in DELTA_METRICS[t.kind]} for t in tasks}
 
 
 def random_policy_near(sm, target_params: int, seed: int, samples: int = 4):
@@ -153,7 +166,8 @@ def summarize(bench: dict, seeds, done: dict) -> dict:
         except ConfigError:  # a zero baseline (a --quick run's untrained classifier): no ratio exists
             return None
 
-    names = ["single-task", "hard-sharing"] + [f"automtl@{b}" for b in BUDGETS] + ["random@1.5x"]
+    names = (["single-task", "hard-sharing"] + [f"automtl@{b}" for b in BUDGETS] + ["random@1.5x"]
+             + [f"automtl@{b} search weights" for b in BUDGETS])
     per_seed = {}
     for seed in seeds:
         singles = [done.get(f"single:{t.name}/{seed}") for t in tasks_of(bench["data"])]
@@ -163,7 +177,9 @@ def summarize(bench: dict, seeds, done: dict) -> dict:
         row = {"single-task": {"metrics": single, "parameters": sum(s["parameters"] for s in singles),
                                "delta_mtl": 0.0, "policy": None}}
         for name in names[1:]:
-            r = done.get(f"{name}/{seed}")
+            r = done.get(f"{name.split()[0]}/{seed}")
+            if r is not None and name.endswith("search weights"):
+                r = {**r, **r["search_weights"]} if r.get("search_weights") else None
             if r is not None:
                 row[name] = {**r, "delta_mtl": gain(r["metrics"], single)}
         per_seed[seed] = row
