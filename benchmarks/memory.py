@@ -80,7 +80,7 @@ def child(case: str, backbone: str, size: int, batch: int, steps: int) -> dict:
     from automtl.heads import DenseHead
     from automtl.losses import loss_for
     from automtl.reference import run_task_by_task
-    from automtl.search import _Search
+    from automtl.search import _make_optimizer, _Search
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -99,7 +99,8 @@ def child(case: str, backbone: str, size: int, batch: int, steps: int) -> dict:
             channels = bb(example).shape[1]
         head = DenseHead(channels, TASKS[0].outputs)
         bb, head = bb.to(device), head.to(device)
-        opt = torch.optim.Adam(list(bb.parameters()) + list(head.parameters()), lr=1e-3)
+        opt = _make_optimizer(cfg.weight_optimizer, list(bb.parameters()) + list(head.parameters()), cfg.lr,
+                              cfg.momentum, cfg.weight_decay)
         loss = loss_for(TASKS[0])
 
         held = [bb, head, opt]

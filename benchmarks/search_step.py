@@ -35,7 +35,7 @@ from automtl.fileio import atomic_write_text
 from automtl.heads import DenseHead
 from automtl.losses import loss_for
 from automtl.reference import run_task_by_task
-from automtl.search import _Search
+from automtl.search import _make_optimizer, _Search
 from automtl.supermodel import supermodel
 from automtl.tasks import Task
 
@@ -69,7 +69,9 @@ class PerTaskLoop:
     def __init__(self, sm, config: SearchConfig):
         self.sm, self.config = sm.soft(config.tau_start), config
         self.losses = {t.name: loss_for(t) for t in sm.tasks}
-        self.weight_opt = torch.optim.Adam(list(sm.weight_parameters()), lr=config.lr)
+        # the same (fused) weight optimizer as automtl's search, so that only the forward/backward differs
+        self.weight_opt = _make_optimizer(config.weight_optimizer, sm.weight_parameters(), config.lr,
+                                          config.momentum, config.weight_decay)
         self.policy_opt = torch.optim.Adam(sm.policy_parameters(), lr=config.policy_lr)
 
     def step(self, x, y, policy_step: bool, seed: int) -> None:

@@ -2,6 +2,7 @@
 
     python benchmarks/summary.py            # writes benchmarks/results/summary.md and prints it
     python benchmarks/summary.py --out /tmp/summary.md
+    python benchmarks/summary.py --readme README.md   # also splice them into the README between its markers
 
 Reads whatever results exist (build_time, search_step, inference, memory, scaling, quality) and
 skips the rest, so the README's tables are generated from the measurements, never typed in.
@@ -15,6 +16,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS  # noqa: E402
+
+
+START, END = "<!-- benchmarks:start -->", "<!-- benchmarks:end -->"
 
 
 def _load(name: str):
@@ -74,6 +78,7 @@ def memory(d) -> list:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=RESULTS / "summary.md")
+    ap.add_argument("--readme", type=Path, help=f"replace the text between {START!r} and {END!r} in this file")
     args = ap.parse_args(argv)
     parts = []
     for name, fn in (("build_time", build_time), ("search_step", search_step), ("inference", inference),
@@ -88,6 +93,12 @@ def main(argv=None) -> int:
             parts.append("")
     text = "\n".join(parts) + "\n"
     args.out.write_text(text)
+    if args.readme is not None:
+        readme = args.readme.read_text()
+        if START not in readme or END not in readme:
+            raise SystemExit(f"{args.readme} has no {START} ... {END} markers; add them where the tables go")
+        head, rest = readme.split(START, 1)
+        args.readme.write_text(head + START + "\n" + text + END + rest.split(END, 1)[1])
     print(text)
     return 0
 

@@ -61,7 +61,12 @@ def test_memory_reports_every_case(tmp_path):
     assert cases["train/backbone"]["total_ratio"] == 1.0 and cases["search/batched"]["held_mib"] > cases["train/backbone"]["held_mib"]
 
 
-def test_summary_renders_the_committed_results(tmp_path):
-    run("summary.py", "--out", tmp_path / "summary.md")
+def test_summary_renders_the_committed_results_into_a_readme(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- benchmarks:start -->\nold tables\n<!-- benchmarks:end -->\noutro\n")
+    run("summary.py", "--out", tmp_path / "summary.md", "--readme", readme)
     text = (tmp_path / "summary.md").read_text()
     assert "**One search step**" in text and "**All-task inference**" in text and "Δ_MTL" in text
+    spliced = readme.read_text()
+    assert spliced.startswith("intro\n<!-- benchmarks:start -->\n**") and spliced.endswith("<!-- benchmarks:end -->\noutro\n")
+    assert "old tables" not in spliced and text in spliced
