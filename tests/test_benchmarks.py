@@ -45,10 +45,15 @@ def test_quality_quick_run_on_multifashion(tmp_path):
     data = json.loads((tmp_path / "quality.json").read_text())
     assert data["complete"] is True
     res = data["results"]["multifashion/small_resnet"]
-    assert set(res["summary"]) == {"single-task", "hard-sharing", "automtl@1.0x", "automtl@1.5x", "automtl@2.0x", "random@1.5x"}
+    budgets = ("1.0x", "1.5x", "2.0x")
+    assert set(res["summary"]) == ({"single-task", "hard-sharing", "random@1.5x"} | {f"automtl@{b}" for b in budgets}
+                                   | {f"automtl@{b} search weights" for b in budgets})
     # the control is the random policy whose size is nearest automtl@1.5x's
     jobs = data["jobs"]["multifashion/small_resnet"]
     assert jobs["random@1.5x/0"]["parameters"] > 0 and "automtl@1.5x" in (tmp_path / "quality.md").read_text()
+    # the found architecture is retrained: same size as the search's own model, metrics of its own
+    found = jobs["automtl@1.5x/0"]
+    assert found["search_weights"]["parameters"] == found["parameters"]
     assert "wrote" in out
 
 
