@@ -60,9 +60,10 @@ class Policy:
             raise ConfigError(f"probs must be three non-negative weights for share, specialize, skip, got {tuple(probs)}")
         rng = _random.Random(seed)
         skip_legal = list(skip_legal) if skip_legal is not None else [True] * len(layers)
+        without_skip = [probs[0], probs[1], 0.0] if probs[0] + probs[1] > 0 else [1.0, 0.0, 0.0]
         rows = []
         for legal in skip_legal:
-            weights = list(probs) if legal else [probs[0], probs[1], 0.0] if probs[0] + probs[1] > 0 else [1.0, 0.0, 0.0]
+            weights = list(probs) if legal else without_skip
             rows.append([rng.choices((SHARE, SPECIALIZE, SKIP), weights=weights)[0] for _ in tasks])
         return cls(list(layers), list(tasks), rows)
 

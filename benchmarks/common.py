@@ -8,6 +8,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -42,12 +43,17 @@ def median_time(fn, repeats: int = 5, warmup: int = 1) -> dict:
     return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "repeats": repeats}
 
 
-def write_result(name: str, payload: dict) -> Path:
-    """Write ``benchmarks/results/<name>.json`` atomically and return its path."""
+def write_result(name: str, payload: dict, path: Optional[Path] = None) -> Path:
+    """Write ``payload`` with the machine facts as JSON, atomically, to ``path`` (default
+    ``benchmarks/results/<name>.json``) and return the path."""
+    path = Path(path) if path is not None else RESULTS / f"{name}.json"
+    payload = {"benchmark": name, "machine": machine(), "when": time.strftime("%Y-%m-%d %H:%M:%S"), **payload}
+    write_text(path, json.dumps(payload, indent=2) + "\n")
+    return path
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write a result file atomically (its folder made first): a killed run leaves the old one whole."""
     from automtl.fileio import atomic_write_text
 
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
-    payload = {"benchmark": name, "machine": machine(), "when": time.strftime("%Y-%m-%d %H:%M:%S"), **payload}
-    atomic_write_text(path, json.dumps(payload, indent=2) + "\n")
-    return path
+    atomic_write_text(path, text)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -35,7 +36,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, write_result  # noqa: E402
+from common import write_result  # noqa: E402
 
 CASES = ["train/backbone", "search/batched", "search/per_task_loop", "infer/backbone", "infer/separate",
          "infer/compact/all-share", "infer/compact/all-specialize", "infer/compact/random", "infer/automtl_hard/random"]
@@ -207,7 +208,7 @@ def main(argv=None) -> int:
         for case in CASES:
             cmd = [sys.executable, __file__, "--child", json.dumps([case, backbone]), "--size", str(args.size),
                    "--batch", str(args.batch), "--steps", str(args.steps)]
-            proc = subprocess.run(cmd, capture_output=True, text=True, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+            proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
             if proc.returncode != 0:
                 sys.stderr.write(proc.stderr)
                 raise SystemExit(f"case {case} on {backbone} failed (exit {proc.returncode}); its error is above")
@@ -227,12 +228,7 @@ def main(argv=None) -> int:
                        "workspaces); held: weights, buffers and optimizer state kept between steps; total = both; ratios: "
                        "train and search cases against train/backbone, inference cases against infer/backbone",
                "results": rows}
-    if args.out is None:
-        path = write_result("memory", payload)
-    else:
-        path = args.out
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"benchmark": "memory", "machine": machine(), **payload}, indent=2) + "\n")
+    path = write_result("memory", payload, args.out)
     print(f"wrote {path}")
     return 0
 

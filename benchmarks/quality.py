@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, machine, write_result  # noqa: E402
+from common import RESULTS, write_result, write_text  # noqa: E402
 
 BUDGETS = ("1.0x", "1.5x", "2.0x")
 #: The metrics that enter Δ_MTL, per task kind (the usual ones of the MTL literature; the
@@ -256,16 +256,15 @@ def main(argv=None) -> int:
                 done[k] = res
     started = time.time()
 
-    def save(complete: bool) -> None:
+    def save(complete: bool) -> str:
+        """Rewrite quality.json and quality.md from the jobs done so far; return the markdown."""
         results = {k: {"benchmark": benches[k], **summarize(benches[k], seeds, done[k])} for k in benches}
         payload = {"complete": complete, "seeds": seeds, "quick": args.quick, "seconds": round(time.time() - started, 1),
                    "results": results, "jobs": done}
-        if args.out == RESULTS:
-            write_result("quality", payload)
-        else:
-            args.out.mkdir(parents=True, exist_ok=True)
-            out_json.write_text(json.dumps({"benchmark": "quality", "machine": machine(), **payload}, indent=2) + "\n")
-        (args.out / "quality.md").write_text(markdown(results))
+        write_result("quality", payload, out_json)
+        table = markdown(results)
+        write_text(args.out / "quality.md", table)
+        return table
 
     queue = [(k, seed, m) for seed in seeds for k in benches for m in methods_of(benches[k]) if f"{m}/{seed}" not in done[k]]
     waiting = [(k, seed) for seed in seeds for k in benches if f"random@1.5x/{seed}" not in done[k]]
@@ -294,10 +293,10 @@ def main(argv=None) -> int:
                       f"{done[k][f'{m}/{seed}']['seconds']:.0f} s", flush=True)
             submit_ready_controls()
             save(complete=False)
-    save(complete=True)
+    table = save(complete=True)
     if not args.quick and args.out == RESULTS:
         save_found_policies(benches, done, seeds[0])
-    print(markdown({k: {"benchmark": benches[k], **summarize(benches[k], seeds, done[k])} for k in benches}))
+    print(table)
     print(f"wrote {out_json} in {time.time() - started:.0f} s")
     return 0
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, write_result  # noqa: E402
+from common import RESULTS, write_result, write_text  # noqa: E402
 from inference import run_one  # noqa: E402
 from search_step import TASK_POOL, measure  # noqa: E402
 
@@ -84,15 +84,8 @@ def main(argv=None) -> int:
     table = markdown([r[args.clock] for r in rows], args.backbone, args.size, args.batch, args.clock)
     payload = {"backbone": args.backbone, "size": args.size, "batch": args.batch, "clock": args.clock,
                "rows": rows, "search_step": steps, "inference": infers}
-    if args.out == RESULTS:
-        path = write_result("scaling", payload)
-    else:
-        import json
-
-        args.out.mkdir(parents=True, exist_ok=True)
-        path = args.out / "scaling.json"
-        path.write_text(json.dumps(payload, indent=2) + "\n")
-    (args.out / "scaling.md").write_text(table)
+    path = write_result("scaling", payload, args.out / "scaling.json")
+    write_text(args.out / "scaling.md", table)
     print(table)
     print(f"wrote {path}")
     return 0

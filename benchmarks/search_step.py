@@ -18,9 +18,7 @@ of the batched pass is a ratio measured side by side (``speedup_vs_per_task_loop
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -31,13 +29,13 @@ import torch.nn.functional as F
 
 from automtl.backbones import build_backbone
 from automtl.config import SearchConfig
-from automtl.fileio import atomic_write_text
 from automtl.heads import DenseHead
 from automtl.losses import loss_for
 from automtl.reference import run_task_by_task
 from automtl.search import _make_optimizer, _Search
 from automtl.supermodel import supermodel
 from automtl.tasks import Task
+from common import write_result
 
 #: Dense tasks in the order they are added for the scaling table (T = 2, 3, 5 takes the first T).
 TASK_POOL = [Task("segmentation", "segmentation", classes=13), Task("depth", "depth"), Task("normal", "normal"),
@@ -202,10 +200,7 @@ def main(argv=None) -> int:
                 print(f"{name} {size}x{size} b{args.batch} [{clock}]: baseline "
                       f"{res[f'baseline_fwd_bwd_{clock}_s'] * 1e3:.1f} ms; {summary}", flush=True)
     report = {
-        "benchmark": "search_step",
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "cpu_count": os.cpu_count(), "python": sys.version.split()[0]},
-        "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "threads": torch.get_num_threads(),
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "note": "ratio = (r * median weight step + median policy step) / (r + 1) / median single-task forward+backward, "
                 "r = weight_steps_per_policy_step of the default config; 'cpu' uses process CPU time, robust to other "
@@ -213,9 +208,7 @@ def main(argv=None) -> int:
         "reference": {"automtl_resnet34_64": 6.6, "automtl_mobilenet_v2_64": 8.0, "target": 3.0},
         "results": results,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(args.out, json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    print(f"wrote {write_result('search_step', report, args.out)}")
     return 0
 
 

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS  # noqa: E402
+from common import RESULTS, write_text  # noqa: E402
 
 
 START, END = "<!-- benchmarks:start -->", "<!-- benchmarks:end -->"
@@ -92,13 +92,13 @@ def main(argv=None) -> int:
             parts.append(md.read_text().strip())
             parts.append("")
     text = "\n".join(parts) + "\n"
-    args.out.write_text(text)
+    write_text(args.out, text)
     if args.readme is not None:
         readme = args.readme.read_text()
         if START not in readme or END not in readme:
             raise SystemExit(f"{args.readme} has no {START} ... {END} markers; add them where the tables go")
         head, rest = readme.split(START, 1)
-        args.readme.write_text(head + START + "\n" + text + END + rest.split(END, 1)[1])
+        write_text(args.readme, head + START + "\n" + text + END + rest.split(END, 1)[1])
     print(text)
     return 0
 
