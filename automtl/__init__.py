@@ -9,7 +9,7 @@ from .capture import Capture, capture
 from .compact import CompactModel, compact
 from .config import SearchConfig
 from .errors import AutomtlError, BackboneError, ConfigError, DataError, FileFormatError
-from .export import export, export_onnx, load, save
+from .formats import export, export_onnx, load, load_pt2, save
 from .policy import Policy
 from .render import render
 from .search import SearchResult, evaluate, search
@@ -21,6 +21,6 @@ __version__ = "0.1.0"
 __all__ = [
     "AutomtlError", "BackboneError", "Capture", "CompactModel", "ConfigError", "DataError", "FileFormatError",
     "Policy", "SearchConfig", "SearchResult", "SuperModel", "Task", "build_backbone", "capture", "compact",
-    "evaluate", "export", "export_onnx", "list_backbones", "load", "load_weights", "render", "save", "search",
+    "evaluate", "export", "export_onnx", "list_backbones", "load", "load_pt2", "load_weights", "render", "save", "search",
     "supermodel",
 ]

@@ -249,7 +249,7 @@ def compact_cmd(run_dir, policy_path, finetune_steps, out, quiet):
     from .compact import compact
     from .convert import build_data, load_run
     from .errors import ConfigError
-    from .export import save
+    from .formats import save
     from .policy import Policy
     from .search import search
 
@@ -280,7 +280,7 @@ def export_cmd(model_path, out, batch):
     import torch
 
     from .errors import ConfigError
-    from .export import export, export_onnx, load
+    from .formats import export, export_onnx, load
 
     model = load(model_path)
     suffix = out.rsplit(".", 1)[-1].lower() if "." in out else ""
@@ -301,7 +301,7 @@ def render_cmd(source, out):
 
     Example: automtl render model.automtl sharing.png
     """
-    from .export import load
+    from .formats import load
     from .policy import Policy
     from .render import render
 
@@ -336,7 +336,7 @@ def eval_cmd(model_path, data, split, samples, input_size, batch_size, as_json):
     Example: automtl eval model.automtl --data synthetic --samples 256
     """
     from .evaluate import evaluate_model
-    from .export import load
+    from .formats import load
 
     model = load(model_path)
     metrics = evaluate_model(model, data, split=split, samples=samples, input_size=input_size, batch_size=batch_size)

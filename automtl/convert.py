@@ -216,7 +216,7 @@ def convert(cfg: ConvertConfig, out, resume: bool = False, quiet: bool = False,
     so that ``resume=True`` continues a killed run.
     """
     from .compact import compact
-    from .export import export, save
+    from .formats import export, save
     from .render import render
     from .report import compare
     from .search import search

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -32,27 +33,117 @@ def _umask() -> int:
     return mask
 
 
-def read_yaml(path: str | os.PathLike, what: str, error: type = None):
-    """Parse a YAML file; a missing, unreadable or malformed file is ``error`` naming the file and line."""
-    import yaml
+#: Bounds on every YAML file automtl reads (config, policy, run files and a bundle's model.yaml).
+MAX_YAML_BYTES = 32 * 2**20
+MAX_YAML_DEPTH = 32
 
+
+def read_regular_file(path: str | os.PathLike, what: str, max_bytes: int, error: type = None) -> bytes:
+    """The bytes of ``path``, refused unless it is a regular file of at most ``max_bytes``.
+
+    A FIFO, a device (``/dev/zero``), a socket or a directory is refused before anything is read
+    (the file is opened non-blocking, so a FIFO cannot hang the reader), and the size is checked
+    on the open descriptor, so what is read is what was checked.
+
+    Raises:
+        error (default :class:`ConfigError`): one sentence naming the file and what is wrong.
+    """
     from .errors import ConfigError
 
     error = error or ConfigError
     where = f"{what} {os.fspath(path)!r}"
     try:
-        text = Path(path).read_text()
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except FileNotFoundError:
         raise error(f"{where} does not exist; check the path") from None
+    except IsADirectoryError:
+        raise error(f"{where} is a directory, not a file; pass the file itself") from None
     except OSError as exc:
-        raise error(f"{where} cannot be read ({exc.strerror}); check its permissions") from None
+        raise error(f"{where} cannot be read ({exc.strerror or exc}); check the path and its permissions") from None
     try:
-        return yaml.safe_load(text)
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise error(f"{where} is a directory, not a file; pass the file itself")
+        if not stat.S_ISREG(st.st_mode):
+            raise error(f"{where} is not a regular file (a pipe, device or socket); pass a file on disk")
+        if st.st_size > max_bytes:
+            raise error(f"{where} is {st.st_size} bytes, more than the {max_bytes} automtl reads; "
+                        "check that this is the right file")
+        chunks, left = [], max_bytes + 1
+        while left > 0:
+            chunk = os.read(fd, min(left, 1 << 24))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+        data = b"".join(chunks)
+        if len(data) > max_bytes:
+            raise error(f"{where} grew past the {max_bytes} bytes automtl reads while it was read; check the file")
+        return data
+    except OSError as exc:
+        raise error(f"{where} cannot be read ({exc.strerror or exc}); check the path and its permissions") from None
+    finally:
+        os.close(fd)
+
+
+def _yaml_loader():
+    import yaml
+
+    return getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+def check_yaml_structure(text: str, where: str, error: type, max_depth: int = MAX_YAML_DEPTH) -> None:
+    """Refuse YAML anchors and aliases and nesting deeper than ``max_depth`` before anything is built.
+
+    Aliases are how a few bytes of YAML become gigabytes (the "billion laughs") or a recursive
+    structure; automtl never writes them, so none is accepted. The check walks the parser's
+    events, so its memory is bounded by the text.
+    """
+    import yaml
+
+    depth = 0
+    for event in yaml.parse(text, Loader=_yaml_loader()):
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise error(f"{where} uses a YAML anchor or alias (& or *), which automtl files never need; "
+                        "write the values out in full")
+        if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+            depth += 1
+            if depth > max_depth:
+                raise error(f"{where} nests more than {max_depth} levels deep; automtl files are flat, check the file")
+        elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+            depth -= 1
+
+
+def parse_yaml(raw: bytes | str, where: str, error: type, max_bytes: int = MAX_YAML_BYTES):
+    """Parse YAML text under automtl's bounds: size, no aliases, bounded nesting, safe tags only."""
+    import yaml
+
+    if len(raw) > max_bytes:
+        raise error(f"{where} is larger than the {max_bytes} bytes automtl reads as YAML; check the file")
+    try:
+        text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+        check_yaml_structure(text, where, error)
+        return yaml.load(text, Loader=_yaml_loader())
+    except UnicodeDecodeError:
+        raise error(f"{where} is not UTF-8 text; it is not a YAML file") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f" at line {mark.line + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None)
         raise error(f"{where} is not valid YAML{line}" + (f" ({problem})" if problem else "") + "; fix the syntax there") from None
+
+
+def read_yaml(path: str | os.PathLike, what: str, error: type = None):
+    """Parse a YAML file under automtl's bounds (:func:`read_regular_file`, :func:`parse_yaml`).
+
+    A missing, unreadable, oversized, non-regular or malformed file, an alias or a deep nesting is
+    ``error`` (default :class:`ConfigError`) naming the file and, for syntax errors, the line.
+    """
+    from .errors import ConfigError
+
+    error = error or ConfigError
+    raw = read_regular_file(path, what, MAX_YAML_BYTES, error)
+    return parse_yaml(raw, f"{what} {os.fspath(path)!r}", error)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

@@ -287,7 +287,7 @@ def format_inspect(stats: dict, policy: Optional[Policy]) -> str:
 
 def inspect_text(path: str | os.PathLike, repeats: int = 5, batch: int = 1) -> str:
     """What ``automtl inspect model.automtl`` prints: the tasks, the accounting and the policy grid."""
-    from .export import load
+    from .formats import load
 
     model = load(path)
     shape = model.input_shape or (1, 3, 64, 64)

@@ -1,0 +1,79 @@
+"""Values of an ``.automtl`` graph in a YAML-safe tagged form, and back.
+
+Plain YAML scalars and lists stand for themselves; everything else is a one-key mapping with a
+``$`` tag (``{"$node": name}``, ``{"$tuple": [...]}``, ``{"$dtype": "float32"}``, ...). Decoding
+accepts only these tags and builds only data: nodes, tuples, sizes, slices, dtypes, devices and
+memory formats. Dicts appear only as the graph's output.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, Optional
+
+import torch
+from torch import fx
+
+from ..errors import FileFormatError
+
+DTYPES = {str(d).split(".")[-1]: d for d in vars(torch).values() if isinstance(d, torch.dtype)}
+_MEMORY_FORMATS = {n: getattr(torch, n) for n in ("contiguous_format", "channels_last", "preserve_format")}
+_DEVICE = re.compile(r"^(cpu|cuda|mps|meta)(:[0-9]{1,3})?$")
+
+
+def encode(v: Any, where: str):
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    if isinstance(v, fx.Node):
+        return {"$node": v.name}
+    if isinstance(v, torch.Size):
+        return {"$size": [int(d) for d in v]}
+    if isinstance(v, tuple):
+        return {"$tuple": [encode(x, where) for x in v]}
+    if isinstance(v, list):
+        return [encode(x, where) for x in v]
+    if isinstance(v, dict):
+        return {"$dict": [[encode(k, where), encode(x, where)] for k, x in v.items()]}
+    if isinstance(v, slice):
+        return {"$slice": [encode(v.start, where), encode(v.stop, where), encode(v.step, where)]}
+    if isinstance(v, torch.dtype):
+        return {"$dtype": str(v).split(".")[-1]}
+    if isinstance(v, torch.device):
+        return {"$device": str(v)}
+    if isinstance(v, torch.memory_format):
+        return {"$memory_format": str(v).split(".")[-1]}
+    if v is Ellipsis:
+        return {"$ellipsis": None}
+    raise FileFormatError(
+        f"{where} holds a value of type {type(v).__name__}, which an .automtl file cannot store; "
+        "write a .pt2 with automtl.export() instead"
+    )
+
+
+def decode(v: Any, where: str, nodes: Optional[dict] = None):
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    if isinstance(v, list):
+        return [decode(x, where, nodes) for x in v]
+    if isinstance(v, dict) and len(v) == 1:
+        (tag, val), = v.items()
+        if tag == "$node" and nodes is not None:
+            if val not in nodes:
+                raise FileFormatError(f"{where} uses node {val!r} before it is defined; the file is corrupted, re-save the model")
+            return nodes[val]
+        if tag == "$tuple" and isinstance(val, list):
+            return tuple(decode(x, where, nodes) for x in val)
+        if tag == "$size" and isinstance(val, list) and all(isinstance(d, int) for d in val):
+            return torch.Size(val)
+        if tag == "$dict" and isinstance(val, list) and all(isinstance(p, list) and len(p) == 2 for p in val):
+            return {decode(k, where, nodes): decode(x, where, nodes) for k, x in val}
+        if tag == "$slice" and isinstance(val, list) and len(val) == 3:
+            return slice(*(decode(x, where, nodes) for x in val))
+        if tag == "$dtype" and val in DTYPES:
+            return DTYPES[val]
+        if tag == "$device" and isinstance(val, str) and _DEVICE.match(val):
+            return torch.device(val)
+        if tag == "$memory_format" and val in _MEMORY_FORMATS:
+            return _MEMORY_FORMATS[val]
+        if tag == "$ellipsis":
+            return Ellipsis
+    raise FileFormatError(f"{where} holds a value automtl cannot read ({str(v)[:60]}); the file is corrupted, re-save the model")

@@ -1,0 +1,114 @@
+"""Lowering a compact model to what an ``.automtl`` file can describe: torch.nn leaf modules only.
+
+Modules automtl owns (the conv+BN unit, the builtin heads) and torch.nn containers called as a
+whole are inlined by tracing them, so the bundle names only leaf modules of
+:data:`automtl.formats.modules.MODULES`. A node keeps its name and ``automtl_*`` meta, and the
+nodes inlined from it carry the same meta (the renderer groups them by it).
+"""
+from __future__ import annotations
+
+from torch import fx, nn
+
+from ..compact import META_CHOICE, META_LAYER, META_SOURCE, META_TASKS
+from ..errors import FileFormatError
+
+META_KEYS = (META_TASKS, META_LAYER, META_CHOICE, META_SOURCE)
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+def torch_nn_class(cls: type) -> bool:
+    """True for a public class of the torch.nn namespace itself (not a user's subclass of one)."""
+    return (isinstance(cls, type) and issubclass(cls, nn.Module) and not cls.__name__.startswith("_")
+            and getattr(nn, cls.__name__, None) is cls)
+
+
+class _InlineTracer(fx.Tracer):
+    """Traces through everything except torch.nn leaf modules."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return torch_nn_class(type(m)) and not isinstance(m, _CONTAINERS)
+
+
+def _needs_inlining(m: nn.Module) -> bool:
+    return isinstance(m, _CONTAINERS) or type(m).__module__.split(".")[0] == "automtl"
+
+
+def lower(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of ``gm`` whose call_module nodes all call torch.nn leaf modules (sharing gm's modules)."""
+    graph = fx.Graph()
+    env: dict = {}
+    traced: dict = {}  # module id -> its traced graph (one module can be called by several task classes)
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            mod = gm.get_submodule(node.target)
+            if _needs_inlining(mod):
+                env[node] = _inline(graph, gm, node, mod, env, traced)
+                continue
+            if isinstance(mod, nn.Identity):
+                env[node] = fx.map_arg(node.args[0], lambda n: env[n])
+                continue
+            if not torch_nn_class(type(mod)):
+                _custom_module_error(node.target, mod)
+        env[node] = graph.node_copy(node, lambda n: env[n])
+    lowered = fx.GraphModule(gm, graph, "CompactNet")
+    lowered.graph.eliminate_dead_code()
+    lowered.recompile()
+    return lowered
+
+
+def _custom_module_error(target: str, mod: nn.Module):
+    cls = type(mod)
+    raise FileFormatError(
+        f"module {target!r} is a {cls.__module__}.{cls.__qualname__}, not a torch.nn module, so an .automtl "
+        "file cannot describe it as data; build that head from torch.nn modules, or write a .pt2 with "
+        "automtl.export() instead"
+    )
+
+
+def _inline(graph: fx.Graph, gm: fx.GraphModule, node: fx.Node, mod: nn.Module, env: dict, traced: dict):
+    """Emit the traced body of ``mod`` in place of ``node``; returns the value that replaces it."""
+    try:
+        if id(mod) not in traced:
+            traced[id(mod)] = _InlineTracer().trace(mod)
+        sub = traced[id(mod)]
+    except Exception as exc:  # fx raises many types: all mean "not traceable"
+        raise FileFormatError(
+            f"module {node.target!r} ({type(mod).__name__}) cannot be traced into torch.nn operations "
+            f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); write a .pt2 with automtl.export() instead"
+        ) from exc
+    args = list(fx.map_arg(node.args, lambda n: env[n]))
+    kwargs = dict(fx.map_arg(node.kwargs, lambda n: env[n]))
+    local: dict = {}
+    result = None
+    body = [n for n in sub.nodes if n.op not in ("placeholder", "output")]
+    for n in sub.nodes:
+        if n.op == "placeholder":
+            if args:
+                local[n] = args.pop(0)
+            elif n.target in kwargs:
+                local[n] = kwargs.pop(n.target)
+            elif n.args:
+                local[n] = n.args[0]  # the parameter's default value
+            else:
+                raise FileFormatError(f"module {node.target!r} is called without its argument {n.target!r}")
+            continue
+        if n.op == "output":
+            result = fx.map_arg(n.args[0], lambda m: local[m])
+            continue
+        sub_mod = sub_target = None
+        if n.op in ("call_module", "get_attr"):
+            sub_target = f"{node.target}.{n.target}"
+            if n.op == "call_module":
+                sub_mod = gm.get_submodule(sub_target)
+                if not torch_nn_class(type(sub_mod)):
+                    _custom_module_error(sub_target, sub_mod)
+                if isinstance(sub_mod, nn.Identity):
+                    local[n] = fx.map_arg(n.args[0], lambda m: local[m])
+                    continue
+        last = n is body[-1] or all(u.op == "output" for u in n.users)
+        new = graph.create_node(n.op, sub_target if sub_target is not None else n.target,
+                                fx.map_arg(n.args, lambda m: local[m]), fx.map_arg(n.kwargs, lambda m: local[m]),
+                                name=node.name if last else f"{node.name}_{n.name}")
+        new.meta = {k: v for k, v in node.meta.items() if k in META_KEYS}
+        local[n] = new
+    return result
