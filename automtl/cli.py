@@ -312,14 +312,17 @@ def render_cmd(source, out):
 
 @main.command("inspect")
 @click.argument("model_path", type=click.Path(dir_okay=False))
-def inspect_cmd(model_path):
-    """Print the parameters, multiply-accumulates and latency of a .automtl model, and its policy.
+@click.option("--latency", is_flag=True, help="Also time the model on random inputs (this runs it; the rest is read from the graph's shapes).")
+def inspect_cmd(model_path, latency):
+    """Print the parameters and multiply-accumulates of a .automtl model, and its policy.
+
+    Counts come from the graph's static shapes: the model is not run unless --latency asks for timings.
 
     Example: automtl inspect model.automtl
     """
     from .report import inspect_text
 
-    click.echo(inspect_text(model_path))
+    click.echo(inspect_text(model_path, latency=latency))
 
 
 @main.command("eval")

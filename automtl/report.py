@@ -9,6 +9,7 @@ latency the compact model would have if its time scaled with its MACs from the b
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import statistics
 import time
@@ -44,23 +45,36 @@ def _mac_hook(total: list):
     return hook
 
 
-def count_macs(model: nn.Module, x: torch.Tensor, **kwargs) -> int:
+def count_macs(model: nn.Module, x: torch.Tensor, static: bool = False, **kwargs) -> int:
     """Multiply-accumulates per input sample of one ``model(x, **kwargs)`` (Conv2d, ConvTranspose2d, Linear).
 
     A conv counts output elements x in_channels/groups x kh x kw, a linear in x out per row;
     the total is divided by the batch size of ``x``. Runs in eval mode, without gradients.
+    With ``static=True`` the model runs on fake tensors (shapes only: no arithmetic, no data).
     """
     total = [0]
     hook = _mac_hook(total)
     handles = [m.register_forward_hook(hook) for m in model.modules()
                if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear))]
     try:
-        with _eval(model), torch.inference_mode():
-            model(x, **kwargs)
+        with _eval(model), torch.inference_mode(), _shapes_only(static) as fake:
+            model(fake(x) if fake else x, **kwargs)
     finally:
         for h in handles:
             h.remove()
     return int(total[0] // max(x.shape[0], 1))
+
+
+@contextlib.contextmanager
+def _shapes_only(static: bool):
+    """Under ``static``, a fake-tensor mode (torch's shape propagation) and a converter for inputs."""
+    if not static:
+        yield None
+        return
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        yield mode.from_tensor
 
 
 class _eval:
@@ -122,18 +136,21 @@ def _task_parameters(model: CompactModel, tasks: Optional[Sequence[str]]) -> int
 
 
 def model_stats(compact: CompactModel, input_shape: Sequence[int], tasks: Optional[Sequence[str]] = None,
-                repeats: int = 10, warmup: int = 1) -> dict:
+                repeats: int = 10, warmup: int = 1, latency: bool = True) -> dict:
     """Parameters, MACs per sample and median CPU latency of ``compact`` computing ``tasks`` (default all).
 
-    Latency is for one batch of ``input_shape`` (N, C, H, W) in eval mode; MACs are per sample.
+    Latency is for one batch of ``input_shape`` (N, C, H, W) in eval mode; MACs are per sample and
+    counted on shapes alone. With ``latency=False`` the model is never run on data (latency is None).
     """
     shape = _check_shape(input_shape)
     names = list(tasks) if tasks is not None else list(compact.task_names)
     run_tasks = None if names == compact.task_names else names
-    macs = count_macs(compact, _input(compact, (1,) + shape[1:]), tasks=run_tasks)
-    x = _input(compact, shape)
-    with _eval(compact):
-        timing = _median_latency(lambda: compact(x, tasks=run_tasks), repeats, warmup)
+    macs = count_macs(compact, _input(compact, (1,) + shape[1:]), static=True, tasks=run_tasks)
+    timing: dict = {"latency_s": None}
+    if latency:
+        x = _input(compact, shape)
+        with _eval(compact):
+            timing = _median_latency(lambda: compact(x, tasks=run_tasks), repeats, warmup)
     return {"tasks": names, "input_shape": list(shape), "parameters": _task_parameters(compact, run_tasks),
             "macs": macs, **timing}
 
@@ -285,13 +302,17 @@ def format_inspect(stats: dict, policy: Optional[Policy]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def inspect_text(path: str | os.PathLike, repeats: int = 5, batch: int = 1) -> str:
-    """What ``automtl inspect model.automtl`` prints: the tasks, the accounting and the policy grid."""
+def inspect_text(path: str | os.PathLike, repeats: int = 5, batch: int = 1, latency: bool = False) -> str:
+    """What ``automtl inspect model.automtl`` prints: the tasks, the accounting and the policy grid.
+
+    Parameters and MACs come from the graph's static shapes; the model runs on data only with
+    ``latency=True`` (the ``--latency`` flag), to time it.
+    """
     from .formats import load
 
     model = load(path)
     shape = model.input_shape or (1, 3, 64, 64)
-    stats = model_stats(model, (batch,) + tuple(shape[1:]), repeats=repeats)
+    stats = model_stats(model, (batch,) + tuple(shape[1:]), repeats=repeats, latency=latency)
     tasks = []
     for t in model.tasks:
         detail = f", {t.classes} classes" if t.classes is not None and t.kind != "regression" else (

@@ -433,6 +433,22 @@ def _read_weights(path: str, data: bytes) -> dict:
         raise _bad(path, f"has a malformed weights.safetensors ({str(exc)[:120]}); save the model again") from None
 
 
+#: Largest activation (elements) a bundle's graph may produce at its recorded input shape: 1 GiB of float32.
+MAX_ACTIVATION = 2**28
+
+
+class _BoundedShapes(fx.Interpreter):
+    """Runs on meta tensors and refuses a node whose output would be larger than MAX_ACTIVATION."""
+
+    def run_node(self, n: fx.Node):
+        out = super().run_node(n)
+        for t in (out if isinstance(out, (tuple, list)) else (out,)):
+            if isinstance(t, torch.Tensor) and t.numel() > MAX_ACTIVATION:
+                raise FileFormatError(f"has node {n.name!r} producing {t.numel()} elements at its recorded input shape, "
+                                      f"more than the {MAX_ACTIVATION} automtl allows; the file is crafted or corrupted")
+        return out
+
+
 def _dry_run(path: str, gm: fx.GraphModule, desc: dict, dtype: torch.dtype) -> None:
     """Run the graph once on the meta device: shapes must agree before any weight is read."""
     shape = desc.get("input_shape")
@@ -442,7 +458,9 @@ def _dry_run(path: str, gm: fx.GraphModule, desc: dict, dtype: torch.dtype) -> N
         raise _bad(path, "has an invalid input_shape; the file is corrupted, save the model again")
     try:
         with torch.no_grad():
-            gm.eval()(torch.empty(shape, device="meta", dtype=dtype))
+            _BoundedShapes(gm.eval()).run(torch.empty(shape, device="meta", dtype=dtype))
+    except FileFormatError as exc:
+        raise _bad(path, str(exc)) from None
     except Exception as exc:  # any op refusing its shapes
         raise _bad(path, f"has a graph that does not run at its recorded input shape {shape} ({str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__}); "
                          "the file is corrupted or crafted, save the model again") from None

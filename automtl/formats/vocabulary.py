@@ -43,7 +43,7 @@ FUNCTIONS: dict[str, tuple[Callable, str]] = {
         "add", "sub", "mul", "div", "cat", "concat", "stack", "flatten", "reshape", "transpose", "permute",
         "relu", "sigmoid", "tanh", "mean", "sum", "sqrt", "rsqrt", "exp", "abs", "clamp", "clamp_min",
         "clamp_max", "maximum", "minimum", "narrow", "squeeze", "unsqueeze", "matmul", "bmm", "softmax",
-        "roll", "channel_shuffle", "amax", "erf", "where", "zeros_like", "ones_like", "flip", "adaptive_avg_pool1d")},
+        "roll", "channel_shuffle", "amax", "erf", "where", "zeros_like", "ones_like", "flip")},
     **{f"torch.{n}": (getattr(torch, n), TENSORS) for n in ("chunk", "split", "unbind")},
     # torch.nn.functional.*
     **{f"torch.nn.functional.{n}": (getattr(F, n), TENSOR) for n in (
@@ -61,7 +61,7 @@ METHODS: dict[str, str] = {
         "expand_as", "view_as", "reshape_as", "narrow", "mean", "sum", "sqrt", "rsqrt", "clamp", "clamp_min",
         "clamp_max", "add", "sub", "mul", "div", "add_", "sub_", "mul_", "div_", "relu", "relu_", "sigmoid",
         "sigmoid_", "tanh", "exp", "abs", "neg", "pow", "softmax", "matmul", "float", "half", "bfloat16", "to",
-        "type_as", "repeat", "amax", "flip", "roll", "clone", "detach", "masked_fill", "clamp_", "hardtanh_")},
+        "type_as", "repeat", "amax", "flip", "roll", "clone", "detach", "masked_fill", "clamp_")},
     **{n: TENSORS for n in ("chunk", "split", "unbind")},
     "size": "size", "dim": INT,
 }

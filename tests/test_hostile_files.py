@@ -1,0 +1,499 @@
+"""Model files are data: a corpus of hostile files, each refused by every reader with one sentence.
+
+The corpus is generated here from one valid bundle: the read-write chain reported against the first
+reader, every way to reach a callable or I/O, pickles in every entry, zip and YAML bombs, duplicate
+entries, FIFOs and devices, truncations, and dtype/shape/layout lies. Each case is run through the
+Python ``load`` and the CLI readers (``inspect``, ``eval``, ``export``, ``render``); a refusal is exit
+code 2, one line on stderr naming the file, nothing written, no code run. Bombs run in a child
+process under a memory limit.
+"""
+import hashlib
+import io
+import warnings
+import json
+import os
+import pathlib
+import pickle
+import resource
+import struct
+import subprocess
+import sys
+import textwrap
+import zipfile
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+
+import automtl
+from automtl.cli import main
+from automtl.compact import compact
+from automtl.errors import FileFormatError
+from automtl.formats import load, load_pt2, save
+from automtl.policy import Policy
+from automtl.supermodel import supermodel
+from automtl.tasks import Task
+
+SIZE = 16
+TASKS = [Task("segment", "segmentation", classes=3), Task("depth", "depth")]
+
+
+@pytest.fixture(scope="module")
+def valid(tmp_path_factory):
+    torch.manual_seed(0)
+    sm = supermodel("tiny", TASKS, torch.randn(1, 3, SIZE, SIZE)).eval()
+    model = compact(sm, Policy.random(sm.layer_names, sm.task_names, sm.skip_legal, seed=1)).eval()
+    path = tmp_path_factory.mktemp("valid") / "model.automtl"
+    save(model, path)
+    with zipfile.ZipFile(path) as zf:
+        parts = {n: zf.read(n) for n in zf.namelist()}
+    return parts
+
+
+class Touch:
+    """Unpickling this creates a file: proof that code ran."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (pathlib.Path.touch, (pathlib.Path(self.marker),))
+
+
+def checksums(parts):
+    return "".join(f"{hashlib.sha256(parts[n]).hexdigest()}  {n}\n"
+                   for n in ("model.yaml", "weights.safetensors") if n in parts).encode()
+
+
+def write(path, entries, fix=True, compress=zipfile.ZIP_DEFLATED):
+    """Write a zip from (name, bytes) pairs; with fix, the checksums a forger would compute."""
+    entries = list(entries.items()) if isinstance(entries, dict) else list(entries)
+    if fix:
+        parts = dict(entries)
+        entries = [(n, checksums(parts) if n == "checksums" else d) for n, d in entries]
+    with zipfile.ZipFile(path, "w") as zf, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # duplicate names are the point of some cases
+        for name, data in entries:
+            zf.writestr(name, data, compress_type=zipfile.ZIP_STORED if name == "weights.safetensors" else compress)
+    return path
+
+
+def edit(parts, change):
+    desc = yaml.safe_load(parts["model.yaml"])
+    change(desc)
+    out = dict(parts)
+    out["model.yaml"] = yaml.safe_dump(desc, sort_keys=False).encode()
+    return out
+
+
+def node(name, op, target, *args, **kwargs):
+    entry = {"name": name, "op": op, "target": target, "args": list(args), "meta": {}}
+    if kwargs:
+        entry["kwargs"] = kwargs
+    return entry
+
+
+def insert_before_output(*nodes, use_last=True):
+    """Insert nodes before the output; with use_last, the first task's output becomes the last one."""
+    def change(desc):
+        out = desc["nodes"].pop()
+        desc["nodes"].extend(nodes)
+        if use_last:
+            pairs = out["args"][0]["$dict"]
+            pairs[0][1] = {"$node": nodes[-1]["name"]}
+        desc["nodes"].append(out)
+    return change
+
+
+def first(desc, op):
+    return next(n for n in desc["nodes"] if n["op"] == op)
+
+
+def first_input(desc):
+    return first(desc, "placeholder")["name"]
+
+
+def _chain(marker):
+    """The reported chain: bytes -> tensor -> .numpy() -> getattr(array, 'tofile') -> handle_torch_function."""
+    data = list(b"import os\n")
+    return insert_before_output(
+        node("t", "call_function", "torch.tensor", data, dtype={"$dtype": "uint8"}),
+        node("arr", "call_method", "numpy", {"$node": "t"}),
+        node("tofile", "call_function", "builtins.getattr", {"$node": "arr"}, "tofile"),
+        node("hf", "call_function", "torch.nn.functional.handle_torch_function", {"$node": "tofile"},
+             {"$tuple": [{"$node": "x"}]}, str(marker)),
+    )
+
+
+def _weights_header(parts, change):
+    data = parts["weights.safetensors"]
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + n])
+    change(header)
+    raw = json.dumps(header).encode()
+    out = dict(parts)
+    out["weights.safetensors"] = struct.pack("<Q", len(raw)) + raw + data[8 + n:]
+    return out
+
+
+def _first_key(header, dtype="F32", ndim=4):
+    return next(k for k, v in header.items() if k != "__metadata__" and v["dtype"] == dtype and len(v["shape"]) == ndim)
+
+
+def _set(header, key_fn, **values):
+    header[key_fn(header)].update(values)
+
+
+def _retag_dtype(header):
+    key = _first_key(header)
+    header[key]["dtype"] = "F64"
+    header[key]["shape"] = [header[key]["shape"][0] // 2] + header[key]["shape"][1:] if header[key]["shape"][0] % 2 == 0 \
+        else header[key]["shape"]
+
+
+def _bad_offsets(header):
+    key = _first_key(header)
+    start, end = header[key]["data_offsets"]
+    header[key]["data_offsets"] = [start, end + 10**9]
+
+
+def _torch_save(obj):
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+# (case id, how to build the hostile parts from the valid ones and a marker path)
+DESCRIPTION_CASES = {
+    "reported-chain": lambda p, m: edit(p, _chain(m)),
+    "torch.load": lambda p, m: edit(p, insert_before_output(node("l", "call_function", "torch.load", str(m)))),
+    "torch.save": lambda p, m: edit(p, insert_before_output(node("s", "call_function", "torch.save", {"$node": "x"}, str(m)))),
+    "torch.from_file": lambda p, m: edit(p, insert_before_output(node("f", "call_function", "torch.from_file", str(m), True, 8))),
+    "builtins.open": lambda p, m: edit(p, insert_before_output(node("o", "call_function", "builtins.open", str(m), "w"))),
+    "builtins.eval": lambda p, m: edit(p, insert_before_output(node("e", "call_function", "builtins.eval", "1"))),
+    "operator.methodcaller": lambda p, m: edit(p, insert_before_output(node("c", "call_function", "operator.methodcaller", "tofile"))),
+    "operator.attrgetter": lambda p, m: edit(p, insert_before_output(node("c", "call_function", "operator.attrgetter", "numpy"))),
+    "handle_torch_function": lambda p, m: edit(p, insert_before_output(
+        node("h", "call_function", "torch.nn.functional.handle_torch_function", {"$node": "x"}, {"$tuple": []}))),
+    "aten-namespace": lambda p, m: edit(p, insert_before_output(node("a", "call_function", "torch.ops.aten.add", {"$node": "x"}, 1))),
+    "numpy-function": lambda p, m: edit(p, insert_before_output(node("n", "call_function", "numpy.save", str(m), 1))),
+    **{f"method-{meth}": (lambda meth: lambda p, m: edit(p, insert_before_output(
+        node("q", "call_method", meth, {"$node": "x"}))))(meth)
+       for meth in ("numpy", "tolist", "tofile", "untyped_storage", "storage", "data_ptr", "__reduce_ex__",
+                    "register_hook", "apply_", "map_", "share_memory_", "item", "__class__")},
+    "getattr-private": lambda p, m: edit(p, insert_before_output(node("g", "call_function", "builtins.getattr", {"$node": "x"}, "__class__"))),
+    "getattr-data": lambda p, m: edit(p, insert_before_output(node("g", "call_function", "builtins.getattr", {"$node": "x"}, "data"))),
+    "getattr-on-size": lambda p, m: edit(p, insert_before_output(
+        node("sz", "call_function", "builtins.getattr", {"$node": "x"}, "shape"),
+        node("g", "call_function", "builtins.getattr", {"$node": "sz"}, "index"))),
+    "method-on-size": lambda p, m: edit(p, insert_before_output(
+        node("sz", "call_function", "builtins.getattr", {"$node": "x"}, "shape"),
+        node("g", "call_method", "view", {"$node": "sz"}, 1))),
+    "method-on-dtype": lambda p, m: edit(p, insert_before_output(
+        node("dt", "call_function", "builtins.getattr", {"$node": "x"}, "dtype"),
+        node("g", "call_method", "to", {"$node": "dt"}))),
+    "string-path-argument": lambda p, m: edit(p, insert_before_output(node("r", "call_method", "reshape", {"$node": "x"}, "/etc/passwd"))),
+    "huge-integer": lambda p, m: edit(p, insert_before_output(node("r", "call_method", "repeat", {"$node": "x"}, 10**12, 1, 1, 1))),
+    "unknown-tag": lambda p, m: edit(p, insert_before_output(node("r", "call_method", "to", {"$node": "x"}, {"$python": "os.system"}))),
+    "device-string": lambda p, m: edit(p, insert_before_output(node("r", "call_method", "to", {"$node": "x"}, {"$device": "file:///etc"}))),
+    "dict-argument": lambda p, m: edit(p, insert_before_output(node("r", "call_method", "add", {"$node": "x"}, {"$dict": [["a", 1]]}))),
+    "module-class": lambda p, m: edit(p, lambda d: d["modules"][0].update({"class": "Module"})),
+    "module-subprocess": lambda p, m: edit(p, lambda d: d["modules"][0].update({"class": "Popen"})),
+    "module-container": lambda p, m: edit(p, lambda d: d["modules"][0].update({"class": "Sequential", "args": {}})),
+    "module-arg-type": lambda p, m: edit(p, lambda d: next(x for x in d["modules"] if x["class"] == "Conv2d")["args"].update(padding_mode="evil")),
+    "module-arg-unknown": lambda p, m: edit(p, lambda d: next(x for x in d["modules"] if x["class"] == "Conv2d")["args"].update(process_group=1)),
+    "module-arg-node": lambda p, m: edit(p, lambda d: next(x for x in d["modules"] if x["class"] == "Conv2d")["args"].update(
+        in_channels={"$node": "x"})),
+    "get_attr-outside": lambda p, m: edit(p, insert_before_output(node("g", "get_attr", "__class__.__init__"))),
+    "call_module-unknown": lambda p, m: edit(p, insert_before_output(node("g", "call_module", "os.system", {"$node": "x"}))),
+    "output-not-tensors": lambda p, m: edit(p, lambda d: d["nodes"][-1]["args"][0]["$dict"][0].__setitem__(1, "text")),
+    "two-outputs": lambda p, m: edit(p, lambda d: d["nodes"].append(dict(d["nodes"][-1], name="output2"))),
+    "code-in-name": lambda p, m: edit(p, lambda d: d["nodes"][1].update(name="x;import os")),
+    "forward-reference": lambda p, m: edit(p, lambda d: first(d, "call_module").update(args=[{"$node": "later"}])),
+    "format-1": lambda p, m: {**{k: v for k, v in p.items() if k != "weights.safetensors"},
+                              "weights.pt": _torch_save({"w": torch.zeros(1)})},
+}
+
+ENTRY_CASES = {
+    "pickle-as-model.yaml": lambda p, m: {**p, "model.yaml": pickle.dumps(Touch(m))},
+    "pickle-as-weights": lambda p, m: {**p, "weights.safetensors": pickle.dumps({"w": Touch(m)})},
+    "torch.save-as-weights": lambda p, m: {**p, "weights.safetensors": _torch_save({"w": Touch(m)})},
+    "pickle-as-checksums": lambda p, m: {**p, "checksums": pickle.dumps(Touch(m))},
+    "extra-pickle-entry": lambda p, m: [*p.items(), ("weights.pt", pickle.dumps(Touch(m)))],
+    "duplicate-model.yaml": lambda p, m: [("model.yaml", edit(p, lambda d: d.update(tasks=[]))["model.yaml"]), *p.items()],
+    "duplicate-weights": lambda p, m: [*p.items(), ("weights.safetensors", p["weights.safetensors"])],
+    "alias-bomb": lambda p, m: {**p, "model.yaml": b"a: &a [x,x,x,x,x,x,x,x,x]\n" + b"".join(
+        f"{chr(98 + i)}: &{chr(98 + i)} [*{chr(97 + i)},*{chr(97 + i)},*{chr(97 + i)},*{chr(97 + i)},*{chr(97 + i)},*{chr(97 + i)},*{chr(97 + i)},*{chr(97 + i)},*{chr(97 + i)}]\n".encode()
+        for i in range(9))},
+    "recursive-alias": lambda p, m: {**p, "model.yaml": b"automtl_bundle: 2\nnodes: &a [*a]\n"},
+    "deep-nesting": lambda p, m: {**p, "model.yaml": b"[" * 5000 + b"]" * 5000},
+    "python-tag": lambda p, m: {**p, "model.yaml": b"!!python/object/apply:os.system ['touch " + str(m).encode() + b"']\n"},
+    "dtype-lie-float64": lambda p, m: _weights_header(p, _retag_dtype),
+    "dtype-lie-int": lambda p, m: _weights_header(p, lambda h: _set(h, _first_key, dtype="I32")),
+    "shape-lie": lambda p, m: _weights_header(p, lambda h: _set(h, _first_key, shape=[1, 1, 1, 1])),
+    "offsets-out-of-range": lambda p, m: _weights_header(p, _bad_offsets),
+    "header-length-huge": lambda p, m: {**p, "weights.safetensors": struct.pack("<Q", 2**62) + p["weights.safetensors"][8:]},
+    "missing-tensor": lambda p, m: _weights_header(p, lambda h: h.pop(_first_key(h))),
+    "sparse-layout": lambda p, m: {**p, "weights.safetensors": _torch_save({"w": torch.eye(3).to_sparse()})},
+    "float64-attribute-declared": lambda p, m: edit(p, lambda d: d.update(dtype="complex128")),
+}
+
+ALL_CASES = {**DESCRIPTION_CASES, **ENTRY_CASES}
+
+
+def hostile(valid, tmp_path, case):
+    marker = tmp_path / "pwned"
+    parts = ALL_CASES[case](valid, marker)
+    return write(tmp_path / "hostile.automtl", parts, fix=case != "pickle-as-checksums"), marker
+
+
+def assert_refused(result, path, before):
+    assert result.exit_code == 2, (result.exit_code, result.output)
+    lines = [l for l in result.output.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and str(path) in lines[0], result.output
+    assert "Traceback" not in result.output
+    assert sorted(os.listdir(path.parent)) == before, "a reader wrote a file"
+
+
+@pytest.mark.parametrize("case", sorted(ALL_CASES))
+def test_load_refuses(valid, tmp_path, case):
+    path, marker = hostile(valid, tmp_path, case)
+    with pytest.raises(FileFormatError, match="model file"):
+        load(path)
+    assert not marker.exists()
+
+
+READERS = {
+    "inspect": lambda p, out: ["inspect", p],
+    "inspect-latency": lambda p, out: ["inspect", p, "--latency"],
+    "eval": lambda p, out: ["eval", p, "--samples", "4", "--input-size", str(SIZE)],
+    "export": lambda p, out: ["export", p, out / "model.pt2"],
+    "render": lambda p, out: ["render", p, out / "sharing.svg"],
+}
+
+
+@pytest.mark.parametrize("reader", sorted(READERS))
+@pytest.mark.parametrize("case", ["reported-chain", "method-numpy", "getattr-private", "module-class", "pickle-as-weights",
+                                  "alias-bomb", "duplicate-model.yaml", "dtype-lie-float64", "shape-lie", "format-1"])
+def test_cli_readers_refuse_with_one_sentence(valid, tmp_path, reader, case):
+    path, marker = hostile(valid, tmp_path, case)
+    before = sorted(os.listdir(tmp_path))
+    result = CliRunner().invoke(main, [str(a) for a in READERS[reader](path, tmp_path)])
+    assert_refused(result, path, before)
+    assert not marker.exists()
+
+
+def test_cli_refuses_every_description_case_on_inspect(valid, tmp_path):
+    for case in sorted(ALL_CASES):
+        path, marker = hostile(valid, tmp_path, case)
+        before = sorted(os.listdir(tmp_path))
+        assert_refused(CliRunner().invoke(main, ["inspect", str(path)]), path, before)
+        assert not marker.exists(), case
+
+
+@pytest.mark.parametrize("cut", [0.1, 0.5, 0.9, 0.999])
+def test_truncated_bundles(valid, tmp_path, cut):
+    path = write(tmp_path / "m.automtl", valid)
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * cut)])
+    with pytest.raises(FileFormatError, match="model file"):
+        load(path)
+
+
+def test_fifo_device_and_directory_are_refused_without_reading(tmp_path):
+    fifo = tmp_path / "model.automtl"
+    os.mkfifo(fifo)  # nobody writes to it: a reader that opens it blocking hangs
+    for path in (fifo, "/dev/zero", tmp_path):
+        with pytest.raises(FileFormatError, match="not a regular file|directory"):
+            load(path)
+        result = CliRunner().invoke(main, ["inspect", str(path)])
+        assert result.exit_code == 2 and "Traceback" not in result.output
+    with pytest.raises(FileFormatError, match="not a regular file"):
+        Policy.load(fifo)
+
+
+def test_size_cap_is_checked_before_reading(valid, tmp_path):
+    path = write(tmp_path / "m.automtl", valid)
+    with pytest.raises(FileFormatError, match="more than the 1000 automtl reads"):
+        load(path, max_bytes=1000)
+
+
+# ---------------------------------------------------------------------------------------
+# bombs, under a memory limit in a child process
+# ---------------------------------------------------------------------------------------
+_LIMITED = textwrap.dedent("""
+    import resource, sys
+    limit = int(sys.argv[1])
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    from automtl.cli import main
+    sys.argv = ["automtl", *sys.argv[2:]]
+    main()
+""")
+MEMORY_LIMIT = 2 * 2**30  # the CLI imports in ~0.7 GiB of address space; a bomb needs several GiB
+
+
+def run_limited(*args, timeout=120):
+    return subprocess.run([sys.executable, "-c", _LIMITED, str(MEMORY_LIMIT), *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _zip_bomb(valid, entry):
+    """An entry of 2 GiB of zeros that deflates to about 2 MiB."""
+    class Zeros(io.RawIOBase):
+        def __init__(self, n):
+            self.left = n
+
+        def readinto(self, b):
+            k = min(len(b), self.left)
+            b[:k] = bytes(k)
+            self.left -= k
+            return k
+
+    def build(path):
+        with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+            for name, data in valid.items():
+                if name != entry:
+                    zf.writestr(name, data, compress_type=zipfile.ZIP_STORED)
+            info = zipfile.ZipInfo(entry)
+            info.compress_type = zipfile.ZIP_DEFLATED
+            with zf.open(info, "w", force_zip64=True) as f:
+                src = Zeros(2**31)
+                while chunk := src.read(2**24):
+                    f.write(chunk)
+        return path
+    return build
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("entry", ["model.yaml", "weights.safetensors"])
+def test_zip_bomb_is_refused_under_a_memory_limit(valid, tmp_path, entry):
+    path = _zip_bomb(valid, entry)(tmp_path / "bomb.automtl")
+    result = run_limited("inspect", path)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and ("beyond automtl's bounds" in result.stderr or "compression automtl never uses" in result.stderr), result.stderr
+
+
+def test_small_zip_bomb_is_refused_by_its_ratio(valid, tmp_path):
+    parts = dict(valid)
+    parts["model.yaml"] = b"#" * (30 * 2**20)  # 30 MiB of one byte deflates ~1000x
+    path = write(tmp_path / "bomb.automtl", parts)
+    result = run_limited("inspect", path)
+    assert result.returncode == 2 and "beyond automtl's bounds" in result.stderr, result.stderr
+
+
+BILLION_LAUGHS = "a: &a [lol,lol,lol,lol,lol,lol,lol,lol,lol]\n" + "".join(
+    f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 9)}]\n" for i in range(9))
+
+
+def test_alias_bombs_in_every_yaml_reader_under_a_memory_limit(valid, tmp_path):
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(BILLION_LAUGHS)
+    config = tmp_path / "config.yaml"
+    config.write_text(BILLION_LAUGHS)
+    bundle = write(tmp_path / "m.automtl", {**valid, "model.yaml": BILLION_LAUGHS.encode()})
+    for args, path in ((["render", policy, tmp_path / "p.svg"], policy), (["convert", "--config", config, "--out", tmp_path / "o"], config),
+                       (["inspect", bundle], bundle)):
+        result = run_limited(*args)
+        assert result.returncode == 2, (args, result.stderr)
+        assert result.stderr.strip().count("\n") == 0 and "anchor or alias" in result.stderr and str(path) in result.stderr
+    assert not (tmp_path / "p.svg").exists() and not (tmp_path / "o").exists()
+
+
+def test_policy_alias_bomb_in_compact(tmp_path):
+    run_dir = tmp_path / "run"
+    result = CliRunner().invoke(main, ["search", "tiny", "--steps", "1,1,0", "--samples", "8,4", "--input-size", str(SIZE),
+                                       "--quiet", "--out", str(run_dir)])
+    assert result.exit_code == 0, result.output
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(BILLION_LAUGHS)
+    out = tmp_path / "m.automtl"
+    result = run_limited("compact", run_dir, "--policy", policy, "--out", out, "--quiet")
+    assert result.returncode == 2 and "anchor or alias" in result.stderr and not out.exists(), result.stderr
+
+
+# ---------------------------------------------------------------------------------------
+# .pt2
+# ---------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def pt2(tmp_path_factory):
+    torch.manual_seed(0)
+    sm = supermodel("tiny", TASKS, torch.randn(1, 3, SIZE, SIZE)).eval()
+    model = compact(sm, Policy.uniform(sm.layer_names, sm.task_names, "share")).eval()
+    path = tmp_path_factory.mktemp("pt2") / "model.pt2"
+    automtl.export(model, path)
+    with zipfile.ZipFile(path) as zf:
+        return model, {i.filename: zf.read(i) for i in zf.infolist()}
+
+
+def _pt2_with(parts, change):
+    parts = dict(parts)
+    change(parts)
+    return parts
+
+
+def _rel(parts, suffix):
+    return next(n for n in parts if n.endswith(suffix))
+
+
+def _json_edit(parts, suffix, change):
+    name = _rel(parts, suffix)
+    data = json.loads(parts[name])
+    change(data)
+    parts[name] = json.dumps(data).encode()
+
+
+def _pickle_weight(parts, marker):
+    def change(cfg):
+        fqn = next(iter(cfg["config"]))
+        cfg["config"][fqn]["use_pickle"] = True
+        parts[_rel(parts, "data/weights/" + cfg["config"][fqn]["path_name"])] = _torch_save(Touch(marker))
+    _json_edit(parts, "_weights_config.json", change)
+
+
+def _first_target(program):
+    return program["graph_module"]["graph"]["nodes"][0]
+
+
+PT2_CASES = {
+    "pickled-weight": _pickle_weight,
+    "sample-inputs-pickle": lambda p, m: p.__setitem__(_rel(p, "sample_inputs/model.pt"), _torch_save(((Touch(m),), {}))),
+    "guards-code": lambda p, m: _json_edit(p, "models/model.json", lambda d: d.__setitem__(
+        "guards_code", [f"__import__('pathlib').Path({str(m)!r}).touch()"])),
+    "custom-op": lambda p, m: _json_edit(p, "models/model.json", lambda d: _first_target(d).__setitem__("target", "torch.ops.evil.run.default")),
+    "higher-order-op": lambda p, m: _json_edit(p, "models/model.json", lambda d: _first_target(d).__setitem__("target", "torch.ops.higher_order.cond")),
+    "legacy-weights": lambda p, m: p.__setitem__(_rel(p, "archive_format")[:-len("archive_format")] + "data/weights/model.pt", _torch_save(Touch(m))),
+    "aoti-binary": lambda p, m: p.__setitem__(_rel(p, "archive_format")[:-len("archive_format")] + "data/aotinductor/model/model.so", b"\x7fELF"),
+    "custom-object-constant": lambda p, m: _json_edit(p, "_constants_config.json", lambda d: d["config"].__setitem__(
+        "c", {"path_name": "custom_obj_0", "is_param": False, "use_pickle": True, "tensor_meta": None})),
+    "sympy-code": lambda p, m: _json_edit(p, "models/model.json", lambda d: d.__setitem__(
+        "range_constraints", {"__import__('os').system('true')": {"min_val": 1, "max_val": 2}})),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PT2_CASES))
+def test_load_pt2_refuses_code(pt2, tmp_path, case):
+    _, parts = pt2
+    marker = tmp_path / "pwned"
+    parts = dict(parts)
+    PT2_CASES[case](parts, marker)
+    path = tmp_path / "evil.pt2"
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, data in parts.items():
+            zf.writestr(name, data)
+    with pytest.raises(FileFormatError, match="program file"):
+        load_pt2(path)
+    assert not marker.exists()
+
+
+def test_load_pt2_reads_what_export_wrote(pt2, tmp_path):
+    model, parts = pt2
+    assert all(not data for name, data in parts.items() if "sample_inputs" in name)
+    path = tmp_path / "model.pt2"
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, data in parts.items():
+            zf.writestr(name, data)
+    x = torch.randn(3, 3, SIZE, SIZE)
+    got = load_pt2(path).module()(x)
+    with torch.no_grad():
+        want = model(x)
+    assert all(torch.allclose(got[t], want[t], atol=1e-6) for t in want)
