@@ -231,7 +231,13 @@ def _propagate(gm: fx.GraphModule, example_input: torch.Tensor) -> None:
 def _train_counterpart(backbone, gm: fx.GraphModule, graph: fx.Graph, feature: fx.Node, example_input) -> fx.Graph:
     """The train-mode graph, functionalized and cut at the node that matches the eval graph's feature node."""
     tgm = fx.GraphModule(backbone, graph, type(backbone).__name__)
-    _propagate(tgm, example_input)  # modules in eval mode: shapes only, no running statistics move
+    buffers = [(b, b.clone()) for b in backbone.buffers()]
+    try:
+        _propagate(tgm, example_input)  # for shapes only: train-mode code written in the forward may move statistics
+    finally:
+        with torch.no_grad():
+            for b, saved in buffers:
+                b.copy_(saved)
     functionalize(tgm, graph)
     _share_constants(gm, tgm)
     shape = _tensor_meta(feature).shape

@@ -19,7 +19,7 @@ from torch import fx, nn
 from .capture import count_parameters
 from .errors import AutomtlError
 from .policy import CHOICES, SHARE, SKIP, SPECIALIZE, Policy
-from .supermodel import PolicyLayer, SuperModel, repeat_tasks, taskwise_norm
+from .supermodel import PolicyLayer, SuperModel, repeat_tasks, taskwise_batch_norm, taskwise_norm
 from .tasks import Task
 
 #: node.meta keys set on every emitted node, read by render and the file format.
@@ -234,6 +234,9 @@ def _compile_graph(sm: SuperModel, policy: Policy, src: fx.Graph) -> fx.Graph:
             new = graph.node_copy(old, lambda n: lookup(n, members[0]))
             if new.op in ("call_module", "get_attr"):
                 new.target = f"net.{old.target}"
+            if new.target is taskwise_batch_norm:  # one batch per class of tasks here
+                new.target = F.batch_norm
+                new.kwargs = {k: v for k, v in new.kwargs.items() if k != "num_tasks"}
             if len(members) < T:
                 new.name = graph._graph_namespace.create_name(f"{old.name}__{'_'.join(names[t] for t in members)}", None)
             out.append((members, tag(new, members, old)))

@@ -59,6 +59,17 @@ def taskwise_norm(norm: nn.Module, x: torch.Tensor, num_tasks: int) -> torch.Ten
         norm.momentum = momentum
 
 
+def taskwise_batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1,
+                        eps=1e-5, num_tasks=1):
+    """``F.batch_norm`` (as a backbone's hand-written norm calls it) normalising each task's rows apart; see :func:`taskwise_norm`."""
+    if num_tasks == 1 or not (training or running_mean is None):
+        return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    if isinstance(momentum, float):
+        momentum = 1 - (1 - momentum) ** (1 / num_tasks)
+    return torch.cat([F.batch_norm(xt, running_mean, running_var, weight, bias, training, momentum, eps)
+                      for xt in input.chunk(num_tasks)])
+
+
 class ConvUnit(nn.Module):
     """A convolution and the normalisation layer after it: the unit a task shares, owns or skips."""
 
@@ -374,6 +385,9 @@ class SuperModel(nn.Module):
             if node in per_task and node.op == "call_module" and isinstance(
                     root.get_submodule(node.target), nn.modules.batchnorm._BatchNorm):
                 per_task.add(_taskwise(graph, node, T))
+            elif node in per_task and node.op == "call_function" and node.target is F.batch_norm:
+                node.target = taskwise_batch_norm
+                node.kwargs = {**node.kwargs, "num_tasks": T}
         out = next(n for n in graph.nodes if n.op == "output")
         (feat,) = out.args
         if feat not in per_task:
