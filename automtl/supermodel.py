@@ -384,7 +384,10 @@ class SuperModel(nn.Module):
                         node.replace_input_with(i, per_task_form(i, node))
             if node in per_task and node.op == "call_module" and isinstance(
                     root.get_submodule(node.target), nn.modules.batchnorm._BatchNorm):
-                per_task.add(_taskwise(graph, node, T))
+                new = _taskwise(graph, node, T)
+                per_task.add(new)
+                if node in depends_on_input:
+                    depends_on_input.add(new)
             elif node in per_task and node.op == "call_function" and node.target is F.batch_norm:
                 node.target = taskwise_batch_norm
                 node.kwargs = {**node.kwargs, "num_tasks": T}

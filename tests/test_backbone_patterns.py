@@ -248,3 +248,21 @@ def test_training_batches_never_end_with_a_short_last_batch():
     stream = _Stream(DataLoader(data, batch_size=16, shuffle=True), "train", 0, 0, 1, 16)
     it = stream.iterate(0)
     assert [len(next(it)[0]) for _ in range(4)] == [16] * 4
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_batched_pass_equals_task_by_task_with_shared_and_per_task_inputs(name):
+    from automtl.reference import run_task_by_task
+
+    _, sm = built(name)
+    sm = copy.deepcopy(sm).soft(0.7)
+    x = torch.randn(2, 3, SIZE, SIZE)
+    xs = {t: torch.randn(2, 3, SIZE, SIZE) for t in sm.task_names}
+    mix = sm.mixing_weights(torch.Generator().manual_seed(1))
+    modes = (False,) if name in RANDOM else (False, True)
+    with torch.no_grad():
+        for train in modes:
+            sm.train(train)
+            for inp in (x, xs):
+                a, b = sm(inp, mix=mix), run_task_by_task(sm, inp, mix)
+                assert all(close(a[t], b[t], 1e-4) for t in a), (name, train)
