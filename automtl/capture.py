@@ -2,14 +2,19 @@
 
 Everything later works on the :class:`Capture` this returns: a GraphModule whose output is
 the feature node, with every node's ``tensor_meta`` filled in from the example input.
+
+torch.fx turns ``self.training`` into a constant, so the backbone is traced twice: in eval
+mode (``graph_module``, what evaluation, the compact model and saved files run) and in train
+mode (``train_graph``, kept only when it differs: dropout, stochastic depth, ...). Both graphs
+call the same modules.
 """
 from __future__ import annotations
 
 import copy
-import difflib
 import os
 import traceback
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional, Sequence
 
 import torch
@@ -17,16 +22,24 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from .errors import BackboneError
+from .features import pick_feature_node
+from .graphpasses import functionalize, user_line
 
 
 @dataclass
 class Capture:
-    """A traced, shape-annotated and cut backbone."""
+    """A traced, shape-annotated and cut backbone.
+
+    ``train_graph`` is the train-mode graph over the same modules when the backbone behaves
+    differently in train mode (its nodes carry no shapes), else None.
+    """
 
     graph_module: fx.GraphModule
     feature_node: str
     input_shape: tuple
     feature_shape: tuple
+    train_graph: Optional[fx.Graph] = None
+    notes: list = field(default_factory=list)
 
     @property
     def conv_nodes(self) -> list[fx.Node]:
@@ -38,15 +51,21 @@ def is_conv_node(gm: fx.GraphModule, node: fx.Node) -> bool:
     return node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.Conv2d)
 
 
+#: Module kinds traced as one call (never through their forward): normalisation layers branch on
+#: ``self.training`` and read running statistics, which a trace through them would bake in.
+NORM_LEAVES = (nn.modules.batchnorm._NormBase, nn.GroupNorm)
+
+
 class _Tracer(fx.Tracer):
-    """The default tracer, plus the user's extra leaf module types."""
+    """The default tracer, plus normalisation layers of any class and the user's extra leaf module types."""
 
     def __init__(self, leaf_modules: Sequence[type] = ()):
         super().__init__()
-        self._extra_leaves = tuple(leaf_modules)
+        self.record_stack_traces = True  # errors name the user's line of a node
+        self._extra_leaves = tuple(leaf_modules) + NORM_LEAVES
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if self._extra_leaves and isinstance(m, self._extra_leaves):
+        if isinstance(m, self._extra_leaves):
             return True
         return super().is_leaf_module(m, qualname)
 
@@ -75,11 +94,10 @@ def _faulty_module(exc: BaseException, backbone: nn.Module) -> str:
     return f"{found[0]} ({found[1]})" if found else type(backbone).__name__
 
 
-def trace(backbone: nn.Module, leaf_modules: Sequence[type] = (), concrete_args: Optional[dict] = None) -> fx.GraphModule:
-    """Symbolically trace ``backbone``; a failure names the module and the Python line at fault."""
+def _trace_graph(backbone: nn.Module, leaf_modules: Sequence[type], concrete_args: Optional[dict]) -> fx.Graph:
     tracer = _Tracer(leaf_modules)
     try:
-        graph = tracer.trace(backbone, concrete_args=concrete_args)
+        return tracer.trace(backbone, concrete_args=concrete_args)
     except Exception as exc:  # fx raises many types; all mean "not traceable as written"
         frame = _user_frame(exc)
         where = f" at {frame.filename}:{frame.lineno} ({frame.line.strip() if frame.line else ''})" if frame else ""
@@ -89,7 +107,11 @@ def trace(backbone: nn.Module, leaf_modules: Sequence[type] = (), concrete_args:
             "mark that module as a leaf (leaf_modules=[ItsClass]) or fix its Python control flow with "
             "concrete_args, then try again"
         ) from exc
-    return fx.GraphModule(tracer.root, graph, type(backbone).__name__)
+
+
+def trace(backbone: nn.Module, leaf_modules: Sequence[type] = (), concrete_args: Optional[dict] = None) -> fx.GraphModule:
+    """Symbolically trace ``backbone`` (in its current mode); a failure names the module and the Python line at fault."""
+    return fx.GraphModule(backbone, _trace_graph(backbone, leaf_modules, concrete_args), type(backbone).__name__)
 
 
 def _tensor_meta(node: fx.Node):
@@ -106,8 +128,10 @@ def capture(
 ) -> Capture:
     """Trace ``backbone`` on ``example_input`` and cut it at the feature node.
 
-    The feature node is the last node with a 4-D output unless ``feature_node`` names one.
-    The backbone is copied first: converting never changes the user's module.
+    The default feature node is the deepest feature map before the spatial resolution collapses
+    (global pooling, flatten) and before a classifier layer; ``feature_node`` names a node or a
+    module path (``"layer4"``). The backbone is copied first: converting never changes the user's
+    module. Pruning masks and old-style weight norm are folded into the copy's weights.
     """
     if not isinstance(backbone, nn.Module):
         raise BackboneError(f"the backbone must be a torch.nn.Module, got {type(backbone).__name__}")
@@ -120,14 +144,76 @@ def capture(
             f"example_input has shape {tuple(example_input.shape)} but a CNN backbone needs a 4-D input "
             "(N, C, H, W); add the batch dimension, e.g. torch.randn(1, 3, 64, 64)"
         )
-    backbone = copy.deepcopy(backbone)
-    gm = trace(backbone, leaf_modules, concrete_args)
+    backbone = copy_backbone(backbone)
+    was_training = backbone.training
+    try:
+        eval_graph = _trace_graph(backbone.eval(), leaf_modules, concrete_args)
+        train_graph = _trace_graph(backbone.train(), leaf_modules, concrete_args)
+    finally:
+        backbone.train(was_training)
+    gm = fx.GraphModule(backbone, eval_graph, type(backbone).__name__)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(placeholders) != 1:
         raise BackboneError(
             f"the backbone's forward takes {len(placeholders)} inputs but automtl needs exactly one image tensor; "
             "wrap it in a module whose forward(x) takes one tensor, or fix the others with concrete_args"
         )
+    _propagate(gm, example_input)
+    functionalize(gm, gm.graph)
+    notes: list = []
+    node = pick_feature_node(gm, feature_node, notes)
+    for note in notes:
+        warnings.warn(note, stacklevel=3)
+    if not any(is_conv_node(gm, n) for n in _ancestors(node)):
+        raise BackboneError(
+            f"the backbone {type(backbone).__name__} has no Conv2d before its feature node {node.name!r}; "
+            "automtl converts convolutional backbones, so give it one with nn.Conv2d layers"
+        )
+    train_graph = _train_counterpart(backbone, gm, train_graph, node, example_input)
+    _cut(gm.graph, node)
+    train_graph = _drop_if_same(gm.graph, train_graph)
+    _delete_unused(gm, [gm.graph] + ([train_graph] if train_graph is not None else []))
+    gm.recompile()
+    return Capture(gm, node.name, tuple(example_input.shape), tuple(_tensor_meta(node).shape), train_graph, notes)
+
+
+def copy_backbone(backbone: nn.Module) -> nn.Module:
+    """A deep copy of ``backbone`` with pruning masks and old-style weight norm folded into the weights.
+
+    Both keep their weight as a computed (non-leaf) tensor that deepcopy refuses; the copy gets a
+    plain parameter with the same value, which fine-tuning may then change freely.
+    """
+    memo: dict = {}
+    for m in backbone.modules():
+        for k, v in list(vars(m).items()):
+            if isinstance(v, torch.Tensor) and not isinstance(v, nn.Parameter) and v.grad_fn is not None:
+                memo[id(v)] = v.detach().clone()
+    try:
+        copied = copy.deepcopy(backbone, memo)
+    except Exception as exc:
+        raise BackboneError(
+            f"the backbone {type(backbone).__name__} cannot be copied ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
+            "remove what holds non-copyable state (hooks, computed tensors) before converting it"
+        ) from exc
+    from torch.nn.utils import prune
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    for m in copied.modules():
+        for hook in list(m._forward_pre_hooks.values()):
+            if isinstance(hook, prune.BasePruningMethod):
+                name = hook._tensor_name
+                setattr(m, name, getattr(m, name).detach().clone())  # mask applied with the current orig
+                prune.remove(m, name)
+            elif isinstance(hook, WeightNorm):
+                name = hook.name
+                with torch.no_grad():
+                    w = hook.compute_weight(m)
+                torch.nn.utils.remove_weight_norm(m, name)
+                getattr(m, name).data.copy_(w)
+    return copied
+
+
+def _propagate(gm: fx.GraphModule, example_input: torch.Tensor) -> None:
     was_training = gm.training
     gm.eval()
     try:
@@ -141,14 +227,92 @@ def capture(
     finally:
         gm.train(was_training)
 
-    node = _pick_feature_node(gm, feature_node)
-    if not any(is_conv_node(gm, n) for n in _ancestors(node)):
+
+def _train_counterpart(backbone, gm: fx.GraphModule, graph: fx.Graph, feature: fx.Node, example_input) -> fx.Graph:
+    """The train-mode graph, functionalized and cut at the node that matches the eval graph's feature node."""
+    tgm = fx.GraphModule(backbone, graph, type(backbone).__name__)
+    buffers = [(b, b.clone()) for b in backbone.buffers()]
+    try:
+        _propagate(tgm, example_input)  # for shapes only: train-mode code written in the forward may move statistics
+    finally:
+        with torch.no_grad():
+            for b, saved in buffers:
+                b.copy_(saved)
+    functionalize(tgm, graph)
+    _share_constants(gm, tgm)
+    shape = _tensor_meta(feature).shape
+    same = [n for n in graph.nodes if n.op == feature.op and n.target == feature.target
+            and (m := _tensor_meta(n)) is not None and m.shape == shape]
+    named = [n for n in same if n.name == feature.name]
+    if named or same:
+        node = named[0] if named else same[-1]
+    else:
         raise BackboneError(
-            f"the backbone {type(backbone).__name__} has no Conv2d before its feature node {node.name!r}; "
-            "automtl converts convolutional backbones, so give it one with nn.Conv2d layers"
+            f"the backbone's train-mode graph has no node matching its eval-mode feature node {feature.name!r}; "
+            "name the feature map with feature_node='module.path'"
         )
-    _cut(gm, node)
-    return Capture(gm, node.name, tuple(example_input.shape), tuple(_tensor_meta(node).shape))
+    _cut(graph, node)
+    return graph
+
+
+def _share_constants(gm: fx.GraphModule, tgm: fx.GraphModule) -> None:
+    """Point the train graph's tensor constants at the eval graph's equal ones (each trace makes its own)."""
+    own = {n.target: gm.get_attr_value(n) if hasattr(gm, "get_attr_value") else _fetch(gm, n.target)
+           for n in gm.graph.nodes if n.op == "get_attr"}
+    for n in tgm.graph.nodes:
+        if n.op != "get_attr" or n.target in own:
+            continue
+        value = _fetch(tgm, n.target)
+        match = next((k for k, v in own.items() if isinstance(v, torch.Tensor) and isinstance(value, torch.Tensor)
+                      and v.shape == value.shape and v.dtype == value.dtype and torch.equal(v, value)), None)
+        if match is not None:
+            n.target = match
+
+
+def _fetch(mod: nn.Module, target: str) -> Any:
+    obj = mod
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _signature(graph: fx.Graph) -> list:
+    index = {n: i for i, n in enumerate(graph.nodes)}
+    sig = []
+    for n in graph.nodes:
+        args = fx.map_arg((n.args, n.kwargs), lambda a: ("node", index[a]))
+        sig.append((n.op, n.target, repr(args)))
+    return sig
+
+
+def _drop_if_same(graph: fx.Graph, train_graph: fx.Graph) -> Optional[fx.Graph]:
+    """None when the train graph computes what the eval graph does; else check that it calls no other modules."""
+    if _signature(graph) == _signature(train_graph):
+        return None
+    targets = {n.target for n in graph.nodes if n.op in ("call_module", "get_attr")}
+    for n in train_graph.nodes:
+        if n.op in ("call_module", "get_attr") and n.target not in targets:
+            raise BackboneError(
+                f"the backbone uses {n.target!r} in train mode only{user_line(n)}; automtl keeps one set of modules "
+                "for both modes, so compute it in eval mode too or move it after the feature node"
+            )
+    return train_graph
+
+
+def _delete_unused(gm: fx.GraphModule, graphs: Sequence[fx.Graph]) -> None:
+    """Delete the submodules no graph calls or reads (the classifier and anything else after the cut)."""
+    used: set = set()
+    for graph in graphs:
+        for n in graph.nodes:
+            if n.op not in ("call_module", "get_attr"):
+                continue
+            parts = n.target.split(".")
+            used.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+            if n.op == "call_module":
+                used.update(f"{n.target}.{name}" for name, _ in gm.get_submodule(n.target).named_modules() if name)
+    for name, _ in list(gm.named_modules()):
+        if name and name not in used:
+            gm.delete_submodule(name)
 
 
 def _ancestors(node: fx.Node) -> Iterable[fx.Node]:
@@ -162,45 +326,19 @@ def _ancestors(node: fx.Node) -> Iterable[fx.Node]:
         stack.extend(n.all_input_nodes)
 
 
-def _pick_feature_node(gm: fx.GraphModule, name: Optional[str]) -> fx.Node:
-    nodes = list(gm.graph.nodes)
-    if name is not None:
-        by_name = {n.name: n for n in nodes}
-        # Users think in module paths ("layer4"), fx in node names ("layer4_1_relu_1"): accept both.
-        by_target = {str(n.target): n for n in nodes if n.op == "call_module"}
-        node = by_name.get(name) or by_target.get(name)
-        if node is None:
-            close = difflib.get_close_matches(name, list(by_name) + list(by_target), n=3)
-            hint = f"; did you mean {', '.join(close)}?" if close else "; list them with automtl inspect or capture(...).graph_module.graph"
-            raise BackboneError(f"the backbone has no node named {name!r}{hint}")
-        meta = _tensor_meta(node)
-        if meta is None or len(meta.shape) != 4:
-            shape = tuple(meta.shape) if meta is not None else "no tensor"
-            raise BackboneError(
-                f"feature node {name!r} has output {shape}, not a 4-D feature map; name a node whose output is (N, C, H, W)"
-            )
-        return node
-    four_d = [n for n in nodes if n.op != "output" and (m := _tensor_meta(n)) is not None and len(m.shape) == 4]
-    if not four_d:
-        raise BackboneError("the backbone produces no 4-D feature map; automtl needs a CNN whose layers output (N, C, H, W)")
-    return four_d[-1]
-
-
-def _cut(gm: fx.GraphModule, node: fx.Node) -> None:
+def _cut(graph: fx.Graph, node: fx.Node) -> None:
     """Make ``node`` the output and drop everything only the removed tail needed."""
-    graph = gm.graph
     old_out = next(n for n in graph.nodes if n.op == "output")
     graph.erase_node(old_out)
     graph.output(node)
     # Keep only the feature node's ancestors: the classifier and anything else after the cut goes,
-    # including impure nodes that fx's own dead code elimination would keep.
+    # including impure nodes that fx's own dead code elimination would keep. In-place operations
+    # whose result matters were made out-of-place before (graphpasses.functionalize).
     keep = set(_ancestors(node))
     for n in reversed(list(graph.nodes)):
         if n.op != "output" and n not in keep:
             graph.erase_node(n)
     graph.lint()
-    gm.delete_all_unused_submodules()
-    gm.recompile()
 
 
 def count_parameters(module: nn.Module) -> int:

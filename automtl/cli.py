@@ -173,7 +173,7 @@ def _print_summary(report, out):
 @click.argument("backbone")
 @click.option("--task", "tasks", multiple=True, metavar="NAME:KIND[:CLASSES]", help="A task, repeatable (default: the synthetic scenes' three).")
 @click.option("--input-size", type=int, default=64, show_default=True, help="Side of the example input.")
-@click.option("--feature-node", help="Cut the backbone at this node or module name (default: the last 4-D node).")
+@click.option("--feature-node", help="Cut the backbone at this node name or module path, e.g. layer4 (default: the deepest feature map before global pooling and any classifier).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def supermodel_cmd(backbone, tasks, input_size, feature_node, as_json):
     """Build the supermodel of BACKBONE and show its policy layers and parameter counts.

@@ -19,7 +19,7 @@ from torch import fx, nn
 from .capture import count_parameters
 from .errors import AutomtlError
 from .policy import CHOICES, SHARE, SKIP, SPECIALIZE, Policy
-from .supermodel import PolicyLayer, SuperModel, repeat_tasks
+from .supermodel import PolicyLayer, SuperModel, repeat_tasks, taskwise_batch_norm, taskwise_norm
 from .tasks import Task
 
 #: node.meta keys set on every emitted node, read by render and the file format.
@@ -36,12 +36,19 @@ class CompactModel(nn.Module):
     it can be exported, saved as data and drawn. Asking for a subset of tasks runs only
     the part of the graph those tasks need. ``input_shape`` is the example input shape the
     model was built at (the default example for export and accounting), or None.
+
+    ``graph_module`` computes what the backbone computes in eval mode; it is what evaluation,
+    ``save`` and ``export`` use. When the backbone behaves differently in train mode (dropout,
+    stochastic depth written in its forward), ``train_graph`` is that behaviour over the same
+    modules, and ``forward`` runs it while the model is in train mode.
     """
 
     def __init__(self, graph_module: fx.GraphModule, tasks: Sequence[Task], policy: Optional[Policy],
-                 input_shape: Optional[Sequence[int]] = None):
+                 input_shape: Optional[Sequence[int]] = None, train_graph: Optional[fx.Graph] = None):
         super().__init__()
         self.graph_module = graph_module
+        self.train_graph = train_graph
+        self._train_gm: Optional[fx.GraphModule] = None
         self.tasks = list(tasks)
         self.task_names = [t.name for t in self.tasks]
         self.policy = policy
@@ -50,16 +57,25 @@ class CompactModel(nn.Module):
 
     def forward(self, x: torch.Tensor, tasks: Optional[Sequence[str]] = None) -> dict:
         if tasks is None or list(tasks) == self.task_names:
-            return self.graph_module(x)
-        return self._subset(tuple(tasks))(x)
+            return self._graph_module_for(self.training)(x)
+        return self._subset(tuple(tasks), self.training)(x)
 
-    def _subset(self, tasks: tuple) -> fx.GraphModule:
+    def _graph_module_for(self, train: bool) -> fx.GraphModule:
+        if not train or self.train_graph is None:
+            return self.graph_module
+        if self._train_gm is None:
+            # Shares every module with graph_module; not a registered child, so state_dict has no copies.
+            object.__setattr__(self, "_train_gm", fx.GraphModule(self.graph_module, self.train_graph, "CompactNet"))
+        return self._train_gm
+
+    def _subset(self, tasks: tuple, train: bool = False) -> fx.GraphModule:
         unknown = [t for t in tasks if t not in self.task_names]
         if unknown:
             raise AutomtlError(f"the model has no task {unknown[0]!r}; its tasks are {', '.join(self.task_names)}")
-        if tasks not in self._subsets:
-            self._subsets[tasks] = subset_graph_module(self.graph_module, tasks)
-        return self._subsets[tasks]
+        train = train and self.train_graph is not None
+        if (tasks, train) not in self._subsets:
+            self._subsets[(tasks, train)] = subset_graph_module(self._graph_module_for(train), tasks)
+        return self._subsets[(tasks, train)]
 
     def num_parameters(self) -> int:
         return count_parameters(self)
@@ -67,6 +83,7 @@ class CompactModel(nn.Module):
     def __getstate__(self):
         state = dict(self.__dict__)
         state["_subsets"] = {}
+        state["_train_gm"] = None
         return state
 
 
@@ -100,14 +117,19 @@ def compact(sm: SuperModel, policy: Optional[Policy] = None, copy_weights: bool 
     root = nn.Module()
     root.net = sm.net
     root.heads = sm.heads
-    graph = _compile_graph(sm, policy)
+    graph = _compile_graph(sm, policy, sm._net_for(False, train=False).graph)
+    train_source = sm._net_for(False, train=True)
+    train_graph = _compile_graph(sm, policy, train_source.graph) if train_source is not sm.net else None
     gm = fx.GraphModule(root, graph, "CompactNet")
     if copy_weights:
         gm = copy.deepcopy(gm)  # own the weights
     _make_out_of_place(gm)
-    for node in gm.graph.nodes:  # deepcopy keeps node.meta; make sure every node carries its tasks
-        node.meta.setdefault(META_TASKS, tuple(sm.task_names))
-    model = CompactModel(gm, sm.tasks, policy, input_shape=sm.input_shape)
+    if train_graph is not None:
+        _make_out_of_place(fx.GraphModule(gm, train_graph, "CompactNet"))
+    for g in (gm.graph, train_graph):
+        for node in (g.nodes if g is not None else ()):  # deepcopy keeps node.meta; make sure every node carries its tasks
+            node.meta.setdefault(META_TASKS, tuple(sm.task_names))
+    model = CompactModel(gm, sm.tasks, policy, input_shape=sm.input_shape, train_graph=train_graph)
     model.train(sm.training)
     return model
 
@@ -138,11 +160,10 @@ _INPLACE_OPERATORS = {
 }
 
 
-def _compile_graph(sm: SuperModel, policy: Policy) -> fx.Graph:
+def _compile_graph(sm: SuperModel, policy: Policy, src: fx.Graph) -> fx.Graph:
     names = sm.task_names
     T = len(names)
     layer_index = {n: i for i, n in enumerate(sm.layer_names)}
-    src = sm.net.graph
     graph = fx.Graph()
     # classes[old_node] = list of (tuple of task indices, new node or constant)
     classes: dict = {}
@@ -183,6 +204,22 @@ def _compile_graph(sm: SuperModel, policy: Policy) -> fx.Graph:
         if old.op == "call_function" and old.target is repeat_tasks:
             classes[old] = classes[old.args[0]]
             continue
+        if old.op == "get_attr" and any(u.target is taskwise_norm for u in old.users):
+            classes[old] = [(ALL, None)]  # a module handed to taskwise_norm
+            continue
+        if old.op == "call_function" and old.target is taskwise_norm:
+            # one batch per class of tasks in the compact model: the plain norm call
+            module_node, value = old.args[0], old.args[1]
+            out = []
+            for members, new_in in classes[value]:
+                new = graph.call_module(f"net.{module_node.target}", (new_in,))
+                if len(classes[value]) > 1 or len(members) < T:
+                    new.name = graph._graph_namespace.create_name(f"{old.name}__{'_'.join(names[t] for t in members)}", None)
+                else:
+                    new.name = graph._graph_namespace.create_name(old.name, None)
+                out.append((members, tag(new, members, old)))
+            classes[old] = out
+            continue
         if old.op == "call_module" and old.target in layer_index:
             classes[old] = _emit_policy_layer(graph, sm, policy, old, layer_index[old.target], classes, tag)
             continue
@@ -197,6 +234,9 @@ def _compile_graph(sm: SuperModel, policy: Policy) -> fx.Graph:
             new = graph.node_copy(old, lambda n: lookup(n, members[0]))
             if new.op in ("call_module", "get_attr"):
                 new.target = f"net.{old.target}"
+            if new.target is taskwise_batch_norm:  # one batch per class of tasks here
+                new.target = F.batch_norm
+                new.kwargs = {k: v for k, v in new.kwargs.items() if k != "num_tasks"}
             if len(members) < T:
                 new.name = graph._graph_namespace.create_name(f"{old.name}__{'_'.join(names[t] for t in members)}", None)
             out.append((members, tag(new, members, old)))

@@ -9,11 +9,12 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import fx
 
 from .heads import finish
 from .policy import SHARE, SKIP, SPECIALIZE
-from .supermodel import PolicyLayer, SuperModel
+from .supermodel import PolicyLayer, SuperModel, taskwise_batch_norm, taskwise_norm
 
 
 class _OneTask(fx.Interpreter):
@@ -23,6 +24,13 @@ class _OneTask(fx.Interpreter):
         super().__init__(sm._net_for(per_task_input=True))
         self.task, self.mix, self.hard = task, mix, hard
         self.layer_index = {name: i for i, name in enumerate(sm.layer_names)}
+
+    def call_function(self, target, args, kwargs):
+        if target is taskwise_norm:
+            return args[0](args[1])  # one task's batch
+        if target is taskwise_batch_norm:
+            return F.batch_norm(*args, **{k: v for k, v in kwargs.items() if k != "num_tasks"})
+        return super().call_function(target, args, kwargs)
 
     def call_module(self, target, args, kwargs):
         layer = self.fetch_attr(target)

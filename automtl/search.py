@@ -266,7 +266,9 @@ class _Stream:
             order = order[self.rank:total:self.world]
         bs = self.loader.batch_size
         batches = [order[i:i + bs] for i in range(0, len(order), bs)]
-        if self.loader.drop_last and batches and len(batches[-1]) < bs:
+        if len(batches) > 1 and len(batches[-1]) < bs:
+            batches.pop()  # as training loops do: a short last batch (of one sample, BatchNorm fails) is not trained on
+        elif self.loader.drop_last and batches and len(batches[-1]) < bs:
             batches.pop()
         return batches
 
@@ -294,11 +296,18 @@ class _Stream:
                 empty = True
                 for batch in self.source:
                     empty = False
+                    if _single_sample(batch) and getattr(self.source, "batch_size", None) not in (None, 1):
+                        continue  # a loader's short last batch of one sample: BatchNorm cannot train on it
                     if j >= first and j % self.world == self.rank:
                         yield batch
                     j += 1
                 if empty:
                     raise DataError(f"training data {self.name!r} yielded no batches")
+
+
+def _single_sample(batch) -> bool:
+    x = batch[0] if isinstance(batch, (tuple, list)) and batch else batch
+    return isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == 1
 
 
 def _split_batch(batch, where: str):

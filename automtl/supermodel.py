@@ -30,16 +30,64 @@ from .tasks import Task, check_tasks
 MODES = ("warmup", "soft", "hard")
 
 
-class ConvUnit(nn.Module):
-    """A convolution and the BatchNorm after it: the unit a task shares, owns or skips."""
+#: Normalisation kinds fused with the conv right before them (the rule is by kind, any subclass:
+#: BatchNorm of any dimension, SyncBatchNorm, InstanceNorm, GroupNorm, LayerNorm, and norm+activation
+#: modules built on them): they follow the conv's share/specialize/skip choice and count in its parameters.
+FUSABLE_NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 
-    def __init__(self, conv: nn.Conv2d, bn: Optional[nn.BatchNorm2d] = None):
+
+def uses_batch_statistics(m: nn.Module) -> bool:
+    """True for a BatchNorm (any subclass) that normalises with the statistics of its input batch."""
+    return isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or m.running_mean is None)
+
+
+def taskwise_norm(norm: nn.Module, x: torch.Tensor, num_tasks: int) -> torch.Tensor:
+    """``norm(x)`` on the folded task batch as if each task's rows were a batch of their own.
+
+    A BatchNorm that uses batch statistics would otherwise mix every task's rows, and the compact
+    model (one batch per class of tasks) would compute another function. The running statistics get
+    one update of the module's momentum for the T tasks together (momentum 1-(1-m)^(1/T) per task).
+    """
+    if num_tasks == 1 or not uses_batch_statistics(norm):
+        return norm(x)
+    momentum = norm.momentum
+    if norm.training and isinstance(momentum, float):
+        norm.momentum = 1 - (1 - momentum) ** (1 / num_tasks)
+    try:
+        return torch.cat([norm(xt) for xt in x.chunk(num_tasks)])
+    finally:
+        norm.momentum = momentum
+
+
+def taskwise_batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1,
+                        eps=1e-5, num_tasks=1):
+    """``F.batch_norm`` (as a backbone's hand-written norm calls it) normalising each task's rows apart; see :func:`taskwise_norm`."""
+    if num_tasks == 1 or not (training or running_mean is None):
+        return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    if isinstance(momentum, float):
+        momentum = 1 - (1 - momentum) ** (1 / num_tasks)
+    return torch.cat([F.batch_norm(xt, running_mean, running_var, weight, bias, training, momentum, eps)
+                      for xt in input.chunk(num_tasks)])
+
+
+class ConvUnit(nn.Module):
+    """A convolution and the normalisation layer after it: the unit a task shares, owns or skips."""
+
+    def __init__(self, conv: nn.Conv2d, bn: Optional[nn.Module] = None):
         super().__init__()
         self.conv = conv
         self.bn = bn if bn is not None else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.bn(self.conv(x))
+
+    def forward_tasks(self, x: torch.Tensor, num_tasks: int) -> torch.Tensor:
+        """The unit on ``num_tasks`` tasks' rows folded into the batch, normalising each task apart."""
+        return taskwise_norm(self.bn, self.conv(x), num_tasks)
+
+
+def _run(op: nn.Module, x: torch.Tensor, num_tasks: int) -> torch.Tensor:
+    return op.forward_tasks(x, num_tasks) if isinstance(op, ConvUnit) else op(x)
 
 
 def repeat_tasks(x: torch.Tensor, num_tasks: int) -> torch.Tensor:
@@ -86,11 +134,12 @@ class PolicyLayer(nn.Module):
             return self._forward_hard(x, shared_input)
         T = self.num_tasks
         xs = [x] * T if shared_input else x.chunk(T)
+        n = 1 if shared_input else T
         y_spec = torch.stack([op(xt) for op, xt in zip(self.specialized, xs)])  # (T, B, C, H, W)
         w = mix.to(y_spec.dtype).view(T, 3, 1, 1, 1, 1)
-        out = w[:, SPECIALIZE] * y_spec + w[:, SHARE] * self._per_task(self.shared(x), shared_input)
+        out = w[:, SPECIALIZE] * y_spec + w[:, SHARE] * self._per_task(_run(self.shared, x, n), shared_input)
         if self.skip is not None:
-            out = out + w[:, SKIP] * self._per_task(self.skip(x), shared_input)
+            out = out + w[:, SKIP] * self._per_task(_run(self.skip, x, n), shared_input)
         return out.flatten(0, 1)
 
     def _per_task(self, y: torch.Tensor, shared_input: bool) -> torch.Tensor:
@@ -100,7 +149,7 @@ class PolicyLayer(nn.Module):
         T = self.num_tasks
         if not shared_input and self.choices[0] != SPECIALIZE and all(c == self.choices[0] for c in self.choices):
             # every task runs the same operator: one call on the folded batch, no gather/scatter copies
-            y = (self.shared if self.choices[0] == SHARE else self.skip)(x)
+            y = _run(self.shared if self.choices[0] == SHARE else self.skip, x, T)
             return y.clone() if y is x else y  # an identity skip must not alias its input (in-place ops follow)
         xs = [x] * T if shared_input else list(x.chunk(T))
         outs: list = [None] * T
@@ -118,7 +167,7 @@ class PolicyLayer(nn.Module):
                     inp = x.narrow(0, users[0] * b, len(users) * b)
                 else:
                     inp = torch.cat([xs[t] for t in users])
-                ys = op(inp).chunk(len(users))
+                ys = _run(op, inp, len(users)).chunk(len(users))
                 for t, y in zip(users, ys):
                     outs[t] = y
         for t in range(T):
@@ -131,7 +180,9 @@ def _skip_operator(conv: nn.Conv2d, in_shape: tuple, out_shape: tuple) -> tuple[
     """Identity when the shape is kept; else a strided 1x1 conv + BN where that reproduces the shape and
     costs fewer multiply-accumulates than the layer (a ResNet downsampling 3x3, not a 1x1 or a depthwise
     conv, whose "skip" would cost as much or more than running it); else none (skip is illegal)."""
-    if tuple(in_shape[1:]) == tuple(out_shape[1:]):
+    if not _keeps_size_rule(conv):
+        return None, "none"  # the conv's output size is not the strided input size at every input size
+    if tuple(in_shape[1:]) == tuple(out_shape[1:]) and tuple(conv.stride) == (1, 1):
         return nn.Identity(), "identity"
     stride = conv.stride
     h, w = in_shape[2], in_shape[3]
@@ -147,19 +198,47 @@ def _skip_operator(conv: nn.Conv2d, in_shape: tuple, out_shape: tuple) -> tuple[
     return None, "none"
 
 
+def _keeps_size_rule(conv: nn.Conv2d) -> bool:
+    """True when out = ceil(in / stride) at every input size ("same" padding): only then can a skip
+    (identity, or a strided 1x1 projection) stand in for the conv at sizes other than the example's."""
+    if conv.padding == "same":
+        return True
+    if isinstance(conv.padding, str):
+        return all(d * (k - 1) == 0 for k, d in zip(conv.kernel_size, conv.dilation))
+    return all(2 * p == d * (k - 1) for p, k, d in zip(conv.padding, conv.kernel_size, conv.dilation))
+
+
 def _conv_macs(conv: nn.Conv2d, out_shape: tuple) -> int:
     k = conv.kernel_size[0] * conv.kernel_size[1]
     return int(out_shape[1] * out_shape[2] * out_shape[3] * (conv.in_channels // conv.groups) * k)
 
 
 def _fusable_bn(gm: fx.GraphModule, conv_node: fx.Node, uses: dict) -> Optional[fx.Node]:
-    """The BatchNorm node that only this conv feeds, if any: it follows the conv's choice."""
-    if len(conv_node.users) != 1:
+    """The normalisation node (see FUSABLE_NORMS) that only this conv feeds, if any: it follows the conv's choice.
+
+    Not when the conv module is called at several places (each call site may have its own norm),
+    nor when the norm module is called elsewhere too.
+    """
+    if len(conv_node.users) != 1 or uses[conv_node.target] != 1:
         return None
     (user,) = conv_node.users
-    if user.op == "call_module" and isinstance(gm.get_submodule(user.target), nn.BatchNorm2d) and uses[user.target] == 1:
+    if (user.op == "call_module" and isinstance(gm.get_submodule(user.target), FUSABLE_NORMS)
+            and uses[user.target] == 1 and user.args[:1] == (conv_node,) and len(user.all_input_nodes) == 1
+            and user.meta.get("tensor_meta") is not None
+            and tuple(user.meta["tensor_meta"].shape) == tuple(conv_node.meta["tensor_meta"].shape)):
         return user
     return None
+
+
+def _read_directly(graphs: Sequence[fx.Graph]) -> set:
+    """Module paths whose tensors some node reads directly (a tied decoder reading ``self.enc.weight``)."""
+    paths: set = set()
+    for graph in graphs:
+        for n in graph.nodes:
+            if n.op == "get_attr":
+                parts = n.target.split(".")
+                paths.update(".".join(parts[:i]) for i in range(1, len(parts)))
+    return paths
 
 
 class SuperModel(nn.Module):
@@ -178,19 +257,23 @@ class SuperModel(nn.Module):
         self.input_shape = cap.input_shape
         self.feature_shape = cap.feature_shape
         self.feature_node = cap.feature_node
+        graphs = [gm.graph] + ([cap.train_graph] if cap.train_graph is not None else [])
 
         uses: dict = {}
         for n in gm.graph.nodes:
             if n.op == "call_module":
                 uses[n.target] = uses.get(n.target, 0) + 1
+        read_directly = _read_directly(graphs)
         self.layer_names: list[str] = []
         self.layer_info: list[LayerInfo] = []
-        fused_bn: dict = {}
+        fused: dict = {}  # conv module path -> the norm module path fused with it
         for node in cap.conv_nodes:
-            if node.target in self.layer_names:
-                continue  # a conv module called twice is one policy layer
+            if node.target in self.layer_names or node.target in read_directly:
+                continue  # a conv module called twice is one policy layer; one whose weight is read directly stays as is
             conv = gm.get_submodule(node.target)
             bn_node = _fusable_bn(gm, node, uses)
+            if bn_node is not None and cap.train_graph is not None and not _fused_in(cap.train_graph, node.target, bn_node.target):
+                bn_node = None
             bn = gm.get_submodule(bn_node.target) if bn_node is not None else None
             in_shape = tuple(node.args[0].meta["tensor_meta"].shape)
             out_shape = tuple(node.meta["tensor_meta"].shape)
@@ -198,7 +281,7 @@ class SuperModel(nn.Module):
             unit = ConvUnit(conv, bn)
             gm.add_submodule(node.target, PolicyLayer(unit, T, skip))
             if bn_node is not None:
-                fused_bn[node] = bn_node
+                fused[node.target] = bn_node.target
             self.layer_names.append(node.target)
             self.layer_info.append(LayerInfo(
                 name=node.target, in_shape=in_shape, out_shape=out_shape,
@@ -207,12 +290,12 @@ class SuperModel(nn.Module):
                 skip_macs=_conv_macs(skip.conv, out_shape) if skip_kind == "projection" else 0,
                 skip_kind=skip_kind,
             ))
-        for bn_node in fused_bn.values():
-            gm.delete_submodule(bn_node.target)
-        self._captured_graph = gm.graph
-        self._fused_bn = {c.name: b.name for c, b in fused_bn.items()}
-        self.net = fx.GraphModule(gm, self._build_graph(shared_input=True), "SuperNet")
-        self._per_task_net: Optional[fx.GraphModule] = None
+        for target in fused.values():
+            gm.delete_submodule(target)
+        self._captured_graphs = {False: gm.graph, True: cap.train_graph}
+        self._fused = fused
+        self.net = fx.GraphModule(gm, self._build_graph(shared_input=True, train=False, root=gm), "SuperNet")
+        self._nets: dict = {}  # the other graphs over self.net's modules, built on first use
 
         channels = self.feature_shape[1]
         self.heads = nn.ModuleDict({t.name: build_head(t, channels) for t in self.tasks})
@@ -226,19 +309,20 @@ class SuperModel(nn.Module):
         self.policy: Optional[Policy] = None
 
     # ---- the fx pass ----------------------------------------------------------------
-    def _build_graph(self, shared_input: bool) -> fx.Graph:
-        """Copy the captured graph and route each conv (+BN) through its policy layer.
+    def _build_graph(self, shared_input: bool, train: bool = False, root: Optional[nn.Module] = None) -> fx.Graph:
+        """Copy the captured graph (of eval or train mode) and route each conv (+norm) through its policy layer.
 
         With ``shared_input`` the input is one batch for all tasks: nodes that depend only on it
-        stay at batch B, and a ``repeat_tasks`` node is inserted where they meet per-task values.
+        stay at batch B, and a ``repeat_tasks`` node is inserted where they meet per-task values
+        (sizes read from the input are read again from its per-task form there). A BatchNorm that
+        sees per-task rows normalises each task's rows apart (:func:`taskwise_norm`).
         """
-        old = self._captured_graph
+        root = self.net if root is None else root
+        old = self._captured_graphs[train] if train and self._captured_graphs[True] is not None else self._captured_graphs[False]
         graph = fx.Graph()
         env: dict = {}
         out_val = graph.graph_copy(old, env)
         graph.output(out_val)
-        # graph_copy maps old nodes to new ones; rebuild the name maps over the copy.
-        new = {old_node.name: env[old_node] for old_node in old.nodes if old_node in env}
         x = next(n for n in graph.nodes if n.op == "placeholder")
         with graph.inserting_after(x):
             mix = graph.placeholder("mix")
@@ -247,12 +331,27 @@ class SuperModel(nn.Module):
         per_task: set = set()  # nodes whose value differs between tasks
         depends_on_input: set = {x}
         repeats: dict = {}
+        copies: dict = {}
 
         def as_per_task(node, before):
             if node not in repeats:
                 with graph.inserting_before(before):
                     repeats[node] = graph.call_function(repeat_tasks, (node, T))
             return repeats[node]
+
+        def per_task_form(node, before):
+            """``node`` computed from the per-task form of the input (for sizes read from it)."""
+            if not isinstance(node, fx.Node) or node in per_task or node not in depends_on_input:
+                return node
+            if _is_batched(node):
+                return as_per_task(node, before)
+            if node not in copies:
+                args = fx.map_arg(node.args, lambda a: per_task_form(a, before))
+                kwargs = fx.map_arg(node.kwargs, lambda a: per_task_form(a, before))
+                with graph.inserting_before(before):
+                    copies[node] = graph.create_node(node.op, node.target, args, kwargs)
+                copies[node].meta = dict(node.meta)
+            return copies[node]
 
         erased: set = set()
         for node in list(graph.nodes):
@@ -269,9 +368,8 @@ class SuperModel(nn.Module):
                 node.args = (inp, row)
                 node.kwargs = {"shared_input": True} if src_is_shared else {}
                 per_task.add(node)
-                bn_name = self._fused_bn.get(node.name)
-                if bn_name is not None:
-                    bn_node = new[bn_name]
+                if node.target in self._fused:
+                    (bn_node,) = node.users
                     bn_node.replace_all_uses_with(node)
                     graph.erase_node(bn_node)
                     erased.add(bn_node)
@@ -279,12 +377,20 @@ class SuperModel(nn.Module):
             if not shared_input:
                 if node in depends_on_input:
                     per_task.add(node)
-                continue
-            if any(i in per_task for i in inputs):
+            elif any(i in per_task for i in inputs):
                 per_task.add(node)
                 for i in inputs:
-                    if i not in per_task and i in depends_on_input and _is_batched(i):
-                        node.replace_input_with(i, as_per_task(i, node))
+                    if i not in per_task and i in depends_on_input:
+                        node.replace_input_with(i, per_task_form(i, node))
+            if node in per_task and node.op == "call_module" and isinstance(
+                    root.get_submodule(node.target), nn.modules.batchnorm._BatchNorm):
+                new = _taskwise(graph, node, T)
+                per_task.add(new)
+                if node in depends_on_input:
+                    depends_on_input.add(new)
+            elif node in per_task and node.op == "call_function" and node.target is F.batch_norm:
+                node.target = taskwise_batch_norm
+                node.kwargs = {**node.kwargs, "num_tasks": T}
         out = next(n for n in graph.nodes if n.op == "output")
         (feat,) = out.args
         if feat not in per_task:
@@ -292,13 +398,16 @@ class SuperModel(nn.Module):
         graph.lint()
         return graph
 
-    def _net_for(self, per_task_input: bool) -> fx.GraphModule:
-        if not per_task_input:
+    def _net_for(self, per_task_input: bool, train: Optional[bool] = None) -> fx.GraphModule:
+        """The graph module for one batch (or per-task batches), in eval or train mode (default: the current mode)."""
+        train = (self.training if train is None else train) and self._captured_graphs[True] is not None
+        if not per_task_input and not train:
             return self.net
-        if self._per_task_net is None:
+        key = (per_task_input, train)
+        if key not in self._nets:
             # Shares every submodule with self.net; kept out of the module tree so state_dict has no copies.
-            object.__setattr__(self, "_per_task_net", fx.GraphModule(self.net, self._build_graph(shared_input=False), "SuperNetPerTask"))
-        return self._per_task_net
+            self._nets[key] = fx.GraphModule(self.net, self._build_graph(not per_task_input, train), "SuperNet")
+        return self._nets[key]
 
     # ---- policy layers and parameters -----------------------------------------------
     @property
@@ -538,6 +647,26 @@ class SuperModel(nn.Module):
         """Parameters of the converted single-task backbone (no heads)."""
         head_params = sum(p.numel() for p in self.heads.parameters())
         return self.policy_parameter_count(Policy.uniform(self.layer_names, self.task_names, "share")) - head_params
+
+
+def _taskwise(graph: fx.Graph, node: fx.Node, num_tasks: int) -> fx.Node:
+    """Replace the BatchNorm call ``node`` by ``taskwise_norm(module, x, T)``."""
+    with graph.inserting_before(node):
+        mod = graph.get_attr(node.target)
+        new = graph.call_function(taskwise_norm, (mod, node.args[0], num_tasks))
+    new.meta = dict(node.meta)
+    node.replace_all_uses_with(new)
+    graph.erase_node(node)
+    new.name = node.name
+    return new
+
+
+def _fused_in(graph: fx.Graph, conv: str, norm: str) -> bool:
+    """True when ``graph`` calls ``conv`` and ``norm`` once each, the norm right on the conv's output alone."""
+    convs = [n for n in graph.nodes if n.op == "call_module" and n.target == conv]
+    norms = [n for n in graph.nodes if n.op == "call_module" and n.target == norm]
+    return (len(convs) == 1 and len(norms) == 1 and list(convs[0].users) == norms
+            and norms[0].args[:1] == (convs[0],) and len(norms[0].all_input_nodes) == 1)
 
 
 def _is_batched(node: fx.Node) -> bool:

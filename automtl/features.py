@@ -1,0 +1,164 @@
+"""Where the backbone's features are cut: the default feature node, and the one a user names.
+
+The default is the deepest feature map on the backbone's *trunk* (the 4-D maps that keep their
+spatial layout from the input on) before the spatial resolution collapses (global pooling,
+flatten, a reduction over H and W) and before any classifier module. A squeeze-excite branch
+pools, but its result is multiplied back into the trunk, so it is not where the trunk ends.
+"""
+from __future__ import annotations
+
+import difflib
+from typing import Optional
+
+import torch.nn.functional as F
+from torch import fx, nn
+
+from .errors import BackboneError
+
+#: Module names (the last part of a module path) that hold a model's classifier.
+CLASSIFIER_NAMES = {"classifier", "aux_classifier", "logits", "aux_logits", "AuxLogits", "last_linear"}
+_GLOBAL_POOL_MODULES = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+_GLOBAL_POOL_FUNCTIONS = {F.adaptive_avg_pool2d, F.adaptive_max_pool2d}
+_REDUCTIONS = {"mean", "amax", "sum", "max", "amin", "min", "logsumexp", "std", "var"}
+
+
+def _shape(node: fx.Node):
+    meta = node.meta.get("tensor_meta")
+    return tuple(meta.shape) if hasattr(meta, "shape") else None
+
+
+def _is_map(node: fx.Node) -> bool:
+    s = _shape(node)
+    return s is not None and len(s) == 4
+
+
+def _one(size) -> bool:
+    return size == 1 or (isinstance(size, (tuple, list)) and all(s == 1 for s in size))
+
+
+def _is_pool(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """An average pooling with a kernel larger than 2 (a 2x2 pooling is a downsampling step, not a global pool)."""
+    if node.op == "call_module":
+        mod = gm.get_submodule(node.target)
+        kernel = mod.kernel_size if isinstance(mod, nn.AvgPool2d) else None
+    elif node.op == "call_function" and node.target is F.avg_pool2d:
+        kernel = node.args[1] if len(node.args) > 1 else node.kwargs.get("kernel_size")
+    else:
+        return False
+    kernel = kernel if isinstance(kernel, (tuple, list)) else (kernel, kernel)
+    return all(isinstance(k, int) and k > 2 for k in kernel)
+
+
+def _collapses(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """A global pooling or a reduction over the spatial axes."""
+    if _is_pool(gm, node) and _shape(node)[2:] == (1, 1) and any(
+            _is_map(i) and _shape(i)[2] * _shape(i)[3] > 1 for i in node.all_input_nodes):
+        return True  # a fixed-size pooling over the whole map (AvgPool2d(7) at the end of a classifier)
+    if node.op == "call_module":
+        mod = gm.get_submodule(node.target)
+        return isinstance(mod, _GLOBAL_POOL_MODULES) and _one(mod.output_size)
+    if node.op == "call_function" and node.target in _GLOBAL_POOL_FUNCTIONS:
+        size = node.args[1] if len(node.args) > 1 else node.kwargs.get("output_size")
+        return _one(size)
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    if name in _REDUCTIONS:
+        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        dims = dims if isinstance(dims, (tuple, list)) else (dims,)
+        return any(d in (2, 3, -1, -2) for d in dims)
+    return False
+
+
+def _module_paths(node: fx.Node) -> list:
+    stack = node.meta.get("nn_module_stack") or {}
+    return [v[0] if isinstance(v, tuple) else str(k) for k, v in stack.items()]
+
+
+def _in_classifier(node: fx.Node) -> bool:
+    return any(p.split(".")[-1] in CLASSIFIER_NAMES for p in _module_paths(node))
+
+
+def _ancestors(node: fx.Node) -> set:
+    seen, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if n not in seen:
+            seen.add(n)
+            stack.extend(n.all_input_nodes)
+    return seen
+
+
+def _chosen_output(gm: fx.GraphModule, notes: list) -> fx.Node:
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    value = out.args[0]
+    if isinstance(value, fx.Node):
+        return value
+    items = list(value.items()) if isinstance(value, dict) else list(enumerate(value)) if isinstance(value, (tuple, list)) else []
+    items = [(k, v) for k, v in items if isinstance(v, fx.Node)]
+    if not items:
+        raise BackboneError("the backbone's output holds no tensor; automtl needs a CNN whose forward returns its feature or logit maps")
+    key, node = next(((k, v) for k, v in items if k == "out"), items[0])
+    if len(items) > 1:
+        notes.append(f"the backbone returns {len(items)} outputs ({', '.join(repr(k) for k, _ in items)}); automtl cut "
+                     f"its features on the way to output {key!r}; pass feature_node='module.path' to choose another place")
+    return node
+
+
+def trunk_nodes(gm: fx.GraphModule, output: fx.Node) -> list:
+    """The 4-D trunk nodes that feed ``output``, in execution order."""
+    keep = _ancestors(output)
+    trunk: set = set()
+    for n in gm.graph.nodes:
+        if n.op == "placeholder":
+            trunk.add(n)
+            continue
+        if n not in keep or not _is_map(n) or _collapses(gm, n):
+            continue
+        if any(i in trunk for i in n.all_input_nodes):
+            trunk.add(n)
+    return [n for n in gm.graph.nodes if n in trunk and n.op != "placeholder"]
+
+
+def pick_feature_node(gm: fx.GraphModule, name: Optional[str], notes: list) -> fx.Node:
+    """The feature node: the one ``name`` gives (node name or module path), or the default (see the module doc)."""
+    if name is not None:
+        return _named(gm, name)
+    output = _chosen_output(gm, notes)
+    candidates = trunk_nodes(gm, output)
+    classifier = {n for n in gm.graph.nodes if n.op != "placeholder" and _in_classifier(n)}
+    after = set()
+    for n in gm.graph.nodes:
+        if n in classifier or any(i in after for i in n.all_input_nodes):
+            after.add(n)
+    candidates = [n for n in candidates if n not in after]
+    if not candidates:
+        four_d = [n for n in gm.graph.nodes if n.op not in ("output", "placeholder") and _is_map(n)]
+        if not four_d:
+            raise BackboneError("the backbone produces no 4-D feature map; automtl needs a CNN whose layers output (N, C, H, W)")
+        return four_d[-1]
+    return candidates[-1]
+
+
+def _named(gm: fx.GraphModule, name: str) -> fx.Node:
+    nodes = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
+    by_name = {n.name: n for n in nodes}
+    # Users think in module paths ("layer4", "backbone.layer4"), fx in node names ("layer4_1_relu_1"):
+    # a module path means the last value computed inside that module, its output.
+    by_path: dict = {}
+    for n in nodes:
+        if n.op == "call_module":
+            by_path[str(n.target)] = n
+        for p in _module_paths(n):
+            by_path[p] = n
+    node = by_name.get(name) or by_path.get(name)
+    if node is None:
+        maps = [p for p, n in by_path.items() if _is_map(n)]
+        close = difflib.get_close_matches(name, maps, n=3) or difflib.get_close_matches(name, list(by_name), n=3)
+        hint = (f"; did you mean {', '.join(close)}?" if close else
+                f"; name a module path as print(backbone) shows it{', e.g. ' + repr(maps[-1]) if maps else ''}")
+        raise BackboneError(f"the backbone has no node named {name!r} (nor a module path){hint}")
+    if not _is_map(node):
+        shape = _shape(node) or "no tensor"
+        raise BackboneError(
+            f"feature node {name!r} has output {shape}, not a 4-D feature map; name a node or module whose output is (N, C, H, W)"
+        )
+    return node

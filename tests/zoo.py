@@ -1,0 +1,325 @@
+"""Small backbones written in the patterns of torchvision and timm models, for tests/test_backbone_patterns.py.
+
+Each is a few convs at 8-16 channels, so the whole zoo converts and runs in seconds on a CPU.
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def conv_bn(cin, cout, k=3, stride=1, groups=1):
+    return nn.Sequential(nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
+
+
+class DropoutNet(nn.Module):
+    """Dropout written in the forward (issue 11, item 1)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = conv_bn(3, 8), nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        return F.dropout(self.c2(self.c1(x)), 0.5, self.training)
+
+
+def stochastic_depth(x, p, training):
+    """torchvision.ops.stochastic_depth, row mode."""
+    if not training or p == 0.0:
+        return x
+    survival = 1.0 - p
+    noise = torch.empty([x.shape[0]] + [1] * (x.ndim - 1), dtype=x.dtype, device=x.device).bernoulli_(survival)
+    return x * noise.div_(survival)
+
+
+class DropPath(nn.Module):
+    """timm's DropPath."""
+
+    def __init__(self, p):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = 1 - self.p
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask.div_(keep)
+
+
+class BatchNormAct2d(nn.BatchNorm2d):
+    """timm's norm+activation module: a BatchNorm2d subclass that also applies its activation."""
+
+    def __init__(self, c):
+        super().__init__(c)
+        self.act = nn.SiLU()
+
+    def forward(self, x):
+        return self.act(super().forward(x))
+
+
+class MyBatchNorm(nn.Module):
+    """A norm written by hand that branches on self.training (not a BatchNorm subclass)."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.ones(c)), nn.Parameter(torch.zeros(c))
+        self.register_buffer("running_mean", torch.zeros(c))
+        self.register_buffer("running_var", torch.ones(c))
+
+    def forward(self, x):
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, self.training, 0.1, 1e-5)
+
+
+class SqueezeExcite(nn.Module):
+    def __init__(self, c, r=4):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Conv2d(c, c // r, 1), nn.Conv2d(c // r, c, 1)
+
+    def forward(self, x):
+        s = x.mean((2, 3), keepdim=True)
+        return x * torch.sigmoid(self.fc2(F.relu(self.fc1(s))))
+
+
+class MBConv(nn.Module):
+    """EfficientNet / MobileNetV3: expand, depthwise, squeeze-excite, project, stochastic depth, residual."""
+
+    def __init__(self, c, drop):
+        super().__init__()
+        self.expand = nn.Conv2d(c, 2 * c, 1, bias=False)
+        self.bn1 = BatchNormAct2d(2 * c)
+        self.dw = nn.Conv2d(2 * c, 2 * c, 3, padding=1, groups=2 * c, bias=False)
+        self.bn2 = BatchNormAct2d(2 * c)
+        self.se = SqueezeExcite(2 * c)
+        self.project = nn.Conv2d(2 * c, c, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(c)
+        self.drop = drop
+
+    def forward(self, x):
+        y = self.bn3(self.project(self.se(self.bn2(self.dw(self.bn1(self.expand(x)))))))
+        return x + stochastic_depth(y, self.drop, self.training)
+
+
+class EfficientNetish(nn.Module):
+    """Stem, two MBConv blocks with stochastic depth, a conv head, global pooling and a classifier."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = conv_bn(3, 8, stride=2)
+        self.blocks = nn.Sequential(MBConv(8, 0.5), MBConv(8, 0.5))
+        self.conv_head = conv_bn(8, 16, 1)
+        self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(16, 10))
+
+    def forward(self, x):
+        x = self.expected_features(x)
+        return self.classifier(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+    def expected_features(self, x):
+        return self.conv_head(self.blocks(self.stem(x)))
+
+
+class ConvNeXtBlock(nn.Module):
+    """Depthwise 7x7, channels-last LayerNorm, MLP, layer scale, DropPath."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.dw = nn.Conv2d(c, c, 7, padding=3, groups=c)
+        self.norm = nn.LayerNorm(c)
+        self.pw1, self.pw2 = nn.Linear(c, 4 * c), nn.Linear(4 * c, c)
+        self.gamma = nn.Parameter(torch.full((c,), 0.5))
+        self.drop_path = DropPath(0.5)
+
+    def forward(self, x):
+        y = self.dw(x).permute(0, 2, 3, 1)
+        y = self.pw2(F.gelu(self.pw1(self.norm(y)))) * self.gamma
+        return x + self.drop_path(y.permute(0, 3, 1, 2))
+
+
+class ConvNeXtish(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 4, stride=4)  # patchify: a skip is legal at no size
+        self.stages = nn.Sequential(ConvNeXtBlock(8), ConvNeXtBlock(8))
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x):
+        return self.head(self.expected_features(x).mean((2, 3)))
+
+    def expected_features(self, x):
+        return self.stages(self.stem(x))
+
+
+class ShuffleUnit(nn.Module):
+    """ShuffleNet: grouped 1x1, channel shuffle, depthwise 3x3, grouped 1x1."""
+
+    def __init__(self, c, g=2):
+        super().__init__()
+        self.g = g
+        self.c1 = conv_bn(c, c, 1, groups=g)
+        self.dw = nn.Sequential(nn.Conv2d(c, c, 3, padding=1, groups=c, bias=False), nn.BatchNorm2d(c))
+        self.c2 = conv_bn(c, c, 1, groups=g)
+
+    def forward(self, x):
+        y = self.c1(x)
+        n, c, h, w = y.shape
+        y = y.view(n, self.g, c // self.g, h, w).transpose(1, 2).reshape(n, c, h, w)
+        return F.relu(x + self.c2(self.dw(y)))
+
+
+class ShuffleNetish(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = conv_bn(3, 8, stride=2)
+        self.units = nn.Sequential(ShuffleUnit(8), ShuffleUnit(8))
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        return self.fc(self.expected_features(x).mean((2, 3)))
+
+    def expected_features(self, x):
+        return self.units(self.stem(x))
+
+
+class PreActNet(nn.Module):
+    """Pre-activation order BN -> ReLU -> conv, and a norm written by hand (issue 11, items 1 and 3)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv0 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn1, self.conv1 = nn.BatchNorm2d(8), nn.Conv2d(8, 8, 3, padding=1)
+        self.bn2, self.conv2 = MyBatchNorm(8), nn.Conv2d(8, 8, 3, padding=1)
+        self.bn3 = nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        x = self.conv0(x)
+        x = x + self.conv1(F.relu(self.bn1(x)))
+        x = x + self.conv2(F.relu(self.bn2(x)))
+        return F.relu(self.bn3(x))
+
+
+class PyramidShared(nn.Module):
+    """One conv module called at several places, each with its own BN (pyramid heads; issue 11, item 4)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = conv_bn(3, 8)
+        self.down = nn.Conv2d(8, 8, 3, stride=2, padding=1)
+        self.shared = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.bn_a, self.bn_b = nn.BatchNorm2d(8), nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        a = self.stem(x)
+        b = self.down(a)
+        pa = F.relu(self.bn_a(self.shared(a)))
+        pb = F.relu(self.bn_b(self.shared(b)))
+        return pa + F.interpolate(pb, size=pa.shape[-2:], mode="nearest")
+
+
+class SegmentationNet(nn.Module):
+    """torchvision segmentation style: a dict of outputs, logits from a classifier conv, upsampled."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = nn.Sequential(conv_bn(3, 8, stride=2), conv_bn(8, 16, stride=2))
+        self.classifier = nn.Sequential(conv_bn(16, 8), nn.Conv2d(8, 5, 1))
+        self.aux_classifier = nn.Conv2d(8, 5, 1)
+
+    def forward(self, x):
+        f1 = self.backbone[0](x)
+        f = self.backbone[1](f1)
+        out = F.interpolate(self.classifier(f), size=x.shape[-2:], mode="bilinear", align_corners=False)
+        aux = F.interpolate(self.aux_classifier(f1), size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return {"out": out, "aux": aux}
+
+    def expected_features(self, x):
+        return self.backbone(x)
+
+
+class SqueezeNetish(nn.Module):
+    """A 1x1 classifier conv before the global pooling (SqueezeNet)."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(conv_bn(3, 8, stride=2), conv_bn(8, 16))
+        self.classifier = nn.Sequential(nn.Dropout(0.5), nn.Conv2d(16, 10, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1))
+
+    def forward(self, x):
+        return torch.flatten(self.classifier(self.features(x)), 1)
+
+    def expected_features(self, x):
+        return self.features(x)
+
+
+class InplaceNet(nn.Module):
+    """An in-place op whose result is unused (issue 11, item 11)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = conv_bn(3, 8), nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        y = self.c1(x)
+        y.mul_(2)
+        return self.c2(y) + y
+
+
+class BatchSizeNet(nn.Module):
+    """Sizes read from the input: n = x.shape[0] (issue 11, item 5)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = conv_bn(3, 8), conv_bn(8, 8)
+
+    def forward(self, x):
+        n = x.shape[0]
+        f = self.c2(self.c1(x))
+        g = f.reshape(n, 2, 4, -1).softmax(-1)
+        return g.reshape(f.shape) * f
+
+
+class TiedDecoder(nn.Module):
+    """A conv's weight read directly: a tied transposed-conv decoder (issue 11, item 6)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = conv_bn(3, 8)
+        self.enc = nn.Conv2d(8, 16, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        h = F.relu(self.enc(self.c1(x)))
+        return F.conv_transpose2d(h, self.enc.weight, stride=2, padding=1, output_padding=1)
+
+
+class ClassifierNet(nn.Module):
+    """ResNet style: residual blocks, global pooling, a Linear classifier."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = conv_bn(3, 8, stride=2)
+        self.layer1 = nn.Sequential(conv_bn(8, 8), nn.Conv2d(8, 8, 3, padding=1))
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.avgpool(self.expected_features(x)), 1))
+
+    def expected_features(self, x):
+        x = self.stem(x)
+        return F.relu(x + self.layer1(x))
+
+
+def pruned_net():
+    """A backbone with a torch.nn.utils.prune mask and an old-style weight norm (issue 11, item 8)."""
+    net = ClassifierNet()
+    torch.nn.utils.prune.l1_unstructured(net.layer1[1], "weight", amount=0.5)
+    with __import__("warnings").catch_warnings():
+        __import__("warnings").simplefilter("ignore")
+        torch.nn.utils.weight_norm(net.stem[0])
+    return net
+
+
+ZOO = {
+    "dropout": DropoutNet, "efficientnet": EfficientNetish, "convnext": ConvNeXtish, "shufflenet": ShuffleNetish,
+    "preact": PreActNet, "pyramid": PyramidShared, "segmentation": SegmentationNet, "squeezenet": SqueezeNetish,
+    "inplace": InplaceNet, "batch_size": BatchSizeNet, "tied": TiedDecoder, "classifier": ClassifierNet,
+    "pruned": pruned_net,
+}
