@@ -20,8 +20,9 @@ REVIEWED_FUNCTIONS = {
     "torch.narrow", "torch.ones_like", "torch.permute", "torch.relu", "torch.reshape", "torch.roll", "torch.rsqrt",
     "torch.sigmoid", "torch.softmax", "torch.split", "torch.sqrt", "torch.squeeze", "torch.stack", "torch.sub",
     "torch.sum", "torch.tanh", "torch.transpose", "torch.unbind", "torch.unsqueeze", "torch.where", "torch.zeros_like",
+    "torch.conv2d", "torch.conv_transpose2d",
     *(f"torch.nn.functional.{n}" for n in (
-        "adaptive_avg_pool2d", "adaptive_max_pool2d", "avg_pool2d", "batch_norm", "conv2d", "dropout", "dropout2d",
+        "adaptive_avg_pool2d", "adaptive_max_pool2d", "avg_pool2d", "batch_norm", "conv2d", "conv_transpose2d", "dropout", "dropout2d",
         "elu", "gelu", "glu", "group_norm", "hardsigmoid", "hardswish", "hardtanh", "interpolate", "layer_norm",
         "leaky_relu", "linear", "log_softmax", "max_pool2d", "mish", "normalize", "pad", "pixel_shuffle",
         "pixel_unshuffle", "relu", "relu6", "sigmoid", "silu", "softmax", "softplus", "tanh")),

@@ -36,6 +36,7 @@ from ..errors import AutomtlError, FileFormatError
 from ..fileio import MAX_YAML_BYTES, atomic_path, parse_yaml, read_regular_file
 from ..policy import Policy
 from ..tasks import Task
+from ._export_common import EvalMode
 from .codec import DTYPES, decode, encode
 from .lowering import META_KEYS, lower
 from .modules import MODULES, build_module, buildable
@@ -108,7 +109,7 @@ def _fetch(gm: nn.Module, target: str):
 
 
 def _not_data(where: str, what: str) -> FileFormatError:
-    return FileFormatError(f"{where} {what}, which an .automtl file cannot describe as data; "
+    return FileFormatError(f"{where} {what}, so an .automtl file cannot describe it as data; "
                            "write a .pt2 with automtl.export() instead")
 
 
@@ -142,7 +143,8 @@ def describe(compact: CompactModel) -> tuple[dict, dict]:
     """
     if not isinstance(compact, CompactModel):
         raise AutomtlError(f"save() needs an automtl CompactModel (from automtl.compact), got {type(compact).__name__}")
-    gm = lower(compact.graph_module)
+    with EvalMode(compact.graph_module):  # modules inlined here must take their eval-mode branches
+        gm = lower(compact.graph_module)
     targets = list(dict.fromkeys(n.target for n in gm.graph.nodes if n.op in ("call_module", "get_attr")))
     names = _safe_names(targets)
     modules, attributes, tensors = [], [], {}

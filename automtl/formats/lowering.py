@@ -7,10 +7,13 @@ nodes inlined from it carry the same meta (the renderer groups them by it).
 """
 from __future__ import annotations
 
+import contextlib
+
 from torch import fx, nn
 
 from ..compact import META_CHOICE, META_LAYER, META_SOURCE, META_TASKS
 from ..errors import FileFormatError
+from .modules import buildable
 
 META_KEYS = (META_TASKS, META_LAYER, META_CHOICE, META_SOURCE)
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
@@ -23,14 +26,34 @@ def torch_nn_class(cls: type) -> bool:
 
 
 class _InlineTracer(fx.Tracer):
-    """Traces through everything except torch.nn leaf modules."""
+    """Traces through everything except the torch.nn leaf modules a bundle can build."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return torch_nn_class(type(m)) and not isinstance(m, _CONTAINERS)
+        return buildable(m)
 
 
 def _needs_inlining(m: nn.Module) -> bool:
-    return isinstance(m, _CONTAINERS) or type(m).__module__.split(".")[0] == "automtl"
+    """Containers, automtl's own modules and users' modules (a norm+activation subclass, a custom
+    head) are traced into their parts; a torch.nn class off the list is refused by name."""
+    return not buildable(m) and (isinstance(m, _CONTAINERS) or not torch_nn_class(type(m)))
+
+
+@contextlib.contextmanager
+def _shape_checks_off():
+    """BatchNorm's input-rank check branches on the traced input; the graph's shapes are checked
+    at load instead, so a subclass (timm's BatchNormAct2d) traces into F.batch_norm."""
+    classes = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
+    saved = {cls: cls.__dict__.get("_check_input_dim") for cls in classes}
+    try:
+        for cls in classes:
+            cls._check_input_dim = lambda self, input: None
+        yield
+    finally:
+        for cls, fn in saved.items():
+            if fn is None:
+                del cls._check_input_dim
+            else:
+                cls._check_input_dim = fn
 
 
 def lower(gm: fx.GraphModule) -> fx.GraphModule:
@@ -47,7 +70,7 @@ def lower(gm: fx.GraphModule) -> fx.GraphModule:
             if isinstance(mod, nn.Identity):
                 env[node] = fx.map_arg(node.args[0], lambda n: env[n])
                 continue
-            if not torch_nn_class(type(mod)):
+            if not buildable(mod):
                 _custom_module_error(node.target, mod)
         env[node] = graph.node_copy(node, lambda n: env[n])
     lowered = fx.GraphModule(gm, graph, "CompactNet")
@@ -59,9 +82,9 @@ def lower(gm: fx.GraphModule) -> fx.GraphModule:
 def _custom_module_error(target: str, mod: nn.Module):
     cls = type(mod)
     raise FileFormatError(
-        f"module {target!r} is a {cls.__module__}.{cls.__qualname__}, not a torch.nn module, so an .automtl "
-        "file cannot describe it as data; build that head from torch.nn modules, or write a .pt2 with "
-        "automtl.export() instead"
+        f"module {target!r} is a {cls.__module__}.{cls.__qualname__}, not one of the torch.nn modules on automtl's "
+        "reviewed list, so an .automtl file cannot describe it as data; build it from listed modules, or write a "
+        ".pt2 with automtl.export() instead"
     )
 
 
@@ -69,7 +92,8 @@ def _inline(graph: fx.Graph, gm: fx.GraphModule, node: fx.Node, mod: nn.Module, 
     """Emit the traced body of ``mod`` in place of ``node``; returns the value that replaces it."""
     try:
         if id(mod) not in traced:
-            traced[id(mod)] = _InlineTracer().trace(mod)
+            with _shape_checks_off():
+                traced[id(mod)] = _InlineTracer().trace(mod)
         sub = traced[id(mod)]
     except Exception as exc:  # fx raises many types: all mean "not traceable"
         raise FileFormatError(
@@ -100,7 +124,7 @@ def _inline(graph: fx.Graph, gm: fx.GraphModule, node: fx.Node, mod: nn.Module, 
             sub_target = f"{node.target}.{n.target}"
             if n.op == "call_module":
                 sub_mod = gm.get_submodule(sub_target)
-                if not torch_nn_class(type(sub_mod)):
+                if not buildable(sub_mod):
                     _custom_module_error(sub_target, sub_mod)
                 if isinstance(sub_mod, nn.Identity):
                     local[n] = fx.map_arg(n.args[0], lambda m: local[m])

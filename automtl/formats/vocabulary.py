@@ -43,14 +43,16 @@ FUNCTIONS: dict[str, tuple[Callable, str]] = {
         "add", "sub", "mul", "div", "cat", "concat", "stack", "flatten", "reshape", "transpose", "permute",
         "relu", "sigmoid", "tanh", "mean", "sum", "sqrt", "rsqrt", "exp", "abs", "clamp", "clamp_min",
         "clamp_max", "maximum", "minimum", "narrow", "squeeze", "unsqueeze", "matmul", "bmm", "softmax",
-        "roll", "channel_shuffle", "amax", "erf", "where", "zeros_like", "ones_like", "flip")},
+        "roll", "channel_shuffle", "amax", "erf", "where", "zeros_like", "ones_like", "flip", "conv2d",
+        "conv_transpose2d")},
     **{f"torch.{n}": (getattr(torch, n), TENSORS) for n in ("chunk", "split", "unbind")},
     # torch.nn.functional.*
     **{f"torch.nn.functional.{n}": (getattr(F, n), TENSOR) for n in (
         "relu", "relu6", "gelu", "silu", "hardswish", "hardsigmoid", "sigmoid", "tanh", "leaky_relu", "elu",
         "mish", "softplus", "hardtanh", "glu", "softmax", "log_softmax", "interpolate", "adaptive_avg_pool2d",
         "adaptive_max_pool2d", "avg_pool2d", "max_pool2d", "dropout", "dropout2d", "pad", "normalize",
-        "layer_norm", "group_norm", "batch_norm", "linear", "conv2d", "pixel_shuffle", "pixel_unshuffle")},
+        "layer_norm", "group_norm", "batch_norm", "linear", "conv2d", "conv_transpose2d", "pixel_shuffle",
+        "pixel_unshuffle")},
 }
 
 #: Tensor methods (called only on a tensor) and the kind each returns; ``"size"`` depends on
