@@ -5,25 +5,71 @@ A user mistake (:class:`AutomtlError`) is printed as one sentence with exit code
 """
 from __future__ import annotations
 
+import errno
 import json
+import shlex
 import sys
 
 import click
 
+from .config import MAX_INPUT_SIZE
 from .errors import AutomtlError
 
 
+#: OS errors that mean "this machine cannot take the write", not a bug: one sentence, exit 2.
+_STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.EIO,
+                   errno.EMFILE, errno.ENFILE, errno.ENAMETOOLONG, errno.ENOTDIR, errno.EISDIR, errno.ENOENT}
+#: Commands that keep a run directory and continue with --resume after an interruption.
+_RESUMABLE = ("convert", "search")
+
+
 class _Group(click.Group):
-    """Turns user errors into one line and exit code 2."""
+    """Turns user errors into one line on stderr and exit code 2; Ctrl-C into exit 130 and how to resume."""
+
+    def main(self, args=None, *rest, **kwargs):
+        self.argv = list(args) if args is not None else sys.argv[1:]  # for the resume hint after Ctrl-C
+        return super().main(args, *rest, **kwargs)
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
+        except (click.exceptions.Exit, click.Abort):
+            raise
+        except KeyboardInterrupt:
+            _interrupted(ctx, getattr(self, "argv", sys.argv[1:]))
+        except click.ClickException as exc:  # a bad option or argument: click's own message, on one line
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            _fail(" ".join(exc.format_message().split()).rstrip(".") + "; see --help")
         except AutomtlError as exc:
             if ctx.obj and ctx.obj.get("debug"):
                 raise
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(2)
+            _fail(str(exc))
+        except OSError as exc:
+            if exc.errno not in _STORAGE_ERRNOS or (ctx.obj and ctx.obj.get("debug")):
+                raise
+            where = f" {exc.filename!r}" if exc.filename else ""
+            _fail(f"cannot read or write{where} ({exc.strerror or exc}); free space, fix the permissions or choose another path")
+        except MemoryError:
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            _fail("ran out of memory; use a smaller --input-size, --batch-size or model, or a machine with more memory")
+
+
+def _fail(message: str) -> None:
+    click.echo(f"error: {' '.join(str(message).split())}", err=True)
+    sys.exit(2)
+
+
+def _interrupted(ctx, args: list) -> None:
+    args = [str(a) for a in args]
+    command = ctx.invoked_subcommand
+    if command in _RESUMABLE:
+        again = shlex.join(["automtl", *args, *([] if "--resume" in args else ["--resume"])])
+        click.echo(f"interrupted; the run is checkpointed, continue it with: {again}", err=True)
+    else:
+        click.echo("interrupted; nothing was written", err=True)
+    sys.exit(130)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -75,11 +121,12 @@ def _pipeline_options(f):
         click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Where to train (default auto)."),
         click.option("--seed", type=int, help="Seed of the whole run (data order, Gumbel noise, initial heads)."),
         click.option("--steps", metavar="WARMUP,SEARCH,FINETUNE", help="Stage lengths in optimizer steps, e.g. 40,80,60."),
-        click.option("--input-size", type=int, help="Image side of the synthetic data and of the example input."),
+        click.option("--input-size", type=click.IntRange(8, MAX_INPUT_SIZE), help="Image side of the synthetic data and of the example input."),
         click.option("--samples", metavar="TRAIN,VAL", help="How many synthetic/MultiFashion samples to train and validate on, e.g. 512,128."),
         click.option("--out", "out", type=click.Path(file_okay=False), default="automtl-out", show_default=True,
                      help="Directory for the results."),
         click.option("--resume", is_flag=True, help="Continue a killed run from its last checkpoint in --out."),
+        click.option("--overwrite", is_flag=True, help="Start over in an --out that holds an earlier run, deleting its checkpoint, log and results."),
         click.option("--quiet", is_flag=True, help="No progress bars or messages."),
         click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout."),
     ]
@@ -135,7 +182,7 @@ def _say(quiet):
 # ---- the whole pipeline -------------------------------------------------------------------------
 @main.command()
 @_pipeline_options
-def convert(backbone, tasks, config_path, data, weights, budget, device, seed, steps, input_size, samples, out, resume, quiet, as_json):
+def convert(backbone, tasks, config_path, data, weights, budget, device, seed, steps, input_size, samples, out, resume, overwrite, quiet, as_json):
     """Run the whole pipeline on BACKBONE and write the results into --out.
 
     BACKBONE is a builtin name (see `automtl backbones`), path/to/file.py:Class or
@@ -147,9 +194,11 @@ def convert(backbone, tasks, config_path, data, weights, budget, device, seed, s
     from .convert import convert as run_convert
 
     cfg = _resolve_config(backbone, tasks, config_path, data, weights, budget, device, seed, steps, input_size, samples)
-    report = run_convert(cfg, out, resume=resume, quiet=quiet, log=_say(quiet))
+    report = run_convert(cfg, out, resume=resume, quiet=quiet, log=_say(quiet), overwrite=overwrite)
     if as_json:
-        click.echo(json.dumps(report, indent=2, default=str))
+        from .convert import json_safe
+
+        click.echo(json.dumps(json_safe(report), indent=2, default=str))
     elif not quiet:
         _print_summary(report, out)
 
@@ -172,7 +221,7 @@ def _print_summary(report, out):
 @main.command("supermodel")
 @click.argument("backbone")
 @click.option("--task", "tasks", multiple=True, metavar="NAME:KIND[:CLASSES]", help="A task, repeatable (default: the synthetic scenes' three).")
-@click.option("--input-size", type=int, default=64, show_default=True, help="Side of the example input.")
+@click.option("--input-size", type=click.IntRange(8, MAX_INPUT_SIZE), default=64, show_default=True, help="Side of the example input.")
 @click.option("--feature-node", help="Cut the backbone at this node name or module path, e.g. layer4 (default: the deepest feature map before global pooling and any classifier).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def supermodel_cmd(backbone, tasks, input_size, feature_node, as_json):
@@ -210,7 +259,7 @@ def supermodel_cmd(backbone, tasks, input_size, feature_node, as_json):
 
 @main.command("search")
 @_pipeline_options
-def search_cmd(backbone, tasks, config_path, data, weights, budget, device, seed, steps, input_size, samples, out, resume, quiet, as_json):
+def search_cmd(backbone, tasks, config_path, data, weights, budget, device, seed, steps, input_size, samples, out, resume, overwrite, quiet, as_json):
     """Search a sharing policy and fine-tune it; keep the run in --out for `automtl compact`.
 
     Writes supermodel.yaml + supermodel.pt (the trained supermodel), policy.yaml (edit it by
@@ -218,17 +267,18 @@ def search_cmd(backbone, tasks, config_path, data, weights, budget, device, seed
 
     Example: automtl search resnet18 --steps 60,120,120 --out runs/r18
     """
-    from .convert import prepare_out_dir, prepare_run, save_run
+    from .convert import json_safe, prepare_run, save_run
     from .fileio import atomic_write_text
+    from .rundir import RunDirectory
     from .search import search
 
     cfg = _resolve_config(backbone, tasks, config_path, data, weights, budget, device, seed, steps, input_size, samples)
-    out = prepare_out_dir(out)
-    sm, train, val = prepare_run(cfg)
-    result = search(sm, train, val, cfg.search.replace(out_dir=str(out / "checkpoints"), resume=resume, quiet=quiet))
-    save_run(sm, cfg, out, result.policy)
-    payload = {"metrics": result.metrics, "policy": result.policy.counts(), "parameters": result.params}
-    atomic_write_text(out / "metrics.json", json.dumps(payload, indent=2, default=str) + "\n")
+    with RunDirectory(out, resume=resume, overwrite=overwrite) as run:
+        sm, train, val = prepare_run(cfg)
+        result = search(sm, train, val, cfg.search.replace(out_dir=str(run.path / "checkpoints"), resume=resume, quiet=quiet))
+        save_run(sm, cfg, run.path, result.policy)
+        payload = json_safe({"metrics": result.metrics, "policy": result.policy.counts(), "parameters": result.params})
+        atomic_write_text(run.path / "metrics.json", json.dumps(payload, indent=2, default=str, allow_nan=False) + "\n")
     if as_json:
         click.echo(json.dumps(payload, indent=2, default=str))
     elif not quiet:
@@ -238,7 +288,7 @@ def search_cmd(backbone, tasks, config_path, data, weights, budget, device, seed
 @main.command("compact")
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.option("--policy", "policy_path", type=click.Path(dir_okay=False), help="A policy YAML (default: RUN_DIR/policy.yaml), e.g. one edited by hand.")
-@click.option("--finetune-steps", type=int, default=0, show_default=True, help="Fine-tune the policy's architecture this many steps first.")
+@click.option("--finetune-steps", type=click.IntRange(min=0), default=0, show_default=True, help="Fine-tune the policy's architecture this many steps first.")
 @click.option("--out", "out", type=click.Path(dir_okay=False), default="model.automtl", show_default=True, help="The .automtl file to write.")
 @click.option("--quiet", is_flag=True, help="No progress bars or messages.")
 def compact_cmd(run_dir, policy_path, finetune_steps, out, quiet):
@@ -328,17 +378,17 @@ def inspect_cmd(model_path, latency):
 @main.command("eval")
 @click.argument("model_path", type=click.Path(dir_okay=False))
 @click.option("--data", default="synthetic", show_default=True, help="synthetic, multifashion[:ROOT], nyuv2:ROOT or cityscapes:ROOT.")
-@click.option("--split", default="val", show_default=True, help="Which split to evaluate.")
-@click.option("--samples", type=int, help="Use only the first N samples (synthetic: how many to generate).")
-@click.option("--input-size", type=int, default=64, show_default=True, help="Image side of the synthetic data.")
-@click.option("--batch-size", type=int, default=16, show_default=True)
+@click.option("--split", type=click.Choice(["train", "val", "test"]), default="val", show_default=True, help="Which split to evaluate.")
+@click.option("--samples", type=click.IntRange(min=1), help="Use only the first N samples (synthetic: how many to generate).")
+@click.option("--input-size", type=click.IntRange(8, MAX_INPUT_SIZE), default=64, show_default=True, help="Image side of the synthetic data.")
+@click.option("--batch-size", type=click.IntRange(1, 4096), default=16, show_default=True, help="Samples per evaluation batch.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def eval_cmd(model_path, data, split, samples, input_size, batch_size, as_json):
     """Evaluate a .automtl model on a data set: the metrics of every task.
 
     Example: automtl eval model.automtl --data synthetic --samples 256
     """
-    from .evaluate import evaluate_model
+    from .evaluation import evaluate_model
     from .formats import load
 
     model = load(model_path)

@@ -17,6 +17,9 @@ import yaml
 
 from .errors import ConfigError
 
+#: Largest image side automtl accepts: larger inputs exhaust memory before they fail usefully.
+MAX_INPUT_SIZE = 1024
+
 __all__ = ["SearchConfig", "parse_budget"]
 
 _BUDGET = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*[xX×]?\s*$")

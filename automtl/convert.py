@@ -21,7 +21,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import torch
 import yaml
 
-from .config import SearchConfig
+from .config import MAX_INPUT_SIZE, SearchConfig
 from .errors import AutomtlError, ConfigError, FileFormatError
 from .fileio import atomic_write_text, read_yaml
 from .policy import Policy
@@ -54,8 +54,10 @@ class ConvertConfig:
     def __post_init__(self) -> None:
         if isinstance(self.search, Mapping):
             self.search = SearchConfig.from_dict({**DEFAULT_SCHEDULE, **self.search}, "config section 'search'")
-        if not isinstance(self.input_size, int) or isinstance(self.input_size, bool) or self.input_size < 8:
-            raise ConfigError(f"input_size must be an integer of at least 8 pixels, got {self.input_size!r}")
+        if (not isinstance(self.input_size, int) or isinstance(self.input_size, bool)
+                or not 8 <= self.input_size <= MAX_INPUT_SIZE):
+            raise ConfigError(f"input_size must be a whole number of pixels from 8 to {MAX_INPUT_SIZE}, got {self.input_size!r}; "
+                              "resize or crop larger images first")
         for name in ("train_samples", "val_samples"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
@@ -195,33 +197,34 @@ def supermodel_from_state(sm: SuperModel, path) -> SuperModel:
 
 
 # ---- the whole pipeline -------------------------------------------------------------------
-def prepare_out_dir(out) -> Path:
-    """Create ``out`` (or check it) and make sure we can write there, before any long work."""
-    out = Path(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out, prefix=".automtl-write-check-"):
-            pass
-    except OSError as exc:
-        raise AutomtlError(f"output directory {os.fspath(out)!r} is not writable ({exc.strerror}); choose another --out") from None
-    return out
-
-
 def convert(cfg: ConvertConfig, out, resume: bool = False, quiet: bool = False,
-            log: Callable[[str], None] = lambda msg: None) -> dict:
+            log: Callable[[str], None] = lambda msg: None, overwrite: bool = False) -> dict:
     """Run capture -> supermodel -> search -> compact -> save/export/render; return the report.
 
     The six result files appear in ``out`` only when the whole run succeeded (each is staged in
     a temporary directory and moved in at the end); search checkpoints live in ``out/checkpoints``
-    so that ``resume=True`` continues a killed run.
+    so that ``resume=True`` continues a killed run. ``out`` is locked while the run is live, and a
+    folder that holds an earlier run is refused unless ``resume`` or ``overwrite`` is given
+    (:class:`automtl.rundir.RunDirectory`).
+
+    Raises:
+        AutomtlError: a bad config, data or budget; ``out`` busy, not writable or holding a run.
+        StorageError: the disk filled up or became unwritable while results were written.
     """
+    from .rundir import RunDirectory
+
+    with RunDirectory(out, resume=resume, overwrite=overwrite) as run:
+        return _convert(cfg, run.path, resume, quiet, log)
+
+
+def _convert(cfg: ConvertConfig, out: Path, resume: bool, quiet: bool, log: Callable[[str], None]) -> dict:
     from .compact import compact
+    from .fileio import storage_error
     from .formats import export, save
     from .render import render
     from .report import compare
     from .search import search
 
-    out = prepare_out_dir(out)
     started = time.time()
     log(f"building the supermodel of {cfg.backbone} for tasks {', '.join(t.name for t in cfg.task_objects())}")
     sm, train, val = prepare_run(cfg)
@@ -254,9 +257,14 @@ def convert(cfg: ConvertConfig, out, resume: bool = False, quiet: bool = False,
         render(model, stage / "sharing.svg")
         (stage / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         report["total_seconds"] = round(time.time() - started, 2)
-        (stage / "report.json").write_text(json.dumps(report, indent=2, default=_jsonable) + "\n")
+        (stage / "report.json").write_text(json.dumps(json_safe(report), indent=2, default=_jsonable, allow_nan=False) + "\n")
         for name in OUTPUT_FILES:
             os.replace(stage / name, out / name)
+    except (OSError, RuntimeError) as exc:
+        error = storage_error(out, exc)
+        if error is None:
+            raise
+        raise error from exc
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return report
@@ -282,6 +290,17 @@ def _version() -> str:
     from . import __version__
 
     return __version__
+
+
+def json_safe(obj):
+    """``obj`` with every non-finite float replaced by None: JSON has no NaN or infinity."""
+    if isinstance(obj, float):
+        return obj if obj == obj and obj not in (float("inf"), float("-inf")) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
 
 
 def _jsonable(obj):

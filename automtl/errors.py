@@ -23,3 +23,7 @@ class DataError(AutomtlError):
 
 class FileFormatError(AutomtlError):
     """A model or policy file is unreadable, truncated or does not match its description."""
+
+
+class StorageError(AutomtlError):
+    """A file could not be written: the disk is full or read-only, or permission is denied."""

@@ -1,6 +1,7 @@
 """Atomic file writes: a file appears whole under its name or not at all."""
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import tempfile
@@ -8,22 +9,53 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
+#: errno values that mean the write cannot happen here (not a bug): reported as a StorageError.
+_STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.EIO}
+
+
+def storage_error(path, exc: BaseException):
+    """The StorageError for a failed write of ``path``, or None when ``exc`` is not about storage.
+
+    torch.save reports a full disk as a RuntimeError from its zip writer, so that is recognised too.
+    """
+    from .errors import StorageError
+
+    if isinstance(exc, OSError) and exc.errno in _STORAGE_ERRNOS:
+        reason = exc.strerror or str(exc)
+    elif isinstance(exc, RuntimeError) and ("write failed" in str(exc) or "No space left" in str(exc)):
+        reason = "the write failed; the disk is probably full"
+    else:
+        return None
+    return StorageError(f"cannot write {os.fspath(path)!r} ({reason}); free space on that disk, fix its permissions "
+                        "or choose another path")
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike):
-    """Yield a temporary path beside ``path``; rename it over ``path`` only if the block succeeds."""
+    """Yield a temporary path beside ``path``; rename it over ``path`` only if the block succeeds.
+
+    Raises:
+        StorageError: the disk is full or read-only, or permission is denied (nothing is left behind).
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise (storage_error(path, exc) or exc) from None
     os.close(fd)
     os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; results are meant to be shared like any file
     try:
         yield Path(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        error = storage_error(path, exc)
+        if error is not None:
+            raise error from exc
         raise
 
 

@@ -6,6 +6,7 @@ person can edit it and feed it back.
 from __future__ import annotations
 
 import os
+import re
 import random as _random
 from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
@@ -13,6 +14,8 @@ from typing import Iterable, Optional, Sequence
 import yaml
 
 from .errors import ConfigError, FileFormatError
+
+_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,128}$")
 
 SHARE, SPECIALIZE, SKIP = 0, 1, 2
 CHOICES = ("share", "specialize", "skip")
@@ -109,6 +112,10 @@ class Policy:
         layers = data["layers"]
         if not isinstance(tasks, list) or not isinstance(layers, dict):
             raise FileFormatError(f"{source}: 'tasks' must be a list and 'layers' a mapping of layer -> task -> choice")
+        for name in [*tasks, *layers]:
+            if not isinstance(name, str) or not _NAME.match(name):
+                raise FileFormatError(f"{source}: {str(name)[:40]!r} is not a task or layer name (1 to 128 letters, digits, "
+                                      "'_', '.' or '-'); fix the file or write it again with automtl search")
         rows = []
         for lname, per_task in layers.items():
             if not isinstance(per_task, dict):

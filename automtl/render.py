@@ -92,7 +92,12 @@ def render(model_or_policy, path, format: Optional[str] = None, title: Optional[
                 f"this graphviz 'dot' cannot write {fmt} files; draw as .svg, or install a graphviz "
                 "with that format (apt-get install graphviz, or brew install graphviz)"
             ) from exc
-        raise  # anything else is a bug in the drawing we generated: keep the traceback
+        first = next((l for l in detail.splitlines() if l.strip()), f"exit code {exc.returncode}")
+        raise AutomtlError(f"graphviz's dot failed to draw {str(path)!r} ({first.strip()[:160]}); try .svg, "
+                           "which has no size limit") from exc
+    except OSError as exc:  # dot quit before reading the whole graph (a broken pipe)
+        raise AutomtlError(f"graphviz's dot stopped while drawing {str(path)!r} ({exc.strerror or exc}); the "
+                           "drawing is probably too large for this format, try .svg") from exc
     from .fileio import atomic_path
 
     with atomic_path(path) as tmp:

@@ -22,7 +22,7 @@ _NEEDS_CLASSES = ("classification", "multilabel", "segmentation")
 #: Fixed output widths of kinds that do not take ``classes``.
 _FIXED_OUTPUTS = {"depth": 1, "normal": 3}
 
-_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 
 
 @dataclass
@@ -49,7 +49,7 @@ class Task:
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not _NAME.match(self.name):
             raise ConfigError(
-                f"task name {self.name!r} is not a valid identifier; use letters, digits and underscores, "
+                f"task name {str(self.name)[:70]!r} is not a valid identifier; use up to 64 letters, digits and underscores, "
                 "starting with a letter"
             )
         if self.kind not in KINDS and self.kind != "custom":

@@ -154,6 +154,10 @@ def _import_file(path: str) -> Any:
     sys.modules[name] = mod  # dataclasses, pickling and typing look the module up here
     try:
         spec.loader.exec_module(mod)
+    except SystemExit as e:
+        sys.modules.pop(name, None)
+        raise BackboneError(f"backbone file {path!r} calls sys.exit({e.code!r}) when imported; a backbone file must "
+                            "only define the model, so put script code under if __name__ == '__main__':") from None
     except BaseException as e:
         sys.modules.pop(name, None)
         if not isinstance(e, Exception):
@@ -166,6 +170,9 @@ def _import_file(path: str) -> Any:
 def _import_module(name: str) -> Any:
     try:
         return importlib.import_module(name)
+    except SystemExit as e:
+        raise BackboneError(f"backbone module {name!r} calls sys.exit({e.code!r}) when imported; a backbone module "
+                            "must only define the model") from None
     except Exception as e:
         raise BackboneError(f"backbone module {name!r} could not be imported ({_one_line(e)}); "
                             "check that it is installed or on PYTHONPATH") from e
@@ -188,7 +195,7 @@ def _call(factory: Callable[..., Any], spec: str, kwargs: Mapping[str, Any]) -> 
         model = factory(**kwargs)
     except BackboneError:
         raise
-    except Exception as e:
+    except (Exception, SystemExit) as e:
         raise BackboneError(f"building backbone {spec!r} failed ({_one_line(e)}); "
                             "check its arguments and code") from e
     if not isinstance(model, nn.Module):

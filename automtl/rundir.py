@@ -1,0 +1,120 @@
+"""A run's output folder that knows its state: locked while a run is live, never overwritten by accident.
+
+``automtl convert`` and ``automtl search`` write checkpoints, a log and results into ``--out``.
+Starting a second run there would silently replace the first one's checkpoint and truncate its
+log, and two live runs would overwrite each other's results. :class:`RunDirectory` prevents both:
+it holds an exclusive lock (``fcntl.flock`` on ``.automtl.lock``) for the life of a run, refuses
+to start over an earlier run unless ``resume`` (continue it) or ``overwrite`` (delete it first) is
+given, and removes the temporaries a killed run left behind.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from .errors import AutomtlError
+
+LOCK_NAME = ".automtl.lock"
+CHECKPOINTS = "checkpoints"
+#: What a run writes; --overwrite deletes exactly these (and the checkpoints folder's own files).
+RUN_FILES = ("model.automtl", "model.pt2", "policy.yaml", "sharing.svg", "report.json", "config.yaml",
+             "supermodel.yaml", "supermodel.pt", "metrics.json")
+CHECKPOINT_FILES = ("checkpoint.pt", "log.jsonl")
+
+
+class RunDirectory:
+    """Context manager over ``path`` for one run (see the module docstring).
+
+    Raises:
+        AutomtlError: another live run holds the folder; the folder holds an earlier run and
+            neither ``resume`` nor ``overwrite`` was given; or the folder is not writable.
+    """
+
+    def __init__(self, path: str | os.PathLike, resume: bool = False, overwrite: bool = False):
+        if resume and overwrite:
+            raise AutomtlError("--resume continues a run and --overwrite deletes it; give one of them")
+        self.path, self.resume, self.overwrite = Path(path), resume, overwrite
+        self._lock = None
+
+    def __enter__(self) -> "RunDirectory":
+        where = os.fspath(self.path)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=self.path, prefix=".automtl-write-check-"):
+                pass
+        except OSError as exc:
+            raise AutomtlError(f"output directory {where!r} is not writable ({exc.strerror}); choose another --out") from None
+        self._acquire()
+        try:
+            earlier = self.earlier_run()
+            if earlier and not (self.resume or self.overwrite):
+                raise AutomtlError(
+                    f"output directory {where!r} already holds a run ({', '.join(earlier[:3])}); continue it with "
+                    "--resume, start over with --overwrite (which deletes it), or choose another --out")
+            if self.overwrite:
+                self._delete_run()
+            self.clean_temporaries()
+        except BaseException:
+            self._release()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._release()
+
+    # -- state -------------------------------------------------------------------------------
+    def earlier_run(self) -> list[str]:
+        """What an earlier run left here (file names), empty when the folder holds none."""
+        found = [n for n in RUN_FILES if (self.path / n).exists()]
+        found += [f"{CHECKPOINTS}/{n}" for n in CHECKPOINT_FILES if (self.path / CHECKPOINTS / n).exists()]
+        return found
+
+    def clean_temporaries(self) -> list[Path]:
+        """Remove what a killed run left half-written: staging folders and ``.NAME.*.tmp`` files."""
+        removed = []
+        for folder in (self.path, self.path / CHECKPOINTS):
+            if not folder.is_dir():
+                continue
+            for entry in folder.iterdir():
+                stale = (entry.name.startswith(".automtl-stage-") and entry.is_dir()) or (
+                    entry.name.startswith(".") and entry.name.endswith(".tmp") and entry.is_file())
+                if stale:
+                    shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+                    removed.append(entry)
+        return removed
+
+    def _delete_run(self) -> None:
+        for name in RUN_FILES:
+            (self.path / name).unlink(missing_ok=True)
+        for name in CHECKPOINT_FILES:
+            (self.path / CHECKPOINTS / name).unlink(missing_ok=True)
+
+    # -- lock ---------------------------------------------------------------------------------
+    def _acquire(self) -> None:
+        import fcntl
+
+        lock_path = self.path / LOCK_NAME
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise AutomtlError(
+                f"output directory {os.fspath(self.path)!r} is in use by another automtl run (process {owner}); "
+                "wait for it to finish or choose another --out") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._lock = fd
+
+    def _release(self) -> None:
+        if self._lock is None:
+            return
+        try:
+            (self.path / LOCK_NAME).unlink(missing_ok=True)
+        finally:
+            os.close(self._lock)  # closing the descriptor releases the flock
+            self._lock = None
+
