@@ -39,6 +39,8 @@ class RunDirectory:
         self._lock = None
 
     def __enter__(self) -> "RunDirectory":
+        if os.environ.get("RANK", "0") != "0":
+            return self  # under torchrun, rank 0 owns the folder: it locks, checks and cleans; other ranks only read
         where = os.fspath(self.path)
         try:
             self.path.mkdir(parents=True, exist_ok=True)

@@ -45,6 +45,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset,
 
 from .compact import compact
 from .config import SearchConfig, parse_budget
+from .data.checks import BatchChecks
 from .errors import AutomtlError, ConfigError, DataError, FileFormatError
 from .fileio import atomic_path, atomic_write_text
 from .losses import loss_for
@@ -121,18 +122,69 @@ class SearchResult:
 # ---------------------------------------------------------------------------------------------
 # distributed helpers
 # ---------------------------------------------------------------------------------------------
+def dist_timeout():
+    """How long a rank waits for the others in one collective: ``AUTOMTL_DIST_TIMEOUT`` seconds (default 600)."""
+    from datetime import timedelta
+
+    try:
+        seconds = float(os.environ.get("AUTOMTL_DIST_TIMEOUT", "600"))
+    except ValueError:
+        raise ConfigError(f"AUTOMTL_DIST_TIMEOUT={os.environ['AUTOMTL_DIST_TIMEOUT']!r} must be a number of seconds") from None
+    return timedelta(seconds=max(seconds, 1.0))
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
 class _Dist:
     """The torch.distributed context of a run: world 1 when not launched by torchrun."""
 
     def __init__(self, device_type: str):
         self.created = False
         if dist.is_available() and not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+            rank = os.environ.get("RANK", "?")
+            try:
+                dist.init_process_group("nccl" if device_type == "cuda" else "gloo", timeout=dist_timeout())
+            except Exception as exc:  # a missing MASTER_ADDR, a peer that never came, a refused port
+                raise AutomtlError(
+                    f"rank {rank} could not join the process group of {os.environ.get('WORLD_SIZE')} ranks "
+                    f"({_first_line(exc)}); launch the search with torchrun --nproc-per-node N") from None
             self.created = True
         self.active = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         self.rank = dist.get_rank() if self.active else 0
         self.world = dist.get_world_size() if self.active else 1
         self.main = self.rank == 0
+
+    @contextlib.contextmanager
+    def collective(self, what: str):
+        """Turn a failed collective (a peer died, froze past the timeout) into one sentence naming this rank."""
+        try:
+            yield
+        except RuntimeError as exc:
+            raise AutomtlError(
+                f"rank {self.rank} lost the other ranks while {what} ({_first_line(exc)}); a rank died or stopped "
+                f"answering for {dist_timeout().total_seconds():.0f} s (AUTOMTL_DIST_TIMEOUT), see its log, then "
+                "continue the run with --resume") from None
+
+    def all_reduce_grads(self, params: Sequence[torch.Tensor]) -> None:
+        """Average the gradients of ``params`` over ranks, over the same list on every rank.
+
+        A parameter that got no gradient on some rank (a task whose batch there had no label and
+        whose custom loss has no graph) contributes zeros there; one that got none on any rank keeps
+        ``grad = None``, exactly as in a single process, so the optimizer leaves it alone.
+        """
+        if not self.active:
+            return
+        present = torch.tensor([p.grad is not None for p in params], dtype=torch.float32,
+                               device=params[0].device if params else "cpu")
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        with self.collective("averaging gradients"):
+            dist.all_reduce(present)
+        self.all_reduce_mean(grads)
+        for p, g, n in zip(params, grads, present.tolist()):
+            p.grad = g if n > 0 else None
 
     def all_reduce_mean(self, tensors: Sequence[torch.Tensor], bucket_elems: int = 1 << 24) -> None:
         """Average tensors over ranks in place, flattened into buckets (one call per bucket)."""
@@ -140,7 +192,8 @@ class _Dist:
             return
         for group in self._buckets(tensors, bucket_elems):
             flat = torch.cat([t.reshape(-1) for t in group])
-            dist.all_reduce(flat)
+            with self.collective("averaging gradients"):
+                dist.all_reduce(flat)
             flat.div_(self.world)
             self._unflatten(flat, group)
 
@@ -150,7 +203,8 @@ class _Dist:
             return
         for group in self._buckets(tensors, bucket_elems):
             flat = torch.cat([t.detach().reshape(-1) for t in group])
-            dist.broadcast(flat, 0)
+            with self.collective("receiving rank 0's values"):
+                dist.broadcast(flat, 0)
             self._unflatten(flat, group)
 
     @staticmethod
@@ -182,7 +236,8 @@ class _Dist:
         if not self.active:
             return [t]
         out = [torch.empty_like(t) for _ in range(self.world)]
-        dist.all_gather(out, t.contiguous())
+        with self.collective("comparing ranks"):
+            dist.all_gather(out, t.contiguous())
         return out
 
     def close(self) -> None:
@@ -228,6 +283,8 @@ class _Stream:
                 self.kind = "iterable"
                 self.source = source
         elif isinstance(source, Dataset) and not isinstance(source, IterableDataset) and hasattr(source, "__len__"):
+            if len(source) == 0:
+                raise DataError(f"training data {name!r} is empty; check the dataset's root and split")
             self.kind = "loader"
             self.loader = DataLoader(source, batch_size=batch_size, shuffle=True)
             self.shuffle = True
@@ -558,6 +615,7 @@ class _Search:
         self.total_steps = offset
 
         self.loss_fns = {t.name: loss_for(t) for t in sm.tasks}
+        self.checks = BatchChecks(sm.tasks, int(sm.input_shape[1]))
         self.weighting = make_weighting(cfg.weighting, self.tasks, **cfg.weighting_options).to(self.device)
         weights = list(sm.weight_parameters()) + list(self.weighting.parameters())
         self.weight_params = weights
@@ -587,6 +645,11 @@ class _Search:
         log_dir = Path(cfg.log_dir) if cfg.log_dir is not None else self.out_dir
         self.ckpt_path = self.out_dir / CHECKPOINT_NAME if self.out_dir is not None else None
         self.log_path = log_dir / LOG_NAME if log_dir is not None else None
+        earlier = [p for p in (self.ckpt_path, self.log_path) if p is not None and p.exists() and p.stat().st_size > 0]
+        if earlier and not cfg.resume and self.given_policy is None:
+            raise ConfigError(
+                f"{str(earlier[0].parent)!r} already holds a search ({', '.join(p.name for p in earlier)}); continue it with "
+                "resume=True (--resume), delete it, or choose another out_dir")
         self.history: list = []
         self.progress = _Progress(self.dist.main and not cfg.quiet)
         self.last_saved = -1
@@ -735,10 +798,12 @@ class _Search:
             xs, ys = {}, {}
             for t in self.tasks:
                 x, y = _split_batch(next(iters[t]), f"training data of task {t!r}")
+                self.checks(x, {t: _task_target(y, t)}, task_names=[t])
                 xs[t] = x.to(self.device, non_blocking=True)
                 ys[t] = _to(_task_target(y, t), self.device)
             return xs, ys
         x, y = _split_batch(next(iters[""]), "training data")
+        self.checks(x, y if isinstance(y, Mapping) else {})
         return x.to(self.device, non_blocking=True), _to(y, self.device) if isinstance(y, Mapping) else {}
 
     def _autocast(self):
@@ -848,8 +913,7 @@ class _Search:
             opt = self.finetune_opt if stage == "finetune" else self.weight_opt
             opt.zero_grad(set_to_none=True)
             total.backward()
-            grads = [p.grad for p in self.weight_params if p.grad is not None]
-            self.dist.all_reduce_mean(grads)
+            self.dist.all_reduce_grads(self.weight_params)
             if cfg.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_([p for p in self.weight_params if p.grad is not None], cfg.grad_clip)
             opt.step()

@@ -1,9 +1,12 @@
-"""Run the policy search on several processes with DistributedDataParallel.
+"""Run the policy search on several processes (data parallel, one gradient average per step).
 
     torchrun --nproc_per_node 2 examples/torchrun_search.py [--steps 10,20,10] [--out runs/ddp]
+    torchrun --nproc_per_node 2 examples/torchrun_search.py --out runs/ddp --resume   # after an interruption
 
 Each rank reads its own shard of the data; all ranks draw the same Gumbel noise, so they
-keep one policy; only rank 0 writes files. Runs on CPUs (gloo) or GPUs (nccl) alike.
+keep one policy; only rank 0 writes files (checkpoints every 10 steps). Runs on CPUs (gloo) or
+GPUs (nccl) alike. A rank that stops answering makes the others fail after AUTOMTL_DIST_TIMEOUT
+seconds (default 600) with a sentence naming the rank.
 """
 import argparse
 import os
@@ -21,6 +24,7 @@ def main(argv=None):
     ap.add_argument("--backbone", default="tiny")
     ap.add_argument("--size", type=int, default=32)
     ap.add_argument("--out", default="runs/ddp")
+    ap.add_argument("--resume", action="store_true", help="continue a killed run from its last checkpoint in --out")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     warmup, search_steps, finetune = (int(s) for s in args.steps.split(","))
@@ -29,7 +33,7 @@ def main(argv=None):
     train = SyntheticScenes(128, size=args.size, seed=0, split="train")
     val = SyntheticScenes(32, size=args.size, seed=0, split="val")
     config = SearchConfig(warmup_steps=warmup, search_steps=search_steps, finetune_steps=finetune, batch_size=8,
-                          tau_every=5, quiet=True, out_dir=args.out, checkpoint_every=0)
+                          tau_every=5, quiet=True, out_dir=args.out, checkpoint_every=10, resume=args.resume)
     result = automtl.search(sm, train, val, config)
     rank = int(os.environ.get("RANK", "0"))
     if rank == 0:

@@ -210,3 +210,95 @@ def test_rundir_refuses_an_unwritable_folder(tmp_path):
     with pytest.raises(AutomtlError, match="not writable"):
         with RunDirectory(blocker / "sub"):
             pass
+
+
+# ---------------------------------------------------------------------------------------
+# the Python API's search: bad data named at once
+# ---------------------------------------------------------------------------------------
+def _search_on(batches, tasks=None, steps=(2, 0, 0)):
+    import automtl
+    from automtl import SearchConfig, Task
+
+    tasks = tasks or [Task("seg", "segmentation", classes=3), Task("depth", "depth")]
+    sm = automtl.supermodel("tiny", tasks, torch.randn(1, 3, 16, 16))
+    cfg = SearchConfig(warmup_steps=steps[0], search_steps=steps[1], finetune_steps=steps[2], batch_size=2, quiet=True,
+                       budget=None)
+    return automtl.search(sm, batches, batches[:1], cfg)
+
+
+def _batch(n=2, c=3, seg=None, depth=None):
+    x = torch.randn(n, c, 16, 16)
+    return x, {"seg": torch.randint(0, 3, (n, 16, 16)) if seg is None else seg,
+               "depth": torch.rand(n, 1, 16, 16) + 0.1 if depth is None else depth}
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: [_batch(seg=torch.full((2, 16, 16), 7))], "label 7 outside 0..2"),
+    (lambda: [_batch(c=1)], "1 channels but the backbone takes 3"),
+    (lambda: [(torch.randn(2, 3, 16, 16), {"seg": [[0] * 16] * 16, "depth": torch.rand(2, 1, 16, 16)})], "is a list"),
+    (lambda: [_batch(depth=torch.rand(2, 3, 16, 16))], "depth target is (B, 16, 16) or (B, 1, 16, 16)".replace("16", "*")),
+    (lambda: [(torch.full((2, 3, 16, 16), float("nan")), _batch()[1])], "NaN or infinite"),
+    (lambda: [_batch(seg=torch.full((2, 16, 16), 255))] * 4, "no usable label"),
+], ids=["label-range", "channels", "list-target", "depth-shape", "nan-image", "no-label"])
+def test_search_names_bad_data(make, message, monkeypatch):
+    from automtl.data import checks
+    from automtl.errors import DataError
+
+    monkeypatch.setattr(checks, "NO_LABEL_BATCHES", 3)
+    with pytest.raises(DataError, match=message.replace("(", r"\(").replace(")", r"\)").replace("*", r"\*")):
+        _search_on(make(), steps=(4, 0, 0))
+
+
+def test_search_on_an_empty_dataset():
+    from torch.utils.data import TensorDataset
+
+    from automtl.errors import DataError
+
+    with pytest.raises(DataError, match="empty"):
+        _search_on(TensorDataset(torch.empty(0, 3, 16, 16)))
+
+
+# ---------------------------------------------------------------------------------------
+# two gloo ranks
+# ---------------------------------------------------------------------------------------
+DDP_WORKER = Path(__file__).with_name("ddp_fault_worker.py")
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(args, timeout=180, **env):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]), **env)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), str(DDP_WORKER), json.dumps(args)]
+    return subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout, text=True)
+
+
+def test_a_loss_without_gradient_on_one_rank_is_reduced_over_the_same_parameters(tmp_path):
+    proc = _torchrun({"case": "asymmetric", "result": str(tmp_path / "rank{rank}.pt")})
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert r0.keys() == r1.keys() and r0
+    assert all(torch.equal(r0[k], r1[k]) for k in r0)
+
+
+def test_a_frozen_rank_times_out_with_a_sentence_naming_the_rank(tmp_path):
+    start = time.time()
+    proc = _torchrun({"case": "freeze", "result": str(tmp_path / "rank{rank}.pt")}, timeout=150, AUTOMTL_DIST_TIMEOUT="5")
+    assert proc.returncode != 0
+    assert "rank 0 lost the other ranks" in proc.stdout or "rank 0 could not join" in proc.stdout, proc.stdout[-3000:]
+    assert time.time() - start < 140
+
+
+def test_distributed_without_torchrun_is_one_sentence(tmp_path):
+    env = dict(os.environ, WORLD_SIZE="2", RANK="0", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(_free_port()), AUTOMTL_DIST_TIMEOUT="3")
+    proc = subprocess.run([sys.executable, "-m", "automtl", "search", "tiny", *SMALL, "--out", str(tmp_path / "o")],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and "rank 0 could not join" in proc.stderr and "torchrun" in proc.stderr

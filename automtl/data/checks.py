@@ -1,0 +1,113 @@
+"""Every training batch checked against the tasks before it reaches the model.
+
+A wrong input or target should fail at once, naming the task and what to fix, rather than
+crash deep inside a loss (an IndexError from a label out of range), broadcast silently (a depth
+target with three channels) or train at loss 0 for the whole run (a task with no label at all).
+The checks run on the batch as the loader yields it, before it moves to the device, so they add
+no device synchronisation.
+"""
+from __future__ import annotations
+
+from typing import Mapping, Optional, Sequence
+
+import torch
+
+from ..errors import DataError
+from ..tasks import Task
+
+#: A task whose first this-many training batches hold no usable label is refused.
+NO_LABEL_BATCHES = 100
+
+
+def _labelled(kind: str, y: torch.Tensor, ignore_index: Optional[int]) -> int:
+    if kind in ("classification", "segmentation"):
+        keep = y != ignore_index
+        return int((keep & ~torch.isnan(y)).sum()) if y.is_floating_point() else int(keep.sum())
+    if kind == "depth":
+        return int((torch.isfinite(y) & (y != 0)).sum())
+    return int(torch.isfinite(y).sum())
+
+
+class BatchChecks:
+    """Checks the images and each builtin-kind target of every training batch.
+
+    Args:
+        tasks: the tasks being trained (custom kinds are left to their own loss).
+        in_channels: channels of the backbone's input (C of its example input).
+        where: how the data is named in errors, e.g. ``"training data"``.
+
+    Raises (on call):
+        DataError: images that are not a float (N, C, H, W) tensor with ``in_channels`` channels
+            or hold NaN/inf; a target that is not a tensor, has another batch size or a shape
+            that does not fit its kind, or a label outside ``0..classes-1`` (other than the
+            ignore index); a task with no usable label in its first ``NO_LABEL_BATCHES`` batches.
+    """
+
+    def __init__(self, tasks: Sequence[Task], in_channels: int, where: str = "training data"):
+        self.tasks = [t for t in tasks if t.kind != "custom"]
+        self.in_channels, self.where = in_channels, where
+        self.batches = {t.name: 0 for t in self.tasks}
+        self.labelled = {t.name: 0 for t in self.tasks}
+
+    def images(self, x, where: Optional[str] = None) -> None:
+        where = where or self.where
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point():
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise DataError(f"{where} yielded images of shape {shape}; the backbone needs a float batch (N, C, H, W)")
+        if x.shape[1] != self.in_channels:
+            raise DataError(f"{where} yielded images with {x.shape[1]} channels but the backbone takes {self.in_channels}; "
+                            "convert them (e.g. repeat a grey channel) or build the supermodel for that many channels")
+        if not bool(torch.isfinite(x).all()):
+            raise DataError(f"{where} yielded images that hold NaN or infinite values; check the input data "
+                            "(the images, not the tasks' targets)")
+
+    def __call__(self, x, targets: Mapping, task_names: Optional[Sequence[str]] = None) -> None:
+        """Check one batch: ``targets`` maps task name -> target (missing names are unlabelled)."""
+        self.images(x)
+        for task in self.tasks:
+            if task_names is not None and task.name not in task_names:
+                continue
+            y = targets.get(task.name) if isinstance(targets, Mapping) else None
+            self.batches[task.name] += 1
+            if y is not None:
+                self._target(task, x, y)
+                self.labelled[task.name] += _labelled(task.kind, y, task.ignore_index)
+            if self.batches[task.name] == NO_LABEL_BATCHES and self.labelled[task.name] == 0:
+                raise DataError(
+                    f"task {task.name!r} has no usable label in the first {NO_LABEL_BATCHES} batches of {self.where} "
+                    "(every target is missing, ignore_index or NaN); check its targets or drop the task")
+
+    def _target(self, task: Task, x: torch.Tensor, y) -> None:
+        name, kind = task.name, task.kind
+        at = f"target {name!r} ({kind}) of {self.where}"
+        if not isinstance(y, torch.Tensor):
+            raise DataError(f"{at} is a {type(y).__name__}; targets must be tensors (a collate_fn that stacks them, "
+                            "or torch.as_tensor in the dataset)")
+        if y.dim() == 0 or y.shape[0] != x.shape[0]:
+            raise DataError(f"{at} has shape {tuple(y.shape)} for a batch of {x.shape[0]} images; give one target per image")
+        expected = _expected_shapes(task)
+        if not any(len(s) + 1 == y.dim() and all(e is None or e == d for e, d in zip(s, y.shape[1:])) for s in expected):
+            shown = " or ".join("(B" + "".join(f", {e if e is not None else '*'}" for e in s) + ")" for s in expected)
+            raise DataError(f"{at} has shape {tuple(y.shape)} but a {kind} target is {shown}; reshape it or change the task's kind")
+        if kind in ("classification", "segmentation") and task.classes is not None:
+            labels = y[y != task.ignore_index]
+            if y.is_floating_point():
+                labels = labels[~torch.isnan(labels)]
+            if labels.numel():
+                bad = labels[(labels < 0) | (labels >= task.classes)]
+                if bad.numel():
+                    raise DataError(f"{at} holds label {int(bad.flatten()[0])} outside 0..{task.classes - 1} (ignore index "
+                                    f"{task.ignore_index}); set classes= to the data's class count or fix the labels")
+
+
+def _expected_shapes(task: Task) -> list[tuple]:
+    """Per-sample target shapes a builtin kind accepts (None: any size)."""
+    c = task.classes
+    return {
+        "classification": [(), (1,)],
+        "segmentation": [(None, None), (1, None, None)],
+        "depth": [(None, None), (1, None, None)],
+        "normal": [(3, None, None)],
+        "multilabel": [(c,)],
+        "regression": [(c,)] + ([()] if c in (None, 1) else []),
+    }.get(task.kind, [])
