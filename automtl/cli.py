@@ -321,7 +321,7 @@ def compact_cmd(run_dir, policy_path, finetune_steps, out, quiet):
 @main.command("export")
 @click.argument("model_path", type=click.Path(dir_okay=False))
 @click.argument("out", type=click.Path(dir_okay=False))
-@click.option("--batch", type=int, default=2, show_default=True, help="Batch size of the example input (the batch dimension stays dynamic).")
+@click.option("--batch", type=click.IntRange(1, 1024), default=2, show_default=True, help="Batch size of the example input (the batch dimension stays dynamic).")
 def export_cmd(model_path, out, batch):
     """Export a .automtl model to OUT: .pt2 (torch.export) or .onnx (needs automtl[onnx]).
 
@@ -333,11 +333,13 @@ def export_cmd(model_path, out, batch):
     from .formats import export, export_onnx, load
 
     model = load(model_path)
+    shape = model.input_shape or (1, 3, 64, 64)
+    example = torch.randn(batch, *shape[1:])
     suffix = out.rsplit(".", 1)[-1].lower() if "." in out else ""
     if suffix == "pt2":
-        export(model, out)
+        export(model, out, example_input=example)
     elif suffix == "onnx":
-        export_onnx(model, out)
+        export_onnx(model, out, example_input=example)
     else:
         raise ConfigError(f"cannot export to {out!r}; name the file .pt2 (torch.export) or .onnx")
     click.echo(f"wrote {out}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import operator
-from typing import Iterable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F

@@ -22,7 +22,7 @@ import torch
 import yaml
 
 from .config import MAX_INPUT_SIZE, SearchConfig
-from .errors import AutomtlError, ConfigError, FileFormatError
+from .errors import ConfigError, FileFormatError
 from .fileio import atomic_write_text, read_yaml
 from .policy import Policy
 from .supermodel import SuperModel, supermodel

@@ -7,7 +7,7 @@ import re
 from typing import Optional
 
 import torch
-from torch import fx, nn
+from torch import fx
 
 from .errors import BackboneError
 

@@ -9,7 +9,7 @@ import os
 import re
 import random as _random
 from dataclasses import dataclass
-from typing import Iterable, Optional, Sequence
+from typing import Sequence
 
 import yaml
 

@@ -21,10 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .capture import Capture, capture, count_parameters, is_conv_node
+from .capture import Capture, capture, count_parameters
 from .errors import AutomtlError, ConfigError
 from .heads import build_head, finish
-from .policy import CHOICES, SHARE, SKIP, SPECIALIZE, Policy
+from .policy import SHARE, SKIP, SPECIALIZE, Policy
 from .tasks import Task, check_tasks
 
 MODES = ("warmup", "soft", "hard")

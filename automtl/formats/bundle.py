@@ -19,14 +19,11 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
-import keyword
 import os
 import re
-import struct
 import zipfile
 import zlib
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 from torch import fx, nn
@@ -34,13 +31,12 @@ from torch import fx, nn
 from ..compact import CompactModel
 from ..errors import AutomtlError, FileFormatError
 from ..fileio import MAX_YAML_BYTES, atomic_path, parse_yaml, read_regular_file
-from ..policy import Policy
-from ..tasks import Task
 from ._export_common import EvalMode
-from .codec import DTYPES, decode, encode
+from .codec import encode
 from .lowering import META_KEYS, lower
-from .modules import MODULES, build_module, buildable
-from .vocabulary import FUNCTIONS, METHODS, check_graph
+from .modules import MODULES, buildable
+from .rebuild import RESERVED, bad, rebuild
+from .vocabulary import FUNCTIONS, METHODS
 
 __all__ = ["save", "load", "describe", "FORMAT_VERSION", "MAX_BUNDLE_BYTES"]
 
@@ -52,19 +48,8 @@ ENTRIES = (MODEL_ENTRY, WEIGHTS_ENTRY, CHECKSUMS_ENTRY)
 MAX_BUNDLE_BYTES = 2 * 2**30
 _MAX_CHECKSUMS = 4096
 _MAX_RATIO = 100  # model.yaml deflates about 10x; a zip bomb deflates 1000x
-_MAX_HEADER = 16 * 2**20
-_OPS = ("placeholder", "get_attr", "call_function", "call_method", "call_module", "output")
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_PART = re.compile(r"^[A-Za-z0-9_]+$")
-_RESERVED = set(dir(fx.GraphModule)) | {"graph", "code", "_code", "meta"}
-_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-                       "U8": torch.uint8, "BOOL": torch.bool}
 _FUNCTION_NAMES = {fn: name for name, (fn, _) in FUNCTIONS.items()}
-
-
-def _bad(path: str, what: str) -> FileFormatError:
-    return FileFormatError(f"model file {path!r} {what}")
 
 
 # ---------------------------------------------------------------------------------------
@@ -91,7 +76,7 @@ def _safe_names(targets) -> dict:
     out, used = {}, set()
     for target in targets:
         parts = [re.sub(r"[^A-Za-z0-9_]", "_", p) or "_" for p in target.split(".")]
-        if parts[0] in _RESERVED or not _IDENT.match(parts[0]):
+        if parts[0] in RESERVED or not _IDENT.match(parts[0]):
             parts[0] = f"m_{parts[0]}"
         name, i = ".".join(parts), 1
         while name in used:
@@ -212,7 +197,7 @@ def save(compact: CompactModel, path: str | os.PathLike) -> None:
     text = yaml.dump(desc, Dumper=dumper, sort_keys=False, default_flow_style=None, width=120).encode()
     weights = st_save(tensors)
     where = os.fspath(path)
-    _rebuild(where, parse_yaml(text, f"model file {where!r} (model.yaml)", FileFormatError), weights)
+    rebuild(where, parse_yaml(text, f"model file {where!r} (model.yaml)", FileFormatError), weights)
     checksums = f"{_sha256(text)}  {MODEL_ENTRY}\n{_sha256(weights)}  {WEIGHTS_ENTRY}\n".encode()
     with atomic_path(path) as tmp:
         with zipfile.ZipFile(tmp, "w") as zf:
@@ -230,35 +215,35 @@ def _read_entries(path: str, max_bytes: int) -> dict:
         zf = zipfile.ZipFile(io.BytesIO(data))
         infos = zf.infolist()
     except (zipfile.BadZipFile, zlib.error, EOFError, ValueError, NotImplementedError, OSError) as exc:
-        raise _bad(path, f"is not a valid .automtl bundle (not a complete zip archive: {exc}); save the model again") from None
+        raise bad(path, f"is not a valid .automtl bundle (not a complete zip archive: {exc}); save the model again") from None
     names = [i.filename for i in infos]
     if "weights.pt" in names:
-        raise _bad(path, "is an .automtl bundle of format 1 (automtl 0.1), whose weights are a Python pickle; this "
+        raise bad(path, "is an .automtl bundle of format 1 (automtl 0.1), whose weights are a Python pickle; this "
                          "version refuses it, so compile the run again with this version (automtl compact RUN_DIR)")
     if len(names) != len(set(names)):
-        raise _bad(path, "holds an entry twice; a reader could pick either copy, so it is refused as crafted or corrupted")
+        raise bad(path, "holds an entry twice; a reader could pick either copy, so it is refused as crafted or corrupted")
     if sorted(names) != sorted(ENTRIES):
         missing, extra = sorted(set(ENTRIES) - set(names)), sorted(set(names) - set(ENTRIES))
-        raise _bad(path, f"does not hold exactly the entries {list(ENTRIES)} (missing {missing}, unexpected "
+        raise bad(path, f"does not hold exactly the entries {list(ENTRIES)} (missing {missing}, unexpected "
                          f"{[n[:60] for n in extra][:3]}); it is not an .automtl bundle automtl wrote, save the model again")
     caps = {MODEL_ENTRY: MAX_YAML_BYTES, CHECKSUMS_ENTRY: _MAX_CHECKSUMS, WEIGHTS_ENTRY: max_bytes}
     out = {}
     for info in infos:
         if info.flag_bits & 0x1:
-            raise _bad(path, f"has an encrypted {info.filename} entry; automtl never writes one")
+            raise bad(path, f"has an encrypted {info.filename} entry; automtl never writes one")
         if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED) or (
                 info.filename == WEIGHTS_ENTRY and info.compress_type != zipfile.ZIP_STORED):
-            raise _bad(path, f"stores {info.filename} with a compression automtl never uses; save the model again")
+            raise bad(path, f"stores {info.filename} with a compression automtl never uses; save the model again")
         if info.file_size > caps[info.filename] or info.file_size > _MAX_RATIO * info.compress_size + 65536:
-            raise _bad(path, f"declares a {info.filename} entry of {info.file_size} bytes from {info.compress_size} "
+            raise bad(path, f"declares a {info.filename} entry of {info.file_size} bytes from {info.compress_size} "
                              "compressed bytes, beyond automtl's bounds (a zip bomb or a damaged file); save the model again")
         try:
             with zf.open(info) as f:
                 out[info.filename] = f.read(info.file_size + 1)
         except (zipfile.BadZipFile, zlib.error, EOFError, ValueError, OSError) as exc:
-            raise _bad(path, f"has a damaged {info.filename} entry ({exc}); save the model again") from None
+            raise bad(path, f"has a damaged {info.filename} entry ({exc}); save the model again") from None
         if len(out[info.filename]) != info.file_size:
-            raise _bad(path, f"has a {info.filename} entry whose size differs from the size it declares; save the model again")
+            raise bad(path, f"has a {info.filename} entry whose size differs from the size it declares; save the model again")
     return out
 
 
@@ -270,224 +255,30 @@ def _check_checksums(path: str, entries: dict) -> None:
                 digest, name = line.split(None, 1)
                 expected[name.strip()] = digest.lower()
     except (UnicodeDecodeError, ValueError):
-        raise _bad(path, "has an unreadable checksums entry; the file is corrupted, save the model again") from None
+        raise bad(path, "has an unreadable checksums entry; the file is corrupted, save the model again") from None
     for entry in (MODEL_ENTRY, WEIGHTS_ENTRY):
         if _sha256(entries[entry]) != expected.get(entry):
-            raise _bad(path, f"has a {entry} that does not match its checksum, so the file is corrupted or its parts come "
+            raise bad(path, f"has a {entry} that does not match its checksum, so the file is corrupted or its parts come "
                              "from different models; save the model again")
 
 
 def _parse_description(path: str, raw: bytes) -> dict:
     desc = parse_yaml(raw, f"model file {path!r} (its model.yaml)", FileFormatError)
     if not isinstance(desc, dict) or "automtl_bundle" not in desc:
-        raise _bad(path, "has no automtl_bundle version in model.yaml; it is not an .automtl bundle")
+        raise bad(path, "has no automtl_bundle version in model.yaml; it is not an .automtl bundle")
     version = desc["automtl_bundle"]
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-        raise _bad(path, f"has an invalid format version {str(version)[:20]!r}; it is not an .automtl bundle")
+        raise bad(path, f"has an invalid format version {str(version)[:20]!r}; it is not an .automtl bundle")
     if version != FORMAT_VERSION:
         newer = "newer than this automtl reads; upgrade automtl" if version > FORMAT_VERSION else \
             "older than this automtl reads; compile the run again with this version (automtl compact RUN_DIR)"
-        raise _bad(path, f"uses .automtl format version {version}, {newer}")
+        raise bad(path, f"uses .automtl format version {version}, {newer}")
     for key in ("tasks", "modules", "nodes"):
         if not isinstance(desc.get(key), list):
-            raise _bad(path, f"has no {key!r} list in model.yaml; the file is corrupted, save the model again")
+            raise bad(path, f"has no {key!r} list in model.yaml; the file is corrupted, save the model again")
     if desc.get("dtype") not in ("float32", "float16", "bfloat16", "float64"):
-        raise _bad(path, f"declares the weight dtype {str(desc.get('dtype'))[:20]!r}, which is not a floating dtype; save the model again")
+        raise bad(path, f"declares the weight dtype {str(desc.get('dtype'))[:20]!r}, which is not a floating dtype; save the model again")
     return desc
-
-
-# ---------------------------------------------------------------------------------------
-# reading: the graph, the tensors
-# ---------------------------------------------------------------------------------------
-def _dotted(target: Any) -> bool:
-    return (isinstance(target, str) and len(target) <= 512 and all(_PART.match(p) for p in target.split("."))
-            and target.split(".")[0] not in _RESERVED and _IDENT.match(target.split(".")[0]) is not None)
-
-
-def _build_root(path: str, desc: dict) -> dict:
-    root: dict = {}
-    for spec in desc["modules"]:
-        name = spec.get("name") if isinstance(spec, dict) else None
-        if not _dotted(name) or name in root:
-            raise _bad(path, f"has an invalid or repeated module name {str(name)[:60]!r}; the file is corrupted, save the model again")
-        raw = spec.get("args", {})
-        if not isinstance(raw, dict) or not all(isinstance(k, str) for k in raw):
-            raise _bad(path, f"has malformed constructor arguments for module {name!r}; the file is corrupted, save the model again")
-        args = {k: decode(v, f"module {name!r} argument {k[:40]!r} of model file {path!r}") for k, v in raw.items()}
-        root[name] = build_module(name, spec.get("class"), args, f"model file {path!r}")
-    for spec in desc.get("attributes") or []:
-        name = spec.get("name") if isinstance(spec, dict) else None
-        dtype = DTYPES.get(spec.get("dtype")) if isinstance(spec, dict) else None
-        shape = spec.get("shape") if isinstance(spec, dict) else None
-        if (not _dotted(name) or name in root or dtype is None or not isinstance(shape, list) or len(shape) > 8
-                or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= 2**31 for d in shape)):
-            raise _bad(path, f"has an invalid attribute entry {str(name)[:60]!r}; the file is corrupted, save the model again")
-        t = torch.empty(shape, dtype=dtype, device="meta")
-        root[name] = nn.Parameter(t, requires_grad=t.is_floating_point()) if spec.get("kind") == "parameter" else t
-    return root
-
-
-def _build_node(path: str, graph: fx.Graph, env: dict, root: dict, nd: Any, i: int) -> fx.Node:
-    if not isinstance(nd, dict):
-        raise _bad(path, f"has a malformed node {i} in model.yaml; the file is corrupted, save the model again")
-    name, op, target = nd.get("name"), nd.get("op"), nd.get("target")
-    if not isinstance(name, str) or not _IDENT.match(name) or len(name) > 256 or name in env or keyword.iskeyword(name):
-        raise _bad(path, f"has an invalid or repeated node name {str(name)[:60]!r}; the file is corrupted, save the model again")
-    where = f"node {name!r} of model file {path!r}"
-    raw_args, raw_kwargs = nd.get("args", []), nd.get("kwargs", {})
-    if (not isinstance(raw_args, list) or not isinstance(raw_kwargs, dict)
-            or not all(isinstance(k, str) and _IDENT.match(k) for k in raw_kwargs)):
-        raise FileFormatError(f"{where} has malformed arguments; the file is corrupted, save the model again")
-    args = decode({"$tuple": raw_args}, where, env)
-    kwargs = {k: decode(v, where, env) for k, v in raw_kwargs.items()}
-    if op == "placeholder":
-        if not isinstance(target, str) or not _IDENT.match(target) or args or kwargs:
-            raise FileFormatError(f"{where} is an invalid input; the file is corrupted, save the model again")
-    elif op == "call_function":
-        if target not in FUNCTIONS:
-            raise FileFormatError(f"{where} calls {str(target)[:80]!r}, which is not on automtl's reviewed vocabulary of "
-                                  "tensor functions; the file was not written by automtl.save or was crafted, re-save the model")
-        target = FUNCTIONS[target][0]
-    elif op == "call_method":
-        if not isinstance(target, str) or target not in METHODS:
-            raise FileFormatError(f"{where} calls the method {str(target)[:60]!r}, which is not on automtl's reviewed list "
-                                  "of tensor methods; the file was not written by automtl.save or was crafted, re-save the model")
-    elif op == "call_module":
-        if not isinstance(target, str) or not isinstance(root.get(target), nn.Module):
-            raise FileFormatError(f"{where} calls module {str(target)[:60]!r}, which the file does not describe; the file is corrupted, save the model again")
-    elif op == "get_attr":
-        if not isinstance(target, str) or not isinstance(root.get(target), torch.Tensor):
-            raise FileFormatError(f"{where} reads attribute {str(target)[:60]!r}, which the file does not describe; the file is corrupted, save the model again")
-    elif op == "output":
-        target = "output"
-    else:
-        raise FileFormatError(f"{where} has the operation {str(op)[:30]!r}, which a graph does not have; the file is corrupted, save the model again")
-    node = graph.create_node(op, target, args, kwargs, name=name)
-    meta = nd.get("meta") or {}
-    if isinstance(meta, dict):
-        for key in META_KEYS:
-            val = meta.get(key)
-            if isinstance(val, str) or (isinstance(val, list) and all(isinstance(v, str) for v in val)):
-                node.meta[key] = tuple(val) if isinstance(val, list) else val
-    return node
-
-
-def _build_graph_module(path: str, desc: dict) -> fx.GraphModule:
-    root = _build_root(path, desc)
-    graph = fx.Graph()
-    env: dict = {}
-    nodes = desc["nodes"]
-    for i, nd in enumerate(nodes):
-        env[nd.get("name") if isinstance(nd, dict) else i] = node = _build_node(path, graph, env, root, nd, i)
-        if node.op == "output" and i != len(nodes) - 1:
-            raise _bad(path, "has nodes after its graph's output; the file is corrupted, save the model again")
-    if not nodes or list(graph.nodes)[-1].op != "output" or sum(n.op == "placeholder" for n in graph.nodes) != 1:
-        raise _bad(path, "has a graph without exactly one input and an output; the file is corrupted, save the model again")
-    check_graph(graph, f"model file {path!r}")
-    try:
-        graph.lint()
-    except Exception as exc:  # fx raises several types for an inconsistent graph
-        raise _bad(path, f"has an inconsistent graph ({str(exc)[:120]}); the file is corrupted, save the model again") from None
-    return fx.GraphModule(root, graph, "CompactNet")
-
-
-def _expected_tensors(gm: fx.GraphModule, desc: dict, dtype: torch.dtype) -> dict:
-    """Name -> (dtype, shape) of every tensor the graph needs: a module's floating tensors in the
-    model's dtype, an attribute in the dtype it declares."""
-    attributes = {a["name"] for a in desc.get("attributes") or []}
-    return {key: (dtype if t.is_floating_point() and key not in attributes else t.dtype, tuple(t.shape))
-            for key, t in gm.state_dict(keep_vars=True).items()}
-
-
-def _check_weights_header(path: str, data: bytes, expected: dict) -> None:
-    """Check the safetensors header against ``expected`` (names, dtypes, shapes) before any tensor is read."""
-    if len(data) < 8:
-        raise _bad(path, "has a truncated weights.safetensors; save the model again")
-    (n,) = struct.unpack("<Q", data[:8])
-    if n > min(_MAX_HEADER, len(data) - 8):
-        raise _bad(path, f"has a weights.safetensors header of {n} bytes, beyond its bounds; the file is corrupted or crafted")
-    try:
-        header = json.loads(data[8:8 + n])
-    except (UnicodeDecodeError, ValueError):
-        raise _bad(path, "has an unreadable weights.safetensors header; the file is corrupted, save the model again") from None
-    if not isinstance(header, dict):
-        raise _bad(path, "has an unreadable weights.safetensors header; the file is corrupted, save the model again")
-    header.pop("__metadata__", None)
-    for key in set(header) | set(expected):
-        if key not in expected:
-            raise _bad(path, f"holds tensor {str(key)[:80]!r} in weights.safetensors, which model.yaml does not describe; the weights do not belong to this graph, save the model again")
-        entry = header.get(key)
-        if not isinstance(entry, dict):
-            raise _bad(path, f"has no tensor {key!r} in weights.safetensors although model.yaml uses it; the weights do not belong to this graph, save the model again")
-        dtype, shape = _SAFETENSORS_DTYPES.get(entry.get("dtype")), entry.get("shape")
-        want_dtype, want_shape = expected[key]
-        if dtype != want_dtype or not isinstance(shape, list) or tuple(shape) != want_shape:
-            raise _bad(path, f"stores tensor {key!r} as {entry.get('dtype')} {shape} but the graph needs "
-                             f"{str(want_dtype).split('.')[-1]} {list(want_shape)}; the weights do not belong to this graph, save the model again")
-
-
-def _read_weights(path: str, data: bytes) -> dict:
-    from safetensors.torch import load as st_load
-
-    try:
-        return st_load(data)
-    except Exception as exc:  # safetensors raises its own error type for malformed offsets
-        raise _bad(path, f"has a malformed weights.safetensors ({str(exc)[:120]}); save the model again") from None
-
-
-#: Largest activation (elements) a bundle's graph may produce at its recorded input shape: 1 GiB of float32.
-MAX_ACTIVATION = 2**28
-
-
-class _BoundedShapes(fx.Interpreter):
-    """Runs on meta tensors and refuses a node whose output would be larger than MAX_ACTIVATION."""
-
-    def run_node(self, n: fx.Node):
-        out = super().run_node(n)
-        for t in (out if isinstance(out, (tuple, list)) else (out,)):
-            if isinstance(t, torch.Tensor) and t.numel() > MAX_ACTIVATION:
-                raise FileFormatError(f"has node {n.name!r} producing {t.numel()} elements at its recorded input shape, "
-                                      f"more than the {MAX_ACTIVATION} automtl allows; the file is crafted or corrupted")
-        return out
-
-
-def _dry_run(path: str, gm: fx.GraphModule, desc: dict, dtype: torch.dtype) -> None:
-    """Run the graph once on the meta device: shapes must agree before any weight is read."""
-    shape = desc.get("input_shape")
-    if shape is None:
-        return
-    if not (isinstance(shape, list) and len(shape) == 4 and all(isinstance(d, int) and 1 <= d <= 2**16 for d in shape)):
-        raise _bad(path, "has an invalid input_shape; the file is corrupted, save the model again")
-    try:
-        with torch.no_grad():
-            _BoundedShapes(gm.eval()).run(torch.empty(shape, device="meta", dtype=dtype))
-    except FileFormatError as exc:
-        raise _bad(path, str(exc)) from None
-    except Exception as exc:  # any op refusing its shapes
-        raise _bad(path, f"has a graph that does not run at its recorded input shape {shape} ({str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__}); "
-                         "the file is corrupted or crafted, save the model again") from None
-
-
-def _rebuild(path: str, desc: dict, weights: bytes) -> tuple:
-    """The checked CompactModel parts from a parsed description and the weights' bytes."""
-    try:
-        tasks = [Task.from_description(d) for d in desc["tasks"]]
-        policy = Policy.from_dict(desc["policy"], f"the policy in {path!r}") if desc.get("policy") is not None else None
-    except AutomtlError as exc:
-        raise _bad(path, f"has an invalid task or policy description ({exc}); save the model again") from None
-    names = [t.name for t in tasks]
-    if policy is not None and policy.tasks != names:
-        raise _bad(path, f"has a policy for tasks {policy.tasks} but tasks {names}; the file is corrupted, save the model again")
-    gm = _build_graph_module(path, desc)
-    outputs = next(n for n in gm.graph.nodes if n.op == "output").args[0]
-    if list(outputs) != names:
-        raise _bad(path, f"has graph outputs that are not its tasks {names}; the file is corrupted, save the model again")
-    dtype = DTYPES[desc["dtype"]]
-    _check_weights_header(path, weights, _expected_tensors(gm, desc, dtype))
-    _dry_run(path, gm, desc, dtype)
-    state = _read_weights(path, weights)
-    gm.load_state_dict(state, strict=True, assign=True)
-    return gm, tasks, policy
 
 
 def load(path: str | os.PathLike, max_bytes: int = MAX_BUNDLE_BYTES) -> CompactModel:
@@ -512,6 +303,6 @@ def load(path: str | os.PathLike, max_bytes: int = MAX_BUNDLE_BYTES) -> CompactM
     entries = _read_entries(path, max_bytes)
     _check_checksums(path, entries)
     desc = _parse_description(path, entries[MODEL_ENTRY])
-    gm, tasks, policy = _rebuild(path, desc, entries[WEIGHTS_ENTRY])
+    gm, tasks, policy = rebuild(path, desc, entries[WEIGHTS_ENTRY])
     input_shape = desc.get("input_shape")
     return CompactModel(gm, tasks, policy, input_shape=input_shape).eval()
