@@ -23,12 +23,15 @@ class DropoutNet(nn.Module):
 
 
 def stochastic_depth(x, p, training):
-    """torchvision.ops.stochastic_depth, row mode."""
+    """torchvision.ops.stochastic_depth, row mode; like torchvision's, kept as one call by torch.fx.wrap."""
     if not training or p == 0.0:
         return x
     survival = 1.0 - p
     noise = torch.empty([x.shape[0]] + [1] * (x.ndim - 1), dtype=x.dtype, device=x.device).bernoulli_(survival)
     return x * noise.div_(survival)
+
+
+torch.fx.wrap("stochastic_depth")
 
 
 class DropPath(nn.Module):
@@ -54,6 +57,7 @@ class BatchNormAct2d(nn.BatchNorm2d):
         self.act = nn.SiLU()
 
     def forward(self, x):
+        torch._assert(x.ndim == 4, f"expected 4D input (got {x.ndim}D input)")  # as timm's does
         return self.act(super().forward(x))
 
 

@@ -8,6 +8,9 @@ nodes inlined from it carry the same meta (the renderer groups them by it).
 from __future__ import annotations
 
 import contextlib
+import inspect
+
+import torch
 
 from torch import fx, nn
 
@@ -62,6 +65,11 @@ def lower(gm: fx.GraphModule) -> fx.GraphModule:
     env: dict = {}
     traced: dict = {}  # module id -> its traced graph (one module can be called by several task classes)
     for node in gm.graph.nodes:
+        if _is_assert(node):
+            continue  # a shape assertion (timm's norm layers): the loader checks every shape itself
+        if node.op == "call_function" and _python_function(node.target):
+            env[node] = _inline_function(graph, node, env)
+            continue
         if node.op == "call_module":
             mod = gm.get_submodule(node.target)
             if _needs_inlining(mod):
@@ -77,6 +85,40 @@ def lower(gm: fx.GraphModule) -> fx.GraphModule:
     lowered.graph.eliminate_dead_code()
     lowered.recompile()
     return lowered
+
+
+def _is_assert(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target is torch._assert
+
+
+def _python_function(fn) -> bool:
+    """A function written in Python that fx kept as one call (``torch.fx.wrap``), not a torch builtin."""
+    return inspect.isfunction(fn) and not (getattr(fn, "__module__", "") or "").startswith(("torch.", "operator"))
+
+
+def _inline_function(graph: fx.Graph, node: fx.Node, env: dict):
+    """Run ``node``'s Python function on proxies, so its body lands in ``graph`` as primitive operations.
+
+    torchvision's ``stochastic_depth`` is wrapped this way; with ``training=False`` (the eval graph
+    a bundle stores) its body returns its input, so it lowers to nothing. A body that fails on proxies
+    is kept as a call, which ``describe`` then names.
+    """
+    tracer = fx.proxy.GraphAppendingTracer(graph)
+    args = fx.map_arg(node.args, lambda n: fx.Proxy(env[n], tracer))
+    kwargs = fx.map_arg(node.kwargs, lambda n: fx.Proxy(env[n], tracer))
+    before = set(graph.nodes)
+    try:
+        out = node.target(*args, **kwargs)
+    except Exception:  # data-dependent control flow and the like: keep the call as it is
+        for n in reversed([n for n in graph.nodes if n not in before]):
+            graph.erase_node(n)
+        return graph.node_copy(node, lambda n: env[n])
+    for n in graph.nodes:
+        if n not in before:
+            n.meta = {k: v for k, v in node.meta.items() if k in META_KEYS}
+    if isinstance(out, fx.Proxy):
+        return out.node
+    return fx.node.map_aggregate(out, lambda v: v.node if isinstance(v, fx.Proxy) else v)
 
 
 def _custom_module_error(target: str, mod: nn.Module):
@@ -104,8 +146,10 @@ def _inline(graph: fx.Graph, gm: fx.GraphModule, node: fx.Node, mod: nn.Module, 
     kwargs = dict(fx.map_arg(node.kwargs, lambda n: env[n]))
     local: dict = {}
     result = None
-    body = [n for n in sub.nodes if n.op not in ("placeholder", "output")]
+    body = [n for n in sub.nodes if n.op not in ("placeholder", "output") and not _is_assert(n)]
     for n in sub.nodes:
+        if _is_assert(n):
+            continue
         if n.op == "placeholder":
             if args:
                 local[n] = args.pop(0)
