@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import operator
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -54,8 +54,12 @@ class CompactModel(nn.Module):
         self.policy = policy
         self.input_shape = tuple(int(d) for d in input_shape) if input_shape is not None else None
         self._subsets: dict = {}
+        #: Called with each input before it runs (a model read from a file checks new shapes first).
+        self.input_check: Optional[Callable[[torch.Tensor], None]] = None
 
     def forward(self, x: torch.Tensor, tasks: Optional[Sequence[str]] = None) -> dict:
+        if self.input_check is not None:
+            self.input_check(x)
         if tasks is None or list(tasks) == self.task_names:
             return self._graph_module_for(self.training)(x)
         return self._subset(tuple(tasks), self.training)(x)
@@ -82,6 +86,7 @@ class CompactModel(nn.Module):
 
     def __getstate__(self):
         state = dict(self.__dict__)
+        state["input_check"] = None
         state["_subsets"] = {}
         state["_train_gm"] = None
         return state

@@ -186,3 +186,31 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
+
+
+def check_zip_directory(data: bytes, max_entries: int, where: str, error: type) -> None:
+    """Refuse a zip whose central directory lists more than ``max_entries`` entries, before parsing it.
+
+    ``zipfile`` builds an object per directory entry before anyone can count them, so a file made
+    of millions of tiny directory records costs about ten times its size in memory. The end of
+    central directory record (and its zip64 form) states the count; it is read here first.
+    """
+    import struct
+
+    tail = data[-(65536 + 22):]
+    at = tail.rfind(b"PK\x05\x06")
+    if at < 0 or len(tail) - at < 22:
+        raise error(f"{where} is not a valid zip archive (no end of central directory); it is truncated or not a model file")
+    count, size = struct.unpack("<HI", tail[at + 10:at + 16])  # total entries, directory size
+    if count == 0xFFFF or size == 0xFFFFFFFF:  # zip64: the real figures are in the zip64 record
+        loc = at - 20
+        if loc < 0 or tail[loc:loc + 4] != b"PK\x06\x07":
+            raise error(f"{where} has a damaged zip64 directory; it is truncated or not a model file")
+        (offset,) = struct.unpack("<Q", tail[loc + 8:loc + 16])
+        record = data[offset:offset + 56]
+        if len(record) < 56 or record[:4] != b"PK\x06\x06":
+            raise error(f"{where} has a damaged zip64 directory; it is truncated or not a model file")
+        count, size = struct.unpack("<QQ", record[32:48])
+    if count > max_entries or size > 4096 * max_entries:
+        raise error(f"{where} lists {count} entries in a {size}-byte directory, more than the {max_entries} a model file "
+                    "has; it is crafted or not a model file")

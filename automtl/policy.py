@@ -112,6 +112,9 @@ class Policy:
         layers = data["layers"]
         if not isinstance(tasks, list) or not isinstance(layers, dict):
             raise FileFormatError(f"{source}: 'tasks' must be a list and 'layers' a mapping of layer -> task -> choice")
+        if len(tasks) > 256 or len(layers) > 10_000:
+            raise FileFormatError(f"{source} has {len(tasks)} tasks and {len(layers)} layers, more than any model automtl "
+                                  "builds (256 tasks, 10000 layers); check the file")
         for name in [*tasks, *layers]:
             if not isinstance(name, str) or not _NAME.match(name):
                 raise FileFormatError(f"{source}: {str(name)[:40]!r} is not a task or layer name (1 to 128 letters, digits, "

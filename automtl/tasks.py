@@ -22,6 +22,8 @@ _NEEDS_CLASSES = ("classification", "multilabel", "segmentation")
 #: Fixed output widths of kinds that do not take ``classes``.
 _FIXED_OUTPUTS = {"depth": 1, "normal": 3}
 
+#: The most classes a task may have (ImageNet-21k has 21,841).
+MAX_CLASSES = 1_000_000
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 
 
@@ -61,8 +63,11 @@ class Task:
             raise ConfigError(f"custom task {self.name!r} needs head=, loss= and metric=")
         if self.kind in _NEEDS_CLASSES and self.classes is None and self.head is None:
             raise ConfigError(f"task {self.name!r} of kind {self.kind!r} needs classes=N")
-        if self.classes is not None and (not isinstance(self.classes, int) or self.classes < 1):
-            raise ConfigError(f"task {self.name!r}: classes must be a positive integer, got {self.classes!r}")
+        if self.classes is not None and (not isinstance(self.classes, int) or isinstance(self.classes, bool)
+                                         or not 1 <= self.classes <= MAX_CLASSES):
+            raise ConfigError(f"task {self.name!r}: classes must be a whole number from 1 to {MAX_CLASSES}, got {self.classes!r}")
+        if not isinstance(self.ignore_index, int) or isinstance(self.ignore_index, bool) or abs(self.ignore_index) > 2**31:
+            raise ConfigError(f"task {self.name!r}: ignore_index must be an integer label value, got {self.ignore_index!r}")
         if self.kind == "classification" and self.ignore_index == 255:
             self.ignore_index = -1
 
@@ -109,8 +114,10 @@ class Task:
                 f"task name {data['name']!r} is not a valid identifier; use letters, digits and underscores, "
                 "starting with a letter"
             )
-        if classes is not None and (not isinstance(classes, int) or isinstance(classes, bool) or classes < 1):
-            raise ConfigError(f"task {data['name']!r}: classes must be a positive integer, got {classes!r}")
+        if classes is not None and (not isinstance(classes, int) or isinstance(classes, bool) or not 1 <= classes <= MAX_CLASSES):
+            raise ConfigError(f"task {data['name']!r}: classes must be a whole number from 1 to {MAX_CLASSES}, got {classes!r}")
+        if isinstance(data.get("ignore_index"), int) and abs(data["ignore_index"]) > 2**31:
+            raise ConfigError(f"task {data['name']!r}: ignore_index {data['ignore_index']} is not a label value")
         task = cls.__new__(cls)  # skips __post_init__, which demands head/loss/metric for custom tasks
         task.name, task.kind, task.classes = data["name"], "custom", classes
         task.head = task.loss = task.metric = None

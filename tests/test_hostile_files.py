@@ -106,6 +106,12 @@ def insert_before_output(*nodes, use_last=True):
     return change
 
 
+def d_out(parts):
+    """The node that computes the first task's output in the valid description."""
+    desc = yaml.safe_load(parts["model.yaml"])
+    return desc["nodes"][-1]["args"][0]["$dict"][0][1]["$node"]
+
+
 def first(desc, op):
     return next(n for n in desc["nodes"] if n["op"] == op)
 
@@ -211,6 +217,38 @@ DESCRIPTION_CASES = {
     "two-outputs": lambda p, m: edit(p, lambda d: d["nodes"].append(dict(d["nodes"][-1], name="output2"))),
     "code-in-name": lambda p, m: edit(p, lambda d: d["nodes"][1].update(name="x;import os")),
     "forward-reference": lambda p, m: edit(p, lambda d: first(d, "call_module").update(args=[{"$node": "later"}])),
+    # found by review: writes into the caller's tensors, state across calls, names that reach codegen
+    "inplace-method-on-input": lambda p, m: edit(p, insert_before_output(node("z", "call_method", "mul_", {"$node": "x"}, 0))),
+    "out-kwarg-on-input": lambda p, m: edit(p, insert_before_output(
+        node("z", "call_function", "torch.mul", {"$node": "x"}, 0.0, out={"$node": "x"}))),
+    "out-kwarg-resize": lambda p, m: edit(p, insert_before_output(
+        node("z", "call_function", "torch.cat", [{"$node": "x"}, {"$node": "x"}], out={"$node": "x"}))),
+    "inplace-kwarg": lambda p, m: edit(p, insert_before_output(
+        node("z", "call_function", "torch.nn.functional.relu", {"$node": "x"}, inplace=True))),
+    "inplace-module": lambda p, m: edit(p, lambda d: [x["args"].update(inplace=True) for x in d["modules"] if x["class"] == "ReLU"]),
+    "batch-norm-updates-stats": lambda p, m: edit(p, insert_before_output(
+        node("v", "call_method", "flatten", {"$node": "x"}),
+        node("z", "call_function", "torch.nn.functional.batch_norm", {"$node": "x"}, {"$node": "v"}, {"$node": "v"},
+             training=True))),
+    "placeholder-keyword": lambda p, m: edit(p, lambda d: d["nodes"][0].update(target="lambda")),
+    "kwarg-keyword": lambda p, m: edit(p, insert_before_output(node("z", "call_method", "sum", {"$node": "x"}, **{"lambda": 1}))),
+    "attribute-huge": lambda p, m: edit(p, lambda d: d.setdefault("attributes", []).append(
+        {"name": "huge", "kind": "buffer", "shape": [2**31] * 8, "dtype": "float32"})),
+    "attribute-quantized": lambda p, m: edit(p, lambda d: d.setdefault("attributes", []).append(
+        {"name": "q", "kind": "buffer", "shape": [1], "dtype": "qint8"})),
+    "too-many-nodes": lambda p, m: edit(p, insert_before_output(
+        *[node(f"r{i}", "call_method", "relu", {"$node": f"r{i - 1}" if i else "x"}) for i in range(21000)])),
+    "unknown-top-level-key": lambda p, m: edit(p, lambda d: d.update(junk=list(range(1000)))),
+    "no-input-shape": lambda p, m: edit(p, lambda d: d.update(input_shape=None)),
+    "output-scalar": lambda p, m: edit(p, insert_before_output(node("z", "call_method", "sum", {"$node": "x"}))),
+    "output-wrong-channels": lambda p, m: edit(p, lambda d: d["nodes"][-1]["args"][0]["$dict"][0].__setitem__(
+        1, d["nodes"][-1]["args"][0]["$dict"][1][1])),
+    "output-complex": lambda p, m: edit(p, insert_before_output(
+        node("c", "call_method", "to", {"$node": d_out(p)}, {"$dtype": "complex64"}))),
+    "to-device-string": lambda p, m: edit(p, insert_before_output(node("z", "call_method", "to", {"$node": "x"}, "meta"))),
+    "classes-huge": lambda p, m: edit(p, lambda d: d["tasks"][0].update(classes=2**40)),
+    "ignore-index-huge": lambda p, m: edit(p, lambda d: d["tasks"][0].update(ignore_index=10**30)),
+    "meta-unknown-task": lambda p, m: edit(p, lambda d: d["nodes"][2]["meta"].update(automtl_tasks=["nosuchtask"])),
     "format-1": lambda p, m: {**{k: v for k, v in p.items() if k != "weights.safetensors"},
                               "weights.pt": _torch_save({"w": torch.zeros(1)})},
 }
@@ -237,6 +275,8 @@ ENTRY_CASES = {
     "missing-tensor": lambda p, m: _weights_header(p, lambda h: h.pop(_first_key(h))),
     "sparse-layout": lambda p, m: {**p, "weights.safetensors": _torch_save({"w": torch.eye(3).to_sparse()})},
     "float64-attribute-declared": lambda p, m: edit(p, lambda d: d.update(dtype="complex128")),
+    "deeply-nested-header": lambda p, m: {**p, "weights.safetensors": struct.pack("<Q", 400000) + b"[" * 200000 + b"]" * 200000},
+    "many-directory-entries": lambda p, m: [*p.items(), *((f"pad{i}", b"") for i in range(40))],
 }
 
 ALL_CASES = {**DESCRIPTION_CASES, **ENTRY_CASES}
@@ -311,6 +351,26 @@ def test_fifo_device_and_directory_are_refused_without_reading(tmp_path):
         assert result.exit_code == 2 and "Traceback" not in result.output
     with pytest.raises(FileFormatError, match="not a regular file"):
         Policy.load(fifo)
+
+
+def test_a_size_that_depends_on_the_input_is_checked_at_every_new_shape(valid, tmp_path):
+    """Harmless at the recorded 16 px, an allocation bomb at 64 px: each new input shape is checked first."""
+    def change(desc):
+        insert_before_output(
+            node("h", "call_method", "size", {"$node": "x"}, 2),
+            node("k", "call_function", "operator.sub", {"$node": "h"}, 16),
+            node("k2", "call_function", "operator.mul", {"$node": "k"}, 2000),
+            node("k3", "call_function", "operator.add", {"$node": "k2"}, 1),
+            node("big", "call_method", "repeat", {"$node": d_out(valid)}, 1, 1, {"$node": "k3"}, {"$node": "k3"}),
+        )(desc)
+    path = write(tmp_path / "bomb.automtl", edit(valid, change))
+    model = load(path)
+    with torch.no_grad():
+        model(torch.randn(1, 3, SIZE, SIZE))  # the recorded shape: fine
+        with pytest.raises(FileFormatError, match="elements"):
+            model(torch.randn(1, 3, 64, 64))
+    result = CliRunner().invoke(main, ["eval", str(path), "--samples", "2", "--input-size", "64"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
 
 
 def test_size_cap_is_checked_before_reading(valid, tmp_path):
@@ -465,6 +525,8 @@ PT2_CASES = {
     "aoti-binary": lambda p, m: p.__setitem__(_rel(p, "archive_format")[:-len("archive_format")] + "data/aotinductor/model/model.so", b"\x7fELF"),
     "custom-object-constant": lambda p, m: _json_edit(p, "_constants_config.json", lambda d: d["config"].__setitem__(
         "c", {"path_name": "custom_obj_0", "is_param": False, "use_pickle": True, "tensor_meta": None})),
+    "sympy-power": lambda p, m: _json_edit(p, "models/model.json", lambda d: d.__setitem__(
+        "range_constraints", {"9**9**9**9": {"min_val": 1, "max_val": 2}})),
     "sympy-code": lambda p, m: _json_edit(p, "models/model.json", lambda d: d.__setitem__(
         "range_constraints", {"__import__('os').system('true')": {"min_val": 1, "max_val": 2}})),
 }

@@ -12,7 +12,7 @@ from automtl.formats.vocabulary import ATTRIBUTES, FUNCTIONS, METHODS
 
 REVIEWED_FUNCTIONS = {
     "builtins.getattr",  # restricted by check_graph to ATTRIBUTES of a tensor
-    "operator.add", "operator.floordiv", "operator.getitem", "operator.iadd", "operator.imul", "operator.matmul",
+    "operator.add", "operator.floordiv", "operator.getitem", "operator.matmul",
     "operator.mul", "operator.neg", "operator.sub", "operator.truediv",
     "torch.abs", "torch.add", "torch.amax", "torch.bmm", "torch.cat", "torch.channel_shuffle", "torch.chunk",
     "torch.clamp", "torch.clamp_max", "torch.clamp_min", "torch.concat", "torch.div", "torch.erf", "torch.exp",
@@ -28,11 +28,11 @@ REVIEWED_FUNCTIONS = {
         "pixel_unshuffle", "relu", "relu6", "sigmoid", "silu", "softmax", "softplus", "tanh")),
 }
 REVIEWED_METHODS = {
-    "abs", "add", "add_", "amax", "bfloat16", "chunk", "clamp", "clamp_", "clamp_max", "clamp_min", "clone",
-    "contiguous", "detach", "dim", "div", "div_", "exp", "expand", "expand_as", "flatten", "flip", "float", "half",
-    "masked_fill", "matmul", "mean", "mul", "mul_", "narrow", "neg", "permute", "pow", "relu", "relu_",
-    "repeat", "reshape", "reshape_as", "roll", "rsqrt", "sigmoid", "sigmoid_", "size", "softmax", "split", "sqrt",
-    "squeeze", "sub", "sub_", "sum", "tanh", "to", "transpose", "type_as", "unbind", "unsqueeze", "view", "view_as",
+    "abs", "add", "amax", "bfloat16", "chunk", "clamp", "clamp_max", "clamp_min", "clone",
+    "contiguous", "detach", "dim", "div", "exp", "expand", "expand_as", "flatten", "flip", "float", "half",
+    "masked_fill", "matmul", "mean", "mul", "narrow", "neg", "permute", "pow", "relu",
+    "repeat", "reshape", "reshape_as", "roll", "rsqrt", "sigmoid", "size", "softmax", "split", "sqrt",
+    "squeeze", "sub", "sum", "tanh", "to", "transpose", "type_as", "unbind", "unsqueeze", "view", "view_as",
 }
 REVIEWED_ATTRIBUTES = {"shape", "ndim", "dtype", "device"}
 REVIEWED_MODULES = {
@@ -89,4 +89,5 @@ def test_nothing_that_reaches_files_storage_or_python_internals():
     for forbidden in ("numpy", "tolist", "tofile", "storage", "untyped_storage", "data_ptr", "item", "register_hook",
                       "apply_", "map_", "share_memory_", "pin_memory", "__reduce_ex__", "set_", "copy_"):
         assert forbidden not in METHODS
+    assert not any(m.endswith("_") for m in METHODS), "in-place methods write into tensors the file did not create"
     assert not any(m.startswith("_") for m in METHODS) and not any(a.startswith("_") for a in ATTRIBUTES)

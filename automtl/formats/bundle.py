@@ -30,12 +30,12 @@ from torch import fx, nn
 
 from ..compact import CompactModel
 from ..errors import AutomtlError, FileFormatError
-from ..fileio import MAX_YAML_BYTES, atomic_path, parse_yaml, read_regular_file
+from ..fileio import MAX_YAML_BYTES, atomic_path, check_zip_directory, parse_yaml, read_regular_file
 from ._export_common import EvalMode
-from .codec import encode
+from .codec import DTYPES, encode
 from .lowering import META_KEYS, lower
 from .modules import MODULES, buildable
-from .rebuild import RESERVED, bad, rebuild
+from .rebuild import RESERVED, bad, rebuild, shape_check
 from .vocabulary import FUNCTIONS, METHODS
 
 __all__ = ["save", "load", "describe", "FORMAT_VERSION", "MAX_BUNDLE_BYTES"]
@@ -67,6 +67,8 @@ def _constructor_args(name: str, mod: nn.Module) -> dict:
             value = value is not None  # bias=True/False is kept as a parameter or None
         if value is inspect.Parameter.empty:
             continue  # an initialisation-only argument: the weights override it
+        if key == "inplace":
+            value = False  # the graph uses the returned value (capture made that explicit); a bundle never writes in place
         args[key] = encode(value, f"module {name!r} argument {key!r}")
     return args
 
@@ -155,7 +157,7 @@ def describe(compact: CompactModel) -> tuple[dict, dict]:
         "automtl_bundle": FORMAT_VERSION,
         "automtl_version": _package_version(),
         "dtype": floating.pop() if floating else "float32",
-        "input_shape": list(compact.input_shape) if compact.input_shape is not None else None,
+        "input_shape": _input_shape(compact),
         "tasks": [{**t.describe(), "ignore_index": t.ignore_index} for t in compact.tasks],
         "policy": compact.policy.to_dict() if compact.policy is not None else None,
         "modules": modules,
@@ -163,6 +165,19 @@ def describe(compact: CompactModel) -> tuple[dict, dict]:
         "nodes": [_describe_node(n, names) for n in gm.graph.nodes],
     }
     return desc, {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+
+
+def _input_shape(compact: CompactModel) -> list:
+    """The (N, C, H, W) the reader checks the graph at: the model's, or its input's traced shape."""
+    shape = compact.input_shape
+    if shape is None:
+        placeholder = next(n for n in compact.graph_module.graph.nodes if n.op == "placeholder")
+        meta = placeholder.meta.get("tensor_meta")
+        shape = tuple(meta.shape) if hasattr(meta, "shape") else None
+    if shape is None or len(shape) != 4:
+        raise FileFormatError("the model has no (N, C, H, W) input shape to record; build it with automtl.compact, "
+                              "or set model.input_shape = (1, C, H, W) before saving")
+    return [int(d) for d in shape]
 
 
 def _package_version() -> Optional[str]:
@@ -211,6 +226,7 @@ def save(compact: CompactModel, path: str | os.PathLike) -> None:
 # ---------------------------------------------------------------------------------------
 def _read_entries(path: str, max_bytes: int) -> dict:
     data = read_regular_file(path, "model file", max_bytes, FileFormatError)
+    check_zip_directory(data, 16, f"model file {path!r}", FileFormatError)
     try:
         zf = zipfile.ZipFile(io.BytesIO(data))
         infos = zf.infolist()
@@ -303,6 +319,26 @@ def load(path: str | os.PathLike, max_bytes: int = MAX_BUNDLE_BYTES) -> CompactM
     entries = _read_entries(path, max_bytes)
     _check_checksums(path, entries)
     desc = _parse_description(path, entries[MODEL_ENTRY])
-    gm, tasks, policy = rebuild(path, desc, entries[WEIGHTS_ENTRY])
-    input_shape = desc.get("input_shape")
-    return CompactModel(gm, tasks, policy, input_shape=input_shape).eval()
+    gm, meta_twin, tasks, policy = rebuild(path, desc, entries[WEIGHTS_ENTRY])
+    model = CompactModel(gm, tasks, policy, input_shape=desc["input_shape"]).eval()
+    model.input_check = _InputCheck(path, meta_twin, tasks, DTYPES[desc["dtype"]], desc["input_shape"])
+    return model
+
+
+class _InputCheck:
+    """Checks each new input shape of a loaded model on the meta device before it runs (see shape_check):
+    sizes in a graph can come from the input, so a file that is harmless at its recorded shape could
+    otherwise allocate without bound at another."""
+
+    def __init__(self, path: str, gm, tasks: list, dtype: torch.dtype, recorded: list):
+        self.path, self.gm, self.tasks, self.dtype = path, gm, tasks, dtype
+        self.seen = {(tuple(recorded), dtype)}
+
+    def __call__(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            raise AutomtlError(f"model {self.path!r} takes an image batch tensor (N, C, H, W), got "
+                               f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+        key = (tuple(x.shape), self.dtype)
+        if key not in self.seen:
+            shape_check(self.path, self.gm, self.tasks, self.dtype, x.shape)
+            self.seen.add(key)

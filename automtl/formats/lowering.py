@@ -81,10 +81,40 @@ def lower(gm: fx.GraphModule) -> fx.GraphModule:
             if not buildable(mod):
                 _custom_module_error(node.target, mod)
         env[node] = graph.node_copy(node, lambda n: env[n])
+    _out_of_place(graph)
     lowered = fx.GraphModule(gm, graph, "CompactNet")
     lowered.graph.eliminate_dead_code()
     lowered.recompile()
     return lowered
+
+
+def _out_of_place(graph: fx.Graph) -> None:
+    """Rewrite in-place calls to their out-of-place forms, which a bundle may hold.
+
+    capture makes every in-place operation's result explicit (later readers read the returned
+    value), so ``x.add_(y)`` -> ``x.add(y)``, ``operator.iadd`` -> ``operator.add`` and
+    ``inplace=True`` -> ``False`` compute the same values without writing into their input.
+    """
+    from ..graphpasses import INPLACE_OPERATORS
+
+    for node in graph.nodes:
+        if node.op == "call_method" and node.target.endswith("_") and not node.target.startswith("_"):
+            node.target = node.target[:-1]
+        elif node.op == "call_function":
+            if node.target in INPLACE_OPERATORS:
+                node.target = INPLACE_OPERATORS[node.target]
+            name = getattr(node.target, "__name__", "")
+            if name.endswith("_") and not name.startswith("_") and getattr(torch, name, None) is node.target \
+                    and hasattr(torch, name[:-1]):
+                node.target = getattr(torch, name[:-1])
+            if inspect.isfunction(node.target) and "inplace" in inspect.signature(node.target).parameters:
+                try:
+                    bound = inspect.signature(node.target).bind(*node.args, **node.kwargs)
+                except TypeError:
+                    continue
+                if bound.arguments.get("inplace"):
+                    bound.arguments["inplace"] = False
+                    node.args, node.kwargs = tuple(bound.args), dict(bound.kwargs)
 
 
 def _is_assert(node: fx.Node) -> bool:

@@ -74,7 +74,7 @@ def _conv_padding(v: Any) -> bool:
 _PADDING_MODE = _choice("zeros", "reflect", "replicate", "circular")
 _NORM = {"num_features": _pos, "eps": _float, "momentum": _opt_float, "affine": _bool,
          "track_running_stats": _bool, "bias": _bool}
-_INPLACE = {"inplace": _bool}
+_INPLACE = {"inplace": _false}  # a bundle never writes into its input: save stores inplace=False
 _UPSAMPLE_MODE = _choice("nearest", "linear", "bilinear", "bicubic", "trilinear", "area", "nearest-exact")
 
 #: Each buildable class with a type check per constructor argument it may receive.

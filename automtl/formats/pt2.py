@@ -28,7 +28,7 @@ import torch
 
 from ..compact import CompactModel
 from ..errors import AutomtlError, FileFormatError
-from ..fileio import atomic_path, read_regular_file
+from ..fileio import atomic_path, check_zip_directory, read_regular_file
 from ._export_common import EvalMode, example_input_for, failing_op
 
 __all__ = ["export", "load_pt2", "check_pt2", "MAX_PT2_BYTES"]
@@ -103,6 +103,7 @@ def _bad(path: str, what: str) -> FileFormatError:
 
 
 def _entries(path: str, data: bytes, max_bytes: int) -> dict:
+    check_zip_directory(data, _MAX_ENTRIES, f"program file {path!r}", FileFormatError)
     try:
         zf = zipfile.ZipFile(io.BytesIO(data))
         infos = zf.infolist()
@@ -149,7 +150,10 @@ def _walk(value: Any, visit) -> None:
 
 
 def _symbolic_ok(text: Any) -> bool:
+    """Plain arithmetic on shape symbols: listed names only, no powers (sympy evaluates 9**9**9 eagerly),
+    no number longer than 12 digits."""
     return (isinstance(text, str) and len(text) <= 1000 and bool(_SYMBOLIC.match(text)) and "__" not in text
+            and "**" not in text and not re.search(r"[0-9]{13}", text)
             and all(_SYMBOLIC_NAMES.match(w) for w in re.findall(r"[A-Za-z_][A-Za-z0-9_]*", text)))
 
 
@@ -231,6 +235,21 @@ def check_pt2(path: str | os.PathLike, max_bytes: int = MAX_PT2_BYTES) -> bytes:
     return data
 
 
+@contextlib.contextmanager
+def _quiet_torch_logs():
+    import logging
+
+    loggers = [logging.getLogger(n) for n in ("torch._export", "torch.export", "torch._export.serde.serialize")]
+    levels = [lg.level for lg in loggers]
+    try:
+        for lg in loggers:
+            lg.setLevel(logging.CRITICAL)
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
 def load_pt2(path: str | os.PathLike, max_bytes: int = MAX_PT2_BYTES):
     """Load a ``.pt2`` as a ``torch.export.ExportedProgram`` after :func:`check_pt2` refused any code in it.
 
@@ -247,7 +266,8 @@ def load_pt2(path: str | os.PathLike, max_bytes: int = MAX_PT2_BYTES):
     """
     data = check_pt2(path, max_bytes)
     try:
-        return torch.export.load(io.BytesIO(data))
+        with _quiet_torch_logs():  # torch logs a traceback before raising on a damaged archive: our sentence replaces it
+            return torch.export.load(io.BytesIO(data))
     except Exception as exc:  # torch raises many types on a malformed program
         first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
         raise FileFormatError(f"program file {os.fspath(path)!r} cannot be read by torch.export ({first}); export the model again") from None

@@ -7,8 +7,10 @@ header is matched against the tensors the graph needs and the weights are read.
 """
 from __future__ import annotations
 
+import copy
 import json
 import keyword
+import math
 import re
 import struct
 from typing import Any
@@ -25,6 +27,13 @@ from .modules import build_module
 from .vocabulary import FUNCTIONS, METHODS, check_graph
 
 _MAX_HEADER = 16 * 2**20
+#: Bounds on a description: a ResNet-152 with five tasks specialised everywhere has about 3,000 nodes.
+MAX_NODES, MAX_MODULES = 20_000, 10_000
+MAX_ATTRIBUTE_ELEMENTS = 2**31
+_ATTRIBUTE_DTYPES = ("float16", "bfloat16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8", "bool")
+#: The keys of a format-2 description; anything else is refused rather than parsed and ignored.
+DESCRIPTION_KEYS = {"automtl_bundle", "automtl_version", "dtype", "input_shape", "tasks", "policy", "modules",
+                    "attributes", "nodes"}
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _PART = re.compile(r"^[A-Za-z0-9_]+$")
 #: Names a module or attribute may not take: they would shadow the GraphModule's own attributes.
@@ -45,6 +54,9 @@ def _dotted(target: Any) -> bool:
 
 
 def _build_root(path: str, desc: dict) -> dict:
+    if len(desc["modules"]) > MAX_MODULES or len(desc.get("attributes") or []) > MAX_MODULES or len(desc["nodes"]) > MAX_NODES:
+        raise bad(path, f"describes more than {MAX_MODULES} modules or {MAX_NODES} nodes, beyond any model automtl "
+                        "writes; it is crafted or corrupted")
     root: dict = {}
     for spec in desc["modules"]:
         name = spec.get("name") if isinstance(spec, dict) else None
@@ -57,11 +69,13 @@ def _build_root(path: str, desc: dict) -> dict:
         root[name] = build_module(name, spec.get("class"), args, f"model file {path!r}")
     for spec in desc.get("attributes") or []:
         name = spec.get("name") if isinstance(spec, dict) else None
-        dtype = DTYPES.get(spec.get("dtype")) if isinstance(spec, dict) else None
+        dtype = DTYPES.get(spec.get("dtype")) if isinstance(spec, dict) and spec.get("dtype") in _ATTRIBUTE_DTYPES else None
         shape = spec.get("shape") if isinstance(spec, dict) else None
         if (not _dotted(name) or name in root or dtype is None or not isinstance(shape, list) or len(shape) > 8
                 or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= 2**31 for d in shape)):
             raise bad(path, f"has an invalid attribute entry {str(name)[:60]!r}; the file is corrupted, save the model again")
+        if math.prod(shape) > MAX_ATTRIBUTE_ELEMENTS:
+            raise bad(path, f"has an attribute {name!r} of {math.prod(shape)} elements, beyond its bounds; it is crafted or corrupted")
         t = torch.empty(shape, dtype=dtype, device="meta")
         root[name] = nn.Parameter(t, requires_grad=t.is_floating_point()) if spec.get("kind") == "parameter" else t
     return root
@@ -76,13 +90,14 @@ def _build_node(path: str, graph: fx.Graph, env: dict, root: dict, nd: Any, i: i
     where = f"node {name!r} of model file {path!r}"
     raw_args, raw_kwargs = nd.get("args", []), nd.get("kwargs", {})
     if (not isinstance(raw_args, list) or not isinstance(raw_kwargs, dict)
-            or not all(isinstance(k, str) and _IDENT.match(k) for k in raw_kwargs)):
+            or not all(isinstance(k, str) and _IDENT.match(k) and not keyword.iskeyword(k) for k in raw_kwargs)):
         raise FileFormatError(f"{where} has malformed arguments; the file is corrupted, save the model again")
     args = decode({"$tuple": raw_args}, where, env)
     kwargs = {k: decode(v, where, env) for k, v in raw_kwargs.items()}
     if op == "placeholder":
-        if not isinstance(target, str) or not _IDENT.match(target) or args or kwargs:
+        if not isinstance(target, str) or not _IDENT.match(target) or keyword.iskeyword(target) or args or kwargs:
             raise FileFormatError(f"{where} is an invalid input; the file is corrupted, save the model again")
+        target = "x"  # the forward's parameter name is ours to choose: a stored one could shadow a name the code uses
     elif op == "call_function":
         if target not in FUNCTIONS:
             raise FileFormatError(f"{where} calls {str(target)[:80]!r}, which is not on automtl's reviewed vocabulary of "
@@ -110,6 +125,17 @@ def _build_node(path: str, graph: fx.Graph, env: dict, root: dict, nd: Any, i: i
             if isinstance(val, str) or (isinstance(val, list) and all(isinstance(v, str) for v in val)):
                 node.meta[key] = tuple(val) if isinstance(val, list) else val
     return node
+
+
+def _check_meta(path: str, graph: fx.Graph, tasks: list) -> None:
+    """The sharing meta render reads must name the file's own tasks and real choices."""
+    names = {t.name for t in tasks}
+    for node in graph.nodes:
+        members = node.meta.get(META_KEYS[0], ())
+        choice = node.meta.get(META_KEYS[2])
+        if not set(members) <= names or (choice is not None and choice not in ("share", "specialize", "skip")):
+            raise bad(path, f"has node {node.name!r} whose sharing notes name tasks or choices the model does not have; "
+                            "the file is corrupted, save the model again")
 
 
 def _build_graph_module(path: str, desc: dict) -> fx.GraphModule:
@@ -148,7 +174,7 @@ def _check_weights_header(path: str, data: bytes, expected: dict) -> None:
         raise bad(path, f"has a weights.safetensors header of {n} bytes, beyond its bounds; the file is corrupted or crafted")
     try:
         header = json.loads(data[8:8 + n])
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):
         raise bad(path, "has an unreadable weights.safetensors header; the file is corrupted, save the model again") from None
     if not isinstance(header, dict):
         raise bad(path, "has an unreadable weights.safetensors header; the file is corrupted, save the model again")
@@ -191,25 +217,48 @@ class _BoundedShapes(fx.Interpreter):
         return out
 
 
-def _dry_run(path: str, gm: fx.GraphModule, desc: dict, dtype: torch.dtype) -> None:
-    """Run the graph once on the meta device: shapes must agree before any weight is read."""
-    shape = desc.get("input_shape")
-    if shape is None:
-        return
-    if not (isinstance(shape, list) and len(shape) == 4 and all(isinstance(d, int) and 1 <= d <= 2**16 for d in shape)):
-        raise bad(path, "has an invalid input_shape; the file is corrupted, save the model again")
+def _output_shapes_ok(task: Task, y: torch.Tensor, n: int) -> bool:
+    if not isinstance(y, torch.Tensor) or not y.is_floating_point() or y.dim() < 1 or y.shape[0] != n:
+        return False
+    c = task.classes
+    return {
+        "segmentation": y.dim() == 4 and y.shape[1] == c, "depth": y.dim() == 4 and y.shape[1] == 1,
+        "normal": y.dim() == 4 and y.shape[1] == 3, "classification": tuple(y.shape[1:]) == (c,),
+        "multilabel": tuple(y.shape[1:]) == (c,), "regression": tuple(y.shape[1:]) in ((c,), ()),
+    }.get(task.kind, True)
+
+
+def shape_check(path: str, gm: fx.GraphModule, tasks: list, dtype: torch.dtype, shape) -> None:
+    """Run the graph once on the meta device at ``shape``: every activation bounded, every task's
+    output a floating tensor of its kind's shape. Nothing is computed and no memory is taken."""
     try:
         with torch.no_grad():
-            _BoundedShapes(gm.eval()).run(torch.empty(shape, device="meta", dtype=dtype))
+            out = _BoundedShapes(gm.eval()).run(torch.empty(tuple(shape), device="meta", dtype=dtype))
     except FileFormatError as exc:
         raise bad(path, str(exc)) from None
     except Exception as exc:  # any op refusing its shapes
-        raise bad(path, f"has a graph that does not run at its recorded input shape {shape} ({str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__}); "
-                         "the file is corrupted or crafted, save the model again") from None
+        raise bad(path, f"has a graph that does not run at input shape {list(shape)} ({str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__}); "
+                        "the file is corrupted, crafted, or made for other input sizes") from None
+    for task in tasks:
+        if not _output_shapes_ok(task, out.get(task.name), shape[0]):
+            y = out.get(task.name)
+            raise bad(path, f"computes for task {task.name!r} ({task.kind}) an output of shape "
+                            f"{tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__} and dtype "
+                            f"{getattr(y, 'dtype', None)}, which does not fit the task; the file is corrupted or crafted")
+
+
+def _dry_run(path: str, gm: fx.GraphModule, desc: dict, tasks: list, dtype: torch.dtype) -> None:
+    """The load-time shape check, at the input shape the file records (required)."""
+    shape = desc.get("input_shape")
+    if not (isinstance(shape, list) and len(shape) == 4 and all(isinstance(d, int) and not isinstance(d, bool)
+                                                                and 1 <= d <= 2**16 for d in shape)):
+        raise bad(path, "has no valid input_shape (N, C, H, W); the file is corrupted, save the model again")
+    shape_check(path, gm, tasks, dtype, shape)
 
 
 def rebuild(path: str, desc: dict, weights: bytes) -> tuple:
-    """The checked CompactModel parts from a parsed description and the weights' bytes."""
+    """The checked parts of a CompactModel from a parsed description and the weights' bytes:
+    ``(graph_module, meta_twin, tasks, policy)``; the twin is the same graph on the meta device."""
     try:
         tasks = [Task.from_description(d) for d in desc["tasks"]]
         policy = Policy.from_dict(desc["policy"], f"the policy in {path!r}") if desc.get("policy") is not None else None
@@ -218,13 +267,19 @@ def rebuild(path: str, desc: dict, weights: bytes) -> tuple:
     names = [t.name for t in tasks]
     if policy is not None and policy.tasks != names:
         raise bad(path, f"has a policy for tasks {policy.tasks} but tasks {names}; the file is corrupted, save the model again")
+    unknown = set(desc) - DESCRIPTION_KEYS
+    if unknown:
+        raise bad(path, f"has keys {sorted(str(k)[:30] for k in unknown)[:3]} in model.yaml that format 2 does not have; "
+                        "it is crafted or from another version, save the model again")
     gm = _build_graph_module(path, desc)
+    _check_meta(path, gm.graph, tasks)
     outputs = next(n for n in gm.graph.nodes if n.op == "output").args[0]
     if list(outputs) != names:
         raise bad(path, f"has graph outputs that are not its tasks {names}; the file is corrupted, save the model again")
     dtype = DTYPES[desc["dtype"]]
     _check_weights_header(path, weights, _expected_tensors(gm, desc, dtype))
-    _dry_run(path, gm, desc, dtype)
+    _dry_run(path, gm, desc, tasks, dtype)
+    meta_twin = copy.deepcopy(gm)  # still all on meta: checks later input shapes for free
     state = _read_weights(path, weights)
     gm.load_state_dict(state, strict=True, assign=True)
-    return gm, tasks, policy
+    return gm, meta_twin, tasks, policy

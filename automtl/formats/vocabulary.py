@@ -12,6 +12,7 @@ fails when this one changes without it.
 """
 from __future__ import annotations
 
+import inspect
 import math
 import operator
 from typing import Any, Callable
@@ -35,7 +36,6 @@ FUNCTIONS: dict[str, tuple[Callable, str]] = {
     "operator.add": (operator.add, "arith"), "operator.sub": (operator.sub, "arith"),
     "operator.mul": (operator.mul, "arith"), "operator.truediv": (operator.truediv, "arith"),
     "operator.floordiv": (operator.floordiv, "arith"), "operator.neg": (operator.neg, "arith"),
-    "operator.iadd": (operator.iadd, "arith"), "operator.imul": (operator.imul, "arith"),
     "operator.matmul": (operator.matmul, TENSOR), "operator.getitem": (operator.getitem, "getitem"),
     "builtins.getattr": (getattr, "getattr"),
     # torch.*
@@ -61,15 +61,20 @@ METHODS: dict[str, str] = {
     **{n: TENSOR for n in (
         "view", "reshape", "flatten", "permute", "transpose", "contiguous", "unsqueeze", "squeeze", "expand",
         "expand_as", "view_as", "reshape_as", "narrow", "mean", "sum", "sqrt", "rsqrt", "clamp", "clamp_min",
-        "clamp_max", "add", "sub", "mul", "div", "add_", "sub_", "mul_", "div_", "relu", "relu_", "sigmoid",
-        "sigmoid_", "tanh", "exp", "abs", "neg", "pow", "softmax", "matmul", "float", "half", "bfloat16", "to",
-        "type_as", "repeat", "amax", "flip", "roll", "clone", "detach", "masked_fill", "clamp_")},
+        "clamp_max", "add", "sub", "mul", "div", "relu", "sigmoid", "tanh", "exp", "abs", "neg", "pow", "softmax",
+        "matmul", "float", "half", "bfloat16", "to", "type_as", "repeat", "amax", "flip", "roll", "clone", "detach",
+        "masked_fill")},
     **{n: TENSORS for n in ("chunk", "split", "unbind")},
     "size": "size", "dim": INT,
 }
 
 #: Attributes a bundle may read with getattr, only from a tensor.
 ATTRIBUTES: dict[str, str] = {"shape": SIZE, "ndim": INT, "dtype": DTYPE, "device": DEVICE}
+
+#: Nothing in a bundle writes into a tensor it did not create: no in-place method or operator is listed,
+#: no ``out=`` is accepted, ``inplace`` arguments must be False, and batch_norm may update running
+#: statistics only when it has none. (``automtl.save`` rewrites in-place calls to their out-of-place forms.)
+_PYTHON_SIGNATURES = {fn: inspect.signature(fn) for fn, _ in FUNCTIONS.values() if inspect.isfunction(fn)}
 
 #: Bounds on literal values: sizes and counts of CNNs fit easily, allocation bombs do not.
 MAX_LITERAL_INT = 2**31
@@ -180,6 +185,31 @@ def _method_kind(name: str, args: tuple, arg_kinds: list, where: str) -> str:
     return rule
 
 
+def _no_writes(node: fx.Node, at: str, kinds: dict) -> None:
+    """Refuse a call that would write into a tensor it did not create (see _PYTHON_SIGNATURES' note)."""
+    if "out" in node.kwargs:
+        raise FileFormatError(f"{at} writes its result into an existing tensor (out=), which automtl files never do; re-save the model")
+    sig = _PYTHON_SIGNATURES.get(node.target)
+    if sig is None:
+        return
+    try:
+        bound = sig.bind(*node.args, **node.kwargs).arguments
+    except TypeError:
+        raise FileFormatError(f"{at} calls {getattr(node.target, '__name__', node.target)} with arguments it does not take; re-save the model") from None
+    if bound.get("inplace") not in (None, False):
+        raise FileFormatError(f"{at} asks for an in-place operation, which automtl files never do; re-save the model")
+    if node.target is F.batch_norm and bound.get("training") not in (None, False) and (
+            bound.get("running_mean") is not None or bound.get("running_var") is not None):
+        raise FileFormatError(f"{at} updates running statistics, which automtl files never do; re-save the model")
+
+
+def _check_to(node: fx.Node, at: str, kinds: dict) -> None:
+    """``x.to(...)`` may only change the dtype (or match another tensor): no device strings."""
+    for a in list(node.args[1:]) + [v for k, v in node.kwargs.items() if k not in ("non_blocking", "copy")]:
+        if _literal_kind(a, kinds, at) not in (DTYPE, TENSOR):
+            raise FileFormatError(f"{at} converts a tensor to something other than a dtype; the file is crafted or corrupted, re-save the model")
+
+
 def check_graph(graph: fx.Graph, where: str) -> None:
     """Propagate value kinds through ``graph`` and refuse anything outside the vocabulary.
 
@@ -204,9 +234,14 @@ def check_graph(graph: fx.Graph, where: str) -> None:
             name = allowed.get(node.target)
             if name is None:
                 raise FileFormatError(f"{at} calls a function that is not on automtl's reviewed vocabulary; re-save the model")
+            _no_writes(node, at, kinds)
             kinds[node] = _function_kind(name, FUNCTIONS[name][1], node.args, arg_kinds, at)
         elif node.op == "call_method":
             kinds[node] = _method_kind(node.target, node.args, arg_kinds, at)
+            if "out" in node.kwargs:
+                raise FileFormatError(f"{at} writes its result into an existing tensor (out=); re-save the model")
+            if node.target == "to":
+                _check_to(node, at, kinds)
         elif node.op == "call_module":
             if arg_kinds[:1] != [TENSOR] or len(node.args) != 1 or node.kwargs:
                 raise FileFormatError(f"{at} calls a module with something other than one tensor; the file is corrupted, re-save the model")
