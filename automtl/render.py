@@ -92,6 +92,8 @@ def render(model_or_policy, path, format: Optional[str] = None, title: Optional[
                 f"this graphviz 'dot' cannot write {fmt} files; draw as .svg, or install a graphviz "
                 "with that format (apt-get install graphviz, or brew install graphviz)"
             ) from exc
+        if "syntax error" in detail:
+            raise  # the drawing we generated is malformed: our bug, keep the traceback
         first = next((l for l in detail.splitlines() if l.strip()), f"exit code {exc.returncode}")
         raise AutomtlError(f"graphviz's dot failed to draw {str(path)!r} ({first.strip()[:160]}); try .svg, "
                            "which has no size limit") from exc
