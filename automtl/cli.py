@@ -420,3 +420,19 @@ def eval_cmd(model_path, data, split, samples, input_size, batch_size, as_json):
         return
     for task, values in metrics.items():
         click.echo(f"{task}: " + ", ".join(f"{k} {v:.4g}" for k, v in values.items()))
+
+
+@main.command("plot")
+@click.argument("run_dir", type=click.Path(exists=True))
+@click.option("--out", "out", type=click.Path(file_okay=False), help="Directory for the PNGs (default: RUN_DIR/plots).")
+def plot_cmd(run_dir, out):
+    """Draw a run's loss curves, validation metrics and policy probabilities as PNGs (needs automtl[plot]).
+
+    RUN_DIR is the --out of `automtl convert` or `automtl search` (it reads checkpoints/log.jsonl).
+
+    Example: automtl plot runs/r18
+    """
+    from .plot import plot_run
+
+    for path in plot_run(run_dir, out):
+        click.echo(f"wrote {path}")
