@@ -83,16 +83,33 @@ def main(ctx, debug):
 
 
 @main.command()
+@click.option("--source", type=click.Choice(["builtin", "timm", "torchvision"]), default="builtin", show_default=True,
+              help="Which backbones to list: automtl's own, or the models timm or torchvision offer (by name only).")
+@click.option("--filter", "pattern", metavar="GLOB", help="Only names matching this pattern, e.g. 'resnet*'.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def backbones(as_json):
-    """List the builtin backbones with their parameter and convolution counts.
+def backbones(source, pattern, as_json):
+    """List the builtin backbones with their parameter and convolution counts, or timm's or torchvision's models.
 
-    Example: automtl backbones
+    Example: automtl backbones --source timm --filter 'resnet*'
     """
-    from .backbones import count_convs, count_parameters, list_backbones
+    from .backbones import count_convs, count_parameters, list_backbones, list_external
+
+    if source != "builtin":
+        rows = list_external(source, pattern)
+        if as_json:
+            click.echo(json.dumps(rows, indent=2))
+            return
+        click.echo(f"{'name':<48} pretrained weights")
+        for r in rows:
+            click.echo(f"{r['name']:<48} {'yes' if r['pretrained'] else 'no'}")
+        click.echo(f"{len(rows)} {source} models; build one with automtl convert {source}:NAME (--pretrained to download its weights)")
+        return
+    import fnmatch
 
     rows = []
     for spec in list_backbones():
+        if pattern and not fnmatch.fnmatchcase(spec.name, pattern):
+            continue
         model = spec.factory()
         rows.append({"name": spec.name, "parameters": count_parameters(model), "convolutions": count_convs(model),
                      "description": spec.description})
@@ -117,6 +134,8 @@ def _pipeline_options(f):
                           "options given on the command line win."),
         click.option("--data", help="synthetic (default), multifashion[:ROOT], nyuv2:ROOT or cityscapes:ROOT."),
         click.option("--weights", type=click.Path(dir_okay=False), help="A state dict for the backbone (e.g. torchvision's)."),
+        click.option("--pretrained", is_flag=True, default=None,
+                     help="Download the ImageNet weights of a timm:NAME or torchvision:NAME backbone (needs the internet; else --weights)."),
         click.option("--budget", help="Parameter budget as a multiple of one backbone + heads, e.g. 1.5x; 'none' for no limit."),
         click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Where to train (default auto)."),
         click.option("--seed", type=int, help="Seed of the whole run (data order, Gumbel noise, initial heads)."),
@@ -135,7 +154,7 @@ def _pipeline_options(f):
     return f
 
 
-def _resolve_config(backbone, tasks, config_path, data, weights, budget, device, seed, steps, input_size, samples):
+def _resolve_config(backbone, tasks, config_path, data, weights, pretrained, budget, device, seed, steps, input_size, samples):
     from .convert import ConvertConfig, _task_dict
 
     cfg = ConvertConfig.from_yaml(config_path) if config_path else ConvertConfig()
@@ -147,6 +166,8 @@ def _resolve_config(backbone, tasks, config_path, data, weights, budget, device,
         cfg.data = data
     if weights:
         cfg.weights = weights
+    if pretrained:
+        cfg.pretrained = True
     if input_size is not None:
         cfg.input_size = input_size
     if samples:
@@ -182,18 +203,18 @@ def _say(quiet):
 # ---- the whole pipeline -------------------------------------------------------------------------
 @main.command()
 @_pipeline_options
-def convert(backbone, tasks, config_path, data, weights, budget, device, seed, steps, input_size, samples, out, resume, overwrite, quiet, as_json):
+def convert(backbone, tasks, config_path, data, weights, pretrained, budget, device, seed, steps, input_size, samples, out, resume, overwrite, quiet, as_json):
     """Run the whole pipeline on BACKBONE and write the results into --out.
 
-    BACKBONE is a builtin name (see `automtl backbones`), path/to/file.py:Class or
-    package.module:factory. Writes model.automtl, model.pt2, policy.yaml, sharing.svg,
+    BACKBONE is a builtin name (see `automtl backbones`), timm:NAME or torchvision:NAME
+    (`automtl backbones --source timm`), path/to/file.py:Class or package.module:factory. Writes model.automtl, model.pt2, policy.yaml, sharing.svg,
     report.json and config.yaml (re-run it with --config).
 
     Example: automtl convert resnet18 --task segmentation:segmentation:4 --task depth:depth --budget 1.5x --out runs/r18
     """
     from .convert import convert as run_convert
 
-    cfg = _resolve_config(backbone, tasks, config_path, data, weights, budget, device, seed, steps, input_size, samples)
+    cfg = _resolve_config(backbone, tasks, config_path, data, weights, pretrained, budget, device, seed, steps, input_size, samples)
     report = run_convert(cfg, out, resume=resume, quiet=quiet, log=_say(quiet), overwrite=overwrite)
     if as_json:
         from .convert import json_safe
@@ -223,8 +244,9 @@ def _print_summary(report, out):
 @click.option("--task", "tasks", multiple=True, metavar="NAME:KIND[:CLASSES]", help="A task, repeatable (default: the synthetic scenes' three).")
 @click.option("--input-size", type=click.IntRange(8, MAX_INPUT_SIZE), default=64, show_default=True, help="Side of the example input.")
 @click.option("--feature-node", help="Cut the backbone at this node name or module path, e.g. layer4 (default: the deepest feature map before global pooling and any classifier).")
+@click.option("--pretrained", is_flag=True, help="Download the ImageNet weights of a timm:NAME or torchvision:NAME backbone.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def supermodel_cmd(backbone, tasks, input_size, feature_node, as_json):
+def supermodel_cmd(backbone, tasks, input_size, feature_node, pretrained, as_json):
     """Build the supermodel of BACKBONE and show its policy layers and parameter counts.
 
     Example: automtl supermodel mobilenet_v2 --task seg:segmentation:13 --task depth:depth
@@ -232,7 +254,7 @@ def supermodel_cmd(backbone, tasks, input_size, feature_node, as_json):
     from .convert import ConvertConfig, build_supermodel, _task_dict
 
     cfg = ConvertConfig(backbone=backbone, tasks=[_task_dict(t) for t in tasks] or None, input_size=input_size,
-                        feature_node=feature_node)
+                        feature_node=feature_node, pretrained=pretrained)
     sm = build_supermodel(cfg)
     from .capture import count_parameters
     from .policy import Policy
@@ -259,7 +281,7 @@ def supermodel_cmd(backbone, tasks, input_size, feature_node, as_json):
 
 @main.command("search")
 @_pipeline_options
-def search_cmd(backbone, tasks, config_path, data, weights, budget, device, seed, steps, input_size, samples, out, resume, overwrite, quiet, as_json):
+def search_cmd(backbone, tasks, config_path, data, weights, pretrained, budget, device, seed, steps, input_size, samples, out, resume, overwrite, quiet, as_json):
     """Search a sharing policy and fine-tune it; keep the run in --out for `automtl compact`.
 
     Writes supermodel.yaml + supermodel.pt (the trained supermodel), policy.yaml (edit it by
@@ -272,7 +294,7 @@ def search_cmd(backbone, tasks, config_path, data, weights, budget, device, seed
     from .rundir import RunDirectory
     from .search import search
 
-    cfg = _resolve_config(backbone, tasks, config_path, data, weights, budget, device, seed, steps, input_size, samples)
+    cfg = _resolve_config(backbone, tasks, config_path, data, weights, pretrained, budget, device, seed, steps, input_size, samples)
     with RunDirectory(out, resume=resume, overwrite=overwrite) as run:
         sm, train, val = prepare_run(cfg)
         result = search(sm, train, val, cfg.search.replace(out_dir=str(run.path / "checkpoints"), resume=resume, quiet=quiet))
@@ -400,3 +422,19 @@ def eval_cmd(model_path, data, split, samples, input_size, batch_size, as_json):
         return
     for task, values in metrics.items():
         click.echo(f"{task}: " + ", ".join(f"{k} {v:.4g}" for k, v in values.items()))
+
+
+@main.command("plot")
+@click.argument("run_dir", type=click.Path(exists=True))
+@click.option("--out", "out", type=click.Path(file_okay=False), help="Directory for the PNGs (default: RUN_DIR/plots).")
+def plot_cmd(run_dir, out):
+    """Draw a run's loss curves, validation metrics and policy probabilities as PNGs (needs automtl[plot]).
+
+    RUN_DIR is the --out of `automtl convert` or `automtl search` (it reads checkpoints/log.jsonl).
+
+    Example: automtl plot runs/r18
+    """
+    from .plot import plot_run
+
+    for path in plot_run(run_dir, out):
+        click.echo(f"wrote {path}")

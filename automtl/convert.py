@@ -43,6 +43,7 @@ class ConvertConfig:
 
     backbone: str = "resnet18"
     weights: Optional[str] = None
+    pretrained: bool = False
     feature_node: Optional[str] = None
     input_size: int = 64
     tasks: Optional[list] = None
@@ -54,6 +55,8 @@ class ConvertConfig:
     def __post_init__(self) -> None:
         if isinstance(self.search, Mapping):
             self.search = SearchConfig.from_dict({**DEFAULT_SCHEDULE, **self.search}, "config section 'search'")
+        if not isinstance(self.pretrained, bool):
+            raise ConfigError(f"pretrained must be true or false, got {self.pretrained!r}")
         if (not isinstance(self.input_size, int) or isinstance(self.input_size, bool)
                 or not 8 <= self.input_size <= MAX_INPUT_SIZE):
             raise ConfigError(f"input_size must be a whole number of pixels from 8 to {MAX_INPUT_SIZE}, got {self.input_size!r}; "
@@ -124,8 +127,12 @@ def _read_yaml(path, what: str):
 def build_supermodel(cfg: ConvertConfig) -> SuperModel:
     """Backbone (+ weights) and tasks of ``cfg`` turned into a supermodel."""
     from .backbones import build_backbone, load_weights
+    from .backbones.external import is_external
 
-    backbone = build_backbone(cfg.backbone)
+    if cfg.pretrained and not is_external(cfg.backbone):
+        raise ConfigError(f"pretrained weights are downloaded for timm:NAME and torchvision:NAME backbones only, "
+                          f"not {cfg.backbone!r}; pass a state dict with --weights instead")
+    backbone = build_backbone(cfg.backbone, **({"pretrained": True} if cfg.pretrained else {}))
     if cfg.weights:
         load_weights(backbone, cfg.weights)
     example = torch.randn(1, 3, cfg.input_size, cfg.input_size)
@@ -176,7 +183,7 @@ def load_run(directory) -> tuple[SuperModel, ConvertConfig, Optional[Policy]]:
     if not spec.exists():
         raise FileFormatError(f"{os.fspath(directory)!r} is not an automtl run directory (no supermodel.yaml); run automtl search first")
     cfg = ConvertConfig.from_dict(_read_yaml(spec, "run file"), f"run file {os.fspath(spec)!r}")
-    cfg.weights = None  # the trained weights come from supermodel.pt
+    cfg.weights, cfg.pretrained = None, False  # the trained weights come from supermodel.pt
     sm = supermodel_from_state(build_supermodel(cfg), directory / "supermodel.pt")
     pol_path = directory / "policy.yaml"
     return sm, cfg, Policy.load(pol_path) if pol_path.exists() else None

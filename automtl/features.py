@@ -32,6 +32,22 @@ def _is_map(node: fx.Node) -> bool:
     return s is not None and len(s) == 4
 
 
+def _carries_maps(node: fx.Node) -> bool:
+    """Maps in another form that the trunk passes through: a tuple of them (``chunk``, ``split``) or a
+    view with the channels split in two axes (``view(N, G, C // G, H, W)`` in a channel shuffle)."""
+    meta = node.meta.get("tensor_meta")
+    # TensorMetadata is itself a NamedTuple: only a sequence without a shape is a tuple of outputs.
+    metas = [meta] if hasattr(meta, "shape") or not isinstance(meta, (tuple, list)) or not meta else meta
+    return all(hasattr(m, "shape") and len(m.shape) >= 4 for m in metas)
+
+
+def _is_resize(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """An adaptive pooling to a fixed size (VGG's ``AdaptiveAvgPool2d(7)``): the classifier's input adapter."""
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(node.target), _GLOBAL_POOL_MODULES)
+    return node.op == "call_function" and node.target in _GLOBAL_POOL_FUNCTIONS
+
+
 def _one(size) -> bool:
     return size == 1 or (isinstance(size, (tuple, list)) and all(s == 1 for s in size))
 
@@ -104,18 +120,22 @@ def _chosen_output(gm: fx.GraphModule, notes: list) -> fx.Node:
 
 
 def trunk_nodes(gm: fx.GraphModule, output: fx.Node) -> list:
-    """The 4-D trunk nodes that feed ``output``, in execution order."""
+    """The 4-D trunk nodes that feed ``output``, in execution order.
+
+    A node that returns a tuple of maps (``x.chunk(2, dim=1)`` in ShuffleNet, CSPNet's split) or a
+    5-D view of one (ShuffleNet's channel shuffle) carries the trunk on but is no feature node itself.
+    """
     keep = _ancestors(output)
     trunk: set = set()
     for n in gm.graph.nodes:
         if n.op == "placeholder":
             trunk.add(n)
             continue
-        if n not in keep or not _is_map(n) or _collapses(gm, n):
+        if n not in keep or not _carries_maps(n) or _collapses(gm, n):
             continue
         if any(i in trunk for i in n.all_input_nodes):
             trunk.add(n)
-    return [n for n in gm.graph.nodes if n in trunk and n.op != "placeholder"]
+    return [n for n in gm.graph.nodes if n in trunk and n.op != "placeholder" and _is_map(n)]
 
 
 def pick_feature_node(gm: fx.GraphModule, name: Optional[str], notes: list) -> fx.Node:
@@ -130,6 +150,10 @@ def pick_feature_node(gm: fx.GraphModule, name: Optional[str], notes: list) -> f
         if n in classifier or any(i in after for i in n.all_input_nodes):
             after.add(n)
     candidates = [n for n in candidates if n not in after]
+    # A resize to a fixed size at the trunk's end only adapts the map to the classifier's input
+    # (VGG, AlexNet): at a small input it would upsample the features.
+    while len(candidates) > 1 and _is_resize(gm, candidates[-1]):
+        candidates.pop()
     if not candidates:
         four_d = [n for n in gm.graph.nodes if n.op not in ("output", "placeholder") and _is_map(n)]
         if not four_d:

@@ -1,15 +1,14 @@
 """Accounting: what a compact model costs, against the models it replaces.
 
 Parameters are counted on the modules the graph uses; multiply-accumulates (MACs) are
-counted by running the graph once with forward hooks on every Conv2d, ConvTranspose2d and
-Linear call (so a module called twice counts twice, and only what runs counts); latency is
+counted by running the graph once under torch's ``FlopCounterMode`` (every op with a FLOP
+formula, MACs = FLOPs / 2; see :mod:`automtl.flops`); latency is
 the median wall-clock time of repeated CPU runs. ``compare`` sets the compact model against
 one single-task backbone, T single-task models and the supermodel; the *FLOP bound* is the
 latency the compact model would have if its time scaled with its MACs from the backbone's.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import statistics
 import time
@@ -19,6 +18,7 @@ import torch
 from torch import nn
 
 from .compact import CompactModel, compact as _compile
+from .flops import macs_of, shapes_only
 from .policy import CHOICES, Policy
 
 __all__ = ["count_macs", "model_stats", "flop_bound", "compare", "format_inspect", "inspect_text"]
@@ -30,51 +30,18 @@ LETTERS = {"share": "S", "specialize": "P", "skip": "-"}
 # ---------------------------------------------------------------------------------------
 # measuring
 # ---------------------------------------------------------------------------------------
-def _mac_hook(total: list):
-    def hook(mod, inp, out):
-        if not isinstance(out, torch.Tensor):
-            return
-        if isinstance(mod, nn.Conv2d):
-            k = mod.kernel_size[0] * mod.kernel_size[1]
-            total[0] += out.numel() * (mod.in_channels // mod.groups) * k
-        elif isinstance(mod, nn.ConvTranspose2d):
-            k = mod.kernel_size[0] * mod.kernel_size[1]
-            total[0] += inp[0].numel() * (mod.out_channels // mod.groups) * k
-        elif isinstance(mod, nn.Linear):
-            total[0] += out.numel() * mod.in_features
-    return hook
-
-
 def count_macs(model: nn.Module, x: torch.Tensor, static: bool = False, **kwargs) -> int:
-    """Multiply-accumulates per input sample of one ``model(x, **kwargs)`` (Conv2d, ConvTranspose2d, Linear).
+    """Multiply-accumulates per input sample of one ``model(x, **kwargs)``, counted by torch's FlopCounterMode.
 
-    A conv counts output elements x in_channels/groups x kh x kw, a linear in x out per row;
-    the total is divided by the batch size of ``x``. Runs in eval mode, without gradients.
-    With ``static=True`` the model runs on fake tensors (shapes only: no arithmetic, no data).
+    Every op with a FLOP formula in torch counts (convolutions, transposed convolutions, linear
+    and matrix products, attention; see :mod:`automtl.flops`), at FLOPs / 2; a conv is output
+    elements x in_channels/groups x kh x kw, a linear in x out per row. The total is divided by
+    the batch size of ``x``. Runs in eval mode, without gradients. With ``static=True`` the model
+    runs on fake tensors (shapes only: no arithmetic, no data).
     """
-    total = [0]
-    hook = _mac_hook(total)
-    handles = [m.register_forward_hook(hook) for m in model.modules()
-               if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear))]
-    try:
-        with _eval(model), torch.inference_mode(), _shapes_only(static) as fake:
-            model(fake(x) if fake else x, **kwargs)
-    finally:
-        for h in handles:
-            h.remove()
-    return int(total[0] // max(x.shape[0], 1))
-
-
-@contextlib.contextmanager
-def _shapes_only(static: bool):
-    """Under ``static``, a fake-tensor mode (torch's shape propagation) and a converter for inputs."""
-    if not static:
-        yield None
-        return
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
-        yield mode.from_tensor
+    with _eval(model), torch.inference_mode(), shapes_only(static) as fake:
+        total = macs_of(lambda: model(fake(x) if fake else x, **kwargs))
+    return int(total // max(x.shape[0], 1))
 
 
 class _eval:

@@ -23,6 +23,7 @@ from torch import fx, nn
 
 from .capture import Capture, capture, count_parameters
 from .errors import AutomtlError, ConfigError
+from .flops import macs_of
 from .heads import build_head, finish
 from .policy import SHARE, SKIP, SPECIALIZE, Policy
 from .tasks import Task, check_tasks
@@ -569,36 +570,25 @@ class SuperModel(nn.Module):
         return self.base_parameters() + (unit * (p_share_used + n_spec) + skip * p_skip_used).sum()
 
     def head_macs(self) -> int:
-        """Multiply-accumulates per sample of all task heads (their Conv2d and Linear layers).
+        """Multiply-accumulates per sample of all task heads, counted by torch's FlopCounterMode.
 
-        Measured once with forward hooks on a feature-shaped dummy input (heads in eval mode,
-        so their BatchNorm statistics do not move), so custom heads are counted too.
+        Measured once on a feature-shaped dummy input (heads in eval mode, so their BatchNorm
+        statistics do not move), so custom heads are counted too, every op of them.
         """
         cached = getattr(self, "_head_macs", None)
         if cached is not None:
             return cached
-        total = 0
-
-        def hook(mod, inp, out):
-            nonlocal total
-            if isinstance(mod, nn.Conv2d):
-                total += _conv_macs(mod, tuple(out.shape))
-            elif isinstance(mod, nn.Linear):
-                total += mod.in_features * mod.out_features * (out.numel() // max(out.shape[-1], 1))
-
         p = next(self.heads.parameters(), None)
         feat = torch.zeros(1, *self.feature_shape[1:], device=p.device if p is not None else "cpu",
                            dtype=p.dtype if p is not None else torch.float32)
+        total = 0
         for head in self.heads.values():
-            handles = [m.register_forward_hook(hook) for m in head.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
             was_training = head.training
             try:
                 with torch.no_grad():
-                    head.eval()(feat)
+                    total += macs_of(lambda: head.eval()(feat))
             finally:
                 head.train(was_training)
-                for h in handles:
-                    h.remove()
         object.__setattr__(self, "_head_macs", int(total))
         return int(total)
 

@@ -1,8 +1,8 @@
 """Find, build and load backbones by name.
 
 A backbone is named on the command line and in configs as a builtin name
-(``resnet34``), a file (``path/to/net.py:MyNet``) or an importable module
-(``mypkg.nets:make_net``); this module turns any of these into an ``nn.Module``
+(``resnet34``), a timm or torchvision model (``timm:resnet50d``, ``torchvision:resnet18``), a
+file (``path/to/net.py:MyNet``) or an importable module (``mypkg.nets:make_net``); this module turns any of these into an ``nn.Module``
 and loads ImageNet-style checkpoints into the headless feature extractors.
 """
 from __future__ import annotations
@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..errors import BackboneError
+from .external import build_external, is_external
 from .mnasnet import mnasnet1_0
 from .mobilenet import mobilenet_v2
 from .resnet import deeplab_resnet34, resnet18, resnet34, resnet50
@@ -88,9 +89,14 @@ def count_convs(model: nn.Module) -> int:
 def build_backbone(spec: str, **kwargs: Any) -> nn.Module:
     """Build the backbone named by ``spec``; ``kwargs`` go to its factory or class.
 
-    ``spec`` is a builtin name (see :data:`BACKBONES`), ``path/to/file.py:Attr`` or
-    ``package.module:Attr``. ``Attr`` may be an ``nn.Module`` subclass, a factory
-    returning one, or a module instance (then no kwargs are allowed).
+    ``spec`` is a builtin name (see :data:`BACKBONES`), ``timm:NAME`` or ``torchvision:NAME``
+    (headless; ``pretrained=True`` downloads the weights, needs ``automtl[timm]`` or
+    ``automtl[torchvision]``), ``path/to/file.py:Attr`` or ``package.module:Attr``. ``Attr`` may
+    be an ``nn.Module`` subclass, a factory returning one, or a module instance (then no kwargs
+    are allowed).
+
+    Example:
+        >>> backbone = build_backbone("resnet18")
     """
     if not isinstance(spec, str) or not spec.strip():
         raise BackboneError(f"backbone spec {spec!r} is not a name; give a builtin name such as 'resnet34' "
@@ -98,6 +104,8 @@ def build_backbone(spec: str, **kwargs: Any) -> nn.Module:
     spec = spec.strip()
     if spec in BACKBONES:
         return _call(BACKBONES[spec].factory, spec, kwargs)
+    if is_external(spec):
+        return build_external(spec, kwargs)
     source, sep, attr = spec.rpartition(":")
     if not sep or not source or _looks_like_drive(source, attr):
         if spec.endswith(".py") or os.sep in spec or "/" in spec:
@@ -137,7 +145,7 @@ def _unknown_name(name: str) -> nn.Module:
     close = [exact] if exact else difflib.get_close_matches(name.lower(), names, n=2, cutoff=0.6)
     hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
     raise BackboneError(f"unknown backbone {name!r}; {hint}builtin backbones are {', '.join(names)}, "
-                        "or give 'path/to/file.py:ClassName' or 'package.module:ClassName'")
+                        "or give 'timm:NAME', 'torchvision:NAME', 'path/to/file.py:ClassName' or 'package.module:ClassName'")
 
 
 def _import_file(path: str) -> Any:
@@ -244,8 +252,9 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> Dict[str, Any]:
     state = OrderedDict((k[len("module."):] if k.startswith("module.") else k, v) for k, v in state.items())
 
     own = model.state_dict()
+    heads = _HEAD_PREFIXES + _named_classifiers(model)
     ignored = [k for k in state if k not in own and
-               (k.split(".", 1)[0] in _HEAD_PREFIXES or k.endswith("num_batches_tracked"))]
+               (k.split(".", 1)[0] in heads or k.rsplit(".", 1)[0] in heads or k.endswith("num_batches_tracked"))]
     for k in ignored:
         del state[k]
     # BN fills a missing num_batches_tracked itself, so old checkpoints without it are fine.
@@ -269,6 +278,14 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> Dict[str, Any]:
         raise BackboneError(f"weights file {path!r} could not be loaded ({_one_line(e)}); "
                             "use weights saved from the same architecture") from e
     return {"loaded": len(state), "ignored": ignored}
+
+
+def _named_classifiers(model: nn.Module) -> Tuple[str, ...]:
+    """The classifier's module paths that timm records (``head.fc``, ``last_linear``): a headless model lacks them."""
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    names = cfg.get("classifier") if isinstance(cfg, Mapping) else None
+    names = [names] if isinstance(names, str) else list(names or [])
+    return tuple(n for n in names if isinstance(n, str))
 
 
 def _unwrap(obj: Any, path: str) -> "OrderedDict[str, torch.Tensor]":

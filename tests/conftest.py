@@ -14,3 +14,43 @@ def dense_tasks():
     """The three dense tasks of the synthetic scenes."""
     return [Task("segment", "segmentation", classes=4), Task("depth", "depth"), Task("normal", "normal")]
 
+
+
+def _import_torchvision():
+    """Import torchvision, or None. A torchvision wheel built for another torch (here: a CUDA build beside
+    the CPU torch) cannot load its compiled ops, and its import stops at their missing schemas; defining the
+    schemas lets its pure-Python models run. Tests only: automtl itself reports such a build as an error."""
+    import sys
+
+    try:
+        import torchvision
+        return torchvision
+    except ImportError:
+        return None
+    except RuntimeError as exc:
+        if "torchvision::" not in str(exc):
+            raise
+    for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
+        del sys.modules[name]
+    global _TORCHVISION_SCHEMAS
+    _TORCHVISION_SCHEMAS = torch.library.Library("torchvision", "DEF")
+    _TORCHVISION_SCHEMAS.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    _TORCHVISION_SCHEMAS.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    import torchvision
+    return torchvision
+
+
+@pytest.fixture(scope="session")
+def torchvision_module():
+    """torchvision, made importable with the CPU torch (see _import_torchvision), or the test is skipped."""
+    tv = _import_torchvision()
+    if tv is None:
+        pytest.skip("torchvision is not installed (pip install 'automtl[torchvision]')")
+    return tv
+
+
+@pytest.fixture(scope="session")
+def timm_module():
+    """timm (which imports torchvision when it is installed), or the test is skipped."""
+    _import_torchvision()
+    return pytest.importorskip("timm", reason="timm is not installed (pip install 'automtl[timm]')")

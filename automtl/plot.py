@@ -1,0 +1,177 @@
+"""Pictures of a run: the policy's evolution, the loss curves and the validation metrics (matplotlib).
+
+Reads the JSON-lines log that :func:`automtl.search` keeps in ``RUN_DIR/checkpoints/log.jsonl``:
+training records (``stage``, ``step``, ``kind`` weight|policy, ``losses`` {task: value}, ``total``,
+``tau``, ``expected_params`` or ``expected_macs``) and validation records (``stage: val``,
+``metrics`` {task: {metric: value}}). A record may also carry ``policy_probs``
+{task: {layer: [p_share, p_specialize, p_skip]}}; the policy figure is drawn when some do.
+
+Writes ``losses.png``, ``metrics.png`` and ``policy.png`` (the last two only when the log has
+their records). Needs ``pip install 'automtl[plot]'``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections import defaultdict
+from pathlib import Path
+from typing import Dict, List
+
+from .errors import AutomtlError, FileFormatError
+
+__all__ = ["plot_run", "read_log"]
+
+_CHOICES = ("share", "specialize", "skip")
+_STAGE_COLOURS = {"warmup": "#f2f2f2", "search": "#e6f0fa", "finetune": "#eef7ea"}
+
+
+def read_log(path) -> List[dict]:
+    """The records of a run's ``log.jsonl`` (a run directory, its ``checkpoints/`` or the file itself)."""
+    path = Path(path)
+    for candidate in (path, path / "checkpoints" / "log.jsonl", path / "log.jsonl"):
+        if candidate.is_file():
+            path = candidate
+            break
+    else:
+        raise FileFormatError(f"{os.fspath(path)!r} holds no checkpoints/log.jsonl; give the --out directory of "
+                              "automtl convert or automtl search")
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by a killed run
+            if isinstance(rec, dict) and isinstance(rec.get("step"), (int, float)):
+                records.append(rec)
+    if not records:
+        raise FileFormatError(f"log {os.fspath(path)!r} has no records yet; plot it once the run has logged a step")
+    return records
+
+
+def plot_run(run, out=None) -> List[Path]:
+    """Draw the figures of ``run`` (a run directory or log file) into ``out`` (default ``RUN/plots``).
+
+    Returns the PNG paths written. Raises :class:`AutomtlError` when matplotlib is missing and
+    :class:`FileFormatError` when there is no log.
+
+    Example:
+        >>> plot_run("automtl-out")  # doctest: +SKIP
+        [PosixPath('automtl-out/plots/losses.png'), ...]
+    """
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise AutomtlError("automtl plot needs matplotlib, which is not installed; "
+                           "install it with pip install 'automtl[plot]'") from None
+    records = read_log(run)
+    out = Path(out) if out is not None else (Path(run) if Path(run).is_dir() else Path(run).parent) / "plots"
+    out.mkdir(parents=True, exist_ok=True)
+    train = [r for r in records if r.get("stage") != "val"]
+    val = [r for r in records if r.get("stage") == "val" and isinstance(r.get("metrics"), dict)]
+    written = []
+    if train:
+        written.append(_save(_losses_figure(Figure, train), out / "losses.png"))
+    if val:
+        written.append(_save(_metrics_figure(Figure, val, train), out / "metrics.png"))
+    probs = [r for r in train if isinstance(r.get("policy_probs"), dict)]
+    if probs:
+        written.append(_save(_policy_figure(Figure, probs), out / "policy.png"))
+    return written
+
+
+def _save(fig, path: Path) -> Path:
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def _stages(ax, train: List[dict]) -> None:
+    """Shade each stage's span of steps and name it at the top."""
+    spans: Dict[str, List[float]] = {}
+    for r in train:
+        lo, hi = spans.setdefault(r["stage"], [r["step"], r["step"]])
+        spans[r["stage"]] = [min(lo, r["step"]), max(hi, r["step"])]
+    for stage, (lo, hi) in spans.items():
+        ax.axvspan(lo - 0.5, hi + 0.5, color=_STAGE_COLOURS.get(stage, "#f7f7f7"), zorder=0)
+        ax.text((lo + hi) / 2, 0.97, stage, transform=ax.get_xaxis_transform(), ha="center", va="top", fontsize=8,
+                color="#555555")
+
+
+def _losses_figure(Figure, train: List[dict]):
+    extra = [k for k in ("tau", "expected_params", "expected_macs") if any(_finite(r.get(k)) for r in train)]
+    fig = Figure(figsize=(9, 3.2 * (1 + len(extra))), layout="constrained")
+    axes = fig.subplots(1 + len(extra), 1, sharex=True, squeeze=False)[:, 0]
+    ax = axes[0]
+    tasks = sorted({t for r in train for t in (r.get("losses") or {})})
+    for kind, style in (("weight", "-"), ("policy", ":")):
+        rows = [r for r in train if r.get("kind", "weight") == kind]
+        for k, task in enumerate(tasks):
+            pts = [(r["step"], r["losses"][task]) for r in rows if _finite((r.get("losses") or {}).get(task))]
+            if pts:
+                ax.plot(*zip(*pts), style, color=f"C{k}", label=f"{task} ({kind} steps)" if kind == "policy" else task)
+    ax.set_ylabel("loss")
+    ax.set_title("training loss per task (dotted: policy steps, on held-out data)", fontsize=10)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    _stages(ax, train)
+    labels = {"tau": "Gumbel-softmax τ", "expected_params": "expected parameters", "expected_macs": "expected MACs"}
+    for ax, key in zip(axes[1:], extra):
+        pts = [(r["step"], r[key]) for r in train if _finite(r.get(key))]
+        ax.plot(*zip(*pts), ".-", color="C7")
+        ax.set_ylabel(labels[key])
+        _stages(ax, train)
+    axes[-1].set_xlabel("step")
+    return fig
+
+
+def _metrics_figure(Figure, val: List[dict], train: List[dict]):
+    series: Dict[str, Dict[str, list]] = defaultdict(lambda: defaultdict(list))
+    for r in val:
+        for task, metrics in r["metrics"].items():
+            for name, v in (metrics or {}).items():
+                if _finite(v):
+                    series[task][name].append((r["step"], v))
+    tasks = sorted(series)
+    fig = Figure(figsize=(9, 2.8 * max(1, len(tasks))), layout="constrained")
+    axes = fig.subplots(max(1, len(tasks)), 1, sharex=True, squeeze=False)[:, 0]
+    for ax, task in zip(axes, tasks):
+        for k, (name, pts) in enumerate(sorted(series[task].items())):
+            ax.plot(*zip(*pts), "o-", color=f"C{k}", label=name, markersize=4)
+        ax.set_title(f"validation: {task}", fontsize=10)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        if train:
+            _stages(ax, train)
+    axes[-1].set_xlabel("step")
+    return fig
+
+
+def _policy_figure(Figure, recs: List[dict]):
+    """One heat map per task and choice: rows are layers, columns the logged steps, colour the probability."""
+    tasks = list(dict.fromkeys(t for r in recs for t in r["policy_probs"]))
+    layers = list(dict.fromkeys(layer for r in recs for t in tasks for layer in (r["policy_probs"].get(t) or {})))
+    steps = [r["step"] for r in recs]
+    fig = Figure(figsize=(4 + 3.6 * len(_CHOICES), 1.2 + len(tasks) * (0.8 + 0.16 * len(layers))), layout="constrained")
+    axes = fig.subplots(len(tasks), len(_CHOICES), squeeze=False, sharex=True, sharey=True)
+    image = None
+    for i, task in enumerate(tasks):
+        for j, choice in enumerate(_CHOICES):
+            grid = [[_prob(r, task, layer, j) for r in recs] for layer in layers]
+            ax = axes[i][j]
+            image = ax.imshow(grid, aspect="auto", vmin=0.0, vmax=1.0, cmap="viridis", interpolation="nearest",
+                              extent=(steps[0] - 0.5, steps[-1] + 0.5, len(layers) - 0.5, -0.5))
+            ax.set_title(f"{task}: p({choice})", fontsize=9)
+            if j == 0:
+                ax.set_yticks(range(len(layers)), layers, fontsize=6 if len(layers) > 20 else 8)
+            if i == len(tasks) - 1:
+                ax.set_xlabel("step")
+    fig.colorbar(image, ax=axes, shrink=0.6, label="probability")
+    return fig
+
+
+def _prob(rec: dict, task: str, layer: str, j: int) -> float:
+    row = (rec["policy_probs"].get(task) or {}).get(layer)
+    return float(row[j]) if isinstance(row, (list, tuple)) and len(row) == 3 and _finite(row[j]) else math.nan
