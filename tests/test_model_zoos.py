@@ -1,8 +1,8 @@
 """Real torchvision and timm models (no weights) through supermodel -> compact -> .automtl, where they import.
 
-torchvision 0.28's wheel for torch 2.13 is a CUDA build whose compiled ops do not load with the CPU
-torch; defining the two operator schemas its Python code registers kernels for lets its models run.
-The shim lives here, in the tests, never in the package.
+The models are built as their zoos build them (classifier and all, in train mode), not through automtl's
+``timm:``/``torchvision:`` names, so the default feature cut and the train/eval handling are exercised on
+the zoo's own modules. The torchvision import shim is conftest's ``torchvision_module`` fixture.
 """
 import copy
 import warnings
@@ -16,41 +16,25 @@ from automtl.compact import compact
 from automtl.policy import Policy
 
 
-def _torchvision():
-    try:
-        lib = torch.library.Library("torchvision", "DEF")
-        lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-        lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-        _torchvision.lib = lib  # keep the registration alive
-    except RuntimeError:
-        pass  # already defined (by torchvision's own ops, or an earlier call)
-    return pytest.importorskip("torchvision", reason="torchvision is not installed (pip install 'automtl[torchvision]')")
-
-
-def _timm():
-    _torchvision()  # timm imports torchvision when it is installed
-    return pytest.importorskip("timm", reason="timm is not installed (pip install 'automtl[timm]')")
-
-
 TASKS = [Task("seg", "segmentation", classes=3), Task("depth", "depth")]
 FAST = ["torchvision:resnet18", "torchvision:mobilenet_v3_small", "timm:efficientnet_b0", "timm:convnext_atto"]
 SLOW = ["torchvision:efficientnet_b0", "torchvision:convnext_tiny", "torchvision:regnet_x_400mf",
         "torchvision:shufflenet_v2_x0_5", "timm:resnet18d", "timm:mobilenetv3_small_100"]
 
 
-def build(name):
+def build(name, request):
     source, _, model = name.partition(":")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if source == "timm":
-            return _timm().create_model(model, pretrained=False)
-        return getattr(_torchvision().models, model)()
+            return request.getfixturevalue("timm_module").create_model(model, pretrained=False)
+        return getattr(request.getfixturevalue("torchvision_module").models, model)()
 
 
 @pytest.mark.parametrize("name", FAST + [pytest.param(n, marks=pytest.mark.slow) for n in SLOW])
-def test_public_model_converts_with_right_numbers(name, tmp_path):
+def test_public_model_converts_with_right_numbers(name, tmp_path, request):
     torch.manual_seed(0)
-    backbone = build(name).train()  # as built: train mode, so train-only behaviour must not leak into eval
+    backbone = build(name, request).train()  # as built: train mode, so train-only behaviour must not leak into eval
     sm = automtl.supermodel(backbone, TASKS, torch.randn(1, 3, 64, 64)).eval()
     x = torch.randn(2, 3, 64, 64)
     policy = Policy.random(sm.layer_names, sm.task_names, sm.skip_legal, seed=0)
