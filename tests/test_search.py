@@ -301,7 +301,7 @@ def test_finetune_through_compact_view_trains_like_hard_mode(data, monkeypatch, 
     """Fine-tune runs a compact view of the supermodel (shared layers once, not per task). Where
     every BatchNorm sees the same rows either way (all tasks share, or none do), one SGD step
     must move every parameter exactly as a step of the supermodel in hard mode does."""
-    search_module = sys.modules["automtl.search"]  # (automtl.search is also the function's name)
+    search_module = sys.modules["automtl.search._run"]  # where the run compiles its compact views
     train, _ = data
     policy_of = lambda sm: Policy.uniform(sm.layer_names, sm.task_names, choice)  # noqa: E731
     cfg = SearchConfig(finetune_steps=1, batch_size=8, weight_optimizer="sgd", lr=0.1, quiet=True, checkpoint_every=0)
