@@ -114,15 +114,19 @@ def _worker(args, **kw):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kw)
 
 
-def test_killed_run_resumes_bitwise(tmp_path):
+@pytest.mark.parametrize("strategy", ["gumbel", "conflict"])
+def test_killed_run_resumes_bitwise(tmp_path, strategy):
+    """Each strategy's resumed run ends bitwise equal to an uninterrupted one (gumbel with 96 samples:
+    enough for its held-out split, so both data parts and their positions are resumed)."""
     config = dict(warmup_steps=6, search_steps=10, finetune_steps=6, weight_steps_per_policy_step=1,
                   checkpoint_every=4, tau_every=1, budget="1.5x", weighting="dwa", weighting_options={"window": 3},
-                  quiet=True, seed=7)
-    straight = _worker({"config": {**config, "out_dir": str(tmp_path / "a")}, "result": str(tmp_path / "a.pt")})
+                  quiet=True, seed=7, strategy=strategy, conflict_confidence=0.0)
+    n = {"n_train": 96 if strategy == "gumbel" else 32}
+    straight = _worker({"config": {**config, "out_dir": str(tmp_path / "a")}, "result": str(tmp_path / "a.pt"), **n})
     killed_dir = tmp_path / "b"
     ckpt = killed_dir / "checkpoint.pt"
     victim = _worker({"config": {**config, "out_dir": str(killed_dir)}, "result": str(tmp_path / "never.pt"),
-                      "delay": 0.03})
+                      "delay": 0.03, **n})
     deadline = time.time() + 60
     while not ckpt.exists():
         assert victim.poll() is None, victim.stdout.read().decode()
@@ -133,13 +137,13 @@ def test_killed_run_resumes_bitwise(tmp_path):
     step = torch.load(ckpt, weights_only=True)["global_step"]
     assert 0 < step < 22 and not (tmp_path / "never.pt").exists()
 
-    resumed = _worker({"config": {**config, "out_dir": str(killed_dir), "resume": True}, "result": str(tmp_path / "b.pt")})
+    resumed = _worker({"config": {**config, "out_dir": str(killed_dir), "resume": True}, "result": str(tmp_path / "b.pt"), **n})
     for p in (straight, resumed):
         out = p.communicate(timeout=120)[0].decode()
         assert p.returncode == 0, out
     a = torch.load(tmp_path / "a.pt", weights_only=True)
     b = torch.load(tmp_path / "b.pt", weights_only=True)
-    assert a["choices"] == b["choices"]
+    assert a["choices"] == b["choices"] and a["evidence"] == b["evidence"]
     assert torch.equal(a["logits"], b["logits"])
     assert a["state"].keys() == b["state"].keys()
     for k in a["state"]:
