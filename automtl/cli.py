@@ -74,6 +74,9 @@ def _pipeline_options(f):
         click.option("--budget", help="Parameter budget as a multiple of one backbone + heads, e.g. 1.5x; 'none' for no limit."),
         click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Where to train (default auto)."),
         click.option("--seed", type=int, help="Seed of the whole run (data order, Gumbel noise, initial heads)."),
+        click.option("--strategy", metavar="NAME",
+                     help="How the policy is searched: conflict (branch where the tasks' gradients conflict, after "
+                          "Recon) or gumbel (AutoMTL's Gumbel-softmax search). Default: the config's, else gumbel."),
         click.option("--steps", metavar="WARMUP,SEARCH,FINETUNE", help="Stage lengths in optimizer steps, e.g. 40,80,60."),
         click.option("--input-size", type=int, help="Image side of the synthetic data and of the example input."),
         click.option("--samples", metavar="TRAIN,VAL", help="How many synthetic/MultiFashion samples to train and validate on, e.g. 512,128."),
@@ -88,7 +91,8 @@ def _pipeline_options(f):
     return f
 
 
-def _resolve_config(backbone, tasks, config_path, data, weights, budget, device, seed, steps, input_size, samples):
+def _resolve_config(backbone, tasks, config_path, data, weights, budget, device, seed, steps, input_size, samples,
+                    strategy=None):
     from .convert import ConvertConfig, _task_dict
 
     cfg = ConvertConfig.from_yaml(config_path) if config_path else ConvertConfig()
@@ -116,6 +120,8 @@ def _resolve_config(backbone, tasks, config_path, data, weights, budget, device,
         changes["device"] = device
     if seed is not None:
         changes["seed"] = seed
+    if strategy is not None:
+        changes["strategy"] = strategy
     if steps:
         parts = steps.split(",")
         if len(parts) != 3 or not all(p.strip().isdigit() for p in parts):
@@ -135,7 +141,7 @@ def _say(quiet):
 # ---- the whole pipeline -------------------------------------------------------------------------
 @main.command()
 @_pipeline_options
-def convert(backbone, tasks, config_path, data, weights, budget, device, seed, steps, input_size, samples, out, resume, quiet, as_json):
+def convert(backbone, tasks, config_path, data, weights, budget, device, seed, strategy, steps, input_size, samples, out, resume, quiet, as_json):
     """Run the whole pipeline on BACKBONE and write the results into --out.
 
     BACKBONE is a builtin name (see `automtl backbones`), path/to/file.py:Class or
@@ -146,7 +152,8 @@ def convert(backbone, tasks, config_path, data, weights, budget, device, seed, s
     """
     from .convert import convert as run_convert
 
-    cfg = _resolve_config(backbone, tasks, config_path, data, weights, budget, device, seed, steps, input_size, samples)
+    cfg = _resolve_config(backbone, tasks, config_path, data, weights, budget, device, seed, steps, input_size, samples,
+                          strategy)
     report = run_convert(cfg, out, resume=resume, quiet=quiet, log=_say(quiet))
     if as_json:
         click.echo(json.dumps(report, indent=2, default=str))
@@ -210,7 +217,7 @@ def supermodel_cmd(backbone, tasks, input_size, feature_node, as_json):
 
 @main.command("search")
 @_pipeline_options
-def search_cmd(backbone, tasks, config_path, data, weights, budget, device, seed, steps, input_size, samples, out, resume, quiet, as_json):
+def search_cmd(backbone, tasks, config_path, data, weights, budget, device, seed, strategy, steps, input_size, samples, out, resume, quiet, as_json):
     """Search a sharing policy and fine-tune it; keep the run in --out for `automtl compact`.
 
     Writes supermodel.yaml + supermodel.pt (the trained supermodel), policy.yaml (edit it by
@@ -222,7 +229,8 @@ def search_cmd(backbone, tasks, config_path, data, weights, budget, device, seed
     from .fileio import atomic_write_text
     from .search import search
 
-    cfg = _resolve_config(backbone, tasks, config_path, data, weights, budget, device, seed, steps, input_size, samples)
+    cfg = _resolve_config(backbone, tasks, config_path, data, weights, budget, device, seed, steps, input_size, samples,
+                          strategy)
     out = prepare_out_dir(out)
     sm, train, val = prepare_run(cfg)
     result = search(sm, train, val, cfg.search.replace(out_dir=str(out / "checkpoints"), resume=resume, quiet=quiet))

@@ -122,3 +122,17 @@ def test_gumbel_policy_steps_read_held_out_data():
     conflict = _Search(sm, train, None, SearchConfig(quiet=True, strategy="conflict"), None)
     assert set(conflict.streams) == {""}
     conflict.close()
+
+
+def test_evidence_in_bundle_and_inspect_grid(tmp_path):
+    import automtl
+    from automtl.report import inspect_text
+
+    sm, res = run(False, "conflict", search_steps=20)
+    model = automtl.compact(sm, res.policy)
+    automtl.save(model, tmp_path / "m.automtl")
+    text = inspect_text(tmp_path / "m.automtl")
+    assert "gradient-conflict score (conflict)" in text and "budget used:" in text
+    l, t = next(iter(res.policy.evidence["undecided"]), (0, 0))
+    row = next(line for line in text.splitlines() if line.startswith(res.policy.layers[l] + " "))
+    assert f"{res.policy.evidence['scores'][l][t]:+.3f}" in row
