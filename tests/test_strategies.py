@@ -136,3 +136,14 @@ def test_evidence_in_bundle_and_inspect_grid(tmp_path):
     l, t = next(iter(res.policy.evidence["undecided"]), (0, 0))
     row = next(line for line in text.splitlines() if line.startswith(res.policy.layers[l] + " "))
     assert f"{res.policy.evidence['scores'][l][t]:+.3f}" in row
+
+
+def test_rendered_grid_shows_evidence():
+    pytest.importorskip("graphviz")
+    from automtl.render import to_dot
+
+    pol = Policy(["conv1", "conv2"], ["a", "b"], [[0, 1], [0, 0]],
+                 {"kind": "conflict", "strategy": "conflict", "threshold": 0.0, "scores": [[0.1, 0.2], [0.05, -0.3]],
+                  "undecided": [[1, 0]], "budget": {"metric": "params", "used": 1.2, "limit": 1.5}})
+    src = to_dot(pol).source
+    assert "specialize</B> +0.20" in src and "share ?+0.05" in src and "budget used: 1.2x" in src
