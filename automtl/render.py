@@ -672,10 +672,11 @@ def _legend_label(policy: Policy, colours: dict, with_graph_legend: bool) -> str
     ev = policy.evidence or {}
     if ev.get("scores") is not None:
         what = "probability margin over the runner-up" if ev.get("kind") == "margin" else "gradient-conflict score"
-        rows.append(item(">+0.12", f"{what} ({e(str(ev.get('strategy', 'search')))}); ? = undecided "
-                                   f"(below {e(str(ev.get('threshold')))}): fell back to share"))
+        note = (f"+0.12 beside a choice: its {what} ({e(str(ev.get('strategy', 'search')))});<BR ALIGN=\"LEFT\"/>"
+                f"? = undecided (below {e(str(ev.get('threshold')))}): fell back to share")
         budget = ev.get("budget")
         if budget:
             limit = f" of a {budget['limit']}x budget" if budget.get("limit") else ""
-            rows.append(item(">", f"budget used: {budget['used']}x the single model's {e(budget['metric'])}{limit}"))
+            note += f"<BR ALIGN=\"LEFT\"/>budget used: {budget['used']}x the single model's {e(budget['metric'])}{limit}"
+        rows.append(f'<TR><TD COLSPAN="2" ALIGN="LEFT"><FONT POINT-SIZE="10">{note}</FONT></TD></TR>')
     return '<<TABLE BORDER="0" CELLBORDER="0" CELLSPACING="3" CELLPADDING="0">' + "".join(rows) + "</TABLE>>"

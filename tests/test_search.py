@@ -279,9 +279,11 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_two_ranks_agree_on_the_policy(tmp_path):
+@pytest.mark.parametrize("strategy", ["gumbel", "conflict"])
+def test_two_ranks_agree_on_the_policy(tmp_path, strategy):
     config = dict(warmup_steps=4, search_steps=8, finetune_steps=4, weight_steps_per_policy_step=1, tau_every=1,
-                  checkpoint_every=5, budget="1.5x", out_dir=str(tmp_path / "run"), quiet=True, log_every=1)
+                  checkpoint_every=5, budget="1.5x", out_dir=str(tmp_path / "run"), quiet=True, log_every=1,
+                  strategy=strategy, conflict_confidence=0.0)
     args = {"config": config, "result": str(tmp_path / "rank{rank}.pt"), "batch_size": 4}
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
@@ -290,9 +292,9 @@ def test_two_ranks_agree_on_the_policy(tmp_path):
     assert proc.returncode == 0, proc.stdout.decode()[-4000:]
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
-    assert r0["choices"] == r1["choices"]
+    assert r0["choices"] == r1["choices"] and r0["evidence"] == r1["evidence"]
     assert torch.equal(r0["logits"], r1["logits"])
-    assert r0["logits"].abs().max() > 0
+    assert r0["logits"].abs().max() > 0 or strategy == "conflict"  # conflict has no logits to move
     for k in r0["state"]:
         assert torch.equal(r0["state"][k], r1["state"][k]), k
     # only rank 0 wrote files
