@@ -139,6 +139,9 @@ def _pipeline_options(f):
         click.option("--budget", help="Parameter budget as a multiple of one backbone + heads, e.g. 1.5x; 'none' for no limit."),
         click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Where to train (default auto)."),
         click.option("--seed", type=int, help="Seed of the whole run (data order, Gumbel noise, initial heads)."),
+        click.option("--strategy", metavar="NAME",
+                     help="How the policy is searched: conflict (branch where the tasks' gradients conflict, after "
+                          "Recon) or gumbel (AutoMTL's Gumbel-softmax search). Default: the config's, else gumbel."),
         click.option("--steps", metavar="WARMUP,SEARCH,FINETUNE", help="Stage lengths in optimizer steps, e.g. 40,80,60."),
         click.option("--input-size", type=click.IntRange(8, MAX_INPUT_SIZE), help="Image side of the synthetic data and of the example input."),
         click.option("--samples", metavar="TRAIN,VAL", help="How many synthetic/MultiFashion samples to train and validate on, e.g. 512,128."),
@@ -154,7 +157,8 @@ def _pipeline_options(f):
     return f
 
 
-def _resolve_config(backbone, tasks, config_path, data, weights, pretrained, budget, device, seed, steps, input_size, samples):
+def _resolve_config(backbone, tasks, config_path, data, weights, pretrained, budget, device, seed, steps, input_size, samples,
+                    strategy=None):
     from .convert import ConvertConfig, _task_dict
 
     cfg = ConvertConfig.from_yaml(config_path) if config_path else ConvertConfig()
@@ -184,6 +188,8 @@ def _resolve_config(backbone, tasks, config_path, data, weights, pretrained, bud
         changes["device"] = device
     if seed is not None:
         changes["seed"] = seed
+    if strategy is not None:
+        changes["strategy"] = strategy
     if steps:
         parts = steps.split(",")
         if len(parts) != 3 or not all(p.strip().isdigit() for p in parts):
@@ -203,7 +209,8 @@ def _say(quiet):
 # ---- the whole pipeline -------------------------------------------------------------------------
 @main.command()
 @_pipeline_options
-def convert(backbone, tasks, config_path, data, weights, pretrained, budget, device, seed, steps, input_size, samples, out, resume, overwrite, quiet, as_json):
+def convert(backbone, tasks, config_path, data, weights, pretrained, budget, device, seed, strategy, steps, input_size, samples, out, resume,
+            overwrite, quiet, as_json):
     """Run the whole pipeline on BACKBONE and write the results into --out.
 
     BACKBONE is a builtin name (see `automtl backbones`), timm:NAME or torchvision:NAME
@@ -214,7 +221,8 @@ def convert(backbone, tasks, config_path, data, weights, pretrained, budget, dev
     """
     from .convert import convert as run_convert
 
-    cfg = _resolve_config(backbone, tasks, config_path, data, weights, pretrained, budget, device, seed, steps, input_size, samples)
+    cfg = _resolve_config(backbone, tasks, config_path, data, weights, pretrained, budget, device, seed, steps, input_size, samples,
+                          strategy)
     report = run_convert(cfg, out, resume=resume, quiet=quiet, log=_say(quiet), overwrite=overwrite)
     if as_json:
         from .convert import json_safe
@@ -281,7 +289,8 @@ def supermodel_cmd(backbone, tasks, input_size, feature_node, pretrained, as_jso
 
 @main.command("search")
 @_pipeline_options
-def search_cmd(backbone, tasks, config_path, data, weights, pretrained, budget, device, seed, steps, input_size, samples, out, resume, overwrite, quiet, as_json):
+def search_cmd(backbone, tasks, config_path, data, weights, pretrained, budget, device, seed, strategy, steps, input_size, samples, out,
+               resume, overwrite, quiet, as_json):
     """Search a sharing policy and fine-tune it; keep the run in --out for `automtl compact`.
 
     Writes supermodel.yaml + supermodel.pt (the trained supermodel), policy.yaml (edit it by
@@ -294,7 +303,8 @@ def search_cmd(backbone, tasks, config_path, data, weights, pretrained, budget, 
     from .rundir import RunDirectory
     from .search import search
 
-    cfg = _resolve_config(backbone, tasks, config_path, data, weights, pretrained, budget, device, seed, steps, input_size, samples)
+    cfg = _resolve_config(backbone, tasks, config_path, data, weights, pretrained, budget, device, seed, steps, input_size, samples,
+                          strategy)
     with RunDirectory(out, resume=resume, overwrite=overwrite) as run:
         sm, train, val = prepare_run(cfg)
         result = search(sm, train, val, cfg.search.replace(out_dir=str(run.path / "checkpoints"), resume=resume, quiet=quiet))

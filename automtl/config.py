@@ -100,6 +100,12 @@ class SearchConfig:
     budget_metric: str = "params"  # params | macs
     budget_weight: float = 1.0
     discretize: str = "argmax"  # argmax | sample
+    # strategy: what happens between warm-up and the discrete policy (see automtl/search/)
+    strategy: str = "gumbel"  # gumbel | conflict
+    holdout_fraction: float = 0.2  # gumbel: share of map-style training data its policy steps read
+    min_margin: float = 0.1  # gumbel: probability margin over the runner-up below which a choice shares
+    conflict_threshold: float = 0.0  # conflict: gradient cosine below which two tasks conflict (Recon: 0)
+    conflict_confidence: float = 2.0  # conflict: standard errors a conflict must clear to count
     # losses
     weighting: str = "equal"
     weighting_options: dict = field(default_factory=dict)
@@ -134,6 +140,8 @@ class SearchConfig:
         floats = {
             "lr": "pos", "momentum": "nonneg", "weight_decay": "nonneg", "policy_lr": "pos", "tau_start": "pos",
             "tau_decay": "pos", "tau_min": "pos", "reg_weight": "nonneg", "budget_weight": "nonneg",
+            "min_margin": "nonneg", "conflict_confidence": "nonneg", "conflict_threshold": "any",
+            "holdout_fraction": "nonneg",
         }
         for name, kind in floats.items():
             v = getattr(self, name)
@@ -161,6 +169,10 @@ class SearchConfig:
         for name in ("amp", "hard_weight_steps", "resume", "quiet"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"config field {name!r} must be true or false, got {getattr(self, name)!r}")
+        if not 0 <= self.holdout_fraction < 1:
+            raise ConfigError(f"config field 'holdout_fraction' must be at least 0 and below 1, got {self.holdout_fraction}")
+        if not isinstance(self.strategy, str) or not self.strategy:
+            raise ConfigError(f"config field 'strategy' must be a strategy name such as 'conflict', got {self.strategy!r}")
         if not isinstance(self.weighting, str) or not self.weighting:
             raise ConfigError(f"config field 'weighting' must be a weighting name such as 'equal', got {self.weighting!r}")
         if self.weighting_options is None:

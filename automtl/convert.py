@@ -29,9 +29,12 @@ from .supermodel import SuperModel, supermodel
 from .tasks import Task, parse_task
 
 #: The default run is sized to finish in a few minutes on 2 CPU cores.
-DEFAULT_SCHEDULE = dict(warmup_steps=40, search_steps=80, finetune_steps=60, weight_steps_per_policy_step=2,
-                        batch_size=16, tau_every=10, tau_decay=0.9, log_every=5, checkpoint_every=50,
-                        val_batches=None, budget="1.5x", reg_weight=0.5)
+#: ``conflict`` is the default strategy: on the equal-compute quality benchmark (benchmarks/quality.py,
+#: README) it delivers a better model than ``gumbel``; gumbel's policy_lr / reg_weight were calibrated
+#: there on tuning seeds (100 on), kept apart from the benchmark's seeds (0-2).
+DEFAULT_SCHEDULE = dict(strategy="conflict", warmup_steps=120, search_steps=40, finetune_steps=120,
+                        weight_steps_per_policy_step=2, batch_size=16, tau_every=10, tau_decay=0.9, log_every=5,
+                        checkpoint_every=50, val_batches=None, budget="1.5x", reg_weight=0.5, policy_lr=0.1)
 
 OUTPUT_FILES = ("model.automtl", "model.pt2", "policy.yaml", "sharing.svg", "report.json", "config.yaml")
 _SHORTCUTS = ("budget", "device", "seed")  # top-level keys that belong to the search section
@@ -249,10 +252,12 @@ def _convert(cfg: ConvertConfig, out: Path, resume: bool, quiet: bool, log: Call
     report = {
         "automtl": _version(),
         "config": cfg.to_dict(),
-        "policy": {"counts": result.policy.counts()},
+        "policy": {"counts": result.policy.counts(), "strategy": result.strategy,
+                   "evidence": result.policy.to_dict().get("evidence")},
         "metrics": result.metrics,
         "accounting": stats,
-        "budget": {"multiple": cfg.search.budget_multiple, "params": result.params, "budget_params": result.budget_params},
+        "budget": {"multiple": cfg.search.budget_multiple, "params": result.params, "budget_params": result.budget_params,
+                   "used": round(result.params / result.base_params, 4)},
         "search_seconds": round(search_seconds, 2),
         "total_seconds": None,
     }

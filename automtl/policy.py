@@ -8,8 +8,8 @@ from __future__ import annotations
 import os
 import re
 import random as _random
-from dataclasses import dataclass
-from typing import Sequence
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
 
 import yaml
 
@@ -24,11 +24,20 @@ _FORMAT = 1
 
 @dataclass
 class Policy:
-    """``choices[l][t]`` is the choice (0 share, 1 specialize, 2 skip) of task ``t`` at layer ``l``."""
+    """``choices[l][t]`` is the choice (0 share, 1 specialize, 2 skip) of task ``t`` at layer ``l``.
+
+    ``evidence`` (optional, from a search) says what backs each choice: ``kind`` ("margin": the
+    policy probability of the choice minus the runner-up's; "conflict": the conflict threshold minus
+    the task's best gradient cosine with another task in that layer), ``scores[l][t]``, the
+    ``threshold`` a score must clear, ``undecided`` (``(l, t)`` pairs whose evidence did not clear it:
+    they share), ``strategy`` and ``budget`` (``used`` and ``limit`` as multiples of the single model).
+    It is not part of equality: two policies with the same choices are the same policy.
+    """
 
     layers: list
     tasks: list
     choices: list
+    evidence: Optional[dict] = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         self.layers = [str(x) for x in self.layers]
@@ -83,6 +92,16 @@ class Policy:
         flat = [c for row in self.choices for c in row]
         return {name: flat.count(i) for i, name in enumerate(CHOICES)}
 
+    def score(self, layer: int, task: int) -> Optional[float]:
+        """The evidence score of a choice (None without evidence)."""
+        ev = self.evidence or {}
+        scores = ev.get("scores")
+        return None if scores is None else scores[layer][task]
+
+    def undecided(self, layer: int, task: int) -> bool:
+        """True when the evidence did not support a choice, so it fell back to share."""
+        return [layer, task] in [list(p) for p in (self.evidence or {}).get("undecided", [])]
+
     def check(self, layers: Sequence[str], tasks: Sequence[str], skip_legal: Sequence[bool]) -> None:
         """Raise ConfigError unless this policy fits a supermodel with these layers and tasks."""
         if list(tasks) != self.tasks:
@@ -98,11 +117,14 @@ class Policy:
 
     # ---- files --------------------------------------------------------------------
     def to_dict(self) -> dict:
-        return {
+        out = {
             "automtl_policy": _FORMAT,
             "tasks": list(self.tasks),
             "layers": {l: {t: CHOICES[c] for t, c in zip(self.tasks, row)} for l, row in zip(self.layers, self.choices)},
         }
+        if self.evidence is not None:
+            out["evidence"] = _evidence_to_yaml(self.evidence, self.layers, self.tasks)
+        return out
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "policy") -> "Policy":
@@ -128,7 +150,8 @@ class Policy:
                     f"{source}: layer {lname!r} gives choices for {sorted(per_task)} but the policy's tasks are {tasks}"
                 )
             rows.append([_choice_index(per_task[t], f"{source}: layer {lname!r}, task {t!r}") for t in tasks])
-        return cls(list(layers), tasks, rows)
+        evidence = _evidence_from_yaml(data.get("evidence"), list(layers), tasks, source)
+        return cls(list(layers), tasks, rows, evidence)
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the policy as YAML, atomically."""
@@ -150,3 +173,36 @@ def _choice_index(choice, where: str = "policy") -> int:
     if isinstance(choice, str) and choice.strip().lower() in CHOICES:
         return CHOICES.index(choice.strip().lower())
     raise ConfigError(f"{where}: choice {choice!r} is not one of share, specialize, skip")
+
+
+def _evidence_to_yaml(ev: dict, layers: list, tasks: list) -> dict:
+    """Evidence as readable YAML: scores and undecided choices by layer and task name."""
+    out = {k: v for k, v in ev.items() if k not in ("scores", "undecided", "over_budget")}
+    if ev.get("scores") is not None:
+        out["scores"] = {l: {t: float(v) for t, v in zip(tasks, row)} for l, row in zip(layers, ev["scores"])}
+    for key in ("undecided", "over_budget"):
+        if key in ev:
+            by_layer: dict = {}
+            for l, t in ev[key]:
+                by_layer.setdefault(layers[l], []).append(tasks[t])
+            out[key] = by_layer
+    return out
+
+
+def _evidence_from_yaml(data, layers: list, tasks: list, source: str) -> Optional[dict]:
+    """The inverse of :func:`_evidence_to_yaml`; policies written before evidence existed have none."""
+    if data is None:
+        return None
+    try:
+        ev = {k: v for k, v in data.items() if k not in ("scores", "undecided", "over_budget")}
+        if data.get("scores") is not None:
+            ev["scores"] = [[float(data["scores"][l][t]) for t in tasks] for l in layers]
+        for key in ("undecided", "over_budget"):
+            if key in data:
+                ev[key] = [[layers.index(l), tasks.index(t)] for l, ts in data[key].items() for t in ts]
+    except (AttributeError, KeyError, TypeError, ValueError):
+        raise FileFormatError(
+            f"{source}: 'evidence' must map scores to layer -> task -> number and undecided to layer -> [tasks]; "
+            "delete the evidence section to use the choices alone"
+        ) from None
+    return ev

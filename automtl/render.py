@@ -596,14 +596,22 @@ def _grid_label(policy: Policy, colours: dict, projections: set) -> str:
     e = html.escape
     T = len(policy.tasks)
 
-    def cell(choice: int, task: str, layer: str) -> str:
+    def evidence(l: int, t: int) -> str:
+        """The score behind the choice (and ? where it was undecided), when the policy carries evidence."""
+        score = policy.score(l, t)
+        if score is None:
+            return ""
+        return f" {'?' if policy.undecided(l, t) else ''}{score:+.2f}"
+
+    def cell(choice: int, task: str, layer: str, l: int, t: int) -> str:
+        ev = evidence(l, t)
         if choice == SHARE:
-            return f'<TD BGCOLOR="{_SHARE_CELL}"><FONT POINT-SIZE="9">share</FONT></TD>'
+            return f'<TD BGCOLOR="{_SHARE_CELL}"><FONT POINT-SIZE="9">share{ev}</FONT></TD>'
         if choice == SPECIALIZE:
             c = colours[task]
-            return f'<TD BGCOLOR="{c}"><FONT POINT-SIZE="9" COLOR="{_ink(c)}"><B>specialize</B></FONT></TD>'
+            return f'<TD BGCOLOR="{c}"><FONT POINT-SIZE="9" COLOR="{_ink(c)}"><B>specialize</B>{ev}</FONT></TD>'
         text = "skip 1x1" if layer in projections else "skip"
-        return f'<TD BGCOLOR="{_SKIP_CELL}"><FONT POINT-SIZE="9" COLOR="#555555"><I>{text}</I></FONT></TD>'
+        return f'<TD BGCOLOR="{_SKIP_CELL}"><FONT POINT-SIZE="9" COLOR="#555555"><I>{text}</I>{ev}</FONT></TD>'
 
     rows = []
     header = "".join(
@@ -621,7 +629,8 @@ def _grid_label(policy: Policy, colours: dict, projections: set) -> str:
     index = {l: i for i, l in enumerate(policy.layers)}
     for b, layers in blocks:
         for j, layer in enumerate(layers):
-            cells = "".join(cell(policy.choices[index[layer]][t], policy.tasks[t], layer) for t in range(T))
+            cells = "".join(cell(policy.choices[index[layer]][t], policy.tasks[t], layer, index[layer], t)
+                            for t in range(T))
             local = layer[len(b) + 1:] if layer.startswith(b + ".") else layer
             if len(layers) == 1:  # a block of one layer: one wide cell
                 rows.append(f'<TR><TD COLSPAN="2" ALIGN="LEFT"><B>{e(b)}</B></TD>{cells}</TR>')
@@ -667,4 +676,14 @@ def _legend_label(policy: Policy, colours: dict, with_graph_legend: bool) -> str
         item('BORDER="1"><FONT POINT-SIZE="9" COLOR="#555555"><I>skip</I></FONT>',
              "skip: left out (identity, or <I>skip 1x1</I>: a 1x1 projection)"),
     ]
+    ev = policy.evidence or {}
+    if ev.get("scores") is not None:
+        what = "probability margin over the runner-up" if ev.get("kind") == "margin" else "gradient-conflict score"
+        note = (f"+0.12 beside a choice: its {what} ({e(str(ev.get('strategy', 'search')))});<BR ALIGN=\"LEFT\"/>"
+                f"? = undecided (below {e(str(ev.get('threshold')))}): fell back to share")
+        budget = ev.get("budget")
+        if budget:
+            limit = f" of a {budget['limit']}x budget" if budget.get("limit") else ""
+            note += f"<BR ALIGN=\"LEFT\"/>budget used: {budget['used']}x the single model's {e(budget['metric'])}{limit}"
+        rows.append(f'<TR><TD COLSPAN="2" ALIGN="LEFT"><FONT POINT-SIZE="10">{note}</FONT></TD></TR>')
     return '<<TABLE BORDER="0" CELLBORDER="0" CELLSPACING="3" CELLPADDING="0">' + "".join(rows) + "</TABLE>>"

@@ -257,15 +257,30 @@ def format_inspect(stats: dict, policy: Optional[Policy]) -> str:
         lines.append("Policy: none recorded.")
         return "\n".join(lines) + "\n"
     lines.append("Policy (S = share the backbone's layer, P = specialize: a task-owned copy, - = skip the layer)")
+    ev = policy.evidence or {}
+    scored = ev.get("scores") is not None
+    if scored:
+        what = "probability margin over the runner-up" if ev.get("kind") == "margin" else "gradient-conflict score"
+        lines.append(f"beside each choice: its {what} ({ev.get('strategy', 'search')}); ? = undecided "
+                     f"(below {ev.get('threshold')}), fell back to share")
     lw = max([len("layer")] + [len(l) for l in policy.layers])
-    cw = [max(len(t), 1) for t in policy.tasks]
+    cw = [max(len(t), 8 if scored else 1) for t in policy.tasks]
     lines.append("  ".join([f"{'layer':<{lw}}"] + [f"{t:<{w}}" for t, w in zip(policy.tasks, cw)]).rstrip())
-    for layer, row in zip(policy.layers, policy.choices):
-        cells = [f"{LETTERS[CHOICES[c]]:<{w}}" for c, w in zip(row, cw)]
+    for l, (layer, row) in enumerate(zip(policy.layers, policy.choices)):
+        cells = []
+        for t, (c, w) in enumerate(zip(row, cw)):
+            cell = LETTERS[CHOICES[c]]
+            if scored:
+                cell += ("?" if policy.undecided(l, t) else " ") + f"{policy.score(l, t):+.3f}"
+            cells.append(f"{cell:<{w}}")
         lines.append("  ".join([f"{layer:<{lw}}"] + cells).rstrip())
     counts = policy.counts()
     lines.append(f"{counts['share']} share, {counts['specialize']} specialize, {counts['skip']} skip "
                  f"over {len(policy.layers)} layers x {len(policy.tasks)} tasks")
+    budget = ev.get("budget")
+    if budget:
+        limit = f" of a {budget['limit']}x budget" if budget.get("limit") else " (no budget)"
+        lines.append(f"budget used: {budget['used']}x the single model's {budget['metric']}{limit}")
     return "\n".join(lines) + "\n"
 
 

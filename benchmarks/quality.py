@@ -1,26 +1,30 @@
-"""Quality of automtl against single-task models, hard sharing and a random-policy control.
+"""Quality of automtl at equal compute: against single-task models, hard sharing and a random control.
 
     python benchmarks/quality.py                  # the full run: 3 benchmarks x 3 seeds, 2 workers
     python benchmarks/quality.py --resume         # go on after an interrupted run
+    python benchmarks/quality.py --only small_resnet --seeds 3   # MultiFashion alone (~10 min)
+    python benchmarks/quality.py --seed-base 100 --only small_resnet --out /tmp/tune   # tuning seeds
     python benchmarks/quality.py --quick --out /tmp/q   # a smoke run: 1 seed, tiny data and steps
 
-For each benchmark and seed, every architecture is trained from the seed's initial weights for the
-same number of weight steps N (automtl's warm-up + weight steps of the search + fine-tune):
-  single-task   one model per task (backbone + that task's head);
-  hard-sharing  the all-share policy (one backbone, a head per task);
-  automtl@B     the policy found by warm-up -> search with budget B -> discretize (AutoMTL's protocol:
-                the found architecture is then trained like the others, the search is not charged
-                to it). The run's own fine-tuned result, as ``automtl convert`` delivers it with
-                the search's weights, is reported as "automtl@B search weights";
-  random@1.5x   a random policy whose parameter count is the closest of a sweep over the simplex of
-                (share, specialize, skip) probabilities to automtl@1.5x's (the control that shows
-                the search matters).
-Every method uses the search settings of ``automtl convert`` (its DEFAULT_SCHEDULE), with the
-step counts of the benchmark. The runs are independent jobs spread over ``--jobs`` worker
-processes of one thread each (the default 2 fills this project's 2-core machine); the JSON is
-rewritten after every job, so an interrupted run keeps what it finished and ``--resume`` goes on.
-Writes quality.json and quality.md: mean and spread over seeds of the per-task metrics, the
-multi-task gain Δ_MTL against the single-task models, parameters and the policy's choice counts.
+**Equal compute.** Every method of a benchmark gets the same training cost ``C``, counted in
+backbone forward+backward equivalents (FBE: one step of the hard-sharing model, one backbone pass
+and T heads). Each strategy's stage lengths are set from ``C`` with the measured cost of its steps
+(``STEP_COST``: e.g. a gumbel warm-up or search step runs every operator for every task, about 4.2
+FBE; a conflict search step adds one backward per task, about 2-2.7 FBE); every job also reports the
+CPU seconds it took, and the summary its measured cost in FBE (CPU seconds / the same seed's
+hard-sharing CPU seconds per step), so the match can be checked:
+  single-task      one model per task trained for C steps (a generous reference: T x C in all);
+  hard-sharing     the all-share policy trained for C steps;
+  S@B              what ``automtl convert`` delivers with strategy S and budget B: its search and its
+                   own fine-tune, total cost C (the primary row);
+  S@B retrained    the architecture S@B found, trained from the seed's initial weights for C steps
+                   (AutoMTL's protocol; the search is not charged to it: secondary);
+  random@1.5x      a random policy with the parameter count nearest the default strategy's 1.5x
+                   architecture, trained for C steps (the control that shows the search matters).
+Validation curves (every C/8 steps) are kept for single-task and hard sharing, to show how close to
+converged they are. The runs are independent jobs spread over ``--jobs`` worker processes of one
+thread each; the JSON is rewritten after every job, and ``--resume`` goes on. Writes quality.json
+and quality.md. Benchmark seeds are 0, 1, 2; calibration used seeds from 100 on (``--seed-base``).
 """
 from __future__ import annotations
 
@@ -38,22 +42,41 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, write_result, write_text  # noqa: E402
 
-BUDGETS = ("1.0x", "1.5x", "2.0x")
+STRATEGIES = ("conflict", "gumbel")
+BUDGETS = ("1.5x", "2.0x")
+DEFAULT_STRATEGY = "conflict"  # the strategy whose 1.5x architecture the random control matches
 #: The metrics that enter Δ_MTL, per task kind (the usual ones of the MTL literature; the
 #: within-N-degrees percentages of normals are left out, as they can be 0 early on).
 DELTA_METRICS = {"segmentation": ("miou", "pixel_acc"), "depth": ("abs_err", "rel_err"),
                  "normal": ("mean_angle", "median_angle"), "classification": ("accuracy",)}
 
-#: The benchmarks. Synthetic scenes are rendered at 64 px: the builtin backbones have stride 32, so
-#: at 32 px their feature map is 1x1 and no method learns segmentation beyond the background.
-SCENES = dict(data="synthetic", size=64, train=384, val=96, batch=8, steps=(20, 45, 50))
+#: The benchmarks; ``cost`` is C in FBE. Synthetic scenes are rendered at 64 px: the builtin backbones
+#: have stride 32, so at 32 px their feature map is 1x1 and no method learns segmentation.
+SCENES = dict(data="synthetic", size=64, train=384, val=96, batch=8, cost=360)
 BENCHMARKS = {
     "synthetic/resnet18": dict(SCENES, backbone="resnet18"),
     "synthetic/mobilenet_v2": dict(SCENES, backbone="mobilenet_v2"),
     "multifashion/small_resnet": dict(data="multifashion", backbone="small_resnet", size=36, train=2048, val=512,
-                                      batch=32, steps=(40, 90, 80)),
+                                      batch=32, cost=1200),
 }
-QUICK = dict(size=32, train=32, val=16, batch=8, steps=(2, 3, 2))
+QUICK = dict(size=32, train=32, val=16, batch=8, cost=12)
+
+#: Cost of one step of each stage in FBE, measured on this machine (benchmarks/quality.py's
+#: hard-sharing step = 1) for small_resnet / resnet18: gumbel 4.3 / 4.3 (warm-up), 4.2 / 3.8 (search);
+#: conflict 0.9 / 1.0 (warm-up: hard sharing), 1.9 / 2.7 (search: a backward per task); fine-tune ~1.1.
+STEP_COST = {"gumbel": {"warmup": 4.3, "search": 4.0, "finetune": 1.1},
+             "conflict": {"warmup": 1.0, "search": 2.5, "finetune": 1.1}}
+#: How each strategy spends C: the share of C in warm-up and search (the rest is fine-tune).
+SPLIT = {"gumbel": {"warmup": 0.25, "search": 0.45}, "conflict": {"warmup": 0.45, "search": 0.15}}
+
+
+def schedule(strategy: str, cost: int) -> tuple[int, int, int]:
+    """Warm-up, search and fine-tune steps of ``strategy`` whose cost is ``cost`` FBE."""
+    c, split = STEP_COST[strategy], SPLIT[strategy]
+    warmup = max(1, round(split["warmup"] * cost / c["warmup"]))
+    search = max(1, round(split["search"] * cost / c["search"]))
+    finetune = max(1, round((cost - warmup * c["warmup"] - search * c["search"]) / c["finetune"]))
+    return warmup, search, finetune
 
 
 def tasks_of(data: str):
@@ -71,25 +94,16 @@ def make_backbone(name: str):
     return TinyCNN(width=32) if name == "small_resnet" else build_backbone(name)
 
 
-def weight_steps(steps) -> int:
-    """Weight-training steps of automtl's three stages together (the other methods get as many)."""
-    from automtl.convert import DEFAULT_SCHEDULE
-
-    warmup, search_steps, finetune = steps
-    r = DEFAULT_SCHEDULE["weight_steps_per_policy_step"]
-    return warmup + search_steps * r // (r + 1) + finetune
-
-
-def run_job(bench: dict, seed: int, method: str, target_params=None, overrides=None) -> dict:
-    """Train one method of one benchmark and seed; return its metrics, size and policy."""
-    from automtl import Policy, Task, supermodel
+def run_job(bench: dict, seed: int, method: str, target_params=None, policy_dict=None) -> dict:
+    """Train one method of one benchmark and seed; return its metrics, size, policy and CPU seconds."""
+    from automtl import Policy, supermodel
     from automtl.config import SearchConfig
     from automtl.convert import DEFAULT_SCHEDULE
     from automtl.data import make_dataset
     from automtl.search import search
 
     torch.set_num_threads(1)
-    started = time.time()
+    started, cpu0 = time.time(), time.process_time()
     opts = {"size": bench["size"]} if bench["data"] == "synthetic" else {}
     train = make_dataset(bench["data"], "train", n=bench["train"], seed=seed, **opts)
     val = make_dataset(bench["data"], "val", n=bench["val"], seed=seed, **opts)
@@ -98,30 +112,43 @@ def run_job(bench: dict, seed: int, method: str, target_params=None, overrides=N
         tasks = [t for t in tasks if t.name == method.split(":", 1)[1]]
     torch.manual_seed(seed)
     sm = supermodel(make_backbone(bench["backbone"]), tasks, torch.randn(1, 3, bench["size"], bench["size"]))
-    warmup, search_steps, finetune = bench["steps"]
+    C = bench["cost"]
     base = {**DEFAULT_SCHEDULE, "seed": seed, "batch_size": bench["batch"], "quiet": True, "checkpoint_every": 0,
-            "log_every": 50, "val_batches": None, "tau_every": max(1, search_steps // 24), **(overrides or {})}
-    search_weights = None
-    if method.startswith("automtl@"):
-        cfg = SearchConfig(**{**base, "warmup_steps": warmup, "search_steps": search_steps,
-                              "finetune_steps": finetune, "budget": method.split("@", 1)[1]})
+            "log_every": 50, "val_batches": None, **bench.get("overrides", {})}
+    out: dict = {}
+    if "@" in method and not method.endswith("retrained") and not method.startswith("random"):
+        strategy, budget = method.split("@")
+        warmup, search_steps, finetune = schedule(strategy, C)
+        cfg = SearchConfig(**{**base, **bench.get(strategy, {}), "strategy": strategy, "warmup_steps": warmup,
+                              "search_steps": search_steps, "finetune_steps": finetune, "budget": budget,
+                              "tau_every": max(1, search_steps // 24)})
         found = search(sm, train, val, cfg)
-        search_weights = {"metrics": _metrics(found, tasks), "parameters": found.params}
-        policy = found.policy
-        # The found architecture is then trained from the seed's initial weights like every other method
-        # (AutoMTL's protocol: the search's cost is not charged to the architecture it finds).
-        torch.manual_seed(seed)
-        sm = supermodel(make_backbone(bench["backbone"]), tasks, torch.randn(1, 3, bench["size"], bench["size"]))
-    elif method == "random@1.5x":
-        policy = random_policy_near(sm, target_params, seed)
+        out = {"metrics": _metrics(found, tasks), "parameters": found.params, "policy": found.policy.counts(),
+               "policy_file": found.policy.to_dict(), "steps": [warmup, search_steps, finetune]}
     else:
-        policy = Policy.uniform(sm.layer_names, sm.task_names, "share")
-    cfg = SearchConfig(**{**base, "warmup_steps": 0, "search_steps": 0, "finetune_steps": weight_steps(bench["steps"]),
-                          "budget": None})
-    result = search(sm, train, val, cfg, policy=policy)
-    return {"metrics": _metrics(result, tasks), "parameters": result.params, "policy": result.policy.counts(),
-            "policy_file": result.policy.to_dict(), "search_weights": search_weights,
-            "seconds": round(time.time() - started, 1)}
+        if method.endswith("retrained"):
+            policy = Policy.from_dict(policy_dict)
+        elif method == "random@1.5x":
+            policy = random_policy_near(sm, target_params, seed)
+        else:
+            policy = Policy.uniform(sm.layer_names, sm.task_names, "share")
+        curve = not method.endswith("retrained") and method != "random@1.5x"
+        cfg = SearchConfig(**{**base, "warmup_steps": 0, "search_steps": 0, "finetune_steps": C, "budget": None,
+                              "val_every": max(1, C // 8) if curve else 0})
+        cpu_steps = time.process_time()
+        result = search(sm, train, val, cfg, policy=policy)
+        out = {"metrics": _metrics(result, tasks), "parameters": result.params, "policy": result.policy.counts(),
+               "policy_file": result.policy.to_dict(), "steps": [0, 0, C],
+               "cpu_per_step": (time.process_time() - cpu_steps) / C}
+        if curve:
+            out["curve"] = [{"step": h["step"], "metrics": _metrics_of(h["metrics"], tasks)}
+                            for h in result.history if h.get("stage") == "val"]
+    out.update(cpu_seconds=round(time.process_time() - cpu0, 2), seconds=round(time.time() - started, 1))
+    return out
+
+
+def _metrics_of(metrics: dict, tasks) -> dict:
+    return {t.name: {k: metrics[t.name][k] for k in DELTA_METRICS[t.kind]} for t in tasks}
 
 
 def _metrics(result, tasks) -> dict:
@@ -150,13 +177,34 @@ def random_policy_near(sm, target_params: int, seed: int, samples: int = 4):
 
 
 def methods_of(bench: dict) -> list[str]:
+    """The jobs that need nothing else; retrained rows and the random control wait for their search."""
     singles = [f"single:{t.name}" for t in tasks_of(bench["data"])]
-    return singles + ["hard-sharing"] + [f"automtl@{b}" for b in BUDGETS]
+    return singles + ["hard-sharing"] + [f"{s}@{b}" for s in STRATEGIES for b in BUDGETS]
+
+
+def dependents(done: dict, seed: int) -> list:
+    """(method, args) of the jobs whose inputs are now in ``done`` for this seed."""
+    jobs = []
+    for s in STRATEGIES:
+        for b in BUDGETS:
+            found = done.get(f"{s}@{b}/{seed}")
+            if found is not None:
+                jobs.append((f"{s}@{b} retrained", dict(policy_dict=found["policy_file"])))
+    target = done.get(f"{DEFAULT_STRATEGY}@1.5x/{seed}")
+    if target is not None:
+        jobs.append(("random@1.5x", dict(target_params=target["parameters"])))
+    return jobs
+
+
+def row_names() -> list[str]:
+    return (["single-task", "hard-sharing"] + [f"{s}@{b}" for s in STRATEGIES for b in BUDGETS] + ["random@1.5x"]
+            + [f"{s}@{b} retrained" for s in STRATEGIES for b in BUDGETS])
 
 
 def summarize(bench: dict, seeds, done: dict) -> dict:
-    """Per seed: Δ_MTL of every method against that seed's single-task models; then mean and
-    (population) standard deviation over the seeds where the method finished."""
+    """Per seed: Δ_MTL of every method against that seed's single-task models and its cost in FBE (CPU
+    seconds / the seed's hard-sharing CPU seconds per step); then mean and (population) standard
+    deviation over the seeds where the method finished."""
     from automtl.errors import ConfigError
     from automtl.metrics import delta_mtl
 
@@ -166,22 +214,24 @@ def summarize(bench: dict, seeds, done: dict) -> dict:
         except ConfigError:  # a zero baseline (a --quick run's untrained classifier): no ratio exists
             return None
 
-    names = (["single-task", "hard-sharing"] + [f"automtl@{b}" for b in BUDGETS] + ["random@1.5x"]
-             + [f"automtl@{b} search weights" for b in BUDGETS])
+    names = row_names()
     per_seed = {}
     for seed in seeds:
         singles = [done.get(f"single:{t.name}/{seed}") for t in tasks_of(bench["data"])]
-        if any(s is None for s in singles):
+        hard = done.get(f"hard-sharing/{seed}")
+        if any(s is None for s in singles) or hard is None:
             continue
+        unit = hard["cpu_per_step"]
         single = {k: v for s in singles for k, v in s["metrics"].items()}
         row = {"single-task": {"metrics": single, "parameters": sum(s["parameters"] for s in singles),
-                               "delta_mtl": 0.0, "policy": None}}
+                               "delta_mtl": 0.0, "policy": None, "fbe": sum(s["cpu_seconds"] for s in singles) / unit,
+                               "seconds": sum(s["seconds"] for s in singles),
+                               "curves": {s_: done[f"single:{s_}/{seed}"].get("curve") for s_ in
+                                          [t.name for t in tasks_of(bench["data"])]}}}
         for name in names[1:]:
-            r = done.get(f"{name.split()[0]}/{seed}")
-            if r is not None and name.endswith("search weights"):
-                r = {**r, **r["search_weights"]} if r.get("search_weights") else None
+            r = done.get(f"{name}/{seed}")
             if r is not None:
-                row[name] = {**r, "delta_mtl": gain(r["metrics"], single)}
+                row[name] = {**r, "delta_mtl": gain(r["metrics"], single), "fbe": r["cpu_seconds"] / unit}
         per_seed[seed] = row
     summary = {}
     for name in names:
@@ -197,6 +247,8 @@ def summarize(bench: dict, seeds, done: dict) -> dict:
         policies = [r["policy"] for r in rows if r.get("policy")]
         summary[name] = {"seeds": len(rows), "delta_mtl": {"mean": statistics.fmean(deltas), "std": statistics.pstdev(deltas)} if deltas else None,
                          "parameters": statistics.fmean(r["parameters"] for r in rows), "metrics": metrics,
+                         "fbe": statistics.fmean(r["fbe"] for r in rows),
+                         "seconds": statistics.fmean(r["seconds"] for r in rows),
                          "policy": {c: statistics.fmean(p[c] for p in policies) for c in policies[0]} if policies else None}
     return {"per_seed": per_seed, "summary": summary}
 
@@ -207,27 +259,27 @@ def markdown(results: dict) -> str:
         b, summary = res["benchmark"], res["summary"]
         if not summary:
             continue
-        lines.append(f"#### {key} ({b['size']}x{b['size']} px, steps {'/'.join(map(str, b['steps']))}, "
-                     f"batch {b['batch']}, seeds: {len(res['per_seed'])})\n")
+        lines.append(f"#### {key} ({b['size']}x{b['size']} px, C = {b['cost']} FBE, batch {b['batch']}, "
+                     f"seeds: {len(res['per_seed'])})\n")
         metric_names = list(next(iter(summary.values()))["metrics"])
-        lines.append("| method | Δ_MTL % | params (M) | share/spec/skip | " + " | ".join(metric_names) + " |")
-        lines.append("|---|---:|---:|---:|" + "---:|" * len(metric_names))
+        lines.append("| method | Δ_MTL % | cost (FBE) | wall (s) | params (M) | share/spec/skip | " + " | ".join(metric_names) + " |")
+        lines.append("|---|---:|---:|---:|---:|---:|" + "---:|" * len(metric_names))
         for name, s in summary.items():
             pol = "/".join(f"{s['policy'][c]:.0f}" for c in ("share", "specialize", "skip")) if s["policy"] else "-"
             cells = [f"{s['metrics'][k]['mean']:.3g} ± {s['metrics'][k]['std']:.2g}" for k in metric_names]
             gain = f"{s['delta_mtl']['mean']:+.2f} ± {s['delta_mtl']['std']:.2f}" if s["delta_mtl"] else "n/a"
-            lines.append(f"| {name} | {gain} | "
+            lines.append(f"| {name} | {gain} | {s['fbe']:.0f} | {s['seconds']:.0f} | "
                          f"{s['parameters'] / 1e6:.2f} | {pol} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
 
 
 def save_found_policies(benches: dict, done: dict, seed: int) -> None:
-    """automtl@1.5x's policy of the first seed per synthetic-scene backbone, for inference.py to time."""
+    """The default strategy's 1.5x policy of the first seed per synthetic-scene backbone, for inference.py."""
     from automtl import Policy
 
     for key, bench in benches.items():
-        job = done[key].get(f"automtl@1.5x/{seed}")
+        job = done[key].get(f"{DEFAULT_STRATEGY}@1.5x/{seed}")
         if bench["data"] == "synthetic" and job is not None:
             Policy.from_dict(job["policy_file"]).save(RESULTS / "found_policies" / f"{bench['backbone']}.yaml")
 
@@ -236,12 +288,13 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="1 seed, tiny data and steps: checks that the script runs")
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--seed-base", type=int, default=0, help="first seed (benchmark: 0; calibration used 100 on)")
     ap.add_argument("--jobs", type=int, default=2, help="worker processes (one thread each)")
     ap.add_argument("--only", help="comma-separated benchmark names (e.g. synthetic/resnet18) or backbones")
     ap.add_argument("--resume", action="store_true", help="keep the finished jobs of the output JSON and run the rest")
     ap.add_argument("--out", type=Path, default=RESULTS, help="directory for quality.json and quality.md")
     args = ap.parse_args(argv)
-    seeds = [0] if args.quick else list(range(args.seeds))
+    seeds = [args.seed_base] if args.quick else list(range(args.seed_base, args.seed_base + args.seeds))
     wanted = args.only.split(",") if args.only else None
     benches = {k: dict(b, **{q: v for q, v in QUICK.items() if q != "size" or b["data"] == "synthetic"}) if args.quick else dict(b)
                for k, b in BENCHMARKS.items()
@@ -258,7 +311,8 @@ def main(argv=None) -> int:
 
     def save(complete: bool) -> str:
         """Rewrite quality.json and quality.md from the jobs done so far; return the markdown."""
-        results = {k: {"benchmark": benches[k], **summarize(benches[k], seeds, done[k])} for k in benches}
+        results = {k: {"benchmark": benches[k], "schedules": {s: schedule(s, benches[k]["cost"]) for s in STRATEGIES},
+                       **summarize(benches[k], seeds, done[k])} for k in benches}
         payload = {"complete": complete, "seeds": seeds, "quick": args.quick, "seconds": round(time.time() - started, 1),
                    "results": results, "jobs": done}
         write_result("quality", payload, out_json)
@@ -267,31 +321,31 @@ def main(argv=None) -> int:
         return table
 
     queue = [(k, seed, m) for seed in seeds for k in benches for m in methods_of(benches[k]) if f"{m}/{seed}" not in done[k]]
-    waiting = [(k, seed) for seed in seeds for k in benches if f"random@1.5x/{seed}" not in done[k]]
-    total = len(queue) + len(waiting)
+    submitted = {(k, seed, m) for k, seed, m in queue} | {(k, int(j.rsplit("/", 1)[1]), j.rsplit("/", 1)[0])
+                                                         for k in benches for j in done[k]}
     finished = 0
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=args.jobs, mp_context=ctx) as pool:
         running = {pool.submit(run_job, benches[k], seed, m): (k, seed, m) for k, seed, m in queue}
 
-        def submit_ready_controls():
-            for k, seed in list(waiting):
-                target = done[k].get(f"automtl@1.5x/{seed}")
-                if target is not None:
-                    waiting.remove((k, seed))
-                    fut = pool.submit(run_job, benches[k], seed, "random@1.5x", target["parameters"])
-                    running[fut] = (k, seed, "random@1.5x")
+        def submit_ready():
+            for k in benches:
+                for seed in seeds:
+                    for m, kwargs in dependents(done[k], seed):
+                        if (k, seed, m) not in submitted:
+                            submitted.add((k, seed, m))
+                            running[pool.submit(run_job, benches[k], seed, m, **kwargs)] = (k, seed, m)
 
-        submit_ready_controls()
+        submit_ready()
         while running:
             ready, _ = wait(list(running), return_when=FIRST_COMPLETED)
             for fut in ready:
                 k, seed, m = running.pop(fut)
                 done[k][f"{m}/{seed}"] = fut.result()
                 finished += 1
-                print(f"[{finished}/{total} {time.time() - started:.0f} s] {k} seed {seed} {m}: "
+                print(f"[{finished} done, {len(running)} running, {time.time() - started:.0f} s] {k} seed {seed} {m}: "
                       f"{done[k][f'{m}/{seed}']['seconds']:.0f} s", flush=True)
-            submit_ready_controls()
+            submit_ready()
             save(complete=False)
     table = save(complete=True)
     if not args.quick and args.out == RESULTS:

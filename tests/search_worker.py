@@ -47,7 +47,7 @@ def main():
     loader = make_loader(train, args.get("batch_size", 8), shuffle=True, seed=1)
     result = search(sm, loader, None, args["config"])
     out = args["result"].format(rank=os.environ.get("RANK", "0"))
-    torch.save({"state": sm.state_dict(), "choices": result.policy.choices,
+    torch.save({"state": sm.state_dict(), "choices": result.policy.choices, "evidence": result.policy.evidence,
                 "logits": sm.policy_logits.detach().clone(), "history_len": len(result.history)}, out)
 
 

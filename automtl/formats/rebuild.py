@@ -224,7 +224,7 @@ def _output_shapes_ok(task: Task, y: torch.Tensor, n: int) -> bool:
     return {
         "segmentation": y.dim() == 4 and y.shape[1] == c, "depth": y.dim() == 4 and y.shape[1] == 1,
         "normal": y.dim() == 4 and y.shape[1] == 3, "classification": tuple(y.shape[1:]) == (c,),
-        "multilabel": tuple(y.shape[1:]) == (c,), "regression": tuple(y.shape[1:]) in ((c,), ()),
+        "multilabel": tuple(y.shape[1:]) == (c,), "regression": tuple(y.shape[1:]) in ((c or 1,), ()),
     }.get(task.kind, True)
 
 

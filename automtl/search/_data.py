@@ -1,0 +1,195 @@
+"""Training data as a deterministic function of the step (exact resume, DDP shards), and batch helpers."""
+from __future__ import annotations
+
+from typing import Iterator, Mapping, Sequence
+
+import torch
+from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset, RandomSampler, SequentialSampler
+
+from ..errors import DataError
+from ._util import _seed
+
+# ---------------------------------------------------------------------------------------------
+# data
+# ---------------------------------------------------------------------------------------------
+def _simple_loader(loader: DataLoader) -> bool:
+    """A loader we can rebuild exactly: map-style data, plain batch sampler, random or sequential order."""
+    if isinstance(loader.dataset, IterableDataset) or loader.batch_size is None:
+        return False
+    if type(loader.batch_sampler) is not BatchSampler:
+        return False
+    s = loader.sampler
+    if isinstance(s, RandomSampler):
+        return not s.replacement and s.num_samples == len(loader.dataset)
+    return isinstance(s, SequentialSampler)
+
+
+class _Stream:
+    """The training batches of one data source as a deterministic function of the position.
+
+    A map-style :class:`DataLoader` (or :class:`Dataset`) is re-iterated epoch by epoch with a
+    sampler of our own: shuffled (when the loader shuffles) by a generator seeded with
+    ``(seed, loader seed, name, epoch)``, padded and sharded over ranks like
+    ``DistributedSampler``, and started mid-epoch on resume without loading the skipped
+    batches. Any other re-iterable is read as it comes; rank ``r`` takes every ``world``-th
+    batch, and a resume skips by reading (exact if the iterable is deterministic).
+    """
+
+    def __init__(self, source, name: str, seed: int, rank: int, world: int, batch_size: int):
+        self.name, self.seed, self.rank, self.world = name, seed, rank, world
+        self.subset = None  # dataset indices this stream reads (None: all)
+        if isinstance(source, DataLoader):
+            if _simple_loader(source):
+                self.kind = "loader"
+                self.loader = source
+                self.shuffle = isinstance(source.sampler, RandomSampler)
+                self.base = source.generator.initial_seed() if source.generator is not None else 0
+            else:
+                self.kind = "iterable"
+                self.source = source
+        elif isinstance(source, Dataset) and not isinstance(source, IterableDataset) and hasattr(source, "__len__"):
+            if len(source) == 0:
+                raise DataError(f"training data {name!r} is empty; check the dataset's root and split")
+            self.kind = "loader"
+            self.loader = DataLoader(source, batch_size=batch_size, shuffle=True)
+            self.shuffle = True
+            self.base = 0
+        elif hasattr(source, "__iter__"):
+            if iter(source) is source:
+                raise DataError(
+                    f"training data {name!r} is a one-shot iterator; pass a DataLoader, a Dataset or a list of "
+                    "batches so that it can be read for more than one epoch"
+                )
+            self.kind = "iterable"
+            self.source = source
+        else:
+            raise DataError(f"training data {name!r} is a {type(source).__name__}; pass a DataLoader or a Dataset")
+        if self.kind == "loader":
+            n = len(self.loader.dataset)
+            if n == 0:
+                raise DataError(f"training data {name!r} is empty")
+            if not self._epoch_batches(0):
+                raise DataError(
+                    f"training data {name!r} has {n} samples, fewer than one batch of {self.loader.batch_size} "
+                    f"per rank with drop_last; use a smaller batch size"
+                )
+
+    def split(self, fraction: float):
+        """Two streams over disjoint parts of this map-style data: (the rest, ``fraction`` held out), drawn
+        by a generator seeded with the run's seed; None when the data is not map-style or too small to
+        give each part a batch per rank (then policy steps read the training batches)."""
+        if self.kind != "loader" or self.subset is not None:
+            return None
+        n = len(self.loader.dataset)
+        k = int(round(fraction * n))
+        need = self.loader.batch_size * self.world * 2
+        if k < need or n - k < need:
+            return None
+        g = torch.Generator().manual_seed(_seed("automtl-holdout", self.seed, self.base, self.name))
+        perm = torch.randperm(n, generator=g).tolist()
+        parts = []
+        for name, idx in ((self.name, sorted(perm[k:])), (self.name + "/held-out", sorted(perm[:k]))):
+            part = object.__new__(_Stream)
+            part.__dict__.update(self.__dict__)
+            part.name, part.subset = name, idx
+            parts.append(part)
+        return tuple(parts)
+
+    def _epoch_batches(self, epoch: int) -> list:
+        n = len(self.loader.dataset) if self.subset is None else len(self.subset)
+        if self.shuffle:
+            g = torch.Generator().manual_seed(_seed("automtl-data", self.seed, self.base, self.name, epoch))
+            order = torch.randperm(n, generator=g).tolist()
+        else:
+            order = list(range(n))
+        if self.subset is not None:
+            order = [self.subset[i] for i in order]
+        if self.world > 1:
+            total = -(-n // self.world) * self.world
+            while len(order) < total:
+                order = order + order[: total - len(order)]
+            order = order[self.rank:total:self.world]
+        bs = self.loader.batch_size
+        batches = [order[i:i + bs] for i in range(0, len(order), bs)]
+        if len(batches) > 1 and len(batches[-1]) < bs:
+            batches.pop()  # as training loops do: a short last batch (of one sample, BatchNorm fails) is not trained on
+        elif self.loader.drop_last and batches and len(batches[-1]) < bs:
+            batches.pop()
+        return batches
+
+    def iterate(self, start: int) -> Iterator:
+        """Batches from position ``start`` on, forever."""
+        if self.kind == "loader":
+            nb = len(self._epoch_batches(0))
+            epoch, skip = divmod(start, nb)
+            ld = self.loader
+            while True:
+                batches = self._epoch_batches(epoch)[skip:]
+                kwargs: dict = dict(
+                    batch_sampler=batches, num_workers=ld.num_workers, collate_fn=ld.collate_fn,
+                    pin_memory=ld.pin_memory, timeout=ld.timeout, worker_init_fn=ld.worker_init_fn,
+                    generator=torch.Generator().manual_seed(_seed("automtl-workers", self.seed, self.name, epoch)),
+                )
+                if ld.num_workers > 0:
+                    kwargs.update(multiprocessing_context=ld.multiprocessing_context, prefetch_factor=ld.prefetch_factor)
+                yield from DataLoader(ld.dataset, **kwargs)
+                epoch, skip = epoch + 1, 0
+        else:
+            first = start * self.world + self.rank
+            j = 0
+            while True:
+                empty = True
+                for batch in self.source:
+                    empty = False
+                    if _single_sample(batch) and getattr(self.source, "batch_size", None) not in (None, 1):
+                        continue  # a loader's short last batch of one sample: BatchNorm cannot train on it
+                    if j >= first and j % self.world == self.rank:
+                        yield batch
+                    j += 1
+                if empty:
+                    raise DataError(f"training data {self.name!r} yielded no batches")
+
+
+def _single_sample(batch) -> bool:
+    x = batch[0] if isinstance(batch, (tuple, list)) and batch else batch
+    return isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == 1
+
+
+def _split_batch(batch, where: str):
+    if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+        raise DataError(f"{where} must yield (x, {{task: target}}) pairs; it yielded {type(batch).__name__}")
+    x, y = batch
+    if not isinstance(x, torch.Tensor):
+        raise DataError(f"{where} yielded inputs of type {type(x).__name__}; the input must be an image batch tensor")
+    return x, y
+
+
+def _to(obj, device):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, non_blocking=True)
+    if isinstance(obj, Mapping):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+def _task_target(y, task: str):
+    """The target of ``task`` in a batch's targets, or None when the batch has none."""
+    if isinstance(y, Mapping):
+        return y.get(task)
+    return y
+
+
+def _check_task_keys(data: Mapping, tasks: Sequence[str], where: str) -> None:
+    if set(data) != set(tasks):
+        raise DataError(
+            f"{where} is a dict of per-task loaders for {sorted(data)} but the tasks are {list(tasks)}; "
+            "give one loader per task"
+        )
+
+
+def _epoch_iter(source, batch_size: int):
+    """One pass over validation data, in its own order."""
+    if isinstance(source, Dataset) and not isinstance(source, IterableDataset) and hasattr(source, "__len__") \
+            and not isinstance(source, DataLoader):
+        return iter(DataLoader(source, batch_size=batch_size))
+    return iter(source)

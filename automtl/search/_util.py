@@ -1,0 +1,246 @@
+"""Shared machinery of every search strategy: seeds, the distributed context, optimizers, RNG state, progress."""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+import os
+import random
+import sys
+import time
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ..errors import AutomtlError, ConfigError
+
+def _seed(*parts) -> int:
+    """A 63-bit seed from any tuple, identical in every process (unlike ``hash()``)."""
+    digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+
+# ---------------------------------------------------------------------------------------------
+# distributed helpers
+# ---------------------------------------------------------------------------------------------
+def dist_timeout():
+    """How long a rank waits for the others in one collective: ``AUTOMTL_DIST_TIMEOUT`` seconds (default 600)."""
+    from datetime import timedelta
+
+    try:
+        seconds = float(os.environ.get("AUTOMTL_DIST_TIMEOUT", "600"))
+    except ValueError:
+        raise ConfigError(f"AUTOMTL_DIST_TIMEOUT={os.environ['AUTOMTL_DIST_TIMEOUT']!r} must be a number of seconds") from None
+    return timedelta(seconds=max(seconds, 1.0))
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
+class _Dist:
+    """The torch.distributed context of a run: world 1 when not launched by torchrun."""
+
+    def __init__(self, device_type: str):
+        self.created = False
+        if dist.is_available() and not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            rank = os.environ.get("RANK", "?")
+            try:
+                dist.init_process_group("nccl" if device_type == "cuda" else "gloo", timeout=dist_timeout())
+            except Exception as exc:  # a missing MASTER_ADDR, a peer that never came, a refused port
+                raise AutomtlError(
+                    f"rank {rank} could not join the process group of {os.environ.get('WORLD_SIZE')} ranks "
+                    f"({_first_line(exc)}); launch the search with torchrun --nproc-per-node N") from None
+            self.created = True
+        self.active = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        self.rank = dist.get_rank() if self.active else 0
+        self.world = dist.get_world_size() if self.active else 1
+        self.main = self.rank == 0
+
+    @contextlib.contextmanager
+    def collective(self, what: str):
+        """Turn a failed collective (a peer died, froze past the timeout) into one sentence naming this rank."""
+        try:
+            yield
+        except RuntimeError as exc:
+            raise AutomtlError(
+                f"rank {self.rank} lost the other ranks while {what} ({_first_line(exc)}); a rank died or stopped "
+                f"answering for {dist_timeout().total_seconds():.0f} s (AUTOMTL_DIST_TIMEOUT), see its log, then "
+                "continue the run with --resume") from None
+
+    def all_reduce_grads(self, params: Sequence[torch.Tensor]) -> None:
+        """Average the gradients of ``params`` over ranks, over the same list on every rank.
+
+        A parameter that got no gradient on some rank (a task whose batch there had no label and
+        whose custom loss has no graph) contributes zeros there; one that got none on any rank keeps
+        ``grad = None``, exactly as in a single process, so the optimizer leaves it alone.
+        """
+        if not self.active:
+            return
+        present = torch.tensor([p.grad is not None for p in params], dtype=torch.float32,
+                               device=params[0].device if params else "cpu")
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        with self.collective("averaging gradients"):
+            dist.all_reduce(present)
+        self.all_reduce_mean(grads)
+        for p, g, n in zip(params, grads, present.tolist()):
+            p.grad = g if n > 0 else None
+
+    def all_reduce_mean(self, tensors: Sequence[torch.Tensor], bucket_elems: int = 1 << 24) -> None:
+        """Average tensors over ranks in place, flattened into buckets (one call per bucket)."""
+        if not self.active:
+            return
+        for group in self._buckets(tensors, bucket_elems):
+            flat = torch.cat([t.reshape(-1) for t in group])
+            with self.collective("averaging gradients"):
+                dist.all_reduce(flat)
+            flat.div_(self.world)
+            self._unflatten(flat, group)
+
+    def broadcast(self, tensors: Sequence[torch.Tensor], bucket_elems: int = 1 << 24) -> None:
+        """Overwrite tensors with rank 0's values."""
+        if not self.active:
+            return
+        for group in self._buckets(tensors, bucket_elems):
+            flat = torch.cat([t.detach().reshape(-1) for t in group])
+            with self.collective("receiving rank 0's values"):
+                dist.broadcast(flat, 0)
+            self._unflatten(flat, group)
+
+    @staticmethod
+    def _buckets(tensors, bucket_elems):
+        by_key: dict = {}
+        for t in tensors:
+            by_key.setdefault((t.dtype, t.device), []).append(t)
+        for group in by_key.values():
+            bucket, size = [], 0
+            for t in group:
+                bucket.append(t)
+                size += t.numel()
+                if size >= bucket_elems:
+                    yield bucket
+                    bucket, size = [], 0
+            if bucket:
+                yield bucket
+
+    @staticmethod
+    def _unflatten(flat, group):
+        offset = 0
+        with torch.no_grad():
+            for t in group:
+                n = t.numel()
+                t.copy_(flat[offset:offset + n].view_as(t))
+                offset += n
+
+    def all_gather(self, t: torch.Tensor) -> list:
+        if not self.active:
+            return [t]
+        out = [torch.empty_like(t) for _ in range(self.world)]
+        with self.collective("comparing ranks"):
+            dist.all_gather(out, t.contiguous())
+        return out
+
+    def close(self) -> None:
+        if self.created and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------
+# progress
+# ---------------------------------------------------------------------------------------------
+class _Progress:
+    """A one-line progress bar on stderr (stage, step/total, loss, it/s, ETA); silent unless a TTY."""
+
+    def __init__(self, enabled: bool, stream=None):
+        self.stream = stream if stream is not None else sys.stderr
+        self.enabled = bool(enabled) and hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.active = False
+        self._width = 0
+
+    def start(self, stage: str, total: int, done: int = 0) -> None:
+        self.stage, self.total, self.first = stage, total, done
+        self.t0 = time.perf_counter()
+        self.last = 0.0
+        self.loss = None
+        self.active = True
+
+    def update(self, done: int, loss: float) -> None:
+        if not self.enabled or not self.active:
+            return
+        self.loss = loss if self.loss is None else 0.9 * self.loss + 0.1 * loss  # smoothed for reading
+        now = time.perf_counter()
+        if now - self.last < 0.1 and done < self.total:
+            return
+        loss = self.loss
+        self.last = now
+        rate = (done - self.first) / max(now - self.t0, 1e-9)
+        eta = (self.total - done) / rate if rate > 0 else float("inf")
+        eta_s = "--:--" if not math.isfinite(eta) else f"{int(eta // 60):02d}:{int(eta % 60):02d}"
+        frac = done / max(self.total, 1)
+        bar = "#" * int(frac * 20)
+        line = f"{self.stage:<8} [{bar:<20}] {done}/{self.total} loss {loss:.4f} {rate:.2f} it/s ETA {eta_s}"
+        pad = max(self._width - len(line), 0)
+        self._width = len(line)
+        self.stream.write("\r" + line + " " * pad)
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.enabled and self.active:
+            self.stream.write("\n")
+            self.stream.flush()
+        self.active = False
+        self._width = 0
+
+
+# ---------------------------------------------------------------------------------------------
+# the search
+# ---------------------------------------------------------------------------------------------
+def _make_optimizer(kind: str, params, lr: float, momentum: float, weight_decay: float):
+    """The weight optimizer. Adam uses the fused kernel where torch has one (CPU and CUDA): the
+    supermodel holds about T+1 copies of the backbone, and a per-tensor Adam over them costs
+    as much as a forward+backward at small image sizes."""
+    params = list(params)
+    if kind == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, foreach=True)
+    try:
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=True)
+    except (RuntimeError, ValueError, TypeError):
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+
+
+def _rng_state() -> dict:
+    keys_kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": {"keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached": float(cached)},
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    npst = state["numpy"]
+    np.random.set_state(("MT19937", npst["keys"].numpy().astype(np.uint32), npst["pos"], npst["has_gauss"], npst["cached"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _resolve_device(name: str, local_rank: int) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("device 'cuda' was asked for but no CUDA GPU is available; use device: cpu or auto")
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")

@@ -1,0 +1,136 @@
+"""The ``gumbel`` strategy: AutoMTL's search (Zhang, Liu, Guan, NeurIPS 2022), repaired.
+
+Warm-up trains every operator under the uniform mix. The search alternates
+``weight_steps_per_policy_step`` weight steps on the training part of the data with one policy
+step on a held-out part (``holdout_fraction`` of a map-style training set, as AutoMTL and AdaShare
+alternate over two splits), each forward a Gumbel-softmax sample of the policy at an annealed
+temperature τ. The policy objective is the task losses, plus ``reg_weight`` times a depth-weighted
+pull toward *share* averaged (not summed) over layers, so its strength does not grow with depth,
+plus ``budget_weight`` times the hinge of the expected compact-model size over the budget.
+
+Evidence: the probability margin of each choice over the runner-up. Below ``min_margin`` the
+choice is undecided and falls back to share.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..policy import SHARE, Policy
+from ._strategy import Strategy, register_strategy
+from ._util import _seed
+
+
+@register_strategy("gumbel")
+class Gumbel(Strategy):
+    def held_out(self) -> float:
+        return self.run.config.holdout_fraction
+
+    def enter_search(self) -> None:
+        self.run.sm.soft(self.run.config.tau_start)
+
+    def is_policy_step(self, i: int) -> bool:
+        r = self.run.config.weight_steps_per_policy_step
+        return i % (r + 1) == r
+
+    def tau(self, i: int) -> float:
+        cfg = self.run.config
+        done = i // (cfg.weight_steps_per_policy_step + 1)  # policy steps taken before step i
+        return max(cfg.tau_min, cfg.tau_start * cfg.tau_decay ** (done // cfg.tau_every))
+
+    def sharing_reg(self) -> torch.Tensor:
+        """Mean over layers of (L-l)/L times the mean over tasks of -log p(share): depth-weighted, and the
+        same strength for a 10-layer and a 50-layer backbone."""
+        sm = self.run.sm
+        L = len(sm.layer_names)
+        depth = ((L - torch.arange(L, dtype=torch.float32)) / L).to(sm.policy_logits.device)
+        logp = sm.masked_logits().log_softmax(-1)[..., SHARE]
+        return (depth[:, None] * -logp).mean()
+
+    def resource(self):
+        """Hinge of the expected compact-model size over the budget, and the expectation."""
+        run = self.run
+        if run.budget is None:
+            return None, None
+        probs = run.sm.policy_probabilities()
+        if run.config.budget_metric == "macs":
+            expected, limit = run.sm.expected_mac_count(probs), run.budget_macs
+        else:
+            expected, limit = run.sm.expected_parameter_count(probs), run.budget_params
+        return F.relu(expected / limit - 1.0), expected
+
+    def search_step(self, i: int, g: int, iters: dict, log: bool) -> dict:
+        run, sm, cfg = self.run, self.run.sm, self.run.config
+        policy_step = self.is_policy_step(i)
+        x, targets = run._batch(iters, "policy" if policy_step else "")
+        gen = torch.Generator().manual_seed(_seed("automtl-gumbel", cfg.seed, g))
+        sm.tau = tau = self.tau(i)
+        hard_layers: list = []
+        if policy_step:
+            mix = sm.mixing_weights(gen)
+        else:
+            with torch.no_grad():
+                mix = sm.mixing_weights(gen)
+            if cfg.hard_weight_steps:
+                # a Gumbel-max sample of the policy: only the sampled operators run and learn
+                hard_layers = sm.policy_layers
+                for layer, row in zip(hard_layers, mix.argmax(-1).tolist()):
+                    layer.choices = tuple(row)
+        run.sync_buffers()
+        try:
+            losses, values = run.forward_losses(None, x, targets, "search", i, g, mix)
+        finally:
+            for layer in hard_layers:
+                layer.choices = None
+        total, weights = run.weighting(losses, shared_parameters=run.shared, step=g)
+        rec = run.record("search", i, g, "policy" if policy_step else "weight", values, weights, total, run.weight_opt)
+        rec["tau"] = tau
+        if policy_step:
+            self._policy_update(total, rec, i, g)
+        else:
+            run.weight_step(total, run.weight_opt)
+        if log:
+            with torch.no_grad():
+                rec.setdefault("expected_params", float(sm.expected_parameter_count()))
+                if cfg.budget_metric == "macs":
+                    rec.setdefault("expected_macs", float(sm.expected_mac_count()))
+        return rec
+
+    def _policy_update(self, total, rec: dict, i: int, g: int) -> None:
+        run, sm, cfg = self.run, self.run.sm, self.run.config
+        reg = self.sharing_reg()
+        objective = total + cfg.reg_weight * reg
+        resource, expected = self.resource()
+        if expected is not None:
+            rec["expected_" + cfg.budget_metric] = float(expected.detach())
+        if resource is not None:
+            objective = objective + cfg.budget_weight * resource
+            rec["resource"] = float(resource.detach())
+        rec["reg"] = float(reg.detach())
+        run._check_finite(objective.detach().reshape(1), ["search objective"], "search", i, g)
+        (grad,) = torch.autograd.grad(objective, [sm.policy_logits])
+        sm.policy_logits.grad = grad
+        run.dist.all_reduce_mean([grad])
+        run.policy_opt.step()
+        run.policy_opt.zero_grad(set_to_none=True)
+        rec["objective"] = float(objective.detach())
+
+    def decide(self):
+        """Argmax (or a seeded sample) of the policy; a choice whose probability beats the runner-up by
+        less than ``min_margin`` is undecided and shares."""
+        sm, cfg = self.run.sm, self.run.config
+        policy = sm.discretize(sample=cfg.discretize == "sample", seed=cfg.seed)
+        with torch.no_grad():
+            probs = sm.policy_probabilities().detach().cpu()
+        top2 = probs.topk(2, dim=-1).values
+        margin = (top2[..., 0] - top2[..., 1]).tolist()
+        choices = [list(row) for row in policy.choices]
+        undecided = []
+        for l, row in enumerate(choices):
+            for t, c in enumerate(row):
+                if margin[l][t] < cfg.min_margin:
+                    undecided.append((l, t))
+                    row[t] = SHARE
+        evidence = {"kind": "margin", "threshold": cfg.min_margin,
+                    "scores": [[round(m, 4) for m in row] for row in margin], "undecided": undecided}
+        return Policy(policy.layers, policy.tasks, choices), evidence

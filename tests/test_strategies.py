@@ -1,0 +1,149 @@
+"""Strategies as properties: identical tasks never branch, unrelated tasks do (with higher conflict
+scores), evidence reaches policy.yaml and falls back to share where it is weak, the held-out split."""
+import pytest
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from automtl.errors import ConfigError
+from automtl.policy import SPECIALIZE, Policy
+from automtl.search import SearchConfig, list_strategies, search
+from automtl.supermodel import supermodel
+from automtl.tasks import Task
+
+SIZE = 16
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+class TwoTargets(Dataset):
+    """Images with two regression targets: the same function twice (``related``), or two functions of
+    disjoint parts of the image (independent targets, both learnable)."""
+
+    def __init__(self, n, related, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(n, 3, SIZE, SIZE, generator=g)
+        f1 = (self.x[:, 0, : SIZE // 2].mean((1, 2)) * 4).tanh()
+        f2 = (self.x[:, 1, :, SIZE // 2:] * self.x[:, 2, :, SIZE // 2:]).mean((1, 2)) * 8
+        self.y = {"a": f1[:, None], "b": (f1 if related else f2)[:, None]}
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i], {k: v[i] for k, v in self.y.items()}
+
+
+def run(related, strategy, tmp_path=None, **overrides):
+    torch.manual_seed(0)
+    tasks = [Task("a", kind="regression"), Task("b", kind="regression")]
+    sm = supermodel("tiny", tasks, torch.randn(1, 3, SIZE, SIZE))
+    train = DataLoader(TwoTargets(256, related), batch_size=16, shuffle=True)
+    cfg = dict(strategy=strategy, warmup_steps=30, search_steps=60, finetune_steps=0, budget="3x", quiet=True,
+               checkpoint_every=0, out_dir=str(tmp_path) if tmp_path else None)
+    return sm, search(sm, train, None, SearchConfig(**{**cfg, **overrides}))
+
+
+def test_registered_strategies():
+    assert {"gumbel", "conflict"} <= set(list_strategies())
+    with pytest.raises(ConfigError, match="did you mean 'conflict'"):
+        run(True, "conflcit")
+
+
+@pytest.mark.parametrize("strategy", ["conflict", "gumbel"])
+def test_identical_tasks_never_specialize(strategy):
+    _, res = run(True, strategy)
+    assert res.policy.counts()["specialize"] == 0, res.policy.choices
+    assert res.policy.evidence["strategy"] == strategy
+
+
+def test_unrelated_tasks_branch_with_higher_conflict_scores(tmp_path):
+    _, same = run(True, "conflict")
+    sm, apart = run(False, "conflict", tmp_path)
+    assert apart.policy.counts()["specialize"] >= 1, apart.policy.evidence
+    s_same = torch.tensor(same.policy.evidence["scores"])
+    s_apart = torch.tensor(apart.policy.evidence["scores"])
+    assert (s_apart > s_same).all(), (s_same, s_apart)
+    # the copies start from the trained shared operator
+    for layer, row in zip(sm.policy_layers, apart.policy.choices):
+        for t, c in enumerate(row):
+            if c == SPECIALIZE:
+                assert torch.equal(layer.specialized[t].conv.weight, layer.shared.conv.weight)
+    # evidence and budget reach policy.yaml and come back
+    back = Policy.load(tmp_path / "policy.yaml")
+    assert back == apart.policy and back.evidence["scores"] == apart.policy.evidence["scores"]
+    assert 1.0 < back.evidence["budget"]["used"] <= 3.0 and back.evidence["budget"]["limit"] == 3.0
+
+
+def test_budget_limits_branching():
+    _, tight = run(False, "conflict", budget="1.0x")
+    assert tight.policy.counts()["specialize"] == 0 and tight.within_budget
+    assert tight.policy.evidence["over_budget"]
+
+
+def test_weak_evidence_is_undecided_and_shares():
+    # three conflict steps cannot clear two standard errors: every positive score is undecided
+    _, res = run(False, "conflict", search_steps=3)
+    ev = res.policy.evidence
+    for l, t in ev["undecided"]:
+        assert res.policy.choices[l][t] == 0 and ev["scores"][l][t] > 0
+    # gumbel: margins below min_margin share
+    _, res = run(False, "gumbel", search_steps=6, min_margin=0.5)
+    assert res.policy.counts()["share"] == len(res.policy.layers) * 2
+    assert len(res.policy.evidence["undecided"]) == len(res.policy.layers) * 2
+
+
+def test_old_policy_files_stay_readable(tmp_path):
+    path = tmp_path / "old.yaml"
+    path.write_text("automtl_policy: 1\ntasks: [a, b]\nlayers:\n  conv1: {a: share, b: specialize}\n")
+    p = Policy.load(path)
+    assert p.choices == [[0, 1]] and p.evidence is None and p.score(0, 0) is None
+
+
+def test_gumbel_policy_steps_read_held_out_data():
+    from automtl.search import _Search
+
+    torch.manual_seed(0)
+    tasks = [Task("a", kind="regression"), Task("b", kind="regression")]
+    sm = supermodel("tiny", tasks, torch.randn(1, 3, SIZE, SIZE))
+    train = DataLoader(TwoTargets(160, True), batch_size=16, shuffle=True)
+    run_ = _Search(sm, train, None, SearchConfig(quiet=True, holdout_fraction=0.25), None)
+    try:
+        weights, held = run_.streams[""], run_.streams["policy"]
+        assert not set(weights.subset) & set(held.subset) and len(held.subset) == 40
+        assert len(run_.streams["all"].loader.dataset) == 160
+    finally:
+        run_.close()
+    conflict = _Search(sm, train, None, SearchConfig(quiet=True, strategy="conflict"), None)
+    assert set(conflict.streams) == {""}
+    conflict.close()
+
+
+def test_evidence_in_bundle_and_inspect_grid(tmp_path):
+    import automtl
+    from automtl.report import inspect_text
+
+    sm, res = run(False, "conflict", search_steps=20)
+    model = automtl.compact(sm, res.policy)
+    automtl.save(model, tmp_path / "m.automtl")
+    text = inspect_text(tmp_path / "m.automtl")
+    assert "gradient-conflict score (conflict)" in text and "budget used:" in text
+    l, t = next(iter(res.policy.evidence["undecided"]), (0, 0))
+    row = next(line for line in text.splitlines() if line.startswith(res.policy.layers[l] + " "))
+    assert f"{res.policy.evidence['scores'][l][t]:+.3f}" in row
+
+
+def test_rendered_grid_shows_evidence():
+    pytest.importorskip("graphviz")
+    from automtl.render import to_dot
+
+    pol = Policy(["conv1", "conv2"], ["a", "b"], [[0, 1], [0, 0]],
+                 {"kind": "conflict", "strategy": "conflict", "threshold": 0.0, "scores": [[0.1, 0.2], [0.05, -0.3]],
+                  "undecided": [[1, 0]], "budget": {"metric": "params", "used": 1.2, "limit": 1.5}})
+    src = to_dot(pol).source
+    assert "specialize</B> +0.20" in src and "share ?+0.05" in src and "budget used: 1.2x" in src
