@@ -457,3 +457,28 @@ def test_format_inspect_and_inspect_text(bundle):
     assert letters == [{"share": "S", "specialize": "P", "skip": "-"}[c] for c in model.policy.to_dict()["layers"][model.policy.layers[0]].values()]
     full = inspect_text(bundle, repeats=1)
     assert "segment: segmentation, 4 classes" in full and "S = share" in full and "parameters" in full
+
+
+class HyphenNames(nn.Module):
+    """torchvision's RegNet registers blocks as ``block1-0``: names a Python attribute cannot spell."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        blocks = nn.Sequential()
+        blocks.add_module("block1-0", nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()))
+        blocks.add_module("block1-1", nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()))
+        self.trunk_output = blocks
+
+    def forward(self, x):
+        return self.trunk_output(self.stem(x))
+
+
+def test_whatever_save_writes_load_reads_module_names_with_hyphens(tmp_path):
+    sm = supermodel(HyphenNames(), [Task("a", "depth"), Task("b", "segmentation", classes=3)], torch.randn(1, 3, 8, 8)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    for seed in range(3):
+        model = compact(sm, Policy.random(sm.layer_names, sm.task_names, sm.skip_legal, seed=seed)).eval()
+        save(model, tmp_path / "h.automtl")
+        loaded = load(tmp_path / "h.automtl")
+        assert all(torch.equal(outputs(loaded, x)[t], outputs(model, x)[t]) for t in model.task_names)
