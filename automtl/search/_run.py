@@ -488,7 +488,10 @@ class _Search:
         """Backward ``total`` (None: the gradients are already in ``.grad``), average over ranks, clip, step."""
         if total is not None:
             opt.zero_grad(set_to_none=True)
-            total.backward()
+            if getattr(self.weighting, "jacobian", False):
+                self.weighting.backward(self.weight_params)  # torchjd: aggregate the per-task gradients
+            else:
+                total.backward()
         self.dist.all_reduce_grads(self.weight_params)
         if self.config.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_([p for p in self.weight_params if p.grad is not None], self.config.grad_clip)
