@@ -142,6 +142,10 @@ def _pipeline_options(f):
         click.option("--strategy", metavar="NAME",
                      help="How the policy is searched: conflict (branch where the tasks' gradients conflict, after "
                           "Recon) or gumbel (AutoMTL's Gumbel-softmax search). Default: the config's, else gumbel."),
+        click.option("--weighting", metavar="NAME",
+                     help="Loss balancer: equal, static, uncertainty, dwa, gradnorm, rlw, or a gradient-level one from "
+                          "torchjd (upgrad, mgda, pcgrad, cagrad, nashmtl, imtlg, alignedmtl, dualproj, graddrop, config, "
+                          "fairgrad, gradvac; pip install 'automtl[torchjd]'). Default: the config's, else equal."),
         click.option("--steps", metavar="WARMUP,SEARCH,FINETUNE", help="Stage lengths in optimizer steps, e.g. 40,80,60."),
         click.option("--input-size", type=click.IntRange(8, MAX_INPUT_SIZE), help="Image side of the synthetic data and of the example input."),
         click.option("--samples", metavar="TRAIN,VAL", help="How many synthetic/MultiFashion samples to train and validate on, e.g. 512,128."),
@@ -149,6 +153,9 @@ def _pipeline_options(f):
                      help="Directory for the results."),
         click.option("--resume", is_flag=True, help="Continue a killed run from its last checkpoint in --out."),
         click.option("--overwrite", is_flag=True, help="Start over in an --out that holds an earlier run, deleting its checkpoint, log and results."),
+        click.option("--tensorboard", "tensorboard", type=click.Path(file_okay=False), metavar="DIR",
+                     help="Also write TensorBoard event files into DIR: losses per task, policy probabilities, tau, "
+                          "expected size against the budget, validation metrics (pip install 'automtl[tensorboard]')."),
         click.option("--quiet", is_flag=True, help="No progress bars or messages."),
         click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout."),
     ]
@@ -158,7 +165,7 @@ def _pipeline_options(f):
 
 
 def _resolve_config(backbone, tasks, config_path, data, weights, pretrained, budget, device, seed, steps, input_size, samples,
-                    strategy=None):
+                    strategy=None, tensorboard=None, weighting=None):
     from .convert import ConvertConfig, _task_dict
 
     cfg = ConvertConfig.from_yaml(config_path) if config_path else ConvertConfig()
@@ -190,6 +197,10 @@ def _resolve_config(backbone, tasks, config_path, data, weights, pretrained, bud
         changes["seed"] = seed
     if strategy is not None:
         changes["strategy"] = strategy
+    if tensorboard is not None:
+        changes["tensorboard_dir"] = tensorboard
+    if weighting is not None:
+        changes["weighting"] = weighting
     if steps:
         parts = steps.split(",")
         if len(parts) != 3 or not all(p.strip().isdigit() for p in parts):
@@ -209,8 +220,8 @@ def _say(quiet):
 # ---- the whole pipeline -------------------------------------------------------------------------
 @main.command()
 @_pipeline_options
-def convert(backbone, tasks, config_path, data, weights, pretrained, budget, device, seed, strategy, steps, input_size, samples, out, resume,
-            overwrite, quiet, as_json):
+def convert(backbone, tasks, config_path, data, weights, pretrained, budget, device, seed, strategy, weighting, steps, input_size, samples, out, resume,
+            overwrite, tensorboard, quiet, as_json):
     """Run the whole pipeline on BACKBONE and write the results into --out.
 
     BACKBONE is a builtin name (see `automtl backbones`), timm:NAME or torchvision:NAME
@@ -222,7 +233,7 @@ def convert(backbone, tasks, config_path, data, weights, pretrained, budget, dev
     from .convert import convert as run_convert
 
     cfg = _resolve_config(backbone, tasks, config_path, data, weights, pretrained, budget, device, seed, steps, input_size, samples,
-                          strategy)
+                          strategy, tensorboard, weighting)
     report = run_convert(cfg, out, resume=resume, quiet=quiet, log=_say(quiet), overwrite=overwrite)
     if as_json:
         from .convert import json_safe
@@ -289,8 +300,8 @@ def supermodel_cmd(backbone, tasks, input_size, feature_node, pretrained, as_jso
 
 @main.command("search")
 @_pipeline_options
-def search_cmd(backbone, tasks, config_path, data, weights, pretrained, budget, device, seed, strategy, steps, input_size, samples, out,
-               resume, overwrite, quiet, as_json):
+def search_cmd(backbone, tasks, config_path, data, weights, pretrained, budget, device, seed, strategy, weighting, steps, input_size, samples, out,
+               resume, overwrite, tensorboard, quiet, as_json):
     """Search a sharing policy and fine-tune it; keep the run in --out for `automtl compact`.
 
     Writes supermodel.yaml + supermodel.pt (the trained supermodel), policy.yaml (edit it by
@@ -304,7 +315,7 @@ def search_cmd(backbone, tasks, config_path, data, weights, pretrained, budget, 
     from .search import search
 
     cfg = _resolve_config(backbone, tasks, config_path, data, weights, pretrained, budget, device, seed, steps, input_size, samples,
-                          strategy)
+                          strategy, tensorboard, weighting)
     with RunDirectory(out, resume=resume, overwrite=overwrite) as run:
         sm, train, val = prepare_run(cfg)
         result = search(sm, train, val, cfg.search.replace(out_dir=str(run.path / "checkpoints"), resume=resume, quiet=quiet))

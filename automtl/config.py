@@ -112,6 +112,7 @@ class SearchConfig:
     # files and reporting
     out_dir: Optional[str] = None  # checkpoints and policy.yaml
     log_dir: Optional[str] = None  # log.jsonl; None: out_dir
+    tensorboard_dir: Optional[str] = None  # TensorBoard event files (extra automtl[tensorboard]); None: none
     log_every: int = 10
     checkpoint_every: int = 100  # 0: only at the end of each stage
     val_every: int = 0  # 0: validate at the end only
@@ -180,7 +181,7 @@ class SearchConfig:
         if not isinstance(self.weighting_options, Mapping):
             raise ConfigError(f"config field 'weighting_options' must be a mapping, got {self.weighting_options!r}")
         self.weighting_options = dict(self.weighting_options)
-        for name in ("out_dir", "log_dir", "policy_file"):
+        for name in ("out_dir", "log_dir", "tensorboard_dir", "policy_file"):
             v = getattr(self, name)
             if v is not None:
                 if not isinstance(v, (str, os.PathLike)):

@@ -36,6 +36,8 @@ __all__ = [
     "DWA",
     "GradNorm",
     "RLW",
+    "JacobianWeighting",
+    "TORCHJD_BALANCERS",
     "WEIGHTINGS",
     "make_weighting",
     "register_weighting",
@@ -335,6 +337,88 @@ WEIGHTINGS: dict[str, type[LossWeighting]] = {
 }
 
 
+# ---------------------------------------------------------------------------------------------
+# gradient-level balancers from torchjd (extra automtl[torchjd])
+# ---------------------------------------------------------------------------------------------
+#: name -> (torchjd aggregator class, default options, paper)
+TORCHJD_BALANCERS = {
+    "upgrad": ("UPGrad", {}, "Quinton & Rey, Jacobian Descent for Multi-Objective Optimization, 2024"),
+    "mgda": ("MGDA", {}, "Sener & Koltun, Multi-Task Learning as Multi-Objective Optimization, NeurIPS 2018"),
+    "pcgrad": ("PCGrad", {}, "Yu et al., Gradient Surgery for Multi-Task Learning, NeurIPS 2020"),
+    "cagrad": ("CAGrad", {"c": 0.4}, "Liu et al., Conflict-Averse Gradient Descent for Multi-task Learning, NeurIPS 2021"),
+    "nashmtl": ("NashMTL", {}, "Navon et al., Multi-Task Learning as a Bargaining Game, ICML 2022"),
+    "imtlg": ("IMTLG", {}, "Liu et al., Towards Impartial Multi-task Learning, ICLR 2021"),
+    "alignedmtl": ("AlignedMTL", {}, "Senushkin et al., Independent Component Alignment for Multi-Task Learning, CVPR 2023"),
+    "dualproj": ("DualProj", {}, "Quinton & Rey, 2024 (the projection of GEM, Lopez-Paz & Ranzato, NeurIPS 2017)"),
+    "graddrop": ("GradDrop", {}, "Chen et al., Just Pick a Sign: Gradient Sign Dropout, NeurIPS 2020"),
+    "config": ("ConFIG", {}, "Liu et al., ConFIG: Towards Conflict-free Training of Physics Informed Neural Networks, ICLR 2025"),
+    "fairgrad": ("FairGrad", {"alpha": 1.0}, "Ban & Ji, Fair Resource Allocation in Multi-Task Learning, ICML 2024"),
+    "gradvac": ("GradVac", {}, "Wang et al., Gradient Vaccine, ICLR 2021"),
+}
+
+
+class JacobianWeighting(LossWeighting):
+    """A gradient-level balancer: torchjd's aggregator turns the Jacobian of the task losses (one
+    gradient per task) into the update. ``forward`` returns the plain sum (what the log and a
+    gumbel policy step read) and keeps the losses; the search then calls :meth:`backward` instead
+    of ``total.backward()``. ``weights`` are the aggregator's task weights where it has them
+    (filled in by :meth:`backward`). Options go to the torchjd aggregator (e.g. ``c`` of CAGrad)."""
+
+    jacobian = True
+    balancer = "upgrad"
+
+    def __init__(self, task_names: Sequence[str], **options):
+        super().__init__(task_names)
+        try:
+            import torchjd.aggregation as aggregation
+        except ImportError:
+            raise ConfigError(f"loss weighting {self.balancer!r} needs torchjd: pip install 'automtl[torchjd]'") from None
+        cls_name, defaults, _ = TORCHJD_BALANCERS[self.balancer]
+        opts = {**defaults, **options}
+        if cls_name == "NashMTL":
+            opts.setdefault("n_tasks", len(self.task_names))
+        try:
+            self.aggregator = getattr(aggregation, cls_name)(**opts)
+        except ImportError as exc:  # the solvers some aggregators need (quadprog, cvxpy, scipy)
+            raise ConfigError(f"loss weighting {self.balancer!r} needs more of torchjd ({exc}); "
+                              "pip install 'automtl[torchjd]'") from None
+        except TypeError as exc:
+            raise ConfigError(f"loss weighting {self.balancer!r} does not take option(s) given ({exc})") from None
+        self._losses: list = []
+        self._weights: dict = {}
+
+    def forward(self, losses, shared_parameters=None, step=None):
+        stacked = self._stack(losses)
+        self._step(step)
+        self._losses = [losses[n].reshape(()) for n in self.task_names]
+        self._weights = {n: None for n in self.task_names}
+        return stacked.sum(), self._weights
+
+    def backward(self, params: Sequence[Tensor]) -> None:
+        """Set ``.grad`` of ``params`` to the aggregated Jacobian of the last losses; a parameter no loss
+        reaches keeps ``grad = None``, as after ``total.backward()``."""
+        from torchjd.autojac import backward, jac_to_grad
+
+        params = [p for p in params if p.requires_grad]
+        losses, self._losses = self._losses, []
+        backward(losses, inputs=params)
+        unused = [p for p in params if p.jac is None or not bool(p.jac.any())]
+        weights = jac_to_grad(params, self.aggregator)
+        for p in unused:
+            p.grad = None
+        if weights is not None:
+            self._weights.update({n: float(w) for n, w in zip(self.task_names, weights.detach().reshape(-1).tolist())})
+
+
+def _jacobian_class(name: str):
+    return type(f"{TORCHJD_BALANCERS[name][0]}Weighting", (JacobianWeighting,), {"balancer": name,
+                "__doc__": f"torchjd's {TORCHJD_BALANCERS[name][0]}: {TORCHJD_BALANCERS[name][2]}."})
+
+
+
+WEIGHTINGS.update({name: _jacobian_class(name) for name in TORCHJD_BALANCERS})
+
+
 def register_weighting(name: str):
     """Class decorator adding a custom :class:`LossWeighting` to :data:`WEIGHTINGS`."""
 
@@ -354,6 +438,8 @@ def make_weighting(name: str, task_names: Sequence[str], **options) -> LossWeigh
         raise ConfigError(f"unknown loss weighting {name!r}; {hint}choose one of {', '.join(WEIGHTINGS)}")
     cls = WEIGHTINGS[key]
     params = inspect.signature(cls.__init__).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return cls(task_names, **options)  # checked by the class (torchjd's aggregator options)
     accepted = [p for p in params if p not in ("self", "task_names")]
     unknown = [o for o in options if o not in accepted]
     if unknown:

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from automtl.errors import ConfigError
-from automtl.weighting import WEIGHTINGS, GradNorm, LossWeighting, make_weighting
+from automtl.weighting import TORCHJD_BALANCERS, WEIGHTINGS, GradNorm, LossWeighting, make_weighting
 
 NAMES = ["a", "b"]
 
@@ -16,8 +16,9 @@ def L(a, b, grad=False):
 
 
 def test_registry_and_errors():
-    assert set(WEIGHTINGS) == {"equal", "static", "uncertainty", "dwa", "gradnorm", "rlw"}
-    for name in WEIGHTINGS:
+    builtin = {"equal", "static", "uncertainty", "dwa", "gradnorm", "rlw"}
+    assert set(WEIGHTINGS) == builtin | set(TORCHJD_BALANCERS)  # torchjd's: tests/test_torchjd.py
+    for name in builtin:
         opts = {"weights": {"a": 1.0, "b": 1.0}} if name == "static" else {}
         assert isinstance(make_weighting(name, NAMES, **opts), LossWeighting)
     with pytest.raises(ConfigError, match="did you mean 'gradnorm'"):

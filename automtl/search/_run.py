@@ -50,7 +50,7 @@ from ..errors import AutomtlError, ConfigError, DataError, FileFormatError
 from ..fileio import atomic_path, atomic_write_text
 from ..losses import loss_for
 from ..metrics import metric_for
-from ..policy import SHARE, SKIP, SPECIALIZE, Policy
+from ..policy import CHOICES, SHARE, SKIP, SPECIALIZE, Policy
 from ..supermodel import SuperModel
 from ..weighting import make_weighting
 from ._data import _Stream, _check_task_keys, _split_batch, _task_target, _to
@@ -67,9 +67,19 @@ POLICY_NAME = "policy.yaml"
 _CKPT_FORMAT = 1
 #: Config fields that may change between a run and its resume (they do not change the numbers).
 _RESUME_FREE = {
-    "out_dir", "log_dir", "log_every", "checkpoint_every", "resume", "quiet", "device", "val_every",
+    "out_dir", "log_dir", "tensorboard_dir", "log_every", "checkpoint_every", "resume", "quiet", "device", "val_every",
     "val_batches", "finetune_steps", "policy_file",
 }
+
+
+def _summary_writer_class():
+    """torch's SummaryWriter, or a ConfigError saying how to install tensorboard."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ConfigError("tensorboard_dir (--tensorboard) needs the tensorboard package: "
+                          "pip install 'automtl[tensorboard]'") from None
+    return SummaryWriter
 
 
 @dataclass
@@ -215,6 +225,9 @@ class _Search:
         self.elapsed0 = 0.0
         self.start = 0
         self._log_file = None
+        self._tb = None
+        if cfg.tensorboard_dir is not None and self.dist.main:
+            _summary_writer_class()  # fail before training when tensorboard is missing
         self.t0 = time.perf_counter()
 
     # ---- checkpoints -------------------------------------------------------------
@@ -314,11 +327,57 @@ class _Search:
             atomic_write_text(self.log_path, "")
         self._log_file = open(self.log_path, "a")
 
+    def _open_tensorboard(self, resumed: bool) -> None:
+        if self.config.tensorboard_dir is None or not self.dist.main:
+            return
+        # a resume purges the events a killed run wrote after its checkpoint, as the JSONL log drops them
+        self._tb = _summary_writer_class()(self.config.tensorboard_dir, purge_step=self.start + 1 if resumed else None)
+
     def _log(self, rec: dict) -> None:
         self.history.append(rec)
         if self._log_file is not None:
             self._log_file.write(json.dumps(rec) + "\n")
             self._log_file.flush()
+        if self._tb is not None:
+            self._tensorboard(rec)
+
+    def _tensorboard(self, rec: dict) -> None:
+        """The record as TensorBoard scalars: ``loss/<task>``, ``loss/total``, ``weight/<task>``, ``search/tau``,
+        ``size/expected_<metric>`` / ``size/budget_<metric>`` / ``size/expected_vs_budget``,
+        ``policy/<task>/<layer>/<choice>``; validation records ``val/<task>/<metric>`` and ``val_loss/<task>``."""
+        tb, step = self._tb, int(rec.get("step", 0))
+
+        def scalar(tag, value):
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                tb.add_scalar(tag, float(value), step)
+
+        if rec.get("stage") == "val":
+            for task, metrics in (rec.get("metrics") or {}).items():
+                for name, value in (metrics or {}).items():
+                    scalar(f"val/{task}/{name}", value)
+            for task, value in (rec.get("losses") or {}).items():
+                scalar(f"val_loss/{task}", value)
+            tb.flush()
+            return
+        for task, value in (rec.get("losses") or {}).items():
+            scalar(f"loss/{task}", value)
+        scalar("loss/total", rec.get("total"))
+        for task, value in (rec.get("weights") or {}).items() if isinstance(rec.get("weights"), Mapping) else ():
+            scalar(f"weight/{task}", value)
+        scalar("search/tau", rec.get("tau"))
+        for metric, limit in (("params", self.budget_params), ("macs", self.budget_macs)):
+            expected = rec.get(f"expected_{metric}")
+            if expected is None:
+                continue
+            scalar(f"size/expected_{metric}", expected)
+            if limit:
+                scalar(f"size/budget_{metric}", limit)
+                if metric == self.config.budget_metric:
+                    scalar("size/expected_vs_budget", expected / limit)
+        for task, layers in (rec.get("policy_probs") or {}).items():
+            for layer, probs in layers.items():
+                for choice, p in zip(CHOICES, probs):
+                    scalar(f"policy/{task}/{layer}/{choice}", p)
 
     def _elapsed(self) -> float:
         return self.elapsed0 + (time.perf_counter() - self.t0)
@@ -429,7 +488,10 @@ class _Search:
         """Backward ``total`` (None: the gradients are already in ``.grad``), average over ranks, clip, step."""
         if total is not None:
             opt.zero_grad(set_to_none=True)
-            total.backward()
+            if getattr(self.weighting, "jacobian", False):
+                self.weighting.backward(self.weight_params)  # torchjd: aggregate the per-task gradients
+            else:
+                total.backward()
         self.dist.all_reduce_grads(self.weight_params)
         if self.config.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_([p for p in self.weight_params if p.grad is not None], self.config.grad_clip)
@@ -510,6 +572,7 @@ class _Search:
             self._load()
             resumed = self.start > 0
         self._open_log(resumed)
+        self._open_tensorboard(resumed)
         if self.given_policy is not None and self.out_dir is not None and self.dist.main:
             self.given_policy.save(self.out_dir / POLICY_NAME)
         # ranks start from rank 0's weights (as DDP does), whatever their initialisation
@@ -583,6 +646,9 @@ class _Search:
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
         self.progress.close()
         self.dist.close()
 

@@ -1,13 +1,11 @@
-"""Shared machinery of every search strategy: seeds, the distributed context, optimizers, RNG state, progress."""
+"""Shared machinery of every search strategy: seeds, the distributed context, optimizers, RNG state, progress (tqdm)."""
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import math
 import os
 import random
 import sys
-import time
 from typing import Sequence
 
 import numpy as np
@@ -153,47 +151,37 @@ class _Dist:
 # progress
 # ---------------------------------------------------------------------------------------------
 class _Progress:
-    """A one-line progress bar on stderr (stage, step/total, loss, it/s, ETA); silent unless a TTY."""
+    """A tqdm bar per stage on stderr (stage, step/total, smoothed loss, it/s, ETA); off unless ``enabled``
+    and stderr is a TTY (tqdm's ``disable=None``), so logs and pipes get no carriage returns."""
 
     def __init__(self, enabled: bool, stream=None):
         self.stream = stream if stream is not None else sys.stderr
-        self.enabled = bool(enabled) and hasattr(self.stream, "isatty") and self.stream.isatty()
-        self.active = False
-        self._width = 0
+        self.enabled = bool(enabled)
+        self.bar = None
+        self.loss = None
 
     def start(self, stage: str, total: int, done: int = 0) -> None:
-        self.stage, self.total, self.first = stage, total, done
-        self.t0 = time.perf_counter()
-        self.last = 0.0
+        self.close()
+        if not self.enabled:
+            return
+        from tqdm import tqdm
+
         self.loss = None
-        self.active = True
+        # disable=None: tqdm turns itself off when the stream is not a TTY
+        self.bar = tqdm(total=total, initial=done, desc=f"{stage:<8}", file=self.stream, disable=None,
+                        dynamic_ncols=True, leave=True, unit="step")
 
     def update(self, done: int, loss: float) -> None:
-        if not self.enabled or not self.active:
+        if self.bar is None or self.bar.disable:
             return
         self.loss = loss if self.loss is None else 0.9 * self.loss + 0.1 * loss  # smoothed for reading
-        now = time.perf_counter()
-        if now - self.last < 0.1 and done < self.total:
-            return
-        loss = self.loss
-        self.last = now
-        rate = (done - self.first) / max(now - self.t0, 1e-9)
-        eta = (self.total - done) / rate if rate > 0 else float("inf")
-        eta_s = "--:--" if not math.isfinite(eta) else f"{int(eta // 60):02d}:{int(eta % 60):02d}"
-        frac = done / max(self.total, 1)
-        bar = "#" * int(frac * 20)
-        line = f"{self.stage:<8} [{bar:<20}] {done}/{self.total} loss {loss:.4f} {rate:.2f} it/s ETA {eta_s}"
-        pad = max(self._width - len(line), 0)
-        self._width = len(line)
-        self.stream.write("\r" + line + " " * pad)
-        self.stream.flush()
+        self.bar.set_postfix_str(f"loss {self.loss:.4f}", refresh=False)
+        self.bar.update(done - self.bar.n)
 
     def close(self) -> None:
-        if self.enabled and self.active:
-            self.stream.write("\n")
-            self.stream.flush()
-        self.active = False
-        self._width = 0
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -94,6 +94,10 @@ class Gumbel(Strategy):
                 rec.setdefault("expected_params", float(sm.expected_parameter_count()))
                 if cfg.budget_metric == "macs":
                     rec.setdefault("expected_macs", float(sm.expected_mac_count()))
+                probs = sm.policy_probabilities().detach().cpu().tolist()  # (layers, tasks, 3)
+            # {task: {layer: [p_share, p_specialize, p_skip]}}: what `automtl plot` draws
+            rec["policy_probs"] = {t: {layer: [round(p, 5) for p in probs[l][k]] for l, layer in enumerate(sm.layer_names)}
+                                   for k, t in enumerate(run.tasks)}
         return rec
 
     def _policy_update(self, total, rec: dict, i: int, g: int) -> None:

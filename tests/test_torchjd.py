@@ -1,0 +1,86 @@
+"""Gradient-level balancers from torchjd through the same weighting option: each trains a tiny
+search (warm-up, gumbel search, fine-tune) without error and with finite losses."""
+import math
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from automtl.data import SyntheticScenes
+from automtl.errors import ConfigError
+from automtl.search import SearchConfig, search
+from automtl.supermodel import supermodel
+from automtl.weighting import TORCHJD_BALANCERS, make_weighting
+
+SIZE = 32
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return SyntheticScenes(16, size=SIZE, seed=0), SyntheticScenes(8, size=SIZE, seed=1, split="val")
+
+
+def _needs(name):
+    pytest.importorskip("torchjd", reason="torchjd is not installed (pip install 'automtl[torchjd]')")
+    try:
+        make_weighting(name, ["a", "b"])
+    except ConfigError as exc:
+        pytest.skip(f"{name}: {exc}")
+
+
+@pytest.mark.parametrize("name", sorted(TORCHJD_BALANCERS))
+def test_torchjd_balancer_trains_a_tiny_search(data, tmp_path, name):
+    _needs(name)
+    train, val = data
+    torch.manual_seed(0)
+    sm = supermodel("tiny", train.tasks, torch.randn(1, 3, SIZE, SIZE))
+    before = [p.detach().clone() for p in sm.weight_parameters()]
+    cfg = SearchConfig(warmup_steps=2, search_steps=2, finetune_steps=2, batch_size=8, log_every=1,
+                       weight_steps_per_policy_step=1, val_batches=1, device="cpu", quiet=True, weighting=name)
+    result = search(sm, train, val, cfg)
+    train_recs = [r for r in result.history if r["stage"] != "val"]
+    assert {r["stage"] for r in train_recs} == {"warmup", "search", "finetune"}
+    for r in train_recs:
+        assert all(math.isfinite(v) for v in r["losses"].values()) and math.isfinite(r["total"])
+    assert any(not torch.equal(a, b) for a, b in zip(before, sm.weight_parameters())), "no weight moved"
+
+
+def test_torchjd_balancer_in_the_conflict_strategy(data):
+    _needs("upgrad")
+    train, val = data
+    torch.manual_seed(0)
+    sm = supermodel("tiny", train.tasks, torch.randn(1, 3, SIZE, SIZE))
+    cfg = SearchConfig(warmup_steps=1, search_steps=2, finetune_steps=1, batch_size=8, val_batches=1, device="cpu",
+                       quiet=True, weighting="upgrad", strategy="conflict")
+    result = search(sm, train, val, cfg)
+    weights = [r["weights"] for r in result.history if r["stage"] == "search"]
+    assert weights and all(w is not None and math.isfinite(w) for ws in weights for w in ws.values())
+
+
+def test_torchjd_options_and_cli(tmp_path):
+    _needs("cagrad")
+    with pytest.raises(ConfigError, match="cagrad"):
+        make_weighting("cagrad", ["a", "b"], nonsense=1)
+    assert make_weighting("cagrad", ["a", "b"], c=0.2).aggregator is not None
+    from automtl.cli import main
+
+    result = CliRunner().invoke(main, ["search", "tiny", "--steps", "1,2,1", "--samples", "16,8", "--input-size", "32",
+                                       "--quiet", "--weighting", "upgrad", "--out", str(tmp_path / "out")],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+
+
+def test_without_torchjd_is_a_config_error(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torchjd.aggregation", None)
+    with pytest.raises(ConfigError, match=r"automtl\[torchjd\]"):
+        make_weighting("upgrad", ["a", "b"])
