@@ -9,6 +9,16 @@ torch.set_num_threads(1)
 torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread in every test, restored after it: tiny ops gain nothing from two, and a busy
+    machine punishes spinning thread pools."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def dense_tasks():
     """The three dense tasks of the synthetic scenes."""

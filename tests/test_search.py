@@ -25,14 +25,6 @@ WORKER = Path(__file__).with_name("search_worker.py")
 SIZE = 32
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: tiny ops gain nothing from two, and a busy machine punishes spinning."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def data():

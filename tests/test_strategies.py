@@ -13,13 +13,6 @@ from automtl.tasks import Task
 SIZE = 16
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 class TwoTargets(Dataset):
     """Images with two regression targets: the same function twice (``related``), or two functions of

@@ -15,13 +15,6 @@ from automtl.supermodel import supermodel
 SIZE = 32
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 class _TTY(io.StringIO):
     def isatty(self):
