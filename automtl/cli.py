@@ -14,11 +14,11 @@ import click
 
 from .config import MAX_INPUT_SIZE
 from .errors import AutomtlError
+from .fileio import STORAGE_ERRNOS
 
 
-#: OS errors that mean "this machine cannot take the write", not a bug: one sentence, exit 2.
-_STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.EIO,
-                   errno.EMFILE, errno.ENFILE, errno.ENAMETOOLONG, errno.ENOTDIR, errno.EISDIR, errno.ENOENT}
+#: OS errors that mean "this machine or this path cannot take the read or write", not a bug: one sentence, exit 2.
+_USER_OS_ERRNOS = STORAGE_ERRNOS | {errno.EMFILE, errno.ENFILE, errno.ENAMETOOLONG, errno.ENOTDIR, errno.EISDIR, errno.ENOENT}
 #: Commands that keep a run directory and continue with --resume after an interruption.
 _RESUMABLE = ("convert", "search")
 
@@ -46,7 +46,7 @@ class _Group(click.Group):
                 raise
             _fail(str(exc))
         except OSError as exc:
-            if exc.errno not in _STORAGE_ERRNOS or (ctx.obj and ctx.obj.get("debug")):
+            if exc.errno not in _USER_OS_ERRNOS or (ctx.obj and ctx.obj.get("debug")):
                 raise
             where = f" {exc.filename!r}" if exc.filename else ""
             _fail(f"cannot read or write{where} ({exc.strerror or exc}); free space, fix the permissions or choose another path")
@@ -141,7 +141,7 @@ def _pipeline_options(f):
         click.option("--seed", type=int, help="Seed of the whole run (data order, Gumbel noise, initial heads)."),
         click.option("--strategy", metavar="NAME",
                      help="How the policy is searched: conflict (branch where the tasks' gradients conflict, after "
-                          "Recon) or gumbel (AutoMTL's Gumbel-softmax search). Default: the config's, else gumbel."),
+                          "Recon) or gumbel (AutoMTL's Gumbel-softmax search). Default: the config's, else conflict."),
         click.option("--weighting", metavar="NAME",
                      help="Loss balancer: equal, static, uncertainty, dwa, gradnorm, rlw, or a gradient-level one from "
                           "torchjd (upgrad, mgda, pcgrad, cagrad, nashmtl, imtlg, alignedmtl, dualproj, graddrop, config, "

@@ -10,7 +10,7 @@ from pathlib import Path
 
 
 #: errno values that mean the write cannot happen here (not a bug): reported as a StorageError.
-_STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.EIO}
+STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.EIO}
 
 
 def storage_error(path, exc: BaseException):
@@ -20,7 +20,7 @@ def storage_error(path, exc: BaseException):
     """
     from .errors import StorageError
 
-    if isinstance(exc, OSError) and exc.errno in _STORAGE_ERRNOS:
+    if isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS:
         reason = exc.strerror or str(exc)
     elif isinstance(exc, RuntimeError) and ("write failed" in str(exc) or "No space left" in str(exc)):
         reason = "the write failed; the disk is probably full"

@@ -59,8 +59,9 @@ def _constructor_args(name: str, mod: nn.Module) -> dict:
     import inspect
 
     args: dict = {}
+    params = inspect.signature(type(mod).__init__).parameters
     for key in MODULES[type(mod)]:
-        param = inspect.signature(type(mod).__init__).parameters.get(key)
+        param = params.get(key)
         value = getattr(mod, key, inspect.Parameter.empty)
         if isinstance(value, torch.Tensor) or (value is None and key in ("bias", "weight") and param is not None
                                                and param.default is True):
