@@ -60,6 +60,7 @@ _CHOICES = {
     "weight_optimizer": ("adam", "sgd"),
     "budget_metric": ("params", "macs"),
     "discretize": ("argmax", "sample"),
+    "paths": ("sampled", "soft"),
 }
 
 
@@ -67,7 +68,7 @@ _CHOICES = {
 class SearchConfig:
     """How :func:`automtl.search` runs. Step counts are optimizer steps (one batch each).
 
-    Stages: ``warmup_steps`` of all operators under the uniform mix; ``search_steps`` in
+    Stages: ``warmup_steps`` of all operators under the uniform policy; ``search_steps`` in
     which every ``weight_steps_per_policy_step`` weight steps are followed by one policy step;
     discretize; ``finetune_steps`` of the discrete architecture only.
     """
@@ -81,7 +82,8 @@ class SearchConfig:
     search_steps: int = 1000
     finetune_steps: int = 1000
     weight_steps_per_policy_step: int = 4  # AutoMTL: 400 weight / 100 policy steps
-    hard_weight_steps: bool = False  # weight steps of the search run one sampled hard path
+    # gumbel: "sampled" runs one Gumbel-max path per task (GDAS), what tasks share once; "soft" mixes all operators (AutoMTL)
+    paths: str = "sampled"
     # weights
     weight_optimizer: str = "adam"  # adam | sgd
     lr: float = 1e-3
@@ -167,7 +169,7 @@ class SearchConfig:
                 hint = f"did you mean {close[0]!r}? " if close else ""
                 raise ConfigError(f"config field {name!r} is {v!r}; {hint}choose one of {', '.join(options)}")
             setattr(self, name, v.lower())
-        for name in ("amp", "hard_weight_steps", "resume", "quiet"):
+        for name in ("amp", "resume", "quiet"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"config field {name!r} must be true or false, got {getattr(self, name)!r}")
         if not 0 <= self.holdout_fraction < 1:

@@ -9,8 +9,8 @@
 **Equal compute.** Every method of a benchmark gets the same training cost ``C``, counted in
 backbone forward+backward equivalents (FBE: one step of the hard-sharing model, one backbone pass
 and T heads). Each strategy's stage lengths are set from ``C`` with the measured cost of its steps
-(``STEP_COST``: e.g. a gumbel warm-up or search step runs every operator for every task, about 4.2
-FBE; a conflict search step adds one backward per task, about 2-2.7 FBE); every job also reports the
+(``STEP_COST``: e.g. a gumbel warm-up or search step runs one sampled path per task, what tasks
+share computed once, about 1.5 FBE; AutoMTL's all-operator mix would cost about 4.2; a conflict search step adds one backward per task, about 2-2.7 FBE); every job also reports the
 CPU seconds it took, and the summary its measured cost in FBE (CPU seconds / the same seed's
 hard-sharing CPU seconds per step), so the match can be checked:
   single-task      one model per task trained for C steps (a generous reference: T x C in all);
@@ -62,9 +62,10 @@ BENCHMARKS = {
 QUICK = dict(size=32, train=32, val=16, batch=8, cost=12)
 
 #: Cost of one step of each stage in FBE, measured on this machine (benchmarks/quality.py's
-#: hard-sharing step = 1) for small_resnet / resnet18: gumbel 4.3 / 4.3 (warm-up), 4.2 / 3.8 (search);
+#: hard-sharing step = 1) for small_resnet / resnet18: gumbel on sampled paths 1.7 / 1.5 (warm-up),
+#: 1.5 / 1.4 (search) (with paths="soft", AutoMTL's all-operator mix: 4.8 / 4.4 and 4.6 / 3.8);
 #: conflict 0.9 / 1.0 (warm-up: hard sharing), 1.9 / 2.7 (search: a backward per task); fine-tune ~1.1.
-STEP_COST = {"gumbel": {"warmup": 4.3, "search": 4.0, "finetune": 1.1},
+STEP_COST = {"gumbel": {"warmup": 1.6, "search": 1.5, "finetune": 1.1},
              "conflict": {"warmup": 1.0, "search": 2.5, "finetune": 1.1}}
 #: How each strategy spends C: the share of C in warm-up and search (the rest is fine-tune).
 SPLIT = {"gumbel": {"warmup": 0.25, "search": 0.45}, "conflict": {"warmup": 0.45, "search": 0.15}}

@@ -186,7 +186,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    variants = {"default": {}, "hard_weight_steps": {"hard_weight_steps": True}}
+    variants = {"default": {}, "soft": {"paths": "soft"}, "conflict": {"strategy": "conflict"}}
     results = []
     for name in args.backbones:
         for size in args.sizes:

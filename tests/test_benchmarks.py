@@ -26,7 +26,7 @@ def test_search_step_measures_batched_and_per_task_loop(tmp_path):
     run("search_step.py", "--backbones", "tiny", "--sizes", "32", "--repeats", "1", "--warmup", "0", "--tasks", "2", "--out", out)
     res = json.loads(out.read_text())["results"][0]
     assert res["tasks"] == 2
-    for label in ("default", "hard_weight_steps", "per_task_loop"):
+    for label in ("default", "soft", "conflict", "per_task_loop"):
         assert res["variants"][label]["wall"]["ratio"] > 0
     assert res["variants"]["default"]["cpu"]["speedup_vs_per_task_loop"] > 0
 

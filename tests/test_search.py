@@ -199,12 +199,12 @@ def test_per_task_loaders(data):
                for k, t in enumerate(sm.task_names)}
     vals = {t: make_loader(val, 16) for t in sm.task_names}
     res = search(sm, loaders, vals, dict(warmup_steps=3, search_steps=4, finetune_steps=3, weight_steps_per_policy_step=1,
-                                         hard_weight_steps=True, quiet=True))
+                                         paths="sampled", quiet=True))
     assert set(res.metrics) == set(sm.task_names)
 
 
 @pytest.mark.parametrize("options", [
-    dict(weighting="gradnorm", hard_weight_steps=True),
+    dict(weighting="gradnorm", paths="soft"),
     dict(weighting="uncertainty", weight_optimizer="sgd", budget="1.2x", budget_metric="macs", discretize="sample"),
     dict(amp=True, grad_clip=1.0, val_every=4),  # amp is a no-op on the CPU
 ])

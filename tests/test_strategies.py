@@ -140,3 +140,27 @@ def test_rendered_grid_shows_evidence():
                   "undecided": [[1, 0]], "budget": {"metric": "params", "used": 1.2, "limit": 1.5}})
     src = to_dot(pol).source
     assert "specialize</B> +0.20" in src and "share ?+0.05" in src and "budget used: 1.2x" in src
+
+
+def test_gumbel_frees_the_optimizer_state_of_ruled_out_operators():
+    """Sampled paths: operators the policy rules out lose their Adam state; sampled ones keep theirs."""
+    from automtl.search import _Search
+
+    torch.manual_seed(0)
+    tasks = [Task("a", kind="regression"), Task("b", kind="regression")]
+    sm = supermodel("tiny", tasks, torch.randn(1, 3, SIZE, SIZE))
+    run_ = _Search(sm, DataLoader(TwoTargets(64, False), batch_size=16), None,
+                   SearchConfig(strategy="gumbel", quiet=True, checkpoint_every=0), None)
+    run_._enter("warmup")
+    iters = {k: s.iterate(0) for k, s in run_.streams.items()}
+    for i in range(12):
+        run_._step("warmup", i, i, iters, False)
+    spec = [p for layer in sm.policy_layers for u in layer.specialized for p in u.parameters()]
+    assert any(p in run_.weight_opt.state for p in spec)
+    with torch.no_grad():
+        sm.policy_logits[..., SPECIALIZE] = -20.0
+    assert run_.strategy._free_ruled_out() > 0
+    assert not any(p in run_.weight_opt.state for p in spec)
+    shared = [p for layer in sm.policy_layers for p in layer.shared.parameters()]
+    assert any(p in run_.weight_opt.state for p in shared)
+    run_.close()

@@ -25,38 +25,29 @@ whole validation set, so metrics agree without a reduction.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import os
-import random
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
-import numpy as np
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
-from torch import nn
-from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset, RandomSampler, SequentialSampler
 
 from ..compact import compact
 from ..config import SearchConfig, parse_budget
 from ..data.checks import BatchChecks
-from ..errors import AutomtlError, ConfigError, DataError, FileFormatError
+from ..errors import AutomtlError, ConfigError, FileFormatError
 from ..fileio import atomic_path, atomic_write_text
 from ..losses import loss_for
-from ..metrics import metric_for
-from ..policy import CHOICES, SHARE, SKIP, SPECIALIZE, Policy
+from ..policy import CHOICES, SHARE, SPECIALIZE, Policy
 from ..supermodel import SuperModel
 from ..weighting import make_weighting
 from ._data import _Stream, _check_task_keys, _split_batch, _task_target, _to
 from ._evaluate import evaluate
 from ._strategy import strategy_class
-from ._util import _Dist, _Progress, _make_optimizer, _resolve_device, _rng_state, _seed, _set_rng_state
+from ._util import _Dist, _Progress, _make_optimizer, _resolve_device, _rng_state, _set_rng_state
 
 
 __all__ = ["search", "evaluate", "SearchConfig", "SearchResult", "parse_budget"]
@@ -507,10 +498,11 @@ class _Search:
         if stage == "search":
             return self.strategy.search_step(i, g, iters, log)
         x, targets = self._batch(iters, "all" if stage == "finetune" else "")
-        mix = self.strategy.warmup_mix() if stage == "warmup" and self.stage_net is None else None
+        net, mix = self.strategy.warmup_forward(g) if stage == "warmup" else (self.stage_net, None)
         self.sync_buffers()
-        losses, values = self.forward_losses(self.stage_net, x, targets, stage, i, g, mix)
-        total, weights = self.weighting(losses, shared_parameters=self.shared, step=g)
+        losses, values = self.forward_losses(net, x, targets, stage, i, g, mix)
+        shared = self.strategy.shared_parameters() if stage == "warmup" else self.shared
+        total, weights = self.weighting(losses, shared_parameters=shared, step=g)
         opt = self.finetune_opt if stage == "finetune" else self.weight_opt
         self.weight_step(total, opt)
         return self.record(stage, i, g, "weight", values, weights, total, opt)

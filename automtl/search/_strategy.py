@@ -70,6 +70,16 @@ class Strategy:
         """Operator weights of a warm-up forward (None: the network from ``enter_warmup``)."""
         return self.run.sm.mixing_weights()
 
+    def warmup_forward(self, g: int):
+        """``(net, mix)`` of warm-up step ``g``: the network to run (None: the supermodel) and the operator
+        weights the supermodel runs under."""
+        net = self.run.stage_net
+        return net, (self.warmup_mix() if net is None else None)
+
+    def shared_parameters(self):
+        """The weights GradNorm measures task gradients on, after this step's forward."""
+        return self.run.shared
+
     def enter_search(self) -> None:
         raise NotImplementedError
 

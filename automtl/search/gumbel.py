@@ -1,10 +1,13 @@
 """The ``gumbel`` strategy: AutoMTL's search (Zhang, Liu, Guan, NeurIPS 2022), repaired.
 
-Warm-up trains every operator under the uniform mix. The search alternates
+Warm-up trains every operator of the uniform policy. The search alternates
 ``weight_steps_per_policy_step`` weight steps on the training part of the data with one policy
 step on a held-out part (``holdout_fraction`` of a map-style training set, as AutoMTL and AdaShare
 alternate over two splits), each forward a Gumbel-softmax sample of the policy at an annealed
-temperature τ. The policy objective is the task losses, plus ``reg_weight`` times a depth-weighted
+temperature τ. With ``paths="sampled"`` (the default) every forward runs one Gumbel-max path per
+task, what tasks share computed once (:mod:`automtl.paths`), and policy steps learn through the
+straight-through gates of GDAS (Dong & Yang, CVPR 2019); warm-up samples paths uniformly. With
+``paths="soft"`` every forward mixes all three operators of every layer (AutoMTL). The policy objective is the task losses, plus ``reg_weight`` times a depth-weighted
 pull toward *share* averaged (not summed) over layers, so its strength does not grow with depth,
 plus ``budget_weight`` times the hinge of the expected compact-model size over the budget.
 
@@ -16,9 +19,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..policy import SHARE, Policy
+from ..paths import deepest_parameters, run_paths
+from ..policy import SHARE, SKIP, SPECIALIZE, Policy
 from ._strategy import Strategy, register_strategy
 from ._util import _seed
+
+
+#: A choice whose probability is below this for every task that could take it is ruled out: the
+#: weight optimizer's state of its operator is freed (sampled paths; it is then sampled under 1% of steps).
+RULED_OUT = 0.01
 
 
 @register_strategy("gumbel")
@@ -59,30 +68,47 @@ class Gumbel(Strategy):
             expected, limit = run.sm.expected_parameter_count(probs), run.budget_params
         return F.relu(expected / limit - 1.0), expected
 
+    def warmup_forward(self, g: int):
+        """Sampled paths: each warm-up step trains one path per task drawn uniformly over the legal
+        choices (single-path one-shot training); soft: every operator under the uniform mix."""
+        run, sm = self.run, self.run.sm
+        if run.config.paths == "soft":
+            return super().warmup_forward(g)
+        gen = torch.Generator().manual_seed(_seed("automtl-warmup-path", run.config.seed, g))
+        choices = sm.sample_path(gen, uniform=True)
+        self.ops_used = set()
+        return (lambda x: run_paths(sm, x, choices, ops_used=self.ops_used)), None
+
+    def shared_parameters(self):
+        """On a sampled path: the deepest layer's operators that ran (GradNorm's "last shared layer")."""
+        used = getattr(self, "ops_used", None)
+        return deepest_parameters(self.run.sm, used) if used else self.run.shared
+
     def search_step(self, i: int, g: int, iters: dict, log: bool) -> dict:
         run, sm, cfg = self.run, self.run.sm, self.run.config
         policy_step = self.is_policy_step(i)
         x, targets = run._batch(iters, "policy" if policy_step else "")
         gen = torch.Generator().manual_seed(_seed("automtl-gumbel", cfg.seed, g))
         sm.tau = tau = self.tau(i)
-        hard_layers: list = []
-        if policy_step:
-            mix = sm.mixing_weights(gen)
-        else:
-            with torch.no_grad():
-                mix = sm.mixing_weights(gen)
-            if cfg.hard_weight_steps:
-                # a Gumbel-max sample of the policy: only the sampled operators run and learn
-                hard_layers = sm.policy_layers
-                for layer, row in zip(hard_layers, mix.argmax(-1).tolist()):
-                    layer.choices = tuple(row)
+        mix, net, self.ops_used = None, None, None
+        if cfg.paths == "soft" or policy_step:
+            with torch.set_grad_enabled(policy_step):
+                mix = sm.mixing_weights(gen)  # a Gumbel-softmax sample at temperature tau, (layers, tasks, 3)
+        if cfg.paths == "sampled":
+            self.ops_used = used = set()
+            if policy_step:
+                # straight-through (GDAS): value 1, gradient into the sampled choice's Gumbel-softmax weight;
+                # independent noise per task, each task's path apart (its policy gradient from its own loss)
+                choices = mix.detach().argmax(-1)
+                soft = mix.gather(-1, choices.unsqueeze(-1)).squeeze(-1)
+                gates = 1.0 - soft.detach() + soft
+                net = lambda inp: run_paths(sm, inp, choices.tolist(), gates=gates, ops_used=used)  # noqa: E731
+            else:
+                path = sm.sample_path(gen)  # one noise per layer for all tasks: agreeing tasks compute once
+                net = lambda inp: run_paths(sm, inp, path, ops_used=used)  # noqa: E731
         run.sync_buffers()
-        try:
-            losses, values = run.forward_losses(None, x, targets, "search", i, g, mix)
-        finally:
-            for layer in hard_layers:
-                layer.choices = None
-        total, weights = run.weighting(losses, shared_parameters=run.shared, step=g)
+        losses, values = run.forward_losses(net, x, targets, "search", i, g, mix)
+        total, weights = run.weighting(losses, shared_parameters=self.shared_parameters(), step=g)
         rec = run.record("search", i, g, "policy" if policy_step else "weight", values, weights, total, run.weight_opt)
         rec["tau"] = tau
         if policy_step:
@@ -118,6 +144,27 @@ class Gumbel(Strategy):
         run.policy_opt.step()
         run.policy_opt.zero_grad(set_to_none=True)
         rec["objective"] = float(objective.detach())
+        if cfg.paths == "sampled":
+            rec["optimizer_state_freed"] = self._free_ruled_out()
+
+    def _free_ruled_out(self) -> int:
+        """Drop the weight optimizer's state of operators the policy has ruled out (probability below
+        ``RULED_OUT`` for every task that could pick them); returns the number of tensors freed. Should a
+        sample pick one again, its state starts afresh, as for an operator trained for the first time."""
+        run, sm = self.run, self.run.sm
+        with torch.no_grad():
+            probs = sm.policy_probabilities().detach().cpu()  # (layers, tasks, 3)
+        state, freed = run.weight_opt.state, 0
+        for layer, p in zip(sm.policy_layers, probs):
+            out = [layer.specialized[t] for t in range(p.shape[0]) if p[t, SPECIALIZE] < RULED_OUT]
+            if bool((p[:, SHARE] < RULED_OUT).all()):
+                out.append(layer.shared)
+            if layer.skip is not None and bool((p[:, SKIP] < RULED_OUT).all()):
+                out.append(layer.skip)
+            for op in out:
+                for param in op.parameters():
+                    freed += state.pop(param, None) is not None
+        return freed
 
     def decide(self):
         """Argmax (or a seeded sample) of the policy; a choice whose probability beats the runner-up by

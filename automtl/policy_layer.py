@@ -1,0 +1,201 @@
+"""The policy layer: one convolution (and the norm after it) offered to every task as share, specialize or skip.
+
+:class:`PolicyLayer` holds the backbone's operator (*share*), one task-owned copy per task
+(*specialize*) and the *skip* operator (identity, or a strided 1x1 projection where the shape
+changes); it runs on the folded task batch (row ``t*B + b`` is sample ``b`` of task ``t``) under a
+(T, 3) mixing weight, or, in hard mode, only each task's chosen operator. The normalisation helpers
+keep BatchNorm's batch statistics per task on the folded batch.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .policy import SHARE, SKIP, SPECIALIZE
+
+#: Normalisation kinds fused with the conv right before them (the rule is by kind, any subclass:
+#: BatchNorm of any dimension, SyncBatchNorm, InstanceNorm, GroupNorm, LayerNorm, and norm+activation
+#: modules built on them): they follow the conv's share/specialize/skip choice and count in its parameters.
+FUSABLE_NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+
+
+def uses_batch_statistics(m: nn.Module) -> bool:
+    """True for a BatchNorm (any subclass) that normalises with the statistics of its input batch."""
+    return isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or m.running_mean is None)
+
+
+def taskwise_norm(norm: nn.Module, x: torch.Tensor, num_tasks: int) -> torch.Tensor:
+    """``norm(x)`` on the folded task batch as if each task's rows were a batch of their own.
+
+    A BatchNorm that uses batch statistics would otherwise mix every task's rows, and the compact
+    model (one batch per class of tasks) would compute another function. The running statistics get
+    one update of the module's momentum for the T tasks together (momentum 1-(1-m)^(1/T) per task).
+    """
+    if num_tasks == 1 or not uses_batch_statistics(norm):
+        return norm(x)
+    momentum = norm.momentum
+    if norm.training and isinstance(momentum, float):
+        norm.momentum = 1 - (1 - momentum) ** (1 / num_tasks)
+    try:
+        return torch.cat([norm(xt) for xt in x.chunk(num_tasks)])
+    finally:
+        norm.momentum = momentum
+
+
+def taskwise_batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1,
+                        eps=1e-5, num_tasks=1):
+    """``F.batch_norm`` (as a backbone's hand-written norm calls it) normalising each task's rows apart; see :func:`taskwise_norm`."""
+    if num_tasks == 1 or not (training or running_mean is None):
+        return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    if isinstance(momentum, float):
+        momentum = 1 - (1 - momentum) ** (1 / num_tasks)
+    return torch.cat([F.batch_norm(xt, running_mean, running_var, weight, bias, training, momentum, eps)
+                      for xt in input.chunk(num_tasks)])
+
+
+class ConvUnit(nn.Module):
+    """A convolution and the normalisation layer after it: the unit a task shares, owns or skips."""
+
+    def __init__(self, conv: nn.Conv2d, bn: Optional[nn.Module] = None):
+        super().__init__()
+        self.conv = conv
+        self.bn = bn if bn is not None else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.conv(x))
+
+    def forward_tasks(self, x: torch.Tensor, num_tasks: int) -> torch.Tensor:
+        """The unit on ``num_tasks`` tasks' rows folded into the batch, normalising each task apart."""
+        return taskwise_norm(self.bn, self.conv(x), num_tasks)
+
+
+def _run(op: nn.Module, x: torch.Tensor, num_tasks: int) -> torch.Tensor:
+    return op.forward_tasks(x, num_tasks) if isinstance(op, ConvUnit) else op(x)
+
+
+def repeat_tasks(x: torch.Tensor, num_tasks: int) -> torch.Tensor:
+    """Turn a task-invariant batch (B, ...) into the folded task batch (T*B, ...)."""
+    return x.repeat(num_tasks, *([1] * (x.dim() - 1)))
+
+
+
+@dataclass
+class LayerInfo:
+    """Static facts about one policy layer, used for accounting and legality."""
+
+    name: str
+    in_shape: tuple
+    out_shape: tuple
+    unit_params: int
+    skip_params: int
+    macs: int  # per sample, of the backbone operator
+    skip_macs: int
+    skip_kind: str  # "identity", "projection" or "none" (skip illegal)
+
+    @property
+    def skip_legal(self) -> bool:
+        return self.skip_kind != "none"
+
+
+class PolicyLayer(nn.Module):
+    """share | specialize | skip for every task, on the folded task batch.
+
+    ``mix`` is the (T, 3) mixing weight of this layer for this forward; in hard mode
+    (``choices`` set) only the chosen operator of each task is computed.
+    """
+
+    def __init__(self, unit: ConvUnit, num_tasks: int, skip: Optional[nn.Module]):
+        super().__init__()
+        self.num_tasks = num_tasks
+        self.shared = unit
+        self.specialized = nn.ModuleList(copy.deepcopy(unit) for _ in range(num_tasks))
+        self.skip = skip
+        self.choices: Optional[tuple] = None
+
+    def forward(self, x: torch.Tensor, mix: torch.Tensor, shared_input: bool = False) -> torch.Tensor:
+        if self.choices is not None:
+            return self._forward_hard(x, shared_input)
+        T = self.num_tasks
+        xs = [x] * T if shared_input else x.chunk(T)
+        n = 1 if shared_input else T
+        y_spec = torch.stack([op(xt) for op, xt in zip(self.specialized, xs)])  # (T, B, C, H, W)
+        w = mix.to(y_spec.dtype).view(T, 3, 1, 1, 1, 1)
+        out = w[:, SPECIALIZE] * y_spec + w[:, SHARE] * self._per_task(_run(self.shared, x, n), shared_input)
+        if self.skip is not None:
+            out = out + w[:, SKIP] * self._per_task(_run(self.skip, x, n), shared_input)
+        return out.flatten(0, 1)
+
+    def _per_task(self, y: torch.Tensor, shared_input: bool) -> torch.Tensor:
+        return y.unsqueeze(0) if shared_input else y.view(self.num_tasks, -1, *y.shape[1:])
+
+    def _forward_hard(self, x: torch.Tensor, shared_input: bool) -> torch.Tensor:
+        T = self.num_tasks
+        if not shared_input and self.choices[0] != SPECIALIZE and all(c == self.choices[0] for c in self.choices):
+            # every task runs the same operator: one call on the folded batch, no gather/scatter copies
+            y = _run(self.shared if self.choices[0] == SHARE else self.skip, x, T)
+            return y.clone() if y is x else y  # an identity skip must not alias its input (in-place ops follow)
+        xs = [x] * T if shared_input else list(x.chunk(T))
+        outs: list = [None] * T
+        for choice, op in ((SHARE, self.shared), (SKIP, self.skip)):
+            users = [t for t in range(T) if self.choices[t] == choice]
+            if not users:
+                continue
+            if shared_input:
+                y = op(x)
+                for t in users:
+                    outs[t] = y
+            else:
+                if users[-1] - users[0] == len(users) - 1:  # consecutive tasks: their rows are a view
+                    b = x.shape[0] // T
+                    inp = x.narrow(0, users[0] * b, len(users) * b)
+                else:
+                    inp = torch.cat([xs[t] for t in users])
+                ys = _run(op, inp, len(users)).chunk(len(users))
+                for t, y in zip(users, ys):
+                    outs[t] = y
+        for t in range(T):
+            if self.choices[t] == SPECIALIZE:
+                outs[t] = self.specialized[t](xs[t])
+        return torch.cat(outs)
+
+
+def _skip_operator(conv: nn.Conv2d, in_shape: tuple, out_shape: tuple) -> tuple[Optional[nn.Module], str]:
+    """Identity when the shape is kept; else a strided 1x1 conv + BN where that reproduces the shape and
+    costs fewer multiply-accumulates than the layer (a ResNet downsampling 3x3, not a 1x1 or a depthwise
+    conv, whose "skip" would cost as much or more than running it); else none (skip is illegal)."""
+    if not _keeps_size_rule(conv):
+        return None, "none"  # the conv's output size is not the strided input size at every input size
+    if tuple(in_shape[1:]) == tuple(out_shape[1:]) and tuple(conv.stride) == (1, 1):
+        return nn.Identity(), "identity"
+    stride = conv.stride
+    h, w = in_shape[2], in_shape[3]
+    fits = (h - 1) // stride[0] + 1 == out_shape[2] and (w - 1) // stride[1] + 1 == out_shape[3]
+    projection_macs = out_shape[1] * out_shape[2] * out_shape[3] * in_shape[1]
+    if fits and projection_macs < _conv_macs(conv, out_shape):
+        proj = ConvUnit(
+            nn.Conv2d(in_shape[1], out_shape[1], 1, stride=stride, bias=False),
+            nn.BatchNorm2d(out_shape[1]),
+        )
+        nn.init.kaiming_normal_(proj.conv.weight, mode="fan_out", nonlinearity="relu")
+        return proj, "projection"
+    return None, "none"
+
+
+def _keeps_size_rule(conv: nn.Conv2d) -> bool:
+    """True when out = ceil(in / stride) at every input size ("same" padding): only then can a skip
+    (identity, or a strided 1x1 projection) stand in for the conv at sizes other than the example's."""
+    if conv.padding == "same":
+        return True
+    if isinstance(conv.padding, str):
+        return all(d * (k - 1) == 0 for k, d in zip(conv.kernel_size, conv.dilation))
+    return all(2 * p == d * (k - 1) for p, k, d in zip(conv.padding, conv.kernel_size, conv.dilation))
+
+
+def _conv_macs(conv: nn.Conv2d, out_shape: tuple) -> int:
+    k = conv.kernel_size[0] * conv.kernel_size[1]
+    return int(out_shape[1] * out_shape[2] * out_shape[3] * (conv.in_channels // conv.groups) * k)
