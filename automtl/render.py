@@ -213,40 +213,9 @@ def _emit_graph(g, d: Drawing, model, colours: dict) -> None:
     """Boxes, joins, branch dots and heads; edges take the colour of the tasks they feed."""
     all_tasks = tuple(model.task_names)
     ids = {k: f"n{i}" for i, k in enumerate(d.boxes)}
-    kinds = {t.name: t.kind for t in model.tasks}
     with g.subgraph(name="model") as s:
         for key, box in d.boxes.items():
-            nid = ids[key]
-            if box.kind == "input":
-                shape = _input_shape(model)
-                s.node(nid, label=f"input{shape}", shape="invhouse", style="filled", fillcolor="white",
-                       color=EDGE_SHARED, penwidth="1.5", sortv="1")
-            elif box.kind == "head":
-                t = box.tasks[0]
-                c = colours[t]
-                extra = f'<BR/><FONT POINT-SIZE="10">{html.escape(kinds.get(t, ""))} head</FONT>'
-                skipped = ""
-                if box.skipped:
-                    skipped = f'<BR/><FONT POINT-SIZE="10"><I>skip {html.escape(", ".join(box.skipped[:3]))}</I></FONT>'
-                s.node(nid, label=f"<<B>{html.escape(t)}</B>{extra}{skipped}>", shape="box",
-                       style="rounded,filled", fillcolor=c, color=c, fontcolor=ink_on(c), penwidth="2", margin="0.15,0.06")
-            elif box.kind == "join":
-                c = _class_colour(box.tasks, colours, all_tasks)
-                s.node(nid, label=f"<{box.label}>", shape="circle", width="0.3", height="0.3", fixedsize="true",
-                       style="filled", fillcolor=tint(c, 0.8) if len(box.tasks) == 1 else "white",
-                       color=c, penwidth="2", fontsize="14")
-            else:
-                if len(box.tasks) == 1:
-                    c = colours[box.tasks[0]]
-                    fill, border, ink, width = tint(c), c, "black", "2.5"
-                else:
-                    fill = ALL_FILL if box.tasks == all_tasks else SOME_FILL
-                    border, ink, width = fill, "white", "1"
-                style = "rounded,filled" + (",dashed" if box.has_skip else "")
-                if box.has_skip and len(box.tasks) > 1:
-                    border, width = "#000000", "2"
-                s.node(nid, label=_box_label(box, colours, all_tasks), shape="box", style=style,
-                       fillcolor=fill, color=border, fontcolor=ink, penwidth=width, margin="0.12,0.04")
+            s.node(ids[key], **_node_attrs(box, model, colours))
         # heads side by side at the bottom
         with s.subgraph() as r:
             r.attr(rank="sink")
@@ -266,6 +235,40 @@ def _emit_graph(g, d: Drawing, model, colours: dict) -> None:
             dst = d.boxes[b]
             src = ids[a] + "_split" if a in branches else ids[a]
             s.edge(src, ids[b], color=_class_colour(dst.tasks, colours, all_tasks), penwidth=_pen(dst.tasks))
+
+
+def _node_attrs(box, model, colours: dict) -> dict:
+    """The graphviz attributes of one box: the input, a task's head, a join or a block."""
+    all_tasks = tuple(model.task_names)
+    if box.kind == "input":
+        return dict(label=f"input{_input_shape(model)}", shape="invhouse", style="filled", fillcolor="white",
+                    color=EDGE_SHARED, penwidth="1.5", sortv="1")
+    if box.kind == "head":
+        t = box.tasks[0]
+        c = colours[t]
+        kind = next((task.kind for task in model.tasks if task.name == t), "")
+        extra = f'<BR/><FONT POINT-SIZE="10">{html.escape(kind)} head</FONT>'
+        skipped = ""
+        if box.skipped:
+            skipped = f'<BR/><FONT POINT-SIZE="10"><I>skip {html.escape(", ".join(box.skipped[:3]))}</I></FONT>'
+        return dict(label=f"<<B>{html.escape(t)}</B>{extra}{skipped}>", shape="box",
+                    style="rounded,filled", fillcolor=c, color=c, fontcolor=ink_on(c), penwidth="2", margin="0.15,0.06")
+    if box.kind == "join":
+        c = _class_colour(box.tasks, colours, all_tasks)
+        return dict(label=f"<{box.label}>", shape="circle", width="0.3", height="0.3", fixedsize="true",
+                    style="filled", fillcolor=tint(c, 0.8) if len(box.tasks) == 1 else "white",
+                    color=c, penwidth="2", fontsize="14")
+    if len(box.tasks) == 1:
+        c = colours[box.tasks[0]]
+        fill, border, ink, width = tint(c), c, "black", "2.5"
+    else:
+        fill = ALL_FILL if box.tasks == all_tasks else SOME_FILL
+        border, ink, width = fill, "white", "1"
+    style = "rounded,filled" + (",dashed" if box.has_skip else "")
+    if box.has_skip and len(box.tasks) > 1:
+        border, width = "#000000", "2"
+    return dict(label=_box_label(box, colours, all_tasks), shape="box", style=style,
+                fillcolor=fill, color=border, fontcolor=ink, penwidth=width, margin="0.12,0.04")
 
 
 def _pen(tasks: tuple) -> str:
