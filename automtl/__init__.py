@@ -12,6 +12,7 @@ from .errors import AutomtlError, BackboneError, ConfigError, DataError, FileFor
 from .formats import export, export_onnx, load, load_pt2, save
 from .policy import Policy
 from .render import render
+from .runs import compact_run, search_run
 from .search import SearchResult, evaluate, search
 from .supermodel import SuperModel, supermodel
 from .tasks import Task
@@ -21,6 +22,6 @@ __version__ = "0.1.0"
 __all__ = [
     "AutomtlError", "BackboneError", "Capture", "CompactModel", "ConfigError", "DataError", "FileFormatError",
     "Policy", "SearchConfig", "SearchResult", "SuperModel", "Task", "build_backbone", "capture", "compact",
-    "evaluate", "export", "export_onnx", "list_backbones", "load", "load_pt2", "load_weights", "render", "save", "search",
-    "supermodel",
+    "compact_run", "evaluate", "export", "export_onnx", "list_backbones", "load", "load_pt2", "load_weights", "render",
+    "save", "search", "search_run", "supermodel",
 ]

@@ -9,6 +9,7 @@ import errno
 import json
 import shlex
 import sys
+from typing import Optional
 
 import click
 
@@ -37,23 +38,25 @@ class _Group(click.Group):
             raise
         except KeyboardInterrupt:
             _interrupted(ctx, getattr(self, "argv", sys.argv[1:]))
-        except click.ClickException as exc:  # a bad option or argument: click's own message, on one line
-            if ctx.obj and ctx.obj.get("debug"):
+        except Exception as exc:  # MemoryError included
+            message = _user_message(exc)
+            if message is None or (ctx.obj and ctx.obj.get("debug")):
                 raise
-            _fail(" ".join(exc.format_message().split()).rstrip(".") + "; see --help")
-        except AutomtlError as exc:
-            if ctx.obj and ctx.obj.get("debug"):
-                raise
-            _fail(str(exc))
-        except OSError as exc:
-            if exc.errno not in _USER_OS_ERRNOS or (ctx.obj and ctx.obj.get("debug")):
-                raise
-            where = f" {exc.filename!r}" if exc.filename else ""
-            _fail(f"cannot read or write{where} ({exc.strerror or exc}); free space, fix the permissions or choose another path")
-        except MemoryError:
-            if ctx.obj and ctx.obj.get("debug"):
-                raise
-            _fail("ran out of memory; use a smaller --input-size, --batch-size or model, or a machine with more memory")
+            _fail(message)
+
+
+def _user_message(exc: Exception) -> Optional[str]:
+    """The one sentence for a user's mistake or a machine's limit; None for a bug, which keeps its traceback."""
+    if isinstance(exc, click.ClickException):  # a bad option or argument: click's own message, on one line
+        return " ".join(exc.format_message().split()).rstrip(".") + "; see --help"
+    if isinstance(exc, AutomtlError):
+        return str(exc)
+    if isinstance(exc, OSError) and exc.errno in _USER_OS_ERRNOS:
+        where = f" {exc.filename!r}" if exc.filename else ""
+        return f"cannot read or write{where} ({exc.strerror or exc}); free space, fix the permissions or choose another path"
+    if isinstance(exc, MemoryError):
+        return "ran out of memory; use a smaller --input-size, --batch-size or model, or a machine with more memory"
+    return None
 
 
 def _fail(message: str) -> None:
@@ -92,33 +95,17 @@ def backbones(source, pattern, as_json):
 
     Example: automtl backbones --source timm --filter 'resnet*'
     """
-    from .backbones import count_convs, count_parameters, list_backbones, list_external
+    from .report import backbone_catalog, format_rows
 
-    if source != "builtin":
-        rows = list_external(source, pattern)
-        if as_json:
-            click.echo(json.dumps(rows, indent=2))
-            return
-        click.echo(f"{'name':<48} pretrained weights")
-        for r in rows:
-            click.echo(f"{r['name']:<48} {'yes' if r['pretrained'] else 'no'}")
-        click.echo(f"{len(rows)} {source} models; build one with automtl convert {source}:NAME (--pretrained to download its weights)")
-        return
-    import fnmatch
-
-    rows = []
-    for spec in list_backbones():
-        if pattern and not fnmatch.fnmatchcase(spec.name, pattern):
-            continue
-        model = spec.factory()
-        rows.append({"name": spec.name, "parameters": count_parameters(model), "convolutions": count_convs(model),
-                     "description": spec.description})
+    rows = backbone_catalog(source, pattern)
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
-    click.echo(f"{'name':<18} {'parameters':>12} {'convs':>6}  description")
-    for r in rows:
-        click.echo(f"{r['name']:<18} {r['parameters']:>12,} {r['convolutions']:>6}  {r['description']}")
+    if rows:
+        click.echo(format_rows(rows))
+    prefix = "" if source == "builtin" else f"{source}:"
+    click.echo(f"{len(rows)} {source} backbones; build one with automtl convert {prefix}NAME"
+               + ("" if source == "builtin" else " (--pretrained to download its weights)"))
 
 
 # ---- shared options ---------------------------------------------------------------------------
@@ -166,51 +153,28 @@ def _pipeline_options(f):
 
 def _resolve_config(backbone, tasks, config_path, data, weights, pretrained, budget, device, seed, steps, input_size, samples,
                     strategy=None, tensorboard=None, weighting=None):
-    from .convert import ConvertConfig, _task_dict
+    from .convert import resolve_config
 
-    cfg = ConvertConfig.from_yaml(config_path) if config_path else ConvertConfig()
-    if backbone:
-        cfg.backbone = backbone
-    if tasks:
-        cfg.tasks = [_task_dict(t) for t in tasks]
-    if data:
-        cfg.data = data
-    if weights:
-        cfg.weights = weights
-    if pretrained:
-        cfg.pretrained = True
-    if input_size is not None:
-        cfg.input_size = input_size
-    if samples:
-        parts = samples.split(",")
-        if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
-            from .errors import ConfigError
+    train_samples, val_samples = _numbers("--samples", samples, 2, "TRAIN,VAL, e.g. 512,128", positive=True)
+    warmup, search, finetune = _numbers("--steps", steps, 3, "WARMUP,SEARCH,FINETUNE, e.g. 60,120,120")
+    return resolve_config(config_path, backbone=backbone, tasks=list(tasks), data=data, weights=weights,
+                          pretrained=pretrained, input_size=input_size, train_samples=train_samples,
+                          val_samples=val_samples, budget=budget, device=device, seed=seed, strategy=strategy,
+                          tensorboard_dir=tensorboard, weighting=weighting, warmup_steps=warmup, search_steps=search,
+                          finetune_steps=finetune)
 
-            raise ConfigError(f"--samples {samples!r} must be two positive whole numbers TRAIN,VAL, e.g. 512,128")
-        cfg.train_samples, cfg.val_samples = int(parts[0]), int(parts[1])
-    changes = {}
-    if budget is not None:
-        changes["budget"] = budget
-    if device is not None:
-        changes["device"] = device
-    if seed is not None:
-        changes["seed"] = seed
-    if strategy is not None:
-        changes["strategy"] = strategy
-    if tensorboard is not None:
-        changes["tensorboard_dir"] = tensorboard
-    if weighting is not None:
-        changes["weighting"] = weighting
-    if steps:
-        parts = steps.split(",")
-        if len(parts) != 3 or not all(p.strip().isdigit() for p in parts):
-            from .errors import ConfigError
 
-            raise ConfigError(f"--steps {steps!r} must be three whole numbers WARMUP,SEARCH,FINETUNE, e.g. 60,120,120")
-        changes.update(warmup_steps=int(parts[0]), search_steps=int(parts[1]), finetune_steps=int(parts[2]))
-    if changes:
-        cfg.search = cfg.search.replace(**changes)
-    return ConvertConfig.from_dict(cfg.to_dict())  # re-validate the merged config
+def _numbers(option: str, text: Optional[str], n: int, form: str, positive: bool = False) -> tuple:
+    """``text`` "a,b,..." as ``n`` whole numbers (all None when the option is not given)."""
+    if not text:
+        return (None,) * n
+    parts = text.split(",")
+    if len(parts) != n or not all(p.strip().isdigit() and (int(p) > 0 or not positive) for p in parts):
+        from .errors import ConfigError
+
+        what = "positive whole numbers" if positive else "whole numbers"
+        raise ConfigError(f"{option} {text!r} must be {'two' if n == 2 else 'three'} {what} {form}")
+    return tuple(int(p) for p in parts)
 
 
 def _say(quiet):
@@ -244,8 +208,10 @@ def convert(backbone, tasks, config_path, data, weights, pretrained, budget, dev
 
 
 def _print_summary(report, out):
+    from .convert import OUTPUT_FILES
+
     acc = report["accounting"]
-    click.echo(f"wrote {', '.join(__import__('automtl.convert', fromlist=['OUTPUT_FILES']).OUTPUT_FILES)} into {out}")
+    click.echo(f"wrote {', '.join(OUTPUT_FILES)} into {out}")
     counts = report["policy"]["counts"]
     click.echo(f"policy: {counts['share']} share, {counts['specialize']} specialize, {counts['skip']} skip choices")
     compact_stats = acc["compact"]
@@ -270,29 +236,16 @@ def supermodel_cmd(backbone, tasks, input_size, feature_node, pretrained, as_jso
 
     Example: automtl supermodel mobilenet_v2 --task seg:segmentation:13 --task depth:depth
     """
-    from .convert import ConvertConfig, build_supermodel, _task_dict
+    from .convert import ConvertConfig, build_supermodel
+    from .report import format_rows, supermodel_summary
 
-    cfg = ConvertConfig(backbone=backbone, tasks=[_task_dict(t) for t in tasks] or None, input_size=input_size,
+    cfg = ConvertConfig(backbone=backbone, tasks=list(tasks) or None, input_size=input_size,
                         feature_node=feature_node, pretrained=pretrained)
-    sm = build_supermodel(cfg)
-    from .capture import count_parameters
-    from .policy import Policy
-
-    rows = [{"layer": i.name, "in": list(i.in_shape[1:]), "out": list(i.out_shape[1:]), "parameters": i.unit_params,
-             "skip": i.skip_kind} for i in sm.layer_info]
-    summary = {
-        "backbone": backbone, "tasks": sm.task_names, "policy_layers": len(rows),
-        "backbone_parameters": sm.backbone_parameters(),
-        "all_share_parameters": sm.policy_parameter_count(Policy.uniform(sm.layer_names, sm.task_names, "share")),
-        "all_specialize_parameters": sm.policy_parameter_count(Policy.uniform(sm.layer_names, sm.task_names, "specialize")),
-        "supermodel_parameters": count_parameters(sm),
-    }
+    summary = {"backbone": backbone, **supermodel_summary(build_supermodel(cfg))}
     if as_json:
-        click.echo(json.dumps({**summary, "layers": rows}, indent=2))
+        click.echo(json.dumps(summary, indent=2))
         return
-    click.echo(f"{'layer':<28} {'in (C,H,W)':<16} {'out (C,H,W)':<16} {'params':>10}  skip")
-    for r in rows:
-        click.echo(f"{r['layer']:<28} {str(tuple(r['in'])):<16} {str(tuple(r['out'])):<16} {r['parameters']:>10,}  {r['skip']}")
+    click.echo(format_rows(summary["layers"]))
     for k, v in summary.items():
         if k.endswith("parameters") or k == "policy_layers":
             click.echo(f"{k.replace('_', ' ')}: {v:,}")
@@ -309,23 +262,15 @@ def search_cmd(backbone, tasks, config_path, data, weights, pretrained, budget, 
 
     Example: automtl search resnet18 --steps 60,120,120 --out runs/r18
     """
-    from .convert import json_safe, prepare_run, save_run
-    from .fileio import atomic_write_text
-    from .rundir import RunDirectory
-    from .search import search
+    from .runs import RUN_OUTPUT_FILES, search_run
 
     cfg = _resolve_config(backbone, tasks, config_path, data, weights, pretrained, budget, device, seed, steps, input_size, samples,
                           strategy, tensorboard, weighting)
-    with RunDirectory(out, resume=resume, overwrite=overwrite) as run:
-        sm, train, val = prepare_run(cfg)
-        result = search(sm, train, val, cfg.search.replace(out_dir=str(run.path / "checkpoints"), resume=resume, quiet=quiet))
-        save_run(sm, cfg, run.path, result.policy)
-        payload = json_safe({"metrics": result.metrics, "policy": result.policy.counts(), "parameters": result.params})
-        atomic_write_text(run.path / "metrics.json", json.dumps(payload, indent=2, default=str, allow_nan=False) + "\n")
+    payload = search_run(cfg, out, resume=resume, overwrite=overwrite, quiet=quiet)
     if as_json:
         click.echo(json.dumps(payload, indent=2, default=str))
     elif not quiet:
-        click.echo(f"wrote supermodel.yaml, supermodel.pt, policy.yaml and metrics.json into {out}")
+        click.echo(f"wrote {', '.join(RUN_OUTPUT_FILES)} into {out}")
 
 
 @main.command("compact")
@@ -339,24 +284,9 @@ def compact_cmd(run_dir, policy_path, finetune_steps, out, quiet):
 
     Example: automtl compact runs/r18 --policy my-policy.yaml --finetune-steps 100 --out r18.automtl
     """
-    from .compact import compact
-    from .convert import build_data, load_run
-    from .errors import ConfigError
-    from .formats import save
-    from .policy import Policy
-    from .search import search
+    from .runs import compact_run
 
-    sm, cfg, policy = load_run(run_dir)
-    if policy_path:
-        policy = Policy.load(policy_path)
-    if policy is None:
-        raise ConfigError(f"run directory {run_dir!r} has no policy.yaml; pass --policy FILE")
-    policy.check(sm.layer_names, sm.task_names, sm.skip_legal)
-    if finetune_steps > 0:
-        train, val = build_data(cfg, sm.tasks)
-        search(sm, train, val, cfg.search.replace(finetune_steps=finetune_steps, out_dir=None, quiet=quiet), policy=policy)
-    model = compact(sm.eval(), policy)
-    save(model, out)
+    model = compact_run(run_dir, policy=policy_path, finetune_steps=finetune_steps, out=out, quiet=quiet)
     if not quiet:
         click.echo(f"wrote {out}: {model.num_parameters():,} parameters")
 
@@ -366,25 +296,13 @@ def compact_cmd(run_dir, policy_path, finetune_steps, out, quiet):
 @click.argument("out", type=click.Path(dir_okay=False))
 @click.option("--batch", type=click.IntRange(1, 1024), default=2, show_default=True, help="Batch size of the example input (the batch dimension stays dynamic).")
 def export_cmd(model_path, out, batch):
-    """Export a .automtl model to OUT: .pt2 (torch.export) or .onnx (needs automtl[onnx]).
+    """Export a .automtl model to OUT: .pt2 (torch.export), .onnx (needs automtl[onnx]) or another .automtl.
 
     Example: automtl export model.automtl model.pt2
     """
-    import torch
+    from .formats import load, write
 
-    from .errors import ConfigError
-    from .formats import export, export_onnx, load
-
-    model = load(model_path)
-    shape = model.input_shape or (1, 3, 64, 64)
-    example = torch.randn(batch, *shape[1:])
-    suffix = out.rsplit(".", 1)[-1].lower() if "." in out else ""
-    if suffix == "pt2":
-        export(model, out, example_input=example)
-    elif suffix == "onnx":
-        export_onnx(model, out, example_input=example)
-    else:
-        raise ConfigError(f"cannot export to {out!r}; name the file .pt2 (torch.export) or .onnx")
+    write(load(model_path), out, batch=batch)
     click.echo(f"wrote {out}")
 
 

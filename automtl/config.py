@@ -22,6 +22,18 @@ MAX_INPUT_SIZE = 1024
 
 __all__ = ["SearchConfig", "parse_budget"]
 
+#: Integer fields and their lower bound (None: any integer).
+_INTS = {
+    "seed": None, "batch_size": 1, "warmup_steps": 0, "search_steps": 0, "finetune_steps": 0,
+    "weight_steps_per_policy_step": 0, "tau_every": 1, "log_every": 1, "checkpoint_every": 0, "val_every": 0,
+}
+#: Float fields: positive, non-negative or any finite number.
+_FLOATS = {
+    "lr": "pos", "momentum": "nonneg", "weight_decay": "nonneg", "policy_lr": "pos", "tau_start": "pos",
+    "tau_decay": "pos", "tau_min": "pos", "reg_weight": "nonneg", "budget_weight": "nonneg",
+    "min_margin": "nonneg", "conflict_confidence": "nonneg", "conflict_threshold": "any",
+    "holdout_fraction": "nonneg",
+}
 _BUDGET = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*[xX×]?\s*$")
 
 
@@ -128,25 +140,34 @@ class SearchConfig:
 
     # ---- validation -------------------------------------------------------------
     def validate(self) -> "SearchConfig":
-        """Check types and ranges; raise ConfigError naming the field."""
-        ints = {
-            "seed": None, "batch_size": 1, "warmup_steps": 0, "search_steps": 0, "finetune_steps": 0,
-            "weight_steps_per_policy_step": 0, "tau_every": 1, "log_every": 1, "checkpoint_every": 0,
-            "val_every": 0,
-        }
-        for name, low in ints.items():
+        """Check types and ranges (numbers become floats, names lower case); raise ConfigError naming the field."""
+        self._validate_numbers()
+        self._validate_names()
+        for name in ("amp", "resume", "quiet"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"config field {name!r} must be true or false, got {getattr(self, name)!r}")
+        if self.weighting_options is None:
+            self.weighting_options = {}
+        if not isinstance(self.weighting_options, Mapping):
+            raise ConfigError(f"config field 'weighting_options' must be a mapping, got {self.weighting_options!r}")
+        self.weighting_options = dict(self.weighting_options)
+        for name in ("out_dir", "log_dir", "tensorboard_dir", "policy_file"):
+            v = getattr(self, name)
+            if v is not None:
+                if not isinstance(v, (str, os.PathLike)):
+                    raise ConfigError(f"config field {name!r} must be a path, got {v!r}")
+                setattr(self, name, os.fspath(v))
+        parse_budget(self.budget)
+        return self
+
+    def _validate_numbers(self) -> None:
+        for name, low in _INTS.items():
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int):
                 raise ConfigError(f"config field {name!r} must be an integer, got {v!r}")
             if low is not None and v < low:
                 raise ConfigError(f"config field {name!r} must be at least {low}, got {v}")
-        floats = {
-            "lr": "pos", "momentum": "nonneg", "weight_decay": "nonneg", "policy_lr": "pos", "tau_start": "pos",
-            "tau_decay": "pos", "tau_min": "pos", "reg_weight": "nonneg", "budget_weight": "nonneg",
-            "min_margin": "nonneg", "conflict_confidence": "nonneg", "conflict_threshold": "any",
-            "holdout_fraction": "nonneg",
-        }
-        for name, kind in floats.items():
+        for name, kind in _FLOATS.items():
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                 raise ConfigError(f"config field {name!r} must be a finite number, got {v!r}")
@@ -162,6 +183,10 @@ class SearchConfig:
             setattr(self, name, float(v))
         if self.val_batches is not None and (isinstance(self.val_batches, bool) or not isinstance(self.val_batches, int) or self.val_batches < 1):
             raise ConfigError(f"config field 'val_batches' must be a positive integer or null, got {self.val_batches!r}")
+        if not 0 <= self.holdout_fraction < 1:
+            raise ConfigError(f"config field 'holdout_fraction' must be at least 0 and below 1, got {self.holdout_fraction}")
+
+    def _validate_names(self) -> None:
         for name, options in _CHOICES.items():
             v = getattr(self, name)
             if not isinstance(v, str) or v.lower() not in options:
@@ -169,28 +194,10 @@ class SearchConfig:
                 hint = f"did you mean {close[0]!r}? " if close else ""
                 raise ConfigError(f"config field {name!r} is {v!r}; {hint}choose one of {', '.join(options)}")
             setattr(self, name, v.lower())
-        for name in ("amp", "resume", "quiet"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"config field {name!r} must be true or false, got {getattr(self, name)!r}")
-        if not 0 <= self.holdout_fraction < 1:
-            raise ConfigError(f"config field 'holdout_fraction' must be at least 0 and below 1, got {self.holdout_fraction}")
         if not isinstance(self.strategy, str) or not self.strategy:
             raise ConfigError(f"config field 'strategy' must be a strategy name such as 'conflict', got {self.strategy!r}")
         if not isinstance(self.weighting, str) or not self.weighting:
             raise ConfigError(f"config field 'weighting' must be a weighting name such as 'equal', got {self.weighting!r}")
-        if self.weighting_options is None:
-            self.weighting_options = {}
-        if not isinstance(self.weighting_options, Mapping):
-            raise ConfigError(f"config field 'weighting_options' must be a mapping, got {self.weighting_options!r}")
-        self.weighting_options = dict(self.weighting_options)
-        for name in ("out_dir", "log_dir", "tensorboard_dir", "policy_file"):
-            v = getattr(self, name)
-            if v is not None:
-                if not isinstance(v, (str, os.PathLike)):
-                    raise ConfigError(f"config field {name!r} must be a path, got {v!r}")
-                setattr(self, name, os.fspath(v))
-        parse_budget(self.budget)
-        return self
 
     @property
     def budget_multiple(self) -> Optional[float]:

@@ -2,8 +2,8 @@
 
 ``automtl convert`` is a thin wrapper around :func:`convert`. A :class:`ConvertConfig` fixes a
 run; the resolved config is written next to the results as ``config.yaml`` and can be fed back.
-A supermodel and its policy can also be kept as a *run directory* (``supermodel.yaml`` +
-``supermodel.pt``) so the steps can run one at a time (``automtl search`` / ``compact``).
+The steps one at a time (``automtl search`` / ``compact``), through a run directory, are
+:mod:`automtl.runs`.
 """
 from __future__ import annotations
 
@@ -22,8 +22,8 @@ import torch
 import yaml
 
 from .config import MAX_INPUT_SIZE, SearchConfig
-from .errors import ConfigError, FileFormatError
-from .fileio import atomic_write_text, read_yaml
+from .errors import ConfigError
+from .fileio import read_yaml
 from .policy import Policy
 from .supermodel import SuperModel, supermodel
 from .tasks import Task, parse_task
@@ -122,6 +122,38 @@ def _task_dict(t) -> dict:
     raise ConfigError(f"task {t!r} must be a mapping like {{name: depth, kind: depth}} or 'name:kind[:classes]'")
 
 
+#: ConvertConfig fields that :func:`resolve_config` takes; every other option is a SearchConfig field.
+_TOP_LEVEL = ("backbone", "tasks", "data", "weights", "pretrained", "feature_node", "input_size", "train_samples",
+              "val_samples")
+
+
+def resolve_config(config_path=None, **options) -> ConvertConfig:
+    """A run's config: the file ``config_path`` (else the defaults) with ``options`` on top.
+
+    ``options`` are ConvertConfig fields (``backbone``, ``tasks`` as ``"name:kind[:classes]"``
+    strings or mappings, ``data``, ``weights``, ``pretrained``, ``feature_node``, ``input_size``,
+    ``train_samples``, ``val_samples``) or SearchConfig fields (``budget``, ``device``, ``seed``,
+    ``strategy``, ``weighting``, ``tensorboard_dir``, ``warmup_steps``, ...). ``None`` (and an
+    empty ``tasks``) means "not given": the file's or the default value stays.
+
+    Raises:
+        ConfigError: an unreadable file, an unknown option (with a did-you-mean) or a bad value;
+            the merged config is validated as a whole.
+
+    Example:
+        >>> cfg = resolve_config("runs/r18/config.yaml", budget="2x", seed=1)
+    """
+    cfg = ConvertConfig.from_yaml(config_path) if config_path else ConvertConfig()
+    given = {k: v for k, v in options.items() if v is not None and not (k == "tasks" and not v)}
+    top = {k: v for k, v in given.items() if k in _TOP_LEVEL}
+    search = {k: v for k, v in given.items() if k not in _TOP_LEVEL}
+    if top:
+        cfg = dataclasses.replace(cfg, **top)  # re-runs the field checks; tasks become mappings
+    if search:
+        cfg.search = cfg.search.replace(**search)
+    return ConvertConfig.from_dict(cfg.to_dict())  # re-validate the merged config
+
+
 def _read_yaml(path, what: str):
     return read_yaml(path, what) or {}
 
@@ -163,47 +195,6 @@ def prepare_run(cfg: ConvertConfig):
     # The budget must be reachable: the smallest model any policy can compile to is all-share/skip.
     _check_budget(sm, cfg.search)
     return sm, train, val
-
-
-# ---- run directories --------------------------------------------------------------------
-def save_run(sm: SuperModel, cfg: ConvertConfig, directory, policy: Optional[Policy] = None) -> None:
-    """Keep a supermodel as ``supermodel.yaml`` (how to rebuild it) + ``supermodel.pt`` (tensors)."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    from .fileio import atomic_path
-
-    with atomic_path(directory / "supermodel.pt") as tmp:
-        torch.save(sm.state_dict(), tmp)
-    atomic_write_text(directory / "supermodel.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    if policy is not None:
-        policy.save(directory / "policy.yaml")
-
-
-def load_run(directory) -> tuple[SuperModel, ConvertConfig, Optional[Policy]]:
-    """Rebuild the supermodel of a run directory written by :func:`save_run`."""
-    directory = Path(directory)
-    spec = directory / "supermodel.yaml"
-    if not spec.exists():
-        raise FileFormatError(f"{os.fspath(directory)!r} is not an automtl run directory (no supermodel.yaml); run automtl search first")
-    cfg = ConvertConfig.from_dict(_read_yaml(spec, "run file"), f"run file {os.fspath(spec)!r}")
-    cfg.weights, cfg.pretrained = None, False  # the trained weights come from supermodel.pt
-    sm = supermodel_from_state(build_supermodel(cfg), directory / "supermodel.pt")
-    pol_path = directory / "policy.yaml"
-    return sm, cfg, Policy.load(pol_path) if pol_path.exists() else None
-
-
-def supermodel_from_state(sm: SuperModel, path) -> SuperModel:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise FileFormatError(f"weights file {os.fspath(path)!r} is missing; run automtl search again") from None
-    except Exception as exc:
-        raise FileFormatError(f"weights file {os.fspath(path)!r} is unreadable or not tensors only ({type(exc).__name__}); run automtl search again") from None
-    try:
-        sm.load_state_dict(state)
-    except RuntimeError as exc:
-        raise FileFormatError(f"weights file {os.fspath(path)!r} does not fit its supermodel.yaml ({str(exc).splitlines()[0]}); keep the two files together") from None
-    return sm
 
 
 # ---- the whole pipeline -------------------------------------------------------------------

@@ -1,4 +1,6 @@
-"""Atomic file writes: a file appears whole under its name or not at all."""
+"""Reading and writing files safely: atomic writes (a file appears whole or not at all) and bounded
+reads of untrusted files (regular files under a size cap, YAML without aliases, zip archives
+without bombs)."""
 from __future__ import annotations
 
 import errno
@@ -7,6 +9,7 @@ import stat
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable, Collection, Mapping, Optional
 
 
 #: errno values that mean the write cannot happen here (not a bug): reported as a StorageError.
@@ -214,3 +217,60 @@ def check_zip_directory(data: bytes, max_entries: int, where: str, error: type) 
     if count > max_entries or size > 4096 * max_entries:
         raise error(f"{where} lists {count} entries in a {size}-byte directory, more than the {max_entries} a model file "
                     "has; it is crafted or not a model file")
+
+
+def read_zip_entries(data: bytes, where: str, error: type, fix: str, *, max_entries: int, max_total: int,
+                     max_ratio: int, caps: Optional[Mapping[str, int]] = None, stored: Collection[str] = (),
+                     check_names: Optional[Callable[[list], None]] = None) -> dict[str, bytes]:
+    """The entries of the zip archive ``data`` (name -> bytes), each read under bounds.
+
+    Before an entry is decompressed: the directory lists at most ``max_entries`` entries
+    (:func:`check_zip_directory`), the archive parses, no name appears twice, ``check_names``
+    (the caller's layout check) accepts the names, no entry is encrypted or compressed other than
+    stored or deflated (the names in ``stored`` must be stored), and each entry declares at most
+    its cap in ``caps`` (default ``max_total``) bytes, at most ``max_ratio`` times its compressed
+    size (+ 64 KiB), and at most ``max_total`` bytes with the entries before it. Each entry is
+    then read up to its declared size + 1 byte, so a lying header cannot make it read more.
+
+    Raises:
+        error: one sentence, ``"{where} ...; {fix}"``: not a complete zip, a repeated entry, a
+            bound exceeded (zip bomb), a damaged entry or one whose size differs from its header.
+    """
+    import io
+    import zipfile
+    import zlib
+
+    check_zip_directory(data, max_entries, where, error)
+    try:
+        zf = zipfile.ZipFile(io.BytesIO(data))
+        infos = zf.infolist()
+    except (zipfile.BadZipFile, zlib.error, EOFError, ValueError, NotImplementedError, OSError) as exc:
+        raise error(f"{where} is not a complete zip archive ({exc}); {fix}") from None
+    names = [i.filename for i in infos]
+    if len(names) != len(set(names)):
+        raise error(f"{where} holds an entry twice; a reader could pick either copy, so it is refused as crafted or "
+                    f"corrupted; {fix}")
+    if check_names is not None:
+        check_names(names)
+    caps = caps or {}
+    out, total = {}, 0
+    for info in infos:
+        name = info.filename[:80]
+        if info.flag_bits & 0x1:
+            raise error(f"{where} has an encrypted entry {name!r}, which automtl never writes; {fix}")
+        if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED) or (
+                info.filename in stored and info.compress_type != zipfile.ZIP_STORED):
+            raise error(f"{where} stores {name!r} with a compression automtl never uses; {fix}")
+        total += info.file_size
+        if (info.file_size > caps.get(info.filename, max_total) or total > max_total
+                or info.file_size > max_ratio * info.compress_size + 65536):
+            raise error(f"{where} declares an entry {name!r} of {info.file_size} bytes from {info.compress_size} "
+                        f"compressed bytes, beyond automtl's bounds (a zip bomb or a damaged file); {fix}")
+        try:
+            with zf.open(info) as f:
+                out[info.filename] = f.read(info.file_size + 1)
+        except (zipfile.BadZipFile, zlib.error, EOFError, ValueError, OSError) as exc:
+            raise error(f"{where} has a damaged entry {name!r} ({exc}); {fix}") from None
+        if len(out[info.filename]) != info.file_size:
+            raise error(f"{where} has an entry {name!r} whose size differs from the size it declares; {fix}")
+    return out

@@ -21,7 +21,8 @@ from .compact import CompactModel, compact as _compile
 from .flops import macs_of, shapes_only
 from .policy import CHOICES, Policy
 
-__all__ = ["count_macs", "model_stats", "flop_bound", "compare", "format_inspect", "inspect_text"]
+__all__ = ["backbone_catalog", "count_macs", "model_stats", "flop_bound", "compare", "format_inspect", "format_rows",
+           "inspect_text", "supermodel_summary"]
 
 #: The letters of the policy grid.
 LETTERS = {"share": "S", "specialize": "P", "skip": "-"}
@@ -253,10 +254,14 @@ def format_inspect(stats: dict, policy: Optional[Policy]) -> str:
             f"parameters, {r['latency_vs_separate']:.2f}x latency; latency / FLOP bound: {r['latency_vs_flop_bound']:.2f}"
         )
     lines.append("")
+    return "\n".join(lines + _policy_lines(policy)) + "\n"
+
+
+def _policy_lines(policy: Optional[Policy]) -> list:
+    """The policy as an S/P/- grid (with the search's evidence beside each choice when it has any)."""
     if policy is None:
-        lines.append("Policy: none recorded.")
-        return "\n".join(lines) + "\n"
-    lines.append("Policy (S = share the backbone's layer, P = specialize: a task-owned copy, - = skip the layer)")
+        return ["Policy: none recorded."]
+    lines = ["Policy (S = share the backbone's layer, P = specialize: a task-owned copy, - = skip the layer)"]
     ev = policy.evidence or {}
     scored = ev.get("scores") is not None
     if scored:
@@ -281,7 +286,7 @@ def format_inspect(stats: dict, policy: Optional[Policy]) -> str:
     if budget:
         limit = f" of a {budget['limit']}x budget" if budget.get("limit") else " (no budget)"
         lines.append(f"budget used: {budget['used']}x the single model's {budget['metric']}{limit}")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def inspect_text(path: str | os.PathLike, repeats: int = 5, batch: int = 1, latency: bool = False) -> str:
@@ -302,3 +307,82 @@ def inspect_text(path: str | os.PathLike, repeats: int = 5, batch: int = 1, late
         tasks.append(f"  {t.name}: {t.kind}{detail}")
     head = [f"{os.fspath(path)}: compact multi-task model, {len(model.tasks)} tasks", *tasks, ""]
     return "\n".join(head) + "\n" + format_inspect(stats, model.policy)
+
+
+# ---------------------------------------------------------------------------------------
+# what the listing commands show
+# ---------------------------------------------------------------------------------------
+def supermodel_summary(sm) -> dict:
+    """A supermodel's policy layers and parameter counts: what ``automtl supermodel`` shows.
+
+    Returns:
+        ``{"tasks", "policy_layers", "backbone_parameters", "all_share_parameters",
+        "all_specialize_parameters", "supermodel_parameters", "layers"}``; each of ``layers`` is
+        ``{"layer", "in", "out" (C, H, W lists), "parameters" (of one copy), "skip" (identity or
+        projection, or none)}``. Counts are parameters (elements), not bytes.
+    """
+    from .capture import count_parameters
+
+    def policy_size(choice: str) -> int:
+        return sm.policy_parameter_count(Policy.uniform(sm.layer_names, sm.task_names, choice))
+
+    return {
+        "tasks": sm.task_names, "policy_layers": len(sm.layer_info),
+        "backbone_parameters": sm.backbone_parameters(),
+        "all_share_parameters": policy_size("share"),
+        "all_specialize_parameters": policy_size("specialize"),
+        "supermodel_parameters": count_parameters(sm),
+        "layers": [{"layer": i.name, "in": list(i.in_shape[1:]), "out": list(i.out_shape[1:]),
+                    "parameters": i.unit_params, "skip": i.skip_kind} for i in sm.layer_info],
+    }
+
+
+def backbone_catalog(source: str = "builtin", pattern: Optional[str] = None) -> list:
+    """The backbones ``automtl backbones`` lists, optionally only names matching the glob ``pattern``.
+
+    ``source="builtin"``: automtl's own, each ``{"name", "parameters", "convolutions",
+    "description"}`` (each is built once to count); ``"timm"`` or ``"torchvision"``: the models
+    that package offers, each ``{"name": "timm:NAME", "pretrained": downloadable weights}``.
+
+    Raises:
+        BackboneError: an unknown source, or the package of ``source`` is not installed.
+    """
+    import fnmatch
+
+    from .backbones import count_convs, count_parameters, list_backbones, list_external
+
+    if source != "builtin":
+        return list_external(source, pattern)
+    rows = []
+    for spec in list_backbones():
+        if pattern and not fnmatch.fnmatchcase(spec.name, pattern):
+            continue
+        model = spec.factory()
+        rows.append({"name": spec.name, "parameters": count_parameters(model), "convolutions": count_convs(model),
+                     "description": spec.description})
+    return rows
+
+
+def format_rows(rows: Sequence[dict]) -> str:
+    """``rows`` (dicts with the same keys) as a plain-text table: a header of the keys, numbers
+    right-aligned with thousands separators, true/false as yes/no, lists as tuples."""
+    if not rows:
+        return ""
+    keys = list(rows[0])
+
+    def text(v) -> str:
+        if isinstance(v, bool):
+            return "yes" if v else "no"
+        if isinstance(v, (list, tuple)):
+            return str(tuple(v))
+        return f"{v:,}" if isinstance(v, int) else str(v)
+
+    cells = [[text(r[k]) for k in keys] for r in rows]
+    widths = [max([len(k)] + [len(c[i]) for c in cells]) for i, k in enumerate(keys)]
+    right = [isinstance(rows[0][k], (int, float)) and not isinstance(rows[0][k], bool) for k in keys]
+
+    def line(values) -> str:
+        parts = [f"{v:>{w}}" if r else f"{v:<{w}}" for v, w, r in zip(values, widths, right)]
+        return "  ".join(parts[:-1] + [values[-1] if not right[-1] else parts[-1]]).rstrip()
+
+    return "\n".join([line(keys)] + [line(c) for c in cells])

@@ -12,7 +12,8 @@ from pathlib import Path
 import yaml
 
 import automtl
-from automtl.convert import build_data, load_run
+from automtl.convert import build_data
+from automtl.runs import load_run
 
 
 def main(argv=None):

@@ -199,7 +199,7 @@ def _acyclic(edges) -> bool:
 
 
 def test_collapsed_graph_is_acyclic_for_random_policies(tiny_sm):
-    from automtl.render import _collapse
+    from automtl.render_graph import collapse as _collapse
 
     for seed in range(6):
         p = Policy.random(tiny_sm.layer_names, tiny_sm.task_names, tiny_sm.skip_legal, seed=seed)

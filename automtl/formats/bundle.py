@@ -18,11 +18,9 @@ once on the ``meta`` device at its recorded input shape, before any weight is fi
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import re
 import zipfile
-import zlib
 from typing import Optional
 
 import torch
@@ -30,7 +28,7 @@ from torch import fx, nn
 
 from ..compact import CompactModel
 from ..errors import AutomtlError, FileFormatError
-from ..fileio import MAX_YAML_BYTES, atomic_path, check_zip_directory, parse_yaml, read_regular_file
+from ..fileio import MAX_YAML_BYTES, atomic_path, parse_yaml, read_regular_file, read_zip_entries
 from ._export_common import EvalMode
 from .codec import DTYPES, encode
 from .lowering import META_KEYS, lower
@@ -226,42 +224,22 @@ def save(compact: CompactModel, path: str | os.PathLike) -> None:
 # reading: structure
 # ---------------------------------------------------------------------------------------
 def _read_entries(path: str, max_bytes: int) -> dict:
+    """The three entries of the bundle at ``path``, read under :func:`read_zip_entries`'s bounds."""
     data = read_regular_file(path, "model file", max_bytes, FileFormatError)
-    check_zip_directory(data, 16, f"model file {path!r}", FileFormatError)
-    try:
-        zf = zipfile.ZipFile(io.BytesIO(data))
-        infos = zf.infolist()
-    except (zipfile.BadZipFile, zlib.error, EOFError, ValueError, NotImplementedError, OSError) as exc:
-        raise bad(path, f"is not a valid .automtl bundle (not a complete zip archive: {exc}); save the model again") from None
-    names = [i.filename for i in infos]
-    if "weights.pt" in names:
-        raise bad(path, "is an .automtl bundle of format 1 (automtl 0.1), whose weights are a Python pickle; this "
-                         "version refuses it, so compile the run again with this version (automtl compact RUN_DIR)")
-    if len(names) != len(set(names)):
-        raise bad(path, "holds an entry twice; a reader could pick either copy, so it is refused as crafted or corrupted")
-    if sorted(names) != sorted(ENTRIES):
-        missing, extra = sorted(set(ENTRIES) - set(names)), sorted(set(names) - set(ENTRIES))
-        raise bad(path, f"does not hold exactly the entries {list(ENTRIES)} (missing {missing}, unexpected "
-                         f"{[n[:60] for n in extra][:3]}); it is not an .automtl bundle automtl wrote, save the model again")
+
+    def check_names(names: list) -> None:
+        if "weights.pt" in names:
+            raise bad(path, "is an .automtl bundle of format 1 (automtl 0.1), whose weights are a Python pickle; this "
+                             "version refuses it, so compile the run again with this version (automtl compact RUN_DIR)")
+        if sorted(names) != sorted(ENTRIES):
+            missing, extra = sorted(set(ENTRIES) - set(names)), sorted(set(names) - set(ENTRIES))
+            raise bad(path, f"does not hold exactly the entries {list(ENTRIES)} (missing {missing}, unexpected "
+                             f"{[n[:60] for n in extra][:3]}); it is not an .automtl bundle automtl wrote, save the model again")
+
     caps = {MODEL_ENTRY: MAX_YAML_BYTES, CHECKSUMS_ENTRY: _MAX_CHECKSUMS, WEIGHTS_ENTRY: max_bytes}
-    out = {}
-    for info in infos:
-        if info.flag_bits & 0x1:
-            raise bad(path, f"has an encrypted {info.filename} entry; automtl never writes one")
-        if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED) or (
-                info.filename == WEIGHTS_ENTRY and info.compress_type != zipfile.ZIP_STORED):
-            raise bad(path, f"stores {info.filename} with a compression automtl never uses; save the model again")
-        if info.file_size > caps[info.filename] or info.file_size > _MAX_RATIO * info.compress_size + 65536:
-            raise bad(path, f"declares a {info.filename} entry of {info.file_size} bytes from {info.compress_size} "
-                             "compressed bytes, beyond automtl's bounds (a zip bomb or a damaged file); save the model again")
-        try:
-            with zf.open(info) as f:
-                out[info.filename] = f.read(info.file_size + 1)
-        except (zipfile.BadZipFile, zlib.error, EOFError, ValueError, OSError) as exc:
-            raise bad(path, f"has a damaged {info.filename} entry ({exc}); save the model again") from None
-        if len(out[info.filename]) != info.file_size:
-            raise bad(path, f"has a {info.filename} entry whose size differs from the size it declares; save the model again")
-    return out
+    return read_zip_entries(data, f"model file {path!r}", FileFormatError, "save the model again", max_entries=16,
+                            max_total=sum(caps.values()), max_ratio=_MAX_RATIO, caps=caps, stored=(WEIGHTS_ENTRY,),
+                            check_names=check_names)
 
 
 def _check_checksums(path: str, entries: dict) -> None:

@@ -21,14 +21,13 @@ import os
 import re
 import sys
 import zipfile
-import zlib
 from typing import Any, Optional
 
 import torch
 
 from ..compact import CompactModel
 from ..errors import AutomtlError, FileFormatError
-from ..fileio import atomic_path, check_zip_directory, read_regular_file
+from ..fileio import atomic_path, read_regular_file, read_zip_entries
 from ._export_common import EvalMode, example_input_for, failing_op
 
 __all__ = ["export", "load_pt2", "check_pt2", "MAX_PT2_BYTES"]
@@ -103,30 +102,9 @@ def _bad(path: str, what: str) -> FileFormatError:
 
 
 def _entries(path: str, data: bytes, max_bytes: int) -> dict:
-    check_zip_directory(data, _MAX_ENTRIES, f"program file {path!r}", FileFormatError)
-    try:
-        zf = zipfile.ZipFile(io.BytesIO(data))
-        infos = zf.infolist()
-    except (zipfile.BadZipFile, zlib.error, EOFError, ValueError, NotImplementedError, OSError) as exc:
-        raise FileFormatError(f"program file {path!r} is not a valid .pt2 archive (not a complete zip: {exc}); export the model again") from None
-    names = [i.filename for i in infos]
-    if len(names) > _MAX_ENTRIES or len(names) != len(set(names)):
-        raise _bad(path, "holds repeated entries or too many of them")
-    total = 0
-    out = {}
-    for info in infos:
-        total += info.file_size
-        if (info.flag_bits & 0x1 or info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)
-                or total > max_bytes or info.file_size > _MAX_RATIO * info.compress_size + 65536):
-            raise _bad(path, f"has an entry {info.filename[:80]!r} beyond automtl's bounds (size, compression or encryption)")
-        try:
-            with zf.open(info) as f:
-                out[info.filename] = f.read(info.file_size + 1)
-        except (zipfile.BadZipFile, zlib.error, EOFError, ValueError, OSError) as exc:
-            raise FileFormatError(f"program file {path!r} has a damaged entry {info.filename[:80]!r} ({exc}); export the model again") from None
-        if len(out[info.filename]) != info.file_size:
-            raise _bad(path, f"has an entry {info.filename[:80]!r} whose size differs from the size it declares")
-    return out
+    """The entries of the archive, read under :func:`read_zip_entries`'s bounds."""
+    return read_zip_entries(data, f"program file {path!r}", FileFormatError, "export the model again",
+                            max_entries=_MAX_ENTRIES, max_total=max_bytes, max_ratio=_MAX_RATIO)
 
 
 def _json(path: str, name: str, raw: bytes) -> Any:

@@ -1,99 +1,21 @@
-"""Loss balancing: how the per-task losses become the one loss that is back-propagated.
-
-Every balancer is a :class:`LossWeighting` with the same call::
-
-    total, weights = weighting(losses, shared_parameters=[last_shared.weight], step=step)
-
-``losses`` maps task name to a scalar loss; ``weights`` maps task name to the float weight
-used in ``total`` (for logging). ``shared_parameters`` is only read by GradNorm; ``step`` is
-the global training step (``None``: the balancer counts its own calls), which makes
-step-driven balancers (DWA, RLW) resumable and identical on every DDP rank. Balancers that
-read local statistics (DWA's window means, GradNorm's losses and gradient norms) average them
-over ranks under ``torch.distributed``, so every rank uses the same weights.
-
-Balancers with learnable state are ``nn.Module`` parameters or buffers, so they follow
-``.to(device)`` and ``state_dict()``. Uncertainty weighting's log-variances are trained by the
-caller's optimizer (pass ``weighting.parameters()`` to it); GradNorm trains its weights itself.
-"""
+"""Loss-level balancers: each turns the task losses into one weighted sum (the weights may be
+learnt, as in uncertainty weighting and GradNorm, or drawn, as in RLW)."""
 from __future__ import annotations
 
-import difflib
 import hashlib
-import inspect
 import math
-from typing import Mapping, Optional, Sequence
+from typing import Mapping, Optional
 
 import torch
 from torch import Tensor, nn
 
-from .errors import ConfigError
+from ..errors import ConfigError
+from ._base import LossWeighting, rank_mean, register_weighting
 
-__all__ = [
-    "LossWeighting",
-    "EqualWeighting",
-    "StaticWeighting",
-    "UncertaintyWeighting",
-    "DWA",
-    "GradNorm",
-    "RLW",
-    "JacobianWeighting",
-    "TORCHJD_BALANCERS",
-    "WEIGHTINGS",
-    "make_weighting",
-    "register_weighting",
-]
+__all__ = ["EqualWeighting", "StaticWeighting", "UncertaintyWeighting", "DWA", "GradNorm", "RLW"]
 
 
-def _rank_mean(t: Tensor) -> Tensor:
-    """Average over DDP ranks (when running under torch.distributed), so that balancers driven
-    by local statistics still give every rank the same weights."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        t = t.clone()
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        t /= dist.get_world_size()
-    return t
-
-
-class LossWeighting(nn.Module):
-    """Base balancer: holds the task order and checks that the losses match it."""
-
-    def __init__(self, task_names: Sequence[str]):
-        super().__init__()
-        names = list(task_names)
-        if not names:
-            raise ConfigError("a loss weighting needs at least one task name")
-        if len(set(names)) != len(names):
-            raise ConfigError(f"loss weighting got repeated task names {names}; give each task once")
-        self.task_names = names
-        self._calls = 0
-
-    def _stack(self, losses: Mapping[str, Tensor]) -> Tensor:
-        missing = [n for n in self.task_names if n not in losses]
-        extra = [n for n in losses if n not in self.task_names]
-        if missing or extra:
-            raise ConfigError(
-                f"loss weighting was built for tasks {self.task_names} but got losses for {list(losses)}; "
-                "build it with the same task names"
-            )
-        return torch.stack([losses[n].reshape(()) for n in self.task_names])
-
-    def _step(self, step: Optional[int]) -> int:
-        s = self._calls if step is None else int(step)
-        self._calls += 1
-        return s
-
-    def _out(self, stacked: Tensor, w: Tensor) -> tuple[Tensor, dict[str, float]]:
-        total = (w.to(device=stacked.device, dtype=stacked.dtype) * stacked).sum()
-        return total, {n: float(v) for n, v in zip(self.task_names, w.detach().cpu().tolist())}
-
-    def forward(  # pragma: no cover - overridden
-        self, losses: Mapping[str, Tensor], shared_parameters: Optional[list[Tensor]] = None, step: Optional[int] = None
-    ) -> tuple[Tensor, dict[str, float]]:
-        raise NotImplementedError
-
-
+@register_weighting("equal")
 class EqualWeighting(LossWeighting):
     """Plain sum of the task losses: the baseline every balancer is compared with."""
 
@@ -103,6 +25,7 @@ class EqualWeighting(LossWeighting):
         return self._out(stacked, torch.ones_like(stacked))
 
 
+@register_weighting("static")
 class StaticWeighting(LossWeighting):
     """Fixed, hand-chosen weights (``weights={task: w}``), e.g. from a grid search."""
 
@@ -135,6 +58,7 @@ class StaticWeighting(LossWeighting):
         return self._out(self._stack(losses), self.weights)
 
 
+@register_weighting("uncertainty")
 class UncertaintyWeighting(LossWeighting):
     """Homoscedastic uncertainty weighting (Kendall, Gal, Cipolla, CVPR 2018).
 
@@ -155,6 +79,7 @@ class UncertaintyWeighting(LossWeighting):
         return total, {n: float(v) for n, v in zip(self.task_names, w.detach().cpu().tolist())}
 
 
+@register_weighting("dwa")
 class DWA(LossWeighting):
     """Dynamic Weight Average (Liu, Johns, Davison, "End-to-End Multi-Task Learning with
     Attention", CVPR 2019).
@@ -183,7 +108,7 @@ class DWA(LossWeighting):
     def _close_window(self) -> None:
         if int(self.acc_n) > 0:
             self.history[0] = self.history[1]
-            self.history[1] = _rank_mean(self.acc / self.acc_n)
+            self.history[1] = rank_mean(self.acc / self.acc_n)
             self.completed += 1
         self.acc.zero_()
         self.acc_n.zero_()
@@ -210,6 +135,7 @@ class DWA(LossWeighting):
         return self._out(stacked, w)
 
 
+@register_weighting("gradnorm")
 class GradNorm(LossWeighting):
     """GradNorm (Chen, Badrinarayanan, Lee, Rabinovich, ICML 2018), alpha = 1.5 by default.
 
@@ -279,8 +205,8 @@ class GradNorm(LossWeighting):
                 if gr is not None:
                     sq = sq + gr.detach().to(dev, torch.float64).pow(2).sum()
             norms.append(sq.sqrt())
-        raw = _rank_mean(torch.stack(norms).float())  # ‖∇_W L_t‖, no host sync
-        L = _rank_mean(stacked.detach().to(dev, torch.float32))
+        raw = rank_mean(torch.stack(norms).float())  # ‖∇_W L_t‖, no host sync
+        L = rank_mean(stacked.detach().to(dev, torch.float32))
         with torch.no_grad():
             unset = (self.initial_losses == 0) & (L > 0)
             self.initial_losses[unset] = L[unset]
@@ -300,6 +226,7 @@ class GradNorm(LossWeighting):
         return total, weights
 
 
+@register_weighting("rlw")
 class RLW(LossWeighting):
     """Random Loss Weighting (Lin et al., "Reasonable Effectiveness of Random Weighting",
     TMLR 2022 / arXiv 2111.10603, 2021).
@@ -326,123 +253,3 @@ class RLW(LossWeighting):
         return self._out(stacked, self.weights_at(s).to(stacked.device))
 
 
-#: Balancers by name, for configs and the command line.
-WEIGHTINGS: dict[str, type[LossWeighting]] = {
-    "equal": EqualWeighting,
-    "static": StaticWeighting,
-    "uncertainty": UncertaintyWeighting,
-    "dwa": DWA,
-    "gradnorm": GradNorm,
-    "rlw": RLW,
-}
-
-
-# ---------------------------------------------------------------------------------------------
-# gradient-level balancers from torchjd (extra automtl[torchjd])
-# ---------------------------------------------------------------------------------------------
-#: name -> (torchjd aggregator class, default options, paper)
-TORCHJD_BALANCERS = {
-    "upgrad": ("UPGrad", {}, "Quinton & Rey, Jacobian Descent for Multi-Objective Optimization, 2024"),
-    "mgda": ("MGDA", {}, "Sener & Koltun, Multi-Task Learning as Multi-Objective Optimization, NeurIPS 2018"),
-    "pcgrad": ("PCGrad", {}, "Yu et al., Gradient Surgery for Multi-Task Learning, NeurIPS 2020"),
-    "cagrad": ("CAGrad", {"c": 0.4}, "Liu et al., Conflict-Averse Gradient Descent for Multi-task Learning, NeurIPS 2021"),
-    "nashmtl": ("NashMTL", {}, "Navon et al., Multi-Task Learning as a Bargaining Game, ICML 2022"),
-    "imtlg": ("IMTLG", {}, "Liu et al., Towards Impartial Multi-task Learning, ICLR 2021"),
-    "alignedmtl": ("AlignedMTL", {}, "Senushkin et al., Independent Component Alignment for Multi-Task Learning, CVPR 2023"),
-    "dualproj": ("DualProj", {}, "Quinton & Rey, 2024 (the projection of GEM, Lopez-Paz & Ranzato, NeurIPS 2017)"),
-    "graddrop": ("GradDrop", {}, "Chen et al., Just Pick a Sign: Gradient Sign Dropout, NeurIPS 2020"),
-    "config": ("ConFIG", {}, "Liu et al., ConFIG: Towards Conflict-free Training of Physics Informed Neural Networks, ICLR 2025"),
-    "fairgrad": ("FairGrad", {"alpha": 1.0}, "Ban & Ji, Fair Resource Allocation in Multi-Task Learning, ICML 2024"),
-    "gradvac": ("GradVac", {}, "Wang et al., Gradient Vaccine, ICLR 2021"),
-}
-
-
-class JacobianWeighting(LossWeighting):
-    """A gradient-level balancer: torchjd's aggregator turns the Jacobian of the task losses (one
-    gradient per task) into the update. ``forward`` returns the plain sum (what the log and a
-    gumbel policy step read) and keeps the losses; the search then calls :meth:`backward` instead
-    of ``total.backward()``. ``weights`` are the aggregator's task weights where it has them
-    (filled in by :meth:`backward`). Options go to the torchjd aggregator (e.g. ``c`` of CAGrad)."""
-
-    jacobian = True
-    balancer = "upgrad"
-
-    def __init__(self, task_names: Sequence[str], **options):
-        super().__init__(task_names)
-        try:
-            import torchjd.aggregation as aggregation
-        except ImportError:
-            raise ConfigError(f"loss weighting {self.balancer!r} needs torchjd: pip install 'automtl[torchjd]'") from None
-        cls_name, defaults, _ = TORCHJD_BALANCERS[self.balancer]
-        opts = {**defaults, **options}
-        if cls_name == "NashMTL":
-            opts.setdefault("n_tasks", len(self.task_names))
-        try:
-            self.aggregator = getattr(aggregation, cls_name)(**opts)
-        except ImportError as exc:  # the solvers some aggregators need (quadprog, cvxpy, scipy)
-            raise ConfigError(f"loss weighting {self.balancer!r} needs more of torchjd ({exc}); "
-                              "pip install 'automtl[torchjd]'") from None
-        except TypeError as exc:
-            raise ConfigError(f"loss weighting {self.balancer!r} does not take option(s) given ({exc})") from None
-        self._losses: list = []
-        self._weights: dict = {}
-
-    def forward(self, losses, shared_parameters=None, step=None):
-        stacked = self._stack(losses)
-        self._step(step)
-        self._losses = [losses[n].reshape(()) for n in self.task_names]
-        self._weights = {n: None for n in self.task_names}
-        return stacked.sum(), self._weights
-
-    def backward(self, params: Sequence[Tensor]) -> None:
-        """Set ``.grad`` of ``params`` to the aggregated Jacobian of the last losses; a parameter no loss
-        reaches keeps ``grad = None``, as after ``total.backward()``."""
-        from torchjd.autojac import backward, jac_to_grad
-
-        params = [p for p in params if p.requires_grad]
-        losses, self._losses = self._losses, []
-        backward(losses, inputs=params)
-        unused = [p for p in params if p.jac is None or not bool(p.jac.any())]
-        weights = jac_to_grad(params, self.aggregator)
-        for p in unused:
-            p.grad = None
-        if weights is not None:
-            self._weights.update({n: float(w) for n, w in zip(self.task_names, weights.detach().reshape(-1).tolist())})
-
-
-def _jacobian_class(name: str):
-    return type(f"{TORCHJD_BALANCERS[name][0]}Weighting", (JacobianWeighting,), {"balancer": name,
-                "__doc__": f"torchjd's {TORCHJD_BALANCERS[name][0]}: {TORCHJD_BALANCERS[name][2]}."})
-
-
-
-WEIGHTINGS.update({name: _jacobian_class(name) for name in TORCHJD_BALANCERS})
-
-
-def register_weighting(name: str):
-    """Class decorator adding a custom :class:`LossWeighting` to :data:`WEIGHTINGS`."""
-
-    def deco(cls):
-        WEIGHTINGS[name] = cls
-        return cls
-
-    return deco
-
-
-def make_weighting(name: str, task_names: Sequence[str], **options) -> LossWeighting:
-    """Build a balancer by name, turning a typo or a wrong option into one clear ConfigError."""
-    key = str(name).lower()
-    if key not in WEIGHTINGS:
-        close = difflib.get_close_matches(key, list(WEIGHTINGS), n=1)
-        hint = f"did you mean {close[0]!r}? " if close else ""
-        raise ConfigError(f"unknown loss weighting {name!r}; {hint}choose one of {', '.join(WEIGHTINGS)}")
-    cls = WEIGHTINGS[key]
-    params = inspect.signature(cls.__init__).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return cls(task_names, **options)  # checked by the class (torchjd's aggregator options)
-    accepted = [p for p in params if p not in ("self", "task_names")]
-    unknown = [o for o in options if o not in accepted]
-    if unknown:
-        takes = ", ".join(accepted) if accepted else "no options"
-        raise ConfigError(f"loss weighting {key!r} does not take option(s) {', '.join(unknown)}; it takes {takes}")
-    return cls(task_names, **options)

@@ -1,0 +1,146 @@
+"""The pipeline one step at a time, through a *run directory*.
+
+:func:`search_run` searches and fine-tunes a policy and keeps the trained supermodel in a run
+directory (``supermodel.yaml``: how to rebuild it; ``supermodel.pt``: its tensors; ``policy.yaml``;
+``metrics.json``; ``checkpoints/``). :func:`compact_run` reads it back, optionally under another
+policy (one edited by hand) and after more fine-tuning, and writes the compact model.
+``automtl search`` and ``automtl compact`` are thin wrappers around the two.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+import yaml
+
+from .convert import ConvertConfig, build_data, build_supermodel, json_safe, prepare_run
+from .errors import ConfigError, FileFormatError
+from .fileio import atomic_path, atomic_write_text, read_yaml
+from .policy import Policy
+from .supermodel import SuperModel
+
+__all__ = ["compact_run", "load_run", "save_run", "search_run", "supermodel_from_state"]
+
+#: What :func:`search_run` writes into its run directory (besides ``checkpoints/``).
+RUN_OUTPUT_FILES = ("supermodel.yaml", "supermodel.pt", "policy.yaml", "metrics.json")
+
+
+def search_run(cfg: ConvertConfig, out: Union[str, os.PathLike], resume: bool = False, overwrite: bool = False,
+               quiet: bool = False) -> dict:
+    """Search a sharing policy for ``cfg`` and fine-tune it, keeping the run in the directory ``out``.
+
+    Writes :data:`RUN_OUTPUT_FILES` into ``out`` and the search checkpoints into
+    ``out/checkpoints`` (``resume=True`` continues a killed run from there). ``out`` is locked
+    while the run is live and an earlier run in it is refused unless ``resume`` or ``overwrite``
+    (:class:`automtl.rundir.RunDirectory`).
+
+    Returns:
+        ``{"metrics": {task: {metric: value}}, "policy": {"share"|"specialize"|"skip": count},
+        "parameters": compact parameter count}``, as also written to ``metrics.json`` (non-finite
+        numbers as null).
+
+    Raises:
+        AutomtlError: a bad config, data or budget; ``out`` busy, not writable or holding a run.
+        StorageError: the disk filled up or became unwritable while results were written.
+
+    Example:
+        >>> cfg = ConvertConfig(backbone="resnet18")
+        >>> search_run(cfg, "runs/r18"); compact_run("runs/r18", out="r18.automtl")
+    """
+    from .rundir import CHECKPOINTS, RunDirectory
+    from .search import search
+
+    with RunDirectory(out, resume=resume, overwrite=overwrite) as run:
+        sm, train, val = prepare_run(cfg)
+        result = search(sm, train, val, cfg.search.replace(out_dir=str(run.path / CHECKPOINTS), resume=resume, quiet=quiet))
+        save_run(sm, cfg, run.path, result.policy)
+        payload = json_safe({"metrics": result.metrics, "policy": result.policy.counts(), "parameters": result.params})
+        atomic_write_text(run.path / "metrics.json", json.dumps(payload, indent=2, default=str, allow_nan=False) + "\n")
+    return payload
+
+
+def compact_run(run_dir: Union[str, os.PathLike], policy: Union[None, str, os.PathLike, Policy] = None,
+                finetune_steps: int = 0, out: Union[None, str, os.PathLike] = "model.automtl", quiet: bool = False):
+    """Compile the supermodel of ``run_dir`` (from :func:`search_run`) under a policy into a compact model.
+
+    Args:
+        run_dir: a run directory written by :func:`search_run`.
+        policy: a Policy or a policy YAML file; default the run's own ``policy.yaml``.
+        finetune_steps: fine-tune the policy's architecture this many optimizer steps first, on
+            the run's data and schedule (0: compile the weights as they are).
+        out: the ``.automtl`` file to write atomically; None writes nothing.
+
+    Returns:
+        the :class:`automtl.CompactModel`, in eval mode.
+
+    Raises:
+        ConfigError: the run has no policy and none is given; the policy does not fit the run's layers and tasks.
+        FileFormatError: ``run_dir`` is not a run directory, or its files are damaged or do not fit each other.
+
+    Example:
+        >>> model = compact_run("runs/r18", policy="my-policy.yaml", finetune_steps=100, out="r18.automtl")
+    """
+    from .compact import compact
+    from .formats import save
+    from .search import search
+
+    sm, cfg, own = load_run(run_dir)
+    if policy is not None and not isinstance(policy, Policy):
+        policy = Policy.load(policy)
+    policy = policy if policy is not None else own
+    if policy is None:
+        raise ConfigError(f"run directory {os.fspath(run_dir)!r} has no policy.yaml; pass --policy FILE")
+    policy.check(sm.layer_names, sm.task_names, sm.skip_legal)
+    if finetune_steps > 0:
+        train, val = build_data(cfg, sm.tasks)
+        search(sm, train, val, cfg.search.replace(finetune_steps=finetune_steps, out_dir=None, quiet=quiet), policy=policy)
+    model = compact(sm.eval(), policy)
+    if out is not None:
+        save(model, out)
+    return model
+
+
+def save_run(sm: SuperModel, cfg: ConvertConfig, directory, policy: Optional[Policy] = None) -> None:
+    """Keep a supermodel as ``supermodel.yaml`` (how to rebuild it) + ``supermodel.pt`` (tensors), atomically each."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    with atomic_path(directory / "supermodel.pt") as tmp:
+        torch.save(sm.state_dict(), tmp)
+    atomic_write_text(directory / "supermodel.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    if policy is not None:
+        policy.save(directory / "policy.yaml")
+
+
+def load_run(directory) -> tuple[SuperModel, ConvertConfig, Optional[Policy]]:
+    """Rebuild the supermodel of a run directory written by :func:`save_run`: (supermodel, config, policy or None).
+
+    Raises:
+        FileFormatError: no ``supermodel.yaml`` there, or a missing, damaged or mismatched ``supermodel.pt``.
+    """
+    directory = Path(directory)
+    spec = directory / "supermodel.yaml"
+    if not spec.exists():
+        raise FileFormatError(f"{os.fspath(directory)!r} is not an automtl run directory (no supermodel.yaml); run automtl search first")
+    cfg = ConvertConfig.from_dict(read_yaml(spec, "run file") or {}, f"run file {os.fspath(spec)!r}")
+    cfg.weights, cfg.pretrained = None, False  # the trained weights come from supermodel.pt
+    sm = supermodel_from_state(build_supermodel(cfg), directory / "supermodel.pt")
+    pol_path = directory / "policy.yaml"
+    return sm, cfg, Policy.load(pol_path) if pol_path.exists() else None
+
+
+def supermodel_from_state(sm: SuperModel, path) -> SuperModel:
+    """``sm`` with the tensors-only state dict at ``path`` loaded (FileFormatError when missing, unreadable or not fitting)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileFormatError(f"weights file {os.fspath(path)!r} is missing; run automtl search again") from None
+    except Exception as exc:
+        raise FileFormatError(f"weights file {os.fspath(path)!r} is unreadable or not tensors only ({type(exc).__name__}); run automtl search again") from None
+    try:
+        sm.load_state_dict(state)
+    except RuntimeError as exc:
+        raise FileFormatError(f"weights file {os.fspath(path)!r} does not fit its supermodel.yaml ({str(exc).splitlines()[0]}); keep the two files together") from None
+    return sm
