@@ -4,7 +4,7 @@ Any single-task PyTorch CNN in; a compact multi-task model out. The pipeline, on
 ``capture`` (torch.fx trace) -> ``supermodel`` (policy layers) -> ``search`` (train the policy)
 -> ``compact`` (cross-task CSE) -> ``export`` (files) / ``render`` (graphviz).
 """
-from .backbones import build_backbone, list_backbones, load_weights
+from .backbones import build_backbone, list_backbones, load_weights, register_backbone
 from .capture import Capture, capture
 from .compact import CompactModel, compact
 from .config import SearchConfig
@@ -21,6 +21,6 @@ __version__ = "0.1.0"
 __all__ = [
     "AutomtlError", "BackboneError", "Capture", "CompactModel", "ConfigError", "DataError", "FileFormatError",
     "Policy", "SearchConfig", "SearchResult", "SuperModel", "Task", "build_backbone", "capture", "compact",
-    "evaluate", "export", "export_onnx", "list_backbones", "load", "load_pt2", "load_weights", "render", "save", "search",
-    "supermodel",
+    "evaluate", "export", "export_onnx", "list_backbones", "load", "load_pt2", "load_weights", "register_backbone", "render",
+    "save", "search", "supermodel",
 ]
