@@ -10,6 +10,7 @@ from .compact import CompactModel, compact
 from .config import SearchConfig
 from .errors import AutomtlError, BackboneError, ConfigError, DataError, FileFormatError
 from .formats import export, export_onnx, load, load_pt2, save
+from .kinds import TaskKind, register_kind
 from .policy import Policy
 from .render import render
 from .search import SearchResult, evaluate, search
@@ -20,7 +21,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AutomtlError", "BackboneError", "Capture", "CompactModel", "ConfigError", "DataError", "FileFormatError",
-    "Policy", "SearchConfig", "SearchResult", "SuperModel", "Task", "build_backbone", "capture", "compact",
-    "evaluate", "export", "export_onnx", "list_backbones", "load", "load_pt2", "load_weights", "register_backbone", "render",
-    "save", "search", "supermodel",
+    "Policy", "SearchConfig", "SearchResult", "SuperModel", "Task", "TaskKind", "build_backbone", "capture", "compact",
+    "evaluate", "export", "export_onnx", "list_backbones", "load", "load_pt2", "load_weights", "register_backbone",
+    "register_kind", "render", "save", "search", "supermodel",
 ]
