@@ -18,7 +18,6 @@ caller's optimizer (pass ``weighting.parameters()`` to it); GradNorm trains its 
 from __future__ import annotations
 
 import difflib
-import hashlib
 import inspect
 import math
 from typing import Mapping, Optional, Sequence
@@ -27,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import ConfigError
+from .seeding import stable_seed
 
 __all__ = [
     "LossWeighting",
@@ -315,8 +315,7 @@ class RLW(LossWeighting):
         self.seed = int(seed)
 
     def weights_at(self, step: int) -> Tensor:
-        digest = hashlib.blake2b(f"rlw/{self.seed}/{int(step)}".encode(), digest_size=8).digest()
-        g = torch.Generator().manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
+        g = torch.Generator().manual_seed(stable_seed("rlw", self.seed, int(step)))
         z = torch.randn(len(self.task_names), generator=g)
         return len(self.task_names) * torch.softmax(z, dim=0)
 
