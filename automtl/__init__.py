@@ -4,12 +4,13 @@ Any single-task PyTorch CNN in; a compact multi-task model out. The pipeline, on
 ``capture`` (torch.fx trace) -> ``supermodel`` (policy layers) -> ``search`` (train the policy)
 -> ``compact`` (cross-task CSE) -> ``export`` (files) / ``render`` (graphviz).
 """
-from .backbones import build_backbone, list_backbones, load_weights
+from .backbones import build_backbone, list_backbones, load_weights, register_backbone
 from .capture import Capture, capture
 from .compact import CompactModel, compact
 from .config import SearchConfig
 from .errors import AutomtlError, BackboneError, ConfigError, DataError, FileFormatError
 from .formats import export, export_onnx, load, load_pt2, save
+from .kinds import TaskKind, register_kind
 from .policy import Policy
 from .render import render
 from .runs import compact_run, search_run
@@ -21,7 +22,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AutomtlError", "BackboneError", "Capture", "CompactModel", "ConfigError", "DataError", "FileFormatError",
-    "Policy", "SearchConfig", "SearchResult", "SuperModel", "Task", "build_backbone", "capture", "compact",
-    "compact_run", "evaluate", "export", "export_onnx", "list_backbones", "load", "load_pt2", "load_weights", "render",
-    "save", "search", "search_run", "supermodel",
+    "Policy", "SearchConfig", "SearchResult", "SuperModel", "Task", "TaskKind", "build_backbone", "capture", "compact",
+    "compact_run", "evaluate", "export", "export_onnx", "list_backbones", "load", "load_pt2", "load_weights",
+    "register_backbone", "register_kind", "render", "save", "search", "search_run", "supermodel",
 ]

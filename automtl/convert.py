@@ -22,9 +22,9 @@ import torch
 import yaml
 
 from .config import MAX_INPUT_SIZE, SearchConfig
+from .cost import check_budget
 from .errors import ConfigError
 from .fileio import read_yaml
-from .policy import Policy
 from .supermodel import SuperModel, supermodel
 from .tasks import Task, parse_task
 
@@ -191,9 +191,8 @@ def prepare_run(cfg: ConvertConfig):
     """Seed, supermodel, datasets and the budget check of a run: what convert and search share."""
     torch.manual_seed(cfg.search.seed)  # heads and skip projections start from the run's seed
     sm = build_supermodel(cfg)
+    check_budget(sm, cfg.search)  # before the data is read: no policy may be able to meet the budget
     train, val = build_data(cfg, sm.tasks)
-    # The budget must be reachable: the smallest model any policy can compile to is all-share/skip.
-    _check_budget(sm, cfg.search)
     return sm, train, val
 
 
@@ -271,22 +270,6 @@ def _convert(cfg: ConvertConfig, out: Path, resume: bool, quiet: bool, log: Call
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return report
-
-
-def _check_budget(sm: SuperModel, cfg: SearchConfig) -> None:
-    mult = cfg.budget_multiple
-    if mult is None:
-        return
-    share = Policy.uniform(sm.layer_names, sm.task_names, "share")
-    single = sm.policy_parameter_count(share)
-    rows = [[2 if legal and info.skip_params < info.unit_params else 0] * sm.num_tasks
-            for legal, info in zip(sm.skip_legal, sm.layer_info)]
-    smallest = sm.policy_parameter_count(Policy(sm.layer_names, sm.task_names, rows))
-    if mult * single < smallest:
-        raise ConfigError(
-            f"budget {cfg.budget} ({mult * single:,.0f} parameters) is below what any policy can reach "
-            f"({smallest:,} parameters, {smallest / single:.2f}x); raise --budget"
-        )
 
 
 def _version() -> str:

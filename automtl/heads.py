@@ -1,16 +1,18 @@
 """Builtin task heads: what turns the shared feature map into each task's prediction.
 
-Heads are always task-owned. Dense heads predict at feature resolution; :func:`finish`
-upsamples to the input size (and normalises surface normals) outside the head, so a custom
-head only has to map features to its output.
+Heads are always task-owned. Dense heads predict at feature resolution; :func:`finish` (the
+kind's ``finish``, see :mod:`automtl.kinds`) upsamples to the input size (and normalises surface
+normals) outside the head, so a custom head only has to map features to its output.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .tasks import Task
+if TYPE_CHECKING:
+    from .tasks import Task
 
 
 class GlobalHead(nn.Module):
@@ -41,20 +43,18 @@ class DenseHead(nn.Module):
         return self.predict(self.context(self.reduce(x)))
 
 
-def build_head(task: Task, channels: int) -> nn.Module:
+def build_head(task: "Task", channels: int) -> nn.Module:
     """The task's own head if it brought one, else the builtin head of its kind."""
     if task.head is not None:
         return task.head
-    if task.dense:
-        return DenseHead(channels, task.outputs)
-    return GlobalHead(channels, task.outputs)
+    return task.builtin("head").head(task, channels)
 
 
-def finish(task: Task, y: torch.Tensor, size) -> torch.Tensor:
-    """Bring a builtin dense head's output to the input resolution; normals to unit length."""
-    if task.head is not None or not task.dense:
+def finish(task: "Task", y: torch.Tensor, size) -> torch.Tensor:
+    """A builtin head's output as the task's prediction (its kind's ``finish``); a custom head's as is.
+
+    ``y`` is (B, C, h, w) or (B, C); ``size`` the input's (H, W). Also runs on ``torch.fx`` proxies.
+    """
+    if task.head is not None or task.spec is None:
         return y
-    y = F.interpolate(y, size=size, mode="bilinear", align_corners=False)
-    if task.kind == "normal":
-        y = F.normalize(y, dim=1)
-    return y
+    return task.spec.finish(y, size)

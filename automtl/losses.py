@@ -9,14 +9,16 @@ graph poisons the gradient even where the forward value is masked out.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from .errors import ConfigError
-from .tasks import Task
+
+if TYPE_CHECKING:
+    from .tasks import Task
 
 __all__ = [
     "loss_for",
@@ -144,21 +146,8 @@ class NormalLoss:
         return _masked_mean(1.0 - cos, valid)
 
 
-def loss_for(task: Task) -> LossFn:
+def loss_for(task: "Task") -> LossFn:
     """The loss callable ``(pred, target) -> scalar`` of a task: its own, or its kind's builtin."""
     if task.loss is not None:
         return task.loss
-    kind = task.kind
-    if kind == "classification":
-        return ClassificationLoss(task.ignore_index)
-    if kind == "multilabel":
-        return MultilabelLoss()
-    if kind == "regression":
-        return RegressionLoss(str(task.options.get("loss", "l1")).lower())
-    if kind == "segmentation":
-        return SegmentationLoss(task.ignore_index)
-    if kind == "depth":
-        return DepthLoss()
-    if kind == "normal":
-        return NormalLoss()
-    raise ConfigError(f"task {task.name!r} of kind {kind!r} has no builtin loss; pass loss= to its Task")
+    return task.builtin("loss").loss(task)

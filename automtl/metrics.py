@@ -9,14 +9,16 @@ a number would claim a measurement that was never made.
 from __future__ import annotations
 
 import math
-from typing import Mapping, Optional
+from typing import TYPE_CHECKING, Mapping, Optional
 
 import torch
 from torch import Tensor
 
 from .errors import ConfigError
 from .losses import _label_target, match_size
-from .tasks import Task
+
+if TYPE_CHECKING:
+    from .tasks import Task
 
 __all__ = [
     "HIGHER_IS_BETTER",
@@ -31,23 +33,9 @@ __all__ = [
     "delta_mtl",
 ]
 
-#: Direction of every builtin metric name: True when a larger value is better.
-HIGHER_IS_BETTER: dict[str, bool] = {
-    "accuracy": True,
-    "f1": True,
-    "map": True,
-    "mae": False,
-    "rmse": False,
-    "miou": True,
-    "pixel_acc": True,
-    "abs_err": False,
-    "rel_err": False,
-    "mean_angle": False,
-    "median_angle": False,
-    "within_11_25": True,
-    "within_22_5": True,
-    "within_30": True,
-}
+#: Direction of every metric name a registered task kind computes: True when a larger value is better.
+#: Each kind declares its own (``TaskKind.higher_is_better``); :func:`automtl.kinds.register_kind` adds them here.
+HIGHER_IS_BETTER: dict[str, bool] = {}
 
 _NAN = float("nan")
 
@@ -332,26 +320,11 @@ class NormalMetric(Metric):
         return out
 
 
-def metric_for(task: Task):
+def metric_for(task: "Task"):
     """A fresh metric object for a task: its own ``metric()`` factory, or its kind's builtin."""
     if task.metric is not None:
         return task.metric()
-    kind = task.kind
-    if kind == "classification":
-        return Accuracy(task.ignore_index)
-    if kind == "multilabel":
-        return MultilabelMetric(task.classes)
-    if kind == "regression":
-        return RegressionMetric()
-    if kind == "segmentation":
-        if task.classes is None:
-            raise ConfigError(f"task {task.name!r}: the segmentation metric needs classes=N")
-        return SegmentationMetric(task.classes, task.ignore_index)
-    if kind == "depth":
-        return DepthMetric()
-    if kind == "normal":
-        return NormalMetric()
-    raise ConfigError(f"task {task.name!r} of kind {kind!r} has no builtin metric; pass metric= to its Task")
+    return task.builtin("metric").metric(task)
 
 
 def delta_mtl(

@@ -302,8 +302,7 @@ def inspect_text(path: str | os.PathLike, repeats: int = 5, batch: int = 1, late
     stats = model_stats(model, (batch,) + tuple(shape[1:]), repeats=repeats, latency=latency)
     tasks = []
     for t in model.tasks:
-        detail = f", {t.classes} classes" if t.classes is not None and t.kind != "regression" else (
-            f", {t.classes} outputs" if t.classes is not None else "")
+        detail = f", {t.classes} {t.spec.classes_word if t.spec is not None else 'classes'}" if t.classes is not None else ""
         tasks.append(f"  {t.name}: {t.kind}{detail}")
     head = [f"{os.fspath(path)}: compact multi-task model, {len(model.tasks)} tasks", *tasks, ""]
     return "\n".join(head) + "\n" + format_inspect(stats, model.policy)

@@ -1,6 +1,6 @@
 """What a task is: a name, a kind, and the head, loss and metric that go with the kind.
 
-A builtin kind brings its head, loss and metric; a custom task passes its own.
+A registered kind (:mod:`automtl.kinds`) brings its head, loss and metric; a custom task passes its own.
 """
 from __future__ import annotations
 
@@ -11,16 +11,7 @@ from typing import Any, Callable, Optional
 from torch import nn
 
 from .errors import ConfigError
-
-#: Kinds whose output is a per-pixel map at the input resolution.
-DENSE_KINDS = ("segmentation", "depth", "normal")
-#: Kinds whose output is one vector per image.
-GLOBAL_KINDS = ("classification", "multilabel", "regression")
-KINDS = GLOBAL_KINDS + DENSE_KINDS
-#: Kinds that need a number of classes.
-_NEEDS_CLASSES = ("classification", "multilabel", "segmentation")
-#: Fixed output widths of kinds that do not take ``classes``.
-_FIXED_OUTPUTS = {"depth": 1, "normal": 3}
+from .kinds import KINDS, TaskKind
 
 #: The most classes a task may have (ImageNet-21k has 21,841).
 MAX_CLASSES = 1_000_000
@@ -57,35 +48,42 @@ class Task:
         if self.kind not in KINDS and self.kind != "custom":
             raise ConfigError(
                 f"task {self.name!r} has unknown kind {self.kind!r}; choose one of {', '.join(KINDS)} "
-                "or pass head=, loss= and metric= for a custom task"
+                "(or register one with automtl.register_kind), or pass head=, loss= and metric= for a custom task"
             )
-        if self.kind == "custom" and (self.head is None or self.loss is None or self.metric is None):
+        spec = self.spec
+        if spec is None and (self.head is None or self.loss is None or self.metric is None):
             raise ConfigError(f"custom task {self.name!r} needs head=, loss= and metric=")
-        if self.kind in _NEEDS_CLASSES and self.classes is None and self.head is None:
+        if spec is not None and spec.needs_classes and self.classes is None and self.head is None:
             raise ConfigError(f"task {self.name!r} of kind {self.kind!r} needs classes=N")
         if self.classes is not None and (not isinstance(self.classes, int) or isinstance(self.classes, bool)
                                          or not 1 <= self.classes <= MAX_CLASSES):
             raise ConfigError(f"task {self.name!r}: classes must be a whole number from 1 to {MAX_CLASSES}, got {self.classes!r}")
         if not isinstance(self.ignore_index, int) or isinstance(self.ignore_index, bool) or abs(self.ignore_index) > 2**31:
             raise ConfigError(f"task {self.name!r}: ignore_index must be an integer label value, got {self.ignore_index!r}")
-        if self.kind == "classification" and self.ignore_index == 255:
-            self.ignore_index = -1
+        if spec is not None and self.ignore_index == 255:
+            self.ignore_index = spec.default_ignore_index
+
+    @property
+    def spec(self) -> Optional[TaskKind]:
+        """The registered kind of the task (:mod:`automtl.kinds`); None for a custom task."""
+        return KINDS.get(self.kind)
+
+    def builtin(self, what: str) -> TaskKind:
+        """The task's kind, to build its builtin ``what`` (head, loss, metric); ConfigError for a custom task."""
+        spec = self.spec
+        if spec is None:
+            raise ConfigError(f"task {self.name!r} of kind {self.kind!r} has no builtin {what}; pass {what}= to its Task")
+        return spec
 
     @property
     def dense(self) -> bool:
         """True when the output is a map at the input resolution."""
-        return self.kind in DENSE_KINDS
+        return self.spec is not None and self.spec.dense
 
     @property
     def outputs(self) -> int:
         """Number of output channels of the builtin head."""
-        if self.kind in _FIXED_OUTPUTS:
-            return _FIXED_OUTPUTS[self.kind]
-        if self.kind == "regression":
-            return self.classes or 1
-        if self.classes is None:
-            raise ConfigError(f"task {self.name!r} has no builtin output width; pass classes=N")
-        return self.classes
+        return self.builtin("head").outputs(self)
 
     def describe(self) -> dict:
         """Plain-data description (YAML-able) of the task."""
@@ -106,7 +104,7 @@ class Task:
             raise ConfigError(f"a task description needs at least a 'name'; got {data!r}")
         kind = data.get("kind", "custom")
         classes = data.get("classes")
-        if kind != "custom":
+        if kind != "custom":  # a kind must be registered in this process (the error says so)
             extra = {"ignore_index": data["ignore_index"]} if isinstance(data.get("ignore_index"), int) else {}
             return cls(data["name"], kind=kind, classes=classes, **extra)
         if not _NAME.match(data["name"]):

@@ -9,6 +9,7 @@ from torch import nn
 
 from automtl.backbones import (
     BACKBONES,
+    TinyCNN,
     build_backbone,
     count_convs,
     count_parameters,
@@ -67,6 +68,25 @@ def test_registry_lists_all_builtins_in_order():
         assert len(s.default_input) == 3 and s.default_input[0] == 3
     assert BACKBONES["tiny"].default_input == (3, 32, 32)
     assert BACKBONES["deeplab_resnet34"].family == "resnet"
+
+
+def test_register_backbone_decorator_adds_and_refuses_a_taken_name():
+    from automtl import register_backbone
+
+    @register_backbone("test_only_net", description="a test net", default_input=(3, 16, 16))
+    def test_only_net():
+        return TinyCNN(width=2)
+
+    try:
+        spec = BACKBONES["test_only_net"]
+        assert (spec.family, spec.default_input, spec.factory) == ("test_backbones", (3, 16, 16), test_only_net)
+        assert isinstance(build_backbone("test_only_net"), TinyCNN)
+        with pytest.raises(ValueError, match="taken"):
+            register_backbone("test_only_net", description="another")(lambda: TinyCNN())
+        with pytest.raises(ValueError, match="Python-style name"):
+            register_backbone("no-dashes", description="x")
+    finally:
+        BACKBONES.pop("test_only_net", None)
 
 
 @pytest.mark.parametrize("name", list(EXPECTED))

@@ -149,7 +149,7 @@ def test_check_targets():
     listed = [(torch.zeros(3, 1, 2), {"seg": torch.tensor([[0, 3]]), "n": torch.zeros(2, 1, 2)})]
     with pytest.raises(DataError, match="label 3 outside 0..1"):
         check_targets(listed, [Task("seg", kind="segmentation", classes=2)])
-    with pytest.raises(DataError, match="needs 3"):
+    with pytest.raises(DataError, match=r"does not fit a normal task \(one sample's target is \(3, \*, \*\)\)"):
         check_targets(listed, [Task("n", kind="normal")])
     with pytest.raises(DataError, match="empty"):
         check_targets([], [Task("seg", kind="segmentation", classes=2)])

@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import ConfigError, DataError
+from ..kinds import describe_shapes, shape_fits
 from ..tasks import Task
 from .cityscapes import CityScapes
 from .multifashion import DEFAULT_ROOT as FASHION_MNIST_ROOT
@@ -126,16 +127,6 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool = False, seed: 
     )
 
 
-_NDIMS = {  # allowed target dimensions of one sample, per kind
-    "classification": (0, 1),
-    "multilabel": (1,),
-    "regression": (0, 1),
-    "segmentation": (2, 3),
-    "depth": (2, 3),
-    "normal": (3,),
-}
-
-
 def check_targets(dataset: Dataset, tasks: Sequence[Task]) -> None:
     """Fail early, with the task's name, when the data cannot feed a task.
 
@@ -158,20 +149,20 @@ def check_targets(dataset: Dataset, tasks: Sequence[Task]) -> None:
                 f"data set {type(dataset).__name__} has no target for task {task.name!r}; "
                 f"its targets are {', '.join(map(repr, targets)) or 'none'}, so rename the task or pick another data set"
             )
-        if task.kind not in _NDIMS:
+        spec = task.spec
+        if spec is None or not spec.target_shapes(task):
             continue
         y = torch.as_tensor(targets[task.name])
-        if y.dim() not in _NDIMS[task.kind]:
+        if not shape_fits(spec.target_shapes(task), tuple(y.shape)):
             raise DataError(
                 f"target {task.name!r} of data set {type(dataset).__name__} has shape {tuple(y.shape)}, "
-                f"which does not fit a {task.kind} task; check the task kind"
+                f"which does not fit a {task.kind} task (one sample's target is {describe_shapes(spec.target_shapes(task))}); "
+                "check the task kind"
             )
-        if task.kind in ("classification", "segmentation") and task.classes is not None:
+        if spec.integer_labels and task.classes is not None:
             labels = y[(y != task.ignore_index) & ~torch.isnan(y.double())] if y.is_floating_point() else y[y != task.ignore_index]
             if labels.numel() and (int(labels.max()) >= task.classes or int(labels.min()) < 0):
                 raise DataError(
                     f"target {task.name!r} has label {int(labels.max()) if int(labels.max()) >= task.classes else int(labels.min())} "
                     f"outside 0..{task.classes - 1}; set classes= to the data set's class count"
                 )
-        if task.kind == "normal" and y.shape[0] != 3:
-            raise DataError(f"target {task.name!r} has {y.shape[0]} channels; a normal target needs 3")

@@ -13,26 +13,19 @@ from typing import Mapping, Optional, Sequence
 import torch
 
 from ..errors import DataError
+from ..kinds import describe_shapes, shape_fits
 from ..tasks import Task
 
 #: A task whose first this-many training batches hold no usable label is refused.
 NO_LABEL_BATCHES = 100
 
 
-def _labelled(kind: str, y: torch.Tensor, ignore_index: Optional[int]) -> int:
-    if kind in ("classification", "segmentation"):
-        keep = y != ignore_index
-        return int((keep & ~torch.isnan(y)).sum()) if y.is_floating_point() else int(keep.sum())
-    if kind == "depth":
-        return int((torch.isfinite(y) & (y != 0)).sum())
-    return int(torch.isfinite(y).sum())
-
-
 class BatchChecks:
     """Checks the images and each builtin-kind target of every training batch.
 
     Args:
-        tasks: the tasks being trained (custom kinds are left to their own loss).
+        tasks: the tasks being trained (custom tasks are left to their own loss; a kind says its
+            target shapes, labels and what counts as labelled, see :mod:`automtl.kinds`).
         in_channels: channels of the backbone's input (C of its example input).
         where: how the data is named in errors, e.g. ``"training data"``.
 
@@ -44,7 +37,7 @@ class BatchChecks:
     """
 
     def __init__(self, tasks: Sequence[Task], in_channels: int, where: str = "training data"):
-        self.tasks = [t for t in tasks if t.kind != "custom"]
+        self.tasks = [t for t in tasks if t.spec is not None]
         self.in_channels, self.where = in_channels, where
         self.batches = {t.name: 0 for t in self.tasks}
         self.labelled = {t.name: 0 for t in self.tasks}
@@ -71,7 +64,7 @@ class BatchChecks:
             self.batches[task.name] += 1
             if y is not None:
                 self._target(task, x, y)
-                self.labelled[task.name] += _labelled(task.kind, y, task.ignore_index)
+                self.labelled[task.name] += task.spec.labelled(task, y)
             if self.batches[task.name] == NO_LABEL_BATCHES and self.labelled[task.name] == 0:
                 raise DataError(
                     f"task {task.name!r} has no usable label in the first {NO_LABEL_BATCHES} batches of {self.where} "
@@ -85,11 +78,11 @@ class BatchChecks:
                             "or torch.as_tensor in the dataset)")
         if y.dim() == 0 or y.shape[0] != x.shape[0]:
             raise DataError(f"{at} has shape {tuple(y.shape)} for a batch of {x.shape[0]} images; give one target per image")
-        expected = _expected_shapes(task)
-        if not any(len(s) + 1 == y.dim() and all(e is None or e == d for e, d in zip(s, y.shape[1:])) for s in expected):
-            shown = " or ".join("(B" + "".join(f", {e if e is not None else '*'}" for e in s) + ")" for s in expected)
-            raise DataError(f"{at} has shape {tuple(y.shape)} but a {kind} target is {shown}; reshape it or change the task's kind")
-        if kind in ("classification", "segmentation") and task.classes is not None:
+        expected = task.spec.target_shapes(task)
+        if expected and not shape_fits(expected, tuple(y.shape[1:])):
+            raise DataError(f"{at} has shape {tuple(y.shape)} but a {kind} target is {describe_shapes(expected, batch=True)}; "
+                            "reshape it or change the task's kind")
+        if task.spec.integer_labels and task.classes is not None:
             labels = y[y != task.ignore_index]
             if y.is_floating_point():
                 labels = labels[~torch.isnan(labels)]
@@ -99,15 +92,3 @@ class BatchChecks:
                     raise DataError(f"{at} holds label {int(bad.flatten()[0])} outside 0..{task.classes - 1} (ignore index "
                                     f"{task.ignore_index}); set classes= to the data's class count or fix the labels")
 
-
-def _expected_shapes(task: Task) -> list[tuple]:
-    """Per-sample target shapes a builtin kind accepts (None: any size)."""
-    c = task.classes
-    return {
-        "classification": [(), (1,)],
-        "segmentation": [(None, None), (1, None, None)],
-        "depth": [(None, None), (1, None, None)],
-        "normal": [(3, None, None)],
-        "multilabel": [(c,)],
-        "regression": [(c,)] + ([()] if c in (None, 1) else []),
-    }.get(task.kind, [])

@@ -11,13 +11,13 @@ generated on the fly from its own ``torch.Generator`` and never touches the glob
 """
 from __future__ import annotations
 
-import hashlib
 import math
 
 import torch
 from torch.utils.data import Dataset
 
 from ..errors import ConfigError
+from ..seeding import stable_seed as sample_seed
 from ..tasks import Task
 
 #: Shape kinds in class order (class 0 is the background).
@@ -35,10 +35,6 @@ _COLOURS = torch.tensor(
 _INF = float("inf")
 
 
-def sample_seed(*parts) -> int:
-    """A 63-bit seed from any tuple, stable across processes (unlike ``hash()`` of a str)."""
-    digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
 class SyntheticScenes(Dataset):

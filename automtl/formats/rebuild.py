@@ -19,6 +19,7 @@ import torch
 from torch import fx, nn
 
 from ..errors import AutomtlError, FileFormatError
+from ..kinds import shape_fits
 from ..policy import Policy
 from ..tasks import Task
 from .codec import DTYPES, decode
@@ -220,12 +221,7 @@ class _BoundedShapes(fx.Interpreter):
 def _output_shapes_ok(task: Task, y: torch.Tensor, n: int) -> bool:
     if not isinstance(y, torch.Tensor) or not y.is_floating_point() or y.dim() < 1 or y.shape[0] != n:
         return False
-    c = task.classes
-    return {
-        "segmentation": y.dim() == 4 and y.shape[1] == c, "depth": y.dim() == 4 and y.shape[1] == 1,
-        "normal": y.dim() == 4 and y.shape[1] == 3, "classification": tuple(y.shape[1:]) == (c,),
-        "multilabel": tuple(y.shape[1:]) == (c,), "regression": tuple(y.shape[1:]) in ((c or 1,), ()),
-    }.get(task.kind, True)
+    return task.spec is None or shape_fits(task.spec.output_shapes(task), tuple(y.shape[1:]))
 
 
 def shape_check(path: str, gm: fx.GraphModule, tasks: list, dtype: torch.dtype, shape) -> None:

@@ -37,6 +37,7 @@ import torch
 
 from ..compact import compact
 from ..config import SearchConfig, parse_budget
+from ..cost import check_budget
 from ..data.checks import BatchChecks
 from ..errors import AutomtlError, ConfigError, FileFormatError
 from ..fileio import atomic_path, atomic_write_text
@@ -665,6 +666,7 @@ def search(
     ``resume=True`` continues from ``out_dir/checkpoint.pt`` when it exists.
 
     The supermodel is trained in place and left in ``hard(result.policy)`` mode, in eval mode.
+    Raises ConfigError before any training when no policy can meet ``budget`` (in ``budget_metric``).
     """
     if config is None:
         cfg = SearchConfig()
@@ -682,6 +684,7 @@ def search(
         overrides["quiet"] = bool(quiet)
     if overrides:
         cfg = cfg.replace(**overrides)
+    check_budget(supermodel, cfg)
     run = _Search(supermodel, train_data, val_data, cfg, policy)
     try:
         return run.run()

@@ -2,7 +2,6 @@
 learnt, as in uncertainty weighting and GradNorm, or drawn, as in RLW)."""
 from __future__ import annotations
 
-import hashlib
 import math
 from typing import Mapping, Optional
 
@@ -10,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from ..seeding import stable_seed
 from ._base import LossWeighting, rank_mean, register_weighting
 
 __all__ = ["EqualWeighting", "StaticWeighting", "UncertaintyWeighting", "DWA", "GradNorm", "RLW"]
@@ -242,8 +242,7 @@ class RLW(LossWeighting):
         self.seed = int(seed)
 
     def weights_at(self, step: int) -> Tensor:
-        digest = hashlib.blake2b(f"rlw/{self.seed}/{int(step)}".encode(), digest_size=8).digest()
-        g = torch.Generator().manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
+        g = torch.Generator().manual_seed(stable_seed("rlw", self.seed, int(step)))
         z = torch.randn(len(self.task_names), generator=g)
         return len(self.task_names) * torch.softmax(z, dim=0)
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from .registry import register_backbone
+
 __all__ = ["MNASNet", "mnasnet1_0"]
 
 #: The paper's TensorFlow momentum 0.9997, in PyTorch's convention.
@@ -89,6 +91,7 @@ class MNASNet(nn.Module):
         return self.layers(x)
 
 
+@register_backbone("mnasnet1_0", description="MNASNet 1.0 features (1280 ch at stride 32)")
 def mnasnet1_0() -> MNASNet:
     """MNASNet with depth multiplier 1.0, features only."""
     return MNASNet()

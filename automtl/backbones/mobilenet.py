@@ -10,6 +10,8 @@ from typing import List
 
 from torch import Tensor, nn
 
+from .registry import register_backbone
+
 __all__ = ["ConvBNReLU", "InvertedResidual", "MobileNetV2", "mobilenet_v2"]
 
 #: (expansion t, output channels c, repeats n, first stride s), as in the paper.
@@ -89,6 +91,7 @@ class MobileNetV2(nn.Module):
         return self.features(x)
 
 
+@register_backbone("mobilenet_v2", description="MobileNetV2 1.0 features (1280 ch at stride 32)")
 def mobilenet_v2() -> MobileNetV2:
     """MobileNetV2 (width 1.0) features."""
     return MobileNetV2()

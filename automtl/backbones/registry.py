@@ -17,26 +17,24 @@ import re
 import sys
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Mapping, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, TypeVar
 
 import torch
 from torch import nn
 
 from ..errors import BackboneError
 from .external import build_external, is_external
-from .mnasnet import mnasnet1_0
-from .mobilenet import mobilenet_v2
-from .resnet import deeplab_resnet34, resnet18, resnet34, resnet50
-from .tiny import TinyCNN
-from .vgg import vgg16_bn
 
-__all__ = ["BackboneSpec", "BACKBONES", "list_backbones", "build_backbone", "load_weights",
+__all__ = ["BackboneSpec", "BACKBONES", "register_backbone", "list_backbones", "build_backbone", "load_weights",
            "count_parameters", "count_convs"]
 
 
 @dataclass(frozen=True)
 class BackboneSpec:
-    """A builtin backbone: how to build it, what it is, and the input it expects by default."""
+    """A builtin backbone: how to build it, what it is, and the input it expects by default.
+
+    ``default_input`` is one sample's (C, H, W); ``family`` is the file the factory lives in.
+    """
 
     name: str
     factory: Callable[..., nn.Module]
@@ -45,24 +43,39 @@ class BackboneSpec:
     default_input: Tuple[int, int, int] = (3, 224, 224)
 
 
-def _specs() -> "OrderedDict[str, BackboneSpec]":
-    rows = [
-        ("tiny", TinyCNN, "tiny residual CNN for tests (29k params, 32 ch at stride 4)", "tiny", (3, 32, 32)),
-        ("resnet18", resnet18, "ResNet-18 features (512 ch at stride 32)", "resnet", (3, 224, 224)),
-        ("resnet34", resnet34, "ResNet-34 features (512 ch at stride 32)", "resnet", (3, 224, 224)),
-        ("resnet50", resnet50, "ResNet-50 features (2048 ch at stride 32)", "resnet", (3, 224, 224)),
-        ("deeplab_resnet34", deeplab_resnet34,
-         "Deeplab-ResNet-34 of AdaShare/AutoMTL, dilated layer3/4 (512 ch at stride 8)", "resnet", (3, 224, 224)),
-        ("mobilenet_v2", mobilenet_v2, "MobileNetV2 1.0 features (1280 ch at stride 32)", "mobilenet",
-         (3, 224, 224)),
-        ("mnasnet1_0", mnasnet1_0, "MNASNet 1.0 features (1280 ch at stride 32)", "mnasnet", (3, 224, 224)),
-        ("vgg16_bn", vgg16_bn, "VGG-16-BN features (512 ch at stride 32)", "vgg", (3, 224, 224)),
-    ]
-    return OrderedDict((r[0], BackboneSpec(*r)) for r in rows)
+#: Builtin backbones by name, in the order they are listed to users (the order they register).
+BACKBONES: "OrderedDict[str, BackboneSpec]" = OrderedDict()
+
+_Factory = TypeVar("_Factory", bound=Callable[..., nn.Module])
 
 
-#: Builtin backbones by name, in the order they are listed to users.
-BACKBONES: "OrderedDict[str, BackboneSpec]" = _specs()
+def register_backbone(name: str, *, description: str, default_input: Tuple[int, int, int] = (3, 224, 224),
+                      family: Optional[str] = None) -> Callable[[_Factory], _Factory]:
+    """Decorator that names a backbone factory (a function or an ``nn.Module`` class) in :data:`BACKBONES`.
+
+    Put it above the factory, in the family's own file, as timm's ``@register_model`` does; the
+    factory is returned unchanged. ``family`` defaults to the name of the factory's module file.
+
+    Raises:
+        ValueError: ``name`` is not a Python-style name, or is already taken by another factory.
+
+    Example:
+        >>> @register_backbone("resnet18", description="ResNet-18 features (512 ch at stride 32)")
+        ... def resnet18(): ...
+    """
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ValueError(f"backbone name {name!r} must be a Python-style name such as 'resnet18'")
+
+    def register(factory: _Factory) -> _Factory:
+        old = BACKBONES.get(name)
+        if old is not None and old.factory is not factory:
+            raise ValueError(f"backbone name {name!r} is taken by {old.factory.__module__}.{old.factory.__qualname__}")
+        fam = family or factory.__module__.rsplit(".", 1)[-1]
+        BACKBONES[name] = BackboneSpec(name, factory, description, fam, tuple(default_input))
+        return factory
+
+    return register
+
 
 #: Top-level names of the ImageNet classifier heads that feature extractors do not have.
 _HEAD_PREFIXES = ("fc", "classifier")

@@ -10,6 +10,8 @@ from typing import List, Sequence, Union
 
 from torch import Tensor, nn
 
+from .registry import register_backbone
+
 __all__ = ["VGG", "vgg16_bn"]
 
 #: Configuration "D" of the VGG paper; "M" is a 2x2 max-pool.
@@ -47,6 +49,7 @@ class VGG(nn.Module):
         return self.features(x)
 
 
+@register_backbone("vgg16_bn", description="VGG-16-BN features (512 ch at stride 32)")
 def vgg16_bn() -> VGG:
     """VGG-16-BN features."""
     return VGG()

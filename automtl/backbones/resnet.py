@@ -11,6 +11,8 @@ from typing import List, Optional, Sequence, Type, Union
 
 from torch import Tensor, nn
 
+from .registry import register_backbone
+
 __all__ = ["BasicBlock", "Bottleneck", "ResNet", "resnet18", "resnet34", "resnet50", "deeplab_resnet34"]
 
 
@@ -141,21 +143,26 @@ def _init_weights(model: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
+@register_backbone("resnet18", description="ResNet-18 features (512 ch at stride 32)")
 def resnet18() -> ResNet:
     """ResNet-18 features: 512 channels at stride 32."""
     return ResNet(BasicBlock, (2, 2, 2, 2))
 
 
+@register_backbone("resnet34", description="ResNet-34 features (512 ch at stride 32)")
 def resnet34() -> ResNet:
     """ResNet-34 features: 512 channels at stride 32."""
     return ResNet(BasicBlock, (3, 4, 6, 3))
 
 
+@register_backbone("resnet50", description="ResNet-50 features (2048 ch at stride 32)")
 def resnet50() -> ResNet:
     """ResNet-50 features: 2048 channels at stride 32."""
     return ResNet(Bottleneck, (3, 4, 6, 3))
 
 
+@register_backbone("deeplab_resnet34",
+                   description="Deeplab-ResNet-34 of AdaShare/AutoMTL, dilated layer3/4 (512 ch at stride 8)")
 def deeplab_resnet34() -> ResNet:
     """Deeplab-ResNet-34 (AdaShare/AutoMTL): layer3/layer4 dilated 2/4 at stride 1, output stride 8.
 

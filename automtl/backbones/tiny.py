@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from .registry import register_backbone
+
 __all__ = ["TinyCNN"]
 
 
@@ -15,6 +17,8 @@ def _conv_bn(cin: int, cout: int, k: int = 3, stride: int = 1) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2, bias=False), nn.BatchNorm2d(cout))
 
 
+@register_backbone("tiny", description="tiny residual CNN for tests (29k params, 32 ch at stride 4)",
+                   default_input=(3, 32, 32))
 class TinyCNN(nn.Module):
     """stem (3->w, stride 2) -> residual block (w) -> stride-2 block (w->2w, 1x1 shortcut) -> 3x3 conv.
 

@@ -1,0 +1,130 @@
+"""Task kinds: a new kind is one class and a registration, and then runs the whole pipeline."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+import automtl
+from automtl import Task, TaskKind, register_kind
+from automtl.data import check_targets
+from automtl.errors import ConfigError
+from automtl.kinds import KINDS
+from automtl.losses import loss_for
+from automtl.metrics import HIGHER_IS_BETTER, Metric, delta_mtl, metric_for
+
+SIZE = 32
+
+
+class CountError(Metric):
+    """Mean absolute error of a predicted count."""
+
+    primary = "count_mae"
+    names = ("count_mae",)
+
+    def reset(self):
+        self.total, self.n = 0.0, 0
+
+    def update(self, pred, target):
+        self.total += float((pred.reshape(-1) - target.reshape(-1).to(pred.dtype)).abs().sum())
+        self.n += target.numel()
+
+    def compute(self):
+        return {"count_mae": self.total / self.n if self.n else float("nan")}
+
+
+class Count(TaskKind):
+    """How many of something an image holds: one non-negative number per image."""
+
+    fixed_outputs = 1
+    higher_is_better = {"count_mae": False}
+
+    def finish(self, y, size):
+        return y.clamp_min(0.0)  # a count is never negative; compact emits this as graph code
+
+    def loss(self, task):
+        return lambda pred, target: (pred.reshape(-1) - target.reshape(-1).to(pred.dtype)).abs().mean()
+
+    def metric(self, task):
+        return CountError()
+
+    def target_shapes(self, task):
+        return [(), (1,)]
+
+
+@pytest.fixture
+def count_kind():
+    register_kind("count")(Count)
+    yield KINDS["count"]
+    KINDS.pop("count", None)
+    HIGHER_IS_BETTER.pop("count_mae", None)
+
+
+def _data(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    xs = torch.randn(n, 3, SIZE, SIZE, generator=g)
+    counts = (xs[:, 0] > 1.5).flatten(1).sum(1).float() / 10  # bright pixels in the red channel
+    labels = (xs[:, 1].mean((1, 2)) > 0).long()
+    return [(x, {"people": c, "day": lab}) for x, c, lab in zip(xs, counts, labels)]
+
+
+def test_a_registered_kind_runs_supermodel_search_compact_save_load(count_kind, tmp_path):
+    tasks = [Task("people", kind="count"), Task("day", kind="classification", classes=2)]
+    assert tasks[0].spec is count_kind and tasks[0].outputs == 1 and not tasks[0].dense
+    torch.manual_seed(0)
+    sm = automtl.supermodel("tiny", tasks, torch.randn(1, 3, SIZE, SIZE))
+    train, val = DataLoader(_data(16, 0), batch_size=8), DataLoader(_data(8, 1), batch_size=8)
+    res = automtl.search(sm, train, val, warmup_steps=2, search_steps=2, finetune_steps=2, log_every=1, quiet=True)
+    assert set(res.metrics["people"]) == {"count_mae"}
+
+    model = automtl.compact(sm, res.policy).eval()
+    x = torch.randn(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        ref, out = sm.eval()(x), model(x)
+    assert out["people"].shape == (2, 1) and bool((out["people"] >= 0).all())  # the kind's finish ran
+    assert torch.allclose(out["people"], ref["people"], atol=1e-5)
+    assert any(n.op == "call_method" and n.target == "clamp_min" for n in model.graph_module.graph.nodes)
+
+    automtl.save(model, tmp_path / "count.automtl")
+    loaded = automtl.load(tmp_path / "count.automtl")
+    assert [t.kind for t in loaded.tasks] == ["count", "classification"]
+    with torch.no_grad():
+        assert torch.allclose(loaded(x)["people"], out["people"], atol=1e-5)
+
+
+def test_a_registered_kind_brings_loss_metric_direction_and_target_check(count_kind):
+    task = Task("people", kind="count")
+    pred, target = torch.tensor([[1.0], [3.0]]), torch.tensor([2.0, 3.0])
+    assert loss_for(task)(pred, target).item() == pytest.approx(0.5)
+    m = metric_for(task)
+    m.update(pred, target)
+    assert m.compute() == {"count_mae": 0.5}
+    assert delta_mtl({"people": {"count_mae": 0.5}}, {"people": {"count_mae": 1.0}}) == pytest.approx(50.0)
+    with pytest.raises(automtl.DataError, match=r"does not fit a count task \(one sample's target is \(\) or \(1,\)\)"):
+        check_targets([(torch.zeros(3, 4, 4), {"people": torch.zeros(2, 2)})], [task])
+
+
+def test_register_kind_refuses_taken_names_bad_names_and_flipped_directions(count_kind):
+    with pytest.raises(ConfigError, match="already registered"):
+        register_kind("count")(Count)
+    with pytest.raises(ConfigError, match="Python-style name"):
+        register_kind("custom")
+    with pytest.raises(ConfigError, match="needs a TaskKind"):
+        register_kind("things")(object)
+
+    class Flipped(TaskKind):
+        higher_is_better = {"accuracy": False}
+
+    with pytest.raises(ConfigError, match="other direction"):
+        register_kind("flipped")(Flipped)
+    assert "flipped" not in KINDS and HIGHER_IS_BETTER["accuracy"] is True
+    with pytest.raises(ConfigError, match="register one with automtl.register_kind"):
+        Task("t", kind="keypoints")
+
+
+def test_builtin_kinds_are_registered_with_their_directions():
+    assert list(KINDS)[:6] == ["classification", "multilabel", "regression", "segmentation", "depth", "normal"]
+    for kind in KINDS.values():
+        for name, up in kind.higher_is_better.items():
+            assert HIGHER_IS_BETTER[name] is up
+    assert repr(KINDS["depth"]) == "Depth(name='depth')"
