@@ -44,9 +44,9 @@ def search_step(d) -> list:
         v = r["variants"]
         loop = v.get("per_task_loop", {}).get("cpu")
         d_ = v["default"]["cpu"]
+        other = " | ".join(f"{v[k]['cpu']['ratio']:.2f}x" if k in v else "-" for k in ("soft", "conflict"))
         lines.append(f"| {r['backbone']} | {r['size']} | {d_['ratio']:.2f}x | {d_['weight_ratio']:.2f}x / {d_['policy_ratio']:.2f}x | "
-                     f"{v['soft']['cpu']['ratio']:.2f}x | {v['conflict']['cpu']['ratio']:.2f}x | "
-                     + (f"{loop['ratio']:.2f}x | {d_['speedup_vs_per_task_loop']:.2f}x |" if loop else "- | - |"))
+                     f"{other} | " + (f"{loop['ratio']:.2f}x | {d_['speedup_vs_per_task_loop']:.2f}x |" if loop else "- | - |"))
     return lines + [""]
 
 
