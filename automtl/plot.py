@@ -217,7 +217,8 @@ def _sweep_panel(ax, rows: List[dict], key: str, front: str, scale: float) -> No
     """One panel of the sweep figure: the models as points, named; the front as a ringed dashed line."""
     ax.axhline(0.0, color="#999999", linestyle=":", linewidth=1)
     seen = set()
-    for r in rows:
+    below = _stacked([r[key] for r in rows], [r["delta_mtl"] for r in rows])
+    for r, k in zip(rows, below):
         marker, colour = _SWEEP_STYLE.get(r["kind"], ("o", "C7"))
         legend = {"automtl": f"automtl ({r['name'].split('@')[0]}), one point per budget",
                   "hard-sharing": "hard sharing (all-share)", "single-task": "single-task models (together)"}[r["kind"]]
@@ -225,10 +226,21 @@ def _sweep_panel(ax, rows: List[dict], key: str, front: str, scale: float) -> No
         ax.plot(x, r["delta_mtl"], marker, color=colour, markersize=8, label=None if legend in seen else legend)
         seen.add(legend)
         name = r["budget"] if r["kind"] == "automtl" else r["name"]
-        ax.annotate(name, (x, r["delta_mtl"]), textcoords="offset points", xytext=(7, 5), fontsize=8)
+        ax.annotate(name, (x, r["delta_mtl"]), textcoords="offset points", xytext=(9, 4 - 11 * k), fontsize=8)
     pts = sorted((r[key] * scale, r["delta_mtl"]) for r in rows if r.get(front))
     if pts:
         ax.plot(*zip(*pts), "o--", color="black", markerfacecolor="none", markersize=14, linewidth=1,
                 label="Pareto front (nothing cheaper scores higher)")
     ax.margins(x=0.15, y=0.1)  # room for the names beside the outermost points
     ax.grid(True, color="#eeeeee")
+
+
+def _stacked(xs: List[float], ys: List[float], near_x: float = 0.1, near_y: float = 0.04) -> List[int]:
+    """For each point, how many earlier points lie near it (within ``near_x`` of the data range across, the
+    width of a short label, and ``near_y`` up or down): its label goes that many lines lower, so the names
+    of coinciding points do not overprint."""
+    if not xs:
+        return []
+    rx, ry = (max(v) - min(v) or 1.0 for v in (xs, ys))
+    return [sum(abs(xs[i] - xs[j]) < near_x * rx and abs(ys[i] - ys[j]) < near_y * ry for j in range(i))
+            for i in range(len(xs))]

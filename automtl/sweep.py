@@ -87,11 +87,12 @@ def sweep(cfg: ConvertConfig, budgets: Union[str, Sequence[str]], out: Union[str
     measure every model and write ``out/sweep.json`` (and ``out/sweep.png`` with ``plot=True``).
 
     Returns the content of ``sweep.json``: ``rows`` (one per model: ``name``, ``kind`` automtl |
-    hard-sharing | single-task, ``budget`` label or None, ``params`` (count), ``macs`` (per sample),
-    ``latency_ms`` (median of ``repeats`` CPU runs of a batch of ``batch`` images; the single-task
-    row is its T models one after another), ``metrics`` {task: {metric: value}}, ``delta_mtl`` (%,
-    against the single-task row; None where a baseline metric is 0), ``pareto_params`` and
-    ``pareto_latency``), and the protocol (``compute``, ``latency``, ``delta_metrics``).
+    hard-sharing | single-task, ``budget`` label or None, ``params`` (count), ``params_vs_hard_sharing``,
+    ``macs`` (per sample), ``latency_ms`` (median of ``repeats`` CPU runs of a batch of ``batch``
+    images, every model timed in the same rounds; the single-task row is its T models one after
+    another), ``metrics`` {task: {metric: value}}, ``delta_mtl`` (%, against the single-task row;
+    None where a baseline metric is 0), ``train_fbe``, ``pareto_params`` and ``pareto_latency``), and
+    the protocol (``compute``, ``latency``, ``delta_metrics``: the metrics Δ_MTL averages per task).
 
     ``out`` is locked while the sweep runs; one that holds an earlier sweep is refused unless
     ``resume`` (keep the finished runs, continue the rest from their checkpoints) or ``overwrite``
@@ -188,12 +189,13 @@ class _Sweep:
         singles = [self._baseline(f"single-{t['name']}", t, steps) for t in tasks]
         self.log(f"measuring {len(members) + len(singles)} models on the same validation split")
         shape = (batch, 3, self.cfg.input_size, self.cfg.input_size)
-        rows = _measure_rows(self.path, members, singles, val, shape, repeats, {t["name"]: t["kind"] for t in tasks},
+        rows, reference = _measure_rows(self.path, members, singles, val, shape, repeats, {t["name"]: t["kind"] for t in tasks},
                              s.batch_size)
         return {"backbone": self.cfg.backbone, "data": self.cfg.data, "tasks": tasks, "strategy": s.strategy,
                 "budgets": [label for label, _ in budgets], "rows": rows, "config": self.cfg.to_dict(),
                 "compute": {"unit": "backbone forward+backward equivalents (FBE)", "fbe_per_run": round(fbe, 2),
                             "baseline_steps": steps, "step_cost": STEP_COST[s.strategy]},
+                "delta_metrics": {task: list(names) for task, names in reference.items()},
                 "latency": {"batch": batch, "input_size": self.cfg.input_size, "repeats": repeats, "device": "cpu",
                             "statistic": "median"}}
 
@@ -256,13 +258,14 @@ class _Sweep:
 
 
 def _measure_rows(path: Path, members: list, singles: list, val, shape: tuple, repeats: int, kinds: dict,
-                  batch_size: int) -> list[dict]:
+                  batch_size: int) -> tuple[list[dict], dict]:
     """Metrics, size and latency of every member; the single-task members joined into one row; Δ_MTL against
-    that row; each row's place on the two Pareto fronts (parameters and latency against Δ_MTL)."""
+    that row; each row's place on the two Pareto fronts (parameters and latency against Δ_MTL). Returns the
+    rows and the reference: the single-task metrics that enter Δ_MTL."""
     from .protocol import delta_metrics, delta_or_none
 
-    rows = [{**m, **_measure(path, m["dirs"], val, shape, repeats, batch_size)} for m in members]
-    parts = [{**m, **_measure(path, m["dirs"], val, shape, repeats, batch_size)} for m in singles]
+    measured = _measure(path, members + singles, val, shape, repeats, batch_size)
+    rows, parts = measured[:len(members)], measured[len(members):]
     single = {"name": "single-task", "kind": "single-task", "budget": None, "dirs": [p["dirs"][0] for p in parts],
               "train_fbe": sum(p["train_fbe"] for p in parts),
               "params": sum(p["params"] for p in parts), "macs": sum(p["macs"] for p in parts),
@@ -280,21 +283,25 @@ def _measure_rows(path: Path, members: list, singles: list, val, shape: tuple, r
         marks = pareto_front([(r[key], r["delta_mtl"]) for r in rows])
         for r, mark in zip(rows, marks):
             r[f"pareto_{cost}"] = mark
-    return rows
+    return rows, reference
 
 
-def _measure(path: Path, dirs: Sequence[str], val, shape: tuple, repeats: int, batch_size: int) -> dict:
-    """Validation metrics, parameters, MACs per sample and median latency (ms per batch of ``shape``) of the
-    model of ``path/dirs[0]`` (:func:`automtl.report.model_stats`)."""
+def _measure(path: Path, members: list, val, shape: tuple, repeats: int, batch_size: int) -> list[dict]:
+    """Each member with its validation metrics, parameters, MACs per sample and median latency (ms per batch
+    of ``shape``; all models timed in the same rounds, :func:`automtl.report.interleaved_latency`)."""
     from .formats import load
-    from .report import model_stats
+    from .report import interleaved_latency, model_stats
     from .search import evaluate
 
-    model = load(path / dirs[0] / "model.automtl")
-    metrics, _ = evaluate(model, val, batch_size=batch_size)
-    stats = model_stats(model, shape, repeats=repeats)
-    return {"params": stats["parameters"], "macs": stats["macs"], "latency_ms": stats["latency_s"] * 1e3,
-            "metrics": metrics}
+    models = [load(path / m["dirs"][0] / "model.automtl") for m in members]
+    timings = interleaved_latency(models, shape, repeats=repeats)
+    out = []
+    for m, model, timing in zip(members, models, timings):
+        metrics, _ = evaluate(model, val, batch_size=batch_size)
+        stats = model_stats(model, shape, latency=False)
+        out.append({**m, "params": stats["parameters"], "macs": stats["macs"], "latency_ms": timing["latency_s"] * 1e3,
+                    "metrics": metrics})
+    return out
 
 
 def format_sweep(result: dict) -> str:

@@ -70,6 +70,8 @@ def test_sweep_writes_rows_for_every_budget_and_baseline(swept):
         assert sorted(r["metrics"]) == sorted(tasks)
         assert all(math.isfinite(v) for m in r["metrics"].values() for v in m.values())
     assert rows["single-task"]["delta_mtl"] == 0.0
+    assert data["delta_metrics"] == {"segmentation": ["miou", "pixel_acc"], "depth": ["abs_err", "rel_err"],
+                                     "normal": ["mean_angle", "median_angle"]}
     assert [m["name"] for m in rows["single-task"]["members"]] == [f"single-{t}" for t in tasks]
     assert rows["hard-sharing"]["params"] == rows["conflict@1.0x"]["params"]  # 1.0x leaves no room to branch
     assert rows["single-task"]["params"] > rows["hard-sharing"]["params"]
@@ -105,3 +107,16 @@ def test_without_matplotlib_the_json_is_written_and_the_error_names_the_extra(sw
     assert result.exit_code == 2
     assert "pip install 'automtl[plot]'" in result.output and result.output.count("\n") == 1
     assert json.loads((swept / "sweep.json").read_text())["rows"]
+
+
+def test_interleaved_latency_times_every_model_in_the_same_rounds():
+    from torch import nn
+
+    from automtl.report import interleaved_latency
+
+    models = [nn.Conv2d(3, 4, 3), nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())]
+    models[1].train()
+    timings = interleaved_latency(models, (2, 3, 8, 8), repeats=3)
+    assert [t["repeats"] for t in timings] == [3, 3]
+    assert all(0 < t["latency_min_s"] <= t["latency_s"] for t in timings)
+    assert models[1].training  # the mode is restored
