@@ -377,3 +377,48 @@ def plot_cmd(run_dir, out):
 
     for path in plot_run(run_dir, out):
         click.echo(f"wrote {path}")
+
+
+# ---- the budget sweep -----------------------------------------------------------------------------
+@main.command("sweep")
+@_pipeline_options
+@click.option("--budgets", required=True, metavar="B1,B2,...",
+              help="The budgets to convert at, separated by commas, e.g. 1.0x,1.5x,2.0x (one full convert each).")
+def sweep_cmd(backbone, tasks, config_path, data, weights, pretrained, budget, device, seed, strategy, weighting, steps, input_size,
+              samples, out, resume, overwrite, tensorboard, quiet, as_json, budgets):
+    """Convert BACKBONE once per budget and set the models beside hard sharing and single-task models.
+
+    The baselines are trained for the same compute as one convert run. Writes one convert run per
+    budget (budget-1.5x/ ...), hard-sharing/, single-TASK/, sweep.json (parameters, MACs, latency,
+    metrics and Δ_MTL of every model, Pareto marks) and sweep.png (Δ_MTL against parameters and
+    against latency; needs automtl[plot]) into --out. --resume keeps the finished runs.
+
+    Example: automtl sweep resnet18 --budgets 1.0x,1.5x,2.0x --out runs/sweep
+    """
+    from pathlib import Path
+
+    from .errors import ConfigError
+    from .plot import plot_sweep
+    from .sweep import format_sweep, parse_budgets, sweep
+
+    if budget is not None:
+        raise ConfigError("automtl sweep takes its budgets from --budgets; leave out --budget")
+    parse_budgets(budgets)  # a bad list fails before the config is read
+    cfg = _resolve_config(backbone, tasks, config_path, data, weights, pretrained, None, device, seed, steps, input_size, samples,
+                          strategy, tensorboard, weighting)
+    try:
+        result = sweep(cfg, budgets, out, resume=resume, overwrite=overwrite, quiet=quiet, log=_say(quiet), plot=False)
+    except KeyboardInterrupt:
+        argv = [a for a in getattr(click.get_current_context().find_root().command, "argv", sys.argv[1:]) if a != "--overwrite"]
+        again = shlex.join(["automtl", *argv, *([] if "--resume" in argv else ["--resume"])])
+        click.echo(f"interrupted; finished runs are kept, continue the sweep with: {again}", err=True)
+        sys.exit(130)
+    if as_json:
+        from .convert import json_safe
+
+        click.echo(json.dumps(json_safe(result), indent=2, default=str))
+    elif not quiet:
+        click.echo(format_sweep(result), nl=False)
+    plot_sweep(result, Path(out) / "sweep.png")
+    if not quiet and not as_json:
+        click.echo(f"wrote sweep.json and sweep.png into {out}")

@@ -7,7 +7,8 @@ training records (``stage``, ``step``, ``kind`` weight|policy, ``losses`` {task:
 {task: {layer: [p_share, p_specialize, p_skip]}}; the policy figure is drawn when some do.
 
 Writes ``losses.png``, ``metrics.png`` and ``policy.png`` (the last two only when the log has
-their records). Needs ``pip install 'automtl[plot]'``.
+their records). :func:`plot_sweep` draws the ``sweep.json`` of ``automtl sweep``. Needs
+``pip install 'automtl[plot]'``.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from typing import Dict, List
 
 from .errors import AutomtlError, FileFormatError
 
-__all__ = ["plot_run", "read_log"]
+__all__ = ["plot_run", "plot_sweep", "read_log"]
 
 _CHOICES = ("share", "specialize", "skip")
 _STAGE_COLOURS = {"warmup": "#f2f2f2", "search": "#e6f0fa", "finetune": "#eef7ea"}
@@ -175,3 +176,71 @@ def _policy_figure(Figure, recs: List[dict]):
 def _prob(rec: dict, task: str, layer: str, j: int) -> float:
     row = (rec["policy_probs"].get(task) or {}).get(layer)
     return float(row[j]) if isinstance(row, (list, tuple)) and len(row) == 3 and _finite(row[j]) else math.nan
+
+
+_SWEEP_STYLE = {"automtl": ("o", "C0"), "hard-sharing": ("s", "C1"), "single-task": ("^", "C2")}
+
+
+def plot_sweep(result: dict, path) -> Path:
+    """Draw ``sweep.json`` (:func:`automtl.sweep.sweep`) as two panels: Δ_MTL (%) against parameters
+    (millions) and against latency (ms per batch), the Pareto front of each ringed and joined.
+
+    Returns ``path``. Raises :class:`AutomtlError` when matplotlib is missing.
+    """
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise AutomtlError("automtl sweep wrote sweep.json but needs matplotlib to draw sweep.png, which is not "
+                           "installed; install it with pip install 'automtl[plot]'") from None
+    rows = [r for r in result["rows"] if _finite(r.get("delta_mtl"))]
+    lat = result["latency"]
+    fig = Figure(figsize=(12, 5), layout="constrained")
+    axes = fig.subplots(1, 2, sharey=True)
+    panels = (("params", "pareto_params", 1e-6, "parameters (millions)"),
+              ("latency_ms", "pareto_latency", 1.0,
+               f"latency (ms per batch of {lat['batch']} at {lat['input_size']}x{lat['input_size']} px, "
+               f"CPU, median of {lat['repeats']})"))
+    for ax, (key, front, scale, label) in zip(axes, panels):
+        _sweep_panel(ax, rows, key, front, scale)
+        ax.set_xlabel(label)
+    axes[0].set_ylabel("Δ_MTL against the single-task models (%)")
+    axes[0].legend(fontsize=8, loc="best")
+    tasks = ", ".join(t["name"] for t in result["tasks"])
+    fig.suptitle(f"{result['backbone']} on {result['data']} ({tasks}): {result['strategy']} at budgets "
+                 f"{', '.join(result['budgets'])}; baselines trained for the same compute "
+                 f"({result['compute']['fbe_per_run']:g} FBE)", fontsize=10)
+    fig.savefig(path, dpi=110)
+    return Path(path)
+
+
+def _sweep_panel(ax, rows: List[dict], key: str, front: str, scale: float) -> None:
+    """One panel of the sweep figure: the models as points, named; the front as a ringed dashed line."""
+    ax.axhline(0.0, color="#999999", linestyle=":", linewidth=1)
+    seen = set()
+    below = _stacked([r[key] for r in rows], [r["delta_mtl"] for r in rows])
+    for r, k in zip(rows, below):
+        marker, colour = _SWEEP_STYLE.get(r["kind"], ("o", "C7"))
+        legend = {"automtl": f"automtl ({r['name'].split('@')[0]}), one point per budget",
+                  "hard-sharing": "hard sharing (all-share)", "single-task": "single-task models (together)"}[r["kind"]]
+        x = r[key] * scale
+        ax.plot(x, r["delta_mtl"], marker, color=colour, markersize=8, label=None if legend in seen else legend)
+        seen.add(legend)
+        name = r["budget"] if r["kind"] == "automtl" else r["name"]
+        ax.annotate(name, (x, r["delta_mtl"]), textcoords="offset points", xytext=(9, 4 - 11 * k), fontsize=8)
+    pts = sorted((r[key] * scale, r["delta_mtl"]) for r in rows if r.get(front))
+    if pts:
+        ax.plot(*zip(*pts), "o--", color="black", markerfacecolor="none", markersize=14, linewidth=1,
+                label="Pareto front (nothing cheaper scores higher)")
+    ax.margins(x=0.15, y=0.1)  # room for the names beside the outermost points
+    ax.grid(True, color="#eeeeee")
+
+
+def _stacked(xs: List[float], ys: List[float], near_x: float = 0.1, near_y: float = 0.04) -> List[int]:
+    """For each point, how many earlier points lie near it (within ``near_x`` of the data range across, the
+    width of a short label, and ``near_y`` up or down): its label goes that many lines lower, so the names
+    of coinciding points do not overprint."""
+    if not xs:
+        return []
+    rx, ry = (max(v) - min(v) or 1.0 for v in (xs, ys))
+    return [sum(abs(xs[i] - xs[j]) < near_x * rx and abs(ys[i] - ys[j]) < near_y * ry for j in range(i))
+            for i in range(len(xs))]

@@ -9,6 +9,7 @@ latency the compact model would have if its time scaled with its MACs from the b
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import statistics
 import time
@@ -21,8 +22,8 @@ from .compact import CompactModel, compact as _compile
 from .flops import macs_of, shapes_only
 from .policy import CHOICES, Policy
 
-__all__ = ["backbone_catalog", "count_macs", "model_stats", "flop_bound", "compare", "format_inspect", "format_rows",
-           "inspect_text", "supermodel_summary"]
+__all__ = ["backbone_catalog", "count_macs", "model_stats", "interleaved_latency", "flop_bound", "compare", "format_inspect",
+           "format_rows", "inspect_text", "supermodel_summary"]
 
 #: The letters of the policy grid.
 LETTERS = {"share": "S", "specialize": "P", "skip": "-"}
@@ -70,6 +71,30 @@ def _median_latency(fn, repeats: int, warmup: int = 1) -> dict:
             fn()
             times.append(time.perf_counter() - start)
     return {"latency_s": statistics.median(times), "latency_min_s": min(times), "repeats": len(times)}
+
+
+def interleaved_latency(models: Sequence[nn.Module], input_shape: Sequence[int], repeats: int = 10,
+                        warmup: int = 1) -> list[dict]:
+    """Median wall-clock seconds of one batch of ``input_shape`` (N, C, H, W) through each of ``models``,
+    timed in rounds (each round runs every model once), so that all see the same machine load.
+
+    Models run in eval mode, without gradients. Returns one ``{"latency_s", "latency_min_s", "repeats"}``
+    per model, in order. Use it to compare models on a machine other jobs share; :func:`model_stats`
+    times one model alone.
+    """
+    shape = _check_shape(input_shape)
+    inputs = [_input(m, shape) for m in models]
+    times: list = [[] for _ in models]
+    with torch.inference_mode(), contextlib.ExitStack() as stack:
+        for m in models:
+            stack.enter_context(_eval(m))
+        for r in range(max(warmup, 0) + max(repeats, 1)):
+            for k, (m, x) in enumerate(zip(models, inputs)):
+                start = time.perf_counter()
+                m(x)
+                if r >= warmup:
+                    times[k].append(time.perf_counter() - start)
+    return [{"latency_s": statistics.median(t), "latency_min_s": min(t), "repeats": len(t)} for t in times]
 
 
 def _input(model: nn.Module, shape: Sequence[int]) -> torch.Tensor:

@@ -10,7 +10,8 @@
 backbone forward+backward equivalents (FBE: one step of the hard-sharing model, one backbone pass
 and T heads). Each strategy's stage lengths are set from ``C`` with the measured cost of its steps
 (``STEP_COST``: e.g. a gumbel warm-up or search step runs one sampled path per task, what tasks
-share computed once, about 1.5 FBE; AutoMTL's all-operator mix would cost about 4.2; a conflict search step adds one backward per task, about 2-2.7 FBE); every job also reports the
+share computed once, about 1.5 FBE; AutoMTL's all-operator mix would cost about 4.2; a conflict search
+step adds one backward per task, about 2-2.7 FBE); every job also reports the
 CPU seconds it took, and the summary its measured cost in FBE (CPU seconds / the same seed's
 hard-sharing CPU seconds per step), so the match can be checked:
   single-task      one model per task trained for C steps (a generous reference: T x C in all);
@@ -41,14 +42,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, write_result, write_text  # noqa: E402
+# The cost of a step in FBE (STEP_COST) and the metrics of Δ_MTL (DELTA_METRICS): automtl/protocol.py.
+from automtl.protocol import DELTA_METRICS, STEP_COST  # noqa: E402
 
 STRATEGIES = ("conflict", "gumbel")
 BUDGETS = ("1.5x", "2.0x")
 DEFAULT_STRATEGY = "conflict"  # the strategy whose 1.5x architecture the random control matches
-#: The metrics that enter Δ_MTL, per task kind (the usual ones of the MTL literature; the
-#: within-N-degrees percentages of normals are left out, as they can be 0 early on).
-DELTA_METRICS = {"segmentation": ("miou", "pixel_acc"), "depth": ("abs_err", "rel_err"),
-                 "normal": ("mean_angle", "median_angle"), "classification": ("accuracy",)}
 
 #: The benchmarks; ``cost`` is C in FBE. Synthetic scenes are rendered at 64 px: the builtin backbones
 #: have stride 32, so at 32 px their feature map is 1x1 and no method learns segmentation.
@@ -61,12 +60,6 @@ BENCHMARKS = {
 }
 QUICK = dict(size=32, train=32, val=16, batch=8, cost=12)
 
-#: Cost of one step of each stage in FBE, measured on this machine (benchmarks/quality.py's
-#: hard-sharing step = 1) for small_resnet / resnet18: gumbel on sampled paths 1.7 / 1.5 (warm-up),
-#: 1.5 / 1.4 (search) (with paths="soft", AutoMTL's all-operator mix: 4.8 / 4.4 and 4.6 / 3.8);
-#: conflict 0.9 / 1.0 (warm-up: hard sharing), 1.9 / 2.7 (search: a backward per task); fine-tune ~1.1.
-STEP_COST = {"gumbel": {"warmup": 1.6, "search": 1.5, "finetune": 1.1},
-             "conflict": {"warmup": 1.0, "search": 2.5, "finetune": 1.1}}
 #: How each strategy spends C: the share of C in warm-up and search (the rest is fine-tune).
 SPLIT = {"gumbel": {"warmup": 0.25, "search": 0.45}, "conflict": {"warmup": 0.45, "search": 0.15}}
 

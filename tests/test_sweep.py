@@ -1,0 +1,122 @@
+"""automtl sweep: one convert per budget beside equal-compute baselines, sweep.json and sweep.png."""
+import json
+import math
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from automtl.cli import main
+from automtl.errors import ConfigError
+from automtl.protocol import run_cost
+from automtl.sweep import pareto_front, parse_budgets
+
+TINY = ["tiny", "--budgets", "1.0x,1.5x", "--steps", "2,2,2", "--samples", "16,8", "--input-size", "16", "--quiet"]
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory):
+    """A tiny sweep run once for the module (a few seconds): its folder."""
+    out = tmp_path_factory.mktemp("sweep")
+    result = invoke("sweep", *TINY, "--out", out)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_pareto_front_on_hand_made_points():
+    points = [(1.0, 0.0),            # front: the cheapest point with score 0
+              (2.0, 5.0),            # front
+              (2.0, 3.0),            # hidden by (2, 5): same cost, lower score
+              (3.0, 5.0),            # hidden by (2, 5): dearer, same score
+              (0.5, -10.0),          # front: the cheapest of all
+              (1.0, 0.0),            # front: equal to the first, neither hides the other
+              (None, 100.0),         # never on the front, hides nothing
+              (4.0, float("nan")),   # never on the front
+              (5.0, 6.0)]            # front: the best score
+    assert pareto_front(points) == [True, True, False, False, True, True, False, False, True]
+    assert pareto_front([]) == []
+
+
+def test_parse_budgets_keeps_order_and_labels():
+    assert parse_budgets("1.0x, 1.5x,2") == [("1.0x", 1.0), ("1.5x", 1.5), ("2x", 2.0)]
+    assert parse_budgets(["2.0x"]) == [("2.0x", 2.0)]
+    for bad in ("", "1.0x,,2.0x", "abc", "1x,1.0x", "none", "-1x"):
+        with pytest.raises(ConfigError):
+            parse_budgets(bad)
+
+
+@pytest.mark.parametrize("budgets", ["1.0x,abc", "1x,1.0x", ",", "0x"])
+def test_bad_budgets_exit_2_with_one_sentence(budgets, tmp_path):
+    result = invoke("sweep", "tiny", "--budgets", budgets, "--out", tmp_path / "s")
+    assert result.exit_code == 2
+    assert result.output.startswith("error: ") and result.output.count("\n") == 1 and "--budgets" in result.output
+    assert not (tmp_path / "s").exists()
+
+
+def test_sweep_writes_rows_for_every_budget_and_baseline(swept):
+    data = json.loads((swept / "sweep.json").read_text())
+    rows = {r["name"]: r for r in data["rows"]}
+    assert list(rows) == ["conflict@1.0x", "conflict@1.5x", "hard-sharing", "single-task"]
+    assert [rows[n]["budget"] for n in rows] == ["1.0x", "1.5x", None, None]
+    tasks = [t["name"] for t in data["tasks"]]
+    for r in data["rows"]:
+        for key in ("params", "macs", "latency_ms", "params_vs_hard_sharing"):
+            assert isinstance(r[key], (int, float)) and math.isfinite(r[key]) and r[key] > 0, (r["name"], key)
+        assert isinstance(r["delta_mtl"], float) and math.isfinite(r["delta_mtl"]), r["name"]
+        assert sorted(r["metrics"]) == sorted(tasks)
+        assert all(math.isfinite(v) for m in r["metrics"].values() for v in m.values())
+    assert rows["single-task"]["delta_mtl"] == 0.0
+    assert data["delta_metrics"] == {"segmentation": ["miou", "pixel_acc"], "depth": ["abs_err", "rel_err"],
+                                     "normal": ["mean_angle", "median_angle"]}
+    assert [m["name"] for m in rows["single-task"]["members"]] == [f"single-{t}" for t in tasks]
+    assert rows["hard-sharing"]["params"] == rows["conflict@1.0x"]["params"]  # 1.0x leaves no room to branch
+    assert rows["single-task"]["params"] > rows["hard-sharing"]["params"]
+    fbe = run_cost("conflict", 2, 2, 2)
+    assert data["compute"]["fbe_per_run"] == pytest.approx(fbe) and data["compute"]["baseline_steps"] == round(fbe)
+    for cost, key in (("params", "params"), ("latency", "latency_ms")):
+        assert [r[f"pareto_{cost}"] for r in data["rows"]] == pareto_front([(r[key], r["delta_mtl"]) for r in data["rows"]])
+    for d in ("budget-1.0x", "budget-1.5x", "hard-sharing", "single-segmentation", "single-depth", "single-normal"):
+        assert (swept / d / "model.automtl").stat().st_size > 0
+
+
+def test_sweep_png_is_written(swept):
+    pytest.importorskip("matplotlib", reason="matplotlib is not installed (pip install 'automtl[plot]')")
+    assert (swept / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (swept / "sweep.png").stat().st_size > 10_000
+
+
+def test_a_second_sweep_is_refused_and_resume_keeps_the_runs(swept):
+    again = invoke("sweep", *TINY, "--out", swept)
+    assert again.exit_code == 2 and "--resume" in again.output and "--overwrite" in again.output
+    before = (swept / "budget-1.5x" / "model.automtl").stat().st_mtime_ns
+    resumed = invoke("sweep", *TINY, "--out", swept, "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    assert (swept / "budget-1.5x" / "model.automtl").stat().st_mtime_ns == before
+    other = invoke("sweep", *TINY, "--steps", "2,2,3", "--out", swept, "--resume")
+    assert other.exit_code == 2 and "another configuration" in other.output
+
+
+def test_without_matplotlib_the_json_is_written_and_the_error_names_the_extra(swept, monkeypatch):
+    (swept / "sweep.json").unlink()
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # import fails as if not installed
+    result = invoke("sweep", *TINY, "--out", swept, "--resume")
+    assert result.exit_code == 2
+    assert "pip install 'automtl[plot]'" in result.output and result.output.count("\n") == 1
+    assert json.loads((swept / "sweep.json").read_text())["rows"]
+
+
+def test_interleaved_latency_times_every_model_in_the_same_rounds():
+    from torch import nn
+
+    from automtl.report import interleaved_latency
+
+    models = [nn.Conv2d(3, 4, 3), nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())]
+    models[1].train()
+    timings = interleaved_latency(models, (2, 3, 8, 8), repeats=3)
+    assert [t["repeats"] for t in timings] == [3, 3]
+    assert all(0 < t["latency_min_s"] <= t["latency_s"] for t in timings)
+    assert models[1].training  # the mode is restored
