@@ -5,8 +5,9 @@ One home for the protocol that ``automtl sweep`` and ``benchmarks/quality.py`` s
 **Compute** is counted in backbone forward+backward equivalents (FBE): one optimizer step of the
 hard-sharing model (one backbone pass and T heads, forward and backward) is 1 FBE. The other steps
 cost what was measured on the 2-core CPU machine (small_resnet at batch 32 / resnet18 at batch 8):
-a gumbel warm-up step 1.7 / 1.5 FBE and a gumbel search step 1.5 / 1.4 on sampled paths (with
-``paths="soft"``, every operator for every task: 4.8 / 4.4 and 4.6 / 3.8);
+a gumbel warm-up step about 1 FBE (it trains the hard-sharing model) and a gumbel search step
+1.5 / 1.4 on sampled paths (with ``paths="soft"``, every operator for every task: 4.8 / 4.4 and
+4.6 / 3.8);
 a conflict warm-up step 0.9 / 1.0 (it trains the hard-sharing model), a conflict search step
 1.9 / 2.7 (one backward per task); a fine-tune step of the compact model about 1.1.
 
@@ -23,7 +24,7 @@ from .metrics import HIGHER_IS_BETTER
 __all__ = ["STEP_COST", "DELTA_METRICS", "run_cost", "delta_metrics", "delta_or_none"]
 
 #: FBE of one step of each stage, per strategy (see the module docstring for the measurements).
-STEP_COST = {"gumbel": {"warmup": 1.6, "search": 1.5, "finetune": 1.1},
+STEP_COST = {"gumbel": {"warmup": 1.0, "search": 1.5, "finetune": 1.1},
              "conflict": {"warmup": 1.0, "search": 2.5, "finetune": 1.1}}
 #: The metrics that enter Δ_MTL, per task kind; a kind not listed uses every metric of known direction.
 DELTA_METRICS = {"segmentation": ("miou", "pixel_acc"), "depth": ("abs_err", "rel_err"),

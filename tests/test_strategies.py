@@ -151,10 +151,10 @@ def test_gumbel_frees_the_optimizer_state_of_ruled_out_operators():
     sm = supermodel("tiny", tasks, torch.randn(1, 3, SIZE, SIZE))
     run_ = _Search(sm, DataLoader(TwoTargets(64, False), batch_size=16), None,
                    SearchConfig(strategy="gumbel", quiet=True, checkpoint_every=0), None)
-    run_._enter("warmup")
+    run_._enter("search")
     iters = {k: s.iterate(0) for k, s in run_.streams.items()}
     for i in range(12):
-        run_._step("warmup", i, i, iters, False)
+        run_._step("search", i, i, iters, False)
     spec = [p for layer in sm.policy_layers for u in layer.specialized for p in u.parameters()]
     assert any(p in run_.weight_opt.state for p in spec)
     with torch.no_grad():
@@ -164,3 +164,11 @@ def test_gumbel_frees_the_optimizer_state_of_ruled_out_operators():
     shared = [p for layer in sm.policy_layers for p in layer.shared.parameters()]
     assert any(p in run_.weight_opt.state for p in shared)
     run_.close()
+
+
+def test_gumbel_copies_start_from_the_warmed_up_shared_weights():
+    sm, _ = run(False, "gumbel", warmup_steps=6, search_steps=0)
+    for layer in sm.policy_layers:
+        for unit in layer.specialized:
+            for a, b in zip(unit.parameters(), layer.shared.parameters()):
+                assert torch.equal(a, b)

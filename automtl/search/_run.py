@@ -596,6 +596,7 @@ class _Search:
                         close = getattr(it, "close", None)
                         if close is not None:
                             close()
+                self.strategy.stage_done(stage)
                 self._leave(stage)
                 self._save(g)
             else:

@@ -76,6 +76,9 @@ class Strategy:
         net = self.run.stage_net
         return net, (self.warmup_mix() if net is None else None)
 
+    def stage_done(self, stage: str) -> None:
+        """Called once when ``stage`` has run its last step (not again when a resumed run passes over it)."""
+
     def shared_parameters(self):
         """The weights GradNorm measures task gradients on, after this step's forward."""
         return self.run.shared

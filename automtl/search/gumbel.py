@@ -1,13 +1,15 @@
 """The ``gumbel`` strategy: AutoMTL's search (Zhang, Liu, Guan, NeurIPS 2022), repaired.
 
-Warm-up trains every operator of the uniform policy. The search alternates
+Warm-up trains the hard-sharing model, and every task's copy then starts from its trained weights
+(with ``paths="soft"``: every operator under the uniform mix, as AutoMTL). The search alternates
 ``weight_steps_per_policy_step`` weight steps on the training part of the data with one policy
 step on a held-out part (``holdout_fraction`` of a map-style training set, as AutoMTL and AdaShare
 alternate over two splits), each forward a Gumbel-softmax sample of the policy at an annealed
 temperature τ. With ``paths="sampled"`` (the default) every forward runs one Gumbel-max path per
 task, what tasks share computed once (:mod:`automtl.paths`), and policy steps learn through the
-straight-through gates of GDAS (Dong & Yang, CVPR 2019); warm-up samples paths uniformly. With
-``paths="soft"`` every forward mixes all three operators of every layer (AutoMTL). The policy objective is the task losses, plus ``reg_weight`` times a depth-weighted
+straight-through gates of GDAS (Dong & Yang, CVPR 2019). With ``paths="soft"`` every forward mixes
+all three operators of every layer (AutoMTL). The policy objective is the task losses, plus
+``reg_weight`` times a depth-weighted
 pull toward *share* averaged (not summed) over layers, so its strength does not grow with depth,
 plus ``budget_weight`` times the hinge of the expected compact-model size over the budget.
 
@@ -68,16 +70,24 @@ class Gumbel(Strategy):
             expected, limit = run.sm.expected_parameter_count(probs), run.budget_params
         return F.relu(expected / limit - 1.0), expected
 
-    def warmup_forward(self, g: int):
-        """Sampled paths: each warm-up step trains one path per task drawn uniformly over the legal
-        choices (single-path one-shot training); soft: every operator under the uniform mix."""
-        run, sm = self.run, self.run.sm
-        if run.config.paths == "soft":
-            return super().warmup_forward(g)
-        gen = torch.Generator().manual_seed(_seed("automtl-warmup-path", run.config.seed, g))
-        choices = sm.sample_path(gen, uniform=True)
-        self.ops_used = set()
-        return (lambda x: run_paths(sm, x, choices, ops_used=self.ops_used)), None
+    def enter_warmup(self):
+        """Sampled paths: warm-up trains the hard-sharing model (one backbone pass a step); soft: every
+        operator under the uniform mix (AutoMTL)."""
+        if self.run.config.paths == "soft":
+            return super().enter_warmup()
+        sm = self.run.sm
+        return self.run.hard_view(Policy.uniform(sm.layer_names, sm.task_names, "share"))
+
+    def stage_done(self, stage: str) -> None:
+        """After a hard-sharing warm-up, every task's copy starts from the trained shared operator, so
+        that specializing throws no training away."""
+        if stage != "warmup" or self.run.config.paths == "soft":
+            return
+        with torch.no_grad():
+            for layer in self.run.sm.policy_layers:
+                state = layer.shared.state_dict()
+                for unit in layer.specialized:
+                    unit.load_state_dict(state)
 
     def shared_parameters(self):
         """On a sampled path: the deepest layer's operators that ran (GradNorm's "last shared layer")."""
