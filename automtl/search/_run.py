@@ -175,7 +175,6 @@ class _Search:
         self.strategy = strategy_class(cfg.strategy)(self)
         self.weight_opt = _make_optimizer(cfg.weight_optimizer, weights, cfg.lr, cfg.momentum, cfg.weight_decay)
         self.policy_opt = torch.optim.Adam(sm.policy_parameters(), lr=cfg.policy_lr)
-        self.finetune_opt = _make_optimizer(cfg.weight_optimizer, weights, cfg.finetune_lr or cfg.lr, cfg.momentum, cfg.weight_decay)
 
         self.per_task = isinstance(train_data, Mapping)
         if self.per_task:
@@ -239,7 +238,6 @@ class _Search:
             "model": self.sm.state_dict(),
             "weight_opt": self.weight_opt.state_dict(),
             "policy_opt": self.policy_opt.state_dict(),
-            "finetune_opt": self.finetune_opt.state_dict(),
             "weighting": self.weighting.state_dict(),
             "weighting_opt": gn_opt.state_dict() if gn_opt is not None else None,
             "rng": _rng_state(),
@@ -286,7 +284,6 @@ class _Search:
             raise FileFormatError(f"checkpoint {str(path)!r} does not fit this supermodel: {exc}") from None
         self.weight_opt.load_state_dict(ckpt["weight_opt"])
         self.policy_opt.load_state_dict(ckpt["policy_opt"])
-        self.finetune_opt.load_state_dict(ckpt["finetune_opt"])
         self.weighting.load_state_dict(ckpt["weighting"])
         if ckpt.get("weighting_opt") is not None and hasattr(self.weighting, "_opt"):
             self.weighting._opt().load_state_dict(ckpt["weighting_opt"])
@@ -504,7 +501,7 @@ class _Search:
         losses, values = self.forward_losses(net, x, targets, stage, i, g, mix)
         shared = self.strategy.shared_parameters() if stage == "warmup" else self.shared
         total, weights = self.weighting(losses, shared_parameters=shared, step=g)
-        opt = self.finetune_opt if stage == "finetune" else self.weight_opt
+        opt = self.weight_opt
         self.weight_step(total, opt)
         return self.record(stage, i, g, "weight", values, weights, total, opt)
 
@@ -525,6 +522,10 @@ class _Search:
             self.strategy.enter_search()
         else:
             self.stage_net = self.hard_view(self.policy)
+            # the fine-tune continues the weight optimizer: its moment estimates carry over with the weights
+            # (a fresh Adam's first steps undo part of the training), at finetune_lr when one is set
+            for group in self.weight_opt.param_groups:
+                group["lr"] = self.config.finetune_lr or self.config.lr
         self.shared = self._shared_parameters()
 
     def _leave(self, stage: str) -> None:
