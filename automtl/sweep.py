@@ -201,12 +201,13 @@ class _Sweep:
 
     def _check(self, budgets):
         """Every budget reachable, before anything trains; the tasks and the shared validation split."""
-        from .convert import _check_budget, build_data, build_supermodel
+        from .convert import build_data, build_supermodel
+        from .cost import check_budget
 
         sm = build_supermodel(self.cfg)
         for label, _ in budgets:
             try:
-                _check_budget(sm, self.cfg.search.replace(budget=label))
+                check_budget(sm, self.cfg.search.replace(budget=label))
             except ConfigError as exc:
                 raise ConfigError(f"--budgets: {str(exc).rsplit('; ', 1)[0]}; raise it in --budgets") from None
         _, val = build_data(self.cfg, sm.tasks)
