@@ -13,7 +13,7 @@ from typing import Optional
 
 import click
 
-from .config import MAX_INPUT_SIZE
+from .config import MAX_INPUT_SIZE, parse_numbers
 from .errors import AutomtlError
 from .fileio import STORAGE_ERRNOS
 
@@ -68,11 +68,15 @@ def _interrupted(ctx, args: list) -> None:
     args = [str(a) for a in args]
     command = ctx.invoked_subcommand
     if command in _RESUMABLE:
-        again = shlex.join(["automtl", *args, *([] if "--resume" in args else ["--resume"])])
-        click.echo(f"interrupted; the run is checkpointed, continue it with: {again}", err=True)
+        click.echo(f"interrupted; the run is checkpointed, continue it with: {_again(args)}", err=True)
     else:
         click.echo("interrupted; nothing was written", err=True)
     sys.exit(130)
+
+
+def _again(args: list) -> str:
+    """The command line that continues an interrupted run: ``args`` with ``--resume``."""
+    return shlex.join(["automtl", *args, *([] if "--resume" in args else ["--resume"])])
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -95,17 +99,10 @@ def backbones(source, pattern, as_json):
 
     Example: automtl backbones --source timm --filter 'resnet*'
     """
-    from .report import backbone_catalog, format_rows
+    from .listing import backbone_catalog, format_catalog
 
     rows = backbone_catalog(source, pattern)
-    if as_json:
-        click.echo(json.dumps(rows, indent=2))
-        return
-    if rows:
-        click.echo(format_rows(rows))
-    prefix = "" if source == "builtin" else f"{source}:"
-    click.echo(f"{len(rows)} {source} backbones; build one with automtl convert {prefix}NAME"
-               + ("" if source == "builtin" else " (--pretrained to download its weights)"))
+    click.echo(json.dumps(rows, indent=2) if as_json else format_catalog(rows, source))
 
 
 # ---- shared options ---------------------------------------------------------------------------
@@ -155,8 +152,8 @@ def _resolve_config(backbone, tasks, config_path, data, weights, pretrained, bud
                     strategy=None, tensorboard=None, weighting=None):
     from .convert import resolve_config
 
-    train_samples, val_samples = _numbers("--samples", samples, 2, "TRAIN,VAL, e.g. 512,128", positive=True)
-    warmup, search, finetune = _numbers("--steps", steps, 3, "WARMUP,SEARCH,FINETUNE, e.g. 60,120,120")
+    train_samples, val_samples = parse_numbers("--samples", samples, 2, "TRAIN,VAL, e.g. 512,128", positive=True)
+    warmup, search, finetune = parse_numbers("--steps", steps, 3, "WARMUP,SEARCH,FINETUNE, e.g. 60,120,120")
     return resolve_config(config_path, backbone=backbone, tasks=list(tasks), data=data, weights=weights,
                           pretrained=pretrained, input_size=input_size, train_samples=train_samples,
                           val_samples=val_samples, budget=budget, device=device, seed=seed, strategy=strategy,
@@ -164,17 +161,10 @@ def _resolve_config(backbone, tasks, config_path, data, weights, pretrained, bud
                           finetune_steps=finetune)
 
 
-def _numbers(option: str, text: Optional[str], n: int, form: str, positive: bool = False) -> tuple:
-    """``text`` "a,b,..." as ``n`` whole numbers (all None when the option is not given)."""
-    if not text:
-        return (None,) * n
-    parts = text.split(",")
-    if len(parts) != n or not all(p.strip().isdigit() and (int(p) > 0 or not positive) for p in parts):
-        from .errors import ConfigError
+def _echo_json(report) -> None:
+    from .convert import json_safe
 
-        what = "positive whole numbers" if positive else "whole numbers"
-        raise ConfigError(f"{option} {text!r} must be {'two' if n == 2 else 'three'} {what} {form}")
-    return tuple(int(p) for p in parts)
+    click.echo(json.dumps(json_safe(report), indent=2, default=str))
 
 
 def _say(quiet):
@@ -200,27 +190,11 @@ def convert(backbone, tasks, config_path, data, weights, pretrained, budget, dev
                           strategy, tensorboard, weighting)
     report = run_convert(cfg, out, resume=resume, quiet=quiet, log=_say(quiet), overwrite=overwrite)
     if as_json:
-        from .convert import json_safe
-
-        click.echo(json.dumps(json_safe(report), indent=2, default=str))
+        _echo_json(report)
     elif not quiet:
-        _print_summary(report, out)
+        from .convert import format_summary
 
-
-def _print_summary(report, out):
-    from .convert import OUTPUT_FILES
-
-    acc = report["accounting"]
-    click.echo(f"wrote {', '.join(OUTPUT_FILES)} into {out}")
-    counts = report["policy"]["counts"]
-    click.echo(f"policy: {counts['share']} share, {counts['specialize']} specialize, {counts['skip']} skip choices")
-    compact_stats = acc["compact"]
-    click.echo(f"compact model: {compact_stats['parameters']:,} parameters "
-               f"({acc['ratios']['parameters_vs_backbone']:.2f}x one backbone, "
-               f"{acc['ratios']['parameters_vs_separate']:.2f}x the single-task models)")
-    for task, metrics in report["metrics"].items():
-        shown = ", ".join(f"{k} {v:.3g}" for k, v in metrics.items() if isinstance(v, (int, float)))
-        click.echo(f"  {task}: {shown}")
+        click.echo(format_summary(report, out), nl=False)
 
 
 # ---- the steps one at a time ------------------------------------------------------------------
@@ -237,7 +211,7 @@ def supermodel_cmd(backbone, tasks, input_size, feature_node, pretrained, as_jso
     Example: automtl supermodel mobilenet_v2 --task seg:segmentation:13 --task depth:depth
     """
     from .convert import ConvertConfig, build_supermodel
-    from .report import format_rows, supermodel_summary
+    from .listing import format_supermodel_summary, supermodel_summary
 
     cfg = ConvertConfig(backbone=backbone, tasks=list(tasks) or None, input_size=input_size,
                         feature_node=feature_node, pretrained=pretrained)
@@ -245,10 +219,7 @@ def supermodel_cmd(backbone, tasks, input_size, feature_node, pretrained, as_jso
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
-    click.echo(format_rows(summary["layers"]))
-    for k, v in summary.items():
-        if k.endswith("parameters") or k == "policy_layers":
-            click.echo(f"{k.replace('_', ' ')}: {v:,}")
+    click.echo(format_supermodel_summary(summary), nl=False)
 
 
 @main.command("search")
@@ -351,16 +322,15 @@ def eval_cmd(model_path, data, split, samples, input_size, batch_size, as_json):
 
     Example: automtl eval model.automtl --data synthetic --samples 256
     """
-    from .evaluation import evaluate_model
+    from .evaluation import evaluate_model, format_metrics
     from .formats import load
 
     model = load(model_path)
     metrics = evaluate_model(model, data, split=split, samples=samples, input_size=input_size, batch_size=batch_size)
     if as_json:
         click.echo(json.dumps(metrics, indent=2))
-        return
-    for task, values in metrics.items():
-        click.echo(f"{task}: " + ", ".join(f"{k} {v:.4g}" for k, v in values.items()))
+    else:
+        click.echo(format_metrics(metrics), nl=False)
 
 
 @main.command("plot")
@@ -410,13 +380,10 @@ def sweep_cmd(backbone, tasks, config_path, data, weights, pretrained, budget, d
         result = sweep(cfg, budgets, out, resume=resume, overwrite=overwrite, quiet=quiet, log=_say(quiet), plot=False)
     except KeyboardInterrupt:
         argv = [a for a in getattr(click.get_current_context().find_root().command, "argv", sys.argv[1:]) if a != "--overwrite"]
-        again = shlex.join(["automtl", *argv, *([] if "--resume" in argv else ["--resume"])])
-        click.echo(f"interrupted; finished runs are kept, continue the sweep with: {again}", err=True)
+        click.echo(f"interrupted; finished runs are kept, continue the sweep with: {_again(argv)}", err=True)
         sys.exit(130)
     if as_json:
-        from .convert import json_safe
-
-        click.echo(json.dumps(json_safe(result), indent=2, default=str))
+        _echo_json(result)
     elif not quiet:
         click.echo(format_sweep(result), nl=False)
     plot_sweep(result, Path(out) / "sweep.png")

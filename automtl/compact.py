@@ -167,22 +167,45 @@ _INPLACE_OPERATORS = {
 
 
 def _compile_graph(sm: SuperModel, policy: Policy, src: fx.Graph) -> fx.Graph:
-    names = sm.task_names
-    T = len(names)
-    layer_index = {n: i for i, n in enumerate(sm.layer_names)}
-    graph = fx.Graph()
-    # classes[old_node] = list of (tuple of task indices, new node or constant)
-    classes: dict = {}
-    ALL = tuple(range(T))
+    return _Compiler(sm, policy).compile(src)
 
-    def lookup(old: fx.Node, task: int):
-        for members, new in classes[old]:
+
+class _Compiler:
+    """One compilation of a supermodel graph under a policy: each source node is emitted once per class of tasks.
+
+    ``classes[old]`` is a list of (tuple of task indices, new node or constant) for every source
+    node seen so far; :meth:`lookup` reads a task's value of a source node from it.
+    """
+
+    def __init__(self, sm: SuperModel, policy: Policy):
+        self.sm, self.policy = sm, policy
+        self.names = sm.task_names
+        self.T = len(self.names)
+        self.ALL = tuple(range(self.T))
+        self.layer_index = {n: i for i, n in enumerate(sm.layer_names)}
+        self.graph = fx.Graph()
+        self.classes: dict = {}
+        self.x_new: Optional[fx.Node] = None
+        self.feature: Optional[fx.Node] = None
+
+    def compile(self, src: fx.Graph) -> fx.Graph:
+        for old in src.nodes:
+            if old.op == "output":
+                self.feature = old.args[0]
+                continue
+            self.classes[old] = self.emit_node(old)
+        self.emit_heads()
+        self.graph.lint()
+        return self.graph
+
+    def lookup(self, old: fx.Node, task: int):
+        for members, new in self.classes[old]:
             if task in members:
                 return new
         raise AssertionError(f"task {task} has no value for {old.name}")
 
-    def tag(new: fx.Node, members: tuple, old: fx.Node, layer: Optional[str] = None, choice: Optional[str] = None):
-        new.meta[META_TASKS] = tuple(names[t] for t in members)
+    def tag(self, new: fx.Node, members: tuple, old: fx.Node, layer: Optional[str] = None, choice: Optional[str] = None):
+        new.meta[META_TASKS] = tuple(self.names[t] for t in members)
         new.meta[META_SOURCE] = old.name
         if layer is not None:
             new.meta[META_LAYER] = layer
@@ -191,75 +214,103 @@ def _compile_graph(sm: SuperModel, policy: Policy, src: fx.Graph) -> fx.Graph:
             new.meta["tensor_meta"] = old.meta["tensor_meta"]
         return new
 
-    x_new = None
-    for old in src.nodes:
+    def _class_name(self, base: str, members: tuple) -> str:
+        return self.graph._graph_namespace.create_name(f"{base}__{'_'.join(self.names[t] for t in members)}", None)
+
+    def emit_node(self, old: fx.Node) -> list:
+        """The classes of one source node (other than the output), its new nodes emitted."""
+        ALL = self.ALL
         if old.op == "placeholder":
             if old.name == "mix":
-                classes[old] = [(ALL, None)]
-                continue
-            x_new = graph.placeholder(old.name)
-            classes[old] = [(ALL, tag(x_new, ALL, old))]
-            continue
-        if old.op == "output":
-            feature = old.args[0]
-            continue
+                return [(ALL, None)]
+            self.x_new = self.graph.placeholder(old.name)
+            return [(ALL, self.tag(self.x_new, ALL, old))]
         inputs = [i for i in old.all_input_nodes]
         if old.op == "call_function" and old.target is operator.getitem and inputs and inputs[0].name == "mix":
-            classes[old] = [(ALL, None)]
-            continue
+            return [(ALL, None)]
         if old.op == "call_function" and old.target is repeat_tasks:
-            classes[old] = classes[old.args[0]]
-            continue
+            return self.classes[old.args[0]]
         if old.op == "get_attr" and any(u.target is taskwise_norm for u in old.users):
-            classes[old] = [(ALL, None)]  # a module handed to taskwise_norm
-            continue
+            return [(ALL, None)]  # a module handed to taskwise_norm
         if old.op == "call_function" and old.target is taskwise_norm:
-            # one batch per class of tasks in the compact model: the plain norm call
-            module_node, value = old.args[0], old.args[1]
-            out = []
-            for members, new_in in classes[value]:
-                new = graph.call_module(f"net.{module_node.target}", (new_in,))
-                if len(classes[value]) > 1 or len(members) < T:
-                    new.name = graph._graph_namespace.create_name(f"{old.name}__{'_'.join(names[t] for t in members)}", None)
-                else:
-                    new.name = graph._graph_namespace.create_name(old.name, None)
-                out.append((members, tag(new, members, old)))
-            classes[old] = out
-            continue
-        if old.op == "call_module" and old.target in layer_index:
-            classes[old] = _emit_policy_layer(graph, sm, policy, old, layer_index[old.target], classes, tag)
-            continue
-        # Any other node: tasks that agree on every input stay together.
+            return self._emit_taskwise_norm(old)
+        if old.op == "call_module" and old.target in self.layer_index:
+            return self.emit_layer(old, self.layer_index[old.target])
+        return self._emit_generic(old, inputs)
+
+    def _emit_taskwise_norm(self, old: fx.Node) -> list:
+        """One batch per class of tasks in the compact model: the plain norm call."""
+        module_node, value = old.args[0], old.args[1]
+        out = []
+        for members, new_in in self.classes[value]:
+            new = self.graph.call_module(f"net.{module_node.target}", (new_in,))
+            if len(self.classes[value]) > 1 or len(members) < self.T:
+                new.name = self._class_name(old.name, members)
+            else:
+                new.name = self.graph._graph_namespace.create_name(old.name, None)
+            out.append((members, self.tag(new, members, old)))
+        return out
+
+    def _emit_generic(self, old: fx.Node, inputs: list) -> list:
+        """Any other node: tasks that agree on every input stay together."""
         groups: dict = {}
-        for t in range(T):
-            key = tuple(id(lookup(i, t)) for i in inputs)
+        for t in range(self.T):
+            key = tuple(id(self.lookup(i, t)) for i in inputs)
             groups.setdefault(key, []).append(t)
         out = []
         for members in groups.values():
             members = tuple(members)
-            new = graph.node_copy(old, lambda n: lookup(n, members[0]))
+            new = self.graph.node_copy(old, lambda n: self.lookup(n, members[0]))
             if new.op in ("call_module", "get_attr"):
                 new.target = f"net.{old.target}"
             if new.target is taskwise_batch_norm:  # one batch per class of tasks here
                 new.target = F.batch_norm
                 new.kwargs = {k: v for k, v in new.kwargs.items() if k != "num_tasks"}
-            if len(members) < T:
-                new.name = graph._graph_namespace.create_name(f"{old.name}__{'_'.join(names[t] for t in members)}", None)
-            out.append((members, tag(new, members, old)))
-        classes[old] = out
+            if len(members) < self.T:
+                new.name = self._class_name(old.name, members)
+            out.append((members, self.tag(new, members, old)))
+        return out
 
-    # Heads, and each task's finish (the dense kinds' upsampling to the input size).
-    size = graph.call_function(operator.getitem, (graph.call_method("size", (x_new,)), slice(2, 4)))
-    outputs = {}
-    for t, task in enumerate(sm.tasks):
-        feat = lookup(feature, t)
-        y = graph.call_module(f"heads.{task.name}", (feat,))
-        y.name = graph._graph_namespace.create_name(f"head_{task.name}", None)
-        tag(y, (t,), feature)
-        outputs[task.name] = _emit_finish(graph, task, y, size, lambda n: tag(n, (t,), feature))
-    graph.output(outputs)
-    graph.lint()
-    return graph
+    def emit_layer(self, old: fx.Node, index: int) -> list:
+        """Emit a policy layer once per (input class, choice) and once per specializing task."""
+        graph, sm = self.graph, self.sm
+        layer_name = sm.layer_names[index]
+        row = self.policy.choices[index]
+        layer: PolicyLayer = sm.net.get_submodule(old.target)
+        out = []
+        for members, value in self.classes[old.args[0]]:
+            for choice in (SHARE, SKIP):
+                users = tuple(t for t in members if row[t] == choice)
+                if not users:
+                    continue
+                if choice == SKIP and isinstance(layer.skip, nn.Identity):
+                    out.append((users, value))  # identity: the input flows through, no node
+                    continue
+                part = "shared" if choice == SHARE else "skip"
+                new = graph.call_module(f"net.{old.target}.{part}", (value,))
+                suffix = "" if len(users) == len(sm.task_names) else "__" + "_".join(sm.task_names[t] for t in users)
+                new.name = graph._graph_namespace.create_name(f"{old.name}_{part}{suffix}", None)
+                out.append((users, self.tag(new, users, old, layer_name, CHOICES[choice])))
+            for t in members:
+                if row[t] == SPECIALIZE:
+                    new = graph.call_module(f"net.{old.target}.specialized.{t}", (value,))
+                    new.name = graph._graph_namespace.create_name(f"{old.name}__{sm.task_names[t]}", None)
+                    out.append(((t,), self.tag(new, (t,), old, layer_name, "specialize")))
+        out.sort(key=lambda mv: mv[0][0])
+        return out
+
+    def emit_heads(self) -> None:
+        """Heads, and each task's finish (the dense kinds' upsampling to the input size); the output."""
+        graph, feature = self.graph, self.feature
+        size = graph.call_function(operator.getitem, (graph.call_method("size", (self.x_new,)), slice(2, 4)))
+        outputs = {}
+        for t, task in enumerate(self.sm.tasks):
+            feat = self.lookup(feature, t)
+            y = graph.call_module(f"heads.{task.name}", (feat,))
+            y.name = graph._graph_namespace.create_name(f"head_{task.name}", None)
+            self.tag(y, (t,), feature)
+            outputs[task.name] = _emit_finish(graph, task, y, size, lambda n: self.tag(n, (t,), feature))
+        graph.output(outputs)
 
 
 def _emit_finish(graph: fx.Graph, task: Task, y: fx.Node, size: fx.Node, tag) -> fx.Node:
@@ -277,33 +328,4 @@ def _emit_finish(graph: fx.Graph, task: Task, y: fx.Node, size: fx.Node, tag) ->
                            "a kind's finish must use torch functions and tensor methods only")
     for node in list(graph.nodes)[count:]:
         tag(node)
-    return out
-
-
-def _emit_policy_layer(graph, sm, policy, old, index, classes, tag):
-    """Emit a policy layer once per (input class, choice) and once per specializing task."""
-    layer_name = sm.layer_names[index]
-    row = policy.choices[index]
-    layer: PolicyLayer = sm.net.get_submodule(old.target)
-    inp = old.args[0]
-    out = []
-    for members, value in classes[inp]:
-        for choice in (SHARE, SKIP):
-            users = tuple(t for t in members if row[t] == choice)
-            if not users:
-                continue
-            if choice == SKIP and isinstance(layer.skip, nn.Identity):
-                out.append((users, value))  # identity: the input flows through, no node
-                continue
-            part = "shared" if choice == SHARE else "skip"
-            new = graph.call_module(f"net.{old.target}.{part}", (value,))
-            suffix = "" if len(users) == len(sm.task_names) else "__" + "_".join(sm.task_names[t] for t in users)
-            new.name = graph._graph_namespace.create_name(f"{old.name}_{part}{suffix}", None)
-            out.append((users, tag(new, users, old, layer_name, CHOICES[choice])))
-        for t in members:
-            if row[t] == SPECIALIZE:
-                new = graph.call_module(f"net.{old.target}.specialized.{t}", (value,))
-                new.name = graph._graph_namespace.create_name(f"{old.name}__{sm.task_names[t]}", None)
-                out.append(((t,), tag(new, (t,), old, layer_name, "specialize")))
-    out.sort(key=lambda mv: mv[0][0])
     return out

@@ -37,6 +37,18 @@ _FLOATS = {
 _BUDGET = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*[xX×]?\s*$")
 
 
+def parse_numbers(option: str, text: Optional[str], n: int, form: str, positive: bool = False) -> tuple:
+    """A command-line option's ``text`` "a,b,..." (``--steps``, ``--samples``) as ``n`` whole numbers (all None
+    when the option is not given); ConfigError naming ``option`` and the expected ``form`` otherwise."""
+    if not text:
+        return (None,) * n
+    parts = text.split(",")
+    if len(parts) != n or not all(p.strip().isdigit() and (int(p) > 0 or not positive) for p in parts):
+        what = "positive whole numbers" if positive else "whole numbers"
+        raise ConfigError(f"{option} {text!r} must be {'two' if n == 2 else 'three'} {what} {form}")
+    return tuple(int(p) for p in parts)
+
+
 def parse_budget(value: Union[str, float, int, None]) -> Optional[float]:
     """A resource budget as a multiple of the single backbone + heads: ``"1.5x"``, ``1.5`` or ``"2"``.
 

@@ -295,3 +295,22 @@ def _jsonable(obj):
     if isinstance(obj, torch.Tensor):
         return obj.tolist()
     return str(obj)
+
+
+def format_summary(report: dict, out) -> str:
+    """What ``automtl convert`` prints after a run: the files written, the policy's counts, the compact
+    model's size against the models it replaces, and each task's validation metrics."""
+    acc = report["accounting"]
+    counts = report["policy"]["counts"]
+    compact_stats = acc["compact"]
+    lines = [
+        f"wrote {', '.join(OUTPUT_FILES)} into {out}",
+        f"policy: {counts['share']} share, {counts['specialize']} specialize, {counts['skip']} skip choices",
+        f"compact model: {compact_stats['parameters']:,} parameters "
+        f"({acc['ratios']['parameters_vs_backbone']:.2f}x one backbone, "
+        f"{acc['ratios']['parameters_vs_separate']:.2f}x the single-task models)",
+    ]
+    for task, metrics in report["metrics"].items():
+        shown = ", ".join(f"{k} {v:.3g}" for k, v in metrics.items() if isinstance(v, (int, float)))
+        lines.append(f"  {task}: {shown}")
+    return "\n".join(lines) + "\n"

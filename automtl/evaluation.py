@@ -28,3 +28,9 @@ def evaluate_model(model, data: str = "synthetic", split: str = "val", samples: 
     check_targets(dataset, model.tasks)
     metrics, losses = evaluate(model, dataset, batch_size=batch_size)
     return {t: {**m, "loss": losses[t]} for t, m in metrics.items()}
+
+
+def format_metrics(metrics: dict) -> str:
+    """``{task: {metric: value}}`` as ``automtl eval`` prints it: one line per task."""
+    return "".join(f"{task}: " + ", ".join(f"{k} {v:.4g}" for k, v in values.items()) + "\n"
+                   for task, values in metrics.items())

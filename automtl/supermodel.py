@@ -12,23 +12,22 @@ once and broadcasts them.
 """
 from __future__ import annotations
 
-import operator
 from typing import Iterable, Mapping, Optional, Sequence, Union
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
+from . import cost
 from .capture import Capture, capture, count_parameters
 from .errors import AutomtlError, ConfigError
-from .flops import macs_of
 from .heads import build_head, finish
 from .paths import PathRunner
-from .policy import SHARE, SKIP, SPECIALIZE, Policy
+from .policy import SKIP, Policy
 from .policy_layer import (  # noqa: F401  (re-exported: the pieces of a supermodel)
     FUSABLE_NORMS, ConvUnit, LayerInfo, PolicyLayer, _conv_macs, _skip_operator, repeat_tasks, taskwise_batch_norm,
     taskwise_norm, uses_batch_statistics,
 )
+from .supergraph import build_supergraph
 from .tasks import Task, check_tasks
 
 MODES = ("warmup", "soft", "hard")
@@ -137,88 +136,12 @@ class SuperModel(nn.Module):
         With ``shared_input`` the input is one batch for all tasks: nodes that depend only on it
         stay at batch B, and a ``repeat_tasks`` node is inserted where they meet per-task values
         (sizes read from the input are read again from its per-task form there). A BatchNorm that
-        sees per-task rows normalises each task's rows apart (:func:`taskwise_norm`).
+        sees per-task rows normalises each task's rows apart (:func:`taskwise_norm`). The rewrite
+        is :func:`automtl.supergraph.build_supergraph`.
         """
         root = self.net if root is None else root
         old = self._captured_graphs[train] if train and self._captured_graphs[True] is not None else self._captured_graphs[False]
-        graph = fx.Graph()
-        env: dict = {}
-        out_val = graph.graph_copy(old, env)
-        graph.output(out_val)
-        x = next(n for n in graph.nodes if n.op == "placeholder")
-        with graph.inserting_after(x):
-            mix = graph.placeholder("mix")
-        layer_index = {name: i for i, name in enumerate(self.layer_names)}
-        T = len(self.tasks)
-        per_task: set = set()  # nodes whose value differs between tasks
-        depends_on_input: set = {x}
-        repeats: dict = {}
-        copies: dict = {}
-
-        def as_per_task(node, before):
-            if node not in repeats:
-                with graph.inserting_before(before):
-                    repeats[node] = graph.call_function(repeat_tasks, (node, T))
-            return repeats[node]
-
-        def per_task_form(node, before):
-            """``node`` computed from the per-task form of the input (for sizes read from it)."""
-            if not isinstance(node, fx.Node) or node in per_task or node not in depends_on_input:
-                return node
-            if _is_batched(node):
-                return as_per_task(node, before)
-            if node not in copies:
-                args = fx.map_arg(node.args, lambda a: per_task_form(a, before))
-                kwargs = fx.map_arg(node.kwargs, lambda a: per_task_form(a, before))
-                with graph.inserting_before(before):
-                    copies[node] = graph.create_node(node.op, node.target, args, kwargs)
-                copies[node].meta = dict(node.meta)
-            return copies[node]
-
-        erased: set = set()
-        for node in list(graph.nodes):
-            if node.op in ("placeholder", "output") or node in erased:
-                continue
-            inputs = node.all_input_nodes
-            if any(i in depends_on_input for i in inputs):
-                depends_on_input.add(node)
-            if node.op == "call_module" and node.target in layer_index:
-                (inp,) = node.args[:1]
-                src_is_shared = shared_input and inp not in per_task
-                with graph.inserting_before(node):
-                    row = graph.call_function(operator.getitem, (mix, layer_index[node.target]))
-                node.args = (inp, row)
-                node.kwargs = {"shared_input": True} if src_is_shared else {}
-                per_task.add(node)
-                if node.target in self._fused:
-                    (bn_node,) = node.users
-                    bn_node.replace_all_uses_with(node)
-                    graph.erase_node(bn_node)
-                    erased.add(bn_node)
-                continue
-            if not shared_input:
-                if node in depends_on_input:
-                    per_task.add(node)
-            elif any(i in per_task for i in inputs):
-                per_task.add(node)
-                for i in inputs:
-                    if i not in per_task and i in depends_on_input:
-                        node.replace_input_with(i, per_task_form(i, node))
-            if node in per_task and node.op == "call_module" and isinstance(
-                    root.get_submodule(node.target), nn.modules.batchnorm._BatchNorm):
-                new = _taskwise(graph, node, T)
-                per_task.add(new)
-                if node in depends_on_input:
-                    depends_on_input.add(new)
-            elif node in per_task and node.op == "call_function" and node.target is F.batch_norm:
-                node.target = taskwise_batch_norm
-                node.kwargs = {**node.kwargs, "num_tasks": T}
-        out = next(n for n in graph.nodes if n.op == "output")
-        (feat,) = out.args
-        if feat not in per_task:
-            out.replace_input_with(feat, as_per_task(feat, out))
-        graph.lint()
-        return graph
+        return build_supergraph(old, root, self.layer_names, self._fused, len(self.tasks), shared_input)
 
     def _net_for(self, per_task_input: bool, train: Optional[bool] = None) -> fx.GraphModule:
         """The graph module for one batch (or per-task batches), in eval or train mode (default: the current mode)."""
@@ -390,110 +313,34 @@ class SuperModel(nn.Module):
             )
         return torch.cat(xs)
 
-    # ---- accounting --------------------------------------------------------------
+    # ---- accounting (see :mod:`automtl.cost`) --------------------------------------
     def base_parameters(self) -> int:
         """Parameters outside the policy layers and the logits: heads and unfused backbone layers."""
-        layer_params = {id(p) for layer in self.policy_layers for p in layer.parameters()}
-        return sum(p.numel() for p in self.weight_parameters() if id(p) not in layer_params)
+        return cost.base_parameters(self)
 
     def policy_parameter_count(self, policy: Policy) -> int:
         """Parameters of the compact model that ``policy`` compiles to."""
-        total = self.base_parameters()
-        for info, row in zip(self.layer_info, policy.choices):
-            total += info.unit_params * ((SHARE in row) + row.count(SPECIALIZE))
-            total += info.skip_params * (SKIP in row)
-        return total
+        return cost.policy_parameter_count(self, policy)
 
     def expected_parameter_count(self, probs: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Differentiable expected parameter count of the compact model under ``probs``."""
-        probs = self.policy_probabilities() if probs is None else probs
-        unit = torch.tensor([i.unit_params for i in self.layer_info], dtype=probs.dtype, device=probs.device)
-        skip = torch.tensor([i.skip_params for i in self.layer_info], dtype=probs.dtype, device=probs.device)
-        p_share_used = 1 - (1 - probs[..., SHARE]).prod(-1)
-        p_skip_used = 1 - (1 - probs[..., SKIP]).prod(-1)
-        n_spec = probs[..., SPECIALIZE].sum(-1)
-        return self.base_parameters() + (unit * (p_share_used + n_spec) + skip * p_skip_used).sum()
+        return cost.expected_parameter_count(self, probs)
 
     def head_macs(self) -> int:
-        """Multiply-accumulates per sample of all task heads, counted by torch's FlopCounterMode.
-
-        Measured once on a feature-shaped dummy input (heads in eval mode, so their BatchNorm
-        statistics do not move), so custom heads are counted too, every op of them.
-        """
-        cached = getattr(self, "_head_macs", None)
-        if cached is not None:
-            return cached
-        p = next(self.heads.parameters(), None)
-        feat = torch.zeros(1, *self.feature_shape[1:], device=p.device if p is not None else "cpu",
-                           dtype=p.dtype if p is not None else torch.float32)
-        total = 0
-        for head in self.heads.values():
-            was_training = head.training
-            try:
-                with torch.no_grad():
-                    total += macs_of(lambda: head.eval()(feat))
-            finally:
-                head.train(was_training)
-        object.__setattr__(self, "_head_macs", int(total))
-        return int(total)
+        """Multiply-accumulates per sample of all task heads (measured once, see :func:`automtl.cost.head_macs`)."""
+        return cost.head_macs(self)
 
     def policy_mac_count(self, policy: Policy) -> int:
-        """Estimated multiply-accumulates per sample of the compact model that ``policy`` compiles to.
-
-        A layer's operator is counted once per distinct input, where a task's input is
-        identified by its choices in all earlier policy layers (layers in execution order, so
-        parallel branches are counted conservatively); a specialized operator always counts.
-        """
-        total = self.head_macs()
-        sig = [0] * self.num_tasks  # id of each task's current value
-        ids: dict = {}
-        for info, row in zip(self.layer_info, policy.choices):
-            computed: set = set()
-            new_sig = []
-            for t, c in enumerate(row):
-                key = (sig[t], c, t if c == SPECIALIZE else -1)
-                if key not in computed:
-                    computed.add(key)
-                    total += info.skip_macs if c == SKIP else info.macs
-                new_sig.append(ids.setdefault(key, len(ids) + 1))
-            sig = new_sig
-        return int(total)
+        """Estimated multiply-accumulates per sample of the compact model that ``policy`` compiles to."""
+        return cost.policy_mac_count(self, policy)
 
     def expected_mac_count(self, probs: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Differentiable estimate of :meth:`policy_mac_count` under the policy distribution.
-
-        A task whose choices so far were all *share* reads the common trunk; an operator on
-        the trunk is computed once for all the tasks that pick it there, one off the trunk once
-        per task (an upper bound: tasks that branched off may still agree with each other).
-        """
-        probs = self.policy_probabilities() if probs is None else probs
-        dtype, device = probs.dtype, probs.device
-        macs = torch.tensor([i.macs for i in self.layer_info], dtype=dtype, device=device)
-        skip_macs = torch.tensor([i.skip_macs for i in self.layer_info], dtype=dtype, device=device)
-        p_share, p_spec, p_skip = probs[..., SHARE], probs[..., SPECIALIZE], probs[..., SKIP]
-        # q[l, t]: probability that task t's input at layer l is the trunk (shared everything before l)
-        ones = torch.ones_like(p_share[:1])
-        q = torch.cat([ones, torch.cumprod(p_share, 0)[:-1]], 0)
-        share = 1 - (1 - q * p_share).prod(-1) + ((1 - q) * p_share).sum(-1)
-        skip = 1 - (1 - q * p_skip).prod(-1) + ((1 - q) * p_skip).sum(-1)
-        return self.head_macs() + (macs * (share + p_spec.sum(-1)) + skip_macs * skip).sum()
+        """Differentiable estimate of :meth:`policy_mac_count` under the policy distribution."""
+        return cost.expected_mac_count(self, probs)
 
     def backbone_parameters(self) -> int:
         """Parameters of the converted single-task backbone (no heads)."""
-        head_params = sum(p.numel() for p in self.heads.parameters())
-        return self.policy_parameter_count(Policy.uniform(self.layer_names, self.task_names, "share")) - head_params
-
-
-def _taskwise(graph: fx.Graph, node: fx.Node, num_tasks: int) -> fx.Node:
-    """Replace the BatchNorm call ``node`` by ``taskwise_norm(module, x, T)``."""
-    with graph.inserting_before(node):
-        mod = graph.get_attr(node.target)
-        new = graph.call_function(taskwise_norm, (mod, node.args[0], num_tasks))
-    new.meta = dict(node.meta)
-    node.replace_all_uses_with(new)
-    graph.erase_node(node)
-    new.name = node.name
-    return new
+        return cost.backbone_parameters(self)
 
 
 def _fused_in(graph: fx.Graph, conv: str, norm: str) -> bool:
@@ -502,11 +349,6 @@ def _fused_in(graph: fx.Graph, conv: str, norm: str) -> bool:
     norms = [n for n in graph.nodes if n.op == "call_module" and n.target == norm]
     return (len(convs) == 1 and len(norms) == 1 and list(convs[0].users) == norms
             and norms[0].args[:1] == (convs[0],) and len(norms[0].all_input_nodes) == 1)
-
-
-def _is_batched(node: fx.Node) -> bool:
-    meta = node.meta.get("tensor_meta")
-    return hasattr(meta, "shape") and len(meta.shape) >= 1
 
 
 def supermodel(

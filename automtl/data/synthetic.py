@@ -116,14 +116,29 @@ class SyntheticScenes(Dataset):
 
     # ------------------------------------------------------------------ rendering
     def _render(self, g: torch.Generator):
-        u, v = self._u, self._v
-        H = W = self.size
         rnd = torch.rand(16 + 8 * self.max_shapes, generator=g).tolist()  # scalar draws, consumed in order
         it = iter(rnd)
 
         def uni(a, b):
             return a + (b - a) * next(it)
 
+        depth, normal, seg = _z_buffer(*self._surfaces(g, uni, it))
+        image = self._appearance(g, uni, depth, normal, seg)
+        depth = depth[None].float()
+        normal = normal.float()
+        if self.missing > 0:
+            drop = torch.rand(3, generator=g) < self.missing
+            if bool(drop[0]):
+                seg = torch.full_like(seg, 255)
+            if bool(drop[1]):
+                depth = torch.full_like(depth, float("nan"))
+            if bool(drop[2]):
+                normal = torch.full_like(normal, float("nan"))
+        return image.float().contiguous(), {"segmentation": seg.long(), "depth": depth, "normal": normal}
+
+    def _surfaces(self, g: torch.Generator, uni, it) -> tuple[list, list, list]:
+        """The ground plane and the shapes: each surface's depth (inf outside it), depth gradient and class."""
+        u, v = self._u, self._v
         # Ground plane: depth grows towards the top of the image.
         a, bv, bu = uni(5.0, 7.0), uni(-2.5, -1.0), uni(-0.5, 0.5)
         surfaces_d = [a + bu * u + bv * v]
@@ -136,45 +151,16 @@ class SyntheticScenes(Dataset):
             dc = uni(2.0, 4.5)
             cu, cv = uni(-0.8, 0.8), uni(-0.8, 0.8)
             scale = uni(0.25, 0.45) * 3.0 / dc  # nearer looks bigger
-            du, dv = u - cu, v - cv
-            shape = SHAPES[cls - 1]
-            if shape == "disc":
-                rho2 = du * du + dv * dv
-                inside = rho2 < scale * scale
-                s = torch.sqrt((scale * scale - rho2).clamp_min(1e-6))
-                d = dc - s
-                gu, gv = du / s, dv / s  # gradient of the sphere's depth
-            else:
-                theta = uni(0.0, math.pi)
-                ct, st = math.cos(theta), math.sin(theta)
-                x, y = ct * du + st * dv, -st * du + ct * dv  # shape-aligned coordinates
-                if shape == "rectangle":
-                    aspect = uni(0.5, 1.0)
-                    inside = (x.abs() < scale) & (y.abs() < scale * aspect)
-                elif shape == "triangle":
-                    # equilateral: three half-planes at 120 degrees
-                    r = scale * 0.8
-                    inside = (y < r) & (y * -0.5 + x * 0.8660254 < r) & (y * -0.5 - x * 0.8660254 < r)
-                else:  # diamond (rhombus)
-                    inside = x.abs() / scale + y.abs() / (0.55 * scale) < 1.0
-                tu, tv = uni(-0.6, 0.6), uni(-0.6, 0.6)
-                d = dc + tu * du + tv * dv
-                gu, gv = torch.full_like(u, tu), torch.full_like(u, tv)
+            inside, d, gu, gv = _shape(SHAPES[cls - 1], u - cu, v - cv, dc, scale, uni)
             surfaces_d.append(torch.where(inside, d, torch.full_like(d, _INF)))
             surfaces_n.append((gu, gv))
             surfaces_c.append(cls)
+        return surfaces_d, surfaces_n, surfaces_c
 
-        depth_all = torch.stack(surfaces_d)  # (S, H, W)
-        depth, idx = depth_all.min(dim=0)  # z-buffer: nearest surface wins
-        gu_all = torch.stack([s[0] for s in surfaces_n])
-        gv_all = torch.stack([s[1] for s in surfaces_n])
-        gu = gu_all.gather(0, idx[None])[0]
-        gv = gv_all.gather(0, idx[None])[0]
-        inv = torch.rsqrt(gu * gu + gv * gv + 1.0)  # (vector_norm over dim 0 is slow on CPU)
-        normal = torch.stack([gu * inv, gv * inv, inv])
-        seg = torch.tensor(surfaces_c)[idx]
-
-        # Appearance: albedo (class colour, textured ground), Lambertian shading, haze, noise.
+    def _appearance(self, g: torch.Generator, uni, depth, normal, seg) -> torch.Tensor:
+        """Albedo (class colour, textured ground), Lambertian shading, haze, noise."""
+        u = self._u
+        H = W = self.size
         albedo = self._colours[seg].permute(2, 0, 1)  # (3, H, W)
         coarse = torch.rand(1, 1, 6, 6, generator=g)
         texture = torch.nn.functional.interpolate(coarse, size=(H, W), mode="bilinear", align_corners=False)[0]
@@ -189,19 +175,44 @@ class SyntheticScenes(Dataset):
         haze = torch.exp(-0.12 * (depth - 2.0))
         image = albedo * shade * haze + (1 - haze) * 0.6
         image = image + 0.02 * torch.randn(3, H, W, generator=g)
-        image = image.clamp(0.0, 1.0)
-
-        depth = depth[None].float()
-        normal = normal.float()
-        if self.missing > 0:
-            drop = torch.rand(3, generator=g) < self.missing
-            if bool(drop[0]):
-                seg = torch.full_like(seg, 255)
-            if bool(drop[1]):
-                depth = torch.full_like(depth, float("nan"))
-            if bool(drop[2]):
-                normal = torch.full_like(normal, float("nan"))
-        return image.float().contiguous(), {"segmentation": seg.long(), "depth": depth, "normal": normal}
+        return image.clamp(0.0, 1.0)
 
     def __repr__(self) -> str:
         return f"SyntheticScenes(n={self.n}, size={self.size}, seed={self.seed}, classes={self.classes}, split={self.split!r})"
+
+
+def _shape(shape: str, du, dv, dc: float, scale: float, uni):
+    """One shape centred at offsets (du, dv), depth ``dc``: its mask, depth and depth gradient."""
+    if shape == "disc":
+        rho2 = du * du + dv * dv
+        inside = rho2 < scale * scale
+        s = torch.sqrt((scale * scale - rho2).clamp_min(1e-6))
+        return inside, dc - s, du / s, dv / s  # gradient of the sphere's depth
+    theta = uni(0.0, math.pi)
+    ct, st = math.cos(theta), math.sin(theta)
+    x, y = ct * du + st * dv, -st * du + ct * dv  # shape-aligned coordinates
+    if shape == "rectangle":
+        aspect = uni(0.5, 1.0)
+        inside = (x.abs() < scale) & (y.abs() < scale * aspect)
+    elif shape == "triangle":
+        # equilateral: three half-planes at 120 degrees
+        r = scale * 0.8
+        inside = (y < r) & (y * -0.5 + x * 0.8660254 < r) & (y * -0.5 - x * 0.8660254 < r)
+    else:  # diamond (rhombus)
+        inside = x.abs() / scale + y.abs() / (0.55 * scale) < 1.0
+    tu, tv = uni(-0.6, 0.6), uni(-0.6, 0.6)
+    return inside, dc + tu * du + tv * dv, torch.full_like(du, tu), torch.full_like(du, tv)
+
+
+def _z_buffer(surfaces_d: list, surfaces_n: list, surfaces_c: list):
+    """Depth, unit normal and class of the nearest surface at each pixel."""
+    depth_all = torch.stack(surfaces_d)  # (S, H, W)
+    depth, idx = depth_all.min(dim=0)  # z-buffer: nearest surface wins
+    gu_all = torch.stack([s[0] for s in surfaces_n])
+    gv_all = torch.stack([s[1] for s in surfaces_n])
+    gu = gu_all.gather(0, idx[None])[0]
+    gv = gv_all.gather(0, idx[None])[0]
+    inv = torch.rsqrt(gu * gu + gv * gv + 1.0)  # (vector_norm over dim 0 is slow on CPU)
+    normal = torch.stack([gu * inv, gv * inv, inv])
+    seg = torch.tensor(surfaces_c)[idx]
+    return depth, normal, seg

@@ -36,45 +36,56 @@ def evaluate(
     if device is None:
         device = next(sm.parameters()).device
     device = torch.device(device)
-    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if amp and device.type == "cuda" else contextlib.nullcontext()
-    metrics = {t.name: metric_for(t) for t in sm.tasks}
-    loss_fns = {t.name: loss_for(t) for t in sm.tasks}
-    loss_sum = {t: 0.0 for t in sm.task_names}
-    loss_n = {t: 0 for t in sm.task_names}
     is_supermodel = isinstance(sm, SuperModel)  # a CompactModel (or any {task: output} model) has no modes
     if is_supermodel and mix is None and sm.mode != "hard":
         # noiseless operator weights: uniform in warm-up, the policy probabilities when searching
         mix = sm.mixing_weights() if sm.mode == "warmup" else sm.policy_probabilities()
+    run = (lambda x: sm(x, mix=mix)) if is_supermodel else sm
+    tally = _Tally(sm, run, device, amp, max_batches)
     was_training = sm.training
     sm.eval()
+    try:
+        if isinstance(data, Mapping):
+            _check_task_keys(data, sm.task_names, "validation data")
+            for t in sm.task_names:
+                tally.consume(_epoch_iter(data[t], batch_size), [t], f"validation data of task {t!r}")
+        else:
+            tally.consume(_epoch_iter(data, batch_size), sm.task_names, "validation data")
+    finally:
+        sm.train(was_training)
+    return tally.results()
 
-    def consume(batches, tasks, where):
+
+class _Tally:
+    """Each task's metric and the sample-weighted sum of its losses, over the batches consumed."""
+
+    def __init__(self, sm, run, device: torch.device, amp: bool, max_batches: Optional[int]):
+        self.task_names, self.run, self.device, self.max_batches = list(sm.task_names), run, device, max_batches
+        self.ctx = torch.autocast("cuda", dtype=torch.bfloat16) if amp and device.type == "cuda" else contextlib.nullcontext()
+        self.metrics = {t.name: metric_for(t) for t in sm.tasks}
+        self.loss_fns = {t.name: loss_for(t) for t in sm.tasks}
+        self.loss_sum = {t: 0.0 for t in self.task_names}
+        self.loss_n = {t: 0 for t in self.task_names}
+
+    def consume(self, batches, tasks, where: str) -> None:
         for k, batch in enumerate(batches):
-            if max_batches is not None and k >= max_batches:
+            if self.max_batches is not None and k >= self.max_batches:
                 break
             x, y = _split_batch(batch, where)
-            x, y = _to(x, device), _to(y, device)
-            with ctx:
-                out = sm(x, mix=mix) if is_supermodel else sm(x)
+            x, y = _to(x, self.device), _to(y, self.device)
+            with self.ctx:
+                out = self.run(x)
             for t in tasks:
                 target = _task_target(y, t)
                 if target is None:
                     continue
                 pred = out[t].float()
-                metrics[t].update(pred, target)
-                loss = float(loss_fns[t](pred, target))
-                loss_sum[t] += loss * x.shape[0]
-                loss_n[t] += x.shape[0]
+                self.metrics[t].update(pred, target)
+                loss = float(self.loss_fns[t](pred, target))
+                self.loss_sum[t] += loss * x.shape[0]
+                self.loss_n[t] += x.shape[0]
 
-    try:
-        if isinstance(data, Mapping):
-            _check_task_keys(data, sm.task_names, "validation data")
-            for t in sm.task_names:
-                consume(_epoch_iter(data[t], batch_size), [t], f"validation data of task {t!r}")
-        else:
-            consume(_epoch_iter(data, batch_size), sm.task_names, "validation data")
-    finally:
-        sm.train(was_training)
-    results = {t: {k: float(v) for k, v in m.compute().items()} for t, m in metrics.items()}
-    losses = {t: (loss_sum[t] / loss_n[t] if loss_n[t] else float("nan")) for t in sm.task_names}
-    return results, losses
+    def results(self) -> tuple[dict, dict]:
+        results = {t: {k: float(v) for k, v in m.compute().items()} for t, m in self.metrics.items()}
+        losses = {t: (self.loss_sum[t] / self.loss_n[t] if self.loss_n[t] else float("nan")) for t in self.task_names}
+        return results, losses

@@ -1,0 +1,101 @@
+"""The search's checkpoint: what it holds, how it is written, and how a resume reads it back.
+
+A checkpoint is the run's whole state at a global step (model, the three optimizers, the loss
+balancer, the RNG states, the strategy's state, the history), so that a resumed run ends bitwise
+equal to an uninterrupted one. A fingerprint of the settings that change the numbers refuses a
+resume by a different run.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..errors import ConfigError, FileFormatError
+from ..fileio import atomic_path
+from ..policy import Policy
+from ._util import _rng_state, _set_rng_state
+
+CHECKPOINT_NAME = "checkpoint.pt"
+_CKPT_FORMAT = 1
+#: Config fields that may change between a run and its resume (they do not change the numbers).
+_RESUME_FREE = {
+    "out_dir", "log_dir", "tensorboard_dir", "log_every", "checkpoint_every", "resume", "quiet", "device", "val_every",
+    "val_batches", "finetune_steps", "policy_file",
+}
+
+
+class _CheckpointMixin:
+    """Checkpoint save/load of :class:`~automtl.search._run._Search` (which sets the attributes used here)."""
+
+    def _fingerprint(self) -> dict:
+        cfg = {k: v for k, v in self.config.to_dict().items() if k not in _RESUME_FREE}
+        return {"config": cfg, "tasks": self.tasks, "layers": list(self.sm.layer_names),
+                "plan": [p[0] for p in self.plan], "world": self.dist.world,
+                "policy": self.given_policy.to_dict() if self.given_policy is not None else None}
+
+    def _state(self, g: int) -> dict:
+        gn_opt = getattr(self.weighting, "_optimizer", None)
+        return {
+            "format": _CKPT_FORMAT,
+            "global_step": g,
+            "stage": self._stage_of(g),
+            "fingerprint": self._fingerprint(),
+            "model": self.sm.state_dict(),
+            "weight_opt": self.weight_opt.state_dict(),
+            "policy_opt": self.policy_opt.state_dict(),
+            "weighting": self.weighting.state_dict(),
+            "weighting_opt": gn_opt.state_dict() if gn_opt is not None else None,
+            "rng": _rng_state(),
+            "data_position": g,
+            "policy": self.policy.to_dict() if self.policy is not None else None,
+            "strategy": self.strategy.state_dict(),
+            "history": self.history,
+            "elapsed": self._elapsed(),
+        }
+
+    def _save(self, g: int) -> None:
+        if self.ckpt_path is None or g == self.last_saved:
+            return
+        if self.dist.main:
+            state = self._state(g)
+            with atomic_path(self.ckpt_path) as tmp:
+                torch.save(state, tmp)
+        self.last_saved = g
+
+    def _load(self) -> None:
+        path = self.ckpt_path
+        if path is None:
+            raise ConfigError("resume needs out_dir (where the checkpoint is); set out_dir in the config")
+        if not path.exists():
+            return  # nothing to resume: start from the beginning
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user problem
+            raise FileFormatError(f"checkpoint {str(path)!r} cannot be read ({exc}); delete it to start over") from None
+        if not isinstance(ckpt, dict) or ckpt.get("format") != _CKPT_FORMAT:
+            raise FileFormatError(f"checkpoint {str(path)!r} is not an automtl search checkpoint; delete it to start over")
+        old, new = ckpt["fingerprint"], self._fingerprint()
+        if old != new:
+            diff = [k for k in new["config"] if old["config"].get(k) != new["config"][k]]
+            what = f"config field(s) {', '.join(diff)}" if diff else next(
+                (k for k in ("tasks", "layers", "plan", "world", "policy") if old.get(k) != new.get(k)), "setup")
+            raise ConfigError(
+                f"checkpoint {str(path)!r} was written by a different run ({what} differ); resume with the same "
+                "settings, or use another out_dir"
+            )
+        try:
+            self.sm.load_state_dict(ckpt["model"])
+        except RuntimeError as exc:
+            raise FileFormatError(f"checkpoint {str(path)!r} does not fit this supermodel: {exc}") from None
+        self.weight_opt.load_state_dict(ckpt["weight_opt"])
+        self.policy_opt.load_state_dict(ckpt["policy_opt"])
+        self.weighting.load_state_dict(ckpt["weighting"])
+        if ckpt.get("weighting_opt") is not None and hasattr(self.weighting, "_opt"):
+            self.weighting._opt().load_state_dict(ckpt["weighting_opt"])
+        _set_rng_state(ckpt["rng"])
+        if ckpt.get("policy") is not None:
+            self.policy = Policy.from_dict(ckpt["policy"], f"checkpoint {str(path)!r}")
+        self.strategy.load_state_dict(ckpt.get("strategy") or {})
+        self.history = list(ckpt["history"])
+        self.elapsed0 = float(ckpt.get("elapsed", 0.0))
+        self.start = int(ckpt["global_step"])
+        self.last_saved = self.start
