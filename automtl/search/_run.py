@@ -234,9 +234,7 @@ class _Search(_CheckpointMixin, _LogMixin, _StepMixin):
             self.strategy.enter_search()
         else:
             self.stage_net = self.hard_view(self.policy)
-            # the fine-tune continues the weight optimizer: its moment estimates carry over with the weights
-            # (a fresh Adam's first steps undo part of the training), at finetune_lr when one is set
-            for group in self.weight_opt.param_groups:
+            for group in self.weight_opt.param_groups:  # continued, not fresh: the moments carry over
                 group["lr"] = self.config.finetune_lr or self.config.lr
         self.shared = self._shared_parameters()
 

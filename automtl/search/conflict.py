@@ -92,7 +92,7 @@ class Conflict(Strategy):
         return mean, se
 
     def decide(self):
-        run, sm, cfg = self.run, self.run.sm, self.run.config
+        sm, cfg = self.run.sm, self.run.config
         L, T = len(sm.layer_names), sm.num_tasks
         thr, z = cfg.conflict_threshold, cfg.conflict_confidence
         mean, se = self.statistics()
