@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from ._init import torchvision_init
 from .registry import register_backbone
 
 __all__ = ["MNASNet", "mnasnet1_0"]
@@ -78,14 +79,7 @@ class MNASNet(nn.Module):
         )
         self.out_channels = 1280
         self.output_stride = 32
-        for mod in self.modules():  # torchvision's init
-            if isinstance(mod, nn.Conv2d):
-                nn.init.kaiming_normal_(mod.weight, mode="fan_out", nonlinearity="relu")
-                if mod.bias is not None:
-                    nn.init.zeros_(mod.bias)
-            elif isinstance(mod, nn.BatchNorm2d):
-                nn.init.ones_(mod.weight)
-                nn.init.zeros_(mod.bias)
+        torchvision_init(self)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.layers(x)

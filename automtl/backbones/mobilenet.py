@@ -10,6 +10,7 @@ from typing import List
 
 from torch import Tensor, nn
 
+from ._init import torchvision_init
 from .registry import register_backbone
 
 __all__ = ["ConvBNReLU", "InvertedResidual", "MobileNetV2", "mobilenet_v2"]
@@ -78,14 +79,7 @@ class MobileNetV2(nn.Module):
         self.features = nn.Sequential(*features)
         self.out_channels = self.last_channel
         self.output_stride = 32
-        for m in self.modules():  # torchvision's init
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        torchvision_init(self)  # kaiming's default leaky_relu(0) gain is ReLU's
 
     def forward(self, x: Tensor) -> Tensor:
         return self.features(x)

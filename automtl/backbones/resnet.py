@@ -11,6 +11,7 @@ from typing import List, Optional, Sequence, Type, Union
 
 from torch import Tensor, nn
 
+from ._init import torchvision_init
 from .registry import register_backbone
 
 __all__ = ["BasicBlock", "Bottleneck", "ResNet", "resnet18", "resnet34", "resnet50", "deeplab_resnet34"]
@@ -109,7 +110,7 @@ class ResNet(nn.Module):
         #: Channels and downsampling factor of the returned feature map.
         self.out_channels = 512 * block.expansion
         self.output_stride = stride
-        _init_weights(self)
+        torchvision_init(self)
 
     def _make_layer(self, block: _Block, planes: int, blocks: int, stride: int, dilation: int) -> nn.Sequential:
         downsample = None
@@ -129,18 +130,6 @@ class ResNet(nn.Module):
         x = self.layer2(x)
         x = self.layer3(x)
         return self.layer4(x)
-
-
-def _init_weights(model: nn.Module) -> None:
-    """torchvision's default init, so a fresh model starts from the same distribution."""
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
 
 
 @register_backbone("resnet18", description="ResNet-18 features (512 ch at stride 32)")

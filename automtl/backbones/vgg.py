@@ -10,6 +10,7 @@ from typing import List, Sequence, Union
 
 from torch import Tensor, nn
 
+from ._init import torchvision_init
 from .registry import register_backbone
 
 __all__ = ["VGG", "vgg16_bn"]
@@ -36,14 +37,7 @@ class VGG(nn.Module):
         self.features = nn.Sequential(*layers)
         self.out_channels = cin
         self.output_stride = 2 ** sum(1 for v in cfg if v == "M")
-        for m in self.modules():  # torchvision's init
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        torchvision_init(self)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.features(x)
