@@ -1,24 +1,18 @@
 """Sampled paths (automtl.paths): the same numbers as the supermodel's hard policy, each shared value computed once."""
-import functools
-
 import pytest
 import torch
-from automtl.backbones import build_backbone, list_backbones
+
 from automtl.paths import run_paths
 from automtl.policy import SHARE, SKIP, SPECIALIZE, Policy
 from automtl.supermodel import supermodel
-from automtl.tasks import Task
+from test_compact import BUILTINS, SIZE, TASKS
+from test_compact import built as built_pair
 from zoo import ZOO
 
-BUILTINS = [s.name for s in list_backbones()]
-TASKS = [Task("segment", "segmentation", classes=4), Task("depth", "depth"), Task("label", "classification", classes=5)]
-SIZE = 32
 
-
-@functools.lru_cache(maxsize=None)
 def built(name):
-    torch.manual_seed(0)
-    return supermodel(build_backbone(name), TASKS, torch.randn(1, 3, SIZE, SIZE))
+    """The cached supermodel of test_compact (each test leaves it in eval mode)."""
+    return built_pair(name)[1]
 
 
 def policies(sm):
@@ -90,7 +84,6 @@ def test_what_tasks_share_runs_once():
 def test_gates_carry_the_policy_gradient_and_only_sampled_operators_get_weight_gradients():
     sm = built("tiny").train()
     sm.zero_grad(set_to_none=True)
-    L, T = len(sm.layer_names), sm.num_tasks
     choices = [[SHARE, SPECIALIZE, SKIP if legal else SHARE] for legal in sm.skip_legal]
     soft = sm.masked_logits().softmax(-1).gather(-1, torch.tensor(choices).unsqueeze(-1)).squeeze(-1)
     gates = 1.0 - soft.detach() + soft
