@@ -73,3 +73,10 @@ def test_summary_renders_the_committed_results_into_a_readme(tmp_path):
     spliced = readme.read_text()
     assert spliced.startswith("intro\n<!-- benchmarks:start -->\n**") and spliced.endswith("<!-- benchmarks:end -->\noutro\n")
     assert "old tables" not in spliced and text in spliced
+
+
+def test_grouped_copies_writes_a_ratio_per_layer(tmp_path):
+    out = tmp_path / "grouped.json"
+    run("grouped_copies.py", "--repeats", "1", "--tasks", "2", "--out", out)
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) >= 3 and all(r["grouped_over_separate"] > 0 for r in rows)
