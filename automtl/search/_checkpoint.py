@@ -33,7 +33,6 @@ class _CheckpointMixin:
                 "policy": self.given_policy.to_dict() if self.given_policy is not None else None}
 
     def _state(self, g: int) -> dict:
-        gn_opt = getattr(self.weighting, "_optimizer", None)
         return {
             "format": _CKPT_FORMAT,
             "global_step": g,
@@ -43,7 +42,6 @@ class _CheckpointMixin:
             "weight_opt": self.weight_opt.state_dict(),
             "policy_opt": self.policy_opt.state_dict(),
             "weighting": self.weighting.state_dict(),
-            "weighting_opt": gn_opt.state_dict() if gn_opt is not None else None,
             "rng": _rng_state(),
             "data_position": g,
             "policy": self.policy.to_dict() if self.policy is not None else None,
@@ -89,8 +87,6 @@ class _CheckpointMixin:
         self.weight_opt.load_state_dict(ckpt["weight_opt"])
         self.policy_opt.load_state_dict(ckpt["policy_opt"])
         self.weighting.load_state_dict(ckpt["weighting"])
-        if ckpt.get("weighting_opt") is not None and hasattr(self.weighting, "_opt"):
-            self.weighting._opt().load_state_dict(ckpt["weighting_opt"])
         _set_rng_state(ckpt["rng"])
         if ckpt.get("policy") is not None:
             self.policy = Policy.from_dict(ckpt["policy"], f"checkpoint {str(path)!r}")
