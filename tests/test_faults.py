@@ -95,7 +95,7 @@ def test_resume_removes_what_a_killed_run_left_half_written(finished, tmp_path):
 
 def test_ctrl_c_exits_130_and_prints_the_resume_command(tmp_path):
     out = tmp_path / "interrupted"
-    cmd = [sys.executable, "-m", "automtl", "search", "tiny", "--steps", "200,200,200", "--samples", "64,8",
+    cmd = [sys.executable, "-m", "automtl", "search", "tiny", "--steps", "10000,10000,10000", "--samples", "64,8",
            "--input-size", "16", "--quiet", "--out", str(out)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 90
