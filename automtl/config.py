@@ -92,9 +92,10 @@ _CHOICES = {
 class SearchConfig:
     """How :func:`automtl.search` runs. Step counts are optimizer steps (one batch each).
 
-    Stages: ``warmup_steps`` of all operators under the uniform policy; ``search_steps`` in
-    which every ``weight_steps_per_policy_step`` weight steps are followed by one policy step;
-    discretize; ``finetune_steps`` of the discrete architecture only.
+    Stages: ``warmup_steps`` of the hard-sharing model (gumbel with ``paths="soft"``: every
+    operator under the uniform mix); ``search_steps`` of the strategy (gumbel: every
+    ``weight_steps_per_policy_step`` weight steps followed by one policy step); discretize;
+    ``finetune_steps`` of the discrete architecture only, continuing the weight optimizer.
     """
 
     seed: int = 0
