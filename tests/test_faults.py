@@ -97,7 +97,9 @@ def test_ctrl_c_exits_130_and_prints_the_resume_command(tmp_path):
     out = tmp_path / "interrupted"
     cmd = [sys.executable, "-m", "automtl", "search", "tiny", "--steps", "10000,10000,10000", "--samples", "64,8",
            "--input-size", "16", "--quiet", "--out", str(out)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # as from a terminal: a shell's background job (as CI may run us) inherits SIGINT ignored
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 90
     while time.time() < deadline and not (out / "checkpoints" / "log.jsonl").exists():
         time.sleep(0.2)
