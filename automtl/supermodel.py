@@ -173,10 +173,8 @@ class SuperModel(nn.Module):
             logits = self.masked_logits().detach()
             if uniform:
                 logits = torch.zeros_like(logits).masked_fill(~self.legal.unsqueeze(1), float("-inf"))
-            device = generator.device if generator is not None else logits.device
-            L = logits.shape[0]
-            u = torch.rand((L, 1, 3), generator=generator, device=device).to(logits.device)
-            return (logits - torch.log(-torch.log(u.clamp_(1e-10, 1 - 1e-7)))).argmax(-1).tolist()
+            noise = _gumbel_noise((logits.shape[0], 1, 3), generator, logits.device)
+            return (logits + noise).argmax(-1).tolist()
 
     # ---- policy layers and parameters -----------------------------------------------
     @property
@@ -245,10 +243,7 @@ class SuperModel(nn.Module):
             return (w / w.sum(-1, keepdim=True)).unsqueeze(1).expand(L, T, 3)
         if self.mode == "soft":
             logits = self.masked_logits()
-            device = generator.device if generator is not None else logits.device
-            u = torch.rand(logits.shape, generator=generator, device=device).to(logits.device)
-            gumbel = -torch.log(-torch.log(u.clamp_(1e-10, 1 - 1e-7)))
-            return ((logits + gumbel) / self.tau).softmax(-1)
+            return ((logits + _gumbel_noise(logits.shape, generator, logits.device)) / self.tau).softmax(-1)
         onehot = torch.zeros(L, T, 3, device=self.policy_logits.device)
         choices = torch.tensor(self.policy.choices, device=onehot.device)
         return onehot.scatter_(-1, choices.unsqueeze(-1), 1.0)
@@ -349,6 +344,12 @@ def _fused_in(graph: fx.Graph, conv: str, norm: str) -> bool:
     norms = [n for n in graph.nodes if n.op == "call_module" and n.target == norm]
     return (len(convs) == 1 and len(norms) == 1 and list(convs[0].users) == norms
             and norms[0].args[:1] == (convs[0],) and len(norms[0].all_input_nodes) == 1)
+
+
+def _gumbel_noise(shape, generator: Optional[torch.Generator], device) -> torch.Tensor:
+    """Standard Gumbel noise of ``shape`` on ``device``, drawn from ``generator`` (on its own device)."""
+    u = torch.rand(shape, generator=generator, device=generator.device if generator is not None else device)
+    return -torch.log(-torch.log(u.to(device).clamp_(1e-10, 1 - 1e-7)))
 
 
 def supermodel(
