@@ -25,7 +25,7 @@ __all__ = ["SearchConfig", "parse_budget"]
 #: Integer fields and their lower bound (None: any integer).
 _INTS = {
     "seed": None, "batch_size": 1, "warmup_steps": 0, "search_steps": 0, "finetune_steps": 0,
-    "weight_steps_per_policy_step": 0, "tau_every": 1, "log_every": 1, "checkpoint_every": 0, "val_every": 0,
+    "weight_steps_per_policy_step": 0, "conflict_every": 1, "tau_every": 1, "log_every": 1, "checkpoint_every": 0, "val_every": 0,
 }
 #: Float fields: positive, non-negative or any finite number.
 _FLOATS = {
@@ -85,6 +85,7 @@ _CHOICES = {
     "budget_metric": ("params", "macs"),
     "discretize": ("argmax", "sample"),
     "paths": ("sampled", "soft"),
+    "finetune_schedule": ("cosine", "constant"),
 }
 
 
@@ -115,6 +116,7 @@ class SearchConfig:
     momentum: float = 0.9  # sgd only
     weight_decay: float = 1e-4
     finetune_lr: Optional[float] = None  # None: lr
+    finetune_schedule: str = "cosine"  # cosine: the fine-tune's learning rate decays to 0 (SGDR's half cosine); constant
     grad_clip: Optional[float] = None  # max gradient norm, None: off
     # policy
     policy_lr: float = 0.01
@@ -133,6 +135,7 @@ class SearchConfig:
     min_margin: float = 0.1  # gumbel: probability margin over the runner-up below which a choice shares
     conflict_threshold: float = 0.0  # conflict: gradient cosine below which two tasks conflict (Recon: 0)
     conflict_confidence: float = 2.0  # conflict: standard errors a conflict must clear to count
+    conflict_every: int = 4  # conflict: search steps per gradient measurement (the others are plain steps)
     # losses
     weighting: str = "equal"
     weighting_options: dict = field(default_factory=dict)

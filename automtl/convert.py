@@ -32,7 +32,7 @@ from .tasks import Task, parse_task
 #: ``conflict`` is the default strategy: on the equal-compute quality benchmark (benchmarks/quality.py,
 #: README) it delivers a better model than ``gumbel``; gumbel's policy_lr / reg_weight were calibrated
 #: there on tuning seeds (100 on), kept apart from the benchmark's seeds (0-2).
-DEFAULT_SCHEDULE = dict(strategy="conflict", warmup_steps=120, search_steps=40, finetune_steps=120,
+DEFAULT_SCHEDULE = dict(strategy="conflict", warmup_steps=80, search_steps=80, finetune_steps=120,
                         weight_steps_per_policy_step=2, batch_size=16, tau_every=10, tau_decay=0.9, log_every=5,
                         checkpoint_every=50, val_batches=None, budget="1.5x", reg_weight=0.5, policy_lr=0.1)
 

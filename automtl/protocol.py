@@ -4,12 +4,15 @@ One home for the protocol that ``automtl sweep`` and ``benchmarks/quality.py`` s
 
 **Compute** is counted in backbone forward+backward equivalents (FBE): one optimizer step of the
 hard-sharing model (one backbone pass and T heads, forward and backward) is 1 FBE. The other steps
-cost what was measured on the 2-core CPU machine (small_resnet at batch 32 / resnet18 at batch 8):
+cost what was measured on the 2-core CPU machine (``benchmarks/quality.py``'s small_resnet at batch
+32 / resnet18 at batch 8, one thread, median step time against the same run's warm-up step):
 a gumbel warm-up step about 1 FBE (it trains the hard-sharing model) and a gumbel search step
 1.5 / 1.4 on sampled paths (with ``paths="soft"``, every operator for every task: 4.8 / 4.4 and
-4.6 / 3.8);
-a conflict warm-up step 0.9 / 1.0 (it trains the hard-sharing model), a conflict search step
-1.9 / 2.7 (one backward per task); a fine-tune step of the compact model about 1.1.
+4.6 / 3.8); a conflict warm-up or unmeasured search step 1 FBE (the hard-sharing model), a measured
+one 1.69 (T = 2) / 2.58 (T = 3): one forward and T backwards, the step's own backward reused as
+the last task's gradient, charged as 1 + 0.8 (T - 1); a fine-tune step of the compact model 1 FBE
+(exact for an all-share policy; a branched one costs more, which the benchmark's measured cost
+column shows).
 
 **Δ_MTL** (Maninis et al. 2019; :func:`automtl.metrics.delta_mtl`) averages, per task, the usual
 metrics of the MTL literature for its kind; the within-N-degrees percentages of normals are left
@@ -21,23 +24,41 @@ from typing import Mapping, Optional, Sequence
 
 from .metrics import HIGHER_IS_BETTER
 
-__all__ = ["STEP_COST", "DELTA_METRICS", "run_cost", "delta_metrics", "delta_or_none"]
+__all__ = ["STEP_COST", "DELTA_METRICS", "step_cost", "run_cost", "delta_metrics", "delta_or_none"]
 
-#: FBE of one step of each stage, per strategy (see the module docstring for the measurements).
-STEP_COST = {"gumbel": {"warmup": 1.0, "search": 1.5, "finetune": 1.1},
-             "conflict": {"warmup": 1.0, "search": 2.5, "finetune": 1.1}}
+#: FBE of one step of each stage, per strategy (see the module docstring for the measurements);
+#: conflict's search step is an average over measured and plain steps (:func:`step_cost`).
+STEP_COST = {"gumbel": {"warmup": 1.0, "search": 1.5, "finetune": 1.0},
+             "conflict": {"warmup": 1.0, "search": 1.0, "measure_per_extra_task": 0.8, "finetune": 1.0}}
 #: The metrics that enter Δ_MTL, per task kind; a kind not listed uses every metric of known direction.
 DELTA_METRICS = {"segmentation": ("miou", "pixel_acc"), "depth": ("abs_err", "rel_err"),
                  "normal": ("mean_angle", "median_angle"), "classification": ("accuracy",)}
 
 
-def run_cost(strategy: str, warmup_steps: int, search_steps: int, finetune_steps: int) -> float:
-    """Training compute of one search run in FBE: steps of each stage times :data:`STEP_COST`.
+def step_cost(strategy: str, num_tasks: int = 3, conflict_every: int = 4) -> dict:
+    """FBE of one warm-up, search and fine-tune step of ``strategy`` with ``num_tasks`` tasks.
+
+    A conflict search step measures the per-task gradients once every ``conflict_every`` steps, at
+    ``0.8 (T - 1)`` FBE more than a plain step; the search entry is the average over that cycle.
 
     Raises:
         KeyError: ``strategy`` has no measured step cost (only ``conflict`` and ``gumbel`` have).
     """
-    cost = STEP_COST[strategy]
+    cost = dict(STEP_COST[strategy])
+    extra = cost.pop("measure_per_extra_task", None)
+    if extra is not None:
+        cost["search"] += extra * max(num_tasks - 1, 0) / max(int(conflict_every), 1)
+    return cost
+
+
+def run_cost(strategy: str, warmup_steps: int, search_steps: int, finetune_steps: int, num_tasks: int = 3,
+             conflict_every: int = 4) -> float:
+    """Training compute of one search run in FBE: steps of each stage times :func:`step_cost`.
+
+    Raises:
+        KeyError: ``strategy`` has no measured step cost (only ``conflict`` and ``gumbel`` have).
+    """
+    cost = step_cost(strategy, num_tasks, conflict_every)
     return warmup_steps * cost["warmup"] + search_steps * cost["search"] + finetune_steps * cost["finetune"]
 
 

@@ -175,14 +175,15 @@ class _Sweep:
         return dataclasses.replace(self.cfg, search=self.cfg.search.replace(**search_changes))
 
     def run(self, budgets: list[tuple[str, float]], batch: int, repeats: int) -> dict:
-        from .protocol import STEP_COST, run_cost
+        from .protocol import STEP_COST, run_cost, step_cost
 
         s = self.cfg.search
         if s.strategy not in STEP_COST:
             raise ConfigError(f"strategy {s.strategy!r} has no measured step cost, so its baselines cannot get equal "
                               f"compute; sweep with --strategy {' or '.join(STEP_COST)}")
         tasks, val = self._check(budgets)
-        fbe = run_cost(s.strategy, s.warmup_steps, s.search_steps, s.finetune_steps)
+        ntasks = len(tasks)
+        fbe = run_cost(s.strategy, s.warmup_steps, s.search_steps, s.finetune_steps, ntasks, s.conflict_every)
         steps = max(1, round(fbe))
         members = [self._convert(label, k, len(budgets), fbe) for k, (label, _) in enumerate(budgets)]
         members.append(self._baseline("hard-sharing", None, steps))
@@ -194,7 +195,7 @@ class _Sweep:
         return {"backbone": self.cfg.backbone, "data": self.cfg.data, "tasks": tasks, "strategy": s.strategy,
                 "budgets": [label for label, _ in budgets], "rows": rows, "config": self.cfg.to_dict(),
                 "compute": {"unit": "backbone forward+backward equivalents (FBE)", "fbe_per_run": round(fbe, 2),
-                            "baseline_steps": steps, "step_cost": STEP_COST[s.strategy]},
+                            "baseline_steps": steps, "step_cost": step_cost(s.strategy, ntasks, s.conflict_every)},
                 "delta_metrics": {task: list(names) for task, names in reference.items()},
                 "latency": {"batch": batch, "input_size": self.cfg.input_size, "repeats": repeats, "device": "cpu",
                             "statistic": "median"}}

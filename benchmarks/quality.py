@@ -9,9 +9,10 @@
 **Equal compute.** Every method of a benchmark gets the same training cost ``C``, counted in
 backbone forward+backward equivalents (FBE: one step of the hard-sharing model, one backbone pass
 and T heads). Each strategy's stage lengths are set from ``C`` with the measured cost of its steps
-(``STEP_COST``: e.g. a gumbel warm-up or search step runs one sampled path per task, what tasks
+(``automtl.protocol.step_cost``: e.g. a gumbel search step runs one sampled path per task, what tasks
 share computed once, about 1.5 FBE; AutoMTL's all-operator mix would cost about 4.2; a conflict search
-step adds one backward per task, about 2-2.7 FBE); every job also reports the
+step measures the per-task gradients once every 4 steps, each time T - 1 extra backwards, about
+0.8 FBE each); every job also reports the
 CPU seconds it took, and the summary its measured cost in FBE (CPU seconds / the same seed's
 hard-sharing CPU seconds per step), so the match can be checked:
   single-task      one model per task trained for C steps (a generous reference: T x C in all);
@@ -42,8 +43,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, write_result, write_text  # noqa: E402
-# The cost of a step in FBE (STEP_COST) and the metrics of Δ_MTL (DELTA_METRICS): automtl/protocol.py.
-from automtl.protocol import DELTA_METRICS, STEP_COST  # noqa: E402
+# The cost of a step in FBE (step_cost) and the metrics of Δ_MTL (DELTA_METRICS): automtl/protocol.py.
+from automtl.protocol import DELTA_METRICS, step_cost  # noqa: E402
 
 STRATEGIES = ("conflict", "gumbel")
 BUDGETS = ("1.5x", "2.0x")
@@ -61,12 +62,13 @@ BENCHMARKS = {
 QUICK = dict(size=32, train=32, val=16, batch=8, cost=12)
 
 #: How each strategy spends C: the share of C in warm-up and search (the rest is fine-tune).
-SPLIT = {"gumbel": {"warmup": 0.25, "search": 0.45}, "conflict": {"warmup": 0.45, "search": 0.15}}
+SPLIT = {"gumbel": {"warmup": 0.25, "search": 0.45}, "conflict": {"warmup": 0.3, "search": 0.3}}
+CONFLICT_EVERY = 4  # conflict: search steps per gradient measurement (SearchConfig's default)
 
 
-def schedule(strategy: str, cost: int) -> tuple[int, int, int]:
+def schedule(strategy: str, cost: int, num_tasks: int) -> tuple[int, int, int]:
     """Warm-up, search and fine-tune steps of ``strategy`` whose cost is ``cost`` FBE."""
-    c, split = STEP_COST[strategy], SPLIT[strategy]
+    c, split = step_cost(strategy, num_tasks, CONFLICT_EVERY), SPLIT[strategy]
     warmup = max(1, round(split["warmup"] * cost / c["warmup"]))
     search = max(1, round(split["search"] * cost / c["search"]))
     finetune = max(1, round((cost - warmup * c["warmup"] - search * c["search"]) / c["finetune"]))
@@ -112,9 +114,9 @@ def run_job(bench: dict, seed: int, method: str, target_params=None, policy_dict
     out: dict = {}
     if "@" in method and not method.endswith("retrained") and not method.startswith("random"):
         strategy, budget = method.split("@")
-        warmup, search_steps, finetune = schedule(strategy, C)
+        warmup, search_steps, finetune = schedule(strategy, C, len(tasks))
         cfg = SearchConfig(**{**base, **bench.get(strategy, {}), "strategy": strategy, "warmup_steps": warmup,
-                              "search_steps": search_steps, "finetune_steps": finetune, "budget": budget,
+                              "search_steps": search_steps, "finetune_steps": finetune, "budget": budget, "conflict_every": CONFLICT_EVERY,
                               "tau_every": max(1, search_steps // 24)})
         found = search(sm, train, val, cfg)
         out = {"metrics": _metrics(found, tasks), "parameters": found.params, "policy": found.policy.counts(),
@@ -305,7 +307,8 @@ def main(argv=None) -> int:
 
     def save(complete: bool) -> str:
         """Rewrite quality.json and quality.md from the jobs done so far; return the markdown."""
-        results = {k: {"benchmark": benches[k], "schedules": {s: schedule(s, benches[k]["cost"]) for s in STRATEGIES},
+        results = {k: {"benchmark": benches[k], "schedules": {s: schedule(s, benches[k]["cost"], len(tasks_of(benches[k]["data"])))
+                                                               for s in STRATEGIES},
                        **summarize(benches[k], seeds, done[k])} for k in benches}
         payload = {"complete": complete, "seeds": seeds, "quick": args.quick, "seconds": round(time.time() - started, 1),
                    "results": results, "jobs": done}

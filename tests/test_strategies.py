@@ -172,3 +172,49 @@ def test_gumbel_copies_start_from_the_warmed_up_shared_weights():
         for unit in layer.specialized:
             for a, b in zip(unit.parameters(), layer.shared.parameters()):
                 assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("weighting", ["equal", "uncertainty", "gradnorm"])
+def test_conflict_measurement_equals_each_task_gradient_taken_apart(weighting):
+    """A measured step derives the last task's gradient from the step's own backward (G = Σ c_t g_t);
+    the cosines must equal those of the T gradients taken one by one, under any loss-level balancer."""
+    from automtl.search._run import _Search
+
+    torch.manual_seed(0)
+    tasks = [Task("a", kind="regression"), Task("b", kind="regression"), Task("c", kind="regression")]
+    sm = supermodel("tiny", tasks, torch.randn(1, 3, SIZE, SIZE))
+    run = _Search(sm, DataLoader(TwoTargets(32, False), batch_size=16), None,
+                  SearchConfig(strategy="conflict", warmup_steps=0, search_steps=1, finetune_steps=0, quiet=True,
+                               weighting=weighting, weighting_options={"alpha": 1.5} if weighting == "gradnorm" else {}),
+                  None)
+    run._enter("search")
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(8, 3, SIZE, SIZE, generator=g)
+    targets = {t: torch.randn(8, 1, generator=g) for t in ("a", "b", "c")}
+    if weighting == "uncertainty":  # coefficients other than 1
+        with torch.no_grad():
+            for p in run.weighting.parameters():
+                p.copy_(torch.tensor([0.5, -1.0, 2.0]))
+    losses, _ = run.forward_losses(run.strategy.net, x, targets, "search", 0, 0)
+    ws = [layer.shared.conv.weight for layer in sm.policy_layers]
+    direct = torch.stack([run.strategy._cosines(list(gs)) for gs in zip(
+        *[torch.autograd.grad(losses[t], ws, retain_graph=True) for t in ("a", "b", "c")])]).double()
+    total, _ = run.weighting(losses, shared_parameters=run.shared, step=0)
+    measured = run.strategy._measure(losses, total)
+    assert torch.allclose(measured, direct, atol=1e-4), (measured - direct).abs().max()
+
+
+def test_conflict_measured_steps_train_exactly_like_plain_steps():
+    """Measuring every step changes nothing in the weights: the search stage is hard-sharing training."""
+    def weights(**cfg):
+        torch.manual_seed(0)
+        tasks = [Task("a", kind="regression"), Task("b", kind="regression")]
+        sm = supermodel("tiny", tasks, torch.randn(1, 3, SIZE, SIZE))
+        search(sm, TwoTargets(64, False), None, SearchConfig(quiet=True, checkpoint_every=0, batch_size=16,
+                                                             finetune_schedule="constant", **cfg))
+        return [p.detach().clone() for p in sm.policy_layers[-1].shared.parameters()]
+
+    measured = weights(strategy="conflict", warmup_steps=0, search_steps=6, finetune_steps=0, conflict_every=1,
+                       conflict_confidence=1e9)
+    plain = weights(strategy="conflict", warmup_steps=6, search_steps=0, finetune_steps=0)
+    assert all(torch.equal(a, b) for a, b in zip(measured, plain))

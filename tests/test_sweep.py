@@ -75,7 +75,7 @@ def test_sweep_writes_rows_for_every_budget_and_baseline(swept):
     assert [m["name"] for m in rows["single-task"]["members"]] == [f"single-{t}" for t in tasks]
     assert rows["hard-sharing"]["params"] == rows["conflict@1.0x"]["params"]  # 1.0x leaves no room to branch
     assert rows["single-task"]["params"] > rows["hard-sharing"]["params"]
-    fbe = run_cost("conflict", 2, 2, 2)
+    fbe = run_cost("conflict", 2, 2, 2, len(tasks), 4)  # the sweep's tasks, conflict_every's default
     assert data["compute"]["fbe_per_run"] == pytest.approx(fbe) and data["compute"]["baseline_steps"] == round(fbe)
     for cost, key in (("params", "params"), ("latency", "latency_ms")):
         assert [r[f"pareto_{cost}"] for r in data["rows"]] == pareto_front([(r[key], r["delta_mtl"]) for r in data["rows"]])

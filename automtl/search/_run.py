@@ -24,6 +24,7 @@ whole validation set, so metrics agree without a reduction.
 """
 from __future__ import annotations
 
+import math
 import os
 import time
 from pathlib import Path
@@ -215,8 +216,21 @@ class _Search(_CheckpointMixin, _LogMixin, _StepMixin):
         shared = self.strategy.shared_parameters() if stage == "warmup" else self.shared
         total, weights = self.weighting(losses, shared_parameters=shared, step=g)
         opt = self.weight_opt
+        if stage == "finetune":
+            self._finetune_lr(i)
         self.weight_step(total, opt)
         return self.record(stage, i, g, "weight", values, weights, total, opt)
+
+    def _finetune_lr(self, i: int) -> None:
+        """The learning rate of fine-tune step ``i``: ``finetune_lr`` (or ``lr``), under ``finetune_schedule``
+        "cosine" decayed along half a cosine to 0 at the stage's end (Loshchilov & Hutter, SGDR, ICLR 2017),
+        so that the delivered weights are an annealed point rather than one draw of constant-rate noise."""
+        base = self.config.finetune_lr or self.config.lr
+        if self.config.finetune_schedule == "cosine":
+            length = next(n for name, n, _ in self.plan if name == "finetune")
+            base *= 0.5 * (1.0 + math.cos(math.pi * i / length))
+        for group in self.weight_opt.param_groups:
+            group["lr"] = base
 
     # ---- stages ------------------------------------------------------------------
     def hard_view(self, policy: Policy):

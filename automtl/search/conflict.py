@@ -56,31 +56,75 @@ class Conflict(Strategy):
         x, targets = run._batch(iters)
         run.sync_buffers()
         losses, values = run.forward_losses(self.net, x, targets, "search", i, g)
-        weights_ = [layer.shared.conv.weight for layer in run.sm.policy_layers]
-        per_task = []
-        for t in run.tasks:
-            grads = torch.autograd.grad(losses[t], weights_, retain_graph=True, allow_unused=True)
-            per_task.append([torch.zeros_like(w) if gr is None else gr for gr, w in zip(grads, weights_)])
-        cos = torch.stack([self._cosines([per_task[t][l] for t in range(len(run.tasks))])
-                           for l in range(len(weights_))]).double()  # (L, T, T)
-        run.dist.all_reduce_mean([cos])  # every rank keeps the same statistics
-        self.cos_sum += cos.cpu()
-        self.cos_sq += cos.cpu() ** 2
-        self.count += 1
         total, weights = run.weighting(losses, shared_parameters=run.shared, step=g)
-        run.weight_step(total, run.weight_opt)
+        measure = (i + 1) % run.config.conflict_every == 0
+        cos = None
+        if measure:
+            cos = self._measure(losses, total)
+            run.dist.all_reduce_mean([cos])  # every rank keeps the same statistics
+            self.cos_sum += cos.cpu()
+            self.cos_sq += cos.cpu() ** 2
+            self.count += 1
+        else:
+            run.weight_step(total, run.weight_opt)
         rec = run.record("search", i, g, "weight", values, weights, total, run.weight_opt)
         if log:
             T = len(run.tasks)
             off = ~torch.eye(T, dtype=torch.bool)
-            rec["mean_cosine"] = float(cos[:, off].mean()) if T > 1 else None
+            rec["mean_cosine"] = float(cos[:, off].mean()) if cos is not None and T > 1 else None
         return rec
+
+    def _measure(self, losses: dict, total: torch.Tensor) -> torch.Tensor:
+        """Take this step's optimizer step and return the cosines (L, T, T) of the per-task gradients
+        on every policy layer's shared weights.
+
+        With a loss-level balancer the step's own backward is reused: ``total`` reaches the weights
+        only through the task losses, so its gradient is ``G = Σ_t c_t g_t`` with ``c_t = ∂total/∂L_t``;
+        T-1 per-task backwards give all but one ``g_t``, and ``G`` the last. The step costs one forward
+        and T backwards (a plain step: one and one). A torchjd aggregator needs its own Jacobian, so
+        there every task's gradient is taken apart before the aggregated step.
+        """
+        run = self.run
+        ws = [layer.shared.conv.weight for layer in run.sm.policy_layers]
+        names = run.tasks
+        coef = None
+        if not getattr(run.weighting, "jacobian", False) and len(names) > 1:
+            coef = torch.autograd.grad(total, [losses[t] for t in names], retain_graph=True, allow_unused=True)
+            coef = [0.0 if c is None else float(c) for c in coef]
+        if coef is None or max(abs(c) for c in coef) == 0.0:
+            grads = [self._grads(losses[t], ws) for t in names]
+            run.weight_step(total, run.weight_opt)
+        else:
+            last = max(range(len(names)), key=lambda k: abs(coef[k]))  # the task derived from G
+            grads = [None if k == last else self._grads(losses[t], ws) for k, t in enumerate(names)]
+            run.weight_opt.zero_grad(set_to_none=True)
+            total.backward()
+            G = [torch.zeros_like(w) if w.grad is None else w.grad.detach().clone() for w in ws]
+            for k, gk in enumerate(grads):
+                if gk is not None and coef[k] != 0.0:
+                    for a, b in zip(G, gk):
+                        a.sub_(b, alpha=coef[k])
+            grads[last] = [a.div_(coef[last]) for a in G]
+            run.weight_step(None, run.weight_opt)  # the rank average, clipping and the step
+        return torch.stack([self._cosines([grads[t][l] for t in range(len(names))])
+                            for l in range(len(ws))]).double()
+
+    @staticmethod
+    def _grads(loss: torch.Tensor, ws: list) -> list:
+        grads = torch.autograd.grad(loss, ws, retain_graph=True, allow_unused=True)
+        return [torch.zeros_like(w) if gr is None else gr for gr, w in zip(grads, ws)]
 
     @staticmethod
     def _cosines(grads: list) -> torch.Tensor:
-        G = torch.stack([gr.detach().reshape(-1).float() for gr in grads])  # (T, n)
-        G = G / G.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        return G @ G.T
+        """The (T, T) cosine similarities of T gradients of one weight (dot products, no (T, n) copy)."""
+        flat = [gr.detach().reshape(-1) for gr in grads]
+        T = len(flat)
+        dots = torch.empty(T, T, dtype=torch.float64)
+        for a in range(T):
+            for b in range(a, T):
+                dots[a, b] = dots[b, a] = float(torch.dot(flat[a], flat[b]))
+        norms = dots.diagonal().clamp_min(0.0).sqrt().clamp_min(1e-12)
+        return dots / norms[:, None] / norms[None, :]
 
     # ---- the decision ----------------------------------------------------------------
     def statistics(self):
