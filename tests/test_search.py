@@ -100,6 +100,23 @@ def test_policy_fed_back_fine_tunes_only(data, tmp_path):
     assert res2.stages == ["finetune"] and res2.metrics == {}
 
 
+@pytest.mark.parametrize("schedule", ["cosine", "constant"])
+def test_finetune_learning_rate_schedule(data, schedule):
+    """cosine: the fine-tune starts at finetune_lr (else lr) and decays along half a cosine toward 0."""
+    train, _ = data
+    sm = fresh(train.tasks)
+    policy = Policy.uniform(sm.layer_names, sm.task_names, "share")
+    res = search(sm, make_loader(train, 8), None, dict(finetune_steps=8, log_every=1, quiet=True, lr=1e-3,
+                                                       finetune_lr=2e-3, finetune_schedule=schedule), policy=policy)
+    lrs = [h["lr"] for h in res.history if h["stage"] == "finetune"]
+    assert len(lrs) == 8 and lrs[0] == pytest.approx(2e-3)
+    if schedule == "constant":
+        assert all(lr == pytest.approx(2e-3) for lr in lrs)
+    else:
+        import math
+        assert lrs == pytest.approx([1e-3 * (1 + math.cos(math.pi * i / 8)) for i in range(8)])
+
+
 def _worker(args, **kw):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     return subprocess.Popen([sys.executable, str(WORKER), json.dumps(args)], env=env,
