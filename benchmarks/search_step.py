@@ -186,7 +186,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    variants = {"default": {}, "soft": {"paths": "soft"}, "conflict": {"strategy": "conflict"}}
+    # conflict measures once every conflict_every steps: one per schedule cycle here, its last step, so the
+    # "policy" columns are the measured step and the "weight" columns the plain ones
+    every = SearchConfig().weight_steps_per_policy_step + 1
+    variants = {"default": {}, "soft": {"paths": "soft"}, "conflict": {"strategy": "conflict", "conflict_every": every}}
     results = []
     for name in args.backbones:
         for size in args.sizes:
