@@ -86,6 +86,7 @@ _CHOICES = {
     "discretize": ("argmax", "sample"),
     "paths": ("sampled", "soft"),
     "finetune_schedule": ("cosine", "constant"),
+    "finetune_unit": ("steps", "compute"),
 }
 
 
@@ -117,6 +118,9 @@ class SearchConfig:
     weight_decay: float = 1e-4
     finetune_lr: Optional[float] = None  # None: lr
     finetune_schedule: str = "cosine"  # cosine: the fine-tune's learning rate decays to 0 (SGDR's half cosine); constant
+    # steps: finetune_steps optimizer steps; compute: finetune_steps steps of the hard-sharing model's compute
+    # (the discrete architecture runs finetune_steps x MACs(all share) / MACs(policy) steps)
+    finetune_unit: str = "steps"
     grad_clip: Optional[float] = None  # max gradient norm, None: off
     # policy
     policy_lr: float = 0.01

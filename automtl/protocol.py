@@ -11,8 +11,9 @@ a gumbel warm-up step about 1 FBE (it trains the hard-sharing model) and a gumbe
 4.6 / 3.8); a conflict warm-up or unmeasured search step 1 FBE (the hard-sharing model), a measured
 one 1.69 (T = 2) / 2.58 (T = 3): one forward and T backwards, the step's own backward reused as
 the last task's gradient, charged as 1 + 0.8 (T - 1); a fine-tune step of the compact model 1 FBE
-(exact for an all-share policy; a branched one costs more, which the benchmark's measured cost
-column shows).
+when the fine-tune counts its steps in compute (``finetune_unit: compute``: the discrete
+architecture runs finetune_steps x MACs(all share) / MACs(policy) steps), as the sweep and the
+quality benchmark do.
 
 **Δ_MTL** (Maninis et al. 2019; :func:`automtl.metrics.delta_mtl`) averages, per task, the usual
 metrics of the MTL literature for its kind; the within-N-degrees percentages of normals are left

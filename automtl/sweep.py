@@ -10,7 +10,8 @@
 
 **Equal compute.** One convert run costs C backbone forward+backward equivalents (FBE,
 :func:`automtl.protocol.run_cost`: its warm-up, search and fine-tune steps times the measured cost
-of a step of its strategy). Hard sharing and every single-task model are trained for round(C)
+of a step of its strategy; the fine-tune counted in hard-sharing steps of compute, ``finetune_unit:
+compute``, so a branched architecture trains fewer steps). Hard sharing and every single-task model are trained for round(C)
 optimizer steps of the fine-tune stage (1 FBE each for hard sharing; the T single-task models get
 T x C in all, a generous reference, as in ``benchmarks/quality.py``). Every model is evaluated on
 the same validation split with the same metrics and measured in the same process.
@@ -218,7 +219,9 @@ class _Sweep:
     def _convert(self, label: str, k: int, n: int, fbe: float) -> dict:
         from .convert import convert
 
-        member, cfg = self.path / f"budget-{label}", self.member_cfg(f"budget-{label}", budget=label)
+        member = self.path / f"budget-{label}"
+        # equal compute: a branched architecture fine-tunes fewer steps (finetune_unit: compute)
+        cfg = self.member_cfg(f"budget-{label}", budget=label, finetune_unit="compute")
         report = _finished(member, "report.json", cfg) if self.resume else None
         if report is None:
             self.log(f"budget {label} ({k + 1}/{n}): converting into {os.fspath(member)}")

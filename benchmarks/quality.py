@@ -18,11 +18,13 @@ hard-sharing CPU seconds per step), so the match can be checked:
   single-task      one model per task trained for C steps (a generous reference: T x C in all);
   hard-sharing     the all-share policy trained for C steps;
   S@B              what ``automtl convert`` delivers with strategy S and budget B: its search and its
-                   own fine-tune, total cost C (the primary row);
-  S@B retrained    the architecture S@B found, trained from the seed's initial weights for C steps
+                   own fine-tune, total cost C (the primary row; every fine-tune here counts its steps in
+                   hard-sharing steps of MACs, ``finetune_unit: compute``, so a branched architecture
+                   trains fewer steps and a skipping one more);
+  S@B retrained    the architecture S@B found, trained from the seed's initial weights for C FBE
                    (AutoMTL's protocol; the search is not charged to it: secondary);
   random@1.5x      a random policy with the parameter count nearest the default strategy's 1.5x
-                   architecture, trained for C steps (the control that shows the search matters).
+                   architecture, trained for C FBE (the control that shows the search matters).
 Validation curves (every C/8 steps) are kept for single-task and hard sharing, to show how close to
 converged they are. The runs are independent jobs spread over ``--jobs`` worker processes of one
 thread each; the JSON is rewritten after every job, and ``--resume`` goes on. Writes quality.json
@@ -110,7 +112,7 @@ def run_job(bench: dict, seed: int, method: str, target_params=None, policy_dict
     sm = supermodel(make_backbone(bench["backbone"]), tasks, torch.randn(1, 3, bench["size"], bench["size"]))
     C = bench["cost"]
     base = {**DEFAULT_SCHEDULE, "seed": seed, "batch_size": bench["batch"], "quiet": True, "checkpoint_every": 0,
-            "log_every": 50, "val_batches": None, **bench.get("overrides", {})}
+            "log_every": 50, "val_batches": None, "finetune_unit": "compute", **bench.get("overrides", {})}
     out: dict = {}
     if "@" in method and not method.endswith("retrained") and not method.startswith("random"):
         strategy, budget = method.split("@")

@@ -117,6 +117,20 @@ def test_finetune_learning_rate_schedule(data, schedule):
         assert lrs == pytest.approx([1e-3 * (1 + math.cos(math.pi * i / 8)) for i in range(8)])
 
 
+def test_finetune_unit_compute_trains_every_architecture_the_same_macs(data):
+    """finetune_unit: compute — a branched architecture fine-tunes fewer steps, all-share exactly finetune_steps."""
+    train, _ = data
+    for choice in ("share", "specialize"):
+        sm = fresh(train.tasks)
+        policy = Policy.uniform(sm.layer_names, sm.task_names, choice)
+        base = sm.policy_mac_count(Policy.uniform(sm.layer_names, sm.task_names, "share"))
+        res = search(sm, make_loader(train, 8), None, dict(finetune_steps=12, log_every=1, quiet=True,
+                                                           finetune_unit="compute"), policy=policy)
+        steps = sum(1 for h in res.history if h["stage"] == "finetune")
+        assert steps == round(12 * base / sm.policy_mac_count(policy)), choice
+        assert steps == 12 if choice == "share" else steps < 12
+
+
 def _worker(args, **kw):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     return subprocess.Popen([sys.executable, str(WORKER), json.dumps(args)], env=env,

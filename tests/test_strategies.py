@@ -218,3 +218,11 @@ def test_conflict_measured_steps_train_exactly_like_plain_steps():
                        conflict_confidence=1e9)
     plain = weights(strategy="conflict", warmup_steps=6, search_steps=0, finetune_steps=0)
     assert all(torch.equal(a, b) for a, b in zip(measured, plain))
+
+
+def test_a_branched_search_fine_tunes_at_equal_compute():
+    """finetune_unit: compute — the fine-tune's length is fitted to the architecture the search chose."""
+    _, res = run(False, "conflict", finetune_steps=10, finetune_unit="compute", log_every=1)
+    assert res.macs > res.base_macs  # it branched
+    steps = sum(1 for h in res.history if h["stage"] == "finetune")
+    assert steps == round(10 * res.base_macs / res.macs) < 10

@@ -253,8 +253,23 @@ class _Search(_CheckpointMixin, _LogMixin, _StepMixin):
         self.shared = self._shared_parameters()
 
     def _leave(self, stage: str) -> None:
-        if stage == "search" and self.policy is None:
-            self._discretize()
+        if stage == "search":
+            if self.policy is None:
+                self._discretize()
+            self._fit_finetune()
+
+    def _fit_finetune(self) -> None:
+        """Under ``finetune_unit: compute``, the fine-tune's length in steps of the discrete architecture:
+        ``finetune_steps`` hard-sharing steps' worth of MACs (a larger architecture trains fewer steps, a
+        smaller one more), so architectures are compared at equal compute rather than equal steps."""
+        if self.config.finetune_unit != "compute" or self.policy is None or not self.config.finetune_steps:
+            return
+        ratio = self.base_macs / max(self.sm.policy_mac_count(self.policy), 1)
+        steps = max(1, round(self.config.finetune_steps * ratio))
+        for k, (name, _, offset) in enumerate(self.plan):
+            if name == "finetune":
+                self.plan[k] = (name, steps, offset)  # in place: run()'s loop is iterating this list
+                self.total_steps = offset + steps
 
     def _discretize(self) -> None:
         """The strategy's decision; choices its evidence does not support fall back to share."""
@@ -293,6 +308,7 @@ class _Search(_CheckpointMixin, _LogMixin, _StepMixin):
         self._open_tensorboard(resumed)
         if self.given_policy is not None and self.out_dir is not None and self.dist.main:
             self.given_policy.save(self.out_dir / POLICY_NAME)
+        self._fit_finetune()  # a given policy, or the one a resumed checkpoint holds
         # ranks start from rank 0's weights (as DDP does), whatever their initialisation
         self.dist.broadcast([p.data for p in self.sm.parameters()] + self.buffers)
         g = self.start
