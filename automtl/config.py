@@ -32,7 +32,7 @@ _FLOATS = {
     "lr": "pos", "momentum": "nonneg", "weight_decay": "nonneg", "policy_lr": "pos", "tau_start": "pos",
     "tau_decay": "pos", "tau_min": "pos", "reg_weight": "nonneg", "budget_weight": "nonneg",
     "min_margin": "nonneg", "conflict_confidence": "nonneg", "conflict_threshold": "any",
-    "holdout_fraction": "nonneg",
+    "holdout_fraction": "nonneg", "finetune_decay_fraction": "pos",
 }
 _BUDGET = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*[xX×]?\s*$")
 
@@ -118,6 +118,7 @@ class SearchConfig:
     weight_decay: float = 1e-4
     finetune_lr: Optional[float] = None  # None: lr
     finetune_schedule: str = "cosine"  # cosine: the fine-tune's learning rate decays to 0 (SGDR's half cosine); constant
+    finetune_decay_fraction: float = 1.0  # cosine: the last part of the fine-tune that decays (before it: constant)
     # steps: finetune_steps optimizer steps; compute: finetune_steps steps of the hard-sharing model's compute
     # (the discrete architecture runs finetune_steps x MACs(all share) / MACs(policy) steps)
     finetune_unit: str = "steps"
@@ -203,6 +204,8 @@ class SearchConfig:
             setattr(self, name, float(v))
         if self.val_batches is not None and (isinstance(self.val_batches, bool) or not isinstance(self.val_batches, int) or self.val_batches < 1):
             raise ConfigError(f"config field 'val_batches' must be a positive integer or null, got {self.val_batches!r}")
+        if not 0 < self.finetune_decay_fraction <= 1:
+            raise ConfigError(f"config field 'finetune_decay_fraction' must be above 0 and at most 1, got {self.finetune_decay_fraction}")
         if not 0 <= self.holdout_fraction < 1:
             raise ConfigError(f"config field 'holdout_fraction' must be at least 0 and below 1, got {self.holdout_fraction}")
 

@@ -16,7 +16,9 @@ step measures the per-task gradients once every 4 steps, each time T - 1 extra b
 CPU seconds it took, and the summary its measured cost in FBE (CPU seconds / the same seed's
 hard-sharing CPU seconds per step), so the match can be checked:
   single-task      one model per task trained for C steps (a generous reference: T x C in all);
-  hard-sharing     the all-share policy trained for C steps;
+  hard-sharing     the all-share policy trained for C steps, the learning rate constant and then annealed
+                   over the same last part of C as convert's fine-tune (the same schedule shape);
+  hard-sharing (cosine over C)   the same, annealed over all of C (the common recipe: secondary);
   S@B              what ``automtl convert`` delivers with strategy S and budget B: its search and its
                    own fine-tune, total cost C (the primary row; every fine-tune here counts its steps in
                    hard-sharing steps of MACs, ``finetune_unit: compute``, so a branched architecture
@@ -24,7 +26,8 @@ hard-sharing CPU seconds per step), so the match can be checked:
   S@B retrained    the architecture S@B found, trained from the seed's initial weights for C FBE
                    (AutoMTL's protocol; the search is not charged to it: secondary);
   random@1.5x      a random policy with the parameter count nearest the default strategy's 1.5x
-                   architecture, trained for C FBE (the control that shows the search matters).
+                   architecture, trained for C FBE with hard sharing's schedule shape (the control
+                   that shows the search matters).
 Validation curves (every C/8 steps) are kept for single-task and hard sharing, to show how close to
 converged they are. The runs are independent jobs spread over ``--jobs`` worker processes of one
 thread each; the JSON is rewritten after every job, and ``--resume`` goes on. Writes quality.json
@@ -66,6 +69,16 @@ QUICK = dict(size=32, train=32, val=16, batch=8, cost=12)
 #: How each strategy spends C: the share of C in warm-up and search (the rest is fine-tune).
 SPLIT = {"gumbel": {"warmup": 0.25, "search": 0.45}, "conflict": {"warmup": 0.3, "search": 0.3}}
 CONFLICT_EVERY = 4  # conflict: search steps per gradient measurement (SearchConfig's default)
+#: Hard sharing with the learning rate decaying over all of C (the primary row decays over the same last
+#: part of C as the default strategy's fine-tune: the same schedule shape as what convert delivers).
+HARD_COSINE = "hard-sharing (cosine over C)"
+
+
+def decay_fraction(bench: dict) -> float:
+    """The share of C over which a convert run of the default strategy anneals its learning rate (its
+    fine-tune; constant before): the baselines that compare with it get the same schedule shape."""
+    warmup, search, finetune = schedule(DEFAULT_STRATEGY, bench["cost"], len(tasks_of(bench["data"])))
+    return finetune * step_cost(DEFAULT_STRATEGY, len(tasks_of(bench["data"])), CONFLICT_EVERY)["finetune"] / bench["cost"]
 
 
 def schedule(strategy: str, cost: int, num_tasks: int) -> tuple[int, int, int]:
@@ -131,8 +144,9 @@ def run_job(bench: dict, seed: int, method: str, target_params=None, policy_dict
         else:
             policy = Policy.uniform(sm.layer_names, sm.task_names, "share")
         curve = not method.endswith("retrained") and method != "random@1.5x"
+        shape = decay_fraction(bench) if method in ("hard-sharing", "random@1.5x") else 1.0
         cfg = SearchConfig(**{**base, "warmup_steps": 0, "search_steps": 0, "finetune_steps": C, "budget": None,
-                              "val_every": max(1, C // 8) if curve else 0})
+                              "val_every": max(1, C // 8) if curve else 0, "finetune_decay_fraction": shape})
         cpu_steps = time.process_time()
         result = search(sm, train, val, cfg, policy=policy)
         out = {"metrics": _metrics(result, tasks), "parameters": result.params, "policy": result.policy.counts(),
@@ -177,7 +191,7 @@ def random_policy_near(sm, target_params: int, seed: int, samples: int = 4):
 def methods_of(bench: dict) -> list[str]:
     """The jobs that need nothing else; retrained rows and the random control wait for their search."""
     singles = [f"single:{t.name}" for t in tasks_of(bench["data"])]
-    return singles + ["hard-sharing"] + [f"{s}@{b}" for s in STRATEGIES for b in BUDGETS]
+    return singles + ["hard-sharing", HARD_COSINE] + [f"{s}@{b}" for s in STRATEGIES for b in BUDGETS]
 
 
 def dependents(done: dict, seed: int) -> list:
@@ -195,7 +209,7 @@ def dependents(done: dict, seed: int) -> list:
 
 
 def row_names() -> list[str]:
-    return (["single-task", "hard-sharing"] + [f"{s}@{b}" for s in STRATEGIES for b in BUDGETS] + ["random@1.5x"]
+    return (["single-task", "hard-sharing", HARD_COSINE] + [f"{s}@{b}" for s in STRATEGIES for b in BUDGETS] + ["random@1.5x"]
             + [f"{s}@{b} retrained" for s in STRATEGIES for b in BUDGETS])
 
 

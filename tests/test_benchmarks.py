@@ -46,7 +46,7 @@ def test_quality_quick_run_on_multifashion(tmp_path):
     assert data["complete"] is True
     res = data["results"]["multifashion/small_resnet"]
     found = {f"{s}@{b}" for s in ("conflict", "gumbel") for b in ("1.5x", "2.0x")}
-    assert set(res["summary"]) == ({"single-task", "hard-sharing", "random@1.5x"} | found
+    assert set(res["summary"]) == ({"single-task", "hard-sharing", "hard-sharing (cosine over C)", "random@1.5x"} | found
                                    | {f"{f} retrained" for f in found})
     # every row reports its cost in backbone forward+backward equivalents, and the curves are kept
     assert all(s["fbe"] > 0 for s in res["summary"].values())

@@ -115,6 +115,11 @@ def test_finetune_learning_rate_schedule(data, schedule):
     else:
         import math
         assert lrs == pytest.approx([1e-3 * (1 + math.cos(math.pi * i / 8)) for i in range(8)])
+        # decaying over the last quarter only: constant before it (the shape of a convert run's whole schedule)
+        res = search(fresh(train.tasks), make_loader(train, 8), None, dict(finetune_steps=8, log_every=1, quiet=True,
+                     lr=1e-3, finetune_decay_fraction=0.25), policy=policy)
+        lrs = [h["lr"] for h in res.history if h["stage"] == "finetune"]
+        assert lrs == pytest.approx([1e-3] * 6 + [1e-3, 0.5e-3])
 
 
 def test_finetune_unit_compute_trains_every_architecture_the_same_macs(data):

@@ -223,12 +223,16 @@ class _Search(_CheckpointMixin, _LogMixin, _StepMixin):
 
     def _finetune_lr(self, i: int) -> None:
         """The learning rate of fine-tune step ``i``: ``finetune_lr`` (or ``lr``), under ``finetune_schedule``
-        "cosine" decayed along half a cosine to 0 at the stage's end (Loshchilov & Hutter, SGDR, ICLR 2017),
-        so that the delivered weights are an annealed point rather than one draw of constant-rate noise."""
-        base = self.config.finetune_lr or self.config.lr
-        if self.config.finetune_schedule == "cosine":
+        "cosine" decayed along half a cosine to 0 over the stage's last ``finetune_decay_fraction``
+        (Loshchilov & Hutter, SGDR, ICLR 2017), so that the delivered weights are an annealed point rather
+        than one draw of constant-rate noise."""
+        cfg = self.config
+        base = cfg.finetune_lr or cfg.lr
+        if cfg.finetune_schedule == "cosine":
             length = next(n for name, n, _ in self.plan if name == "finetune")
-            base *= 0.5 * (1.0 + math.cos(math.pi * i / length))
+            decay = max(1, round(length * cfg.finetune_decay_fraction))
+            k = max(i - (length - decay), 0)  # steps into the decay
+            base *= 0.5 * (1.0 + math.cos(math.pi * k / decay))
         for group in self.weight_opt.param_groups:
             group["lr"] = base
 
