@@ -231,7 +231,8 @@ def _convert(cfg: ConvertConfig, out: Path, resume: bool, quiet: bool, log: Call
     search_cfg = cfg.search.replace(out_dir=str(out / "checkpoints"), resume=resume or cfg.search.resume,
                                     quiet=quiet or cfg.search.quiet)
     log(f"searching: {search_cfg.warmup_steps} warm-up, {search_cfg.search_steps} search and "
-        f"{search_cfg.finetune_steps} fine-tune steps on {cfg.data}")
+        f"{search_cfg.finetune_steps} fine-tune steps"
+        f"{' (of hard-sharing compute)' if search_cfg.finetune_unit == 'compute' else ''} on {cfg.data}")
     t0 = time.time()
     result = search(sm, train, val, search_cfg)
     search_seconds = time.time() - t0

@@ -69,8 +69,9 @@ def compact_run(run_dir: Union[str, os.PathLike], policy: Union[None, str, os.Pa
     Args:
         run_dir: a run directory written by :func:`search_run`.
         policy: a Policy or a policy YAML file; default the run's own ``policy.yaml``.
-        finetune_steps: fine-tune the policy's architecture this many optimizer steps first, on
-            the run's data and schedule (0: compile the weights as they are).
+        finetune_steps: fine-tune the policy's architecture this many optimizer steps first (hard-sharing
+            steps of compute when the run's config says ``finetune_unit: compute``), on the run's data and
+            schedule (0: compile the weights as they are).
         out: the ``.automtl`` file to write atomically; None writes nothing.
 
     Returns:

@@ -13,7 +13,9 @@
 of a step of its strategy; the fine-tune counted in hard-sharing steps of compute, ``finetune_unit:
 compute``, so a branched architecture trains fewer steps). Hard sharing and every single-task model are trained for round(C)
 optimizer steps of the fine-tune stage (1 FBE each for hard sharing; the T single-task models get
-T x C in all, a generous reference, as in ``benchmarks/quality.py``). Every model is evaluated on
+T x C in all, a generous reference, as in ``benchmarks/quality.py``); hard sharing's learning rate is
+constant and then annealed over the same last part of C as the convert runs' fine-tune (the same
+schedule shape), the single-task models' over all of C. Every model is evaluated on
 the same validation split with the same metrics and measured in the same process.
 """
 from __future__ import annotations
@@ -187,7 +189,10 @@ class _Sweep:
         fbe = run_cost(s.strategy, s.warmup_steps, s.search_steps, s.finetune_steps, ntasks, s.conflict_every)
         steps = max(1, round(fbe))
         members = [self._convert(label, k, len(budgets), fbe) for k, (label, _) in enumerate(budgets)]
-        members.append(self._baseline("hard-sharing", None, steps))
+        # hard sharing anneals over the same last part of the compute as a convert run's fine-tune (the same
+        # schedule shape); the single-task references anneal over all of it
+        shape = min(1.0, s.finetune_steps * step_cost(s.strategy, ntasks, s.conflict_every)["finetune"] / fbe) if fbe else 1.0
+        members.append(self._baseline("hard-sharing", None, steps, decay=shape))
         singles = [self._baseline(f"single-{t['name']}", t, steps) for t in tasks]
         self.log(f"measuring {len(members) + len(singles)} models on the same validation split")
         shape = (batch, 3, self.cfg.input_size, self.cfg.input_size)
@@ -231,8 +236,9 @@ class _Sweep:
         return {"name": f"{cfg.search.strategy}@{label}", "kind": "automtl", "budget": label, "dirs": [member.name],
                 "policy": report["policy"]["counts"], "train_fbe": round(fbe, 2)}
 
-    def _baseline(self, name: str, task: Optional[dict], steps: int) -> dict:
-        """Train the all-share policy (on every task, or on ``task`` alone) for ``steps`` fine-tune steps."""
+    def _baseline(self, name: str, task: Optional[dict], steps: int, decay: float = 1.0) -> dict:
+        """Train the all-share policy (on every task, or on ``task`` alone) for ``steps`` fine-tune steps, the
+        learning rate annealed over their last ``decay`` fraction."""
         from .compact import compact
         from .convert import prepare_run
         from .formats import save
@@ -241,7 +247,7 @@ class _Sweep:
         from .search import search
 
         member = self.path / name
-        cfg = self.member_cfg(name, budget=None)
+        cfg = self.member_cfg(name, budget=None, finetune_decay_fraction=decay)
         if task is not None:
             cfg = dataclasses.replace(cfg, tasks=[task])
         row = {"name": name, "kind": "single-task" if task else "hard-sharing", "budget": None, "dirs": [member.name],

@@ -135,7 +135,7 @@ def run_job(bench: dict, seed: int, method: str, target_params=None, policy_dict
                               "tau_every": max(1, search_steps // 24)})
         found = search(sm, train, val, cfg)
         out = {"metrics": _metrics(found, tasks), "parameters": found.params, "policy": found.policy.counts(),
-               "policy_file": found.policy.to_dict(), "steps": [warmup, search_steps, finetune]}
+               "policy_file": found.policy.to_dict(), "steps": [warmup, search_steps, fitted(finetune, found)]}
     else:
         if method.endswith("retrained"):
             policy = Policy.from_dict(policy_dict)
@@ -150,13 +150,18 @@ def run_job(bench: dict, seed: int, method: str, target_params=None, policy_dict
         cpu_steps = time.process_time()
         result = search(sm, train, val, cfg, policy=policy)
         out = {"metrics": _metrics(result, tasks), "parameters": result.params, "policy": result.policy.counts(),
-               "policy_file": result.policy.to_dict(), "steps": [0, 0, C],
-               "cpu_per_step": (time.process_time() - cpu_steps) / C}
+               "policy_file": result.policy.to_dict(), "steps": [0, 0, fitted(C, result)],
+               "cpu_per_step": (time.process_time() - cpu_steps) / fitted(C, result)}
         if curve:
             out["curve"] = [{"step": h["step"], "metrics": _metrics_of(h["metrics"], tasks)}
                             for h in result.history if h.get("stage") == "val"]
     out.update(cpu_seconds=round(time.process_time() - cpu0, 2), seconds=round(time.time() - started, 1))
     return out
+
+
+def fitted(steps: int, result) -> int:
+    """The fine-tune steps a run took under ``finetune_unit: compute`` (``steps`` hard-sharing steps of MACs)."""
+    return max(1, round(steps * result.base_macs / max(result.macs, 1)))
 
 
 def _metrics_of(metrics: dict, tasks) -> dict:

@@ -81,8 +81,9 @@ def test_budget_limits_branching():
 
 def test_weak_evidence_is_undecided_and_shares():
     # three conflict steps cannot clear two standard errors: every positive score is undecided
-    _, res = run(False, "conflict", search_steps=3)
+    _, res = run(False, "conflict", search_steps=3, conflict_every=1)
     ev = res.policy.evidence
+    assert ev["steps"] == 3 and ev["undecided"]
     for l, t in ev["undecided"]:
         assert res.policy.choices[l][t] == 0 and ev["scores"][l][t] > 0
     # gumbel: margins below min_margin share
@@ -226,3 +227,9 @@ def test_a_branched_search_fine_tunes_at_equal_compute():
     assert res.macs > res.base_macs  # it branched
     steps = sum(1 for h in res.history if h["stage"] == "finetune")
     assert steps == round(10 * res.base_macs / res.macs) < 10
+
+
+def test_conflict_warns_when_the_search_cannot_measure_enough():
+    with pytest.warns(UserWarning, match="too few for any conflict to be significant"):
+        _, res = run(False, "conflict", search_steps=7)  # one measurement at conflict_every=4
+    assert res.policy.evidence["steps"] == 1 and res.policy.counts()["specialize"] == 0

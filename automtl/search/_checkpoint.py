@@ -16,7 +16,9 @@ from ._util import _rng_state, _set_rng_state
 
 CHECKPOINT_NAME = "checkpoint.pt"
 _CKPT_FORMAT = 1
-#: Config fields that may change between a run and its resume (they do not change the numbers).
+#: Config fields that may change between a run and its resume: they do not change the numbers, except
+#: ``finetune_steps``, which may be changed to lengthen or shorten a run's fine-tune (its learning-rate
+#: schedule then follows the new length from the resumed step on).
 _RESUME_FREE = {
     "out_dir", "log_dir", "tensorboard_dir", "log_every", "checkpoint_every", "resume", "quiet", "device", "val_every",
     "val_batches", "finetune_steps", "policy_file",

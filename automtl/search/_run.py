@@ -107,7 +107,6 @@ class _Search(_CheckpointMixin, _LogMixin, _StepMixin):
         for name, length in stages:
             self.plan.append((name, length, offset))
             offset += length
-        self.total_steps = offset
         return policy
 
     def _setup_training(self) -> None:
@@ -273,7 +272,6 @@ class _Search(_CheckpointMixin, _LogMixin, _StepMixin):
         for k, (name, _, offset) in enumerate(self.plan):
             if name == "finetune":
                 self.plan[k] = (name, steps, offset)  # in place: run()'s loop is iterating this list
-                self.total_steps = offset + steps
 
     def _discretize(self) -> None:
         """The strategy's decision; choices its evidence does not support fall back to share."""

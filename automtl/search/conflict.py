@@ -1,8 +1,9 @@
 """The ``conflict`` strategy: branch where the tasks' gradients conflict (after Recon, Shi et al., ICLR 2023).
 
 Warm-up trains the hard-sharing model (every task shares every layer; one backbone pass a step).
-The search stage trains it on while measuring, at every step and in every policy layer, the cosine
-similarity of each pair of tasks' gradients on the layer's shared weights. Then, per layer:
+The search stage trains it on while measuring, once every ``conflict_every`` steps and in every policy
+layer, the cosine similarity of each pair of tasks' gradients on the layer's shared weights (a measured
+step trains exactly like the others: its own backward is reused). Then, per layer:
 
 * the *conflict score* of a task is ``conflict_threshold`` minus its best agreement with another
   task (the largest mean cosine); positive means it agrees with no one there;
@@ -17,6 +18,7 @@ A task whose score is positive but not significant is *undecided* and shares. Fi
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
@@ -49,6 +51,12 @@ class Conflict(Strategy):
     def enter_search(self) -> None:
         self.net = self.run.hard_view(self._all_share())
         self.run.stage_net = self.net
+        cfg = self.run.config
+        if cfg.search_steps // cfg.conflict_every < 2 and self.run.dist.main:
+            warnings.warn(f"conflict measures the gradients {cfg.search_steps // cfg.conflict_every} time(s) in "
+                          f"{cfg.search_steps} search steps (one every conflict_every={cfg.conflict_every}), too few "
+                          "for any conflict to be significant, so every layer will share; raise search_steps or "
+                          "lower conflict_every", stacklevel=2)
 
     # ---- one step: train hard sharing, measure the gradient cosines --------------------
     def search_step(self, i: int, g: int, iters: dict, log: bool) -> dict:
@@ -82,13 +90,14 @@ class Conflict(Strategy):
         only through the task losses, so its gradient is ``G = Σ_t c_t g_t`` with ``c_t = ∂total/∂L_t``;
         T-1 per-task backwards give all but one ``g_t``, and ``G`` the last. The step costs one forward
         and T backwards (a plain step: one and one). A torchjd aggregator needs its own Jacobian, so
-        there every task's gradient is taken apart before the aggregated step.
+        there every task's gradient is taken apart before the aggregated step, as under ``amp``.
         """
         run = self.run
         ws = [layer.shared.conv.weight for layer in run.sm.policy_layers]
         names = run.tasks
         coef = None
-        if not getattr(run.weighting, "jacobian", False) and len(names) > 1:
+        # the derivation is exact in fp32; under bf16 autocast G's rounding would reach the derived gradient
+        if not getattr(run.weighting, "jacobian", False) and len(names) > 1 and not run.config.amp:
             coef = torch.autograd.grad(total, [losses[t] for t in names], retain_graph=True, allow_unused=True)
             coef = [0.0 if c is None else float(c) for c in coef]
         if coef is None or max(abs(c) for c in coef) == 0.0:
@@ -119,10 +128,11 @@ class Conflict(Strategy):
         """The (T, T) cosine similarities of T gradients of one weight (dot products, no (T, n) copy)."""
         flat = [gr.detach().reshape(-1) for gr in grads]
         T = len(flat)
+        pairs = [(a, b) for a in range(T) for b in range(a, T)]
+        values = torch.stack([torch.dot(flat[a], flat[b]) for a, b in pairs]).double().cpu()  # one device copy
         dots = torch.empty(T, T, dtype=torch.float64)
-        for a in range(T):
-            for b in range(a, T):
-                dots[a, b] = dots[b, a] = float(torch.dot(flat[a], flat[b]))
+        for (a, b), v in zip(pairs, values):
+            dots[a, b] = dots[b, a] = v
         norms = dots.diagonal().clamp_min(0.0).sqrt().clamp_min(1e-12)
         return dots / norms[:, None] / norms[None, :]
 
