@@ -25,7 +25,7 @@ from typing import Mapping, Optional, Sequence
 
 from .metrics import HIGHER_IS_BETTER
 
-__all__ = ["STEP_COST", "DELTA_METRICS", "step_cost", "run_cost", "delta_metrics", "delta_or_none"]
+__all__ = ["STEP_COST", "DELTA_METRICS", "step_cost", "run_cost", "finetune_share", "delta_metrics", "delta_or_none"]
 
 #: FBE of one step of each stage, per strategy (see the module docstring for the measurements);
 #: conflict's search step is an average over measured and plain steps (:func:`step_cost`).
@@ -61,6 +61,19 @@ def run_cost(strategy: str, warmup_steps: int, search_steps: int, finetune_steps
     """
     cost = step_cost(strategy, num_tasks, conflict_every)
     return warmup_steps * cost["warmup"] + search_steps * cost["search"] + finetune_steps * cost["finetune"]
+
+
+def finetune_share(strategy: str, warmup_steps: int, search_steps: int, finetune_steps: int, num_tasks: int = 3,
+                   conflict_every: int = 4) -> float:
+    """The fraction of a run's compute (:func:`run_cost`) spent in its fine-tune, the part in which its learning
+    rate anneals: a baseline given ``finetune_decay_fraction`` = this share has the run's schedule shape.
+
+    Raises:
+        KeyError: ``strategy`` has no measured step cost (only ``conflict`` and ``gumbel`` have).
+    """
+    total = run_cost(strategy, warmup_steps, search_steps, finetune_steps, num_tasks, conflict_every)
+    fine = finetune_steps * step_cost(strategy, num_tasks, conflict_every)["finetune"]
+    return min(1.0, fine / total) if total > 0 else 1.0
 
 
 def delta_metrics(metrics: Mapping[str, Mapping[str, float]], kinds: Mapping[str, str]) -> dict:

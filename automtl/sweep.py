@@ -178,7 +178,7 @@ class _Sweep:
         return dataclasses.replace(self.cfg, search=self.cfg.search.replace(**search_changes))
 
     def run(self, budgets: list[tuple[str, float]], batch: int, repeats: int) -> dict:
-        from .protocol import STEP_COST, run_cost, step_cost
+        from .protocol import STEP_COST, finetune_share, run_cost, step_cost
 
         s = self.cfg.search
         if s.strategy not in STEP_COST:
@@ -191,8 +191,8 @@ class _Sweep:
         members = [self._convert(label, k, len(budgets), fbe) for k, (label, _) in enumerate(budgets)]
         # hard sharing anneals over the same last part of the compute as a convert run's fine-tune (the same
         # schedule shape); the single-task references anneal over all of it
-        shape = min(1.0, s.finetune_steps * step_cost(s.strategy, ntasks, s.conflict_every)["finetune"] / fbe) if fbe else 1.0
-        members.append(self._baseline("hard-sharing", None, steps, decay=shape))
+        decay = finetune_share(s.strategy, s.warmup_steps, s.search_steps, s.finetune_steps, ntasks, s.conflict_every)
+        members.append(self._baseline("hard-sharing", None, steps, decay=decay))
         singles = [self._baseline(f"single-{t['name']}", t, steps) for t in tasks]
         self.log(f"measuring {len(members) + len(singles)} models on the same validation split")
         shape = (batch, 3, self.cfg.input_size, self.cfg.input_size)

@@ -49,7 +49,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, write_result, write_text  # noqa: E402
 # The cost of a step in FBE (step_cost) and the metrics of Δ_MTL (DELTA_METRICS): automtl/protocol.py.
-from automtl.protocol import DELTA_METRICS, step_cost  # noqa: E402
+from automtl.protocol import DELTA_METRICS, finetune_share, step_cost  # noqa: E402
 
 STRATEGIES = ("conflict", "gumbel")
 BUDGETS = ("1.5x", "2.0x")
@@ -77,8 +77,8 @@ HARD_COSINE = "hard-sharing (cosine over C)"
 def decay_fraction(bench: dict) -> float:
     """The share of C over which a convert run of the default strategy anneals its learning rate (its
     fine-tune; constant before): the baselines that compare with it get the same schedule shape."""
-    warmup, search, finetune = schedule(DEFAULT_STRATEGY, bench["cost"], len(tasks_of(bench["data"])))
-    return finetune * step_cost(DEFAULT_STRATEGY, len(tasks_of(bench["data"])), CONFLICT_EVERY)["finetune"] / bench["cost"]
+    T = len(tasks_of(bench["data"]))
+    return finetune_share(DEFAULT_STRATEGY, *schedule(DEFAULT_STRATEGY, bench["cost"], T), T, CONFLICT_EVERY)
 
 
 def schedule(strategy: str, cost: int, num_tasks: int) -> tuple[int, int, int]:
@@ -135,7 +135,7 @@ def run_job(bench: dict, seed: int, method: str, target_params=None, policy_dict
                               "tau_every": max(1, search_steps // 24)})
         found = search(sm, train, val, cfg)
         out = {"metrics": _metrics(found, tasks), "parameters": found.params, "policy": found.policy.counts(),
-               "policy_file": found.policy.to_dict(), "steps": [warmup, search_steps, fitted(finetune, found)]}
+               "policy_file": found.policy.to_dict(), "steps": [warmup, search_steps, found.steps["finetune"]]}
     else:
         if method.endswith("retrained"):
             policy = Policy.from_dict(policy_dict)
@@ -150,18 +150,13 @@ def run_job(bench: dict, seed: int, method: str, target_params=None, policy_dict
         cpu_steps = time.process_time()
         result = search(sm, train, val, cfg, policy=policy)
         out = {"metrics": _metrics(result, tasks), "parameters": result.params, "policy": result.policy.counts(),
-               "policy_file": result.policy.to_dict(), "steps": [0, 0, fitted(C, result)],
-               "cpu_per_step": (time.process_time() - cpu_steps) / fitted(C, result)}
+               "policy_file": result.policy.to_dict(), "steps": [0, 0, result.steps["finetune"]],
+               "cpu_per_step": (time.process_time() - cpu_steps) / result.steps["finetune"]}
         if curve:
             out["curve"] = [{"step": h["step"], "metrics": _metrics_of(h["metrics"], tasks)}
                             for h in result.history if h.get("stage") == "val"]
     out.update(cpu_seconds=round(time.process_time() - cpu0, 2), seconds=round(time.time() - started, 1))
     return out
-
-
-def fitted(steps: int, result) -> int:
-    """The fine-tune steps a run took under ``finetune_unit: compute`` (``steps`` hard-sharing steps of MACs)."""
-    return max(1, round(steps * result.base_macs / max(result.macs, 1)))
 
 
 def _metrics_of(metrics: dict, tasks) -> dict:

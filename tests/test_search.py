@@ -132,7 +132,7 @@ def test_finetune_unit_compute_trains_every_architecture_the_same_macs(data):
         res = search(sm, make_loader(train, 8), None, dict(finetune_steps=12, log_every=1, quiet=True,
                                                            finetune_unit="compute"), policy=policy)
         steps = sum(1 for h in res.history if h["stage"] == "finetune")
-        assert steps == round(12 * base / sm.policy_mac_count(policy)), choice
+        assert steps == round(12 * base / sm.policy_mac_count(policy)) == res.steps["finetune"], choice
         assert steps == 12 if choice == "share" else steps < 12
 
 

@@ -15,7 +15,8 @@ class SearchResult:
     :func:`automtl.metrics.delta_mtl`), ``losses`` the mean validation loss per task.
     ``params`` / ``macs`` are the compact model's parameter count and estimated MACs per
     sample under ``policy``; ``base_*`` those of the single backbone + heads (all-share);
-    ``budget_*`` the budget in the same unit (None without a budget).
+    ``budget_*`` the budget in the same unit (None without a budget). ``steps`` is the optimizer steps
+    of each stage, ``{stage: n}`` (the fine-tune's as fitted to the policy under ``finetune_unit: compute``).
     """
 
     policy: Policy
@@ -33,6 +34,7 @@ class SearchResult:
     checkpoint: Optional[str] = None
     stages: list = field(default_factory=list)
     strategy: str = "gumbel"
+    steps: dict = field(default_factory=dict)
 
     @property
     def within_budget(self) -> Optional[bool]:
@@ -50,6 +52,6 @@ class SearchResult:
             "params": self.params, "base_params": self.base_params, "macs": self.macs, "base_macs": self.base_macs,
             "budget": self.budget, "budget_metric": self.budget_metric, "budget_params": self.budget_params,
             "budget_macs": self.budget_macs, "within_budget": self.within_budget, "checkpoint": self.checkpoint,
-            "stages": self.stages, "strategy": self.strategy, "evidence": self.policy.evidence,
+            "stages": self.stages, "steps": self.steps, "strategy": self.strategy, "evidence": self.policy.evidence,
             "history": self.history,
         }

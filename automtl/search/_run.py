@@ -224,7 +224,7 @@ class _Search(_CheckpointMixin, _LogMixin, _StepMixin):
         """The learning rate of fine-tune step ``i``: ``finetune_lr`` (or ``lr``), under ``finetune_schedule``
         "cosine" decayed along half a cosine to 0 over the stage's last ``finetune_decay_fraction``
         (Loshchilov & Hutter, SGDR, ICLR 2017), so that the delivered weights are an annealed point rather
-        than one draw of constant-rate noise."""
+        than one draw of constant-rate noise. The optimizer continues from the search (its moments carry over)."""
         cfg = self.config
         base = cfg.finetune_lr or cfg.lr
         if cfg.finetune_schedule == "cosine":
@@ -251,8 +251,6 @@ class _Search(_CheckpointMixin, _LogMixin, _StepMixin):
             self.strategy.enter_search()
         else:
             self.stage_net = self.hard_view(self.policy)
-            for group in self.weight_opt.param_groups:  # continued, not fresh: the moments carry over
-                group["lr"] = self.config.finetune_lr or self.config.lr
         self.shared = self._shared_parameters()
 
     def _leave(self, stage: str) -> None:
@@ -359,7 +357,7 @@ class _Search(_CheckpointMixin, _LogMixin, _StepMixin):
             macs=self.sm.policy_mac_count(pol), base_macs=self.base_macs,
             budget=self.budget, budget_metric=cfg.budget_metric, budget_params=self.budget_params,
             budget_macs=self.budget_macs, checkpoint=str(self.ckpt_path) if self.ckpt_path is not None and self.last_saved >= 0 else None,
-            stages=[p[0] for p in self.plan if p[1] > 0], strategy=cfg.strategy,
+            stages=[p[0] for p in self.plan if p[1] > 0], strategy=cfg.strategy, steps={p[0]: p[1] for p in self.plan},
         )
 
     def _check_ranks_agree(self) -> None:
