@@ -5,7 +5,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from automtl.errors import ConfigError
-from automtl.policy import SPECIALIZE, Policy
+from automtl.policy import SHARE, SPECIALIZE, Policy
 from automtl.search import SearchConfig, list_strategies, search
 from automtl.supermodel import supermodel
 from automtl.tasks import Task
@@ -233,3 +233,27 @@ def test_conflict_warns_when_the_search_cannot_measure_enough():
     with pytest.warns(UserWarning, match="too few for any conflict to be significant"):
         _, res = run(False, "conflict", search_steps=7)  # one measurement at conflict_every=4
     assert res.policy.evidence["steps"] == 1 and res.policy.counts()["specialize"] == 0
+
+
+def test_tasks_that_agree_branch_as_a_group():
+    """The decision from measured cosines, three tasks: where a and b agree and c opposes both, c alone gets a
+    copy and the pair keeps the shared layer; where all three agree, nothing branches."""
+    from automtl.search._run import _Search
+
+    torch.manual_seed(0)
+    tasks = [Task("a", kind="regression"), Task("b", kind="regression"), Task("c", kind="regression")]
+    sm = supermodel("tiny", tasks, torch.randn(1, 3, SIZE, SIZE))
+    run = _Search(sm, DataLoader(TwoTargets(32, False), batch_size=16), None,
+                  SearchConfig(strategy="conflict", warmup_steps=0, search_steps=0, finetune_steps=0, quiet=True,
+                               budget="3x"), None)
+    conflict = torch.tensor([[1.0, 0.9, -0.5], [0.9, 1.0, -0.5], [-0.5, -0.5, 1.0]], dtype=torch.float64)
+    agree = torch.tensor([[1.0, 0.8, 0.8], [0.8, 1.0, 0.8], [0.8, 0.8, 1.0]], dtype=torch.float64)
+    L, n = len(sm.layer_names), 20
+    mean = torch.stack([conflict if l % 2 == 0 else agree for l in range(L)])
+    st = run.strategy
+    st.count, st.cos_sum, st.cos_sq = n, mean * n, (mean ** 2 + 0.01) * n  # per-step std 0.1
+    policy, evidence = st.decide()
+    for l, row in enumerate(policy.choices):
+        assert row == ([SHARE, SHARE, SPECIALIZE] if l % 2 == 0 else [SHARE, SHARE, SHARE]), (l, row)
+        assert evidence["scores"][l][2] == (0.5 if l % 2 == 0 else -0.8)
+    assert not evidence["undecided"] and not evidence["over_budget"]
