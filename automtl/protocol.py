@@ -4,12 +4,13 @@ One home for the protocol that ``automtl sweep`` and ``benchmarks/quality.py`` s
 
 **Compute** is counted in backbone forward+backward equivalents (FBE): one optimizer step of the
 hard-sharing model (one backbone pass and T heads, forward and backward) is 1 FBE. The other steps
-cost what was measured on the 2-core CPU machine (``benchmarks/quality.py``'s small_resnet at batch
-32 / resnet18 at batch 8, one thread, median step time against the same run's warm-up step):
+cost what was measured on the 2-core CPU machine (``python benchmarks/stage_cost.py --threads 1``:
+``benchmarks/quality.py``'s small_resnet at batch 32 / resnet18 at batch 8, median step time against
+the same run's warm-up step):
 a gumbel warm-up step about 1 FBE (it trains the hard-sharing model) and a gumbel search step
-1.5 / 1.4 on sampled paths (with ``paths="soft"``, every operator for every task: 4.8 / 4.4 and
+1.57 / 1.49 on sampled paths (with ``paths="soft"``, every operator for every task, measured earlier: 4.8 / 4.4 and
 4.6 / 3.8); a conflict warm-up or unmeasured search step 1 FBE (the hard-sharing model), a measured
-one 1.69 (T = 2) / 2.58 (T = 3): one forward and T backwards, the step's own backward reused as
+one 1.55-1.60 (T = 2) / 2.39-2.71 (T = 3) in two runs: one forward and T backwards, the step's own backward reused as
 the last task's gradient, charged as 1 + 0.8 (T - 1); a fine-tune step of the compact model 1 FBE
 when the fine-tune counts its steps in compute (``finetune_unit: compute``: the discrete
 architecture runs finetune_steps x MACs(all share) / MACs(policy) steps), as the sweep and the

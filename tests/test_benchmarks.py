@@ -80,3 +80,11 @@ def test_grouped_copies_writes_a_ratio_per_layer(tmp_path):
     run("grouped_copies.py", "--repeats", "1", "--tasks", "2", "--out", out)
     rows = json.loads(out.read_text())["rows"]
     assert len(rows) >= 3 and all(r["grouped_over_separate"] > 0 for r in rows)
+
+
+def test_stage_cost_reports_every_stage_in_warmup_steps(tmp_path):
+    out = tmp_path / "stage_cost.json"
+    run("stage_cost.py", "--backbones", "tiny", "--size", "32", "--steps", "4", "--strategies", "conflict", "--out", out)
+    row = json.loads(out.read_text())["results"][0]
+    assert row["strategy"] == "conflict" and row["fbe"]["warmup"] == 1.0
+    assert set(row["fbe"]) == {"warmup", "search", "finetune"} and all(v > 0 for v in row["fbe"].values())
