@@ -32,7 +32,7 @@ _FLOATS = {
     "lr": "pos", "momentum": "nonneg", "weight_decay": "nonneg", "policy_lr": "pos", "tau_start": "pos",
     "tau_decay": "pos", "tau_min": "pos", "reg_weight": "nonneg", "budget_weight": "nonneg",
     "min_margin": "nonneg", "conflict_confidence": "nonneg", "conflict_threshold": "any",
-    "holdout_fraction": "nonneg", "finetune_decay_fraction": "pos",
+    "holdout_fraction": "nonneg", "finetune_decay_fraction": "pos", "conflict_futility": "nonneg",
 }
 _BUDGET = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*[xX×]?\s*$")
 
@@ -120,7 +120,8 @@ class SearchConfig:
     finetune_schedule: str = "cosine"  # cosine: the fine-tune's learning rate decays to 0 (SGDR's half cosine); constant
     finetune_decay_fraction: float = 1.0  # cosine: the last part of the fine-tune that decays (before it: constant)
     # steps: finetune_steps optimizer steps; compute: finetune_steps steps of the hard-sharing model's compute
-    # (the discrete architecture runs finetune_steps x MACs(all share) / MACs(policy) steps)
+    # (the discrete architecture runs finetune_steps x MACs(all share) / MACs(policy) steps), plus the compute the
+    # search planned for measurements it did not take (conflict's futility stop), at the constant rate before the anneal
     finetune_unit: str = "steps"
     grad_clip: Optional[float] = None  # max gradient norm, None: off
     # policy
@@ -141,6 +142,9 @@ class SearchConfig:
     conflict_threshold: float = 0.0  # conflict: gradient cosine below which two tasks conflict (Recon: 0)
     conflict_confidence: float = 2.0  # conflict: standard errors a conflict must clear to count
     conflict_every: int = 4  # conflict: search steps per gradient measurement (the others are plain steps)
+    # conflict: stop measuring once every pair of tasks in every layer conflicts beyond doubt or has a conditional
+    # power below this to conflict by the last planned measurement (futility stopping); 0: measure to the end
+    conflict_futility: float = 0.05
     # losses
     weighting: str = "equal"
     weighting_options: dict = field(default_factory=dict)
@@ -206,6 +210,8 @@ class SearchConfig:
             raise ConfigError(f"config field 'val_batches' must be a positive integer or null, got {self.val_batches!r}")
         if not 0 < self.finetune_decay_fraction <= 1:
             raise ConfigError(f"config field 'finetune_decay_fraction' must be above 0 and at most 1, got {self.finetune_decay_fraction}")
+        if not 0 <= self.conflict_futility < 1:
+            raise ConfigError(f"config field 'conflict_futility' must be at least 0 and below 1, got {self.conflict_futility}")
         if not 0 <= self.holdout_fraction < 1:
             raise ConfigError(f"config field 'holdout_fraction' must be at least 0 and below 1, got {self.holdout_fraction}")
 

@@ -294,6 +294,9 @@ def _policy_lines(policy: Optional[Policy]) -> list:
         what = "probability margin over the runner-up" if ev.get("kind") == "margin" else "gradient-conflict score"
         lines.append(f"beside each choice: its {what} ({ev.get('strategy', 'search')}); ? = undecided "
                      f"(below {ev.get('threshold')}), fell back to share")
+        if ev.get("kind") == "conflict" and ev.get("planned_steps"):
+            stop = "; then stopped: more could not change the decision" if ev.get("stopped_early") else ""
+            lines.append(f"gradients measured {ev.get('steps')} of {ev['planned_steps']} planned times{stop}")
     lw = max([len("layer")] + [len(l) for l in policy.layers])
     cw = [max(len(t), 8 if scored else 1) for t in policy.tasks]
     lines.append("  ".join([f"{'layer':<{lw}}"] + [f"{t:<{w}}" for t, w in zip(policy.tasks, cw)]).rstrip())

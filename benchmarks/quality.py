@@ -12,7 +12,7 @@ and T heads). Each strategy's stage lengths are set from ``C`` with the measured
 (``automtl.protocol.step_cost``: e.g. a gumbel search step runs one sampled path per task, what tasks
 share computed once, about 1.5 FBE; AutoMTL's all-operator mix would cost about 4.2; a conflict search
 step measures the per-task gradients once every 4 steps, each time T - 1 extra backwards, about
-0.8 FBE each); every job also reports the
+0.8 FBE each, until its futility stop, whose unspent FBE go to its fine-tune); every job also reports the
 CPU seconds it took, and the summary its measured cost in FBE (CPU seconds / the same seed's
 hard-sharing CPU seconds per step), so the match can be checked:
   single-task      one model per task trained for C steps (a generous reference: T x C in all);

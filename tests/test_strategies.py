@@ -127,6 +127,7 @@ def test_evidence_in_bundle_and_inspect_grid(tmp_path):
     automtl.save(model, tmp_path / "m.automtl")
     text = inspect_text(tmp_path / "m.automtl")
     assert "gradient-conflict score (conflict)" in text and "budget used:" in text
+    assert f"gradients measured {res.policy.evidence['steps']} of 5 planned times" in text
     l, t = next(iter(res.policy.evidence["undecided"]), (0, 0))
     row = next(line for line in text.splitlines() if line.startswith(res.policy.layers[l] + " "))
     assert f"{res.policy.evidence['scores'][l][t]:+.3f}" in row
@@ -257,3 +258,80 @@ def test_tasks_that_agree_branch_as_a_group():
         assert row == ([SHARE, SHARE, SPECIALIZE] if l % 2 == 0 else [SHARE, SHARE, SHARE]), (l, row)
         assert evidence["scores"][l][2] == (0.5 if l % 2 == 0 else -0.8)
     assert not evidence["undecided"] and not evidence["over_budget"]
+
+
+def test_conflict_stops_measuring_once_the_decision_is_settled():
+    """Futility stopping: identical tasks agree from the first measurements, so conflict stops after the
+    minimum; tasks that conflict are measured to the end; conflict_futility=0 always measures to the end."""
+    from automtl.search.conflict import MIN_MEASUREMENTS
+
+    _, same = run(True, "conflict")
+    ev = same.policy.evidence
+    assert ev["stopped_early"] and ev["steps"] == MIN_MEASUREMENTS < ev["planned_steps"] == 15
+    _, apart = run(False, "conflict")
+    assert not apart.policy.evidence["stopped_early"] and apart.policy.evidence["steps"] == 15
+    assert apart.policy.counts()["specialize"] >= 1
+    _, always = run(True, "conflict", conflict_futility=0.0)
+    assert not always.policy.evidence["stopped_early"] and always.policy.evidence["steps"] == 15
+
+
+def test_a_conflict_run_that_shares_everything_is_hard_sharing_at_equal_compute():
+    """What the futility stop saves goes to the fine-tune (finetune_unit: compute), at the constant rate
+    before the anneal: a conflict run that decides all-share trains bitwise the weights of hard sharing
+    given the same steps and the same annealing."""
+    def weights(policy=None, **cfg):
+        torch.manual_seed(0)
+        tasks = [Task("a", kind="regression"), Task("b", kind="regression")]
+        sm = supermodel("tiny", tasks, torch.randn(1, 3, SIZE, SIZE))
+        res = search(sm, TwoTargets(64, True), None, SearchConfig(quiet=True, checkpoint_every=0, batch_size=16,
+                                                                  finetune_unit="compute", **cfg), policy=policy)
+        return res, [p.detach().clone() for p in sm.weight_parameters()]
+
+    res, conflict = weights(strategy="conflict", warmup_steps=6, search_steps=24, finetune_steps=10, budget="2x")
+    ev = res.policy.evidence
+    assert res.policy.counts()["specialize"] == 0 and ev["stopped_early"]
+    extra = round((ev["planned_steps"] - ev["steps"]) * 0.8)  # protocol.STEP_COST: 0.8 FBE a skipped measurement
+    assert extra > 0 and res.steps["finetune"] == 10 + extra
+    total = 6 + 24 + 10 + extra
+    share = Policy.uniform(res.policy.layers, res.policy.tasks, "share")
+    _, hard = weights(share, finetune_steps=total, finetune_decay_fraction=10 / total)
+    assert all(torch.equal(a, b) for a, b in zip(conflict, hard))
+
+
+class CrashAfter(Dataset):
+    """The same samples until the ``n``-th read, which raises: a run that dies mid-way."""
+
+    def __init__(self, data, n):
+        self.data, self.n, self.reads = data, n, 0
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        self.reads += 1
+        if self.reads > self.n:
+            raise RuntimeError("the machine went away")
+        return self.data[i]
+
+
+def test_a_run_resumed_after_the_futility_stop_ends_bitwise_equal(tmp_path):
+    """The stop and the compute it frees are part of the checkpoint: a run killed after conflict stopped
+    measuring resumes to the same fine-tune length and the same weights."""
+    def go(data, out, resume=False):
+        torch.manual_seed(0)
+        tasks = [Task("a", kind="regression"), Task("b", kind="regression")]
+        sm = supermodel("tiny", tasks, torch.randn(1, 3, SIZE, SIZE))
+        cfg = SearchConfig(strategy="conflict", warmup_steps=2, search_steps=12, finetune_steps=4, conflict_every=1,
+                           finetune_unit="compute", checkpoint_every=1, batch_size=16, quiet=True,
+                           out_dir=str(out), resume=resume)
+        res = search(sm, data, None, cfg)
+        return res, [p.detach().clone() for p in sm.weight_parameters()]
+
+    straight, w_straight = go(TwoTargets(64, True), tmp_path / "a")
+    assert straight.policy.evidence["stopped_early"] and straight.steps["finetune"] > 4
+    with pytest.raises(RuntimeError, match="went away"):
+        go(CrashAfter(TwoTargets(64, True), 16 * 11), tmp_path / "b")  # dies in step 12, after the stop at step 6
+    assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["global_step"] == 11
+    resumed, w_resumed = go(TwoTargets(64, True), tmp_path / "b", resume=True)
+    assert resumed.steps == straight.steps and resumed.policy.evidence == straight.policy.evidence
+    assert all(torch.equal(a, b) for a, b in zip(w_straight, w_resumed))

@@ -103,6 +103,7 @@ class _Search(_CheckpointMixin, _LogMixin, _StepMixin):
         self.policy: Optional[Policy] = policy
         stages = [("finetune", cfg.finetune_steps)] if policy is not None else [
             ("warmup", cfg.warmup_steps), ("search", cfg.search_steps), ("finetune", cfg.finetune_steps)]
+        self.decay_steps = max(1, round(cfg.finetune_steps * cfg.finetune_decay_fraction))  # see _fit_finetune
         self.plan, offset = [], 0
         for name, length in stages:
             self.plan.append((name, length, offset))
@@ -222,14 +223,15 @@ class _Search(_CheckpointMixin, _LogMixin, _StepMixin):
 
     def _finetune_lr(self, i: int) -> None:
         """The learning rate of fine-tune step ``i``: ``finetune_lr`` (or ``lr``), under ``finetune_schedule``
-        "cosine" decayed along half a cosine to 0 over the stage's last ``finetune_decay_fraction``
-        (Loshchilov & Hutter, SGDR, ICLR 2017), so that the delivered weights are an annealed point rather
-        than one draw of constant-rate noise. The optimizer continues from the search (its moments carry over)."""
+        "cosine" decayed along half a cosine to 0 over the stage's last ``finetune_decay_fraction`` of
+        ``finetune_steps`` (:meth:`_fit_finetune`; Loshchilov & Hutter, SGDR, ICLR 2017), so that the delivered
+        weights are an annealed point rather than one draw of constant-rate noise. The optimizer continues from
+        the search (its moments carry over)."""
         cfg = self.config
         base = cfg.finetune_lr or cfg.lr
         if cfg.finetune_schedule == "cosine":
             length = next(n for name, n, _ in self.plan if name == "finetune")
-            decay = max(1, round(length * cfg.finetune_decay_fraction))
+            decay = min(self.decay_steps, length)
             k = max(i - (length - decay), 0)  # steps into the decay
             base *= 0.5 * (1.0 + math.cos(math.pi * k / decay))
         for group in self.weight_opt.param_groups:
@@ -262,11 +264,18 @@ class _Search(_CheckpointMixin, _LogMixin, _StepMixin):
     def _fit_finetune(self) -> None:
         """Under ``finetune_unit: compute``, the fine-tune's length in steps of the discrete architecture:
         ``finetune_steps`` hard-sharing steps' worth of MACs (a larger architecture trains fewer steps, a
-        smaller one more), so architectures are compared at equal compute rather than equal steps."""
-        if self.config.finetune_unit != "compute" or self.policy is None or not self.config.finetune_steps:
+        smaller one more), so architectures are compared at equal compute rather than equal steps; plus
+        the compute the search stage planned and did not spend (the strategy's ``unspent_compute``), as
+        steps at the constant rate before the anneal, whose length stays that of ``finetune_steps``."""
+        cfg = self.config
+        self.decay_steps = max(1, round(cfg.finetune_steps * cfg.finetune_decay_fraction))
+        if cfg.finetune_unit != "compute" or self.policy is None or not cfg.finetune_steps:
             return
         ratio = self.base_macs / max(self.sm.policy_mac_count(self.policy), 1)
-        steps = max(1, round(self.config.finetune_steps * ratio))
+        nominal = max(1, round(cfg.finetune_steps * ratio))
+        unspent = self.strategy.unspent_compute() if self.given_policy is None else 0.0
+        steps = nominal + round(unspent * ratio)
+        self.decay_steps = max(1, round(nominal * cfg.finetune_decay_fraction))
         for k, (name, _, offset) in enumerate(self.plan):
             if name == "finetune":
                 self.plan[k] = (name, steps, offset)  # in place: run()'s loop is iterating this list

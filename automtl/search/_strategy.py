@@ -94,6 +94,11 @@ class Strategy:
         """The discrete :class:`~automtl.policy.Policy` and its evidence dict (see ``Policy.evidence``)."""
         raise NotImplementedError
 
+    def unspent_compute(self) -> float:
+        """FBE the search stage planned but did not spend (e.g. measurements a futility stop skipped); under
+        ``finetune_unit: compute`` the fine-tune gets them."""
+        return 0.0
+
     def held_out(self) -> float:
         """The fraction of map-style training data held out for this strategy's policy steps (0: none)."""
         return 0.0

@@ -14,16 +14,31 @@ step trains exactly like the others: its own backward is reused). Then, per laye
 * layers are taken in order of conflict while the compact model stays within the budget.
 
 A task whose score is positive but not significant is *undecided* and shares. Fine-tune trains on.
+
+Measuring stops early once more measurements could not change the decision (*futility stopping*,
+stochastic curtailment after Lan, Simon & Halperin, 1982): from the fourth measurement on, when
+every pair of tasks in every layer either conflicts beyond doubt (below the threshold by
+``conflict_confidence`` standard errors, Bonferroni-corrected for the planned looks) or has a
+*conditional power* below ``conflict_futility`` — the probability, were the cosines to go on as
+measured so far, that the pair would be found in conflict at the last planned measurement. The rest
+of the search stage trains without measuring; under ``finetune_unit: compute`` the compute the
+measurements would have cost goes to the fine-tune. Stopping for futility can only keep tasks
+together, never branch them, so it does not raise the rate of false conflicts.
 """
 from __future__ import annotations
 
 import math
 import warnings
+from statistics import NormalDist
 
 import torch
 
 from ..policy import SHARE, SPECIALIZE, Policy
+from ..protocol import STEP_COST
 from ._strategy import Strategy, register_strategy
+
+#: Measurements before the futility check may stop: a standard deviation from fewer is too rough.
+MIN_MEASUREMENTS = 4
 
 
 @register_strategy("conflict")
@@ -34,6 +49,7 @@ class Conflict(Strategy):
         self.cos_sum = torch.zeros(L, T, T, dtype=torch.float64)
         self.cos_sq = torch.zeros(L, T, T, dtype=torch.float64)
         self.count = 0
+        self.stopped = False  # the futility check ended the measurements
 
     def held_out(self) -> float:
         return 0.0
@@ -65,7 +81,7 @@ class Conflict(Strategy):
         run.sync_buffers()
         losses, values = run.forward_losses(self.net, x, targets, "search", i, g)
         total, weights = run.weighting(losses, shared_parameters=run.shared, step=g)
-        measure = (i + 1) % run.config.conflict_every == 0
+        measure = not self.stopped and (i + 1) % run.config.conflict_every == 0
         cos = None
         if measure:
             cos = self._measure(losses, total)
@@ -73,6 +89,7 @@ class Conflict(Strategy):
             self.cos_sum += cos.cpu()
             self.cos_sq += cos.cpu() ** 2
             self.count += 1
+            self.stopped = self._settled()
         else:
             run.weight_step(total, run.weight_opt)
         rec = run.record("search", i, g, "weight", values, weights, total, run.weight_opt)
@@ -136,6 +153,46 @@ class Conflict(Strategy):
         norms = dots.diagonal().clamp_min(0.0).sqrt().clamp_min(1e-12)
         return dots / norms[:, None] / norms[None, :]
 
+    # ---- when to stop measuring -------------------------------------------------------
+    def planned(self) -> int:
+        """Measurements the search stage plans: one every ``conflict_every`` of its ``search_steps``."""
+        cfg = self.run.config
+        return cfg.search_steps // cfg.conflict_every
+
+    def _settled(self) -> bool:
+        """True when no further measurement is likely to change the decision (see the module docstring).
+
+        For a pair with mean cosine ``m`` and sample standard deviation ``s`` over ``n`` of ``K`` planned
+        measurements, the conditional power under the current trend is
+        ``Φ((K (thr - m) - z s √K) / (s √(K - n)))``: the chance that the mean of all K falls ``z``
+        standard errors below the threshold ``thr``.
+        """
+        cfg = self.run.config
+        K, n, T = self.planned(), self.count, self.run.sm.num_tasks
+        if cfg.conflict_futility <= 0 or n < MIN_MEASUREMENTS or n >= K:
+            return False
+        if T < 2:
+            return True
+        thr, z = cfg.conflict_threshold, cfg.conflict_confidence
+        mean, se = self.statistics()
+        a, b = torch.triu_indices(T, T, 1)
+        m, se = 0.5 * (mean[:, a, b] + mean[:, b, a]), se[:, a, b]  # (L, pairs)
+        s = (se * math.sqrt(n)).clamp_min(1e-12)
+        normal = NormalDist()
+        tail = normal.cdf(-z) / K  # Bonferroni over the K looks
+        z_stop = -normal.inv_cdf(tail) if tail > 0 else math.inf
+        conflicting = m + z_stop * se < thr
+        power = torch.special.ndtr((K * (thr - m) - z * s * math.sqrt(K)) / (s * math.sqrt(K - n)))
+        return bool((conflicting | (power < cfg.conflict_futility)).all())
+
+    def unspent_compute(self) -> float:
+        """FBE of the planned measurements the futility stop skipped (``protocol.STEP_COST``: each would have
+        cost ``0.8 (T - 1)`` FBE more than the plain step that replaced it)."""
+        if not self.stopped:
+            return 0.0
+        extra = STEP_COST["conflict"]["measure_per_extra_task"] * max(self.run.sm.num_tasks - 1, 0)
+        return (self.planned() - self.count) * extra
+
     # ---- the decision ----------------------------------------------------------------
     def statistics(self):
         """Mean pairwise cosine (L, T, T) and its standard error over the measured steps."""
@@ -181,6 +238,7 @@ class Conflict(Strategy):
         policy = Policy(sm.layer_names, sm.task_names, choices)
         self._inherit(policy)
         evidence = {"kind": "conflict", "threshold": thr, "confidence": z, "steps": self.count,
+                    "planned_steps": self.planned(), "stopped_early": self.stopped,
                     "scores": scores, "undecided": undecided, "over_budget": over_budget}
         return policy, evidence
 
@@ -223,10 +281,12 @@ class Conflict(Strategy):
 
     # ---- checkpoint ------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"cos_sum": self.cos_sum.clone(), "cos_sq": self.cos_sq.clone(), "count": self.count}
+        return {"cos_sum": self.cos_sum.clone(), "cos_sq": self.cos_sq.clone(), "count": self.count,
+                "stopped": self.stopped}
 
     def load_state_dict(self, state: dict) -> None:
         if state:
             self.cos_sum = state["cos_sum"].clone()
             self.cos_sq = state["cos_sq"].clone()
             self.count = int(state["count"])
+            self.stopped = bool(state.get("stopped", False))
