@@ -210,8 +210,8 @@ class SearchConfig:
             raise ConfigError(f"config field 'val_batches' must be a positive integer or null, got {self.val_batches!r}")
         if not 0 < self.finetune_decay_fraction <= 1:
             raise ConfigError(f"config field 'finetune_decay_fraction' must be above 0 and at most 1, got {self.finetune_decay_fraction}")
-        if not 0 <= self.conflict_futility < 1:
-            raise ConfigError(f"config field 'conflict_futility' must be at least 0 and below 1, got {self.conflict_futility}")
+        if not 0 <= self.conflict_futility < 0.5:  # from 0.5 on, a pair in conflict now could count as futile
+            raise ConfigError(f"config field 'conflict_futility' must be at least 0 and below 0.5, got {self.conflict_futility}")
         if not 0 <= self.holdout_fraction < 1:
             raise ConfigError(f"config field 'holdout_fraction' must be at least 0 and below 1, got {self.holdout_fraction}")
 

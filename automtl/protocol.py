@@ -14,9 +14,9 @@ one 1.55-1.60 (T = 2) / 2.39-2.71 (T = 3) in two runs: one forward and T backwar
 the last task's gradient, charged as 1 + 0.8 (T - 1); a fine-tune step of the compact model 1 FBE
 when the fine-tune counts its steps in compute (``finetune_unit: compute``: the discrete
 architecture runs finetune_steps x MACs(all share) / MACs(policy) steps), as the sweep and the
-quality benchmark do. A conflict search that stops measuring early (``conflict_futility``) has the
-planned measurements it skipped, at these rates, added to its fine-tune, so its run still costs what
-:func:`run_cost` says.
+quality benchmark do. Under ``finetune_unit: compute``, a conflict search that stops measuring early
+(``conflict_futility``) has the planned measurements it skipped, at these rates, added to its
+fine-tune, so its run costs what :func:`run_cost` says (up to rounding to whole steps).
 
 **Δ_MTL** (Maninis et al. 2019; :func:`automtl.metrics.delta_mtl`) averages, per task, the usual
 metrics of the MTL literature for its kind; the within-N-degrees percentages of normals are left

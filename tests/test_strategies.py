@@ -271,6 +271,8 @@ def test_conflict_stops_measuring_once_the_decision_is_settled():
     _, apart = run(False, "conflict")
     assert not apart.policy.evidence["stopped_early"] and apart.policy.evidence["steps"] == 15
     assert apart.policy.counts()["specialize"] >= 1
+    from automtl.report import _policy_lines
+    assert f"gradients measured {MIN_MEASUREMENTS} of 15 planned times; then stopped" in "\n".join(_policy_lines(same.policy))
     _, always = run(True, "conflict", conflict_futility=0.0)
     assert not always.policy.evidence["stopped_early"] and always.policy.evidence["steps"] == 15
 
@@ -314,7 +316,8 @@ class CrashAfter(Dataset):
         return self.data[i]
 
 
-def test_a_run_resumed_after_the_futility_stop_ends_bitwise_equal(tmp_path):
+@pytest.mark.parametrize("crash", [11, 18])  # in the search after the stop (step 6), in the lengthened fine-tune
+def test_a_run_resumed_after_the_futility_stop_ends_bitwise_equal(tmp_path, crash):
     """The stop and the compute it frees are part of the checkpoint: a run killed after conflict stopped
     measuring resumes to the same fine-tune length and the same weights."""
     def go(data, out, resume=False):
@@ -328,10 +331,45 @@ def test_a_run_resumed_after_the_futility_stop_ends_bitwise_equal(tmp_path):
         return res, [p.detach().clone() for p in sm.weight_parameters()]
 
     straight, w_straight = go(TwoTargets(64, True), tmp_path / "a")
-    assert straight.policy.evidence["stopped_early"] and straight.steps["finetune"] > 4
+    assert straight.policy.evidence["stopped_early"] and straight.steps["finetune"] == 4 + 6  # 8 skipped x 0.8
     with pytest.raises(RuntimeError, match="went away"):
-        go(CrashAfter(TwoTargets(64, True), 16 * 11), tmp_path / "b")  # dies in step 12, after the stop at step 6
-    assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["global_step"] == 11
+        go(CrashAfter(TwoTargets(64, True), 16 * crash), tmp_path / "b")
+    assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["global_step"] == crash
     resumed, w_resumed = go(TwoTargets(64, True), tmp_path / "b", resume=True)
     assert resumed.steps == straight.steps and resumed.policy.evidence == straight.policy.evidence
     assert all(torch.equal(a, b) for a, b in zip(w_straight, w_resumed))
+
+
+def test_the_freed_compute_buys_steps_of_the_branched_architecture():
+    """A branched policy: the nominal fine-tune and the freed compute are both counted in MACs of the
+    hard-sharing model, so both shrink by MACs(all share) / MACs(policy); the anneal covers the nominal part."""
+    from automtl.search._run import _Search
+
+    torch.manual_seed(0)
+    tasks = [Task("a", kind="regression"), Task("b", kind="regression")]
+    sm = supermodel("tiny", tasks, torch.randn(1, 3, SIZE, SIZE))
+    run = _Search(sm, DataLoader(TwoTargets(32, False), batch_size=16), None,
+                  SearchConfig(strategy="conflict", warmup_steps=0, search_steps=40, finetune_steps=30, quiet=True,
+                               finetune_unit="compute", finetune_decay_fraction=0.5, lr=0.01), None)
+    run.strategy.count, run.strategy.stopped = 4, True  # 6 of 10 planned measurements skipped: 4.8 FBE
+    choices = [[SHARE, SHARE] for _ in sm.layer_names]
+    choices[-1] = [SHARE, SPECIALIZE]
+    run.policy = Policy(sm.layer_names, sm.task_names, choices)
+    run._fit_finetune()
+    ratio = run.base_macs / sm.policy_mac_count(run.policy)
+    assert ratio < 1
+    steps = next(n for name, n, _ in run.plan if name == "finetune")
+    assert steps == round(30 * ratio) + round(4.8 * ratio) and run.decay_steps == round(round(30 * ratio) * 0.5)
+    lrs = []
+    for i in range(steps):
+        run._finetune_lr(i)
+        lrs.append(run.weight_opt.param_groups[0]["lr"])
+    constant = steps - run.decay_steps
+    assert lrs[:constant + 1] == [0.01] * (constant + 1) and lrs[constant + 1] < 0.01 and lrs[-1] < 0.01 * 0.05
+
+
+@pytest.mark.parametrize("value", [-0.1, 0.5, 0.9])
+def test_futility_from_one_half_on_is_refused(value):
+    # from 0.5 on, a pair significantly in conflict now could count as futile and the stop would hide it
+    with pytest.raises(ConfigError, match="'conflict_futility' must be at least 0 and below 0.5"):
+        SearchConfig(conflict_futility=value)

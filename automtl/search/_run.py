@@ -224,7 +224,7 @@ class _Search(_CheckpointMixin, _LogMixin, _StepMixin):
     def _finetune_lr(self, i: int) -> None:
         """The learning rate of fine-tune step ``i``: ``finetune_lr`` (or ``lr``), under ``finetune_schedule``
         "cosine" decayed along half a cosine to 0 over the stage's last ``finetune_decay_fraction`` of
-        ``finetune_steps`` (:meth:`_fit_finetune`; Loshchilov & Hutter, SGDR, ICLR 2017), so that the delivered
+        ``finetune_steps`` (as fitted: :meth:`_fit_finetune`; Loshchilov & Hutter, SGDR, ICLR 2017), so that the delivered
         weights are an annealed point rather than one draw of constant-rate noise. The optimizer continues from
         the search (its moments carry over)."""
         cfg = self.config
@@ -266,7 +266,8 @@ class _Search(_CheckpointMixin, _LogMixin, _StepMixin):
         ``finetune_steps`` hard-sharing steps' worth of MACs (a larger architecture trains fewer steps, a
         smaller one more), so architectures are compared at equal compute rather than equal steps; plus
         the compute the search stage planned and did not spend (the strategy's ``unspent_compute``), as
-        steps at the constant rate before the anneal, whose length stays that of ``finetune_steps``."""
+        steps at the constant rate before the anneal, whose length stays ``finetune_decay_fraction`` of the
+        fitted ``finetune_steps``."""
         cfg = self.config
         self.decay_steps = max(1, round(cfg.finetune_steps * cfg.finetune_decay_fraction))
         if cfg.finetune_unit != "compute" or self.policy is None or not cfg.finetune_steps:
