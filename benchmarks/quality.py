@@ -13,8 +13,9 @@ and T heads). Each strategy's stage lengths are set from ``C`` with the measured
 share computed once, about 1.5 FBE; AutoMTL's all-operator mix would cost about 4.2; a conflict search
 step measures the per-task gradients once every 4 steps, each time T - 1 extra backwards, about
 0.8 FBE each, until its futility stop, whose unspent FBE go to its fine-tune); every job also reports the
-CPU seconds it took, and the summary its measured cost in FBE (CPU seconds / the same seed's
-hard-sharing CPU seconds per step), so the match can be checked:
+CPU seconds it took, and the summary its measured cost in FBE (CPU seconds / the CPU seconds per step
+of the same seed's ``hard-sharing (cosine over C)`` run, which has no validation passes), so the match
+can be checked (rows with curves also pay for their validations):
   single-task      one model per task trained for C steps (a generous reference: T x C in all);
   hard-sharing     the all-share policy trained for C steps, the learning rate constant and then annealed
                    over the same last part of C as convert's fine-tune (the same schedule shape);
@@ -28,8 +29,8 @@ hard-sharing CPU seconds per step), so the match can be checked:
   random@1.5x      a random policy with the parameter count nearest the default strategy's 1.5x
                    architecture, trained for C FBE with hard sharing's schedule shape (the control
                    that shows the search matters).
-Validation curves (every C/8 steps) are kept for single-task and hard sharing, to show how close to
-converged they are. The runs are independent jobs spread over ``--jobs`` worker processes of one
+Validation curves (every C/8 steps) are kept for single-task and the primary hard sharing, to show how
+close to converged they are. The runs are independent jobs spread over ``--jobs`` worker processes of one
 thread each; the JSON is rewritten after every job, and ``--resume`` goes on. Writes quality.json
 and quality.md. Benchmark seeds are 0, 1, 2; calibration used seeds from 100 on (``--seed-base``).
 """
@@ -143,7 +144,9 @@ def run_job(bench: dict, seed: int, method: str, target_params=None, policy_dict
             policy = random_policy_near(sm, target_params, seed)
         else:
             policy = Policy.uniform(sm.layer_names, sm.task_names, "share")
-        curve = not method.endswith("retrained") and method != "random@1.5x"
+        # curves for the single-task models and hard sharing; the secondary hard-sharing row trains without
+        # validation passes, so its CPU seconds per step are the unit of the cost column
+        curve = method.startswith("single:") or method == "hard-sharing"
         shape = decay_fraction(bench) if method in ("hard-sharing", "random@1.5x") else 1.0
         cfg = SearchConfig(**{**base, "warmup_steps": 0, "search_steps": 0, "finetune_steps": C, "budget": None,
                               "val_every": max(1, C // 8) if curve else 0, "finetune_decay_fraction": shape})
@@ -215,7 +218,7 @@ def row_names() -> list[str]:
 
 def summarize(bench: dict, seeds, done: dict) -> dict:
     """Per seed: Δ_MTL of every method against that seed's single-task models and its cost in FBE (CPU
-    seconds / the seed's hard-sharing CPU seconds per step); then mean and (population) standard
+    seconds / the CPU seconds per step of the seed's hard sharing without validation passes); then mean and (population) standard
     deviation over the seeds where the method finished."""
     from automtl.errors import ConfigError
     from automtl.metrics import delta_mtl
@@ -230,10 +233,10 @@ def summarize(bench: dict, seeds, done: dict) -> dict:
     per_seed = {}
     for seed in seeds:
         singles = [done.get(f"single:{t.name}/{seed}") for t in tasks_of(bench["data"])]
-        hard = done.get(f"hard-sharing/{seed}")
+        hard = done.get(f"{HARD_COSINE}/{seed}")
         if any(s is None for s in singles) or hard is None:
             continue
-        unit = hard["cpu_per_step"]
+        unit = hard["cpu_per_step"]  # one hard-sharing step, no validation passes: 1 FBE
         single = {k: v for s in singles for k, v in s["metrics"].items()}
         row = {"single-task": {"metrics": single, "parameters": sum(s["parameters"] for s in singles),
                                "delta_mtl": 0.0, "policy": None, "fbe": sum(s["cpu_seconds"] for s in singles) / unit,

@@ -52,6 +52,7 @@ def test_quality_quick_run_on_multifashion(tmp_path):
     assert all(s["fbe"] > 0 for s in res["summary"].values())
     jobs = data["jobs"]["multifashion/small_resnet"]
     assert jobs["hard-sharing/0"]["curve"] and "conflict@1.5x" in (tmp_path / "quality.md").read_text()
+    assert "curve" not in jobs["hard-sharing (cosine over C)/0"]  # the cost unit: no validation passes
     # the control is sized like the default strategy's 1.5x architecture; retrained rows keep the size
     assert jobs["random@1.5x/0"]["parameters"] > 0
     assert jobs["conflict@1.5x retrained/0"]["parameters"] == jobs["conflict@1.5x/0"]["parameters"]
