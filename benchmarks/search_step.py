@@ -189,7 +189,9 @@ def main(argv=None) -> int:
     # conflict measures once every conflict_every steps: one per schedule cycle here, its last step, so the
     # "policy" columns are the measured step and the "weight" columns the plain ones
     every = SearchConfig().weight_steps_per_policy_step + 1
-    variants = {"default": {}, "soft": {"paths": "soft"}, "conflict": {"strategy": "conflict", "conflict_every": every}}
+    # (no futility stop: every cycle's last step is a measured one)
+    variants = {"default": {}, "soft": {"paths": "soft"},
+                "conflict": {"strategy": "conflict", "conflict_every": every, "conflict_futility": 0.0}}
     results = []
     for name in args.backbones:
         for size in args.sizes:

@@ -6,7 +6,7 @@ The constants of ``automtl.protocol.STEP_COST`` come from here: for each strateg
 ``--steps`` steps in every stage on the quality benchmark's data, sizes and batch (ResNet-18 on
 synthetic scenes at 64 px, batch 8; the small ResNet on MultiFashion at 36 px, batch 32), every step
 logged, gumbel's weight and policy steps in ``convert``'s proportion; the median step time of each
-stage over the median warm-up step (the hard-sharing model, 1 FBE). conflict is run with ``conflict_every=1`` so that its search median is the measured step.
+stage over the median warm-up step (the hard-sharing model, 1 FBE). conflict is run with ``conflict_every=1`` and no futility stop so that its search median is the measured step.
 """
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def measure(name: str, strategy: str, steps: int, size=None) -> dict:
     sm = supermodel(make_backbone(bench["backbone"]), tasks_of(bench["data"]), torch.randn(1, 3, size, size))
     res = search(sm, train, None, dict(strategy=strategy, warmup_steps=steps, search_steps=steps, finetune_steps=steps,
                                        batch_size=bench["batch"], quiet=True, log_every=1, checkpoint_every=0, seed=0,
-                                       budget="1.5x", conflict_every=1,
+                                       budget="1.5x", conflict_every=1, conflict_futility=0.0,
                                        weight_steps_per_policy_step=DEFAULT_SCHEDULE["weight_steps_per_policy_step"]))
     logged = [h for h in res.history if h.get("stage") in ("warmup", "search", "finetune")]
     per: dict = {}
