@@ -264,7 +264,7 @@ class SearchConfig:
         from .fileio import read_yaml
 
         where = f"config file {os.fspath(path)!r}"
-        data = read_yaml(path, "config file")
+        data = read_yaml(path, "config file", exponent_floats=True)
         return cls.from_dict(data or {}, where)
 
     def to_dict(self) -> dict:

@@ -155,7 +155,7 @@ def resolve_config(config_path=None, **options) -> ConvertConfig:
 
 
 def _read_yaml(path, what: str):
-    return read_yaml(path, what) or {}
+    return read_yaml(path, what, exponent_floats=True) or {}
 
 
 # ---- building -------------------------------------------------------------------------
@@ -246,6 +246,7 @@ def _convert(cfg: ConvertConfig, out: Path, resume: bool, quiet: bool, log: Call
         "policy": {"counts": result.policy.counts(), "strategy": result.strategy,
                    "evidence": result.policy.to_dict().get("evidence")},
         "metrics": result.metrics,
+        "steps": result.steps,  # optimizer steps each stage ran (the fine-tune's as fitted)
         "accounting": stats,
         "budget": {"multiple": cfg.search.budget_multiple, "params": result.params, "budget_params": result.budget_params,
                    "used": round(result.params / result.base_params, 4)},

@@ -4,7 +4,9 @@ without bombs)."""
 from __future__ import annotations
 
 import errno
+import functools
 import os
+import re
 import stat
 import tempfile
 from contextlib import contextmanager
@@ -121,10 +123,26 @@ def read_regular_file(path: str | os.PathLike, what: str, max_bytes: int, error:
         os.close(fd)
 
 
-def _yaml_loader():
+#: YAML 1.2's floats: PyYAML reads YAML 1.1, where ``1e-3`` (no dot) is a string, not a number.
+_FLOAT_12 = re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+    |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""", re.X)
+
+
+@functools.lru_cache(maxsize=None)
+def _yaml_loader(exponent_floats: bool = False):
+    """The safe loader (C when available); ``exponent_floats`` also reads ``1e-3`` as a number (config
+    files, where users write learning rates that way; not policies, whose names must stay strings)."""
     import yaml
 
-    return getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    base = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    if not exponent_floats:
+        return base
+    loader = type("ConfigLoader", (base,), {})
+    loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_12, list("-+0123456789."))
+    return loader
 
 
 def check_yaml_structure(text: str, where: str, error: type, max_depth: int = MAX_YAML_DEPTH) -> None:
@@ -149,8 +167,10 @@ def check_yaml_structure(text: str, where: str, error: type, max_depth: int = MA
             depth -= 1
 
 
-def parse_yaml(raw: bytes | str, where: str, error: type, max_bytes: int = MAX_YAML_BYTES):
-    """Parse YAML text under automtl's bounds: size, no aliases, bounded nesting, safe tags only."""
+def parse_yaml(raw: bytes | str, where: str, error: type, max_bytes: int = MAX_YAML_BYTES,
+               exponent_floats: bool = False):
+    """Parse YAML text under automtl's bounds: size, no aliases, bounded nesting, safe tags only
+    (``exponent_floats``: ``1e-3`` is a number, as in YAML 1.2)."""
     import yaml
 
     if len(raw) > max_bytes:
@@ -158,7 +178,7 @@ def parse_yaml(raw: bytes | str, where: str, error: type, max_bytes: int = MAX_Y
     try:
         text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
         check_yaml_structure(text, where, error)
-        return yaml.load(text, Loader=_yaml_loader())
+        return yaml.load(text, Loader=_yaml_loader(exponent_floats))
     except UnicodeDecodeError:
         raise error(f"{where} is not UTF-8 text; it is not a YAML file") from None
     except yaml.YAMLError as exc:
@@ -168,7 +188,7 @@ def parse_yaml(raw: bytes | str, where: str, error: type, max_bytes: int = MAX_Y
         raise error(f"{where} is not valid YAML{line}" + (f" ({problem})" if problem else "") + "; fix the syntax there") from None
 
 
-def read_yaml(path: str | os.PathLike, what: str, error: type = None):
+def read_yaml(path: str | os.PathLike, what: str, error: type = None, exponent_floats: bool = False):
     """Parse a YAML file under automtl's bounds (:func:`read_regular_file`, :func:`parse_yaml`).
 
     A missing, unreadable, oversized, non-regular or malformed file, an alias or a deep nesting is
@@ -178,7 +198,7 @@ def read_yaml(path: str | os.PathLike, what: str, error: type = None):
 
     error = error or ConfigError
     raw = read_regular_file(path, what, MAX_YAML_BYTES, error)
-    return parse_yaml(raw, f"{what} {os.fspath(path)!r}", error)
+    return parse_yaml(raw, f"{what} {os.fspath(path)!r}", error, exponent_floats=exponent_floats)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

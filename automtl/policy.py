@@ -175,6 +175,15 @@ def _choice_index(choice, where: str = "policy") -> int:
     raise ConfigError(f"{where}: choice {choice!r} is not one of share, specialize, skip")
 
 
+def undecided_meaning(evidence: Optional[dict]) -> str:
+    """What "undecided" meant for this evidence, for legends: a probability margin below the threshold
+    (gumbel), or a positive conflict score within ``confidence`` standard errors of zero (conflict)."""
+    ev = evidence or {}
+    if ev.get("kind") == "conflict":
+        return f"a conflict score above 0 by less than {ev.get('confidence')} standard errors"
+    return f"a margin below {ev.get('threshold')}"
+
+
 def _evidence_to_yaml(ev: dict, layers: list, tasks: list) -> dict:
     """Evidence as readable YAML: scores and undecided choices by layer and task name."""
     out = {k: v for k, v in ev.items() if k not in ("scores", "undecided", "over_budget")}

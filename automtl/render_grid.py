@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import html
 
-from .policy import SHARE, SPECIALIZE, Policy
+from .policy import SHARE, SPECIALIZE, Policy, undecided_meaning
 from .render_graph import block_names
 
 __all__ = ["PALETTE", "grid_label", "ink_on", "legend_label", "tint"]
@@ -122,7 +122,7 @@ def legend_label(policy: Policy, colours: dict, with_graph_legend: bool) -> str:
     if ev.get("scores") is not None:
         what = "probability margin over the runner-up" if ev.get("kind") == "margin" else "gradient-conflict score"
         note = (f"+0.12 beside a choice: its {what} ({e(str(ev.get('strategy', 'search')))});<BR ALIGN=\"LEFT\"/>"
-                f"? = undecided (below {e(str(ev.get('threshold')))}): fell back to share")
+                f"? = undecided ({e(undecided_meaning(ev))}): fell back to share")
         budget = ev.get("budget")
         if budget:
             limit = f" of a {budget['limit']}x budget" if budget.get("limit") else ""

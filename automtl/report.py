@@ -21,7 +21,7 @@ from torch import nn
 from .compact import CompactModel, compact as _compile
 from .flops import macs_of, shapes_only
 from .listing import backbone_catalog, format_rows, supermodel_summary  # noqa: F401  (re-exported)
-from .policy import CHOICES, Policy
+from .policy import CHOICES, Policy, undecided_meaning
 
 __all__ = ["backbone_catalog", "count_macs", "model_stats", "interleaved_latency", "flop_bound", "compare", "format_inspect",
            "format_rows", "inspect_text", "supermodel_summary"]
@@ -293,7 +293,7 @@ def _policy_lines(policy: Optional[Policy]) -> list:
     if scored:
         what = "probability margin over the runner-up" if ev.get("kind") == "margin" else "gradient-conflict score"
         lines.append(f"beside each choice: its {what} ({ev.get('strategy', 'search')}); ? = undecided "
-                     f"(below {ev.get('threshold')}), fell back to share")
+                     f"({undecided_meaning(ev)}), fell back to share")
         if ev.get("kind") == "conflict" and ev.get("planned_steps"):
             stop = "; then stopped: more could not change the decision" if ev.get("stopped_early") else ""
             lines.append(f"gradients measured {ev.get('steps')} of {ev['planned_steps']} planned times{stop}")

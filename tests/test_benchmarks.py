@@ -8,8 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -41,7 +39,7 @@ def test_scaling_writes_a_row_per_task_count(tmp_path):
 
 
 def test_quality_quick_run_on_multifashion(tmp_path):
-    out = run("quality.py", "--quick", "--only", "small_resnet", "--jobs", "1", "--out", tmp_path)
+    run("quality.py", "--quick", "--only", "small_resnet", "--jobs", "1", "--out", tmp_path)
     data = json.loads((tmp_path / "quality.json").read_text())
     assert data["complete"] is True
     res = data["results"]["multifashion/small_resnet"]

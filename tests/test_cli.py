@@ -43,6 +43,7 @@ def test_convert_writes_every_file(converted):
     for key in ("compact", "backbone", "separate", "supermodel"):
         assert report["accounting"][key]["parameters"] > 0
     assert report["search_seconds"] > 0
+    assert report["steps"] == {"warmup": 2, "search": 3, "finetune": 2}
     assert "<svg" in (converted / "sharing.svg").read_text()
     assert not [p for p in converted.iterdir() if p.name.startswith(".")], "staging files left behind"
 
@@ -51,6 +52,16 @@ def test_the_resolved_config_reruns(converted, tmp_path):
     again = tmp_path / "again"
     run("convert", "--config", converted / "config.yaml", "--quiet", "--out", again)
     assert (again / "policy.yaml").read_text() == (converted / "policy.yaml").read_text()
+
+
+def test_config_files_take_numbers_in_exponent_form(tmp_path):
+    """PyYAML reads YAML 1.1, where 1e-3 is a string; config files read it as the number users mean."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("backbone: tiny\ninput_size: 32\ntrain_samples: 16\nval_samples: 8\n"
+                   "search: {lr: 1e-3, finetune_lr: 5E-4, warmup_steps: 1, search_steps: 1, finetune_steps: 1}\n")
+    run("convert", "--config", cfg, "--quiet", "--out", tmp_path / "o")
+    back = (tmp_path / "o" / "config.yaml").read_text()
+    assert "lr: 0.001" in back and "finetune_lr: 0.0005" in back
 
 
 def test_pt2_runs_in_plain_torch(converted):

@@ -92,6 +92,20 @@ def test_weak_evidence_is_undecided_and_shares():
     assert len(res.policy.evidence["undecided"]) == len(res.policy.layers) * 2
 
 
+def test_a_config_changed_after_it_was_made_is_checked_again():
+    cfg = SearchConfig(strategy="conflict", warmup_steps=1, search_steps=0, finetune_steps=0, quiet=True)
+    cfg.conflict_futility = 0.7
+    sm = supermodel("tiny", [Task("a", kind="regression"), Task("b", kind="regression")], torch.randn(1, 3, SIZE, SIZE))
+    with pytest.raises(ConfigError, match="'conflict_futility' must be at least 0 and below 0.5"):
+        search(sm, TwoTargets(16, True), None, cfg)
+
+
+def test_policy_names_that_look_like_numbers_stay_names(tmp_path):
+    p = Policy(["1e3"], ["2e5", "b"], [[0, 1]])
+    p.save(tmp_path / "p.yaml")
+    assert Policy.load(tmp_path / "p.yaml") == p
+
+
 def test_old_policy_files_stay_readable(tmp_path):
     path = tmp_path / "old.yaml"
     path.write_text("automtl_policy: 1\ntasks: [a, b]\nlayers:\n  conv1: {a: share, b: specialize}\n")
@@ -128,6 +142,7 @@ def test_evidence_in_bundle_and_inspect_grid(tmp_path):
     text = inspect_text(tmp_path / "m.automtl")
     assert "gradient-conflict score (conflict)" in text and "budget used:" in text
     assert f"gradients measured {res.policy.evidence['steps']} of 5 planned times" in text
+    assert "? = undecided (a conflict score above 0 by less than 2.0 standard errors)" in text
     l, t = next(iter(res.policy.evidence["undecided"]), (0, 0))
     row = next(line for line in text.splitlines() if line.startswith(res.policy.layers[l] + " "))
     assert f"{res.policy.evidence['scores'][l][t]:+.3f}" in row

@@ -418,7 +418,7 @@ def search(
     if config is None:
         cfg = SearchConfig()
     elif isinstance(config, SearchConfig):
-        cfg = config
+        cfg = config.validate()  # again: its fields may have been set after it was made
     elif isinstance(config, Mapping):
         cfg = SearchConfig.from_dict(config)
     elif isinstance(config, (str, os.PathLike)):
