@@ -175,6 +175,12 @@ def _choice_index(choice, where: str = "policy") -> int:
     raise ConfigError(f"{where}: choice {choice!r} is not one of share, specialize, skip")
 
 
+def score_meaning(evidence: Optional[dict]) -> str:
+    """What the score beside a choice is, for legends."""
+    ev = evidence or {}
+    return "probability margin over the runner-up" if ev.get("kind") == "margin" else "gradient-conflict score"
+
+
 def undecided_meaning(evidence: Optional[dict]) -> str:
     """What "undecided" meant for this evidence, for legends: a probability margin below the threshold
     (gumbel), or a positive conflict score within ``confidence`` standard errors of zero (conflict)."""

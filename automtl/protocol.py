@@ -28,7 +28,7 @@ from typing import Mapping, Optional, Sequence
 
 from .metrics import HIGHER_IS_BETTER
 
-__all__ = ["STEP_COST", "DELTA_METRICS", "step_cost", "run_cost", "finetune_share", "delta_metrics", "delta_or_none"]
+__all__ = ["STEP_COST", "DELTA_METRICS", "measure_cost", "step_cost", "run_cost", "finetune_share", "delta_metrics", "delta_or_none"]
 
 #: FBE of one step of each stage, per strategy (see the module docstring for the measurements);
 #: conflict's search step is an average over measured and plain steps (:func:`step_cost`).
@@ -37,6 +37,11 @@ STEP_COST = {"gumbel": {"warmup": 1.0, "search": 1.5, "finetune": 1.0},
 #: The metrics that enter Δ_MTL, per task kind; a kind not listed uses every metric of known direction.
 DELTA_METRICS = {"segmentation": ("miou", "pixel_acc"), "depth": ("abs_err", "rel_err"),
                  "normal": ("mean_angle", "median_angle"), "classification": ("accuracy",)}
+
+
+def measure_cost(num_tasks: int) -> float:
+    """FBE a measured conflict search step costs above a plain one: ``0.8 (T - 1)`` (T - 1 extra backwards)."""
+    return STEP_COST["conflict"]["measure_per_extra_task"] * max(num_tasks - 1, 0)
 
 
 def step_cost(strategy: str, num_tasks: int = 3, conflict_every: int = 4) -> dict:
@@ -49,9 +54,8 @@ def step_cost(strategy: str, num_tasks: int = 3, conflict_every: int = 4) -> dic
         KeyError: ``strategy`` has no measured step cost (only ``conflict`` and ``gumbel`` have).
     """
     cost = dict(STEP_COST[strategy])
-    extra = cost.pop("measure_per_extra_task", None)
-    if extra is not None:
-        cost["search"] += extra * max(num_tasks - 1, 0) / max(int(conflict_every), 1)
+    if cost.pop("measure_per_extra_task", None) is not None:
+        cost["search"] += measure_cost(num_tasks) / max(int(conflict_every), 1)
     return cost
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import html
 
-from .policy import SHARE, SPECIALIZE, Policy, undecided_meaning
+from .policy import SHARE, SPECIALIZE, Policy, score_meaning, undecided_meaning
 from .render_graph import block_names
 
 __all__ = ["PALETTE", "grid_label", "ink_on", "legend_label", "tint"]
@@ -120,7 +120,7 @@ def legend_label(policy: Policy, colours: dict, with_graph_legend: bool) -> str:
     ]
     ev = policy.evidence or {}
     if ev.get("scores") is not None:
-        what = "probability margin over the runner-up" if ev.get("kind") == "margin" else "gradient-conflict score"
+        what = score_meaning(ev)
         note = (f"+0.12 beside a choice: its {what} ({e(str(ev.get('strategy', 'search')))});<BR ALIGN=\"LEFT\"/>"
                 f"? = undecided ({e(undecided_meaning(ev))}): fell back to share")
         budget = ev.get("budget")

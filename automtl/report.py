@@ -21,7 +21,7 @@ from torch import nn
 from .compact import CompactModel, compact as _compile
 from .flops import macs_of, shapes_only
 from .listing import backbone_catalog, format_rows, supermodel_summary  # noqa: F401  (re-exported)
-from .policy import CHOICES, Policy, undecided_meaning
+from .policy import CHOICES, Policy, score_meaning, undecided_meaning
 
 __all__ = ["backbone_catalog", "count_macs", "model_stats", "interleaved_latency", "flop_bound", "compare", "format_inspect",
            "format_rows", "inspect_text", "supermodel_summary"]
@@ -291,7 +291,7 @@ def _policy_lines(policy: Optional[Policy]) -> list:
     ev = policy.evidence or {}
     scored = ev.get("scores") is not None
     if scored:
-        what = "probability margin over the runner-up" if ev.get("kind") == "margin" else "gradient-conflict score"
+        what = score_meaning(ev)
         lines.append(f"beside each choice: its {what} ({ev.get('strategy', 'search')}); ? = undecided "
                      f"({undecided_meaning(ev)}), fell back to share")
         if ev.get("kind") == "conflict" and ev.get("planned_steps"):

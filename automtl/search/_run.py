@@ -103,7 +103,6 @@ class _Search(_CheckpointMixin, _LogMixin, _StepMixin):
         self.policy: Optional[Policy] = policy
         stages = [("finetune", cfg.finetune_steps)] if policy is not None else [
             ("warmup", cfg.warmup_steps), ("search", cfg.search_steps), ("finetune", cfg.finetune_steps)]
-        self.decay_steps = max(1, round(cfg.finetune_steps * cfg.finetune_decay_fraction))  # see _fit_finetune
         self.plan, offset = [], 0
         for name, length in stages:
             self.plan.append((name, length, offset))
@@ -269,17 +268,15 @@ class _Search(_CheckpointMixin, _LogMixin, _StepMixin):
         steps at the constant rate before the anneal, whose length stays ``finetune_decay_fraction`` of the
         fitted ``finetune_steps``."""
         cfg = self.config
-        self.decay_steps = max(1, round(cfg.finetune_steps * cfg.finetune_decay_fraction))
-        if cfg.finetune_unit != "compute" or self.policy is None or not cfg.finetune_steps:
-            return
-        ratio = self.base_macs / max(self.sm.policy_mac_count(self.policy), 1)
-        nominal = max(1, round(cfg.finetune_steps * ratio))
-        unspent = self.strategy.unspent_compute() if self.given_policy is None else 0.0
-        steps = nominal + round(unspent * ratio)
-        self.decay_steps = max(1, round(nominal * cfg.finetune_decay_fraction))
-        for k, (name, _, offset) in enumerate(self.plan):
-            if name == "finetune":
-                self.plan[k] = (name, steps, offset)  # in place: run()'s loop is iterating this list
+        nominal = cfg.finetune_steps
+        if cfg.finetune_unit == "compute" and self.policy is not None and cfg.finetune_steps:
+            ratio = self.base_macs / max(self.sm.policy_mac_count(self.policy), 1)
+            nominal = max(1, round(cfg.finetune_steps * ratio))
+            unspent = self.strategy.unspent_compute() if self.given_policy is None else 0.0
+            for k, (name, _, offset) in enumerate(self.plan):
+                if name == "finetune":  # in place: run()'s loop is iterating this list
+                    self.plan[k] = (name, nominal + round(unspent * ratio), offset)
+        self.decay_steps = max(1, round(nominal * cfg.finetune_decay_fraction))  # _finetune_lr's anneal
 
     def _discretize(self) -> None:
         """The strategy's decision; choices its evidence does not support fall back to share."""

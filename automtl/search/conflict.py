@@ -37,7 +37,7 @@ from statistics import NormalDist
 import torch
 
 from ..policy import SHARE, SPECIALIZE, Policy
-from ..protocol import STEP_COST
+from ..protocol import measure_cost
 from ._strategy import Strategy, register_strategy
 
 #: Measurements before the futility check may stop: a standard deviation from fewer is too rough.
@@ -189,12 +189,11 @@ class Conflict(Strategy):
         return bool((conflicting | (power < cfg.conflict_futility)).all())
 
     def unspent_compute(self) -> float:
-        """FBE of the planned measurements the futility stop skipped (``protocol.STEP_COST``: each would have
-        cost ``0.8 (T - 1)`` FBE more than the plain step that replaced it)."""
+        """FBE of the planned measurements the futility stop skipped (each would have cost
+        ``protocol.measure_cost(T)`` more than the plain step that replaced it)."""
         if not self.stopped:
             return 0.0
-        extra = STEP_COST["conflict"]["measure_per_extra_task"] * max(self.run.sm.num_tasks - 1, 0)
-        return (self.planned() - self.count) * extra
+        return (self.planned() - self.count) * measure_cost(self.run.sm.num_tasks)
 
     # ---- the decision ----------------------------------------------------------------
     def statistics(self):
