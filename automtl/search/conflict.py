@@ -163,7 +163,15 @@ class Conflict(Strategy):
         return cfg.search_steps // cfg.conflict_every
 
     def _settled(self) -> bool:
-        """True when no further measurement is likely to change the decision (see the module docstring).
+        """True when no further measurement is likely to change the decision (see the module docstring)."""
+        cfg = self.run.config
+        if cfg.conflict_futility <= 0 or self.count < MIN_MEASUREMENTS or self.count >= self.planned():
+            return False
+        return not bool(self.open_pairs().any())
+
+    def open_pairs(self) -> torch.Tensor:
+        """(L, pairs) mask, pairs in ``torch.triu_indices(T, T, 1)`` order: the task pairs that neither conflict
+        beyond doubt nor are futile after the measurements so far.
 
         For a pair with mean cosine ``m`` and sample standard deviation ``s`` over ``n`` of ``K`` planned
         measurements, the conditional power under the current trend is
@@ -172,21 +180,17 @@ class Conflict(Strategy):
         """
         cfg = self.run.config
         K, n, T = self.planned(), self.count, self.run.sm.num_tasks
-        if cfg.conflict_futility <= 0 or n < MIN_MEASUREMENTS or n >= K:
-            return False
-        if T < 2:
-            return True
         thr, z = cfg.conflict_threshold, cfg.conflict_confidence
         mean, se = self.statistics()
         a, b = torch.triu_indices(T, T, 1)
         m, se = 0.5 * (mean[:, a, b] + mean[:, b, a]), se[:, a, b]  # (L, pairs)
         s = (se * math.sqrt(n)).clamp_min(1e-12)
         normal = NormalDist()
-        tail = normal.cdf(-z) / K  # Bonferroni over the K looks
+        tail = normal.cdf(-z) / max(K, 1)  # Bonferroni over the K looks
         z_stop = -normal.inv_cdf(tail) if tail > 0 else math.inf
         conflicting = torch.where(se > 0, m + z_stop * se, m) < thr  # (inf x 0 would be nan)
-        power = torch.special.ndtr((K * (thr - m) - z * s * math.sqrt(K)) / (s * math.sqrt(K - n)))
-        return bool((conflicting | (power < cfg.conflict_futility)).all())
+        power = torch.special.ndtr((K * (thr - m) - z * s * math.sqrt(max(K, 1))) / (s * math.sqrt(max(K - n, 1))))
+        return ~(conflicting | (power < cfg.conflict_futility))
 
     def unspent_compute(self) -> float:
         """FBE of the planned measurements the futility stop skipped (each would have cost
