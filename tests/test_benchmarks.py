@@ -87,3 +87,12 @@ def test_stage_cost_reports_every_stage_in_warmup_steps(tmp_path):
     row = json.loads(out.read_text())["results"][0]
     assert row["strategy"] == "conflict" and row["fbe"]["warmup"] == 1.0
     assert set(row["fbe"]) == {"warmup", "search", "finetune"} and all(v > 0 for v in row["fbe"].values())
+
+
+def test_futility_replay_finds_the_stop_of_every_grid_point(tmp_path):
+    out = tmp_path / "futility_replay.json"
+    run("futility_replay.py", "--only", "tiny", "--seeds", "0", "--steps", "12", "--size", "32",
+        "--futility", "0.05", "0.2", "--minimum", "4", "--out", out)
+    rows = json.loads(out.read_text())["results"]
+    assert [r["futility"] for r in rows] == [0.05, 0.2]
+    assert all(4 <= r["stop"] <= r["planned"] == 12 and isinstance(r["same_decision"], bool) for r in rows)
