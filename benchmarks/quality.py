@@ -191,14 +191,17 @@ def random_policy_near(sm, target_params: int, seed: int, samples: int = 4):
     return best
 
 
-def methods_of(bench: dict) -> list[str]:
-    """The jobs that need nothing else; retrained rows and the random control wait for their search."""
+def methods_of(bench: dict, rows=None) -> list[str]:
+    """The jobs that need nothing else; retrained rows and the random control wait for their search.
+    ``rows`` (row names) keeps only those, besides the single-task models and ``hard-sharing (cosine
+    over C)``, which every Δ_MTL and cost in FBE needs."""
     singles = [f"single:{t.name}" for t in tasks_of(bench["data"])]
-    return singles + ["hard-sharing", HARD_COSINE] + [f"{s}@{b}" for s in STRATEGIES for b in BUDGETS]
+    names = ["hard-sharing"] + [f"{s}@{b}" for s in STRATEGIES for b in BUDGETS]
+    return singles + [HARD_COSINE] + [m for m in names if rows is None or m in rows]
 
 
-def dependents(done: dict, seed: int) -> list:
-    """(method, args) of the jobs whose inputs are now in ``done`` for this seed."""
+def dependents(done: dict, seed: int, rows=None) -> list:
+    """(method, args) of the jobs whose inputs are now in ``done`` for this seed (only ``rows``, if given)."""
     jobs = []
     for s in STRATEGIES:
         for b in BUDGETS:
@@ -208,7 +211,7 @@ def dependents(done: dict, seed: int) -> list:
     target = done.get(f"{DEFAULT_STRATEGY}@1.5x/{seed}")
     if target is not None:
         jobs.append(("random@1.5x", dict(target_params=target["parameters"])))
-    return jobs
+    return [(m, kw) for m, kw in jobs if rows is None or m in rows]
 
 
 def row_names() -> list[str]:
@@ -219,7 +222,8 @@ def row_names() -> list[str]:
 def summarize(bench: dict, seeds, done: dict) -> dict:
     """Per seed: Δ_MTL of every method against that seed's single-task models and its cost in FBE (CPU
     seconds / the CPU seconds per step of the seed's hard sharing without validation passes); then mean and (population) standard
-    deviation over the seeds where the method finished."""
+    deviation over the seeds where the method finished, and the paired difference from hard sharing (Δ_MTL of the row minus
+    that of the same seed's hard sharing: mean and its standard error over seeds)."""
     from automtl.errors import ConfigError
     from automtl.metrics import delta_mtl
 
@@ -260,7 +264,13 @@ def summarize(bench: dict, seeds, done: dict) -> dict:
                 xs = [r["metrics"][task][metric] for r in rows]
                 metrics[f"{task}/{metric}"] = {"mean": statistics.fmean(xs), "std": statistics.pstdev(xs)}
         policies = [r["policy"] for r in rows if r.get("policy")]
+        paired = {seed: r[name]["delta_mtl"] - r["hard-sharing"]["delta_mtl"] for seed, r in per_seed.items()
+                  if name in r and "hard-sharing" in r and r[name]["delta_mtl"] is not None
+                  and r["hard-sharing"]["delta_mtl"] is not None} if name not in ("single-task", "hard-sharing") else {}
+        vs_hard = {"mean": statistics.fmean(paired.values()), "per_seed": paired,
+                   "se": statistics.stdev(paired.values()) / len(paired) ** 0.5 if len(paired) > 1 else None} if paired else None
         summary[name] = {"seeds": len(rows), "delta_mtl": {"mean": statistics.fmean(deltas), "std": statistics.pstdev(deltas)} if deltas else None,
+                         "vs_hard_sharing": vs_hard,
                          "parameters": statistics.fmean(r["parameters"] for r in rows), "metrics": metrics,
                          "fbe": statistics.fmean(r["fbe"] for r in rows),
                          "seconds": statistics.fmean(r["seconds"] for r in rows),
@@ -277,13 +287,16 @@ def markdown(results: dict) -> str:
         lines.append(f"#### {key} ({b['size']}x{b['size']} px, C = {b['cost']} FBE, batch {b['batch']}, "
                      f"seeds: {len(res['per_seed'])})\n")
         metric_names = list(next(iter(summary.values()))["metrics"])
-        lines.append("| method | Δ_MTL % | cost (FBE) | wall (s) | params (M) | share/spec/skip | " + " | ".join(metric_names) + " |")
-        lines.append("|---|---:|---:|---:|---:|---:|" + "---:|" * len(metric_names))
+        lines.append("| method | Δ_MTL % | − hard sharing (paired) | cost (FBE) | wall (s) | params (M) | share/spec/skip | "
+                     + " | ".join(metric_names) + " |")
+        lines.append("|---|---:|---:|---:|---:|---:|---:|" + "---:|" * len(metric_names))
         for name, s in summary.items():
             pol = "/".join(f"{s['policy'][c]:.0f}" for c in ("share", "specialize", "skip")) if s["policy"] else "-"
             cells = [f"{s['metrics'][k]['mean']:.3g} ± {s['metrics'][k]['std']:.2g}" for k in metric_names]
             gain = f"{s['delta_mtl']['mean']:+.2f} ± {s['delta_mtl']['std']:.2f}" if s["delta_mtl"] else "n/a"
-            lines.append(f"| {name} | {gain} | {s['fbe']:.0f} | {s['seconds']:.0f} | "
+            vs = s.get("vs_hard_sharing")
+            paired = "-" if not vs else f"{vs['mean']:+.2f}" + (f" ± {vs['se']:.2f}" if vs["se"] is not None else "")
+            lines.append(f"| {name} | {gain} | {paired} | {s['fbe']:.0f} | {s['seconds']:.0f} | "
                          f"{s['parameters'] / 1e6:.2f} | {pol} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
@@ -306,6 +319,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed-base", type=int, default=0, help="first seed (benchmark: 0; calibration used 100 on)")
     ap.add_argument("--jobs", type=int, default=2, help="worker processes (one thread each)")
     ap.add_argument("--only", help="comma-separated benchmark names (e.g. synthetic/resnet18) or backbones")
+    ap.add_argument("--rows", help="comma-separated rows to run (e.g. hard-sharing,conflict@1.5x); the single-task "
+                                   f"models and {HARD_COSINE!r} always run: every Δ_MTL and cost needs them")
     ap.add_argument("--resume", action="store_true", help="keep the finished jobs of the output JSON and run the rest")
     ap.add_argument("--out", type=Path, default=RESULTS, help="directory for quality.json and quality.md")
     args = ap.parse_args(argv)
@@ -314,12 +329,18 @@ def main(argv=None) -> int:
     benches = {k: dict(b, **{q: v for q, v in QUICK.items() if q != "size" or b["data"] == "synthetic"}) if args.quick else dict(b)
                for k, b in BENCHMARKS.items()
                if not wanted or k in wanted or b["backbone"] in wanted}
+    rows = args.rows.split(",") if args.rows else None
+    if rows is not None and set(rows) - set(row_names()):
+        ap.error(f"--rows: no row named {', '.join(sorted(set(rows) - set(row_names())))}; choose from {', '.join(row_names())}")
     if not benches:
         ap.error(f"--only {args.only!r} matches no benchmark; choose from {', '.join(BENCHMARKS)}")
     out_json = args.out / "quality.json"
     done: dict = {k: {} for k in benches}
+    earlier = 0.0  # seconds of the runs a --resume goes on from
     if args.resume and out_json.exists():
-        for k, res in json.loads(out_json.read_text()).get("jobs", {}).items():
+        old = json.loads(out_json.read_text())
+        earlier = float(old.get("seconds", 0.0))
+        for k, res in old.get("jobs", {}).items():
             if k in done:
                 done[k] = res
     started = time.time()
@@ -329,14 +350,14 @@ def main(argv=None) -> int:
         results = {k: {"benchmark": benches[k], "schedules": {s: schedule(s, benches[k]["cost"], len(tasks_of(benches[k]["data"])))
                                                                for s in STRATEGIES},
                        **summarize(benches[k], seeds, done[k])} for k in benches}
-        payload = {"complete": complete, "seeds": seeds, "quick": args.quick, "seconds": round(time.time() - started, 1),
+        payload = {"complete": complete, "seeds": seeds, "quick": args.quick, "seconds": round(earlier + time.time() - started, 1),
                    "results": results, "jobs": done}
         write_result("quality", payload, out_json)
         table = markdown(results)
         write_text(args.out / "quality.md", table)
         return table
 
-    queue = [(k, seed, m) for seed in seeds for k in benches for m in methods_of(benches[k]) if f"{m}/{seed}" not in done[k]]
+    queue = [(k, seed, m) for seed in seeds for k in benches for m in methods_of(benches[k], rows) if f"{m}/{seed}" not in done[k]]
     submitted = {(k, seed, m) for k, seed, m in queue} | {(k, int(j.rsplit("/", 1)[1]), j.rsplit("/", 1)[0])
                                                          for k in benches for j in done[k]}
     finished = 0
@@ -347,7 +368,7 @@ def main(argv=None) -> int:
         def submit_ready():
             for k in benches:
                 for seed in seeds:
-                    for m, kwargs in dependents(done[k], seed):
+                    for m, kwargs in dependents(done[k], seed, rows):
                         if (k, seed, m) not in submitted:
                             submitted.add((k, seed, m))
                             running[pool.submit(run_job, benches[k], seed, m, **kwargs)] = (k, seed, m)

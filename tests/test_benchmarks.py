@@ -4,6 +4,7 @@ The figures themselves are measured by hand (benchmarks/README.md); these runs o
 scripts from rotting: a script that no longer runs would silently keep stale results."""
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -54,6 +55,40 @@ def test_quality_quick_run_on_multifashion(tmp_path):
     # the control is sized like the default strategy's 1.5x architecture; retrained rows keep the size
     assert jobs["random@1.5x/0"]["parameters"] > 0
     assert jobs["conflict@1.5x retrained/0"]["parameters"] == jobs["conflict@1.5x/0"]["parameters"]
+
+
+def test_quality_pairs_each_row_with_the_same_seeds_hard_sharing():
+    sys.path.insert(0, str(BENCH))
+    import quality
+
+    def job(left=None, right=None):
+        metrics = {t: {"accuracy": v} for t, v in (("left", left), ("right", right)) if v is not None}
+        return {"metrics": metrics, "parameters": 1, "policy": None,
+                "cpu_seconds": 10.0, "seconds": 1.0, "cpu_per_step": 1.0}
+
+    done = {}
+    for seed, (hard, conv) in enumerate([(60.0, 63.0), (50.0, 49.0), (70.0, 70.0)]):
+        done.update({f"single:left/{seed}": job(left=50.0), f"single:right/{seed}": job(right=50.0),
+                     f"hard-sharing (cosine over C)/{seed}": job(50.0, 50.0), f"hard-sharing/{seed}": job(hard, 50.0),
+                     f"conflict@1.5x/{seed}": job(conv, 50.0)})
+    summary = quality.summarize(quality.BENCHMARKS["multifashion/small_resnet"], [0, 1, 2], done)["summary"]
+    vs = summary["conflict@1.5x"]["vs_hard_sharing"]
+    # Δ_MTL moves by half the left accuracy's relative change (two metrics): +3, -1, 0 points of 50
+    assert [round(v, 6) for v in vs["per_seed"].values()] == [3.0, -1.0, 0.0]
+    assert abs(vs["mean"] - 2 / 3) < 1e-9 and abs(vs["se"] - statistics.stdev([3, -1, 0]) / 3 ** 0.5) < 1e-9
+    assert summary["hard-sharing"]["vs_hard_sharing"] is None and "| +0.67 ± 1.20 |" in quality.markdown(
+        {"multifashion/small_resnet": {"benchmark": quality.BENCHMARKS["multifashion/small_resnet"], "per_seed": {0: 0, 1: 0, 2: 0},
+                                       "summary": summary}})
+
+
+def test_quality_runs_only_the_rows_asked_for(tmp_path):
+    run("quality.py", "--quick", "--only", "small_resnet", "--jobs", "1", "--rows", "conflict@1.5x", "--out", tmp_path)
+    jobs = json.loads((tmp_path / "quality.json").read_text())["jobs"]["multifashion/small_resnet"]
+    # the single-task models and the cost unit always run: every Δ_MTL and FBE figure needs them
+    assert set(jobs) == {"single:left/0", "single:right/0", "hard-sharing (cosine over C)/0", "conflict@1.5x/0"}
+    proc = subprocess.run([sys.executable, str(BENCH / "quality.py"), "--quick", "--rows", "conflict@9x", "--out", tmp_path],
+                          capture_output=True, text=True, env=ENV, timeout=120)
+    assert proc.returncode == 2 and "no row named conflict@9x" in proc.stderr
 
 def test_memory_reports_every_case(tmp_path):
     run("memory.py", "--backbones", "tiny", "--size", "32", "--steps", "1", "--out", tmp_path / "memory.json")
