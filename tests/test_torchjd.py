@@ -77,3 +77,60 @@ def test_without_torchjd_is_a_config_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "torchjd.aggregation", None)
     with pytest.raises(ConfigError, match=r"automtl\[torchjd\]"):
         make_weighting("upgrad", ["a", "b"])
+
+
+def test_the_stateful_balancers_are_those_whose_aggregator_keeps_state():
+    pytest.importorskip("torchjd", reason="torchjd is not installed (pip install 'automtl[torchjd]')")
+    from torchjd import Stateful
+
+    from automtl.weighting import STATEFUL_BALANCERS
+
+    stateful = set()
+    for name in TORCHJD_BALANCERS:
+        try:
+            w = make_weighting(name, ["a", "b"])
+        except ConfigError:
+            continue
+        if any(isinstance(m, Stateful) for m in w.aggregator.modules()):
+            stateful.add(name)
+    assert stateful <= set(STATEFUL_BALANCERS) and "gradvac" in stateful
+
+
+class _CrashAfter(torch.utils.data.Dataset):
+    """The same samples until the ``n``-th read, which raises: a run that dies mid-way."""
+
+    def __init__(self, data, n):
+        self.data, self.n, self.reads = data, n, 0
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        self.reads += 1
+        if self.reads > self.n:
+            raise RuntimeError("the machine went away")
+        return self.data[i]
+
+
+@pytest.mark.parametrize("name", ["gradvac", "nashmtl"])
+def test_a_stateful_balancer_resumes_bitwise(data, tmp_path, name):
+    """GradVac's moving cosine targets and Nash-MTL's last weights live outside the aggregator's parameters
+    and buffers: the checkpoint holds them (the weighting's extra state), so a run that dies resumes to
+    the weights of an uninterrupted one."""
+    _needs(name)
+    train, _ = data
+
+    def go(dataset, out, resume=False):
+        torch.manual_seed(0)
+        sm = supermodel("tiny", train.tasks, torch.randn(1, 3, SIZE, SIZE))
+        cfg = SearchConfig(strategy="conflict", warmup_steps=3, search_steps=4, finetune_steps=3, conflict_every=2,
+                           checkpoint_every=1, batch_size=8, quiet=True, weighting=name, out_dir=str(out), resume=resume)
+        search(sm, dataset, None, cfg)
+        return [p.detach().clone() for p in sm.weight_parameters()]
+
+    straight = go(train, tmp_path / "a")
+    with pytest.raises(RuntimeError, match="went away"):
+        go(_CrashAfter(train, 8 * 5), tmp_path / "b")
+    assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["global_step"] == 5
+    resumed = go(train, tmp_path / "b", resume=True)
+    assert all(torch.equal(a, b) for a, b in zip(straight, resumed))

@@ -88,7 +88,11 @@ class _CheckpointMixin:
             raise FileFormatError(f"checkpoint {str(path)!r} does not fit this supermodel: {exc}") from None
         self.weight_opt.load_state_dict(ckpt["weight_opt"])
         self.policy_opt.load_state_dict(ckpt["policy_opt"])
-        self.weighting.load_state_dict(ckpt["weighting"])
+        try:
+            self.weighting.load_state_dict(ckpt["weighting"])
+        except RuntimeError as exc:
+            raise FileFormatError(f"checkpoint {str(path)!r} does not hold this loss weighting's state ({exc}); "
+                                  "delete it to start over") from None
         _set_rng_state(ckpt["rng"])
         if ckpt.get("policy") is not None:
             self.policy = Policy.from_dict(ckpt["policy"], f"checkpoint {str(path)!r}")

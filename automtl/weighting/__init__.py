@@ -22,7 +22,7 @@ gradnorm, rlw) and gradient-level ones from torchjd that aggregate the per-task 
 """
 from ._base import WEIGHTINGS, LossWeighting, make_weighting, register_weighting
 from ._loss import DWA, RLW, EqualWeighting, GradNorm, StaticWeighting, UncertaintyWeighting
-from ._jacobian import TORCHJD_BALANCERS, JacobianWeighting
+from ._jacobian import STATEFUL_BALANCERS, TORCHJD_BALANCERS, JacobianWeighting
 
 __all__ = [
     "LossWeighting",
@@ -33,6 +33,7 @@ __all__ = [
     "GradNorm",
     "RLW",
     "JacobianWeighting",
+    "STATEFUL_BALANCERS",
     "TORCHJD_BALANCERS",
     "WEIGHTINGS",
     "make_weighting",

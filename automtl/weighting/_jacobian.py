@@ -5,12 +5,13 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import torch
 from torch import Tensor
 
 from ..errors import ConfigError
 from ._base import LossWeighting, register_weighting
 
-__all__ = ["TORCHJD_BALANCERS", "JacobianWeighting"]
+__all__ = ["STATEFUL_BALANCERS", "TORCHJD_BALANCERS", "JacobianWeighting"]
 
 #: name -> (torchjd aggregator class, default options, paper)
 TORCHJD_BALANCERS = {
@@ -27,6 +28,10 @@ TORCHJD_BALANCERS = {
     "fairgrad": ("FairGrad", {"alpha": 1.0}, "Ban & Ji, Fair Resource Allocation in Multi-Task Learning, ICML 2024"),
     "gradvac": ("GradVac", {}, "Wang et al., Gradient Vaccine, ICLR 2021"),
 }
+#: The balancers whose aggregator keeps state between steps outside its parameters and buffers
+#: (torchjd's ``Stateful``: GradVac's moving cosine targets, Nash-MTL's last weights and step count):
+#: their state goes into the search's checkpoint through ``get_extra_state``.
+STATEFUL_BALANCERS = ("nashmtl", "gradvac")
 
 
 class JacobianWeighting(LossWeighting):
@@ -82,8 +87,73 @@ class JacobianWeighting(LossWeighting):
             self._weights.update({n: float(w) for n, w in zip(self.task_names, weights.detach().reshape(-1).tolist())})
 
 
+class _StatefulJacobianWeighting(JacobianWeighting):
+    """A balancer whose torchjd aggregator is ``Stateful``: its state between steps (tensors, arrays and
+    numbers its modules hold as attributes) is the module's extra state, so ``state_dict`` and therefore
+    the search's checkpoint hold it, and a resumed search ends bitwise equal to an uninterrupted one.
+    Objects that are not data (Nash-MTL's cvxpy problem) are rebuilt from the restored state."""
+
+    def get_extra_state(self) -> dict:
+        from torchjd import Stateful
+
+        state = {}
+        for name, module in self.aggregator.named_modules():
+            if isinstance(module, Stateful):
+                attrs = {k: enc for k, v in vars(module).items() if k != "training" and (enc := _encode(v)) is not None}
+                # buffers torchjd registers as None and fills later (GradVac's targets): a fresh aggregator must
+                # have them before load_state_dict reaches its submodules, which it does after this extra state
+                attrs.update({k: ("buffer", b.detach().clone()) for k, b in module._buffers.items() if b is not None})
+                state[name] = attrs
+        return state
+
+    def set_extra_state(self, state: dict) -> None:
+        modules = dict(self.aggregator.named_modules())
+        for name, attrs in state.items():
+            module = modules[name]
+            for k, enc in attrs.items():
+                if enc[0] == "buffer":
+                    module._buffers[k] = enc[1].clone()
+                else:
+                    setattr(module, k, _decode(enc))
+            if getattr(module, "step", 0) and hasattr(module, "_init_optim_problem") and not hasattr(module, "prob"):
+                module._init_optim_problem()  # Nash-MTL builds its problem at step 0 and reuses it after
+
+
+def _encode(value):
+    """A tagged, checkpoint-safe copy (tensors and plain values only) of an aggregator's attribute, or None
+    for what is not state (modules, hooks, solver objects)."""
+    import numpy as np
+
+    if isinstance(value, Tensor):
+        return ("tensor", value.detach().clone())
+    if isinstance(value, np.ndarray):
+        return ("ndarray", torch.from_numpy(np.array(value)))
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return ("value", value)
+    if isinstance(value, torch.dtype):
+        return ("dtype", str(value).removeprefix("torch."))
+    if isinstance(value, tuple):
+        items = [_encode(v) for v in value]
+        return None if any(i is None for i in items) else ("tuple", items)
+    return None
+
+
+def _decode(enc):
+    kind, value = enc
+    if kind == "tensor":
+        return value.clone()
+    if kind == "ndarray":
+        return value.numpy().copy()
+    if kind == "dtype":
+        return getattr(torch, value)
+    if kind == "tuple":
+        return tuple(_decode(v) for v in value)
+    return value
+
+
 def _jacobian_class(name: str):
-    return type(f"{TORCHJD_BALANCERS[name][0]}Weighting", (JacobianWeighting,), {"balancer": name,
+    base = _StatefulJacobianWeighting if name in STATEFUL_BALANCERS else JacobianWeighting
+    return type(f"{TORCHJD_BALANCERS[name][0]}Weighting", (base,), {"balancer": name,
                 "__doc__": f"torchjd's {TORCHJD_BALANCERS[name][0]}: {TORCHJD_BALANCERS[name][2]}."})
 
 
