@@ -58,6 +58,14 @@ class ConvertConfig:
     def __post_init__(self) -> None:
         if isinstance(self.search, Mapping):
             self.search = SearchConfig.from_dict({**DEFAULT_SCHEDULE, **self.search}, "config section 'search'")
+        if not isinstance(self.search, SearchConfig):
+            raise ConfigError(f"search must be a SearchConfig or a mapping of its fields, got {type(self.search).__name__}")
+        for name in ("backbone", "data"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ConfigError(f"{name} must be a name, got {getattr(self, name)!r}")
+        for name in ("weights", "feature_node"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise ConfigError(f"{name} must be a string or null, got {getattr(self, name)!r}")
         if not isinstance(self.pretrained, bool):
             raise ConfigError(f"pretrained must be true or false, got {self.pretrained!r}")
         if (not isinstance(self.input_size, int) or isinstance(self.input_size, bool)
@@ -70,6 +78,13 @@ class ConvertConfig:
                 raise ConfigError(f"{name} must be a positive integer or null, got {v!r}")
         if self.tasks is not None:
             self.tasks = [_task_dict(t) for t in self.tasks]
+
+    def validate(self) -> "ConvertConfig":
+        """Check every field again, the search section's too: a field assigned after the config was made
+        is not checked by the dataclass. Returns the config; raises ConfigError naming the field."""
+        self.__post_init__()
+        self.search.validate()
+        return self
 
     def task_objects(self) -> list[Task]:
         from .data import default_tasks
@@ -189,6 +204,7 @@ def build_data(cfg: ConvertConfig, tasks: Sequence[Task]):
 
 def prepare_run(cfg: ConvertConfig):
     """Seed, supermodel, datasets and the budget check of a run: what convert and search share."""
+    cfg.validate()
     torch.manual_seed(cfg.search.seed)  # heads and skip projections start from the run's seed
     sm = build_supermodel(cfg)
     check_budget(sm, cfg.search)  # before the data is read: no policy may be able to meet the budget
@@ -213,6 +229,7 @@ def convert(cfg: ConvertConfig, out, resume: bool = False, quiet: bool = False,
     """
     from .rundir import RunDirectory
 
+    cfg.validate()  # before the run directory exists: a bad field leaves nothing on disk
     with RunDirectory(out, resume=resume, overwrite=overwrite) as run:
         return _convert(cfg, run.path, resume, quiet, log)
 

@@ -184,6 +184,24 @@ def test_input_size_in_a_config_file_is_bounded(tmp_path):
     one_line_error(cli("convert", "--config", cfg, "--out", tmp_path / "o"), "input_size", "1024")
 
 
+@pytest.mark.parametrize("field,value,needle", [
+    ("input_size", 4, "input_size"), ("backbone", 3, "backbone"), ("search", 5, "search must be"),
+    ("search", {"budget": "abc"}, "budget 'abc'"), ("train_samples", 0, "train_samples"), ("tasks", ["x"], "task 'x'"),
+    ("search.lr", -1, "'lr'"),
+])
+def test_a_config_changed_after_it_was_made_is_checked_before_anything_is_written(tmp_path, field, value, needle):
+    """Assignment skips the dataclass's checks: convert checks the whole config again before it makes ``out``."""
+    from automtl.convert import ConvertConfig, convert
+    from automtl.errors import ConfigError
+
+    cfg = ConvertConfig(backbone="tiny", input_size=16)
+    target, name = (cfg.search, "lr") if field == "search.lr" else (cfg, field)
+    setattr(target, name, value)
+    with pytest.raises(ConfigError, match=needle):
+        convert(cfg, tmp_path / "o", quiet=True)
+    assert not (tmp_path / "o").exists()
+
+
 def test_backbone_file_that_exits_at_import(tmp_path):
     f = tmp_path / "net.py"
     f.write_text("import sys\nsys.exit(3)\n")
