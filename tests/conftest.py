@@ -19,6 +19,28 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+class _CrashAfter(torch.utils.data.Dataset):
+    """The same samples until the ``n``-th read, which raises: a run that dies mid-way."""
+
+    def __init__(self, data, n):
+        self.data, self.n, self.reads = data, n, 0
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        self.reads += 1
+        if self.reads > self.n:
+            raise RuntimeError("the machine went away")
+        return self.data[i]
+
+
+@pytest.fixture
+def crash_after():
+    """``crash_after(dataset, n)``: ``dataset`` whose ``n``-th read raises RuntimeError("the machine went away")."""
+    return _CrashAfter
+
+
 @pytest.fixture
 def dense_tasks():
     """The three dense tasks of the synthetic scenes."""

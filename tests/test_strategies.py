@@ -315,24 +315,8 @@ def test_a_conflict_run_that_shares_everything_is_hard_sharing_at_equal_compute(
     assert all(torch.equal(a, b) for a, b in zip(conflict, hard))
 
 
-class CrashAfter(Dataset):
-    """The same samples until the ``n``-th read, which raises: a run that dies mid-way."""
-
-    def __init__(self, data, n):
-        self.data, self.n, self.reads = data, n, 0
-
-    def __len__(self):
-        return len(self.data)
-
-    def __getitem__(self, i):
-        self.reads += 1
-        if self.reads > self.n:
-            raise RuntimeError("the machine went away")
-        return self.data[i]
-
-
 @pytest.mark.parametrize("crash", [11, 18])  # in the search after the stop (step 6), in the lengthened fine-tune
-def test_a_run_resumed_after_the_futility_stop_ends_bitwise_equal(tmp_path, crash):
+def test_a_run_resumed_after_the_futility_stop_ends_bitwise_equal(tmp_path, crash, crash_after):
     """The stop and the compute it frees are part of the checkpoint: a run killed after conflict stopped
     measuring resumes to the same fine-tune length and the same weights."""
     def go(data, out, resume=False):
@@ -348,7 +332,7 @@ def test_a_run_resumed_after_the_futility_stop_ends_bitwise_equal(tmp_path, cras
     straight, w_straight = go(TwoTargets(64, True), tmp_path / "a")
     assert straight.policy.evidence["stopped_early"] and straight.steps["finetune"] == 4 + 6  # 8 skipped x 0.8
     with pytest.raises(RuntimeError, match="went away"):
-        go(CrashAfter(TwoTargets(64, True), 16 * crash), tmp_path / "b")
+        go(crash_after(TwoTargets(64, True), 16 * crash), tmp_path / "b")
     assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["global_step"] == crash
     resumed, w_resumed = go(TwoTargets(64, True), tmp_path / "b", resume=True)
     assert resumed.steps == straight.steps and resumed.policy.evidence == straight.policy.evidence

@@ -96,24 +96,8 @@ def test_the_stateful_balancers_are_those_whose_aggregator_keeps_state():
     assert stateful <= set(STATEFUL_BALANCERS) and "gradvac" in stateful
 
 
-class _CrashAfter(torch.utils.data.Dataset):
-    """The same samples until the ``n``-th read, which raises: a run that dies mid-way."""
-
-    def __init__(self, data, n):
-        self.data, self.n, self.reads = data, n, 0
-
-    def __len__(self):
-        return len(self.data)
-
-    def __getitem__(self, i):
-        self.reads += 1
-        if self.reads > self.n:
-            raise RuntimeError("the machine went away")
-        return self.data[i]
-
-
 @pytest.mark.parametrize("name", ["gradvac", "nashmtl"])
-def test_a_stateful_balancer_resumes_bitwise(data, tmp_path, name):
+def test_a_stateful_balancer_resumes_bitwise(data, tmp_path, name, crash_after):
     """GradVac's moving cosine targets and Nash-MTL's last weights live outside the aggregator's parameters
     and buffers: the checkpoint holds them (the weighting's extra state), so a run that dies resumes to
     the weights of an uninterrupted one."""
@@ -130,7 +114,7 @@ def test_a_stateful_balancer_resumes_bitwise(data, tmp_path, name):
 
     straight = go(train, tmp_path / "a")
     with pytest.raises(RuntimeError, match="went away"):
-        go(_CrashAfter(train, 8 * 5), tmp_path / "b")
+        go(crash_after(train, 8 * 5), tmp_path / "b")
     assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["global_step"] == 5
     resumed = go(train, tmp_path / "b", resume=True)
     assert all(torch.equal(a, b) for a, b in zip(straight, resumed))
