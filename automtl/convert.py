@@ -63,6 +63,8 @@ class ConvertConfig:
         for name in ("backbone", "data"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise ConfigError(f"{name} must be a name, got {getattr(self, name)!r}")
+        if isinstance(self.weights, os.PathLike):
+            self.weights = os.fspath(self.weights)
         for name in ("weights", "feature_node"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
                 raise ConfigError(f"{name} must be a string or null, got {getattr(self, name)!r}")
@@ -77,6 +79,8 @@ class ConvertConfig:
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
                 raise ConfigError(f"{name} must be a positive integer or null, got {v!r}")
         if self.tasks is not None:
+            if isinstance(self.tasks, (str, Task, Mapping)) or not isinstance(self.tasks, Sequence) or not self.tasks:
+                raise ConfigError(f"tasks must be a non-empty list of tasks (or null for the data set's own), got {self.tasks!r}")
             self.tasks = [_task_dict(t) for t in self.tasks]
 
     def validate(self) -> "ConvertConfig":

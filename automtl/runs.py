@@ -53,6 +53,7 @@ def search_run(cfg: ConvertConfig, out: Union[str, os.PathLike], resume: bool = 
     from .rundir import CHECKPOINTS, RunDirectory
     from .search import search
 
+    cfg.validate()  # before the run directory exists (an overwrite would empty it first)
     with RunDirectory(out, resume=resume, overwrite=overwrite) as run:
         sm, train, val = prepare_run(cfg)
         result = search(sm, train, val, cfg.search.replace(out_dir=str(run.path / CHECKPOINTS), resume=resume, quiet=quiet))

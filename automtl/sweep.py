@@ -116,6 +116,7 @@ def sweep(cfg: ConvertConfig, budgets: Union[str, Sequence[str]], out: Union[str
     from .rundir import RunDirectory
 
     parsed = parse_budgets(budgets)
+    cfg.validate()  # before the sweep's folder exists (an overwrite would empty it first)
     with RunDirectory(out, resume=resume, overwrite=overwrite) as run:
         _claim(run.path, resume, overwrite)
         result = _Sweep(cfg, run.path, resume, overwrite, quiet, log).run(parsed, batch, repeats)

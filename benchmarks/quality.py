@@ -193,11 +193,21 @@ def random_policy_near(sm, target_params: int, seed: int, samples: int = 4):
 
 def methods_of(bench: dict, rows=None) -> list[str]:
     """The jobs that need nothing else; retrained rows and the random control wait for their search.
-    ``rows`` (row names) keeps only those, besides the single-task models and ``hard-sharing (cosine
-    over C)``, which every Δ_MTL and cost in FBE needs."""
+    ``rows`` (row names, with what they need: :func:`with_inputs`) keeps only those, besides the single-task
+    models, ``hard-sharing (cosine over C)`` and ``hard-sharing``, which every Δ_MTL, cost in FBE and paired
+    difference needs."""
     singles = [f"single:{t.name}" for t in tasks_of(bench["data"])]
-    names = ["hard-sharing"] + [f"{s}@{b}" for s in STRATEGIES for b in BUDGETS]
-    return singles + [HARD_COSINE] + [m for m in names if rows is None or m in rows]
+    searches = [f"{s}@{b}" for s in STRATEGIES for b in BUDGETS]
+    return singles + [HARD_COSINE, "hard-sharing"] + [m for m in searches if rows is None or m in rows]
+
+
+def with_inputs(rows: list) -> list:
+    """``rows`` and the rows whose results they start from (a retrained row its search, the random control
+    the default strategy's 1.5x search)."""
+    need = set(rows)
+    need |= {r.removesuffix(" retrained") for r in rows if r.endswith(" retrained")}
+    need |= {f"{DEFAULT_STRATEGY}@1.5x" for r in rows if r == "random@1.5x"}
+    return [r for r in row_names() if r in need]
 
 
 def dependents(done: dict, seed: int, rows=None) -> list:
@@ -267,7 +277,7 @@ def summarize(bench: dict, seeds, done: dict) -> dict:
         paired = {seed: r[name]["delta_mtl"] - r["hard-sharing"]["delta_mtl"] for seed, r in per_seed.items()
                   if name in r and "hard-sharing" in r and r[name]["delta_mtl"] is not None
                   and r["hard-sharing"]["delta_mtl"] is not None} if name not in ("single-task", "hard-sharing") else {}
-        vs_hard = {"mean": statistics.fmean(paired.values()), "per_seed": paired,
+        vs_hard = {"mean": statistics.fmean(paired.values()), "per_seed": paired, "seeds": len(paired),
                    "se": statistics.stdev(paired.values()) / len(paired) ** 0.5 if len(paired) > 1 else None} if paired else None
         summary[name] = {"seeds": len(rows), "delta_mtl": {"mean": statistics.fmean(deltas), "std": statistics.pstdev(deltas)} if deltas else None,
                          "vs_hard_sharing": vs_hard,
@@ -287,7 +297,7 @@ def markdown(results: dict) -> str:
         lines.append(f"#### {key} ({b['size']}x{b['size']} px, C = {b['cost']} FBE, batch {b['batch']}, "
                      f"seeds: {len(res['per_seed'])})\n")
         metric_names = list(next(iter(summary.values()))["metrics"])
-        lines.append("| method | Δ_MTL % | − hard sharing (paired) | cost (FBE) | wall (s) | params (M) | share/spec/skip | "
+        lines.append("| method | Δ_MTL % (mean ± std) | − hard sharing (paired: mean ± s.e., seeds) | cost (FBE) | wall (s) | params (M) | share/spec/skip | "
                      + " | ".join(metric_names) + " |")
         lines.append("|---|---:|---:|---:|---:|---:|---:|" + "---:|" * len(metric_names))
         for name, s in summary.items():
@@ -295,7 +305,8 @@ def markdown(results: dict) -> str:
             cells = [f"{s['metrics'][k]['mean']:.3g} ± {s['metrics'][k]['std']:.2g}" for k in metric_names]
             gain = f"{s['delta_mtl']['mean']:+.2f} ± {s['delta_mtl']['std']:.2f}" if s["delta_mtl"] else "n/a"
             vs = s.get("vs_hard_sharing")
-            paired = "-" if not vs else f"{vs['mean']:+.2f}" + (f" ± {vs['se']:.2f}" if vs["se"] is not None else "")
+            paired = "-" if not vs else (f"{vs['mean']:+.2f}" + (f" ± {vs['se']:.2f}" if vs["se"] is not None else "")
+                                         + f" ({len(vs['per_seed'])})")
             lines.append(f"| {name} | {gain} | {paired} | {s['fbe']:.0f} | {s['seconds']:.0f} | "
                          f"{s['parameters'] / 1e6:.2f} | {pol} | " + " | ".join(cells) + " |")
         lines.append("")
@@ -319,8 +330,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seed-base", type=int, default=0, help="first seed (benchmark: 0; calibration used 100 on)")
     ap.add_argument("--jobs", type=int, default=2, help="worker processes (one thread each)")
     ap.add_argument("--only", help="comma-separated benchmark names (e.g. synthetic/resnet18) or backbones")
-    ap.add_argument("--rows", help="comma-separated rows to run (e.g. hard-sharing,conflict@1.5x); the single-task "
-                                   f"models and {HARD_COSINE!r} always run: every Δ_MTL and cost needs them")
+    ap.add_argument("--rows", help="comma-separated rows to run (e.g. conflict@1.5x), with the rows they start from; the "
+                                   f"single-task models, {HARD_COSINE!r} and hard-sharing always run: every Δ_MTL, cost "
+                                   "and paired difference needs them")
     ap.add_argument("--resume", action="store_true", help="keep the finished jobs of the output JSON and run the rest")
     ap.add_argument("--out", type=Path, default=RESULTS, help="directory for quality.json and quality.md")
     args = ap.parse_args(argv)
@@ -329,9 +341,12 @@ def main(argv=None) -> int:
     benches = {k: dict(b, **{q: v for q, v in QUICK.items() if q != "size" or b["data"] == "synthetic"}) if args.quick else dict(b)
                for k, b in BENCHMARKS.items()
                if not wanted or k in wanted or b["backbone"] in wanted}
-    rows = args.rows.split(",") if args.rows else None
+    rows = [r.strip() for r in args.rows.split(",") if r.strip()] if args.rows else None
     if rows is not None and set(rows) - set(row_names()):
         ap.error(f"--rows: no row named {', '.join(sorted(set(rows) - set(row_names())))}; choose from {', '.join(row_names())}")
+    if rows is not None and args.out == RESULTS and not args.resume:
+        ap.error("--rows runs part of the benchmark: write it elsewhere (--out DIR) or add it to the results (--resume)")
+    rows = with_inputs(rows) if rows is not None else None
     if not benches:
         ap.error(f"--only {args.only!r} matches no benchmark; choose from {', '.join(BENCHMARKS)}")
     out_json = args.out / "quality.json"

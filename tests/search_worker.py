@@ -17,16 +17,20 @@ from automtl.search import search  # noqa: E402
 from automtl.supermodel import supermodel  # noqa: E402
 
 
-class Slow(torch.utils.data.Dataset):
-    """The same samples, slower: gives a test time to SIGKILL the run mid-way."""
+class Faulty(torch.utils.data.Dataset):
+    """The same samples, slower (gives a test time to SIGKILL the run mid-way) or raising from the
+    ``crash_after``-th read on (a run that dies at a known step on every rank)."""
 
-    def __init__(self, data, delay):
-        self.data, self.delay = data, delay
+    def __init__(self, data, delay=0.0, crash_after=None):
+        self.data, self.delay, self.crash_after, self.reads = data, delay, crash_after, 0
 
     def __len__(self):
         return len(self.data)
 
     def __getitem__(self, i):
+        self.reads += 1
+        if self.crash_after is not None and self.reads > self.crash_after:
+            raise RuntimeError("the machine went away")
         time.sleep(self.delay)
         return self.data[i]
 
@@ -36,8 +40,8 @@ def main():
     torch.manual_seed(0)
     train = SyntheticScenes(args.get("n_train", 32), size=32, seed=0)
     tasks = train.tasks
-    if args.get("delay"):
-        train = Slow(train, args["delay"])
+    if args.get("delay") or args.get("crash_after"):
+        train = Faulty(train, args.get("delay", 0.0), args.get("crash_after"))
     sm = supermodel("tiny", tasks, torch.randn(1, 3, 32, 32))
     if os.environ.get("RANK", "0") != "0":
         # a different initialisation on purpose: the search must start every rank from rank 0's weights

@@ -76,19 +76,26 @@ def test_quality_pairs_each_row_with_the_same_seeds_hard_sharing():
     # Δ_MTL moves by half the left accuracy's relative change (two metrics): +3, -1, 0 points of 50
     assert [round(v, 6) for v in vs["per_seed"].values()] == [3.0, -1.0, 0.0]
     assert abs(vs["mean"] - 2 / 3) < 1e-9 and abs(vs["se"] - statistics.stdev([3, -1, 0]) / 3 ** 0.5) < 1e-9
-    assert summary["hard-sharing"]["vs_hard_sharing"] is None and "| +0.67 ± 1.20 |" in quality.markdown(
+    assert summary["hard-sharing"]["vs_hard_sharing"] is None and "| +0.67 ± 1.20 (3) |" in quality.markdown(
         {"multifashion/small_resnet": {"benchmark": quality.BENCHMARKS["multifashion/small_resnet"], "per_seed": {0: 0, 1: 0, 2: 0},
                                        "summary": summary}})
+    del done["hard-sharing/2"]  # a seed without hard sharing: the pairs are over the other two, and say so
+    vs = quality.summarize(quality.BENCHMARKS["multifashion/small_resnet"], [0, 1, 2], done)["summary"]["conflict@1.5x"]
+    assert vs["seeds"] == 3 and vs["vs_hard_sharing"]["seeds"] == 2 and vs["vs_hard_sharing"]["mean"] == 1.0
 
 
 def test_quality_runs_only_the_rows_asked_for(tmp_path):
-    run("quality.py", "--quick", "--only", "small_resnet", "--jobs", "1", "--rows", "conflict@1.5x", "--out", tmp_path)
+    run("quality.py", "--quick", "--only", "small_resnet", "--jobs", "1", "--rows", " conflict@1.5x retrained", "--out", tmp_path)
     jobs = json.loads((tmp_path / "quality.json").read_text())["jobs"]["multifashion/small_resnet"]
-    # the single-task models and the cost unit always run: every Δ_MTL and FBE figure needs them
-    assert set(jobs) == {"single:left/0", "single:right/0", "hard-sharing (cosine over C)/0", "conflict@1.5x/0"}
-    proc = subprocess.run([sys.executable, str(BENCH / "quality.py"), "--quick", "--rows", "conflict@9x", "--out", tmp_path],
-                          capture_output=True, text=True, env=ENV, timeout=120)
-    assert proc.returncode == 2 and "no row named conflict@9x" in proc.stderr
+    # the single-task models, the cost unit and hard sharing always run (every Δ_MTL, FBE figure and paired
+    # difference needs them), and a retrained row brings the search it retrains
+    assert set(jobs) == {"single:left/0", "single:right/0", "hard-sharing (cosine over C)/0", "hard-sharing/0",
+                         "conflict@1.5x/0", "conflict@1.5x retrained/0"}
+    for args, needle in ((["--rows", "conflict@9x", "--out", tmp_path], "no row named conflict@9x"),
+                         (["--rows", "conflict@1.5x"], "--rows runs part of the benchmark")):
+        proc = subprocess.run([sys.executable, str(BENCH / "quality.py"), "--quick", *map(str, args)],
+                              capture_output=True, text=True, env=ENV, timeout=120)
+        assert proc.returncode == 2 and needle in proc.stderr
 
 def test_memory_reports_every_case(tmp_path):
     run("memory.py", "--backbones", "tiny", "--size", "32", "--steps", "1", "--out", tmp_path / "memory.json")

@@ -187,7 +187,7 @@ def test_input_size_in_a_config_file_is_bounded(tmp_path):
 @pytest.mark.parametrize("field,value,needle", [
     ("input_size", 4, "input_size"), ("backbone", 3, "backbone"), ("search", 5, "search must be"),
     ("search", {"budget": "abc"}, "budget 'abc'"), ("train_samples", 0, "train_samples"), ("tasks", ["x"], "task 'x'"),
-    ("search.lr", -1, "'lr'"),
+    ("search.lr", -1, "'lr'"), ("tasks", "depth:depth", "non-empty list"), ("tasks", [], "non-empty list"),
 ])
 def test_a_config_changed_after_it_was_made_is_checked_before_anything_is_written(tmp_path, field, value, needle):
     """Assignment skips the dataclass's checks: convert checks the whole config again before it makes ``out``."""
@@ -200,6 +200,29 @@ def test_a_config_changed_after_it_was_made_is_checked_before_anything_is_writte
     with pytest.raises(ConfigError, match=needle):
         convert(cfg, tmp_path / "o", quiet=True)
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("entry", ["search_run", "sweep"])
+def test_a_bad_config_leaves_an_earlier_run_alone_even_with_overwrite(tmp_path, entry):
+    from automtl.convert import ConvertConfig
+    from automtl.errors import ConfigError
+    from automtl.runs import search_run
+    from automtl.sweep import sweep
+
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "report.json").write_text("{}")
+    cfg = ConvertConfig(backbone="tiny", input_size=16)
+    cfg.input_size = 4
+    with pytest.raises(ConfigError, match="input_size"):
+        search_run(cfg, out, overwrite=True, quiet=True) if entry == "search_run" else sweep(cfg, "1.5x", out, overwrite=True)
+    assert (out / "report.json").read_text() == "{}"
+
+
+def test_a_path_is_a_weights_file():
+    from automtl.convert import ConvertConfig
+
+    assert ConvertConfig(weights=Path("w.pt")).weights == "w.pt"
 
 
 def test_backbone_file_that_exits_at_import(tmp_path):

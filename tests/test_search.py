@@ -332,6 +332,34 @@ def test_two_ranks_agree_on_the_policy(tmp_path, strategy):
     assert len((tmp_path / "run" / "log.jsonl").read_text().splitlines()) == 16
 
 
+def test_two_ranks_resume_each_ranks_balancer_state(tmp_path):
+    """GradVac's moving targets follow each rank's own Jacobian, so they differ between ranks: the checkpoint
+    holds every rank's, and two ranks killed mid-run resume to the weights of an uninterrupted run."""
+    pytest.importorskip("torchjd", reason="torchjd is not installed (pip install 'automtl[torchjd]')")
+    config = dict(warmup_steps=3, search_steps=4, finetune_steps=3, checkpoint_every=1, quiet=True, strategy="conflict",
+                  conflict_every=2, weighting="gradvac")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+
+    def two_ranks(out, result, **extra):
+        args = {"config": {**config, "out_dir": str(tmp_path / out), **extra.pop("cfg", {})}, "batch_size": 4,
+                "result": str(tmp_path / result), **extra}
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(_free_port()), str(WORKER), json.dumps(args)]
+        return subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=180)
+
+    proc = two_ranks("a", "a{rank}.pt")
+    assert proc.returncode == 0, proc.stdout.decode()[-4000:]
+    proc = two_ranks("b", "never{rank}.pt", crash_after=4 * 5)
+    assert proc.returncode != 0 and b"went away" in proc.stdout
+    ckpt = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)
+    assert ckpt["global_step"] == 5 and len(ckpt["ranks"]) == 2
+    proc = two_ranks("b", "b{rank}.pt", cfg={"resume": True})
+    assert proc.returncode == 0, proc.stdout.decode()[-4000:]
+    a, b = (torch.load(tmp_path / f"{x}0.pt", weights_only=True)["state"] for x in "ab")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
 @pytest.mark.parametrize("choice", ["share", "specialize"])
 def test_finetune_through_compact_view_trains_like_hard_mode(data, monkeypatch, choice):
     """Fine-tune runs a compact view of the supermodel (shared layers once, not per task). Where

@@ -1,7 +1,7 @@
 """The search's checkpoint: what it holds, how it is written, and how a resume reads it back.
 
 A checkpoint is the run's whole state at a global step (model, the three optimizers, the loss
-balancer, the RNG states, the strategy's state, the history), so that a resumed run ends bitwise
+balancer and the RNG states (each rank's, under torchrun), the strategy's state, the history), so that a resumed run ends bitwise
 equal to an uninterrupted one. A fingerprint of the settings that change the numbers refuses a
 resume by a different run.
 """
@@ -55,8 +55,14 @@ class _CheckpointMixin:
     def _save(self, g: int) -> None:
         if self.ckpt_path is None or g == self.last_saved:
             return
+        # what differs between ranks: a torchjd aggregator's state follows that rank's own Jacobian (GradVac,
+        # Nash-MTL), and its random draws (GradVac's, PCGrad's order) that rank's generators
+        ranks = self.dist.all_gather_object({"weighting": self.weighting.state_dict(), "rng": _rng_state()}) \
+            if self.dist.active else None
         if self.dist.main:
             state = self._state(g)
+            if ranks is not None:
+                state["ranks"] = ranks
             with atomic_path(self.ckpt_path) as tmp:
                 torch.save(state, tmp)
         self.last_saved = g
@@ -86,14 +92,15 @@ class _CheckpointMixin:
             self.sm.load_state_dict(ckpt["model"])
         except RuntimeError as exc:
             raise FileFormatError(f"checkpoint {str(path)!r} does not fit this supermodel: {exc}") from None
+        own = ckpt["ranks"][self.dist.rank] if "ranks" in ckpt else ckpt  # this rank's balancer and generators
         self.weight_opt.load_state_dict(ckpt["weight_opt"])
         self.policy_opt.load_state_dict(ckpt["policy_opt"])
         try:
-            self.weighting.load_state_dict(ckpt["weighting"])
+            self.weighting.load_state_dict(own["weighting"])
         except RuntimeError as exc:
             raise FileFormatError(f"checkpoint {str(path)!r} does not hold this loss weighting's state ({exc}); "
                                   "delete it to start over") from None
-        _set_rng_state(ckpt["rng"])
+        _set_rng_state(own["rng"])
         if ckpt.get("policy") is not None:
             self.policy = Policy.from_dict(ckpt["policy"], f"checkpoint {str(path)!r}")
         self.strategy.load_state_dict(ckpt.get("strategy") or {})

@@ -139,6 +139,15 @@ class _Dist:
             dist.all_gather(out, t.contiguous())
         return out
 
+    def all_gather_object(self, obj) -> list:
+        """Every rank's ``obj`` (picklable), in rank order."""
+        if not self.active:
+            return [obj]
+        out = [None] * self.world
+        with self.collective("gathering the ranks' state"):
+            dist.all_gather_object(out, obj)
+        return out
+
     def close(self) -> None:
         if self.created and dist.is_initialized():
             dist.destroy_process_group()

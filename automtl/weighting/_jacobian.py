@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ._base import LossWeighting, register_weighting
@@ -52,6 +52,7 @@ class JacobianWeighting(LossWeighting):
             raise ConfigError(f"loss weighting {self.balancer!r} needs torchjd: pip install 'automtl[torchjd]'") from None
         cls_name, defaults, _ = TORCHJD_BALANCERS[self.balancer]
         opts = {**defaults, **options}
+        self._options = opts
         if cls_name == "NashMTL":
             opts.setdefault("n_tasks", len(self.task_names))
         try:
@@ -88,46 +89,85 @@ class JacobianWeighting(LossWeighting):
 
 
 class _StatefulJacobianWeighting(JacobianWeighting):
-    """A balancer whose torchjd aggregator is ``Stateful``: its state between steps (tensors, arrays and
-    numbers its modules hold as attributes) is the module's extra state, so ``state_dict`` and therefore
-    the search's checkpoint hold it, and a resumed search ends bitwise equal to an uninterrupted one.
-    Objects that are not data (Nash-MTL's cvxpy problem) are rebuilt from the restored state."""
+    """A balancer whose torchjd aggregator is ``Stateful``: its state between steps is the module's extra
+    state, so ``state_dict`` and therefore the search's checkpoint hold it, and a resumed search ends
+    bitwise equal to an uninterrupted one. The state is what the aggregator's ``Stateful`` modules hold
+    (attributes and buffers: tensors, arrays, numbers) that differs from a freshly built aggregator with
+    the same options; settings, equal in both, are not part of it. Objects that are not data (Nash-MTL's
+    cvxpy problem) are rebuilt from the restored state.
+
+    Raises (``load_state_dict``): RuntimeError for a state saved with other tasks, or by a torchjd whose
+    aggregator no longer has an attribute the state names."""
+
+    def _fresh(self):
+        import torchjd.aggregation as aggregation
+
+        return getattr(aggregation, TORCHJD_BALANCERS[self.balancer][0])(**self._options)
 
     def get_extra_state(self) -> dict:
         from torchjd import Stateful
 
-        state = {}
+        fresh = dict(self._fresh().named_modules())
+        modules = {}
         for name, module in self.aggregator.named_modules():
-            if isinstance(module, Stateful):
-                attrs = {k: enc for k, v in vars(module).items() if k != "training" and (enc := _encode(v)) is not None}
-                # buffers torchjd registers as None and fills later (GradVac's targets): a fresh aggregator must
-                # have them before load_state_dict reaches its submodules, which it does after this extra state
-                attrs.update({k: ("buffer", b.detach().clone()) for k, b in module._buffers.items() if b is not None})
-                state[name] = attrs
-        return state
+            if not isinstance(module, Stateful):
+                continue
+            start = fresh[name]
+            # buffers torchjd registers as None and fills later (GradVac's targets): restored with the attributes,
+            # before load_state_dict reaches the submodule that holds them (it loads a parent's extra state first)
+            now = {**{k: v for k, v in vars(module).items() if k not in _MODULE_ATTRIBUTES}, **module._buffers}
+            before = {**vars(start), **start._buffers}
+            changed = {k: _encode(v) for k, v in now.items() if not _same(v, before.get(k, _MISSING))}
+            modules[name] = {k: v for k, v in changed.items() if v is not None}
+        return {"tasks": list(self.task_names), "modules": modules}
 
     def set_extra_state(self, state: dict) -> None:
+        if list(state.get("tasks", [])) != list(self.task_names):
+            raise RuntimeError(f"the {self.balancer} state was saved for tasks {state.get('tasks')}, not {list(self.task_names)}")
         modules = dict(self.aggregator.named_modules())
-        for name, attrs in state.items():
-            module = modules[name]
+        for name, attrs in state["modules"].items():
+            module = modules.get(name)
+            missing = [k for k in attrs if module is None or not (hasattr(module, k) or k in module._buffers)]
+            if missing:
+                raise RuntimeError(f"torchjd's {type(self.aggregator).__name__} has no state {name or 'aggregator'}."
+                                   f"{missing[0]} (the checkpoint was written with another torchjd version)")
             for k, enc in attrs.items():
-                if enc[0] == "buffer":
-                    module._buffers[k] = enc[1].clone()
+                if k in module._buffers:
+                    module._buffers[k] = _decode(enc)
                 else:
                     setattr(module, k, _decode(enc))
             if getattr(module, "step", 0) and hasattr(module, "_init_optim_problem") and not hasattr(module, "prob"):
                 module._init_optim_problem()  # Nash-MTL builds its problem at step 0 and reuses it after
 
 
+_MISSING = object()
+_MODULE_ATTRIBUTES = frozenset(vars(nn.Module()))  # torch's own bookkeeping (parameters, hooks, ...)
+
+
+def _same(a, b) -> bool:
+    import numpy as np
+
+    if a is b:
+        return True
+    if isinstance(a, Tensor) or isinstance(b, Tensor):
+        return isinstance(a, Tensor) and isinstance(b, Tensor) and a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        return isinstance(a, np.ndarray) and isinstance(b, np.ndarray) and a.dtype == b.dtype and np.array_equal(a, b)
+    try:
+        return type(a) is type(b) and bool(a == b)
+    except Exception:  # noqa: BLE001 - objects without a plain equality (solver objects) are not state we keep
+        return True
+
+
 def _encode(value):
     """A tagged, checkpoint-safe copy (tensors and plain values only) of an aggregator's attribute, or None
-    for what is not state (modules, hooks, solver objects)."""
+    for what is not data (modules, hooks, solver objects)."""
     import numpy as np
 
     if isinstance(value, Tensor):
         return ("tensor", value.detach().clone())
-    if isinstance(value, np.ndarray):
-        return ("ndarray", torch.from_numpy(np.array(value)))
+    if isinstance(value, (np.ndarray, np.generic)):  # np.float64 is a float: an array keeps its type
+        return ("ndarray" if isinstance(value, np.ndarray) else "npscalar", torch.from_numpy(np.array(value)))
     if value is None or isinstance(value, (bool, int, float, str)):
         return ("value", value)
     if isinstance(value, torch.dtype):
@@ -144,6 +184,8 @@ def _decode(enc):
         return value.clone()
     if kind == "ndarray":
         return value.numpy().copy()
+    if kind == "npscalar":
+        return value.numpy()[()]
     if kind == "dtype":
         return getattr(torch, value)
     if kind == "tuple":
