@@ -118,3 +118,25 @@ def test_a_stateful_balancer_resumes_bitwise(data, tmp_path, name, crash_after):
     assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["global_step"] == 5
     resumed = go(train, tmp_path / "b", resume=True)
     assert all(torch.equal(a, b) for a, b in zip(straight, resumed))
+
+
+def test_a_stateful_balancers_state_is_its_own():
+    """Only what a step changed is state (not the options it was built with), and a state saved for other tasks
+    or naming an attribute this torchjd lacks is refused."""
+    _needs("gradvac")
+    w = make_weighting("gradvac", ["a", "b"], beta=0.9)
+    p = torch.nn.Parameter(torch.randn(5))
+    for _ in range(2):
+        w({t: (p * torch.randn(5)).sum() for t in "ab"})
+        w.backward([p])
+    state = w.state_dict()
+    assert set(state["_extra_state"]["modules"]["weighting.weighting"]) == {"_phi_t", "_state_key"}
+    fresh = make_weighting("gradvac", ["a", "b"], beta=0.9)
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh.aggregator.gramian_weighting._phi_t, w.aggregator.gramian_weighting._phi_t)
+    with pytest.raises(RuntimeError, match="saved for tasks"):
+        make_weighting("gradvac", ["a", "c"]).load_state_dict(state)
+    modules = state["_extra_state"]["modules"]
+    modules["weighting.weighting"]["_renamed"] = modules["weighting.weighting"].pop("_state_key")
+    with pytest.raises(RuntimeError, match="has no state"):
+        make_weighting("gradvac", ["a", "b"]).load_state_dict(state)
