@@ -16,6 +16,7 @@ Writes ``futility_replay.json``.
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 from pathlib import Path
 
@@ -72,12 +73,15 @@ def record(key: str, seed: int, steps=None, size=None) -> tuple:
     return run.strategy, torch.stack(run.strategy.recorded)
 
 
-def replay(strategy: Conflict, cos: torch.Tensor, futility: float, minimum: int) -> dict:
-    """Where the stop would end the measurements, and whether the decision there is the one from all of them."""
+def replay(strategy: Conflict, cos: torch.Tensor, futility: float, minimum: int, threshold: float = 0.0) -> dict:
+    """Where the stop would end the measurements, whether the decision there is the one from all of them
+    (both with ``conflict_threshold`` = ``threshold``), and the pairs still open at the look before the stop
+    (layer, tasks, mean cosine and its standard error)."""
     cfg = strategy.run.config
-    thr, z = cfg.conflict_threshold, cfg.conflict_confidence
-    saved = (cfg.conflict_futility, strategy.cos_sum, strategy.cos_sq, strategy.count)
-    cfg.conflict_futility = futility
+    z = cfg.conflict_confidence
+    thr = threshold
+    saved = (cfg.conflict_futility, cfg.conflict_threshold, strategy.cos_sum, strategy.cos_sq, strategy.count)
+    cfg.conflict_futility, cfg.conflict_threshold = futility, threshold
 
     def load(n):
         strategy.cos_sum, strategy.cos_sq, strategy.count = cos[:n].sum(0), (cos[:n] ** 2).sum(0), n
@@ -90,20 +94,28 @@ def replay(strategy: Conflict, cos: torch.Tensor, futility: float, minimum: int)
         K = len(cos)
         load(K)
         final = groups()
-        stop, open_layers, last_open = K, {}, []
+        T = cos.shape[-1]
+        a, b = torch.triu_indices(T, T, 1)
+        stop, open_layers, last_open, last_pairs = K, {}, [], []
         for n in range(minimum, K):
             load(n)
-            layers = sorted({int(l) for l in strategy.open_pairs().nonzero()[:, 0]})
+            mask = strategy.open_pairs()
+            layers = sorted({int(l) for l in mask.nonzero()[:, 0]})
             open_layers[n] = layers
             if not layers:
                 stop = n
                 break
+            mean, se = strategy.statistics()
             last_open = layers
+            last_pairs = [{"look": n, "layer": l, "tasks": [int(a[p]), int(b[p])],
+                           "mean": round(0.5 * float(mean[l, a[p], b[p]] + mean[l, b[p], a[p]]), 4),
+                           "se": round(float(se[l, a[p], b[p]]), 4)} for l, p in mask.nonzero().tolist()]
         load(stop)
-        return {"futility": futility, "minimum": minimum, "stop": stop, "planned": K,
-                "same_decision": groups() == final, "last_open_layers": last_open, "open_layers": open_layers}
+        return {"futility": futility, "minimum": minimum, "threshold": threshold, "stop": stop, "planned": K,
+                "same_decision": groups() == final, "last_open_layers": last_open, "open_layers": open_layers,
+                "last_open_pairs": last_pairs}
     finally:
-        cfg.conflict_futility, strategy.cos_sum, strategy.cos_sq, strategy.count = saved
+        cfg.conflict_futility, cfg.conflict_threshold, strategy.cos_sum, strategy.cos_sq, strategy.count = saved
 
 
 def main(argv=None) -> int:
@@ -112,6 +124,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", nargs="+", type=int, default=[100, 101], help="tuning seeds (the benchmark's are 0-2)")
     ap.add_argument("--futility", nargs="+", type=float, default=[0.05, 0.1, 0.2])
     ap.add_argument("--minimum", nargs="+", type=int, default=[3, 4, 6])
+    ap.add_argument("--threshold", nargs="+", type=float, default=[0.0],
+                    help="conflict_threshold values to replay (a margin: below 0, a conflict must be larger to count)")
     ap.add_argument("--steps", type=int, default=None, help="warm-up and search steps (measuring every step) "
                                                             "instead of the benchmark's schedule: for a smoke run")
     ap.add_argument("--size", type=int, default=None, help="input size for a backbone outside the quality benchmarks")
@@ -123,13 +137,12 @@ def main(argv=None) -> int:
     for key in args.only:
         for seed in args.seeds:
             strategy, cos = record(key, seed, args.steps, args.size)
-            for futility in args.futility:
-                for minimum in args.minimum:
-                    r = {"case": key, "seed": seed, **replay(strategy, cos, futility, minimum)}
-                    rows.append(r)
-                    print(f"{key} seed {seed} futility {futility} minimum {minimum}: stop {r['stop']}/{r['planned']}, "
-                          f"same decision {r['same_decision']}, layers open at the look before "
-                          f"{r['last_open_layers']}", flush=True)
+            for futility, minimum, threshold in itertools.product(args.futility, args.minimum, args.threshold):
+                r = {"case": key, "seed": seed, **replay(strategy, cos, futility, minimum, threshold)}
+                rows.append(r)
+                print(f"{key} seed {seed} futility {futility} minimum {minimum} threshold {threshold}: "
+                      f"stop {r['stop']}/{r['planned']}, same decision {r['same_decision']}, layers open at the "
+                      f"look before {r['last_open_layers']}", flush=True)
     print(f"wrote {write_result('futility_replay', {'results': rows}, args.out)}")
     return 0
 

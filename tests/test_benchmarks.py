@@ -134,7 +134,11 @@ def test_stage_cost_reports_every_stage_in_warmup_steps(tmp_path):
 def test_futility_replay_finds_the_stop_of_every_grid_point(tmp_path):
     out = tmp_path / "futility_replay.json"
     run("futility_replay.py", "--only", "tiny", "--seeds", "0", "--steps", "12", "--size", "32",
-        "--futility", "0.05", "0.2", "--minimum", "4", "--out", out)
+        "--futility", "0.05", "0.2", "--minimum", "4", "--threshold", "0", "-0.5", "--out", out)
     rows = json.loads(out.read_text())["results"]
-    assert [r["futility"] for r in rows] == [0.05, 0.2]
+    assert [(r["futility"], r["threshold"]) for r in rows] == [(0.05, 0.0), (0.05, -0.5), (0.2, 0.0), (0.2, -0.5)]
     assert all(4 <= r["stop"] <= r["planned"] == 12 and isinstance(r["same_decision"], bool) for r in rows)
+    for r in rows:  # the pairs open at the look before the stop are in the layers it names
+        assert sorted({p["layer"] for p in r["last_open_pairs"]}) == r["last_open_layers"]
+    # a margin of 0.5 in cosine: no pair of a tiny run conflicts that much, so it stops at the first check
+    assert all(r["stop"] == 4 for r in rows if r["threshold"] == -0.5)
