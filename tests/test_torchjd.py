@@ -96,8 +96,8 @@ def test_the_stateful_balancers_are_those_whose_aggregator_keeps_state():
     assert stateful <= set(STATEFUL_BALANCERS) and "gradvac" in stateful
 
 
-@pytest.mark.parametrize("name", ["gradvac", "nashmtl"])
-def test_a_stateful_balancer_resumes_bitwise(data, tmp_path, name, crash_after):
+@pytest.mark.parametrize("name,options", [("gradvac", {}), ("nashmtl", {}), ("nashmtl", {"update_weights_every": 3})])
+def test_a_stateful_balancer_resumes_bitwise(data, tmp_path, name, options, crash_after):
     """GradVac's moving cosine targets and Nash-MTL's last weights live outside the aggregator's parameters
     and buffers: the checkpoint holds them (the weighting's extra state), so a run that dies resumes to
     the weights of an uninterrupted one."""
@@ -108,7 +108,8 @@ def test_a_stateful_balancer_resumes_bitwise(data, tmp_path, name, crash_after):
         torch.manual_seed(0)
         sm = supermodel("tiny", train.tasks, torch.randn(1, 3, SIZE, SIZE))
         cfg = SearchConfig(strategy="conflict", warmup_steps=3, search_steps=4, finetune_steps=3, conflict_every=2,
-                           checkpoint_every=1, batch_size=8, quiet=True, weighting=name, out_dir=str(out), resume=resume)
+                           checkpoint_every=1, batch_size=8, quiet=True, weighting=name, weighting_options=options,
+                           out_dir=str(out), resume=resume)
         search(sm, dataset, None, cfg)
         return [p.detach().clone() for p in sm.weight_parameters()]
 
