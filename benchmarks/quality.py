@@ -201,27 +201,30 @@ def methods_of(bench: dict, rows=None) -> list[str]:
     return singles + [HARD_COSINE, "hard-sharing"] + [m for m in searches if rows is None or m in rows]
 
 
+def input_row(row: str):
+    """The row whose result ``row`` starts from (a retrained row its search, the random control the
+    default strategy's 1.5x search), or None."""
+    if row.endswith(" retrained"):
+        return row.removesuffix(" retrained")
+    return f"{DEFAULT_STRATEGY}@1.5x" if row == "random@1.5x" else None
+
+
 def with_inputs(rows: list) -> list:
-    """``rows`` and the rows whose results they start from (a retrained row its search, the random control
-    the default strategy's 1.5x search)."""
-    need = set(rows)
-    need |= {r.removesuffix(" retrained") for r in rows if r.endswith(" retrained")}
-    need |= {f"{DEFAULT_STRATEGY}@1.5x" for r in rows if r == "random@1.5x"}
+    """``rows`` and the rows whose results they start from."""
+    need = set(rows) | {input_row(r) for r in rows}
     return [r for r in row_names() if r in need]
 
 
 def dependents(done: dict, seed: int, rows=None) -> list:
     """(method, args) of the jobs whose inputs are now in ``done`` for this seed (only ``rows``, if given)."""
     jobs = []
-    for s in STRATEGIES:
-        for b in BUDGETS:
-            found = done.get(f"{s}@{b}/{seed}")
-            if found is not None:
-                jobs.append((f"{s}@{b} retrained", dict(policy_dict=found["policy_file"])))
-    target = done.get(f"{DEFAULT_STRATEGY}@1.5x/{seed}")
-    if target is not None:
-        jobs.append(("random@1.5x", dict(target_params=target["parameters"])))
-    return [(m, kw) for m, kw in jobs if rows is None or m in rows]
+    for row in row_names():
+        source = input_row(row)
+        found = done.get(f"{source}/{seed}") if source and (rows is None or row in rows) else None
+        if found is not None:
+            jobs.append((row, dict(policy_dict=found["policy_file"]) if row.endswith(" retrained")
+                         else dict(target_params=found["parameters"])))
+    return jobs
 
 
 def row_names() -> list[str]:
