@@ -12,11 +12,17 @@ every layer (the decision before the budget) are those of all K measurements, an
 had open pairs at each measurement. This is how the defaults (0.05, 4 measurements) were checked
 against measuring to the end; the seeds are tuning seeds (100 on), apart from the benchmark's 0-2.
 Writes ``futility_replay.json``.
+
+``--fraction 1 0.25`` also measures, at every measured step, the per-task gradients on the first quarter
+of the same batch (a forward of its own, training nothing) and replays the stop and the decision on those
+cosines: cheaper evidence, noisier. ``fraction_replay.json`` is
+``--fraction 1 0.25 0.125 --futility 0.05 --minimum 4 --threads 2 --out results/fraction_replay.json``.
 """
 from __future__ import annotations
 
 import argparse
 import itertools
+import math
 import sys
 from pathlib import Path
 
@@ -32,20 +38,73 @@ from automtl.search.conflict import Conflict  # noqa: E402
 
 @register_strategy("conflict-recorded")
 class Recorded(Conflict):
-    """conflict, keeping every measurement's (L, T, T) cosines."""
+    """conflict, keeping every measurement's (L, T, T) cosines: the full batch's, and those of the per-task
+    gradients on the first share ``f`` of the same batch for each of ``fractions``."""
+
+    #: shares of the batch measured beside the full batch (below 1)
+    fractions: tuple = ()
 
     def __init__(self, run):
         super().__init__(run)
-        self.recorded = []
+        self.recorded = {1.0: []}
+        self.recorded.update({f: [] for f in self.fractions})
+        self.batch = None
+        take = run._batch
+
+        def keep(*args, **kwargs):  # the step's batch, for the measurements on a part of it
+            self.batch = take(*args, **kwargs)
+            return self.batch
+
+        run._batch = keep
+
+    def search_step(self, i, g, iters, log):
+        self.step = (i, g)
+        return super().search_step(i, g, iters, log)
 
     def _measure(self, losses, total):
         cos = super()._measure(losses, total)
-        self.recorded.append(cos.detach().cpu().clone())
+        self.recorded[1.0].append(cos.detach().cpu().clone())
+        for f in self.fractions:
+            self.recorded[f].append(self.measure_part(f).cpu())
         return cos
 
+    def measure_part(self, fraction: float) -> torch.Tensor:
+        """The cosines (L, T, T) of the per-task gradients on the first ``fraction`` of this step's batch (at
+        least 2 samples, for the norm layers' batch statistics), after the step's update: a forward of its own
+        and T backwards, which train nothing (no optimizer step; norm statistics put back; random draws forked).
+        It would cost f (0.2 + 0.8 T) FBE against the full batch's 0.8 (T - 1)."""
+        run = self.run
+        x, targets = self.batch
+        ws = [layer.shared.conv.weight for layer in run.sm.policy_layers]
+        if isinstance(x, dict):  # per-task batches, each with its targets
+            n = {t: min(v.shape[0], max(2, math.ceil(fraction * v.shape[0]))) for t, v in x.items()}
+            x, targets = {t: v[:n[t]] for t, v in x.items()}, {t: _first(y, n[t]) for t, y in targets.items()}
+        else:
+            n = min(x.shape[0], max(2, math.ceil(fraction * x.shape[0])))
+            x, targets = x[:n], _first(targets, n)
+        saved = [b.detach().clone() for b in run.buffers]
+        with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
+            losses, _ = run.forward_losses(self.net, x, targets, "search", *self.step)
+            grads = [self._grads(losses[t], ws) for t in run.tasks]
+        with torch.no_grad():
+            for b, v in zip(run.buffers, saved):
+                b.copy_(v)
+        return torch.stack([self._cosines([grads[t][l] for t in range(len(run.tasks))])
+                            for l in range(len(ws))]).double()
 
-def record(key: str, seed: int, steps=None, size=None) -> tuple:
-    """Run the search stage of one case; return (its strategy, the recorded (n, L, T, T) cosines)."""
+
+def _first(obj, n: int):
+    """``obj`` with every tensor (in dicts too) cut to its first ``n`` samples; anything else as it is."""
+    if isinstance(obj, torch.Tensor):
+        return obj[:n] if obj.dim() > 0 else obj
+    if isinstance(obj, dict):
+        return {k: _first(v, n) for k, v in obj.items()}
+    return obj
+
+
+def record(key: str, seed: int, steps=None, size=None, fractions=()) -> tuple:
+    """Run the search stage of one case; return (its strategy, {batch fraction: the recorded (n, L, T, T)
+    cosines}), the full batch's (1.0) and those of each of ``fractions`` at the same steps."""
     from automtl import supermodel
     from automtl.convert import DEFAULT_SCHEDULE
     from automtl.data import make_dataset
@@ -65,12 +124,13 @@ def record(key: str, seed: int, steps=None, size=None) -> tuple:
                           "checkpoint_every": 0, "strategy": "conflict-recorded", "warmup_steps": warmup,
                           "search_steps": search, "finetune_steps": 0, "budget": "1.5x",
                           "conflict_every": CONFLICT_EVERY if steps is None else 1, "conflict_futility": 0.0})
+    Recorded.fractions = tuple(f for f in fractions if 0 < f < 1.0)
     run = _Search(sm, train, None, cfg, None)
     try:
         run.run()
     finally:
         run.close()
-    return run.strategy, torch.stack(run.strategy.recorded)
+    return run.strategy, {f: torch.stack(c) for f, c in run.strategy.recorded.items()}
 
 
 def replay(strategy: Conflict, cos: torch.Tensor, futility: float, minimum: int, threshold: float = 0.0) -> dict:
@@ -111,8 +171,10 @@ def replay(strategy: Conflict, cos: torch.Tensor, futility: float, minimum: int,
                            "mean": round(0.5 * float(mean[l, a[p], b[p]] + mean[l, b[p], a[p]]), 4),
                            "se": round(float(se[l, a[p], b[p]]), 4)} for l, p in mask.nonzero().tolist()]
         load(stop)
+        decision = groups()
         return {"futility": futility, "minimum": minimum, "threshold": threshold, "stop": stop, "planned": K,
-                "same_decision": groups() == final, "last_open_layers": last_open, "open_layers": open_layers,
+                "same_decision": decision == final,
+                "branched": {l: grp for l, grp in enumerate(decision) if len(grp) > 1}, "last_open_layers": last_open, "open_layers": open_layers,
                 "last_open_pairs": last_pairs}
     finally:
         cfg.conflict_futility, cfg.conflict_threshold, strategy.cos_sum, strategy.cos_sq, strategy.count = saved
@@ -126,6 +188,9 @@ def main(argv=None) -> int:
     ap.add_argument("--minimum", nargs="+", type=int, default=[3, 4, 6])
     ap.add_argument("--threshold", nargs="+", type=float, default=[0.0],
                     help="conflict_threshold values to replay (a margin: below 0, a conflict must be larger to count)")
+    ap.add_argument("--fraction", nargs="+", type=float, default=[1.0],
+                    help="shares of the batch to measure the cosines on (below 1: beside the full batch's, at the "
+                         "same steps; the stop and decision replayed on each)")
     ap.add_argument("--steps", type=int, default=None, help="warm-up and search steps (measuring every step) "
                                                             "instead of the benchmark's schedule: for a smoke run")
     ap.add_argument("--size", type=int, default=None, help="input size for a backbone outside the quality benchmarks")
@@ -136,13 +201,20 @@ def main(argv=None) -> int:
     rows = []
     for key in args.only:
         for seed in args.seeds:
-            strategy, cos = record(key, seed, args.steps, args.size)
-            for futility, minimum, threshold in itertools.product(args.futility, args.minimum, args.threshold):
-                r = {"case": key, "seed": seed, **replay(strategy, cos, futility, minimum, threshold)}
-                rows.append(r)
-                print(f"{key} seed {seed} futility {futility} minimum {minimum} threshold {threshold}: "
-                      f"stop {r['stop']}/{r['planned']}, same decision {r['same_decision']}, layers open at the "
-                      f"look before {r['last_open_layers']}", flush=True)
+            strategy, recorded = record(key, seed, args.steps, args.size, args.fraction)
+            for fraction in args.fraction:
+                cos = recorded[1.0 if fraction >= 1.0 else fraction]
+                for futility, minimum, threshold in itertools.product(args.futility, args.minimum, args.threshold):
+                    r = {"case": key, "seed": seed, "fraction": fraction,
+                         **replay(strategy, cos, futility, minimum, threshold)}
+                    if fraction < 1.0:  # the full batch's decision at its own stop, same settings
+                        full = replay(strategy, recorded[1.0], futility, minimum, threshold)
+                        r["same_branches_as_full_batch"] = r["branched"] == full["branched"]
+                    rows.append(r)
+                    print(f"{key} seed {seed} fraction {fraction} futility {futility} minimum {minimum} threshold "
+                          f"{threshold}: stop {r['stop']}/{r['planned']}, same decision {r['same_decision']}"
+                          f"{', as the full batch ' + str(r['same_branches_as_full_batch']) if fraction < 1 else ''}, "
+                          f"branched {r['branched']}, layers open at the look before {r['last_open_layers']}", flush=True)
     print(f"wrote {write_result('futility_replay', {'results': rows}, args.out)}")
     return 0
 

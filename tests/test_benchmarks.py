@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -142,3 +144,28 @@ def test_futility_replay_finds_the_stop_of_every_grid_point(tmp_path):
         assert sorted({p["layer"] for p in r["last_open_pairs"]}) == r["last_open_layers"]
     # a margin of 0.5 in cosine: no pair of a tiny run conflicts that much, so it stops at the first check
     assert all(r["stop"] == 4 for r in rows if r["threshold"] == -0.5)
+
+
+def test_futility_replay_measures_part_of_the_batch_without_training_on_it(tmp_path):
+    """--fraction: the cosines of the per-task gradients on part of each measured batch are recorded beside
+    the full batch's; taking them trains nothing, so every weight and norm statistic is the full-batch run's."""
+    sys.path.insert(0, str(BENCH))
+    import futility_replay
+
+    def go(fractions):
+        strategy, cos = futility_replay.record("tiny", 0, steps=6, size=32, fractions=fractions)
+        return {k: v.clone() for k, v in strategy.run.sm.state_dict().items()}, cos
+
+    plain, only = go(())
+    part, both = go((0.5,))
+    assert set(only) == {1.0} and set(both) == {1.0, 0.5}
+    assert torch.equal(both[1.0], only[1.0]) and both[0.5].shape == both[1.0].shape
+    assert not torch.allclose(both[0.5], both[1.0])  # 2 of 4 samples: other gradients
+    assert any("running_mean" in k for k in plain) and plain.keys() == part.keys()
+    assert all(torch.equal(plain[k], part[k]) for k in plain)
+    out = tmp_path / "fraction.json"
+    run("futility_replay.py", "--only", "tiny", "--seeds", "0", "--steps", "8", "--size", "32", "--fraction", "1", "0.5",
+        "--futility", "0.05", "--minimum", "4", "--out", out)
+    rows = json.loads(out.read_text())["results"]
+    assert [r["fraction"] for r in rows] == [1.0, 0.5]
+    assert "same_branches_as_full_batch" in rows[1] and "same_branches_as_full_batch" not in rows[0]
