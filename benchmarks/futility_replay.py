@@ -14,9 +14,9 @@ against measuring to the end; the seeds are tuning seeds (100 on), apart from th
 Writes ``futility_replay.json``.
 
 ``--fraction 1 0.25`` also measures, at every measured step, the per-task gradients on the first quarter
-of the same batch (a forward of its own, training nothing) and replays the stop and the decision on those
-cosines: cheaper evidence, noisier. ``fraction_replay.json`` is
-``--fraction 1 0.25 0.125 --futility 0.05 --minimum 4 --threads 2 --out results/fraction_replay.json``.
+of the same batch (a forward of its own at the same weights, training nothing) and replays the stop and the
+decision on those cosines: cheaper evidence, from fewer samples. ``fraction_replay.json`` is
+``--fraction 1 0.5 0.25 --futility 0.05 --minimum 4 --threads 2 --out results/fraction_replay.json``.
 """
 from __future__ import annotations
 
@@ -62,33 +62,45 @@ class Recorded(Conflict):
         return super().search_step(i, g, iters, log)
 
     def _measure(self, losses, total):
+        parts = {f: self.measure_part(f).cpu() for f in self.fractions}  # before the step: the same weights
+        self.samples = {1.0: self.part_size(1.0), **{f: self.part_size(f) for f in self.fractions}}
         cos = super()._measure(losses, total)
         self.recorded[1.0].append(cos.detach().cpu().clone())
-        for f in self.fractions:
-            self.recorded[f].append(self.measure_part(f).cpu())
+        for f, c in parts.items():
+            self.recorded[f].append(c)
         return cos
 
+    def part_size(self, fraction: float) -> int:
+        """Samples of this step's batch (of each task's, with per-task data) a measurement on ``fraction`` takes:
+        at least 2, for the norm layers' batch statistics."""
+        x = self.batch[0]
+        batch = min(v.shape[0] for v in x.values()) if isinstance(x, dict) else x.shape[0]
+        return min(batch, max(2, math.ceil(fraction * batch)))
+
     def measure_part(self, fraction: float) -> torch.Tensor:
-        """The cosines (L, T, T) of the per-task gradients on the first ``fraction`` of this step's batch (at
-        least 2 samples, for the norm layers' batch statistics), after the step's update: a forward of its own
-        and T backwards, which train nothing (no optimizer step; norm statistics put back; random draws forked).
-        It would cost f (0.2 + 0.8 T) FBE against the full batch's 0.8 (T - 1)."""
+        """The cosines (L, T, T) of the per-task gradients on the first :meth:`part_size` samples of this step's
+        batch, at the weights the step's own measurement sees: a forward of its own (norm layers in training
+        mode, so normalised with the part's statistics) and T backwards. It trains nothing: no optimizer step,
+        the norm layers update copies of their running statistics, random draws are forked. Modelled cost
+        f (0.2 + 0.8 T) FBE against the full batch's 0.8 (T - 1) (linear in the samples; fixed overheads
+        make small parts dearer on a CPU)."""
         run = self.run
         x, targets = self.batch
         ws = [layer.shared.conv.weight for layer in run.sm.policy_layers]
+        n = self.part_size(fraction)
         if isinstance(x, dict):  # per-task batches, each with its targets
-            n = {t: min(v.shape[0], max(2, math.ceil(fraction * v.shape[0]))) for t, v in x.items()}
-            x, targets = {t: v[:n[t]] for t, v in x.items()}, {t: _first(y, n[t]) for t, y in targets.items()}
+            x, targets = {t: v[:n] for t, v in x.items()}, {t: _first(y, n) for t, y in targets.items()}
         else:
-            n = min(x.shape[0], max(2, math.ceil(fraction * x.shape[0])))
             x, targets = x[:n], _first(targets, n)
-        saved = [b.detach().clone() for b in run.buffers]
+        # the real buffers stay untouched (an in-place update would also break the step's pending backward)
+        copies = {name: b.detach().clone() for name, b in self.net.named_buffers()}
+
+        def net(inp):
+            return torch.func.functional_call(self.net, copies, (inp,), strict=False)
+
         with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
-            losses, _ = run.forward_losses(self.net, x, targets, "search", *self.step)
+            losses, _ = run.forward_losses(net, x, targets, "search", *self.step)
             grads = [self._grads(losses[t], ws) for t in run.tasks]
-        with torch.no_grad():
-            for b, v in zip(run.buffers, saved):
-                b.copy_(v)
         return torch.stack([self._cosines([grads[t][l] for t in range(len(run.tasks))])
                             for l in range(len(ws))]).double()
 
@@ -206,6 +218,7 @@ def main(argv=None) -> int:
                 cos = recorded[1.0 if fraction >= 1.0 else fraction]
                 for futility, minimum, threshold in itertools.product(args.futility, args.minimum, args.threshold):
                     r = {"case": key, "seed": seed, "fraction": fraction,
+                         "samples": strategy.samples[1.0 if fraction >= 1.0 else fraction],
                          **replay(strategy, cos, futility, minimum, threshold)}
                     if fraction < 1.0:  # the full batch's decision at its own stop, same settings
                         full = replay(strategy, recorded[1.0], futility, minimum, threshold)

@@ -157,15 +157,17 @@ def test_futility_replay_measures_part_of_the_batch_without_training_on_it(tmp_p
         return {k: v.clone() for k, v in strategy.run.sm.state_dict().items()}, cos
 
     plain, only = go(())
-    part, both = go((0.5,))
-    assert set(only) == {1.0} and set(both) == {1.0, 0.5}
+    part, both = go((0.5, 0.99))
+    assert set(only) == {1.0} and set(both) == {1.0, 0.5, 0.99}
     assert torch.equal(both[1.0], only[1.0]) and both[0.5].shape == both[1.0].shape
-    assert not torch.allclose(both[0.5], both[1.0])  # 2 of 4 samples: other gradients
+    # 0.99 of 4 samples is all 4: the same weights and samples as the step's own measurement
+    assert torch.allclose(both[0.99], both[1.0], atol=1e-4), (both[0.99] - both[1.0]).abs().max()
+    assert not torch.allclose(both[0.5], both[1.0], atol=1e-2)  # 2 of 4 samples: other gradients
     assert any("running_mean" in k for k in plain) and plain.keys() == part.keys()
     assert all(torch.equal(plain[k], part[k]) for k in plain)
     out = tmp_path / "fraction.json"
     run("futility_replay.py", "--only", "tiny", "--seeds", "0", "--steps", "8", "--size", "32", "--fraction", "1", "0.5",
         "--futility", "0.05", "--minimum", "4", "--out", out)
     rows = json.loads(out.read_text())["results"]
-    assert [r["fraction"] for r in rows] == [1.0, 0.5]
+    assert [(r["fraction"], r["samples"]) for r in rows] == [(1.0, 4), (0.5, 2)]
     assert "same_branches_as_full_batch" in rows[1] and "same_branches_as_full_batch" not in rows[0]
