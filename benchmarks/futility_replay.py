@@ -82,8 +82,7 @@ class Recorded(Conflict):
         batch, at the weights the step's own measurement sees: a forward of its own (norm layers in training
         mode, so normalised with the part's statistics) and T backwards. It trains nothing: no optimizer step,
         the norm layers update copies of their running statistics, random draws are forked. Modelled cost
-        f (0.2 + 0.8 T) FBE against the full batch's 0.8 (T - 1) (linear in the samples; fixed overheads
-        make small parts dearer on a CPU)."""
+        f (0.2 + 0.8 T) FBE against the full batch's 0.8 (T - 1) (linear in the samples; not measured)."""
         run = self.run
         x, targets = self.batch
         ws = [layer.shared.conv.weight for layer in run.sm.policy_layers]
@@ -210,19 +209,20 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=None, help="the JSON file (default results/futility_replay.json)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    grid = list(itertools.product(args.futility, args.minimum, args.threshold))
     rows = []
     for key in args.only:
         for seed in args.seeds:
             strategy, recorded = record(key, seed, args.steps, args.size, args.fraction)
+            full = {s: replay(strategy, recorded[1.0], *s) for s in grid}  # each fraction is compared with these
             for fraction in args.fraction:
-                cos = recorded[1.0 if fraction >= 1.0 else fraction]
-                for futility, minimum, threshold in itertools.product(args.futility, args.minimum, args.threshold):
-                    r = {"case": key, "seed": seed, "fraction": fraction,
-                         "samples": strategy.samples[1.0 if fraction >= 1.0 else fraction],
-                         **replay(strategy, cos, futility, minimum, threshold)}
-                    if fraction < 1.0:  # the full batch's decision at its own stop, same settings
-                        full = replay(strategy, recorded[1.0], futility, minimum, threshold)
-                        r["same_branches_as_full_batch"] = r["branched"] == full["branched"]
+                part = 1.0 if fraction >= 1.0 else fraction
+                for futility, minimum, threshold in grid:
+                    s = (futility, minimum, threshold)
+                    r = {"case": key, "seed": seed, "fraction": fraction, "samples": strategy.samples[part],
+                         **(full[s] if part == 1.0 else replay(strategy, recorded[part], *s))}
+                    if part < 1.0:  # the full batch's decision at its own stop, same settings
+                        r["same_branches_as_full_batch"] = r["branched"] == full[s]["branched"]
                     rows.append(r)
                     print(f"{key} seed {seed} fraction {fraction} futility {futility} minimum {minimum} threshold "
                           f"{threshold}: stop {r['stop']}/{r['planned']}, same decision {r['same_decision']}"
