@@ -20,6 +20,7 @@ from .capture import count_parameters
 from .errors import AutomtlError
 from .heads import finish
 from .policy import CHOICES, SHARE, SKIP, SPECIALIZE, Policy
+from .policy_layer import batch_norm_per_group, holds_running_stats, module_per_group
 from .supermodel import PolicyLayer, SuperModel, repeat_tasks, taskwise_batch_norm, taskwise_norm
 from .tasks import Task
 
@@ -123,9 +124,12 @@ def compact(sm: SuperModel, policy: Optional[Policy] = None, copy_weights: bool 
     root = nn.Module()
     root.net = sm.net
     root.heads = sm.heads
-    graph = _compile_graph(sm, policy, sm._net_for(False, train=False).graph)
+    graph = _Compiler(sm, policy).compile(sm._net_for(False, train=False).graph)
     train_source = sm._net_for(False, train=True)
-    train_graph = _compile_graph(sm, policy, train_source.graph) if train_source is not sm.net else None
+    compiler = _Compiler(sm, policy, train=True)
+    train_graph = compiler.compile(train_source.graph)
+    if train_source is sm.net and not compiler.grouped:
+        train_graph = None  # the eval graph computes the same in train mode
     gm = fx.GraphModule(root, graph, "CompactNet")
     if copy_weights:
         gm = copy.deepcopy(gm)  # own the weights
@@ -166,19 +170,21 @@ _INPLACE_OPERATORS = {
 }
 
 
-def _compile_graph(sm: SuperModel, policy: Policy, src: fx.Graph) -> fx.Graph:
-    return _Compiler(sm, policy).compile(src)
-
-
 class _Compiler:
     """One compilation of a supermodel graph under a policy: each source node is emitted once per class of tasks.
 
     ``classes[old]`` is a list of (tuple of task indices, new node or constant) for every source
     node seen so far; :meth:`lookup` reads a task's value of a source node from it.
+
+    ``train``: compile the train-mode graph. There a module with running statistics (a norm, or a unit
+    holding one) that runs for several classes of tasks is called through :func:`module_per_group`, so
+    its statistics move once per step for all tasks as in the supermodel (:func:`automtl.policy_layer.one_update`);
+    the eval graph, which files keep, calls it once per class.
     """
 
-    def __init__(self, sm: SuperModel, policy: Policy):
-        self.sm, self.policy = sm, policy
+    def __init__(self, sm: SuperModel, policy: Policy, train: bool = False):
+        self.sm, self.policy, self.train = sm, policy, train
+        self.grouped = 0  # module_per_group / batch_norm_per_group nodes emitted
         self.names = sm.task_names
         self.T = len(self.names)
         self.ALL = tuple(range(self.T))
@@ -239,16 +245,44 @@ class _Compiler:
         return self._emit_generic(old, inputs)
 
     def _emit_taskwise_norm(self, old: fx.Node) -> list:
-        """One batch per class of tasks in the compact model: the plain norm call."""
+        """One batch per class of tasks in the compact model: the plain norm call (in the train graph, for
+        several classes, one :func:`module_per_group` call)."""
         module_node, value = old.args[0], old.args[1]
+        target = f"net.{module_node.target}"
+        classes = self.classes[value]
+        if self._group_calls(target, len(classes)):
+            return self._emit_per_group(target, classes, old.name, old)
         out = []
-        for members, new_in in self.classes[value]:
-            new = self.graph.call_module(f"net.{module_node.target}", (new_in,))
-            if len(self.classes[value]) > 1 or len(members) < self.T:
+        for members, new_in in classes:
+            new = self.graph.call_module(target, (new_in,))
+            if len(classes) > 1 or len(members) < self.T:
                 new.name = self._class_name(old.name, members)
             else:
                 new.name = self.graph._graph_namespace.create_name(old.name, None)
             out.append((members, self.tag(new, members, old)))
+        return out
+
+    def _group_calls(self, target: str, calls: int) -> bool:
+        """Whether the module at ``target``, run for ``calls`` classes, goes through :func:`module_per_group`."""
+        return self.train and calls > 1 and holds_running_stats(self.sm.get_submodule(target))
+
+    def _emit_per_group(self, target: str, classes: list, name: str, old: fx.Node, layer: Optional[str] = None,
+                        choice: Optional[str] = None) -> list:
+        """One :func:`module_per_group` call of the module at ``target`` on every class's value, and a getitem per class."""
+        graph = self.graph
+        module = graph.get_attr(target)
+        members = tuple(m for m, _ in classes)
+        union = tuple(sorted(t for m in members for t in m))
+        call = graph.call_function(module_per_group, (module, tuple(v for _, v in classes), members))
+        call.name = graph._graph_namespace.create_name(f"{name}_groups", None)
+        self.tag(module, union, old)
+        self.tag(call, union, old, layer, choice)
+        self.grouped += 1
+        out = []
+        for j, m in enumerate(members):
+            new = graph.call_function(operator.getitem, (call, j))
+            new.name = self._class_name(name, m)
+            out.append((m, self.tag(new, m, old, layer, choice)))
         return out
 
     def _emit_generic(self, old: fx.Node, inputs: list) -> list:
@@ -257,6 +291,8 @@ class _Compiler:
         for t in range(self.T):
             key = tuple(id(self.lookup(i, t)) for i in inputs)
             groups.setdefault(key, []).append(t)
+        if old.op == "call_function" and old.target is taskwise_batch_norm and self.train and len(groups) > 1:
+            return self._emit_batch_norm_per_group(old, [tuple(m) for m in groups.values()])
         out = []
         for members in groups.values():
             members = tuple(members)
@@ -271,17 +307,42 @@ class _Compiler:
             out.append((members, self.tag(new, members, old)))
         return out
 
+    def _emit_batch_norm_per_group(self, old: fx.Node, groups: list) -> list:
+        """A hand-written ``F.batch_norm`` on several classes in the train graph: one :func:`batch_norm_per_group` call."""
+        graph = self.graph
+        inputs = tuple(self.lookup(old.args[0], m[0]) for m in groups)
+        rest = fx.map_arg(old.args[1:], lambda n: self.lookup(n, groups[0][0]))
+        kwargs = fx.map_arg({k: v for k, v in old.kwargs.items() if k != "num_tasks"},
+                            lambda n: self.lookup(n, groups[0][0]))
+        call = graph.call_function(batch_norm_per_group, (inputs, tuple(groups), *rest), kwargs)
+        call.name = graph._graph_namespace.create_name(f"{old.name}_groups", None)
+        self.tag(call, tuple(sorted(t for m in groups for t in m)), old)
+        self.grouped += 1
+        out = []
+        for j, m in enumerate(groups):
+            new = graph.call_function(operator.getitem, (call, j))
+            new.name = self._class_name(old.name, m)
+            out.append((m, self.tag(new, m, old)))
+        return out
+
     def emit_layer(self, old: fx.Node, index: int) -> list:
         """Emit a policy layer once per (input class, choice) and once per specializing task."""
         graph, sm = self.graph, self.sm
         layer_name = sm.layer_names[index]
         row = self.policy.choices[index]
         layer: PolicyLayer = sm.net.get_submodule(old.target)
+        grouped = {}  # choice -> its classes, where one module_per_group call runs them (train graph)
+        for choice in (SHARE, SKIP):
+            part = "shared" if choice == SHARE else "skip"
+            classes = [(users, value) for users, value in ((tuple(t for t in members if row[t] == choice), value)
+                                                           for members, value in self.classes[old.args[0]]) if users]
+            if self._group_calls(f"net.{old.target}.{part}", len(classes)):
+                grouped[choice] = classes
         out = []
         for members, value in self.classes[old.args[0]]:
             for choice in (SHARE, SKIP):
                 users = tuple(t for t in members if row[t] == choice)
-                if not users:
+                if not users or choice in grouped:
                     continue
                 if choice == SKIP and isinstance(layer.skip, nn.Identity):
                     out.append((users, value))  # identity: the input flows through, no node
@@ -296,6 +357,10 @@ class _Compiler:
                     new = graph.call_module(f"net.{old.target}.specialized.{t}", (value,))
                     new.name = graph._graph_namespace.create_name(f"{old.name}__{sm.task_names[t]}", None)
                     out.append(((t,), self.tag(new, (t,), old, layer_name, "specialize")))
+        for choice, classes in grouped.items():
+            part = "shared" if choice == SHARE else "skip"
+            out += self._emit_per_group(f"net.{old.target}.{part}", classes, f"{old.name}_{part}", old,
+                                        layer_name, CHOICES[choice])
         out.sort(key=lambda mv: mv[0][0])
         return out
 

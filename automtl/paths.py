@@ -20,12 +20,11 @@ import operator
 from typing import Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import fx
 
 from .heads import finish
 from .policy import SHARE, SPECIALIZE
-from .policy_layer import ConvUnit, repeat_tasks, taskwise_batch_norm, taskwise_norm
+from .policy_layer import ConvUnit, batch_norm_per_group, module_per_group, repeat_tasks, taskwise_batch_norm, taskwise_norm
 
 
 class PathRunner:
@@ -93,6 +92,8 @@ class PathRunner:
         """Evaluate ``node`` once per group of tasks that agree on all of its inputs."""
         inputs = node.all_input_nodes
         out: list = [None] * T
+        if node.op == "call_function" and node.target in (taskwise_norm, taskwise_batch_norm):
+            return self._norm_per_group(node, env, T)
         done: dict = {}
         for t in range(T):
             key = tuple(id(env[i][t]) for i in inputs)
@@ -103,13 +104,27 @@ class PathRunner:
             out[t] = done[key]
         return out
 
+    def _norm_per_group(self, node: fx.Node, env: dict, T: int) -> list:
+        """A norm over per-task rows: one batch per group of tasks that agree on its input, its running
+        statistics moved once for all tasks (:func:`automtl.policy_layer.one_update`)."""
+        groups: dict = {}
+        for t in range(T):
+            groups.setdefault(tuple(id(env[i][t]) for i in node.all_input_nodes), []).append(t)
+        members = [tuple(m) for m in groups.values()]
+        args = [fx.map_arg(node.args, lambda n: env[n][m[0]]) for m in members]
+        if node.target is taskwise_norm:
+            ys = module_per_group(args[0][0], [a[1] for a in args], members)
+        else:
+            kwargs = fx.map_arg({k: v for k, v in node.kwargs.items() if k != "num_tasks"}, lambda n: env[n][members[0][0]])
+            ys = batch_norm_per_group([a[0] for a in args], members, *args[0][1:], **kwargs)
+        out: list = [None] * T
+        for m, y in zip(members, ys):
+            for t in m:
+                out[t] = y
+        return out
+
     def _eval(self, node: fx.Node, args, kwargs):
         if node.op == "call_function":
-            if node.target is taskwise_norm:  # one batch per group here: the plain norm
-                return args[0](args[1])
-            if node.target is taskwise_batch_norm:
-                kwargs = {k: v for k, v in kwargs.items() if k != "num_tasks"}
-                return F.batch_norm(*args, **kwargs)
             return node.target(*args, **kwargs)
         if node.op == "call_method":
             obj, *rest = args
@@ -132,6 +147,7 @@ class PathRunner:
         apart = gates is not None
         # one call per distinct (operator module, input) pair; the pairs of one module run as one batch
         calls: dict = {}  # id(module) -> (module, {input key: input})
+        tasks_of: dict = {}  # (id(module), input key) -> the tasks that run it
         key_of: list = []
         for t, c in enumerate(row):
             op = layer.shared if c == SHARE else layer.specialized[t] if c == SPECIALIZE else layer.skip
@@ -140,6 +156,7 @@ class PathRunner:
             k = (id(xs[t]), t) if apart else id(xs[t])
             calls.setdefault(id(op), (op, {}))[1].setdefault(k, xs[t])
             key_of.append((id(op), k))
+            tasks_of.setdefault((id(op), k), []).append(t)
         results: dict = {}
         for op_id, (op, inputs) in calls.items():
             if ops_used is not None:
@@ -149,8 +166,9 @@ class PathRunner:
                 ys = [op(inputs[k]) for k in keys]
             elif len(keys) == 1:
                 ys = [op(inputs[keys[0]])]
-            else:
-                ys = op.forward_tasks(torch.cat([inputs[k] for k in keys]), len(keys)).chunk(len(keys))
+            else:  # one conv on every input, a batch norm per input, its running statistics moved once for the tasks
+                ys = op.forward_tasks(torch.cat([inputs[k] for k in keys]), len(keys),
+                                      [tuple(tasks_of[(op_id, k)]) for k in keys]).chunk(len(keys))
             results.update({(op_id, k): y for k, y in zip(keys, ys)})
         out = [results[key_of[t]] for t in range(T)]
         if apart:

@@ -9,8 +9,9 @@ keep BatchNorm's batch statistics per task on the folded batch.
 from __future__ import annotations
 
 import copy
+import functools
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -29,22 +30,87 @@ def uses_batch_statistics(m: nn.Module) -> bool:
     return isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or m.running_mean is None)
 
 
-def taskwise_norm(norm: nn.Module, x: torch.Tensor, num_tasks: int) -> torch.Tensor:
+def updates_running_stats(m: nn.Module) -> bool:
+    """True for a norm (BatchNorm, InstanceNorm, any subclass) whose forward moves its running statistics:
+    train mode with ``track_running_stats``."""
+    return (isinstance(m, nn.modules.batchnorm._NormBase) and m.training and m.track_running_stats
+            and m.running_mean is not None)
+
+
+def holds_running_stats(module: nn.Module) -> bool:
+    """True when ``module`` or a submodule is a norm with running statistics (whatever its mode)."""
+    return any(isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats for m in module.modules())
+
+
+def one_update(buffers: Sequence[torch.Tensor], calls: Sequence[Callable[[], torch.Tensor]],
+               members: Sequence[Sequence[int]]) -> list:
+    """``[call() for call in calls]``, the running statistics in ``buffers`` moved once for all the tasks.
+
+    Each call is a norm's forward on the batch of one group of tasks (``members[j]``: the task
+    indices of call ``j``). Every call starts from the same running statistics; afterwards they are
+    the start plus the mean over tasks of the change each task's group made, summed in task order:
+    for a BatchNorm of momentum ``m``, one update ``(1 - m) r + m s̄`` toward the tasks' mean batch
+    statistic ``s̄`` (with ``momentum=None``, one step of the cumulative average). The result does not
+    depend on how tasks are grouped into calls, so the supermodel (one call per task) and the compact
+    model (one call per class of tasks) keep the same statistics, as a backbone trained on one batch
+    would. Outputs are unaffected: in train mode a norm normalises with its batch's statistics.
+    """
+    if len(calls) == 1 or not buffers:
+        return [call() for call in calls]
+    # Written through .data, as the norm's own kernel writes them: autograd saves the running statistics
+    # with each call (unused by a train-mode backward) and would refuse a version change.
+    buffers = [b.data for b in buffers]
+    start = [b.clone() for b in buffers]
+    outs, changes = [], []
+    for call in calls:
+        for b, s in zip(buffers, start):
+            b.copy_(s)
+        outs.append(call())
+        changes.append([b - s for b, s in zip(buffers, start)])
+    order = sorted((t, j) for j, group in enumerate(members) for t in group)
+    for i, (b, s) in enumerate(zip(buffers, start)):
+        total = changes[order[0][1]][i].clone()
+        for _, j in order[1:]:
+            total += changes[j][i]
+        b.copy_(s + (total / len(order) if b.is_floating_point() else total // len(order)))
+    return outs
+
+
+def _tracked_buffers(module: nn.Module) -> list:
+    return [b for m in module.modules() if updates_running_stats(m) for b in m.buffers(recurse=False)
+            if b is not None]
+
+
+def module_per_group(module: nn.Module, inputs: Sequence[torch.Tensor], members: Sequence[Sequence[int]]) -> tuple:
+    """``module(x)`` for each group's batch in ``inputs``, its norms' running statistics moved once
+    (:func:`one_update`). The compact model's train graph calls it where one module runs for several
+    classes of tasks."""
+    return tuple(one_update(_tracked_buffers(module), [functools.partial(module, x) for x in inputs], members))
+
+
+def batch_norm_per_group(inputs: Sequence[torch.Tensor], members: Sequence[Sequence[int]], running_mean=None,
+                         running_var=None, *args, **kwargs) -> tuple:
+    """``F.batch_norm`` on each group's batch, the running statistics moved once (:func:`one_update`)."""
+    training = kwargs.get("training", args[2] if len(args) > 2 else False)
+    buffers = [b for b in (running_mean, running_var) if b is not None] if training else []
+    calls = [functools.partial(F.batch_norm, x, running_mean, running_var, *args, **kwargs) for x in inputs]
+    return tuple(one_update(buffers, calls, members))
+
+
+def taskwise_norm(norm: nn.Module, x: torch.Tensor, num_tasks: int,
+                  members: Optional[Sequence[Sequence[int]]] = None) -> torch.Tensor:
     """``norm(x)`` on the folded task batch as if each task's rows were a batch of their own.
 
     A BatchNorm that uses batch statistics would otherwise mix every task's rows, and the compact
-    model (one batch per class of tasks) would compute another function. The running statistics get
-    one update of the module's momentum for the T tasks together (momentum 1-(1-m)^(1/T) per task).
+    model (one batch per class of tasks) would compute another function. The running statistics
+    (BatchNorm's, or an InstanceNorm's that tracks them) get one update for the T tasks together:
+    :func:`one_update`. ``members``: when the ``num_tasks`` row blocks are groups of tasks rather than
+    tasks (sampled paths), the tasks of each block, which weight its update.
     """
-    if num_tasks == 1 or not uses_batch_statistics(norm):
+    if num_tasks == 1 or not (uses_batch_statistics(norm) or updates_running_stats(norm)):
         return norm(x)
-    momentum = norm.momentum
-    if norm.training and isinstance(momentum, float):
-        norm.momentum = 1 - (1 - momentum) ** (1 / num_tasks)
-    try:
-        return torch.cat([norm(xt) for xt in x.chunk(num_tasks)])
-    finally:
-        norm.momentum = momentum
+    members = members if members is not None else [(t,) for t in range(num_tasks)]
+    return torch.cat(module_per_group(norm, x.chunk(num_tasks), members))
 
 
 def taskwise_batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1,
@@ -52,10 +118,8 @@ def taskwise_batch_norm(input, running_mean, running_var, weight=None, bias=None
     """``F.batch_norm`` (as a backbone's hand-written norm calls it) normalising each task's rows apart; see :func:`taskwise_norm`."""
     if num_tasks == 1 or not (training or running_mean is None):
         return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
-    if isinstance(momentum, float):
-        momentum = 1 - (1 - momentum) ** (1 / num_tasks)
-    return torch.cat([F.batch_norm(xt, running_mean, running_var, weight, bias, training, momentum, eps)
-                      for xt in input.chunk(num_tasks)])
+    return torch.cat(batch_norm_per_group(input.chunk(num_tasks), [(t,) for t in range(num_tasks)], running_mean,
+                                          running_var, weight, bias, training, momentum, eps))
 
 
 class ConvUnit(nn.Module):
@@ -69,9 +133,10 @@ class ConvUnit(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.bn(self.conv(x))
 
-    def forward_tasks(self, x: torch.Tensor, num_tasks: int) -> torch.Tensor:
-        """The unit on ``num_tasks`` tasks' rows folded into the batch, normalising each task apart."""
-        return taskwise_norm(self.bn, self.conv(x), num_tasks)
+    def forward_tasks(self, x: torch.Tensor, num_tasks: int, members: Optional[Sequence[Sequence[int]]] = None) -> torch.Tensor:
+        """The unit on ``num_tasks`` tasks' rows folded into the batch, normalising each task apart
+        (``members``: see :func:`taskwise_norm`)."""
+        return taskwise_norm(self.bn, self.conv(x), num_tasks, members)
 
 
 def _run(op: nn.Module, x: torch.Tensor, num_tasks: int) -> torch.Tensor:

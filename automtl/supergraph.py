@@ -97,7 +97,7 @@ class _SuperGraph:
         """A batch norm over per-task rows normalises each task's rows apart."""
         if node not in self.per_task:
             return
-        if node.op == "call_module" and isinstance(self.root.get_submodule(node.target), nn.modules.batchnorm._BatchNorm):
+        if node.op == "call_module" and _per_task_norm(self.root.get_submodule(node.target)):
             new = _taskwise(self.graph, node, self.T)
             self.per_task.add(new)
             if node in self.depends_on_input:
@@ -125,6 +125,13 @@ class _SuperGraph:
                 self.copies[node] = self.graph.create_node(node.op, node.target, args, kwargs)
             self.copies[node].meta = dict(node.meta)
         return self.copies[node]
+
+
+def _per_task_norm(module: nn.Module) -> bool:
+    """A norm that must see each task's rows apart: a BatchNorm (batch statistics), or any norm with running
+    statistics (one update for all tasks)."""
+    return isinstance(module, nn.modules.batchnorm._BatchNorm) or (
+        isinstance(module, nn.modules.batchnorm._NormBase) and module.track_running_stats)
 
 
 def _taskwise(graph: fx.Graph, node: fx.Node, num_tasks: int) -> fx.Node:

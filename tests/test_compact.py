@@ -156,3 +156,53 @@ def test_saved_equals_loaded_bit_for_bit(name, tmp_path):
         with torch.no_grad():
             want, got = model(x), loaded(x)
         assert list(got) == list(want) and all(torch.equal(got[t], want[t]) for t in want), (name, seed)
+
+
+class NormsAfterBranch(nn.Module):
+    """Norms with running statistics after a layer where tasks diverge: a conv's BN and InstanceNorm
+    (momentum None: a cumulative average), and a BN after an add."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv0 = nn.Conv2d(3, 4, 3, padding=1)
+        self.conv1 = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.in2 = nn.InstanceNorm2d(4, affine=True, track_running_stats=True, momentum=None)
+        self.post = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        x = self.conv0(x)
+        y = self.in2(self.conv2(self.bn1(self.conv1(x))))
+        return self.post(x + y)
+
+
+@pytest.mark.parametrize("rows", [[[SHARE, SPECIALIZE, SHARE], [SHARE] * 3, [SHARE] * 3],  # classes {0, 2}, {1}
+                                  [[SPECIALIZE] * 3, [SHARE, SHARE, SPECIALIZE], [SHARE] * 3]])
+def test_running_statistics_move_once_per_step_however_tasks_are_grouped(rows):
+    """A shared norm runs once per class of tasks in the compact model and once per task in the supermodel;
+    either way its running statistics take one update for all tasks (the mean of the tasks' changes)."""
+    tasks = [Task("a", "depth"), Task("b", "depth"), Task("c", "depth")]
+    torch.manual_seed(0)
+    sm = supermodel(NormsAfterBranch(), tasks, torch.randn(1, 3, 8, 8)).train()
+    pol = Policy(sm.layer_names, sm.task_names, rows)
+    with torch.no_grad():  # tasks' copies that compute different things
+        for layer in sm.policy_layers:
+            for t, op in enumerate(layer.specialized):
+                op.conv.weight.add_(0.1 * (t + 1))
+    model = compact(sm, pol).train()
+    sm.hard(pol)
+    x = torch.randn(4, 3, 8, 8)
+    for _ in range(2):
+        a, b = sm(x), model(x)
+        (sum(v.mean() for v in a.values()) + sum(v.mean() for v in b.values())).backward()  # the graphs stay differentiable
+    mine, theirs = model.graph_module.state_dict(), sm.state_dict()
+    stats = [k for k in mine if "running" in k or "num_batches" in k]
+    assert any("conv2.shared.bn" in k for k in stats) and any("post" in k for k in stats)  # the InstanceNorm is fused
+    for k in stats:
+        assert torch.equal(mine[k], theirs[k]), k
+    assert int(mine["net.post.num_batches_tracked"]) == 2  # one update per step, not one per class
+    model.eval(), sm.eval()
+    with torch.no_grad():
+        a, b = sm(x), model(x)
+    assert all(torch.allclose(a[t], b[t], atol=1e-6) for t in a)
