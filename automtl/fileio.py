@@ -73,6 +73,10 @@ def _umask() -> int:
 #: Bounds on every YAML file automtl reads (config, policy, run files and a bundle's model.yaml).
 MAX_YAML_BYTES = 32 * 2**20
 MAX_YAML_DEPTH = 32
+#: Parser events (scalars, starts and ends of mappings and lists) in one YAML text: about 15 times those of
+#: the largest builtin bundle's model.yaml (resnet50, three tasks, all specialized: 28k). Building Python
+#: objects from YAML costs about 14 us and 0.4 KB an event, so this bounds a read at ~6 s and ~150 MB.
+MAX_YAML_EVENTS = 400_000
 
 
 def read_regular_file(path: str | os.PathLike, what: str, max_bytes: int, error: type = None) -> bytes:
@@ -145,17 +149,23 @@ def _yaml_loader(exponent_floats: bool = False):
     return loader
 
 
-def check_yaml_structure(text: str, where: str, error: type, max_depth: int = MAX_YAML_DEPTH) -> None:
-    """Refuse YAML anchors and aliases and nesting deeper than ``max_depth`` before anything is built.
+def check_yaml_structure(text: str, where: str, error: type, max_depth: int = MAX_YAML_DEPTH,
+                         max_events: int = MAX_YAML_EVENTS) -> None:
+    """Refuse YAML anchors and aliases, nesting deeper than ``max_depth`` and more than ``max_events``
+    values before anything is built.
 
     Aliases are how a few bytes of YAML become gigabytes (the "billion laughs") or a recursive
-    structure; automtl never writes them, so none is accepted. The check walks the parser's
-    events, so its memory is bounded by the text.
+    structure; automtl never writes them, so none is accepted. Many small values cost far more to
+    build than their bytes (32 MiB of them, gigabytes and minutes), so they are counted. The check
+    walks the parser's events, so its memory is bounded by the text.
     """
     import yaml
 
     depth = 0
-    for event in yaml.parse(text, Loader=_yaml_loader()):
+    for count, event in enumerate(yaml.parse(text, Loader=_yaml_loader())):
+        if count >= max_events:
+            raise error(f"{where} holds more than {max_events} YAML values, far more than automtl files have; "
+                        "check the file")
         if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
             raise error(f"{where} uses a YAML anchor or alias (& or *), which automtl files never need; "
                         "write the values out in full")

@@ -5,6 +5,7 @@ person can edit it and feed it back.
 """
 from __future__ import annotations
 
+import math
 import os
 import re
 import random as _random
@@ -100,7 +101,12 @@ class Policy:
 
     def undecided(self, layer: int, task: int) -> bool:
         """True when the evidence did not support a choice, so it fell back to share."""
-        return [layer, task] in [list(p) for p in (self.evidence or {}).get("undecided", [])]
+        pairs = (self.evidence or {}).get("undecided") or []
+        cached = self.__dict__.get("_undecided")
+        if cached is None or cached[0] is not pairs or cached[1] != len(pairs):
+            cached = (pairs, len(pairs), {(int(l), int(t)) for l, t in pairs})
+            self.__dict__["_undecided"] = cached
+        return (layer, task) in cached[2]
 
     def check(self, layers: Sequence[str], tasks: Sequence[str], skip_legal: Sequence[bool]) -> None:
         """Raise ConfigError unless this policy fits a supermodel with these layers and tasks."""
@@ -204,20 +210,66 @@ def _evidence_to_yaml(ev: dict, layers: list, tasks: list) -> dict:
     return out
 
 
+#: The evidence a search writes, key by key: what each value may be (a closed vocabulary: a file is data).
+_EVIDENCE_KINDS = ("margin", "conflict")
+_BUDGET_METRICS = ("params", "macs")
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 10**9
+
+
+def _budget(v) -> bool:
+    return (isinstance(v, dict) and set(v) <= {"metric", "used", "limit"} and v.get("metric") in _BUDGET_METRICS
+            and _finite(v.get("used")) and (v.get("limit") is None or _finite(v["limit"])))
+
+
+_EVIDENCE_VALUES = {
+    "kind": lambda v: v in _EVIDENCE_KINDS,
+    "strategy": lambda v: isinstance(v, str) and bool(_NAME.match(v)),
+    "threshold": _finite, "confidence": _finite, "steps": _count, "planned_steps": _count,
+    "stopped_early": lambda v: isinstance(v, bool), "budget": _budget,
+}
+
+
 def _evidence_from_yaml(data, layers: list, tasks: list, source: str) -> Optional[dict]:
-    """The inverse of :func:`_evidence_to_yaml`; policies written before evidence existed have none."""
+    """The inverse of :func:`_evidence_to_yaml`; policies written before evidence existed have none.
+
+    Every key and value is checked against what a search writes (:data:`_EVIDENCE_VALUES`, finite
+    scores, layer and task names of this policy), so what ``inspect`` and ``render`` show from a file
+    is numbers and listed names only.
+    """
     if data is None:
         return None
+    bad = (f"{source}: 'evidence' must hold what a search writes (kind, strategy, threshold, confidence, steps, "
+           "planned_steps, stopped_early, budget, scores as layer -> task -> number, undecided and over_budget as "
+           "layer -> [tasks]); delete the evidence section to use the choices alone")
+    if not isinstance(data, dict):
+        raise FileFormatError(bad)
+    for key, value in data.items():
+        if key in ("scores", "undecided", "over_budget"):
+            continue
+        check = _EVIDENCE_VALUES.get(key) if isinstance(key, str) else None
+        if check is None or not check(value):
+            raise FileFormatError(f"{source}: evidence {str(key)[:40]!r} is {str(value)[:40]!r}, not what a search "
+                                  "writes there; delete the evidence section to use the choices alone")
+    ev = {k: v for k, v in data.items() if k not in ("scores", "undecided", "over_budget")}
+    layer_index = {name: i for i, name in enumerate(layers)}
+    task_index = {name: i for i, name in enumerate(tasks)}
     try:
-        ev = {k: v for k, v in data.items() if k not in ("scores", "undecided", "over_budget")}
         if data.get("scores") is not None:
             ev["scores"] = [[float(data["scores"][l][t]) for t in tasks] for l in layers]
+            if not all(math.isfinite(v) for row in ev["scores"] for v in row) or any(
+                    len(data["scores"][l]) != len(tasks) for l in layers) or len(data["scores"]) != len(layers):
+                raise ValueError
         for key in ("undecided", "over_budget"):
             if key in data:
-                ev[key] = [[layers.index(l), tasks.index(t)] for l, ts in data[key].items() for t in ts]
-    except (AttributeError, KeyError, TypeError, ValueError):
-        raise FileFormatError(
-            f"{source}: 'evidence' must map scores to layer -> task -> number and undecided to layer -> [tasks]; "
-            "delete the evidence section to use the choices alone"
-        ) from None
+                pairs = {(layer_index[l], task_index[t]) for l, ts in data[key].items() for t in ts}
+                ev[key] = [list(p) for p in sorted(pairs)]
+    except (AttributeError, KeyError, TypeError, ValueError, OverflowError):
+        raise FileFormatError(bad) from None
     return ev

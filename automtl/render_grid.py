@@ -125,7 +125,8 @@ def legend_label(policy: Policy, colours: dict, with_graph_legend: bool) -> str:
                 f"? = undecided ({e(undecided_meaning(ev))}): fell back to share")
         budget = ev.get("budget")
         if budget:
-            limit = f" of a {budget['limit']}x budget" if budget.get("limit") else ""
-            note += f"<BR ALIGN=\"LEFT\"/>budget used: {budget['used']}x the single model's {e(budget['metric'])}{limit}"
+            limit = f" of a {e(str(budget['limit']))}x budget" if budget.get("limit") else ""
+            note += (f"<BR ALIGN=\"LEFT\"/>budget used: {e(str(budget['used']))}x the single model's "
+                     f"{e(str(budget['metric']))}{limit}")
         rows.append(f'<TR><TD COLSPAN="2" ALIGN="LEFT"><FONT POINT-SIZE="10">{note}</FONT></TD></TR>')
     return '<<TABLE BORDER="0" CELLBORDER="0" CELLSPACING="3" CELLPADDING="0">' + "".join(rows) + "</TABLE>>"

@@ -45,9 +45,9 @@ class Task:
                 f"task name {str(self.name)[:70]!r} is not a valid identifier; use up to 64 letters, digits and underscores, "
                 "starting with a letter"
             )
-        if self.kind not in KINDS and self.kind != "custom":
+        if not isinstance(self.kind, str) or (self.kind not in KINDS and self.kind != "custom"):
             raise ConfigError(
-                f"task {self.name!r} has unknown kind {self.kind!r}; choose one of {', '.join(KINDS)} "
+                f"task {self.name!r} has unknown kind {str(self.kind)[:40]!r}; choose one of {', '.join(KINDS)} "
                 "(or register one with automtl.register_kind), or pass head=, loss= and metric= for a custom task"
             )
         spec = self.spec
@@ -57,9 +57,10 @@ class Task:
             raise ConfigError(f"task {self.name!r} of kind {self.kind!r} needs classes=N")
         if self.classes is not None and (not isinstance(self.classes, int) or isinstance(self.classes, bool)
                                          or not 1 <= self.classes <= MAX_CLASSES):
-            raise ConfigError(f"task {self.name!r}: classes must be a whole number from 1 to {MAX_CLASSES}, got {self.classes!r}")
+            raise ConfigError(f"task {self.name!r}: classes must be a whole number from 1 to {MAX_CLASSES}, "
+                              f"got {str(self.classes)[:40]!r}")
         if not isinstance(self.ignore_index, int) or isinstance(self.ignore_index, bool) or abs(self.ignore_index) > 2**31:
-            raise ConfigError(f"task {self.name!r}: ignore_index must be an integer label value, got {self.ignore_index!r}")
+            raise ConfigError(f"task {self.name!r}: ignore_index must be an integer label value, got {str(self.ignore_index)[:40]!r}")
         if spec is not None and self.ignore_index == 255:
             self.ignore_index = spec.default_ignore_index
 
@@ -101,7 +102,7 @@ class Task:
         to train it again, pass the task with its head, loss and metric.
         """
         if not isinstance(data, dict) or not isinstance(data.get("name"), str):
-            raise ConfigError(f"a task description needs at least a 'name'; got {data!r}")
+            raise ConfigError(f"a task description needs at least a 'name'; got {str(data)[:80]!r}")
         kind = data.get("kind", "custom")
         classes = data.get("classes")
         if kind != "custom":  # a kind must be registered in this process (the error says so)
@@ -109,11 +110,12 @@ class Task:
             return cls(data["name"], kind=kind, classes=classes, **extra)
         if not _NAME.match(data["name"]):
             raise ConfigError(
-                f"task name {data['name']!r} is not a valid identifier; use letters, digits and underscores, "
+                f"task name {data['name'][:70]!r} is not a valid identifier; use letters, digits and underscores, "
                 "starting with a letter"
             )
         if classes is not None and (not isinstance(classes, int) or isinstance(classes, bool) or not 1 <= classes <= MAX_CLASSES):
-            raise ConfigError(f"task {data['name']!r}: classes must be a whole number from 1 to {MAX_CLASSES}, got {classes!r}")
+            raise ConfigError(f"task {data['name']!r}: classes must be a whole number from 1 to {MAX_CLASSES}, "
+                              f"got {str(classes)[:40]!r}")
         if isinstance(data.get("ignore_index"), int) and abs(data["ignore_index"]) > 2**31:
             raise ConfigError(f"task {data['name']!r}: ignore_index {data['ignore_index']} is not a label value")
         task = cls.__new__(cls)  # skips __post_init__, which demands head/loss/metric for custom tasks

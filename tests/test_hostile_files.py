@@ -249,6 +249,30 @@ DESCRIPTION_CASES = {
     "classes-huge": lambda p, m: edit(p, lambda d: d["tasks"][0].update(classes=2**40)),
     "ignore-index-huge": lambda p, m: edit(p, lambda d: d["tasks"][0].update(ignore_index=10**30)),
     "meta-unknown-task": lambda p, m: edit(p, lambda d: d["nodes"][2]["meta"].update(automtl_tasks=["nosuchtask"])),
+    # found by review (2026-11-30): values that grow without bound in dead code, evidence that reaches
+    # graphviz labels and terminals, unhashable kinds, devices named by the file, random eval graphs
+    "int-squaring": lambda p, m: edit(p, insert_before_output(
+        node("s0", "call_method", "size", {"$node": "x"}, 2),
+        *[node(f"s{i}", "call_function", "operator.mul", {"$node": f"s{i - 1}"}, {"$node": f"s{i - 1}"})
+          for i in range(1, 40)], use_last=False)),
+    "size-doubling": lambda p, m: edit(p, insert_before_output(
+        node("z0", "call_function", "builtins.getattr", {"$node": "x"}, "shape"),
+        *[node(f"z{i}", "call_function", "operator.add", {"$node": f"z{i - 1}"}, {"$node": f"z{i - 1}"})
+          for i in range(1, 40)], use_last=False)),
+    "evidence-markup": lambda p, m: edit(p, lambda d: d["policy"].update(evidence={
+        "kind": "conflict", "strategy": "conflict", "scores": None,
+        "budget": {"metric": "params", "used": '1"><IMG SRC="/etc/passwd"/>', "limit": 1.5}})),
+    "evidence-terminal-escape": lambda p, m: edit(p, lambda d: d["policy"].update(evidence={
+        "kind": "conflict", "strategy": "conflict\n\x1b[2Jcompact model: 0 parameters"})),
+    "evidence-unknown-key": lambda p, m: edit(p, lambda d: d["policy"].update(evidence={"kind": "margin", "script": "x"})),
+    "evidence-budget-not-a-mapping": lambda p, m: edit(p, lambda d: d["policy"].update(evidence={"budget": 1})),
+    "task-kind-list": lambda p, m: edit(p, lambda d: d["tasks"][0].update(kind=["segmentation"])),
+    "task-kind-huge": lambda p, m: edit(p, lambda d: d["tasks"][0].update(kind="k" * 200000)),
+    "tasks-not-a-list": lambda p, m: edit(p, lambda d: d.update(tasks=7)),
+    "device-named": lambda p, m: edit(p, insert_before_output(
+        node("z", "call_function", "torch.zeros_like", {"$node": d_out(p)}, device={"$device": "meta"}))),
+    "dropout-in-eval-graph": lambda p, m: edit(p, insert_before_output(
+        node("z", "call_function", "torch.nn.functional.dropout", {"$node": d_out(p)}, 0.9, True))),
     "format-1": lambda p, m: {**{k: v for k, v in p.items() if k != "weights.safetensors"},
                               "weights.pt": _torch_save({"w": torch.zeros(1)})},
 }
@@ -371,6 +395,35 @@ def test_a_size_that_depends_on_the_input_is_checked_at_every_new_shape(valid, t
             model(torch.randn(1, 3, 64, 64))
     result = CliRunner().invoke(main, ["eval", str(path), "--samples", "2", "--input-size", "64"])
     assert result.exit_code == 2 and "Traceback" not in result.output
+
+
+def test_many_small_yaml_values_are_refused_before_they_are_built(valid, tmp_path):
+    """1 MB of one-character values would cost seconds and hundreds of MB to build (32 MiB: gigabytes)."""
+    many = b"junk: [" + b",".join([b"1"] * 500_000) + b"]\n"
+    path = write(tmp_path / "m.automtl", {**valid, "model.yaml": valid["model.yaml"] + many}, compress=zipfile.ZIP_STORED)
+    with pytest.raises(FileFormatError, match="more than 400000 YAML values"):
+        load(path)
+    policy = tmp_path / "policy.yaml"
+    policy.write_bytes(b"tasks: [a]\nlayers: {}\n" + many)
+    with pytest.raises(FileFormatError, match="more than 400000 YAML values"):
+        Policy.load(policy)
+
+
+def test_policy_evidence_is_checked_value_by_value(tmp_path):
+    """What inspect prints and render draws from a policy's evidence is numbers and the policy's own names."""
+    good = {"tasks": ["a", "b"], "layers": {"l0": {"a": "share", "b": "specialize"}},
+            "evidence": {"kind": "conflict", "strategy": "conflict", "threshold": 0.0, "confidence": 2.0, "steps": 4,
+                         "planned_steps": 19, "stopped_early": True, "scores": {"l0": {"a": 0.1, "b": -0.2}},
+                         "undecided": {"l0": ["a", "a"]}, "budget": {"metric": "params", "used": 1.2, "limit": 1.5}}}
+    policy = Policy.from_dict(good)
+    assert policy.evidence["undecided"] == [[0, 0]] and policy.undecided(0, 0) and not policy.undecided(0, 1)
+    for key, value in [("strategy", "a\nb"), ("kind", "<b>"), ("threshold", float("nan")), ("steps", -1),
+                       ("budget", {"metric": "params", "used": "<IMG SRC='x'/>"}), ("budget", {"metric": "x", "used": 1.0}),
+                       ("stopped_early", "yes"), ("scores", {"l0": {"a": float("inf"), "b": 0.0}}),
+                       ("undecided", {"l0": ["nosuchtask"]}), ("undecided", {"nosuchlayer": ["a"]}), ("extra", 1)]:
+        bad = {**good, "evidence": {**good["evidence"], key: value}}
+        with pytest.raises(FileFormatError, match="evidence"):
+            Policy.from_dict(bad)
 
 
 def test_size_cap_is_checked_before_reading(valid, tmp_path):

@@ -206,15 +206,33 @@ def _read_weights(path: str, data: bytes) -> dict:
 MAX_ACTIVATION = 2**28
 
 
+#: Bounds on the plain values a graph computes (sizes, indices): an int's magnitude and a sequence's length.
+MAX_COMPUTED_INT, MAX_SEQUENCE = 2**40, 256
+
+
 class _BoundedShapes(fx.Interpreter):
-    """Runs on meta tensors and refuses a node whose output would be larger than MAX_ACTIVATION."""
+    """Runs on meta tensors and refuses a node whose output is larger than the bounds: a tensor of more
+    than MAX_ACTIVATION elements, an int beyond MAX_COMPUTED_INT, a sequence longer than MAX_SEQUENCE.
+    Each node is checked as it runs, so no value can grow across nodes (squaring a size again and again)."""
 
     def run_node(self, n: fx.Node):
         out = super().run_node(n)
-        for t in (out if isinstance(out, (tuple, list)) else (out,)):
-            if isinstance(t, torch.Tensor) and t.numel() > MAX_ACTIVATION:
-                raise FileFormatError(f"has node {n.name!r} producing {t.numel()} elements at its recorded input shape, "
-                                      f"more than the {MAX_ACTIVATION} automtl allows; the file is crafted or corrupted")
+        stack = [out]
+        while stack:
+            v = stack.pop()
+            if isinstance(v, torch.Tensor):
+                if v.numel() > MAX_ACTIVATION:
+                    raise FileFormatError(f"has node {n.name!r} producing {v.numel()} elements at its recorded input "
+                                          f"shape, more than the {MAX_ACTIVATION} automtl allows; the file is crafted or corrupted")
+            elif isinstance(v, int) and not isinstance(v, bool):
+                if abs(v) > MAX_COMPUTED_INT:
+                    raise FileFormatError(f"has node {n.name!r} computing an integer beyond {MAX_COMPUTED_INT}, which no "
+                                          "size or index of a model reaches; the file is crafted or corrupted")
+            elif isinstance(v, (tuple, list, dict)):
+                if len(v) > MAX_SEQUENCE:
+                    raise FileFormatError(f"has node {n.name!r} computing a sequence of {len(v)} values, more than the "
+                                          f"{MAX_SEQUENCE} automtl allows; the file is crafted or corrupted")
+                stack.extend(v.values() if isinstance(v, dict) else v)
         return out
 
 
@@ -230,8 +248,8 @@ def shape_check(path: str, gm: fx.GraphModule, tasks: list, dtype: torch.dtype, 
     try:
         with torch.no_grad():
             out = _BoundedShapes(gm.eval()).run(torch.empty(tuple(shape), device="meta", dtype=dtype))
-    except FileFormatError as exc:
-        raise bad(path, str(exc)) from None
+    except FileFormatError as exc:  # without the note fx's interpreter appends ("While executing ...")
+        raise bad(path, str(exc).split("\n\nWhile executing")[0].strip()) from None
     except Exception as exc:  # any op refusing its shapes
         raise bad(path, f"has a graph that does not run at input shape {list(shape)} ({str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__}); "
                         "the file is corrupted, crafted, or made for other input sizes") from None
@@ -255,6 +273,8 @@ def _dry_run(path: str, gm: fx.GraphModule, desc: dict, tasks: list, dtype: torc
 def rebuild(path: str, desc: dict, weights: bytes) -> tuple:
     """The checked parts of a CompactModel from a parsed description and the weights' bytes:
     ``(graph_module, meta_twin, tasks, policy)``; the twin is the same graph on the meta device."""
+    if not isinstance(desc.get("tasks"), list) or not 1 <= len(desc["tasks"]) <= 256:
+        raise bad(path, "has no list of 1 to 256 task descriptions; the file is corrupted, save the model again")
     try:
         tasks = [Task.from_description(d) for d in desc["tasks"]]
         policy = Policy.from_dict(desc["policy"], f"the policy in {path!r}") if desc.get("policy") is not None else None

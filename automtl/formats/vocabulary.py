@@ -110,7 +110,8 @@ def _literal_kind(v: Any, kinds: dict, where: str):
     if isinstance(v, torch.dtype):
         return DTYPE
     if isinstance(v, torch.device):
-        return DEVICE
+        raise FileFormatError(f"{where} names the device {str(v)[:20]!r}; an automtl file takes its device from the "
+                              "input (x.device) and never names one, so it is crafted or corrupted, re-save the model")
     if isinstance(v, torch.memory_format):
         return "memory_format"
     if isinstance(v, slice):
@@ -198,6 +199,9 @@ def _no_writes(node: fx.Node, at: str, kinds: dict) -> None:
         raise FileFormatError(f"{at} calls {getattr(node.target, '__name__', node.target)} with arguments it does not take; re-save the model") from None
     if bound.get("inplace") not in (None, False):
         raise FileFormatError(f"{at} asks for an in-place operation, which automtl files never do; re-save the model")
+    if node.target in (F.dropout, F.dropout2d) and bound.get("training", True) is not False:
+        raise FileFormatError(f"{at} drops activations at random (training=True), which an automtl file, an eval-mode "
+                              "graph, never does; re-save the model")
     if node.target is F.batch_norm and bound.get("training") not in (None, False) and (
             bound.get("running_mean") is not None or bound.get("running_var") is not None):
         raise FileFormatError(f"{at} updates running statistics, which automtl files never do; re-save the model")
