@@ -2,12 +2,24 @@
 
 ``torch.export.load`` trusts its archive: it unpickles entries marked as pickled (weights,
 constants, custom objects) and the sample inputs (falling back to ``weights_only=False``),
-``exec``s the guard code it finds and hands expression strings to sympy, which evaluates them.
-So a ``.pt2`` from an untrusted source must not go to it directly. :func:`load_pt2` reads the
-archive under size bounds, accepts only the entries a plain export has (graph JSON, raw tensor
-bytes, their JSON configs, version markers), refuses every pickled entry, guard code, custom
-objects, operators outside ``aten`` and expression strings that are not plain arithmetic on
-shape symbols, and only then hands the checked bytes (not the path) to ``torch.export.load``.
+``exec``s the guard code it finds, hands expression strings to sympy, which evaluates them,
+allocates ``torch.zeros(sizes)`` for an empty weight entry whatever sizes its config declares, and
+builds a graph of whatever operators the program names (``aten.from_file`` reads and, shared,
+writes a file the archive chooses). So a ``.pt2`` from an untrusted source must not go to it
+directly. :func:`load_pt2` checks, in this order:
+
+1. the zip directory, before any entry is decompressed: one root folder, only the entry names a
+   plain export has (graph JSON, raw tensor bytes, their JSON configs, version markers, an empty
+   sample inputs entry), each under its size cap, all together under the file limit;
+2. the graph JSON and the weight/constant configs (read under their caps): no guard code, no
+   custom objects, no expression strings but plain arithmetic on shape symbols, no pickled entry,
+   and every operator on a closed list: :data:`ALLOWED_ATEN_OPERATORS` (reviewed ``aten``
+   overload packets, never an in-place or ``out=`` overload) and a few Python ``operator``
+   functions for shape arithmetic; every weight and constant is described with non-negative
+   integer sizes, and its raw entry declares exactly the bytes those sizes and its dtype need;
+3. the entries' data under the zip bounds of :func:`automtl.fileio.read_zip_entries`;
+
+and only then hands the checked bytes (not the path) to ``torch.export.load``.
 
 :func:`export` writes archives that pass it: the sample inputs entry, a pickle torch always
 writes, is left empty.
@@ -15,29 +27,119 @@ writes, is left empty.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import os
 import re
 import sys
 import zipfile
+import zlib
 from typing import Any, Optional
 
 import torch
 
 from ..compact import CompactModel
 from ..errors import AutomtlError, FileFormatError
-from ..fileio import atomic_path, read_regular_file, read_zip_entries
+from ..fileio import atomic_path, check_zip_directory, read_regular_file, read_zip_entries
 from ._export_common import EvalMode, example_input_for, failing_op
 
-__all__ = ["export", "load_pt2", "check_pt2", "MAX_PT2_BYTES"]
+__all__ = ["export", "load_pt2", "check_pt2", "MAX_PT2_BYTES", "ALLOWED_ATEN_OPERATORS"]
 
 MAX_PT2_BYTES = 2 * 2**30
 _MAX_ENTRIES = 100_000
 _MAX_JSON = 256 * 2**20
 _MAX_RATIO = 200
-_RAW_PREFIXES = ("data/weights/weight_", "data/constants/tensor_")
+_MAX_MARKER = 256  # bytes of a version marker ("pt2", "1", "little", a 40-character id)
+_MAX_DIMS = 16  # dimensions of a weight or constant
+_MAX_DIM = 2**40  # one size, stride or offset
 _MARKERS = {"archive_format", "archive_version", "byteorder", ".data/version", ".data/serialization_id"}
+_NAME = r"[A-Za-z0-9_]{1,100}"
+_ROOT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,99}$")
+# every entry name a plain export has, relative to the root folder (torch/export/pt2_archive/constants.py)
+_LAYOUT = re.compile(rf"^(?:archive_format|archive_version|byteorder|\.data/version|\.data/serialization_id"
+                     rf"|models/{_NAME}\.json|data/sample_inputs/{_NAME}\.pt"
+                     rf"|data/weights/{_NAME}_weights_config\.json|data/constants/{_NAME}_constants_config\.json"
+                     rf"|data/weights/weight_[0-9]{{1,9}}|data/constants/tensor_[0-9]{{1,9}})$")
+
+# The aten operators a loaded program may call, by overload packet; any overload of a listed packet
+# but an in-place or out= one (checked on its schema: no argument it writes to; and by name).
+# Derived by exporting what automtl exports: automtl.export(compact(supermodel, policy)) under the
+# all-share policy and Policy.random(seed=1), for every builtin backbone (tiny, resnet18/34/50,
+# deeplab_resnet34, mobilenet_v2, mnasnet1_0, vgg16_bn; segmentation, depth and classification
+# heads), the 13 patterns of tests/zoo.py and torchvision resnet18, mobilenet_v3_small and timm
+# efficientnet_b0, convnext_atto (torch 2.13), collecting every node target of the graph JSON:
+# the 27 packets marked "seen". To them were added, by review, pure tensor siblings a CNN export can
+# emit: other activations, pooling and interpolation variants, elementwise math, reductions,
+# reshapes and indexing, norms, eval-mode dropout, their decomposed (core ATen) forms and the
+# shape-assert operators of dynamic shapes. Nothing that opens, maps, prints or saves files,
+# touches or resizes storage (from_file, set_, resize_, _print, save, as_strided), reads
+# uninitialised memory (empty*) or indexes without bounds checks (_unsafe_index*), no random
+# sampling but dropout, nothing data-dependent (item, nonzero).
+ALLOWED_ATEN_OPERATORS = frozenset({
+    # convolution and linear algebra
+    "conv2d",  # seen
+    "conv_transpose2d",  # seen
+    "linear",  # seen
+    "conv1d", "conv3d", "conv_transpose1d", "conv_transpose3d", "convolution",
+    "addmm", "mm", "bmm", "matmul", "t",
+    # normalisation
+    "batch_norm",  # seen
+    "layer_norm",  # seen
+    "_native_batch_norm_legit_no_training", "native_layer_norm", "group_norm",
+    "native_group_norm", "instance_norm", "rms_norm",
+    # activations
+    "relu",  # seen
+    "gelu",  # seen
+    "silu",  # seen
+    "sigmoid",  # seen
+    "hardsigmoid",  # seen
+    "hardswish",  # seen
+    "hardtanh",  # seen
+    "softmax",  # seen
+    "relu6", "leaky_relu", "elu", "selu", "celu", "mish", "softplus", "tanh", "prelu", "_prelu_kernel", "glu",
+    "threshold", "clamp", "clamp_min", "clamp_max", "log_softmax", "_softmax", "_log_softmax",
+    # dropout (identity in eval mode; functional, not in place, in train mode)
+    "dropout",  # seen
+    "native_dropout", "feature_dropout",
+    # pooling
+    "adaptive_avg_pool2d",  # seen
+    "max_pool2d",  # seen
+    "_adaptive_avg_pool2d", "adaptive_avg_pool1d", "adaptive_avg_pool3d", "adaptive_max_pool2d",
+    "max_pool1d", "max_pool3d", "max_pool2d_with_indices", "avg_pool1d", "avg_pool2d", "avg_pool3d",
+    # interpolation
+    "upsample_bilinear2d",  # seen
+    "upsample_nearest2d",  # seen
+    "upsample_nearest1d", "upsample_nearest3d", "_upsample_nearest_exact1d", "_upsample_nearest_exact2d",
+    "_upsample_nearest_exact3d", "upsample_linear1d", "upsample_bicubic2d", "upsample_trilinear3d",
+    "_upsample_bilinear2d_aa", "pixel_shuffle", "pixel_unshuffle",
+    # elementwise
+    "add",  # seen
+    "mul",  # seen
+    "sub", "rsub", "div", "neg", "abs", "exp", "log", "sqrt", "rsqrt", "pow", "reciprocal", "maximum", "minimum",
+    "where", "floor", "ceil", "round", "erf", "sign", "eq", "ne", "lt", "le", "gt", "ge", "logical_not",
+    # reductions
+    "mean",  # seen
+    "sum", "amax", "amin", "max", "min", "var", "std", "var_mean", "linalg_vector_norm", "argmax", "argmin",
+    "logsumexp",
+    # shapes, copies and indexing
+    "view",  # seen
+    "reshape",  # seen
+    "permute",  # seen
+    "transpose",  # seen
+    "flatten",  # seen
+    "unflatten", "squeeze", "unsqueeze", "expand", "expand_as", "contiguous", "clone", "alias", "detach",
+    "lift_fresh_copy", "_to_copy", "to", "type_as", "cat", "stack", "split", "split_with_sizes", "chunk",
+    "unbind", "slice", "select", "narrow", "index", "index_select", "gather", "flip", "roll", "repeat",
+    "constant_pad_nd", "pad",
+    "zeros", "ones", "full", "zeros_like", "ones_like", "full_like", "new_zeros", "new_ones", "new_full",
+    "arange", "scalar_tensor",
+    # shape symbols and their asserts (dynamic batch)
+    "sym_size",  # seen
+    "sym_numel", "sym_stride", "_assert_scalar", "_assert_tensor_metadata", "sym_constrain_range",
+    "sym_constrain_range_for_size",
+})
+_ATEN = re.compile(r"^torch\.ops\.aten\.([A-Za-z0-9_]+)\.([A-Za-z0-9_]+)$")
 _PYTHON_OPERATORS = {f"_operator.{n}" for n in ("getitem", "add", "sub", "mul", "floordiv", "truediv", "mod", "neg",
                                                  "eq", "ne", "lt", "le", "gt", "ge")}
 _SYMBOLIC = re.compile(r"^[A-Za-z0-9_ +\-*/(),.%<>='\"]*$")
@@ -135,6 +237,34 @@ def _symbolic_ok(text: Any) -> bool:
             and all(_SYMBOLIC_NAMES.match(w) for w in re.findall(r"[A-Za-z_][A-Za-z0-9_]*", text)))
 
 
+@functools.lru_cache(maxsize=4096)
+def _mutable_overload(packet: str, overload: str) -> Optional[bool]:
+    """Whether ``aten.<packet>.<overload>`` writes to an argument (in place or ``out=``); None when torch
+    has no such overload."""
+    packet_op = getattr(torch.ops.aten, packet, None)
+    if packet_op is None or overload not in packet_op.overloads():
+        return None
+    return bool(getattr(packet_op, overload)._schema.is_mutable)
+
+
+def _check_operator(path: str, name: str, target: str) -> None:
+    """``target`` is a listed Python operator, or an overload of a listed aten packet that writes to none
+    of its arguments."""
+    if target in _PYTHON_OPERATORS:
+        return
+    shown = target[:80]
+    m = _ATEN.match(target)
+    if m is None or m.group(1) not in ALLOWED_ATEN_OPERATORS:
+        raise _bad(path, f"calls {shown} in {name}, which is not among the aten operators automtl loads")
+    packet, overload = m.groups()
+    in_place = packet.endswith("_") or overload.endswith("_") or overload == "out" or overload.endswith("_out")
+    mutable = _mutable_overload(packet, overload)
+    if mutable is None:
+        raise _bad(path, f"calls {shown} in {name}, which is not among the aten operators automtl loads")
+    if in_place or mutable:
+        raise _bad(path, f"calls {shown} in {name}, an in-place or out= overload, which automtl does not load")
+
+
 def _check_program(path: str, name: str, program: Any) -> None:
     if not isinstance(program, dict) or not isinstance(program.get("graph_module"), dict):
         raise _bad(path, f"has a {name} that is not an exported program")
@@ -145,10 +275,8 @@ def _check_program(path: str, name: str, program: Any) -> None:
             raise _bad(path, f"has a shape constraint {str(key)[:60]!r} in {name} that is not plain arithmetic")
 
     def visit(key, v):
-        if key == "target" and isinstance(v, str):
-            if not (v.startswith("torch.ops.aten.") and re.match(r"^torch\.ops\.aten\.[A-Za-z0-9_]+\.[A-Za-z0-9_]+$", v)) \
-                    and v not in _PYTHON_OPERATORS:
-                raise _bad(path, f"calls {v[:80]!r} in {name}; automtl loads programs of aten operators only")
+        if key == "target" and isinstance(v, str):  # a node's operator (torch fails on a target that is no string)
+            _check_operator(path, name, v)
         elif key == "expr_str" and not _symbolic_ok(v):
             raise _bad(path, f"has a symbolic expression {str(v)[:60]!r} in {name} that is not plain arithmetic")
         elif key == "custom_obj_values" and v:
@@ -157,59 +285,186 @@ def _check_program(path: str, name: str, program: Any) -> None:
     _walk(program, visit)
 
 
-def _check_config(path: str, name: str, config: Any, prefix: str) -> set:
+@functools.lru_cache(maxsize=None)
+def _element_sizes() -> dict:
+    """Bytes per element of each dtype code a tensor_meta may name (torch's own serde table)."""
+    from torch._export.serde.serialize import _SERIALIZE_TO_TORCH_DTYPE
+
+    sizes = {}
+    for code, dtype in _SERIALIZE_TO_TORCH_DTYPE.items():
+        try:
+            sizes[int(code)] = torch._utils._element_size(dtype)
+        except Exception:  # a dtype without a whole-byte element (none today): not loaded
+            pass
+    return sizes
+
+
+def _ints(value: Any, limit: int) -> Optional[list]:
+    """``[{"as_int": n}, ...]`` of at most ``limit`` non-negative ints below ``_MAX_DIM``, as ints; else None."""
+    if not isinstance(value, list) or len(value) > limit:
+        return None
+    out = []
+    for item in value:
+        n = item.get("as_int") if isinstance(item, dict) and len(item) == 1 else None
+        if type(n) is not int or not 0 <= n < _MAX_DIM:
+            return None
+        out.append(n)
+    return out
+
+
+def _tensor_bytes(path: str, name: str, fqn: str, meta: dict) -> tuple:
+    """(dtype code, bytes of storage the tensor spans) from a config entry's tensor_meta."""
+    tm = meta.get("tensor_meta")
+    if not isinstance(tm, dict):
+        raise _bad(path, f"describes {fqn!r} in {name} without a tensor_meta")
+    dtype = tm.get("dtype")
+    element = _element_sizes().get(dtype) if type(dtype) is int else None
+    sizes, strides = _ints(tm.get("sizes"), _MAX_DIMS), _ints(tm.get("strides"), _MAX_DIMS)
+    offset = _ints([tm.get("storage_offset")], 1)
+    if element is None or sizes is None or strides is None or offset is None or len(strides) != len(sizes):
+        raise _bad(path, f"describes {fqn!r} in {name} with a dtype, sizes, strides or offset that are not "
+                         f"{_MAX_DIMS} or fewer non-negative integers of a known dtype")
+    numel = 1
+    for n in sizes:
+        numel *= n
+    span = 0 if numel == 0 else offset[0] + sum((n - 1) * st for n, st in zip(sizes, strides)) + 1
+    return dtype, numel * element, span * element
+
+
+def _check_config(path: str, name: str, config: Any, prefix: str) -> tuple:
+    """``({file: (dtype, bytes)}, total)`` of a weights or constants config: each raw entry it names,
+    with the bytes of storage its tensors span (the entry must hold exactly that many), and the sum
+    of all its tensors' bytes."""
     entries = config.get("config") if isinstance(config, dict) else None
     if not isinstance(entries, dict):
         raise _bad(path, f"has a malformed {name}")
-    files = set()
+    files: dict = {}
+    total = 0
     for fqn, meta in entries.items():
+        fqn = str(fqn)[:60]
         if not isinstance(meta, dict) or meta.get("use_pickle") is not False:
-            raise _bad(path, f"marks {str(fqn)[:60]!r} in {name} as pickled, and unpickling can run code")
+            raise _bad(path, f"marks {fqn!r} in {name} as pickled, and unpickling can run code")
         file = meta.get("path_name")
-        if not isinstance(file, str) or not re.match(rf"^{prefix}[0-9]+$", file):
-            raise _bad(path, f"stores {str(fqn)[:60]!r} in {name} as {str(file)[:60]!r}, not as raw tensor bytes")
-        files.add(file)
-    return files
+        if not isinstance(file, str) or not re.match(rf"^{prefix}[0-9]{{1,9}}$", file):
+            raise _bad(path, f"stores {fqn!r} in {name} as {str(file)[:60]!r}, not as raw tensor bytes")
+        dtype, nbytes, span = _tensor_bytes(path, name, fqn, meta)
+        total += nbytes
+        before = files.get(file)
+        if before is not None and before[0] != dtype:
+            raise _bad(path, f"reads {file!r} in {name} as two dtypes")
+        files[file] = (dtype, max(span, before[1] if before else 0))
+    return files, total
+
+
+def _directory(path: str, data: bytes) -> list:
+    """The zip directory of ``data`` (no entry decompressed), at most ``_MAX_ENTRIES`` entries, no name twice."""
+    where = f"program file {path!r}"
+    check_zip_directory(data, _MAX_ENTRIES, where, FileFormatError)
+    try:
+        infos = zipfile.ZipFile(io.BytesIO(data)).infolist()
+    except (zipfile.BadZipFile, zlib.error, EOFError, ValueError, NotImplementedError, OSError) as exc:
+        raise FileFormatError(f"{where} is not a complete zip archive ({exc}); export the model again") from None
+    names = [i.filename for i in infos]
+    if len(names) != len(set(names)):
+        raise _bad(path, "holds an entry twice")
+    return infos
+
+
+def _check_layout(path: str, infos: list, max_bytes: int) -> dict:
+    """{name relative to the root folder: ZipInfo}, when the directory has a plain export's layout:
+    one root folder, only the entry names a plain export writes, each declaring at most its cap."""
+    roots = {i.filename.split("/", 1)[0] for i in infos}
+    if len(roots) != 1 or any("/" not in i.filename for i in infos) or not _ROOT.match(next(iter(roots))):
+        raise _bad(path, "does not have the layout of a torch.export archive (one root folder)")
+    root = roots.pop() + "/"
+    rel = {i.filename[len(root):]: i for i in infos}
+    extra = sorted(r for r in rel if not _LAYOUT.match(r))
+    if extra:
+        raise _bad(path, f"holds entries a plain export does not have ({', '.join(repr(e[:60]) for e in extra[:3])})")
+    total = 0
+    for r, info in rel.items():
+        total += info.file_size
+        if r.startswith("data/sample_inputs/") and info.file_size:
+            raise _bad(path, f"holds pickled sample inputs ({r})")
+        cap = _MAX_MARKER if r in _MARKERS else _MAX_JSON if r.endswith(".json") else max_bytes
+        if info.file_size > cap:
+            raise _bad(path, f"declares {info.file_size} bytes for {r[:60]!r}, beyond automtl's bounds for that entry")
+        if total > max_bytes:
+            raise _bad(path, f"declares more than the {max_bytes} bytes in all that automtl reads")
+    return rel
+
+
+def _read_small(path: str, zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytes:
+    """One entry, already capped by :func:`_check_layout`, read under the zip bounds of :func:`read_zip_entries`."""
+    name = info.filename[:80]
+    if info.flag_bits & 0x1 or info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED) \
+            or info.file_size > _MAX_RATIO * info.compress_size + 65536:
+        raise _bad(path, f"stores {name!r} encrypted, compressed other than by deflate, or as a zip bomb")
+    try:
+        with zf.open(info) as f:
+            raw = f.read(info.file_size + 1)
+    except (zipfile.BadZipFile, zlib.error, EOFError, ValueError, OSError) as exc:
+        raise FileFormatError(f"program file {path!r} has a damaged entry {name!r} ({exc}); "
+                              "export the model again") from None
+    if len(raw) != info.file_size:
+        raise _bad(path, f"has an entry {name!r} whose size differs from the size it declares")
+    return raw
 
 
 def check_pt2(path: str | os.PathLike, max_bytes: int = MAX_PT2_BYTES) -> bytes:
     """Read and check a ``.pt2`` archive; return its bytes, safe to hand to ``torch.export.load``.
 
+    The zip directory is checked before any entry is decompressed, and the graph and configs
+    before any tensor entry is.
+
     Raises:
         FileFormatError: the file is not a regular file under ``max_bytes``, not a complete zip,
             or holds anything beyond a plain export's entries: a pickled weight, constant or
-            custom object, non-empty sample inputs, guard code, a non-aten operator, a legacy
-            ``.pt`` weights file, AOTInductor binaries or unknown entries.
+            custom object, non-empty sample inputs, guard code, an operator outside
+            :data:`ALLOWED_ATEN_OPERATORS` or an in-place/``out=`` one, a weight or constant whose
+            entry does not hold exactly the bytes its sizes and dtype need, a legacy ``.pt``
+            weights file, AOTInductor binaries or unknown entries.
     """
     path = os.fspath(path)
     data = read_regular_file(path, "program file", max_bytes, FileFormatError)
-    entries = _entries(path, data, max_bytes)
-    roots = {n.split("/", 1)[0] for n in entries}
-    if len(roots) != 1 or any("/" not in n for n in entries):
-        raise _bad(path, "does not have the layout of a torch.export archive (one root folder)")
-    root = roots.pop() + "/"
-    rel = {n[len(root):]: raw for n, raw in entries.items()}
-    if rel.get("archive_format", b"").strip() != b"pt2":
+    rel = _check_layout(path, _directory(path, data), max_bytes)
+    if "archive_format" not in rel:
         raise _bad(path, "is not a torch.export archive (no archive_format pt2)")
-    models = [r[len("models/"):-len(".json")] for r in rel if re.match(r"^models/[A-Za-z0-9_]+\.json$", r)]
+    zf = zipfile.ZipFile(io.BytesIO(data))
+    if _read_small(path, zf, rel["archive_format"]).strip() != b"pt2":
+        raise _bad(path, "is not a torch.export archive (no archive_format pt2)")
+    models = [r[len("models/"):-len(".json")] for r in rel if r.startswith("models/")]
     if not models:
         raise _bad(path, "holds no exported program")
     allowed = set(_MARKERS)
+    expected: dict = {}  # raw entry -> bytes its tensors need
+    declared = 0
     for model in models:
         program_entry = f"models/{model}.json"
-        _check_program(path, program_entry, _json(path, program_entry, rel[program_entry]))
-        sample = f"data/sample_inputs/{model}.pt"
-        if rel.get(sample):
-            raise _bad(path, f"holds pickled sample inputs ({sample})")
-        allowed |= {program_entry, sample}
+        _check_program(path, program_entry, _json(path, program_entry, _read_small(path, zf, rel[program_entry])))
+        allowed |= {program_entry, f"data/sample_inputs/{model}.pt"}
         for kind, prefix in (("weights", "weight_"), ("constants", "tensor_")):
             config_entry = f"data/{kind}/{model}_{kind}_config.json"
             if config_entry in rel:
-                files = _check_config(path, config_entry, _json(path, config_entry, rel[config_entry]), prefix)
-                allowed |= {config_entry} | {f"data/{kind}/{f}" for f in files}
-    extra = sorted(set(rel) - allowed)
+                config = _json(path, config_entry, _read_small(path, zf, rel[config_entry]))
+                files, total = _check_config(path, config_entry, config, prefix)
+                declared += total
+                allowed.add(config_entry)
+                for f, (_, nbytes) in files.items():
+                    expected[f"data/{kind}/{f}"] = max(nbytes, expected.get(f"data/{kind}/{f}", 0))
+    if declared > max_bytes:
+        raise _bad(path, f"declares {declared} bytes of weights and constants, more than the {max_bytes} automtl loads")
+    extra = sorted(set(rel) - allowed - set(expected))
     if extra:
-        raise _bad(path, f"holds entries a plain export does not have ({', '.join(e[:60] for e in extra[:3])})")
+        raise _bad(path, f"holds entries a plain export does not have ({', '.join(repr(e[:60]) for e in extra[:3])})")
+    for entry, nbytes in sorted(expected.items()):
+        info = rel.get(entry)
+        if info is None:
+            raise _bad(path, f"lacks the entry {entry[:60]!r} its config names")
+        if info.file_size != nbytes:
+            raise _bad(path, f"holds {info.file_size} bytes in {entry[:60]!r} where the sizes and dtype its config "
+                             f"declares need {nbytes}")
+    _entries(path, data, max_bytes)  # only now is every entry read (under the zip bounds): a damaged one is refused
     return data
 
 

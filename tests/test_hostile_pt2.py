@@ -1,0 +1,345 @@
+"""Hostile .pt2 archives: operators off the reviewed aten list, in-place/out= overloads, weights whose
+entries do not hold the bytes their config declares, and layouts refused before any data is read.
+
+Each hostile archive is a small edit of a file ``automtl.export`` wrote; none makes a large
+allocation: the checks refuse it before ``torch.export.load`` (patched here to fail the test) runs.
+"""
+import json
+import pathlib
+import sys
+import time
+import zipfile
+
+import pytest
+import torch
+
+import automtl
+from automtl.compact import compact
+from automtl.errors import FileFormatError
+from automtl.formats import load_pt2
+from automtl.formats import pt2 as pt2_module
+from automtl.policy import Policy
+from automtl.supermodel import supermodel
+from automtl.tasks import Task
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+from zoo import ZOO  # noqa: E402
+
+SIZE = 16
+TASKS = [Task("segment", "segmentation", classes=3), Task("depth", "depth")]
+
+
+def _model(backbone, policy="random", tasks=TASKS, size=SIZE):
+    torch.manual_seed(0)
+    sm = supermodel(backbone, tasks, torch.randn(1, 3, size, size)).eval()
+    pol = Policy.random(sm.layer_names, sm.task_names, sm.skip_legal, seed=1) if policy == "random" else \
+        Policy.uniform(sm.layer_names, sm.task_names, policy)
+    return compact(sm, pol).eval()
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """name -> bytes of a tiny model's .pt2, as automtl.export writes it."""
+    path = tmp_path_factory.mktemp("pt2") / "model.pt2"
+    automtl.export(_model("tiny"), path)
+    with zipfile.ZipFile(path) as zf:
+        return {i.filename: zf.read(i) for i in zf.infolist()}
+
+
+@pytest.fixture
+def parts(exported):
+    return dict(exported)
+
+
+@pytest.fixture
+def no_torch_load(monkeypatch):
+    """torch.export.load fails the test: every hostile archive here must be refused before it."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("torch.export.load was reached")
+
+    monkeypatch.setattr(torch.export, "load", refuse)
+
+
+@pytest.fixture
+def opened(monkeypatch):
+    """The names of the zip entries opened (decompressed) while the test runs."""
+    names = []
+    original = zipfile.ZipFile.open
+
+    def spy(self, name, mode="r", *args, **kwargs):
+        if mode == "r":  # writing a test archive opens its entries for writing
+            names.append(name.filename if isinstance(name, zipfile.ZipInfo) else name)
+        return original(self, name, mode, *args, **kwargs)
+
+    monkeypatch.setattr(zipfile.ZipFile, "open", spy)
+    return names
+
+
+def _write(path, parts, compress=None):
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, data in parts.items():
+            if compress and compress(name):
+                zf.writestr(name, data, compress_type=zipfile.ZIP_DEFLATED, compresslevel=9)
+            else:
+                zf.writestr(name, data)
+    return path
+
+
+def _name(parts, suffix):
+    return next(n for n in parts if n.endswith(suffix))
+
+
+def _edit_json(parts, suffix, change):
+    name = _name(parts, suffix)
+    data = json.loads(parts[name])
+    change(data)
+    parts[name] = json.dumps(data).encode()
+
+
+def _nodes(program):
+    return program["graph_module"]["graph"]["nodes"]
+
+
+def _retarget(parts, old_prefix, new_target, inputs=None):
+    def change(program):
+        node = next(n for n in _nodes(program) if n["target"].startswith(old_prefix))
+        node["target"] = new_target
+        if inputs is not None:
+            node["inputs"] = inputs
+    _edit_json(parts, "models/model.json", change)
+
+
+def _refused(path, match):
+    start = time.monotonic()
+    with pytest.raises(FileFormatError, match=match) as info:
+        load_pt2(path)
+    assert time.monotonic() - start < 10, "refusal took long: did it decompress or allocate?"
+    message = str(info.value)
+    assert message.startswith(f"program file {str(path)!r}") and message.count(";") == 1, message
+    return message
+
+
+# ---------------------------------------------------------------------------------------
+# operators: a closed list of aten packets, no in-place or out= overloads
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("shared", [False, True], ids=["read", "map-shared"])
+def test_aten_from_file_is_refused_and_the_file_untouched(parts, tmp_path, no_torch_load, shared):
+    secret = tmp_path / "secret.txt"
+    secret.write_bytes(b"the secret of 17b")
+    _retarget(parts, "torch.ops.aten.relu.", "torch.ops.aten.from_file.default", [
+        {"name": "filename", "arg": {"as_string": str(secret)}, "kind": 1},
+        {"name": "shared", "arg": {"as_bool": shared}, "kind": 1},
+        {"name": "size", "arg": {"as_int": 1 << 20 if shared else 17}, "kind": 1},
+        {"name": "dtype", "arg": {"as_scalar_type": 1}, "kind": 2}])
+    message = _refused(_write(tmp_path / "evil.pt2", parts), r"torch\.ops\.aten\.from_file\.default")
+    assert "not among the aten operators automtl loads" in message
+    assert secret.read_bytes() == b"the secret of 17b"
+
+
+@pytest.mark.parametrize("target", [
+    "torch.ops.aten._print.default",
+    "torch.ops.aten.save.default",
+    "torch.ops.aten.as_strided.default",
+    "torch.ops.aten.empty.memory_format",
+    "torch.ops.aten._unsafe_index.Tensor",
+    "torch.ops.aten._local_scalar_dense.default",
+    "torch.ops.aten.relu.no_such_overload",
+    "torch.ops.aten.no_such_op.default",
+    "torch.ops.aten.relu",
+    "torch.ops.aten.relu.default.extra",
+    "torch.ops.evil.run.default",
+    "builtins.eval",
+])
+def test_operators_off_the_list_are_refused(parts, tmp_path, no_torch_load, target):
+    _retarget(parts, "torch.ops.aten.relu.", target)
+    message = _refused(_write(tmp_path / "evil.pt2", parts), "is not among the aten operators automtl loads")
+    assert target[:80] in message
+
+
+@pytest.mark.parametrize("target", [
+    "torch.ops.aten.set_.source_Storage",
+    "torch.ops.aten.resize_.default",
+    "torch.ops.aten.relu_.default",
+    "torch.ops.aten.add_.Tensor",
+])
+def test_storage_and_in_place_operators_are_refused(parts, tmp_path, no_torch_load, target):
+    _retarget(parts, "torch.ops.aten.relu.", target)
+    _refused(_write(tmp_path / "evil.pt2", parts), "is not among the aten operators automtl loads")
+
+
+@pytest.mark.parametrize("target", [
+    "torch.ops.aten.relu.out",
+    "torch.ops.aten.add.out",
+    "torch.ops.aten.add.Scalar_out",
+    "torch.ops.aten.upsample_bilinear2d.vec_out",
+    "torch.ops.aten.max.dim_max",  # an out= overload by its schema, not by its name
+])
+def test_out_overloads_of_listed_packets_are_refused(parts, tmp_path, no_torch_load, target):
+    _retarget(parts, "torch.ops.aten.relu.", target)
+    _refused(_write(tmp_path / "evil.pt2", parts), r"an in-place or out= overload")
+
+
+def test_the_list_is_reviewed_aten_packets_without_file_or_storage_access():
+    allowed = pt2_module.ALLOWED_ATEN_OPERATORS
+    assert isinstance(allowed, frozenset) and 100 < len(allowed) < 250
+    for packet in allowed:
+        op = getattr(torch.ops.aten, packet, None)
+        assert op is not None, packet
+        assert not packet.endswith("_"), packet
+        assert any(not getattr(op, o)._schema.is_mutable for o in op.overloads()), packet
+    for forbidden in ("from_file", "set_", "resize_", "_print", "save", "load", "as_strided", "empty", "empty_like",
+                      "empty_strided", "new_empty", "_unsafe_index", "_unsafe_index_put", "item", "_local_scalar_dense",
+                      "nonzero", "copy_", "index_put_", "_native_batch_norm_legit", "native_batch_norm"):
+        assert forbidden not in allowed, forbidden
+
+
+# ---------------------------------------------------------------------------------------
+# weights and constants: each entry holds exactly the bytes its sizes and dtype need
+# ---------------------------------------------------------------------------------------
+def _edit_first_weight(parts, change_meta, data=None):
+    def change(cfg):
+        fqn = next(iter(cfg["config"]))
+        meta = cfg["config"][fqn]
+        change_meta(meta["tensor_meta"])
+        if data is not None:
+            parts[_name(parts, "data/weights/" + meta["path_name"])] = data
+    _edit_json(parts, "_weights_config.json", change)
+
+
+def _sizes(*ns):
+    return [{"as_int": n} for n in ns]
+
+
+def test_empty_weight_entry_declaring_a_huge_tensor_is_refused_without_allocating(parts, tmp_path, no_torch_load):
+    def huge(tm):
+        tm["sizes"], tm["strides"] = _sizes(100000, 100000), _sizes(100000, 1)
+    _edit_first_weight(parts, huge, data=b"")
+    _refused(_write(tmp_path / "evil.pt2", parts), r"declares 4000[0-9]{7} bytes of weights and constants, more than")
+
+
+def test_empty_weight_entry_of_a_plausible_tensor_is_refused(parts, tmp_path, no_torch_load):
+    _edit_first_weight(parts, lambda tm: None, data=b"")  # torch would load zeros in its place
+    _refused(_write(tmp_path / "evil.pt2", parts), r"holds 0 bytes in .*weight_0.* need 1728")
+
+
+def test_weight_whose_sizes_do_not_match_its_bytes_is_refused(parts, tmp_path, no_torch_load):
+    _edit_first_weight(parts, lambda tm: tm["sizes"][0].__setitem__("as_int", 32))  # 16 -> 32 output channels
+    _refused(_write(tmp_path / "evil.pt2", parts), r"holds 1728 bytes in .*weight_0.* need 3456")
+
+
+def test_weight_of_another_dtype_is_refused(parts, tmp_path, no_torch_load):
+    _edit_first_weight(parts, lambda tm: tm.__setitem__("dtype", 8))  # float64: 3456 bytes needed
+    _refused(_write(tmp_path / "evil.pt2", parts), r"holds 1728 bytes .* need 3456")
+
+
+@pytest.mark.parametrize("change", [
+    lambda tm: tm.__setitem__("sizes", _sizes(-16, 3, 3, 3)),
+    lambda tm: tm.__setitem__("sizes", [{"as_int": True}, {"as_int": 3}, {"as_int": 3}, {"as_int": 3}]),
+    lambda tm: tm.__setitem__("sizes", [{"as_expr": {"expr_str": "s0"}}] + _sizes(3, 3, 3)),
+    lambda tm: tm.__setitem__("sizes", [{"as_int": 16.0}] + _sizes(3, 3, 3)),
+    lambda tm: tm.__setitem__("sizes", _sizes(*[1] * 40)),
+    lambda tm: tm.__setitem__("strides", _sizes(27, 9, 3)),
+    lambda tm: tm.__setitem__("strides", _sizes(27, 9, 3, -1)),
+    lambda tm: tm.__setitem__("storage_offset", {"as_int": -5}),
+    lambda tm: tm.__setitem__("sizes", _sizes(2**50, 1, 1, 1)),
+    lambda tm: tm.__setitem__("dtype", 0),
+    lambda tm: tm.__setitem__("dtype", 999),
+    lambda tm: tm.__setitem__("dtype", "float32"),
+    lambda tm: tm.clear(),
+], ids=["negative", "bool", "symbolic", "float", "too-many-dims", "stride-count", "negative-stride", "negative-offset",
+        "beyond-bound", "unknown-dtype", "no-such-dtype", "dtype-string", "no-meta"])
+def test_malformed_tensor_meta_is_refused(parts, tmp_path, no_torch_load, change):
+    _edit_first_weight(parts, change)
+    _refused(_write(tmp_path / "evil.pt2", parts), r"describes .* (with a dtype|without a tensor_meta)")
+
+
+def test_config_naming_a_missing_entry_is_refused(parts, tmp_path, no_torch_load):
+    del parts[_name(parts, "data/weights/weight_0")]
+    _refused(_write(tmp_path / "evil.pt2", parts), r"lacks the entry 'data/weights/weight_0'")
+
+
+# ---------------------------------------------------------------------------------------
+# layout: checked on the zip directory, before any entry is decompressed
+# ---------------------------------------------------------------------------------------
+def _root(parts):
+    return _name(parts, "archive_format")[:-len("archive_format")]
+
+
+def test_extra_entry_is_refused_before_any_entry_is_read(parts, tmp_path, no_torch_load, opened):
+    parts[_root(parts) + "extra/bomb"] = bytes(64 * 2**20)  # 64 MiB of zeros, about 64 KiB deflated
+    path = _write(tmp_path / "evil.pt2", parts, compress=lambda n: n.endswith("bomb"))
+    assert path.stat().st_size < 2**20
+    _refused(path, r"holds entries a plain export does not have \('extra/bomb'\)")
+    assert opened == []
+
+
+def test_many_small_bombs_are_refused_before_any_entry_is_read(parts, tmp_path, no_torch_load, opened):
+    for k in range(3000):  # the file stays small; decompressed they would be 3000 x 64 KiB
+        parts[_root(parts) + f"p{k}"] = bytes(65536)
+    _refused(_write(tmp_path / "evil.pt2", parts, compress=lambda n: "/p" in n), "holds entries a plain export does not have")
+    assert opened == []
+
+
+def test_unreferenced_weight_entries_are_refused_before_any_tensor_entry_is_read(parts, tmp_path, no_torch_load, opened):
+    for k in range(1000, 3000):  # names a plain export writes, but no config names them
+        parts[_root(parts) + f"data/weights/weight_{k}"] = bytes(65536)
+    _refused(_write(tmp_path / "evil.pt2", parts, compress=lambda n: "weight_" in n),
+             r"holds entries a plain export does not have \('data/weights/weight_1000'")
+    assert opened and all(n.endswith((".json", "archive_format")) for n in opened), opened
+
+
+@pytest.mark.parametrize("where, match", [
+    ("other_root/archive_format", "one root folder"),
+    ("top_level_file", "one root folder"),
+    ("{root}data/weights/model.pt", "a plain export does not have"),
+    ("{root}data/aotinductor/model/model.so", "a plain export does not have"),
+    ("{root}extra/readme.txt", "a plain export does not have"),
+    ("{root}data/weights/../../../x", "a plain export does not have"),
+    ("{root}models/", "a plain export does not have"),
+])
+def test_entries_outside_the_layout_are_refused_unread(parts, tmp_path, no_torch_load, opened, where, match):
+    parts[where.format(root=_root(parts))] = b"\x7fELF" if where.endswith(".so") else b"x"
+    _refused(_write(tmp_path / "evil.pt2", parts), match)
+    assert opened == []
+
+
+def test_pickled_sample_inputs_are_refused_unread(parts, tmp_path, no_torch_load, opened):
+    parts[_name(parts, "sample_inputs/model.pt")] = b"\x80\x04 not read"
+    _refused(_write(tmp_path / "evil.pt2", parts), r"holds pickled sample inputs")
+    assert opened == []
+
+
+def test_oversized_marker_is_refused_unread(parts, tmp_path, no_torch_load, opened):
+    parts[_name(parts, "archive_version")] = b"1" * 100_000
+    _refused(_write(tmp_path / "evil.pt2", parts), r"declares 100000 bytes for 'archive_version'")
+    assert opened == []
+
+
+def test_json_entry_over_its_cap_is_refused_unread(parts, tmp_path, no_torch_load, opened, monkeypatch):
+    monkeypatch.setattr(pt2_module, "_MAX_JSON", 1000)
+    _refused(_write(tmp_path / "evil.pt2", parts), r"declares \d+ bytes for '(models|data/weights)/\w+\.json'")
+    assert opened == []
+
+
+# ---------------------------------------------------------------------------------------
+# what automtl.export writes still loads, and computes the same
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name, policy", [
+    ("tiny", "share"), ("tiny", "random"), ("resnet18", "random"), ("mobilenet_v2", "share"),
+    ("zoo:shufflenet", "random"), ("zoo:pyramid", "random"), ("zoo:tied", "share"), ("zoo:convnext", "random"),
+    ("zoo:batch_size", "random"),
+])
+def test_exports_still_load_and_compute_the_same(name, policy, tmp_path):
+    backbone = ZOO[name[4:]]() if name.startswith("zoo:") else name
+    model = _model(backbone, policy)
+    path = tmp_path / "model.pt2"
+    automtl.export(model, path)
+    program = load_pt2(path)
+    for batch in (1, 3):
+        x = torch.randn(batch, 3, SIZE, SIZE)
+        got = program.module()(x)
+        with torch.no_grad():
+            want = model(x)
+        assert list(got) == list(want)
+        for task in want:
+            torch.testing.assert_close(got[task], want[task], rtol=1e-5, atol=1e-5, msg=f"{name}: {task}")
