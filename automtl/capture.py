@@ -10,7 +10,9 @@ call the same modules.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import os
 import traceback
 import warnings
@@ -54,6 +56,10 @@ def is_conv_node(gm: fx.GraphModule, node: fx.Node) -> bool:
 #: Module kinds traced as one call (never through their forward): normalisation layers branch on
 #: ``self.training`` and read running statistics, which a trace through them would bake in.
 NORM_LEAVES = (nn.modules.batchnorm._NormBase, nn.GroupNorm)
+#: Convolutions of any class are traced as one call too: a subclass outside ``torch.nn`` (timm's
+#: ``ScaledStdConv2d``, which standardises its weight, or ``Conv2dSame``, which pads from the input's size)
+#: is then a policy layer like any conv, instead of ops a trace through its forward would scatter.
+CONV_LEAVES = (nn.Conv2d,)
 
 
 class _Tracer(fx.Tracer):
@@ -62,7 +68,7 @@ class _Tracer(fx.Tracer):
     def __init__(self, leaf_modules: Sequence[type] = ()):
         super().__init__()
         self.record_stack_traces = True  # errors name the user's line of a node
-        self._extra_leaves = tuple(leaf_modules) + NORM_LEAVES
+        self._extra_leaves = tuple(leaf_modules) + NORM_LEAVES + CONV_LEAVES
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if isinstance(m, self._extra_leaves):
@@ -213,15 +219,48 @@ def copy_backbone(backbone: nn.Module) -> nn.Module:
     return copied
 
 
-def _propagate(gm: fx.GraphModule, example_input: torch.Tensor) -> None:
+def _first_line(exc: BaseException, limit: int = 160) -> str:
+    """An exception's first line, cut to ``limit`` characters (fx appends the node's code on lines of its own)."""
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:limit]
+
+
+class _TolerantShapeProp(ShapeProp):
+    """ShapeProp that leaves a node that fails, and every node after it that reads it, without shapes
+    (``failures`` keeps the first error): a branch the feature node does not need may fail at a size
+    the trunk handles (Inception's auxiliary classifier, run in train mode only)."""
+
+    def __init__(self, gm):
+        super().__init__(gm)
+        self.failures: list = []
+
+    def run_node(self, n):
+        if any(self.env.get(i) is _FAILED for i in n.all_input_nodes):
+            return _FAILED
+        try:
+            with contextlib.redirect_stderr(io.StringIO()):  # ShapeProp prints the traceback of a failing node
+                return super().run_node(n)
+        except Exception as exc:  # any op refusing its shapes
+            self.failures.append((n, exc))
+            return _FAILED
+
+
+_FAILED = object()
+
+
+def _propagate(gm: fx.GraphModule, example_input: torch.Tensor, tolerant: bool = False) -> list:
+    """Shapes onto ``gm``'s nodes (``tensor_meta``) from one run on ``example_input``; with ``tolerant``,
+    the (node, error) pairs of the nodes that failed instead of an error."""
     was_training = gm.training
     gm.eval()
     try:
         with torch.no_grad():
-            ShapeProp(gm).propagate(example_input)
+            prop = (_TolerantShapeProp if tolerant else ShapeProp)(gm)
+            prop.propagate(example_input)
+        return getattr(prop, "failures", [])
     except Exception as exc:
         raise BackboneError(
-            f"the backbone fails on an example input of shape {tuple(example_input.shape)} ({exc}); "
+            f"the backbone fails on an example input of shape {tuple(example_input.shape)} ({_first_line(exc)}); "
             "pass an example_input with the channels and size the backbone expects"
         ) from exc
     finally:
@@ -232,8 +271,8 @@ def _train_counterpart(backbone, gm: fx.GraphModule, graph: fx.Graph, feature: f
     """The train-mode graph, functionalized and cut at the node that matches the eval graph's feature node."""
     tgm = fx.GraphModule(backbone, graph, type(backbone).__name__)
     buffers = [(b, b.clone()) for b in backbone.buffers()]
-    try:
-        _propagate(tgm, example_input)  # for shapes only: train-mode code written in the forward may move statistics
+    try:  # for shapes only: train-mode code written in the forward may move statistics
+        failures = _propagate(tgm, example_input, tolerant=True)
     finally:
         with torch.no_grad():
             for b, saved in buffers:
@@ -246,6 +285,11 @@ def _train_counterpart(backbone, gm: fx.GraphModule, graph: fx.Graph, feature: f
     named = [n for n in same if n.name == feature.name]
     if named or same:
         node = named[0] if named else same[-1]
+    elif failures:
+        n, exc = failures[0]
+        raise BackboneError(
+            f"the backbone fails in train mode on an example input of shape {tuple(example_input.shape)} at "
+            f"{n.name!r} ({_first_line(exc)}); pass an example_input with the channels and size the backbone expects")
     else:
         raise BackboneError(
             f"the backbone's train-mode graph has no node matching its eval-mode feature node {feature.name!r}; "

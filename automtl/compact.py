@@ -87,8 +87,7 @@ class CompactModel(nn.Module):
         return count_parameters(self)
 
     def __getstate__(self):
-        state = dict(self.__dict__)
-        state["input_check"] = None
+        state = dict(self.__dict__)  # input_check stays: a copy of a loaded model checks new input shapes too
         state["_subsets"] = {}
         state["_train_gm"] = None
         return state

@@ -41,6 +41,15 @@ def _carries_maps(node: fx.Node) -> bool:
     return all(hasattr(m, "shape") and len(m.shape) >= 4 for m in metas)
 
 
+def _keeps_spatial(node: fx.Node, inputs: list) -> bool:
+    """A map with fewer axes that keeps its input's height and width: one channel taken apart (``x[:, 0]``,
+    (N, H, W), as GoogLeNet's and Inception's ``transform_input`` do before concatenating them back)."""
+    s = _shape(node)
+    if s is None or len(s) != 3:
+        return False
+    return any((si := _shape(i)) is not None and len(si) >= 4 and tuple(si[-2:]) == tuple(s[-2:]) for i in inputs)
+
+
 def _is_resize(gm: fx.GraphModule, node: fx.Node) -> bool:
     """An adaptive pooling to a fixed size (VGG's ``AdaptiveAvgPool2d(7)``): the classifier's input adapter."""
     if node.op == "call_module":
@@ -131,9 +140,10 @@ def trunk_nodes(gm: fx.GraphModule, output: fx.Node) -> list:
         if n.op == "placeholder":
             trunk.add(n)
             continue
-        if n not in keep or not _carries_maps(n) or _collapses(gm, n):
+        if n not in keep or _collapses(gm, n):
             continue
-        if any(i in trunk for i in n.all_input_nodes):
+        inputs = [i for i in n.all_input_nodes if i in trunk]
+        if inputs and (_carries_maps(n) or _keeps_spatial(n, inputs)):
             trunk.add(n)
     return [n for n in gm.graph.nodes if n in trunk and n.op != "placeholder" and _is_map(n)]
 
@@ -158,6 +168,9 @@ def pick_feature_node(gm: fx.GraphModule, name: Optional[str], notes: list) -> f
         four_d = [n for n in gm.graph.nodes if n.op not in ("output", "placeholder") and _is_map(n)]
         if not four_d:
             raise BackboneError("the backbone produces no 4-D feature map; automtl needs a CNN whose layers output (N, C, H, W)")
+        notes.append(f"no 4-D map leads from the input to the output without a spatial collapse, so the features are "
+                     f"cut at the last 4-D map, {four_d[-1].name!r} of shape {_shape(four_d[-1])}; pass "
+                     "feature_node= (a node name or module path) to cut elsewhere")
         return four_d[-1]
     return candidates[-1]
 

@@ -19,7 +19,7 @@ from automtl.errors import BackboneError
 from automtl.policy import SHARE, SPECIALIZE, Policy
 from automtl.tasks import Task
 
-from zoo import ZOO, BatchNormAct2d
+from zoo import ZOO, AuxHeadNet, BatchNormAct2d
 
 TASKS = [Task("segment", "segmentation", classes=3), Task("depth", "depth")]
 SIZE = 16
@@ -189,11 +189,30 @@ def test_skip_is_legal_only_where_it_fits_every_input_size():
 
 @pytest.mark.parametrize("name,channels,size", [
     ("classifier", 8, 8), ("squeezenet", 16, 8), ("segmentation", 16, 4), ("efficientnet", 16, 8), ("convnext", 8, 4),
+    ("transform_input", 12, 8),
 ])
 def test_default_feature_cut_is_before_spatial_collapse_and_classifier(name, channels, size):
     """Item 9: not the pooled 1x1 map, not a classifier conv, not the logits."""
     _, sm = built(name)
     assert sm.feature_shape == (1, channels, size, size)
+
+
+def test_a_train_only_branch_that_fails_at_the_example_size_does_not_stop_the_conversion():
+    """Inception v3's auxiliary classifier at a small input: it runs in train mode only, after the feature cut."""
+    torch.manual_seed(0)
+    backbone = AuxHeadNet()
+    with pytest.raises(RuntimeError):
+        backbone.train()(torch.randn(2, 3, SIZE, SIZE))  # the backbone itself cannot train at this size
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sm = automtl.supermodel(backbone, TASKS, torch.randn(1, 3, SIZE, SIZE))
+    sm.hard(Policy.uniform(sm.layer_names, sm.task_names, "share"))
+    x = torch.randn(3, 3, SIZE, SIZE)
+    for train in (False, True):
+        sm.train(train), backbone.train(train)
+        with torch.no_grad():
+            ref = backbone.expected_features(x)
+            assert all(close(f, ref, 1e-4) for f in sm.features(x).values()), train
 
 
 def test_several_outputs_say_which_one_was_used_and_module_paths_name_features():

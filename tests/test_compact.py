@@ -206,3 +206,18 @@ def test_running_statistics_move_once_per_step_however_tasks_are_grouped(rows):
     with torch.no_grad():
         a, b = sm(x), model(x)
     assert all(torch.allclose(a[t], b[t], atol=1e-6) for t in a)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_a_model_in_another_floating_dtype_saves_and_loads(dtype, tmp_path):
+    """The load-time dry run builds the file's modules in the file's dtype (float64 was refused as corrupt)."""
+    from automtl.formats import load, save
+
+    sm = supermodel("tiny", TASKS[:2], torch.randn(1, 3, SIZE, SIZE)).eval()
+    model = compact(sm, Policy.random(sm.layer_names, sm.task_names, sm.skip_legal, seed=0)).to(dtype).eval()
+    save(model, tmp_path / "m.automtl")
+    loaded = load(tmp_path / "m.automtl")
+    x = torch.randn(2, 3, SIZE, SIZE, dtype=dtype)
+    with torch.no_grad():
+        a, b = model(x), loaded(x)
+    assert all(b[t].dtype == dtype and torch.equal(a[t], b[t]) for t in a)

@@ -393,6 +393,8 @@ def test_a_size_that_depends_on_the_input_is_checked_at_every_new_shape(valid, t
         model(torch.randn(1, 3, SIZE, SIZE))  # the recorded shape: fine
         with pytest.raises(FileFormatError, match="elements"):
             model(torch.randn(1, 3, 64, 64))
+        with pytest.raises(FileFormatError, match="elements"):  # a copy keeps the check
+            __import__("copy").deepcopy(model)(torch.randn(1, 3, 64, 64))
     result = CliRunner().invoke(main, ["eval", str(path), "--samples", "2", "--input-size", "64"])
     assert result.exit_code == 2 and "Traceback" not in result.output
 

@@ -311,6 +311,49 @@ class ClassifierNet(nn.Module):
         return F.relu(x + self.layer1(x))
 
 
+class TransformInputNet(nn.Module):
+    """torchvision's GoogLeNet / Inception v3 with ``transform_input=True`` (their pretrained weights' setting):
+    each input channel is taken apart (``x[:, c]``, a 3-D map), rescaled and concatenated back before the stem."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = conv_bn(3, 8, stride=2)
+        self.body = conv_bn(8, 12)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(12, 10)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.avgpool(self.expected_features(x)), 1))
+
+    def expected_features(self, x):
+        x = torch.cat([torch.unsqueeze(x[:, c], 1) * s + (m - 0.5) / 0.5
+                       for c, (s, m) in enumerate([(0.458, 0.485), (0.448, 0.456), (0.45, 0.406)])], 1)
+        return self.body(self.stem(x))
+
+
+class AuxHeadNet(nn.Module):
+    """Inception v3's auxiliary classifier: run in train mode only, on a pooling too large for small inputs (it
+    fails there, after the feature cut); the forward returns (logits, aux logits) in train mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = conv_bn(3, 8, stride=2)
+        self.body = conv_bn(8, 8)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8, 10)
+        self.aux = nn.Sequential(nn.AvgPool2d(12), nn.Flatten(), nn.Linear(8, 10))
+
+    def forward(self, x):
+        f = self.expected_features(x)
+        out = self.fc(torch.flatten(self.avgpool(f), 1))
+        if self.training:
+            return out, self.aux(f)
+        return out
+
+    def expected_features(self, x):
+        return self.body(self.stem(x))
+
+
 def pruned_net():
     """A backbone with a torch.nn.utils.prune mask and an old-style weight norm (issue 11, item 8)."""
     net = ClassifierNet()
@@ -325,5 +368,5 @@ ZOO = {
     "dropout": DropoutNet, "efficientnet": EfficientNetish, "convnext": ConvNeXtish, "shufflenet": ShuffleNetish,
     "preact": PreActNet, "pyramid": PyramidShared, "segmentation": SegmentationNet, "squeezenet": SqueezeNetish,
     "inplace": InplaceNet, "batch_size": BatchSizeNet, "tied": TiedDecoder, "classifier": ClassifierNet,
-    "pruned": pruned_net,
+    "pruned": pruned_net, "transform_input": TransformInputNet,
 }

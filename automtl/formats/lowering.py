@@ -168,8 +168,12 @@ def _inline(graph: fx.Graph, gm: fx.GraphModule, node: fx.Node, mod: nn.Module, 
                 traced[id(mod)] = _InlineTracer().trace(mod)
         sub = traced[id(mod)]
     except Exception as exc:  # fx raises many types: all mean "not traceable"
+        from ..capture import _faulty_module
+
+        inner = _faulty_module(exc, mod)  # the innermost module that was running, e.g. "conv (Conv2dSame)"
+        where = f" in {node.target}.{inner}" if not inner.startswith("<root>") and inner != type(mod).__name__ else ""
         raise FileFormatError(
-            f"module {node.target!r} ({type(mod).__name__}) cannot be traced into torch.nn operations "
+            f"module {node.target!r} ({type(mod).__name__}){where} cannot be traced into torch.nn operations "
             f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); write a .pt2 with automtl.export() instead"
         ) from exc
     args = list(fx.map_arg(node.args, lambda n: env[n]))

@@ -294,6 +294,7 @@ def rebuild(path: str, desc: dict, weights: bytes) -> tuple:
         raise bad(path, f"has graph outputs that are not its tasks {names}; the file is corrupted, save the model again")
     dtype = DTYPES[desc["dtype"]]
     _check_weights_header(path, weights, _expected_tensors(gm, desc, dtype))
+    gm.to(dtype)  # modules are built in float32 on meta: the dry run must see the file's floating dtype
     _dry_run(path, gm, desc, tasks, dtype)
     meta_twin = copy.deepcopy(gm)  # still all on meta: checks later input shapes for free
     state = _read_weights(path, weights)
