@@ -6,12 +6,14 @@ person can edit it and feed it back.
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import re
 import random as _random
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
+import torch
 import yaml
 
 from .errors import ConfigError, FileFormatError
@@ -43,7 +45,11 @@ class Policy:
     def __post_init__(self) -> None:
         self.layers = [str(x) for x in self.layers]
         self.tasks = [str(x) for x in self.tasks]
-        self.choices = [[int(c) for c in row] for row in self.choices]
+        try:
+            self.choices = [[_choice_index(c) for c in row] for row in self.choices]
+        except TypeError:
+            raise ConfigError("a policy's choices must be a table (a list of rows, one per layer) of share, "
+                              "specialize or skip (or 0, 1, 2)") from None
         if len(self.choices) != len(self.layers) or any(len(r) != len(self.tasks) for r in self.choices):
             raise ConfigError(
                 f"a policy over {len(self.layers)} layers and {len(self.tasks)} tasks needs a "
@@ -174,8 +180,10 @@ class Policy:
 
 
 def _choice_index(choice, where: str = "policy") -> int:
-    if isinstance(choice, int) and choice in (SHARE, SPECIALIZE, SKIP):
-        return choice
+    if isinstance(choice, numbers.Integral) and not isinstance(choice, bool) and int(choice) in (SHARE, SPECIALIZE, SKIP):
+        return int(choice)
+    if isinstance(choice, torch.Tensor) and choice.numel() == 1 and not choice.is_floating_point():
+        return _choice_index(int(choice), where)
     if isinstance(choice, str) and choice.strip().lower() in CHOICES:
         return CHOICES.index(choice.strip().lower())
     raise ConfigError(f"{where}: choice {choice!r} is not one of share, specialize, skip")

@@ -221,3 +221,10 @@ def test_a_model_in_another_floating_dtype_saves_and_loads(dtype, tmp_path):
     with torch.no_grad():
         a, b = model(x), loaded(x)
     assert all(b[t].dtype == dtype and torch.equal(a[t], b[t]) for t in a)
+
+
+def test_policy_choices_are_names_or_indices_and_anything_else_is_one_clear_error():
+    assert Policy(["l0", "l1"], ["a"], [["specialize"], [SKIP]]).choices == [[SPECIALIZE], [SKIP]]
+    for rows in ([["fork"]], [[True]], [[5]], [7]):
+        with pytest.raises(AutomtlError, match="share, specialize"):
+            Policy(["l0"], ["a"], rows)
