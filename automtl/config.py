@@ -27,6 +27,8 @@ _INTS = {
     "seed": None, "batch_size": 1, "warmup_steps": 0, "search_steps": 0, "finetune_steps": 0,
     "weight_steps_per_policy_step": 0, "conflict_every": 1, "tau_every": 1, "log_every": 1, "checkpoint_every": 0, "val_every": 0,
 }
+#: The largest whole number a config field takes (steps, seeds, batch sizes...): far beyond any run.
+MAX_INT = 2**31 - 1
 #: Float fields: positive, non-negative or any finite number.
 _FLOATS = {
     "lr": "pos", "momentum": "nonneg", "weight_decay": "nonneg", "policy_lr": "pos", "tau_start": "pos",
@@ -192,6 +194,9 @@ class SearchConfig:
                 raise ConfigError(f"config field {name!r} must be an integer, got {v!r}")
             if low is not None and v < low:
                 raise ConfigError(f"config field {name!r} must be at least {low}, got {v}")
+            if abs(v) > MAX_INT:
+                raise ConfigError(f"config field {name!r} is {str(v)[:30]}, beyond the {MAX_INT} automtl takes; "
+                                  "use a smaller number")
         for name, kind in _FLOATS.items():
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):

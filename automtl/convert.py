@@ -86,8 +86,13 @@ class ConvertConfig:
     def validate(self) -> "ConvertConfig":
         """Check every field again, the search section's too: a field assigned after the config was made
         is not checked by the dataclass. Returns the config; raises ConfigError naming the field."""
+        from .search._strategy import strategy_class
+        from .weighting import make_weighting
+
         self.__post_init__()
         self.search.validate()
+        strategy_class(self.search.strategy)  # names that only the search would look up: refused up front
+        make_weighting(self.search.weighting, [t.name for t in self.task_objects()], **self.search.weighting_options)
         return self
 
     def task_objects(self) -> list[Task]:
@@ -108,7 +113,11 @@ class ConvertConfig:
         if not isinstance(data, Mapping):
             raise ConfigError(f"{where} must be a mapping of key: value, got {type(data).__name__}")
         data = dict(data)
-        search = dict(data.pop("search", None) or {})
+        search = data.pop("search", None) or {}
+        if not isinstance(search, Mapping):
+            raise ConfigError(f"{where}: 'search' must be a mapping of search options (key: value), "
+                              f"got {type(search).__name__} {str(search)[:40]!r}")
+        search = dict(search)
         for key in _SHORTCUTS:
             if key in data:
                 search[key] = data.pop(key)
@@ -233,7 +242,10 @@ def convert(cfg: ConvertConfig, out, resume: bool = False, quiet: bool = False,
     """
     from .rundir import RunDirectory
 
-    cfg.validate()  # before the run directory exists: a bad field leaves nothing on disk
+    from .render import _require_dot
+
+    cfg.validate()  # before the run directory exists (or an old run is overwritten): a bad field leaves nothing on disk
+    _require_dot()  # the run ends by rendering: say so now, not after the training
     with RunDirectory(out, resume=resume, overwrite=overwrite) as run:
         return _convert(cfg, run.path, resume, quiet, log)
 

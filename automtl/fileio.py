@@ -27,7 +27,8 @@ def storage_error(path, exc: BaseException):
 
     if isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS:
         reason = exc.strerror or str(exc)
-    elif isinstance(exc, RuntimeError) and ("write failed" in str(exc) or "No space left" in str(exc)):
+    elif isinstance(exc, RuntimeError) and any(sign in str(exc) for sign in (
+            "write failed", "No space left", "unexpected pos")):  # the last: torch's zip writer after a short write
         reason = "the write failed; the disk is probably full"
     else:
         return None

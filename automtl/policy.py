@@ -9,6 +9,7 @@ import math
 import numbers
 import os
 import re
+import warnings
 import random as _random
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
@@ -121,7 +122,8 @@ class Policy:
         if list(layers) != self.layers:
             missing = [l for l in layers if l not in self.layers]
             extra = [l for l in self.layers if l not in layers]
-            detail = f"missing {missing[:3]}" if missing else f"unknown {extra[:3]}" if extra else "in another order"
+            detail = "; ".join(part for part in (f"missing {missing[:3]}" if missing else "",
+                                                 f"unknown {extra[:3]}" if extra else "") if part) or "in another order"
             raise ConfigError(f"the policy's layers do not match the model's ({detail}); use a policy made for this backbone")
         for name, row, legal in zip(self.layers, self.choices, skip_legal):
             if not legal and SKIP in row:
@@ -142,6 +144,10 @@ class Policy:
     def from_dict(cls, data: dict, source: str = "policy") -> "Policy":
         if not isinstance(data, dict) or "layers" not in data or "tasks" not in data:
             raise FileFormatError(f"{source} is not an automtl policy (it needs 'tasks' and 'layers' keys); write one with automtl search")
+        version = data.get("automtl_policy", _FORMAT)
+        if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= _FORMAT:
+            raise FileFormatError(f"{source} is policy format {str(version)[:20]!r}, which this automtl does not read (it "
+                                  f"reads format {_FORMAT}); write it again with this version, or upgrade automtl")
         tasks = data["tasks"]
         layers = data["layers"]
         if not isinstance(tasks, list) or not isinstance(layers, dict):
@@ -268,6 +274,14 @@ def _evidence_from_yaml(data, layers: list, tasks: list, source: str) -> Optiona
     ev = {k: v for k, v in data.items() if k not in ("scores", "undecided", "over_budget")}
     layer_index = {name: i for i, name in enumerate(layers)}
     task_index = {name: i for i, name in enumerate(tasks)}
+    for key in ("scores", "undecided", "over_budget"):  # names first: an edited policy's evidence may be stale
+        part = data.get(key)
+        named = part if isinstance(part, dict) else {}
+        stale = [l for l in named if l not in layer_index]
+        if stale:  # the layers were edited by hand: the search's evidence no longer describes them
+            warnings.warn(f"{source}: its evidence names layer {str(stale[0])[:60]!r}, which is not among its layers (were "
+                          "they edited?); the evidence is left out", stacklevel=3)
+            return None
     try:
         if data.get("scores") is not None:
             ev["scores"] = [[float(data["scores"][l][t]) for t in tasks] for l in layers]

@@ -4,8 +4,9 @@
 Starting a second run there would silently replace the first one's checkpoint and truncate its
 log, and two live runs would overwrite each other's results. :class:`RunDirectory` prevents both:
 it holds an exclusive lock (``fcntl.flock`` on ``.automtl.lock``) for the life of a run, refuses
-to start over an earlier run unless ``resume`` (continue it) or ``overwrite`` (delete it first) is
-given, and removes the temporaries a killed run left behind.
+to start over an earlier run unless ``resume`` (continue it) or ``overwrite`` (replace it: the earlier run
+is set aside, deleted when the new run finishes and put back if it fails) is given, and removes the
+temporaries a killed run left behind.
 """
 from __future__ import annotations
 
@@ -18,10 +19,12 @@ from .errors import AutomtlError
 
 LOCK_NAME = ".automtl.lock"
 CHECKPOINTS = "checkpoints"
-#: What a run writes; --overwrite deletes exactly these (and the checkpoints folder's own files).
+#: What a run writes; --overwrite replaces exactly these (and the checkpoints folder's own files).
 RUN_FILES = ("model.automtl", "model.pt2", "policy.yaml", "sharing.svg", "report.json", "config.yaml",
              "supermodel.yaml", "supermodel.pt", "metrics.json")
 CHECKPOINT_FILES = ("checkpoint.pt", "log.jsonl")
+#: The hidden folder --overwrite moves an earlier run into until the new run has finished.
+REPLACED_PREFIX = ".automtl-replaced-"
 
 
 class RunDirectory:
@@ -36,6 +39,7 @@ class RunDirectory:
         if resume and overwrite:
             raise AutomtlError("--resume continues a run and --overwrite deletes it; give one of them")
         self.path, self.resume, self.overwrite = Path(path), resume, overwrite
+        self._replaced = None  # where --overwrite put the earlier run while the new one runs
         self._lock = None
 
     def __enter__(self) -> "RunDirectory":
@@ -54,17 +58,25 @@ class RunDirectory:
             if earlier and not (self.resume or self.overwrite):
                 raise AutomtlError(
                     f"output directory {where!r} already holds a run ({', '.join(earlier[:3])}); continue it with "
-                    "--resume, start over with --overwrite (which deletes it), or choose another --out")
-            if self.overwrite:
-                self._delete_run()
+                    "--resume, start over with --overwrite (which replaces it), or choose another --out")
             self.clean_temporaries()
+            if self.overwrite and earlier:
+                self._set_aside_run()
         except BaseException:
             self._release()
             raise
         return self
 
-    def __exit__(self, *exc) -> None:
-        self._release()
+    def __exit__(self, exc_type, *exc) -> None:
+        try:
+            if self._replaced is not None:
+                if exc_type is None or (self.path / CHECKPOINTS / "checkpoint.pt").exists():
+                    # the new run finished, or stopped with a checkpoint --resume continues: the old one goes
+                    shutil.rmtree(self._replaced, ignore_errors=True)
+                else:  # it failed before its first checkpoint (bad input, a typo): the old one comes back
+                    self._restore_run()
+        finally:
+            self._release()
 
     # -- state -------------------------------------------------------------------------------
     def earlier_run(self) -> list[str]:
@@ -87,11 +99,28 @@ class RunDirectory:
                     removed.append(entry)
         return removed
 
-    def _delete_run(self) -> None:
-        for name in RUN_FILES:
-            (self.path / name).unlink(missing_ok=True)
-        for name in CHECKPOINT_FILES:
-            (self.path / CHECKPOINTS / name).unlink(missing_ok=True)
+    def _run_files(self, root: Path) -> list[Path]:
+        """The paths, relative to the folder, of what a run writes (RUN_FILES, the checkpoint folder's files)."""
+        return [Path(n) for n in RUN_FILES] + [Path(CHECKPOINTS) / n for n in CHECKPOINT_FILES]
+
+    def _set_aside_run(self) -> None:
+        """--overwrite: move the earlier run's files into a hidden folder, deleted once the new run finishes (or
+        has a checkpoint to resume) and moved back if it fails before that, so that a typo in the new command,
+        found only when the backbone or the data is built, loses nothing."""
+        self._replaced = Path(tempfile.mkdtemp(prefix=REPLACED_PREFIX, dir=self.path))
+        (self._replaced / CHECKPOINTS).mkdir()
+        for rel in self._run_files(self.path):
+            if (self.path / rel).exists():
+                os.replace(self.path / rel, self._replaced / rel)
+
+    def _restore_run(self) -> None:
+        for rel in self._run_files(self.path):
+            if (self._replaced / rel).exists():
+                (self.path / rel).parent.mkdir(exist_ok=True)
+                os.replace(self._replaced / rel, self.path / rel)
+            else:
+                (self.path / rel).unlink(missing_ok=True)  # what the failed run wrote where the old run had nothing
+        shutil.rmtree(self._replaced, ignore_errors=True)
 
     # -- lock ---------------------------------------------------------------------------------
     def _acquire(self) -> None:

@@ -70,6 +70,20 @@ def test_overwrite_starts_over_and_resume_continues(finished, tmp_path):
     one_line_error(cli("search", "tiny", *SMALL, "--out", out, "--overwrite", "--resume"), "give one of them")
 
 
+@pytest.mark.parametrize("command", ["search", "convert"])
+@pytest.mark.parametrize("mistake", [["nosuchnet"], ["tiny", "--strategy", "bogus"], ["tiny", "--weighting", "bogus"]])
+def test_overwrite_with_a_mistake_found_late_puts_the_earlier_run_back(finished, tmp_path, command, mistake):
+    """The backbone is resolved only when it is built: a typo there must not cost the earlier run."""
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(finished, out)
+    before = snapshot(out)
+    one_line_error(cli(command, *mistake, *SMALL, "--out", out, "--overwrite"))
+    assert snapshot(out) == before
+    assert not [p for p in out.iterdir() if p.name.startswith(".automtl-replaced-")]
+
+
 def test_a_live_run_locks_its_folder(tmp_path):
     out = tmp_path / "busy"
     with RunDirectory(out):
@@ -127,20 +141,26 @@ def _full_disk(monkeypatch, after: int = 0):
     monkeypatch.setattr(os, "replace", replace)
 
 
-def _torch_save_fails(monkeypatch):
+def _torch_save_fails(monkeypatch, message="[enforce fail at inline_container.cc:626] . PytorchStreamWriter failed "
+                                          "writing file data/0: file write failed"):
     real = torch.save
 
     def save(obj, f, *a, **k):
-        raise RuntimeError("[enforce fail at inline_container.cc:626] . PytorchStreamWriter failed writing file data/0: file write failed")
+        raise RuntimeError(message)
     monkeypatch.setattr(torch, "save", save)
     return real
 
 
-@pytest.mark.parametrize("fault", ["replace", "torch.save"])
+@pytest.mark.parametrize("fault", ["replace", "torch.save", "torch.save short write"])
 @pytest.mark.parametrize("command", ["convert", "search"])
 def test_disk_full_during_a_run(tmp_path, monkeypatch, command, fault):
     out = tmp_path / "full"
-    _full_disk(monkeypatch) if fault == "replace" else _torch_save_fails(monkeypatch)
+    if fault == "replace":
+        _full_disk(monkeypatch)
+    elif fault == "torch.save":
+        _torch_save_fails(monkeypatch)
+    else:  # what a tmpfs that fills up mid-checkpoint gives
+        _torch_save_fails(monkeypatch, "[enforce fail at inline_container.cc:672] . unexpected pos 1152 vs 1086")
     one_line_error(cli(command, "tiny", *SMALL, "--out", out), "cannot write")
     names = [p.name for p in out.rglob("*")]
     assert not any(n.endswith(".tmp") or n.startswith(".automtl-stage-") for n in names), names
@@ -175,6 +195,27 @@ def test_bad_options_are_one_sentence(finished, tmp_path, args, needle):
     model = tmp_path / "m.automtl"
     args = [str(model) if a == "MODEL" else str(finished) if a == "RUN" else a for a in args]
     one_line_error(cli(*args, *(["--out", str(tmp_path / "o")] if args[0] == "convert" else [])), needle)
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("search: 5\n", "'search' must be a mapping"), ("search: [1, 2]\n", "'search' must be a mapping"),
+    ("search: {search_steps: 100000000000000000000}\n", "search_steps"),
+    ("search: {seed: 99999999999999999999999}\n", "seed"),
+])
+def test_config_sections_and_huge_numbers_are_one_sentence(tmp_path, text, needle):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("backbone: tiny\n" + text)
+    one_line_error(cli("convert", "--config", cfg, "--out", tmp_path / "o"), needle)
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_missing_dot_is_said_before_any_training(tmp_path, monkeypatch):
+    import shutil
+
+    real = shutil.which
+    monkeypatch.setattr(shutil, "which", lambda name, *a, **k: None if name == "dot" else real(name, *a, **k))
+    one_line_error(cli("convert", "tiny", *SMALL, "--out", tmp_path / "o"), "'dot'")
     assert not (tmp_path / "o").exists()
 
 
@@ -290,6 +331,15 @@ def test_search_names_bad_data(make, message, monkeypatch):
     monkeypatch.setattr(checks, "NO_LABEL_BATCHES", 3)
     with pytest.raises(DataError, match=message.replace("(", r"\(").replace(")", r"\)").replace("*", r"\*")):
         _search_on(make(), steps=(4, 0, 0))
+
+
+def test_a_task_the_data_has_no_target_for_is_named_not_trained_on_nothing():
+    """The README example named its task 'segment' on data whose target is 'segmentation': NaN metrics, no error."""
+    from automtl.errors import DataError
+
+    x, y = _batch()
+    with pytest.raises(DataError, match="no target for task 'seg'.*'segment'"):
+        _search_on([(x, {"segment": y["seg"], "depth": y["depth"]})], steps=(2, 0, 0))
 
 
 def test_search_on_an_empty_dataset():

@@ -422,10 +422,15 @@ def test_policy_evidence_is_checked_value_by_value(tmp_path):
     for key, value in [("strategy", "a\nb"), ("kind", "<b>"), ("threshold", float("nan")), ("steps", -1),
                        ("budget", {"metric": "params", "used": "<IMG SRC='x'/>"}), ("budget", {"metric": "x", "used": 1.0}),
                        ("stopped_early", "yes"), ("scores", {"l0": {"a": float("inf"), "b": 0.0}}),
-                       ("undecided", {"l0": ["nosuchtask"]}), ("undecided", {"nosuchlayer": ["a"]}), ("extra", 1)]:
+                       ("undecided", {"l0": ["nosuchtask"]}), ("extra", 1)]:
         bad = {**good, "evidence": {**good["evidence"], key: value}}
         with pytest.raises(FileFormatError, match="evidence"):
             Policy.from_dict(bad)
+    edited = {**good, "layers": {"renamed": good["layers"]["l0"]}}  # edited by hand: the evidence no longer applies
+    with pytest.warns(UserWarning, match="evidence names layer 'l0'.*left out"):
+        assert Policy.from_dict(edited).evidence is None
+    with pytest.raises(FileFormatError, match="policy format '7'"):
+        Policy.from_dict({**good, "automtl_policy": 7})
 
 
 def test_size_cap_is_checked_before_reading(valid, tmp_path):

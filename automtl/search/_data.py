@@ -179,6 +179,16 @@ def _task_target(y, task: str):
     return y
 
 
+def check_batch_targets(y, tasks: Sequence[str], where: str) -> None:
+    """A batch of a loader shared by the tasks must hold a target for each (a missing label inside a target is an
+    ignore index or NaN, never a missing key: that is a task name the data does not know, whose loss would be 0)."""
+    missing = [t for t in tasks if not isinstance(y, Mapping) or t not in y]
+    if missing:
+        have = ", ".join(map(repr, y)) if isinstance(y, Mapping) else f"a {type(y).__name__}, not a dict"
+        raise DataError(f"{where} has no target for task {missing[0]!r} (its targets: {have or 'none'}); rename the task "
+                        "to one of the data's targets or give data with a target for each task")
+
+
 def _check_task_keys(data: Mapping, tasks: Sequence[str], where: str) -> None:
     if set(data) != set(tasks):
         raise DataError(

@@ -9,7 +9,7 @@ import torch
 from ..losses import loss_for
 from ..metrics import metric_for
 from ..supermodel import SuperModel
-from ._data import _check_task_keys, _epoch_iter, _split_batch, _task_target, _to
+from ._data import _check_task_keys, _epoch_iter, _split_batch, _task_target, _to, check_batch_targets
 
 # ---------------------------------------------------------------------------------------------
 # evaluation
@@ -50,7 +50,7 @@ def evaluate(
             for t in sm.task_names:
                 tally.consume(_epoch_iter(data[t], batch_size), [t], f"validation data of task {t!r}")
         else:
-            tally.consume(_epoch_iter(data, batch_size), sm.task_names, "validation data")
+            tally.consume(_epoch_iter(data, batch_size), sm.task_names, "validation data", shared=True)
     finally:
         sm.train(was_training)
     return tally.results()
@@ -67,11 +67,13 @@ class _Tally:
         self.loss_sum = {t: 0.0 for t in self.task_names}
         self.loss_n = {t: 0 for t in self.task_names}
 
-    def consume(self, batches, tasks, where: str) -> None:
+    def consume(self, batches, tasks, where: str, shared: bool = False) -> None:
         for k, batch in enumerate(batches):
             if self.max_batches is not None and k >= self.max_batches:
                 break
             x, y = _split_batch(batch, where)
+            if shared:
+                check_batch_targets(y, tasks, where)
             x, y = _to(x, self.device), _to(y, self.device)
             with self.ctx:
                 out = self.run(x)

@@ -13,7 +13,7 @@ import torch
 
 from ..errors import AutomtlError
 from ..policy import SHARE, SPECIALIZE
-from ._data import _split_batch, _task_target, _to
+from ._data import _split_batch, _task_target, _to, check_batch_targets
 
 
 class _StepMixin:
@@ -48,7 +48,8 @@ class _StepMixin:
                 ys[t] = _to(_task_target(y, t), self.device)
             return xs, ys
         x, y = _split_batch(next(iters[part]), "training data")
-        self.checks(x, y if isinstance(y, Mapping) else {})
+        check_batch_targets(y, self.tasks, "training data")
+        self.checks(x, y)
         return x.to(self.device, non_blocking=True), _to(y, self.device) if isinstance(y, Mapping) else {}
 
     def _autocast(self):
