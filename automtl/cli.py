@@ -9,6 +9,7 @@ import errno
 import json
 import shlex
 import sys
+import warnings
 from typing import Optional
 
 import click
@@ -87,6 +88,12 @@ def main(ctx, debug):
     """automtl: turn a single-task CNN into a compact multi-task model."""
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
+    if not debug:  # a warning is one line, like an error (--debug: Python's form, with the source line)
+        warnings.showwarning = _one_line_warning
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    click.echo(f"warning: {str(message).strip()}", err=True)
 
 
 @main.command()

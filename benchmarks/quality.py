@@ -337,6 +337,8 @@ def main(argv=None) -> int:
                                    f"single-task models, {HARD_COSINE!r} and hard-sharing always run: every Δ_MTL, cost "
                                    "and paired difference needs them")
     ap.add_argument("--resume", action="store_true", help="keep the finished jobs of the output JSON and run the rest")
+    ap.add_argument("--rerun", help="with --resume: comma-separated benchmarks whose finished jobs are dropped and run "
+                                    "again, all rows (after a change that moves their results); the others' are kept")
     ap.add_argument("--out", type=Path, default=RESULTS, help="directory for quality.json and quality.md")
     args = ap.parse_args(argv)
     seeds = [args.seed_base] if args.quick else list(range(args.seed_base, args.seed_base + args.seeds))
@@ -350,6 +352,11 @@ def main(argv=None) -> int:
     if rows is not None and args.out == RESULTS and not args.resume:
         ap.error("--rows runs part of the benchmark: write it elsewhere (--out DIR) or add it to the results (--resume)")
     rows = with_inputs(rows) if rows is not None else None
+    rerun = [r.strip() for r in args.rerun.split(",") if r.strip()] if args.rerun else []
+    if rerun and not args.resume:
+        ap.error("--rerun drops finished jobs of a --resume: add --resume (without it every job runs anyway)")
+    if set(rerun) - set(BENCHMARKS):
+        ap.error(f"--rerun: no benchmark named {', '.join(sorted(set(rerun) - set(BENCHMARKS)))}; choose from {', '.join(BENCHMARKS)}")
     if not benches:
         ap.error(f"--only {args.only!r} matches no benchmark; choose from {', '.join(BENCHMARKS)}")
     out_json = args.out / "quality.json"
@@ -359,7 +366,7 @@ def main(argv=None) -> int:
         old = json.loads(out_json.read_text())
         earlier = float(old.get("seconds", 0.0))
         for k, res in old.get("jobs", {}).items():
-            if k in done:
+            if k in done and k not in rerun:
                 done[k] = res
     started = time.time()
 
