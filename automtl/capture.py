@@ -241,7 +241,7 @@ class _TolerantShapeProp(ShapeProp):
             with contextlib.redirect_stderr(io.StringIO()):  # ShapeProp prints the traceback of a failing node
                 return super().run_node(n)
         except Exception as exc:  # any op refusing its shapes
-            self.failures.append((n, exc))
+            self.failures.append((n, exc.__cause__ or exc))  # ShapeProp wraps the op's own error
             return _FAILED
 
 

@@ -101,8 +101,31 @@ def subset_graph_module(gm: fx.GraphModule, tasks: Sequence[str]) -> fx.GraphMod
     graph.output({t: out[t] for t in tasks})
     sub = fx.GraphModule(gm, graph, gm.__class__.__name__)
     sub.graph.eliminate_dead_code()
+    while _narrow_group_calls(sub.graph):  # each narrowing frees branches that may feed another call
+        sub.graph.eliminate_dead_code()
     sub.recompile()
     return sub
+
+
+def _narrow_group_calls(graph: fx.Graph) -> bool:
+    """In a subset of the train graph, a module_per_group / batch_norm_per_group call keeps only the classes whose
+    results are still read: the other tasks' branches are not run, and the statistics move for these tasks."""
+    narrowed = False
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target not in (module_per_group, batch_norm_per_group):
+            continue
+        first = 1 if node.target is module_per_group else 0  # the inputs' position
+        inputs, members = node.args[first], node.args[first + 1]
+        used = sorted({u.args[1] for u in node.users})
+        if len(used) == len(inputs):
+            continue
+        args = list(node.args)
+        args[first], args[first + 1] = tuple(inputs[j] for j in used), tuple(members[j] for j in used)
+        node.args = tuple(args)
+        for user in list(node.users):
+            user.args = (node, used.index(user.args[1]))
+        narrowed = True
+    return narrowed
 
 
 def compact(sm: SuperModel, policy: Optional[Policy] = None, copy_weights: bool = True) -> CompactModel:

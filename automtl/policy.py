@@ -242,8 +242,13 @@ def _budget(v) -> bool:
             and _finite(v.get("used")) and (v.get("limit") is None or _finite(v["limit"])))
 
 
+def _plain(v) -> bool:
+    """A value a strategy of its own may add to the evidence: a finite number, a bool, null or a name."""
+    return v is None or isinstance(v, bool) or _finite(v) or (isinstance(v, str) and bool(_NAME.match(v)))
+
+
 _EVIDENCE_VALUES = {
-    "kind": lambda v: v in _EVIDENCE_KINDS,
+    "kind": lambda v: isinstance(v, str) and bool(_NAME.match(v)),  # margin, conflict, or a registered strategy's
     "strategy": lambda v: isinstance(v, str) and bool(_NAME.match(v)),
     "threshold": _finite, "confidence": _finite, "steps": _count, "planned_steps": _count,
     "stopped_early": lambda v: isinstance(v, bool), "budget": _budget,
@@ -267,7 +272,7 @@ def _evidence_from_yaml(data, layers: list, tasks: list, source: str) -> Optiona
     for key, value in data.items():
         if key in ("scores", "undecided", "over_budget"):
             continue
-        check = _EVIDENCE_VALUES.get(key) if isinstance(key, str) else None
+        check = _EVIDENCE_VALUES.get(key, _plain) if isinstance(key, str) and _NAME.match(key) else None
         if check is None or not check(value):
             raise FileFormatError(f"{source}: evidence {str(key)[:40]!r} is {str(value)[:40]!r}, not what a search "
                                   "writes there; delete the evidence section to use the choices alone")
@@ -277,10 +282,14 @@ def _evidence_from_yaml(data, layers: list, tasks: list, source: str) -> Optiona
     for key in ("scores", "undecided", "over_budget"):  # names first: an edited policy's evidence may be stale
         part = data.get(key)
         named = part if isinstance(part, dict) else {}
-        stale = [l for l in named if l not in layer_index]
-        if stale:  # the layers were edited by hand: the search's evidence no longer describes them
-            warnings.warn(f"{source}: its evidence names layer {str(stale[0])[:60]!r}, which is not among its layers (were "
-                          "they edited?); the evidence is left out", stacklevel=3)
+        stale = [f"layer {str(l)[:60]!r}" for l in named if l not in layer_index]
+        stale += [f"task {str(t)[:60]!r}" for ts in named.values() if isinstance(ts, (dict, list))
+                  for t in ts if isinstance(t, str) and _NAME.match(t) and t not in task_index]
+        if key == "scores" and part is not None and isinstance(part, dict) and not stale:
+            stale += [f"no score for layer {l!r}" for l in layers if l not in part][:1]
+        if stale:  # the policy was edited by hand: the search's evidence no longer describes it
+            warnings.warn(f"{source}: its evidence names {stale[0]}, which the policy's layers and tasks do not match "
+                          "(were they edited?); the evidence is left out", stacklevel=3)
             return None
     try:
         if data.get("scores") is not None:

@@ -54,6 +54,7 @@ class RunDirectory:
             raise AutomtlError(f"output directory {where!r} is not writable ({exc.strerror}); choose another --out") from None
         self._acquire()
         try:
+            self._settle_replaced()
             earlier = self.earlier_run()
             if earlier and not (self.resume or self.overwrite):
                 raise AutomtlError(
@@ -103,22 +104,41 @@ class RunDirectory:
         """The paths, relative to the folder, of what a run writes (RUN_FILES, the checkpoint folder's files)."""
         return [Path(n) for n in RUN_FILES] + [Path(CHECKPOINTS) / n for n in CHECKPOINT_FILES]
 
+    def _settle_replaced(self) -> None:
+        """What a killed --overwrite run (SIGKILL, out of memory) left set aside: deleted when the new run has a
+        checkpoint to resume, else put back (the same rule as when the run stops by itself)."""
+        for folder in sorted(self.path.glob(REPLACED_PREFIX + "*")):
+            if folder.is_dir():
+                self._replaced = folder
+                if (self.path / CHECKPOINTS / "checkpoint.pt").exists():
+                    shutil.rmtree(folder, ignore_errors=True)
+                else:
+                    self._restore_run()
+        self._replaced = None
+
     def _set_aside_run(self) -> None:
         """--overwrite: move the earlier run's files into a hidden folder, deleted once the new run finishes (or
         has a checkpoint to resume) and moved back if it fails before that, so that a typo in the new command,
         found only when the backbone or the data is built, loses nothing."""
         self._replaced = Path(tempfile.mkdtemp(prefix=REPLACED_PREFIX, dir=self.path))
         (self._replaced / CHECKPOINTS).mkdir()
-        for rel in self._run_files(self.path):
-            if (self.path / rel).exists():
-                os.replace(self.path / rel, self._replaced / rel)
+        try:
+            for rel in self._run_files(self.path):
+                if (self.path / rel).exists():
+                    shutil.move(self.path / rel, self._replaced / rel)  # a copy where checkpoints/ is on another disk
+        except BaseException:
+            self._restore_run(drop_new=False)  # nothing half set aside
+            self._replaced = None
+            raise
 
-    def _restore_run(self) -> None:
+    def _restore_run(self, drop_new: bool = True) -> None:
+        """Move the set-aside run back; ``drop_new``: also delete what the new run wrote where the old one had nothing."""
         for rel in self._run_files(self.path):
             if (self._replaced / rel).exists():
                 (self.path / rel).parent.mkdir(exist_ok=True)
-                os.replace(self._replaced / rel, self.path / rel)
-            else:
+                (self.path / rel).unlink(missing_ok=True)
+                shutil.move(self._replaced / rel, self.path / rel)
+            elif drop_new:
                 (self.path / rel).unlink(missing_ok=True)  # what the failed run wrote where the old run had nothing
         shutil.rmtree(self._replaced, ignore_errors=True)
 

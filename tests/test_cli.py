@@ -72,7 +72,7 @@ def test_pt2_runs_in_plain_torch(converted):
 
 def test_json_output(tmp_path):
     result = run("convert", "tiny", *SMALL, "--json", "--out", tmp_path / "j")
-    assert "metrics" in json.loads(result.output)
+    assert "metrics" in json.loads(result.stdout)  # warnings go to stderr
 
 
 def test_steps_one_at_a_time(tmp_path, converted):

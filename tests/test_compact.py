@@ -228,3 +228,16 @@ def test_policy_choices_are_names_or_indices_and_anything_else_is_one_clear_erro
     for rows in ([["fork"]], [[True]], [[5]], [7]):
         with pytest.raises(AutomtlError, match="share, specialize"):
             Policy(["l0"], ["a"], rows)
+
+
+def test_a_train_mode_subset_runs_only_its_tasks_and_moves_their_statistics():
+    tasks = [Task("a", "depth"), Task("b", "depth"), Task("c", "depth")]
+    torch.manual_seed(0)
+    sm = supermodel(NormsAfterBranch(), tasks, torch.randn(1, 3, 8, 8)).train()
+    pol = Policy(sm.layer_names, sm.task_names, [[SHARE, SPECIALIZE, SHARE], [SHARE] * 3, [SHARE] * 3])
+    model = compact(sm, pol).train()
+    sub = model._subset(("a",), True)
+    assert not any(n.name.endswith("__b") or "__b_" in n.name for n in sub.graph.nodes), [n.name for n in sub.graph.nodes]
+    x = torch.randn(4, 3, 8, 8)
+    out = model(x, tasks=["a"])
+    assert set(out) == {"a"} and int(model.graph_module.state_dict()["net.post.num_batches_tracked"]) == 1

@@ -84,6 +84,21 @@ def test_overwrite_with_a_mistake_found_late_puts_the_earlier_run_back(finished,
     assert not [p for p in out.iterdir() if p.name.startswith(".automtl-replaced-")]
 
 
+def test_an_overwrite_killed_before_its_first_checkpoint_gets_the_earlier_run_back(finished, tmp_path):
+    """SIGKILL runs no cleanup: the next run in the folder settles what the killed one set aside."""
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(finished, out)
+    before = snapshot(out)
+    run = RunDirectory(out, overwrite=True)
+    run.__enter__()  # set aside, then "killed": no __exit__
+    run._release()
+    assert not (out / "checkpoints" / "checkpoint.pt").exists()
+    one_line_error(cli("search", "tiny", *SMALL, "--out", out), "already holds a run")  # put back, and refused
+    assert snapshot(out) == before
+
+
 def test_a_live_run_locks_its_folder(tmp_path):
     out = tmp_path / "busy"
     with RunDirectory(out):
@@ -340,6 +355,14 @@ def test_a_task_the_data_has_no_target_for_is_named_not_trained_on_nothing():
     x, y = _batch()
     with pytest.raises(DataError, match="no target for task 'seg'.*'segment'"):
         _search_on([(x, {"segment": y["seg"], "depth": y["depth"]})], steps=(2, 0, 0))
+
+
+def test_partial_labels_in_a_shared_loader_still_train_and_evaluate():
+    """A batch may lack a task's target (partial labels); only a task that never has one is an error."""
+    x, y = _batch()
+    batches = [(x, {"seg": y["seg"], "depth": y["depth"]}), (x, {"seg": y["seg"]})]  # validation: the first
+    result = _search_on(batches, steps=(2, 0, 0))
+    assert set(result.metrics) == {"seg", "depth"}
 
 
 def test_search_on_an_empty_dataset():

@@ -259,12 +259,16 @@ DESCRIPTION_CASES = {
         node("z0", "call_function", "builtins.getattr", {"$node": "x"}, "shape"),
         *[node(f"z{i}", "call_function", "operator.add", {"$node": f"z{i - 1}"}, {"$node": f"z{i - 1}"})
           for i in range(1, 40)], use_last=False)),
+    "unbind-pieces": lambda p, m: edit(p, insert_before_output(
+        node("flat", "call_method", "reshape", {"$node": "x"}, -1),
+        node("pieces", "call_method", "unbind", {"$node": "flat"}, 0), use_last=False)),
     "evidence-markup": lambda p, m: edit(p, lambda d: d["policy"].update(evidence={
         "kind": "conflict", "strategy": "conflict", "scores": None,
         "budget": {"metric": "params", "used": '1"><IMG SRC="/etc/passwd"/>', "limit": 1.5}})),
     "evidence-terminal-escape": lambda p, m: edit(p, lambda d: d["policy"].update(evidence={
         "kind": "conflict", "strategy": "conflict\n\x1b[2Jcompact model: 0 parameters"})),
-    "evidence-unknown-key": lambda p, m: edit(p, lambda d: d["policy"].update(evidence={"kind": "margin", "script": "x"})),
+    "evidence-unknown-key": lambda p, m: edit(p, lambda d: d["policy"].update(evidence={
+        "kind": "margin", "script": "<script>alert(1)</script>"})),
     "evidence-budget-not-a-mapping": lambda p, m: edit(p, lambda d: d["policy"].update(evidence={"budget": 1})),
     "task-kind-list": lambda p, m: edit(p, lambda d: d["tasks"][0].update(kind=["segmentation"])),
     "task-kind-huge": lambda p, m: edit(p, lambda d: d["tasks"][0].update(kind="k" * 200000)),
@@ -422,13 +426,19 @@ def test_policy_evidence_is_checked_value_by_value(tmp_path):
     for key, value in [("strategy", "a\nb"), ("kind", "<b>"), ("threshold", float("nan")), ("steps", -1),
                        ("budget", {"metric": "params", "used": "<IMG SRC='x'/>"}), ("budget", {"metric": "x", "used": 1.0}),
                        ("stopped_early", "yes"), ("scores", {"l0": {"a": float("inf"), "b": 0.0}}),
-                       ("undecided", {"l0": ["nosuchtask"]}), ("extra", 1)]:
+                       ("extra", "<script>"), ("extra", [1, 2]), ("<b>", 1)]:
         bad = {**good, "evidence": {**good["evidence"], key: value}}
         with pytest.raises(FileFormatError, match="evidence"):
             Policy.from_dict(bad)
+    # a registered strategy of one's own may write its own kind and plain values
+    mine = Policy.from_dict({**good, "evidence": {**good["evidence"], "kind": "random", "seed": 3, "note": "x"}})
+    assert mine.evidence["kind"] == "random" and mine.evidence["seed"] == 3
     edited = {**good, "layers": {"renamed": good["layers"]["l0"]}}  # edited by hand: the evidence no longer applies
     with pytest.warns(UserWarning, match="evidence names layer 'l0'.*left out"):
         assert Policy.from_dict(edited).evidence is None
+    stale_task = {**good, "evidence": {**good["evidence"], "undecided": {"l0": ["nosuchtask"]}}}
+    with pytest.warns(UserWarning, match="task 'nosuchtask'"):
+        assert Policy.from_dict(stale_task).evidence is None
     with pytest.raises(FileFormatError, match="policy format '7'"):
         Policy.from_dict({**good, "automtl_policy": 7})
 

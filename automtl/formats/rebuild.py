@@ -206,6 +206,21 @@ def _read_weights(path: str, data: bytes) -> dict:
 MAX_ACTIVATION = 2**28
 
 
+def _pieces(name: str, x: torch.Tensor, args: tuple, kwargs: dict) -> int:
+    """How many tensors ``x.<name>(*args, **kwargs)`` returns, without making them."""
+    dim = kwargs.get("dim", (args[0] if args else 0) if name == "unbind" else (args[1] if len(args) > 1 else 0))
+    length = x.shape[int(dim)] if isinstance(dim, int) and -x.dim() <= dim < x.dim() else 1
+    arg = args[0] if args else kwargs.get("split_size_or_sections", kwargs.get("split_size", kwargs.get(
+        "chunks", kwargs.get("sections", kwargs.get("indices_or_sections", kwargs.get("split_sizes"))))))
+    if name == "unbind":
+        return length
+    if isinstance(arg, (list, tuple, torch.Size)):
+        return len(arg) + (name == "tensor_split")
+    if isinstance(arg, int) and arg > 0:
+        return arg if name in ("chunk", "tensor_split") else -(-length // arg)
+    return 1
+
+
 #: Bounds on the plain values a graph computes (sizes, indices): an int's magnitude and a sequence's length.
 MAX_COMPUTED_INT, MAX_SEQUENCE = 2**40, 256
 
@@ -215,7 +230,19 @@ class _BoundedShapes(fx.Interpreter):
     than MAX_ACTIVATION elements, an int beyond MAX_COMPUTED_INT, a sequence longer than MAX_SEQUENCE.
     Each node is checked as it runs, so no value can grow across nodes (squaring a size again and again)."""
 
+    def _check_pieces(self, n: fx.Node, name: str) -> None:
+        args, kwargs = self.fetch_args_kwargs_from_env(n)
+        x, rest = (args[0], args[1:]) if args else (kwargs.get("input", kwargs.get("tensor")), ())
+        if isinstance(x, torch.Tensor):
+            count = _pieces(name, x, tuple(rest), kwargs)
+            if count > MAX_SEQUENCE:
+                raise FileFormatError(f"has node {n.name!r} splitting a tensor into {count} pieces, more than the "
+                                      f"{MAX_SEQUENCE} automtl allows; the file is crafted or corrupted")
+
     def run_node(self, n: fx.Node):
+        name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")
+        if name in ("unbind", "split", "chunk", "tensor_split", "split_with_sizes") and n.op != "call_module":
+            self._check_pieces(n, name)  # before it runs: 2^28 pieces of a meta tensor would take minutes and GBs
         out = super().run_node(n)
         stack = [out]
         while stack:

@@ -179,14 +179,27 @@ def _task_target(y, task: str):
     return y
 
 
-def check_batch_targets(y, tasks: Sequence[str], where: str) -> None:
-    """A batch of a loader shared by the tasks must hold a target for each (a missing label inside a target is an
-    ignore index or NaN, never a missing key: that is a task name the data does not know, whose loss would be 0)."""
-    missing = [t for t in tasks if not isinstance(y, Mapping) or t not in y]
-    if missing:
-        have = ", ".join(map(repr, y)) if isinstance(y, Mapping) else f"a {type(y).__name__}, not a dict"
-        raise DataError(f"{where} has no target for task {missing[0]!r} (its targets: {have or 'none'}); rename the task "
-                        "to one of the data's targets or give data with a target for each task")
+def check_batch_targets(y, where: str) -> None:
+    """A batch of a loader shared by the tasks gives its targets as a dict ``{task: target}`` (a task a batch has
+    no target for is left out of that batch's loss: partial labels)."""
+    if not isinstance(y, Mapping):
+        raise DataError(f"{where} yields targets that are a {type(y).__name__}, not a dict {{task: target}}; "
+                        "give each batch as (x, {task: target})")
+
+
+#: Training batches after which a task that has had no target in any of them is an error, not partial labels.
+TARGET_GRACE_BATCHES = 16
+
+
+def unlabelled_tasks_error(tasks: Sequence[str], seen: Mapping, where: str, batches: int):
+    """The DataError for the tasks that had no target in ``batches`` batches, or None (``seen``: task -> count,
+    and ``"_keys"``: the target names the batches did have)."""
+    never = [t for t in tasks if not seen.get(t)]
+    if not never:
+        return None
+    keys = ", ".join(map(repr, sorted(seen.get("_keys", ())))) or "none"
+    return DataError(f"{where} had no target for task {never[0]!r} in {batches} batches (its targets: {keys}); "
+                     "rename the task to one of the data's targets or give data with a target for it")
 
 
 def _check_task_keys(data: Mapping, tasks: Sequence[str], where: str) -> None:

@@ -13,7 +13,7 @@ import torch
 
 from ..errors import AutomtlError
 from ..policy import SHARE, SPECIALIZE
-from ._data import _split_batch, _task_target, _to, check_batch_targets
+from ._data import TARGET_GRACE_BATCHES, _split_batch, _task_target, _to, check_batch_targets, unlabelled_tasks_error
 
 
 class _StepMixin:
@@ -48,9 +48,25 @@ class _StepMixin:
                 ys[t] = _to(_task_target(y, t), self.device)
             return xs, ys
         x, y = _split_batch(next(iters[part]), "training data")
-        check_batch_targets(y, self.tasks, "training data")
+        check_batch_targets(y, "training data")
+        self._count_targets(y)
         self.checks(x, y)
         return x.to(self.device, non_blocking=True), _to(y, self.device) if isinstance(y, Mapping) else {}
+
+    def _count_targets(self, y) -> None:
+        """Partial labels leave a task out of some batches; a task left out of the first
+        TARGET_GRACE_BATCHES is a name the data does not have (its head would train on nothing)."""
+        seen = self.__dict__.setdefault("_targets_seen", {"_keys": set(), "_batches": 0})
+        if seen["_batches"] >= TARGET_GRACE_BATCHES:
+            return
+        seen["_batches"] += 1
+        seen["_keys"].update(map(str, y))
+        for t in self.tasks:
+            seen[t] = seen.get(t, 0) + (t in y)
+        if seen["_batches"] == TARGET_GRACE_BATCHES:
+            error = unlabelled_tasks_error(self.tasks, seen, "training data", TARGET_GRACE_BATCHES)
+            if error is not None:
+                raise error
 
     def _autocast(self):
         if self.config.amp and self.device.type == "cuda":
