@@ -107,7 +107,7 @@ def _trace_graph(backbone: nn.Module, leaf_modules: Sequence[type], concrete_arg
     except Exception as exc:  # fx raises many types; all mean "not traceable as written"
         frame = _user_frame(exc)
         where = f" at {frame.filename}:{frame.lineno} ({frame.line.strip() if frame.line else ''})" if frame else ""
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = _first_line(exc, limit=None)
         raise BackboneError(
             f"torch.fx cannot trace the backbone in module {_faulty_module(exc, backbone)}{where}: {first}; "
             "mark that module as a leaf (leaf_modules=[ItsClass]) or fix its Python control flow with "
@@ -219,8 +219,9 @@ def copy_backbone(backbone: nn.Module) -> nn.Module:
     return copied
 
 
-def _first_line(exc: BaseException, limit: int = 160) -> str:
-    """An exception's first line, cut to ``limit`` characters (fx appends the node's code on lines of its own)."""
+def _first_line(exc: BaseException, limit: Optional[int] = 160) -> str:
+    """An exception's first line (its type name when it has no text), cut to ``limit`` characters (None: whole);
+    fx appends the node's code on lines of its own."""
     text = str(exc).strip().splitlines()
     return (text[0] if text else type(exc).__name__)[:limit]
 

@@ -298,11 +298,16 @@ class _Compiler:
         call = graph.call_function(module_per_group, (module, tuple(v for _, v in classes), members))
         call.name = graph._graph_namespace.create_name(f"{name}_groups", None)
         self.tag(module, union, old)
-        self.tag(call, union, old, layer, choice)
+        return self._unpack(call, members, name, old, layer, choice)
+
+    def _unpack(self, call: fx.Node, members: tuple, name: str, old: fx.Node, layer: Optional[str] = None,
+                choice: Optional[str] = None) -> list:
+        """The classes of a per-group call (``members[j]``: the tasks of its ``j``-th result): a getitem each."""
+        self.tag(call, tuple(sorted(t for m in members for t in m)), old, layer, choice)
         self.grouped += 1
         out = []
         for j, m in enumerate(members):
-            new = graph.call_function(operator.getitem, (call, j))
+            new = self.graph.call_function(operator.getitem, (call, j))
             new.name = self._class_name(name, m)
             out.append((m, self.tag(new, m, old, layer, choice)))
         return out
@@ -338,14 +343,7 @@ class _Compiler:
                             lambda n: self.lookup(n, groups[0][0]))
         call = graph.call_function(batch_norm_per_group, (inputs, tuple(groups), *rest), kwargs)
         call.name = graph._graph_namespace.create_name(f"{old.name}_groups", None)
-        self.tag(call, tuple(sorted(t for m in groups for t in m)), old)
-        self.grouped += 1
-        out = []
-        for j, m in enumerate(groups):
-            new = graph.call_function(operator.getitem, (call, j))
-            new.name = self._class_name(old.name, m)
-            out.append((m, self.tag(new, m, old)))
-        return out
+        return self._unpack(call, tuple(groups), old.name, old)
 
     def emit_layer(self, old: fx.Node, index: int) -> list:
         """Emit a policy layer once per (input class, choice) and once per specializing task."""

@@ -90,10 +90,10 @@ class PathRunner:
 
     def _grouped(self, node: fx.Node, env: dict, T: int) -> list:
         """Evaluate ``node`` once per group of tasks that agree on all of its inputs."""
-        inputs = node.all_input_nodes
-        out: list = [None] * T
         if node.op == "call_function" and node.target in (taskwise_norm, taskwise_batch_norm):
             return self._norm_per_group(node, env, T)
+        inputs = node.all_input_nodes
+        out: list = [None] * T
         done: dict = {}
         for t in range(T):
             key = tuple(id(env[i][t]) for i in inputs)

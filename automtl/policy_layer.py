@@ -30,16 +30,19 @@ def uses_batch_statistics(m: nn.Module) -> bool:
     return isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or m.running_mean is None)
 
 
+def tracks_running_stats(m: nn.Module) -> bool:
+    """True for a norm (BatchNorm, InstanceNorm, any subclass) built with ``track_running_stats``."""
+    return isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats
+
+
 def updates_running_stats(m: nn.Module) -> bool:
-    """True for a norm (BatchNorm, InstanceNorm, any subclass) whose forward moves its running statistics:
-    train mode with ``track_running_stats``."""
-    return (isinstance(m, nn.modules.batchnorm._NormBase) and m.training and m.track_running_stats
-            and m.running_mean is not None)
+    """True for a norm whose forward moves its running statistics: train mode with ``track_running_stats``."""
+    return tracks_running_stats(m) and m.training and m.running_mean is not None
 
 
 def holds_running_stats(module: nn.Module) -> bool:
     """True when ``module`` or a submodule is a norm with running statistics (whatever its mode)."""
-    return any(isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats for m in module.modules())
+    return any(tracks_running_stats(m) for m in module.modules())
 
 
 def one_update(buffers: Sequence[torch.Tensor], calls: Sequence[Callable[[], torch.Tensor]],

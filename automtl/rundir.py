@@ -23,6 +23,8 @@ CHECKPOINTS = "checkpoints"
 RUN_FILES = ("model.automtl", "model.pt2", "policy.yaml", "sharing.svg", "report.json", "config.yaml",
              "supermodel.yaml", "supermodel.pt", "metrics.json")
 CHECKPOINT_FILES = ("checkpoint.pt", "log.jsonl")
+#: The same, as paths relative to the run folder: what --overwrite sets aside and puts back.
+RUN_PATHS = tuple(Path(n) for n in RUN_FILES) + tuple(Path(CHECKPOINTS) / n for n in CHECKPOINT_FILES)
 #: The hidden folder --overwrite moves an earlier run into until the new run has finished.
 REPLACED_PREFIX = ".automtl-replaced-"
 
@@ -71,20 +73,14 @@ class RunDirectory:
     def __exit__(self, exc_type, *exc) -> None:
         try:
             if self._replaced is not None:
-                if exc_type is None or (self.path / CHECKPOINTS / "checkpoint.pt").exists():
-                    # the new run finished, or stopped with a checkpoint --resume continues: the old one goes
-                    shutil.rmtree(self._replaced, ignore_errors=True)
-                else:  # it failed before its first checkpoint (bad input, a typo): the old one comes back
-                    self._restore_run()
+                self._settle(finished=exc_type is None)
         finally:
             self._release()
 
     # -- state -------------------------------------------------------------------------------
     def earlier_run(self) -> list[str]:
         """What an earlier run left here (file names), empty when the folder holds none."""
-        found = [n for n in RUN_FILES if (self.path / n).exists()]
-        found += [f"{CHECKPOINTS}/{n}" for n in CHECKPOINT_FILES if (self.path / CHECKPOINTS / n).exists()]
-        return found
+        return [rel.as_posix() for rel in RUN_PATHS if (self.path / rel).exists()]
 
     def clean_temporaries(self) -> list[Path]:
         """Remove what a killed run left half-written: staging folders and ``.NAME.*.tmp`` files."""
@@ -100,20 +96,20 @@ class RunDirectory:
                     removed.append(entry)
         return removed
 
-    def _run_files(self, root: Path) -> list[Path]:
-        """The paths, relative to the folder, of what a run writes (RUN_FILES, the checkpoint folder's files)."""
-        return [Path(n) for n in RUN_FILES] + [Path(CHECKPOINTS) / n for n in CHECKPOINT_FILES]
+    def _settle(self, finished: bool) -> None:
+        """The set-aside run goes when the new run ``finished`` or stopped with a checkpoint --resume continues;
+        when the new run failed before its first checkpoint (bad input, a typo), it comes back."""
+        if finished or (self.path / CHECKPOINTS / "checkpoint.pt").exists():
+            shutil.rmtree(self._replaced, ignore_errors=True)
+        else:
+            self._restore_run()
 
     def _settle_replaced(self) -> None:
-        """What a killed --overwrite run (SIGKILL, out of memory) left set aside: deleted when the new run has a
-        checkpoint to resume, else put back (the same rule as when the run stops by itself)."""
+        """What a killed --overwrite run (SIGKILL, out of memory) left set aside, settled by :meth:`_settle`."""
         for folder in sorted(self.path.glob(REPLACED_PREFIX + "*")):
             if folder.is_dir():
                 self._replaced = folder
-                if (self.path / CHECKPOINTS / "checkpoint.pt").exists():
-                    shutil.rmtree(folder, ignore_errors=True)
-                else:
-                    self._restore_run()
+                self._settle(finished=False)
         self._replaced = None
 
     def _set_aside_run(self) -> None:
@@ -123,7 +119,7 @@ class RunDirectory:
         self._replaced = Path(tempfile.mkdtemp(prefix=REPLACED_PREFIX, dir=self.path))
         (self._replaced / CHECKPOINTS).mkdir()
         try:
-            for rel in self._run_files(self.path):
+            for rel in RUN_PATHS:
                 if (self.path / rel).exists():
                     shutil.move(self.path / rel, self._replaced / rel)  # a copy where checkpoints/ is on another disk
         except BaseException:
@@ -133,7 +129,7 @@ class RunDirectory:
 
     def _restore_run(self, drop_new: bool = True) -> None:
         """Move the set-aside run back; ``drop_new``: also delete what the new run wrote where the old one had nothing."""
-        for rel in self._run_files(self.path):
+        for rel in RUN_PATHS:
             if (self._replaced / rel).exists():
                 (self.path / rel).parent.mkdir(exist_ok=True)
                 (self.path / rel).unlink(missing_ok=True)

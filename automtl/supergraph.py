@@ -13,7 +13,7 @@ from typing import Mapping, Sequence
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .policy_layer import repeat_tasks, taskwise_batch_norm, taskwise_norm
+from .policy_layer import repeat_tasks, taskwise_batch_norm, taskwise_norm, tracks_running_stats
 
 
 def build_supergraph(captured: fx.Graph, root: nn.Module, layer_names: Sequence[str], fused: Mapping[str, str],
@@ -130,8 +130,7 @@ class _SuperGraph:
 def _per_task_norm(module: nn.Module) -> bool:
     """A norm that must see each task's rows apart: a BatchNorm (batch statistics), or any norm with running
     statistics (one update for all tasks)."""
-    return isinstance(module, nn.modules.batchnorm._BatchNorm) or (
-        isinstance(module, nn.modules.batchnorm._NormBase) and module.track_running_stats)
+    return isinstance(module, nn.modules.batchnorm._BatchNorm) or tracks_running_stats(module)
 
 
 def _taskwise(graph: fx.Graph, node: fx.Node, num_tasks: int) -> fx.Node:

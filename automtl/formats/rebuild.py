@@ -210,8 +210,8 @@ def _pieces(name: str, x: torch.Tensor, args: tuple, kwargs: dict) -> int:
     """How many tensors ``x.<name>(*args, **kwargs)`` returns, without making them."""
     dim = kwargs.get("dim", (args[0] if args else 0) if name == "unbind" else (args[1] if len(args) > 1 else 0))
     length = x.shape[int(dim)] if isinstance(dim, int) and -x.dim() <= dim < x.dim() else 1
-    arg = args[0] if args else kwargs.get("split_size_or_sections", kwargs.get("split_size", kwargs.get(
-        "chunks", kwargs.get("sections", kwargs.get("indices_or_sections", kwargs.get("split_sizes"))))))
+    names = ("split_size_or_sections", "split_size", "chunks", "sections", "indices_or_sections", "split_sizes")
+    arg = args[0] if args else next((kwargs[k] for k in names if k in kwargs), None)
     if name == "unbind":
         return length
     if isinstance(arg, (list, tuple, torch.Size)):

@@ -1,7 +1,7 @@
 """Training data as a deterministic function of the step (exact resume, DDP shards), and batch helpers."""
 from __future__ import annotations
 
-from typing import Iterator, Mapping, Sequence
+from typing import Iterator, Mapping, Optional, Sequence
 
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset, RandomSampler, SequentialSampler
@@ -191,15 +191,30 @@ def check_batch_targets(y, where: str) -> None:
 TARGET_GRACE_BATCHES = 16
 
 
-def unlabelled_tasks_error(tasks: Sequence[str], seen: Mapping, where: str, batches: int):
-    """The DataError for the tasks that had no target in ``batches`` batches, or None (``seen``: task -> count,
-    and ``"_keys"``: the target names the batches did have)."""
-    never = [t for t in tasks if not seen.get(t)]
-    if not never:
-        return None
-    keys = ", ".join(map(repr, sorted(seen.get("_keys", ())))) or "none"
-    return DataError(f"{where} had no target for task {never[0]!r} in {batches} batches (its targets: {keys}); "
-                     "rename the task to one of the data's targets or give data with a target for it")
+class TargetTally:
+    """Which tasks the batches of a shared loader gave a target for: partial labels leave a task out of some
+    batches, a task left out of all of them is a name the data does not have (its head would learn nothing)."""
+
+    def __init__(self, tasks: Sequence[str]):
+        self.tasks, self.batches, self.keys = list(tasks), 0, set()
+        self.seen = {t: 0 for t in self.tasks}
+
+    def add(self, y) -> None:
+        """Count one batch's targets: a dict ``{task: target}``, or one task's bare target."""
+        self.batches += 1
+        if isinstance(y, Mapping):
+            self.keys.update(map(str, y))
+        for t in self.tasks:
+            self.seen[t] += (t in y) if isinstance(y, Mapping) else len(self.tasks) == 1
+
+    def error(self, where: str) -> Optional[DataError]:
+        """The DataError naming a task that had no target in any batch counted, or None."""
+        never = [t for t in self.tasks if not self.seen[t]]
+        if not never or not self.batches:
+            return None
+        keys = ", ".join(map(repr, sorted(self.keys))) or "none"
+        return DataError(f"{where} had no target for task {never[0]!r} in {self.batches} batches (its targets: {keys}); "
+                         "rename the task to one of the data's targets or give data with a target for it")
 
 
 def _check_task_keys(data: Mapping, tasks: Sequence[str], where: str) -> None:

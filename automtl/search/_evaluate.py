@@ -9,7 +9,7 @@ import torch
 from ..losses import loss_for
 from ..metrics import metric_for
 from ..supermodel import SuperModel
-from ._data import _check_task_keys, _epoch_iter, _split_batch, _task_target, _to, unlabelled_tasks_error
+from ._data import TargetTally, _check_task_keys, _epoch_iter, _split_batch, _task_target, _to
 
 # ---------------------------------------------------------------------------------------------
 # evaluation
@@ -51,8 +51,8 @@ def evaluate(
                 tally.consume(_epoch_iter(data[t], batch_size), [t], f"validation data of task {t!r}")
         else:
             tally.consume(_epoch_iter(data, batch_size), sm.task_names, "validation data", shared=True)
-            error = unlabelled_tasks_error(sm.task_names, tally.seen, "validation data", tally.batches)
-            if error is not None and tally.batches:
+            error = tally.targets.error("validation data")
+            if error is not None:
                 raise error
     finally:
         sm.train(was_training)
@@ -69,23 +69,15 @@ class _Tally:
         self.loss_fns = {t.name: loss_for(t) for t in sm.tasks}
         self.loss_sum = {t: 0.0 for t in self.task_names}
         self.loss_n = {t: 0 for t in self.task_names}
-        self.seen: dict = {"_keys": set()}  # shared data: batches with a target, per task, and the target names
-        self.batches = 0
+        self.targets = TargetTally(self.task_names)  # a shared loader's batches: which tasks had a target
 
     def consume(self, batches, tasks, where: str, shared: bool = False) -> None:
         for k, batch in enumerate(batches):
             if self.max_batches is not None and k >= self.max_batches:
                 break
             x, y = _split_batch(batch, where)
-            if shared and isinstance(y, Mapping):
-                self.batches += 1
-                self.seen["_keys"].update(map(str, y))
-                for t in tasks:
-                    self.seen[t] = self.seen.get(t, 0) + (t in y)
-            elif shared:  # one task's bare target
-                self.batches += 1
-                for t in tasks:
-                    self.seen[t] = self.seen.get(t, 0) + (len(tasks) == 1)
+            if shared:
+                self.targets.add(y)
             x, y = _to(x, self.device), _to(y, self.device)
             with self.ctx:
                 out = self.run(x)

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Mapping, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
 from ..errors import AutomtlError
 from ..policy import SHARE, SPECIALIZE
-from ._data import TARGET_GRACE_BATCHES, _split_batch, _task_target, _to, check_batch_targets, unlabelled_tasks_error
+from ._data import TARGET_GRACE_BATCHES, TargetTally, _split_batch, _task_target, _to, check_batch_targets
 
 
 class _StepMixin:
@@ -51,20 +51,14 @@ class _StepMixin:
         check_batch_targets(y, "training data")
         self._count_targets(y)
         self.checks(x, y)
-        return x.to(self.device, non_blocking=True), _to(y, self.device) if isinstance(y, Mapping) else {}
+        return x.to(self.device, non_blocking=True), _to(y, self.device)
 
     def _count_targets(self, y) -> None:
-        """Partial labels leave a task out of some batches; a task left out of the first
-        TARGET_GRACE_BATCHES is a name the data does not have (its head would train on nothing)."""
-        seen = self.__dict__.setdefault("_targets_seen", {"_keys": set(), "_batches": 0})
-        if seen["_batches"] >= TARGET_GRACE_BATCHES:
-            return
-        seen["_batches"] += 1
-        seen["_keys"].update(map(str, y))
-        for t in self.tasks:
-            seen[t] = seen.get(t, 0) + (t in y)
-        if seen["_batches"] == TARGET_GRACE_BATCHES:
-            error = unlabelled_tasks_error(self.tasks, seen, "training data", TARGET_GRACE_BATCHES)
+        """A task with no target in the first TARGET_GRACE_BATCHES training batches is an error (TargetTally)."""
+        tally = self.__dict__.setdefault("_target_tally", TargetTally(self.tasks))
+        if tally.batches < TARGET_GRACE_BATCHES:
+            tally.add(y)
+            error = tally.error("training data") if tally.batches == TARGET_GRACE_BATCHES else None
             if error is not None:
                 raise error
 
