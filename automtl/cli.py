@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import shlex
 import sys
+import time
 import warnings
+from pathlib import Path
 from typing import Optional
 
 import click
@@ -30,6 +33,7 @@ class _Group(click.Group):
 
     def main(self, args=None, *rest, **kwargs):
         self.argv = list(args) if args is not None else sys.argv[1:]  # for the resume hint after Ctrl-C
+        self.started = time.time()  # a checkpoint older than this is not this run's
         return super().main(args, *rest, **kwargs)
 
     def invoke(self, ctx):
@@ -38,7 +42,7 @@ class _Group(click.Group):
         except (click.exceptions.Exit, click.Abort):
             raise
         except KeyboardInterrupt:
-            _interrupted(ctx, getattr(self, "argv", sys.argv[1:]))
+            _interrupted(self, ctx, getattr(self, "argv", sys.argv[1:]), getattr(self, "started", 0.0))
         except Exception as exc:  # MemoryError included
             message = _user_message(exc)
             if message is None or (ctx.obj and ctx.obj.get("debug")):
@@ -65,18 +69,35 @@ def _fail(message: str) -> None:
     sys.exit(2)
 
 
-def _interrupted(ctx, args: list) -> None:
+def _interrupted(group: click.Group, ctx, args: list, started: float) -> None:
+    """Ctrl-C: exit 130 with what is left on disk — a checkpoint to continue from, or nothing."""
     args = [str(a) for a in args]
     command = ctx.invoked_subcommand
-    if command in _RESUMABLE:
+    if command not in _RESUMABLE:
+        click.echo("interrupted; nothing was written", err=True)
+        sys.exit(130)
+    params = group.get_command(ctx, command).make_context(
+        command, args[args.index(command) + 1:], resilient_parsing=True).params
+    checkpoint = Path(params["out"]) / "checkpoints" / "checkpoint.pt"
+    try:
+        written = checkpoint.stat().st_mtime
+    except OSError:
+        written = None
+    # a resumed run continues from any checkpoint; a new run only from one it wrote itself
+    resumable = written is not None and (params["resume"] or written >= started)
+    if resumable:
         click.echo(f"interrupted; the run is checkpointed, continue it with: {_again(args)}", err=True)
     else:
-        click.echo("interrupted; nothing was written", err=True)
+        kept = "; the earlier run in --out is as it was" if params["overwrite"] else ""
+        click.echo(f"interrupted before the first checkpoint, so there is nothing to continue{kept}; "
+                   "run the command again", err=True)
     sys.exit(130)
 
 
 def _again(args: list) -> str:
-    """The command line that continues an interrupted run: ``args`` with ``--resume``."""
+    """The command line that continues an interrupted run: ``args`` with ``--resume`` (and without
+    ``--overwrite``, which would start it over)."""
+    args = [a for a in args if a != "--overwrite"]
     return shlex.join(["automtl", *args, *([] if "--resume" in args else ["--resume"])])
 
 
@@ -256,14 +277,18 @@ def search_cmd(backbone, tasks, config_path, data, weights, pretrained, budget, 
 @click.option("--policy", "policy_path", type=click.Path(dir_okay=False), help="A policy YAML (default: RUN_DIR/policy.yaml), e.g. one edited by hand.")
 @click.option("--finetune-steps", type=click.IntRange(min=0), default=0, show_default=True, help="Fine-tune the policy's architecture this many steps first.")
 @click.option("--out", "out", type=click.Path(dir_okay=False), default="model.automtl", show_default=True, help="The .automtl file to write.")
+@click.option("--overwrite", is_flag=True, help="Replace --out if it exists (a fine-tuned model may be the only copy).")
 @click.option("--quiet", is_flag=True, help="No progress bars or messages.")
-def compact_cmd(run_dir, policy_path, finetune_steps, out, quiet):
+def compact_cmd(run_dir, policy_path, finetune_steps, out, overwrite, quiet):
     """Compile the supermodel of RUN_DIR (from `automtl search`) under a policy into a compact model.
 
     Example: automtl compact runs/r18 --policy my-policy.yaml --finetune-steps 100 --out r18.automtl
     """
+    from .errors import ConfigError
     from .runs import compact_run
 
+    if os.path.lexists(out) and not overwrite:
+        raise ConfigError(f"--out {out!r} already exists; replace it with --overwrite or choose another --out")
     model = compact_run(run_dir, policy=policy_path, finetune_steps=finetune_steps, out=out, quiet=quiet)
     if not quiet:
         click.echo(f"wrote {out}: {model.num_parameters():,} parameters")
@@ -372,8 +397,6 @@ def sweep_cmd(backbone, tasks, config_path, data, weights, pretrained, budget, d
 
     Example: automtl sweep resnet18 --budgets 1.0x,1.5x,2.0x --out runs/sweep
     """
-    from pathlib import Path
-
     from .errors import ConfigError
     from .plot import plot_sweep
     from .sweep import format_sweep, parse_budgets, sweep
@@ -386,7 +409,7 @@ def sweep_cmd(backbone, tasks, config_path, data, weights, pretrained, budget, d
     try:
         result = sweep(cfg, budgets, out, resume=resume, overwrite=overwrite, quiet=quiet, log=_say(quiet), plot=False)
     except KeyboardInterrupt:
-        argv = [a for a in getattr(click.get_current_context().find_root().command, "argv", sys.argv[1:]) if a != "--overwrite"]
+        argv = getattr(click.get_current_context().find_root().command, "argv", sys.argv[1:])
         click.echo(f"interrupted; finished runs are kept, continue the sweep with: {_again(argv)}", err=True)
         sys.exit(130)
     if as_json:

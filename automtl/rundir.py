@@ -42,17 +42,21 @@ class RunDirectory:
             raise AutomtlError("--resume continues a run and --overwrite deletes it; give one of them")
         self.path, self.resume, self.overwrite = Path(path), resume, overwrite
         self._replaced = None  # where --overwrite put the earlier run while the new one runs
+        self._created = None  # the outermost folder this run made, removed again if it fails with nothing written
         self._lock = None
 
     def __enter__(self) -> "RunDirectory":
         if os.environ.get("RANK", "0") != "0":
             return self  # under torchrun, rank 0 owns the folder: it locks, checks and cleans; other ranks only read
         where = os.fspath(self.path)
+        missing = [p for p in (self.path, *self.path.parents) if not p.exists()]
+        self._created = missing[-1] if missing else None
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             with tempfile.NamedTemporaryFile(dir=self.path, prefix=".automtl-write-check-"):
                 pass
         except OSError as exc:
+            self._remove_if_empty()
             raise AutomtlError(f"output directory {where!r} is not writable ({exc.strerror}); choose another --out") from None
         self._acquire()
         try:
@@ -67,6 +71,7 @@ class RunDirectory:
                 self._set_aside_run()
         except BaseException:
             self._release()
+            self._remove_if_empty()
             raise
         return self
 
@@ -76,6 +81,14 @@ class RunDirectory:
                 self._settle(finished=exc_type is None)
         finally:
             self._release()
+            if exc_type is not None:
+                self._remove_if_empty()
+
+    def _remove_if_empty(self) -> None:
+        """A run that failed before writing anything leaves no folder behind that it made itself."""
+        if self._created is not None and self._created.is_dir() and \
+                not any(not p.is_dir() for p in self._created.rglob("*")):
+            shutil.rmtree(self._created, ignore_errors=True)
 
     # -- state -------------------------------------------------------------------------------
     def earlier_run(self) -> list[str]:

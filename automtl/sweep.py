@@ -99,7 +99,8 @@ def sweep(cfg: ConvertConfig, budgets: Union[str, Sequence[str]], out: Union[str
 
     ``out`` is locked while the sweep runs; one that holds an earlier sweep is refused unless
     ``resume`` (keep the finished runs, continue the rest from their checkpoints) or ``overwrite``
-    (delete every run of it first).
+    (replace each run as the new sweep reaches it; a sweep that fails before it changed any run leaves
+    the earlier one as it was, its summary included).
 
     Raises:
         ConfigError: a bad budget list, a budget no policy can reach, or a strategy without a
@@ -118,10 +119,17 @@ def sweep(cfg: ConvertConfig, budgets: Union[str, Sequence[str]], out: Union[str
     parsed = parse_budgets(budgets)
     cfg.validate()  # before the sweep's folder exists (an overwrite would empty it first)
     with RunDirectory(out, resume=resume, overwrite=overwrite) as run:
-        _claim(run.path, resume, overwrite)
-        result = _Sweep(cfg, run.path, resume, overwrite, quiet, log).run(parsed, batch, repeats)
-        text = json.dumps(json_safe(result), indent=2, allow_nan=False) + "\n"
-        atomic_write_text(run.path / "sweep.json", text)
+        aside = _claim(run.path, resume, overwrite)
+        try:
+            result = _Sweep(cfg, run.path, resume, overwrite, quiet, log).run(parsed, batch, repeats)
+            text = json.dumps(json_safe(result), indent=2, allow_nan=False) + "\n"
+            atomic_write_text(run.path / "sweep.json", text)
+        except BaseException:
+            if aside is not None:
+                aside.settle()
+            raise
+        if aside is not None:
+            aside.drop()
         if plot:
             from .plot import plot_sweep
 
@@ -129,19 +137,75 @@ def sweep(cfg: ConvertConfig, budgets: Union[str, Sequence[str]], out: Union[str
     return result
 
 
-def _claim(path: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse a folder that holds an earlier sweep unless resumed or overwritten; on overwrite remove its summary."""
+def _claim(path: Path, resume: bool, overwrite: bool) -> Optional["_SetAside"]:
+    """Refuse a folder that holds an earlier sweep unless resumed or overwritten; on overwrite set its summary
+    aside (returned). What a killed overwrite left set aside is settled first."""
     from .rundir import RunDirectory
 
+    for folder in sorted(path.glob(_SetAside.PREFIX + "*")):
+        _SetAside(path, folder).settle()
     earlier = [n for n in SWEEP_FILES if (path / n).exists()]
     earlier += sorted(d.name for d in path.iterdir() if d.is_dir() and RunDirectory(d).earlier_run())
     if earlier and not (resume or overwrite):
         raise AutomtlError(
             f"output directory {os.fspath(path)!r} already holds a sweep ({', '.join(earlier[:3])}); continue it with "
             "--resume (finished runs are kept), start over with --overwrite (which deletes its runs), or choose another --out")
-    if overwrite:
+    if overwrite and any((path / n).exists() for n in SWEEP_FILES):
+        return _SetAside.create(path)
+    return None
+
+
+class _SetAside:
+    """An overwritten sweep's summary (``sweep.json``, ``sweep.png``) kept in a hidden folder while the new sweep
+    runs, with a record of its member runs' files (sizes and modification times). Dropped when the new sweep has
+    written its own; put back when it failed with every member run as it was (each member run puts its own
+    earlier run back when it fails before its first checkpoint), because only then does it still describe the folder."""
+
+    PREFIX = ".automtl-sweep-replaced-"
+    RECORD = "members.json"
+
+    def __init__(self, path: Path, folder: Path):
+        self.path, self.folder = path, folder
+
+    @classmethod
+    def create(cls, path: Path) -> "_SetAside":
+        import shutil
+        import tempfile
+
+        aside = cls(path, Path(tempfile.mkdtemp(prefix=cls.PREFIX, dir=path)))
+        atomic_write_text(aside.folder / cls.RECORD, json.dumps(aside._members()))
         for name in SWEEP_FILES:
-            (path / name).unlink(missing_ok=True)
+            if (path / name).exists():
+                shutil.move(path / name, aside.folder / name)
+        return aside
+
+    def _members(self) -> dict:
+        from .rundir import RUN_PATHS
+
+        found = {}
+        for member in sorted(d for d in self.path.iterdir() if d.is_dir() and not d.name.startswith(".")):
+            for rel in RUN_PATHS:
+                if (member / rel).is_file():
+                    st = (member / rel).stat()
+                    found[f"{member.name}/{rel.as_posix()}"] = [st.st_size, st.st_mtime_ns]
+        return found
+
+    def settle(self) -> None:
+        """The new sweep failed (or was killed): put the summary back if the member runs are as recorded."""
+        try:
+            unchanged = json.loads((self.folder / self.RECORD).read_text()) == self._members()
+        except (OSError, ValueError):
+            unchanged = False
+        if unchanged:
+            for name in SWEEP_FILES:
+                if (self.folder / name).exists() and not (self.path / name).exists():
+                    os.replace(self.folder / name, self.path / name)
+        self.drop()
+
+    def drop(self) -> None:
+        import shutil
+
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def _fingerprint(cfg: ConvertConfig) -> dict:

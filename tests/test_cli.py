@@ -81,7 +81,12 @@ def test_steps_one_at_a_time(tmp_path, converted):
     assert {"supermodel.yaml", "supermodel.pt", "policy.yaml", "metrics.json"} <= {p.name for p in run_dir.iterdir()}
     model = tmp_path / "m.automtl"
     run("compact", run_dir, "--out", model, "--quiet")
-    run("compact", run_dir, "--policy", run_dir / "policy.yaml", "--finetune-steps", "2", "--out", model, "--quiet")
+    first = model.read_bytes()
+    refused = CliRunner().invoke(main, ["compact", str(run_dir), "--out", str(model), "--quiet"])
+    assert refused.exit_code == 2 and "already exists" in refused.output and "--overwrite" in refused.output
+    assert model.read_bytes() == first
+    run("compact", run_dir, "--policy", run_dir / "policy.yaml", "--finetune-steps", "2", "--out", model, "--quiet",
+        "--overwrite")
     run("export", model, tmp_path / "m.pt2")
     assert (tmp_path / "m.pt2").stat().st_size > 0
     run("render", model, tmp_path / "m.png")

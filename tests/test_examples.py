@@ -21,7 +21,7 @@ def test_custom_tasks_and_load_pt2(tmp_path):
     out = run(ROOT / "examples" / "custom_tasks.py", "--steps", "2,4,2", "--samples", "32", "--size", "32",
               "--out", tmp_path / "custom", cwd=tmp_path)
     assert "edges" in out and "compact model" in out
-    shapes = run(ROOT / "examples" / "load_pt2.py", tmp_path / "custom" / "model.pt2", "--size", "32", cwd=tmp_path)
+    shapes = run(ROOT / "examples" / "load_pt2.py", tmp_path / "custom" / "model.pt2", cwd=tmp_path)
     assert "segmentation: (4, 4, 32, 32)" in shapes and "edges:" in shapes
 
 

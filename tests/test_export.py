@@ -250,6 +250,14 @@ def test_not_a_zip_missing_file_and_missing_entry(tmp_path, bundle):
         load(tmp_path / "nope.automtl")
     with pytest.raises(FileFormatError, match="directory"):
         load(tmp_path)
+    for suffix, what in ((".pt2", "torch.export archive"), (".ONNX", "ONNX model")):
+        exported = tmp_path / f"model{suffix}"
+        exported.write_bytes(b"PK\x05\x06" + bytes(18))  # an empty zip: no bundle, whatever its name says
+        with pytest.raises(FileFormatError, match=f"is an? {what}.*not an .automtl model"):
+            load(exported)
+    renamed = tmp_path / "renamed.pt2"  # a bundle named like an export is still a bundle
+    renamed.write_bytes(bundle.read_bytes())
+    assert load(renamed).task_names
     parts = entries(bundle)
     del parts["weights.safetensors"]
     write_bundle(bundle, parts, fix_checksums=False)

@@ -122,22 +122,45 @@ def test_resume_removes_what_a_killed_run_left_half_written(finished, tmp_path):
     assert leftovers == []
 
 
-def test_ctrl_c_exits_130_and_prints_the_resume_command(tmp_path):
-    out = tmp_path / "interrupted"
+def _interrupt(out, *extra, wait_for="checkpoints/checkpoint.pt"):
+    """Start a long ``automtl search`` into ``out``, press Ctrl-C once ``wait_for`` exists; (exit code, stderr)."""
     cmd = [sys.executable, "-m", "automtl", "search", "tiny", "--steps", "10000,10000,10000", "--samples", "64,8",
-           "--input-size", "16", "--quiet", "--out", str(out)]
+           "--input-size", "16", "--quiet", "--out", str(out), *map(str, extra)]
+    started = time.time()
     # as from a terminal: a shell's background job (as CI may run us) inherits SIGINT ignored
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    deadline = time.time() + 90
-    while time.time() < deadline and not (out / "checkpoints" / "log.jsonl").exists():
+    deadline = time.time() + 120
+    while time.time() < deadline and not ((out / wait_for).exists() and (out / wait_for).stat().st_mtime >= started):
         time.sleep(0.2)
-    time.sleep(1.0)
+    time.sleep(0.5)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err
+    return proc.returncode, err
+
+
+def test_ctrl_c_exits_130_and_prints_the_resume_command(tmp_path):
+    out = tmp_path / "interrupted"
+    code, err = _interrupt(out)
+    assert code == 130, err
     assert "--resume" in err and "continue it with: automtl" in err and "Traceback" not in err
     assert not (out / ".automtl.lock").exists()
+
+
+def test_ctrl_c_before_the_first_checkpoint_says_so_and_keeps_the_earlier_run(tmp_path):
+    """Nothing to resume: no resume hint (it would start from the earlier run's checkpoint, or fail on
+    --overwrite), and an --overwrite's earlier run is back in place."""
+    out = tmp_path / "run"
+    assert cli("search", "tiny", *SMALL, "--out", out).exit_code == 0
+    before = {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".automtl.lock"}
+    config = tmp_path / "late.yaml"
+    config.write_text("search:\n  checkpoint_every: 0\n")  # checkpoints only at the end of a stage
+    code, err = _interrupt(out, "--config", config, "--overwrite", wait_for="checkpoints/log.jsonl")
+    assert code == 130, err
+    assert "before the first checkpoint" in err and "earlier run in --out is as it was" in err, err
+    assert "--resume" not in err and "Traceback" not in err
+    after = {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".automtl.lock"}
+    assert after == before
 
 
 # ---------------------------------------------------------------------------------------
@@ -223,6 +246,16 @@ def test_config_sections_and_huge_numbers_are_one_sentence(tmp_path, text, needl
     cfg.write_text("backbone: tiny\n" + text)
     one_line_error(cli("convert", "--config", cfg, "--out", tmp_path / "o"), needle)
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("command", ["convert", "search"])
+def test_a_run_that_fails_before_writing_leaves_no_folder(tmp_path, command):
+    """An error found once the run folder is locked (the backbone is built inside it) removes the folders
+    the run made, and only those."""
+    (tmp_path / "kept").mkdir()
+    for out in (tmp_path / "new" / "deeper" / "o", tmp_path / "kept" / "o"):
+        one_line_error(cli(command, "no_such_net", *SMALL, "--out", out), "unknown backbone 'no_such_net'")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept"] and not any((tmp_path / "kept").iterdir())
 
 
 def test_a_missing_dot_is_said_before_any_training(tmp_path, monkeypatch):

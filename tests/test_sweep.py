@@ -100,6 +100,35 @@ def test_a_second_sweep_is_refused_and_resume_keeps_the_runs(swept):
     assert other.exit_code == 2 and "another configuration" in other.output
 
 
+def _files(folder):
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*")
+            if p.is_file() and p.name != ".automtl.lock"}
+
+
+def test_an_overwrite_that_fails_before_changing_a_run_keeps_the_earlier_sweep(swept, tmp_path):
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(swept, out)
+    before = _files(out)
+    assert "sweep.json" in before
+    failed = invoke("sweep", *TINY[:2], "1.0x,0.01x", *TINY[3:], "--out", out, "--overwrite")  # found when built
+    assert failed.exit_code == 2 and "--budgets" in failed.output, failed.output
+    assert _files(out) == before
+    # a killed overwrite's summary comes back with the next command when no run has changed since ...
+    from automtl.sweep import _SetAside
+
+    _SetAside.create(out)
+    assert not (out / "sweep.json").exists()
+    assert invoke("sweep", *TINY, "--out", out).exit_code == 2  # refused: the folder holds a sweep
+    assert _files(out) == before
+    # ... and is dropped when one has: it no longer describes the folder
+    aside = _SetAside.create(out)
+    (out / "hard-sharing" / "metrics.json").write_text("{}")
+    _SetAside(out, aside.folder).settle()
+    assert not (out / "sweep.json").exists() and not list(out.glob(".automtl-sweep-replaced-*"))
+
+
 def test_without_matplotlib_the_json_is_written_and_the_error_names_the_extra(swept, monkeypatch):
     (swept / "sweep.json").unlink()
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # import fails as if not installed

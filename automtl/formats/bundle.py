@@ -276,6 +276,19 @@ def _parse_description(path: str, raw: bytes) -> dict:
     return desc
 
 
+#: What an export of a compact model is called, and how to read it instead of :func:`load`.
+_EXPORTS = {".pt2": ("a torch.export archive", "run it with automtl.load_pt2"),
+            ".onnx": ("an ONNX model", "run it with onnxruntime")}
+
+
+def _refuse_export(path: str) -> None:
+    """An exported file that is no bundle, given where one is read: say what it is, not why its bytes are wrong."""
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix in _EXPORTS and os.path.isfile(path):
+        what, how = _EXPORTS[suffix]
+        raise bad(path, f"is {what}, not an .automtl model; give the .automtl it was exported from, or {how}") from None
+
+
 def load(path: str | os.PathLike, max_bytes: int = MAX_BUNDLE_BYTES) -> CompactModel:
     """Read an ``.automtl`` bundle back as a :class:`CompactModel` in eval mode. Runs nothing from the file.
 
@@ -284,8 +297,8 @@ def load(path: str | os.PathLike, max_bytes: int = MAX_BUNDLE_BYTES) -> CompactM
         max_bytes: cap on the file's size, 2 GiB by default; raise it for a larger model.
 
     Raises:
-        FileFormatError: one sentence naming the file and what is wrong: not a regular file, too
-            large, not exactly the three entries, a zip bomb, YAML aliases, an operation or module
+        FileFormatError: one sentence naming the file and what is wrong: an export (.pt2, .onnx), not
+            a regular file, too large, not exactly the three entries, a zip bomb, YAML aliases, an operation or module
             off the reviewed vocabulary, a value that is not data, a tensor whose dtype or shape
             does not match the graph, a checksum mismatch.
 
@@ -295,7 +308,11 @@ def load(path: str | os.PathLike, max_bytes: int = MAX_BUNDLE_BYTES) -> CompactM
         torch.Size([2, 1, 64, 64])
     """
     path = os.fspath(path)
-    entries = _read_entries(path, max_bytes)
+    try:
+        entries = _read_entries(path, max_bytes)
+    except FileFormatError:
+        _refuse_export(path)
+        raise
     _check_checksums(path, entries)
     desc = _parse_description(path, entries[MODEL_ENTRY])
     gm, meta_twin, tasks, policy = rebuild(path, desc, entries[WEIGHTS_ENTRY])
