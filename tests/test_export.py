@@ -1,10 +1,7 @@
 """Files: the .automtl bundle (data, not code), the .pt2 and ONNX exports, and the accounting report."""
 import functools
 import hashlib
-import io
 import os
-import pathlib
-import pickle
 import subprocess
 import sys
 import textwrap
