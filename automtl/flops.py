@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 from typing import Callable
 
-import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 __all__ = ["macs_of", "shapes_only"]

@@ -14,7 +14,6 @@ import json
 import os
 import pathlib
 import pickle
-import resource
 import struct
 import subprocess
 import sys
