@@ -88,7 +88,9 @@ def _interrupted(group: click.Group, ctx, args: list, started: float) -> None:
     if resumable:
         click.echo(f"interrupted; the run is checkpointed, continue it with: {_again(args)}", err=True)
     else:
-        kept = "; the earlier run in --out is as it was" if params["overwrite"] else ""
+        from .rundir import RunDirectory
+
+        kept = "; the earlier run in --out is as it was" if params["overwrite"] and RunDirectory(params["out"]).earlier_run() else ""
         click.echo(f"interrupted before the first checkpoint, so there is nothing to continue{kept}; "
                    "run the command again", err=True)
     sys.exit(130)
@@ -164,7 +166,7 @@ def _pipeline_options(f):
         click.option("--out", "out", type=click.Path(file_okay=False), default="automtl-out", show_default=True,
                      help="Directory for the results."),
         click.option("--resume", is_flag=True, help="Continue a killed run from its last checkpoint in --out."),
-        click.option("--overwrite", is_flag=True, help="Start over in an --out that holds an earlier run, deleting its checkpoint, log and results."),
+        click.option("--overwrite", is_flag=True, help="Start over in an --out that holds an earlier run, replacing its checkpoint, log and results (kept if the new run fails before its first checkpoint)."),
         click.option("--tensorboard", "tensorboard", type=click.Path(file_okay=False), metavar="DIR",
                      help="Also write TensorBoard event files into DIR: losses per task, policy probabilities, tau, "
                           "expected size against the budget, validation metrics (pip install 'automtl[tensorboard]')."),
@@ -285,11 +287,17 @@ def compact_cmd(run_dir, policy_path, finetune_steps, out, overwrite, quiet):
     Example: automtl compact runs/r18 --policy my-policy.yaml --finetune-steps 100 --out r18.automtl
     """
     from .errors import ConfigError
+    from .formats import save
     from .runs import compact_run
 
-    if os.path.lexists(out) and not overwrite:
-        raise ConfigError(f"--out {out!r} already exists; replace it with --overwrite or choose another --out")
-    model = compact_run(run_dir, policy=policy_path, finetune_steps=finetune_steps, out=out, quiet=quiet)
+    def refuse_existing():
+        if os.path.lexists(out) and not overwrite:
+            raise ConfigError(f"--out {out!r} already exists; replace it with --overwrite or choose another --out")
+
+    refuse_existing()
+    model = compact_run(run_dir, policy=policy_path, finetune_steps=finetune_steps, out=None, quiet=quiet)
+    refuse_existing()  # again: another command may have written it during the fine-tune
+    save(model, out)
     if not quiet:
         click.echo(f"wrote {out}: {model.num_parameters():,} parameters")
 
@@ -409,8 +417,14 @@ def sweep_cmd(backbone, tasks, config_path, data, weights, pretrained, budget, d
     try:
         result = sweep(cfg, budgets, out, resume=resume, overwrite=overwrite, quiet=quiet, log=_say(quiet), plot=False)
     except KeyboardInterrupt:
+        from .sweep import OVERWRITING
+
         argv = getattr(click.get_current_context().find_root().command, "argv", sys.argv[1:])
-        click.echo(f"interrupted; finished runs are kept, continue the sweep with: {_again(argv)}", err=True)
+        if overwrite and not (Path(out) / OVERWRITING).exists():
+            click.echo("interrupted before any run changed, so the earlier sweep is as it was; run the command again",
+                       err=True)
+        else:
+            click.echo(f"interrupted; finished runs are kept, continue the sweep with: {_again(argv)}", err=True)
         sys.exit(130)
     if as_json:
         _echo_json(result)

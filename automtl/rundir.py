@@ -49,9 +49,9 @@ class RunDirectory:
         if os.environ.get("RANK", "0") != "0":
             return self  # under torchrun, rank 0 owns the folder: it locks, checks and cleans; other ranks only read
         where = os.fspath(self.path)
-        missing = [p for p in (self.path, *self.path.parents) if not p.exists()]
-        self._created = missing[-1] if missing else None
         try:
+            missing = [p for p in (self.path, *self.path.parents) if not os.path.lexists(p)]
+            self._created = missing[-1] if missing else None
             self.path.mkdir(parents=True, exist_ok=True)
             with tempfile.NamedTemporaryFile(dir=self.path, prefix=".automtl-write-check-"):
                 pass
@@ -85,10 +85,20 @@ class RunDirectory:
                 self._remove_if_empty()
 
     def _remove_if_empty(self) -> None:
-        """A run that failed before writing anything leaves no folder behind that it made itself."""
-        if self._created is not None and self._created.is_dir() and \
-                not any(not p.is_dir() for p in self._created.rglob("*")):
-            shutil.rmtree(self._created, ignore_errors=True)
+        """A run that failed before writing anything leaves no folder behind that it made itself: each one from
+        ``path`` up is removed while it is empty (``rmdir`` refuses one that is not, so nothing anyone else
+        wrote meanwhile can go)."""
+        if self._created is None:
+            return
+        chain = [self.path / CHECKPOINTS, self.path]
+        chain += list(self.path.parents)[:len(self.path.parents) - len(self._created.parents)]
+        for folder in chain:
+            try:
+                folder.rmdir()
+            except FileNotFoundError:
+                continue
+            except OSError:
+                return
 
     # -- state -------------------------------------------------------------------------------
     def earlier_run(self) -> list[str]:

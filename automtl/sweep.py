@@ -34,6 +34,8 @@ from .fileio import atomic_write_text
 __all__ = ["sweep", "parse_budgets", "pareto_front", "format_sweep"]
 
 SWEEP_FILES = ("sweep.json", "sweep.png")
+#: Marks an --overwrite under way (with its configuration's fingerprint), so that a --resume after Ctrl-C goes on.
+OVERWRITING = ".automtl-sweep-overwriting.json"
 #: Search fields that do not change a member run's numbers: a resumed sweep may differ in them.
 _FREE = {"out_dir", "log_dir", "tensorboard_dir", "log_every", "checkpoint_every", "resume", "quiet", "device",
          "val_every", "val_batches"}
@@ -117,9 +119,9 @@ def sweep(cfg: ConvertConfig, budgets: Union[str, Sequence[str]], out: Union[str
     from .rundir import RunDirectory
 
     parsed = parse_budgets(budgets)
-    cfg.validate()  # before the sweep's folder exists (an overwrite would empty it first)
+    cfg.validate()  # before the sweep's folder exists
     with RunDirectory(out, resume=resume, overwrite=overwrite) as run:
-        aside = _claim(run.path, resume, overwrite)
+        aside = _claim(run.path, cfg, resume, overwrite)
         try:
             result = _Sweep(cfg, run.path, resume, overwrite, quiet, log).run(parsed, batch, repeats)
             text = json.dumps(json_safe(result), indent=2, allow_nan=False) + "\n"
@@ -128,6 +130,7 @@ def sweep(cfg: ConvertConfig, budgets: Union[str, Sequence[str]], out: Union[str
             if aside is not None:
                 aside.settle()
             raise
+        (run.path / OVERWRITING).unlink(missing_ok=True)
         if aside is not None:
             aside.drop()
         if plot:
@@ -137,29 +140,46 @@ def sweep(cfg: ConvertConfig, budgets: Union[str, Sequence[str]], out: Union[str
     return result
 
 
-def _claim(path: Path, resume: bool, overwrite: bool) -> Optional["_SetAside"]:
-    """Refuse a folder that holds an earlier sweep unless resumed or overwritten; on overwrite set its summary
-    aside (returned). What a killed overwrite left set aside is settled first."""
+def _claim(path: Path, cfg: ConvertConfig, resume: bool, overwrite: bool) -> Optional["_SetAside"]:
+    """Refuse a folder that holds an earlier sweep unless resumed or overwritten. On overwrite, set the earlier
+    sweep's summary aside (returned) and mark the overwrite as under way. What a killed overwrite left set aside
+    is settled first."""
     from .rundir import RunDirectory
 
     for folder in sorted(path.glob(_SetAside.PREFIX + "*")):
         _SetAside(path, folder).settle()
     earlier = [n for n in SWEEP_FILES if (path / n).exists()]
-    earlier += sorted(d.name for d in path.iterdir() if d.is_dir() and RunDirectory(d).earlier_run())
+    earlier += sorted(d.name for d in _member_dirs(path) if RunDirectory(d).earlier_run())
     if earlier and not (resume or overwrite):
         raise AutomtlError(
             f"output directory {os.fspath(path)!r} already holds a sweep ({', '.join(earlier[:3])}); continue it with "
-            "--resume (finished runs are kept), start over with --overwrite (which deletes its runs), or choose another --out")
-    if overwrite and any((path / n).exists() for n in SWEEP_FILES):
-        return _SetAside.create(path)
-    return None
+            "--resume (finished runs are kept), start over with --overwrite (which replaces its runs), or choose another --out")
+    if not (overwrite and earlier):
+        return None
+    aside = _SetAside.create(path)
+    atomic_write_text(path / OVERWRITING, json.dumps({"config": _fingerprint(cfg)}) + "\n")
+    return aside
+
+
+def _member_dirs(path: Path) -> list:
+    return sorted(d for d in path.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
+def _replacing(path: Path, cfg: ConvertConfig) -> bool:
+    """True when an --overwrite of this very sweep was stopped after it changed a run: --resume goes on replacing
+    the earlier sweep's runs it had not reached (instead of refusing them as another configuration's)."""
+    try:
+        return json.loads((path / OVERWRITING).read_text())["config"] == _fingerprint(cfg)
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 class _SetAside:
     """An overwritten sweep's summary (``sweep.json``, ``sweep.png``) kept in a hidden folder while the new sweep
     runs, with a record of its member runs' files (sizes and modification times). Dropped when the new sweep has
-    written its own; put back when it failed with every member run as it was (each member run puts its own
-    earlier run back when it fails before its first checkpoint), because only then does it still describe the folder."""
+    written its own; put back, and the overwrite no longer marked as under way, when the new sweep failed with
+    every member run as it was (each member run puts its own earlier run back when it fails before its first
+    checkpoint): only then does it still describe the folder."""
 
     PREFIX = ".automtl-sweep-replaced-"
     RECORD = "members.json"
@@ -173,34 +193,50 @@ class _SetAside:
         import tempfile
 
         aside = cls(path, Path(tempfile.mkdtemp(prefix=cls.PREFIX, dir=path)))
-        atomic_write_text(aside.folder / cls.RECORD, json.dumps(aside._members()))
-        for name in SWEEP_FILES:
-            if (path / name).exists():
-                shutil.move(path / name, aside.folder / name)
+        try:
+            atomic_write_text(aside.folder / cls.RECORD, json.dumps(aside._members()))
+            for name in SWEEP_FILES:
+                if (path / name).exists():
+                    shutil.move(path / name, aside.folder / name)
+        except BaseException:  # nothing half set aside
+            for name in SWEEP_FILES:
+                if (aside.folder / name).exists() and not (path / name).exists():
+                    os.replace(aside.folder / name, path / name)
+            aside.drop()
+            raise
         return aside
 
     def _members(self) -> dict:
         from .rundir import RUN_PATHS
 
         found = {}
-        for member in sorted(d for d in self.path.iterdir() if d.is_dir() and not d.name.startswith(".")):
+        for member in _member_dirs(self.path):
             for rel in RUN_PATHS:
                 if (member / rel).is_file():
                     st = (member / rel).stat()
                     found[f"{member.name}/{rel.as_posix()}"] = [st.st_size, st.st_mtime_ns]
         return found
 
-    def settle(self) -> None:
-        """The new sweep failed (or was killed): put the summary back if the member runs are as recorded."""
+    def settle(self) -> bool:
+        """The new sweep failed (or was killed): put the summary back if the member runs are as recorded
+        (after each has settled what a killed run of its own left set aside). Returns whether it did."""
+        from .rundir import REPLACED_PREFIX, RunDirectory
+
         try:
+            for member in _member_dirs(self.path):
+                if any(member.glob(REPLACED_PREFIX + "*")):
+                    with RunDirectory(member, resume=True):
+                        pass  # entering settles it, under the member's lock
             unchanged = json.loads((self.folder / self.RECORD).read_text()) == self._members()
-        except (OSError, ValueError):
-            unchanged = False
-        if unchanged:
-            for name in SWEEP_FILES:
-                if (self.folder / name).exists() and not (self.path / name).exists():
-                    os.replace(self.folder / name, self.path / name)
+            if unchanged:
+                for name in SWEEP_FILES:
+                    if (self.folder / name).exists() and not (self.path / name).exists():
+                        os.replace(self.folder / name, self.path / name)
+                (self.path / OVERWRITING).unlink(missing_ok=True)
+        except (OSError, ValueError, AutomtlError):
+            unchanged = False  # settling must not hide the error that brought it here
         self.drop()
+        return unchanged
 
     def drop(self) -> None:
         import shutil
@@ -235,6 +271,18 @@ class _Sweep:
 
     def __init__(self, cfg: ConvertConfig, path: Path, resume: bool, overwrite: bool, quiet: bool, log):
         self.cfg, self.path, self.resume, self.overwrite, self.quiet, self.log = cfg, path, resume, overwrite, quiet, log
+        self.replacing = resume and _replacing(path, cfg)
+
+    def _start(self, member: Path, marker: str, cfg: ConvertConfig) -> tuple:
+        """(what the member run finished with or None, resume, overwrite) for one member run."""
+        if not self.resume:
+            return None, False, self.overwrite
+        try:
+            return _finished(member, marker, cfg), True, False
+        except ConfigError:
+            if not self.replacing:
+                raise
+            return None, False, True  # the earlier sweep's run, which the stopped --overwrite had not reached
 
     def member_cfg(self, name: str, **search_changes) -> ConvertConfig:
         tb = self.cfg.search.tensorboard_dir
@@ -292,10 +340,10 @@ class _Sweep:
         member = self.path / f"budget-{label}"
         # equal compute: a branched architecture fine-tunes fewer steps (finetune_unit: compute)
         cfg = self.member_cfg(f"budget-{label}", budget=label, finetune_unit="compute")
-        report = _finished(member, "report.json", cfg) if self.resume else None
+        report, resume, overwrite = self._start(member, "report.json", cfg)
         if report is None:
             self.log(f"budget {label} ({k + 1}/{n}): converting into {os.fspath(member)}")
-            report = convert(cfg, member, resume=self.resume, quiet=self.quiet, overwrite=self.overwrite)
+            report = convert(cfg, member, resume=resume, quiet=self.quiet, overwrite=overwrite)
         else:
             self.log(f"budget {label}: finished earlier, kept")
         return {"name": f"{cfg.search.strategy}@{label}", "kind": "automtl", "budget": label, "dirs": [member.name],
@@ -317,15 +365,16 @@ class _Sweep:
             cfg = dataclasses.replace(cfg, tasks=[task])
         row = {"name": name, "kind": "single-task" if task else "hard-sharing", "budget": None, "dirs": [member.name],
                "train_fbe": steps}
-        if self.resume and _finished(member, "metrics.json", cfg) is not None:
+        done, resume, overwrite = self._start(member, "metrics.json", cfg)
+        if done is not None:
             self.log(f"{name}: finished earlier, kept")
             return row
         self.log(f"{name}: training the all-share policy for {steps} steps (equal compute) in {os.fspath(member)}")
-        with RunDirectory(member, resume=self.resume, overwrite=self.overwrite) as run:
+        with RunDirectory(member, resume=resume, overwrite=overwrite) as run:
             sm, train, val = prepare_run(cfg)
             policy = Policy.uniform(sm.layer_names, sm.task_names, "share")
             search(sm, train, val, cfg.search.replace(warmup_steps=0, search_steps=0, finetune_steps=steps,
-                                                      out_dir=str(run.path / "checkpoints"), resume=self.resume,
+                                                      out_dir=str(run.path / "checkpoints"), resume=resume,
                                                       quiet=self.quiet), policy=policy)
             save(compact(sm, policy).eval(), run.path / "model.automtl")
             atomic_write_text(run.path / "metrics.json", json.dumps({"config": cfg.to_dict(), "steps": steps},

@@ -258,6 +258,23 @@ def test_a_run_that_fails_before_writing_leaves_no_folder(tmp_path, command):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["kept"] and not any((tmp_path / "kept").iterdir())
 
 
+def test_an_out_folder_the_system_cannot_make_is_one_sentence(tmp_path):
+    one_line_error(cli("search", "tiny", *SMALL, "--out", tmp_path / ("x" * 300) / "o"), "not writable")
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_failed_run_removes_only_empty_folders_it_made(tmp_path):
+    """A folder the run made but someone else wrote into meanwhile stays, with what was written."""
+    from automtl.errors import AutomtlError
+
+    out = tmp_path / "new" / "o"
+    with pytest.raises(AutomtlError):
+        with RunDirectory(out):
+            (tmp_path / "new" / "theirs.txt").write_text("mine")
+            raise AutomtlError("the run failed")
+    assert not out.exists() and (tmp_path / "new" / "theirs.txt").read_text() == "mine"
+
+
 def test_a_missing_dot_is_said_before_any_training(tmp_path, monkeypatch):
     import shutil
 

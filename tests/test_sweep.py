@@ -129,6 +129,74 @@ def test_an_overwrite_that_fails_before_changing_a_run_keeps_the_earlier_sweep(s
     assert not (out / "sweep.json").exists() and not list(out.glob(".automtl-sweep-replaced-*"))
 
 
+def test_a_killed_overwrite_is_settled_member_runs_first(swept, tmp_path):
+    """Killed while a member run was set aside (before its first checkpoint): the next command puts the member run
+    back and then, every run being as it was, the summary too."""
+    import shutil
+
+    from automtl.rundir import RunDirectory
+    from automtl.sweep import _SetAside
+
+    out = tmp_path / "copy"
+    shutil.copytree(swept, out)
+    before = _files(out)
+    _SetAside.create(out)
+    member = RunDirectory(out / "budget-1.5x", overwrite=True).__enter__()
+    (out / "budget-1.5x" / "checkpoints" / "log.jsonl").write_text("{}\n")  # the new run's first lines
+    member._release()  # as when the process is killed: the lock goes, nothing else happens
+    assert not (out / "sweep.json").exists() and not (out / "budget-1.5x" / "model.automtl").exists()
+    assert invoke("sweep", *TINY, "--out", out).exit_code == 2  # refused: the folder holds a sweep
+    assert _files(out) == before
+
+
+def test_resume_after_an_overwrite_was_stopped_goes_on_replacing(swept, tmp_path, monkeypatch):
+    """Ctrl-C in an --overwrite with other options after it replaced some runs: the hint's --resume replaces the
+    runs it had not reached (they are the earlier sweep's, of another configuration) instead of refusing them."""
+    import shutil
+
+    from automtl import sweep as sweep_module
+
+    out = tmp_path / "copy"
+    shutil.copytree(swept, out)
+    other = [*TINY[:4], "2,2,3", *TINY[5:]]
+    real = sweep_module._Sweep._baseline
+
+    def stop_at_hard_sharing(self, name, *args, **kwargs):
+        if name == "hard-sharing":
+            raise KeyboardInterrupt
+        return real(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(sweep_module._Sweep, "_baseline", stop_at_hard_sharing)
+    stopped = invoke("sweep", *other, "--out", out, "--overwrite")
+    assert stopped.exit_code == 130 and "--resume" in stopped.output and "--overwrite" not in stopped.output, stopped.output
+    assert not (out / "sweep.json").exists()  # it no longer describes the folder
+    monkeypatch.setattr(sweep_module._Sweep, "_baseline", real)
+    assert invoke("sweep", *TINY, "--out", out, "--resume").exit_code == 2  # the old options: refused by name
+    resumed = invoke("sweep", *other, "--out", out, "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    assert json.loads((out / "sweep.json").read_text())["config"]["search"]["finetune_steps"] == 3
+    assert not list(out.glob(".automtl-sweep-*"))
+    for d in ("hard-sharing", "single-depth"):
+        assert json.loads((out / d / "metrics.json").read_text())["config"]["search"]["finetune_steps"] == 3
+
+
+def test_ctrl_c_in_an_overwrite_before_any_run_changed_keeps_the_earlier_sweep(swept, tmp_path, monkeypatch):
+    import shutil
+
+    from automtl import sweep as sweep_module
+
+    out = tmp_path / "copy"
+    shutil.copytree(swept, out)
+    before = _files(out)
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(sweep_module._Sweep, "_convert", stop)
+    stopped = invoke("sweep", *TINY, "--out", out, "--overwrite")
+    assert stopped.exit_code == 130 and "earlier sweep is as it was" in stopped.output and "--resume" not in stopped.output
+    assert _files(out) == before
+
+
 def test_without_matplotlib_the_json_is_written_and_the_error_names_the_extra(swept, monkeypatch):
     (swept / "sweep.json").unlink()
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # import fails as if not installed

@@ -237,9 +237,13 @@ def _read_entries(path: str, max_bytes: int) -> dict:
                              f"{[n[:60] for n in extra][:3]}); it is not an .automtl bundle automtl wrote, save the model again")
 
     caps = {MODEL_ENTRY: MAX_YAML_BYTES, CHECKSUMS_ENTRY: _MAX_CHECKSUMS, WEIGHTS_ENTRY: max_bytes}
-    return read_zip_entries(data, f"model file {path!r}", FileFormatError, "save the model again", max_entries=16,
-                            max_total=sum(caps.values()), max_ratio=_MAX_RATIO, caps=caps, stored=(WEIGHTS_ENTRY,),
-                            check_names=check_names)
+    try:
+        return read_zip_entries(data, f"model file {path!r}", FileFormatError, "save the model again", max_entries=16,
+                                max_total=sum(caps.values()), max_ratio=_MAX_RATIO, caps=caps, stored=(WEIGHTS_ENTRY,),
+                                check_names=check_names)
+    except FileFormatError:
+        _refuse_export(path)  # the bytes are read: a zip that is no bundle, named as an export
+        raise
 
 
 def _check_checksums(path: str, entries: dict) -> None:
@@ -284,7 +288,7 @@ _EXPORTS = {".pt2": ("a torch.export archive", "run it with automtl.load_pt2"),
 def _refuse_export(path: str) -> None:
     """An exported file that is no bundle, given where one is read: say what it is, not why its bytes are wrong."""
     suffix = os.path.splitext(path)[1].lower()
-    if suffix in _EXPORTS and os.path.isfile(path):
+    if suffix in _EXPORTS:
         what, how = _EXPORTS[suffix]
         raise bad(path, f"is {what}, not an .automtl model; give the .automtl it was exported from, or {how}") from None
 
@@ -308,11 +312,7 @@ def load(path: str | os.PathLike, max_bytes: int = MAX_BUNDLE_BYTES) -> CompactM
         torch.Size([2, 1, 64, 64])
     """
     path = os.fspath(path)
-    try:
-        entries = _read_entries(path, max_bytes)
-    except FileFormatError:
-        _refuse_export(path)
-        raise
+    entries = _read_entries(path, max_bytes)
     _check_checksums(path, entries)
     desc = _parse_description(path, entries[MODEL_ENTRY])
     gm, meta_twin, tasks, policy = rebuild(path, desc, entries[WEIGHTS_ENTRY])
