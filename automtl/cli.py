@@ -416,11 +416,9 @@ def sweep_cmd(backbone, tasks, config_path, data, weights, pretrained, budget, d
                           strategy, tensorboard, weighting)
     try:
         result = sweep(cfg, budgets, out, resume=resume, overwrite=overwrite, quiet=quiet, log=_say(quiet), plot=False)
-    except KeyboardInterrupt:
-        from .sweep import OVERWRITING
-
+    except KeyboardInterrupt as exc:
         argv = getattr(click.get_current_context().find_root().command, "argv", sys.argv[1:])
-        if overwrite and not (Path(out) / OVERWRITING).exists():
+        if getattr(exc, "earlier_kept", False):  # SweepInterrupted: an --overwrite stopped before it changed a run
             click.echo("interrupted before any run changed, so the earlier sweep is as it was; run the command again",
                        err=True)
         else:

@@ -42,7 +42,7 @@ class RunDirectory:
             raise AutomtlError("--resume continues a run and --overwrite deletes it; give one of them")
         self.path, self.resume, self.overwrite = Path(path), resume, overwrite
         self._replaced = None  # where --overwrite put the earlier run while the new one runs
-        self._created = None  # the outermost folder this run made, removed again if it fails with nothing written
+        self._created = []  # the folders this run made, deepest first, removed again if it fails with nothing in them
         self._lock = None
 
     def __enter__(self) -> "RunDirectory":
@@ -50,8 +50,8 @@ class RunDirectory:
             return self  # under torchrun, rank 0 owns the folder: it locks, checks and cleans; other ranks only read
         where = os.fspath(self.path)
         try:
-            missing = [p for p in (self.path, *self.path.parents) if not os.path.lexists(p)]
-            self._created = missing[-1] if missing else None
+            where_abs = Path(os.path.abspath(self.path))  # '..' resolved, so that the chain is the folders made
+            self._created = [p for p in (where_abs, *where_abs.parents) if not os.path.lexists(p)]
             self.path.mkdir(parents=True, exist_ok=True)
             with tempfile.NamedTemporaryFile(dir=self.path, prefix=".automtl-write-check-"):
                 pass
@@ -88,11 +88,9 @@ class RunDirectory:
         """A run that failed before writing anything leaves no folder behind that it made itself: each one from
         ``path`` up is removed while it is empty (``rmdir`` refuses one that is not, so nothing anyone else
         wrote meanwhile can go)."""
-        if self._created is None:
+        if not self._created:
             return
-        chain = [self.path / CHECKPOINTS, self.path]
-        chain += list(self.path.parents)[:len(self.path.parents) - len(self._created.parents)]
-        for folder in chain:
+        for folder in [self._created[0] / CHECKPOINTS, *self._created]:
             try:
                 folder.rmdir()
             except FileNotFoundError:

@@ -121,11 +121,14 @@ def sweep(cfg: ConvertConfig, budgets: Union[str, Sequence[str]], out: Union[str
     parsed = parse_budgets(budgets)
     cfg.validate()  # before the sweep's folder exists
     with RunDirectory(out, resume=resume, overwrite=overwrite) as run:
-        aside = _claim(run.path, cfg, resume, overwrite)
+        aside = None
         try:
+            aside = _claim(run.path, cfg, resume, overwrite)
             result = _Sweep(cfg, run.path, resume, overwrite, quiet, log).run(parsed, batch, repeats)
             text = json.dumps(json_safe(result), indent=2, allow_nan=False) + "\n"
             atomic_write_text(run.path / "sweep.json", text)
+        except KeyboardInterrupt:
+            raise SweepInterrupted(aside is not None and aside.settle()) from None
         except BaseException:
             if aside is not None:
                 aside.settle()
@@ -138,6 +141,15 @@ def sweep(cfg: ConvertConfig, budgets: Union[str, Sequence[str]], out: Union[str
 
             plot_sweep(result, run.path / "sweep.png")
     return result
+
+
+class SweepInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a sweep. ``earlier_kept``: an ``--overwrite`` stopped before it changed any run, so the
+    earlier sweep is back as it was (there is nothing of the new one to resume)."""
+
+    def __init__(self, earlier_kept: bool):
+        super().__init__()
+        self.earlier_kept = earlier_kept
 
 
 def _claim(path: Path, cfg: ConvertConfig, resume: bool, overwrite: bool) -> Optional["_SetAside"]:
@@ -154,54 +166,52 @@ def _claim(path: Path, cfg: ConvertConfig, resume: bool, overwrite: bool) -> Opt
         raise AutomtlError(
             f"output directory {os.fspath(path)!r} already holds a sweep ({', '.join(earlier[:3])}); continue it with "
             "--resume (finished runs are kept), start over with --overwrite (which replaces its runs), or choose another --out")
-    if not (overwrite and earlier):
-        return None
-    aside = _SetAside.create(path)
-    atomic_write_text(path / OVERWRITING, json.dumps({"config": _fingerprint(cfg)}) + "\n")
-    return aside
+    return _SetAside.create(path, _fingerprint(cfg)) if overwrite and earlier else None
 
 
 def _member_dirs(path: Path) -> list:
     return sorted(d for d in path.iterdir() if d.is_dir() and not d.name.startswith("."))
 
 
-def _replacing(path: Path, cfg: ConvertConfig) -> bool:
-    """True when an --overwrite of this very sweep was stopped after it changed a run: --resume goes on replacing
-    the earlier sweep's runs it had not reached (instead of refusing them as another configuration's)."""
+def _overwriting(path: Path, cfg: ConvertConfig) -> Optional[list]:
+    """The member runs an --overwrite of this very sweep had started when it stopped, None when there is none
+    under way: --resume continues those and replaces the earlier sweep's others, whatever their options."""
     try:
-        return json.loads((path / OVERWRITING).read_text())["config"] == _fingerprint(cfg)
+        marker = json.loads((path / OVERWRITING).read_text())
+        return list(marker["started"]) if marker["config"] == _fingerprint(cfg) else None
     except (OSError, ValueError, KeyError, TypeError):
-        return False
+        return None
 
 
 class _SetAside:
-    """An overwritten sweep's summary (``sweep.json``, ``sweep.png``) kept in a hidden folder while the new sweep
-    runs, with a record of its member runs' files (sizes and modification times). Dropped when the new sweep has
-    written its own; put back, and the overwrite no longer marked as under way, when the new sweep failed with
-    every member run as it was (each member run puts its own earlier run back when it fails before its first
-    checkpoint): only then does it still describe the folder."""
+    """An overwritten sweep's summary (``sweep.json``, ``sweep.png``) and any earlier overwrite's marker, kept in
+    a hidden folder while the new sweep runs, with a record of its member runs' files (sizes and modification
+    times). Dropped when the new sweep has written its own summary; put back, in place of the new marker, when the
+    new sweep failed with every member run as it was (each member run puts its own earlier run back when it fails
+    before its first checkpoint): only then does it still describe the folder."""
 
     PREFIX = ".automtl-sweep-replaced-"
     RECORD = "members.json"
+    KEPT = (*SWEEP_FILES, OVERWRITING)
 
     def __init__(self, path: Path, folder: Path):
         self.path, self.folder = path, folder
 
     @classmethod
-    def create(cls, path: Path) -> "_SetAside":
+    def create(cls, path: Path, fingerprint: dict) -> "_SetAside":
         import shutil
         import tempfile
 
-        aside = cls(path, Path(tempfile.mkdtemp(prefix=cls.PREFIX, dir=path)))
+        aside, ours = cls(path, Path(tempfile.mkdtemp(prefix=cls.PREFIX, dir=path))), False
         try:
             atomic_write_text(aside.folder / cls.RECORD, json.dumps(aside._members()))
-            for name in SWEEP_FILES:
+            for name in cls.KEPT:
                 if (path / name).exists():
                     shutil.move(path / name, aside.folder / name)
+            ours = True  # from here on the marker in ``path`` is this overwrite's
+            atomic_write_text(path / OVERWRITING, json.dumps({"config": fingerprint, "started": []}) + "\n")
         except BaseException:  # nothing half set aside
-            for name in SWEEP_FILES:
-                if (aside.folder / name).exists() and not (path / name).exists():
-                    os.replace(aside.folder / name, path / name)
+            aside._put_back(ours)
             aside.drop()
             raise
         return aside
@@ -217,8 +227,16 @@ class _SetAside:
                     found[f"{member.name}/{rel.as_posix()}"] = [st.st_size, st.st_mtime_ns]
         return found
 
+    def _put_back(self, ours: bool = True) -> None:
+        """Move the earlier files back; ``ours``: the marker in the folder is the new overwrite's, to go."""
+        if ours and not (self.folder / OVERWRITING).exists():
+            (self.path / OVERWRITING).unlink(missing_ok=True)  # there was none before this overwrite
+        for name in self.KEPT:
+            if (self.folder / name).exists():
+                os.replace(self.folder / name, self.path / name)
+
     def settle(self) -> bool:
-        """The new sweep failed (or was killed): put the summary back if the member runs are as recorded
+        """The new sweep failed (or was killed): put the earlier files back if the member runs are as recorded
         (after each has settled what a killed run of its own left set aside). Returns whether it did."""
         from .rundir import REPLACED_PREFIX, RunDirectory
 
@@ -229,10 +247,7 @@ class _SetAside:
                         pass  # entering settles it, under the member's lock
             unchanged = json.loads((self.folder / self.RECORD).read_text()) == self._members()
             if unchanged:
-                for name in SWEEP_FILES:
-                    if (self.folder / name).exists() and not (self.path / name).exists():
-                        os.replace(self.folder / name, self.path / name)
-                (self.path / OVERWRITING).unlink(missing_ok=True)
+                self._put_back()
         except (OSError, ValueError, AutomtlError):
             unchanged = False  # settling must not hide the error that brought it here
         self.drop()
@@ -266,23 +281,31 @@ def _finished(member: Path, marker: str, cfg: ConvertConfig, key: str = "config"
     return data
 
 
+def _has_run(member: Path) -> bool:
+    from .rundir import RunDirectory
+
+    return member.is_dir() and bool(RunDirectory(member).earlier_run())
+
+
 class _Sweep:
     """The member runs of one sweep and their measurement (one object: the options are shared)."""
 
     def __init__(self, cfg: ConvertConfig, path: Path, resume: bool, overwrite: bool, quiet: bool, log):
         self.cfg, self.path, self.resume, self.overwrite, self.quiet, self.log = cfg, path, resume, overwrite, quiet, log
-        self.replacing = resume and _replacing(path, cfg)
+        # an --overwrite (new, or stopped and now resumed) records each member run it starts in its marker
+        self.started = [] if overwrite else _overwriting(path, cfg) if resume else None
 
     def _start(self, member: Path, marker: str, cfg: ConvertConfig) -> tuple:
         """(what the member run finished with or None, resume, overwrite) for one member run."""
+        if self.started is not None and member.name not in self.started:
+            # an --overwrite has not reached it: the earlier sweep's run, replaced whatever its options
+            self.started.append(member.name)
+            atomic_write_text(self.path / OVERWRITING, json.dumps({"config": _fingerprint(self.cfg),
+                                                                   "started": self.started}) + "\n")
+            return None, False, self.overwrite or _has_run(member)
         if not self.resume:
             return None, False, self.overwrite
-        try:
-            return _finished(member, marker, cfg), True, False
-        except ConfigError:
-            if not self.replacing:
-                raise
-            return None, False, True  # the earlier sweep's run, which the stopped --overwrite had not reached
+        return _finished(member, marker, cfg), True, False
 
     def member_cfg(self, name: str, **search_changes) -> ConvertConfig:
         tb = self.cfg.search.tensorboard_dir

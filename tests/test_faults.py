@@ -273,6 +273,11 @@ def test_a_failed_run_removes_only_empty_folders_it_made(tmp_path):
             (tmp_path / "new" / "theirs.txt").write_text("mine")
             raise AutomtlError("the run failed")
     assert not out.exists() and (tmp_path / "new" / "theirs.txt").read_text() == "mine"
+    (tmp_path / "old" / "checkpoints").mkdir(parents=True)  # empty, and not the run's: '..' leads back to it
+    with pytest.raises(AutomtlError):
+        with RunDirectory(tmp_path / "old" / "x" / ".."):
+            raise AutomtlError("the run failed")
+    assert (tmp_path / "old" / "checkpoints").is_dir()
 
 
 def test_a_missing_dot_is_said_before_any_training(tmp_path, monkeypatch):

@@ -118,12 +118,12 @@ def test_an_overwrite_that_fails_before_changing_a_run_keeps_the_earlier_sweep(s
     # a killed overwrite's summary comes back with the next command when no run has changed since ...
     from automtl.sweep import _SetAside
 
-    _SetAside.create(out)
+    _SetAside.create(out, {})
     assert not (out / "sweep.json").exists()
     assert invoke("sweep", *TINY, "--out", out).exit_code == 2  # refused: the folder holds a sweep
     assert _files(out) == before
     # ... and is dropped when one has: it no longer describes the folder
-    aside = _SetAside.create(out)
+    aside = _SetAside.create(out, {})
     (out / "hard-sharing" / "metrics.json").write_text("{}")
     _SetAside(out, aside.folder).settle()
     assert not (out / "sweep.json").exists() and not list(out.glob(".automtl-sweep-replaced-*"))
@@ -140,7 +140,7 @@ def test_a_killed_overwrite_is_settled_member_runs_first(swept, tmp_path):
     out = tmp_path / "copy"
     shutil.copytree(swept, out)
     before = _files(out)
-    _SetAside.create(out)
+    _SetAside.create(out, {})
     member = RunDirectory(out / "budget-1.5x", overwrite=True).__enter__()
     (out / "budget-1.5x" / "checkpoints" / "log.jsonl").write_text("{}\n")  # the new run's first lines
     member._release()  # as when the process is killed: the lock goes, nothing else happens
@@ -172,12 +172,60 @@ def test_resume_after_an_overwrite_was_stopped_goes_on_replacing(swept, tmp_path
     assert not (out / "sweep.json").exists()  # it no longer describes the folder
     monkeypatch.setattr(sweep_module._Sweep, "_baseline", real)
     assert invoke("sweep", *TINY, "--out", out, "--resume").exit_code == 2  # the old options: refused by name
+    # a third command, an --overwrite that fails before it changes a run, leaves the stopped one resumable
+    failed = invoke("sweep", *TINY[:2], "1.0x,0.01x", *TINY[3:], "--out", out, "--overwrite")
+    assert failed.exit_code == 2 and "--budgets" in failed.output
     resumed = invoke("sweep", *other, "--out", out, "--resume")
     assert resumed.exit_code == 0, resumed.output
     assert json.loads((out / "sweep.json").read_text())["config"]["search"]["finetune_steps"] == 3
     assert not list(out.glob(".automtl-sweep-*"))
     for d in ("hard-sharing", "single-depth"):
         assert json.loads((out / d / "metrics.json").read_text())["config"]["search"]["finetune_steps"] == 3
+
+
+def test_resume_after_a_same_options_overwrite_was_stopped_replaces_the_runs_it_had_not_reached(
+        swept, tmp_path, monkeypatch):
+    """Same options (a code fix, new weights): the earlier runs look finished, yet they are the old sweep's."""
+    import shutil
+    import time
+
+    from automtl import sweep as sweep_module
+
+    out = tmp_path / "copy"
+    shutil.copytree(swept, out)
+    real = sweep_module._Sweep._baseline
+
+    def stop_at_hard_sharing(self, name, *args, **kwargs):
+        if name == "hard-sharing":
+            raise KeyboardInterrupt
+        return real(self, name, *args, **kwargs)
+
+    started = time.time_ns()
+    monkeypatch.setattr(sweep_module._Sweep, "_baseline", stop_at_hard_sharing)
+    assert invoke("sweep", *TINY, "--out", out, "--overwrite").exit_code == 130
+    monkeypatch.setattr(sweep_module._Sweep, "_baseline", real)
+    replaced = (out / "budget-1.5x" / "model.automtl").stat().st_mtime_ns
+    assert replaced >= started
+    assert invoke("sweep", *TINY, "--out", out, "--resume").exit_code == 0
+    assert (out / "budget-1.5x" / "model.automtl").stat().st_mtime_ns == replaced  # the overwrite's run, kept
+    for d in ("hard-sharing", "single-segmentation"):
+        assert (out / d / "model.automtl").stat().st_mtime_ns >= started, d  # the earlier sweep's, replaced
+
+
+def test_ctrl_c_in_an_overwrite_of_a_new_folder_prints_the_resume_command(tmp_path, monkeypatch):
+    from automtl import sweep as sweep_module
+
+    out = tmp_path / "new"
+    real = sweep_module._Sweep._baseline
+
+    def stop(self, name, *args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(sweep_module._Sweep, "_baseline", stop)
+    stopped = invoke("sweep", *TINY, "--out", out, "--overwrite")
+    assert stopped.exit_code == 130 and "continue the sweep with" in stopped.output and "--resume" in stopped.output
+    monkeypatch.setattr(sweep_module._Sweep, "_baseline", real)
+    assert invoke("sweep", *TINY, "--out", out, "--resume").exit_code == 0
+    assert (out / "sweep.json").exists() and not list(out.glob(".automtl-sweep-*"))
 
 
 def test_ctrl_c_in_an_overwrite_before_any_run_changed_keeps_the_earlier_sweep(swept, tmp_path, monkeypatch):
