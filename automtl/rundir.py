@@ -50,8 +50,14 @@ class RunDirectory:
             return self  # under torchrun, rank 0 owns the folder: it locks, checks and cleans; other ranks only read
         where = os.fspath(self.path)
         try:
-            where_abs = Path(os.path.abspath(self.path))  # '..' resolved, so that the chain is the folders made
-            self._created = [p for p in (where_abs, *where_abs.parents) if not os.path.lexists(p)]
+            # the folders mkdir will make: those missing on the absolute path ('..' resolved) and, for a path
+            # like x/.., the missing ones written before a '..' (mkdir makes x)
+            where_abs = Path(os.path.abspath(self.path))
+            missing = {p for p in (where_abs, *where_abs.parents) if not os.path.lexists(p)}
+            missing |= {Path(os.path.abspath(p)) for p in self.path.parents if not os.path.lexists(p)}
+            self._created = sorted(missing, key=lambda p: len(p.parts), reverse=True)
+            if where_abs in missing:  # the run's own folder is new: so is its checkpoints folder
+                self._created.insert(0, where_abs / CHECKPOINTS)
             self.path.mkdir(parents=True, exist_ok=True)
             with tempfile.NamedTemporaryFile(dir=self.path, prefix=".automtl-write-check-"):
                 pass
@@ -90,7 +96,7 @@ class RunDirectory:
         wrote meanwhile can go)."""
         if not self._created:
             return
-        for folder in [self._created[0] / CHECKPOINTS, *self._created]:
+        for folder in self._created:
             try:
                 folder.rmdir()
             except FileNotFoundError:

@@ -277,7 +277,7 @@ def test_a_failed_run_removes_only_empty_folders_it_made(tmp_path):
     with pytest.raises(AutomtlError):
         with RunDirectory(tmp_path / "old" / "x" / ".."):
             raise AutomtlError("the run failed")
-    assert (tmp_path / "old" / "checkpoints").is_dir()
+    assert (tmp_path / "old" / "checkpoints").is_dir() and not (tmp_path / "old" / "x").exists()
 
 
 def test_a_missing_dot_is_said_before_any_training(tmp_path, monkeypatch):
