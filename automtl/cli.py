@@ -78,19 +78,16 @@ def _interrupted(group: click.Group, ctx, args: list, started: float) -> None:
         sys.exit(130)
     params = group.get_command(ctx, command).make_context(
         command, args[args.index(command) + 1:], resilient_parsing=True).params
-    checkpoint = Path(params["out"]) / "checkpoints" / "checkpoint.pt"
-    try:
-        written = checkpoint.stat().st_mtime
-    except OSError:
-        written = None
+    from .rundir import RunDirectory
+
+    run = RunDirectory(params["out"])
+    written = run.checkpoint_written()
     # a resumed run continues from any checkpoint; a new run only from one it wrote itself
     resumable = written is not None and (params["resume"] or written >= started)
     if resumable:
         click.echo(f"interrupted; the run is checkpointed, continue it with: {_again(args)}", err=True)
     else:
-        from .rundir import RunDirectory
-
-        kept = "; the earlier run in --out is as it was" if params["overwrite"] and RunDirectory(params["out"]).earlier_run() else ""
+        kept = "; the earlier run in --out is as it was" if params["overwrite"] and run.earlier_run() else ""
         click.echo(f"interrupted before the first checkpoint, so there is nothing to continue{kept}; "
                    "run the command again", err=True)
     sys.exit(130)

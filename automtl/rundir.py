@@ -14,6 +14,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Optional
 
 from .errors import AutomtlError
 
@@ -94,8 +95,6 @@ class RunDirectory:
         """A run that failed before writing anything leaves no folder behind that it made itself: each one from
         ``path`` up is removed while it is empty (``rmdir`` refuses one that is not, so nothing anyone else
         wrote meanwhile can go)."""
-        if not self._created:
-            return
         for folder in self._created:
             try:
                 folder.rmdir()
@@ -108,6 +107,13 @@ class RunDirectory:
     def earlier_run(self) -> list[str]:
         """What an earlier run left here (file names), empty when the folder holds none."""
         return [rel.as_posix() for rel in RUN_PATHS if (self.path / rel).exists()]
+
+    def checkpoint_written(self) -> Optional[float]:
+        """When the run's search checkpoint was last written (seconds since the epoch), None when it has none."""
+        try:
+            return (self.path / CHECKPOINTS / CHECKPOINT_FILES[0]).stat().st_mtime
+        except OSError:
+            return None
 
     def clean_temporaries(self) -> list[Path]:
         """Remove what a killed run left half-written: staging folders and ``.NAME.*.tmp`` files."""
@@ -126,7 +132,7 @@ class RunDirectory:
     def _settle(self, finished: bool) -> None:
         """The set-aside run goes when the new run ``finished`` or stopped with a checkpoint --resume continues;
         when the new run failed before its first checkpoint (bad input, a typo), it comes back."""
-        if finished or (self.path / CHECKPOINTS / "checkpoint.pt").exists():
+        if finished or self.checkpoint_written() is not None:
             shutil.rmtree(self._replaced, ignore_errors=True)
         else:
             self._restore_run()

@@ -156,12 +156,10 @@ def _claim(path: Path, cfg: ConvertConfig, resume: bool, overwrite: bool) -> Opt
     """Refuse a folder that holds an earlier sweep unless resumed or overwritten. On overwrite, set the earlier
     sweep's summary aside (returned) and mark the overwrite as under way. What a killed overwrite left set aside
     is settled first."""
-    from .rundir import RunDirectory
-
     for folder in sorted(path.glob(_SetAside.PREFIX + "*")):
         _SetAside(path, folder).settle()
     earlier = [n for n in SWEEP_FILES if (path / n).exists()]
-    earlier += sorted(d.name for d in _member_dirs(path) if RunDirectory(d).earlier_run())
+    earlier += [d.name for d in _member_dirs(path) if _has_run(d)]
     if earlier and not (resume or overwrite):
         raise AutomtlError(
             f"output directory {os.fspath(path)!r} already holds a sweep ({', '.join(earlier[:3])}); continue it with "
@@ -171,6 +169,11 @@ def _claim(path: Path, cfg: ConvertConfig, resume: bool, overwrite: bool) -> Opt
 
 def _member_dirs(path: Path) -> list:
     return sorted(d for d in path.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
+def _mark_overwriting(path: Path, fingerprint: dict, started: list) -> None:
+    """Write the marker of an --overwrite under way: its configuration and the member runs it has started."""
+    atomic_write_text(path / OVERWRITING, json.dumps({"config": fingerprint, "started": started}) + "\n")
 
 
 def _overwriting(path: Path, cfg: ConvertConfig) -> Optional[list]:
@@ -209,7 +212,7 @@ class _SetAside:
                 if (path / name).exists():
                     shutil.move(path / name, aside.folder / name)
             ours = True  # from here on the marker in ``path`` is this overwrite's
-            atomic_write_text(path / OVERWRITING, json.dumps({"config": fingerprint, "started": []}) + "\n")
+            _mark_overwriting(path, fingerprint, [])
         except BaseException:  # nothing half set aside
             aside._put_back(ours)
             aside.drop()
@@ -300,8 +303,7 @@ class _Sweep:
         if self.started is not None and member.name not in self.started:
             # an --overwrite has not reached it: the earlier sweep's run, replaced whatever its options
             self.started.append(member.name)
-            atomic_write_text(self.path / OVERWRITING, json.dumps({"config": _fingerprint(self.cfg),
-                                                                   "started": self.started}) + "\n")
+            _mark_overwriting(self.path, _fingerprint(self.cfg), self.started)
             return None, False, self.overwrite or _has_run(member)
         if not self.resume:
             return None, False, self.overwrite
