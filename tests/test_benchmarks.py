@@ -171,3 +171,17 @@ def test_futility_replay_measures_part_of_the_batch_without_training_on_it(tmp_p
     rows = json.loads(out.read_text())["results"]
     assert [(r["fraction"], r["samples"]) for r in rows] == [(1.0, 4), (0.5, 2)]
     assert "same_branches_as_full_batch" in rows[1] and "same_branches_as_full_batch" not in rows[0]
+
+
+def test_branch_oracle_trains_each_architecture_like_the_quality_rows(tmp_path):
+    """The oracle's all-share row is trained exactly as quality.py's hard-sharing (cosine over C) row: its
+    metrics must come out bitwise the same, and each named architecture gets a paired difference."""
+    run("quality.py", "--quick", "--only", "resnet18", "--jobs", "1", "--rows", "conflict@1.5x", "--out", tmp_path)
+    out = tmp_path / "oracle.json"
+    run("branch_oracle.py", "--quick", "--bench", "synthetic/resnet18", "--only", "segmentation owns layer4.1",
+        "--jobs", "1", "--quality", tmp_path / "quality.json", "--out", out)
+    result = json.loads(out.read_text())
+    assert result["all_share_reproduces_quality"] is True
+    assert set(result["summary"]) == {"all-share", "segmentation owns layer4.1"}
+    assert result["summary"]["all-share"]["vs_all_share"] == 0.0
+    assert result["architectures"]["segmentation owns layer4.1"]["parameters_vs_all_share"] > 1.0

@@ -15,6 +15,12 @@ step trains exactly like the others: its own backward is reused). Then, per laye
 
 A task whose score is positive but not significant is *undecided* and shares. Fine-tune trains on.
 
+Why 0 is the natural threshold: to first order in the learning rate η, giving task t its own copy of a
+layer changes the summed task loss of one step by ``+2η <g_t, Σ_{j≠t} g_j>`` against the shared step
+(t's copy follows ``g_t`` alone, the shared operator loses t's term), so a copy helps where t's gradient
+opposes the others' and is neutral where they are orthogonal. What a copy gains beyond that is capacity,
+a second-order effect these statistics do not see (``benchmarks/branch_oracle.py`` measures one case).
+
 Measuring stops early once more measurements could not change the decision (*futility stopping*,
 stochastic curtailment after Lan, Simon & Halperin, 1982): from the fourth measurement on, when
 every pair of tasks in every layer either conflicts beyond doubt (below the threshold by
