@@ -301,7 +301,8 @@ def _train_counterpart(backbone, gm: fx.GraphModule, graph: fx.Graph, feature: f
 
 
 def _share_constants(gm: fx.GraphModule, tgm: fx.GraphModule) -> None:
-    """Point the train graph's tensor constants at the eval graph's equal ones (each trace makes its own)."""
+    """Point the train graph's tensor constants at the eval graph's equal ones (each trace makes its own), and
+    give ``gm`` the ones it lacks: the supermodel runs both graphs over ``gm``'s attributes."""
     own = {n.target: gm.get_attr_value(n) if hasattr(gm, "get_attr_value") else _fetch(gm, n.target)
            for n in gm.graph.nodes if n.op == "get_attr"}
     for n in tgm.graph.nodes:
@@ -312,6 +313,29 @@ def _share_constants(gm: fx.GraphModule, tgm: fx.GraphModule) -> None:
                       and v.shape == value.shape and v.dtype == value.dtype and torch.equal(v, value)), None)
         if match is not None:
             n.target = match
+            _assign(tgm, match, own[match])  # the train graph module must hold what its graph reads
+        elif not _has(gm, n.target):
+            _assign(gm, n.target, value)
+
+
+def _has(mod: nn.Module, target: str) -> bool:
+    try:
+        _fetch(mod, target)
+        return True
+    except AttributeError:
+        return False
+
+
+def _assign(mod: nn.Module, target: str, value: Any) -> None:
+    """Set ``target`` (a dotted path) on ``mod`` as torch.fx stores tensor constants: a plain attribute."""
+    *path, name = target.split(".")
+    owner = mod
+    for part in path:
+        if not hasattr(owner, part):
+            owner.add_module(part, nn.Module())
+        owner = getattr(owner, part)
+    if not _has(owner, name):
+        setattr(owner, name, value)
 
 
 def _fetch(mod: nn.Module, target: str) -> Any:

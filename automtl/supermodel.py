@@ -20,6 +20,7 @@ from torch import fx, nn
 from . import cost
 from .capture import Capture, capture, count_parameters
 from .errors import AutomtlError, ConfigError
+from .foldcheck import check_tasks_apart
 from .heads import build_head, finish
 from .paths import PathRunner
 from .policy import SKIP, Policy
@@ -61,6 +62,20 @@ def _read_directly(graphs: Sequence[fx.Graph]) -> set:
     return paths
 
 
+def _off_the_input(graphs: Sequence[fx.Graph]) -> set:
+    """Module paths called somewhere on a value that does not depend on the image input (a conv on a learned
+    positional map): the same for every sample, so there is no per-task batch for a policy layer to run on."""
+    paths: set = set()
+    for graph in graphs:
+        depends: set = set()
+        for n in graph.nodes:
+            if n.op == "placeholder" or any(i in depends for i in n.all_input_nodes):
+                depends.add(n)
+            elif n.op == "call_module":
+                paths.add(n.target)
+    return paths
+
+
 class SuperModel(nn.Module):
     """The multi-task supermodel: the converted backbone, one head per task, and the policy logits.
 
@@ -83,13 +98,14 @@ class SuperModel(nn.Module):
         for n in gm.graph.nodes:
             if n.op == "call_module":
                 uses[n.target] = uses.get(n.target, 0) + 1
-        read_directly = _read_directly(graphs)
+        read_directly = _read_directly(graphs) | _off_the_input(graphs)
         self.layer_names: list[str] = []
         self.layer_info: list[LayerInfo] = []
         fused: dict = {}  # conv module path -> the norm module path fused with it
         for node in cap.conv_nodes:
             if node.target in self.layer_names or node.target in read_directly:
-                continue  # a conv module called twice is one policy layer; one whose weight is read directly stays as is
+                continue  # a conv module called twice is one policy layer; one whose weight is read directly, or
+                # that runs on a value the input does not reach, stays as is
             conv = gm.get_submodule(node.target)
             bn_node = _fusable_bn(gm, node, uses)
             if bn_node is not None and cap.train_graph is not None and not _fused_in(cap.train_graph, node.target, bn_node.target):
@@ -373,4 +389,6 @@ def supermodel(
     if example_input is None:
         example_input = torch.randn(1, 3, 64, 64)
     cap = capture(backbone, example_input, feature_node, leaf_modules, concrete_args)
-    return SuperModel(cap, tasks)
+    sm = SuperModel(cap, tasks)
+    check_tasks_apart(sm)
+    return sm

@@ -250,9 +250,13 @@ def test_saved_and_exported_files_equal_the_compact_model(name, tmp_path):
     with torch.no_grad():
         ref = c(x)
     automtl.export(c, tmp_path / "m.pt2")
-    program = torch.export.load(str(tmp_path / "m.pt2")).module()
+    program = automtl.load_pt2(tmp_path / "m.pt2").module()  # what export writes, the checked loader reads
     out = program(x)
     assert all(close(out[t], ref[t], 1e-4) for t in ref)
+    x3 = torch.randn(3, 3, SIZE, SIZE)  # the batch stays dynamic
+    with torch.no_grad():
+        ref3 = c(x3)
+    assert all(close(program(x3)[t], ref3[t], 1e-4) for t in ref3)
     automtl.save(c, tmp_path / "m.automtl")
     loaded = automtl.load(tmp_path / "m.automtl")
     assert all(close(loaded(x)[t], ref[t], 1e-5) for t in ref)
@@ -286,3 +290,84 @@ def test_batched_pass_equals_task_by_task_with_shared_and_per_task_inputs(name):
             for inp in (x, xs):
                 a, b = sm(inp, mix=mix), run_task_by_task(sm, inp, mix)
                 assert all(close(a[t], b[t], 1e-4) for t in a), (name, train)
+
+
+class _Mixing(nn.Module):
+    """Two convs around an operation written in ``mix``; tasks folded into one batch would mix their rows there."""
+
+    def __init__(self, mix):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.mix = mix
+
+    def forward(self, x):
+        return self.c2(self.mix(self.c1(x), x.shape[0]))
+
+
+class _FlipTTA(nn.Module):
+    """Test-time augmentation inside the model: the batch and its mirror through the convs, averaged back with
+    the batch size read from the input."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        n = x.shape[0]
+        y = self.c2(torch.relu(self.c1(torch.cat([x, x.flip(-1)], 0))))
+        return (y[:n] + y[n:].flip(-1)) / 2
+
+
+MIXERS = {
+    "mean over the batch": (lambda: _Mixing(lambda y, n: y - y.mean(0, keepdim=True)), "mean"),
+    "minibatch standard deviation": (lambda: _Mixing(lambda y, n: y + y.std(0, keepdim=True).mean()), "std"),
+    "flip test-time augmentation": (_FlipTTA, "getitem"),
+    "samples rolled along the batch": (lambda: _Mixing(lambda y, n: y + 0.5 * y.roll(1, 0)), "roll"),
+    "batch-wide softmax": (lambda: _Mixing(lambda y, n: y * y.softmax(0)), "softmax"),
+    "flattened batch": (lambda: _Mixing(lambda y, n: y - y.flatten().mean()), "flatten"),
+}
+
+
+@pytest.mark.parametrize("pattern", sorted(MIXERS))
+def test_a_backbone_that_mixes_the_samples_of_a_batch_is_refused(pattern):
+    """Folding tasks into the batch is exact only for per-sample operations; any other is refused by the
+    check that the folded pass equals the task-by-task one, naming the operation where it can."""
+    make, op = MIXERS[pattern]
+    with pytest.raises(BackboneError, match=f"mixes the samples of a batch \\(at node '{op}"):
+        automtl.supermodel(make(), TASKS, torch.randn(1, 3, SIZE, SIZE))
+
+
+def test_operations_along_the_batch_that_keep_samples_apart_are_accepted():
+    """A concatenation along the batch split back at the folded size keeps each task's rows together: exact."""
+    def both(y, n):
+        pair = torch.cat([y, y.flip(-1)], 0)
+        return (pair[:n] + pair[n:].flip(-1)) / 2
+
+    sm = automtl.supermodel(_Mixing(both), TASKS, torch.randn(1, 3, SIZE, SIZE))
+    backbone = _Mixing(both).eval()
+    backbone.load_state_dict({k.replace(".shared.conv", ""): v for k, v in sm.net.state_dict().items()
+                              if ".shared.conv" in k})
+    sm.eval().hard(Policy.uniform(sm.layer_names, sm.task_names, "share"))
+    x = torch.randn(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        for feat in sm.features(x).values():
+            assert close(feat, backbone(x))
+
+
+def test_the_folding_check_leaves_the_supermodel_and_the_random_state_as_they_were():
+    from automtl.foldcheck import check_tasks_apart
+
+    torch.manual_seed(0)
+    sm = automtl.supermodel(ZOO["efficientnet"](), TASKS, torch.randn(1, 3, SIZE, SIZE))  # a fresh one: every
+    before = {k: v.clone() for k, v in sm.state_dict().items()}  # task's copy is still its shared operator
+    state, training, mode = torch.random.get_rng_state(), sm.training, sm.mode
+    check_tasks_apart(sm)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert (sm.training, sm.mode) == (training, mode)
+    after = sm.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_convs_off_the_input_stay_plain_modules():
+    _, sm = built("positional_conv")
+    assert "pos_conv" not in sm.layer_names and sm.layer_names

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 import zipfile
 
 import pytest
@@ -169,7 +170,8 @@ def test_custom_head_off_the_vocabulary_is_refused_with_a_way_out(tmp_path):
     with pytest.raises(FileFormatError, match=r"rfft2.*reviewed vocabulary.*export\(\)"):
         save(model, tmp_path / "m.automtl")
     assert not (tmp_path / "m.automtl").exists()
-    export(model, tmp_path / "m.pt2", example_input=torch.randn(1, 3, SIZE, SIZE))  # the .pt2 route works for any head
+    with pytest.warns(UserWarning, match="rfft2.*load_pt2 will refuse it"):  # the .pt2 route works for any head
+        export(model, tmp_path / "m.pt2", example_input=torch.randn(1, 3, SIZE, SIZE))
     x = torch.randn(3, 3, SIZE, SIZE)
     got = torch.export.load(tmp_path / "m.pt2").module()(x)
     assert all(torch.allclose(got[t], outputs(model, x)[t], atol=1e-5) for t in model.task_names)
@@ -354,6 +356,24 @@ def test_export_failure_names_the_op(tmp_path):
         export(model, tmp_path / "m.pt2")
     assert not (tmp_path / "m.pt2").exists()
     assert model.training and model.graph_module.training  # its mode is restored
+
+
+def test_export_warns_when_load_pt2_would_refuse_what_it_wrote(tmp_path, monkeypatch):
+    """A program the checked loader refuses (here: conv2d taken off its list) is said at export, naming the
+    operator: the file is for torch.export.load only."""
+    import automtl.formats.pt2 as pt2
+
+    model = random_model()
+    monkeypatch.setattr(pt2, "ALLOWED_ATEN_OPERATORS", pt2.ALLOWED_ATEN_OPERATORS - {"conv2d"})
+    with pytest.warns(UserWarning, match=r"m\.pt2' calls torch\.ops\.aten\.conv2d.*so automtl\.load_pt2 will refuse it"):
+        export(model, tmp_path / "m.pt2")
+    with pytest.raises(FileFormatError, match="conv2d"):
+        pt2.load_pt2(tmp_path / "m.pt2")
+    monkeypatch.undo()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        export(model, tmp_path / "m.pt2")  # within the list: no warning
+    pt2.load_pt2(tmp_path / "m.pt2")
 
 
 def test_onnx_matches_onnxruntime(tmp_path):

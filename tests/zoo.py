@@ -364,7 +364,70 @@ def pruned_net():
     return net
 
 
+class ConstantInForwardNet(nn.Module):
+    """A tensor built from constants in the forward (torchvision's MaxViT builds its relative-position tables
+    so): torch.fx stores it as a ``_tensor_constant`` attribute, one per trace (the eval and the train one)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = conv_bn(3, 8), conv_bn(8, 8)
+
+    def forward(self, x):
+        scale = torch.full((1, 8, 1, 1), 0.5) + torch.arange(8.0).reshape(1, 8, 1, 1) / 8
+        return self.c2(self.c1(x) * scale)
+
+
+class PositionalConvNet(nn.Module):
+    """A conv on a learned map, not on the input (conditional positional encodings): the same for every
+    sample, added to the trunk by broadcasting."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = conv_bn(3, 8), conv_bn(8, 8)
+        self.pos = nn.Parameter(torch.randn(1, 8, 1, 1))
+        self.pos_conv = nn.Conv2d(8, 8, 1)
+
+    def forward(self, x):
+        return self.c2(self.c1(x) + self.pos_conv(self.pos))
+
+
+class PatchesToBatchNet(nn.Module):
+    """Windows or patches moved into the batch and back (Swin's window partition, MobileViT): the batch size
+    is a multiple of the input's."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2, self.c3 = conv_bn(3, 8), conv_bn(8, 8), conv_bn(8, 8)
+
+    def forward(self, x):
+        y = self.c1(x)
+        b, c, h, w = y.shape
+        p = y.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 3, 5, 1, 2, 4).reshape(b * 4, c, h // 2, w // 2)
+        p = self.c2(p)
+        return self.c3(p.reshape(b, 2, 2, c, h // 2, w // 2).permute(0, 3, 4, 1, 5, 2).reshape(b, c, h, w))
+
+
+class StdConv2d(nn.Conv2d):
+    """timm's ScaledStdConv2d (NFNets): the weight standardised in the forward, ``reshape_as`` the weight."""
+
+    def forward(self, x):
+        w = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None, training=True, momentum=0.0,
+                         eps=1e-6).reshape_as(self.weight)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class StdConvNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = StdConv2d(3, 8, 3, padding=1), StdConv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        return self.c2(F.relu(self.c1(x)))
+
+
 ZOO = {
+    "constant": ConstantInForwardNet, "positional_conv": PositionalConvNet, "patches_to_batch": PatchesToBatchNet,
+    "std_conv": StdConvNet,
     "dropout": DropoutNet, "efficientnet": EfficientNetish, "convnext": ConvNeXtish, "shufflenet": ShuffleNetish,
     "preact": PreActNet, "pyramid": PyramidShared, "segmentation": SegmentationNet, "squeezenet": SqueezeNetish,
     "inplace": InplaceNet, "batch_size": BatchSizeNet, "tied": TiedDecoder, "classifier": ClassifierNet,

@@ -33,6 +33,7 @@ import json
 import os
 import re
 import sys
+import warnings
 import zipfile
 import zlib
 from typing import Any, Optional
@@ -128,7 +129,7 @@ ALLOWED_ATEN_OPERATORS = frozenset({
     "permute",  # seen
     "transpose",  # seen
     "flatten",  # seen
-    "unflatten", "squeeze", "unsqueeze", "expand", "expand_as", "contiguous", "clone", "alias", "detach",
+    "unflatten", "squeeze", "unsqueeze", "expand", "expand_as", "reshape_as", "view_as", "contiguous", "clone", "alias", "detach",
     "lift_fresh_copy", "_to_copy", "to", "type_as", "cat", "stack", "split", "split_with_sizes", "chunk",
     "unbind", "slice", "select", "narrow", "index", "index_select", "gather", "flip", "roll", "repeat",
     "constant_pad_nd", "pad",
@@ -143,7 +144,7 @@ _ATEN = re.compile(r"^torch\.ops\.aten\.([A-Za-z0-9_]+)\.([A-Za-z0-9_]+)$")
 _PYTHON_OPERATORS = {f"_operator.{n}" for n in ("getitem", "add", "sub", "mul", "floordiv", "truediv", "mod", "neg",
                                                  "eq", "ne", "lt", "le", "gt", "ge")}
 _SYMBOLIC = re.compile(r"^[A-Za-z0-9_ +\-*/(),.%<>='\"]*$")
-_SYMBOLIC_NAMES = re.compile(r"^([su][0-9]+|Mod|PythonMod|FloorDiv|CleanDiv|CeilDiv|CeilToInt|FloorToInt|Max|Min|"
+_SYMBOLIC_NAMES = re.compile(r"^([su][0-9]+|Add|Mul|Mod|PythonMod|FloorDiv|CleanDiv|CeilDiv|CeilToInt|FloorToInt|Max|Min|"
                              r"floor|ceiling|oo|True|False|Eq|Ne|Lt|Le|Gt|Ge|And|Or|Not|Integer|Symbol|positive|negative|nonnegative|"
                              r"integer|real|finite)$")
 
@@ -158,6 +159,10 @@ def export(compact: CompactModel, path: str | os.PathLike, example_input: Option
 
     Raises:
         AutomtlError: naming the operation torch.export cannot trace.
+
+    Warns:
+        UserWarning: the written program holds what :func:`load_pt2` refuses (an operator off
+            :data:`ALLOWED_ATEN_OPERATORS`, e.g. of a custom head): only ``torch.export.load`` reads it.
 
     Example:
         >>> automtl.export(model, "model.pt2")
@@ -184,6 +189,12 @@ def export(compact: CompactModel, path: str | os.PathLike, example_input: Option
     data = _without_sample_inputs(buf.getvalue())
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
+        try:  # say now, not at load time, when load_pt2 will not read what was written
+            check_pt2(tmp, max_bytes=max(MAX_PT2_BYTES, len(data)))
+        except FileFormatError as exc:
+            what = str(exc).split("; load only")[0].replace(f"program file {str(tmp)!r}", f"{os.fspath(path)!r}")
+            warnings.warn(f"{what}, so automtl.load_pt2 will refuse it; load it with torch.export.load only where "
+                          "you trust the file, or save an .automtl bundle", UserWarning, stacklevel=2)
 
 
 def _without_sample_inputs(data: bytes) -> bytes:
@@ -199,8 +210,8 @@ def _without_sample_inputs(data: bytes) -> bytes:
 # checking an archive
 # ---------------------------------------------------------------------------------------
 def _bad(path: str, what: str) -> FileFormatError:
-    return FileFormatError(f"program file {path!r} {what}; load only .pt2 files written by automtl.export, or "
-                           "use torch.export.load on files you trust completely")
+    return FileFormatError(f"program file {path!r} {what}; load only .pt2 files written by automtl.export "
+                           "without a warning, or use torch.export.load on files you trust completely")
 
 
 def _entries(path: str, data: bytes, max_bytes: int) -> dict:

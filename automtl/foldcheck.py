@@ -1,0 +1,147 @@
+"""Inside step 2: check that folding the tasks into the batch keeps each task's rows apart.
+
+The supermodel runs every task in one pass, the tasks' rows stacked along the batch dimension
+(:mod:`automtl.supergraph`). That is exact for every operation that treats samples independently,
+which is what a CNN does, and what batch norm is rewritten to do per task. A backbone that mixes the
+samples of a batch (concatenates the batch with a flipped copy, takes a mean over the batch, slices it
+with sizes of its own) would mix the tasks' rows: silently wrong numbers. No list of operations can
+name every way to do that, so :func:`check_tasks_apart` asks the graph: on a small batch, with every
+task's copy of every policy layer given its own weights, the supermodel must equal the same model run
+one task at a time (:func:`automtl.reference.run_task_by_task`), with one image batch for all tasks
+and with a batch per task. A backbone that fails is refused, naming the first operation along the
+batch dimension it found.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+from torch import fx
+
+from .errors import BackboneError
+from .policy import SPECIALIZE
+
+#: relative difference (to the largest output) above which the folded pass is not the task-by-task one;
+#: float32 reordering stays near 1e-6, a mixed batch is off by 1e-2 and more
+TOLERANCE = 1e-3
+_REDUCTIONS = {"mean", "sum", "std", "var", "amax", "amin", "prod", "max", "min", "logsumexp", "norm", "median",
+               "nanmean", "nansum", "std_mean", "var_mean", "cumsum", "cumprod", "softmax", "log_softmax",
+               "argmax", "argmin", "all", "any", "count_nonzero"}
+#: operations that take a dimension, with its position in the arguments (after the tensor) and its default
+_DIM_AT = {"narrow": (1, None), "select": (1, None), "index_select": (1, None), "gather": (1, None),
+           "cummax": (1, None), "cummin": (1, None), "sort": (1, -1), "topk": (2, -1), "take_along_dim": (2, None),
+           "split": (2, 0), "chunk": (2, 0), "tensor_split": (2, 0), "unbind": (1, 0), "flatten": (1, 0)}
+
+
+def check_tasks_apart(sm) -> None:
+    """Raise :class:`BackboneError` when ``sm``'s folded pass mixes the tasks' rows (see the module docstring).
+
+    Runs in eval mode under ``no_grad`` on a batch of 2 at the example input's size: the supermodel with
+    every task on its own copy of every policy layer (the copies perturbed by a seeded 5% of their weights'
+    spread, restored afterwards from the shared operator they were copied from), against the same model run
+    one task at a time. Changes nothing: modes, weights and random state are as before. It expects what
+    :func:`automtl.supermodel` builds, every task's copy equal to the shared operator (that is how they are
+    restored).
+    """
+    from .reference import run_task_by_task
+
+    T, L = sm.num_tasks, len(sm.layer_names)
+    if T < 2 or L == 0:
+        return
+    gen = torch.Generator().manual_seed(0)
+    shape = (2, *tuple(sm.input_shape)[1:])
+    x = torch.randn(shape, generator=gen)
+    xs = {t: torch.randn(shape, generator=gen) for t in sm.task_names}
+    mix = torch.zeros(L, T, 3)
+    mix[:, :, SPECIALIZE] = 1.0
+    was_training, mode, policy = sm.training, sm.mode, sm.policy
+    try:
+        sm.eval()
+        sm.mode = "soft"  # the mix given below is what runs; no policy is set
+        with torch.no_grad():
+            for layer in sm.policy_layers:
+                for unit in layer.specialized:
+                    for p in unit.parameters():
+                        p.add_(torch.randn(p.shape, generator=gen) * 0.05 * (float(p.std()) if p.numel() > 1 else 1.0))
+            worst = 0.0
+            for inputs in (x, xs):
+                folded, alone = sm(inputs, mix=mix), run_task_by_task(sm, inputs, mix=mix)
+                for t in sm.task_names:
+                    scale = float(alone[t].abs().max()) + 1e-6
+                    worst = max(worst, float((folded[t] - alone[t]).abs().max()) / scale)
+    finally:
+        with torch.no_grad():
+            for layer in sm.policy_layers:
+                for unit in layer.specialized:
+                    unit.load_state_dict(layer.shared.state_dict())
+        sm.train(was_training)
+        sm.mode, sm.policy = mode, policy
+    if not worst <= TOLERANCE:  # nan too
+        where = _batch_op(sm.net.graph, set(sm.layer_names))
+        raise BackboneError(
+            "the backbone mixes the samples of a batch"
+            + (f" (at node {where.name!r}: {_describe(where)})" if where is not None else "")
+            + f", so with tasks folded into one batch each task's output would depend on the other tasks' rows "
+            f"(off by {worst:.1%} of the output on a check batch); compute that part per sample, or move it out "
+            "of the backbone (e.g. test-time augmentation around the model)")
+
+
+def _batch_op(graph: fx.Graph, layers: set):
+    """The first node after a policy layer that works along dimension 0 of a tensor, if any (best effort)."""
+    per_task: set = set()
+    for n in graph.nodes:
+        if n.op == "call_module" and n.target in layers:
+            per_task.add(n)
+            continue
+        if not any(i in per_task for i in n.all_input_nodes):
+            continue
+        per_task.add(n)
+        if _along_batch(n):
+            return n
+    return None
+
+
+def _name(n: fx.Node) -> str:
+    return n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")
+
+
+def _is_tensor(a) -> bool:
+    meta = a.meta.get("tensor_meta") if isinstance(a, fx.Node) else None
+    return hasattr(meta, "shape")
+
+
+def _along_batch(n: fx.Node) -> bool:
+    if n.op not in ("call_function", "call_method"):
+        return False
+    name, args, kwargs = _name(n), n.args, n.kwargs
+    if n.target is operator.getitem:
+        if not _is_tensor(args[0]):
+            return False
+        first = args[1][0] if isinstance(args[1], tuple) and args[1] else args[1]
+        return not (isinstance(first, slice) and first == slice(None)) and first is not Ellipsis
+    if name in _REDUCTIONS:
+        dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
+        dims = dim if isinstance(dim, (tuple, list)) else (dim,)
+        return dim is None or 0 in dims
+    if name in ("cat", "concat", "concatenate", "stack"):
+        return kwargs.get("dim", args[1] if len(args) > 1 else 0) == 0
+    if name in ("flip", "roll"):
+        dims = kwargs.get("dims", args[-1] if len(args) > 1 else None)
+        dims = dims if isinstance(dims, (tuple, list)) else (dims,)
+        return dims == (None,) or 0 in dims
+    if name == "permute":
+        order = args[1] if len(args) == 2 and isinstance(args[1], (tuple, list)) else args[1:]
+        return bool(order) and order[0] != 0
+    if name in ("transpose", "swapaxes", "movedim", "swapdims"):
+        return 0 in args[1:3]
+    if name in _DIM_AT:
+        at, default = _DIM_AT[name]
+        key = "start_dim" if name == "flatten" else "dim"
+        dim = kwargs.get(key, args[at] if len(args) > at else default)
+        return dim is None or dim == 0
+    return False
+
+
+def _describe(n: fx.Node) -> str:
+    what = _name(n) or str(n.target)
+    return "indexing along the batch" if n.target is operator.getitem else f"{what} along the batch"
