@@ -175,7 +175,7 @@ def _box_label(box, colours: dict, all_tasks: tuple) -> str:
     """Block name, what it computes, what it skips, and (for several tasks) which tasks."""
     e = html.escape
     if len(box.blocks) > 1:
-        name = f"{box.blocks[0]} &#8211; {box.blocks[-1]}"
+        name = f"{e(box.blocks[0])} &#8211; {e(box.blocks[-1])}"  # names come from the model file: escaped
     else:
         name = e(box.blocks[0]) if box.blocks else ""
     rows = [f"<TR><TD><B>{name}</B></TD></TR>"]

@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
-from torch import nn
+from torch import fx, nn
 
 from .errors import ConfigError
 from .kinds import KINDS, TaskKind
@@ -16,6 +16,10 @@ from .kinds import KINDS, TaskKind
 #: The most classes a task may have (ImageNet-21k has 21,841).
 MAX_CLASSES = 1_000_000
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+#: names a module uses for itself (``eval``, ``to``, ``forward``): a task's head and branches are modules named after
+#: the task, reached as attributes, so such a name would reach the method instead
+_MODULE_ATTRIBUTES = (frozenset(dir(fx.GraphModule)) | frozenset(dir(nn.ModuleDict)) | frozenset(vars(nn.Module()))
+                      | {"graph", "code", "meta"})
 
 
 @dataclass
@@ -45,6 +49,9 @@ class Task:
                 f"task name {str(self.name)[:70]!r} is not a valid identifier; use up to 64 letters, digits and underscores, "
                 "starting with a letter"
             )
+        if self.name in _MODULE_ATTRIBUTES or self.name.startswith("__"):
+            raise ConfigError(f"task name {self.name!r} is a name torch modules use for themselves (a method or "
+                              f"attribute of nn.Module); choose another, e.g. {self.name.strip('_') + '_task'!r}")
         if not isinstance(self.kind, str) or (self.kind not in KINDS and self.kind != "custom"):
             raise ConfigError(
                 f"task {self.name!r} has unknown kind {str(self.kind)[:40]!r}; choose one of {', '.join(KINDS)} "

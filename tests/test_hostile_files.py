@@ -170,7 +170,28 @@ def _torch_save(obj):
 
 
 # (case id, how to build the hostile parts from the valid ones and a marker path)
+def _rename_a_module_part(desc, part):
+    """Give the first nested module a last path part of ``part`` (a module method: ``self.a.to(x)`` would call it)."""
+    mod = next(m for m in desc["modules"] if "." in m["name"])
+    old, new = mod["name"], mod["name"].rsplit(".", 1)[0] + "." + part
+    mod["name"] = new
+    for n in desc["nodes"]:
+        if n["op"] == "call_module" and n["target"] == old:
+            n["target"] = new
+
+
+def _long_note(desc):
+    n = next(n for n in desc["nodes"] if (n.get("meta") or {}).get("automtl_layer"))
+    n["meta"]["automtl_layer"] = "layer" * 1000
+
+
 DESCRIPTION_CASES = {
+    # the generated forward reads the module as `self`: a node named so makes `self.copy_(...)` a call on a tensor
+    "node-named-self": lambda p, m: edit(p, insert_before_output(node("self", "call_method", "relu", {"$node": d_out(p)}),
+                                                                 node("copy_", "call_method", "relu", {"$node": "self"}))),
+    "module-part-a-method": lambda p, m: edit(p, lambda d: _rename_a_module_part(d, "to")),
+    "module-part-dunder": lambda p, m: edit(p, lambda d: _rename_a_module_part(d, "__call__")),
+    "long-sharing-note": lambda p, m: edit(p, _long_note),
     "reported-chain": lambda p, m: edit(p, _chain(m)),
     "torch.load": lambda p, m: edit(p, insert_before_output(node("l", "call_function", "torch.load", str(m)))),
     "torch.save": lambda p, m: edit(p, insert_before_output(node("s", "call_function", "torch.save", {"$node": "x"}, str(m)))),
@@ -628,3 +649,16 @@ def test_load_pt2_reads_what_export_wrote(pt2, tmp_path):
     with torch.no_grad():
         want = model(x)
     assert all(torch.allclose(got[t], want[t], atol=1e-6) for t in want)
+
+
+def test_render_escapes_every_name_a_model_file_brings():
+    """Block names come from the model file; merged into one box they were written into the graphviz label
+    as they were, so markup in a crafted file drew local image files into the drawing."""
+    from automtl.render import _box_label
+    from automtl.render_graph import _Box
+
+    markup = 'x</B></TD></TR><TR><TD><IMG SRC="/etc/passwd"/>'
+    box = _Box(("block", 0), "block", ("segment",), blocks=[markup, "b" + markup], layers=[(markup, "share")],
+               skipped=[markup], block_layers=3)
+    label = _box_label(box, {"segment": "#123456"}, ("segment", "depth"))
+    assert "<IMG" not in label and "&lt;IMG" in label

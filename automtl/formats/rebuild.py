@@ -38,6 +38,8 @@ DESCRIPTION_KEYS = {"automtl_bundle", "automtl_version", "dtype", "input_shape",
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _PART = re.compile(r"^[A-Za-z0-9_]+$")
 #: Names a module or attribute may not take: they would shadow the GraphModule's own attributes.
+#: bounds of a node's sharing notes (a layer's module path, task names): far above what a model writes
+MAX_META_CHARS, MAX_META_ITEMS = 1024, 1024
 RESERVED = set(dir(fx.GraphModule)) | {"graph", "code", "_code", "meta"}
 _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                        "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
@@ -50,8 +52,11 @@ def bad(path: str, what: str) -> FileFormatError:
 
 
 def _dotted(target: Any) -> bool:
-    return (isinstance(target, str) and len(target) <= 512 and all(_PART.match(p) for p in target.split("."))
-            and target.split(".")[0] not in RESERVED and _IDENT.match(target.split(".")[0]) is not None)
+    """A module or attribute path whose every part is a plain name that is no attribute of a module (``to``,
+    ``forward``, a dunder): the generated code reads ``self.<path>``, which must reach the file's own object."""
+    return (isinstance(target, str) and len(target) <= 512
+            and all(_PART.match(p) and p not in RESERVED and not p.startswith("__") for p in target.split("."))
+            and _IDENT.match(target.split(".")[0]) is not None)
 
 
 def _build_root(path: str, desc: dict) -> dict:
@@ -119,11 +124,17 @@ def _build_node(path: str, graph: fx.Graph, env: dict, root: dict, nd: Any, i: i
     else:
         raise FileFormatError(f"{where} has the operation {str(op)[:30]!r}, which a graph does not have; the file is corrupted, save the model again")
     node = graph.create_node(op, target, args, kwargs, name=name)
+    if node.name != name or name == "self":  # a name the generated code would shadow (self: the module itself)
+        raise bad(path, f"has a node named {name[:60]!r}, a name the generated code uses itself; it is crafted, "
+                        "save the model again")
     meta = nd.get("meta") or {}
     if isinstance(meta, dict):
         for key in META_KEYS:
             val = meta.get(key)
             if isinstance(val, str) or (isinstance(val, list) and all(isinstance(v, str) for v in val)):
+                if len(val) > MAX_META_ITEMS or any(len(v) > MAX_META_CHARS for v in ([val] if isinstance(val, str) else val)):
+                    raise bad(path, f"has node {name!r} with a sharing note longer than any model has "
+                                    f"({MAX_META_CHARS} characters, {MAX_META_ITEMS} entries); it is crafted or corrupted")
                 node.meta[key] = tuple(val) if isinstance(val, list) else val
     return node
 
