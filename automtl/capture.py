@@ -255,14 +255,15 @@ def _propagate(gm: fx.GraphModule, example_input: torch.Tensor, tolerant: bool =
     was_training = gm.training
     gm.eval()
     try:
-        with torch.no_grad():
+        # ShapeProp prints the traceback of a failing node itself; the sentence below replaces it
+        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
             prop = (_TolerantShapeProp if tolerant else ShapeProp)(gm)
             prop.propagate(example_input)
         return getattr(prop, "failures", [])
     except Exception as exc:
         raise BackboneError(
-            f"the backbone fails on an example input of shape {tuple(example_input.shape)} ({_first_line(exc)}); "
-            "pass an example_input with the channels and size the backbone expects"
+            f"the backbone fails on an example input of shape {tuple(example_input.shape)} "
+            f"({_first_line(exc.__cause__ or exc)}); pass an example_input with the channels and size the backbone expects"
         ) from exc
     finally:
         gm.train(was_training)

@@ -17,7 +17,7 @@ from typing import Optional
 
 import click
 
-from .config import MAX_INPUT_SIZE, parse_numbers
+from .config import MAX_INPUT_SIZE, MAX_SAMPLES, parse_numbers
 from .errors import AutomtlError
 from .fileio import STORAGE_ERRNOS
 
@@ -275,7 +275,8 @@ def search_cmd(backbone, tasks, config_path, data, weights, pretrained, budget, 
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.option("--policy", "policy_path", type=click.Path(dir_okay=False), help="A policy YAML (default: RUN_DIR/policy.yaml), e.g. one edited by hand.")
 @click.option("--finetune-steps", type=click.IntRange(min=0), default=0, show_default=True, help="Fine-tune the policy's architecture this many steps first.")
-@click.option("--out", "out", type=click.Path(dir_okay=False), default="model.automtl", show_default=True, help="The .automtl file to write.")
+@click.option("--out", "out", type=click.Path(dir_okay=False), default="model.automtl", show_default=True,
+              help="The model file to write: .automtl, or .pt2 / .onnx (as automtl export writes them).")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists (a fine-tuned model may be the only copy).")
 @click.option("--quiet", is_flag=True, help="No progress bars or messages.")
 def compact_cmd(run_dir, policy_path, finetune_steps, out, overwrite, quiet):
@@ -284,17 +285,18 @@ def compact_cmd(run_dir, policy_path, finetune_steps, out, overwrite, quiet):
     Example: automtl compact runs/r18 --policy my-policy.yaml --finetune-steps 100 --out r18.automtl
     """
     from .errors import ConfigError
-    from .formats import save
+    from .formats import writer_for
     from .runs import compact_run
 
     def refuse_existing():
         if os.path.lexists(out) and not overwrite:
             raise ConfigError(f"--out {out!r} already exists; replace it with --overwrite or choose another --out")
 
+    write = writer_for(out)  # the format follows the suffix; an unknown one is refused before any work
     refuse_existing()
     model = compact_run(run_dir, policy=policy_path, finetune_steps=finetune_steps, out=None, quiet=quiet)
     refuse_existing()  # again: another command may have written it during the fine-tune
-    save(model, out)
+    write(model, out)
     if not quiet:
         click.echo(f"wrote {out}: {model.num_parameters():,} parameters")
 
@@ -350,7 +352,7 @@ def inspect_cmd(model_path, latency):
 @click.argument("model_path", type=click.Path(dir_okay=False))
 @click.option("--data", default="synthetic", show_default=True, help="synthetic, multifashion[:ROOT], nyuv2:ROOT or cityscapes:ROOT.")
 @click.option("--split", type=click.Choice(["train", "val", "test"]), default="val", show_default=True, help="Which split to evaluate.")
-@click.option("--samples", type=click.IntRange(min=1), help="Use only the first N samples (synthetic: how many to generate).")
+@click.option("--samples", type=click.IntRange(min=1, max=MAX_SAMPLES), help="Use only the first N samples (synthetic: how many to generate).")
 @click.option("--input-size", type=click.IntRange(8, MAX_INPUT_SIZE), default=64, show_default=True, help="Image side of the synthetic data.")
 @click.option("--batch-size", type=click.IntRange(1, 4096), default=16, show_default=True, help="Samples per evaluation batch.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")

@@ -19,6 +19,8 @@ from .errors import ConfigError
 
 #: Largest image side automtl accepts: larger inputs exhaust memory before they fail usefully.
 MAX_INPUT_SIZE = 1024
+#: Samples a run generates or takes from a data set (--samples, train_samples, val_samples, eval --samples).
+MAX_SAMPLES = 10_000_000
 
 __all__ = ["SearchConfig", "parse_budget"]
 
@@ -72,6 +74,8 @@ def parse_budget(value: Union[str, float, int, None]) -> Optional[float]:
                 f"budget {value!r} is not a multiple of the single model; write it like '1.5x' (or 1.5)"
             )
         mult = float(m.group(1))
+        if math.isinf(mult):  # a number too large for a float, not a request for no budget
+            raise ConfigError(f"budget {value!r} is beyond any model size; write 'none' for no budget")
     else:
         raise ConfigError(f"budget {value!r} is not a multiple; write it like '1.5x' or 1.5")
     if math.isinf(mult):

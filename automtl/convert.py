@@ -21,7 +21,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import torch
 import yaml
 
-from .config import MAX_INPUT_SIZE, SearchConfig
+from .config import MAX_INPUT_SIZE, MAX_SAMPLES, SearchConfig
 from .cost import check_budget
 from .errors import ConfigError
 from .fileio import read_yaml
@@ -78,6 +78,9 @@ class ConvertConfig:
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
                 raise ConfigError(f"{name} must be a positive integer or null, got {v!r}")
+            if v is not None and v > MAX_SAMPLES:
+                raise ConfigError(f"{name} is {v}, more than the {MAX_SAMPLES} samples automtl generates or reads from a "
+                                  "data set at once; use fewer")
         if self.tasks is not None:
             if isinstance(self.tasks, (str, Task, Mapping)) or not isinstance(self.tasks, Sequence) or not self.tasks:
                 raise ConfigError(f"tasks must be a non-empty list of tasks (or null for the data set's own), got {self.tasks!r}")
@@ -113,13 +116,16 @@ class ConvertConfig:
         if not isinstance(data, Mapping):
             raise ConfigError(f"{where} must be a mapping of key: value, got {type(data).__name__}")
         data = dict(data)
-        search = data.pop("search", None) or {}
+        search = data.pop("search", None)
+        search = {} if search is None else search
         if not isinstance(search, Mapping):
             raise ConfigError(f"{where}: 'search' must be a mapping of search options (key: value), "
                               f"got {type(search).__name__} {str(search)[:40]!r}")
         search = dict(search)
         for key in _SHORTCUTS:
             if key in data:
+                if key in search:
+                    raise ConfigError(f"{where} gives {key!r} twice, at the top level and under 'search'; give it once")
                 search[key] = data.pop(key)
         known = [f.name for f in dataclasses.fields(cls)] + list(_SHORTCUTS)
         for key in data:

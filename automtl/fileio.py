@@ -197,6 +197,9 @@ def parse_yaml(raw: bytes | str, where: str, error: type, max_bytes: int = MAX_Y
         line = f" at line {mark.line + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None)
         raise error(f"{where} is not valid YAML{line}" + (f" ({problem})" if problem else "") + "; fix the syntax there") from None
+    except (ValueError, OverflowError, RecursionError) as exc:  # a value the YAML constructors cannot make
+        first = str(exc).splitlines()[0][:100] if str(exc) else type(exc).__name__
+        raise error(f"{where} holds a value automtl cannot read ({first}); fix that value") from None
 
 
 def read_yaml(path: str | os.PathLike, what: str, error: type = None, exponent_floats: bool = False):

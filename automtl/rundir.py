@@ -44,6 +44,7 @@ class RunDirectory:
         self.path, self.resume, self.overwrite = Path(path), resume, overwrite
         self._replaced = None  # where --overwrite put the earlier run while the new one runs
         self._created = []  # the folders this run made, deepest first, removed again if it fails with nothing in them
+        self._fresh = False
         self._lock = None
 
     def __enter__(self) -> "RunDirectory":
@@ -74,6 +75,7 @@ class RunDirectory:
                     f"output directory {where!r} already holds a run ({', '.join(earlier[:3])}); continue it with "
                     "--resume, start over with --overwrite (which replaces it), or choose another --out")
             self.clean_temporaries()
+            self._fresh = not earlier  # nothing of an earlier run here: what the run writes is its own
             if self.overwrite and earlier:
                 self._set_aside_run()
         except BaseException:
@@ -89,7 +91,20 @@ class RunDirectory:
         finally:
             self._release()
             if exc_type is not None:
+                self._remove_empty_log()
                 self._remove_if_empty()
+
+    def _remove_empty_log(self) -> None:
+        """A run that failed before its first step (a tensorboard folder it cannot write) leaves its log
+        empty: that log is removed, so the corrected command is not refused as continuing a run. A log with
+        records stays: it is the failed run's account."""
+        log = self.path / CHECKPOINTS / CHECKPOINT_FILES[1]
+        if self._fresh and self._replaced is None and not self.checkpoint_written():
+            try:
+                if log.stat().st_size == 0:
+                    log.unlink()
+            except OSError:
+                pass
 
     def _remove_if_empty(self) -> None:
         """A run that failed before writing anything leaves no folder behind that it made itself: each one from

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import textwrap
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -179,8 +181,12 @@ def test_load_weights_errors(tmp_path):
     with pytest.raises(BackboneError, match="does not exist"):
         load_weights(build_backbone("tiny"), tmp_path / "nope.pth")
     (tmp_path / "junk.pth").write_bytes(b"this is not a checkpoint")
-    with pytest.raises(BackboneError, match="could not be read"):
+    with pytest.raises(BackboneError, match="is not a torch.save file of tensors"):
         load_weights(build_backbone("tiny"), tmp_path / "junk.pth")
+    torch.save({"w": torch.zeros(1), "obj": Path("x")}, tmp_path / "pickled.pth")  # not tensors only
+    with pytest.raises(BackboneError) as info:
+        load_weights(build_backbone("tiny"), tmp_path / "pickled.pth")
+    assert "weights_only" not in str(info.value)  # torch's advice would be to unpickle it
     torch.save([1, 2, 3], tmp_path / "list.pth")
     with pytest.raises(BackboneError, match="not a state dict"):
         load_weights(build_backbone("tiny"), tmp_path / "list.pth")

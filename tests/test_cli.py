@@ -6,6 +6,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+import automtl
 import torch
 from click.testing import CliRunner
 
@@ -89,6 +91,13 @@ def test_steps_one_at_a_time(tmp_path, converted):
         "--overwrite")
     run("export", model, tmp_path / "m.pt2")
     assert (tmp_path / "m.pt2").stat().st_size > 0
+    run("compact", run_dir, "--out", tmp_path / "c.pt2", "--quiet")  # the format follows --out's suffix
+    automtl.load_pt2(tmp_path / "c.pt2")
+    for wrong in ("c.yaml", "c.pt"):
+        refused = CliRunner().invoke(main, ["compact", str(run_dir), "--out", str(tmp_path / wrong), "--quiet"])
+        assert refused.exit_code == 2 and "name the file .pt2" in refused.output and not (tmp_path / wrong).exists()
+    with pytest.raises(automtl.errors.ConfigError, match="would hold another format than its name says"):
+        automtl.save(automtl.load(model), tmp_path / "m.pt2")
     run("render", model, tmp_path / "m.png")
     run("render", run_dir / "policy.yaml", tmp_path / "grid.svg")
     text = run("inspect", model).output

@@ -226,9 +226,11 @@ def test_disk_full_in_export_compact_and_render(finished, tmp_path, monkeypatch)
     (["convert", "tiny", "--input-size", "20000"], "--input-size"),
     (["supermodel", "tiny", "--input-size", "20000"], "--input-size"),
     (["convert", "tiny", "--steps", "1,2"], "--steps"),
+    (["convert", "tiny", "--samples", "99999999999999999999,4"], "train_samples"),
+    (["eval", "MODEL", "--samples", "100000000000"], "--samples"),
     (["bogus-command"], "No such command"),
 ], ids=["eval-batch-0", "eval-samples-0", "eval-split", "finetune-negative", "input-size-convert", "input-size-supermodel",
-        "steps", "unknown-command"])
+        "steps", "samples-huge", "eval-samples-huge", "unknown-command"])
 def test_bad_options_are_one_sentence(finished, tmp_path, args, needle):
     model = tmp_path / "m.automtl"
     args = [str(model) if a == "MODEL" else str(finished) if a == "RUN" else a for a in args]
@@ -240,6 +242,11 @@ def test_bad_options_are_one_sentence(finished, tmp_path, args, needle):
     ("search: 5\n", "'search' must be a mapping"), ("search: [1, 2]\n", "'search' must be a mapping"),
     ("search: {search_steps: 100000000000000000000}\n", "search_steps"),
     ("search: {seed: 99999999999999999999999}\n", "seed"),
+    ("search: []\n", "'search' must be a mapping"),
+    ("search: {seed: 1" + "0" * 5000 + "}\n", "holds a value automtl cannot read"),
+    ("budget: 1.5x\nsearch: {budget: 2.0x}\n", "gives 'budget' twice"),
+    ("train_samples: 1000000000000\n", "train_samples"),
+    ("budget: 1e400x\n", "beyond any model size"),
 ])
 def test_config_sections_and_huge_numbers_are_one_sentence(tmp_path, text, needle):
     cfg = tmp_path / "c.yaml"
@@ -487,3 +494,27 @@ def test_a_task_named_like_a_module_method_gets_one_sentence(name, tmp_path):
     result = cli("convert", "tiny", "--task", f"{name}:depth", "--steps", "1,1,1", "--out", tmp_path / "run")
     assert result.exit_code == 2 and "Traceback" not in result.output, result.output
     assert f"task name '{name}'" in result.output and not (tmp_path / "run").exists()
+
+
+def test_a_run_that_fails_before_its_first_step_can_be_run_again_as_corrected(tmp_path):
+    """An unwritable --tensorboard is found after the log is opened: the empty log went with the folder, so
+    the corrected command is not refused as an earlier run's."""
+    out = tmp_path / "run"
+    args = ["convert", "tiny", "--steps", "1,1,1", "--samples", "8,4", "--input-size", "16", "--quiet", "--out", out]
+    (tmp_path / "file").write_text("")
+    failed = cli(*args, "--tensorboard", tmp_path / "file" / "tb")
+    assert failed.exit_code == 2 and "Traceback" not in failed.output, failed.output
+    assert not out.exists()
+    assert cli(*args).exit_code == 0
+
+
+def test_a_backbone_failing_at_the_example_size_is_one_sentence_without_torchs_traceback(capfd):
+    """torch's ShapeProp printed the failing node's traceback itself (27 lines above the sentence)."""
+    from automtl.errors import BackboneError
+    from automtl.supermodel import supermodel
+    from automtl.tasks import Task
+
+    with pytest.raises(BackboneError, match=r"fails on an example input of shape \(1, 3, 8, 8\) \(Given input size"):
+        supermodel("vgg16_bn", [Task("d", "depth")], torch.randn(1, 3, 8, 8))
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "ShapeProp" not in err, err

@@ -185,7 +185,26 @@ def _long_note(desc):
     n["meta"]["automtl_layer"] = "layer" * 1000
 
 
+def _live_bomb(n=5):
+    """n activations of 2^28 elements each (under the per-activation bound), all alive until a sum at the end."""
+    nodes = [node("s", "call_method", "sum", {"$node": "x"}), node("r", "call_method", "reshape", {"$node": "s"}, 1, 1)]
+    for i in range(n):
+        nodes += [node(f"e{i}", "call_method", "expand", {"$node": "r"}, 16384, 16384),
+                  node(f"c{i}", "call_method", "add", {"$node": f"e{i}"}, float(i))]
+    total = "c0"
+    for i in range(1, n):
+        nodes.append(node(f"a{i}", "call_function", "operator.add", {"$node": total}, {"$node": f"c{i}"}))
+        total = f"a{i}"
+    return insert_before_output(*nodes)
+
+
 DESCRIPTION_CASES = {
+    # an index computed from the data: out of range only when it runs (a raw IndexError; on CUDA a device assert)
+    "index-from-the-data": lambda p, m: edit(p, insert_before_output(
+        node("m", "call_function", "operator.mul", {"$node": "x"}, 1000000.0),
+        node("i", "call_method", "to", {"$node": "m"}, {"$dtype": "int64"}),
+        node("g", "call_function", "operator.getitem", {"$node": "x"}, {"$tuple": [{"$node": "i"}]}))),
+    "live-activations-bomb": lambda p, m: edit(p, _live_bomb()),
     # the generated forward reads the module as `self`: a node named so makes `self.copy_(...)` a call on a tensor
     "node-named-self": lambda p, m: edit(p, insert_before_output(node("self", "call_method", "relu", {"$node": d_out(p)}),
                                                                  node("copy_", "call_method", "relu", {"$node": "self"}))),

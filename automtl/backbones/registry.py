@@ -258,9 +258,9 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> Dict[str, Any]:
         raise BackboneError(f"weights file {path!r} does not exist; check the path")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise BackboneError(f"weights file {path!r} could not be read ({_one_line(e)}); "
-                            "save it with torch.save(model.state_dict(), path)") from e
+    except Exception as e:  # torch's own text (advice to load with weights_only=False, i.e. unpickle) is not repeated
+        raise BackboneError(f"weights file {path!r} is not a torch.save file of tensors ({type(e).__name__}); "
+                            "save it with torch.save(model.state_dict(), path)") from None
     state = _unwrap(obj, path)
     state = OrderedDict((k[len("module."):] if k.startswith("module.") else k, v) for k, v in state.items())
 

@@ -27,7 +27,7 @@ import torch
 from torch import fx, nn
 
 from ..compact import CompactModel
-from ..errors import AutomtlError, FileFormatError
+from ..errors import AutomtlError, ConfigError, FileFormatError
 from ..fileio import MAX_YAML_BYTES, atomic_path, parse_yaml, read_regular_file, read_zip_entries
 from ._export_common import EvalMode
 from .codec import DTYPES, encode
@@ -196,6 +196,7 @@ def save(compact: CompactModel, path: str | os.PathLike) -> None:
     whatever ``save`` writes, :func:`load` reads.
 
     Raises:
+        ConfigError: ``path`` does not end in ``.automtl``.
         FileFormatError: the model holds something that is not data (a custom head class, an
             operation off the vocabulary); such models can still be written with ``export``.
 
@@ -204,6 +205,9 @@ def save(compact: CompactModel, path: str | os.PathLike) -> None:
     """
     from safetensors.torch import save as st_save
 
+    if os.path.splitext(os.fspath(path))[1].lower() != ".automtl":
+        raise ConfigError(f"save() writes an .automtl bundle, so {os.fspath(path)!r} would hold another format than "
+                          "its name says; name it .automtl, or write .pt2 / .onnx with automtl.export")
     desc, tensors = describe(compact)
     import yaml
 

@@ -215,6 +215,8 @@ def _read_weights(path: str, data: bytes) -> dict:
 
 #: Largest activation (elements) a bundle's graph may produce at its recorded input shape: 1 GiB of float32.
 MAX_ACTIVATION = 2**28
+#: Elements of all the activations alive at once (after each node, before any is freed): four of the largest.
+MAX_LIVE = 4 * MAX_ACTIVATION
 
 
 def _pieces(name: str, x: torch.Tensor, args: tuple, kwargs: dict) -> int:
@@ -250,11 +252,31 @@ class _BoundedShapes(fx.Interpreter):
                 raise FileFormatError(f"has node {n.name!r} splitting a tensor into {count} pieces, more than the "
                                       f"{MAX_SEQUENCE} automtl allows; the file is crafted or corrupted")
 
+    def _check_live(self, n: fx.Node, out) -> None:
+        """The activations alive once ``n`` has run (the interpreter frees each after its last use, as the
+        generated forward does), views counted once with the tensor they view."""
+        bases, stack = {}, [out, *self.env.values()]
+        while stack:
+            v = stack.pop()
+            if isinstance(v, torch.Tensor):
+                base = v._base if v._base is not None else v
+                bases[id(base)] = base.numel()
+            elif isinstance(v, (tuple, list)):
+                stack.extend(v)
+            elif isinstance(v, dict):
+                stack.extend(v.values())
+        live = sum(bases.values())
+        if live > MAX_LIVE:
+            raise FileFormatError(f"has node {n.name!r} after which {live} activation elements are alive at once, "
+                                  f"more than the {MAX_LIVE} automtl allows; the file is crafted or corrupted")
+
     def run_node(self, n: fx.Node):
         name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")
         if name in ("unbind", "split", "chunk", "tensor_split", "split_with_sizes") and n.op != "call_module":
             self._check_pieces(n, name)  # before it runs: 2^28 pieces of a meta tensor would take minutes and GBs
         out = super().run_node(n)
+        if n.op != "get_attr":
+            self._check_live(n, out)
         stack = [out]
         while stack:
             v = stack.pop()

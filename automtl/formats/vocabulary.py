@@ -143,6 +143,17 @@ def _arith(kinds_in: list, where: str) -> str:
     raise FileFormatError(f"{where} applies arithmetic to values that are not tensors or numbers; the file is corrupted, re-save the model")
 
 
+def _holds_tensor(value: Any, kinds: dict) -> bool:
+    """Whether ``value`` is, or holds in a tuple, list or slice, a node of tensor kind."""
+    if isinstance(value, fx.Node):
+        return kinds.get(value) in (TENSOR, TENSORS)
+    if isinstance(value, (tuple, list)):
+        return any(_holds_tensor(v, kinds) for v in value)
+    if isinstance(value, slice):
+        return any(_holds_tensor(v, kinds) for v in (value.start, value.stop, value.step))
+    return False
+
+
 def _getitem(kinds_in: list, index: Any, where: str) -> str:
     base = kinds_in[0] if kinds_in else None
     if base == TENSOR:
@@ -239,6 +250,9 @@ def check_graph(graph: fx.Graph, where: str) -> None:
             if name is None:
                 raise FileFormatError(f"{at} calls a function that is not on automtl's reviewed vocabulary; re-save the model")
             _no_writes(node, at, kinds)
+            if name == "operator.getitem" and arg_kinds[:1] == [TENSOR] and _holds_tensor(node.args[1:], kinds):
+                raise FileFormatError(f"{at} indexes a tensor with another tensor, whose values only the data decides (an "
+                                      "index out of range fails only when it runs); automtl files never do, re-save the model")
             kinds[node] = _function_kind(name, FUNCTIONS[name][1], node.args, arg_kinds, at)
         elif node.op == "call_method":
             kinds[node] = _method_kind(node.target, node.args, arg_kinds, at)
