@@ -168,6 +168,8 @@ def capture(
     functionalize(gm, gm.graph)
     notes: list = []
     node = pick_feature_node(gm, feature_node, notes)
+    if feature_node is None:
+        notes.extend(_dropped_body(gm, node))
     for note in notes:
         warnings.warn(note, stacklevel=3)
     if not any(is_conv_node(gm, n) for n in _ancestors(node)):
@@ -383,6 +385,39 @@ def _delete_unused(gm: fx.GraphModule, graphs: Sequence[fx.Graph]) -> None:
     for name, _ in list(gm.named_modules()):
         if name and name not in used:
             gm.delete_submodule(name)
+
+
+#: More parameterised modules than any classifier has (VGG's three Linear layers, MobileNetV3's two): a cut before
+#: so many that also hold most of the parameters leaves out the model's body, not its head.
+DROPPED_MODULES_WARN = 8
+
+
+def _dropped_body(gm: fx.GraphModule, node: fx.Node) -> list:
+    """A note when the default cut leaves out most of the backbone (a ViT cut at its patch embedding): more than
+    DROPPED_MODULES_WARN parameterised modules after the cut, holding more parameters than the part kept."""
+    kept = set(_ancestors(node))
+
+    def params(n: fx.Node) -> int:
+        if n.op == "call_module":
+            return sum(p.numel() for p in gm.get_submodule(n.target).parameters())
+        if n.op == "get_attr":
+            value = _fetch(gm, n.target)
+            return value.numel() if isinstance(value, nn.Parameter) else 0
+        return 0
+
+    count = {False: {}, True: {}}  # kept? -> {module or attribute path: parameters}
+    for n in gm.graph.nodes:
+        if n.op in ("call_module", "get_attr") and params(n):
+            count[n in kept][n.target] = params(n)
+    dropped = {t: v for t, v in count[False].items() if t not in count[True]}
+    kept_params, dropped_params = sum(count[True].values()), sum(dropped.values())
+    if len(dropped) <= DROPPED_MODULES_WARN or dropped_params <= kept_params:
+        return []
+    share = dropped_params / max(kept_params + dropped_params, 1)
+    return [f"the features are cut at {node.name!r} {tuple(_tensor_meta(node).shape)}, the deepest 4-D map before the "
+            f"spatial resolution collapses, which leaves out {len(dropped)} modules after it holding {share:.0%} of the "
+            "backbone's parameters (a transformer's encoder works on tokens, not on 4-D maps); automtl converts "
+            "convolutions, so if that is not what you want, name another place with feature_node"]
 
 
 def _ancestors(node: fx.Node) -> Iterable[fx.Node]:

@@ -371,3 +371,29 @@ def test_the_folding_check_leaves_the_supermodel_and_the_random_state_as_they_we
 def test_convs_off_the_input_stay_plain_modules():
     _, sm = built("positional_conv")
     assert "pos_conv" not in sm.layer_names and sm.layer_names
+
+
+class _TinyViT(nn.Module):
+    """A patch-embedding conv, then blocks on tokens: the deepest 4-D map is the patch embedding."""
+
+    def __init__(self, blocks=10, dim=16):
+        super().__init__()
+        self.embed = nn.Conv2d(3, dim, 4, stride=4)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 2 * dim), nn.GELU(),
+                                                  nn.Linear(2 * dim, dim)) for _ in range(blocks))
+        self.head = nn.Linear(dim, 10)
+
+    def forward(self, x):
+        t = self.embed(x).flatten(2).transpose(1, 2)
+        for block in self.blocks:
+            t = t + block(t)
+        return self.head(t.mean(1))
+
+
+def test_a_cut_that_leaves_out_the_body_of_the_model_says_so():
+    with pytest.warns(UserWarning, match=r"cut at 'embed'.*leaves out \d+ modules after it holding \d+% of the backbone's"):
+        automtl.supermodel(_TinyViT(), TASKS, torch.randn(1, 3, SIZE, SIZE))
+    with warnings.catch_warnings():  # a classifier after the cut is what the cut is for: no note
+        warnings.simplefilter("error")
+        automtl.supermodel(ZOO["classifier"](), TASKS, torch.randn(1, 3, SIZE, SIZE))
+        automtl.supermodel(_TinyViT(), TASKS, torch.randn(1, 3, SIZE, SIZE), feature_node="embed")
