@@ -62,6 +62,11 @@ class CompactModel(nn.Module):
     def forward(self, x: torch.Tensor, tasks: Optional[Sequence[str]] = None) -> dict:
         if self.input_check is not None:
             self.input_check(x)
+            if not self.training and torch.is_grad_enabled():
+                # a model read from a file runs inference without autograd: the load-time bound on what is
+                # alive at once holds only then (autograd would keep every node's saved inputs)
+                with torch.no_grad():
+                    return self.forward(x, tasks)
         if tasks is None or list(tasks) == self.task_names:
             return self._graph_module_for(self.training)(x)
         return self._subset(tuple(tasks), self.training)(x)

@@ -325,7 +325,23 @@ MIXERS = {
     "samples rolled along the batch": (lambda: _Mixing(lambda y, n: y + 0.5 * y.roll(1, 0)), "roll"),
     "batch-wide softmax": (lambda: _Mixing(lambda y, n: y * y.softmax(0)), "softmax"),
     "flattened batch": (lambda: _Mixing(lambda y, n: y - y.flatten().mean()), "flatten"),
+    "mean of the whole tensor": (lambda: _Mixing(lambda y, n: y - y.mean()), "mean"),
+    "roll by four": (lambda: _Mixing(lambda y, n: y + torch.roll(y, 4, 0)), "roll"),
+    "mean over the batch of a square root": (lambda: _Mixing(lambda y, n: y.abs().sqrt() - y.abs().sqrt().mean(0)), "mean"),
+    "input standardised with the batch's statistics": (lambda: _Standardised(), None),
 }
+
+
+class _Standardised(nn.Module):
+    """The input standardised with the whole batch's mean and spread (one batch for all tasks is exact; a batch per
+    task folded together is not)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        return self.c2(torch.relu(self.c1((x - x.mean()) / x.std())))
 
 
 @pytest.mark.parametrize("pattern", sorted(MIXERS))
@@ -333,8 +349,14 @@ def test_a_backbone_that_mixes_the_samples_of_a_batch_is_refused(pattern):
     """Folding tasks into the batch is exact only for per-sample operations; any other is refused by the
     check that the folded pass equals the task-by-task one, naming the operation where it can."""
     make, op = MIXERS[pattern]
-    with pytest.raises(BackboneError, match=f"mixes the samples of a batch \\(at node '{op}"):
+    where = f" \\(at node '{op}" if op else ""
+    with pytest.raises(BackboneError, match=f"mixes the samples of a batch{where}"):
         automtl.supermodel(make(), TASKS, torch.randn(1, 3, SIZE, SIZE))
+
+
+def test_a_backbone_that_takes_one_image_only_is_refused_in_one_sentence():
+    with pytest.raises(BackboneError, match="fails on a check batch of 3 images a task .*must take any batch size"):
+        automtl.supermodel(_Mixing(lambda y, n: y.view(1, 8, SIZE, SIZE)), TASKS, torch.randn(1, 3, SIZE, SIZE))
 
 
 def test_operations_along_the_batch_that_keep_samples_apart_are_accepted():

@@ -198,7 +198,31 @@ def _live_bomb(n=5):
     return insert_before_output(*nodes)
 
 
+def _module_under(parent_class, part):
+    """A module of ``parent_class`` and a child named ``part``, one of the parent's own attributes: fx would
+    install the child over it (a ReLU whose ``inplace`` became a module, so truthy)."""
+    def change(desc):
+        desc["modules"].append({"name": "evil", "class": parent_class, "args": {}})
+        desc["modules"].append({"name": f"evil.{part}", "class": "Identity", "args": {}})
+    return change
+
+
+def _matmul_bomb(n=20):
+    """n products of 4096 x 4096 matrices made from the input: 2.7e12 FLOPs, minutes of CPU a sample."""
+    nodes = [node("s", "call_method", "sum", {"$node": "x"}), node("r", "call_method", "reshape", {"$node": "s"}, 1, 1),
+             node("big", "call_method", "expand", {"$node": "r"}, 4096, 4096)]
+    for i in range(n):
+        nodes.append(node(f"m{i}", "call_function", "torch.matmul", {"$node": "big" if i == 0 else f"m{i - 1}"}, {"$node": "big"}))
+    return insert_before_output(*nodes, use_last=False)
+
+
 DESCRIPTION_CASES = {
+    "positional-out": lambda p, m: edit(p, insert_before_output(node(
+        "nz", "call_function", "torch.nn.functional.normalize", {"$node": "x"}, 2.0, 1, 1e-12, {"$node": "x"}))),
+    "child-over-parent-attribute": lambda p, m: edit(p, _module_under("ReLU", "inplace")),
+    "module-named-_modules": lambda p, m: edit(p, lambda d: d["modules"].append(
+        {"name": "_modules", "class": "Identity", "args": {}})),
+    "matmul-compute-bomb": lambda p, m: edit(p, _matmul_bomb()),
     # an index computed from the data: out of range only when it runs (a raw IndexError; on CUDA a device assert)
     "index-from-the-data": lambda p, m: edit(p, insert_before_output(
         node("m", "call_function", "operator.mul", {"$node": "x"}, 1000000.0),
@@ -681,3 +705,13 @@ def test_render_escapes_every_name_a_model_file_brings():
                skipped=[markup], block_layers=3)
     label = _box_label(box, {"segment": "#123456"}, ("segment", "depth"))
     assert "<IMG" not in label and "&lt;IMG" in label
+
+
+def test_a_loaded_model_runs_inference_without_autograd(valid, tmp_path):
+    """The bound on what is alive at once holds only without autograd, which would keep every saved input."""
+    model = load(write(tmp_path / "m.automtl", valid)).eval()
+    assert any(p.requires_grad for p in model.parameters())
+    out = model(torch.randn(2, 3, SIZE, SIZE))
+    assert all(v.grad_fn is None for v in out.values())
+    out = model.train()(torch.randn(2, 3, SIZE, SIZE))  # training a loaded model still has gradients
+    assert any(v.grad_fn is not None for v in out.values())

@@ -40,7 +40,8 @@ _PART = re.compile(r"^[A-Za-z0-9_]+$")
 #: Names a module or attribute may not take: they would shadow the GraphModule's own attributes.
 #: bounds of a node's sharing notes (a layer's module path, task names): far above what a model writes
 MAX_META_CHARS, MAX_META_ITEMS = 1024, 1024
-RESERVED = set(dir(fx.GraphModule)) | {"graph", "code", "_code", "meta"}
+RESERVED = (set(dir(fx.GraphModule)) | set(vars(fx.GraphModule(nn.Module(), fx.Graph())))
+            | {"graph", "code", "_code", "meta"})  # the class's attributes and an instance's own (_modules, _graph)
 _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                        "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
                        "U8": torch.uint8, "BOOL": torch.bool}
@@ -84,6 +85,15 @@ def _build_root(path: str, desc: dict) -> dict:
             raise bad(path, f"has an attribute {name!r} of {math.prod(shape)} elements, beyond its bounds; it is crafted or corrupted")
         t = torch.empty(shape, dtype=dtype, device="meta")
         root[name] = nn.Parameter(t, requires_grad=t.is_floating_point()) if spec.get("kind") == "parameter" else t
+    for name, value in root.items():  # a.b where a is one of the file's modules: b must not replace one of a's own
+        parts = name.split(".")  # attributes (a ReLU's `inplace`), but a tensor may be a's own tensor (a conv's
+        for i in range(1, len(parts)):  # `weight`, read directly by a tied decoder)
+            parent, part = root.get(".".join(parts[:i])), parts[i]
+            own_tensor = (i == len(parts) - 1 and isinstance(value, torch.Tensor) and isinstance(parent, nn.Module)
+                          and (part in parent._parameters or part in parent._buffers))
+            if isinstance(parent, nn.Module) and not own_tensor and (hasattr(parent, part) or part in vars(parent)):
+                raise bad(path, f"has a module or attribute {name[:60]!r} named like an attribute of its parent "
+                                f"{type(parent).__name__}; it is crafted, save the model again")
     return root
 
 
@@ -215,6 +225,9 @@ def _read_weights(path: str, data: bytes) -> dict:
 
 #: Largest activation (elements) a bundle's graph may produce at its recorded input shape: 1 GiB of float32.
 MAX_ACTIVATION = 2**28
+#: Floating-point operations a sample (convolutions and matrix products, as torch's flop counter counts them): about
+#: 3x a VGG-16 at automtl's largest input size (1024 px, 6.5e11), far above what the builtin backbones need.
+MAX_FLOPS_PER_SAMPLE = 2 * 10**12
 #: Elements of all the activations alive at once (after each node, before any is freed): four of the largest.
 MAX_LIVE = 4 * MAX_ACTIVATION
 
@@ -305,9 +318,16 @@ def _output_shapes_ok(task: Task, y: torch.Tensor, n: int) -> bool:
 def shape_check(path: str, gm: fx.GraphModule, tasks: list, dtype: torch.dtype, shape) -> None:
     """Run the graph once on the meta device at ``shape``: every activation bounded, every task's
     output a floating tensor of its kind's shape. Nothing is computed and no memory is taken."""
+    from torch.utils.flop_counter import FlopCounterMode
+
     try:
-        with torch.no_grad():
+        with torch.no_grad(), FlopCounterMode(display=False) as flops:
             out = _BoundedShapes(gm.eval()).run(torch.empty(tuple(shape), device="meta", dtype=dtype))
+        per_sample = flops.get_total_flops() / max(int(shape[0]), 1)
+        if per_sample > MAX_FLOPS_PER_SAMPLE:
+            raise FileFormatError(f"computes {per_sample:.3g} FLOPs a sample at input shape {list(shape)} (torch's flop "
+                                  f"counter: convolutions and matrix products), more than the {MAX_FLOPS_PER_SAMPLE:.0e} "
+                                  "automtl allows; the file is crafted or corrupted")
     except FileFormatError as exc:  # without the note fx's interpreter appends ("While executing ...")
         raise bad(path, str(exc).split("\n\nWhile executing")[0].strip()) from None
     except Exception as exc:  # any op refusing its shapes

@@ -208,6 +208,8 @@ def _no_writes(node: fx.Node, at: str, kinds: dict) -> None:
         bound = sig.bind(*node.args, **node.kwargs).arguments
     except TypeError:
         raise FileFormatError(f"{at} calls {getattr(node.target, '__name__', node.target)} with arguments it does not take; re-save the model") from None
+    if bound.get("out") is not None:  # given by position (F.normalize's fifth): the same write as out=
+        raise FileFormatError(f"{at} writes its result into an existing tensor (out=), which automtl files never do; re-save the model")
     if bound.get("inplace") not in (None, False):
         raise FileFormatError(f"{at} asks for an in-place operation, which automtl files never do; re-save the model")
     if node.target in (F.dropout, F.dropout2d) and bound.get("training", True) is not False:
