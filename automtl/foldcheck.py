@@ -22,8 +22,10 @@ import torch
 from torch import fx
 
 from .errors import BackboneError
-from .policy import SPECIALIZE
+from .policy import SPECIALIZE, Policy
 
+#: the largest image side the check runs at (a smaller example's own; the example's when the backbone refuses it)
+CHECK_SIZE = 32
 #: relative difference (to the largest output) above which the folded pass is not the task-by-task one;
 #: float32 reordering stays near 1e-6, a mixed batch is off by 1e-2 and more
 TOLERANCE = 1e-3
@@ -39,7 +41,8 @@ _DIM_AT = {"narrow": (1, None), "select": (1, None), "index_select": (1, None), 
 def check_tasks_apart(sm) -> None:
     """Raise :class:`BackboneError` when ``sm``'s folded pass mixes the tasks' rows (see the module docstring).
 
-    Runs in eval mode under ``no_grad`` on 3 images a task at the example input's size: the supermodel with
+    Runs in eval mode under ``no_grad`` on 3 images a task at up to 32 px a side (the example input's size when
+    the backbone does not take that): the supermodel with
     every task on its own copy of every policy layer (the copies perturbed by a seeded 5% of their weights'
     spread and the first layer's scaled by 1 + k/2 for task k, restored afterwards from the shared operator
     they were copied from), against the same model run one task at a time; once with one batch for all tasks,
@@ -49,22 +52,16 @@ def check_tasks_apart(sm) -> None:
     :func:`automtl.supermodel` builds, every task's copy equal to the shared operator (that is how they are
     restored).
     """
-    from .reference import run_task_by_task
-
     T, L = sm.num_tasks, len(sm.layer_names)
     if T < 2 or L == 0:
         return
     gen = torch.Generator().manual_seed(0)
-    shape = (3, *tuple(sm.input_shape)[1:])  # 3 a task: a roll or split along the batch cannot line up with it
-    x = torch.rand(shape, generator=gen)  # image-like values in [0, 1): a sqrt or log of the input stays finite
-    # each task's batch drawn from its own range, so that statistics over the whole batch differ between tasks
-    xs = {t: torch.rand(shape, generator=gen) * (1 + k) + 0.5 * k for k, t in enumerate(sm.task_names)}
-    mix = torch.zeros(L, T, 3)
-    mix[:, :, SPECIALIZE] = 1.0
+    C, H, W = tuple(sm.input_shape)[1:]
+    small = (min(H, CHECK_SIZE), min(W, CHECK_SIZE))
     was_training, mode, policy = sm.training, sm.mode, sm.policy
     try:
         sm.eval()
-        sm.mode = "soft"  # the mix given below is what runs; no policy is set
+        sm.hard(Policy.uniform(sm.layer_names, sm.task_names, SPECIALIZE))  # each task runs its own copy only
         with torch.no_grad():
             for i, layer in enumerate(sm.policy_layers):
                 for k, unit in enumerate(layer.specialized):
@@ -72,30 +69,27 @@ def check_tasks_apart(sm) -> None:
                         p.add_(torch.randn(p.shape, generator=gen) * 0.05 * (float(p.std()) if p.numel() > 1 else 1.0))
                     if i == 0:  # the tasks' rows differ in scale from the first layer on (once: no compounding)
                         unit.conv.weight.mul_(1 + 0.5 * k)
-            worst = 0.0
-            for inputs in (x, xs):
-                try:  # torch.fx prints the generated code of a failing forward itself: the sentence replaces it
-                    with contextlib.redirect_stderr(io.StringIO()):
-                        folded, alone = sm(inputs, mix=mix), run_task_by_task(sm, inputs, mix=mix)
-                except Exception as exc:
-                    raise BackboneError(
-                        f"the supermodel fails on a check batch of {shape[0]} images a task ({_first_line(exc)}); a "
-                        "backbone must take any batch size, as training does") from None
-                for t in sm.task_names:
-                    a, b = folded[t], alone[t]
-                    if not torch.equal(torch.isnan(a), torch.isnan(b)):
-                        worst = math.inf  # NaN in one pass and not in the other: the rows were mixed
-                        continue
-                    finite = torch.isfinite(b)
-                    scale = float(b[finite].abs().max()) + 1e-6 if finite.any() else 1.0
-                    worst = max(worst, float((a - b)[finite].abs().max()) / scale if finite.any() else 0.0)
+            # batch mixing does not depend on the image size: a small one is cheap; the example's where it is not taken
+            sizes = [small, (H, W)] if small != (H, W) else [(H, W)]
+            for n, (h, w) in enumerate(sizes):
+                try:
+                    worst = _compare(sm, gen, (3, C, h, w))
+                    break
+                except _Failed as failed:
+                    if n == len(sizes) - 1:
+                        raise BackboneError(
+                            f"the supermodel fails on a check batch of 3 images a task ({failed.args[0]}); a "
+                            "backbone must take any batch size, as training does") from None
     finally:
         with torch.no_grad():
             for layer in sm.policy_layers:
                 for unit in layer.specialized:
                     unit.load_state_dict(layer.shared.state_dict())
         sm.train(was_training)
-        sm.mode, sm.policy = mode, policy
+        if policy is not None:
+            sm.hard(policy)
+        else:
+            sm._set_mode(mode)
     if worst > TOLERANCE:
         where = _batch_op(sm.net.graph, set(sm.layer_names))
         raise BackboneError(
@@ -104,6 +98,36 @@ def check_tasks_apart(sm) -> None:
             + f", so with tasks folded into one batch each task's output would depend on the other tasks' rows "
             f"(off by {worst:.1%} of the output on a check batch); compute that part per sample, or move it out "
             "of the backbone (e.g. test-time augmentation around the model)")
+
+
+class _Failed(Exception):
+    """The supermodel (or the task-by-task run) raised at a check size; args[0] says what."""
+
+
+def _compare(sm, gen: torch.Generator, shape: tuple) -> float:
+    """The largest difference between the one-pass and the task-by-task outputs, relative to the largest output,
+    over one batch for all tasks and a batch per task (inf when NaN appears in one and not the other)."""
+    from .reference import run_task_by_task
+
+    x = torch.rand(shape, generator=gen)  # image-like values in [0, 1): a sqrt or log of the input stays finite
+    # each task's batch drawn from its own range, so that statistics over the whole batch differ between tasks
+    xs = {t: torch.rand(shape, generator=gen) * (1 + k) + 0.5 * k for k, t in enumerate(sm.task_names)}
+    worst = 0.0
+    for inputs in (x, xs):
+        try:  # torch.fx prints the generated code of a failing forward itself: the sentence replaces it
+            with contextlib.redirect_stderr(io.StringIO()):
+                folded, alone = sm(inputs), run_task_by_task(sm, inputs)
+        except Exception as exc:
+            raise _Failed(_first_line(exc)) from None
+        for t in sm.task_names:
+            a, b = folded[t], alone[t]
+            if not torch.equal(torch.isnan(a), torch.isnan(b)):
+                return math.inf  # NaN in one pass and not in the other: the rows were mixed
+            finite = torch.isfinite(b)
+            if finite.any():
+                scale = float(b[finite].abs().max()) + 1e-6
+                worst = max(worst, float((a - b)[finite].abs().max()) / scale)
+    return worst
 
 
 def _batch_op(graph: fx.Graph, layers: set):
