@@ -62,9 +62,10 @@ class CompactModel(nn.Module):
     def forward(self, x: torch.Tensor, tasks: Optional[Sequence[str]] = None) -> dict:
         if self.input_check is not None:
             self.input_check(x)
-            if not self.training and torch.is_grad_enabled():
+            if not self.training and torch.is_grad_enabled() and not x.requires_grad:
                 # a model read from a file runs inference without autograd: the load-time bound on what is
-                # alive at once holds only then (autograd would keep every node's saved inputs)
+                # alive at once holds only then (autograd would keep every node's saved inputs); an input that
+                # asks for gradients (saliency, adversarial examples) gets them
                 with torch.no_grad():
                     return self.forward(x, tasks)
         if tasks is None or list(tasks) == self.task_names:

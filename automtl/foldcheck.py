@@ -17,6 +17,7 @@ import contextlib
 import io
 import math
 import operator
+import warnings
 
 import torch
 from torch import fx
@@ -55,10 +56,18 @@ def check_tasks_apart(sm) -> None:
     T, L = sm.num_tasks, len(sm.layer_names)
     if T < 2 or L == 0:
         return
+    kinds = {(p.device, p.dtype) for p in sm.parameters()}
+    if len(kinds) != 1:  # a backbone on another device or dtype than the heads (built on the CPU in float32)
+        warnings.warn("the check that folding tasks into the batch keeps their rows apart runs on a supermodel whose "
+                      "parameters share one device and dtype; this one has several, so it was skipped",
+                      stacklevel=3)
+        return
+    ((device, dtype),) = kinds
     gen = torch.Generator().manual_seed(0)
     C, H, W = tuple(sm.input_shape)[1:]
     small = (min(H, CHECK_SIZE), min(W, CHECK_SIZE))
-    was_training, mode, policy = sm.training, sm.mode, sm.policy
+    training = {m: m.training for m in sm.modules()}  # each module's own flag (a backbone handed over in eval mode)
+    mode, policy = sm.mode, sm.policy
     try:
         sm.eval()
         sm.hard(Policy.uniform(sm.layer_names, sm.task_names, SPECIALIZE))  # each task runs its own copy only
@@ -66,14 +75,15 @@ def check_tasks_apart(sm) -> None:
             for i, layer in enumerate(sm.policy_layers):
                 for k, unit in enumerate(layer.specialized):
                     for p in unit.parameters():
-                        p.add_(torch.randn(p.shape, generator=gen) * 0.05 * (float(p.std()) if p.numel() > 1 else 1.0))
+                        noise = torch.randn(p.shape, generator=gen).to(device=device, dtype=dtype)
+                        p.add_(noise * 0.05 * (float(p.std()) if p.numel() > 1 else 1.0))
                     if i == 0:  # the tasks' rows differ in scale from the first layer on (once: no compounding)
                         unit.conv.weight.mul_(1 + 0.5 * k)
             # batch mixing does not depend on the image size: a small one is cheap; the example's where it is not taken
             sizes = [small, (H, W)] if small != (H, W) else [(H, W)]
             for n, (h, w) in enumerate(sizes):
                 try:
-                    worst = _compare(sm, gen, (3, C, h, w))
+                    worst = _compare(sm, gen, (3, C, h, w), device, dtype)
                     break
                 except _Failed as failed:
                     if n == len(sizes) - 1:
@@ -85,7 +95,8 @@ def check_tasks_apart(sm) -> None:
             for layer in sm.policy_layers:
                 for unit in layer.specialized:
                     unit.load_state_dict(layer.shared.state_dict())
-        sm.train(was_training)
+        for m, flag in training.items():
+            m.training = flag
         if policy is not None:
             sm.hard(policy)
         else:
@@ -104,14 +115,15 @@ class _Failed(Exception):
     """The supermodel (or the task-by-task run) raised at a check size; args[0] says what."""
 
 
-def _compare(sm, gen: torch.Generator, shape: tuple) -> float:
+def _compare(sm, gen: torch.Generator, shape: tuple, device, dtype) -> float:
     """The largest difference between the one-pass and the task-by-task outputs, relative to the largest output,
     over one batch for all tasks and a batch per task (inf when NaN appears in one and not the other)."""
     from .reference import run_task_by_task
 
-    x = torch.rand(shape, generator=gen)  # image-like values in [0, 1): a sqrt or log of the input stays finite
+    x = torch.rand(shape, generator=gen).to(device=device, dtype=dtype)  # image-like values in [0, 1)
     # each task's batch drawn from its own range, so that statistics over the whole batch differ between tasks
-    xs = {t: torch.rand(shape, generator=gen) * (1 + k) + 0.5 * k for k, t in enumerate(sm.task_names)}
+    xs = {t: (torch.rand(shape, generator=gen) * (1 + k) + 0.5 * k).to(device=device, dtype=dtype)
+          for k, t in enumerate(sm.task_names)}
     worst = 0.0
     for inputs in (x, xs):
         try:  # torch.fx prints the generated code of a failing forward itself: the sentence replaces it

@@ -89,9 +89,10 @@ class RunDirectory:
             if self._replaced is not None:
                 self._settle(finished=exc_type is None)
         finally:
+            if exc_type is not None:
+                self._remove_empty_log()  # while the lock is held: a run starting now must not lose its own log
             self._release()
             if exc_type is not None:
-                self._remove_empty_log()
                 self._remove_if_empty()
 
     def _remove_empty_log(self) -> None:

@@ -4,6 +4,7 @@ A registered kind (:mod:`automtl.kinds`) brings its head, loss and metric; a cus
 """
 from __future__ import annotations
 
+import keyword
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
@@ -18,8 +19,9 @@ MAX_CLASSES = 1_000_000
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 #: names a module uses for itself (``eval``, ``to``, ``forward``): a task's head and branches are modules named after
 #: the task, reached as attributes, so such a name would reach the method instead
-_MODULE_ATTRIBUTES = (frozenset(dir(fx.GraphModule)) | frozenset(dir(nn.ModuleDict)) | frozenset(vars(nn.Module()))
-                      | {"graph", "code", "meta"})
+_MODULE_ATTRIBUTES = (frozenset(dir(fx.GraphModule)) | frozenset(dir(nn.ModuleDict))
+                      | frozenset(vars(fx.GraphModule(nn.Module(), fx.Graph()))) | {"graph", "code", "meta"}
+                      | frozenset(keyword.kwlist))  # and Python's keywords: generated code reads heads.<task>
 
 
 @dataclass
@@ -50,8 +52,8 @@ class Task:
                 "starting with a letter"
             )
         if self.name in _MODULE_ATTRIBUTES or self.name.startswith("__"):
-            raise ConfigError(f"task name {self.name!r} is a name torch modules use for themselves (a method or "
-                              f"attribute of nn.Module); choose another, e.g. {self.name.strip('_') + '_task'!r}")
+            raise ConfigError(f"task name {self.name!r} is a name torch modules or Python use for themselves (a "
+                              f"method or attribute of nn.Module, a keyword); choose another, e.g. {self.name.strip('_') + '_task'!r}")
         if not isinstance(self.kind, str) or (self.kind not in KINDS and self.kind != "custom"):
             raise ConfigError(
                 f"task {self.name!r} has unknown kind {str(self.kind)[:40]!r}; choose one of {', '.join(KINDS)} "

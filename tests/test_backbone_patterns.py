@@ -419,3 +419,33 @@ def test_a_cut_that_leaves_out_the_body_of_the_model_says_so():
         warnings.simplefilter("error")
         automtl.supermodel(ZOO["classifier"](), TASKS, torch.randn(1, 3, SIZE, SIZE))
         automtl.supermodel(_TinyViT(), TASKS, torch.randn(1, 3, SIZE, SIZE), feature_node="embed")
+
+
+def test_the_folding_check_keeps_each_modules_mode_and_skips_a_backbone_of_another_dtype():
+    backbone = ZOO["efficientnet"]().eval()  # handed over in eval mode: its modules stay so in the supermodel
+    sm = automtl.supermodel(backbone, TASKS, torch.randn(1, 3, SIZE, SIZE))
+    reference = automtl.supermodel(ZOO["efficientnet"]().eval(), TASKS, torch.randn(1, 3, SIZE, SIZE))
+    assert [m.training for m in sm.modules()] == [m.training for m in reference.modules()]
+    with pytest.warns(UserWarning, match="several, so it was skipped"):  # float64 backbone, float32 heads
+        automtl.supermodel(ZOO["efficientnet"]().double(), TASKS, torch.randn(1, 3, SIZE, SIZE, dtype=torch.float64))
+
+
+class _NamedLikeAttributes(nn.Module):
+    """Submodules whose names are attributes of an fx GraphModule (`graph`, `meta`, `code`) below the top level."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Module()
+        self.enc.graph, self.enc.meta = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        return self.enc.meta(torch.relu(self.enc.graph(x)))
+
+
+def test_what_save_writes_load_reads_whatever_the_module_names(tmp_path):
+    sm = automtl.supermodel(_NamedLikeAttributes(), TASKS, torch.randn(1, 3, SIZE, SIZE))
+    c = compact(sm, Policy.random(sm.layer_names, sm.task_names, sm.skip_legal, seed=1)).eval()
+    automtl.save(c, tmp_path / "m.automtl")
+    x = torch.randn(2, 3, SIZE, SIZE)
+    loaded = automtl.load(tmp_path / "m.automtl")
+    assert all(close(loaded(x)[t], c(x)[t]) for t in c.task_names)

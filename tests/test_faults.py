@@ -482,14 +482,14 @@ def test_distributed_without_torchrun_is_one_sentence(tmp_path):
     assert proc.stderr.count("\n") == 1 and "rank 0 could not join" in proc.stderr and "torchrun" in proc.stderr
 
 
-@pytest.mark.parametrize("name", ["eval", "to", "training", "forward", "__init__"])
+@pytest.mark.parametrize("name", ["eval", "to", "training", "forward", "__init__", "class", "_graph"])
 def test_a_task_named_like_a_module_method_gets_one_sentence(name, tmp_path):
     """A task's head is a module named after the task; `eval` or `to` would reach the module's own method
     (torch refused it with a raw KeyError in supermodel())."""
     from automtl import Task
     from automtl.errors import ConfigError
 
-    with pytest.raises(ConfigError, match=f"task name '{name}' is a name torch modules use for themselves"):
+    with pytest.raises(ConfigError, match=f"task name '{name}' is a name torch modules or Python use for themselves"):
         Task(name, "depth")
     result = cli("convert", "tiny", "--task", f"{name}:depth", "--steps", "1,1,1", "--out", tmp_path / "run")
     assert result.exit_code == 2 and "Traceback" not in result.output, result.output

@@ -207,8 +207,8 @@ def _module_under(parent_class, part):
     return change
 
 
-def _matmul_bomb(n=20):
-    """n products of 4096 x 4096 matrices made from the input: 2.7e12 FLOPs, minutes of CPU a sample."""
+def _matmul_bomb(n=40):
+    """n products of 4096 x 4096 matrices made from the input: 5.5e12 FLOPs, minutes of CPU a sample."""
     nodes = [node("s", "call_method", "sum", {"$node": "x"}), node("r", "call_method", "reshape", {"$node": "s"}, 1, 1),
              node("big", "call_method", "expand", {"$node": "r"}, 4096, 4096)]
     for i in range(n):
@@ -715,3 +715,17 @@ def test_a_loaded_model_runs_inference_without_autograd(valid, tmp_path):
     assert all(v.grad_fn is None for v in out.values())
     out = model.train()(torch.randn(2, 3, SIZE, SIZE))  # training a loaded model still has gradients
     assert any(v.grad_fn is not None for v in out.values())
+
+
+def _pooling_bomb():
+    """One max pooling with a 2048-wide window on a 4096 x 4096 map: no FLOPs for torch's counter, 1.8e13 reads."""
+    return insert_before_output(
+        node("s", "call_method", "sum", {"$node": "x"}), node("r", "call_method", "reshape", {"$node": "s"}, 1, 1, 1, 1),
+        node("big", "call_method", "expand", {"$node": "r"}, 1, 1, 4096, 4096),
+        node("p", "call_function", "torch.nn.functional.max_pool2d", {"$node": "big"}, 2048, 1), use_last=False)
+
+
+def test_work_that_the_flop_counter_does_not_see_is_bounded(valid, tmp_path):
+    path = write(tmp_path / "pool.automtl", edit(valid, _pooling_bomb()))
+    with pytest.raises(FileFormatError, match="element operations .*pooling windows"):
+        load(path)

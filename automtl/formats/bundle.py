@@ -77,8 +77,9 @@ def _safe_names(targets) -> dict:
     out, used = {}, set()
     for target in targets:
         parts = [re.sub(r"[^A-Za-z0-9_]", "_", p) or "_" for p in target.split(".")]
-        if parts[0] in RESERVED or not _IDENT.match(parts[0]):
-            parts[0] = f"m_{parts[0]}"
+        # every part the reader refuses (a module's own attribute, a dunder; a first part that is no identifier)
+        parts = [f"m_{p}" if p in RESERVED or p.startswith("__") or (i == 0 and not _IDENT.match(p)) else p
+                 for i, p in enumerate(parts)]
         name, i = ".".join(parts), 1
         while name in used:
             name, i = f"{'.'.join(parts)}_{i}", i + 1

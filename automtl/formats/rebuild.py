@@ -225,9 +225,13 @@ def _read_weights(path: str, data: bytes) -> dict:
 
 #: Largest activation (elements) a bundle's graph may produce at its recorded input shape: 1 GiB of float32.
 MAX_ACTIVATION = 2**28
-#: Floating-point operations a sample (convolutions and matrix products, as torch's flop counter counts them): about
-#: 3x a VGG-16 at automtl's largest input size (1024 px, 6.5e11), far above what the builtin backbones need.
+#: Floating-point operations a sample and task (convolutions and matrix products, as torch's flop counter counts
+#: them): about 3x a VGG-16 at automtl's largest input size (1024 px, 6.5e11), far above the builtin backbones.
 MAX_FLOPS_PER_SAMPLE = 2 * 10**12
+#: Element operations a sample and task that the flop counter does not see (every node's output elements once, a
+#: pooling's window times): 2^36, some 30x a ResNet-50 at 1024 px; a chain of 2^28-element nodes or a 4096-wide
+#: pooling window on a large map stops here.
+MAX_WORK_PER_SAMPLE = 2**36
 #: Elements of all the activations alive at once (after each node, before any is freed): four of the largest.
 MAX_LIVE = 4 * MAX_ACTIVATION
 
@@ -283,13 +287,43 @@ class _BoundedShapes(fx.Interpreter):
             raise FileFormatError(f"has node {n.name!r} after which {live} activation elements are alive at once, "
                                   f"more than the {MAX_LIVE} automtl allows; the file is crafted or corrupted")
 
+    work = 0  # element operations so far: every output element once, a pooling's window times (MAX_WORK_PER_SAMPLE)
+    max_work = math.inf
+
+    def _window(self, n: fx.Node, name: str) -> int:
+        """Elements a pooling reads for each it writes (1 for anything else; an adaptive pooling reads its whole
+        input, counted by the caller)."""
+        if n.op == "call_module":
+            mod = self.fetch_attr(n.target)
+            name, k = type(mod).__name__.lower(), getattr(mod, "kernel_size", None)
+        else:
+            args, kwargs = self.fetch_args_kwargs_from_env(n)
+            k = kwargs.get("kernel_size", args[1] if len(args) > 1 else None)
+        if "pool" not in name.lower() or "adaptive" in name.lower() or k is None:
+            return 1
+        if isinstance(k, int):
+            k = (k,) * (3 if "3d" in name.lower() else 1 if "1d" in name.lower() else 2)
+        return math.prod(int(v) for v in k) if all(isinstance(v, int) for v in k) else 1
+
     def run_node(self, n: fx.Node):
         name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")
         if name in ("unbind", "split", "chunk", "tensor_split", "split_with_sizes") and n.op != "call_module":
             self._check_pieces(n, name)  # before it runs: 2^28 pieces of a meta tensor would take minutes and GBs
+        window, read = 1, 0
+        if n.op in ("call_module", "call_function", "call_method"):
+            window = self._window(n, name)
+            kind = type(self.fetch_attr(n.target)).__name__ if n.op == "call_module" else name
+            if "adaptive" in kind.lower():  # reads its whole input whatever its output size
+                read = sum(a.numel() for a in self.fetch_args_kwargs_from_env(n)[0] if isinstance(a, torch.Tensor))
         out = super().run_node(n)
         if n.op != "get_attr":
             self._check_live(n, out)
+            made = [v for v in (out if isinstance(out, (tuple, list)) else (out,)) if isinstance(v, torch.Tensor)]
+            self.work += sum(v.numel() for v in made) * window + read
+            if self.work > self.max_work:
+                raise FileFormatError(f"has node {n.name!r} after which the graph has done {self.work:.3g} element "
+                                      f"operations (outputs, pooling windows), more than the {self.max_work:.3g} automtl "
+                                      "allows at this input shape; the file is crafted or corrupted")
         stack = [out]
         while stack:
             v = stack.pop()
@@ -321,13 +355,16 @@ def shape_check(path: str, gm: fx.GraphModule, tasks: list, dtype: torch.dtype, 
     from torch.utils.flop_counter import FlopCounterMode
 
     try:
+        interpreter = _BoundedShapes(gm.eval())
+        interpreter.max_work = MAX_WORK_PER_SAMPLE * max(int(shape[0]), 1) * max(len(tasks), 1)
         with torch.no_grad(), FlopCounterMode(display=False) as flops:
-            out = _BoundedShapes(gm.eval()).run(torch.empty(tuple(shape), device="meta", dtype=dtype))
+            out = interpreter.run(torch.empty(tuple(shape), device="meta", dtype=dtype))
         per_sample = flops.get_total_flops() / max(int(shape[0]), 1)
-        if per_sample > MAX_FLOPS_PER_SAMPLE:
+        limit = MAX_FLOPS_PER_SAMPLE * max(len(tasks), 1)  # each task may run a backbone of its own
+        if per_sample > limit:
             raise FileFormatError(f"computes {per_sample:.3g} FLOPs a sample at input shape {list(shape)} (torch's flop "
-                                  f"counter: convolutions and matrix products), more than the {MAX_FLOPS_PER_SAMPLE:.0e} "
-                                  "automtl allows; the file is crafted or corrupted")
+                                  f"counter: convolutions and matrix products), more than the {limit:.0e} "
+                                  f"automtl allows for {len(tasks)} task(s); the file is crafted or corrupted")
     except FileFormatError as exc:  # without the note fx's interpreter appends ("While executing ...")
         raise bad(path, str(exc).split("\n\nWhile executing")[0].strip()) from None
     except Exception as exc:  # any op refusing its shapes

@@ -253,8 +253,10 @@ def check_graph(graph: fx.Graph, where: str) -> None:
                 raise FileFormatError(f"{at} calls a function that is not on automtl's reviewed vocabulary; re-save the model")
             _no_writes(node, at, kinds)
             if name == "operator.getitem" and arg_kinds[:1] == [TENSOR] and _holds_tensor(node.args[1:], kinds):
-                raise FileFormatError(f"{at} indexes a tensor with another tensor, whose values only the data decides (an "
-                                      "index out of range fails only when it runs); automtl files never do, re-save the model")
+                raise FileFormatError(f"{at} indexes a tensor with another tensor (a lookup table, or an index computed "
+                                      "from the data), which an .automtl file does not describe: only the index's values "
+                                      "decide whether it is in range, and they are known only when it runs; write a .pt2 "
+                                      "with automtl.export() instead")
             kinds[node] = _function_kind(name, FUNCTIONS[name][1], node.args, arg_kinds, at)
         elif node.op == "call_method":
             kinds[node] = _method_kind(node.target, node.args, arg_kinds, at)
