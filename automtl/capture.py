@@ -407,8 +407,9 @@ def _dropped_body(gm: fx.GraphModule, node: fx.Node) -> list:
 
     count = {False: {}, True: {}}  # kept? -> {module or attribute path: parameters}
     for n in gm.graph.nodes:
-        if n.op in ("call_module", "get_attr") and params(n):
-            count[n in kept][n.target] = params(n)
+        held = params(n)
+        if held:
+            count[n in kept][n.target] = held
     dropped = {t: v for t, v in count[False].items() if t not in count[True]}
     kept_params, dropped_params = sum(count[True].values()), sum(dropped.values())
     if len(dropped) <= DROPPED_MODULES_WARN or dropped_params <= kept_params:

@@ -22,6 +22,7 @@ import warnings
 import torch
 from torch import fx
 
+from .capture import _first_line
 from .errors import BackboneError
 from .policy import SPECIALIZE, Policy
 
@@ -43,15 +44,14 @@ def check_tasks_apart(sm) -> None:
     """Raise :class:`BackboneError` when ``sm``'s folded pass mixes the tasks' rows (see the module docstring).
 
     Runs in eval mode under ``no_grad`` on 3 images a task at up to 32 px a side (the example input's size when
-    the backbone does not take that): the supermodel with
-    every task on its own copy of every policy layer (the copies perturbed by a seeded 5% of their weights'
+    the backbone does not take that): the supermodel with every task on its own copy of every policy layer (the copies perturbed by a seeded 5% of their weights'
     spread and the first layer's scaled by 1 + k/2 for task k, restored afterwards from the shared operator
     they were copied from), against the same model run one task at a time; once with one batch for all tasks,
     once with a batch per task, each task's drawn from its own range. Train-mode-only code is not run (its
     random draws could not be matched between the two passes): a norm written by hand that uses batch
-    statistics only in training is not seen. Changes nothing: modes, weights and random state are as before. It expects what
-    :func:`automtl.supermodel` builds, every task's copy equal to the shared operator (that is how they are
-    restored).
+    statistics only in training is not seen. Changes nothing: modes, weights and random state are as before.
+    It expects what :func:`automtl.supermodel` builds, every task's copy equal to the shared operator (that is
+    how they are restored).
     """
     T, L = sm.num_tasks, len(sm.layer_names)
     if T < 2 or L == 0:
@@ -155,11 +155,6 @@ def _batch_op(graph: fx.Graph, layers: set):
         if _along_batch(n):
             return n
     return None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:160] if text else type(exc).__name__
 
 
 def _name(n: fx.Node) -> str:

@@ -98,12 +98,12 @@ class SuperModel(nn.Module):
         for n in gm.graph.nodes:
             if n.op == "call_module":
                 uses[n.target] = uses.get(n.target, 0) + 1
-        read_directly = _read_directly(graphs) | _off_the_input(graphs)
+        plain = _read_directly(graphs) | _off_the_input(graphs)  # convs that stay plain modules
         self.layer_names: list[str] = []
         self.layer_info: list[LayerInfo] = []
         fused: dict = {}  # conv module path -> the norm module path fused with it
         for node in cap.conv_nodes:
-            if node.target in self.layer_names or node.target in read_directly:
+            if node.target in self.layer_names or node.target in plain:
                 continue  # a conv module called twice is one policy layer; one whose weight is read directly, or
                 # that runs on a value the input does not reach, stays as is
             conv = gm.get_submodule(node.target)

@@ -17,11 +17,13 @@ from .kinds import KINDS, TaskKind
 #: The most classes a task may have (ImageNet-21k has 21,841).
 MAX_CLASSES = 1_000_000
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
-#: names a module uses for itself (``eval``, ``to``, ``forward``): a task's head and branches are modules named after
-#: the task, reached as attributes, so such a name would reach the method instead
-_MODULE_ATTRIBUTES = (frozenset(dir(fx.GraphModule)) | frozenset(dir(nn.ModuleDict))
-                      | frozenset(vars(fx.GraphModule(nn.Module(), fx.Graph()))) | {"graph", "code", "meta"}
-                      | frozenset(keyword.kwlist))  # and Python's keywords: generated code reads heads.<task>
+#: Names a module uses for itself (``eval``, ``to``, ``forward``, an instance's ``_modules`` or ``_graph``): the
+#: class's attributes and an instance's own. Generated code reaches submodules as attributes, so a submodule, a
+#: task (its head and branches are modules named after it) or a bundle's module path may not take one.
+MODULE_ATTRIBUTES = (frozenset(dir(fx.GraphModule)) | frozenset(vars(fx.GraphModule(nn.Module(), fx.Graph())))
+                     | {"graph", "code", "meta"})
+#: and for a task, the head dict's methods and Python's keywords (generated code reads ``heads.<task>``)
+_TASK_NAMES_TAKEN = MODULE_ATTRIBUTES | frozenset(dir(nn.ModuleDict)) | frozenset(keyword.kwlist)
 
 
 @dataclass
@@ -51,7 +53,7 @@ class Task:
                 f"task name {str(self.name)[:70]!r} is not a valid identifier; use up to 64 letters, digits and underscores, "
                 "starting with a letter"
             )
-        if self.name in _MODULE_ATTRIBUTES or self.name.startswith("__"):
+        if self.name in _TASK_NAMES_TAKEN or self.name.startswith("__"):
             raise ConfigError(f"task name {self.name!r} is a name torch modules or Python use for themselves (a "
                               f"method or attribute of nn.Module, a keyword); choose another, e.g. {self.name.strip('_') + '_task'!r}")
         if not isinstance(self.kind, str) or (self.kind not in KINDS and self.kind != "custom"):

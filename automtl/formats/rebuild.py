@@ -21,7 +21,7 @@ from torch import fx, nn
 from ..errors import AutomtlError, FileFormatError
 from ..kinds import shape_fits
 from ..policy import Policy
-from ..tasks import Task
+from ..tasks import MODULE_ATTRIBUTES, Task
 from .codec import DTYPES, decode
 from .lowering import META_KEYS
 from .modules import build_module
@@ -37,11 +37,10 @@ DESCRIPTION_KEYS = {"automtl_bundle", "automtl_version", "dtype", "input_shape",
                     "attributes", "nodes"}
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _PART = re.compile(r"^[A-Za-z0-9_]+$")
-#: Names a module or attribute may not take: they would shadow the GraphModule's own attributes.
 #: bounds of a node's sharing notes (a layer's module path, task names): far above what a model writes
 MAX_META_CHARS, MAX_META_ITEMS = 1024, 1024
-RESERVED = (set(dir(fx.GraphModule)) | set(vars(fx.GraphModule(nn.Module(), fx.Graph())))
-            | {"graph", "code", "_code", "meta"})  # the class's attributes and an instance's own (_modules, _graph)
+#: Names a module or attribute may not take: they would shadow the GraphModule's own attributes.
+RESERVED = MODULE_ATTRIBUTES
 _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                        "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
                        "U8": torch.uint8, "BOOL": torch.bool}
@@ -290,31 +289,32 @@ class _BoundedShapes(fx.Interpreter):
     work = 0  # element operations so far: every output element once, a pooling's window times (MAX_WORK_PER_SAMPLE)
     max_work = math.inf
 
-    def _window(self, n: fx.Node, name: str) -> int:
-        """Elements a pooling reads for each it writes (1 for anything else; an adaptive pooling reads its whole
-        input, counted by the caller)."""
+    def _pooling_work(self, n: fx.Node, name: str) -> tuple:
+        """``(window, read)``: elements a pooling reads for each it writes, and an adaptive pooling's whole input
+        (it reads all of it whatever its output size); ``(1, 0)`` for anything else."""
         if n.op == "call_module":
             mod = self.fetch_attr(n.target)
-            name, k = type(mod).__name__.lower(), getattr(mod, "kernel_size", None)
+            kind, k = type(mod).__name__.lower(), getattr(mod, "kernel_size", None)
+        elif n.op in ("call_function", "call_method"):
+            kind, k = name.lower(), None
         else:
-            args, kwargs = self.fetch_args_kwargs_from_env(n)
+            return 1, 0
+        if "pool" not in kind:
+            return 1, 0
+        args, kwargs = self.fetch_args_kwargs_from_env(n)
+        if "adaptive" in kind:
+            return 1, sum(a.numel() for a in args if isinstance(a, torch.Tensor))
+        if n.op != "call_module":
             k = kwargs.get("kernel_size", args[1] if len(args) > 1 else None)
-        if "pool" not in name.lower() or "adaptive" in name.lower() or k is None:
-            return 1
         if isinstance(k, int):
-            k = (k,) * (3 if "3d" in name.lower() else 1 if "1d" in name.lower() else 2)
-        return math.prod(int(v) for v in k) if all(isinstance(v, int) for v in k) else 1
+            k = (k,) * (3 if "3d" in kind else 1 if "1d" in kind else 2)
+        return (math.prod(int(v) for v in k), 0) if isinstance(k, (tuple, list)) and all(isinstance(v, int) for v in k) else (1, 0)
 
     def run_node(self, n: fx.Node):
         name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")
         if name in ("unbind", "split", "chunk", "tensor_split", "split_with_sizes") and n.op != "call_module":
             self._check_pieces(n, name)  # before it runs: 2^28 pieces of a meta tensor would take minutes and GBs
-        window, read = 1, 0
-        if n.op in ("call_module", "call_function", "call_method"):
-            window = self._window(n, name)
-            kind = type(self.fetch_attr(n.target)).__name__ if n.op == "call_module" else name
-            if "adaptive" in kind.lower():  # reads its whole input whatever its output size
-                read = sum(a.numel() for a in self.fetch_args_kwargs_from_env(n)[0] if isinstance(a, torch.Tensor))
+        window, read = self._pooling_work(n, name)
         out = super().run_node(n)
         if n.op != "get_attr":
             self._check_live(n, out)
