@@ -8,8 +8,10 @@ with sizes of its own) would mix the tasks' rows: silently wrong numbers. No lis
 name every way to do that, so :func:`check_tasks_apart` asks the graph: on a small batch, with every
 task's copy of every policy layer given its own weights, the supermodel must equal the same model run
 one task at a time (:func:`automtl.reference.run_task_by_task`), with one image batch for all tasks
-and with a batch per task. A backbone that fails is refused, naming the first operation along the
-batch dimension it found.
+and with a batch per task. Train mode has random draws (dropout) that two different passes cannot
+share, so there the check asks the folded pass alone: run twice from the same random state, with
+only task 0's rows changed, every other task's output must stay as it was. A backbone that fails
+either check is refused, naming the first operation along the batch dimension it found.
 """
 from __future__ import annotations
 
@@ -31,6 +33,8 @@ CHECK_SIZE = 32
 #: relative difference (to the largest output) above which the folded pass is not the task-by-task one;
 #: float32 reordering stays near 1e-6, a mixed batch is off by 1e-2 and more
 TOLERANCE = 1e-3
+#: the length of the random block a copy's perturbation repeats (prime: the pattern does not follow channels)
+NOISE_BLOCK = 4099
 _REDUCTIONS = {"mean", "sum", "std", "var", "amax", "amin", "prod", "max", "min", "logsumexp", "norm", "median",
                "nanmean", "nansum", "std_mean", "var_mean", "cumsum", "cumprod", "softmax", "log_softmax",
                "argmax", "argmin", "all", "any", "count_nonzero"}
@@ -43,15 +47,16 @@ _DIM_AT = {"narrow": (1, None), "select": (1, None), "index_select": (1, None), 
 def check_tasks_apart(sm) -> None:
     """Raise :class:`BackboneError` when ``sm``'s folded pass mixes the tasks' rows (see the module docstring).
 
-    Runs in eval mode under ``no_grad`` on 3 images a task at up to 32 px a side (the example input's size when
-    the backbone does not take that): the supermodel with every task on its own copy of every policy layer (the copies perturbed by a seeded 5% of their weights'
-    spread and the first layer's scaled by 1 + k/2 for task k, restored afterwards from the shared operator
-    they were copied from), against the same model run one task at a time; once with one batch for all tasks,
-    once with a batch per task, each task's drawn from its own range. Train-mode-only code is not run (its
-    random draws could not be matched between the two passes): a norm written by hand that uses batch
-    statistics only in training is not seen. Changes nothing: modes, weights and random state are as before.
-    It expects what :func:`automtl.supermodel` builds, every task's copy equal to the shared operator (that is
-    how they are restored).
+    Runs under ``no_grad`` on 3 images a task at up to 32 px a side (the example input's size when the backbone
+    does not take that), with every task on its own copy of every policy layer (the copies perturbed by a seeded
+    5% of their weights' spread and the first layer's scaled by 1 + k/2 for task k). Eval mode: the supermodel
+    against the same model run one task at a time, once with one batch for all tasks and once with a batch per
+    task, each task's drawn from its own range. Train mode: the supermodel twice from the same random state (the
+    same dropout masks), the second time with task 0's rows changed (its batch, or with one batch for all tasks
+    its first layer's copy); the other tasks' outputs must not move. This is how batch statistics a backbone
+    computes by hand in training only (``x.mean((0, 2, 3))`` under ``if self.training``) are found; a random draw
+    that depends on the data itself would be refused too. Changes nothing: weights, buffers (running
+    statistics), each module's train flag, the mode and the random state are as before.
     """
     T, L = sm.num_tasks, len(sm.layer_names)
     if T < 2 or L == 0:
@@ -68,6 +73,11 @@ def check_tasks_apart(sm) -> None:
     small = (min(H, CHECK_SIZE), min(W, CHECK_SIZE))
     training = {m: m.training for m in sm.modules()}  # each module's own flag (a backbone handed over in eval mode)
     mode, policy = sm.mode, sm.policy
+    buffers = [(b, b.detach().clone()) for b in sm.buffers()]  # train mode moves running statistics
+    copies = [(unit, layer.shared) for layer in sm.policy_layers for unit in layer.specialized]
+    # a fresh supermodel's copies are its shared operators (restored from them); trained ones are kept aside
+    kept = None if all(_same(unit, shared) for unit, shared in copies) else [
+        {k: v.detach().clone() for k, v in unit.state_dict().items()} for unit, _ in copies]
     try:
         sm.eval()
         sm.hard(Policy.uniform(sm.layer_names, sm.task_names, SPECIALIZE))  # each task runs its own copy only
@@ -75,7 +85,7 @@ def check_tasks_apart(sm) -> None:
             for i, layer in enumerate(sm.policy_layers):
                 for k, unit in enumerate(layer.specialized):
                     for p in unit.parameters():
-                        noise = torch.randn(p.shape, generator=gen).to(device=device, dtype=dtype)
+                        noise = _noise(p.shape, gen).to(device=device, dtype=dtype)
                         p.add_(noise * 0.05 * (float(p.std()) if p.numel() > 1 else 1.0))
                     if i == 0:  # the tasks' rows differ in scale from the first layer on (once: no compounding)
                         unit.conv.weight.mul_(1 + 0.5 * k)
@@ -84,6 +94,7 @@ def check_tasks_apart(sm) -> None:
             for n, (h, w) in enumerate(sizes):
                 try:
                     worst = _compare(sm, gen, (3, C, h, w), device, dtype)
+                    moved = 0.0 if worst > TOLERANCE else _interference(sm, gen, (3, C, h, w), device, dtype, buffers)
                     break
                 except _Failed as failed:
                     if n == len(sizes) - 1:
@@ -92,9 +103,10 @@ def check_tasks_apart(sm) -> None:
                             "backbone must take any batch size, as training does") from None
     finally:
         with torch.no_grad():
-            for layer in sm.policy_layers:
-                for unit in layer.specialized:
-                    unit.load_state_dict(layer.shared.state_dict())
+            for i, (unit, shared) in enumerate(copies):
+                unit.load_state_dict(shared.state_dict() if kept is None else kept[i])
+            for b, value in buffers:
+                b.copy_(value)
         for m, flag in training.items():
             m.training = flag
         if policy is not None:
@@ -109,6 +121,14 @@ def check_tasks_apart(sm) -> None:
             + f", so with tasks folded into one batch each task's output would depend on the other tasks' rows "
             f"(off by {worst:.1%} of the output on a check batch); compute that part per sample, or move it out "
             "of the backbone (e.g. test-time augmentation around the model)")
+    if moved > TOLERANCE:
+        where = _batch_op(sm._net_for(per_task_input=True, train=True).graph, set(sm.layer_names))
+        raise BackboneError(
+            "the backbone mixes the samples of a batch in train mode"
+            + (f" (at node {where.name!r}: {_describe(where)})" if where is not None else "")
+            + f", so with tasks folded into one batch each task's training would depend on the other tasks' rows "
+            f"(another task's rows moved an output by {moved:.1%} on a check batch); compute batch statistics with "
+            "a BatchNorm module or F.batch_norm, which automtl keeps per task, or compute that part per sample")
 
 
 class _Failed(Exception):
@@ -140,6 +160,68 @@ def _compare(sm, gen: torch.Generator, shape: tuple, device, dtype) -> float:
                 scale = float(b[finite].abs().max()) + 1e-6
                 worst = max(worst, float((a - b)[finite].abs().max()) / scale)
     return worst
+
+
+def _interference(sm, gen: torch.Generator, shape: tuple, device, dtype, buffers: list) -> float:
+    """Train mode: the largest move of tasks 1..T-1's outputs (relative to their largest output) when only task
+    0's rows change, with one batch for all tasks (task 0's first-layer copy changed) and with a batch per task
+    (task 0's batch changed); each pass starts from the same random state and running statistics."""
+    x = torch.rand(shape, generator=gen).to(device=device, dtype=dtype)
+    xs = {t: (torch.rand(shape, generator=gen) * (1 + k) + 0.5 * k).to(device=device, dtype=dtype)
+          for k, t in enumerate(sm.task_names)}
+    other = (torch.rand(shape, generator=gen) * 4 - 1).to(device=device, dtype=dtype)
+    first = list(sm.policy_layers[0].specialized[0].parameters())  # task 0's copy of the first layer
+    was = [p.detach().clone() for p in first]
+    changed_to = [w + (torch.randn(w.shape, generator=gen) * 0.5).to(device=device, dtype=dtype)
+                  * (float(w.std()) if w.numel() > 1 else 1.0) for w in was]
+
+    def set_first(values: list) -> None:
+        for p, value in zip(first, values):
+            p.copy_(value)
+
+    cases = [(x, lambda: set_first(changed_to), lambda: set_first(was)), (xs, None, None)]
+    devices = [device] if device.type == "cuda" else []
+    worst = 0.0
+    sm.train()
+    for inputs, before, after in cases:
+        outs = []
+        for changed in (False, True):
+            for b, value in buffers:
+                b.copy_(value)
+            run = dict(inputs, **{sm.task_names[0]: other}) if changed and isinstance(inputs, dict) else inputs
+            if changed and before is not None:
+                before()
+            try:
+                with torch.random.fork_rng(devices=devices), contextlib.redirect_stderr(io.StringIO()):
+                    torch.manual_seed(0)
+                    outs.append(sm(run))
+            except Exception as exc:
+                raise _Failed(f"in train mode: {_first_line(exc)}") from None
+            finally:
+                if changed and after is not None:
+                    after()
+        for t in sm.task_names[1:]:
+            a, b = outs[0][t], outs[1][t]
+            if not torch.equal(torch.isnan(a), torch.isnan(b)):
+                return math.inf
+            finite = torch.isfinite(a)
+            if finite.any():
+                worst = max(worst, float((a - b)[finite].abs().max()) / (float(a[finite].abs().max()) + 1e-6))
+    return worst
+
+
+def _noise(shape: torch.Size, gen: torch.Generator) -> torch.Tensor:
+    """Standard normal values of ``shape``: a seeded block of a prime length, repeated (drawing every element costs
+    ResNet-50's three copies a third of a second; a copy only needs to differ from the others)."""
+    n = math.prod(shape)
+    block = torch.randn(min(n, NOISE_BLOCK), generator=gen)
+    return block.repeat(-(-n // block.numel()))[:n].view(shape)
+
+
+def _same(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    """True when two modules' state dicts hold equal tensors under the same keys."""
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
 def _batch_op(graph: fx.Graph, layers: set):

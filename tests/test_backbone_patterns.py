@@ -10,6 +10,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import automtl
@@ -352,6 +353,64 @@ def test_a_backbone_that_mixes_the_samples_of_a_batch_is_refused(pattern):
     where = f" \\(at node '{op}" if op else ""
     with pytest.raises(BackboneError, match=f"mixes the samples of a batch{where}"):
         automtl.supermodel(make(), TASKS, torch.randn(1, 3, SIZE, SIZE))
+
+
+class _TrainOnly(nn.Module):
+    """Two convs around ``mix``, applied in train mode only (eval mode is per sample): the eval-mode check cannot
+    see it; each task's training would depend on the other tasks' rows."""
+
+    def __init__(self, mix):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.mix = mix
+
+    def forward(self, x):
+        y = self.c1(x)
+        if self.training:
+            y = self.mix(y)
+        return self.c2(torch.relu(y))
+
+
+def _hand_norm(y):
+    mean, var = y.mean((0, 2, 3), keepdim=True), y.var((0, 2, 3), keepdim=True)
+    return (y - mean) / (var + 1e-5).sqrt()
+
+
+TRAIN_ONLY_MIXERS = {
+    "batch statistics by hand": (lambda: _TrainOnly(_hand_norm), "mean"),
+    "a random shuffle of the batch": (lambda: _TrainOnly(lambda y: y + y[torch.randperm(y.shape[0])]), None),
+    "mixup with the mirrored batch": (lambda: _TrainOnly(lambda y: 0.7 * y + 0.3 * y.flip(0)), "flip"),
+    "dropout then a batch mean": (lambda: _TrainOnly(lambda y: F.dropout(y, 0.5) - F.dropout(y, 0.5).mean(0)), "mean"),
+}
+
+
+@pytest.mark.parametrize("pattern", sorted(TRAIN_ONLY_MIXERS))
+def test_a_backbone_that_mixes_the_batch_in_train_mode_only_is_refused(pattern):
+    """Random draws (the shuffle, dropout) are repeated from one random state, so only the other task's rows
+    can move an output: the check refuses batch mixing that eval mode does not have."""
+    make, op = TRAIN_ONLY_MIXERS[pattern]
+    where = f" \\(at node '{op}" if op else ""
+    with pytest.raises(BackboneError, match=f"mixes the samples of a batch in train mode{where}.*F.batch_norm"):
+        automtl.supermodel(make(), TASKS, torch.randn(1, 3, SIZE, SIZE))
+
+
+def test_the_folding_check_keeps_trained_copies():
+    """A supermodel whose task copies were trained apart keeps them through the check (restored, not re-copied)."""
+    from automtl.foldcheck import check_tasks_apart
+
+    torch.manual_seed(0)
+    sm = automtl.supermodel(ZOO["efficientnet"](), TASKS, torch.randn(1, 3, SIZE, SIZE))
+    with torch.no_grad():
+        for layer in sm.policy_layers:
+            for unit in layer.specialized:
+                for p in unit.parameters():
+                    p.add_(torch.randn_like(p))
+    sm.train()
+    sm(torch.randn(4, 3, SIZE, SIZE))  # running statistics moved by training
+    before = {k: v.clone() for k, v in sm.state_dict().items()}
+    check_tasks_apart(sm)
+    after = sm.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
 
 def test_a_backbone_that_takes_one_image_only_is_refused_in_one_sentence():
