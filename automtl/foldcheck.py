@@ -180,7 +180,9 @@ def _interference(sm, gen: torch.Generator, shape: tuple, device, dtype, buffers
             p.copy_(value)
 
     cases = [(x, lambda: set_first(changed_to), lambda: set_first(was)), (xs, None, None)]
-    devices = [device] if device.type == "cuda" else []
+    # the random state forked and reset: the CPU's, and the accelerator's where the supermodel runs on one
+    fork = dict(devices=[], device_type="cuda") if device.type == "cpu" else dict(devices=[device],
+                                                                                     device_type=device.type)
     worst = 0.0
     sm.train()
     for inputs, before, after in cases:
@@ -192,8 +194,8 @@ def _interference(sm, gen: torch.Generator, shape: tuple, device, dtype, buffers
             if changed and before is not None:
                 before()
             try:
-                with torch.random.fork_rng(devices=devices), contextlib.redirect_stderr(io.StringIO()):
-                    torch.manual_seed(0)
+                with torch.random.fork_rng(**fork), contextlib.redirect_stderr(io.StringIO()):
+                    _seed(device)
                     outs.append(sm(run))
             except Exception as exc:
                 raise _Failed(f"in train mode: {_first_line(exc)}") from None
@@ -208,6 +210,17 @@ def _interference(sm, gen: torch.Generator, shape: tuple, device, dtype, buffers
             if finite.any():
                 worst = max(worst, float((a - b)[finite].abs().max()) / (float(a[finite].abs().max()) + 1e-6))
     return worst
+
+
+def _seed(device: torch.device) -> None:
+    """Seed the CPU's generator and ``device``'s (not every device's, as ``torch.manual_seed`` would: the fork
+    around this call restores only those two)."""
+    torch.random.default_generator.manual_seed(0)
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            torch.cuda.manual_seed(0)
+    elif device.type != "cpu":
+        getattr(torch, device.type).manual_seed(0)
 
 
 def _noise(shape: torch.Size, gen: torch.Generator) -> torch.Tensor:
