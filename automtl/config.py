@@ -221,6 +221,14 @@ class SearchConfig:
             raise ConfigError(f"config field 'finetune_decay_fraction' must be above 0 and at most 1, got {self.finetune_decay_fraction}")
         if not 0 <= self.conflict_futility < 0.5:  # from 0.5 on, a pair in conflict now could count as futile
             raise ConfigError(f"config field 'conflict_futility' must be at least 0 and below 0.5, got {self.conflict_futility}")
+        if not self.momentum < 1:  # SGD's velocity grows without bound from 1 on
+            raise ConfigError(f"config field 'momentum' must be below 1, got {self.momentum}")
+        if not self.tau_decay <= 1:
+            raise ConfigError(f"config field 'tau_decay' is a decay: at most 1 (the Gumbel-softmax temperature falls or "
+                              f"stays), got {self.tau_decay}")
+        if not self.tau_min <= self.tau_start:
+            raise ConfigError(f"config field 'tau_min' ({self.tau_min}) is above 'tau_start' ({self.tau_start}); the "
+                              "temperature starts at tau_start and falls to tau_min")
         if not 0 <= self.holdout_fraction < 1:
             raise ConfigError(f"config field 'holdout_fraction' must be at least 0 and below 1, got {self.holdout_fraction}")
 

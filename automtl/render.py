@@ -36,6 +36,8 @@ def render(model_or_policy, path, format: Optional[str] = None, title: Optional[
     A CompactModel gives its graph and its policy grid side by side; a SuperModel with a hard
     policy is compiled first; a Policy alone gives the grid. The file appears whole or not at all.
     """
+    if not str(path):
+        raise AutomtlError("cannot draw to an empty path; give a file name ending in .svg, .png or .pdf")
     path = Path(path)
     fmt = (format or path.suffix.lstrip(".")).lower()
     if fmt not in FORMATS:

@@ -96,6 +96,11 @@ def test_unknown_suffix_is_refused(tiny_mixed, tmp_path, name):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_an_empty_path_is_refused_as_empty(tiny_mixed):
+    with pytest.raises(AutomtlError, match=r"empty path.*\.svg, \.png or \.pdf"):
+        render(tiny_mixed, "")
+
+
 def test_explicit_format_overrides_the_suffix(tiny_mixed, tmp_path):
     if shutil.which("dot") is None:
         pytest.skip("graphviz 'dot' is not installed")

@@ -288,6 +288,16 @@ def test_config_errors(tmp_path):
         search(None, [], None, finetune_step=3)
 
 
+@pytest.mark.parametrize("fields, message", [
+    (dict(momentum=1.0), "'momentum' must be below 1"),
+    (dict(tau_decay=5.0), "'tau_decay' is a decay: at most 1"),
+    (dict(tau_start=0.5, tau_min=1.0), "'tau_min' \\(1.0\\) is above 'tau_start' \\(0.5\\)"),
+])
+def test_values_outside_a_field_s_meaning_are_refused(fields, message):
+    with pytest.raises(ConfigError, match=message):
+        SearchConfig(**fields)
+
+
 @pytest.mark.parametrize("value, expected", [("1.5x", 1.5), (1.5, 1.5), ("2x", 2.0), (2, 2.0), ("3", 3.0),
                                              (" 1.25 X ", 1.25), (None, None), ("none", None)])
 def test_parse_budget(value, expected):
