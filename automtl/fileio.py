@@ -36,6 +36,20 @@ def storage_error(path, exc: BaseException):
                         "or choose another path")
 
 
+def path_error(path, exc: OSError):
+    """The StorageError for a path that cannot be made: a part of its folder is a file, its name is too long."""
+    from .errors import StorageError
+
+    blocking = next((p for p in reversed(Path(path).parents) if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        reason = f"{os.fspath(blocking)!r} is a file, not a folder"
+    elif exc.errno == errno.ENAMETOOLONG:
+        reason = "the name is too long"
+    else:
+        reason = exc.strerror or str(exc)
+    return StorageError(f"cannot write {os.fspath(path)!r} ({reason}); choose another path")
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike):
     """Yield a temporary path beside ``path``; rename it over ``path`` only if the block succeeds.
@@ -48,7 +62,7 @@ def atomic_path(path: str | os.PathLike):
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as exc:
-        raise (storage_error(path, exc) or exc) from None
+        raise (storage_error(path, exc) or path_error(path, exc)) from None
     os.close(fd)
     os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; results are meant to be shared like any file
     try:

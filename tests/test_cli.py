@@ -168,6 +168,17 @@ def test_output_dir_that_is_a_file_or_under_one(tmp_path):
     assert "not writable" in bad("convert", "tiny", *SMALL, "--out", f / "sub")
 
 
+@pytest.mark.parametrize("command, name", [("export", "m.pt2"), ("export", "m.automtl"), ("render", "m.svg")])
+def test_a_file_written_under_a_file_is_refused_in_one_sentence(converted, tmp_path, command, name):
+    """Every writer goes through one atomic write: a folder of the path that is a file, or a name too long for the
+    file system, is one sentence and exit 2, and nothing is left beside the file."""
+    f = tmp_path / "file"
+    f.write_text("x")
+    assert f"{str(f)!r} is a file, not a folder" in bad(command, converted / "model.automtl", f / "sub" / name)
+    assert "the name is too long" in bad(command, converted / "model.automtl", tmp_path / ("x" * 300 + name))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"] and f.read_text() == "x"
+
+
 def test_budget_below_any_policy(tmp_path):
     out = bad("convert", "tiny", *SMALL, "--budget", "0.1x", "--out", tmp_path / "o")
     assert "below what any policy can reach" in out
