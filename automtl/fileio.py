@@ -36,18 +36,31 @@ def storage_error(path, exc: BaseException):
                         "or choose another path")
 
 
-def path_error(path, exc: OSError):
-    """The StorageError for a path that cannot be made: a part of its folder is a file, its name is too long."""
+def ensure_dir(folder: str | os.PathLike, target: str | os.PathLike | None = None) -> Path:
+    """Make ``folder`` (and its parents) where it is missing, to write ``target`` (default: the folder) into; return it.
+
+    Raises:
+        StorageError: a part of the folder's path is a file, the name is too long, or the disk refuses, in one
+            sentence naming ``target``.
+    """
     from .errors import StorageError
 
-    blocking = next((p for p in reversed(Path(path).parents) if p.exists() and not p.is_dir()), None)
-    if blocking is not None:
-        reason = f"{os.fspath(blocking)!r} is a file, not a folder"
-    elif exc.errno == errno.ENAMETOOLONG:
-        reason = "the name is too long"
-    else:
-        reason = exc.strerror or str(exc)
-    return StorageError(f"cannot write {os.fspath(path)!r} ({reason}); choose another path")
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+    except OSError as exc:
+        error = storage_error(target or folder, exc)
+        if error is not None:
+            raise error from None
+        blocking = next((p for p in (*reversed(folder.parents), folder) if p.exists() and not p.is_dir()), None)
+        if blocking is not None:
+            reason = f"{os.fspath(blocking)!r} is a file, not a folder"
+        elif exc.errno == errno.ENAMETOOLONG:
+            reason = "the name is too long"
+        else:
+            reason = exc.strerror or str(exc)
+        raise StorageError(f"cannot write {os.fspath(target or folder)!r} ({reason}); choose another path") from None
 
 
 @contextmanager
@@ -58,11 +71,14 @@ def atomic_path(path: str | os.PathLike):
         StorageError: the disk is full or read-only, or permission is denied (nothing is left behind).
     """
     path = Path(path)
+    ensure_dir(path.parent, path)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as exc:
-        raise (storage_error(path, exc) or path_error(path, exc)) from None
+        if exc.errno == errno.ENAMETOOLONG:
+            from .errors import StorageError
+            raise StorageError(f"cannot write {os.fspath(path)!r} (the name is too long); choose another path") from None
+        raise (storage_error(path, exc) or exc) from None
     os.close(fd)
     os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; results are meant to be shared like any file
     try:

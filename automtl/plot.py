@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Dict, List
 
 from .errors import AutomtlError, FileFormatError
+from .fileio import ensure_dir
 
 __all__ = ["plot_run", "plot_sweep", "read_log"]
 
@@ -68,7 +69,7 @@ def plot_run(run, out=None) -> List[Path]:
                            "install it with pip install 'automtl[plot]'") from None
     records = read_log(run)
     out = Path(out) if out is not None else (Path(run) if Path(run).is_dir() else Path(run).parent) / "plots"
-    out.mkdir(parents=True, exist_ok=True)
+    ensure_dir(out)
     train = [r for r in records if r.get("stage") != "val"]
     val = [r for r in records if r.get("stage") == "val" and isinstance(r.get("metrics"), dict)]
     written = []

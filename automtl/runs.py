@@ -18,7 +18,7 @@ import yaml
 
 from .convert import ConvertConfig, build_data, build_supermodel, json_safe, prepare_run
 from .errors import ConfigError, FileFormatError
-from .fileio import atomic_path, atomic_write_text, read_yaml
+from .fileio import atomic_path, atomic_write_text, ensure_dir, read_yaml
 from .policy import Policy
 from .supermodel import SuperModel
 
@@ -107,8 +107,7 @@ def compact_run(run_dir: Union[str, os.PathLike], policy: Union[None, str, os.Pa
 
 def save_run(sm: SuperModel, cfg: ConvertConfig, directory, policy: Optional[Policy] = None) -> None:
     """Keep a supermodel as ``supermodel.yaml`` (how to rebuild it) + ``supermodel.pt`` (tensors), atomically each."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    directory = ensure_dir(directory)
     with atomic_path(directory / "supermodel.pt") as tmp:
         torch.save(sm.state_dict(), tmp)
     atomic_write_text(directory / "supermodel.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -53,6 +53,15 @@ def test_plot_without_policy_records_skips_the_policy_figure(tmp_path):
     assert sorted(p.name for p in (tmp_path / "pics").iterdir()) == ["losses.png", "metrics.png"]
 
 
+def test_plot_into_a_folder_under_a_file_is_one_sentence(tmp_path):
+    pytest.importorskip("matplotlib", reason="matplotlib is not installed (pip install 'automtl[plot]')")
+    _write_log(tmp_path)
+    (tmp_path / "file").write_text("x")
+    result = CliRunner().invoke(main, ["plot", str(tmp_path), "--out", str(tmp_path / "file" / "pics")])
+    assert result.exit_code == 2 and f"{str(tmp_path / 'file')!r} is a file, not a folder" in result.output
+    assert "Traceback" not in result.output
+
+
 def test_plot_of_a_directory_without_a_log_is_one_sentence(tmp_path):
     result = CliRunner().invoke(main, ["plot", str(tmp_path)])
     assert result.exit_code == 2 and "holds no checkpoints/log.jsonl" in result.output
