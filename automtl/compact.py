@@ -92,6 +92,20 @@ class CompactModel(nn.Module):
     def num_parameters(self) -> int:
         return count_parameters(self)
 
+    def _forget_graphs(self) -> None:
+        """Drop the train-mode and task-subset graphs built on first use: they hold tensors read directly by
+        reference, which ``.to()`` or ``load_state_dict(assign=True)`` replace; they are built again when next used."""
+        self._subsets.clear()
+        object.__setattr__(self, "_train_gm", None)
+
+    def _apply(self, fn, recurse=True):
+        self._forget_graphs()
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._forget_graphs()
+        super()._load_from_state_dict(*args, **kwargs)
+
     def __getstate__(self):
         state = dict(self.__dict__)  # input_check stays: a copy of a loaded model checks new input shapes too
         state["_subsets"] = {}

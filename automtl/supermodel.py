@@ -170,6 +170,21 @@ class SuperModel(nn.Module):
             self._nets[key] = fx.GraphModule(self.net, self._build_graph(not per_task_input, train), "SuperNet")
         return self._nets[key]
 
+    def _forget_graphs(self) -> None:
+        """Drop the graphs built on first use: a tensor a graph reads directly (a hand-written norm's running
+        statistics) is held by reference, and ``.to()``/``.double()`` or ``load_state_dict(assign=True)`` put new
+        tensors in ``self.net``; the graphs are built again, over those, when next used."""
+        self._nets.clear()
+        self._runners.clear()
+
+    def _apply(self, fn, recurse=True):
+        self._forget_graphs()
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._forget_graphs()
+        super()._load_from_state_dict(*args, **kwargs)
+
     def path_runner(self) -> PathRunner:
         """The executor of sampled paths over the current mode's graph (see :mod:`automtl.paths`)."""
         train = self.training and self._captured_graphs[True] is not None

@@ -449,6 +449,24 @@ def test_the_folding_check_leaves_the_supermodel_and_the_random_state_as_they_we
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
 
+def test_graphs_built_on_first_use_follow_the_model_to_another_dtype():
+    """The train-mode and per-task graphs (built by supermodel()'s fold check) and the compact model's train graph
+    read a hand-written norm's running statistics directly; after .double() they read the new tensors, so training
+    runs and the statistics in the state dict move."""
+    torch.manual_seed(0)
+    sm = automtl.supermodel(ZOO["preact"](), TASKS, torch.randn(1, 3, SIZE, SIZE)).double()
+    model = compact(copy.deepcopy(sm).hard(Policy.uniform(sm.layer_names, sm.task_names, "share"))).train()
+    model(torch.randn(2, 3, SIZE, SIZE, dtype=torch.float64))  # its train graph, built in float64 ...
+    model.float()  # ... then moved back
+    for net, x, key in ((sm.train(), {t: torch.randn(2, 3, SIZE, SIZE, dtype=torch.float64) for t in sm.task_names},
+                         "net.bn2.running_mean"),
+                        (model, torch.randn(2, 3, SIZE, SIZE), "graph_module.net.bn2.running_mean")):
+        before = net.state_dict()[key].clone()
+        with torch.no_grad():
+            net(x)
+        assert not torch.equal(net.state_dict()[key], before), key
+
+
 def test_convs_off_the_input_stay_plain_modules():
     _, sm = built("positional_conv")
     assert "pos_conv" not in sm.layer_names and sm.layer_names
