@@ -25,7 +25,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from .errors import BackboneError
 from .features import pick_feature_node
-from .graphpasses import functionalize, user_line
+from .graphpasses import functionalize, refuse_state_writes, user_line
 
 
 @dataclass
@@ -62,18 +62,65 @@ NORM_LEAVES = (nn.modules.batchnorm._NormBase, nn.GroupNorm)
 CONV_LEAVES = (nn.Conv2d,)
 
 
-class _Tracer(fx.Tracer):
-    """The default tracer, plus normalisation layers of any class and the user's extra leaf module types."""
+class _BufferProxy(fx.Proxy):
+    """A buffer read in the forward: a graph value, whose size, dtype and device answer from the buffer itself
+    (shapes are constants, as torch.fx answers them for parameters), so code asking them still traces."""
 
-    def __init__(self, leaf_modules: Sequence[type] = ()):
+    def __init__(self, node: fx.Node, tracer, buffer: torch.Tensor):
+        super().__init__(node, tracer)
+        self.buffer = buffer
+
+    shape = property(lambda self: self.buffer.shape)
+    ndim = property(lambda self: self.buffer.ndim)
+    dtype = property(lambda self: self.buffer.dtype)
+    device = property(lambda self: self.buffer.device)
+
+    def size(self, *dim):
+        return self.buffer.size(*dim)
+
+    def dim(self) -> int:
+        return self.buffer.dim()
+
+    def numel(self) -> int:
+        return self.buffer.numel()
+
+    def nelement(self) -> int:
+        return self.buffer.nelement()
+
+    def __len__(self) -> int:
+        return len(self.buffer)
+
+
+class _Tracer(fx.Tracer):
+    """The default tracer, plus normalisation layers of any class and the user's extra leaf module types.
+
+    With ``buffers`` (the first try), buffers are read as graph values (``get_attr``) like parameters: torch.fx's
+    default reads them as plain tensors, so ``self.running_mean.view(1, -1, 1, 1)`` became a constant frozen at
+    trace time (what training or a later ``load_state_dict`` put in the buffer was never read), and an in-place
+    update of a buffer ran once, on the backbone, while tracing. Code that needs a buffer's values in Python
+    (``int(self.factor)``) does not trace that way; :func:`_trace_graph` then traces with torch.fx's default.
+    """
+
+    def __init__(self, leaf_modules: Sequence[type] = (), buffers: bool = True):
         super().__init__()
         self.record_stack_traces = True  # errors name the user's line of a node
         self._extra_leaves = tuple(leaf_modules) + NORM_LEAVES + CONV_LEAVES
+        self._buffers = buffers
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if isinstance(m, self._extra_leaves):
             return True
         return super().is_leaf_module(m, qualname)
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict) -> Any:
+        if self._buffers and isinstance(attr_val, torch.Tensor) and not isinstance(attr_val, nn.Parameter):
+            for name, buffer in self.root.named_buffers():
+                if buffer is attr_val:
+                    if name not in parameter_proxy_cache:
+                        parameter_proxy_cache[name] = self.create_proxy(
+                            "get_attr", name, (), {}, proxy_factory_fn=lambda node: _BufferProxy(node, self, buffer))
+                    return parameter_proxy_cache[name]
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
 
 
 def _user_frame(exc: BaseException) -> Optional[traceback.FrameSummary]:
@@ -101,9 +148,12 @@ def _faulty_module(exc: BaseException, backbone: nn.Module) -> str:
 
 
 def _trace_graph(backbone: nn.Module, leaf_modules: Sequence[type], concrete_args: Optional[dict]) -> fx.Graph:
-    tracer = _Tracer(leaf_modules)
     try:
-        return tracer.trace(backbone, concrete_args=concrete_args)
+        return _Tracer(leaf_modules).trace(backbone, concrete_args=concrete_args)
+    except Exception:  # a buffer's value used in Python: torch.fx's default reads buffers as constants
+        pass
+    try:
+        return _Tracer(leaf_modules, buffers=False).trace(backbone, concrete_args=concrete_args)
     except Exception as exc:  # fx raises many types; all mean "not traceable as written"
         frame = _user_frame(exc)
         where = f" at {frame.filename}:{frame.lineno} ({frame.line.strip() if frame.line else ''})" if frame else ""
@@ -165,9 +215,10 @@ def capture(
             "wrap it in a module whose forward(x) takes one tensor, or fix the others with concrete_args"
         )
     _propagate(gm, example_input)
-    functionalize(gm, gm.graph)
+    writes = functionalize(gm, gm.graph)
     notes: list = []
     node = pick_feature_node(gm, feature_node, notes)
+    refuse_state_writes(writes, gm.graph, node)
     if feature_node is None:
         notes.extend(_dropped_body(gm, node))
     for note in notes:
@@ -281,8 +332,8 @@ def _train_counterpart(backbone, gm: fx.GraphModule, graph: fx.Graph, feature: f
         with torch.no_grad():
             for b, saved in buffers:
                 b.copy_(saved)
-    functionalize(tgm, graph)
-    _share_constants(gm, tgm)
+    writes = functionalize(tgm, graph)
+    _share_constants(gm, tgm, {name for name, _ in backbone.named_buffers()})
     shape = _tensor_meta(feature).shape
     same = [n for n in graph.nodes if n.op == feature.op and n.target == feature.target
             and (m := _tensor_meta(n)) is not None and m.shape == shape]
@@ -299,21 +350,26 @@ def _train_counterpart(backbone, gm: fx.GraphModule, graph: fx.Graph, feature: f
             f"the backbone's train-mode graph has no node matching its eval-mode feature node {feature.name!r}; "
             "name the feature map with feature_node='module.path'"
         )
+    refuse_state_writes(writes, graph, node)
     _cut(graph, node)
     return graph
 
 
-def _share_constants(gm: fx.GraphModule, tgm: fx.GraphModule) -> None:
+def _share_constants(gm: fx.GraphModule, tgm: fx.GraphModule, buffers: set) -> None:
     """Point the train graph's tensor constants at the eval graph's equal ones (each trace makes its own), and
-    give ``gm`` the ones it lacks: the supermodel runs both graphs over ``gm``'s attributes."""
+    give ``gm`` the ones it lacks: the supermodel runs both graphs over ``gm``'s attributes. ``buffers``: the
+    backbone's buffer names, which are never constants."""
     own = {n.target: gm.get_attr_value(n) if hasattr(gm, "get_attr_value") else _fetch(gm, n.target)
            for n in gm.graph.nodes if n.op == "get_attr"}
     for n in tgm.graph.nodes:
         if n.op != "get_attr" or n.target in own:
             continue
         value = _fetch(tgm, n.target)
-        match = next((k for k, v in own.items() if isinstance(v, torch.Tensor) and isinstance(value, torch.Tensor)
-                      and v.shape == value.shape and v.dtype == value.dtype and torch.equal(v, value)), None)
+        # only a constant (fx's _tensor_constantN) stands for an equal one: a buffer read in train mode alone is
+        # state of its own, whatever value it holds now (refused below: _drop_if_same)
+        match = None if n.target in buffers else next(
+            (k for k, v in own.items() if isinstance(v, torch.Tensor) and isinstance(value, torch.Tensor)
+             and v.shape == value.shape and v.dtype == value.dtype and torch.equal(v, value)), None)
         if match is not None:
             n.target = match
             _assign(tgm, match, own[match])  # the train graph module must hold what its graph reads

@@ -99,8 +99,11 @@ class CompactModel(nn.Module):
         object.__setattr__(self, "_train_gm", None)
 
     def _apply(self, fn, recurse=True):
-        self._forget_graphs()
-        return super()._apply(fn, recurse)
+        before = [id(t) for t in self.buffers()]
+        out = super()._apply(fn, recurse)
+        if [id(t) for t in self.buffers()] != before:  # a .to() that changed nothing keeps them
+            self._forget_graphs()
+        return out
 
     def _load_from_state_dict(self, *args, **kwargs):
         self._forget_graphs()

@@ -53,14 +53,23 @@ def ensure_dir(folder: str | os.PathLike, target: str | os.PathLike | None = Non
         error = storage_error(target or folder, exc)
         if error is not None:
             raise error from None
-        blocking = next((p for p in (*reversed(folder.parents), folder) if p.exists() and not p.is_dir()), None)
-        if blocking is not None:
-            reason = f"{os.fspath(blocking)!r} is a file, not a folder"
-        elif exc.errno == errno.ENAMETOOLONG:
+        blocking = None if exc.errno == errno.ENAMETOOLONG else next(
+            (p for p in (*reversed(folder.parents), folder) if _is_file(p)), None)
+        if exc.errno == errno.ENAMETOOLONG:
             reason = "the name is too long"
+        elif blocking is not None:
+            reason = f"{os.fspath(blocking)!r} is a file, not a folder"
         else:
             reason = exc.strerror or str(exc)
         raise StorageError(f"cannot write {os.fspath(target or folder)!r} ({reason}); choose another path") from None
+
+
+def _is_file(path: Path) -> bool:
+    """Whether ``path`` exists and is not a folder (False where it cannot even be looked at)."""
+    try:
+        return path.exists() and not path.is_dir()
+    except OSError:
+        return False
 
 
 @contextmanager

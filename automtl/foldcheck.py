@@ -149,6 +149,8 @@ def _compare(sm, gen: torch.Generator, shape: tuple, device, dtype) -> float:
         try:  # torch.fx prints the generated code of a failing forward itself: the sentence replaces it
             with contextlib.redirect_stderr(io.StringIO()):
                 folded, alone = sm(inputs), run_task_by_task(sm, inputs)
+        except BackboneError:
+            raise  # a graph built on first use refused the backbone: that sentence is the answer
         except Exception as exc:
             raise _Failed(_first_line(exc)) from None
         for t in sm.task_names:
@@ -197,6 +199,8 @@ def _interference(sm, gen: torch.Generator, shape: tuple, device, dtype, buffers
                 with torch.random.fork_rng(**fork), contextlib.redirect_stderr(io.StringIO()):
                     _seed(device)
                     outs.append(sm(run))
+            except BackboneError:
+                raise
             except Exception as exc:
                 raise _Failed(f"in train mode: {_first_line(exc)}") from None
             finally:

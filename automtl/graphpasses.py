@@ -54,6 +54,25 @@ def mutated_argument(gm: fx.GraphModule, node: fx.Node) -> Optional[fx.Node]:
     return None
 
 
+def _module_tensor(node: fx.Node, written: dict) -> Optional[fx.Node]:
+    """The ``get_attr`` node (a parameter, buffer or constant of the module) whose memory ``node`` is, or a view of
+    (``.view``, ``.data``, basic indexing; indexing with a tensor makes a copy), directly or as the result of an
+    earlier write into it (``written``)."""
+    while True:
+        if node.op == "get_attr":
+            return node
+        if node in written:
+            return written[node]
+        if not node.args or not isinstance(node.args[0], fx.Node):
+            return None
+        viewing = (node.op == "call_method" and node.target in _VIEW_METHODS) or (
+            node.op == "call_function" and node.target is getattr and node.args[1:] == ("data",)) or (
+            node.op == "call_function" and node.target is operator.getitem and node.all_input_nodes == [node.args[0]])
+        if not viewing:
+            return None
+        node = node.args[0]
+
+
 def _view_base(node: fx.Node) -> Optional[fx.Node]:
     """The tensor ``node`` is a view of, when it is one."""
     base = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
@@ -68,19 +87,28 @@ def _view_base(node: fx.Node) -> Optional[fx.Node]:
     return None
 
 
-def functionalize(gm: fx.GraphModule, graph: fx.Graph) -> None:
+def functionalize(gm: fx.GraphModule, graph: fx.Graph) -> list:
     """Make every in-place operation out-of-place, and let every later reader of the changed tensor read its result.
 
     Afterwards the graph's data flow is explicit: cutting it at the feature node keeps what the
     features need (``y.mul_(2)`` whose result is unused is not dropped), and tasks that branch
     apart never write into each other's tensors. An in-place write through a view of a tensor
     that is read again is refused (its effect on the base tensor is not data flow).
+
+    Returns the writes into the module's own tensors, ``(node, get_attr node)``: as data flow they no longer
+    change the module (:func:`refuse_state_writes` decides which of them matter).
     """
+    writes: list = []
+    written: dict = {}  # a write's node -> the module tensor it wrote (a chain: mean.mul_(0.9).add_(...))
     order = {n: i for i, n in enumerate(graph.nodes)}
     for node in list(graph.nodes):
         target = mutated_argument(gm, node)
         if target is None:
             continue
+        state = _module_tensor(target, written)
+        if state is not None:
+            writes.append((node, state))
+            written[node] = state  # out of place below: its result is the tensor's new value
         base = _view_base(target)
         if base is not None and any(order[u] > order[node] for u in base.users):
             raise BackboneError(
@@ -91,6 +119,41 @@ def functionalize(gm: fx.GraphModule, graph: fx.Graph) -> None:
             if user is not node and order[user] > order[node]:
                 user.replace_input_with(target, node)
         _out_of_place(gm, node)
+    return writes
+
+
+def refuse_state_writes(writes: list, graph: fx.Graph, feature: fx.Node) -> None:
+    """Refuse a write (from :func:`functionalize`) into a module's own tensor that the features' forward makes from
+    the input: a running statistic kept by hand, whose update automtl would drop. Writes after the feature node
+    (cut away) or made from the module's own tensors only (a cache recomputed every call) do not matter.
+
+    Raises:
+        BackboneError: naming the tensor and the user's line.
+    """
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    for node, state in writes:
+        if order.get(node, len(order)) > order[feature] or not _from_input(node):
+            continue
+        raise BackboneError(
+            f"the backbone changes its own tensor {state.target!r} in place during the forward{user_line(node)} "
+            "(a running statistic kept by hand); automtl runs the forward as data flow and would drop that "
+            "update: keep running statistics in a BatchNorm module or F.batch_norm (automtl keeps them per task), "
+            "or update the tensor outside the forward"
+        )
+
+
+def _from_input(node: fx.Node) -> bool:
+    """Whether ``node``'s value is computed from a placeholder (the input)."""
+    seen, todo = set(), [node]
+    while todo:
+        n = todo.pop()
+        if n.op == "placeholder":
+            return True
+        for i in n.all_input_nodes:
+            if i not in seen:
+                seen.add(i)
+                todo.append(i)
+    return False
 
 
 def _out_of_place(gm: fx.GraphModule, node: fx.Node) -> None:

@@ -45,6 +45,12 @@ def holds_running_stats(module: nn.Module) -> bool:
     return any(tracks_running_stats(m) for m in module.modules())
 
 
+def needs_task_batches(module: nn.Module) -> bool:
+    """True when ``module`` or a submodule normalises with its batch's statistics or moves running statistics (in
+    its current mode): run on folded tasks, it must see each task's rows as a batch of their own."""
+    return any(uses_batch_statistics(m) or updates_running_stats(m) for m in module.modules())
+
+
 def one_update(buffers: Sequence[torch.Tensor], calls: Sequence[Callable[[], torch.Tensor]],
                members: Sequence[Sequence[int]]) -> list:
     """``[call() for call in calls]``, the running statistics in ``buffers`` moved once for all the tasks.
@@ -104,16 +110,25 @@ def taskwise_norm(norm: nn.Module, x: torch.Tensor, num_tasks: int,
                   members: Optional[Sequence[Sequence[int]]] = None) -> torch.Tensor:
     """``norm(x)`` on the folded task batch as if each task's rows were a batch of their own.
 
+    ``norm`` is a norm layer, or a module the trace did not enter (a leaf) that holds one.
+
     A BatchNorm that uses batch statistics would otherwise mix every task's rows, and the compact
     model (one batch per class of tasks) would compute another function. The running statistics
     (BatchNorm's, or an InstanceNorm's that tracks them) get one update for the T tasks together:
     :func:`one_update`. ``members``: when the ``num_tasks`` row blocks are groups of tasks rather than
     tasks (sampled paths), the tasks of each block, which weight its update.
     """
-    if num_tasks == 1 or not (uses_batch_statistics(norm) or updates_running_stats(norm)):
+    if num_tasks == 1 or not needs_task_batches(norm):
         return norm(x)
     members = members if members is not None else [(t,) for t in range(num_tasks)]
-    return torch.cat(module_per_group(norm, x.chunk(num_tasks), members))
+    outs = module_per_group(norm, x.chunk(num_tasks), members)
+    if not all(isinstance(o, torch.Tensor) for o in outs):
+        from .errors import BackboneError
+        raise BackboneError(
+            f"{type(norm).__name__}, a module called as one that holds a norm with batch or running statistics, "
+            f"returns a {type(outs[0]).__name__}; automtl runs it on each task's rows apart and joins one tensor: "
+            "mark a smaller module (the norm itself) as the leaf")
+    return torch.cat(outs)
 
 
 def taskwise_batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1,

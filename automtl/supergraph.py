@@ -10,9 +10,12 @@ from __future__ import annotations
 import operator
 from typing import Mapping, Sequence
 
+import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from .errors import BackboneError
+from .graphpasses import user_line
 from .policy_layer import repeat_tasks, taskwise_batch_norm, taskwise_norm, tracks_running_stats
 
 
@@ -98,6 +101,12 @@ class _SuperGraph:
         if node not in self.per_task:
             return
         if node.op == "call_module" and _per_task_norm(self.root.get_submodule(node.target)):
+            if len(node.args) != 1 or node.kwargs:
+                raise BackboneError(
+                    f"the backbone calls {node.target!r}, a module it does not trace into that holds a norm with "
+                    f"batch or running statistics, with more than one argument{user_line(node)}; automtl runs such a "
+                    "module on each task's rows apart and can split one tensor only: mark a smaller module (the norm "
+                    "itself) as the leaf")
             new = _taskwise(self.graph, node, self.T)
             self.per_task.add(new)
             if node in self.depends_on_input:
@@ -105,6 +114,16 @@ class _SuperGraph:
         elif node.op == "call_function" and node.target is F.batch_norm:
             node.target = taskwise_batch_norm
             node.kwargs = {**node.kwargs, "num_tasks": self.T}
+        elif node.op == "call_function" and node.target in _UNGROUPED_NORM_FUNCTIONS:
+            at, flag = _UNGROUPED_NORM_FUNCTIONS[node.target]
+            stats = node.kwargs.get("running_mean", node.args[at] if len(node.args) > at else None)
+            moves = node.kwargs.get(flag, node.args[5] if len(node.args) > 5 else True)
+            if isinstance(stats, fx.Node) and moves is not False:
+                name = f"{node.target.__module__.replace('torch.nn.functional', 'F')}.{node.target.__name__}"
+                raise BackboneError(
+                    f"the backbone calls {name} with running statistics{user_line(node)} where tasks can have rows "
+                    "of their own; automtl keeps running statistics per task only for norm modules and "
+                    "F.batch_norm: use a norm module (e.g. nn.InstanceNorm2d(track_running_stats=True)) instead")
 
     def _as_per_task(self, node: fx.Node, before: fx.Node) -> fx.Node:
         if node not in self.repeats:
@@ -128,9 +147,18 @@ class _SuperGraph:
 
 
 def _per_task_norm(module: nn.Module) -> bool:
-    """A norm that must see each task's rows apart: a BatchNorm (batch statistics), or any norm with running
-    statistics (one update for all tasks)."""
-    return isinstance(module, nn.modules.batchnorm._BatchNorm) or tracks_running_stats(module)
+    """A module that must see each task's rows apart: a BatchNorm (batch statistics) or any norm with running
+    statistics (one update for all tasks), or a module called as one (a leaf) that holds such a norm."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) or tracks_running_stats(m) for m in module.modules())
+
+
+#: Functions that move running statistics they are handed, with the position of ``running_mean``: on rows of
+#: several tasks the compact model would call them once per class of tasks, the supermodel once (F.batch_norm
+#: alone is rewritten to keep them per task)
+#: and of the flag that makes them move them (its name; it is the sixth argument of each, and may be left out
+#: only for F.instance_norm, whose default moves them)
+_UNGROUPED_NORM_FUNCTIONS = {F.instance_norm: (1, "use_input_stats"), torch.instance_norm: (3, "use_input_stats"),
+                             torch.batch_norm: (3, "training")}
 
 
 def _taskwise(graph: fx.Graph, node: fx.Node, num_tasks: int) -> fx.Node:

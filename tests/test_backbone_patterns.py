@@ -467,6 +467,206 @@ def test_graphs_built_on_first_use_follow_the_model_to_another_dtype():
         assert not torch.equal(net.state_dict()[key], before), key
 
 
+class _BufferThroughAView(nn.Module):
+    """Input statistics in buffers, read through a view (``x - self.mean.view(1, -1, 1, 1)``), as models that
+    normalise their input do; with ``update``, a running mean kept by hand, moved in place in train mode."""
+
+    def __init__(self, update=False):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(3))
+        self.c1, self.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.update = update
+
+    def forward(self, x):
+        if self.training and self.update:
+            self.mean.mul_(0.9).add_(0.1 * x.detach().mean((0, 2, 3)))
+        return self.c2(torch.relu(self.c1(x - self.mean.view(1, -1, 1, 1))))
+
+
+def test_a_buffer_read_through_a_view_is_read_where_it_is_kept():
+    """torch.fx's default trace froze ``self.mean.view(...)`` into a constant: a buffer loaded or changed after
+    supermodel() was never read, and it was missing from the state dict."""
+    torch.manual_seed(0)
+    sm = automtl.supermodel(_BufferThroughAView(), TASKS, torch.randn(1, 3, SIZE, SIZE)).eval()
+    x = torch.randn(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        before = sm(x)["depth"]
+        sm.load_state_dict({**sm.state_dict(), "net.mean": torch.full((3,), 5.0)})
+        after = sm(x)["depth"]
+    assert not torch.allclose(before, after)
+
+
+def test_a_buffer_changed_in_place_by_the_forward_is_refused():
+    backbone = _BufferThroughAView(update=True)
+    with pytest.raises(BackboneError, match="changes its own tensor 'mean' in place during the forward .*BatchNorm"):
+        automtl.supermodel(backbone, TASKS, torch.randn(1, 3, SIZE, SIZE))
+    assert torch.equal(backbone.mean, torch.zeros(3))  # the trace did not run the update on the backbone either
+
+
+class _BufferUses(nn.Module):
+    """Buffers whose size drives Python (a loop over a table's rows, a check of its length), one whose value does
+    (``int(self.repeats)``: traced with torch.fx's default, buffers as constants), and writes into module tensors
+    that do not need refusing: a copy made by indexing with a tensor, a cache of a parameter, an average kept in
+    the classifier after the feature node."""
+
+    def __init__(self, value_in_python=False):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.register_buffer("table", torch.randn(4, 8))
+        self.register_buffer("index", torch.tensor([0, 2]))
+        self.register_buffer("repeats", torch.tensor(2))
+        self.register_buffer("cache", torch.zeros(8), persistent=False)
+        self.register_buffer("logit_mean", torch.zeros(3))
+        self.scale = nn.Parameter(torch.ones(8))
+        self.fc = nn.Linear(8, 3)
+        self.value_in_python = value_in_python
+
+    def forward(self, x):
+        y = self.c1(x)
+        if self.table.numel() > 0 and len(self.table) == self.table.shape[0]:
+            for i in range(self.table.size(0)):
+                y = y + self.table[i].view(1, -1, 1, 1) * 0.1
+        rows = self.table[self.index]
+        rows.add_(1.0)  # a copy: indexing with a tensor
+        with torch.no_grad():
+            self.cache.copy_(self.scale * 2)  # made from a parameter only, every call
+        y = y * self.cache.view(1, -1, 1, 1) + rows.mean(0).view(1, -1, 1, 1)
+        if self.value_in_python:
+            y = y * int(self.repeats)
+        f = self.c2(torch.relu(y))
+        logits = self.fc(f.mean((2, 3)))
+        if self.training:
+            self.logit_mean.mul_(0.9).add_(0.1 * logits.detach().mean(0))  # after the feature node: cut away
+        return logits
+
+
+@pytest.mark.parametrize("value_in_python", [False, True], ids=["sizes", "a value"])
+def test_buffers_read_in_python_and_harmless_writes_still_convert(value_in_python):
+    torch.manual_seed(0)
+    backbone = _BufferUses(value_in_python).eval()
+    sm = automtl.supermodel(backbone, TASKS, torch.randn(1, 3, SIZE, SIZE), feature_node="c2")
+    assert sm.layer_names == ["c1", "c2"]
+    sm.eval().hard(Policy.uniform(sm.layer_names, sm.task_names, "share"))
+    x = torch.randn(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        feats = sm.features(x)
+        expected = backbone.c2(torch.relu((backbone.c1(x) + backbone.table.sum(0).view(1, -1, 1, 1) * 0.1)
+                                          * (backbone.scale * 2).view(1, -1, 1, 1)
+                                          + (backbone.table[backbone.index] + 1).mean(0).view(1, -1, 1, 1))
+                               * (2 if value_in_python else 1))
+    assert all(close(f, expected) for f in feats.values())
+
+
+def test_a_buffer_written_through_data_is_refused():
+    class _DataWrite(_BufferThroughAView):
+        def forward(self, x):
+            if self.training:
+                self.mean.data.copy_(0.9 * self.mean + 0.1 * x.detach().mean((0, 2, 3)))
+            return self.c2(torch.relu(self.c1(x - self.mean.view(1, -1, 1, 1))))
+
+    with pytest.raises(BackboneError, match="changes its own tensor 'mean' in place"):
+        automtl.supermodel(_DataWrite(), TASKS, torch.randn(1, 3, SIZE, SIZE))
+
+
+class _NormBlock(nn.Module):
+    """A block the trace does not enter (a leaf), holding a norm that uses batch or running statistics."""
+
+    def __init__(self, norm):
+        super().__init__()
+        self.n = norm
+
+    def forward(self, x):
+        return self.n(x) + x
+
+
+class _LeafNormNet(nn.Module):
+    def __init__(self, norm):
+        super().__init__()
+        self.c1, self.blk, self.c2 = nn.Conv2d(3, 8, 3, padding=1), _NormBlock(norm), nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        return self.c2(self.blk(self.c1(x)))
+
+
+@pytest.mark.parametrize("norm", [nn.BatchNorm2d(8), nn.InstanceNorm2d(8, track_running_stats=True)],
+                         ids=["batch norm", "instance norm with running statistics"])
+def test_a_leaf_module_holding_a_norm_sees_each_task_s_rows_apart(norm):
+    """A leaf holding a norm is called per task like the norm itself: train-mode outputs and the running
+    statistics after a step are the compact model's (which calls it once per class of tasks)."""
+    torch.manual_seed(0)
+    sm = automtl.supermodel(_LeafNormNet(norm).train(), TASKS, torch.randn(1, 3, SIZE, SIZE), leaf_modules=[_NormBlock])
+    policy = Policy(sm.layer_names, sm.task_names, [[SHARE, SPECIALIZE], [SHARE, SHARE]])  # tasks apart after c1
+    hard, model = copy.deepcopy(sm).hard(policy).train(), compact(copy.deepcopy(sm).hard(policy)).train()
+    x = torch.randn(3, 3, SIZE, SIZE)
+    a, b = hard(x), model(x)
+    assert all(close(a[t], b[t]) for t in a)
+    ours, theirs = hard.state_dict(), model.state_dict()
+    for key in ("running_mean", "running_var"):
+        assert close(ours[f"net.blk.n.{key}"], theirs[f"graph_module.net.blk.n.{key}"])
+
+
+class _Gate(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.n = nn.BatchNorm2d(8)
+
+    def forward(self, x, y, scale=1.0):
+        return self.n(x) * scale + y
+
+
+class _Split(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.n = nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        return self.n(x), x
+
+
+class _LeafCalls(nn.Module):
+    def __init__(self, tuple_out):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.leaf = _Split() if tuple_out else _Gate()
+        self.tuple_out = tuple_out
+
+    def forward(self, x):
+        y = self.c1(x)
+        y = self.leaf(y)[0] if self.tuple_out else self.leaf(y, y, scale=3.0)
+        return self.c2(y)
+
+
+@pytest.mark.parametrize("tuple_out, message", [(False, "with more than one argument"), (True, "returns a tuple")],
+                         ids=["two arguments", "a tuple out"])
+def test_a_leaf_holding_a_norm_that_cannot_be_split_by_task_is_refused(tuple_out, message):
+    with pytest.raises(BackboneError, match=f"{message}.*mark a smaller module"):
+        automtl.supermodel(_LeafCalls(tuple_out), TASKS, torch.randn(1, 3, SIZE, SIZE), leaf_modules=[_Gate, _Split])
+
+
+def _instance_norm(moves):
+    class _FunctionalInstanceNorm(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+            self.register_buffer("running_mean", torch.zeros(8))
+            self.register_buffer("running_var", torch.ones(8))
+
+        def forward(self, x):
+            y = F.instance_norm(self.c1(x), self.running_mean, self.running_var, use_input_stats=moves(self))
+            return self.c2(y)
+
+    return _FunctionalInstanceNorm()
+
+
+def test_a_functional_norm_moving_running_statistics_is_refused():
+    """F.instance_norm with running statistics in train mode: the compact model would move them once per class
+    of tasks; refused, pointing to the module. Reading them only (use_input_stats=False) is per sample: kept."""
+    with pytest.raises(BackboneError, match="calls F.instance_norm with running statistics .*nn.InstanceNorm2d"):
+        automtl.supermodel(_instance_norm(lambda m: m.training), TASKS, torch.randn(1, 3, SIZE, SIZE))
+    sm = automtl.supermodel(_instance_norm(lambda m: False), TASKS, torch.randn(1, 3, SIZE, SIZE))
+    assert sm.layer_names == ["c1", "c2"]
+
+
 def test_convs_off_the_input_stay_plain_modules():
     _, sm = built("positional_conv")
     assert "pos_conv" not in sm.layer_names and sm.layer_names

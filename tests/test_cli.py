@@ -176,6 +176,7 @@ def test_a_file_written_under_a_file_is_refused_in_one_sentence(converted, tmp_p
     f.write_text("x")
     assert f"{str(f)!r} is a file, not a folder" in bad(command, converted / "model.automtl", f / "sub" / name)
     assert "the name is too long" in bad(command, converted / "model.automtl", tmp_path / ("x" * 300 + name))
+    assert "the name is too long" in bad(command, converted / "model.automtl", tmp_path / ("x" * 300) / name)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"] and f.read_text() == "x"
 
 
