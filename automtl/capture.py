@@ -90,6 +90,20 @@ class _BufferProxy(fx.Proxy):
     def __len__(self) -> int:
         return len(self.buffer)
 
+    def __setitem__(self, index: Any, value: Any) -> None:
+        caller = traceback.extract_stack(limit=2)[0]
+        raise BackboneError(
+            f"the backbone assigns into its own tensor {self.node.target!r} during the forward at "
+            f"{caller.filename}:{caller.lineno} ({(caller.line or '').strip()}); automtl runs the forward as data "
+            "flow and would drop that update: keep running statistics in a BatchNorm module or F.batch_norm "
+            "(automtl keeps them per task), or update the tensor outside the forward")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "data":  # ``self.mean.data = v``: a write into the buffer, recorded as one
+            self.tracer.create_proxy("call_method", "copy_", (self, value), {})
+        else:
+            super().__setattr__(name, value)
+
 
 class _Tracer(fx.Tracer):
     """The default tracer, plus normalisation layers of any class and the user's extra leaf module types.
@@ -147,13 +161,38 @@ def _faulty_module(exc: BaseException, backbone: nn.Module) -> str:
     return f"{found[0]} ({found[1]})" if found else type(backbone).__name__
 
 
+def _refuse_rebound_state(backbone: nn.Module, before: dict) -> None:
+    """Refuse a forward that assigned a module tensor anew (``self.count += 1``, ``self.mean = 0.9 * self.mean +
+    ...``): the trace put a graph value there, and automtl would drop the update."""
+    for name, t in _state(backbone).items():
+        if before.get(name) is not t:
+            raise BackboneError(
+                f"the backbone assigns its own tensor {name!r} during the forward (self.{name.rsplit('.', 1)[-1]} = "
+                "... or +=); automtl runs the forward as data flow and would drop that update: keep running "
+                "statistics in a BatchNorm module or F.batch_norm (automtl keeps them per task), or update the "
+                "tensor outside the forward")
+
+
+def _state(backbone: nn.Module) -> dict:
+    return {**dict(backbone.named_parameters()), **dict(backbone.named_buffers())}
+
+
 def _trace_graph(backbone: nn.Module, leaf_modules: Sequence[type], concrete_args: Optional[dict]) -> fx.Graph:
+    before = _state(backbone)
     try:
-        return _Tracer(leaf_modules).trace(backbone, concrete_args=concrete_args)
+        graph = _Tracer(leaf_modules).trace(backbone, concrete_args=concrete_args)
+        _refuse_rebound_state(backbone, before)
+        return graph
+    except BackboneError:
+        raise
     except Exception:  # a buffer's value used in Python: torch.fx's default reads buffers as constants
-        pass
+        _refuse_rebound_state(backbone, before)
     try:
-        return _Tracer(leaf_modules, buffers=False).trace(backbone, concrete_args=concrete_args)
+        graph = _Tracer(leaf_modules, buffers=False).trace(backbone, concrete_args=concrete_args)
+        _refuse_rebound_state(backbone, before)
+        return graph
+    except BackboneError:
+        raise
     except Exception as exc:  # fx raises many types; all mean "not traceable as written"
         frame = _user_frame(exc)
         where = f" at {frame.filename}:{frame.lineno} ({frame.line.strip() if frame.line else ''})" if frame else ""
@@ -204,7 +243,8 @@ def capture(
     was_training = backbone.training
     try:
         eval_graph = _trace_graph(backbone.eval(), leaf_modules, concrete_args)
-        train_graph = _trace_graph(backbone.train(), leaf_modules, concrete_args)
+        _refuse_frozen_modules(backbone.train())
+        train_graph = _trace_graph(backbone, leaf_modules, concrete_args)
     finally:
         backbone.train(was_training)
     gm = fx.GraphModule(backbone, eval_graph, type(backbone).__name__)
@@ -234,6 +274,19 @@ def capture(
     _delete_unused(gm, [gm.graph] + ([train_graph] if train_graph is not None else []))
     gm.recompile()
     return Capture(gm, node.name, tuple(example_input.shape), tuple(_tensor_meta(node).shape), train_graph, notes)
+
+
+def _refuse_frozen_modules(backbone: nn.Module) -> None:
+    """Refuse a backbone whose ``train()`` keeps norm or dropout layers in eval mode (frozen BatchNorm by a
+    ``train`` override): the supermodel and the compact model set every module's mode themselves."""
+    moded = (nn.modules.batchnorm._NormBase, nn.modules.dropout._DropoutNd)
+    stuck = [name for name, m in backbone.named_modules() if not m.training and isinstance(m, moded)]
+    if stuck:
+        more = f" and {len(stuck) - 1} more" if len(stuck) > 1 else ""
+        raise BackboneError(
+            f"the backbone's train() keeps {stuck[0]!r}{more} in eval mode (a frozen norm layer); automtl sets every "
+            "module's mode itself and would train it: freeze it with a layer that has no train mode "
+            "(torchvision.ops.FrozenBatchNorm2d, timm.layers.freeze_batch_norm_2d) instead")
 
 
 def copy_backbone(backbone: nn.Module) -> nn.Module:

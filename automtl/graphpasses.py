@@ -38,6 +38,8 @@ def user_line(node: fx.Node) -> str:
 
 def mutated_argument(gm: fx.GraphModule, node: fx.Node) -> Optional[fx.Node]:
     """The node whose tensor ``node`` changes in place, if it is an in-place operation."""
+    if node.op in ("call_function", "call_method") and isinstance(node.kwargs.get("out"), fx.Node):
+        return node.kwargs["out"]  # torch.add(a, b, out=t) writes t
     first = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
     if first is None:
         return None
@@ -157,7 +159,9 @@ def _from_input(node: fx.Node) -> bool:
 
 
 def _out_of_place(gm: fx.GraphModule, node: fx.Node) -> None:
-    if node.op == "call_method" and hasattr(torch.Tensor, node.target[:-1]) and node.target[:-1] != "set":
+    if "out" in node.kwargs:
+        node.kwargs = {k: v for k, v in node.kwargs.items() if k != "out"}
+    elif node.op == "call_method" and hasattr(torch.Tensor, node.target[:-1]) and node.target[:-1] != "set":
         node.target = node.target[:-1]
     elif node.op == "call_function":
         if node.target in INPLACE_OPERATORS:

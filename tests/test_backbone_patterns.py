@@ -557,6 +557,75 @@ def test_buffers_read_in_python_and_harmless_writes_still_convert(value_in_pytho
     assert all(close(f, expected) for f in feats.values())
 
 
+class _StateWrite(_BufferThroughAView):
+    """A running mean kept by hand, written in one of the ways Python and torch allow."""
+
+    def __init__(self, write):
+        super().__init__()
+        self.register_buffer("count", torch.zeros(()))
+        self.write = write
+
+    def forward(self, x):
+        if self.training:
+            self.write(self, x.detach().mean((0, 2, 3)))
+        return self.c2(torch.relu(self.c1(x - self.mean.view(1, -1, 1, 1))))
+
+
+def _rebind(m, v):
+    m.mean = 0.9 * m.mean + 0.1 * v
+
+
+def _count(m, v):
+    m.count += 1
+
+
+def _set_data(m, v):
+    m.mean.data = 0.9 * m.mean + 0.1 * v
+
+
+def _setitem(m, v):
+    m.mean[:] = 0.9 * m.mean + 0.1 * v
+
+
+STATE_WRITES = {
+    "out=": (lambda m, v: torch.add(0.9 * m.mean, 0.1 * v, out=m.mean), "changes its own tensor 'mean' in place"),
+    ".data =": (_set_data, "changes its own tensor 'mean' in place"),
+    "item assignment": (_setitem, "assigns into its own tensor 'mean' during the forward at .*m.mean\\[:\\] ="),
+    "rebinding": (_rebind, "assigns its own tensor 'mean' during the forward"),
+    "a counter": (_count, "assigns its own tensor 'count' during the forward"),
+}
+
+
+@pytest.mark.parametrize("pattern", sorted(STATE_WRITES))
+def test_every_way_of_writing_a_buffer_in_the_forward_is_refused(pattern):
+    write, message = STATE_WRITES[pattern]
+    backbone = _StateWrite(write)
+    with pytest.raises(BackboneError, match=message + ".*BatchNorm module or F.batch_norm"):
+        automtl.supermodel(backbone, TASKS, torch.randn(1, 3, SIZE, SIZE))
+    assert torch.equal(backbone.mean, torch.zeros(3)) and torch.equal(backbone.count, torch.zeros(()))
+
+
+class _FrozenByTrain(nn.Module):
+    """Frozen BatchNorm the way detection code often does it: a train() override that keeps it in eval mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.bn, self.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Conv2d(8, 8, 3, padding=1)
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.bn.eval()
+        return self
+
+    def forward(self, x):
+        return self.c2(torch.relu(self.bn(self.c1(x)) + x.mean()))
+
+
+def test_norm_layers_frozen_by_a_train_override_are_refused():
+    with pytest.raises(BackboneError, match="train\\(\\) keeps 'bn' in eval mode .*FrozenBatchNorm2d"):
+        automtl.supermodel(_FrozenByTrain(), TASKS, torch.randn(1, 3, SIZE, SIZE))
+
+
 def test_a_buffer_written_through_data_is_refused():
     class _DataWrite(_BufferThroughAView):
         def forward(self, x):
