@@ -21,7 +21,7 @@ from .errors import AutomtlError
 from .heads import finish
 from .policy import CHOICES, SHARE, SKIP, SPECIALIZE, Policy
 from .policy_layer import batch_norm_per_group, holds_running_stats, module_per_group
-from .supermodel import PolicyLayer, SuperModel, repeat_tasks, taskwise_batch_norm, taskwise_norm
+from .supermodel import GraphsBuiltOnUse, PolicyLayer, SuperModel, repeat_tasks, taskwise_batch_norm, taskwise_norm
 from .tasks import Task
 
 #: node.meta keys set on every emitted node, read by render and the file format.
@@ -31,7 +31,7 @@ META_CHOICE = "automtl_choice"    # "share", "specialize" or "skip" for those no
 META_SOURCE = "automtl_source"    # name of the node in the backbone graph
 
 
-class CompactModel(nn.Module):
+class CompactModel(GraphsBuiltOnUse):
     """The compiled multi-task model: ``forward(x, tasks=None) -> {task: output}``.
 
     ``graph_module`` is a plain fx GraphModule of standard torch modules and functions, so
@@ -93,21 +93,8 @@ class CompactModel(nn.Module):
         return count_parameters(self)
 
     def _forget_graphs(self) -> None:
-        """Drop the train-mode and task-subset graphs built on first use: they hold tensors read directly by
-        reference, which ``.to()`` or ``load_state_dict(assign=True)`` replace; they are built again when next used."""
         self._subsets.clear()
         object.__setattr__(self, "_train_gm", None)
-
-    def _apply(self, fn, recurse=True):
-        before = [id(t) for t in self.buffers()]
-        out = super()._apply(fn, recurse)
-        if [id(t) for t in self.buffers()] != before:  # a .to() that changed nothing keeps them
-            self._forget_graphs()
-        return out
-
-    def _load_from_state_dict(self, *args, **kwargs):
-        self._forget_graphs()
-        super()._load_from_state_dict(*args, **kwargs)
 
     def __getstate__(self):
         state = dict(self.__dict__)  # input_check stays: a copy of a loaded model checks new input shapes too

@@ -76,7 +76,30 @@ def _off_the_input(graphs: Sequence[fx.Graph]) -> set:
     return paths
 
 
-class SuperModel(nn.Module):
+class GraphsBuiltOnUse(nn.Module):
+    """A module that builds some of its graph modules on first use (train mode, per-task inputs, task subsets).
+
+    Such a graph holds the tensors it reads directly (a hand-written norm's running statistics) by reference, and
+    ``.to()``/``.double()`` or ``load_state_dict(assign=True)`` put new tensors in the module: it then drops
+    those graphs (:meth:`_forget_graphs`), to be built again over the new tensors when next used.
+    """
+
+    def _forget_graphs(self) -> None:
+        raise NotImplementedError
+
+    def _apply(self, fn, recurse=True):
+        before = [id(t) for t in self.buffers()]
+        out = super()._apply(fn, recurse)
+        if [id(t) for t in self.buffers()] != before:  # a .to() that changed nothing keeps them
+            self._forget_graphs()
+        return out
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._forget_graphs()
+        super()._load_from_state_dict(*args, **kwargs)
+
+
+class SuperModel(GraphsBuiltOnUse):
     """The multi-task supermodel: the converted backbone, one head per task, and the policy logits.
 
     The policy logits (layers, tasks, 3) are a parameter group apart from the weights:
@@ -171,22 +194,8 @@ class SuperModel(nn.Module):
         return self._nets[key]
 
     def _forget_graphs(self) -> None:
-        """Drop the graphs built on first use: a tensor a graph reads directly (a hand-written norm's running
-        statistics) is held by reference, and ``.to()``/``.double()`` or ``load_state_dict(assign=True)`` put new
-        tensors in ``self.net``; the graphs are built again, over those, when next used."""
         self._nets.clear()
         self._runners.clear()
-
-    def _apply(self, fn, recurse=True):
-        before = [id(t) for t in self.buffers()]
-        out = super()._apply(fn, recurse)
-        if [id(t) for t in self.buffers()] != before:  # a .to() that changed nothing keeps them
-            self._forget_graphs()
-        return out
-
-    def _load_from_state_dict(self, *args, **kwargs):
-        self._forget_graphs()
-        super()._load_from_state_dict(*args, **kwargs)
 
     def path_runner(self) -> PathRunner:
         """The executor of sampled paths over the current mode's graph (see :mod:`automtl.paths`)."""
