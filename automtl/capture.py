@@ -17,7 +17,7 @@ import os
 import traceback
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import fx, nn
@@ -25,7 +25,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from .errors import BackboneError
 from .features import pick_feature_node
-from .graphpasses import functionalize, refuse_state_writes, user_line
+from .graphpasses import STATE_WRITE_ADVICE, ancestors, functionalize, refuse_state_writes, user_line
 
 
 @dataclass
@@ -94,9 +94,7 @@ class _BufferProxy(fx.Proxy):
         caller = traceback.extract_stack(limit=2)[0]
         raise BackboneError(
             f"the backbone assigns into its own tensor {self.node.target!r} during the forward at "
-            f"{caller.filename}:{caller.lineno} ({(caller.line or '').strip()}); automtl runs the forward as data "
-            "flow and would drop that update: keep running statistics in a BatchNorm module or F.batch_norm "
-            "(automtl keeps them per task), or update the tensor outside the forward")
+            f"{caller.filename}:{caller.lineno} ({(caller.line or '').strip()}); {STATE_WRITE_ADVICE}")
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name == "data":  # ``self.mean.data = v``: a write into the buffer, recorded as one
@@ -168,9 +166,7 @@ def _refuse_rebound_state(backbone: nn.Module, before: dict) -> None:
         if before.get(name) is not t:
             raise BackboneError(
                 f"the backbone assigns its own tensor {name!r} during the forward (self.{name.rsplit('.', 1)[-1]} = "
-                "... or +=); automtl runs the forward as data flow and would drop that update: keep running "
-                "statistics in a BatchNorm module or F.batch_norm (automtl keeps them per task), or update the "
-                "tensor outside the forward")
+                f"... or +=); {STATE_WRITE_ADVICE}")
 
 
 def _state(backbone: nn.Module) -> dict:
@@ -179,29 +175,24 @@ def _state(backbone: nn.Module) -> dict:
 
 def _trace_graph(backbone: nn.Module, leaf_modules: Sequence[type], concrete_args: Optional[dict]) -> fx.Graph:
     before = _state(backbone)
-    try:
-        graph = _Tracer(leaf_modules).trace(backbone, concrete_args=concrete_args)
+    for buffers in (True, False):  # then torch.fx's default, for code that needs a buffer's value in Python
+        try:
+            graph = _Tracer(leaf_modules, buffers=buffers).trace(backbone, concrete_args=concrete_args)
+            failure = None
+        except BackboneError:
+            raise
+        except Exception as exc:  # fx raises many types; all mean "not traceable as written"
+            failure = exc
         _refuse_rebound_state(backbone, before)
-        return graph
-    except BackboneError:
-        raise
-    except Exception:  # a buffer's value used in Python: torch.fx's default reads buffers as constants
-        _refuse_rebound_state(backbone, before)
-    try:
-        graph = _Tracer(leaf_modules, buffers=False).trace(backbone, concrete_args=concrete_args)
-        _refuse_rebound_state(backbone, before)
-        return graph
-    except BackboneError:
-        raise
-    except Exception as exc:  # fx raises many types; all mean "not traceable as written"
-        frame = _user_frame(exc)
-        where = f" at {frame.filename}:{frame.lineno} ({frame.line.strip() if frame.line else ''})" if frame else ""
-        first = _first_line(exc, limit=None)
-        raise BackboneError(
-            f"torch.fx cannot trace the backbone in module {_faulty_module(exc, backbone)}{where}: {first}; "
-            "mark that module as a leaf (leaf_modules=[ItsClass]) or fix its Python control flow with "
-            "concrete_args, then try again"
-        ) from exc
+        if failure is None:
+            return graph
+    frame = _user_frame(failure)
+    where = f" at {frame.filename}:{frame.lineno} ({frame.line.strip() if frame.line else ''})" if frame else ""
+    raise BackboneError(
+        f"torch.fx cannot trace the backbone in module {_faulty_module(failure, backbone)}{where}: "
+        f"{_first_line(failure, limit=None)}; mark that module as a leaf (leaf_modules=[ItsClass]) or fix its Python "
+        "control flow with concrete_args, then try again"
+    ) from failure
 
 
 def trace(backbone: nn.Module, leaf_modules: Sequence[type] = (), concrete_args: Optional[dict] = None) -> fx.GraphModule:
@@ -263,7 +254,7 @@ def capture(
         notes.extend(_dropped_body(gm, node))
     for note in notes:
         warnings.warn(note, stacklevel=3)
-    if not any(is_conv_node(gm, n) for n in _ancestors(node)):
+    if not any(is_conv_node(gm, n) for n in ancestors(node)):
         raise BackboneError(
             f"the backbone {type(backbone).__name__} has no Conv2d before its feature node {node.name!r}; "
             "automtl converts convolutional backbones, so give it one with nn.Conv2d layers"
@@ -504,7 +495,7 @@ DROPPED_MODULES_WARN = 8
 def _dropped_body(gm: fx.GraphModule, node: fx.Node) -> list:
     """A note when the default cut leaves out most of the backbone (a ViT cut at its patch embedding): more than
     DROPPED_MODULES_WARN parameterised modules after the cut, holding more parameters than the part kept."""
-    kept = set(_ancestors(node))
+    kept = set(ancestors(node))
 
     def params(n: fx.Node) -> int:
         if n.op == "call_module":
@@ -530,17 +521,6 @@ def _dropped_body(gm: fx.GraphModule, node: fx.Node) -> list:
             "convolutions, so if that is not what you want, name another place with feature_node"]
 
 
-def _ancestors(node: fx.Node) -> Iterable[fx.Node]:
-    seen, stack = set(), [node]
-    while stack:
-        n = stack.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        yield n
-        stack.extend(n.all_input_nodes)
-
-
 def _cut(graph: fx.Graph, node: fx.Node) -> None:
     """Make ``node`` the output and drop everything only the removed tail needed."""
     old_out = next(n for n in graph.nodes if n.op == "output")
@@ -549,7 +529,7 @@ def _cut(graph: fx.Graph, node: fx.Node) -> None:
     # Keep only the feature node's ancestors: the classifier and anything else after the cut goes,
     # including impure nodes that fx's own dead code elimination would keep. In-place operations
     # whose result matters were made out-of-place before (graphpasses.functionalize).
-    keep = set(_ancestors(node))
+    keep = set(ancestors(node))
     for n in reversed(list(graph.nodes)):
         if n.op != "output" and n not in keep:
             graph.erase_node(n)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .errors import BackboneError
+from .graphpasses import ancestors
 
 #: Module names (the last part of a module path) that hold a model's classifier.
 CLASSIFIER_NAMES = {"classifier", "aux_classifier", "logits", "aux_logits", "AuxLogits", "last_linear"}
@@ -102,16 +103,6 @@ def _in_classifier(node: fx.Node) -> bool:
     return any(p.split(".")[-1] in CLASSIFIER_NAMES for p in _module_paths(node))
 
 
-def _ancestors(node: fx.Node) -> set:
-    seen, stack = set(), [node]
-    while stack:
-        n = stack.pop()
-        if n not in seen:
-            seen.add(n)
-            stack.extend(n.all_input_nodes)
-    return seen
-
-
 def _chosen_output(gm: fx.GraphModule, notes: list) -> fx.Node:
     out = next(n for n in gm.graph.nodes if n.op == "output")
     value = out.args[0]
@@ -134,7 +125,7 @@ def trunk_nodes(gm: fx.GraphModule, output: fx.Node) -> list:
     A node that returns a tuple of maps (``x.chunk(2, dim=1)`` in ShuffleNet, CSPNet's split) or a
     5-D view of one (ShuffleNet's channel shuffle) carries the trunk on but is no feature node itself.
     """
-    keep = _ancestors(output)
+    keep = set(ancestors(output))
     trunk: set = set()
     for n in gm.graph.nodes:
         if n.op == "placeholder":

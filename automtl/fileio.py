@@ -43,8 +43,6 @@ def ensure_dir(folder: str | os.PathLike, target: str | os.PathLike | None = Non
         StorageError: a part of the folder's path is a file, the name is too long, or the disk refuses, in one
             sentence naming ``target``.
     """
-    from .errors import StorageError
-
     folder = Path(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -53,15 +51,19 @@ def ensure_dir(folder: str | os.PathLike, target: str | os.PathLike | None = Non
         error = storage_error(target or folder, exc)
         if error is not None:
             raise error from None
-        blocking = None if exc.errno == errno.ENAMETOOLONG else next(
-            (p for p in (*reversed(folder.parents), folder) if _is_file(p)), None)
-        if exc.errno == errno.ENAMETOOLONG:
-            reason = "the name is too long"
-        elif blocking is not None:
-            reason = f"{os.fspath(blocking)!r} is a file, not a folder"
-        else:
-            reason = exc.strerror or str(exc)
-        raise StorageError(f"cannot write {os.fspath(target or folder)!r} ({reason}); choose another path") from None
+        raise _path_error(target or folder, exc, folder) from None
+
+
+def _path_error(path, exc: OSError, folder: Path):
+    """The StorageError for a path that cannot be made: its name is too long, or a part of ``folder`` is a file."""
+    from .errors import StorageError
+
+    if exc.errno == errno.ENAMETOOLONG:
+        reason = "the name is too long"
+    else:
+        blocking = next((p for p in (*reversed(folder.parents), folder) if _is_file(p)), None)
+        reason = f"{os.fspath(blocking)!r} is a file, not a folder" if blocking else (exc.strerror or str(exc))
+    return StorageError(f"cannot write {os.fspath(path)!r} ({reason}); choose another path")
 
 
 def _is_file(path: Path) -> bool:
@@ -85,8 +87,7 @@ def atomic_path(path: str | os.PathLike):
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as exc:
         if exc.errno == errno.ENAMETOOLONG:
-            from .errors import StorageError
-            raise StorageError(f"cannot write {os.fspath(path)!r} (the name is too long); choose another path") from None
+            raise _path_error(path, exc, path.parent) from None
         raise (storage_error(path, exc) or exc) from None
     os.close(fd)
     os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; results are meant to be shared like any file

@@ -140,12 +140,8 @@ def _compare(sm, gen: torch.Generator, shape: tuple, device, dtype) -> float:
     over one batch for all tasks and a batch per task (inf when NaN appears in one and not the other)."""
     from .reference import run_task_by_task
 
-    x = torch.rand(shape, generator=gen).to(device=device, dtype=dtype)  # image-like values in [0, 1)
-    # each task's batch drawn from its own range, so that statistics over the whole batch differ between tasks
-    xs = {t: (torch.rand(shape, generator=gen) * (1 + k) + 0.5 * k).to(device=device, dtype=dtype)
-          for k, t in enumerate(sm.task_names)}
     worst = 0.0
-    for inputs in (x, xs):
+    for inputs in _inputs(sm, gen, shape, device, dtype):
         try:  # torch.fx prints the generated code of a failing forward itself: the sentence replaces it
             with contextlib.redirect_stderr(io.StringIO()):
                 folded, alone = sm(inputs), run_task_by_task(sm, inputs)
@@ -153,24 +149,35 @@ def _compare(sm, gen: torch.Generator, shape: tuple, device, dtype) -> float:
             raise  # a graph built on first use refused the backbone: that sentence is the answer
         except Exception as exc:
             raise _Failed(_first_line(exc)) from None
-        for t in sm.task_names:
-            a, b = folded[t], alone[t]
-            if not torch.equal(torch.isnan(a), torch.isnan(b)):
-                return math.inf  # NaN in one pass and not in the other: the rows were mixed
-            finite = torch.isfinite(b)
-            if finite.any():
-                scale = float(b[finite].abs().max()) + 1e-6
-                worst = max(worst, float((a - b)[finite].abs().max()) / scale)
+        worst = max([worst] + [_gap(folded[t], alone[t]) for t in sm.task_names])
     return worst
+
+
+def _inputs(sm, gen: torch.Generator, shape: tuple, device, dtype) -> tuple:
+    """One image batch for all tasks (image-like values in [0, 1)), and a batch per task, each task's drawn from
+    its own range so that statistics over the whole batch differ between tasks."""
+    x = torch.rand(shape, generator=gen).to(device=device, dtype=dtype)
+    xs = {t: (torch.rand(shape, generator=gen) * (1 + k) + 0.5 * k).to(device=device, dtype=dtype)
+          for k, t in enumerate(sm.task_names)}
+    return x, xs
+
+
+def _gap(a: torch.Tensor, reference: torch.Tensor) -> float:
+    """The largest difference of ``a`` from ``reference``, relative to the reference's largest value (inf when NaN
+    appears in one and not the other: the rows were mixed)."""
+    if not torch.equal(torch.isnan(a), torch.isnan(reference)):
+        return math.inf
+    finite = torch.isfinite(reference)
+    if not finite.any():
+        return 0.0
+    return float((a - reference)[finite].abs().max()) / (float(reference[finite].abs().max()) + 1e-6)
 
 
 def _interference(sm, gen: torch.Generator, shape: tuple, device, dtype, buffers: list) -> float:
     """Train mode: the largest move of tasks 1..T-1's outputs (relative to their largest output) when only task
     0's rows change, with one batch for all tasks (task 0's first-layer copy changed) and with a batch per task
     (task 0's batch changed); each pass starts from the same random state and running statistics."""
-    x = torch.rand(shape, generator=gen).to(device=device, dtype=dtype)
-    xs = {t: (torch.rand(shape, generator=gen) * (1 + k) + 0.5 * k).to(device=device, dtype=dtype)
-          for k, t in enumerate(sm.task_names)}
+    x, xs = _inputs(sm, gen, shape, device, dtype)
     other = (torch.rand(shape, generator=gen) * 4 - 1).to(device=device, dtype=dtype)
     first = list(sm.policy_layers[0].specialized[0].parameters())  # task 0's copy of the first layer
     was = [p.detach().clone() for p in first]
@@ -206,13 +213,7 @@ def _interference(sm, gen: torch.Generator, shape: tuple, device, dtype, buffers
             finally:
                 if changed and after is not None:
                     after()
-        for t in sm.task_names[1:]:
-            a, b = outs[0][t], outs[1][t]
-            if not torch.equal(torch.isnan(a), torch.isnan(b)):
-                return math.inf
-            finite = torch.isfinite(a)
-            if finite.any():
-                worst = max(worst, float((a - b)[finite].abs().max()) / (float(a[finite].abs().max()) + 1e-6))
+        worst = max([worst] + [_gap(outs[1][t], outs[0][t]) for t in sm.task_names[1:]])
     return worst
 
 

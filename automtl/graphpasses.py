@@ -4,7 +4,7 @@ from __future__ import annotations
 import operator
 import os
 import re
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 from torch import fx
@@ -21,6 +21,12 @@ INPLACE_OPERATORS = {
 _VIEW_METHODS = {"view", "view_as", "reshape", "narrow", "transpose", "permute", "expand", "expand_as", "select",
                  "unsqueeze", "squeeze", "flatten", "unflatten", "chunk", "split", "unbind", "as_strided",
                  "t", "movedim", "diagonal", "contiguous", "detach", "unfold"}
+
+
+#: What every refusal of a forward that writes the module's own tensors advises.
+STATE_WRITE_ADVICE = ("automtl runs the forward as data flow and would drop that update: keep running statistics in a "
+                      "BatchNorm module or F.batch_norm (automtl keeps them per task), or update the tensor outside "
+                      "the forward")
 
 
 def user_line(node: fx.Node) -> str:
@@ -134,28 +140,23 @@ def refuse_state_writes(writes: list, graph: fx.Graph, feature: fx.Node) -> None
     """
     order = {n: i for i, n in enumerate(graph.nodes)}
     for node, state in writes:
-        if order.get(node, len(order)) > order[feature] or not _from_input(node):
+        if order.get(node, len(order)) > order[feature] or not any(n.op == "placeholder" for n in ancestors(node)):
             continue
         raise BackboneError(
             f"the backbone changes its own tensor {state.target!r} in place during the forward{user_line(node)} "
-            "(a running statistic kept by hand); automtl runs the forward as data flow and would drop that "
-            "update: keep running statistics in a BatchNorm module or F.batch_norm (automtl keeps them per task), "
-            "or update the tensor outside the forward"
-        )
+            f"(a running statistic kept by hand); {STATE_WRITE_ADVICE}")
 
 
-def _from_input(node: fx.Node) -> bool:
-    """Whether ``node``'s value is computed from a placeholder (the input)."""
-    seen, todo = set(), [node]
-    while todo:
-        n = todo.pop()
-        if n.op == "placeholder":
-            return True
-        for i in n.all_input_nodes:
-            if i not in seen:
-                seen.add(i)
-                todo.append(i)
-    return False
+def ancestors(node: fx.Node) -> Iterator[fx.Node]:
+    """``node`` and every node it is computed from, each once (lazily: a search may stop early)."""
+    seen, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        yield n
+        stack.extend(n.all_input_nodes)
 
 
 def _out_of_place(gm: fx.GraphModule, node: fx.Node) -> None:

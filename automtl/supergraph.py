@@ -152,11 +152,10 @@ def _per_task_norm(module: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) or tracks_running_stats(m) for m in module.modules())
 
 
-#: Functions that move running statistics they are handed, with the position of ``running_mean``: on rows of
-#: several tasks the compact model would call them once per class of tasks, the supermodel once (F.batch_norm
-#: alone is rewritten to keep them per task)
-#: and of the flag that makes them move them (its name; it is the sixth argument of each, and may be left out
-#: only for F.instance_norm, whose default moves them)
+#: Functions that move running statistics they are handed: on rows of several tasks the compact model would call
+#: them once per class of tasks, the supermodel once (F.batch_norm alone is rewritten to keep them per task).
+#: Each maps to the position of ``running_mean`` and the name of the flag that makes them move (the sixth
+#: argument of each; only F.instance_norm's defaults to moving them).
 _UNGROUPED_NORM_FUNCTIONS = {F.instance_norm: (1, "use_input_stats"), torch.instance_norm: (3, "use_input_stats"),
                              torch.batch_norm: (3, "training")}
 
