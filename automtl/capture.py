@@ -360,7 +360,7 @@ def _propagate(gm: fx.GraphModule, example_input: torch.Tensor, tolerant: bool =
     except Exception as exc:
         raise BackboneError(
             f"the backbone fails on an example input of shape {tuple(example_input.shape)} "
-            f"({_first_line(exc.__cause__ or exc)}); pass an example_input with the channels and size the backbone expects"
+            f"({_first_line(exc.__cause__ or exc)}); pass an example_input with the channels, size, dtype and device the backbone expects"
         ) from exc
     finally:
         gm.train(was_training)
@@ -388,7 +388,7 @@ def _train_counterpart(backbone, gm: fx.GraphModule, graph: fx.Graph, feature: f
         n, exc = failures[0]
         raise BackboneError(
             f"the backbone fails in train mode on an example input of shape {tuple(example_input.shape)} at "
-            f"{n.name!r} ({_first_line(exc)}); pass an example_input with the channels and size the backbone expects")
+            f"{n.name!r} ({_first_line(exc)}); pass an example_input with the channels, size, dtype and device the backbone expects")
     else:
         raise BackboneError(
             f"the backbone's train-mode graph has no node matching its eval-mode feature node {feature.name!r}; "

@@ -116,6 +116,9 @@ class SuperModel(GraphsBuiltOnUse):
         self.feature_shape = cap.feature_shape
         self.feature_node = cap.feature_node
         graphs = [gm.graph] + ([cap.train_graph] if cap.train_graph is not None else [])
+        # what the supermodel adds (skip projections, builtin heads, policy logits) is made where the backbone lives
+        like = next((t for t in (*gm.parameters(), *gm.buffers()) if t.is_floating_point()), None)
+        place = dict(device=like.device, dtype=like.dtype) if like is not None else {}
 
         uses: dict = {}
         for n in gm.graph.nodes:
@@ -137,6 +140,8 @@ class SuperModel(GraphsBuiltOnUse):
             in_shape = tuple(node.args[0].meta["tensor_meta"].shape)
             out_shape = tuple(node.meta["tensor_meta"].shape)
             skip, skip_kind = _skip_operator(conv, in_shape, out_shape)
+            if skip is not None:
+                skip.to(**place)
             unit = ConvUnit(conv, bn)
             gm.add_submodule(node.target, PolicyLayer(unit, T, skip))
             if bn_node is not None:
@@ -158,10 +163,11 @@ class SuperModel(GraphsBuiltOnUse):
         self._runners: dict = {}  # train mode -> PathRunner (sampled paths), built on first use
 
         channels = self.feature_shape[1]
-        self.heads = nn.ModuleDict({t.name: build_head(t, channels) for t in self.tasks})
+        self.heads = nn.ModuleDict({t.name: build_head(t, channels) if t.head is not None else build_head(t, channels).to(**place)
+                                    for t in self.tasks})
         L = len(self.layer_names)
-        self.policy_logits = nn.Parameter(torch.zeros(L, T, 3))
-        legal = torch.ones(L, 3, dtype=torch.bool)
+        self.policy_logits = nn.Parameter(torch.zeros(L, T, 3, **place))
+        legal = torch.ones(L, 3, dtype=torch.bool, device=place.get("device"))
         legal[:, SKIP] = torch.tensor([info.skip_legal for info in self.layer_info], dtype=torch.bool)
         self.register_buffer("legal", legal, persistent=False)
         self.mode = "warmup"
@@ -406,7 +412,8 @@ def supermodel(
     """Convert ``backbone`` (a module, or a builtin/import name) into a multi-task supermodel.
 
     ``example_input`` fixes the shapes used to decide where skip is legal (default: one
-    3x64x64 image). The backbone is copied; the original is never changed.
+    3x64x64 image in the dtype and on the device of the backbone's first floating-point parameter or
+    buffer). The backbone is copied; the original is never changed.
     """
     tasks = check_tasks(tasks)
     if isinstance(backbone, str):
@@ -414,7 +421,8 @@ def supermodel(
 
         backbone = build_backbone(backbone)
     if example_input is None:
-        example_input = torch.randn(1, 3, 64, 64)
+        like = next((t for t in (*backbone.parameters(), *backbone.buffers()) if t.is_floating_point()), None)
+        example_input = torch.randn(1, 3, 64, 64) if like is None else torch.randn(1, 3, 64, 64, dtype=like.dtype, device=like.device)
     cap = capture(backbone, example_input, feature_node, leaf_modules, concrete_args)
     sm = SuperModel(cap, tasks)
     check_tasks_apart(sm)

@@ -767,13 +767,32 @@ def test_a_cut_that_leaves_out_the_body_of_the_model_says_so():
         automtl.supermodel(_TinyViT(), TASKS, torch.randn(1, 3, SIZE, SIZE), feature_node="embed")
 
 
-def test_the_folding_check_keeps_each_modules_mode_and_skips_a_backbone_of_another_dtype():
+def test_the_folding_check_keeps_each_modules_mode_and_skips_a_supermodel_of_mixed_dtypes():
     backbone = ZOO["efficientnet"]().eval()  # handed over in eval mode: its modules stay so in the supermodel
     sm = automtl.supermodel(backbone, TASKS, torch.randn(1, 3, SIZE, SIZE))
     reference = automtl.supermodel(ZOO["efficientnet"]().eval(), TASKS, torch.randn(1, 3, SIZE, SIZE))
     assert [m.training for m in sm.modules()] == [m.training for m in reference.modules()]
-    with pytest.warns(UserWarning, match="several, so it was skipped"):  # float64 backbone, float32 heads
-        automtl.supermodel(ZOO["efficientnet"]().double(), TASKS, torch.randn(1, 3, SIZE, SIZE, dtype=torch.float64))
+    own_head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.LazyLinear(2))  # the user's, float32
+    tasks = [TASKS[0], Task("mine", "custom", head=own_head, loss=lambda y, t: y.sum(), metric=lambda y, t: {})]
+    with pytest.warns(UserWarning, match="several, so it was skipped"):  # float64 backbone, the user's float32 head
+        automtl.supermodel(ZOO["efficientnet"]().double(), tasks, torch.randn(1, 3, SIZE, SIZE, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("name", ["efficientnet", "segmentation", "shufflenet"])
+def test_what_the_supermodel_adds_is_made_in_the_backbones_dtype(name):
+    """Skip projections, builtin heads and policy logits follow a float64 backbone (they used to be float32: the
+    supermodel failed on float64 input until .double(), and the folding check was skipped); the default example
+    input follows it too."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*so it was skipped")  # the folding check runs
+        sm = automtl.supermodel(ZOO[name]().double(), TASKS)
+    assert {t.dtype for t in (*sm.parameters(), *sm.buffers()) if t.is_floating_point()} == {torch.float64}
+    policy = Policy.random(sm.layer_names, sm.task_names, sm.skip_legal, seed=0)
+    out = sm.eval().hard(policy)(torch.randn(2, 3, SIZE, SIZE, dtype=torch.float64))
+    assert all(y.dtype == torch.float64 for y in out.values())
+    c = compact(sm, policy).eval()
+    x = torch.randn(2, 3, SIZE, SIZE, dtype=torch.float64)
+    assert all(close(c(x)[t], sm(x)[t], 1e-9) for t in sm.task_names)
 
 
 class _NamedLikeAttributes(nn.Module):
