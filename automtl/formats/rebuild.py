@@ -254,6 +254,18 @@ def _pieces(name: str, x: torch.Tensor, args: tuple, kwargs: dict) -> int:
 MAX_COMPUTED_INT, MAX_SEQUENCE = 2**40, 256
 
 
+def _nested(value):
+    """``value`` and everything inside its tuples, lists and dicts, containers included (each before what it holds)."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        yield v
+        if isinstance(v, (tuple, list)):
+            stack.extend(v)
+        elif isinstance(v, dict):
+            stack.extend(v.values())
+
+
 class _BoundedShapes(fx.Interpreter):
     """Runs on meta tensors and refuses a node whose output is larger than the bounds: a tensor of more
     than MAX_ACTIVATION elements, an int beyond MAX_COMPUTED_INT, a sequence longer than MAX_SEQUENCE.
@@ -271,16 +283,11 @@ class _BoundedShapes(fx.Interpreter):
     def _check_live(self, n: fx.Node, out) -> None:
         """The activations alive once ``n`` has run (the interpreter frees each after its last use, as the
         generated forward does), views counted once with the tensor they view."""
-        bases, stack = {}, [out, *self.env.values()]
-        while stack:
-            v = stack.pop()
+        bases = {}
+        for v in _nested((out, *self.env.values())):
             if isinstance(v, torch.Tensor):
                 base = v._base if v._base is not None else v
                 bases[id(base)] = base.numel()
-            elif isinstance(v, (tuple, list)):
-                stack.extend(v)
-            elif isinstance(v, dict):
-                stack.extend(v.values())
         live = sum(bases.values())
         if live > MAX_LIVE:
             raise FileFormatError(f"has node {n.name!r} after which {live} activation elements are alive at once, "
@@ -324,9 +331,7 @@ class _BoundedShapes(fx.Interpreter):
                 raise FileFormatError(f"has node {n.name!r} after which the graph has done {self.work:.3g} element "
                                       f"operations (outputs, pooling windows), more than the {self.max_work:.3g} automtl "
                                       "allows at this input shape; the file is crafted or corrupted")
-        stack = [out]
-        while stack:
-            v = stack.pop()
+        for v in _nested(out):
             if isinstance(v, torch.Tensor):
                 if v.numel() > MAX_ACTIVATION:
                     raise FileFormatError(f"has node {n.name!r} producing {v.numel()} elements at its recorded input "
@@ -339,7 +344,6 @@ class _BoundedShapes(fx.Interpreter):
                 if len(v) > MAX_SEQUENCE:
                     raise FileFormatError(f"has node {n.name!r} computing a sequence of {len(v)} values, more than the "
                                           f"{MAX_SEQUENCE} automtl allows; the file is crafted or corrupted")
-                stack.extend(v.values() if isinstance(v, dict) else v)
         return out
 
 
