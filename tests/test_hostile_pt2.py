@@ -164,6 +164,34 @@ def test_out_overloads_of_listed_packets_are_refused(parts, tmp_path, no_torch_l
     _refused(_write(tmp_path / "evil.pt2", parts), r"an in-place or out= overload")
 
 
+@pytest.mark.parametrize("arg", [
+    {"as_operator": "torch.os.system"},  # torch walks the attribute path from torch, math or _operator
+    {"as_operator": "torch.sys.modules"},
+    {"as_graph": {"graph": {}, "signature": {}}},
+    {"as_custom_obj": {"name": "x", "class_fqn": "os.system"}},
+    {"as_string_to_argument": {"a": {"as_operator": "math.pi"}}},
+])
+def test_arguments_that_torch_resolves_to_objects_are_refused(parts, tmp_path, no_torch_load, arg):
+    def change(program):
+        conv = next(n for n in _nodes(program) if n["target"].startswith("torch.ops.aten.conv2d."))
+        next(i for i in conv["inputs"] if i["name"] == "bias")["arg"] = arg
+    _edit_json(parts, "models/model.json", change)
+    message = _refused(_write(tmp_path / "evil.pt2", parts), "has an argument of kind")
+    assert next(iter(arg)) in message
+
+
+@pytest.mark.parametrize("metadata", [
+    {"source_fn_stack": "a,torch.os.system"},  # resolved like as_operator
+    {"custom": "{}"},
+    ["stack_trace"],
+])
+def test_node_metadata_off_the_list_is_refused(parts, tmp_path, no_torch_load, metadata):
+    def change(program):
+        _nodes(program)[0]["metadata"] = metadata
+    _edit_json(parts, "models/model.json", change)
+    _refused(_write(tmp_path / "evil.pt2", parts), "has node metadata")
+
+
 def test_the_list_is_reviewed_aten_packets_without_file_or_storage_access():
     allowed = pt2_module.ALLOWED_ATEN_OPERATORS
     assert isinstance(allowed, frozenset) and 100 < len(allowed) < 250

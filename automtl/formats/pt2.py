@@ -13,6 +13,8 @@ directly. :func:`load_pt2` checks, in this order:
    sample inputs entry), each under its size cap, all together under the file limit;
 2. the graph JSON and the weight/constant configs (read under their caps): no guard code, no
    custom objects, no expression strings but plain arithmetic on shape symbols, no pickled entry,
+   arguments and node metadata of the kinds that stay data (:data:`_ARGUMENT_KINDS`, :data:`_NODE_METADATA`:
+   no ``as_operator`` or ``source_fn_stack``, which torch resolves as attribute paths, no subgraph),
    and every operator on a closed list: :data:`ALLOWED_ATEN_OPERATORS` (reviewed ``aten``
    overload packets, never an in-place or ``out=`` overload) and a few Python ``operator``
    functions for shape arithmetic; every weight and constant is described with non-negative
@@ -140,6 +142,18 @@ ALLOWED_ATEN_OPERATORS = frozenset({
     "sym_numel", "sym_stride", "_assert_scalar", "_assert_tensor_metadata", "sym_constrain_range",
     "sym_constrain_range_for_size",
 })
+#: The argument kinds (``as_*`` keys of torch's serialized ``Argument`` and its symbolic unions) a loaded program
+#: may hold: plain values, tensors and shape symbols. Left out: ``as_operator`` (torch resolves it by walking any
+#: attribute path from ``torch``, ``math`` or ``_operator``), ``as_graph`` (a subgraph), ``as_custom_obj`` and the
+#: kinds no listed operator takes (``as_complex``, ``as_nested_tensors``, ``as_string_to_argument``).
+_ARGUMENT_KINDS = frozenset({
+    "as_none", "as_tensor", "as_tensors", "as_optional_tensor", "as_optional_tensors", "as_int", "as_ints",
+    "as_int_lists", "as_float", "as_floats", "as_float_lists", "as_bool", "as_bools", "as_string", "as_strings",
+    "as_sym_int", "as_sym_ints", "as_sym_float", "as_sym_floats", "as_sym_bool", "as_sym_bools", "as_expr", "as_name",
+    "as_scalar_type", "as_memory_format", "as_layout", "as_device"})
+#: The node metadata a loaded program may carry: strings torch keeps as strings. ``source_fn_stack`` is left out
+#: (torch resolves each of its entries as an attribute path, like ``as_operator``), as is anything else.
+_NODE_METADATA = frozenset({"stack_trace", "nn_module_stack", "torch_fn", "from_node"})
 _ATEN = re.compile(r"^torch\.ops\.aten\.([A-Za-z0-9_]+)\.([A-Za-z0-9_]+)$")
 _PYTHON_OPERATORS = {f"_operator.{n}" for n in ("getitem", "add", "sub", "mul", "floordiv", "truediv", "mod", "neg",
                                                  "eq", "ne", "lt", "le", "gt", "ge")}
@@ -292,6 +306,16 @@ def _check_program(path: str, name: str, program: Any) -> None:
             raise _bad(path, f"has a symbolic expression {str(v)[:60]!r} in {name} that is not plain arithmetic")
         elif key == "custom_obj_values" and v:
             raise _bad(path, f"has custom objects in {name}, which torch loads by unpickling")
+        if isinstance(v, dict) and len(v) == 1 and str(next(iter(v))).startswith("as_") and next(iter(v)) not in _ARGUMENT_KINDS:
+            raise _bad(path, f"has an argument of kind {str(next(iter(v)))[:40]!r} in {name}, which automtl does not "
+                             "load (torch resolves operators and objects from it)")  # a union: one "as_*" key
+        if key == "nodes" and isinstance(v, list):
+            for node in v:
+                meta = node.get("metadata") if isinstance(node, dict) else None
+                extra = sorted(set(meta) - _NODE_METADATA) if isinstance(meta, dict) else ["not a mapping"] if meta else []
+                if extra:
+                    raise _bad(path, f"has node metadata {str(extra[0])[:40]!r} in {name}, which automtl does not "
+                                     "load (torch resolves objects from some of it)")
 
     _walk(program, visit)
 
