@@ -175,7 +175,11 @@ def _build_graph_module(path: str, desc: dict) -> fx.GraphModule:
         graph.lint()
     except Exception as exc:  # fx raises several types for an inconsistent graph
         raise bad(path, f"has an inconsistent graph ({str(exc)[:120]}); the file is corrupted, save the model again") from None
-    return fx.GraphModule(root, graph, "CompactNet")
+    try:
+        return fx.GraphModule(root, graph, "CompactNet")
+    except Exception as exc:  # fx's code generation fails on nodes whose arguments do not fit their operator
+        raise bad(path, f"has a graph torch.fx cannot turn into code ({type(exc).__name__}: {str(exc)[:100]}); "
+                        "the file is corrupted or crafted, save the model again") from None
 
 
 def _expected_tensors(gm: fx.GraphModule, desc: dict, dtype: torch.dtype) -> dict:
@@ -228,9 +232,11 @@ MAX_ACTIVATION = 2**28
 #: them): about 3x a VGG-16 at automtl's largest input size (1024 px, 6.5e11), far above the builtin backbones.
 MAX_FLOPS_PER_SAMPLE = 2 * 10**12
 #: Element operations a sample and task that the flop counter does not see (every node's output elements once, a
-#: pooling's window times): 2^36, some 30x a ResNet-50 at 1024 px; a chain of 2^28-element nodes or a 4096-wide
-#: pooling window on a large map stops here.
-MAX_WORK_PER_SAMPLE = 2**36
+#: pooling's window times, and every input element it reads): 2^34, some 13x the largest builtin backbone at
+#: automtl's largest input size (ResNet-50 / VGG-16-BN at 1024 px, every layer a task's own: 1.3e9 a task), about a
+#: minute of one CPU core for reductions (2e8 elements a second); a chain of 2^28-element nodes, reductions of a
+#: 2^28-element expanded view (which takes no memory) or a 4096-wide pooling window on a large map stops here.
+MAX_WORK_PER_SAMPLE = 2**34
 #: Elements of all the activations alive at once (after each node, before any is freed): four of the largest.
 MAX_LIVE = 4 * MAX_ACTIVATION
 
@@ -266,6 +272,42 @@ def _nested(value):
             stack.extend(v.values())
 
 
+def _bases(value) -> dict:
+    """``{id: elements}`` of the tensors ``value`` holds (nested), a view counted as the tensor it views."""
+    bases = {}
+    for v in _nested(value):
+        if isinstance(v, torch.Tensor):
+            base = v._base if v._base is not None else v
+            bases[id(base)] = base.numel()
+    return bases
+
+
+class _LiveEnv(dict):
+    """An interpreter's environment that keeps ``live``, the elements of the distinct tensors its values hold,
+    up to date as values come and go: each node's check is O(its own output), not O(all live values)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live, self.count, self._held = 0, {}, {}  # elements; base id -> values holding it; node -> its bases
+
+    def __setitem__(self, node, value):
+        if node in self:
+            del self[node]
+        super().__setitem__(node, value)
+        self._held[node] = held = _bases(value)
+        for key, numel in held.items():
+            self.count[key] = self.count.get(key, 0) + 1
+            self.live += numel if self.count[key] == 1 else 0
+
+    def __delitem__(self, node):
+        super().__delitem__(node)
+        for key, numel in self._held.pop(node).items():
+            self.count[key] -= 1
+            if not self.count[key]:
+                del self.count[key]
+                self.live -= numel
+
+
 class _BoundedShapes(fx.Interpreter):
     """Runs on meta tensors and refuses a node whose output is larger than the bounds: a tensor of more
     than MAX_ACTIVATION elements, an int beyond MAX_COMPUTED_INT, a sequence longer than MAX_SEQUENCE.
@@ -280,20 +322,18 @@ class _BoundedShapes(fx.Interpreter):
                 raise FileFormatError(f"has node {n.name!r} splitting a tensor into {count} pieces, more than the "
                                       f"{MAX_SEQUENCE} automtl allows; the file is crafted or corrupted")
 
+    def run(self, *args, **kwargs):
+        return super().run(*args, initial_env=_LiveEnv(), **kwargs)
+
     def _check_live(self, n: fx.Node, out) -> None:
         """The activations alive once ``n`` has run (the interpreter frees each after its last use, as the
         generated forward does), views counted once with the tensor they view."""
-        bases = {}
-        for v in _nested((out, *self.env.values())):
-            if isinstance(v, torch.Tensor):
-                base = v._base if v._base is not None else v
-                bases[id(base)] = base.numel()
-        live = sum(bases.values())
+        live = self.env.live + sum(numel for key, numel in _bases(out).items() if key not in self.env.count)
         if live > MAX_LIVE:
             raise FileFormatError(f"has node {n.name!r} after which {live} activation elements are alive at once, "
                                   f"more than the {MAX_LIVE} automtl allows; the file is crafted or corrupted")
 
-    work = 0  # element operations so far: every output element once, a pooling's window times (MAX_WORK_PER_SAMPLE)
+    work = 0  # element operations so far: outputs once, a pooling's window times, inputs read (MAX_WORK_PER_SAMPLE)
     max_work = math.inf
 
     def _pooling_work(self, n: fx.Node, name: str) -> tuple:
@@ -322,6 +362,9 @@ class _BoundedShapes(fx.Interpreter):
         if name in ("unbind", "split", "chunk", "tensor_split", "split_with_sizes") and n.op != "call_module":
             self._check_pieces(n, name)  # before it runs: 2^28 pieces of a meta tensor would take minutes and GBs
         window, read = self._pooling_work(n, name)
+        if n.op not in ("get_attr", "placeholder", "output"):  # every element a node reads (a reduction of an
+            args, kwargs = self.fetch_args_kwargs_from_env(n)  # expanded view reads far more than it writes)
+            read += sum(v.numel() for v in _nested((args, kwargs)) if isinstance(v, torch.Tensor))
         out = super().run_node(n)
         if n.op != "get_attr":
             self._check_live(n, out)
@@ -329,7 +372,7 @@ class _BoundedShapes(fx.Interpreter):
             self.work += sum(v.numel() for v in made) * window + read
             if self.work > self.max_work:
                 raise FileFormatError(f"has node {n.name!r} after which the graph has done {self.work:.3g} element "
-                                      f"operations (outputs, pooling windows), more than the {self.max_work:.3g} automtl "
+                                      f"operations (outputs, inputs read, pooling windows), more than the {self.max_work:.3g} automtl "
                                       "allows at this input shape; the file is crafted or corrupted")
         for v in _nested(out):
             if isinstance(v, torch.Tensor):
