@@ -8,6 +8,8 @@ a number would claim a measurement that was never made.
 """
 from __future__ import annotations
 
+import functools
+
 import math
 from typing import TYPE_CHECKING, Mapping, Optional
 
@@ -194,10 +196,12 @@ class RegressionMetric(Metric):
 
 
 class SegmentationMetric(Metric):
-    """Mean IoU and pixel accuracy (percent) from a confusion matrix; void pixels excluded.
+    """Mean IoU and pixel accuracy (percent); void pixels excluded.
 
     mIoU averages over the classes that occur in the targets or the predictions (a class absent
-    from both has no IoU), as the usual MTL code bases do.
+    from both has no IoU), as the usual MTL code bases do. Kept as three per-class counts (pixels
+    predicted, labelled and both), what a confusion matrix's diagonal and sums give, in O(classes)
+    memory rather than O(classes^2).
     """
 
     primary = "miou"
@@ -209,7 +213,7 @@ class SegmentationMetric(Metric):
         super().__init__()
 
     def reset(self) -> None:
-        self.confusion = torch.zeros(self.classes, self.classes, dtype=torch.long)
+        self.predicted, self.labelled, self.correct = (torch.zeros(self.classes, dtype=torch.long) for _ in range(3))
 
     @torch.no_grad()
     def update(self, pred: Tensor, target: Tensor) -> None:
@@ -221,15 +225,16 @@ class SegmentationMetric(Metric):
         else:
             labels = pred.detach().long()
         valid = (target != self.ignore_index) & (target >= 0) & (target < self.classes)
-        idx = target[valid] * self.classes + labels[valid].clamp(0, self.classes - 1)
-        counts = torch.bincount(idx, minlength=self.classes**2).cpu()
-        self.confusion += counts.reshape(self.classes, self.classes)
+        target, labels = target[valid], labels[valid].clamp(0, self.classes - 1)
+        count = functools.partial(torch.bincount, minlength=self.classes)
+        self.labelled += count(target).cpu()
+        self.predicted += count(labels).cpu()
+        self.correct += count(target[target == labels]).cpu()
 
     def compute(self) -> dict[str, float]:
-        cm = self.confusion.double()
-        total = cm.sum().item()
-        inter = cm.diag()
-        union = cm.sum(0) + cm.sum(1) - inter
+        inter = self.correct.double()
+        total = self.labelled.sum().item()
+        union = self.predicted.double() + self.labelled.double() - inter
         present = union > 0
         miou = (inter[present] / union[present]).mean().item() if bool(present.any()) else _NAN
         return {"miou": 100.0 * miou, "pixel_acc": 100.0 * _ratio(inter.sum().item(), total)}

@@ -202,6 +202,32 @@ def test_segmentation_miou_and_pixel_acc():
     assert out["pixel_acc"] == pytest.approx(75.0)
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_segmentation_metric_equals_a_confusion_matrix_on_random_data(seed):
+    gen = torch.Generator().manual_seed(seed)
+    C = 5
+    m = metric_for(Task("s", kind="segmentation", classes=C))
+    cm = torch.zeros(C, C, dtype=torch.float64)
+    for _ in range(3):  # several batches, void pixels and predictions of classes never labelled
+        target = torch.randint(0, C - 1, (2, 6, 7), generator=gen)
+        target[torch.rand(2, 6, 7, generator=gen) < 0.2] = 255
+        pred = torch.randn(2, C, 6, 7, generator=gen)
+        m.update(pred, target)
+        labels, valid = pred.argmax(1), target != 255
+        cm.index_put_((target[valid], labels[valid]), torch.ones(int(valid.sum()), dtype=torch.float64), accumulate=True)
+    inter, union = cm.diag(), cm.sum(0) + cm.sum(1) - cm.diag()
+    out = m.compute()
+    assert out["miou"] == pytest.approx(100 * (inter[union > 0] / union[union > 0]).mean().item())
+    assert out["pixel_acc"] == pytest.approx(100 * inter.sum().item() / cm.sum().item())
+
+
+def test_segmentation_metric_memory_grows_with_the_classes_not_their_square():
+    """A model file may declare up to a million classes: a confusion matrix of them is 8 TB (a memory bomb)."""
+    m = metric_for(Task("s", kind="segmentation", classes=10**6))
+    m.update(torch.zeros(1, 4, 4, dtype=torch.long), torch.ones(1, 4, 4, dtype=torch.long))
+    assert m.compute()["pixel_acc"] == 0.0 and m.compute()["miou"] == 0.0
+
+
 def test_depth_metric_valid_pixels():
     m = metric_for(Task("d", kind="depth"))
     m.update(torch.tensor([[[[1.0, 2.0], [3.0, 5.0]]]]), torch.tensor([[[[2.0, 0.0], [NAN, 4.0]]]]))
