@@ -34,16 +34,18 @@ from .tasks import Task, check_tasks
 MODES = ("warmup", "soft", "hard")
 
 
-def _fusable_bn(gm: fx.GraphModule, conv_node: fx.Node, uses: dict) -> Optional[fx.Node]:
+def _fusable_bn(gm: fx.GraphModule, conv_node: fx.Node, uses: dict, read: set = frozenset()) -> Optional[fx.Node]:
     """The normalisation node (see FUSABLE_NORMS) that only this conv feeds, if any: it follows the conv's choice.
 
     Not when the conv module is called at several places (each call site may have its own norm),
-    nor when the norm module is called elsewhere too.
+    nor when the norm module is called elsewhere too, nor when the forward reads its tensors itself
+    (``read``: NAM attention weighs channels by ``bn.weight``).
     """
     if len(conv_node.users) != 1 or uses[conv_node.target] != 1:
         return None
     (user,) = conv_node.users
     if (user.op == "call_module" and isinstance(gm.get_submodule(user.target), FUSABLE_NORMS)
+            and user.target not in read
             and uses[user.target] == 1 and user.args[:1] == (conv_node,) and len(user.all_input_nodes) == 1
             and user.meta.get("tensor_meta") is not None
             and tuple(user.meta["tensor_meta"].shape) == tuple(conv_node.meta["tensor_meta"].shape)):
@@ -60,6 +62,13 @@ def _read_directly(graphs: Sequence[fx.Graph]) -> set:
                 parts = n.target.split(".")
                 paths.update(".".join(parts[:i]) for i in range(1, len(parts)))
     return paths
+
+
+def _not_one_input(graphs: Sequence[fx.Graph]) -> set:
+    """Module paths called somewhere with anything but one positional argument (a conv subclass taking a scale, a
+    conv called as ``conv(input=x)``): a policy layer calls its operators on one input, so they stay as they are."""
+    return {n.target for graph in graphs for n in graph.nodes
+            if n.op == "call_module" and (len(n.args) != 1 or n.kwargs)}
 
 
 def _off_the_input(graphs: Sequence[fx.Graph]) -> set:
@@ -124,7 +133,8 @@ class SuperModel(GraphsBuiltOnUse):
         for n in gm.graph.nodes:
             if n.op == "call_module":
                 uses[n.target] = uses.get(n.target, 0) + 1
-        plain = _read_directly(graphs) | _off_the_input(graphs)  # convs that stay plain modules
+        read = _read_directly(graphs)  # module paths whose tensors the forward reads itself: never fused away
+        plain = read | _off_the_input(graphs) | _not_one_input(graphs)  # convs that stay plain modules
         self.layer_names: list[str] = []
         self.layer_info: list[LayerInfo] = []
         fused: dict = {}  # conv module path -> the norm module path fused with it
@@ -133,7 +143,7 @@ class SuperModel(GraphsBuiltOnUse):
                 continue  # a conv module called twice is one policy layer; one whose weight is read directly, or
                 # that runs on a value the input does not reach, stays as is
             conv = gm.get_submodule(node.target)
-            bn_node = _fusable_bn(gm, node, uses)
+            bn_node = _fusable_bn(gm, node, uses, read)
             if bn_node is not None and cap.train_graph is not None and not _fused_in(cap.train_graph, node.target, bn_node.target):
                 bn_node = None
             bn = gm.get_submodule(bn_node.target) if bn_node is not None else None

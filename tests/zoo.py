@@ -425,11 +425,45 @@ class StdConvNet(nn.Module):
         return self.c2(F.relu(self.c1(x)))
 
 
+class ScaledConv2d(nn.Conv2d):
+    """A conv whose forward takes a second argument (a scale): a policy layer's one-input call would drop it."""
+
+    def forward(self, x, scale=1.0):
+        return super().forward(x) * scale
+
+
+class CallArgumentsNet(nn.Module):
+    """Convs called with more than one input, and with the input as a keyword (``conv(input=x)``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2, self.c3 = conv_bn(3, 8), ScaledConv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.c4 = nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        y = self.c2(self.c1(x), 0.25)
+        return self.c4(F.relu(self.c3(input=y)))
+
+
+class NormWeightAttention(nn.Module):
+    """NAM attention: a BatchNorm after a conv whose weights the forward also reads, to weigh the channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2, self.bn = conv_bn(3, 8), nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        y = self.bn(self.c2(self.c1(x)))
+        w = self.bn.weight.abs() / self.bn.weight.abs().sum()
+        return torch.sigmoid(y * w.view(1, -1, 1, 1)) * y
+
+
 ZOO = {
     "constant": ConstantInForwardNet, "positional_conv": PositionalConvNet, "patches_to_batch": PatchesToBatchNet,
     "std_conv": StdConvNet,
     "dropout": DropoutNet, "efficientnet": EfficientNetish, "convnext": ConvNeXtish, "shufflenet": ShuffleNetish,
     "preact": PreActNet, "pyramid": PyramidShared, "segmentation": SegmentationNet, "squeezenet": SqueezeNetish,
     "inplace": InplaceNet, "batch_size": BatchSizeNet, "tied": TiedDecoder, "classifier": ClassifierNet,
-    "pruned": pruned_net, "transform_input": TransformInputNet,
+    "pruned": pruned_net, "transform_input": TransformInputNet, "call_arguments": CallArgumentsNet,
+    "norm_weight_attention": NormWeightAttention,
 }

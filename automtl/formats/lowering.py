@@ -80,12 +80,36 @@ def lower(gm: fx.GraphModule) -> fx.GraphModule:
                 continue
             if not buildable(mod):
                 _custom_module_error(node.target, mod)
+            value = _module_input(node, mod)
+            env[node] = copy = graph.node_copy(node, lambda n: env[n])
+            copy.args, copy.kwargs = (fx.map_arg(value, lambda n: env[n]),), {}
+            continue
         env[node] = graph.node_copy(node, lambda n: env[n])
     _out_of_place(graph)
     lowered = fx.GraphModule(gm, graph, "CompactNet")
     lowered.graph.eliminate_dead_code()
     lowered.recompile()
     return lowered
+
+
+def _module_input(node: fx.Node, mod: nn.Module):
+    """The input of ``node``, a call of a torch.nn leaf module, passed by position or by name (``conv(input=x)``):
+    a bundle describes a module call with its input only.
+
+    Raises:
+        FileFormatError: the call passes the module more than its input.
+    """
+    if len(node.args) == 1 and not node.kwargs:
+        return node.args[0]
+    try:
+        bound = inspect.signature(mod.forward).bind(*node.args, **node.kwargs)
+    except TypeError:
+        bound = None
+    if bound is None or len(bound.arguments) != 1:
+        raise FileFormatError(f"module {node.target!r} ({type(mod).__name__}) is called with more than its input, which "
+                              "an .automtl file does not describe; export a .pt2 with automtl.export() instead")
+    (value,) = bound.arguments.values()
+    return value
 
 
 def _out_of_place(graph: fx.Graph) -> None:
