@@ -68,6 +68,15 @@ class CompactModel(GraphsBuiltOnUse):
                 # asks for gradients (saliency, adversarial examples) gets them
                 with torch.no_grad():
                     return self.forward(x, tasks)
+            try:  # a model read from a file: an operation failing at run time is named in one sentence
+                return self._run(x, tasks)
+            except AutomtlError:
+                raise
+            except Exception as exc:
+                raise self.input_check.failure(x, exc) from exc
+        return self._run(x, tasks)
+
+    def _run(self, x: torch.Tensor, tasks: Optional[Sequence[str]]) -> dict:
         if tasks is None or list(tasks) == self.task_names:
             return self._graph_module_for(self.training)(x)
         return self._subset(tuple(tasks), self.training)(x)

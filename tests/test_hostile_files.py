@@ -28,7 +28,7 @@ from click.testing import CliRunner
 import automtl
 from automtl.cli import main
 from automtl.compact import compact
-from automtl.errors import FileFormatError
+from automtl.errors import AutomtlError, FileFormatError
 from automtl.formats import load, load_pt2, save
 from automtl.policy import Policy
 from automtl.supermodel import supermodel
@@ -230,6 +230,9 @@ def _reduction_bomb(n=200):
 
 DESCRIPTION_CASES = {
     "reduction-compute-bomb": lambda p, m: edit(p, _reduction_bomb()),
+    "dtype-without-cpu-kernels": lambda p, m: edit(p, insert_before_output(
+        node("q", "call_method", "to", {"$node": d_out(p)}, {"$dtype": "float8_e4m3fn"}),
+        node("q2", "call_method", "add", {"$node": "q"}, 1), node("q3", "call_method", "to", {"$node": "q2"}, {"$dtype": "float32"}))),
     "operator-arity": lambda p, m: edit(p, insert_before_output(node("a", "call_function", "operator.add", {"$node": d_out(p)}))),
     "positional-out": lambda p, m: edit(p, insert_before_output(node(
         "nz", "call_function", "torch.nn.functional.normalize", {"$node": "x"}, 2.0, 1, 1e-12, {"$node": "x"}))),
@@ -460,6 +463,27 @@ def test_the_live_activation_count_is_kept_per_node_not_recounted(valid, tmp_pat
         node("st", "call_function", "torch.stack", [{"$node": f"r{i}"} for i in range(n)]), use_last=False))
     load(write(tmp_path / "many.automtl", parts))
     assert 0 < len(walked) < 10 * n
+
+
+@pytest.mark.parametrize("ops", [
+    [("to", {"$dtype": "bool"}), ("max_pool2d", 1), ("to", {"$dtype": "float32"})],  # meta has it, the CPU does not
+    [("to", {"$dtype": "int64"}), ("floordiv", 0), ("to", {"$dtype": "float32"})],  # integer division by zero
+], ids=["bool-max-pool", "int-division-by-zero"])
+def test_an_operation_failing_at_run_time_is_one_sentence(valid, tmp_path, ops):
+    """What the meta device's dry run cannot see (a kernel the CPU lacks for a dtype, a value) fails when it runs:
+    named in one sentence by the model and by the CLI (exit 2), not a torch traceback."""
+    nodes, prev = [], d_out(valid)
+    for i, (op, arg) in enumerate(ops):
+        target = {"max_pool2d": ("call_function", "torch.nn.functional.max_pool2d"),
+                  "floordiv": ("call_function", "operator.floordiv")}.get(op, ("call_method", op))
+        nodes.append(node(f"q{i}", *target, {"$node": prev}, arg))
+        prev = f"q{i}"
+    path = write(tmp_path / "fails.automtl", edit(valid, insert_before_output(*nodes)))
+    model = load(path)
+    with pytest.raises(AutomtlError, match=r"fails on an input of shape \(2, 3, 16, 16\)"):
+        model(torch.randn(2, 3, SIZE, SIZE))
+    before = sorted(os.listdir(tmp_path))
+    assert_refused(CliRunner().invoke(main, ["inspect", str(path), "--latency"]), path, before)
 
 
 def test_the_live_environment_counts_what_a_full_recount_would():

@@ -182,7 +182,7 @@ def test_arguments_that_torch_resolves_to_objects_are_refused(parts, tmp_path, n
 
 @pytest.mark.parametrize("metadata", [
     {"source_fn_stack": "a,torch.os.system"},  # resolved like as_operator
-    {"custom": "{}"},
+    {"stack_trace": "", "unknown": "x"},
     ["stack_trace"],
 ])
 def test_node_metadata_off_the_list_is_refused(parts, tmp_path, no_torch_load, metadata):

@@ -343,3 +343,11 @@ class _InputCheck:
         if key not in self.seen:
             shape_check(self.path, self.gm, self.tasks, self.dtype, x.shape)
             self.seen.add(key)
+
+    def failure(self, x: torch.Tensor, exc: Exception) -> AutomtlError:
+        """The error of a run that failed in an operation (an op without a kernel for the file's dtypes, a
+        division of integers by zero): what failed, in one sentence."""
+        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        return AutomtlError(f"model {self.path!r} fails on an input of shape {tuple(x.shape)} and dtype "
+                            f"{str(x.dtype).split('.')[-1]} ({type(exc).__name__}: {first}); if the file is not one "
+                            "automtl saved, it may be crafted or corrupted")

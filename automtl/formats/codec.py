@@ -15,7 +15,11 @@ from torch import fx
 
 from ..errors import FileFormatError
 
-DTYPES = {str(d).split(".")[-1]: d for d in vars(torch).values() if isinstance(d, torch.dtype)}
+#: The dtypes a file may name (a model's, an attribute's, a conversion's): those CNNs compute and index in. Not the
+#: float8, unsigned 16-64 bit, complex, quantized or bit types, which few CPU kernels implement (the load-time dry run
+#: on the meta device would pass a graph that then fails in every forward).
+DTYPES = {str(d).split(".")[-1]: d for d in (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.uint8,
+                                             torch.int8, torch.int16, torch.int32, torch.int64, torch.bool)}
 _MEMORY_FORMATS = {n: getattr(torch, n) for n in ("contiguous_format", "channels_last", "preserve_format")}
 _DEVICE = re.compile(r"^(cpu|cuda|mps|meta)(:[0-9]{1,3})?$")
 

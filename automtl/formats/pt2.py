@@ -121,6 +121,7 @@ ALLOWED_ATEN_OPERATORS = frozenset({
     "mul",  # seen
     "sub", "rsub", "div", "neg", "abs", "exp", "log", "sqrt", "rsqrt", "pow", "reciprocal", "maximum", "minimum",
     "where", "floor", "ceil", "round", "erf", "sign", "eq", "ne", "lt", "le", "gt", "ge", "logical_not",
+    "cos", "sin", "masked_fill",  # seen in torchvision swin_t, timm edgenext (positional encodings, attention masks)
     # reductions
     "mean",  # seen
     "sum", "amax", "amin", "max", "min", "var", "std", "var_mean", "linalg_vector_norm", "argmax", "argmin",
@@ -151,9 +152,10 @@ _ARGUMENT_KINDS = frozenset({
     "as_int_lists", "as_float", "as_floats", "as_float_lists", "as_bool", "as_bools", "as_string", "as_strings",
     "as_sym_int", "as_sym_ints", "as_sym_float", "as_sym_floats", "as_sym_bool", "as_sym_bools", "as_expr", "as_name",
     "as_scalar_type", "as_memory_format", "as_layout", "as_device"})
-#: The node metadata a loaded program may carry: strings torch keeps as strings. ``source_fn_stack`` is left out
-#: (torch resolves each of its entries as an attribute path, like ``as_operator``), as is anything else.
-_NODE_METADATA = frozenset({"stack_trace", "nn_module_stack", "torch_fn", "from_node"})
+#: The node metadata a loaded program may carry: strings torch keeps as strings or parses as JSON (``custom``,
+#: ``from_node``). ``source_fn_stack`` is left out (torch resolves each of its entries as an attribute path, like
+#: ``as_operator``), as is anything else.
+_NODE_METADATA = frozenset({"stack_trace", "nn_module_stack", "torch_fn", "from_node", "custom"})
 _ATEN = re.compile(r"^torch\.ops\.aten\.([A-Za-z0-9_]+)\.([A-Za-z0-9_]+)$")
 _PYTHON_OPERATORS = {f"_operator.{n}" for n in ("getitem", "add", "sub", "mul", "floordiv", "truediv", "mod", "neg",
                                                  "eq", "ne", "lt", "le", "gt", "ge")}
