@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
 import torch
+import torch.utils.checkpoint
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
@@ -173,11 +174,62 @@ def _state(backbone: nn.Module) -> dict:
     return {**dict(backbone.named_parameters()), **dict(backbone.named_buffers())}
 
 
+#: The autograd function whose backward is its forward's gradient (recomputed): activation checkpointing.
+_SAME_GRADIENT = torch.utils.checkpoint.CheckpointFunction
+
+
+@contextlib.contextmanager
+def _refusing_autograd_functions():
+    """While tracing, a ``torch.autograd.Function`` applied to a traced value is refused: torch.fx records its
+    forward's operations and loses its backward (a straight-through estimator trained with gradient 0, a
+    gradient reversal layer with the sign flipped)."""
+    original = torch.autograd.Function.__dict__["apply"]
+
+    def apply(cls, *args, **kwargs):
+        if cls is not _SAME_GRADIENT and any(isinstance(a, fx.Proxy) for a in (*args, *kwargs.values())):
+            raise BackboneError(
+                f"the backbone applies the custom autograd function {cls.__qualname__}, whose backward torch.fx "
+                "cannot keep (the converted model would train with the gradient of its forward instead); mark the "
+                "module that applies it as a leaf (leaf_modules=[ItsClass]) so it runs as one call")
+        return original.__func__(cls, *args, **kwargs)
+
+    torch.autograd.Function.apply = classmethod(apply)
+    try:
+        yield
+    finally:
+        torch.autograd.Function.apply = original
+
+
+def _refuse_hooks(backbone: nn.Module, graphs: Sequence[fx.Graph]) -> None:
+    """Refuse hooks the converted model would not run: global module hooks, backward hooks (torch.fx keeps no
+    autograd hook), forward hooks on the backbone itself (torch.fx calls its forward directly) and on modules
+    called as one operation (they would run on the supermodel's folded batch, be deep-copied into task copies with
+    what they read, and be lost by save). Forward hooks on modules torch.fx traces through are recorded as the
+    operations they run, and stay."""
+    from torch.nn.modules import module as torch_module
+
+    globals_ = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks", "_global_backward_pre_hooks")
+    if any(getattr(torch_module, name, None) for name in globals_):
+        raise BackboneError("global module hooks are registered (torch.nn.modules.module.register_module_forward_hook "
+                            "or its siblings), which the converted model would not run as the backbone does; remove "
+                            "them while converting")
+    called = {n.target for graph in graphs for n in graph.nodes if n.op == "call_module"}
+    for name, m in backbone.named_modules():
+        what = f"module {name!r} ({type(m).__name__})" if name else f"the backbone {type(m).__name__} itself"
+        if m._backward_hooks or m._backward_pre_hooks:
+            raise BackboneError(f"{what} has a backward hook, which torch.fx does not keep (the converted model would "
+                                "train without it); remove it, or write its effect in an autograd function of a leaf module")
+        if (m._forward_hooks or m._forward_pre_hooks) and (not name or name in called):
+            raise BackboneError(f"{what} has a forward hook, which the converted model would not run as the backbone "
+                                "does; write its effect in the backbone's forward instead")
+
+
 def _trace_graph(backbone: nn.Module, leaf_modules: Sequence[type], concrete_args: Optional[dict]) -> fx.Graph:
     before = _state(backbone)
     for buffers in (True, False):  # then torch.fx's default, for code that needs a buffer's value in Python
         try:
-            graph = _Tracer(leaf_modules, buffers=buffers).trace(backbone, concrete_args=concrete_args)
+            with _refusing_autograd_functions():
+                graph = _Tracer(leaf_modules, buffers=buffers).trace(backbone, concrete_args=concrete_args)
             failure = None
         except BackboneError:
             raise
@@ -231,6 +283,10 @@ def capture(
             "(N, C, H, W); add the batch dimension, e.g. torch.randn(1, 3, 64, 64)"
         )
     backbone = copy_backbone(backbone)
+    scripted = next((name for name, m in backbone.named_modules() if isinstance(m, torch.jit.ScriptModule)), None)
+    if scripted is not None:
+        raise BackboneError(f"module {scripted or 'the backbone'!r} is a TorchScript module (torch.jit.script or trace), "
+                            "whose parameters and train/eval mode torch.fx cannot reach; pass the eager nn.Module instead")
     was_training = backbone.training
     try:
         eval_graph = _trace_graph(backbone.eval(), leaf_modules, concrete_args)
@@ -238,6 +294,7 @@ def capture(
         train_graph = _trace_graph(backbone, leaf_modules, concrete_args)
     finally:
         backbone.train(was_training)
+    _refuse_hooks(backbone, [eval_graph, train_graph])
     gm = fx.GraphModule(backbone, eval_graph, type(backbone).__name__)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(placeholders) != 1:

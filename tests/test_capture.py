@@ -115,3 +115,105 @@ def test_example_input_with_wrong_channels():
 def test_not_a_module():
     with pytest.raises(BackboneError, match="torch.nn.Module"):
         capture(lambda x: x, torch.randn(1, 3, 8, 8))
+
+
+class _Sign(torch.autograd.Function):
+    """A straight-through estimator: sign forward, identity backward."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return torch.sign(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+class _Binarize(nn.Module):
+    def forward(self, x):
+        return _Sign.apply(x)
+
+
+class _TwoConvs(nn.Module):
+    def __init__(self, middle=None):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.mid = middle if middle is not None else nn.ReLU()
+
+    def forward(self, x):
+        return self.c2(self.mid(self.c1(x)))
+
+
+def _hooked(where, kind):
+    net = _TwoConvs(nn.Sequential(nn.ReLU()))
+    module = {"root": net, "leaf": net.c2, "traced": net.mid}[where]
+    if kind == "forward":
+        module.register_forward_hook(lambda m, args, out: out * 2)
+    elif kind == "pre":
+        module.register_forward_pre_hook(lambda m, args: (args[0] * 2,))
+    else:
+        module.register_full_backward_hook(lambda m, gin, gout: tuple(g * 0.1 if g is not None else g for g in gin))
+    return net
+
+
+@pytest.mark.parametrize("where, kind, match", [
+    ("root", "forward", "the backbone _TwoConvs itself has a forward hook"),
+    ("root", "pre", "the backbone _TwoConvs itself has a forward hook"),
+    ("leaf", "forward", "module 'c2' .Conv2d. has a forward hook"),
+    ("leaf", "pre", "module 'c2' .Conv2d. has a forward hook"),
+    ("traced", "backward", "module 'mid' .Sequential. has a backward hook"),
+    ("leaf", "backward", "module 'c2' .Conv2d. has a backward hook"),
+])
+def test_hooks_the_converted_model_would_not_run_are_refused(where, kind, match):
+    """torch.fx calls the root's forward directly and keeps no autograd hook; a leaf's hook would be copied into task
+    copies with what it reads and lost by save. (A forward hook on a module traced through is recorded: it stays.)"""
+    with pytest.raises(BackboneError, match=match):
+        capture(_hooked(where, kind), torch.randn(1, 3, 16, 16))
+
+
+def test_a_forward_hook_on_a_module_traced_through_is_kept():
+    net = _hooked("traced", "forward")
+    cap = capture(net, torch.randn(1, 3, 16, 16))
+    x = torch.randn(2, 3, 16, 16)
+    assert torch.allclose(cap.graph_module(x), net(x))
+
+
+def test_global_module_hooks_are_refused():
+    handle = nn.modules.module.register_module_forward_hook(lambda m, args, out: out)
+    try:
+        with pytest.raises(BackboneError, match="global module hooks"):
+            capture(_TwoConvs(), torch.randn(1, 3, 16, 16))
+    finally:
+        handle.remove()
+
+
+def test_a_custom_autograd_function_is_refused_unless_its_module_is_a_leaf():
+    """torch.fx records the function's forward and loses its backward: the straight-through gradient became 0."""
+    with pytest.raises(BackboneError, match="custom autograd function _Sign.*leaf_modules"):
+        capture(_TwoConvs(_Binarize()), torch.randn(1, 3, 16, 16))
+    net = _TwoConvs(_Binarize())
+    cap = capture(net, torch.randn(1, 3, 16, 16), leaf_modules=[_Binarize])
+    x = torch.randn(2, 3, 16, 16, requires_grad=True)
+    cap.graph_module(x).sum().backward()
+    assert x.grad.abs().sum() > 0  # the straight-through backward, not sign's zero gradient
+
+
+def test_activation_checkpointing_is_traced_through():
+    import torch.utils.checkpoint as cp
+
+    class Checkpointed(_TwoConvs):
+        def forward(self, x):
+            return self.c2(cp.checkpoint(lambda y: self.mid(self.c1(y)), x, use_reentrant=True))
+
+    net = Checkpointed()
+    cap = capture(net, torch.randn(1, 3, 16, 16))
+    x = torch.randn(2, 3, 16, 16)
+    assert torch.allclose(cap.graph_module(x), net(x))
+
+
+@pytest.mark.parametrize("how", ["script", "trace"])
+def test_torchscript_submodules_are_refused(how):
+    net = _TwoConvs()
+    net.c2 = torch.jit.script(net.c2) if how == "script" else torch.jit.trace(net.c2, torch.randn(1, 8, 16, 16))
+    with pytest.raises(BackboneError, match="module 'c2' is a TorchScript module"):
+        capture(net, torch.randn(1, 3, 16, 16))
