@@ -4,6 +4,7 @@ entries do not hold the bytes their config declares, and layouts refused before 
 Each hostile archive is a small edit of a file ``automtl.export`` wrote; none makes a large
 allocation: the checks refuse it before ``torch.export.load`` (patched here to fail the test) runs.
 """
+import io
 import pathlib
 import sys
 import time
@@ -11,6 +12,7 @@ import zipfile
 
 import pytest
 import torch
+from torch import nn
 
 import automtl
 from automtl.compact import compact
@@ -356,3 +358,33 @@ def test_exports_still_load_and_compute_the_same(name, policy, tmp_path):
         assert list(got) == list(want)
         for task in want:
             torch.testing.assert_close(got[task], want[task], rtol=1e-5, atol=1e-5, msg=f"{name}: {task}")
+
+
+# ---------------------------------------------------------------------------------------
+# what a program of listed operators asks for when it runs: a bounded dry run on the meta device
+# ---------------------------------------------------------------------------------------
+class _Allocates(nn.Module):
+    def forward(self, x):
+        big = torch.full((2**17, 2**17), 1.0)  # 64 GiB of float32 when it runs
+        return {"depth": x + big[:1, :1].sum()}
+
+
+class _Computes(nn.Module):
+    def forward(self, x):
+        m = x.sum().reshape(1, 1).expand(2**13, 2**13)  # no memory; each product 1e12 FLOPs
+        for _ in range(8):
+            m = torch.mm(m, m)[:2**13, :2**13]
+        return {"depth": x + m[:1, :1].sum()}
+
+
+@pytest.mark.parametrize("program, match", [(_Allocates, "activation elements are alive at once"),
+                                            (_Computes, "FLOPs a sample")])
+def test_a_program_asking_for_unbounded_memory_or_compute_is_refused_before_it_runs(tmp_path, program, match):
+    from automtl.formats.pt2 import _without_sample_inputs
+
+    exported = torch.export.export(program(), (torch.randn(2, 3, 8, 8),), strict=False)
+    buf = io.BytesIO()
+    torch.export.save(exported, buf)
+    path = tmp_path / "bomb.pt2"
+    path.write_bytes(_without_sample_inputs(buf.getvalue()))
+    _refused(path, match)  # within seconds: the dry run's factories make meta tensors, whatever device they name

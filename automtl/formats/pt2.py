@@ -537,7 +537,43 @@ def load_pt2(path: str | os.PathLike, max_bytes: int = MAX_PT2_BYTES):
     data = check_pt2(path, max_bytes)
     try:
         with _quiet_torch_logs():  # torch logs a traceback before raising on a damaged archive: our sentence replaces it
-            return torch.export.load(io.BytesIO(data))
+            program = torch.export.load(io.BytesIO(data))
     except Exception as exc:  # torch raises many types on a malformed program
         first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
         raise FileFormatError(f"program file {os.fspath(path)!r} cannot be read by torch.export ({first}); export the model again") from None
+    _bounded_dry_run(os.fspath(path), program)
+    return program
+
+
+#: The batch size of the dry run of a loaded program (its batch dimension is dynamic).
+DRY_RUN_BATCH = 2
+
+
+def _bounded_dry_run(path: str, program) -> None:
+    """Run the program once on the meta device under the bundle loader's bounds (:func:`automtl.formats.rebuild.
+    bounded_run`: each activation, the activations alive at once, element operations, FLOPs), at its example
+    input's shape with batch :data:`DRY_RUN_BATCH`: a program of listed operators can still ask for 64 GiB
+    (``full`` of a huge size) or hours of compute. Nothing is computed and no memory is taken.
+
+    Raises:
+        FileFormatError: a bound is exceeded, an operation refuses its shapes, or the program's inputs are not
+            described by shapes and dtypes.
+    """
+    from .rebuild import bounded_run
+
+    gm = program.graph_module
+    inputs = []
+    for node in gm.graph.nodes:
+        if node.op != "placeholder":
+            continue
+        val = node.meta.get("val")
+        if not isinstance(val, torch.Tensor):
+            raise _bad(path, f"has an input {node.name[:60]!r} that is not a tensor of known shape")
+        dims = [d if isinstance(d, int) else DRY_RUN_BATCH for d in val.shape]  # the dynamic batch
+        inputs.append(torch.empty(dims, dtype=val.dtype, device="meta"))
+    outputs = [n for n in gm.graph.nodes if n.op == "output"]
+    num_tasks = len(outputs[0].args[0]) if outputs and isinstance(outputs[0].args[0], (tuple, list)) else 1
+    try:
+        bounded_run(gm, inputs, DRY_RUN_BATCH, num_tasks)
+    except FileFormatError as exc:
+        raise _bad(path, str(exc).split("; the file is")[0]) from None

@@ -325,6 +325,11 @@ class _BoundedShapes(fx.Interpreter):
     def run(self, *args, **kwargs):
         return super().run(*args, initial_env=_LiveEnv(), **kwargs)
 
+    def call_function(self, target, args, kwargs):
+        if "device" in kwargs:  # a factory (an exported program's full/zeros/arange name the CPU): on meta, sized only
+            kwargs = {**kwargs, "device": torch.device("meta")}
+        return super().call_function(target, args, kwargs)
+
     def _check_live(self, n: fx.Node, out) -> None:
         """The activations alive once ``n`` has run (the interpreter frees each after its last use, as the
         generated forward does), views counted once with the tensor they view."""
@@ -396,27 +401,42 @@ def _output_shapes_ok(task: Task, y: torch.Tensor, n: int) -> bool:
     return task.spec is None or shape_fits(task.spec.output_shapes(task), tuple(y.shape[1:]))
 
 
+def bounded_run(gm: fx.GraphModule, inputs: list, batch: int, num_tasks: int):
+    """Run ``gm`` on ``inputs`` (meta tensors) under the bounds above (each activation, computed value, the
+    activations alive at once, element operations and FLOPs a sample and task); return its output.
+
+    Raises:
+        FileFormatError: a bound is exceeded, or an operation refuses its shapes: what, without the file's name.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    shape = list(inputs[-1].shape) if inputs else []
+    try:
+        interpreter = _BoundedShapes(gm)
+        interpreter.max_work = MAX_WORK_PER_SAMPLE * max(batch, 1) * max(num_tasks, 1)
+        with torch.no_grad(), FlopCounterMode(display=False) as flops:
+            out = interpreter.run(*inputs)
+        per_sample = flops.get_total_flops() / max(batch, 1)
+        limit = MAX_FLOPS_PER_SAMPLE * max(num_tasks, 1)  # each task may run a backbone of its own
+        if per_sample > limit:
+            raise FileFormatError(f"computes {per_sample:.3g} FLOPs a sample at input shape {shape} (torch's flop "
+                                  f"counter: convolutions and matrix products), more than the {limit:.0e} "
+                                  f"automtl allows for {num_tasks} task(s); the file is crafted or corrupted")
+    except FileFormatError as exc:  # without the note fx's interpreter appends ("While executing ...")
+        raise FileFormatError(str(exc).split("\n\nWhile executing")[0].strip()) from None
+    except Exception as exc:  # any op refusing its shapes
+        raise FileFormatError(f"has a graph that does not run at input shape {shape} ({str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__}); "
+                              "the file is corrupted, crafted, or made for other input sizes") from None
+    return out
+
+
 def shape_check(path: str, gm: fx.GraphModule, tasks: list, dtype: torch.dtype, shape) -> None:
     """Run the graph once on the meta device at ``shape``: every activation bounded, every task's
     output a floating tensor of its kind's shape. Nothing is computed and no memory is taken."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     try:
-        interpreter = _BoundedShapes(gm.eval())
-        interpreter.max_work = MAX_WORK_PER_SAMPLE * max(int(shape[0]), 1) * max(len(tasks), 1)
-        with torch.no_grad(), FlopCounterMode(display=False) as flops:
-            out = interpreter.run(torch.empty(tuple(shape), device="meta", dtype=dtype))
-        per_sample = flops.get_total_flops() / max(int(shape[0]), 1)
-        limit = MAX_FLOPS_PER_SAMPLE * max(len(tasks), 1)  # each task may run a backbone of its own
-        if per_sample > limit:
-            raise FileFormatError(f"computes {per_sample:.3g} FLOPs a sample at input shape {list(shape)} (torch's flop "
-                                  f"counter: convolutions and matrix products), more than the {limit:.0e} "
-                                  f"automtl allows for {len(tasks)} task(s); the file is crafted or corrupted")
-    except FileFormatError as exc:  # without the note fx's interpreter appends ("While executing ...")
-        raise bad(path, str(exc).split("\n\nWhile executing")[0].strip()) from None
-    except Exception as exc:  # any op refusing its shapes
-        raise bad(path, f"has a graph that does not run at input shape {list(shape)} ({str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__}); "
-                        "the file is corrupted, crafted, or made for other input sizes") from None
+        out = bounded_run(gm.eval(), [torch.empty(tuple(shape), device="meta", dtype=dtype)], int(shape[0]), len(tasks))
+    except FileFormatError as exc:
+        raise bad(path, str(exc)) from None
     for task in tasks:
         if not _output_shapes_ok(task, out.get(task.name), shape[0]):
             y = out.get(task.name)
