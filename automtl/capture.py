@@ -282,6 +282,7 @@ def capture(
             f"example_input has shape {tuple(example_input.shape)} but a CNN backbone needs a 4-D input "
             "(N, C, H, W); add the batch dimension, e.g. torch.randn(1, 3, 64, 64)"
         )
+    _refuse_wrappers(backbone)
     backbone = copy_backbone(backbone)
     scripted = next((name for name, m in backbone.named_modules() if isinstance(m, torch.jit.ScriptModule)), None)
     if scripted is not None:
@@ -322,6 +323,23 @@ def capture(
     _delete_unused(gm, [gm.graph] + ([train_graph] if train_graph is not None else []))
     gm.recompile()
     return Capture(gm, node.name, tuple(example_input.shape), tuple(_tensor_meta(node).shape), train_graph, notes)
+
+
+def _refuse_wrappers(backbone: nn.Module) -> None:
+    """Wrappers around a model and lazy layers not yet built, each refused with its own remedy (a trace of them
+    fails far from the cause)."""
+    wrapped = {"OptimizedModule": "torch.compile", "DataParallel": "nn.DataParallel",
+               "DistributedDataParallel": "DistributedDataParallel"}
+    for name, m in backbone.named_modules():
+        kind = wrapped.get(type(m).__name__)
+        if kind is not None and type(m).__module__.startswith("torch."):
+            inner = "_orig_mod" if kind == "torch.compile" else "module"
+            where = f"module {name!r}" if name else "the backbone"
+            raise BackboneError(f"{where} is wrapped by {kind}; pass the model it wraps ({'.'.join(filter(None, ['backbone', name, inner]))}) "
+                                "and wrap the converted model instead")
+        if isinstance(m, nn.modules.lazy.LazyModuleMixin) and m.has_uninitialized_params():
+            raise BackboneError(f"module {name or type(m).__name__!r} ({type(m).__name__}) has lazy parameters not yet "
+                                "built; run the backbone once on an example input before converting it")
 
 
 def _refuse_frozen_modules(backbone: nn.Module) -> None:

@@ -217,3 +217,21 @@ def test_torchscript_submodules_are_refused(how):
     net.c2 = torch.jit.script(net.c2) if how == "script" else torch.jit.trace(net.c2, torch.randn(1, 8, 16, 16))
     with pytest.raises(BackboneError, match="module 'c2' is a TorchScript module"):
         capture(net, torch.randn(1, 3, 16, 16))
+
+
+@pytest.mark.parametrize("wrap, match", [
+    (lambda m: nn.DataParallel(m), r"the backbone is wrapped by nn.DataParallel; pass the model it wraps \(backbone.module\)"),
+    (lambda m: nn.Sequential(nn.DataParallel(m)), r"module '0' is wrapped by nn.DataParallel; pass the model it wraps \(backbone.0.module\)"),
+    (lambda m: torch.compile(m), r"wrapped by torch.compile; pass the model it wraps \(backbone._orig_mod\)"),
+])
+def test_wrapped_models_are_refused_with_the_model_to_pass(wrap, match):
+    with pytest.raises(BackboneError, match=match):
+        capture(wrap(_TwoConvs()), torch.randn(1, 3, 16, 16))
+
+
+def test_lazy_layers_not_yet_built_are_refused_with_the_remedy():
+    net = _TwoConvs(nn.Sequential(nn.LazyBatchNorm2d(), nn.ReLU()))
+    with pytest.raises(BackboneError, match="module 'mid.0' .LazyBatchNorm2d. has lazy parameters not yet built; run the backbone once"):
+        capture(net, torch.randn(1, 3, 16, 16))
+    net(torch.randn(2, 3, 16, 16))
+    capture(net, torch.randn(1, 3, 16, 16))  # built: converts
