@@ -222,6 +222,12 @@ def _refuse_hooks(backbone: nn.Module, graphs: Sequence[fx.Graph]) -> None:
         if (m._forward_hooks or m._forward_pre_hooks) and (not name or name in called):
             raise BackboneError(f"{what} has a forward hook, which the converted model would not run as the backbone "
                                 "does; write its effect in the backbone's forward instead")
+        stateful = [p for p in getattr(m, "parametrizations", {}).values() if any(True for _ in p.buffers())]
+        if stateful:
+            raise BackboneError(f"{what} has a parametrization that keeps state ({type(stateful[0][0]).__name__}: "
+                                "spectral_norm's power iteration moves it at every call in training), and the compact "
+                                "model calls a shared module once per group of tasks; fold it into the weight first "
+                                "(torch.nn.utils.parametrize.remove_parametrizations)")
 
 
 def _trace_graph(backbone: nn.Module, leaf_modules: Sequence[type], concrete_args: Optional[dict]) -> fx.Graph:

@@ -235,3 +235,17 @@ def test_lazy_layers_not_yet_built_are_refused_with_the_remedy():
         capture(net, torch.randn(1, 3, 16, 16))
     net(torch.randn(2, 3, 16, 16))
     capture(net, torch.randn(1, 3, 16, 16))  # built: converts
+
+
+def test_a_parametrization_that_keeps_state_is_refused():
+    """spectral_norm's power iteration runs at every train-mode call: the compact model calls a shared conv once per
+    group of tasks, the supermodel once (its u vector drifted 29% apart). Stateless ones (weight_norm) convert."""
+    from torch.nn.utils import parametrizations
+
+    net = _TwoConvs()
+    parametrizations.spectral_norm(net.c2)
+    with pytest.raises(BackboneError, match="module 'c2' .ParametrizedConv2d. has a parametrization that keeps state"):
+        capture(net, torch.randn(1, 3, 16, 16))
+    net = _TwoConvs()
+    parametrizations.weight_norm(net.c2)
+    capture(net, torch.randn(1, 3, 16, 16))
