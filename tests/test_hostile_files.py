@@ -216,6 +216,23 @@ def _matmul_bomb(n=40):
     return insert_before_output(*nodes, use_last=False)
 
 
+def _shared_layer_noted(swap_tasks=False, choice=None):
+    """The first layer all tasks share, with its nodes' notes (and the policy) changed to the other tasks or
+    another choice."""
+    def change(desc):
+        layer, row = next((l, r) for l, r in desc["policy"]["layers"].items() if set(r.values()) == {"share"})
+        for n in desc["nodes"]:
+            meta = n.get("meta") or {}
+            if meta.get("automtl_layer") == layer:
+                if swap_tasks:
+                    meta["automtl_tasks"] = [t for t in row if t not in meta["automtl_tasks"]]
+                if choice is not None:
+                    meta["automtl_choice"] = choice
+        if choice is not None:
+            row.update({t: choice for t in row})
+    return change
+
+
 def _reduction_bomb(n=200):
     """n reductions and matrix-vector products over one 2^28-element expanded view of the input (no memory, one
     element out each, a flop counter that does not count mv): each reads 2^28 elements, a second or more of CPU."""
@@ -230,6 +247,11 @@ def _reduction_bomb(n=200):
 
 DESCRIPTION_CASES = {
     "reduction-compute-bomb": lambda p, m: edit(p, _reduction_bomb()),
+    # sharing that inspect and render would report though the graph does not compute it
+    "policy-not-the-graph": lambda p, m: edit(p, lambda d: [c.update({t: "specialize" for t in c})
+                                                            for c in d["policy"]["layers"].values()]),
+    "notes-not-the-graph": lambda p, m: edit(p, _shared_layer_noted(swap_tasks=True)),
+    "specialize-noted-on-a-shared-module": lambda p, m: edit(p, _shared_layer_noted(choice="specialize")),
     "dtype-without-cpu-kernels": lambda p, m: edit(p, insert_before_output(
         node("q", "call_method", "to", {"$node": d_out(p)}, {"$dtype": "float8_e4m3fn"}),
         node("q2", "call_method", "add", {"$node": "q"}, 1), node("q3", "call_method", "to", {"$node": "q2"}, {"$dtype": "float32"}))),
@@ -484,6 +506,17 @@ def test_an_operation_failing_at_run_time_is_one_sentence(valid, tmp_path, ops):
         model(torch.randn(2, 3, SIZE, SIZE))
     before = sorted(os.listdir(tmp_path))
     assert_refused(CliRunner().invoke(main, ["inspect", str(path), "--latency"]), path, before)
+
+
+def test_out_of_memory_in_a_loaded_model_stays_out_of_memory(valid, tmp_path, monkeypatch):
+    """Callers halve their batch on torch.OutOfMemoryError: it is not the file's fault, so it is not rewrapped."""
+    model = load(write(tmp_path / "ok.automtl", valid))
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("simulated")
+    monkeypatch.setattr(type(model), "_run", oom)
+    with pytest.raises(torch.OutOfMemoryError):
+        model(torch.randn(2, 3, SIZE, SIZE))
 
 
 def test_the_live_environment_counts_what_a_full_recount_would():

@@ -13,14 +13,14 @@ import keyword
 import math
 import re
 import struct
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import fx, nn
 
 from ..errors import AutomtlError, FileFormatError
 from ..kinds import shape_fits
-from ..policy import Policy
+from ..policy import CHOICES, Policy
 from ..tasks import MODULE_ATTRIBUTES, Task
 from .codec import DTYPES, decode
 from .lowering import META_KEYS
@@ -157,6 +157,41 @@ def _check_meta(path: str, graph: fx.Graph, tasks: list) -> None:
         if not set(members) <= names or (choice is not None and choice not in ("share", "specialize", "skip")):
             raise bad(path, f"has node {node.name!r} whose sharing notes name tasks or choices the model does not have; "
                             "the file is corrupted, save the model again")
+
+
+def _check_sharing(path: str, graph: fx.Graph, tasks: list, policy: Optional[Policy]) -> None:
+    """The sharing notes and the policy that ``inspect`` and ``render`` report must be what the graph computes:
+    a policy-layer node's tasks are those whose outputs it reaches; a task's choice at a layer is the choice noted
+    on that layer's nodes it reaches (none but skip for skip), and a specialized layer's modules reach no other task."""
+    (out,) = [n for n in graph.nodes if n.op == "output"]
+    reach: dict = {n: set() for n in graph.nodes}  # node -> tasks whose output it reaches
+    outputs = out.args[0] if isinstance(out.args[0], dict) else {}
+    for name, value in outputs.items():
+        if isinstance(value, fx.Node):
+            reach[value].add(name)
+    for n in reversed(list(graph.nodes)):
+        for i in n.all_input_nodes:
+            reach[i] |= reach[n]
+    module_reach: dict = {}  # module path -> tasks any of its calls reaches
+    for n in graph.nodes:
+        if n.op == "call_module":
+            module_reach.setdefault(n.target, set()).update(reach[n])
+    layered = [n for n in graph.nodes if n.meta.get(META_KEYS[1]) is not None]
+    for n in layered:
+        if reach[n] and set(n.meta.get(META_KEYS[0], ())) != reach[n]:
+            raise bad(path, f"has node {n.name!r} noted as computing for tasks {list(n.meta.get(META_KEYS[0], ()))} "
+                            f"though it feeds {sorted(reach[n])}; the file is corrupted or crafted, save the model again")
+    if policy is None:
+        return
+    for li, layer in enumerate(policy.layers):
+        for ti, task in enumerate(policy.tasks):
+            choice = CHOICES[policy.choices[li][ti]]
+            noted = {n.meta.get(META_KEYS[2]) for n in layered if n.meta.get(META_KEYS[1]) == layer and task in reach[n]}
+            own = [n for n in layered if n.meta.get(META_KEYS[1]) == layer and task in reach[n] and n.op == "call_module"
+                   and n.meta.get(META_KEYS[2]) == "specialize" and module_reach[n.target] != {task}]
+            if noted - {"skip"} != ({choice} if choice != "skip" else set()) or own:
+                raise bad(path, f"has a policy choosing {choice} for task {task!r} at layer {layer!r}, which is not what "
+                                "its graph computes; the file is corrupted or crafted, save the model again")
 
 
 def _build_graph_module(path: str, desc: dict) -> fx.GraphModule:
@@ -326,8 +361,18 @@ class _BoundedShapes(fx.Interpreter):
         return super().run(*args, initial_env=_LiveEnv(), **kwargs)
 
     def call_function(self, target, args, kwargs):
-        if "device" in kwargs:  # a factory (an exported program's full/zeros/arange name the CPU): on meta, sized only
-            kwargs = {**kwargs, "device": torch.device("meta")}
+        # every operator that takes a device makes its tensor on meta (an exported program's full/zeros/arange name
+        # the CPU, or leave it out and get it by default): sized, never allocated
+        meta = torch.device("meta")
+        schema = getattr(target, "_schema", None)
+        for i, arg in enumerate(schema.arguments if schema is not None else ()):
+            if arg.name == "device":
+                if not arg.kwarg_only and i < len(args):
+                    args = (*args[:i], meta, *args[i + 1:])
+                else:
+                    kwargs = {**kwargs, "device": meta}
+        if schema is None and "device" in kwargs:
+            kwargs = {**kwargs, "device": meta}
         return super().call_function(target, args, kwargs)
 
     def _check_live(self, n: fx.Node, out) -> None:
@@ -433,8 +478,10 @@ def bounded_run(gm: fx.GraphModule, inputs: list, batch: int, num_tasks: int):
 def shape_check(path: str, gm: fx.GraphModule, tasks: list, dtype: torch.dtype, shape) -> None:
     """Run the graph once on the meta device at ``shape``: every activation bounded, every task's
     output a floating tensor of its kind's shape. Nothing is computed and no memory is taken."""
+    (output,) = [n for n in gm.graph.nodes if n.op == "output"]
+    distinct = len(set(output.args[0].values())) if isinstance(output.args[0], dict) else 1  # a task's own output each
     try:
-        out = bounded_run(gm.eval(), [torch.empty(tuple(shape), device="meta", dtype=dtype)], int(shape[0]), len(tasks))
+        out = bounded_run(gm.eval(), [torch.empty(tuple(shape), device="meta", dtype=dtype)], int(shape[0]), distinct)
     except FileFormatError as exc:
         raise bad(path, str(exc)) from None
     for task in tasks:
@@ -473,6 +520,7 @@ def rebuild(path: str, desc: dict, weights: bytes) -> tuple:
                         "it is crafted or from another version, save the model again")
     gm = _build_graph_module(path, desc)
     _check_meta(path, gm.graph, tasks)
+    _check_sharing(path, gm.graph, tasks, policy)
     outputs = next(n for n in gm.graph.nodes if n.op == "output").args[0]
     if list(outputs) != names:
         raise bad(path, f"has graph outputs that are not its tasks {names}; the file is corrupted, save the model again")
