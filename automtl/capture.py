@@ -222,6 +222,10 @@ def _refuse_hooks(backbone: nn.Module, graphs: Sequence[fx.Graph]) -> None:
         if (m._forward_hooks or m._forward_pre_hooks) and (not name or name in called):
             raise BackboneError(f"{what} has a forward hook, which the converted model would not run as the backbone "
                                 "does; write its effect in the backbone's forward instead")
+        if "forward" in vars(m) and (not name or name in called):
+            raise BackboneError(f"{what} has a forward set on the instance, which torch.fx and the converted model "
+                                "do not call (they call its class's); write it in a subclass instead")
+
         stateful = [p for p in getattr(m, "parametrizations", {}).values() if any(True for _ in p.buffers())]
         if stateful:
             raise BackboneError(f"{what} has a parametrization that keeps state ({type(stateful[0][0]).__name__}: "
@@ -292,7 +296,7 @@ def capture(
     backbone = copy_backbone(backbone)
     scripted = next((name for name, m in backbone.named_modules() if isinstance(m, torch.jit.ScriptModule)), None)
     if scripted is not None:
-        raise BackboneError(f"module {scripted or 'the backbone'!r} is a TorchScript module (torch.jit.script or trace), "
+        raise BackboneError(f"{f'module {scripted!r}' if scripted else 'the backbone'} is a TorchScript module (torch.jit.script or trace), "
                             "whose parameters and train/eval mode torch.fx cannot reach; pass the eager nn.Module instead")
     was_training = backbone.training
     try:
@@ -332,8 +336,8 @@ def capture(
 
 
 def _refuse_wrappers(backbone: nn.Module) -> None:
-    """Wrappers around a model and lazy layers not yet built, each refused with its own remedy (a trace of them
-    fails far from the cause)."""
+    """Wrappers around a model, lazy layers not yet built and gradient hooks on its tensors, each refused with its
+    own remedy (a trace of them fails far from the cause, or drops the hook)."""
     wrapped = {"OptimizedModule": "torch.compile", "DataParallel": "nn.DataParallel",
                "DistributedDataParallel": "DistributedDataParallel"}
     for name, m in backbone.named_modules():
@@ -343,6 +347,12 @@ def _refuse_wrappers(backbone: nn.Module) -> None:
             where = f"module {name!r}" if name else "the backbone"
             raise BackboneError(f"{where} is wrapped by {kind}; pass the model it wraps ({'.'.join(filter(None, ['backbone', name, inner]))}) "
                                 "and wrap the converted model instead")
+        hooked = next((f"{name + '.' if name else ''}{key}" for key, t in (*m.named_parameters(recurse=False),
+                                                                          *m.named_buffers(recurse=False))
+                       if getattr(t, "_backward_hooks", None) or getattr(t, "_post_accumulate_grad_hooks", None)), None)
+        if hooked is not None:  # (a copy of the backbone would not even show them: tensors are copied without hooks)
+            raise BackboneError(f"tensor {hooked!r} has a gradient hook (register_hook), which the converted model's "
+                                "copies of it do not keep; remove it while converting")
         if isinstance(m, nn.modules.lazy.LazyModuleMixin) and m.has_uninitialized_params():
             raise BackboneError(f"module {name or type(m).__name__!r} ({type(m).__name__}) has lazy parameters not yet "
                                 "built; run the backbone once on an example input before converting it")
@@ -593,6 +603,16 @@ def _dropped_body(gm: fx.GraphModule, node: fx.Node) -> list:
             count[n in kept][n.target] = held
     dropped = {t: v for t, v in count[False].items() if t not in count[True]}
     kept_params, dropped_params = sum(count[True].values()), sum(dropped.values())
+    (out,) = [n.args[0] for n in gm.graph.nodes if n.op == "output"]
+    out_meta = _tensor_meta(out) if isinstance(out, fx.Node) else None
+    convs = [n.target for n in gm.graph.nodes if n not in kept and is_conv_node(gm, n)]
+    if out is not node and out_meta is not None and len(out_meta.shape) == 4 and convs:
+        # the backbone's own output is a feature map: a default cut before it leaves out convolutions it computes
+        return [f"the features are cut at {node.name!r} {tuple(_tensor_meta(node).shape)}, the deepest 4-D map before "
+                f"the tokens or vectors the backbone computes in between, though its output {out.name!r} "
+                f"{tuple(out_meta.shape)} is a feature map too; this leaves out {len(convs)} convolution(s) after the cut "
+                f"({', '.join(map(str, convs[:3]))}{', ...' if len(convs) > 3 else ''}): pass feature_node={out.name!r} "
+                "(or another place) to convert them too"]
     if len(dropped) <= DROPPED_MODULES_WARN or dropped_params <= kept_params:
         return []
     share = dropped_params / max(kept_params + dropped_params, 1)

@@ -70,10 +70,13 @@ class CompactModel(GraphsBuiltOnUse):
                     return self.forward(x, tasks)
             try:  # a model read from a file: an operation failing at run time is named in one sentence
                 return self._run(x, tasks)
-            except AutomtlError:
-                raise
+            except (AutomtlError, MemoryError, torch.OutOfMemoryError):
+                raise  # out of memory is the input's size, not the file: callers halve their batch on it
             except Exception as exc:
-                raise self.input_check.failure(x, exc) from exc
+                failure = getattr(self.input_check, "failure", None)
+                if failure is None:
+                    raise
+                raise failure(x, exc) from exc
         return self._run(x, tasks)
 
     def _run(self, x: torch.Tensor, tasks: Optional[Sequence[str]]) -> dict:

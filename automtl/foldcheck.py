@@ -94,6 +94,7 @@ def check_tasks_apart(sm) -> None:
             for n, (h, w) in enumerate(sizes):
                 try:
                     worst = _compare(sm, gen, (3, C, h, w), device, dtype)
+                    random = worst > TOLERANCE and _draws_in_eval(sm, gen, (3, C, h, w), device, dtype)
                     moved = 0.0 if worst > TOLERANCE else _interference(sm, gen, (3, C, h, w), device, dtype, buffers)
                     break
                 except _Failed as failed:
@@ -113,6 +114,11 @@ def check_tasks_apart(sm) -> None:
             sm.hard(policy)
         else:
             sm._set_mode(mode)
+    if worst > TOLERANCE and random:
+        raise BackboneError(
+            "the backbone draws random numbers in eval mode (MC dropout, noise injection), so two passes over the same "
+            "images differ and its folded pass cannot be checked against the tasks run one at a time; make the "
+            "randomness train-only (F.dropout(x, p, self.training)) for conversion")
     if worst > TOLERANCE:
         where = _batch_op(sm.net.graph, set(sm.layer_names))
         raise BackboneError(
@@ -151,6 +157,17 @@ def _compare(sm, gen: torch.Generator, shape: tuple, device, dtype) -> float:
             raise _Failed(_first_line(exc)) from None
         worst = max([worst] + [_gap(folded[t], alone[t]) for t in sm.task_names])
     return worst
+
+
+def _draws_in_eval(sm, gen: torch.Generator, shape: tuple, device, dtype) -> bool:
+    """Whether two eval-mode passes over the same images differ (randomness in eval mode)."""
+    x = torch.rand(shape, generator=gen).to(device=device, dtype=dtype)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            first, second = sm(x), sm(x)
+    except Exception:
+        return False
+    return any(not torch.equal(first[t], second[t]) for t in sm.task_names)
 
 
 def _inputs(sm, gen: torch.Generator, shape: tuple, device, dtype) -> tuple:

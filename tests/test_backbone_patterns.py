@@ -814,3 +814,20 @@ def test_what_save_writes_load_reads_whatever_the_module_names(tmp_path):
     x = torch.randn(2, 3, SIZE, SIZE)
     loaded = automtl.load(tmp_path / "m.automtl")
     assert all(close(loaded(x)[t], c(x)[t]) for t in c.task_names)
+
+
+class _MCDropout(nn.Module):
+    """Monte Carlo dropout: random in eval mode too."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        return self.c2(F.dropout(self.c1(x), 0.2, training=True))
+
+
+def test_randomness_in_eval_mode_is_refused_as_such():
+    """Not as batch mixing (the advice about batch statistics does not apply): the message says what it is."""
+    with pytest.raises(BackboneError, match="draws random numbers in eval mode"):
+        automtl.supermodel(_MCDropout(), TASKS, torch.randn(1, 3, SIZE, SIZE))

@@ -249,3 +249,52 @@ def test_a_parametrization_that_keeps_state_is_refused():
     net = _TwoConvs()
     parametrizations.weight_norm(net.c2)
     capture(net, torch.randn(1, 3, 16, 16))
+
+
+class _TokensInBetween(nn.Module):
+    """A feature map turned to tokens (attention over them) and back, then more convolutions: a 4-D output."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.c2, self.c3 = nn.Conv2d(16, 32, 3, padding=1), nn.Conv2d(32, 32, 3, padding=1)
+
+    def forward(self, x):
+        y = self.c1(x)
+        b, c, h, w = y.shape
+        t = y.flatten(2).transpose(1, 2)
+        t = self.attn(t, t, t, need_weights=False)[0]
+        return self.c3(torch.relu(self.c2(t.transpose(1, 2).reshape(b, c, h, w))))
+
+
+def test_a_default_cut_before_a_feature_map_output_names_the_convolutions_it_leaves_out():
+    with pytest.warns(UserWarning, match=r"though its output 'c3' \(1, 32, 16, 16\) is a feature map too; this leaves "
+                                         r"out 2 convolution\(s\) after the cut \(c2, c3\): pass feature_node='c3'"):
+        cap = capture(_TokensInBetween(), torch.randn(1, 3, 16, 16))
+    assert cap.feature_shape == (1, 16, 16, 16)
+    cap = capture(_TokensInBetween(), torch.randn(1, 3, 16, 16), feature_node="c3")  # the advice works
+    assert cap.feature_shape == (1, 32, 16, 16)
+
+
+@pytest.mark.parametrize("hook", ["register_hook", "register_post_accumulate_grad_hook"])
+def test_gradient_hooks_on_tensors_are_refused(hook):
+    """Tensors are copied without their hooks: the converted model trained with a gradient the backbone's hook zeroed."""
+    net = _TwoConvs()
+    getattr(net.c1.weight, hook)(lambda g: g * 0 if hook == "register_hook" else None)
+    with pytest.raises(BackboneError, match="tensor 'c1.weight' has a gradient hook"):
+        capture(net, torch.randn(1, 3, 16, 16))
+
+
+def test_a_forward_set_on_the_instance_is_refused():
+    import types
+
+    net = _TwoConvs()
+    net.forward = types.MethodType(lambda self, x: _TwoConvs.forward(self, x * 2 - 1), net)  # torch.fx calls the class's
+    with pytest.raises(BackboneError, match="the backbone _TwoConvs itself has a forward set on the instance"):
+        capture(net, torch.randn(1, 3, 16, 16))
+
+
+def test_a_torchscript_backbone_is_refused_in_a_sentence_that_reads():
+    with pytest.raises(BackboneError, match="^the backbone is a TorchScript module"):
+        capture(torch.jit.script(_TwoConvs()), torch.randn(1, 3, 16, 16))

@@ -388,3 +388,42 @@ def test_a_program_asking_for_unbounded_memory_or_compute_is_refused_before_it_r
     path = tmp_path / "bomb.pt2"
     path.write_bytes(_without_sample_inputs(buf.getvalue()))
     _refused(path, match)  # within seconds: the dry run's factories make meta tensors, whatever device they name
+
+
+def test_a_factory_that_leaves_its_device_out_is_sized_on_meta_not_allocated(tmp_path):
+    """torch's loader gives a factory without its device input the CPU: the dry run must not allocate it (2 GiB)."""
+    import resource
+
+    from automtl.formats.pt2 import _without_sample_inputs
+
+    exported = torch.export.export(_Allocates(), (torch.randn(2, 3, 8, 8),), strict=False)
+    buf = io.BytesIO()
+    torch.export.save(exported, buf)
+    parts = {}
+    with zipfile.ZipFile(io.BytesIO(_without_sample_inputs(buf.getvalue()))) as zf:
+        parts = {n: zf.read(n) for n in zf.namelist()}
+
+    def change(program):
+        full = next(n for n in _nodes(program) if n["target"].startswith("torch.ops.aten.full."))
+        full["inputs"] = [i for i in full["inputs"] if i["name"] not in ("device", "pin_memory")]
+    _edit_json(parts, "models/model.json", change)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    _refused(_write(tmp_path / "bomb.pt2", parts), "activation elements are alive at once|producing")
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 2**20  # KiB: less than 1 GiB grew
+
+
+class _SameOutputTwice(nn.Module):
+    def forward(self, x):
+        y = _Computes().forward(x)["depth"]
+        return {f"t{i}": y for i in range(200)}
+
+
+def test_one_value_returned_for_many_tasks_gets_one_tasks_budget(tmp_path):
+    from automtl.formats.pt2 import _without_sample_inputs
+
+    exported = torch.export.export(_SameOutputTwice(), (torch.randn(2, 3, 8, 8),), strict=False)
+    buf = io.BytesIO()
+    torch.export.save(exported, buf)
+    path = tmp_path / "many.pt2"
+    path.write_bytes(_without_sample_inputs(buf.getvalue()))
+    _refused(path, "FLOPs a sample")

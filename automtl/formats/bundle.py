@@ -348,6 +348,6 @@ class _InputCheck:
         """The error of a run that failed in an operation (an op without a kernel for the file's dtypes, a
         division of integers by zero): what failed, in one sentence."""
         first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-        return AutomtlError(f"model {self.path!r} fails on an input of shape {tuple(x.shape)} and dtype "
-                            f"{str(x.dtype).split('.')[-1]} ({type(exc).__name__}: {first}); if the file is not one "
-                            "automtl saved, it may be crafted or corrupted")
+        return AutomtlError(f"model {self.path!r} ({str(self.dtype).split('.')[-1]}) fails on an input of shape "
+                            f"{tuple(x.shape)} and dtype {str(x.dtype).split('.')[-1]} ({type(exc).__name__}: {first}); "
+                            "pass an input it takes, and if the file is not one automtl saved, it may be crafted or corrupted")

@@ -572,7 +572,8 @@ def _bounded_dry_run(path: str, program) -> None:
         dims = [d if isinstance(d, int) else DRY_RUN_BATCH for d in val.shape]  # the dynamic batch
         inputs.append(torch.empty(dims, dtype=val.dtype, device="meta"))
     outputs = [n for n in gm.graph.nodes if n.op == "output"]
-    num_tasks = len(outputs[0].args[0]) if outputs and isinstance(outputs[0].args[0], (tuple, list)) else 1
+    values = outputs[0].args[0] if outputs and isinstance(outputs[0].args[0], (tuple, list)) else ()
+    num_tasks = max(len({v for v in values if isinstance(v, torch.fx.Node)}), 1)  # the same value twice: one budget
     try:
         bounded_run(gm, inputs, DRY_RUN_BATCH, num_tasks)
     except FileFormatError as exc:
