@@ -14,6 +14,7 @@ import contextlib
 import copy
 import io
 import os
+import sys
 import traceback
 import warnings
 from dataclasses import dataclass, field
@@ -182,22 +183,28 @@ _SAME_GRADIENT = torch.utils.checkpoint.CheckpointFunction
 def _refusing_autograd_functions():
     """While tracing, a ``torch.autograd.Function`` applied to a traced value is refused: torch.fx records its
     forward's operations and loses its backward (a straight-through estimator trained with gradient 0, a
-    gradient reversal layer with the sign flipped)."""
-    original = torch.autograd.Function.__dict__["apply"]
+    gradient reversal layer with the sign flipped). Caught inside ``Function.apply``, where every call passes
+    (``round_ste = RoundSTE.apply`` bound at import included): the hook is the helper it hands its arguments to."""
+    import torch._functorch.utils as functorch_utils
 
-    def apply(cls, *args, **kwargs):
-        if cls is not _SAME_GRADIENT and any(isinstance(a, fx.Proxy) for a in (*args, *kwargs.values())):
+    original = functorch_utils.unwrap_dead_wrappers
+
+    def unwrap_dead_wrappers(args):
+        caller = sys._getframe(1).f_locals
+        cls, kwargs = caller.get("cls"), caller.get("kwargs") or {}
+        if (isinstance(cls, type) and issubclass(cls, torch.autograd.Function) and cls is not _SAME_GRADIENT
+                and any(isinstance(a, fx.Proxy) for a in (*args, *kwargs.values()))):
             raise BackboneError(
                 f"the backbone applies the custom autograd function {cls.__qualname__}, whose backward torch.fx "
                 "cannot keep (the converted model would train with the gradient of its forward instead); mark the "
                 "module that applies it as a leaf (leaf_modules=[ItsClass]) so it runs as one call")
-        return original.__func__(cls, *args, **kwargs)
+        return original(args)
 
-    torch.autograd.Function.apply = classmethod(apply)
+    functorch_utils.unwrap_dead_wrappers = unwrap_dead_wrappers
     try:
         yield
     finally:
-        torch.autograd.Function.apply = original
+        functorch_utils.unwrap_dead_wrappers = original
 
 
 def _refuse_hooks(backbone: nn.Module, graphs: Sequence[fx.Graph]) -> None:
@@ -225,8 +232,15 @@ def _refuse_hooks(backbone: nn.Module, graphs: Sequence[fx.Graph]) -> None:
         if "forward" in vars(m) and (not name or name in called):
             raise BackboneError(f"{what} has a forward set on the instance, which torch.fx and the converted model "
                                 "do not call (they call its class's); write it in a subclass instead")
+        if (type(m).__call__ is not nn.Module.__call__ or type(m)._call_impl is not nn.Module._call_impl) \
+                and (not name or name in called):
+            raise BackboneError(f"{what} overrides __call__ or _call_impl, which torch.fx and the converted model do "
+                                "not run (they call forward); write what it does in forward instead")
 
-        stateful = [p for p in getattr(m, "parametrizations", {}).values() if any(True for _ in p.buffers())]
+        stateful = [p for p in getattr(m, "parametrizations", {}).values()
+                    if any(True for _ in p.buffers()) or any(not q.requires_grad for f in p for q in f.parameters())
+                    or any(isinstance(v, torch.Tensor) for f in p for v in vars(f).values())]  # state kept as a
+        # frozen parameter or a plain tensor attribute is state too (p's own "original" weights are not)
         if stateful:
             raise BackboneError(f"{what} has a parametrization that keeps state ({type(stateful[0][0]).__name__}: "
                                 "spectral_norm's power iteration moves it at every call in training), and the compact "

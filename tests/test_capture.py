@@ -298,3 +298,48 @@ def test_a_forward_set_on_the_instance_is_refused():
 def test_a_torchscript_backbone_is_refused_in_a_sentence_that_reads():
     with pytest.raises(BackboneError, match="^the backbone is a TorchScript module"):
         capture(torch.jit.script(_TwoConvs()), torch.randn(1, 3, 16, 16))
+
+
+round_sign = _Sign.apply  # the common alias, bound when the module is imported
+
+
+class _BinarizeByAlias(nn.Module):
+    def forward(self, x):
+        return round_sign(x)
+
+
+def test_a_custom_autograd_function_applied_through_an_alias_is_refused():
+    with pytest.raises(BackboneError, match="custom autograd function _Sign"):
+        capture(_TwoConvs(_BinarizeByAlias()), torch.randn(1, 3, 16, 16))
+
+
+@pytest.mark.parametrize("method", ["__call__", "_call_impl"])
+def test_a_backbone_overriding_call_is_refused(method):
+    class Scaled(_TwoConvs):
+        pass
+
+    setattr(Scaled, method, lambda self, x: nn.Module.__call__(self, x * 0.5))
+    with pytest.raises(BackboneError, match="overrides __call__ or _call_impl"):
+        capture(Scaled(), torch.randn(1, 3, 16, 16))
+
+
+class _Counter(nn.Module):
+    """A parametrization that keeps its state in a frozen parameter, not a buffer."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = nn.Parameter(torch.zeros(()), requires_grad=False)
+
+    def forward(self, w):
+        if self.training:
+            self.calls.data += 1
+        return w * (1 + 0 * self.calls)
+
+
+def test_a_parametrization_keeping_state_in_a_frozen_parameter_is_refused():
+    from torch.nn.utils import parametrize
+
+    net = _TwoConvs()
+    parametrize.register_parametrization(net.c2, "weight", _Counter())
+    with pytest.raises(BackboneError, match=r"has a parametrization that keeps state \(_Counter"):
+        capture(net, torch.randn(1, 3, 16, 16))

@@ -22,6 +22,7 @@ import zipfile
 
 import pytest
 import torch
+from torch import nn
 import yaml
 from click.testing import CliRunner
 
@@ -833,3 +834,18 @@ def test_work_that_the_flop_counter_does_not_see_is_bounded(valid, tmp_path):
     path = write(tmp_path / "pool.automtl", edit(valid, _pooling_bomb()))
     with pytest.raises(FileFormatError, match="element operations .*pooling windows"):
         load(path)
+
+
+def test_what_a_convolution_unfolds_outside_float32_counts_as_alive(tmp_path):
+    """CPU convolutions in float64 and 16-bit floats unfold their input (in_channels x kernel x positions): a wide
+    32x32 convolution passed every bound and then asked for 35 GB. float32's kernels do not unfold."""
+    backbone = nn.Sequential(nn.Conv2d(3, 1024, 1), nn.Conv2d(1024, 4, 32))
+    tasks = [Task("a", "depth"), Task("b", "depth")]
+    sm = supermodel(backbone, tasks, torch.randn(1, 3, 96, 96))
+    policy = Policy.uniform(sm.layer_names, sm.task_names, "share")
+    model = compact(sm.hard(policy), policy).eval()
+    save(model, tmp_path / "f32.automtl")
+    load(tmp_path / "f32.automtl")
+    with pytest.raises(FileFormatError, match="with what a convolution unfolds"):  # save checks what load will
+        save(model.double(), tmp_path / "f64.automtl")
+    assert not (tmp_path / "f64.automtl").exists()

@@ -377,7 +377,7 @@ class _Computes(nn.Module):
         return {"depth": x + m[:1, :1].sum()}
 
 
-@pytest.mark.parametrize("program, match", [(_Allocates, "activation elements are alive at once"),
+@pytest.mark.parametrize("program, match", [(_Allocates, "are alive at once"),
                                             (_Computes, "FLOPs a sample")])
 def test_a_program_asking_for_unbounded_memory_or_compute_is_refused_before_it_runs(tmp_path, program, match):
     from automtl.formats.pt2 import _without_sample_inputs
@@ -408,7 +408,7 @@ def test_a_factory_that_leaves_its_device_out_is_sized_on_meta_not_allocated(tmp
         full["inputs"] = [i for i in full["inputs"] if i["name"] not in ("device", "pin_memory")]
     _edit_json(parts, "models/model.json", change)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    _refused(_write(tmp_path / "bomb.pt2", parts), "activation elements are alive at once|producing")
+    _refused(_write(tmp_path / "bomb.pt2", parts), "are alive at once|producing")
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 2**20  # KiB: less than 1 GiB grew
 
 
@@ -427,3 +427,42 @@ def test_one_value_returned_for_many_tasks_gets_one_tasks_budget(tmp_path):
     path = tmp_path / "many.pt2"
     path.write_bytes(_without_sample_inputs(buf.getvalue()))
     _refused(path, "FLOPs a sample")
+
+
+class _GrowsFasterThanTheBatch(nn.Module):
+    def forward(self, x):
+        z = torch.zeros((x.shape[0] - 2) * 2**30 + 2, device=x.device)  # 2 elements at batch 2, 4 GiB at batch 3
+        return {"depth": x + z.sum()}
+
+
+def test_a_size_that_does_not_grow_in_proportion_to_the_batch_is_refused(tmp_path):
+    """The dry run runs at one batch size; it bounds the others only when every size is a multiple of the batch."""
+    from automtl.formats.pt2 import _without_sample_inputs
+
+    exported = torch.export.export(_GrowsFasterThanTheBatch(), (torch.randn(2, 3, 8, 8),),
+                                   dynamic_shapes=({0: torch.export.Dim("batch", min=2)},), strict=False)
+    buf = io.BytesIO()
+    torch.export.save(exported, buf)
+    path = tmp_path / "grows.pt2"
+    path.write_bytes(_without_sample_inputs(buf.getvalue()))
+    _refused(path, "does not grow in proportion to the batch")
+
+
+def test_the_budget_grows_with_the_tasks_only_so_far(tmp_path):
+    """A program picks its number of outputs: 256 of them would have bought 256 tasks' compute."""
+    from automtl.formats.pt2 import _without_sample_inputs
+    from automtl.formats.rebuild import MAX_TASK_BUDGETS
+
+    class Many(nn.Module):
+        def forward(self, x):
+            m = x.sum().reshape(1, 1).expand(2**13, 2**13)
+            for _ in range(5 * MAX_TASK_BUDGETS):  # 1.1e12 FLOPs each, 2.7x the capped budget a sample at batch 2
+                m = torch.mm(m, m)
+            return {f"t{i}": x + m[:1, :1].sum() + i for i in range(64)}
+
+    exported = torch.export.export(Many(), (torch.randn(2, 3, 8, 8),), strict=False)
+    buf = io.BytesIO()
+    torch.export.save(exported, buf)
+    path = tmp_path / "many.pt2"
+    path.write_bytes(_without_sample_inputs(buf.getvalue()))
+    _refused(path, f"FLOPs a sample.*for {MAX_TASK_BUDGETS} task")

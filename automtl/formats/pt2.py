@@ -545,6 +545,27 @@ def load_pt2(path: str | os.PathLike, max_bytes: int = MAX_PT2_BYTES):
     return program
 
 
+def _check_batch_scaling(path: str, gm) -> None:
+    """Every tensor the program makes grows with the batch at most in proportion: at most one dimension depends
+    on it, as a whole multiple of it (``s0``, ``16*s0``), so the dry run at one batch size bounds every other
+    (a size such as ``(s0 - 2) * 2**30`` is 2 elements at batch 2 and 4 GiB at batch 3)."""
+    batch = set()
+    for node in gm.graph.nodes:
+        val = node.meta.get("val")
+        if node.op == "placeholder" and isinstance(val, torch.Tensor):
+            batch |= {d.node.expr for d in val.shape if not isinstance(d, int)}
+    for node in gm.graph.nodes:
+        val = node.meta.get("val")
+        for t in (val if isinstance(val, (list, tuple)) else [val]):
+            if not isinstance(t, torch.Tensor):
+                continue
+            dims = [d.node.expr for d in t.shape if not isinstance(d, int)]
+            ok = len(dims) <= 1 and all(any((e / b).is_Integer and (e / b) > 0 for b in batch) for e in dims)
+            if not ok:
+                raise _bad(path, f"has node {node.name[:60]!r} whose shape {[str(d) for d in t.shape]} does not grow "
+                                 "in proportion to the batch, so a check at one batch size bounds no other")
+
+
 #: The batch size of the dry run of a loaded program (its batch dimension is dynamic).
 DRY_RUN_BATCH = 2
 
@@ -571,6 +592,7 @@ def _bounded_dry_run(path: str, program) -> None:
             raise _bad(path, f"has an input {node.name[:60]!r} that is not a tensor of known shape")
         dims = [d if isinstance(d, int) else DRY_RUN_BATCH for d in val.shape]  # the dynamic batch
         inputs.append(torch.empty(dims, dtype=val.dtype, device="meta"))
+    _check_batch_scaling(path, gm)
     outputs = [n for n in gm.graph.nodes if n.op == "output"]
     values = outputs[0].args[0] if outputs and isinstance(outputs[0].args[0], (tuple, list)) else ()
     num_tasks = max(len({v for v in values if isinstance(v, torch.fx.Node)}), 1)  # the same value twice: one budget

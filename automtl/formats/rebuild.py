@@ -272,8 +272,13 @@ MAX_FLOPS_PER_SAMPLE = 2 * 10**12
 #: minute of one CPU core for reductions (2e8 elements a second); a chain of 2^28-element nodes, reductions of a
 #: 2^28-element expanded view (which takes no memory) or a 4096-wide pooling window on a large map stops here.
 MAX_WORK_PER_SAMPLE = 2**34
-#: Elements of all the activations alive at once (after each node, before any is freed): four of the largest.
+#: Elements of all the activations alive at once (after each node, before any is freed): four of the largest. A
+#: convolution outside float32 counts the input it unfolds (CPU kernels for float64 and 16-bit floats build it:
+#: in_channels/groups x kernel x output positions x batch elements) as alive while it runs.
 MAX_LIVE = 4 * MAX_ACTIVATION
+#: The bounds above that scale with the tasks (each may run a backbone of its own) do so up to this many tasks: a
+#: file picks its task count (up to 256), and would otherwise pick its budget.
+MAX_TASK_BUDGETS = 16
 
 
 def _pieces(name: str, x: torch.Tensor, args: tuple, kwargs: dict) -> int:
@@ -375,12 +380,29 @@ class _BoundedShapes(fx.Interpreter):
             kwargs = {**kwargs, "device": meta}
         return super().call_function(target, args, kwargs)
 
+    def _unfolded(self, n: fx.Node, out) -> int:
+        """Elements of the input a convolution outside float32 unfolds while it runs (0 for anything else)."""
+        args, _ = self.fetch_args_kwargs_from_env(n)
+        if n.op == "call_module":
+            mod = self.fetch_attr(n.target)
+            weight = getattr(mod, "weight", None) if isinstance(mod, nn.modules.conv._ConvNd) else None
+        else:
+            name = getattr(n.target, "__name__", str(n.target))
+            weight = args[1] if "conv" in name and len(args) > 1 else None
+        x = args[0] if args else None
+        if not (isinstance(weight, torch.Tensor) and isinstance(x, torch.Tensor) and isinstance(out, torch.Tensor)
+                and weight.dim() >= 3 and x.dim() == weight.dim() and out.dim() == x.dim()) or x.dtype == torch.float32:
+            return 0
+        positions = max(math.prod(out.shape[2:]), math.prod(x.shape[2:]))
+        return int(x.shape[0]) * math.prod(weight.shape[1:]) * positions
+
     def _check_live(self, n: fx.Node, out) -> None:
         """The activations alive once ``n`` has run (the interpreter frees each after its last use, as the
-        generated forward does), views counted once with the tensor they view."""
+        generated forward does), views counted once with the tensor they view, and what a convolution unfolds."""
         live = self.env.live + sum(numel for key, numel in _bases(out).items() if key not in self.env.count)
+        live += self._unfolded(n, out) if n.op in ("call_module", "call_function") else 0
         if live > MAX_LIVE:
-            raise FileFormatError(f"has node {n.name!r} after which {live} activation elements are alive at once, "
+            raise FileFormatError(f"has node {n.name!r} after which {live} activation elements (with what a convolution unfolds) are alive at once, "
                                   f"more than the {MAX_LIVE} automtl allows; the file is crafted or corrupted")
 
     work = 0  # element operations so far: outputs once, a pooling's window times, inputs read (MAX_WORK_PER_SAMPLE)
@@ -456,13 +478,14 @@ def bounded_run(gm: fx.GraphModule, inputs: list, batch: int, num_tasks: int):
     from torch.utils.flop_counter import FlopCounterMode
 
     shape = list(inputs[-1].shape) if inputs else []
+    num_tasks = min(max(num_tasks, 1), MAX_TASK_BUDGETS)
     try:
         interpreter = _BoundedShapes(gm)
-        interpreter.max_work = MAX_WORK_PER_SAMPLE * max(batch, 1) * max(num_tasks, 1)
+        interpreter.max_work = MAX_WORK_PER_SAMPLE * max(batch, 1) * num_tasks
         with torch.no_grad(), FlopCounterMode(display=False) as flops:
             out = interpreter.run(*inputs)
         per_sample = flops.get_total_flops() / max(batch, 1)
-        limit = MAX_FLOPS_PER_SAMPLE * max(num_tasks, 1)  # each task may run a backbone of its own
+        limit = MAX_FLOPS_PER_SAMPLE * num_tasks  # each task may run a backbone of its own
         if per_sample > limit:
             raise FileFormatError(f"computes {per_sample:.3g} FLOPs a sample at input shape {shape} (torch's flop "
                                   f"counter: convolutions and matrix products), more than the {limit:.0e} "
