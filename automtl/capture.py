@@ -461,6 +461,7 @@ def _propagate(gm: fx.GraphModule, example_input: torch.Tensor, tolerant: bool =
         with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
             prop = (_TolerantShapeProp if tolerant else ShapeProp)(gm)
             prop.propagate(example_input)
+            _mark_batched(gm, example_input)
         return getattr(prop, "failures", [])
     except Exception as exc:
         raise BackboneError(
@@ -469,6 +470,43 @@ def _propagate(gm: fx.GraphModule, example_input: torch.Tensor, tolerant: bool =
         ) from exc
     finally:
         gm.train(was_training)
+
+
+#: Node meta: False on a tensor whose first dimension does not grow with the batch (a coordinate map made from the
+#: input's height and width, ``(1, 1, H, W)``): where it meets per-task rows it is made again from the per-task
+#: input rather than repeated along its first dimension. Absent (unknown) counts as batched.
+META_BATCHED = "automtl_batched"
+
+
+class _FirstDims(fx.Interpreter):
+    """Each tensor node's first dimension, from a run on fake tensors (shapes only, nothing computed)."""
+
+    def run_node(self, n: fx.Node):
+        out = super().run_node(n)
+        if isinstance(out, torch.Tensor) and out.dim() >= 1:
+            self.first[n] = int(out.shape[0])
+        return out
+
+
+def _mark_batched(gm: fx.GraphModule, example_input: torch.Tensor) -> None:
+    """Set :data:`META_BATCHED` on the tensor nodes whose first dimension stays the same when the batch grows by
+    one (best effort: where the fake run fails, every tensor counts as batched)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    n = int(example_input.shape[0])
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            bigger = mode.from_tensor(torch.empty((n + 1, *example_input.shape[1:]), dtype=example_input.dtype,
+                                                  device=example_input.device))
+            runner = _FirstDims(gm)
+            runner.first = {}
+            runner.run(bigger)
+    except Exception:  # an op without a fake kernel, data-dependent control: leave it unknown
+        return
+    for node in gm.graph.nodes:
+        meta = _tensor_meta(node)
+        if meta is not None and len(meta.shape) >= 1 and node in runner.first:
+            node.meta[META_BATCHED] = runner.first[node] != int(meta.shape[0])
 
 
 def _train_counterpart(backbone, gm: fx.GraphModule, graph: fx.Graph, feature: fx.Node, example_input) -> fx.Graph:

@@ -173,5 +173,7 @@ def _taskwise(graph: fx.Graph, node: fx.Node, num_tasks: int) -> fx.Node:
 
 
 def _is_batched(node: fx.Node) -> bool:
+    """A tensor whose first dimension carries the batch (not one made from the input's sizes only, such as a
+    coordinate map: see :data:`automtl.capture.META_BATCHED`)."""
     meta = node.meta.get("tensor_meta")
-    return hasattr(meta, "shape") and len(meta.shape) >= 1
+    return hasattr(meta, "shape") and len(meta.shape) >= 1 and node.meta.get("automtl_batched", True)

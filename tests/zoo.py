@@ -458,6 +458,21 @@ class NormWeightAttention(nn.Module):
         return torch.sigmoid(y * w.view(1, -1, 1, 1)) * y
 
 
+class CoordMapNet(nn.Module):
+    """Tensors made from the input's sizes without a batch dimension (CoordConv-style): a (1, 1, H, W) map and a
+    per-channel vector, meeting the tasks' rows."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = conv_bn(3, 8), nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        pos = torch.zeros_like(x[:1, :1]) + 0.5
+        y = self.c1(x) + pos
+        scale = torch.ones_like(x[0, :1, 0, :1]).reshape(1, 1, 1, 1) * 0.5
+        return self.c2(y * scale)
+
+
 ZOO = {
     "constant": ConstantInForwardNet, "positional_conv": PositionalConvNet, "patches_to_batch": PatchesToBatchNet,
     "std_conv": StdConvNet,
@@ -465,5 +480,5 @@ ZOO = {
     "preact": PreActNet, "pyramid": PyramidShared, "segmentation": SegmentationNet, "squeezenet": SqueezeNetish,
     "inplace": InplaceNet, "batch_size": BatchSizeNet, "tied": TiedDecoder, "classifier": ClassifierNet,
     "pruned": pruned_net, "transform_input": TransformInputNet, "call_arguments": CallArgumentsNet,
-    "norm_weight_attention": NormWeightAttention,
+    "norm_weight_attention": NormWeightAttention, "coord_map": CoordMapNet,
 }
