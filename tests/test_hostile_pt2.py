@@ -466,3 +466,31 @@ def test_the_budget_grows_with_the_tasks_only_so_far(tmp_path):
     path = tmp_path / "many.pt2"
     path.write_bytes(_without_sample_inputs(buf.getvalue()))
     _refused(path, f"FLOPs a sample.*for {MAX_TASK_BUDGETS} task")
+
+
+class _CoordWeightNorm(nn.Module):
+    """A coordinate map from linspace and a weight-normed conv: export wrote what load_pt2 refused."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        torch.nn.utils.parametrizations.weight_norm(self.c2)
+
+    def forward(self, x):
+        h, w = x.shape[-2:]
+        pos = torch.linspace(-1, 1, h).view(1, 1, h, 1) * torch.linspace(-1, 1, w).view(1, 1, 1, w)
+        return self.c2(torch.relu(self.c1(x)) + pos)
+
+
+def test_what_export_writes_for_coordinate_maps_and_weight_norm_loads(tmp_path):
+    import warnings
+
+    sm = automtl.supermodel(_CoordWeightNorm(), TASKS, torch.randn(1, 3, SIZE, SIZE))
+    policy = automtl.Policy.random(sm.layer_names, sm.task_names, sm.skip_legal, seed=0)
+    c = compact(sm.hard(policy), policy).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "load_pt2 will refuse it"
+        automtl.export(c, tmp_path / "m.pt2")
+    x = torch.randn(3, 3, SIZE, SIZE)
+    out = load_pt2(tmp_path / "m.pt2").module()(x)
+    assert all(torch.allclose(out[t], c(x)[t], atol=1e-5) for t in c.task_names)

@@ -122,6 +122,7 @@ ALLOWED_ATEN_OPERATORS = frozenset({
     "sub", "rsub", "div", "neg", "abs", "exp", "log", "sqrt", "rsqrt", "pow", "reciprocal", "maximum", "minimum",
     "where", "floor", "ceil", "round", "erf", "sign", "eq", "ne", "lt", "le", "gt", "ge", "logical_not",
     "cos", "sin", "masked_fill",  # seen in torchvision swin_t, timm edgenext (positional encodings, attention masks)
+    "linspace", "vdot", "_weight_norm",  # coordinate maps, spectral/weight norm (sized on meta by the dry run)
     # reductions
     "mean",  # seen
     "sum", "amax", "amin", "max", "min", "var", "std", "var_mean", "linalg_vector_norm", "argmax", "argmin",
