@@ -478,35 +478,31 @@ def _propagate(gm: fx.GraphModule, example_input: torch.Tensor, tolerant: bool =
 META_BATCHED = "automtl_batched"
 
 
-class _FirstDims(fx.Interpreter):
-    """Each tensor node's first dimension, from a run on fake tensors (shapes only, nothing computed)."""
-
-    def run_node(self, n: fx.Node):
-        out = super().run_node(n)
-        if isinstance(out, torch.Tensor) and out.dim() >= 1:
-            self.first[n] = int(out.shape[0])
-        return out
-
-
 def _mark_batched(gm: fx.GraphModule, example_input: torch.Tensor) -> None:
     """Set :data:`META_BATCHED` on the tensor nodes whose first dimension stays the same when the batch grows by
-    one (best effort: where the fake run fails, every tensor counts as batched)."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
+    one. Only the nodes before every convolution are run again (at batch N + 1, under ``no_grad``): they are the
+    ones a supermodel with one input for all tasks reads in a per-task form; a node that fails, and what depends on
+    it, stay unknown (counted as batched)."""
+    after: set = set()  # nodes at or after a convolution
+    env: dict = {}
+    runner = fx.Interpreter(gm, garbage_collect_values=False)
+    runner.env = env
     n = int(example_input.shape[0])
-    try:
-        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
-            bigger = mode.from_tensor(torch.empty((n + 1, *example_input.shape[1:]), dtype=example_input.dtype,
-                                                  device=example_input.device))
-            runner = _FirstDims(gm)
-            runner.first = {}
-            runner.run(bigger)
-    except Exception:  # an op without a fake kernel, data-dependent control: leave it unknown
-        return
     for node in gm.graph.nodes:
-        meta = _tensor_meta(node)
-        if meta is not None and len(meta.shape) >= 1 and node in runner.first:
-            node.meta[META_BATCHED] = runner.first[node] != int(meta.shape[0])
+        if is_conv_node(gm, node) or any(i in after for i in node.all_input_nodes):
+            after.add(node)
+            continue
+        if node.op == "output" or any(i not in env for i in node.all_input_nodes):
+            continue
+        try:
+            with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
+                env[node] = (torch.zeros((n + 1, *example_input.shape[1:]), dtype=example_input.dtype,
+                                         device=example_input.device) if node.op == "placeholder" else runner.run_node(node))
+        except Exception:  # unknown from here on
+            continue
+        meta, value = _tensor_meta(node), env[node]
+        if meta is not None and len(meta.shape) >= 1 and isinstance(value, torch.Tensor) and value.dim() >= 1:
+            node.meta[META_BATCHED] = int(value.shape[0]) != int(meta.shape[0])
 
 
 def _train_counterpart(backbone, gm: fx.GraphModule, graph: fx.Graph, feature: fx.Node, example_input) -> fx.Graph:
