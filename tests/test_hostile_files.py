@@ -849,3 +849,18 @@ def test_what_a_convolution_unfolds_outside_float32_counts_as_alive(tmp_path):
     with pytest.raises(FileFormatError, match="with what a convolution unfolds"):  # save checks what load will
         save(model.double(), tmp_path / "f64.automtl")
     assert not (tmp_path / "f64.automtl").exists()
+
+
+def test_the_unfolded_input_counts_output_positions_and_only_on_the_cpu():
+    """A strided convolution unfolds its input once per output position (a bf16 ResNet stem at batch 256 x 224 px:
+    4.7e8 elements, not the 1.9e8 x 4 counted from the input's positions); on a GPU nothing is unfolded."""
+    from automtl.formats.rebuild import bounded_run
+
+    stem = torch.fx.symbolic_trace(nn.Conv2d(3, 64, 7, 2, 3)).to(torch.bfloat16).to("meta")
+    x = torch.empty(256, 3, 224, 224, dtype=torch.bfloat16, device="meta")
+    bounded_run(stem, [x], 256, 1)
+    wide = torch.fx.symbolic_trace(nn.Conv2d(1024, 4, 32)).to(torch.float64).to("meta")
+    x = torch.empty(1, 1024, 96, 96, dtype=torch.float64, device="meta")
+    with pytest.raises(FileFormatError, match="with what a convolution unfolds"):
+        bounded_run(wide, [x], 1, 1)
+    bounded_run(wide, [x], 1, 1, on_cpu=False)

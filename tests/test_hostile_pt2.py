@@ -436,7 +436,8 @@ class _GrowsFasterThanTheBatch(nn.Module):
 
 
 def test_a_size_that_does_not_grow_in_proportion_to_the_batch_is_refused(tmp_path):
-    """The dry run runs at one batch size; it bounds the others only when every size is a multiple of the batch."""
+    """The dry runs run at two batch sizes; they bound the others only when every size is a multiple of the batch
+    (here a size computed from the batch by a subtraction)."""
     from automtl.formats.pt2 import _without_sample_inputs
 
     exported = torch.export.export(_GrowsFasterThanTheBatch(), (torch.randn(2, 3, 8, 8),),
@@ -445,7 +446,7 @@ def test_a_size_that_does_not_grow_in_proportion_to_the_batch_is_refused(tmp_pat
     torch.export.save(exported, buf)
     path = tmp_path / "grows.pt2"
     path.write_bytes(_without_sample_inputs(buf.getvalue()))
-    _refused(path, "does not grow in proportion to the batch")
+    _refused(path, "does not grow in proportion to the batch|computes a size from the batch")
 
 
 def test_the_budget_grows_with_the_tasks_only_so_far(tmp_path):
@@ -494,3 +495,15 @@ def test_what_export_writes_for_coordinate_maps_and_weight_norm_loads(tmp_path):
     x = torch.randn(3, 3, SIZE, SIZE)
     out = load_pt2(tmp_path / "m.pt2").module()(x)
     assert all(torch.allclose(out[t], c(x)[t], atol=1e-5) for t in c.task_names)
+
+
+def test_shapes_the_file_declares_must_be_what_its_operations_make(parts, tmp_path):
+    """The proportional-growth rule reads the shapes a file declares: a file declaring a shape its operations do not
+    make (a bomb declared as 2 * batch) is refused by the dry runs, which compare them at two batch sizes."""
+    def change(program):
+        values = program["graph_module"]["graph"]["tensor_values"]
+        relu = next(n for n in _nodes(program) if n["target"].startswith("torch.ops.aten.relu."))
+        name = relu["outputs"][0]["as_tensor"]["name"]
+        values[name]["sizes"][1] = {"as_int": values[name]["sizes"][1]["as_int"] + 1}
+    _edit_json(parts, "models/model.json", change)
+    _refused(_write(tmp_path / "lies.pt2", parts), "declares for node .* but its operations make")

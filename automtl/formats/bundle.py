@@ -333,15 +333,20 @@ class _InputCheck:
 
     def __init__(self, path: str, gm, tasks: list, dtype: torch.dtype, recorded: list):
         self.path, self.gm, self.tasks, self.dtype = path, gm, tasks, dtype
-        self.seen = {(tuple(recorded), dtype)}
+        self.seen = {(tuple(recorded), dtype, True)}
 
     def __call__(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor) or x.dim() != 4:
             raise AutomtlError(f"model {self.path!r} takes an image batch tensor (N, C, H, W), got "
                                f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
-        key = (tuple(x.shape), self.dtype)
+        key = (tuple(x.shape), self.dtype, x.device.type == "cpu")
         if key not in self.seen:
-            shape_check(self.path, self.gm, self.tasks, self.dtype, x.shape)
+            try:
+                shape_check(self.path, self.gm, self.tasks, self.dtype, x.shape, on_cpu=x.device.type == "cpu")
+            except FileFormatError as exc:  # the file passed at its recorded shape: this input is what is too large
+                reason = str(exc).split("; the file is")[0]
+                raise FileFormatError(f"{reason} (input shape {list(x.shape)}); pass a smaller batch or image, or "
+                                      "check the file if it is not one automtl saved") from None
             self.seen.add(key)
 
     def failure(self, x: torch.Tensor, exc: Exception) -> AutomtlError:

@@ -567,14 +567,37 @@ def _check_batch_scaling(path: str, gm) -> None:
                                  "in proportion to the batch, so a check at one batch size bounds no other")
 
 
-#: The batch size of the dry run of a loaded program (its batch dimension is dynamic).
-DRY_RUN_BATCH = 2
+#: The batch sizes of the dry runs of a loaded program (its batch dimension is dynamic): shapes proportional to the
+#: batch that agree with what the operations compute at two sizes agree at every size, as long as the sizes the
+#: program computes from the batch are proportional to it too (:func:`_check_size_arithmetic`).
+DRY_RUN_BATCHES = (2, 3)
+
+
+def _check_size_arithmetic(path: str, gm) -> None:
+    """Sizes computed from the batch (``sym_size`` and what is computed from it) may only be multiplied by sizes
+    that are not, and indexed: a sum, difference, division, remainder or comparison of them could make a size that
+    agrees with a proportional one at the dry runs' batch sizes and not at others (``(b - 2) * (b - 3) * 2**30``)."""
+    from_batch: set = set()
+    for node in gm.graph.nodes:
+        target = str(node.target)
+        if node.op == "call_function" and ("sym_size" in target or "sym_numel" in target or "sym_stride" in target):
+            from_batch.add(node)
+            continue
+        inputs = [i for i in node.all_input_nodes if i in from_batch]
+        if not inputs or node.op != "call_function" or not target.startswith("<built-in function"):
+            continue
+        name = getattr(node.target, "__name__", target)
+        if name == "getitem" or (name == "mul" and len(inputs) == 1):
+            from_batch.add(node)
+            continue
+        raise _bad(path, f"computes a size from the batch at node {node.name[:60]!r} with {name}, which automtl "
+                         "does not load (only multiples of the batch are bounded by a dry run)")
 
 
 def _bounded_dry_run(path: str, program) -> None:
     """Run the program once on the meta device under the bundle loader's bounds (:func:`automtl.formats.rebuild.
     bounded_run`: each activation, the activations alive at once, element operations, FLOPs), at its example
-    input's shape with batch :data:`DRY_RUN_BATCH`: a program of listed operators can still ask for 64 GiB
+    input's shape at the batch sizes :data:`DRY_RUN_BATCHES`: a program of listed operators can still ask for 64 GiB
     (``full`` of a huge size) or hours of compute. Nothing is computed and no memory is taken.
 
     Raises:
@@ -584,20 +607,28 @@ def _bounded_dry_run(path: str, program) -> None:
     from .rebuild import bounded_run
 
     gm = program.graph_module
-    inputs = []
-    for node in gm.graph.nodes:
-        if node.op != "placeholder":
-            continue
-        val = node.meta.get("val")
-        if not isinstance(val, torch.Tensor):
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for node in placeholders:
+        if not isinstance(node.meta.get("val"), torch.Tensor):
             raise _bad(path, f"has an input {node.name[:60]!r} that is not a tensor of known shape")
-        dims = [d if isinstance(d, int) else DRY_RUN_BATCH for d in val.shape]  # the dynamic batch
-        inputs.append(torch.empty(dims, dtype=val.dtype, device="meta"))
     _check_batch_scaling(path, gm)
+    _check_size_arithmetic(path, gm)
     outputs = [n for n in gm.graph.nodes if n.op == "output"]
     values = outputs[0].args[0] if outputs and isinstance(outputs[0].args[0], (tuple, list)) else ()
     num_tasks = max(len({v for v in values if isinstance(v, torch.fx.Node)}), 1)  # the same value twice: one budget
-    try:
-        bounded_run(gm, inputs, DRY_RUN_BATCH, num_tasks)
-    except FileFormatError as exc:
-        raise _bad(path, str(exc).split("; the file is")[0]) from None
+    for batch in DRY_RUN_BATCHES:  # the shapes the file declares must be what its operations compute, at two sizes
+        inputs = [torch.empty([d if isinstance(d, int) else batch for d in n.meta["val"].shape],
+                              dtype=n.meta["val"].dtype, device="meta") for n in placeholders]
+        computed: dict = {}
+        try:
+            bounded_run(gm, inputs, batch, num_tasks, shapes=computed)
+        except FileFormatError as exc:
+            raise _bad(path, str(exc).split("; the file is")[0]) from None
+        for node, made in computed.items():
+            val = node.meta.get("val")
+            declared = [tuple(d if isinstance(d, int) else int(d.node.expr.subs({s: batch for s in d.node.expr.free_symbols}))
+                              for d in t.shape) for t in (val if isinstance(val, (list, tuple)) else [val])
+                        if isinstance(t, torch.Tensor)]
+            if declared and declared != made:
+                raise _bad(path, f"declares for node {node.name[:60]!r} the shapes {declared} at batch {batch} but its "
+                                 f"operations make {made}")

@@ -177,6 +177,9 @@ def _check_sharing(path: str, graph: fx.Graph, tasks: list, policy: Optional[Pol
         if n.op == "call_module":
             module_reach.setdefault(n.target, set()).update(reach[n])
     layered = [n for n in graph.nodes if n.meta.get(META_KEYS[1]) is not None]
+    by_layer: dict = {}
+    for n in layered:
+        by_layer.setdefault(n.meta[META_KEYS[1]], []).append(n)
     for n in layered:
         if reach[n] and set(n.meta.get(META_KEYS[0], ())) != reach[n]:
             raise bad(path, f"has node {n.name!r} noted as computing for tasks {list(n.meta.get(META_KEYS[0], ()))} "
@@ -186,9 +189,10 @@ def _check_sharing(path: str, graph: fx.Graph, tasks: list, policy: Optional[Pol
     for li, layer in enumerate(policy.layers):
         for ti, task in enumerate(policy.tasks):
             choice = CHOICES[policy.choices[li][ti]]
-            noted = {n.meta.get(META_KEYS[2]) for n in layered if n.meta.get(META_KEYS[1]) == layer and task in reach[n]}
-            own = [n for n in layered if n.meta.get(META_KEYS[1]) == layer and task in reach[n] and n.op == "call_module"
-                   and n.meta.get(META_KEYS[2]) == "specialize" and module_reach[n.target] != {task}]
+            mine = [n for n in by_layer.get(layer, ()) if task in reach[n]]
+            noted = {n.meta.get(META_KEYS[2]) for n in mine}
+            own = [n for n in mine if n.op == "call_module" and n.meta.get(META_KEYS[2]) == "specialize"
+                   and module_reach[n.target] != {task}]
             if noted - {"skip"} != ({choice} if choice != "skip" else set()) or own:
                 raise bad(path, f"has a policy choosing {choice} for task {task!r} at layer {layer!r}, which is not what "
                                 "its graph computes; the file is corrupted or crafted, save the model again")
@@ -312,6 +316,15 @@ def _nested(value):
             stack.extend(v.values())
 
 
+def _shapes_in_order(value) -> list:
+    """The shapes of the tensors ``value`` holds, in order (a tensor, or a tuple or list of them, nested)."""
+    if isinstance(value, torch.Tensor):
+        return [tuple(value.shape)]
+    if isinstance(value, (tuple, list)):
+        return [shape for v in value for shape in _shapes_in_order(v)]
+    return []
+
+
 def _bases(value) -> dict:
     """``{id: elements}`` of the tensors ``value`` holds (nested), a view counted as the tensor it views."""
     bases = {}
@@ -383,17 +396,22 @@ class _BoundedShapes(fx.Interpreter):
     def _unfolded(self, n: fx.Node, out) -> int:
         """Elements of the input a convolution outside float32 unfolds while it runs (0 for anything else)."""
         args, _ = self.fetch_args_kwargs_from_env(n)
+        if not self.unfolds:
+            return 0
         if n.op == "call_module":
             mod = self.fetch_attr(n.target)
             weight = getattr(mod, "weight", None) if isinstance(mod, nn.modules.conv._ConvNd) else None
+            transposed = bool(getattr(mod, "transposed", False))
         else:
             name = getattr(n.target, "__name__", str(n.target))
             weight = args[1] if "conv" in name and len(args) > 1 else None
+            transposed = "transpose" in name or (name.startswith("convolution") and len(args) > 6 and args[6] is True)
         x = args[0] if args else None
         if not (isinstance(weight, torch.Tensor) and isinstance(x, torch.Tensor) and isinstance(out, torch.Tensor)
                 and weight.dim() >= 3 and x.dim() == weight.dim() and out.dim() == x.dim()) or x.dtype == torch.float32:
             return 0
-        positions = max(math.prod(out.shape[2:]), math.prod(x.shape[2:]))
+        # a convolution unfolds its input once per output position; a transposed one, its input's positions
+        positions = math.prod(x.shape[2:]) if transposed else math.prod(out.shape[2:])
         return int(x.shape[0]) * math.prod(weight.shape[1:]) * positions
 
     def _check_live(self, n: fx.Node, out) -> None:
@@ -405,6 +423,8 @@ class _BoundedShapes(fx.Interpreter):
             raise FileFormatError(f"has node {n.name!r} after which {live} activation elements (with what a convolution unfolds) are alive at once, "
                                   f"more than the {MAX_LIVE} automtl allows; the file is crafted or corrupted")
 
+    shapes = None  # node -> the shapes of the tensors it made, when a caller asks (bounded_run's ``shapes``)
+    unfolds = True  # the model runs on the CPU, whose kernels unfold a convolution's input outside float32
     work = 0  # element operations so far: outputs once, a pooling's window times, inputs read (MAX_WORK_PER_SAMPLE)
     max_work = math.inf
 
@@ -438,6 +458,8 @@ class _BoundedShapes(fx.Interpreter):
             args, kwargs = self.fetch_args_kwargs_from_env(n)  # expanded view reads far more than it writes)
             read += sum(v.numel() for v in _nested((args, kwargs)) if isinstance(v, torch.Tensor))
         out = super().run_node(n)
+        if self.shapes is not None:
+            self.shapes[n] = _shapes_in_order(out)
         if n.op != "get_attr":
             self._check_live(n, out)
             made = [v for v in (out if isinstance(out, (tuple, list)) else (out,)) if isinstance(v, torch.Tensor)]
@@ -449,7 +471,7 @@ class _BoundedShapes(fx.Interpreter):
         for v in _nested(out):
             if isinstance(v, torch.Tensor):
                 if v.numel() > MAX_ACTIVATION:
-                    raise FileFormatError(f"has node {n.name!r} producing {v.numel()} elements at its recorded input "
+                    raise FileFormatError(f"has node {n.name!r} producing {v.numel()} elements at this input "
                                           f"shape, more than the {MAX_ACTIVATION} automtl allows; the file is crafted or corrupted")
             elif isinstance(v, int) and not isinstance(v, bool):
                 if abs(v) > MAX_COMPUTED_INT:
@@ -468,7 +490,8 @@ def _output_shapes_ok(task: Task, y: torch.Tensor, n: int) -> bool:
     return task.spec is None or shape_fits(task.spec.output_shapes(task), tuple(y.shape[1:]))
 
 
-def bounded_run(gm: fx.GraphModule, inputs: list, batch: int, num_tasks: int):
+def bounded_run(gm: fx.GraphModule, inputs: list, batch: int, num_tasks: int, on_cpu: bool = True,
+                shapes: Optional[dict] = None):
     """Run ``gm`` on ``inputs`` (meta tensors) under the bounds above (each activation, computed value, the
     activations alive at once, element operations and FLOPs a sample and task); return its output.
 
@@ -481,6 +504,7 @@ def bounded_run(gm: fx.GraphModule, inputs: list, batch: int, num_tasks: int):
     num_tasks = min(max(num_tasks, 1), MAX_TASK_BUDGETS)
     try:
         interpreter = _BoundedShapes(gm)
+        interpreter.unfolds, interpreter.shapes = on_cpu, shapes
         interpreter.max_work = MAX_WORK_PER_SAMPLE * max(batch, 1) * num_tasks
         with torch.no_grad(), FlopCounterMode(display=False) as flops:
             out = interpreter.run(*inputs)
@@ -498,13 +522,13 @@ def bounded_run(gm: fx.GraphModule, inputs: list, batch: int, num_tasks: int):
     return out
 
 
-def shape_check(path: str, gm: fx.GraphModule, tasks: list, dtype: torch.dtype, shape) -> None:
+def shape_check(path: str, gm: fx.GraphModule, tasks: list, dtype: torch.dtype, shape, on_cpu: bool = True) -> None:
     """Run the graph once on the meta device at ``shape``: every activation bounded, every task's
     output a floating tensor of its kind's shape. Nothing is computed and no memory is taken."""
     (output,) = [n for n in gm.graph.nodes if n.op == "output"]
     distinct = len(set(output.args[0].values())) if isinstance(output.args[0], dict) else 1  # a task's own output each
     try:
-        out = bounded_run(gm.eval(), [torch.empty(tuple(shape), device="meta", dtype=dtype)], int(shape[0]), distinct)
+        out = bounded_run(gm.eval(), [torch.empty(tuple(shape), device="meta", dtype=dtype)], int(shape[0]), distinct, on_cpu)
     except FileFormatError as exc:
         raise bad(path, str(exc)) from None
     for task in tasks:
@@ -543,10 +567,10 @@ def rebuild(path: str, desc: dict, weights: bytes) -> tuple:
                         "it is crafted or from another version, save the model again")
     gm = _build_graph_module(path, desc)
     _check_meta(path, gm.graph, tasks)
-    _check_sharing(path, gm.graph, tasks, policy)
     outputs = next(n for n in gm.graph.nodes if n.op == "output").args[0]
     if list(outputs) != names:
         raise bad(path, f"has graph outputs that are not its tasks {names}; the file is corrupted, save the model again")
+    _check_sharing(path, gm.graph, tasks, policy)
     dtype = DTYPES[desc["dtype"]]
     _check_weights_header(path, weights, _expected_tensors(gm, desc, dtype))
     gm.to(dtype)  # modules are built in float32 on meta: the dry run must see the file's floating dtype
