@@ -308,10 +308,6 @@ def capture(
         )
     _refuse_wrappers(backbone)
     backbone = copy_backbone(backbone)
-    scripted = next((name for name, m in backbone.named_modules() if isinstance(m, torch.jit.ScriptModule)), None)
-    if scripted is not None:
-        raise BackboneError(f"{f'module {scripted!r}' if scripted else 'the backbone'} is a TorchScript module (torch.jit.script or trace), "
-                            "whose parameters and train/eval mode torch.fx cannot reach; pass the eager nn.Module instead")
     was_training = backbone.training
     try:
         eval_graph = _trace_graph(backbone.eval(), leaf_modules, concrete_args)
@@ -350,11 +346,15 @@ def capture(
 
 
 def _refuse_wrappers(backbone: nn.Module) -> None:
-    """Wrappers around a model, lazy layers not yet built and gradient hooks on its tensors, each refused with its
-    own remedy (a trace of them fails far from the cause, or drops the hook)."""
+    """Wrappers around a model, TorchScript modules, lazy layers not yet built and gradient hooks on its tensors,
+    each refused with its own remedy (a trace of them fails far from the cause, or drops the hook)."""
     wrapped = {"OptimizedModule": "torch.compile", "DataParallel": "nn.DataParallel",
                "DistributedDataParallel": "DistributedDataParallel"}
     for name, m in backbone.named_modules():
+        if isinstance(m, torch.jit.ScriptModule):
+            raise BackboneError(f"{f'module {name!r}' if name else 'the backbone'} is a TorchScript module (torch.jit.script "
+                                "or trace), whose parameters and train/eval mode torch.fx cannot reach; pass the eager "
+                                "nn.Module instead")
         kind = wrapped.get(type(m).__name__)
         if kind is not None and type(m).__module__.startswith("torch."):
             inner = "_orig_mod" if kind == "torch.compile" else "module"

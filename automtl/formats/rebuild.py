@@ -393,9 +393,8 @@ class _BoundedShapes(fx.Interpreter):
             kwargs = {**kwargs, "device": meta}
         return super().call_function(target, args, kwargs)
 
-    def _unfolded(self, n: fx.Node, out) -> int:
+    def _unfolded(self, n: fx.Node, args: tuple, out) -> int:
         """Elements of the input a convolution outside float32 unfolds while it runs (0 for anything else)."""
-        args, _ = self.fetch_args_kwargs_from_env(n)
         if not self.unfolds:
             return 0
         if n.op == "call_module":
@@ -414,11 +413,11 @@ class _BoundedShapes(fx.Interpreter):
         positions = math.prod(x.shape[2:]) if transposed else math.prod(out.shape[2:])
         return int(x.shape[0]) * math.prod(weight.shape[1:]) * positions
 
-    def _check_live(self, n: fx.Node, out) -> None:
+    def _check_live(self, n: fx.Node, args: tuple, out) -> None:
         """The activations alive once ``n`` has run (the interpreter frees each after its last use, as the
         generated forward does), views counted once with the tensor they view, and what a convolution unfolds."""
         live = self.env.live + sum(numel for key, numel in _bases(out).items() if key not in self.env.count)
-        live += self._unfolded(n, out) if n.op in ("call_module", "call_function") else 0
+        live += self._unfolded(n, args, out) if n.op in ("call_module", "call_function") else 0
         if live > MAX_LIVE:
             raise FileFormatError(f"has node {n.name!r} after which {live} activation elements (with what a convolution unfolds) are alive at once, "
                                   f"more than the {MAX_LIVE} automtl allows; the file is crafted or corrupted")
@@ -454,6 +453,7 @@ class _BoundedShapes(fx.Interpreter):
         if name in ("unbind", "split", "chunk", "tensor_split", "split_with_sizes") and n.op != "call_module":
             self._check_pieces(n, name)  # before it runs: 2^28 pieces of a meta tensor would take minutes and GBs
         window, read = self._pooling_work(n, name)
+        args: tuple = ()
         if n.op not in ("get_attr", "placeholder", "output"):  # every element a node reads (a reduction of an
             args, kwargs = self.fetch_args_kwargs_from_env(n)  # expanded view reads far more than it writes)
             read += sum(v.numel() for v in _nested((args, kwargs)) if isinstance(v, torch.Tensor))
@@ -461,7 +461,7 @@ class _BoundedShapes(fx.Interpreter):
         if self.shapes is not None:
             self.shapes[n] = _shapes_in_order(out)
         if n.op != "get_attr":
-            self._check_live(n, out)
+            self._check_live(n, args, out)
             made = [v for v in (out if isinstance(out, (tuple, list)) else (out,)) if isinstance(v, torch.Tensor)]
             self.work += sum(v.numel() for v in made) * window + read
             if self.work > self.max_work:
