@@ -6,7 +6,8 @@ the feature node, with every node's ``tensor_meta`` filled in from the example i
 torch.fx turns ``self.training`` into a constant, so the backbone is traced twice: in eval
 mode (``graph_module``, what evaluation, the compact model and saved files run) and in train
 mode (``train_graph``, kept only when it differs: dropout, stochastic depth, ...). Both graphs
-call the same modules.
+call the same modules. Before either is cut, each must compute the backbone's outputs and gradients in
+its mode (:mod:`automtl.tracecheck`).
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from .errors import BackboneError
 from .features import pick_feature_node
 from .graphpasses import STATE_WRITE_ADVICE, ancestors, functionalize, refuse_state_writes, user_line
+from .tracecheck import check_trace
 
 
 @dataclass
@@ -324,6 +326,9 @@ def capture(
             "wrap it in a module whose forward(x) takes one tensor, or fix the others with concrete_args"
         )
     _propagate(gm, example_input)
+    tgm = fx.GraphModule(backbone, train_graph, type(backbone).__name__)
+    check_trace(backbone, {"eval": gm, "train": tgm if _signature(train_graph) != _signature(gm.graph) else None},
+                example_input)
     writes = functionalize(gm, gm.graph)
     notes: list = []
     node = pick_feature_node(gm, feature_node, notes)
@@ -337,7 +342,7 @@ def capture(
             f"the backbone {type(backbone).__name__} has no Conv2d before its feature node {node.name!r}; "
             "automtl converts convolutional backbones, so give it one with nn.Conv2d layers"
         )
-    train_graph = _train_counterpart(backbone, gm, train_graph, node, example_input)
+    train_graph = _train_counterpart(backbone, gm, tgm, node, example_input)
     _cut(gm.graph, node)
     train_graph = _drop_if_same(gm.graph, train_graph)
     _delete_unused(gm, [gm.graph] + ([train_graph] if train_graph is not None else []))
@@ -505,9 +510,10 @@ def _mark_batched(gm: fx.GraphModule, example_input: torch.Tensor) -> None:
             node.meta[META_BATCHED] = int(value.shape[0]) != int(meta.shape[0])
 
 
-def _train_counterpart(backbone, gm: fx.GraphModule, graph: fx.Graph, feature: fx.Node, example_input) -> fx.Graph:
-    """The train-mode graph, functionalized and cut at the node that matches the eval graph's feature node."""
-    tgm = fx.GraphModule(backbone, graph, type(backbone).__name__)
+def _train_counterpart(backbone, gm: fx.GraphModule, tgm: fx.GraphModule, feature: fx.Node, example_input) -> fx.Graph:
+    """The train-mode graph (``tgm``'s), functionalized and cut at the node that matches the eval graph's feature
+    node."""
+    graph = tgm.graph
     buffers = [(b, b.clone()) for b in backbone.buffers()]
     try:  # for shapes only: train-mode code written in the forward may move statistics
         failures = _propagate(tgm, example_input, tolerant=True)

@@ -27,6 +27,8 @@ from torch import fx
 from .capture import _first_line
 from .errors import BackboneError
 from .policy import SPECIALIZE, Policy
+from .seeding import seeded
+from .tracecheck import relative_gap
 
 #: the largest image side the check runs at (a smaller example's own; the example's when the backbone refuses it)
 CHECK_SIZE = 32
@@ -182,12 +184,7 @@ def _inputs(sm, gen: torch.Generator, shape: tuple, device, dtype) -> tuple:
 def _gap(a: torch.Tensor, reference: torch.Tensor) -> float:
     """The largest difference of ``a`` from ``reference``, relative to the reference's largest value (inf when NaN
     appears in one and not the other: the rows were mixed)."""
-    if not torch.equal(torch.isnan(a), torch.isnan(reference)):
-        return math.inf
-    finite = torch.isfinite(reference)
-    if not finite.any():
-        return 0.0
-    return float((a - reference)[finite].abs().max()) / (float(reference[finite].abs().max()) + 1e-6)
+    return relative_gap(a, reference, floor=1e-6)
 
 
 def _interference(sm, gen: torch.Generator, shape: tuple, device, dtype, buffers: list) -> float:
@@ -206,9 +203,6 @@ def _interference(sm, gen: torch.Generator, shape: tuple, device, dtype, buffers
             p.copy_(value)
 
     cases = [(x, lambda: set_first(changed_to), lambda: set_first(was)), (xs, None, None)]
-    # the random state forked and reset: the CPU's, and the accelerator's where the supermodel runs on one
-    fork = dict(devices=[], device_type="cuda") if device.type == "cpu" else dict(devices=[device],
-                                                                                     device_type=device.type)
     worst = 0.0
     sm.train()
     for inputs, before, after in cases:
@@ -220,8 +214,8 @@ def _interference(sm, gen: torch.Generator, shape: tuple, device, dtype, buffers
             if changed and before is not None:
                 before()
             try:
-                with torch.random.fork_rng(**fork), contextlib.redirect_stderr(io.StringIO()):
-                    _seed(device)
+                # the random state forked and reset: the CPU's, and the accelerator's where the supermodel runs on one
+                with seeded(device), contextlib.redirect_stderr(io.StringIO()):
                     outs.append(sm(run))
             except BackboneError:
                 raise
@@ -232,17 +226,6 @@ def _interference(sm, gen: torch.Generator, shape: tuple, device, dtype, buffers
                     after()
         worst = max([worst] + [_gap(outs[1][t], outs[0][t]) for t in sm.task_names[1:]])
     return worst
-
-
-def _seed(device: torch.device) -> None:
-    """Seed the CPU's generator and ``device``'s (not every device's, as ``torch.manual_seed`` would: the fork
-    around this call restores only those two)."""
-    torch.random.default_generator.manual_seed(0)
-    if device.type == "cuda":
-        with torch.cuda.device(device):
-            torch.cuda.manual_seed(0)
-    elif device.type != "cpu":
-        getattr(torch, device.type).manual_seed(0)
 
 
 def _noise(shape: torch.Size, gen: torch.Generator) -> torch.Tensor:

@@ -2,13 +2,18 @@
 
 Data order, held-out splits, Gumbel noise, random loss weights and the synthetic scenes each draw
 from a ``torch.Generator`` seeded with ``stable_seed(purpose, run seed, step, ...)``, so a resumed
-run and every DDP rank draw exactly what an uninterrupted single process would.
+run and every DDP rank draw exactly what an uninterrupted single process would. The build's checks run
+two programs from one random state with :func:`seeded`.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import random
 
-__all__ = ["stable_seed"]
+import torch
+
+__all__ = ["stable_seed", "seeded"]
 
 
 def stable_seed(*parts) -> int:
@@ -16,3 +21,25 @@ def stable_seed(*parts) -> int:
     and Python version (unlike ``hash()`` of a str): BLAKE2b of the parts joined by ``/``."""
     digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+@contextlib.contextmanager
+def seeded(device: torch.device, seed: int = 0):
+    """Run the block from the random state ``seed`` on the CPU, on ``device`` and in Python's ``random``, and restore
+    them after it: two blocks entered the same way draw the same numbers (dropout masks), and nothing outside sees
+    a draw."""
+    fork = dict(devices=[], device_type="cuda") if device.type == "cpu" else dict(devices=[device],
+                                                                                     device_type=device.type)
+    python_state = random.getstate()
+    with torch.random.fork_rng(**fork):
+        random.seed(seed)
+        torch.random.default_generator.manual_seed(seed)
+        if device.type == "cuda":
+            with torch.cuda.device(device):
+                torch.cuda.manual_seed(seed)
+        elif device.type != "cpu":
+            getattr(torch, device.type).manual_seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(python_state)

@@ -528,8 +528,7 @@ class _BufferUses(nn.Module):
                 y = y + self.table[i].view(1, -1, 1, 1) * 0.1
         rows = self.table[self.index]
         rows.add_(1.0)  # a copy: indexing with a tensor
-        with torch.no_grad():
-            self.cache.copy_(self.scale * 2)  # made from a parameter only, every call
+        self.cache.copy_(self.scale.detach() * 2)  # made from a parameter only, every call
         y = y * self.cache.view(1, -1, 1, 1) + rows.mean(0).view(1, -1, 1, 1)
         if self.value_in_python:
             y = y * int(self.repeats)

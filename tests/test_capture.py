@@ -343,3 +343,92 @@ def test_a_parametrization_keeping_state_in_a_frozen_parameter_is_refused():
     parametrize.register_parametrization(net.c2, "weight", _Counter())
     with pytest.raises(BackboneError, match=r"has a parametrization that keeps state \(_Counter"):
         capture(net, torch.randn(1, 3, 16, 16))
+
+
+# ---- the trace computes the backbone (automtl.tracecheck): outputs and gradients, whatever the route ----------
+
+
+class _BinarizeAroundApply(nn.Module):
+    """The straight-through function applied through its base class's ``apply``: ``Function.apply``'s body (where
+    the named refusal looks) never runs, and the trace keeps sign's zero gradient."""
+
+    def forward(self, x):
+        return super(torch.autograd.Function, _Sign).apply(x)
+
+
+class _PythonRandom(nn.Module):
+    def forward(self, x):
+        import random
+
+        return x * (1 + random.random())
+
+
+class _CallCounter(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return x * self.calls
+
+
+class _NoGradScale(nn.Module):
+    """A scale computed under no_grad: eager trains nothing through it, the trace (which does not record the block)
+    would train through it."""
+
+    def forward(self, x):
+        with torch.no_grad():
+            s = x.pow(2).mean((1, 2, 3), keepdim=True).add(1).sqrt()
+        return x / s
+
+
+class _TensorHook(nn.Module):
+    def forward(self, x):
+        y = x * 1
+        if not isinstance(y, torch.fx.Proxy) and y.requires_grad:
+            y.register_hook(lambda g: -g)  # a gradient reversal the trace does not see
+        return y
+
+
+@pytest.mark.parametrize("middle, match", [
+    (_BinarizeAroundApply, "other gradients than its forward in eval mode .the gradient of c1.weight"),
+    (_PythonRandom, "other outputs than its forward in eval mode"),
+    (_CallCounter, "other outputs than its forward"),
+    (_NoGradScale, "other gradients .* torch.no_grad.. block: use .detach"),
+    (_TensorHook, "other gradients"),
+], ids=["function around apply", "python random", "call counter", "no_grad block", "hook only when not traced"])
+def test_a_trace_that_computes_other_values_or_gradients_is_refused(middle, match):
+    """Whatever the route, a trace that differs from the eager forward is found by running both."""
+    with pytest.raises(BackboneError, match=match):
+        capture(_TwoConvs(middle()), torch.randn(1, 3, 16, 16))
+    if middle is not _CallCounter:  # as a leaf it runs as one call (a counter differs in every call, leaf or not)
+        capture(_TwoConvs(middle()), torch.randn(1, 3, 16, 16), leaf_modules=[middle])
+
+
+class _TrainOnlyReversal(nn.Module):
+    def forward(self, x):
+        if self.training:
+            return super(torch.autograd.Function, _Sign).apply(x)
+        return x
+
+
+def test_the_train_mode_trace_is_checked_too():
+    with pytest.raises(BackboneError, match="other gradients than its forward in train mode"):
+        capture(_TwoConvs(_TrainOnlyReversal()), torch.randn(1, 3, 16, 16))
+
+
+def test_the_trace_check_changes_nothing():
+    """Buffers (running statistics), each module's train flag, gradients and the random state are as before."""
+    from automtl.tracecheck import check_trace
+
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Dropout(0.5), nn.Conv2d(8, 4, 3))
+    net[1].eval()  # a mixed mode, kept
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    gm, x = torch.fx.symbolic_trace(net), torch.randn(1, 3, 40, 40)
+    rng = torch.random.get_rng_state()
+    check_trace(net, {"eval": gm, "train": gm}, x)
+    assert torch.equal(torch.random.get_rng_state(), rng)
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in state.items())
+    assert [m.training for m in net] == [True, False, True, True]
+    assert all(p.grad is None for p in net.parameters())
