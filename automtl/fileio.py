@@ -120,19 +120,10 @@ MAX_YAML_DEPTH = 32
 MAX_YAML_EVENTS = 400_000
 
 
-def read_regular_file(path: str | os.PathLike, what: str, max_bytes: int, error: type = None) -> bytes:
-    """The bytes of ``path``, refused unless it is a regular file of at most ``max_bytes``.
-
-    A FIFO, a device (``/dev/zero``), a socket or a directory is refused before anything is read
-    (the file is opened non-blocking, so a FIFO cannot hang the reader), and the size is checked
-    on the open descriptor, so what is read is what was checked.
-
-    Raises:
-        error (default :class:`ConfigError`): one sentence naming the file and what is wrong.
-    """
-    from .errors import ConfigError
-
-    error = error or ConfigError
+@contextmanager
+def _open_regular(path: str | os.PathLike, what: str, max_bytes: int, error: type):
+    """Open ``path`` for reading and yield ``(file, size)``, refused unless it is a regular file of at most
+    ``max_bytes`` (see :func:`read_regular_file`); read errors inside the block become ``error`` too."""
     where = f"{what} {os.fspath(path)!r}"
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
@@ -151,21 +142,107 @@ def read_regular_file(path: str | os.PathLike, what: str, max_bytes: int, error:
         if st.st_size > max_bytes:
             raise error(f"{where} is {st.st_size} bytes, more than the {max_bytes} automtl reads; "
                         "check that this is the right file")
+        f = os.fdopen(fd, "rb", buffering=0)
+    except BaseException:
+        os.close(fd)
+        raise
+    with f:
+        try:
+            yield f, st.st_size
+        except OSError as exc:
+            raise error(f"{where} cannot be read ({exc.strerror or exc}); check the path and its permissions") from None
+
+
+def read_regular_file(path: str | os.PathLike, what: str, max_bytes: int, error: type = None) -> bytes:
+    """The bytes of ``path``, refused unless it is a regular file of at most ``max_bytes``.
+
+    A FIFO, a device (``/dev/zero``), a socket or a directory is refused before anything is read
+    (the file is opened non-blocking, so a FIFO cannot hang the reader), and the size is checked
+    on the open descriptor, so what is read is what was checked.
+
+    Raises:
+        error (default :class:`ConfigError`): one sentence naming the file and what is wrong.
+    """
+    from .errors import ConfigError
+
+    error = error or ConfigError
+    with _open_regular(path, what, max_bytes, error) as (f, _):
         chunks, left = [], max_bytes + 1
         while left > 0:
-            chunk = os.read(fd, min(left, 1 << 24))
+            chunk = f.read(min(left, 1 << 24))
             if not chunk:
                 break
             chunks.append(chunk)
             left -= len(chunk)
-        data = b"".join(chunks)
-        if len(data) > max_bytes:
-            raise error(f"{where} grew past the {max_bytes} bytes automtl reads while it was read; check the file")
-        return data
-    except OSError as exc:
-        raise error(f"{where} cannot be read ({exc.strerror or exc}); check the path and its permissions") from None
-    finally:
-        os.close(fd)
+    data = b"".join(chunks)
+    if len(data) > max_bytes:
+        raise error(f"{what} {os.fspath(path)!r} grew past the {max_bytes} bytes automtl reads while it was read; "
+                    "check the file")
+    return data
+
+
+#: The largest ``torch.save`` file automtl reads (weights, a run's supermodel.pt, a search checkpoint).
+MAX_TENSOR_FILE_BYTES = 16 * 2**30
+#: Entries (one a tensor, plus the pickle) in such a file: a checkpoint of a ResNet-50 supermodel of five tasks
+#: with its Adam state holds about 20,000.
+MAX_TENSOR_FILE_ENTRIES = 200_000
+
+
+class _FileSlices:
+    """A read-only file seen as bytes for slicing (what :func:`check_zip_directory` reads: the tail, one record)."""
+
+    def __init__(self, f, size: int):
+        self.f, self.size = f, size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: slice) -> bytes:
+        start, stop, _ = index.indices(self.size)
+        self.f.seek(start)
+        return self.f.read(max(stop - start, 0))
+
+
+def load_tensors(path: str | os.PathLike, what: str, error: type, fix: str,
+                 max_bytes: int = MAX_TENSOR_FILE_BYTES):
+    """``torch.load(path, map_location="cpu", weights_only=True)`` under bounds: what it builds fits in the file.
+
+    The file must be a regular file of at most ``max_bytes`` and the zip archive ``torch.save`` writes (torch >=
+    1.6) whose directory lists at most :data:`MAX_TENSOR_FILE_ENTRIES` entries, every one stored uncompressed and
+    together no larger than the file: torch's reader inflates deflated entries, so a 200 KB file of deflated zeros
+    is 200 MB of tensors (a run directory's supermodel.pt or checkpoint is data someone handed over). Checked on
+    the one open file that is then loaded.
+
+    Raises:
+        error: one sentence, ``"{what} {path!r} ...; {fix}"``: not a file, too large, not a torch.save zip,
+            a compressed or oversized entry, or anything torch's tensors-only unpickler refuses.
+    """
+    import zipfile
+    import zlib
+
+    import torch
+
+    where = f"{what} {os.fspath(path)!r}"
+    with _open_regular(path, what, max_bytes, error) as (f, size):
+        if f.read(4) != b"PK\x03\x04":
+            raise error(f"{where} is not a torch.save file (the zip archive torch >= 1.6 writes; this is an older "
+                        f"torch's file or another program's); {fix}")
+        check_zip_directory(_FileSlices(f, size), MAX_TENSOR_FILE_ENTRIES, where, error)
+        try:
+            infos = zipfile.ZipFile(f).infolist()
+        except (zipfile.BadZipFile, zlib.error, EOFError, ValueError, NotImplementedError) as exc:
+            raise error(f"{where} is not a torch.save file (a zip archive, as torch >= 1.6 writes; {exc}); {fix}") from None
+        packed = next((i for i in infos if i.compress_type != zipfile.ZIP_STORED or i.flag_bits & 0x1), None)
+        if packed is not None:
+            raise error(f"{where} holds {packed.filename[:80]!r} compressed or encrypted, which torch.save never "
+                        f"writes (a compressed entry can inflate far beyond the file); {fix}")
+        if sum(i.file_size for i in infos) > size:
+            raise error(f"{where} declares more bytes in its entries than the file holds; it is damaged or crafted; {fix}")
+        f.seek(0)
+        try:
+            return torch.load(f, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - torch's text advises weights_only=False (unpickling): not repeated
+            raise error(f"{where} is not a torch.save file of tensors only ({type(exc).__name__}); {fix}") from None
 
 
 #: YAML 1.2's floats: PyYAML reads YAML 1.1, where ``1e-3`` (no dot) is a string, not a number.

@@ -18,7 +18,7 @@ import yaml
 
 from .convert import ConvertConfig, build_data, build_supermodel, json_safe, prepare_run
 from .errors import ConfigError, FileFormatError
-from .fileio import atomic_path, atomic_write_text, ensure_dir, read_yaml
+from .fileio import atomic_path, atomic_write_text, ensure_dir, load_tensors, read_yaml
 from .policy import Policy
 from .supermodel import SuperModel
 
@@ -134,12 +134,9 @@ def load_run(directory) -> tuple[SuperModel, ConvertConfig, Optional[Policy]]:
 
 def supermodel_from_state(sm: SuperModel, path) -> SuperModel:
     """``sm`` with the tensors-only state dict at ``path`` loaded (FileFormatError when missing, unreadable or not fitting)."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise FileFormatError(f"weights file {os.fspath(path)!r} is missing; run automtl search again") from None
-    except Exception as exc:
-        raise FileFormatError(f"weights file {os.fspath(path)!r} is unreadable or not tensors only ({type(exc).__name__}); run automtl search again") from None
+    if not os.path.lexists(path):
+        raise FileFormatError(f"weights file {os.fspath(path)!r} is missing; run automtl search again")
+    state = load_tensors(path, "weights file", FileFormatError, "run automtl search again")
     try:
         sm.load_state_dict(state)
     except RuntimeError as exc:

@@ -181,7 +181,7 @@ def test_load_weights_errors(tmp_path):
     with pytest.raises(BackboneError, match="does not exist"):
         load_weights(build_backbone("tiny"), tmp_path / "nope.pth")
     (tmp_path / "junk.pth").write_bytes(b"this is not a checkpoint")
-    with pytest.raises(BackboneError, match="is not a torch.save file of tensors"):
+    with pytest.raises(BackboneError, match="is not a torch.save file"):
         load_weights(build_backbone("tiny"), tmp_path / "junk.pth")
     torch.save({"w": torch.zeros(1), "obj": Path("x")}, tmp_path / "pickled.pth")  # not tensors only
     with pytest.raises(BackboneError) as info:
@@ -293,3 +293,26 @@ def test_build_errors(tmp_path):
         build_backbone("tiny", width=-1)
     with pytest.raises(BackboneError, match="not a name"):
         build_backbone("")
+
+
+def test_weights_files_are_read_under_bounds(tmp_path):
+    """Only the zip torch.save writes, every entry stored: a deflated one (16 MB of zeros in a 20 KB file here) is
+    refused before torch inflates it, and so is a file over the size bound, before it is read."""
+    import zipfile
+
+    from automtl.fileio import load_tensors
+
+    path = tmp_path / "w.pth"
+    torch.save({"w": torch.zeros(2**22)}, path)
+    with zipfile.ZipFile(path) as src:
+        entries = [(info.filename, src.read(info)) for info in src.infolist()]
+    with zipfile.ZipFile(path, "w") as dst:
+        for name, data in entries:
+            dst.writestr(zipfile.ZipInfo(name), data, compress_type=zipfile.ZIP_DEFLATED)
+    assert path.stat().st_size < 2**16
+    with pytest.raises(BackboneError, match="compressed or encrypted"):
+        load_weights(build_backbone("tiny"), path)
+    torch.save(build_backbone("tiny").state_dict(), path)
+    with pytest.raises(BackboneError, match="more than the 1000 automtl reads"):
+        load_tensors(path, "weights file", BackboneError, "fix", max_bytes=1000)
+    assert load_weights(build_backbone("tiny"), path)["loaded"] > 0

@@ -518,3 +518,34 @@ def test_a_backbone_failing_at_the_example_size_is_one_sentence_without_torchs_t
         supermodel("vgg16_bn", [Task("d", "depth")], torch.randn(1, 3, 8, 8))
     err = capfd.readouterr().err
     assert "Traceback" not in err and "ShapeProp" not in err, err
+
+
+# ---------------------------------------------------------------------------------------
+# tensor files a run directory holds are data: bounded reads
+# ---------------------------------------------------------------------------------------
+def deflate(path: Path) -> None:
+    """Rewrite the torch.save zip at ``path`` with every entry deflated (torch's reader inflates them)."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as src:
+        entries = [(info.filename, src.read(info)) for info in src.infolist()]
+    with zipfile.ZipFile(path, "w") as dst:
+        for name, data in entries:
+            dst.writestr(zipfile.ZipInfo(name), data, compress_type=zipfile.ZIP_DEFLATED)
+
+
+@pytest.mark.parametrize("name, command", [
+    ("supermodel.pt", lambda out, tmp: ["compact", out, "--out", tmp / "m.automtl", "--quiet"]),
+    ("checkpoints/checkpoint.pt", lambda out, tmp: ["search", "tiny", *SMALL, "--out", out, "--resume"]),
+], ids=["compact", "resume"])
+def test_a_compressed_tensor_file_in_a_run_directory_is_refused(finished, tmp_path, name, command):
+    """torch.load inflates deflated entries (200 KB of deflated zeros load as 200 MB): automtl reads only the
+    uncompressed entries torch.save writes, so what a file builds fits in the file."""
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(finished, out)
+    deflate(out / name)
+    before = snapshot(out)
+    one_line_error(cli(*command(out, tmp_path)), "compressed", name.rsplit("/", 1)[-1])
+    assert snapshot(out) == before and not (tmp_path / "m.automtl").exists()

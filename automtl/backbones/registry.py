@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..errors import BackboneError
+from ..fileio import load_tensors
 from .external import build_external, is_external
 
 __all__ = ["BackboneSpec", "BACKBONES", "register_backbone", "list_backbones", "build_backbone", "load_weights",
@@ -254,13 +255,7 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> Dict[str, Any]:
     an error, because a partly loaded backbone silently trains from scratch.
     """
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise BackboneError(f"weights file {path!r} does not exist; check the path")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch's own text (advice to load with weights_only=False, i.e. unpickle) is not repeated
-        raise BackboneError(f"weights file {path!r} is not a torch.save file of tensors ({type(e).__name__}); "
-                            "save it with torch.save(model.state_dict(), path)") from None
+    obj = load_tensors(path, "weights file", BackboneError, "save it with torch.save(model.state_dict(), path)")
     state = _unwrap(obj, path)
     state = OrderedDict((k[len("module."):] if k.startswith("module.") else k, v) for k, v in state.items())
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import ConfigError, FileFormatError
-from ..fileio import atomic_path
+from ..fileio import atomic_path, load_tensors
 from ..policy import Policy
 from ._util import _rng_state, _set_rng_state
 
@@ -73,10 +73,7 @@ class _CheckpointMixin:
             raise ConfigError("resume needs out_dir (where the checkpoint is); set out_dir in the config")
         if not path.exists():
             return  # nothing to resume: start from the beginning
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user problem
-            raise FileFormatError(f"checkpoint {str(path)!r} cannot be read ({exc}); delete it to start over") from None
+        ckpt = load_tensors(path, "checkpoint", FileFormatError, "delete it to start over")
         if not isinstance(ckpt, dict) or ckpt.get("format") != _CKPT_FORMAT:
             raise FileFormatError(f"checkpoint {str(path)!r} is not an automtl search checkpoint; delete it to start over")
         old, new = ckpt["fingerprint"], self._fingerprint()
