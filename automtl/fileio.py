@@ -188,6 +188,11 @@ MAX_TENSOR_FILE_BYTES = 16 * 2**30
 MAX_TENSOR_FILE_ENTRIES = 200_000
 
 
+#: The pickle of such a file (names, shapes, optimizer settings; the tensors' bytes are entries of their own): about
+#: 3 MB for that checkpoint. Unpickled objects cost several times their pickle, so it is bounded on its own.
+MAX_TENSOR_PICKLE_BYTES = 64 * 2**20
+
+
 class _FileSlices:
     """A read-only file seen as bytes for slicing (what :func:`check_zip_directory` reads: the tail, one record)."""
 
@@ -209,9 +214,9 @@ def load_tensors(path: str | os.PathLike, what: str, error: type, fix: str,
 
     The file must be a regular file of at most ``max_bytes`` and the zip archive ``torch.save`` writes (torch >=
     1.6) whose directory lists at most :data:`MAX_TENSOR_FILE_ENTRIES` entries, every one stored uncompressed and
-    together no larger than the file: torch's reader inflates deflated entries, so a 200 KB file of deflated zeros
-    is 200 MB of tensors (a run directory's supermodel.pt or checkpoint is data someone handed over). Checked on
-    the one open file that is then loaded.
+    together no larger than the file, its pickle at most :data:`MAX_TENSOR_PICKLE_BYTES`: torch's reader inflates
+    deflated entries, so a 200 KB file of deflated zeros is 200 MB of tensors (a run directory's supermodel.pt or
+    checkpoint is data someone handed over). Checked on the one open file that is then loaded.
 
     Raises:
         error: one sentence, ``"{what} {path!r} ...; {fix}"``: not a file, too large, not a torch.save zip,
@@ -236,6 +241,11 @@ def load_tensors(path: str | os.PathLike, what: str, error: type, fix: str,
         if packed is not None:
             raise error(f"{where} holds {packed.filename[:80]!r} compressed or encrypted, which torch.save never "
                         f"writes (a compressed entry can inflate far beyond the file); {fix}")
+        pickle = next((i for i in infos if i.filename.endswith("data.pkl") and i.file_size > MAX_TENSOR_PICKLE_BYTES),
+                      None)
+        if pickle is not None:
+            raise error(f"{where} holds a {pickle.file_size}-byte pickle, more than the {MAX_TENSOR_PICKLE_BYTES} the "
+                        f"names and layout of tensors take (its objects would cost many times that); {fix}")
         if sum(i.file_size for i in infos) > size:
             raise error(f"{where} declares more bytes in its entries than the file holds; it is damaged or crafted; {fix}")
         f.seek(0)

@@ -297,7 +297,8 @@ def test_build_errors(tmp_path):
 
 def test_weights_files_are_read_under_bounds(tmp_path):
     """Only the zip torch.save writes, every entry stored: a deflated one (16 MB of zeros in a 20 KB file here) is
-    refused before torch inflates it, and so is a file over the size bound, before it is read."""
+    refused before torch inflates it, and so is a file over the size bound, before it is read, or a pickle over
+    its own bound (unpickled objects cost several times their bytes)."""
     import zipfile
 
     from automtl.fileio import load_tensors
@@ -316,3 +317,11 @@ def test_weights_files_are_read_under_bounds(tmp_path):
     with pytest.raises(BackboneError, match="more than the 1000 automtl reads"):
         load_tensors(path, "weights file", BackboneError, "fix", max_bytes=1000)
     assert load_weights(build_backbone("tiny"), path)["loaded"] > 0
+    import automtl.fileio
+
+    automtl.fileio.MAX_TENSOR_PICKLE_BYTES, bound = 100, automtl.fileio.MAX_TENSOR_PICKLE_BYTES
+    try:
+        with pytest.raises(BackboneError, match="byte pickle, more than the 100"):
+            load_weights(build_backbone("tiny"), path)
+    finally:
+        automtl.fileio.MAX_TENSOR_PICKLE_BYTES = bound
