@@ -367,3 +367,44 @@ def test_multifashion_reads_the_debian_package():
     x, t = ds[0]
     assert x.shape == (3, 36, 36) and 0 < x.max() <= 1.0
     assert 0 <= t["left"].item() < 10 and 0 <= t["right"].item() < 10
+
+
+def test_idx_reader_reads_no_more_than_the_header_needs(tmp_path, monkeypatch):
+    """A gzip bomb (a header of 2^31 values over a body of zeros) stops at the header's size + 1 byte, and a header
+    beyond the bound is refused before any body is read."""
+    import automtl.data.multifashion as mf
+
+    header = bytes([0, 0, 0x08, 1]) + struct.pack(">I", 1000)
+    (tmp_path / "long.gz").write_bytes(gzip.compress(header + b"\x00" * 10**6))  # 1 MB inflated from 1 KB
+    reads = []
+    opened = gzip.open
+
+    def counting(*args, **kwargs):
+        f = opened(*args, **kwargs)
+        read = f.read
+        f.read = lambda n=-1: reads.append(n) or read(n)
+        return f
+
+    monkeypatch.setattr(mf.gzip, "open", counting)
+    with pytest.raises(DataError, match="holds more data bytes but its header .1000,. needs 1000"):
+        read_idx(tmp_path / "long.gz")
+    assert -1 not in reads and sum(reads) <= 4 + 4 + 1001
+    (tmp_path / "huge").write_bytes(bytes([0, 0, 0x0E, 2]) + struct.pack(">II", 2**20, 2**20))
+    with pytest.raises(DataError, match="more than the 4294967296 automtl reads"):
+        read_idx(tmp_path / "huge")
+
+
+def test_npy_samples_must_hold_what_their_header_declares(tmp_path):
+    from automtl.data.nyuv2 import _load
+
+    np.save(tmp_path / "ok.npy", np.zeros((2, 3), np.float32))
+    assert _load(tmp_path / "ok.npy", "NYUv2").shape == (2, 3)
+    raw = (tmp_path / "ok.npy").read_bytes()
+    header_end = raw.index(b"\n") + 1
+    lie = raw[:header_end].replace(b"(2, 3)", b"(200000, 300000)")  # 240 GB declared in a 100-byte file
+    (tmp_path / "lie.npy").write_bytes(lie + raw[header_end:])
+    with pytest.raises(DataError, match=r"declares \(200000, 300000\) values of float32 .* but holds [0-9]+; regenerate"):
+        _load(tmp_path / "lie.npy", "NYUv2")
+    np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(DataError, match="object"):
+        _load(tmp_path / "obj.npy", "NYUv2")

@@ -40,32 +40,55 @@ _IDX_TYPES = {
 }
 
 
+#: The largest IDX body automtl reads (Fashion-MNIST's training images are 47 MB).
+MAX_IDX_BYTES = 2**32
+
+
 def read_idx(path: Union[str, os.PathLike]) -> np.ndarray:
-    """Read an IDX file (plain or gzip, told apart by the magic bytes, not the name)."""
+    """Read an IDX file (plain or gzip, told apart by the magic bytes, not the name).
+
+    Read as a stream under bounds: the body must be exactly what the header's sizes need, at most
+    :data:`MAX_IDX_BYTES`, and no more than that is ever read or inflated (a gzip bomb stops there).
+
+    Raises:
+        DataError: missing or unreadable, not IDX, a header larger than the bound, or a body of another size.
+    """
     path = Path(path)
     try:
         with open(path, "rb") as f:
             head = f.read(2)
         opener = gzip.open if head == b"\x1f\x8b" else open
         with opener(path, "rb") as f:
-            data = f.read()
+            data = f.read(4)
+            if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_TYPES:
+                raise DataError(f"{path} is not an IDX file (bad magic number); download it again")
+            dtype, ndim = _IDX_TYPES[data[2]], data[3]
+            header = f.read(4 * ndim)
+            if len(header) < 4 * ndim:
+                raise DataError(f"IDX file {path} is truncated in its header; download it again")
+            dims = struct.unpack(f">{ndim}I", header)
+            expected = int(np.prod(dims, dtype=object)) * dtype.itemsize
+            if expected > MAX_IDX_BYTES:
+                raise DataError(f"IDX file {path} declares {tuple(dims)} values, {expected} bytes, more than the "
+                                f"{MAX_IDX_BYTES} automtl reads; check that this is the right file")
+            chunks, left = [], expected + 1  # one byte more: a longer body is found without reading it all
+            while left > 0:
+                chunk = f.read(min(left, 1 << 24))
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                left -= len(chunk)
+            body = b"".join(chunks)
     except FileNotFoundError:
         raise DataError(f"IDX file {path} does not exist; check the dataset root") from None
     except (OSError, EOFError) as e:
         raise DataError(f"IDX file {path} cannot be read ({e}); download it again") from None
-    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_TYPES:
-        raise DataError(f"{path} is not an IDX file (bad magic number); download it again")
-    dtype, ndim = _IDX_TYPES[data[2]], data[3]
-    if len(data) < 4 + 4 * ndim:
-        raise DataError(f"IDX file {path} is truncated in its header; download it again")
-    dims = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
-    expected = int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
-    body = len(data) - 4 - 4 * ndim
-    if body != expected:
+    if len(body) != expected:
+        more = "more" if len(body) > expected else f"{len(body)}"
         raise DataError(
-            f"IDX file {path} holds {body} data bytes but its header {tuple(dims)} needs {expected}; download it again"
+            f"IDX file {path} holds {more} data bytes but its header {tuple(dims)} needs {expected}; download it again"
         )
-    arr = np.frombuffer(data, dtype=dtype, offset=4 + 4 * ndim).reshape(dims)
+    arr = np.frombuffer(body, dtype=dtype).reshape(dims)
     return arr.astype(dtype.newbyteorder("="), copy=False) if dtype.itemsize > 1 else arr
 
 

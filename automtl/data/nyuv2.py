@@ -61,8 +61,21 @@ def _count(folder: Path, name: str) -> int:
 
 
 def _load(path: Path, name: str) -> np.ndarray:
+    """One sample's array. The header's shape and dtype must need exactly the bytes the file holds after it (numpy
+    would allocate what the header declares before finding the file short); no pickled object arrays."""
     try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, dtype = header(f, max_header_size=10_000)
+            body = os.fstat(f.fileno()).st_size - f.tell()
+            need = int(np.prod(shape, dtype=object)) * dtype.itemsize
+            if dtype.hasobject or need != body:
+                raise DataError(f"{name} file {path} declares {shape} values of {dtype} ({need} bytes) but holds {body}; "
+                                "regenerate it")
         return np.load(path, allow_pickle=False)
+    except DataError:
+        raise
     except Exception as e:  # noqa: BLE001 - any unreadable file is the same user problem
         raise DataError(f"{name} file {path} cannot be read as .npy ({type(e).__name__}); regenerate it") from None
 
