@@ -29,7 +29,8 @@ from torch.fx.passes.shape_prop import ShapeProp
 from .errors import BackboneError
 from .features import pick_feature_node
 from .graphpasses import STATE_WRITE_ADVICE, ancestors, functionalize, refuse_state_writes, user_line
-from .tracecheck import check_trace
+from .seeding import seeded
+from .tracecheck import PythonState, check_trace
 
 
 @dataclass
@@ -251,7 +252,7 @@ def _refuse_hooks(backbone: nn.Module, graphs: Sequence[fx.Graph]) -> None:
 
 
 def _trace_graph(backbone: nn.Module, leaf_modules: Sequence[type], concrete_args: Optional[dict]) -> fx.Graph:
-    before = _state(backbone)
+    before, python = _state(backbone), PythonState(backbone)
     for buffers in (True, False):  # then torch.fx's default, for code that needs a buffer's value in Python
         try:
             with _refusing_autograd_functions():
@@ -261,6 +262,8 @@ def _trace_graph(backbone: nn.Module, leaf_modules: Sequence[type], concrete_arg
             raise
         except Exception as exc:  # fx raises many types; all mean "not traceable as written"
             failure = exc
+        finally:  # what the forward kept in Python attributes while traced (a cache of symbolic values) is undone
+            python.restore(added="proxies")
         _refuse_rebound_state(backbone, before)
         if failure is None:
             return graph
@@ -308,8 +311,12 @@ def capture(
             f"example_input has shape {tuple(example_input.shape)} but a CNN backbone needs a 4-D input "
             "(N, C, H, W); add the batch dimension, e.g. torch.randn(1, 3, 64, 64)"
         )
+    if torch.is_inference_mode_enabled():
+        raise BackboneError("automtl converts the backbone into a model to train, and tensors made under "
+                            "torch.inference_mode() can never be trained; convert it outside inference_mode")
     _refuse_wrappers(backbone)
     backbone = copy_backbone(backbone)
+    python = PythonState(backbone)  # what the runs below change in Python attributes (a leaf's counter) is undone
     was_training = backbone.training
     try:
         eval_graph = _trace_graph(backbone.eval(), leaf_modules, concrete_args)
@@ -327,8 +334,7 @@ def capture(
         )
     _propagate(gm, example_input)
     tgm = fx.GraphModule(backbone, train_graph, type(backbone).__name__)
-    check_trace(backbone, {"eval": gm, "train": tgm if _signature(train_graph) != _signature(gm.graph) else None},
-                example_input)
+    check_trace(backbone, {"eval": gm, "train": tgm}, example_input)
     writes = functionalize(gm, gm.graph)
     notes: list = []
     node = pick_feature_node(gm, feature_node, notes)
@@ -346,6 +352,7 @@ def capture(
     _cut(gm.graph, node)
     train_graph = _drop_if_same(gm.graph, train_graph)
     _delete_unused(gm, [gm.graph] + ([train_graph] if train_graph is not None else []))
+    python.restore(added="proxies")
     gm.recompile()
     return Capture(gm, node.name, tuple(example_input.shape), tuple(_tensor_meta(node).shape), train_graph, notes)
 
@@ -462,8 +469,9 @@ def _propagate(gm: fx.GraphModule, example_input: torch.Tensor, tolerant: bool =
     was_training = gm.training
     gm.eval()
     try:
-        # ShapeProp prints the traceback of a failing node itself; the sentence below replaces it
-        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
+        # ShapeProp prints the traceback of a failing node itself; the sentence below replaces it. Dropout in a
+        # train-mode graph draws: from a random state of its own
+        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()), seeded(example_input.device):
             prop = (_TolerantShapeProp if tolerant else ShapeProp)(gm)
             prop.propagate(example_input)
             _mark_batched(gm, example_input)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import random
+import sys
 
 import torch
 
@@ -25,14 +26,18 @@ def stable_seed(*parts) -> int:
 
 @contextlib.contextmanager
 def seeded(device: torch.device, seed: int = 0):
-    """Run the block from the random state ``seed`` on the CPU, on ``device`` and in Python's ``random``, and restore
-    them after it: two blocks entered the same way draw the same numbers (dropout masks), and nothing outside sees
+    """Run the block from the random state ``seed`` on the CPU, on ``device``, in Python's ``random`` and numpy's
+    global generator, and restore them after it: two blocks entered the same way draw the same numbers (dropout masks), and nothing outside sees
     a draw."""
     fork = dict(devices=[], device_type="cuda") if device.type == "cpu" else dict(devices=[device],
                                                                                      device_type=device.type)
     python_state = random.getstate()
+    numpy = sys.modules.get("numpy")  # seeded too where a forward draws from it, never imported for that
+    numpy_state = numpy.random.get_state() if numpy is not None else None
     with torch.random.fork_rng(**fork):
         random.seed(seed)
+        if numpy is not None:
+            numpy.random.seed(seed)
         torch.random.default_generator.manual_seed(seed)
         if device.type == "cuda":
             with torch.cuda.device(device):
@@ -43,3 +48,5 @@ def seeded(device: torch.device, seed: int = 0):
             yield
         finally:
             random.setstate(python_state)
+            if numpy is not None:
+                numpy.random.set_state(numpy_state)

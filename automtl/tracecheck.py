@@ -15,12 +15,14 @@ output or the parameter that differs.
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import io
 import math
+from collections.abc import Mapping
 from typing import Optional
 
 import torch
-import torch.utils._pytree as pytree
 from torch import fx, nn
 
 from .errors import BackboneError
@@ -28,9 +30,53 @@ from .seeding import seeded
 
 #: the image sides the check tries, smallest first (the cost grows with the pixels), then the example's own
 CHECK_SIZES = (16, 32)
-#: relative difference (to the reference's largest value) above which two results differ; the same
-#: operations in the same order agree to rounding (float32: ~1e-6)
+#: relative difference above which two results differ: per element, against the element's own size plus 1% of the
+#: tensor's largest (a score next to pixel coordinates in one output is compared at its own scale); the same
+#: operations in the same order agree to rounding (float32: ~1e-7)
 TOLERANCE = 1e-3
+#: the floor of that comparison, as a fraction of the tensor's largest value
+FLOOR = 1e-2
+#: what a bare nn.Module keeps in its __dict__ (parameters, buffers, children, hooks, the train flag): not Python
+#: state of the model's own
+_MODULE_INTERNALS = frozenset(vars(nn.Module())) | {"_compiled_call_impl"}
+
+
+class PythonState:
+    """The Python-level attributes of every module of ``root`` (counters, caches, flags, ``torch.Generator``
+    states), kept so that a trace or a check run can be undone: :meth:`restore` puts back every attribute as it
+    was (containers one level deep), removes the ones added since, and resets each generator's state."""
+
+    def __init__(self, root: nn.Module):
+        self.saved = []
+        for m in root.modules():
+            own = {k: v for k, v in vars(m).items() if k not in _MODULE_INTERNALS}
+            copies = {k: (v.get_state() if isinstance(v, torch.Generator) else
+                          copy.copy(v) if isinstance(v, (list, dict, set)) else None) for k, v in own.items()}
+            self.saved.append((m, own, copies))
+
+    def restore(self, added: str = "all") -> None:
+        """Put the attributes back; the ones added since are removed (``added="all"``), or only those holding a
+        traced value, an ``fx.Proxy`` (``"proxies"``: after a trace, whose own constants the graph reads)."""
+        for m, own, copies in self.saved:
+            for k in [k for k in vars(m) if k not in _MODULE_INTERNALS and k not in own]:
+                if added == "all" or _holds_proxy(vars(m)[k]):
+                    delattr(m, k)
+            for k, v in own.items():
+                kept = copies[k]
+                if isinstance(v, torch.Generator):
+                    v.set_state(kept)
+                elif kept is not None:
+                    v.clear()
+                    v.update(kept) if not isinstance(v, list) else v.extend(kept)
+                m.__dict__[k] = v
+
+
+def _holds_proxy(value) -> bool:
+    if isinstance(value, fx.Proxy):
+        return True
+    if isinstance(value, Mapping):
+        value = list(value.values())
+    return isinstance(value, (list, tuple, set)) and any(isinstance(v, fx.Proxy) for v in value)
 
 
 def check_trace(backbone: nn.Module, graphs: dict, example_input: torch.Tensor) -> None:
@@ -38,113 +84,161 @@ def check_trace(backbone: nn.Module, graphs: dict, example_input: torch.Tensor) 
 
     Args:
         backbone: the module that was traced (a copy of the user's: its weights are shared with the graphs).
-        graphs: ``{"eval": GraphModule, "train": GraphModule}``: the uncut graphs traced in each mode (None or
-            left out: not checked; the capture leaves out the train graph where it is the eval graph's twin).
+        graphs: ``{"eval": GraphModule, "train": GraphModule}``: the uncut graphs traced in each mode.
         example_input: ``(N, C, H, W)``; the check runs on images of its channels, dtype and device (one in eval
-            mode, two in train mode, where batch norm needs two), values in [0, 1), at the first side of
-            :data:`CHECK_SIZES` (at most the example's) both programs take, else at the example's size; on the
-            example itself when its dtype is not floating.
+            mode, two in train mode, where batch norm needs two; then two and the example's batch where the
+            backbone refuses fewer), values in [0, 1) (crops of the example when its dtype is not floating), at
+            the first side of :data:`CHECK_SIZES` both programs take, else at the example's size.
 
-    Every run starts from the same parameters, buffers and random state (dropout draws the same masks in
-    both); gradients are taken with ``torch.autograd.grad`` (no ``.grad`` is written). Changes nothing:
-    buffers, each module's train flag and the random state are as before. Where neither size runs in
-    both programs the check is left to the later ones (which name the failure).
+    Every run starts from the same parameters, buffers, Python attributes of the modules (counters, caches,
+    generators) and random state (torch's, Python's and numpy's: dropout draws the same masks in both), and is
+    followed by a second call (outputs only) from the Python state the first left: a call counter the trace froze
+    differs there;
+    gradients are taken with ``torch.autograd.grad`` (no ``.grad`` is written), also under an outer
+    ``torch.no_grad()`` or ``torch.inference_mode()``. Changes nothing: all of that is as before afterwards.
+    Where no input runs in both programs the check is left to the later ones (which name the failure).
     """
-    training = {m: m.training for m in backbone.modules()}
-    buffers = [(b, b.detach().clone()) for b in backbone.buffers()]
-    try:
-        for mode, gm in graphs.items():
-            if gm is None:
-                continue
-            backbone.train(mode == "train")
-            for x in _check_inputs(example_input, 2 if mode == "train" else 1):
-                found = _compare(backbone, gm, x, buffers)
-                if found is not None:
-                    _raise_if_apart(type(backbone).__name__, mode, *found)
-                    break
-    finally:
-        with torch.no_grad():
-            for b, value in buffers:
-                b.copy_(value)
-        for m, flag in training.items():
-            m.training = flag
+    with torch.inference_mode(False), torch.enable_grad():
+        training = {m: m.training for m in backbone.modules()}
+        buffers = [(b, b.detach().clone()) for b in backbone.buffers()]
+        python = PythonState(backbone)
+        try:
+            for mode, gm in graphs.items():
+                backbone.train(mode == "train")
+                for x in _check_inputs(example_input, mode):
+                    found = _compare(backbone, gm, x, buffers, python)
+                    if found is not None:
+                        _raise_if_apart(type(backbone).__name__, mode, *found)
+                        break
+        finally:
+            with torch.no_grad():
+                for b, value in buffers:
+                    b.copy_(value)
+            for m, flag in training.items():
+                m.training = flag
+            python.restore()
 
 
-def _check_inputs(example_input: torch.Tensor, n: int):
-    """``n`` images at up to each of :data:`CHECK_SIZES` px a side, then at the example's size; the example itself
-    when its dtype is not floating (index or byte images)."""
-    if not example_input.is_floating_point():
-        yield example_input
-        return
+def _check_inputs(example_input: torch.Tensor, mode: str):
+    """The check batches to try, cheapest first (see :func:`check_trace`)."""
     N, C, H, W = example_input.shape
+    counts = list(dict.fromkeys(([1] if mode == "eval" else []) + [2, N]))
+    sides = list(dict.fromkeys([(min(H, s), min(W, s)) for s in CHECK_SIZES] + [(H, W)]))
     gen = torch.Generator().manual_seed(0)
-    for h, w in dict.fromkeys([(min(H, s), min(W, s)) for s in CHECK_SIZES] + [(H, W)]):
-        yield torch.rand((n, C, h, w), generator=gen).to(device=example_input.device, dtype=example_input.dtype)
+    for h, w in sides:
+        for n in counts:
+            if example_input.is_floating_point():
+                yield torch.rand((n, C, h, w), generator=gen).to(device=example_input.device, dtype=example_input.dtype)
+            else:
+                rows = torch.arange(n, device=example_input.device) % N
+                yield example_input[rows, :, :h, :w].clone()
 
 
-def _run(program, x: torch.Tensor, params: list, buffers: list) -> tuple:
-    """``program``'s tensor outputs on ``x`` and the gradients of ``params`` (then of ``x``, when floating) of a
-    fixed random weighting of them, from the saved ``buffers`` and random state 0."""
+def _tensors(value, path: str = "output"):
+    """``(path, tensor)`` for every tensor in a forward's result: tensors, sequences, mappings and dataclasses."""
+    if isinstance(value, torch.Tensor):
+        yield path, value
+    elif isinstance(value, Mapping):
+        for k, v in value.items():
+            yield from _tensors(v, f"{path}[{k!r}]")
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            yield from _tensors(v, f"{path}[{i}]")
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        for f in dataclasses.fields(value):
+            yield from _tensors(getattr(value, f.name), f"{path}.{f.name}")
+
+
+def _run(program, x: torch.Tensor, params: list, buffers: list, python: PythonState) -> tuple:
+    """``program``'s tensor outputs on ``x`` (``{path: tensor}``) and the gradients of ``params`` (then of ``x``,
+    when floating) of a fixed random weighting of them, from the saved buffers, Python state and random state 0."""
     with torch.no_grad():
         for b, value in buffers:
             b.copy_(value)
+    python.restore()
     x = x.detach().requires_grad_(x.is_floating_point())
     wrt = params + ([x] if x.requires_grad else [])
-    with seeded(x.device), torch.enable_grad(), contextlib.redirect_stderr(io.StringIO()):
-        outs = [t for t in pytree.tree_leaves(program(x)) if isinstance(t, torch.Tensor)]
+    with seeded(x.device), contextlib.redirect_stderr(io.StringIO()):
+        outs = dict(_tensors(program(x)))
         gen = torch.Generator().manual_seed(1)
-        terms = [(t * torch.randn(t.shape, generator=gen).to(t)).sum() for t in outs
+        terms = [(t * torch.randn(t.shape, generator=gen).to(t)).sum() for t in outs.values()
                  if t.is_floating_point() and t.requires_grad]
         grads = torch.autograd.grad(sum(terms), wrt, allow_unused=True) if terms else [None] * len(wrt)
-    return [t.detach() for t in outs], [torch.zeros_like(w) if g is None else g for g, w in zip(grads, wrt)]
+    return {k: t.detach() for k, t in outs.items()}, [torch.zeros_like(w) if g is None else g for g, w in zip(grads, wrt)]
 
 
-def _compare(backbone: nn.Module, gm: fx.GraphModule, x: torch.Tensor, buffers: list) -> Optional[tuple]:
-    """``(worst output gap, its index, worst gradient gap, its name)`` of ``gm`` against ``backbone`` on ``x``;
-    None when either fails on it."""
+def _compare(backbone: nn.Module, gm: fx.GraphModule, x: torch.Tensor, buffers: list, python: PythonState):
+    """What differs between ``gm`` and ``backbone`` on ``x``: ``(what, how much)`` of the worst difference, or
+    ``(None, 0.0)``; None when either fails on it."""
     named = [(name, p) for name, p in backbone.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
     try:
-        (outs, grads), (touts, tgrads) = _run(backbone, x, params, buffers), _run(gm, x, params, buffers)
+        (outs, grads), again = _run(backbone, x, params, buffers, python), _run_again(backbone, x, buffers)
+        (touts, tgrads), tagain = _run(gm, x, params, buffers, python), _run_again(gm, x, buffers)
     except BackboneError:
         raise
     except Exception:  # a refusal of this size or mode is for the checks that come later to name
         return None
-    if len(outs) != len(touts) or any(a.shape != b.shape for a, b in zip(outs, touts)):
-        return math.inf, 0, 0.0, None
-    names = [name for name, _ in named] + ["the input"]
-    scale = max([float(g.abs().max()) for g in grads if g.numel()] + [0.0])
-    out_gaps = [relative_gap(b, a) for a, b in zip(outs, touts)]
-    grad_gaps = [relative_gap(b, a, floor=1e-4 * scale) for a, b in zip(grads, tgrads)]
-    k = max(range(len(out_gaps)), key=out_gaps.__getitem__, default=None)
-    j = max(range(len(grad_gaps)), key=grad_gaps.__getitem__, default=None)
-    return (0.0 if k is None else out_gaps[k], k, 0.0 if j is None else grad_gaps[j], None if j is None else names[j])
+    found = _outputs_apart(outs, touts)
+    if found is not None:
+        return found
+    found = _outputs_apart(again, tagain)
+    if found is not None:  # a second call differs: Python state the first call changed, frozen by the trace
+        return f"{found[0]}, in a second call", found[1]
+    names = [f"the gradient of {name}" for name, _ in named] + ["the gradient of the input"]
+    scale = max([float(g.abs().max()) for g in grads if g.numel() and g.is_floating_point()] + [0.0])
+    worst = max(((relative_gap(b, a, floor=1e-4 * scale), names[i]) for i, (a, b) in enumerate(zip(grads, tgrads))),
+                default=(0.0, None))
+    return (worst[1], worst[0]) if worst[0] > TOLERANCE else (None, 0.0)
 
 
-def _raise_if_apart(name: str, mode: str, out_gap: float, out_index, grad_gap: float, grad_name) -> None:
-    if out_gap > TOLERANCE:
+def _run_again(program, x: torch.Tensor, buffers: list) -> dict:
+    """``program``'s tensor outputs in a second call right after :func:`_run`'s: from the same buffers and random
+    state, the Python state as the first call left it (a call counter, a warm-up ramp), without gradients."""
+    with torch.no_grad():
+        for b, value in buffers:
+            b.copy_(value)
+        with seeded(x.device), contextlib.redirect_stderr(io.StringIO()):
+            return {k: t.detach() for k, t in _tensors(program(x))}
+
+
+def _outputs_apart(outs: dict, touts: dict) -> Optional[tuple]:
+    """``(what, how much)`` where two runs' outputs differ beyond :data:`TOLERANCE`, else None."""
+    if list(outs) != list(touts):
+        return f"the outputs ({', '.join(outs) or 'no tensor'} against {', '.join(touts) or 'no tensor'})", math.inf
+    for path, a in outs.items():
+        b = touts[path]
+        if a.shape != b.shape or a.dtype != b.dtype:
+            return f"{path} ({tuple(a.shape)} {a.dtype} against {tuple(b.shape)} {b.dtype})", math.inf
+    worst = max(((relative_gap(touts[k], outs[k]), k) for k in outs), default=(0.0, None))
+    return (worst[1], worst[0]) if worst[0] > TOLERANCE else None
+
+
+def _raise_if_apart(name: str, mode: str, what, gap: float) -> None:
+    if what is None:
+        return
+    off = "differs" if math.isinf(gap) else f"off by {gap:.1%}" if gap < 10 else "off by more than 1000%"
+    if not what.startswith("the gradient"):
         raise BackboneError(
-            f"torch.fx's trace of {name} computes other outputs than its forward in {mode} mode (output {out_index} "
-            f"off by {_percent(out_gap)} of its largest value on a check batch): the forward depends on something the "
-            "trace records as a constant (a Python random draw, a counter or other Python state, code that asks "
-            "whether it is being traced); make that part tensor operations, or mark the module that does it as a "
-            "leaf (leaf_modules=[ItsClass]) so it runs as one call")
-    if grad_gap > TOLERANCE:
-        raise BackboneError(
-            f"torch.fx's trace of {name} trains with other gradients than its forward in {mode} mode (the gradient "
-            f"of {grad_name} off by {_percent(grad_gap)} of its largest value on a check batch): the forward changes "
-            "its backward in a way the trace does not record (a torch.no_grad() block: use .detach() instead; a "
-            "custom autograd.Function applied around Function.apply; a hook put on a tensor); change that, or mark "
-            "the module that does it as a leaf (leaf_modules=[ItsClass]) so it runs as one call")
+            f"torch.fx's trace of {name} computes other outputs than its forward in {mode} mode ({what} {off} on a "
+            "check batch): the forward depends on something the trace records as a constant (a Python random draw, "
+            "a call counter or other Python state, code that asks whether it is being traced); make that part "
+            "tensor operations, or mark the module that does it as a leaf (leaf_modules=[ItsClass]) so it runs as "
+            "one call")
+    raise BackboneError(
+        f"torch.fx's trace of {name} trains with other gradients than its forward in {mode} mode ({what} {off} on a "
+        "check batch): the forward changes its backward in a way the trace does not record (a torch.no_grad() or "
+        "torch.autocast block: use .detach(), or autocast around the whole model; a custom autograd.Function "
+        "applied around Function.apply; a hook put on a tensor); change that, or mark the module that does it as a "
+        "leaf (leaf_modules=[ItsClass]) so it runs as one call")
 
 
-def _percent(gap: float) -> str:
-    return "NaN where the other is not" if math.isinf(gap) else f"{gap:.1%}"
+def relative_gap(a: torch.Tensor, reference: torch.Tensor, floor: float = 0.0) -> float:
+    """The largest difference of ``a`` from ``reference``, each element's relative to its own size plus
+    :data:`FLOOR` times the reference's largest finite value (and at least ``floor``); inf when NaN appears in one
+    and not the other, or for integer tensors that differ.
 
-
-def relative_gap(a: torch.Tensor, reference: torch.Tensor, floor: float = 1e-12) -> float:
-    """The largest difference of ``a`` from ``reference`` relative to the reference's largest finite value (at
-    least ``floor``); inf when NaN appears in one and not the other; for integer tensors 0 when equal, else inf."""
+    Shapes: ``a`` and ``reference`` the same shape."""
     if torch.equal(a, reference):  # the common case, and the cheap one
         return 0.0
     if not a.is_floating_point():
@@ -154,5 +248,6 @@ def relative_gap(a: torch.Tensor, reference: torch.Tensor, floor: float = 1e-12)
     finite = torch.isfinite(reference)
     if not finite.any():
         return 0.0
-    diff = float((a.double() - reference.double())[finite].abs().max())
-    return diff / max(float(reference[finite].abs().max()), floor)
+    a, reference = a.double()[finite], reference.double()[finite]
+    scale = max(FLOOR * float(reference.abs().max()), floor, 1e-30)
+    return float(((a - reference).abs() / (reference.abs() + scale)).max())

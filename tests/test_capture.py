@@ -1,4 +1,6 @@
 """Capture: fx trace, shape propagation, the cut at the feature node, and its errors."""
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -392,10 +394,10 @@ class _TensorHook(nn.Module):
 
 
 @pytest.mark.parametrize("middle, match", [
-    (_BinarizeAroundApply, "other gradients than its forward in eval mode .the gradient of c1.weight"),
+    (_BinarizeAroundApply, "other gradients than its forward in eval mode .the gradient of"),
     (_PythonRandom, "other outputs than its forward in eval mode"),
-    (_CallCounter, "other outputs than its forward"),
-    (_NoGradScale, "other gradients .* torch.no_grad.. block: use .detach"),
+    (_CallCounter, "other outputs than its forward .*in a second call"),
+    (_NoGradScale, r"other gradients .* torch.no_grad\(\) or torch.autocast block: use .detach"),
     (_TensorHook, "other gradients"),
 ], ids=["function around apply", "python random", "call counter", "no_grad block", "hook only when not traced"])
 def test_a_trace_that_computes_other_values_or_gradients_is_refused(middle, match):
@@ -432,3 +434,145 @@ def test_the_trace_check_changes_nothing():
     assert all(torch.equal(v, net.state_dict()[k]) for k, v in state.items())
     assert [m.training for m in net] == [True, False, True, True]
     assert all(p.grad is None for p in net.parameters())
+
+
+class _TrainOnlyNoGrad(nn.Module):
+    """The same operations in both modes (the two graphs are twins), a no_grad block in train mode only."""
+
+    def forward(self, x):
+        if self.training:
+            with torch.no_grad():
+                s = x.pow(2).mean((1, 2, 3), keepdim=True).add(1).sqrt()
+        else:
+            s = x.pow(2).mean((1, 2, 3), keepdim=True).add(1).sqrt()
+        return x / s
+
+
+class _FrozenForward(_TwoConvs):
+    @torch.no_grad()
+    def forward(self, x):  # every eager gradient is zero: compared without dividing by it
+        return super().forward(x)
+
+
+class _BatchStatisticsHead(nn.Module):
+    """Cannot run one image in eval mode (BatchNorm1d without running statistics), so the check takes two."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2, self.bn = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3), nn.BatchNorm1d(8, track_running_stats=False)
+
+    def forward(self, x):
+        y = self.c2(torch.relu(self.c1(x)))
+        with torch.no_grad():
+            s = y.abs().mean((1, 2, 3), keepdim=True) + 1
+        return self.bn((y / s).mean((2, 3)))
+
+
+@dataclasses.dataclass
+class _Out:
+    features: torch.Tensor
+    logits: torch.Tensor
+
+
+class _DataclassOut(_TwoConvs):
+    def forward(self, x):
+        f = super().forward(x)
+        with torch.no_grad():
+            s = f.abs().mean() + 1
+        return _Out(f / s, f.mean((2, 3)))
+
+
+class _BoxesAndScores(nn.Module):
+    """A detector-style output: pixel coordinates beside [0, 1] scores in one tensor, the scores' offset frozen."""
+
+    def __init__(self):
+        super().__init__()
+        self.c, self.box, self.cls = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 4, 1), nn.Conv2d(16, 3, 1)
+
+    def forward(self, x):
+        import random
+
+        f = torch.relu(self.c(x))
+        boxes = torch.sigmoid(self.box(f)) * 512
+        return torch.cat([boxes, torch.sigmoid(self.cls(f)) - 0.05 * random.random()], 1)
+
+
+@pytest.mark.parametrize("net, match", [
+    (lambda: _TwoConvs(_TrainOnlyNoGrad()), "other gradients than its forward in train mode"),
+    (_FrozenForward, "other gradients .*off by more than 1000%"),
+    (_BatchStatisticsHead, "other gradients"),
+    (_DataclassOut, "other gradients"),
+    (_BoxesAndScores, "other outputs"),
+], ids=["train-only no_grad, twin graphs", "no_grad forward", "needs two images", "dataclass output",
+        "scores beside pixels"])
+def test_the_trace_check_reaches_every_case(net, match):
+    with pytest.raises(BackboneError, match=match):
+        capture(net(), torch.randn(4, 3, 24, 24))
+
+
+class _StepCounter(nn.Module):
+    """Python state a leaf keeps (a warm-up ramp): the same in both of the check's runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.steps = 0
+
+    def forward(self, x):
+        self.steps += 1
+        return x * min(1.0, 0.5 + self.steps / 10)
+
+
+class _OwnGenerator(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.g = torch.Generator().manual_seed(123)
+
+    def forward(self, x):
+        return x + 0.1 * torch.randn(x.shape, generator=self.g)
+
+
+class _NumpyJitter(nn.Module):
+    def forward(self, x):
+        import numpy as np
+
+        return x * float(1 + 0.1 * np.random.rand())
+
+
+class _LazyGrid(nn.Module):
+    """A cache filled on the first call from the input's size (never run before conversion)."""
+
+    def __init__(self):
+        super().__init__()
+        self.grid = None
+
+    def forward(self, x):
+        if self.grid is None:
+            self.grid = torch.arange(x.shape[-1], dtype=x.dtype).view(1, 1, 1, -1) / x.shape[-1]
+        return x + self.grid
+
+
+@pytest.mark.parametrize("middle, leaf", [(_StepCounter, True), (_OwnGenerator, True), (_NumpyJitter, True),
+                                          (_LazyGrid, False)], ids=["counter", "generator", "numpy", "lazy cache"])
+def test_python_state_is_the_same_in_both_runs_and_restored(middle, leaf):
+    """Leaves run as one call in the converted model: their counters, generators and numpy draws start from the same
+    state in both of the check's runs, and the check leaves them as they were."""
+    import numpy as np
+
+    net = _TwoConvs(middle())
+    numpy_state = np.random.get_state()[1].copy()
+    cap = capture(net, torch.randn(1, 3, 16, 16), leaf_modules=[middle] if leaf else ())
+    mid = cap.graph_module.get_submodule("mid") if leaf else None
+    assert np.array_equal(np.random.get_state()[1], numpy_state)
+    if middle is _StepCounter:
+        assert mid.steps == 0
+    if middle is _OwnGenerator:
+        assert torch.equal(mid.g.get_state(), torch.Generator().manual_seed(123).get_state())
+    if middle is _LazyGrid:
+        assert net.mid.grid is None  # the user's module is not touched
+        x = torch.randn(2, 3, 16, 16)
+        assert torch.allclose(cap.graph_module(x), net.c2(net.c1(x) + torch.arange(16.0) / 16))
+
+
+def test_converting_under_inference_mode_is_refused():
+    with torch.inference_mode(), pytest.raises(BackboneError, match="outside inference_mode"):
+        capture(_TwoConvs(), torch.randn(1, 3, 16, 16))
