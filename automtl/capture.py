@@ -26,11 +26,11 @@ import torch.utils.checkpoint
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from .errors import BackboneError
+from .errors import BackboneError, first_line as _first_line
 from .features import pick_feature_node
 from .graphpasses import STATE_WRITE_ADVICE, ancestors, functionalize, refuse_state_writes, user_line
 from .seeding import seeded
-from .tracecheck import PythonState, check_trace
+from .tracecheck import PythonState, check_trace, put_back
 
 
 @dataclass
@@ -316,7 +316,6 @@ def capture(
                             "torch.inference_mode() can never be trained; convert it outside inference_mode")
     _refuse_wrappers(backbone)
     backbone = copy_backbone(backbone)
-    python = PythonState(backbone)  # what the runs below change in Python attributes (a leaf's counter) is undone
     was_training = backbone.training
     try:
         eval_graph = _trace_graph(backbone.eval(), leaf_modules, concrete_args)
@@ -352,7 +351,6 @@ def capture(
     _cut(gm.graph, node)
     train_graph = _drop_if_same(gm.graph, train_graph)
     _delete_unused(gm, [gm.graph] + ([train_graph] if train_graph is not None else []))
-    python.restore(added="proxies")
     gm.recompile()
     return Capture(gm, node.name, tuple(example_input.shape), tuple(_tensor_meta(node).shape), train_graph, notes)
 
@@ -433,13 +431,6 @@ def copy_backbone(backbone: nn.Module) -> nn.Module:
     return copied
 
 
-def _first_line(exc: BaseException, limit: Optional[int] = 160) -> str:
-    """An exception's first line (its type name when it has no text), cut to ``limit`` characters (None: whole);
-    fx appends the node's code on lines of its own."""
-    text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:limit]
-
-
 class _TolerantShapeProp(ShapeProp):
     """ShapeProp that leaves a node that fails, and every node after it that reads it, without shapes
     (``failures`` keeps the first error): a branch the feature node does not need may fail at a size
@@ -466,7 +457,7 @@ _FAILED = object()
 def _propagate(gm: fx.GraphModule, example_input: torch.Tensor, tolerant: bool = False) -> list:
     """Shapes onto ``gm``'s nodes (``tensor_meta``) from one run on ``example_input``; with ``tolerant``,
     the (node, error) pairs of the nodes that failed instead of an error."""
-    was_training = gm.training
+    was_training, python = gm.training, PythonState(gm)  # a leaf's counter or generator is as it was afterwards
     gm.eval()
     try:
         # ShapeProp prints the traceback of a failing node itself; the sentence below replaces it. Dropout in a
@@ -483,6 +474,7 @@ def _propagate(gm: fx.GraphModule, example_input: torch.Tensor, tolerant: bool =
         ) from exc
     finally:
         gm.train(was_training)
+        python.restore(added="proxies")
 
 
 #: Node meta: False on a tensor whose first dimension does not grow with the batch (a coordinate map made from the
@@ -526,9 +518,7 @@ def _train_counterpart(backbone, gm: fx.GraphModule, tgm: fx.GraphModule, featur
     try:  # for shapes only: train-mode code written in the forward may move statistics
         failures = _propagate(tgm, example_input, tolerant=True)
     finally:
-        with torch.no_grad():
-            for b, saved in buffers:
-                b.copy_(saved)
+        put_back(buffers)
     writes = functionalize(tgm, graph)
     _share_constants(gm, tgm, {name for name, _ in backbone.named_buffers()})
     shape = _tensor_meta(feature).shape

@@ -3,6 +3,9 @@
 The CLI turns an :class:`AutomtlError` into one clear sentence and exit code 2;
 anything else is a bug and keeps its traceback.
 """
+from __future__ import annotations
+
+from typing import Optional
 
 
 class AutomtlError(Exception):
@@ -27,3 +30,10 @@ class FileFormatError(AutomtlError):
 
 class StorageError(AutomtlError):
     """A file could not be written: the disk is full or read-only, or permission is denied."""
+
+
+def first_line(exc: BaseException, limit: Optional[int] = 160) -> str:
+    """An exception's first line (its type name when it has no text), cut to ``limit`` characters (None: whole);
+    fx appends the node's code on lines of its own."""
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:limit]

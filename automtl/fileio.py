@@ -142,7 +142,7 @@ def _open_regular(path: str | os.PathLike, what: str, max_bytes: int, error: typ
         if st.st_size > max_bytes:
             raise error(f"{where} is {st.st_size} bytes, more than the {max_bytes} automtl reads; "
                         "check that this is the right file")
-        f = os.fdopen(fd, "rb", buffering=0)
+        f = os.fdopen(fd, "rb")  # buffered: its readinto loops (one read(2) stops at 2 GiB; torch does not retry)
     except BaseException:
         os.close(fd)
         raise
@@ -167,18 +167,24 @@ def read_regular_file(path: str | os.PathLike, what: str, max_bytes: int, error:
 
     error = error or ConfigError
     with _open_regular(path, what, max_bytes, error) as (f, _):
-        chunks, left = [], max_bytes + 1
-        while left > 0:
-            chunk = f.read(min(left, 1 << 24))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            left -= len(chunk)
-    data = b"".join(chunks)
+        data = read_at_most(f, max_bytes + 1)
     if len(data) > max_bytes:
         raise error(f"{what} {os.fspath(path)!r} grew past the {max_bytes} bytes automtl reads while it was read; "
                     "check the file")
     return data
+
+
+def read_at_most(f, n: int) -> bytes:
+    """Up to ``n`` bytes of the binary stream ``f`` (fewer at its end), read in 16 MiB pieces: nothing is allocated
+    for bytes the stream does not have, and a decompressing stream inflates no more than ``n``."""
+    chunks, left = [], n
+    while left > 0:
+        chunk = f.read(min(left, 1 << 24))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        left -= len(chunk)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 #: The largest ``torch.save`` file automtl reads (weights, a run's supermodel.pt, a search checkpoint).
@@ -218,9 +224,13 @@ def load_tensors(path: str | os.PathLike, what: str, error: type, fix: str,
     deflated entries, so a 200 KB file of deflated zeros is 200 MB of tensors (a run directory's supermodel.pt or
     checkpoint is data someone handed over). Checked on the one open file that is then loaded.
 
+    After loading, every tensor must hold no more elements than its stored bytes (no view repeating them through a
+    zero stride): with that, what the file builds fits in the file.
+
     Raises:
         error: one sentence, ``"{what} {path!r} ...; {fix}"``: not a file, too large, not a torch.save zip,
-            a compressed or oversized entry, or anything torch's tensors-only unpickler refuses.
+            a compressed or oversized entry, anything torch's tensors-only unpickler refuses, or a view beyond
+            its storage.
     """
     import zipfile
     import zlib
@@ -250,9 +260,30 @@ def load_tensors(path: str | os.PathLike, what: str, error: type, fix: str,
             raise error(f"{where} declares more bytes in its entries than the file holds; it is damaged or crafted; {fix}")
         f.seek(0)
         try:
-            return torch.load(f, map_location="cpu", weights_only=True)
+            loaded = torch.load(f, map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - torch's text advises weights_only=False (unpickling): not repeated
             raise error(f"{where} is not a torch.save file of tensors only ({type(exc).__name__}); {fix}") from None
+    _refuse_views_beyond_storage(loaded, where, error, fix)
+    return loaded
+
+
+def _refuse_views_beyond_storage(value, where: str, error: type, fix: str, depth: int = 0) -> None:
+    """Every tensor in what a pickle built (containers walked) holds no more elements than its stored bytes: a view
+    with a zero or overlapping stride declares 2^40 elements over 4 bytes, and ``Optimizer.load_state_dict`` or
+    ``.to()`` would allocate them all."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        if value.numel() * value.element_size() > value.untyped_storage().nbytes():
+            raise error(f"{where} holds a tensor of shape {tuple(value.shape)} over {value.untyped_storage().nbytes()} "
+                        f"stored bytes (a view repeating its elements, which torch.save never writes of a state "
+                        f"dict); {fix}")
+    elif depth < 64 and isinstance(value, Mapping):
+        for v in value.values():
+            _refuse_views_beyond_storage(v, where, error, fix, depth + 1)
+    elif depth < 64 and isinstance(value, (list, tuple)):
+        for v in value:
+            _refuse_views_beyond_storage(v, where, error, fix, depth + 1)
 
 
 #: YAML 1.2's floats: PyYAML reads YAML 1.1, where ``1e-3`` (no dot) is a string, not a number.

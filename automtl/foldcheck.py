@@ -24,10 +24,10 @@ import warnings
 import torch
 from torch import fx
 
-from .capture import _first_line
-from .errors import BackboneError
+from .errors import BackboneError, first_line as _first_line
 from .policy import SPECIALIZE, Policy
 from .seeding import seeded
+from .tracecheck import put_back
 
 #: the largest image side the check runs at (a smaller example's own; the example's when the backbone refuses it)
 CHECK_SIZE = 32
@@ -107,8 +107,7 @@ def check_tasks_apart(sm) -> None:
         with torch.no_grad():
             for i, (unit, shared) in enumerate(copies):
                 unit.load_state_dict(shared.state_dict() if kept is None else kept[i])
-            for b, value in buffers:
-                b.copy_(value)
+        put_back(buffers)
         for m, flag in training.items():
             m.training = flag
         if policy is not None:
@@ -212,8 +211,7 @@ def _interference(sm, gen: torch.Generator, shape: tuple, device, dtype, buffers
     for inputs, before, after in cases:
         outs = []
         for changed in (False, True):
-            for b, value in buffers:
-                b.copy_(value)
+            put_back(buffers)
             run = dict(inputs, **{sm.task_names[0]: other}) if changed and isinstance(inputs, dict) else inputs
             if changed and before is not None:
                 before()

@@ -19,13 +19,14 @@ import copy
 import dataclasses
 import io
 import math
+import random
 from collections.abc import Mapping
 from typing import Optional
 
 import torch
 from torch import fx, nn
 
-from .errors import BackboneError
+from .errors import BackboneError, first_line as _first_line
 from .seeding import seeded
 
 #: the image sides the check tries, smallest first (the cost grows with the pixels), then the example's own
@@ -50,9 +51,7 @@ class PythonState:
         self.saved = []
         for m in root.modules():
             own = {k: v for k, v in vars(m).items() if k not in _MODULE_INTERNALS}
-            copies = {k: (v.get_state() if isinstance(v, torch.Generator) else
-                          copy.copy(v) if isinstance(v, (list, dict, set)) else None) for k, v in own.items()}
-            self.saved.append((m, own, copies))
+            self.saved.append((m, own, {k: _state_of(v) for k, v in own.items()}))
 
     def restore(self, added: str = "all") -> None:
         """Put the attributes back; the ones added since are removed (``added="all"``), or only those holding a
@@ -62,21 +61,57 @@ class PythonState:
                 if added == "all" or _holds_proxy(vars(m)[k]):
                     delattr(m, k)
             for k, v in own.items():
-                kept = copies[k]
-                if isinstance(v, torch.Generator):
-                    v.set_state(kept)
-                elif kept is not None:
-                    v.clear()
-                    v.update(kept) if not isinstance(v, list) else v.extend(kept)
+                _set_state(v, copies[k])
                 m.__dict__[k] = v
 
 
-def _holds_proxy(value) -> bool:
+def _state_of(value):
+    """What :func:`_set_state` needs to put ``value`` back in place: a generator's state (torch's, Python's,
+    numpy's), a plain tensor's values, a container's items (one level); None for what is only rebound."""
+    if isinstance(value, torch.Generator):
+        return value.get_state()
+    if isinstance(value, random.Random):
+        return value.getstate()
+    if hasattr(value, "bit_generator") and hasattr(value.bit_generator, "state"):  # numpy.random.Generator
+        return value.bit_generator.state
+    if hasattr(value, "get_state") and type(value).__module__.startswith("numpy"):  # numpy.random.RandomState
+        return value.get_state()
+    if isinstance(value, torch.Tensor) and not isinstance(value, (nn.Parameter, fx.Proxy)):
+        return value.detach().clone()
+    if isinstance(value, (list, dict, set)):
+        return copy.copy(value)
+    return None
+
+
+def _set_state(value, kept) -> None:
+    if kept is None:
+        return
+    if isinstance(value, torch.Generator):
+        value.set_state(kept)
+    elif isinstance(value, random.Random):
+        value.setstate(kept)
+    elif hasattr(value, "bit_generator") and hasattr(value.bit_generator, "state"):
+        value.bit_generator.state = kept
+    elif hasattr(value, "set_state") and type(value).__module__.startswith("numpy"):
+        value.set_state(kept)
+    elif isinstance(value, torch.Tensor):
+        if value.shape == kept.shape:
+            with torch.no_grad():
+                value.copy_(kept)
+    else:
+        value.clear()
+        value.update(kept) if not isinstance(value, list) else value.extend(kept)
+
+
+def _holds_proxy(value, depth: int = 0) -> bool:
+    """Whether ``value`` is or holds (in nested containers) a traced value."""
     if isinstance(value, fx.Proxy):
         return True
+    if depth > 16:
+        return False
     if isinstance(value, Mapping):
         value = list(value.values())
-    return isinstance(value, (list, tuple, set)) and any(isinstance(v, fx.Proxy) for v in value)
+    return isinstance(value, (list, tuple, set)) and any(_holds_proxy(v, depth + 1) for v in value)
 
 
 def check_trace(backbone: nn.Module, graphs: dict, example_input: torch.Tensor) -> None:
@@ -94,9 +129,10 @@ def check_trace(backbone: nn.Module, graphs: dict, example_input: torch.Tensor) 
     generators) and random state (torch's, Python's and numpy's: dropout draws the same masks in both), and is
     followed by a second call (outputs only) from the Python state the first left: a call counter the trace froze
     differs there;
-    gradients are taken with ``torch.autograd.grad`` (no ``.grad`` is written), also under an outer
+    gradients are taken by ``.backward()`` (every ``.grad`` is put back as it was), also under an outer
     ``torch.no_grad()`` or ``torch.inference_mode()``. Changes nothing: all of that is as before afterwards.
-    Where no input runs in both programs the check is left to the later ones (which name the failure).
+    A train-mode graph may fail on every check batch (a train-only branch the feature node does not need); in
+    eval mode, where shapes were propagated with the trace on the example, the backbone must run on it too.
     """
     with torch.inference_mode(False), torch.enable_grad():
         training = {m: m.training for m in backbone.modules()}
@@ -105,15 +141,20 @@ def check_trace(backbone: nn.Module, graphs: dict, example_input: torch.Tensor) 
         try:
             for mode, gm in graphs.items():
                 backbone.train(mode == "train")
+                failures = []
                 for x in _check_inputs(example_input, mode):
-                    found = _compare(backbone, gm, x, buffers, python)
+                    found = _compare(backbone, gm, x, buffers, python, failures)
                     if found is not None:
                         _raise_if_apart(type(backbone).__name__, mode, *found)
                         break
+                else:
+                    if mode == "eval" and failures:  # the trace ran on the example when shapes were propagated
+                        raise BackboneError(
+                            f"{failures[-1]} on the example input's shape {tuple(example_input.shape)} in eval mode, "
+                            f"so automtl cannot check that its torch.fx trace computes the same; make the forward run "
+                            "on the example input")
         finally:
-            with torch.no_grad():
-                for b, value in buffers:
-                    b.copy_(value)
+            put_back(buffers)
             for m, flag in training.items():
                 m.training = flag
             python.restore()
@@ -149,57 +190,83 @@ def _tensors(value, path: str = "output"):
             yield from _tensors(getattr(value, f.name), f"{path}.{f.name}")
 
 
+def put_back(saved: list) -> None:
+    """Copy each ``(tensor, saved value)`` pair's saved value back into the tensor (buffers a run moved)."""
+    with torch.no_grad():
+        for tensor, value in saved:
+            tensor.copy_(value)
+
+
 def _run(program, x: torch.Tensor, params: list, buffers: list, python: PythonState) -> tuple:
     """``program``'s tensor outputs on ``x`` (``{path: tensor}``) and the gradients of ``params`` (then of ``x``,
-    when floating) of a fixed random weighting of them, from the saved buffers, Python state and random state 0."""
-    with torch.no_grad():
-        for b, value in buffers:
-            b.copy_(value)
+    when floating) of a fixed random weighting of them, from the saved buffers, Python state and random state 0;
+    the gradients are an error's text where the backward fails. The program gets a copy of ``x``: a forward that
+    writes into its input in place (``x.sub_(mean)``) runs."""
+    put_back(buffers)
     python.restore()
     x = x.detach().requires_grad_(x.is_floating_point())
     wrt = params + ([x] if x.requires_grad else [])
     with seeded(x.device), contextlib.redirect_stderr(io.StringIO()):
-        outs = dict(_tensors(program(x)))
+        outs = dict(_tensors(program(x.clone())))
         gen = torch.Generator().manual_seed(1)
         terms = [(t * torch.randn(t.shape, generator=gen).to(t)).sum() for t in outs.values()
                  if t.is_floating_point() and t.requires_grad]
-        grads = torch.autograd.grad(sum(terms), wrt, allow_unused=True) if terms else [None] * len(wrt)
-    return {k: t.detach() for k, t in outs.items()}, [torch.zeros_like(w) if g is None else g for g, w in zip(grads, wrt)]
+        # .backward(), not autograd.grad (reentrant checkpointing takes only the first); .grad is put back after
+        kept = [w.grad for w in wrt]
+        for w in wrt:
+            w.grad = None
+        try:
+            if terms:
+                sum(terms).backward()
+            grads = [torch.zeros_like(w) if w.grad is None else w.grad for w in wrt]
+        except RuntimeError as exc:  # an operation without a backward: compared as such
+            grads = _first_line(exc)
+        finally:
+            for w, g in zip(wrt, kept):
+                w.grad = g
+    return {k: t.detach() for k, t in outs.items()}, grads
 
 
-def _compare(backbone: nn.Module, gm: fx.GraphModule, x: torch.Tensor, buffers: list, python: PythonState):
+def _compare(backbone: nn.Module, gm: fx.GraphModule, x: torch.Tensor, buffers: list, python: PythonState,
+             failures: list):
     """What differs between ``gm`` and ``backbone`` on ``x``: ``(what, how much)`` of the worst difference, or
-    ``(None, 0.0)``; None when either fails on it."""
+    ``(None, 0.0)``; None when either fails on it (which, appended to ``failures``)."""
     named = [(name, p) for name, p in backbone.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
-    try:
-        (outs, grads), again = _run(backbone, x, params, buffers, python), _run_again(backbone, x, buffers)
-        (touts, tgrads), tagain = _run(gm, x, params, buffers, python), _run_again(gm, x, buffers)
-    except BackboneError:
-        raise
-    except Exception:  # a refusal of this size or mode is for the checks that come later to name
-        return None
+    runs = []
+    for who, program in (("the backbone's own forward", backbone), ("its torch.fx trace", gm)):
+        try:
+            runs.append((_run(program, x, params, buffers, python), _run_again(program, x, buffers)))
+        except BackboneError:
+            raise
+        except Exception as exc:  # a refusal of this size or mode
+            failures.append(f"{who} fails ({_first_line(exc)})")
+            return None
+    ((outs, grads), again), ((touts, tgrads), tagain) = runs
     found = _outputs_apart(outs, touts)
     if found is not None:
         return found
     found = _outputs_apart(again, tagain)
     if found is not None:  # a second call differs: Python state the first call changed, frozen by the trace
         return f"{found[0]}, in a second call", found[1]
+    if isinstance(grads, str) or isinstance(tgrads, str):
+        if isinstance(grads, str) and isinstance(tgrads, str):
+            return None, 0.0  # no backward in either (an operation without one): the outputs were compared
+        return ("the gradients (" + (f"the trace's backward fails: {tgrads}" if isinstance(tgrads, str)
+                                     else f"only the trace has a backward; the backbone's fails: {grads}") + ")"), math.inf
     names = [f"the gradient of {name}" for name, _ in named] + ["the gradient of the input"]
     scale = max([float(g.abs().max()) for g in grads if g.numel() and g.is_floating_point()] + [0.0])
-    worst = max(((relative_gap(b, a, floor=1e-4 * scale), names[i]) for i, (a, b) in enumerate(zip(grads, tgrads))),
-                default=(0.0, None))
-    return (worst[1], worst[0]) if worst[0] > TOLERANCE else (None, 0.0)
+    worst = max(((relative_gap(b, a, floor=1e-4 * scale) / tolerance(a.dtype), names[i])
+                 for i, (a, b) in enumerate(zip(grads, tgrads))), default=(0.0, None))
+    return (worst[1], worst[0] * TOLERANCE) if worst[0] > 1 else (None, 0.0)
 
 
 def _run_again(program, x: torch.Tensor, buffers: list) -> dict:
     """``program``'s tensor outputs in a second call right after :func:`_run`'s: from the same buffers and random
     state, the Python state as the first call left it (a call counter, a warm-up ramp), without gradients."""
-    with torch.no_grad():
-        for b, value in buffers:
-            b.copy_(value)
-        with seeded(x.device), contextlib.redirect_stderr(io.StringIO()):
-            return {k: t.detach() for k, t in _tensors(program(x))}
+    put_back(buffers)
+    with torch.no_grad(), seeded(x.device), contextlib.redirect_stderr(io.StringIO()):
+        return {k: t.detach() for k, t in _tensors(program(x.clone()))}
 
 
 def _outputs_apart(outs: dict, touts: dict) -> Optional[tuple]:
@@ -210,8 +277,15 @@ def _outputs_apart(outs: dict, touts: dict) -> Optional[tuple]:
         b = touts[path]
         if a.shape != b.shape or a.dtype != b.dtype:
             return f"{path} ({tuple(a.shape)} {a.dtype} against {tuple(b.shape)} {b.dtype})", math.inf
-    worst = max(((relative_gap(touts[k], outs[k]), k) for k in outs), default=(0.0, None))
-    return (worst[1], worst[0]) if worst[0] > TOLERANCE else None
+    worst = max(((relative_gap(touts[k], outs[k]) / tolerance(outs[k].dtype), k) for k in outs), default=(0.0, None))
+    return (worst[1], worst[0] * TOLERANCE) if worst[0] > 1 else None
+
+
+def tolerance(dtype: torch.dtype) -> float:
+    """The largest :func:`relative_gap` two runs of the same operations may show in ``dtype``: :data:`TOLERANCE`,
+    or 4 units in the last place where that is coarser (bfloat16: 0.03), so that a GPU's nondeterministic backward
+    (atomic adds) cannot refuse a 16-bit backbone."""
+    return max(TOLERANCE, 4 * torch.finfo(dtype).eps) if dtype.is_floating_point else TOLERANCE
 
 
 def _raise_if_apart(name: str, mode: str, what, gap: float) -> None:
@@ -235,15 +309,15 @@ def _raise_if_apart(name: str, mode: str, what, gap: float) -> None:
 
 def relative_gap(a: torch.Tensor, reference: torch.Tensor, floor: float = 0.0) -> float:
     """The largest difference of ``a`` from ``reference``, each element's relative to its own size plus
-    :data:`FLOOR` times the reference's largest finite value (and at least ``floor``); inf when NaN appears in one
-    and not the other, or for integer tensors that differ.
+    :data:`FLOOR` times the reference's largest finite value (and at least ``floor``); inf when a NaN or an
+    infinity (of either sign) appears in one and not the other, or for integer tensors that differ.
 
     Shapes: ``a`` and ``reference`` the same shape."""
     if torch.equal(a, reference):  # the common case, and the cheap one
         return 0.0
     if not a.is_floating_point():
         return math.inf
-    if not torch.equal(torch.isnan(a), torch.isnan(reference)):
+    if not all(torch.equal(test(a), test(reference)) for test in (torch.isnan, torch.isposinf, torch.isneginf)):
         return math.inf
     finite = torch.isfinite(reference)
     if not finite.any():

@@ -86,3 +86,15 @@ def timm_module():
     """timm (which imports torchvision when it is installed), or the test is skipped."""
     _import_torchvision()
     return pytest.importorskip("timm", reason="timm is not installed (pip install 'automtl[timm]')")
+
+
+def deflate(path) -> None:
+    """Rewrite the torch.save zip at ``path`` with every entry deflated: torch's reader inflates them, so a small file
+    can stand for many times its size in tensors (a zip bomb automtl's tensor readers refuse)."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as src:
+        entries = [(info.filename, src.read(info)) for info in src.infolist()]
+    with zipfile.ZipFile(path, "w") as dst:
+        for name, data in entries:
+            dst.writestr(zipfile.ZipInfo(name), data, compress_type=zipfile.ZIP_DEFLATED)

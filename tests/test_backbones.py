@@ -1,6 +1,7 @@
 """Builtin backbones: exact sizes, torchvision key layout, fx-traceability, and the registry's errors."""
 from __future__ import annotations
 
+import pickle
 import textwrap
 
 from pathlib import Path
@@ -299,17 +300,12 @@ def test_weights_files_are_read_under_bounds(tmp_path):
     """Only the zip torch.save writes, every entry stored: a deflated one (16 MB of zeros in a 20 KB file here) is
     refused before torch inflates it, and so is a file over the size bound, before it is read, or a pickle over
     its own bound (unpickled objects cost several times their bytes)."""
-    import zipfile
-
     from automtl.fileio import load_tensors
+    from conftest import deflate
 
     path = tmp_path / "w.pth"
     torch.save({"w": torch.zeros(2**22)}, path)
-    with zipfile.ZipFile(path) as src:
-        entries = [(info.filename, src.read(info)) for info in src.infolist()]
-    with zipfile.ZipFile(path, "w") as dst:
-        for name, data in entries:
-            dst.writestr(zipfile.ZipInfo(name), data, compress_type=zipfile.ZIP_DEFLATED)
+    deflate(path)
     assert path.stat().st_size < 2**16
     with pytest.raises(BackboneError, match="compressed or encrypted"):
         load_weights(build_backbone("tiny"), path)
@@ -325,3 +321,12 @@ def test_weights_files_are_read_under_bounds(tmp_path):
             load_weights(build_backbone("tiny"), path)
     finally:
         automtl.fileio.MAX_TENSOR_PICKLE_BYTES = bound
+    torch.save({"exp_avg": torch.zeros(1).expand(2**30)}, path)  # 2^30 elements over 4 stored bytes
+    assert path.stat().st_size < 2**12
+    with pytest.raises(BackboneError, match=r"a tensor of shape \(1073741824,\) over 4 stored bytes"):
+        load_tensors(path, "weights file", BackboneError, "fix")
+    torch.save({"w": torch.arange(10.0)[2:5]}, path)  # a slice: fewer elements than stored, fine
+    assert load_tensors(path, "weights file", BackboneError, "fix")["w"].tolist() == [2.0, 3.0, 4.0]
+    path.write_bytes(pickle.dumps({"w": 1}))  # not a zip: an older torch's format, or another program's
+    with pytest.raises(BackboneError, match="an older torch's file or another program's"):
+        load_tensors(path, "weights file", BackboneError, "fix")

@@ -506,6 +506,9 @@ class _BoxesAndScores(nn.Module):
 ], ids=["train-only no_grad, twin graphs", "no_grad forward", "needs two images", "dataclass output",
         "scores beside pixels"])
 def test_the_trace_check_reaches_every_case(net, match):
+    import random
+
+    random.seed(3)  # the trace's frozen draw (0.24) is not the check's seeded one (0.84)
     with pytest.raises(BackboneError, match=match):
         capture(net(), torch.randn(4, 3, 24, 24))
 
@@ -551,8 +554,35 @@ class _LazyGrid(nn.Module):
         return x + self.grid
 
 
+class _LeafRandomness(nn.Module):
+    """A numpy Generator, a random.Random and a step count in a plain tensor, each advanced by every call."""
+
+    def __init__(self):
+        import random
+
+        import numpy as np
+
+        super().__init__()
+        self.np_gen, self.py_gen, self.steps = np.random.default_rng(0), random.Random(0), torch.zeros(())
+
+    def forward(self, x):
+        self.steps += 1
+        return x * float(1 + self.np_gen.random() + self.py_gen.random()) * (1 + self.steps)
+
+
+class _NestedLazyCache(nn.Module):
+    """An attribute made on the first call, holding its cache deep in containers."""
+
+    def forward(self, x):
+        if not hasattr(self, "cache"):
+            self.cache = {"grid": {"w": (torch.arange(x.shape[-1], dtype=x.dtype) / x.shape[-1],)}}
+        return x + self.cache["grid"]["w"][0]
+
+
 @pytest.mark.parametrize("middle, leaf", [(_StepCounter, True), (_OwnGenerator, True), (_NumpyJitter, True),
-                                          (_LazyGrid, False)], ids=["counter", "generator", "numpy", "lazy cache"])
+                                          (_LeafRandomness, True), (_LazyGrid, False), (_NestedLazyCache, False)],
+                         ids=["counter", "generator", "numpy", "numpy generator, random.Random, tensor counter",
+                              "lazy cache", "nested lazy cache"])
 def test_python_state_is_the_same_in_both_runs_and_restored(middle, leaf):
     """Leaves run as one call in the converted model: their counters, generators and numpy draws start from the same
     state in both of the check's runs, and the check leaves them as they were."""
@@ -567,8 +597,7 @@ def test_python_state_is_the_same_in_both_runs_and_restored(middle, leaf):
         assert mid.steps == 0
     if middle is _OwnGenerator:
         assert torch.equal(mid.g.get_state(), torch.Generator().manual_seed(123).get_state())
-    if middle is _LazyGrid:
-        assert net.mid.grid is None  # the user's module is not touched
+    if middle is _LazyGrid:  # the graph computes the grid in every call (the trace's cache of traced values undone)
         x = torch.randn(2, 3, 16, 16)
         assert torch.allclose(cap.graph_module(x), net.c2(net.c1(x) + torch.arange(16.0) / 16))
 
@@ -576,3 +605,29 @@ def test_python_state_is_the_same_in_both_runs_and_restored(middle, leaf):
 def test_converting_under_inference_mode_is_refused():
     with torch.inference_mode(), pytest.raises(BackboneError, match="outside inference_mode"):
         capture(_TwoConvs(), torch.randn(1, 3, 16, 16))
+
+
+class _FrozenDrawInPlace(nn.Module):
+    """Writes into its input in place (the check gives each program a copy) around a frozen Python draw."""
+
+    def forward(self, x):
+        import random
+
+        x.sub_(0.5)
+        return x * (1 + random.random())
+
+
+def test_a_forward_writing_into_its_input_is_still_checked():
+    with pytest.raises(BackboneError, match="other outputs"):
+        capture(_FrozenDrawInPlace(), torch.randn(1, 3, 16, 16))  # not a conv: the check refuses first
+
+
+def test_relative_gap_sees_infinities_and_dtype_rounding():
+    from automtl.tracecheck import relative_gap, tolerance
+
+    inf = float("inf")
+    assert relative_gap(torch.tensor([inf, 1.0]), torch.tensor([5.0, 1.0])) == inf
+    assert relative_gap(torch.tensor([-inf, 1.0]), torch.tensor([inf, 1.0])) == inf
+    assert relative_gap(torch.tensor([inf, 1.0]), torch.tensor([inf, 1.0])) == 0.0
+    assert relative_gap(torch.tensor([0.0, 1.001]), torch.tensor([0.0, 1.0])) == pytest.approx(1e-3 / 1.01, rel=1e-3)
+    assert tolerance(torch.bfloat16) > tolerance(torch.float32) == 1e-3

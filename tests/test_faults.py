@@ -17,6 +17,7 @@ from automtl.cli import main
 from automtl.convert import json_safe
 from automtl.errors import AutomtlError
 from automtl.rundir import RunDirectory
+from conftest import deflate
 
 SMALL = ["--steps", "2,2,1", "--samples", "8,4", "--input-size", "16", "--quiet"]
 
@@ -523,17 +524,6 @@ def test_a_backbone_failing_at_the_example_size_is_one_sentence_without_torchs_t
 # ---------------------------------------------------------------------------------------
 # tensor files a run directory holds are data: bounded reads
 # ---------------------------------------------------------------------------------------
-def deflate(path: Path) -> None:
-    """Rewrite the torch.save zip at ``path`` with every entry deflated (torch's reader inflates them)."""
-    import zipfile
-
-    with zipfile.ZipFile(path) as src:
-        entries = [(info.filename, src.read(info)) for info in src.infolist()]
-    with zipfile.ZipFile(path, "w") as dst:
-        for name, data in entries:
-            dst.writestr(zipfile.ZipInfo(name), data, compress_type=zipfile.ZIP_DEFLATED)
-
-
 @pytest.mark.parametrize("name, command", [
     ("supermodel.pt", lambda out, tmp: ["compact", out, "--out", tmp / "m.automtl", "--quiet"]),
     ("checkpoints/checkpoint.pt", lambda out, tmp: ["search", "tiny", *SMALL, "--out", out, "--resume"]),

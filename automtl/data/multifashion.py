@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import os
 import struct
+import zlib
 from pathlib import Path
 from typing import Optional, Union
 
@@ -19,6 +20,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..errors import ConfigError, DataError
+from ..fileio import read_at_most
 from ..tasks import Task
 from .synthetic import sample_seed
 
@@ -71,17 +73,10 @@ def read_idx(path: Union[str, os.PathLike]) -> np.ndarray:
             if expected > MAX_IDX_BYTES:
                 raise DataError(f"IDX file {path} declares {tuple(dims)} values, {expected} bytes, more than the "
                                 f"{MAX_IDX_BYTES} automtl reads; check that this is the right file")
-            chunks, left = [], expected + 1  # one byte more: a longer body is found without reading it all
-            while left > 0:
-                chunk = f.read(min(left, 1 << 24))
-                if not chunk:
-                    break
-                chunks.append(chunk)
-                left -= len(chunk)
-            body = b"".join(chunks)
+            body = read_at_most(f, expected + 1)  # one byte more: a longer body is found without reading it all
     except FileNotFoundError:
         raise DataError(f"IDX file {path} does not exist; check the dataset root") from None
-    except (OSError, EOFError) as e:
+    except (OSError, EOFError, zlib.error) as e:
         raise DataError(f"IDX file {path} cannot be read ({e}); download it again") from None
     if len(body) != expected:
         more = "more" if len(body) > expected else f"{len(body)}"

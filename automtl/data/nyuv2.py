@@ -68,12 +68,16 @@ def _load(path: Path, name: str) -> np.ndarray:
             version = np.lib.format.read_magic(f)
             header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
             shape, _, dtype = header(f, max_header_size=10_000)
+            if dtype.hasobject:
+                raise DataError(f"{name} file {path} holds Python objects, which are read by unpickling; save numbers "
+                                "(a numeric dtype) instead")
             body = os.fstat(f.fileno()).st_size - f.tell()
             need = int(np.prod(shape, dtype=object)) * dtype.itemsize
-            if dtype.hasobject or need != body:
+            if need != body:
                 raise DataError(f"{name} file {path} declares {shape} values of {dtype} ({need} bytes) but holds {body}; "
                                 "regenerate it")
-        return np.load(path, allow_pickle=False)
+            f.seek(0)
+            return np.load(f, allow_pickle=False)  # the file whose header was checked
     except DataError:
         raise
     except Exception as e:  # noqa: BLE001 - any unreadable file is the same user problem

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..errors import AutomtlError, ConfigError
+from ..errors import AutomtlError, ConfigError, first_line
 from ..seeding import stable_seed
 
 _seed = stable_seed  # the name the search's modules import
@@ -32,11 +32,6 @@ def dist_timeout():
     return timedelta(seconds=max(seconds, 1.0))
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else type(exc).__name__
-
-
 class _Dist:
     """The torch.distributed context of a run: world 1 when not launched by torchrun."""
 
@@ -49,7 +44,7 @@ class _Dist:
             except Exception as exc:  # a missing MASTER_ADDR, a peer that never came, a refused port
                 raise AutomtlError(
                     f"rank {rank} could not join the process group of {os.environ.get('WORLD_SIZE')} ranks "
-                    f"({_first_line(exc)}); launch the search with torchrun --nproc-per-node N") from None
+                    f"({first_line(exc, 200)}); launch the search with torchrun --nproc-per-node N") from None
             self.created = True
         self.active = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         self.rank = dist.get_rank() if self.active else 0
@@ -63,7 +58,7 @@ class _Dist:
             yield
         except RuntimeError as exc:
             raise AutomtlError(
-                f"rank {self.rank} lost the other ranks while {what} ({_first_line(exc)}); a rank died or stopped "
+                f"rank {self.rank} lost the other ranks while {what} ({first_line(exc, 200)}); a rank died or stopped "
                 f"answering for {dist_timeout().total_seconds():.0f} s (AUTOMTL_DIST_TIMEOUT), see its log, then "
                 "continue the run with --resume") from None
 
