@@ -254,8 +254,8 @@ def _refuse_hooks(backbone: nn.Module, graphs: Sequence[fx.Graph]) -> None:
 def _trace_graph(backbone: nn.Module, leaf_modules: Sequence[type], concrete_args: Optional[dict]) -> fx.Graph:
     before, python = _state(backbone), PythonState(backbone)
     for buffers in (True, False):  # then torch.fx's default, for code that needs a buffer's value in Python
-        try:
-            with _refusing_autograd_functions():
+        try:  # draws the forward makes while traced come from, and go back to, the caller's random state
+            with _refusing_autograd_functions(), seeded(_device_of(backbone), seed=None):
                 graph = _Tracer(leaf_modules, buffers=buffers).trace(backbone, concrete_args=concrete_args)
             failure = None
         except BackboneError:
@@ -274,6 +274,13 @@ def _trace_graph(backbone: nn.Module, leaf_modules: Sequence[type], concrete_arg
         f"{_first_line(failure, limit=None)}; mark that module as a leaf (leaf_modules=[ItsClass]) or fix its Python "
         "control flow with concrete_args, then try again"
     ) from failure
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    """The device of the module's first parameter or buffer (the CPU for one with neither)."""
+    first = next(iter(module.parameters()), None)
+    first = first if first is not None else next(iter(module.buffers()), None)
+    return first.device if first is not None else torch.device("cpu")
 
 
 def trace(backbone: nn.Module, leaf_modules: Sequence[type] = (), concrete_args: Optional[dict] = None) -> fx.GraphModule:

@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import random
 import sys
+from typing import Optional
 
 import torch
 
@@ -25,9 +26,9 @@ def stable_seed(*parts) -> int:
 
 
 @contextlib.contextmanager
-def seeded(device: torch.device, seed: int = 0):
+def seeded(device: torch.device, seed: Optional[int] = 0):
     """Run the block from the random state ``seed`` on the CPU, on ``device``, in Python's ``random`` and numpy's
-    global generator, and restore them after it: two blocks entered the same way draw the same numbers (dropout masks), and nothing outside sees
+    global generator (``seed=None``: from their current states, unseeded), and restore them after it: two blocks entered the same way draw the same numbers (dropout masks), and nothing outside sees
     a draw."""
     fork = dict(devices=[], device_type="cuda") if device.type == "cpu" else dict(devices=[device],
                                                                                      device_type=device.type)
@@ -35,15 +36,16 @@ def seeded(device: torch.device, seed: int = 0):
     numpy = sys.modules.get("numpy")  # seeded too where a forward draws from it, never imported for that
     numpy_state = numpy.random.get_state() if numpy is not None else None
     with torch.random.fork_rng(**fork):
-        random.seed(seed)
-        if numpy is not None:
-            numpy.random.seed(seed)
-        torch.random.default_generator.manual_seed(seed)
-        if device.type == "cuda":
-            with torch.cuda.device(device):
-                torch.cuda.manual_seed(seed)
-        elif device.type != "cpu":
-            getattr(torch, device.type).manual_seed(seed)
+        if seed is not None:
+            random.seed(seed)
+            if numpy is not None:
+                numpy.random.seed(seed)
+            torch.random.default_generator.manual_seed(seed)
+            if device.type == "cuda":
+                with torch.cuda.device(device):
+                    torch.cuda.manual_seed(seed)
+            elif device.type != "cpu":
+                getattr(torch, device.type).manual_seed(seed)
         try:
             yield
         finally:

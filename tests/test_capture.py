@@ -631,3 +631,26 @@ def test_relative_gap_sees_infinities_and_dtype_rounding():
     assert relative_gap(torch.tensor([inf, 1.0]), torch.tensor([inf, 1.0])) == 0.0
     assert relative_gap(torch.tensor([0.0, 1.001]), torch.tensor([0.0, 1.0])) == pytest.approx(1e-3 / 1.01, rel=1e-3)
     assert tolerance(torch.bfloat16) > tolerance(torch.float32) == 1e-3
+
+
+def test_capture_leaves_every_random_state_as_it_was():
+    """The forward's draws while it is traced, checked and propagated come from and go back to the caller's state."""
+    import random
+
+    import numpy as np
+
+    class Draws(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c = nn.Conv2d(3, 8, 3)
+
+        def forward(self, x):  # an augmentation that never fires, drawn every call
+            if self.training and random.random() < 0.0 and np.random.rand() < 0.0:
+                x = x.flip(3)
+            return self.c(torch.nn.functional.dropout(x, 0.1, self.training))
+
+    net, x = Draws(), torch.randn(1, 3, 16, 16)
+    states = random.getstate(), np.random.get_state()[1].copy(), torch.random.get_rng_state()
+    capture(net, x)
+    assert random.getstate() == states[0] and np.array_equal(np.random.get_state()[1], states[1])
+    assert torch.equal(torch.random.get_rng_state(), states[2])
