@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import itertools
 import os
 import sys
 import traceback
@@ -278,8 +279,7 @@ def _trace_graph(backbone: nn.Module, leaf_modules: Sequence[type], concrete_arg
 
 def _device_of(module: nn.Module) -> torch.device:
     """The device of the module's first parameter or buffer (the CPU for one with neither)."""
-    first = next(iter(module.parameters()), None)
-    first = first if first is not None else next(iter(module.buffers()), None)
+    first = next(itertools.chain(module.parameters(), module.buffers()), None)
     return first.device if first is not None else torch.device("cpu")
 
 

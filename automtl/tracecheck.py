@@ -256,9 +256,16 @@ def _compare(backbone: nn.Module, gm: fx.GraphModule, x: torch.Tensor, buffers: 
                                      else f"only the trace has a backward; the backbone's fails: {grads}") + ")"), math.inf
     names = [f"the gradient of {name}" for name, _ in named] + ["the gradient of the input"]
     scale = max([float(g.abs().max()) for g in grads if g.numel() and g.is_floating_point()] + [0.0])
-    worst = max(((relative_gap(b, a, floor=1e-4 * scale) / tolerance(a.dtype), names[i])
-                 for i, (a, b) in enumerate(zip(grads, tgrads))), default=(0.0, None))
-    return (worst[1], worst[0] * TOLERANCE) if worst[0] > 1 else (None, 0.0)
+    return _worst((names[i], a, relative_gap(b, a, floor=1e-4 * scale)) for i, (a, b) in enumerate(zip(grads, tgrads))) \
+        or (None, 0.0)
+
+
+def _worst(gaps) -> Optional[tuple]:
+    """``(what, gap)`` of the ``(what, reference, gap)`` whose gap is largest against its dtype's :func:`tolerance`,
+    when that gap is beyond it; else None."""
+    ratio, what, gap = max(((gap / tolerance(ref.dtype), what, gap) for what, ref, gap in gaps),
+                           key=lambda t: t[0], default=(0.0, None, 0.0))
+    return (what, gap) if ratio > 1 else None
 
 
 def _run_again(program, x: torch.Tensor, buffers: list) -> dict:
@@ -277,8 +284,7 @@ def _outputs_apart(outs: dict, touts: dict) -> Optional[tuple]:
         b = touts[path]
         if a.shape != b.shape or a.dtype != b.dtype:
             return f"{path} ({tuple(a.shape)} {a.dtype} against {tuple(b.shape)} {b.dtype})", math.inf
-    worst = max(((relative_gap(touts[k], outs[k]) / tolerance(outs[k].dtype), k) for k in outs), default=(0.0, None))
-    return (worst[1], worst[0] * TOLERANCE) if worst[0] > 1 else None
+    return _worst((k, outs[k], relative_gap(touts[k], outs[k])) for k in outs)
 
 
 def tolerance(dtype: torch.dtype) -> float:

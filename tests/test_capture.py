@@ -631,6 +631,11 @@ def test_relative_gap_sees_infinities_and_dtype_rounding():
     assert relative_gap(torch.tensor([inf, 1.0]), torch.tensor([inf, 1.0])) == 0.0
     assert relative_gap(torch.tensor([0.0, 1.001]), torch.tensor([0.0, 1.0])) == pytest.approx(1e-3 / 1.01, rel=1e-3)
     assert tolerance(torch.bfloat16) > tolerance(torch.float32) == 1e-3
+    from automtl.tracecheck import _worst
+
+    bf16 = torch.ones(2, dtype=torch.bfloat16)  # the gap reported is the gap, not its ratio to the dtype's tolerance
+    assert _worst([("a", bf16, 0.06), ("b", torch.ones(2), 5e-4)]) == ("a", 0.06)
+    assert _worst([("a", bf16, 0.02)]) is None
 
 
 def test_capture_leaves_every_random_state_as_it_was():
