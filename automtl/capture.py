@@ -356,7 +356,8 @@ def capture(
         )
     train_graph = _train_counterpart(backbone, gm, tgm, node, example_input)
     _cut(gm.graph, node)
-    train_graph = _drop_if_same(gm.graph, train_graph)
+    train_graph = _drop_if_same(gm.graph, train_graph, {name for name, _ in backbone.named_parameters()}
+                                | {name for name, _ in backbone.named_buffers()})
     _delete_unused(gm, [gm.graph] + ([train_graph] if train_graph is not None else []))
     gm.recompile()
     return Capture(gm, node.name, tuple(example_input.shape), tuple(_tensor_meta(node).shape), train_graph, notes)
@@ -567,8 +568,27 @@ def _share_constants(gm: fx.GraphModule, tgm: fx.GraphModule, buffers: set) -> N
         if match is not None:
             n.target = match
             _assign(tgm, match, own[match])  # the train graph module must hold what its graph reads
-        elif not _has(gm, n.target):
+        elif n.target in buffers or isinstance(value, torch.Tensor):
+            if not _has(gm, n.target):
+                _assign(gm, n.target, value)
+        else:  # a module's torch.Generator: kept in a registered module, which copies of the graph module keep
+            n.target = f"{TRAIN_ONLY}.{n.target.replace('.', '_')}"
+            _assign(tgm, n.target, value)
             _assign(gm, n.target, value)
+
+
+#: The submodule holding what only the train graph reads that is not a tensor (a module's ``torch.Generator``): a
+#: GraphModule keeps the attributes its graph reads, and its copies the registered ones only.
+TRAIN_ONLY = "train_only_constants"
+
+
+def copy_constants(source: nn.Module, dest: nn.Module, graph: fx.Graph) -> None:
+    """Give ``dest`` each attribute ``graph`` reads (``get_attr``) that it lacks, from ``source``: the constants a
+    train-mode trace made (a tensor, a module's ``torch.Generator``) that the eval graph, which ``dest`` was built
+    from, does not read."""
+    for n in graph.nodes:
+        if n.op == "get_attr" and not _has(dest, n.target):
+            _assign(dest, n.target, _fetch(source, n.target))
 
 
 def _has(mod: nn.Module, target: str) -> bool:
@@ -580,14 +600,19 @@ def _has(mod: nn.Module, target: str) -> bool:
 
 
 def _assign(mod: nn.Module, target: str, value: Any) -> None:
-    """Set ``target`` (a dotted path) on ``mod`` as torch.fx stores tensor constants: a plain attribute."""
+    """Set ``target`` (a dotted path) on ``mod`` as a GraphModule stores what its graph reads: a tensor as a buffer,
+    anything else as an attribute, on registered submodules (made where missing)."""
     *path, name = target.split(".")
     owner = mod
     for part in path:
         if not hasattr(owner, part):
             owner.add_module(part, nn.Module())
         owner = getattr(owner, part)
-    if not _has(owner, name):
+    if _has(owner, name):
+        return
+    if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
+        owner.register_buffer(name, value)
+    else:
         setattr(owner, name, value)
 
 
@@ -607,13 +632,15 @@ def _signature(graph: fx.Graph) -> list:
     return sig
 
 
-def _drop_if_same(graph: fx.Graph, train_graph: fx.Graph) -> Optional[fx.Graph]:
-    """None when the train graph computes what the eval graph does; else check that it calls no other modules."""
+def _drop_if_same(graph: fx.Graph, train_graph: fx.Graph, state: set) -> Optional[fx.Graph]:
+    """None when the train graph computes what the eval graph does; else check that it calls no other modules and
+    reads no parameter or buffer (``state``: their names) the eval graph does not. Constants the train trace made
+    (a tensor or a ``torch.Generator`` it reads) are on the eval graph's module already (``_share_constants``)."""
     if _signature(graph) == _signature(train_graph):
         return None
     targets = {n.target for n in graph.nodes if n.op in ("call_module", "get_attr")}
     for n in train_graph.nodes:
-        if n.op in ("call_module", "get_attr") and n.target not in targets:
+        if n.target not in targets and (n.op == "call_module" or n.op == "get_attr" and n.target in state):
             raise BackboneError(
                 f"the backbone uses {n.target!r} in train mode only{user_line(n)}; automtl keeps one set of modules "
                 "for both modes, so compute it in eval mode too or move it after the feature node"

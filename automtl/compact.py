@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .capture import count_parameters
+from .capture import copy_constants, count_parameters
 from .errors import AutomtlError
 from .heads import finish
 from .policy import CHOICES, SHARE, SKIP, SPECIALIZE, Policy
@@ -175,6 +175,8 @@ def compact(sm: SuperModel, policy: Optional[Policy] = None, copy_weights: bool 
     if train_source is sm.net and not compiler.grouped:
         train_graph = None  # the eval graph computes the same in train mode
     gm = fx.GraphModule(root, graph, "CompactNet")
+    if train_graph is not None:  # what only the train graph reads (a constant, a module's generator)
+        copy_constants(root, gm, train_graph)
     if copy_weights:
         gm = copy.deepcopy(gm)  # own the weights
     _make_out_of_place(gm)

@@ -27,7 +27,7 @@ from torch import fx
 from .errors import BackboneError, first_line as _first_line
 from .policy import SPECIALIZE, Policy
 from .seeding import seeded
-from .tracecheck import put_back
+from .tracecheck import PythonState, put_back
 
 #: the largest image side the check runs at (a smaller example's own; the example's when the backbone refuses it)
 CHECK_SIZE = 32
@@ -208,10 +208,12 @@ def _interference(sm, gen: torch.Generator, shape: tuple, device, dtype, buffers
     cases = [(x, lambda: set_first(changed_to), lambda: set_first(was)), (xs, None, None)]
     worst = 0.0
     sm.train()
+    state = PythonState(sm)  # a module's own torch.Generator, counters: each pass from the same
     for inputs, before, after in cases:
         outs = []
         for changed in (False, True):
             put_back(buffers)
+            state.restore()
             run = dict(inputs, **{sm.task_names[0]: other}) if changed and isinstance(inputs, dict) else inputs
             if changed and before is not None:
                 before()

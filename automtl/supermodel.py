@@ -18,7 +18,7 @@ import torch
 from torch import fx, nn
 
 from . import cost
-from .capture import Capture, capture, count_parameters
+from .capture import Capture, capture, copy_constants, count_parameters
 from .errors import AutomtlError, ConfigError
 from .foldcheck import check_tasks_apart
 from .heads import build_head, finish
@@ -169,6 +169,8 @@ class SuperModel(GraphsBuiltOnUse):
         self._captured_graphs = {False: gm.graph, True: cap.train_graph}
         self._fused = fused
         self.net = fx.GraphModule(gm, self._build_graph(shared_input=True, train=False, root=gm), "SuperNet")
+        if cap.train_graph is not None:  # the GraphModule took what the eval graph reads; train mode reads more
+            copy_constants(gm, self.net, cap.train_graph)
         self._nets: dict = {}  # the other graphs over self.net's modules, built on first use
         self._runners: dict = {}  # train mode -> PathRunner (sampled paths), built on first use
 

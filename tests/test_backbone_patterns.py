@@ -24,7 +24,7 @@ from zoo import ZOO, AuxHeadNet, BatchNormAct2d
 
 TASKS = [Task("segment", "segmentation", classes=3), Task("depth", "depth")]
 SIZE = 16
-RANDOM = {"dropout", "efficientnet", "convnext"}  # random in train mode (dropout, stochastic depth)
+RANDOM = {"dropout", "efficientnet", "convnext", "own_generator"}  # random in train mode (dropout, stochastic depth, noise)
 
 
 @functools.lru_cache(maxsize=None)
@@ -128,6 +128,30 @@ def test_dropout_in_forward_is_off_in_eval_mode_and_in_saved_files(tmp_path):
         ref = c(x)
         assert all(torch.allclose(loaded(x)[t], ref[t], atol=1e-6) for t in ref)
         assert sm.train()._net_for(False).graph is not sm.net.graph and c.train_graph is not None
+
+
+def test_a_generator_the_backbone_owns_is_kept_by_every_copy():
+    """Train-mode noise from a module's own torch.Generator, read by the train graph only (the trace check compared
+    it with the backbone's at conversion): a deep copy of the supermodel and the compact model each keep a generator
+    of their own at the same state (a copy draws the same noise; the compact model draws it for the rows it runs, so
+    its draws are its own), and each call moves it."""
+    _, sm = built("own_generator")
+    sm = copy.deepcopy(sm).train().hard(Policy.uniform(sm.layer_names, sm.task_names, "share"))
+
+    def generator(model):
+        (g,) = [v for m in model.modules() for v in vars(m).values() if isinstance(v, torch.Generator)]
+        return g
+
+    x = torch.randn(3, 3, SIZE, SIZE)
+    with torch.no_grad():
+        twin, c = copy.deepcopy(sm), compact(sm)
+        assert len({id(generator(m)) for m in (sm, twin, c)}) == 3
+        assert torch.equal(generator(c).get_state(), generator(sm).get_state())
+        a, b = sm(x), twin(x)
+        assert all(torch.equal(a[t], b[t]) for t in a)
+        assert not torch.equal(sm(x)["depth"], a["depth"]) and not torch.equal(c(x)["depth"], c(x)["depth"])
+        sm.eval()
+        assert torch.equal(sm(x)["depth"], sm(x)["depth"])
 
 
 def test_norm_after_conv_is_fused_by_kind():

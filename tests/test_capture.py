@@ -659,3 +659,26 @@ def test_capture_leaves_every_random_state_as_it_was():
     capture(net, x)
     assert random.getstate() == states[0] and np.array_equal(np.random.get_state()[1], states[1])
     assert torch.equal(torch.random.get_rng_state(), states[2])
+
+
+class _TrainOnlyState(nn.Module):
+    """A module called, or a buffer read, in train mode only: state the eval graph would not carry."""
+
+    def __init__(self, what):
+        super().__init__()
+        self.what = what
+        self.extra = nn.Conv2d(8, 8, 1)
+        self.register_buffer("shift", torch.ones(1, 8, 1, 1))
+
+    def forward(self, x):
+        if not self.training:
+            return x
+        return self.extra(x) if self.what == "module" else x + self.shift
+
+
+@pytest.mark.parametrize("what, name", [("module", "mid.extra"), ("buffer", "mid.shift")])
+def test_a_module_or_buffer_used_in_train_mode_only_is_refused(what, name):
+    """Train-only constants made by the trace are carried (tests/zoo.py: train_only_constant, own_generator); a
+    module or a buffer of the backbone is state one set of modules must share between the modes."""
+    with pytest.raises(BackboneError, match=f"uses '{name}' in train mode only"):
+        capture(_TwoConvs(_TrainOnlyState(what)).train(), torch.randn(1, 3, 16, 16))

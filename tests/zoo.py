@@ -377,6 +377,36 @@ class ConstantInForwardNet(nn.Module):
         return self.c2(self.c1(x) * scale)
 
 
+class TrainOnlyConstantNet(nn.Module):
+    """A tensor built from constants in train mode only (a training-time rescaling): the train trace's own
+    ``_tensor_constant``, which the eval graph never reads."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = conv_bn(3, 8), conv_bn(8, 8)
+
+    def forward(self, x):
+        y = self.c1(x)
+        if self.training:
+            y = y * (torch.arange(8.0).reshape(1, 8, 1, 1) / 8 + 0.5)
+        return self.c2(y)
+
+
+class OwnGeneratorNet(nn.Module):
+    """Noise injected in train mode from a ``torch.Generator`` the module owns (reproducible augmentation)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = conv_bn(3, 8), conv_bn(8, 8)
+        self.g = torch.Generator().manual_seed(7)
+
+    def forward(self, x):
+        y = self.c1(x)
+        if self.training:
+            y = y + 0.1 * torch.randn(y.shape, generator=self.g)
+        return self.c2(y)
+
+
 class PositionalConvNet(nn.Module):
     """A conv on a learned map, not on the input (conditional positional encodings): the same for every
     sample, added to the trunk by broadcasting."""
@@ -481,4 +511,5 @@ ZOO = {
     "inplace": InplaceNet, "batch_size": BatchSizeNet, "tied": TiedDecoder, "classifier": ClassifierNet,
     "pruned": pruned_net, "transform_input": TransformInputNet, "call_arguments": CallArgumentsNet,
     "norm_weight_attention": NormWeightAttention, "coord_map": CoordMapNet,
+    "train_only_constant": TrainOnlyConstantNet, "own_generator": OwnGeneratorNet,
 }
