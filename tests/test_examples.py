@@ -1,6 +1,5 @@
 """Each script in examples/ runs, at small sizes, as a user would run it."""
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -38,11 +37,7 @@ def test_edit_policy(tmp_path):
 
 
 def test_torchrun_search(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    out = run("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-              "--master_port", port, ROOT / "examples" / "torchrun_search.py", "--steps", "2,4,2",
+    out = run("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", ROOT / "examples" / "torchrun_search.py", "--steps", "2,4,2",
               "--out", tmp_path / "ddp", cwd=tmp_path)
     assert "policy:" in out
     assert (tmp_path / "ddp" / "policy.yaml").exists()

@@ -4,7 +4,6 @@ import copy
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -313,12 +312,6 @@ def test_parse_budget_rejects(value):
 
 
 # ---- two ranks ---------------------------------------------------------------------------
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("strategy", ["gumbel", "conflict"])
 def test_two_ranks_agree_on_the_policy(tmp_path, strategy):
     config = dict(warmup_steps=4, search_steps=8, finetune_steps=4, weight_steps_per_policy_step=1, tau_every=1,
@@ -326,8 +319,8 @@ def test_two_ranks_agree_on_the_policy(tmp_path, strategy):
                   strategy=strategy, conflict_confidence=0.0)
     args = {"config": config, "result": str(tmp_path / "rank{rank}.pt"), "batch_size": 4}
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), str(WORKER), json.dumps(args)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(WORKER), json.dumps(args)]
     proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=180)
     assert proc.returncode == 0, proc.stdout.decode()[-4000:]
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
@@ -353,8 +346,8 @@ def test_two_ranks_resume_each_ranks_balancer_state(tmp_path):
     def two_ranks(out, result, **extra):
         args = {"config": {**config, "out_dir": str(tmp_path / out), **extra.pop("cfg", {})}, "batch_size": 4,
                 "result": str(tmp_path / result), **extra}
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-               "--master_port", str(_free_port()), str(WORKER), json.dumps(args)]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(WORKER), json.dumps(args)]
         return subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=180)
 
     proc = two_ranks("a", "a{rank}.pt")
