@@ -30,7 +30,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from .errors import BackboneError, first_line as _first_line
 from .features import pick_feature_node
 from .graphpasses import STATE_WRITE_ADVICE, ancestors, functionalize, refuse_state_writes, user_line
-from .seeding import seeded
+from .seeding import moved_generators, random_states, seeded
 from .tracecheck import PythonState, check_trace, put_back
 
 
@@ -253,11 +253,13 @@ def _refuse_hooks(backbone: nn.Module, graphs: Sequence[fx.Graph]) -> None:
 
 
 def _trace_graph(backbone: nn.Module, leaf_modules: Sequence[type], concrete_args: Optional[dict]) -> fx.Graph:
-    before, python = _state(backbone), PythonState(backbone)
+    before, python, device = _state(backbone), PythonState(backbone), _device_of(backbone)
     for buffers in (True, False):  # then torch.fx's default, for code that needs a buffer's value in Python
         try:  # draws the forward makes while traced come from, and go back to, the caller's random state
-            with _refusing_autograd_functions(), seeded(_device_of(backbone), seed=None):
+            with _refusing_autograd_functions(), seeded(device, seed=None):
+                states = random_states(device)
                 graph = _Tracer(leaf_modules, buffers=buffers).trace(backbone, concrete_args=concrete_args)
+                _refuse_frozen_draws(moved_generators(states, device))
             failure = None
         except BackboneError:
             raise
@@ -275,6 +277,19 @@ def _trace_graph(backbone: nn.Module, leaf_modules: Sequence[type], concrete_arg
         f"{_first_line(failure, limit=None)}; mark that module as a leaf (leaf_modules=[ItsClass]) or fix its Python "
         "control flow with concrete_args, then try again"
     ) from failure
+
+
+def _refuse_frozen_draws(moved: list) -> None:
+    """Refuse a forward that drew from a global generator while traced: a traced random operation (dropout,
+    ``torch.rand(x.shape)``) draws nothing until it runs, so a draw during the trace was made in Python on no traced
+    value, and the trace froze its outcome (``if torch.rand(1).item() < p``, ``torch.randn(8)``, ``random.random()``)
+    into every call of the converted model."""
+    if moved:
+        raise BackboneError(
+            f"the backbone draws from {' and '.join(moved)} random generator while traced, on no traced value (such "
+            "as `torch.rand(1).item() < p`, `torch.randn(8)` or `random.random()`), so torch.fx would freeze that one "
+            "draw into the converted model; draw on the input's shape and device (torch.rand(x.shape[0], 1, 1, 1, "
+            "device=x.device)) or mark the module that draws as a leaf (leaf_modules=[ItsClass])")
 
 
 def _device_of(module: nn.Module) -> torch.device:

@@ -35,6 +35,37 @@ class Faulty(torch.utils.data.Dataset):
         return self.data[i]
 
 
+class Jitter(torch.nn.Module):
+    """Called as one operation (a leaf): scales by draws from a Python and a numpy generator it owns."""
+
+    def __init__(self):
+        import random
+
+        import numpy as np
+
+        super().__init__()
+        self.py_gen, self.np_gen = random.Random(0), np.random.default_rng(0)
+
+    def forward(self, x):
+        return x * float(1 + 0.1 * self.py_gen.random() + 0.1 * self.np_gen.random()) if self.training else x
+
+
+class OwnGenerators(torch.nn.Module):
+    """Train-mode noise from a torch.Generator the backbone owns (traced), beside the leaf above."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU())
+        self.c2 = torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU())
+        self.jitter, self.g = Jitter(), torch.Generator().manual_seed(5)
+
+    def forward(self, x):
+        y = self.jitter(self.c1(x))
+        if self.training:
+            y = y + 0.1 * torch.randn(y.shape, generator=self.g)
+        return self.c2(y)
+
+
 def main():
     args = json.loads(sys.argv[1])
     torch.manual_seed(0)
@@ -42,7 +73,10 @@ def main():
     tasks = train.tasks
     if args.get("delay") or args.get("crash_after"):
         train = Faulty(train, args.get("delay", 0.0), args.get("crash_after"))
-    sm = supermodel("tiny", tasks, torch.randn(1, 3, 32, 32))
+    if args.get("backbone") == "own generators":
+        sm = supermodel(OwnGenerators(), tasks, torch.randn(1, 3, 32, 32), leaf_modules=[Jitter])
+    else:
+        sm = supermodel("tiny", tasks, torch.randn(1, 3, 32, 32))
     if os.environ.get("RANK", "0") != "0":
         # a different initialisation on purpose: the search must start every rank from rank 0's weights
         torch.manual_seed(123)

@@ -141,16 +141,18 @@ def _worker(args, **kw):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kw)
 
 
-@pytest.mark.parametrize("strategy,weighting", [("gumbel", "dwa"), ("conflict", "dwa"), ("conflict", "gradnorm")])
-def test_killed_run_resumes_bitwise(tmp_path, strategy, weighting):
+@pytest.mark.parametrize("strategy,weighting,backbone", [("gumbel", "dwa", "tiny"), ("conflict", "dwa", "tiny"),
+                                                       ("conflict", "gradnorm", "own generators")])
+def test_killed_run_resumes_bitwise(tmp_path, strategy, weighting, backbone):
     """Each strategy's resumed run ends bitwise equal to an uninterrupted one (gumbel with 96 samples:
     enough for its held-out split, so both data parts and their positions are resumed); GradNorm's learnt
-    weights and its own Adam moments live in the balancer's state_dict, so they resume too."""
+    weights and its own Adam moments live in the balancer's state_dict, so they resume too; so do the states of
+    the generators a backbone's modules own (torch's, traced; Python's and numpy's, in a leaf)."""
     options = {"window": 3} if weighting == "dwa" else {}
     config = dict(warmup_steps=6, search_steps=10, finetune_steps=6, weight_steps_per_policy_step=1,
                   checkpoint_every=4, tau_every=1, budget="1.5x", weighting=weighting, weighting_options=options,
                   quiet=True, seed=7, strategy=strategy, conflict_confidence=0.0)
-    n = {"n_train": 96 if strategy == "gumbel" else 32}
+    n = {"n_train": 96 if strategy == "gumbel" else 32, "backbone": backbone}
     straight = _worker({"config": {**config, "out_dir": str(tmp_path / "a")}, "result": str(tmp_path / "a.pt"), **n})
     killed_dir = tmp_path / "b"
     ckpt = killed_dir / "checkpoint.pt"

@@ -1,7 +1,7 @@
 """The search's checkpoint: what it holds, how it is written, and how a resume reads it back.
 
 A checkpoint is the run's whole state at a global step (model, the three optimizers, the loss
-balancer and the RNG states (each rank's, under torchrun), the strategy's state, the history), so that a resumed run ends bitwise
+balancer and the RNG states (each rank's, under torchrun; the global generators and those the backbone's modules own), the strategy's state, the history), so that a resumed run ends bitwise
 equal to an uninterrupted one. A fingerprint of the settings that change the numbers refuses a
 resume by a different run.
 """
@@ -44,7 +44,7 @@ class _CheckpointMixin:
             "weight_opt": self.weight_opt.state_dict(),
             "policy_opt": self.policy_opt.state_dict(),
             "weighting": self.weighting.state_dict(),
-            "rng": _rng_state(),
+            "rng": _rng_state(self.sm),
             "data_position": g,
             "policy": self.policy.to_dict() if self.policy is not None else None,
             "strategy": self.strategy.state_dict(),
@@ -57,7 +57,7 @@ class _CheckpointMixin:
             return
         # what differs between ranks: a torchjd aggregator's state follows that rank's own Jacobian (GradVac,
         # Nash-MTL), and its random draws (GradVac's, PCGrad's order) that rank's generators
-        ranks = self.dist.all_gather_object({"weighting": self.weighting.state_dict(), "rng": _rng_state()}) \
+        ranks = self.dist.all_gather_object({"weighting": self.weighting.state_dict(), "rng": _rng_state(self.sm)}) \
             if self.dist.active else None
         if self.dist.main:
             state = self._state(g)
@@ -97,7 +97,7 @@ class _CheckpointMixin:
         except RuntimeError as exc:
             raise FileFormatError(f"checkpoint {str(path)!r} does not hold this loss weighting's state ({exc}); "
                                   "delete it to start over") from None
-        _set_rng_state(own["rng"])
+        _set_rng_state(own["rng"], self.sm)
         if ckpt.get("policy") is not None:
             self.policy = Policy.from_dict(ckpt["policy"], f"checkpoint {str(path)!r}")
         self.strategy.load_state_dict(ckpt.get("strategy") or {})

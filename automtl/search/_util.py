@@ -5,7 +5,7 @@ import contextlib
 import os
 import random
 import sys
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -201,7 +201,9 @@ def _make_optimizer(kind: str, params, lr: float, momentum: float, weight_decay:
         return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
 
 
-def _rng_state() -> dict:
+def _rng_state(model: Optional[torch.nn.Module] = None) -> dict:
+    """The global generators' states, and (``"modules"``) those of the generators ``model``'s modules own (a
+    backbone's ``torch.Generator``, ``random.Random`` or numpy generator), by ``module.attribute``."""
     keys_kind, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
         "torch": torch.get_rng_state(),
@@ -211,10 +213,14 @@ def _rng_state() -> dict:
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
+    if model is not None:
+        state["modules"] = {f"{name}.{attr}" if name else attr: _encode(_generator_state(v))
+                            for name, m in model.named_modules() for attr, v in vars(m).items()
+                            if _generator_state(v) is not None}
     return state
 
 
-def _set_rng_state(state: dict) -> None:
+def _set_rng_state(state: dict, model: Optional[torch.nn.Module] = None) -> None:
     torch.set_rng_state(state["torch"])
     py = state["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
@@ -222,6 +228,54 @@ def _set_rng_state(state: dict) -> None:
     np.random.set_state(("MT19937", npst["keys"].numpy().astype(np.uint32), npst["pos"], npst["has_gauss"], npst["cached"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+    if model is not None:
+        for key, saved in state.get("modules", {}).items():
+            name, _, attr = key.rpartition(".")
+            owner = model.get_submodule(name) if name else model
+            generator = vars(owner)[attr]
+            saved = _decode(saved)
+            if isinstance(generator, torch.Generator):
+                generator.set_state(saved)
+            elif isinstance(generator, random.Random):
+                generator.setstate((saved[0], tuple(saved[1]), saved[2]))
+            elif isinstance(generator, np.random.RandomState):
+                generator.set_state(saved)
+            else:
+                generator.bit_generator.state = saved
+
+
+def _generator_state(value):
+    """The state of a generator (torch's, Python's, numpy's legacy or new one); None for anything else."""
+    if isinstance(value, torch.Generator):
+        return value.get_state()
+    if isinstance(value, random.Random):
+        return value.getstate()
+    if isinstance(value, np.random.RandomState):
+        return value.get_state()
+    if isinstance(value, np.random.Generator):
+        return value.bit_generator.state
+    return None
+
+
+def _encode(value):
+    """``value`` with numpy arrays as tensors (a checkpoint is read with ``weights_only``)."""
+    if isinstance(value, np.ndarray):
+        return {"ndarray": torch.from_numpy(value.astype(np.int64)), "dtype": str(value.dtype)}
+    if isinstance(value, (tuple, list)):
+        return type(value)(_encode(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _encode(v) for k, v in value.items()}
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _decode(value):
+    if isinstance(value, dict) and set(value) == {"ndarray", "dtype"}:
+        return value["ndarray"].numpy().astype(value["dtype"])
+    if isinstance(value, (tuple, list)):
+        return type(value)(_decode(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _decode(v) for k, v in value.items()}
+    return value
 
 
 def _resolve_device(name: str, local_rank: int) -> torch.device:
