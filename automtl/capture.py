@@ -26,6 +26,7 @@ import torch
 import torch.utils.checkpoint
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from .errors import BackboneError, first_line as _first_line
 from .features import pick_feature_node
@@ -256,13 +257,19 @@ def _trace_graph(backbone: nn.Module, leaf_modules: Sequence[type], concrete_arg
     before, python, device = _state(backbone), PythonState(backbone), _device_of(backbone)
     for buffers in (True, False):  # then torch.fx's default, for code that needs a buffer's value in Python
         try:  # draws the forward makes while traced come from, and go back to, the caller's random state
-            with _refusing_autograd_functions(), seeded(device, seed=None):
+            with _refusing_autograd_functions(), seeded(device, seed=None), _RefusingEagerDraws():
                 states = random_states(device)
                 graph = _Tracer(leaf_modules, buffers=buffers).trace(backbone, concrete_args=concrete_args)
-                _refuse_frozen_draws(moved_generators(states, device))
+                _refuse_frozen_draws(moved_generators(states, device)
+                                     + [f"the generator {name!r}" for name in python.moved_generators(backbone)])
             failure = None
         except BackboneError:
             raise
+        except _EagerDraw as draw:
+            frame = _user_frame(draw)
+            _refuse_frozen_draws([f"a torch generator (with {draw.args[0]}"
+                                  + (f" at {frame.filename}:{frame.lineno}: {frame.line.strip()}" if frame and frame.line
+                                     else "") + ")"], fixed=True)
         except Exception as exc:  # fx raises many types; all mean "not traceable as written"
             failure = exc
         finally:  # what the forward kept in Python attributes while traced (a cache of symbolic values) is undone
@@ -279,17 +286,35 @@ def _trace_graph(backbone: nn.Module, leaf_modules: Sequence[type], concrete_arg
     ) from failure
 
 
-def _refuse_frozen_draws(moved: list) -> None:
+class _EagerDraw(Exception):
+    """A random operation ran on real tensors while the backbone was traced (``args[0]``: the operation)."""
+
+
+class _RefusingEagerDraws(TorchDispatchMode):
+    """While tracing, stop at any random operation that runs: traced ones are recorded, not run, so one that runs is
+    on no traced value and its draw would be frozen, whichever generator it draws from (a global one, a module's,
+    a helper object's, one forked and put back)."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if torch.Tag.nondeterministic_seeded in func.tags:
+            raise _EagerDraw(str(func.overloadpacket.__name__))
+        return func(*args, **(kwargs or {}))
+
+
+def _refuse_frozen_draws(moved: list, fixed: bool = False) -> None:
     """Refuse a forward that drew from a global generator while traced: a traced random operation (dropout,
     ``torch.rand(x.shape)``) draws nothing until it runs, so a draw during the trace was made in Python on no traced
     value, and the trace froze its outcome (``if torch.rand(1).item() < p``, ``torch.randn(8)``, ``random.random()``)
-    into every call of the converted model."""
+    into every call of the converted model. The same for a generator a module owns (a leaf's draws only when it runs).
+    ``moved``: what drew, as the message names it."""
     if moved:
         raise BackboneError(
-            f"the backbone draws from {' and '.join(moved)} random generator while traced, on no traced value (such "
+            f"the backbone draws from {' and '.join(moved)} while traced, on no traced value (such "
             "as `torch.rand(1).item() < p`, `torch.randn(8)` or `random.random()`), so torch.fx would freeze that one "
             "draw into the converted model; draw on the input's shape and device (torch.rand(x.shape[0], 1, 1, 1, "
-            "device=x.device)) or mark the module that draws as a leaf (leaf_modules=[ItsClass])")
+            "device=x.device)) or mark the module that draws as a leaf (leaf_modules=[ItsClass])"
+            + ("; a draw meant to be the same in every call belongs in __init__, kept with register_buffer" if fixed
+               else ""))
 
 
 def _device_of(module: nn.Module) -> torch.device:

@@ -208,27 +208,30 @@ def _interference(sm, gen: torch.Generator, shape: tuple, device, dtype, buffers
     cases = [(x, lambda: set_first(changed_to), lambda: set_first(was)), (xs, None, None)]
     worst = 0.0
     sm.train()
-    state = PythonState(sm)  # a module's own torch.Generator, counters: each pass from the same
-    for inputs, before, after in cases:
-        outs = []
-        for changed in (False, True):
-            put_back(buffers)
-            state.restore()
-            run = dict(inputs, **{sm.task_names[0]: other}) if changed and isinstance(inputs, dict) else inputs
-            if changed and before is not None:
-                before()
-            try:
-                # the random state forked and reset: the CPU's, and the accelerator's where the supermodel runs on one
-                with seeded(device), contextlib.redirect_stderr(io.StringIO()):
-                    outs.append(sm(run))
-            except BackboneError:
-                raise
-            except Exception as exc:
-                raise _Failed(f"in train mode: {_first_line(exc)}") from None
-            finally:
-                if changed and after is not None:
-                    after()
-        worst = max([worst] + [_gap(outs[1][t], outs[0][t]) for t in sm.task_names[1:]])
+    state = PythonState(sm)  # a module's own torch.Generator, counters: each pass from the same, and back after
+    try:
+        for inputs, before, after in cases:
+            outs = []
+            for changed in (False, True):
+                put_back(buffers)
+                state.restore()
+                run = dict(inputs, **{sm.task_names[0]: other}) if changed and isinstance(inputs, dict) else inputs
+                if changed and before is not None:
+                    before()
+                try:
+                    # the random state forked and reset: the CPU's, and the accelerator's where the supermodel runs on one
+                    with seeded(device), contextlib.redirect_stderr(io.StringIO()):
+                        outs.append(sm(run))
+                except BackboneError:
+                    raise
+                except Exception as exc:
+                    raise _Failed(f"in train mode: {_first_line(exc)}") from None
+                finally:
+                    if changed and after is not None:
+                        after()
+            worst = max([worst] + [_gap(outs[1][t], outs[0][t]) for t in sm.task_names[1:]])
+    finally:
+        state.restore()
     return worst
 
 

@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["stable_seed", "seeded", "random_states", "moved_generators"]
+__all__ = ["stable_seed", "seeded", "random_states", "moved_generators", "same_state"]
 
 
 def stable_seed(*parts) -> int:
@@ -57,26 +57,29 @@ def seeded(device: torch.device, seed: Optional[int] = 0):
 def random_states(device: torch.device) -> dict:
     """The state of each global generator a forward can draw from: torch's on the CPU and on ``device``, Python's
     ``random`` and numpy's (where numpy is imported), by name, for :func:`moved_generators`."""
-    states = {"torch's": torch.random.get_rng_state(), "Python's random": random.getstate()}
+    states = {"torch's global generator": torch.random.get_rng_state(), "Python's random module": random.getstate()}
     if device.type == "cuda":
-        states["torch's CUDA"] = torch.cuda.get_rng_state(device)
+        states["torch's CUDA generator"] = torch.cuda.get_rng_state(device)
     numpy = sys.modules.get("numpy")
     if numpy is not None:
-        states["numpy's"] = numpy.random.get_state()
+        states["numpy's global generator"] = numpy.random.get_state()
     return states
 
 
 def moved_generators(before: dict, device: torch.device) -> list:
     """The names of the generators in ``before`` (:func:`random_states`) that have drawn since."""
     now = random_states(device)
+    return [name for name, state in before.items() if not same_state(state, now[name])]
 
-    def same(a, b) -> bool:
-        if isinstance(a, torch.Tensor):
-            return torch.equal(a, b)
-        if isinstance(a, tuple) and isinstance(b, tuple):
-            return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
-        if hasattr(a, "shape") and hasattr(b, "shape"):  # numpy's key array
-            return a.shape == b.shape and bool((a == b).all())
-        return a == b
 
-    return [name for name, state in before.items() if not same(state, now[name])]
+def same_state(a, b) -> bool:
+    """Whether two generator states (tensors, tuples, dicts, numpy arrays) are equal."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, (tuple, list)):
+        return isinstance(b, (tuple, list)) and len(a) == len(b) and all(same_state(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same_state(a[k], b[k]) for k in a)
+    if hasattr(a, "shape") and hasattr(b, "shape"):  # a numpy array
+        return a.shape == b.shape and bool((a == b).all())
+    return a == b

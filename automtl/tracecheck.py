@@ -27,7 +27,7 @@ import torch
 from torch import fx, nn
 
 from .errors import BackboneError, first_line as _first_line
-from .seeding import seeded
+from .seeding import same_state, seeded
 
 #: the image sides the check tries, smallest first (the cost grows with the pixels), then the example's own
 CHECK_SIZES = (16, 32)
@@ -52,6 +52,16 @@ class PythonState:
         for m in root.modules():
             own = {k: v for k, v in vars(m).items() if k not in _MODULE_INTERNALS}
             self.saved.append((m, own, {k: _state_of(v) for k, v in own.items()}))
+
+    def moved_generators(self, root: nn.Module) -> list:
+        """The ``module.attribute`` paths (under ``root``) of the generators whose state moved since."""
+        names = {id(m): name for name, m in root.named_modules()}
+        moved = []
+        for m, own, copies in self.saved:
+            for k, v in own.items():
+                if _is_generator(v) and not same_state(_state_of(v), copies[k]):
+                    moved.append(f"{names.get(id(m), '?')}.{k}".lstrip("."))
+        return moved
 
     def restore(self, added: str = "all") -> None:
         """Put the attributes back; the ones added since are removed (``added="all"``), or only those holding a
@@ -81,6 +91,11 @@ def _state_of(value):
     if isinstance(value, (list, dict, set)):
         return copy.copy(value)
     return None
+
+
+def _is_generator(value) -> bool:
+    return isinstance(value, (torch.Generator, random.Random)) or (
+        type(value).__module__.startswith("numpy") and (hasattr(value, "bit_generator") or hasattr(value, "get_state")))
 
 
 def _set_state(value, kept) -> None:

@@ -135,12 +135,15 @@ def test_a_generator_the_backbone_owns_is_kept_by_every_copy():
     it with the backbone's at conversion): a deep copy of the supermodel and the compact model each keep a generator
     of their own at the same state (a copy draws the same noise; the compact model draws it for the rows it runs, so
     its draws are its own), and each call moves it."""
-    _, sm = built("own_generator")
-    sm = copy.deepcopy(sm).train().hard(Policy.uniform(sm.layer_names, sm.task_names, "share"))
+    backbone, sm = built("own_generator")
 
     def generator(model):
         (g,) = [v for m in model.modules() for v in vars(m).values() if isinstance(v, torch.Generator)]
         return g
+
+    # the build's checks drew from it and put it back: the converted model starts where the backbone is
+    assert torch.equal(generator(sm).get_state(), backbone.g.get_state())
+    sm = copy.deepcopy(sm).train().hard(Policy.uniform(sm.layer_names, sm.task_names, "share"))
 
     x = torch.randn(3, 3, SIZE, SIZE)
     with torch.no_grad():

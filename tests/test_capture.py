@@ -396,7 +396,7 @@ class _TensorHook(nn.Module):
 
 @pytest.mark.parametrize("middle, match", [
     (_BinarizeAroundApply, "other gradients than its forward in eval mode .the gradient of"),
-    (_PythonRandom, "draws from Python's random random generator while traced"),
+    (_PythonRandom, "draws from Python's random module while traced"),
     (_CallCounter, "other outputs than its forward .*in a second call"),
     (_NoGradScale, r"other gradients .* torch.no_grad\(\) or torch.autocast block: use .detach"),
     (_TensorHook, "other gradients"),
@@ -703,6 +703,17 @@ class _FixedNoise(nn.Module):
         return x + 0.1 * torch.randn(1, 8, 1, 1) if self.training else x
 
 
+class _OwnFixedNoise(nn.Module):
+    """Noise from a generator the module owns, drawn on no traced value: frozen too."""
+
+    def __init__(self):
+        super().__init__()
+        self.g = torch.Generator().manual_seed(0)
+
+    def forward(self, x):
+        return x + 0.1 * torch.randn(1, 8, 1, 1, generator=self.g) if self.training else x
+
+
 class _NumpyCoin(nn.Module):
     def forward(self, x):
         import numpy as np
@@ -710,15 +721,47 @@ class _NumpyCoin(nn.Module):
         return x * 2 if np.random.rand() < 0.5 else x
 
 
-@pytest.mark.parametrize("middle, generator", [(_RareFlip, "torch's"), (_FixedNoise, "torch's"),
-                                               (_NumpyCoin, "numpy's")], ids=["rare flip", "train-mode noise", "numpy"])
+@pytest.mark.parametrize("middle, generator", [
+    (_RareFlip, r"a torch generator \(with rand at .*test_capture.py"), (_FixedNoise, r"a torch generator \(with randn"),
+    (_NumpyCoin, "numpy's global generator"), (_OwnFixedNoise, r"a torch generator \(with randn")],
+    ids=["rare flip", "train-mode noise", "numpy", "module's own generator"])
 @pytest.mark.parametrize("seed", range(3))
 def test_a_draw_the_trace_would_freeze_is_refused_whatever_the_seed(middle, generator, seed):
     """A draw while traced is on no traced value (traced random operations draw only when run): refused before
     any comparison, so a frozen outcome that a seeded check run happens to repeat (p = 0.2 passes most) is found
-    too; as a leaf, the module draws when it runs."""
+    too, torch's at the operation, whatever generator it draws from; as a leaf, the module draws when it runs."""
     torch.manual_seed(seed)
-    with pytest.raises(BackboneError, match=f"draws from {generator} random generator while traced"):
+    with pytest.raises(BackboneError, match=f"draws from {generator}.*while traced"):
         capture(_TwoConvs(middle()).train(), torch.randn(1, 3, 16, 16))
     if middle is not _RareFlip:  # random in eval mode: refused for that (MC dropout) by the supermodel, not here
         capture(_TwoConvs(middle()).train(), torch.randn(1, 3, 16, 16), leaf_modules=[middle])
+
+
+class _Augment:
+    """A plain helper object (not a module) holding a torch generator."""
+
+    def __init__(self):
+        self.rng = torch.Generator().manual_seed(0)
+
+
+class _HelperDraw(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.aug = _Augment()
+
+    def forward(self, x):
+        return x.flip(3) if torch.rand(1, generator=self.aug.rng).item() < 0.05 else x
+
+
+class _ForkedDraw(nn.Module):
+    def forward(self, x):
+        with torch.random.fork_rng():  # the global state is put back: only the operation tells
+            flip = torch.rand(1).item() < 0.05
+        return x.flip(3) if flip else x
+
+
+@pytest.mark.parametrize("middle", [_HelperDraw, _ForkedDraw], ids=["helper object's generator", "forked state"])
+def test_a_torch_draw_is_refused_wherever_its_generator_lives(middle):
+    """Random operations are caught as they run during the trace: no generator's state needs to be found."""
+    with pytest.raises(BackboneError, match=r"a torch generator \(with rand at .*test_capture.py.*while traced"):
+        capture(_TwoConvs(middle()), torch.randn(1, 3, 16, 16))

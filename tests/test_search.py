@@ -385,3 +385,35 @@ def test_finetune_through_compact_view_trains_like_hard_mode(data, monkeypatch, 
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=f"{name} differs after one fine-tune step")
         moved += not torch.equal(a, start[name])
     assert moved > 0
+
+
+def test_generators_a_model_owns_round_trip_and_a_missing_one_is_one_sentence(tmp_path):
+    """The checkpoint's RNG state holds the generators of the model's modules (torch's, Python's, numpy's legacy and
+    new ones); one the model no longer owns is a FileFormatError, not a KeyError."""
+    import random
+
+    import numpy as np
+
+    from automtl.errors import FileFormatError
+    from automtl.fileio import load_tensors
+    from automtl.search._util import _rng_state, _set_rng_state
+
+    def model():
+        m = torch.nn.Sequential(torch.nn.Identity(), torch.nn.Identity())
+        m[0].g, m[0].py = torch.Generator().manual_seed(1), random.Random(2)
+        m[1].legacy, m[1].new = np.random.RandomState(3), np.random.default_rng(4)
+        return m
+
+    a = model()
+    torch.save(_rng_state(a), tmp_path / "rng.pt")
+    draws = [a[0].g.initial_seed(), torch.rand(2, generator=a[0].g), a[0].py.random(), a[1].legacy.rand(), a[1].new.random()]
+    b = model()
+    for _ in range(3):  # move every generator of the second model away, then set them back from the file
+        b[0].py.random(), b[1].legacy.rand(), b[1].new.random(), torch.rand(1, generator=b[0].g)
+    state = load_tensors(tmp_path / "rng.pt", "checkpoint", FileFormatError, "")
+    _set_rng_state(state, b)
+    again = [b[0].g.initial_seed(), torch.rand(2, generator=b[0].g), b[0].py.random(), b[1].legacy.rand(), b[1].new.random()]
+    assert torch.equal(draws[1], again[1]) and draws[2:] == again[2:]
+    del b[1].new
+    with pytest.raises(FileFormatError, match="generator '1.new' that this model's modules do not own"):
+        _set_rng_state(state, b)

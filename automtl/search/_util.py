@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..errors import AutomtlError, ConfigError, first_line
+from ..errors import AutomtlError, ConfigError, FileFormatError, first_line
 from ..seeding import stable_seed
 
 _seed = stable_seed  # the name the search's modules import
@@ -231,24 +231,32 @@ def _set_rng_state(state: dict, model: Optional[torch.nn.Module] = None) -> None
     if model is not None:
         for key, saved in state.get("modules", {}).items():
             name, _, attr = key.rpartition(".")
-            owner = model.get_submodule(name) if name else model
-            generator = vars(owner)[attr]
+            try:
+                generator = vars(model.get_submodule(name) if name else model)[attr]
+            except (AttributeError, KeyError):
+                raise FileFormatError(f"the checkpoint holds the state of a generator {key!r} that this model's "
+                                      "modules do not own; resume with the backbone the run was started with, or "
+                                      "delete the checkpoint to start over") from None
             saved = _decode(saved)
-            if isinstance(generator, torch.Generator):
-                generator.set_state(saved)
-            elif isinstance(generator, random.Random):
-                generator.setstate((saved[0], tuple(saved[1]), saved[2]))
-            elif isinstance(generator, np.random.RandomState):
-                generator.set_state(saved)
-            else:
-                generator.bit_generator.state = saved
+            try:
+                if isinstance(generator, torch.Generator):
+                    generator.set_state(saved)
+                elif isinstance(generator, random.Random):
+                    generator.setstate((saved[0], tuple(saved[1]), saved[2]))
+                elif isinstance(generator, np.random.RandomState):
+                    generator.set_state(saved)
+                else:
+                    generator.bit_generator.state = saved
+            except (TypeError, ValueError, RuntimeError, AttributeError, IndexError) as exc:
+                raise FileFormatError(f"the checkpoint's state of the generator {key!r} does not fit it "
+                                      f"({first_line(exc)}); delete the checkpoint to start over") from None
 
 
 def _generator_state(value):
     """The state of a generator (torch's, Python's, numpy's legacy or new one); None for anything else."""
     if isinstance(value, torch.Generator):
         return value.get_state()
-    if isinstance(value, random.Random):
+    if isinstance(value, random.Random) and not isinstance(value, random.SystemRandom):  # the OS's has no state
         return value.getstate()
     if isinstance(value, np.random.RandomState):
         return value.get_state()
