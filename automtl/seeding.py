@@ -15,7 +15,8 @@ from typing import Optional
 
 import torch
 
-__all__ = ["stable_seed", "seeded", "random_states", "moved_generators", "same_state"]
+__all__ = ["stable_seed", "seeded", "random_states", "moved_generators", "same_state", "is_generator",
+           "generator_state", "set_generator_state"]
 
 
 def stable_seed(*parts) -> int:
@@ -83,3 +84,34 @@ def same_state(a, b) -> bool:
     if hasattr(a, "shape") and hasattr(b, "shape"):  # a numpy array
         return a.shape == b.shape and bool((a == b).all())
     return a == b
+
+
+def is_generator(value) -> bool:
+    """Whether ``value`` is a random generator: torch's, Python's (``random.Random``) or numpy's (``Generator``,
+    the legacy ``RandomState``), told apart without importing numpy."""
+    return (isinstance(value, (torch.Generator, random.Random))
+            or hasattr(value, "bit_generator") and hasattr(value.bit_generator, "state")
+            or hasattr(value, "get_state") and type(value).__module__.startswith("numpy"))
+
+
+def generator_state(generator):
+    """The state of a generator (see :func:`is_generator`), as :func:`set_generator_state` takes it back."""
+    if isinstance(generator, torch.Generator):
+        return generator.get_state()
+    if isinstance(generator, random.Random):
+        return generator.getstate()
+    if hasattr(generator, "bit_generator"):
+        return generator.bit_generator.state
+    return generator.get_state()
+
+
+def set_generator_state(generator, state) -> None:
+    """Put ``generator`` back at ``state`` (from :func:`generator_state`; Python's with its key as any sequence)."""
+    if isinstance(generator, torch.Generator):
+        generator.set_state(state)
+    elif isinstance(generator, random.Random):
+        generator.setstate((state[0], tuple(state[1]), state[2]))
+    elif hasattr(generator, "bit_generator"):
+        generator.bit_generator.state = state
+    else:
+        generator.set_state(state)

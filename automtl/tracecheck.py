@@ -19,7 +19,6 @@ import copy
 import dataclasses
 import io
 import math
-import random
 from collections.abc import Mapping
 from typing import Optional
 
@@ -27,7 +26,7 @@ import torch
 from torch import fx, nn
 
 from .errors import BackboneError, first_line as _first_line
-from .seeding import same_state, seeded
+from .seeding import generator_state, is_generator, same_state, seeded, set_generator_state
 
 #: the image sides the check tries, smallest first (the cost grows with the pixels), then the example's own
 CHECK_SIZES = (16, 32)
@@ -59,7 +58,7 @@ class PythonState:
         moved = []
         for m, own, copies in self.saved:
             for k, v in own.items():
-                if _is_generator(v) and not same_state(_state_of(v), copies[k]):
+                if is_generator(v) and not same_state(_state_of(v), copies[k]):
                     moved.append(f"{names.get(id(m), '?')}.{k}".lstrip("."))
         return moved
 
@@ -78,14 +77,8 @@ class PythonState:
 def _state_of(value):
     """What :func:`_set_state` needs to put ``value`` back in place: a generator's state (torch's, Python's,
     numpy's), a plain tensor's values, a container's items (one level); None for what is only rebound."""
-    if isinstance(value, torch.Generator):
-        return value.get_state()
-    if isinstance(value, random.Random):
-        return value.getstate()
-    if hasattr(value, "bit_generator") and hasattr(value.bit_generator, "state"):  # numpy.random.Generator
-        return value.bit_generator.state
-    if hasattr(value, "get_state") and type(value).__module__.startswith("numpy"):  # numpy.random.RandomState
-        return value.get_state()
+    if is_generator(value):
+        return generator_state(value)
     if isinstance(value, torch.Tensor) and not isinstance(value, (nn.Parameter, fx.Proxy)):
         return value.detach().clone()
     if isinstance(value, (list, dict, set)):
@@ -93,22 +86,11 @@ def _state_of(value):
     return None
 
 
-def _is_generator(value) -> bool:
-    return isinstance(value, (torch.Generator, random.Random)) or (
-        type(value).__module__.startswith("numpy") and (hasattr(value, "bit_generator") or hasattr(value, "get_state")))
-
-
 def _set_state(value, kept) -> None:
     if kept is None:
         return
-    if isinstance(value, torch.Generator):
-        value.set_state(kept)
-    elif isinstance(value, random.Random):
-        value.setstate(kept)
-    elif hasattr(value, "bit_generator") and hasattr(value.bit_generator, "state"):
-        value.bit_generator.state = kept
-    elif hasattr(value, "set_state") and type(value).__module__.startswith("numpy"):
-        value.set_state(kept)
+    if is_generator(value):
+        set_generator_state(value, kept)
     elif isinstance(value, torch.Tensor):
         if value.shape == kept.shape:
             with torch.no_grad():

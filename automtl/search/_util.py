@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import AutomtlError, ConfigError, FileFormatError, first_line
-from ..seeding import stable_seed
+from ..seeding import generator_state, is_generator, set_generator_state, stable_seed
 
 _seed = stable_seed  # the name the search's modules import
 
@@ -214,9 +214,9 @@ def _rng_state(model: Optional[torch.nn.Module] = None) -> dict:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     if model is not None:
-        state["modules"] = {f"{name}.{attr}" if name else attr: _encode(_generator_state(v))
+        state["modules"] = {f"{name}.{attr}" if name else attr: _encode(generator_state(v))
                             for name, m in model.named_modules() for attr, v in vars(m).items()
-                            if _generator_state(v) is not None}
+                            if is_generator(v) and not isinstance(v, random.SystemRandom)}  # the OS's has no state
     return state
 
 
@@ -237,32 +237,11 @@ def _set_rng_state(state: dict, model: Optional[torch.nn.Module] = None) -> None
                 raise FileFormatError(f"the checkpoint holds the state of a generator {key!r} that this model's "
                                       "modules do not own; resume with the backbone the run was started with, or "
                                       "delete the checkpoint to start over") from None
-            saved = _decode(saved)
             try:
-                if isinstance(generator, torch.Generator):
-                    generator.set_state(saved)
-                elif isinstance(generator, random.Random):
-                    generator.setstate((saved[0], tuple(saved[1]), saved[2]))
-                elif isinstance(generator, np.random.RandomState):
-                    generator.set_state(saved)
-                else:
-                    generator.bit_generator.state = saved
+                set_generator_state(generator, _decode(saved))
             except (TypeError, ValueError, RuntimeError, AttributeError, IndexError) as exc:
                 raise FileFormatError(f"the checkpoint's state of the generator {key!r} does not fit it "
                                       f"({first_line(exc)}); delete the checkpoint to start over") from None
-
-
-def _generator_state(value):
-    """The state of a generator (torch's, Python's, numpy's legacy or new one); None for anything else."""
-    if isinstance(value, torch.Generator):
-        return value.get_state()
-    if isinstance(value, random.Random) and not isinstance(value, random.SystemRandom):  # the OS's has no state
-        return value.getstate()
-    if isinstance(value, np.random.RandomState):
-        return value.get_state()
-    if isinstance(value, np.random.Generator):
-        return value.bit_generator.state
-    return None
 
 
 def _encode(value):
