@@ -302,11 +302,12 @@ class _RefusingEagerDraws(TorchDispatchMode):
 
 
 def _refuse_frozen_draws(moved: list, fixed: bool = False) -> None:
-    """Refuse a forward that drew from a global generator while traced: a traced random operation (dropout,
+    """Refuse a forward that drew random numbers while traced: a traced random operation (dropout,
     ``torch.rand(x.shape)``) draws nothing until it runs, so a draw during the trace was made in Python on no traced
     value, and the trace froze its outcome (``if torch.rand(1).item() < p``, ``torch.randn(8)``, ``random.random()``)
-    into every call of the converted model. The same for a generator a module owns (a leaf's draws only when it runs).
-    ``moved``: what drew, as the message names it."""
+    into every call of the converted model (a leaf draws only when it runs). ``moved``: what drew, as the message
+    names it (a global generator, one a module owns, a torch operation caught as it ran); ``fixed``: add the advice
+    for a draw meant to be the same in every call."""
     if moved:
         raise BackboneError(
             f"the backbone draws from {' and '.join(moved)} while traced, on no traced value (such "
