@@ -121,9 +121,10 @@ MAX_YAML_EVENTS = 400_000
 
 
 @contextmanager
-def _open_regular(path: str | os.PathLike, what: str, max_bytes: int, error: type):
+def open_regular(path: str | os.PathLike, what: str, max_bytes: int, error: type):
     """Open ``path`` for reading and yield ``(file, size)``, refused unless it is a regular file of at most
-    ``max_bytes`` (see :func:`read_regular_file`); read errors inside the block become ``error`` too."""
+    ``max_bytes`` (see :func:`read_regular_file`); read errors (``OSError``) inside the block become ``error`` too.
+    The file is binary, buffered and seekable."""
     where = f"{what} {os.fspath(path)!r}"
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
@@ -166,12 +167,72 @@ def read_regular_file(path: str | os.PathLike, what: str, max_bytes: int, error:
     from .errors import ConfigError
 
     error = error or ConfigError
-    with _open_regular(path, what, max_bytes, error) as (f, _):
+    with open_regular(path, what, max_bytes, error) as (f, _):
         data = read_at_most(f, max_bytes + 1)
     if len(data) > max_bytes:
         raise error(f"{what} {os.fspath(path)!r} grew past the {max_bytes} bytes automtl reads while it was read; "
                     "check the file")
     return data
+
+
+#: The largest JSON file automtl reads back (a run's report.json or metrics.json, a sweep's records).
+MAX_JSON_BYTES = 64 * 2**20
+#: The largest JSON-lines log automtl reads back (a run's ``log.jsonl``, read as a stream) and its longest line.
+MAX_LOG_BYTES = 4 * 2**30
+MAX_LOG_LINE_BYTES = 16 * 2**20
+
+
+def parse_json(raw: bytes | str, where: str, error: type, fix: str):
+    """``json.loads`` whose every failure (not UTF-8, not JSON, nested past Python's recursion limit, an integer
+    of more digits than Python converts) is one ``error`` naming ``where`` and ``fix``."""
+    import json
+
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise error(f"{where} is not readable JSON; {fix}") from None
+
+
+def read_json(path: str | os.PathLike, what: str, error: type, fix: str, max_bytes: Optional[int] = None):
+    """The value of the JSON file ``path``: a regular file of at most ``max_bytes`` (default
+    :data:`MAX_JSON_BYTES`; :func:`read_regular_file`), parsed by :func:`parse_json`. Raises ``error``, one
+    sentence."""
+    raw = read_regular_file(path, what, MAX_JSON_BYTES if max_bytes is None else max_bytes, error)
+    return parse_json(raw, f"{what} {os.fspath(path)!r}", error, fix)
+
+
+def iter_json_lines(path: str | os.PathLike, what: str, error: type, max_bytes: Optional[int] = None,
+                    max_line: Optional[int] = None):
+    """Yield ``(line_number, raw_line, value)`` for each line of the JSON-lines file ``path``, read as a stream.
+
+    ``value`` is None for a line that is not JSON (one a killed writer cut short) or longer than ``max_line``
+    bytes (skipped without being held: ``raw_line`` is then empty). The file must be a regular file of at most
+    ``max_bytes`` (:func:`read_regular_file`); nothing else bounds memory, so the caller keeps what it needs.
+    The bounds default to :data:`MAX_LOG_BYTES` and :data:`MAX_LOG_LINE_BYTES`.
+    """
+    import json
+
+    max_bytes = MAX_LOG_BYTES if max_bytes is None else max_bytes
+    max_line = MAX_LOG_LINE_BYTES if max_line is None else max_line
+
+    with open_regular(path, what, max_bytes, error) as (f, _):
+        number, left = 0, max_bytes  # a file that grows while it is read stops at the bound too
+        while left > 0:
+            line = f.readline(min(max_line + 1, left))
+            if not line:
+                return
+            number, left = number + 1, left - len(line)
+            if len(line) > max_line and not line.endswith(b"\n"):
+                while line and not line.endswith(b"\n") and left > 0:  # the rest of the long line, in pieces
+                    line = f.readline(min(max_line + 1, left))
+                    left -= len(line)
+                yield number, b"", None
+                continue
+            try:
+                value = json.loads(line)
+            except (UnicodeDecodeError, ValueError, RecursionError):
+                value = None
+            yield number, line, value
 
 
 def read_at_most(f, n: int) -> bytes:
@@ -238,7 +299,7 @@ def load_tensors(path: str | os.PathLike, what: str, error: type, fix: str,
     import torch
 
     where = f"{what} {os.fspath(path)!r}"
-    with _open_regular(path, what, max_bytes, error) as (f, size):
+    with open_regular(path, what, max_bytes, error) as (f, size):
         if f.read(4) != b"PK\x03\x04":
             raise error(f"{where} is not a torch.save file (the zip archive torch >= 1.6 writes; this is an older "
                         f"torch's file or another program's); {fix}")

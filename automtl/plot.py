@@ -12,7 +12,6 @@ their records). :func:`plot_sweep` draws the ``sweep.json`` of ``automtl sweep``
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections import defaultdict
@@ -20,7 +19,7 @@ from pathlib import Path
 from typing import Dict, List
 
 from .errors import AutomtlError, FileFormatError
-from .fileio import ensure_dir
+from .fileio import ensure_dir, iter_json_lines
 
 __all__ = ["plot_run", "plot_sweep", "read_log"]
 
@@ -28,28 +27,133 @@ _CHOICES = ("share", "specialize", "skip")
 _STAGE_COLOURS = {"warmup": "#f2f2f2", "search": "#e6f0fa", "finetune": "#eef7ea"}
 
 
+#: Bounds on what a log may name and hold for the figures (a log automtl writes is far inside them): the
+#: records kept per kind (more are thinned to every k-th, evenly), the distinct tasks, layers, metrics
+#: per task and stages, and the length of a name. The policy figure draws at most ``MAX_POLICY_COLUMNS``
+#: logged steps and is at most ``MAX_FIGURE_INCHES`` tall (its rows get thinner with more layers).
+MAX_RECORDS = 20_000
+MAX_TASKS = 32
+MAX_LAYERS = 1024
+MAX_METRICS = 64
+MAX_STAGES = 16
+MAX_NAME = 256
+MAX_POLICY_COLUMNS = 256
+MAX_FIGURE_INCHES = 120.0
+
+
 def read_log(path) -> List[dict]:
-    """The records of a run's ``log.jsonl`` (a run directory, its ``checkpoints/`` or the file itself)."""
+    """The records of a run's ``log.jsonl`` (a run directory, its ``checkpoints/`` or the file itself).
+
+    The log is data: it is read as a stream (a regular file of at most ``fileio.MAX_LOG_BYTES``), lines that are
+    not JSON objects with a numeric ``step`` are skipped (a killed run cuts its last line), and of every record
+    only the fields the figures draw are kept, each checked against the vocabulary above: ``stage`` and ``kind``
+    names, ``losses`` {task: number}, ``tau``/``expected_params``/``expected_macs`` numbers, ``metrics`` {task:
+    {metric: number}} and ``policy_probs`` {task: {layer: [3 numbers]}} (null stands for a missing number). A
+    longer run's records are thinned evenly to at most :data:`MAX_RECORDS` training and as many validation ones.
+
+    Raises:
+        FileFormatError: no log, no records, or a record whose field has another shape or names more tasks,
+            layers, metrics or stages than the bounds above (one sentence with the line number).
+    """
     path = Path(path)
     for candidate in (path, path / "checkpoints" / "log.jsonl", path / "log.jsonl"):
-        if candidate.is_file():
+        if candidate.exists() and not candidate.is_dir():  # a pipe or device is refused by the reader
             path = candidate
             break
     else:
         raise FileFormatError(f"{os.fspath(path)!r} holds no checkpoints/log.jsonl; give the --out directory of "
                               "automtl convert or automtl search")
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut short by a killed run
-            if isinstance(rec, dict) and isinstance(rec.get("step"), (int, float)):
-                records.append(rec)
+    names = _Names(os.fspath(path))
+    train, val = _Thinned(MAX_RECORDS), _Thinned(MAX_RECORDS)
+    for number, _, rec in iter_json_lines(path, "log", FileFormatError):
+        if isinstance(rec, dict) and _finite(rec.get("step")) and not isinstance(rec["step"], bool):
+            rec = _checked(rec, names.at(number))
+            (val if rec["stage"] == "val" else train).add(rec)
+    records = sorted(train.records + val.records, key=lambda r: r["line"])
     if not records:
         raise FileFormatError(f"log {os.fspath(path)!r} has no records yet; plot it once the run has logged a step")
     return records
+
+
+class _Thinned:
+    """At most ``cap`` of the records added, evenly spaced: past the cap every other one goes and the stride
+    doubles, so memory stays bounded however long the log is."""
+
+    def __init__(self, cap: int):
+        self.cap, self.stride, self.seen, self.records = cap, 1, 0, []
+
+    def add(self, rec: dict) -> None:
+        if self.seen % self.stride == 0:
+            self.records.append(rec)
+            if len(self.records) > self.cap:
+                self.records, self.stride = self.records[::2], self.stride * 2
+        self.seen += 1
+
+
+class _Names:
+    """The distinct names a log uses, bounded per kind; ``at(line)`` checks a record's names at that line."""
+
+    LIMITS = {"task": MAX_TASKS, "layer": MAX_LAYERS, "stage": MAX_STAGES}
+
+    def __init__(self, path: str):
+        self.path, self.seen, self.line = path, defaultdict(set), 0
+
+    def at(self, line: int) -> "_Names":
+        self.line = line
+        return self
+
+    def bad(self, what: str) -> FileFormatError:
+        return FileFormatError(f"line {self.line} of log {self.path!r} has {what}; plot a log automtl wrote, or "
+                               "delete that line")
+
+    def name(self, value, kind: str, scope: str = "") -> str:
+        if not isinstance(value, str) or not value or len(value) > MAX_NAME:
+            raise self.bad(f"a {kind} name that is not a string of 1 to {MAX_NAME} characters")
+        seen = self.seen[kind, scope]
+        if value not in seen:
+            limit = self.LIMITS.get(kind, MAX_METRICS)
+            if len(seen) >= limit:
+                raise self.bad(f"more than {limit} distinct {kind} names")
+            seen.add(value)
+        return value
+
+    def number(self, value, what: str):
+        if value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)):
+            return value
+        raise self.bad(f"{what} that is not a number")
+
+    def mapping(self, value, what: str) -> dict:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise self.bad(f"{what} that is not a mapping")
+        return value
+
+
+def _checked(rec: dict, names: _Names) -> dict:
+    """The fields of ``rec`` the figures draw, checked (see :func:`read_log`); no other field is kept."""
+    out = {"line": names.line, "step": rec["step"], "stage": names.name(rec.get("stage", "?"), "stage")}
+    out["kind"] = names.name(rec.get("kind", "weight"), "kind")
+    out["losses"] = {names.name(t, "task"): names.number(v, f"a loss of {t!r}")
+                     for t, v in names.mapping(rec.get("losses"), "'losses'").items()}
+    for key in ("tau", "expected_params", "expected_macs"):
+        out[key] = names.number(rec.get(key), repr(key))
+    if out["stage"] == "val":
+        out["metrics"] = {names.name(t, "task"): {names.name(m, "metric", t): names.number(v, f"metric {m!r}")
+                                                  for m, v in names.mapping(ms, f"metrics of {t!r}").items()}
+                          for t, ms in names.mapping(rec.get("metrics"), "'metrics'").items()}
+    probs = rec.get("policy_probs")
+    if probs is not None:
+        out["policy_probs"] = {names.name(t, "task"): {names.name(layer, "layer"): _probs(row, names)
+                                                       for layer, row in names.mapping(rows, f"policy_probs of {t!r}").items()}
+                               for t, rows in names.mapping(probs, "'policy_probs'").items()}
+    return out
+
+
+def _probs(row, names: _Names) -> list:
+    if not isinstance(row, list) or len(row) != len(_CHOICES):
+        raise names.bad(f"a policy_probs row that is not a list of {len(_CHOICES)} numbers")
+    return [names.number(p, "a policy probability") for p in row]
 
 
 def plot_run(run, out=None) -> List[Path]:
@@ -153,20 +257,24 @@ def _metrics_figure(Figure, val: List[dict], train: List[dict]):
 
 def _policy_figure(Figure, recs: List[dict]):
     """One heat map per task and choice: rows are layers, columns the logged steps, colour the probability."""
+    import numpy as np
+
+    recs = recs[::-(-len(recs) // MAX_POLICY_COLUMNS)]  # evenly thinned to at most MAX_POLICY_COLUMNS
     tasks = list(dict.fromkeys(t for r in recs for t in r["policy_probs"]))
     layers = list(dict.fromkeys(layer for r in recs for t in tasks for layer in (r["policy_probs"].get(t) or {})))
+    row = min(0.16, max(0.0, (MAX_FIGURE_INCHES - 1.2) / len(tasks) - 0.8) / max(1, len(layers)))
     steps = [r["step"] for r in recs]
-    fig = Figure(figsize=(4 + 3.6 * len(_CHOICES), 1.2 + len(tasks) * (0.8 + 0.16 * len(layers))), layout="constrained")
+    fig = Figure(figsize=(4 + 3.6 * len(_CHOICES), 1.2 + len(tasks) * (0.8 + row * len(layers))), layout="constrained")
     axes = fig.subplots(len(tasks), len(_CHOICES), squeeze=False, sharex=True, sharey=True)
     image = None
     for i, task in enumerate(tasks):
         for j, choice in enumerate(_CHOICES):
-            grid = [[_prob(r, task, layer, j) for r in recs] for layer in layers]
+            grid = np.array([[_prob(r, task, layer, j) for r in recs] for layer in layers], dtype=np.float32)
             ax = axes[i][j]
             image = ax.imshow(grid, aspect="auto", vmin=0.0, vmax=1.0, cmap="viridis", interpolation="nearest",
                               extent=(steps[0] - 0.5, steps[-1] + 0.5, len(layers) - 0.5, -0.5))
             ax.set_title(f"{task}: p({choice})", fontsize=9)
-            if j == 0:
+            if j == 0 and row >= 0.08:
                 ax.set_yticks(range(len(layers)), layers, fontsize=6 if len(layers) > 20 else 8)
             if i == len(tasks) - 1:
                 ax.set_xlabel("step")

@@ -29,7 +29,7 @@ from typing import Callable, Optional, Sequence, Union
 
 from .convert import ConvertConfig, json_safe
 from .errors import AutomtlError, ConfigError
-from .fileio import atomic_write_text
+from .fileio import atomic_write_text, read_json
 
 __all__ = ["sweep", "parse_budgets", "pareto_front", "format_sweep"]
 
@@ -180,9 +180,9 @@ def _overwriting(path: Path, cfg: ConvertConfig) -> Optional[list]:
     """The member runs an --overwrite of this very sweep had started when it stopped, None when there is none
     under way: --resume continues those and replaces the earlier sweep's others, whatever their options."""
     try:
-        marker = json.loads((path / OVERWRITING).read_text())
+        marker = read_json(path / OVERWRITING, "sweep marker", ConfigError, "")
         return list(marker["started"]) if marker["config"] == _fingerprint(cfg) else None
-    except (OSError, ValueError, KeyError, TypeError):
+    except (ConfigError, KeyError, TypeError):  # none under way, or not one automtl wrote: nothing to continue
         return None
 
 
@@ -248,7 +248,7 @@ class _SetAside:
                 if any(member.glob(REPLACED_PREFIX + "*")):
                     with RunDirectory(member, resume=True):
                         pass  # entering settles it, under the member's lock
-            unchanged = json.loads((self.folder / self.RECORD).read_text()) == self._members()
+            unchanged = read_json(self.folder / self.RECORD, "sweep record", ConfigError, "") == self._members()
             if unchanged:
                 self._put_back()
         except (OSError, ValueError, AutomtlError):
@@ -277,7 +277,13 @@ def _finished(member: Path, marker: str, cfg: ConvertConfig, key: str = "config"
     path = member / marker
     if not (path.is_file() and (member / "model.automtl").is_file()):
         return None
-    data = json.loads(path.read_text())
+    fix = "start the sweep over with --overwrite"
+    data = read_json(path, "sweep member file", ConfigError, fix)
+    counts = data.get("policy", {}).get("counts") if marker == "report.json" and isinstance(data, dict) else {}
+    if not (isinstance(data, dict) and isinstance(data.get(key), dict) and isinstance(counts, dict)
+            and all(isinstance(n, int) and not isinstance(n, bool) for n in counts.values())):
+        raise ConfigError(f"sweep member file {os.fspath(path)!r} is not the {marker} automtl writes (it lacks its "
+                          f"{key!r} mapping or its policy counts); {fix}")
     if _fingerprint(ConvertConfig.from_dict(data[key])) != _fingerprint(cfg):
         raise ConfigError(f"{os.fspath(member)!r} was run with another configuration than this sweep's; "
                           "run the sweep with the same options, or start over with --overwrite")

@@ -1,5 +1,6 @@
 """Data sets: synthetic scenes, MultiFashion (IDX), NYUv2 and CityScapes (.npy layout)."""
 import gzip
+import os
 import struct
 
 import numpy as np
@@ -203,6 +204,21 @@ def test_idx_reader_rejects_malformed(tmp_path):
         read_idx(tmp_path / "trunc.gz")
     with pytest.raises(DataError, match="does not exist"):
         read_idx(tmp_path / "missing")
+    (tmp_path / "garbage.gz").write_bytes(b"\x1f\x8b" + b"\x00" * 40)
+    with pytest.raises(DataError, match="cannot be read"):
+        read_idx(tmp_path / "garbage.gz")
+
+
+def test_data_files_that_are_pipes_are_refused_without_blocking(tmp_path):
+    os.mkfifo(tmp_path / "pipe")
+    with pytest.raises(DataError, match="not a regular file"):
+        read_idx(tmp_path / "pipe")
+    _npy_split(tmp_path, "train", 2, NYU_FOLDERS)
+    _npy_split(tmp_path, "val", 2, NYU_FOLDERS)
+    (tmp_path / "train" / "label" / "1.npy").unlink()
+    os.mkfifo(tmp_path / "train" / "label" / "1.npy")
+    with pytest.raises(DataError, match="not a regular file"):
+        NYUv2(tmp_path, tasks=("segmentation",))[1]
 
 
 def test_multifashion_on_fixture(tmp_path):

@@ -6,6 +6,7 @@ import pytest
 from click.testing import CliRunner
 
 from automtl.cli import main
+from automtl.errors import FileFormatError
 from automtl.plot import plot_run, read_log
 
 LAYERS = ["conv1", "layer1_0_conv1", "layer1_0_conv2"]
@@ -88,3 +89,92 @@ def test_plot_of_a_real_search_run(tmp_path):
                                        "--out", str(tmp_path), "--quiet"])
     assert result.exit_code == 0, result.output
     assert {p.name for p in plot_run(tmp_path)} >= {"losses.png", "metrics.png"}
+
+
+# ---- the log is data: bounded, and its records checked against what the figures draw -------------------------
+def _log(run, lines):
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "log.jsonl").write_bytes(b"".join(
+        (line if isinstance(line, bytes) else json.dumps(line).encode()) + b"\n" for line in lines))
+
+
+GOOD = {"stage": "warmup", "step": 1, "kind": "weight", "losses": {"segment": 0.5}}
+
+
+@pytest.mark.parametrize("bad, says", [
+    ({"losses": ["segment", 0.5]}, "'losses' that is not a mapping"),
+    ({"losses": {"segment": "0.5"}}, "a loss of 'segment' that is not a number"),
+    ({"losses": {"segment": True}}, "a loss of 'segment' that is not a number"),
+    ({"stage": ["warmup"]}, "a stage name that is not a string"),
+    ({"stage": "x" * 300}, "a stage name that is not a string of 1 to 256 characters"),
+    ({"tau": {"a": 1}}, "'tau' that is not a number"),
+    ({"stage": "val", "metrics": {"segment": [1, 2]}}, "metrics of 'segment' that is not a mapping"),
+    ({"policy_probs": {"segment": {"conv1": [0.5, 0.5]}}}, "a policy_probs row that is not a list of 3 numbers"),
+    ({"policy_probs": {"segment": "conv1"}}, "policy_probs of 'segment' that is not a mapping"),
+    ({"losses": {f"task{k}": 1.0 for k in range(33)}}, "more than 32 distinct task names"),
+])
+def test_a_record_of_another_shape_is_one_sentence_with_its_line(tmp_path, bad, says):
+    _log(tmp_path, [GOOD, dict(GOOD, step=2, **bad)])
+    result = CliRunner().invoke(main, ["plot", str(tmp_path)])
+    assert result.exit_code == 2, result.output
+    assert "line 2 of log" in result.output and says in result.output, result.output
+    assert "Traceback" not in result.output and not (tmp_path / "plots").exists()
+
+
+def test_lines_nested_too_deep_or_too_long_are_skipped_as_unreadable(tmp_path, monkeypatch):
+    import automtl.fileio as fileio
+
+    monkeypatch.setattr(fileio, "MAX_LOG_LINE_BYTES", 1000)
+    long = json.dumps(dict(GOOD, step=3, note="x" * 5000)).encode()
+    _log(tmp_path, [GOOD, b"[" * 100_000 + b"]" * 100_000, long, b'{"step": 1' + b"9" * 5000 + b"}",
+                    dict(GOOD, step=4)])
+    recs = read_log(tmp_path)
+    assert [r["step"] for r in recs] == [1, 4]
+
+
+def test_only_the_fields_the_figures_draw_are_kept(tmp_path):
+    _log(tmp_path, [dict(GOOD, weights={"a": [1] * 10}, anything="else")])
+    (rec,) = read_log(tmp_path)
+    assert set(rec) == {"line", "step", "stage", "kind", "losses", "tau", "expected_params", "expected_macs"}
+
+
+def test_a_long_log_is_thinned_evenly(tmp_path):
+    import automtl.plot as plot
+
+    n = plot.MAX_RECORDS * 2 + 7
+    _log(tmp_path, [dict(GOOD, step=s) for s in range(n)] + [{"stage": "val", "step": n, "metrics": {}}])
+    recs = read_log(tmp_path)
+    steps = [r["step"] for r in recs if r["stage"] != "val"]
+    assert plot.MAX_RECORDS // 2 <= len(steps) <= plot.MAX_RECORDS and steps[0] == 0
+    assert len(set(b - a for a, b in zip(steps, steps[1:]))) == 1  # evenly
+    assert recs[-1]["stage"] == "val"
+
+
+def test_a_log_that_is_a_fifo_is_refused_without_blocking(tmp_path):
+    import os
+
+    (tmp_path / "checkpoints").mkdir()
+    os.mkfifo(tmp_path / "checkpoints" / "log.jsonl")
+    result = CliRunner().invoke(main, ["plot", str(tmp_path)])
+    assert result.exit_code == 2 and "not a regular file" in result.output, result.output
+
+
+def test_a_log_larger_than_automtl_reads_is_one_sentence(tmp_path, monkeypatch):
+    import automtl.fileio as fileio
+
+    _log(tmp_path, [GOOD] * 100)
+    monkeypatch.setattr(fileio, "MAX_LOG_BYTES", 1000)
+    with pytest.raises(FileFormatError, match="more than the 1000 automtl reads"):
+        read_log(tmp_path)
+
+
+def test_the_policy_figure_of_many_layers_and_steps_stays_bounded(tmp_path):
+    pytest.importorskip("matplotlib", reason="matplotlib is not installed (pip install 'automtl[plot]')")
+    import automtl.plot as plot
+
+    layers = [f"l{k}" for k in range(plot.MAX_LAYERS)]
+    tasks = [f"t{k}" for k in range(4)]
+    probs = {t: {layer: [0.2, 0.3, 0.5] for layer in layers} for t in tasks}
+    _log(tmp_path, [dict(GOOD, step=s, policy_probs=probs) for s in range(1, 4)])
+    fig = plot._policy_figure(__import__("matplotlib.figure").figure.Figure, read_log(tmp_path))
+    assert fig.get_size_inches()[1] <= plot.MAX_FIGURE_INCHES

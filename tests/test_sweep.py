@@ -265,3 +265,34 @@ def test_interleaved_latency_times_every_model_in_the_same_rounds():
     assert [t["repeats"] for t in timings] == [3, 3]
     assert all(0 < t["latency_min_s"] <= t["latency_s"] for t in timings)
     assert models[1].training  # the mode is restored
+
+
+@pytest.mark.parametrize("member, content, says", [
+    ("budget-1.5x/report.json", b"[" * 100_000, "is not readable JSON"),
+    ("budget-1.5x/report.json", b"\xff\xfe not utf-8", "is not readable JSON"),
+    ("budget-1.5x/report.json", b'{"config": {}}', "not the report.json automtl writes"),
+    ("budget-1.5x/report.json", b'{"config": [], "policy": {"counts": {}}}', "not the report.json automtl writes"),
+    ("hard-sharing/metrics.json", b'"just a string"', "not the metrics.json automtl writes"),
+    ("hard-sharing/metrics.json", b"1" * 5000, "is not readable JSON"),
+])
+def test_resume_over_a_member_file_automtl_did_not_write_is_one_sentence(swept, tmp_path, member, content, says):
+    import shutil
+
+    folder = tmp_path / "copy"
+    shutil.copytree(swept, folder)
+    (folder / member).write_bytes(content)
+    result = invoke("sweep", *TINY, "--out", folder, "--resume")
+    assert result.exit_code == 2, result.output
+    assert says in result.output and "--overwrite" in result.output and "Traceback" not in result.output
+
+
+def test_resume_over_a_member_file_larger_than_automtl_reads_is_one_sentence(swept, tmp_path, monkeypatch):
+    import shutil
+
+    import automtl.fileio as fileio
+
+    folder = tmp_path / "copy"
+    shutil.copytree(swept, folder)
+    monkeypatch.setattr(fileio, "MAX_JSON_BYTES", 100)
+    result = invoke("sweep", *TINY, "--out", folder, "--resume")
+    assert result.exit_code == 2 and "more than the 100 automtl reads" in result.output, result.output

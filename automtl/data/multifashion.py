@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..errors import ConfigError, DataError
-from ..fileio import read_at_most
+from ..fileio import open_regular, read_at_most
 from ..tasks import Task
 from .synthetic import sample_seed
 
@@ -57,34 +57,38 @@ def read_idx(path: Union[str, os.PathLike]) -> np.ndarray:
     """
     path = Path(path)
     try:
-        with open(path, "rb") as f:
-            head = f.read(2)
-        opener = gzip.open if head == b"\x1f\x8b" else open
-        with opener(path, "rb") as f:
-            data = f.read(4)
-            if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_TYPES:
-                raise DataError(f"{path} is not an IDX file (bad magic number); download it again")
-            dtype, ndim = _IDX_TYPES[data[2]], data[3]
-            header = f.read(4 * ndim)
-            if len(header) < 4 * ndim:
-                raise DataError(f"IDX file {path} is truncated in its header; download it again")
-            dims = struct.unpack(f">{ndim}I", header)
-            expected = int(np.prod(dims, dtype=object)) * dtype.itemsize
-            if expected > MAX_IDX_BYTES:
-                raise DataError(f"IDX file {path} declares {tuple(dims)} values, {expected} bytes, more than the "
-                                f"{MAX_IDX_BYTES} automtl reads; check that this is the right file")
-            body = read_at_most(f, expected + 1)  # one byte more: a longer body is found without reading it all
-    except FileNotFoundError:
-        raise DataError(f"IDX file {path} does not exist; check the dataset root") from None
-    except (OSError, EOFError, zlib.error) as e:
+        with open_regular(path, "IDX file", MAX_IDX_BYTES + (1 << 20), DataError) as (raw, _):
+            gzipped = raw.read(2) == b"\x1f\x8b"
+            raw.seek(0)
+            body = _read_idx_body(path, gzip.GzipFile(fileobj=raw) if gzipped else raw)
+    except (EOFError, zlib.error, gzip.BadGzipFile) as e:
         raise DataError(f"IDX file {path} cannot be read ({e}); download it again") from None
+    dims, dtype, body = body
+    arr = np.frombuffer(body, dtype=dtype).reshape(dims)
+    return arr.astype(dtype.newbyteorder("="), copy=False) if dtype.itemsize > 1 else arr
+
+
+def _read_idx_body(path: Path, f) -> tuple:
+    """(dims, dtype, body) of the IDX stream ``f`` under :func:`read_idx`'s bounds."""
+    data = f.read(4)
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_TYPES:
+        raise DataError(f"{path} is not an IDX file (bad magic number); download it again")
+    dtype, ndim = _IDX_TYPES[data[2]], data[3]
+    header = f.read(4 * ndim)
+    if len(header) < 4 * ndim:
+        raise DataError(f"IDX file {path} is truncated in its header; download it again")
+    dims = struct.unpack(f">{ndim}I", header)
+    expected = int(np.prod(dims, dtype=object)) * dtype.itemsize
+    if expected > MAX_IDX_BYTES:
+        raise DataError(f"IDX file {path} declares {tuple(dims)} values, {expected} bytes, more than the "
+                        f"{MAX_IDX_BYTES} automtl reads; check that this is the right file")
+    body = read_at_most(f, expected + 1)  # one byte more: a longer body is found without reading it all
     if len(body) != expected:
         more = "more" if len(body) > expected else f"{len(body)}"
         raise DataError(
             f"IDX file {path} holds {more} data bytes but its header {tuple(dims)} needs {expected}; download it again"
         )
-    arr = np.frombuffer(body, dtype=dtype).reshape(dims)
-    return arr.astype(dtype.newbyteorder("="), copy=False) if dtype.itemsize > 1 else arr
+    return dims, dtype, body
 
 
 def _find(root: Path, name: str) -> Path:

@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..errors import DataError
+from ..fileio import open_regular
 from ..tasks import Task
 
 VOID = 255
@@ -60,11 +61,15 @@ def _count(folder: Path, name: str) -> int:
     return len(files)
 
 
+#: The largest .npy sample automtl reads (a 1024x1024 float32 normal map is 12 MiB).
+MAX_NPY_BYTES = 2**30
+
+
 def _load(path: Path, name: str) -> np.ndarray:
     """One sample's array. The header's shape and dtype must need exactly the bytes the file holds after it (numpy
     would allocate what the header declares before finding the file short); no pickled object arrays."""
     try:
-        with open(path, "rb") as f:
+        with open_regular(path, f"{name} file", MAX_NPY_BYTES, DataError) as (f, _):  # no pipe or device
             version = np.lib.format.read_magic(f)
             header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
             shape, _, dtype = header(f, max_header_size=10_000)

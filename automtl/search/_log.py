@@ -9,8 +9,8 @@ import json
 import math
 from typing import Mapping
 
-from ..errors import ConfigError
-from ..fileio import atomic_write_text
+from ..errors import ConfigError, FileFormatError
+from ..fileio import atomic_path, atomic_write_text, iter_json_lines
 from ..policy import CHOICES
 
 LOG_NAME = "log.jsonl"
@@ -34,16 +34,14 @@ class _LogMixin:
             return
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         if resumed and self.log_path.exists():
-            # keep what the checkpoint knows about; drop lines a killed run wrote after it
-            keep = []
-            for line in self.log_path.read_text().splitlines():
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if rec.get("step", 0) <= self.start and not (rec.get("stage") == "val" and rec.get("step", 0) == self.start and rec.get("final")):
-                    keep.append(line)
-            atomic_write_text(self.log_path, "".join(k + "\n" for k in keep))
+            # keep what the checkpoint knows about; drop lines a killed run wrote after it (read as a stream)
+            with atomic_path(self.log_path) as tmp, open(tmp, "wb") as out:
+                for _, line, rec in iter_json_lines(self.log_path, "log", FileFormatError):
+                    step = rec.get("step", 0) if isinstance(rec, dict) else None
+                    if not isinstance(step, (int, float)) or isinstance(step, bool):
+                        continue
+                    if step <= self.start and not (rec.get("stage") == "val" and step == self.start and rec.get("final")):
+                        out.write(line if line.endswith(b"\n") else line + b"\n")
         elif not resumed:
             atomic_write_text(self.log_path, "")
         self._log_file = open(self.log_path, "a")
