@@ -177,8 +177,11 @@ def read_regular_file(path: str | os.PathLike, what: str, max_bytes: int, error:
 
 #: The largest JSON file automtl reads back (a run's report.json or metrics.json, a sweep's records).
 MAX_JSON_BYTES = 64 * 2**20
-#: The largest JSON-lines log automtl reads back (a run's ``log.jsonl``, read as a stream) and its longest line.
-MAX_LOG_BYTES = 4 * 2**30
+#: The largest JSON-lines log automtl reads back for a figure (a run's ``log.jsonl``, read as a stream: about
+#: five minutes here) and its longest line. A resume, which only copies the lines it keeps, reads up to
+#: ``MAX_RESUMED_LOG_BYTES``.
+MAX_LOG_BYTES = 2**30
+MAX_RESUMED_LOG_BYTES = 2**40
 MAX_LOG_LINE_BYTES = 16 * 2**20
 
 

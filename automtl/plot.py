@@ -16,10 +16,10 @@ import math
 import os
 from collections import defaultdict
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 from .errors import AutomtlError, FileFormatError
-from .fileio import ensure_dir, iter_json_lines
+from .fileio import atomic_path, ensure_dir, iter_json_lines
 
 __all__ = ["plot_run", "plot_sweep", "read_log"]
 
@@ -28,28 +28,34 @@ _STAGE_COLOURS = {"warmup": "#f2f2f2", "search": "#e6f0fa", "finetune": "#eef7ea
 
 
 #: Bounds on what a log may name and hold for the figures (a log automtl writes is far inside them): the
-#: records kept per kind (more are thinned to every k-th, evenly), the distinct tasks, layers, metrics
-#: per task and stages, and the length of a name. The policy figure draws at most ``MAX_POLICY_COLUMNS``
-#: logged steps and is at most ``MAX_FIGURE_INCHES`` tall (its rows get thinner with more layers).
+#: training, validation and policy records kept (more are thinned evenly to every k-th), the distinct tasks,
+#: layers, metrics per task, stages and kinds, the length of a name, the largest step and the largest
+#: magnitude of a value drawn (a larger one is drawn as missing, like NaN); the policy figure is at most
+#: ``MAX_FIGURE_INCHES`` tall (its rows get thinner with more layers).
 MAX_RECORDS = 20_000
+MAX_VAL_RECORDS = 2_000
+MAX_POLICY_COLUMNS = 256
 MAX_TASKS = 32
 MAX_LAYERS = 1024
-MAX_METRICS = 64
+MAX_METRICS = 16
 MAX_STAGES = 16
 MAX_NAME = 256
-MAX_POLICY_COLUMNS = 256
+MAX_STEP = 2**53
+MAX_VALUE = 1e300
 MAX_FIGURE_INCHES = 120.0
 
 
 def read_log(path) -> List[dict]:
-    """The records of a run's ``log.jsonl`` (a run directory, its ``checkpoints/`` or the file itself).
+    """The records of a run's ``log.jsonl`` (a run directory, its ``checkpoints/`` or the file itself), in order.
 
-    The log is data: it is read as a stream (a regular file of at most ``fileio.MAX_LOG_BYTES``), lines that are
-    not JSON objects with a numeric ``step`` are skipped (a killed run cuts its last line), and of every record
-    only the fields the figures draw are kept, each checked against the vocabulary above: ``stage`` and ``kind``
-    names, ``losses`` {task: number}, ``tau``/``expected_params``/``expected_macs`` numbers, ``metrics`` {task:
-    {metric: number}} and ``policy_probs`` {task: {layer: [3 numbers]}} (null stands for a missing number). A
-    longer run's records are thinned evenly to at most :data:`MAX_RECORDS` training and as many validation ones.
+    The log is data: it is read as a stream (a regular file of at most ``fileio.MAX_LOG_BYTES``); lines that are
+    not JSON objects with a numeric ``step`` (at most :data:`MAX_STEP` in size) are skipped, as a killed run cuts
+    its last line; of every record only the fields the figures draw are kept, each checked: ``stage`` and
+    ``kind`` names, ``losses`` {task: number}, ``tau``/``expected_params``/``expected_macs`` numbers, ``metrics``
+    {task: {metric: number}} and ``policy_probs`` {task: {layer: [3 numbers]}} (null stands for a missing
+    number, and so does one beyond :data:`MAX_VALUE`). Names are printable text without ``$`` (matplotlib would
+    read it as TeX), at most the counts above. A policy record keeps ``policy_probs`` as {task: (layer names,
+    float32 array (layers, 3))}. A long run's records are thinned evenly to the caps above.
 
     Raises:
         FileFormatError: no log, no records, or a record whose field has another shape or names more tasks,
@@ -64,12 +70,13 @@ def read_log(path) -> List[dict]:
         raise FileFormatError(f"{os.fspath(path)!r} holds no checkpoints/log.jsonl; give the --out directory of "
                               "automtl convert or automtl search")
     names = _Names(os.fspath(path))
-    train, val = _Thinned(MAX_RECORDS), _Thinned(MAX_RECORDS)
+    kept = {"train": _Thinned(MAX_RECORDS), "val": _Thinned(MAX_VAL_RECORDS), "policy": _Thinned(MAX_POLICY_COLUMNS)}
     for number, _, rec in iter_json_lines(path, "log", FileFormatError):
-        if isinstance(rec, dict) and _finite(rec.get("step")) and not isinstance(rec["step"], bool):
-            rec = _checked(rec, names.at(number))
-            (val if rec["stage"] == "val" else train).add(rec)
-    records = sorted(train.records + val.records, key=lambda r: r["line"])
+        step = rec.get("step") if isinstance(rec, dict) else None
+        if _finite(step) and not isinstance(step, bool) and abs(step) <= MAX_STEP:
+            for kind, checked in _checked(rec, names.at(number)):
+                kept[kind].add(checked)
+    records = sorted((r for k in kept.values() for r in k.records), key=lambda r: (r["line"], "policy_probs" in r))
     if not records:
         raise FileFormatError(f"log {os.fspath(path)!r} has no records yet; plot it once the run has logged a step")
     return records
@@ -91,12 +98,13 @@ class _Thinned:
 
 
 class _Names:
-    """The distinct names a log uses, bounded per kind; ``at(line)`` checks a record's names at that line."""
+    """The distinct names a log uses, bounded per kind (and kept once: a name repeated on every line is one
+    string); ``at(line)`` checks a record's names at that line."""
 
-    LIMITS = {"task": MAX_TASKS, "layer": MAX_LAYERS, "stage": MAX_STAGES}
+    LIMITS = {"task": MAX_TASKS, "layer": MAX_LAYERS, "stage": MAX_STAGES, "metric": MAX_METRICS, "kind": MAX_STAGES}
 
     def __init__(self, path: str):
-        self.path, self.seen, self.line = path, defaultdict(set), 0
+        self.path, self.seen, self.line = path, defaultdict(dict), 0
 
     def at(self, line: int) -> "_Names":
         self.line = line
@@ -107,20 +115,28 @@ class _Names:
                                "delete that line")
 
     def name(self, value, kind: str, scope: str = "") -> str:
-        if not isinstance(value, str) or not value or len(value) > MAX_NAME:
-            raise self.bad(f"a {kind} name that is not a string of 1 to {MAX_NAME} characters")
         seen = self.seen[kind, scope]
-        if value not in seen:
-            limit = self.LIMITS.get(kind, MAX_METRICS)
-            if len(seen) >= limit:
-                raise self.bad(f"more than {limit} distinct {kind} names")
-            seen.add(value)
+        known = seen.get(value) if isinstance(value, str) else None
+        if known is not None:
+            return known
+        if not (isinstance(value, str) and 0 < len(value) <= MAX_NAME and value.isprintable() and "$" not in value):
+            raise self.bad(f"a {kind} name that is not printable text of 1 to {MAX_NAME} characters without '$'")
+        if len(seen) >= self.LIMITS[kind]:
+            raise self.bad(f"more than {self.LIMITS[kind]} distinct {kind} names")
+        seen[value] = value
         return value
 
-    def number(self, value, what: str):
-        if value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)):
-            return value
-        raise self.bad(f"{what} that is not a number")
+    def number(self, value, what: str) -> Optional[float]:
+        """``value`` as a float, None when it is null, not finite or beyond :data:`MAX_VALUE` (drawn as missing)."""
+        if value is None:
+            return None
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise self.bad(f"{what} that is not a number")
+        try:
+            value = float(value)
+        except OverflowError:  # an integer of hundreds of digits
+            return None
+        return value if math.isfinite(value) and abs(value) <= MAX_VALUE else None
 
     def mapping(self, value, what: str) -> dict:
         if value is None:
@@ -130,9 +146,10 @@ class _Names:
         return value
 
 
-def _checked(rec: dict, names: _Names) -> dict:
-    """The fields of ``rec`` the figures draw, checked (see :func:`read_log`); no other field is kept."""
-    out = {"line": names.line, "step": rec["step"], "stage": names.name(rec.get("stage", "?"), "stage")}
+def _checked(rec: dict, names: _Names) -> list:
+    """``(kind, record)`` pairs, kind train, val or policy, of the fields of ``rec`` the figures draw, checked
+    (see :func:`read_log`); no other field is kept."""
+    out = {"line": names.line, "step": float(rec["step"]), "stage": names.name(rec.get("stage", "?"), "stage")}
     out["kind"] = names.name(rec.get("kind", "weight"), "kind")
     out["losses"] = {names.name(t, "task"): names.number(v, f"a loss of {t!r}")
                      for t, v in names.mapping(rec.get("losses"), "'losses'").items()}
@@ -142,18 +159,29 @@ def _checked(rec: dict, names: _Names) -> dict:
         out["metrics"] = {names.name(t, "task"): {names.name(m, "metric", t): names.number(v, f"metric {m!r}")
                                                   for m, v in names.mapping(ms, f"metrics of {t!r}").items()}
                           for t, ms in names.mapping(rec.get("metrics"), "'metrics'").items()}
-    probs = rec.get("policy_probs")
-    if probs is not None:
-        out["policy_probs"] = {names.name(t, "task"): {names.name(layer, "layer"): _probs(row, names)
-                                                       for layer, row in names.mapping(rows, f"policy_probs of {t!r}").items()}
-                               for t, rows in names.mapping(probs, "'policy_probs'").items()}
-    return out
+        return [("val", out)]
+    found = [("train", out)]
+    probs = {}
+    for t, rows in names.mapping(rec.get("policy_probs"), "'policy_probs'").items():
+        rows = names.mapping(rows, f"policy_probs of {names.name(t, 'task')!r}")
+        if rows:
+            layers = tuple(names.name(layer, "layer") for layer in rows)
+            probs[names.name(t, "task")] = (layers, _probs(rows.values(), names))
+    if probs:
+        found.append(("policy", {"line": names.line, "step": out["step"], "stage": out["stage"], "policy_probs": probs}))
+    return found
 
 
-def _probs(row, names: _Names) -> list:
-    if not isinstance(row, list) or len(row) != len(_CHOICES):
-        raise names.bad(f"a policy_probs row that is not a list of {len(_CHOICES)} numbers")
-    return [names.number(p, "a policy probability") for p in row]
+def _probs(rows, names: _Names):
+    """The (layers, 3) float32 array of ``rows`` (NaN where a probability is missing)."""
+    import numpy as np
+
+    values = []
+    for row in rows:
+        if not isinstance(row, list) or len(row) != len(_CHOICES):
+            raise names.bad(f"a policy_probs row that is not a list of {len(_CHOICES)} numbers")
+        values.append([math.nan if v is None else v for v in (names.number(p, "a policy probability") for p in row)])
+    return np.asarray(values, dtype=np.float32)
 
 
 def plot_run(run, out=None) -> List[Path]:
@@ -172,28 +200,39 @@ def plot_run(run, out=None) -> List[Path]:
         raise AutomtlError("automtl plot needs matplotlib, which is not installed; "
                            "install it with pip install 'automtl[plot]'") from None
     records = read_log(run)
+    default = out is None
     out = Path(out) if out is not None else (Path(run) if Path(run).is_dir() else Path(run).parent) / "plots"
-    ensure_dir(out)
-    train = [r for r in records if r.get("stage") != "val"]
-    val = [r for r in records if r.get("stage") == "val" and isinstance(r.get("metrics"), dict)]
-    written = []
+    if default and out.is_symlink():
+        raise FileFormatError(f"{os.fspath(out)!r} is a symbolic link, so the figures would be written wherever it "
+                              "points; remove it, or choose the folder with --out")
+    train = [r for r in records if r["stage"] != "val" and "policy_probs" not in r]
+    val = [r for r in records if r["stage"] == "val"]
+    probs = [r for r in records if "policy_probs" in r]
+    figures = []  # every figure is drawn before any file is written: a failure leaves no half of them
     if train:
-        written.append(_save(_losses_figure(Figure, train), out / "losses.png"))
+        figures.append((_losses_figure(Figure, train), "losses.png"))
     if val:
-        written.append(_save(_metrics_figure(Figure, val, train), out / "metrics.png"))
-    probs = [r for r in train if isinstance(r.get("policy_probs"), dict)]
+        figures.append((_metrics_figure(Figure, val, train), "metrics.png"))
     if probs:
-        written.append(_save(_policy_figure(Figure, probs), out / "policy.png"))
-    return written
+        figures.append((_policy_figure(Figure, probs), "policy.png"))
+    ensure_dir(out)
+    return [_save(fig, out / name) for fig, name in figures]
 
 
 def _save(fig, path: Path) -> Path:
-    fig.savefig(path, dpi=110)
+    """Write the PNG through a temporary file renamed over ``path``: a link there is replaced, not followed."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     return path
 
 
 def _finite(v) -> bool:
-    return isinstance(v, (int, float)) and math.isfinite(v)
+    if not isinstance(v, (int, float)):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:  # an integer too large for a float
+        return False
 
 
 def _stages(ax, train: List[dict]) -> None:
@@ -259,19 +298,23 @@ def _policy_figure(Figure, recs: List[dict]):
     """One heat map per task and choice: rows are layers, columns the logged steps, colour the probability."""
     import numpy as np
 
-    recs = recs[::-(-len(recs) // MAX_POLICY_COLUMNS)]  # evenly thinned to at most MAX_POLICY_COLUMNS
     tasks = list(dict.fromkeys(t for r in recs for t in r["policy_probs"]))
-    layers = list(dict.fromkeys(layer for r in recs for t in tasks for layer in (r["policy_probs"].get(t) or {})))
-    row = min(0.16, max(0.0, (MAX_FIGURE_INCHES - 1.2) / len(tasks) - 0.8) / max(1, len(layers)))
+    layers = list(dict.fromkeys(layer for r in recs for layers, _ in r["policy_probs"].values() for layer in layers))
+    where = {layer: k for k, layer in enumerate(layers)}
+    row = min(0.16, max(0.0, (MAX_FIGURE_INCHES - 1.2) / len(tasks) - 0.8) / len(layers))
     steps = [r["step"] for r in recs]
     fig = Figure(figsize=(4 + 3.6 * len(_CHOICES), 1.2 + len(tasks) * (0.8 + row * len(layers))), layout="constrained")
     axes = fig.subplots(len(tasks), len(_CHOICES), squeeze=False, sharex=True, sharey=True)
     image = None
     for i, task in enumerate(tasks):
+        grid = np.full((len(layers), len(recs), len(_CHOICES)), np.nan, dtype=np.float32)
+        for c, r in enumerate(recs):
+            if task in r["policy_probs"]:
+                names, values = r["policy_probs"][task]
+                grid[[where[n] for n in names], c, :] = values
         for j, choice in enumerate(_CHOICES):
-            grid = np.array([[_prob(r, task, layer, j) for r in recs] for layer in layers], dtype=np.float32)
             ax = axes[i][j]
-            image = ax.imshow(grid, aspect="auto", vmin=0.0, vmax=1.0, cmap="viridis", interpolation="nearest",
+            image = ax.imshow(grid[:, :, j], aspect="auto", vmin=0.0, vmax=1.0, cmap="viridis", interpolation="nearest",
                               extent=(steps[0] - 0.5, steps[-1] + 0.5, len(layers) - 0.5, -0.5))
             ax.set_title(f"{task}: p({choice})", fontsize=9)
             if j == 0 and row >= 0.08:
@@ -280,11 +323,6 @@ def _policy_figure(Figure, recs: List[dict]):
                 ax.set_xlabel("step")
     fig.colorbar(image, ax=axes, shrink=0.6, label="probability")
     return fig
-
-
-def _prob(rec: dict, task: str, layer: str, j: int) -> float:
-    row = (rec["policy_probs"].get(task) or {}).get(layer)
-    return float(row[j]) if isinstance(row, (list, tuple)) and len(row) == 3 and _finite(row[j]) else math.nan
 
 
 _SWEEP_STYLE = {"automtl": ("o", "C0"), "hard-sharing": ("s", "C1"), "single-task": ("^", "C2")}

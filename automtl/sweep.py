@@ -279,7 +279,8 @@ def _finished(member: Path, marker: str, cfg: ConvertConfig, key: str = "config"
         return None
     fix = "start the sweep over with --overwrite"
     data = read_json(path, "sweep member file", ConfigError, fix)
-    counts = data.get("policy", {}).get("counts") if marker == "report.json" and isinstance(data, dict) else {}
+    policy = data.get("policy") if marker == "report.json" and isinstance(data, dict) else {"counts": {}}
+    counts = policy.get("counts") if isinstance(policy, dict) else None
     if not (isinstance(data, dict) and isinstance(data.get(key), dict) and isinstance(counts, dict)
             and all(isinstance(n, int) and not isinstance(n, bool) for n in counts.values())):
         raise ConfigError(f"sweep member file {os.fspath(path)!r} is not the {marker} automtl writes (it lacks its "

@@ -185,3 +185,18 @@ def test_branch_oracle_trains_each_architecture_like_the_quality_rows(tmp_path):
     assert set(result["summary"]) == {"all-share", "segmentation owns layer4.1"}
     assert result["summary"]["all-share"]["vs_all_share"] == 0.0
     assert result["architectures"]["segmentation owns layer4.1"]["parameters_vs_all_share"] > 1.0
+
+
+def test_capacity_probe_judges_every_trial_copy_and_leaves_the_ordinary_run_as_it_was(tmp_path):
+    """Trial copies train beside the conflict search without changing it: the same conflict scores bitwise as
+    the run without them, and a held-out gain with its standard error for every trial layer and task."""
+    out = tmp_path / "probe.json"
+    run("capacity_probe.py", "--quick", "--bench", "synthetic/resnet18", "--seeds", "0", "--layers", "2",
+        "--held-out", "16", "--control", "--jobs", "1", "--out", out)
+    (result,) = json.loads(out.read_text())["results"]
+    assert result["ordinary_run_unchanged"] is True
+    assert len(result["gains"]) == 2
+    for per_task in result["gains"].values():
+        assert set(per_task) == {"segmentation", "depth", "normal"}
+        assert all(g["se"] > 0 and abs(g["relative_gain"]) < 10 for g in per_task.values())
+    assert 0 < result["trial_cpu_seconds"] < result["cpu_seconds"]

@@ -205,7 +205,7 @@ def test_idx_reader_rejects_malformed(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         read_idx(tmp_path / "missing")
     (tmp_path / "garbage.gz").write_bytes(b"\x1f\x8b" + b"\x00" * 40)
-    with pytest.raises(DataError, match="cannot be read"):
+    with pytest.raises(DataError, match="is not a readable gzip file"):
         read_idx(tmp_path / "garbage.gz")
 
 

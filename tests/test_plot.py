@@ -80,7 +80,8 @@ def test_plot_without_matplotlib_names_the_extra(tmp_path, monkeypatch):
 def test_read_log_skips_a_cut_line(tmp_path):
     _write_log(tmp_path)
     recs = read_log(tmp_path)
-    assert len(recs) == 33 and all(math.isfinite(r["step"]) for r in recs)
+    assert all(math.isfinite(r["step"]) for r in recs)
+    assert sum("policy_probs" not in r for r in recs) == 33 and sum("policy_probs" in r for r in recs) == 10
 
 
 def test_plot_of_a_real_search_run(tmp_path):
@@ -105,8 +106,12 @@ GOOD = {"stage": "warmup", "step": 1, "kind": "weight", "losses": {"segment": 0.
     ({"losses": ["segment", 0.5]}, "'losses' that is not a mapping"),
     ({"losses": {"segment": "0.5"}}, "a loss of 'segment' that is not a number"),
     ({"losses": {"segment": True}}, "a loss of 'segment' that is not a number"),
-    ({"stage": ["warmup"]}, "a stage name that is not a string"),
-    ({"stage": "x" * 300}, "a stage name that is not a string of 1 to 256 characters"),
+    ({"stage": ["warmup"]}, "a stage name that is not printable text"),
+    ({"stage": "x" * 300}, "a stage name that is not printable text of 1 to 256 characters"),
+    ({"losses": {"$\\foo$": 1.0}}, "a task name that is not printable text of 1 to 256 characters without '$'"),
+    ({"losses": {"\ud800": 1.0}}, "a task name that is not printable"),
+    ({"stage": "val", "metrics": {"segment": {"$\\frac{$": 1.0}}}, "a metric name that is not printable"),
+    ({"policy_probs": {"segment": {"a\nb": [0.2, 0.3, 0.5]}}}, "a layer name that is not printable"),
     ({"tau": {"a": 1}}, "'tau' that is not a number"),
     ({"stage": "val", "metrics": {"segment": [1, 2]}}, "metrics of 'segment' that is not a mapping"),
     ({"policy_probs": {"segment": {"conv1": [0.5, 0.5]}}}, "a policy_probs row that is not a list of 3 numbers"),
@@ -136,6 +141,47 @@ def test_only_the_fields_the_figures_draw_are_kept(tmp_path):
     _log(tmp_path, [dict(GOOD, weights={"a": [1] * 10}, anything="else")])
     (rec,) = read_log(tmp_path)
     assert set(rec) == {"line", "step", "stage", "kind", "losses", "tau", "expected_params", "expected_macs"}
+
+
+def test_numbers_beyond_what_can_be_drawn_are_missing_and_steps_beyond_are_skipped(tmp_path):
+    pytest.importorskip("matplotlib", reason="matplotlib is not installed (pip install 'automtl[plot]')")
+    huge = int("1" + "0" * 400)
+    _log(tmp_path, [GOOD, dict(GOOD, step=2, losses={"segment": huge}, tau=1e308),
+                    dict(GOOD, step=8e307), dict(GOOD, step=-8e307), dict(GOOD, step=huge),
+                    {"stage": "val", "step": 3, "metrics": {"segment": {"miou": -1e308}}},
+                    dict(GOOD, step=4, stage="search", policy_probs={"segment": {"conv1": [huge, 0.5, None]}})])
+    recs = read_log(tmp_path)
+    assert [r["step"] for r in recs] == [1, 2, 3, 4, 4]
+    assert recs[1]["losses"] == {"segment": None} and recs[1]["tau"] is None
+    assert recs[2]["metrics"] == {"segment": {"miou": None}}
+    assert {p.name for p in plot_run(tmp_path)} == {"losses.png", "metrics.png", "policy.png"}
+
+
+def test_empty_policy_records_draw_no_policy_figure(tmp_path):
+    pytest.importorskip("matplotlib", reason="matplotlib is not installed (pip install 'automtl[plot]')")
+    _log(tmp_path, [dict(GOOD, policy_probs={}), dict(GOOD, step=2, policy_probs={"segment": {}}),
+                    dict(GOOD, step=3, policy_probs={"segment": None})])
+    assert [p.name for p in plot_run(tmp_path)] == ["losses.png"]
+
+
+def test_links_in_the_run_directory_are_not_followed(tmp_path):
+    pytest.importorskip("matplotlib", reason="matplotlib is not installed (pip install 'automtl[plot]')")
+    import os
+
+    victim = tmp_path / "victim"
+    victim.write_text("keep me")
+    run = tmp_path / "run"
+    _log(run, [GOOD, dict(GOOD, step=2)])
+    (run / "plots").mkdir()
+    os.symlink(victim, run / "plots" / "losses.png")
+    plot_run(run)
+    assert victim.read_text() == "keep me" and _is_png(run / "plots" / "losses.png")
+    assert not (run / "plots" / "losses.png").is_symlink()
+    other = tmp_path / "run2"
+    _log(other, [GOOD])
+    os.symlink(tmp_path / "elsewhere", other / "plots")
+    result = CliRunner().invoke(main, ["plot", str(other)])
+    assert result.exit_code == 2 and "symbolic link" in result.output and not (tmp_path / "elsewhere").exists()
 
 
 def test_a_long_log_is_thinned_evenly(tmp_path):
@@ -176,5 +222,6 @@ def test_the_policy_figure_of_many_layers_and_steps_stays_bounded(tmp_path):
     tasks = [f"t{k}" for k in range(4)]
     probs = {t: {layer: [0.2, 0.3, 0.5] for layer in layers} for t in tasks}
     _log(tmp_path, [dict(GOOD, step=s, policy_probs=probs) for s in range(1, 4)])
-    fig = plot._policy_figure(__import__("matplotlib.figure").figure.Figure, read_log(tmp_path))
+    recs = [r for r in read_log(tmp_path) if "policy_probs" in r]
+    fig = plot._policy_figure(__import__("matplotlib.figure").figure.Figure, recs)
     assert fig.get_size_inches()[1] <= plot.MAX_FIGURE_INCHES

@@ -272,6 +272,8 @@ def test_interleaved_latency_times_every_model_in_the_same_rounds():
     ("budget-1.5x/report.json", b"\xff\xfe not utf-8", "is not readable JSON"),
     ("budget-1.5x/report.json", b'{"config": {}}', "not the report.json automtl writes"),
     ("budget-1.5x/report.json", b'{"config": [], "policy": {"counts": {}}}', "not the report.json automtl writes"),
+    ("budget-1.5x/report.json", b'{"config": {}, "policy": []}', "not the report.json automtl writes"),
+    ("budget-1.5x/report.json", b'{"config": {}, "policy": {"counts": {"share": "3"}}}', "not the report.json automtl"),
     ("hard-sharing/metrics.json", b'"just a string"', "not the metrics.json automtl writes"),
     ("hard-sharing/metrics.json", b"1" * 5000, "is not readable JSON"),
 ])

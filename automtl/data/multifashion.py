@@ -56,14 +56,13 @@ def read_idx(path: Union[str, os.PathLike]) -> np.ndarray:
         DataError: missing or unreadable, not IDX, a header larger than the bound, or a body of another size.
     """
     path = Path(path)
-    try:
-        with open_regular(path, "IDX file", MAX_IDX_BYTES + (1 << 20), DataError) as (raw, _):
-            gzipped = raw.read(2) == b"\x1f\x8b"
-            raw.seek(0)
-            body = _read_idx_body(path, gzip.GzipFile(fileobj=raw) if gzipped else raw)
-    except (EOFError, zlib.error, gzip.BadGzipFile) as e:
-        raise DataError(f"IDX file {path} cannot be read ({e}); download it again") from None
-    dims, dtype, body = body
+    with open_regular(path, "IDX file", MAX_IDX_BYTES + (1 << 20), DataError) as (raw, _):
+        gzipped = raw.read(2) == b"\x1f\x8b"
+        raw.seek(0)
+        try:
+            dims, dtype, body = _read_idx_body(path, gzip.GzipFile(fileobj=raw) if gzipped else raw)
+        except (EOFError, zlib.error, gzip.BadGzipFile) as e:  # before open_regular calls it a read error
+            raise DataError(f"IDX file {path} is not a readable gzip file ({e}); download it again") from None
     arr = np.frombuffer(body, dtype=dtype).reshape(dims)
     return arr.astype(dtype.newbyteorder("="), copy=False) if dtype.itemsize > 1 else arr
 

@@ -10,7 +10,7 @@ import math
 from typing import Mapping
 
 from ..errors import ConfigError, FileFormatError
-from ..fileio import atomic_path, atomic_write_text, iter_json_lines
+from ..fileio import MAX_RESUMED_LOG_BYTES, atomic_path, atomic_write_text, iter_json_lines
 from ..policy import CHOICES
 
 LOG_NAME = "log.jsonl"
@@ -36,7 +36,7 @@ class _LogMixin:
         if resumed and self.log_path.exists():
             # keep what the checkpoint knows about; drop lines a killed run wrote after it (read as a stream)
             with atomic_path(self.log_path) as tmp, open(tmp, "wb") as out:
-                for _, line, rec in iter_json_lines(self.log_path, "log", FileFormatError):
+                for _, line, rec in iter_json_lines(self.log_path, "log", FileFormatError, MAX_RESUMED_LOG_BYTES):
                     step = rec.get("step", 0) if isinstance(rec, dict) else None
                     if not isinstance(step, (int, float)) or isinstance(step, bool):
                         continue
