@@ -12,6 +12,7 @@ their records). :func:`plot_sweep` draws the ``sweep.json`` of ``automtl sweep``
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from collections import defaultdict
@@ -180,7 +181,8 @@ def _probs(rows, names: _Names):
     for row in rows:
         if not isinstance(row, list) or len(row) != len(_CHOICES):
             raise names.bad(f"a policy_probs row that is not a list of {len(_CHOICES)} numbers")
-        values.append([math.nan if v is None else v for v in (names.number(p, "a policy probability") for p in row)])
+        numbers = (names.number(p, "a policy probability") for p in row)  # float32 holds what is drawn, [0, 1]
+        values.append([v if v is not None and -1.0 <= v <= 2.0 else math.nan for v in numbers])
     return np.asarray(values, dtype=np.float32)
 
 
@@ -216,14 +218,21 @@ def plot_run(run, out=None) -> List[Path]:
     if probs:
         figures.append((_policy_figure(Figure, probs), "policy.png"))
     ensure_dir(out)
-    return [_save(fig, out / name) for fig, name in figures]
+    return _save_all(figures, out)
 
 
-def _save(fig, path: Path) -> Path:
-    """Write the PNG through a temporary file renamed over ``path``: a link there is replaced, not followed."""
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    return path
+def _save_all(figures: list, out: Path) -> List[Path]:
+    """Write each ``(figure, name)`` as a PNG in ``out``, each through a temporary file renamed over its path once
+    every one is written (a link there is replaced, not followed; a failed write leaves none of them)."""
+    paths = [out / name for _, name in figures]
+    for path in paths:
+        if path.is_dir() and not path.is_symlink():
+            raise FileFormatError(f"{os.fspath(path)!r} is a folder, so the figure cannot be written there; remove "
+                                  "it, or choose another folder with --out")
+    with contextlib.ExitStack() as stack:
+        for (fig, _), path in zip(figures, paths):
+            fig.savefig(stack.enter_context(atomic_path(path)), dpi=110, format="png")
+    return paths
 
 
 def _finite(v) -> bool:

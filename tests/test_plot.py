@@ -225,3 +225,12 @@ def test_the_policy_figure_of_many_layers_and_steps_stays_bounded(tmp_path):
     recs = [r for r in read_log(tmp_path) if "policy_probs" in r]
     fig = plot._policy_figure(__import__("matplotlib.figure").figure.Figure, recs)
     assert fig.get_size_inches()[1] <= plot.MAX_FIGURE_INCHES
+
+
+def test_a_figure_that_cannot_be_written_leaves_none_of_them(tmp_path):
+    pytest.importorskip("matplotlib", reason="matplotlib is not installed (pip install 'automtl[plot]')")
+    _write_log(tmp_path)
+    (tmp_path / "plots" / "policy.png").mkdir(parents=True)
+    result = CliRunner().invoke(main, ["plot", str(tmp_path)])
+    assert result.exit_code == 2 and "policy.png' is a folder" in result.output, result.output
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["policy.png"]
