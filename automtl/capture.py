@@ -125,6 +125,20 @@ class _Tracer(fx.Tracer):
         self.record_stack_traces = True  # errors name the user's line of a node
         self._extra_leaves = tuple(leaf_modules) + NORM_LEAVES + CONV_LEAVES
         self._buffers = buffers
+        self.requires_grad_tests: list = []  # "file:line" of each `if x.requires_grad` taken as True
+
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        """``if x.requires_grad:`` on a traced value is taken as True, the value it has while the model trains
+        (torchvision's memory-efficient DenseNet checkpoints its layers only then); everything else is refused
+        as torch.fx refuses it. The trace check's second call runs without gradients, where the forward takes
+        the other branch, so a branch that computes other values there is refused with its line."""
+        if isinstance(obj, fx.proxy.Attribute) and obj.attr == "requires_grad":
+            frame = next((f for f in reversed(traceback.extract_stack())
+                          if not f.filename.startswith(os.path.dirname(torch.__file__))
+                          and not f.filename.startswith(os.path.dirname(__file__)) and "<" not in f.filename), None)
+            self.requires_grad_tests.append(f"{frame.filename}:{frame.lineno}" if frame else "the forward")
+            return True
+        return super().to_bool(obj)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if isinstance(m, self._extra_leaves):
@@ -259,7 +273,9 @@ def _trace_graph(backbone: nn.Module, leaf_modules: Sequence[type], concrete_arg
         try:  # draws the forward makes while traced come from, and go back to, the caller's random state
             with _refusing_autograd_functions(), seeded(device, seed=None), _RefusingEagerDraws():
                 states = random_states(device)
-                graph = _Tracer(leaf_modules, buffers=buffers).trace(backbone, concrete_args=concrete_args)
+                tracer = _Tracer(leaf_modules, buffers=buffers)
+                graph = tracer.trace(backbone, concrete_args=concrete_args)
+                graph.requires_grad_tests = tracer.requires_grad_tests  # read by capture's trace check
                 _refuse_frozen_draws(moved_generators(states, device)
                                      + [f"the generator {name!r}" for name in python.moved_generators(backbone)])
             failure = None
@@ -381,7 +397,9 @@ def capture(
         )
     _propagate(gm, example_input)
     tgm = fx.GraphModule(backbone, train_graph, type(backbone).__name__)
-    check_trace(backbone, {"eval": gm, "train": tgm}, example_input)
+    assumed = list(dict.fromkeys(getattr(eval_graph, "requires_grad_tests", [])
+                                 + getattr(train_graph, "requires_grad_tests", [])))
+    check_trace(backbone, {"eval": gm, "train": tgm}, example_input, requires_grad_tests=assumed)
     writes = functionalize(gm, gm.graph)
     notes: list = []
     node = pick_feature_node(gm, feature_node, notes)

@@ -20,7 +20,7 @@ import dataclasses
 import io
 import math
 from collections.abc import Mapping
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import fx, nn
@@ -111,7 +111,8 @@ def _holds_proxy(value, depth: int = 0) -> bool:
     return isinstance(value, (list, tuple, set)) and any(_holds_proxy(v, depth + 1) for v in value)
 
 
-def check_trace(backbone: nn.Module, graphs: dict, example_input: torch.Tensor) -> None:
+def check_trace(backbone: nn.Module, graphs: dict, example_input: torch.Tensor,
+                requires_grad_tests: Sequence[str] = ()) -> None:
     """Raise :class:`BackboneError` when a traced graph computes other outputs or gradients than ``backbone``.
 
     Args:
@@ -126,7 +127,9 @@ def check_trace(backbone: nn.Module, graphs: dict, example_input: torch.Tensor) 
     generators) and random state (torch's, Python's and numpy's: dropout draws the same masks in both), and is
     followed by a second call (outputs only) from the Python state the first left: a call counter the trace froze
     differs there;
-    gradients are taken by ``.backward()`` (every ``.grad`` is put back as it was), also under an outer
+    ``requires_grad_tests``: where the trace took ``if x.requires_grad`` as True (``file:line``); the second call,
+    without gradients, takes the other branch in the forward, and a difference there is refused naming them.
+    Gradients are taken by ``.backward()`` (every ``.grad`` is put back as it was), also under an outer
     ``torch.no_grad()`` or ``torch.inference_mode()``. Changes nothing: all of that is as before afterwards.
     A train-mode graph may fail on every check batch (a train-only branch the feature node does not need); in
     eval mode, where shapes were propagated with the trace on the example, the backbone must run on it too.
@@ -142,7 +145,7 @@ def check_trace(backbone: nn.Module, graphs: dict, example_input: torch.Tensor) 
                 for x in _check_inputs(example_input, mode):
                     found = _compare(backbone, gm, x, buffers, python, failures)
                     if found is not None:
-                        _raise_if_apart(type(backbone).__name__, mode, *found)
+                        _raise_if_apart(type(backbone).__name__, mode, *found, requires_grad_tests=requires_grad_tests)
                         break
                 else:
                     if mode == "eval" and failures:  # the trace ran on the example when shapes were propagated
@@ -291,10 +294,16 @@ def tolerance(dtype: torch.dtype) -> float:
     return max(TOLERANCE, 4 * torch.finfo(dtype).eps) if dtype.is_floating_point else TOLERANCE
 
 
-def _raise_if_apart(name: str, mode: str, what, gap: float) -> None:
+def _raise_if_apart(name: str, mode: str, what, gap: float, requires_grad_tests: Sequence[str] = ()) -> None:
     if what is None:
         return
     off = "differs" if math.isinf(gap) else f"off by {gap:.1%}" if gap < 10 else "off by more than 1000%"
+    if what.endswith(", in a second call") and requires_grad_tests:
+        raise BackboneError(
+            f"{name}'s forward computes other outputs without gradients than while it trains ({what[:-len(', in a second call')]} "
+            f"{off} on a check batch in {mode} mode): it branches on `.requires_grad` at {', '.join(requires_grad_tests)}, "
+            "and torch.fx keeps the branch taken while training; compute the same values in both branches, or mark "
+            "the module that branches as a leaf (leaf_modules=[ItsClass])")
     if not what.startswith("the gradient"):
         raise BackboneError(
             f"torch.fx's trace of {name} computes other outputs than its forward in {mode} mode ({what} {off} on a "

@@ -689,6 +689,21 @@ def test_a_module_or_buffer_used_in_train_mode_only_is_refused(what, name):
         capture(_TwoConvs(_TrainOnlyState(what)).train(), torch.randn(1, 3, 16, 16))
 
 
+class _OtherValuesWithoutGradients(nn.Module):
+    """Branches on ``requires_grad`` and computes other values in the two branches."""
+
+    def forward(self, x):
+        return x if x.requires_grad else x * 2
+
+
+def test_a_branch_on_requires_grad_is_kept_only_where_both_branches_compute_the_same():
+    """The trace takes ``if x.requires_grad`` as True (tests/zoo.py: checkpoint_when_training converts, with every
+    property test); where the other branch, which runs without gradients, computes other values, that line is
+    named."""
+    with pytest.raises(BackboneError, match=r"branches on `.requires_grad` at .*test_capture.py:\d+"):
+        capture(_TwoConvs(_OtherValuesWithoutGradients()).eval(), torch.randn(1, 3, 16, 16))
+
+
 class _RareFlip(nn.Module):
     """A random decision made in Python (p = 0.2): the trace freezes the one outcome it drew."""
 

@@ -49,3 +49,20 @@ def test_public_model_converts_with_right_numbers(name, tmp_path, request):
     loaded = automtl.load(tmp_path / "m.automtl")
     with torch.no_grad():
         assert all(torch.equal(loaded(x)[t], first[t]) for t in first), f"{name}: loaded != saved"
+
+
+@pytest.mark.slow
+def test_memory_efficient_densenet_converts_layer_by_layer(request):
+    """torchvision's DenseNet checkpoints each dense layer when ``any(t.requires_grad ...)``: the trace takes that
+    branch (tests/zoo.py: checkpoint_when_training is the fast test of the kind), every convolution inside stays a
+    policy layer, and the all-share supermodel computes the model's features."""
+    models = request.getfixturevalue("torchvision_module").models
+    torch.manual_seed(0)
+    backbone = models.densenet121(memory_efficient=True).train()
+    sm = automtl.supermodel(backbone, TASKS, torch.randn(1, 3, 64, 64)).eval()
+    assert len(sm.layer_names) == 120
+    sm.hard(Policy.uniform(sm.layer_names, sm.task_names, "share"))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = torch.relu(backbone.eval().features(x))
+        assert all(torch.allclose(f, expected, atol=1e-5, rtol=1e-5) for f in sm.features(x).values())

@@ -3,6 +3,7 @@
 Each is a few convs at 8-16 channels, so the whole zoo converts and runs in seconds on a CPU.
 """
 import torch
+import torch.utils.checkpoint
 import torch.nn.functional as F
 from torch import nn
 
@@ -407,6 +408,23 @@ class OwnGeneratorNet(nn.Module):
         return self.c2(y)
 
 
+class CheckpointWhenTrainingNet(nn.Module):
+    """Activation checkpointing only when gradients flow, as torchvision's memory-efficient DenseNet decides it
+    (``if any(t.requires_grad for t in inputs)``): the trace takes the training branch, which computes the same."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2, self.c3 = conv_bn(3, 8), conv_bn(8, 8), conv_bn(8, 8)
+
+    def forward(self, x):
+        y = self.c1(x)
+        if y.requires_grad:
+            y = torch.utils.checkpoint.checkpoint(self.c2, y, use_reentrant=False)
+        else:
+            y = self.c2(y)
+        return self.c3(y)
+
+
 class PositionalConvNet(nn.Module):
     """A conv on a learned map, not on the input (conditional positional encodings): the same for every
     sample, added to the trunk by broadcasting."""
@@ -512,4 +530,5 @@ ZOO = {
     "pruned": pruned_net, "transform_input": TransformInputNet, "call_arguments": CallArgumentsNet,
     "norm_weight_attention": NormWeightAttention, "coord_map": CoordMapNet,
     "train_only_constant": TrainOnlyConstantNet, "own_generator": OwnGeneratorNet,
+    "checkpoint_when_training": CheckpointWhenTrainingNet,
 }
