@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import io
 import itertools
 import os
@@ -125,20 +126,60 @@ class _Tracer(fx.Tracer):
         self.record_stack_traces = True  # errors name the user's line of a node
         self._extra_leaves = tuple(leaf_modules) + NORM_LEAVES + CONV_LEAVES
         self._buffers = buffers
-        self.requires_grad_tests: list = []  # "file:line" of each `if x.requires_grad` taken as True
+        self.requires_grad_tests: list = []  # "file:line" of each `x.requires_grad` the trace decided
+        self._needs_grad: dict = {}
 
     def to_bool(self, obj: fx.Proxy) -> bool:
-        """``if x.requires_grad:`` on a traced value is taken as True, the value it has while the model trains
-        (torchvision's memory-efficient DenseNet checkpoints its layers only then); everything else is refused
-        as torch.fx refuses it. The trace check's second call runs without gradients, where the forward takes
-        the other branch, so a branch that computes other values there is refused with its line."""
-        if isinstance(obj, fx.proxy.Attribute) and obj.attr == "requires_grad":
-            frame = next((f for f in reversed(traceback.extract_stack())
-                          if not f.filename.startswith(os.path.dirname(torch.__file__))
-                          and not f.filename.startswith(os.path.dirname(__file__)) and "<" not in f.filename), None)
+        """``if x.requires_grad:`` on a traced value is decided as in an ordinary training step: true where the
+        value is computed from a trainable parameter, false for the input and what only buffers and constants
+        make (torchvision's memory-efficient DenseNet checkpoints its layers only on the first kind); the line
+        is recorded. Everything else is refused as torch.fx refuses it. The trace check then runs the backbone
+        as training does (its input not requiring gradients) and a second time without gradients, where
+        ``requires_grad`` is false everywhere, so a branch that computes other values there is refused."""
+        if isinstance(obj, fx.proxy.Attribute) and obj.attr == "requires_grad" and isinstance(obj.root, fx.Proxy):
+            value = self._requires_grad(obj.root.node)
+            frame = next((f for f in reversed(traceback.extract_stack()) if _is_user_file(f.filename)), None)
             self.requires_grad_tests.append(f"{frame.filename}:{frame.lineno}" if frame else "the forward")
-            return True
+            return value
         return super().to_bool(obj)
+
+    def _requires_grad(self, node: fx.Node) -> bool:
+        """Whether ``node``'s value requires gradients in a training step whose input does not."""
+        if node in self._needs_grad:
+            return self._needs_grad[node]
+        stack, order = [node], []
+        while stack:  # the ancestors not yet decided, inputs before users
+            n = stack.pop()
+            if n in self._needs_grad or n in order:
+                continue
+            order.append(n)
+            stack.extend(a for a in n.all_input_nodes if a not in self._needs_grad)
+        for n in reversed(order):
+            self._needs_grad[n] = self._decide_requires_grad(n)
+        return self._needs_grad[node]
+
+    def _decide_requires_grad(self, n: fx.Node) -> bool:
+        if n.op == "placeholder":
+            return False
+        if n.op == "get_attr":
+            try:
+                value = functools.reduce(getattr, n.target.split("."), self.root)
+            except AttributeError:
+                return False
+            return isinstance(value, torch.Tensor) and value.requires_grad
+        if n.op == "call_method" and n.target in ("detach", "detach_"):
+            return False
+        if n.op == "call_function" and n.target in (torch.detach, torch.Tensor.detach):
+            return False
+        if n.op == "call_method" and n.target == "requires_grad_":
+            return True
+        if n.op == "call_module":
+            try:
+                if any(p.requires_grad for p in self.root.get_submodule(n.target).parameters()):
+                    return True
+            except AttributeError:
+                pass
+        return any(self._needs_grad.get(a, False) for a in n.all_input_nodes)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if isinstance(m, self._extra_leaves):
@@ -156,15 +197,18 @@ class _Tracer(fx.Tracer):
         return super().getattr(attr, attr_val, parameter_proxy_cache)
 
 
+_LIBRARY_DIRS = (os.path.dirname(torch.__file__) + os.sep, os.path.dirname(__file__) + os.sep)
+
+
+def _is_user_file(filename: str) -> bool:
+    """Not torch's or automtl's own code (torchvision's and the user's are someone's model code)."""
+    return not filename.startswith(_LIBRARY_DIRS) and "<" not in filename
+
+
 def _user_frame(exc: BaseException) -> Optional[traceback.FrameSummary]:
     """The innermost frame of the traceback that is not in torch or automtl: the user's line at fault."""
-    torch_dir = os.path.dirname(torch.__file__)
-    own_dir = os.path.dirname(__file__)
     frames = traceback.extract_tb(exc.__traceback__)
-    for fr in reversed(frames):
-        if not fr.filename.startswith((torch_dir, own_dir)) and "<" not in fr.filename:
-            return fr
-    return None
+    return next((fr for fr in reversed(frames) if _is_user_file(fr.filename)), None)
 
 
 def _faulty_module(exc: BaseException, backbone: nn.Module) -> str:

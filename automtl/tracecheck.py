@@ -127,8 +127,10 @@ def check_trace(backbone: nn.Module, graphs: dict, example_input: torch.Tensor,
     generators) and random state (torch's, Python's and numpy's: dropout draws the same masks in both), and is
     followed by a second call (outputs only) from the Python state the first left: a call counter the trace froze
     differs there;
-    ``requires_grad_tests``: where the trace took ``if x.requires_grad`` as True (``file:line``); the second call,
-    without gradients, takes the other branch in the forward, and a difference there is refused naming them.
+    ``requires_grad_tests``: where the trace decided a ``x.requires_grad`` as an ordinary training step would
+    (``file:line``). The first call then runs as that step does, its input not requiring gradients (no input
+    gradient is compared), and the second, without gradients, runs the branches inference takes; a difference
+    in either names those lines.
     Gradients are taken by ``.backward()`` (every ``.grad`` is put back as it was), also under an outer
     ``torch.no_grad()`` or ``torch.inference_mode()``. Changes nothing: all of that is as before afterwards.
     A train-mode graph may fail on every check batch (a train-only branch the feature node does not need); in
@@ -143,7 +145,7 @@ def check_trace(backbone: nn.Module, graphs: dict, example_input: torch.Tensor,
                 backbone.train(mode == "train")
                 failures = []
                 for x in _check_inputs(example_input, mode):
-                    found = _compare(backbone, gm, x, buffers, python, failures)
+                    found = _compare(backbone, gm, x, buffers, python, failures, not requires_grad_tests)
                     if found is not None:
                         _raise_if_apart(type(backbone).__name__, mode, *found, requires_grad_tests=requires_grad_tests)
                         break
@@ -197,14 +199,14 @@ def put_back(saved: list) -> None:
             tensor.copy_(value)
 
 
-def _run(program, x: torch.Tensor, params: list, buffers: list, python: PythonState) -> tuple:
+def _run(program, x: torch.Tensor, params: list, buffers: list, python: PythonState, input_grad: bool = True) -> tuple:
     """``program``'s tensor outputs on ``x`` (``{path: tensor}``) and the gradients of ``params`` (then of ``x``,
-    when floating) of a fixed random weighting of them, from the saved buffers, Python state and random state 0;
-    the gradients are an error's text where the backward fails. The program gets a copy of ``x``: a forward that
-    writes into its input in place (``x.sub_(mean)``) runs."""
+    when floating and ``input_grad``) of a fixed random weighting of them, from the saved buffers, Python state and
+    random state 0; the gradients are an error's text where the backward fails. The program gets a copy of ``x``:
+    a forward that writes into its input in place (``x.sub_(mean)``) runs."""
     put_back(buffers)
     python.restore()
-    x = x.detach().requires_grad_(x.is_floating_point())
+    x = x.detach().requires_grad_(x.is_floating_point() and input_grad)
     wrt = params + ([x] if x.requires_grad else [])
     with seeded(x.device), contextlib.redirect_stderr(io.StringIO()):
         outs = dict(_tensors(program(x.clone())))
@@ -228,7 +230,7 @@ def _run(program, x: torch.Tensor, params: list, buffers: list, python: PythonSt
 
 
 def _compare(backbone: nn.Module, gm: fx.GraphModule, x: torch.Tensor, buffers: list, python: PythonState,
-             failures: list):
+             failures: list, input_grad: bool = True):
     """What differs between ``gm`` and ``backbone`` on ``x``: ``(what, how much)`` of the worst difference, or
     ``(None, 0.0)``; None when either fails on it (which, appended to ``failures``)."""
     named = [(name, p) for name, p in backbone.named_parameters() if p.requires_grad]
@@ -236,7 +238,7 @@ def _compare(backbone: nn.Module, gm: fx.GraphModule, x: torch.Tensor, buffers: 
     runs = []
     for who, program in (("the backbone's own forward", backbone), ("its torch.fx trace", gm)):
         try:
-            runs.append((_run(program, x, params, buffers, python), _run_again(program, x, buffers)))
+            runs.append((_run(program, x, params, buffers, python, input_grad), _run_again(program, x, buffers)))
         except BackboneError:
             raise
         except Exception as exc:  # a refusal of this size or mode
@@ -298,12 +300,18 @@ def _raise_if_apart(name: str, mode: str, what, gap: float, requires_grad_tests:
     if what is None:
         return
     off = "differs" if math.isinf(gap) else f"off by {gap:.1%}" if gap < 10 else "off by more than 1000%"
-    if what.endswith(", in a second call") and requires_grad_tests:
+    if requires_grad_tests:
+        second = what.endswith(", in a second call")
+        what = what.removesuffix(", in a second call")
         raise BackboneError(
-            f"{name}'s forward computes other outputs without gradients than while it trains ({what[:-len(', in a second call')]} "
-            f"{off} on a check batch in {mode} mode): it branches on `.requires_grad` at {', '.join(requires_grad_tests)}, "
-            "and torch.fx keeps the branch taken while training; compute the same values in both branches, or mark "
-            "the module that branches as a leaf (leaf_modules=[ItsClass])")
+            f"torch.fx's trace of {name} computes other {'gradients' if what.startswith('the gradient') else 'outputs'} "
+            f"than its forward in {mode} mode ({what} {off} on a check batch "
+            f"{'run again without gradients' if second else 'run as a training step'}): its forward branches on "
+            f"`.requires_grad` at {', '.join(requires_grad_tests)}, where torch.fx keeps the branch an ordinary "
+            "training step takes (its input not requiring gradients), so the other branch must compute the same; or it "
+            "depends on something else the trace records as a constant (a call counter or other Python state, a "
+            "random draw); compute the same values in both branches, or mark the module that does it as a leaf "
+            "(leaf_modules=[ItsClass])")
     if not what.startswith("the gradient"):
         raise BackboneError(
             f"torch.fx's trace of {name} computes other outputs than its forward in {mode} mode ({what} {off} on a "

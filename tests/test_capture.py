@@ -704,6 +704,40 @@ def test_a_branch_on_requires_grad_is_kept_only_where_both_branches_compute_the_
         capture(_TwoConvs(_OtherValuesWithoutGradients()).eval(), torch.randn(1, 3, 16, 16))
 
 
+class _DetachUnlessInputTrains(nn.Module):
+    """``if not x.requires_grad: y = y.detach()`` on the input: an ordinary training step (an input that does not
+    require gradients) leaves the stem untrained, and so must the trace."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.body = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        y = self.stem(x)
+        if not x.requires_grad:
+            y = y.detach()
+        return self.body(y)
+
+
+def test_requires_grad_is_decided_as_in_a_training_step():
+    """The input does not require gradients and a frozen parameter does not either: the trace takes the branches
+    an ordinary training step takes, so the supermodel trains exactly what the backbone trains."""
+    import copy
+
+    from automtl import Policy, Task, supermodel
+
+    torch.manual_seed(0)
+    backbone = _DetachUnlessInputTrains()
+    sm = supermodel(copy.deepcopy(backbone), [Task("depth", "depth")], torch.randn(1, 3, 16, 16))
+    sm.hard(Policy.uniform(sm.layer_names, sm.task_names, "share")).train()
+    x = torch.rand(2, 3, 16, 16)
+    sm.features(x)["depth"].sum().backward()
+    backbone(x).sum().backward()
+    grads = {n: p.grad for n, p in sm.named_parameters() if ".shared." in n and n.endswith("conv.weight")}
+    assert backbone.stem.weight.grad is None and backbone.body.weight.grad is not None
+    assert [g is None for g in grads.values()] == [True, False], grads.keys()
+
+
 class _RareFlip(nn.Module):
     """A random decision made in Python (p = 0.2): the trace freezes the one outcome it drew."""
 
