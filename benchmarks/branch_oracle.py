@@ -49,6 +49,8 @@ ARCHITECTURES = {
         "segmentation owns layer4.1": {"segmentation": ["layer4.1."]},
         "segmentation owns layer4": {"segmentation": ["layer4."]},
         "every task owns layer4.1": {t: ["layer4.1."] for t in ("segmentation", "depth", "normal")},
+        # where capacity_probe.py's trial copies point (segmentation's held-out loss lower on every seed)
+        "segmentation owns layer4.0.downsample": {"segmentation": ["layer4.0.downsample."]},
     },
 }
 
