@@ -62,14 +62,7 @@ def read_log(path) -> List[dict]:
         FileFormatError: no log, no records, or a record whose field has another shape or names more tasks,
             layers, metrics or stages than the bounds above (one sentence with the line number).
     """
-    path = Path(path)
-    for candidate in (path, path / "checkpoints" / "log.jsonl", path / "log.jsonl"):
-        if candidate.exists() and not candidate.is_dir():  # a pipe or device is refused by the reader
-            path = candidate
-            break
-    else:
-        raise FileFormatError(f"{os.fspath(path)!r} holds no checkpoints/log.jsonl; give the --out directory of "
-                              "automtl convert or automtl search")
+    path = _log_path(path)
     names = _Names(os.fspath(path))
     kept = {"train": _Thinned(MAX_RECORDS), "val": _Thinned(MAX_VAL_RECORDS), "policy": _Thinned(MAX_POLICY_COLUMNS)}
     for number, _, rec in iter_json_lines(path, "log", FileFormatError):
@@ -81,6 +74,21 @@ def read_log(path) -> List[dict]:
     if not records:
         raise FileFormatError(f"log {os.fspath(path)!r} has no records yet; plot it once the run has logged a step")
     return records
+
+
+def _log_path(path) -> Path:
+    """The log of ``path``: the file itself, or ``checkpoints/log.jsonl`` or ``log.jsonl`` in the folder."""
+    path = Path(path)
+    for candidate in (path, path / "checkpoints" / "log.jsonl", path / "log.jsonl"):
+        if candidate.exists() and not candidate.is_dir():  # a pipe or device is refused by the reader
+            return candidate
+    raise FileFormatError(f"{os.fspath(path)!r} holds no checkpoints/log.jsonl; give the --out directory of "
+                          "automtl convert or automtl search")
+
+
+def _run_dir(log: Path) -> Path:
+    """The run directory of a log: the folder above ``checkpoints/``, else the log's own folder."""
+    return log.parent.parent if log.parent.name == "checkpoints" else log.parent
 
 
 class _Thinned:
@@ -187,7 +195,8 @@ def _probs(rows, names: _Names):
 
 
 def plot_run(run, out=None) -> List[Path]:
-    """Draw the figures of ``run`` (a run directory or log file) into ``out`` (default ``RUN/plots``).
+    """Draw the figures of ``run`` (a run directory, its ``checkpoints/`` or the log file) into ``out`` (default
+    ``RUN/plots``, beside ``checkpoints/``).
 
     Returns the PNG paths written. Raises :class:`AutomtlError` when matplotlib is missing and
     :class:`FileFormatError` when there is no log.
@@ -203,7 +212,7 @@ def plot_run(run, out=None) -> List[Path]:
                            "install it with pip install 'automtl[plot]'") from None
     records = read_log(run)
     default = out is None
-    out = Path(out) if out is not None else (Path(run) if Path(run).is_dir() else Path(run).parent) / "plots"
+    out = Path(out) if out is not None else _run_dir(_log_path(run)) / "plots"
     if default and out.is_symlink():
         raise FileFormatError(f"{os.fspath(out)!r} is a symbolic link, so the figures would be written wherever it "
                               "points; remove it, or choose the folder with --out")

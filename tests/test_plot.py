@@ -234,3 +234,11 @@ def test_a_figure_that_cannot_be_written_leaves_none_of_them(tmp_path):
     result = CliRunner().invoke(main, ["plot", str(tmp_path)])
     assert result.exit_code == 2 and "policy.png' is a folder" in result.output, result.output
     assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["policy.png"]
+
+
+@pytest.mark.parametrize("given", ["run", "run/checkpoints", "run/checkpoints/log.jsonl"])
+def test_the_figures_go_beside_checkpoints_whichever_path_names_the_run(tmp_path, given):
+    pytest.importorskip("matplotlib", reason="matplotlib is not installed (pip install 'automtl[plot]')")
+    _write_log(tmp_path / "run")
+    paths = plot_run(tmp_path / given)
+    assert {p.parent for p in paths} == {tmp_path / "run" / "plots"}
