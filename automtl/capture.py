@@ -145,17 +145,11 @@ class _Tracer(fx.Tracer):
 
     def _requires_grad(self, node: fx.Node) -> bool:
         """Whether ``node``'s value requires gradients in a training step whose input does not."""
-        if node in self._needs_grad:
-            return self._needs_grad[node]
-        stack, order = [node], []
-        while stack:  # the ancestors not yet decided, inputs before users
-            n = stack.pop()
-            if n in self._needs_grad or n in order:
-                continue
-            order.append(n)
-            stack.extend(a for a in n.all_input_nodes if a not in self._needs_grad)
-        for n in reversed(order):
-            self._needs_grad[n] = self._decide_requires_grad(n)
+        for n in node.graph.nodes:  # creation order: every input is decided before its users
+            if n not in self._needs_grad:
+                self._needs_grad[n] = self._decide_requires_grad(n)
+            if n is node:
+                break
         return self._needs_grad[node]
 
     def _decide_requires_grad(self, n: fx.Node) -> bool:

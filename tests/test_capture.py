@@ -738,6 +738,30 @@ def test_requires_grad_is_decided_as_in_a_training_step():
     assert [g is None for g in grads.values()] == [True, False], grads.keys()
 
 
+class _TwoPathsToOneTest(nn.Module):
+    """The value tested reaches a parameter by two paths, one through ``.detach()``: it requires gradients."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        h = self.c1(x)
+        q = torch.relu(h) + h.detach()
+        return self.c2(q) if q.requires_grad else self.c2(q) * 2
+
+
+def test_requires_grad_follows_every_path_to_a_parameter():
+    """Decided over the whole graph in creation order (a walk that met ``h`` first through ``.detach()`` had
+    decided ``relu(h)`` before ``h``, so ``q`` as not requiring gradients)."""
+    import sys
+
+    tracer = sys.modules["automtl.capture"]._Tracer()
+    graph = tracer.trace(_TwoPathsToOneTest())
+    assert len(tracer.requires_grad_tests) == 1
+    assert not any(n.op == "call_function" and "mul" in str(n.target) for n in graph.nodes)  # the True branch
+
+
 class _RareFlip(nn.Module):
     """A random decision made in Python (p = 0.2): the trace freezes the one outcome it drew."""
 
