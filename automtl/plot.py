@@ -172,10 +172,10 @@ def _checked(rec: dict, names: _Names) -> list:
     found = [("train", out)]
     probs = {}
     for t, rows in names.mapping(rec.get("policy_probs"), "'policy_probs'").items():
-        rows = names.mapping(rows, f"policy_probs of {names.name(t, 'task')!r}")
+        task = names.name(t, "task")
+        rows = names.mapping(rows, f"policy_probs of {task!r}")
         if rows:
-            layers = tuple(names.name(layer, "layer") for layer in rows)
-            probs[names.name(t, "task")] = (layers, _probs(rows.values(), names))
+            probs[task] = (tuple(names.name(layer, "layer") for layer in rows), _probs(rows.values(), names))
     if probs:
         found.append(("policy", {"line": names.line, "step": out["step"], "stage": out["stage"], "policy_probs": probs}))
     return found
@@ -210,9 +210,10 @@ def plot_run(run, out=None) -> List[Path]:
     except ImportError:
         raise AutomtlError("automtl plot needs matplotlib, which is not installed; "
                            "install it with pip install 'automtl[plot]'") from None
-    records = read_log(run)
+    log = _log_path(run)
+    records = read_log(log)
     default = out is None
-    out = Path(out) if out is not None else _run_dir(_log_path(run)) / "plots"
+    out = Path(out) if out is not None else _run_dir(log) / "plots"
     if default and out.is_symlink():
         raise FileFormatError(f"{os.fspath(out)!r} is a symbolic link, so the figures would be written wherever it "
                               "points; remove it, or choose the folder with --out")
