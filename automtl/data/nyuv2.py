@@ -69,14 +69,14 @@ def _load(path: Path, name: str) -> np.ndarray:
     """One sample's array. The header's shape and dtype must need exactly the bytes the file holds after it (numpy
     would allocate what the header declares before finding the file short); no pickled object arrays."""
     try:
-        with open_regular(path, f"{name} file", MAX_NPY_BYTES, DataError) as (f, _):  # no pipe or device
+        with open_regular(path, f"{name} file", MAX_NPY_BYTES, DataError) as (f, size):  # no pipe or device
             version = np.lib.format.read_magic(f)
             header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
             shape, _, dtype = header(f, max_header_size=10_000)
             if dtype.hasobject:
                 raise DataError(f"{name} file {path} holds Python objects, which are read by unpickling; save numbers "
                                 "(a numeric dtype) instead")
-            body = os.fstat(f.fileno()).st_size - f.tell()
+            body = size - f.tell()
             need = int(np.prod(shape, dtype=object)) * dtype.itemsize
             if need != body:
                 raise DataError(f"{name} file {path} declares {shape} values of {dtype} ({need} bytes) but holds {body}; "
