@@ -81,7 +81,6 @@ def _trial_strategy(layers: int, held_out_data, batch: int):
             mine = {id(b) for l in self.trial_layers for c in sm.policy_layers[l].specialized for b in c.buffers()}
             self.kept_buffers = [b for b in sm.buffers() if id(b) not in mine]
             self.trial_seconds = 0.0
-            self.run.sm.hard(Policy.uniform(sm.layer_names, sm.task_names, "share"))
             draw = run._batch  # the ordinary step draws the batch; keep it for the trial forwards
 
             def keep(*a, **k):
