@@ -30,7 +30,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .errors import BackboneError, first_line as _first_line
-from .features import pick_feature_node
+from .features import META_LAYOUT, laid_out, pick_feature_node
 from .graphpasses import STATE_WRITE_ADVICE, ancestors, functionalize, refuse_state_writes, user_line
 from .seeding import moved_generators, random_states, seeded
 from .tracecheck import PythonState, check_trace, put_back
@@ -571,6 +571,8 @@ def _propagate(gm: fx.GraphModule, example_input: torch.Tensor, tolerant: bool =
             prop = (_TolerantShapeProp if tolerant else ShapeProp)(gm)
             prop.propagate(example_input)
             _mark_batched(gm, example_input)
+            if not tolerant:
+                _mark_layout(gm, example_input)
         return getattr(prop, "failures", [])
     except Exception as exc:
         raise BackboneError(
@@ -613,6 +615,54 @@ def _mark_batched(gm: fx.GraphModule, example_input: torch.Tensor) -> None:
         meta, value = _tensor_meta(node), env[node]
         if meta is not None and len(meta.shape) >= 1 and isinstance(value, torch.Tensor) and value.dim() >= 1:
             node.meta[META_BATCHED] = int(value.shape[0]) != int(meta.shape[0])
+
+
+class _ShapesAt(fx.Interpreter):
+    """Runs ``gm`` and keeps each node's output shape (a 4-D tensor's only); a node that fails, and what reads
+    it, stay without one."""
+
+    def __init__(self, gm):
+        super().__init__(gm)
+        self.shapes: dict = {}
+
+    def run_node(self, n):
+        if any(self.env.get(i) is _FAILED for i in n.all_input_nodes):
+            return _FAILED
+        try:
+            value = super().run_node(n)
+        except Exception:
+            return _FAILED
+        if isinstance(value, torch.Tensor) and value.dim() == 4:
+            self.shapes[n] = tuple(value.shape)
+        return value
+
+
+#: How much taller, then wider, than the example the layout runs are (pixels): a map of stride up to 64 grows.
+LAYOUT_PROBE = 64
+
+
+def _mark_layout(gm: fx.GraphModule, example_input: torch.Tensor) -> None:
+    """Set :data:`automtl.features.META_LAYOUT` on the 4-D nodes from two more runs (no gradients, eval mode, one
+    image): on the example tiled :data:`LAYOUT_PROBE` pixels taller, then wider. A backbone that refuses those
+    sizes leaves the nodes it could not reach unmarked (their layout unknown, taken as (N, C, H, W))."""
+    x = example_input[:1]
+    d = LAYOUT_PROBE
+    taller = x.repeat(1, 1, -(-(x.shape[2] + d) // x.shape[2]), 1)[:, :, :x.shape[2] + d]
+    wider = x.repeat(1, 1, 1, -(-(x.shape[3] + d) // x.shape[3]))[:, :, :, :x.shape[3] + d]
+    runs = []
+    for probe in (taller, wider):
+        with seeded(example_input.device), contextlib.redirect_stderr(io.StringIO()):
+            runner = _ShapesAt(gm)
+            try:
+                runner.run(probe)
+            except Exception:  # the output node itself: the shapes before it are kept
+                pass
+        runs.append(runner.shapes)
+    for node in gm.graph.nodes:
+        meta = _tensor_meta(node)
+        if meta is None or len(meta.shape) != 4 or node not in runs[0] or node not in runs[1]:
+            continue
+        node.meta[META_LAYOUT] = laid_out(tuple(meta.shape), runs[0][node], runs[1][node])
 
 
 def _train_counterpart(backbone, gm: fx.GraphModule, tgm: fx.GraphModule, feature: fx.Node, example_input) -> fx.Graph:

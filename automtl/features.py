@@ -4,6 +4,14 @@ The default is the deepest feature map on the backbone's *trunk* (the 4-D maps t
 spatial layout from the input on) before the spatial resolution collapses (global pooling,
 flatten, a reduction over H and W) and before any classifier module. A squeeze-excite branch
 pools, but its result is multiplied back into the trunk, so it is not where the trunk ends.
+
+A 4-D tensor is not always laid out (N, C, H, W): transformer-style blocks permute a map to
+channels-last (N, H, W, C) for a LayerNorm and a Linear, and attention holds (N, heads, tokens, dim).
+Capture runs the graph again on inputs taller and wider than the example and records, per node,
+:data:`META_LAYOUT`: ``"map"`` where axis 2 grows with the input's height, axis 3 with its width and
+axis 1 with neither; ``"fixed"`` where the channels stay on axis 1 but the size does not follow the
+input (a pooling to a fixed size); ``"other"`` for any other layout. Only maps are feature nodes, and
+maps that tokens lead back to (PVT's stages end in ``(N, C, H, W)``) count as the trunk's.
 """
 from __future__ import annotations
 
@@ -22,6 +30,10 @@ _GLOBAL_POOL_MODULES = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
 _GLOBAL_POOL_FUNCTIONS = {F.adaptive_avg_pool2d, F.adaptive_max_pool2d}
 _REDUCTIONS = {"mean", "amax", "sum", "max", "amin", "min", "logsumexp", "std", "var"}
 
+#: Node meta set by capture from runs at a taller and a wider input: "map", "fixed" or "other" (see the
+#: module doc); absent where those runs could not reach the node (the backbone refuses other sizes).
+META_LAYOUT = "automtl_layout"
+
 
 def _shape(node: fx.Node):
     meta = node.meta.get("tensor_meta")
@@ -31,6 +43,18 @@ def _shape(node: fx.Node):
 def _is_map(node: fx.Node) -> bool:
     s = _shape(node)
     return s is not None and len(s) == 4
+
+
+def _layout(node: fx.Node) -> Optional[str]:
+    return node.meta.get(META_LAYOUT)
+
+
+def laid_out(shape: tuple, taller: tuple, wider: tuple) -> str:
+    """:data:`META_LAYOUT` of a 4-D node from its shapes at the example, a taller and a wider input."""
+    if not (len(taller) == len(wider) == 4) or taller[1] != shape[1] or wider[1] != shape[1] \
+            or taller[3] != shape[3] or wider[2] != shape[2]:
+        return "other"
+    return "map" if taller[2] > shape[2] and wider[3] > shape[3] else "fixed"
 
 
 def _carries_maps(node: fx.Node) -> bool:
@@ -136,7 +160,12 @@ def trunk_nodes(gm: fx.GraphModule, output: fx.Node) -> list:
         inputs = [i for i in n.all_input_nodes if i in trunk]
         if inputs and (_carries_maps(n) or _keeps_spatial(n, inputs)):
             trunk.add(n)
-    return [n for n in gm.graph.nodes if n in trunk and n.op != "placeholder" and _is_map(n)]
+        elif _layout(n) == "map":  # a map again after tokens or another layout (a PVT stage's end)
+            trunk.add(n)
+    maps = [n for n in gm.graph.nodes if n in trunk and n.op != "placeholder" and _is_map(n)
+            and _layout(n) != "other"]
+    sized = [n for n in maps if _layout(n) != "fixed"]
+    return sized or maps  # an input resized to a fixed size first leaves only fixed-size maps
 
 
 def pick_feature_node(gm: fx.GraphModule, name: Optional[str], notes: list) -> fx.Node:
@@ -156,7 +185,8 @@ def pick_feature_node(gm: fx.GraphModule, name: Optional[str], notes: list) -> f
     while len(candidates) > 1 and _is_resize(gm, candidates[-1]):
         candidates.pop()
     if not candidates:
-        four_d = [n for n in gm.graph.nodes if n.op not in ("output", "placeholder") and _is_map(n)]
+        four_d = [n for n in gm.graph.nodes if n.op not in ("output", "placeholder") and _is_map(n)
+                  and _layout(n) != "other"]
         if not four_d:
             raise BackboneError("the backbone produces no 4-D feature map; automtl needs a CNN whose layers output (N, C, H, W)")
         notes.append(f"no 4-D map leads from the input to the output without a spatial collapse, so the features are "
@@ -179,7 +209,7 @@ def _named(gm: fx.GraphModule, name: str) -> fx.Node:
             by_path[p] = n
     node = by_name.get(name) or by_path.get(name)
     if node is None:
-        maps = [p for p, n in by_path.items() if _is_map(n)]
+        maps = [p for p, n in by_path.items() if _is_map(n) and _layout(n) != "other"]
         close = difflib.get_close_matches(name, maps, n=3) or difflib.get_close_matches(name, list(by_name), n=3)
         hint = (f"; did you mean {', '.join(close)}?" if close else
                 f"; name a module path as print(backbone) shows it{', e.g. ' + repr(maps[-1]) if maps else ''}")
@@ -189,4 +219,9 @@ def _named(gm: fx.GraphModule, name: str) -> fx.Node:
         raise BackboneError(
             f"feature node {name!r} has output {shape}, not a 4-D feature map; name a node or module whose output is (N, C, H, W)"
         )
+    if _layout(node) == "other":
+        raise BackboneError(
+            f"feature node {name!r} has output {_shape(node)} whose axes do not follow the input as (N, C, H, W) do "
+            "(axis 1 changes with the input's size, or axes 2 and 3 not with its height and width: channels-last "
+            "(N, H, W, C) or tokens); name a node or module whose output is (N, C, H, W), e.g. after the permute back")
     return node

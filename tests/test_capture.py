@@ -2,6 +2,8 @@
 import dataclasses
 import itertools
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -257,27 +259,80 @@ def test_a_parametrization_that_keeps_state_is_refused():
 class _TokensInBetween(nn.Module):
     """A feature map turned to tokens (attention over them) and back, then more convolutions: a 4-D output."""
 
-    def __init__(self):
+    def __init__(self, fixed_size: bool = False):
         super().__init__()
         self.c1 = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
         self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
         self.c2, self.c3 = nn.Conv2d(16, 32, 3, padding=1), nn.Conv2d(32, 32, 3, padding=1)
+        self.fixed_size = fixed_size
 
     def forward(self, x):
         y = self.c1(x)
         b, c, h, w = y.shape
         t = y.flatten(2).transpose(1, 2)
         t = self.attn(t, t, t, need_weights=False)[0]
+        if self.fixed_size:  # the tokens folded back at 16 x 16 whatever the input: runs at other sizes fail
+            h = w = 16
         return self.c3(torch.relu(self.c2(t.transpose(1, 2).reshape(b, c, h, w))))
 
 
+def test_maps_that_tokens_lead_back_to_are_the_trunk():
+    """PVT's stages end in (N, C, H, W) after attention over tokens: the default cut goes on to the last map."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cap = capture(_TokensInBetween(), torch.randn(1, 3, 16, 16))
+    assert cap.feature_shape == (1, 32, 16, 16)
+
+
 def test_a_default_cut_before_a_feature_map_output_names_the_convolutions_it_leaves_out():
+    """Where the runs at other sizes cannot tell the maps after the tokens apart (the backbone takes one size
+    only), the trunk ends at the tokens, and the warning names what the cut leaves out and how to keep it."""
     with pytest.warns(UserWarning, match=r"though its output 'c3' \(1, 32, 16, 16\) is a feature map too; this leaves "
                                          r"out 2 convolution\(s\) after the cut \(c2, c3\): pass feature_node='c3'"):
-        cap = capture(_TokensInBetween(), torch.randn(1, 3, 16, 16))
+        cap = capture(_TokensInBetween(fixed_size=True), torch.randn(1, 3, 16, 16))
     assert cap.feature_shape == (1, 16, 16, 16)
-    cap = capture(_TokensInBetween(), torch.randn(1, 3, 16, 16), feature_node="c3")  # the advice works
+    cap = capture(_TokensInBetween(fixed_size=True), torch.randn(1, 3, 16, 16), feature_node="c3")  # the advice works
     assert cap.feature_shape == (1, 32, 16, 16)
+
+
+class _ChannelsLast(nn.Module):
+    """A ConvNeXt-style block at the end: permuted to (N, H, W, C) for LayerNorm and Linear, never permuted back."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.norm, self.fc = nn.LayerNorm(8), nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.fc(self.norm(self.stem(x).permute(0, 2, 3, 1)))
+
+
+def test_a_channels_last_map_is_not_a_feature_map():
+    """(N, H, W, C) is 4-D too: the default cut stops before the permute, and naming a channels-last node is refused."""
+    cap = capture(_ChannelsLast(), torch.randn(1, 3, 16, 16))
+    assert cap.feature_shape == (1, 8, 8, 8) and cap.feature_node == "stem"
+    with pytest.raises(BackboneError, match=r"feature node 'norm' has output \(1, 8, 8, 8\) whose axes do not follow "
+                                            r"the input as \(N, C, H, W\) do .*channels-last"):
+        capture(_ChannelsLast(), torch.randn(1, 3, 16, 16), feature_node="norm")
+
+
+class _ConvHead(nn.Module):
+    """VGG's head as timm builds it: the map pooled to 3 x 3 and a 3 x 3 convolution over it, a (N, C, 1, 1) "map"."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2, padding=1))
+        self.pre_logits = nn.Sequential(nn.AdaptiveAvgPool2d(3), nn.Conv2d(8, 32, 3), nn.ReLU())
+
+    def forward(self, x):
+        return self.pre_logits(self.features(x))
+
+
+def test_maps_of_a_size_the_input_does_not_set_are_not_the_default_features():
+    cap = capture(_ConvHead(), torch.randn(1, 3, 16, 16))
+    assert cap.feature_shape == (1, 8, 8, 8)
+    cap = capture(_ConvHead(), torch.randn(1, 3, 16, 16), feature_node="pre_logits")  # named: the user's choice
+    assert cap.feature_shape == (1, 32, 1, 1)
 
 
 @pytest.mark.parametrize("hook", ["register_hook", "register_post_accumulate_grad_hook"])
