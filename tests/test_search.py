@@ -214,6 +214,66 @@ def test_nan_loss_stops_with_task_and_step(data, tmp_path):
         search(sm, make_loader(train, 8, shuffle=True), None, cfg.replace(resume=True))
 
 
+def _damage(ckpt: dict, how: str) -> dict:
+    ckpt = copy.deepcopy(ckpt)
+    if how == "step beyond the run":
+        ckpt["global_step"] = 10 ** 12
+    elif how == "negative step":
+        ckpt["global_step"] = ckpt["data_position"] = -5
+    elif how == "step as text":
+        ckpt["global_step"] = "6"
+    elif how == "data position":
+        ckpt["data_position"] = 10 ** 15
+    elif how == "stage":
+        ckpt["stage"] = "pwn"
+    elif how == "history":
+        ckpt["history"] = [1, "x", None]
+    elif how == "model missing":
+        del ckpt["model"]
+    elif how == "learning rate as text":
+        ckpt["weight_opt"]["param_groups"][0]["lr"] = "x"
+    elif how == "Adam state without its second moment":
+        for entry in ckpt["weight_opt"]["state"].values():
+            del entry["exp_avg_sq"]
+    elif how == "Adam state of another shape":
+        entry = next(iter(ckpt["weight_opt"]["state"].values()))
+        entry["exp_avg"] = torch.zeros(3)
+    elif how == "random state":
+        ckpt["rng"]["torch"] = torch.zeros(3, dtype=torch.uint8)
+    elif how == "strategy state":
+        ckpt["strategy"]["cos_sum"] = torch.zeros(1, 1, 1, dtype=torch.float64)
+    elif how == "ranks":
+        ckpt["ranks"] = [{}, {}]
+    elif how == "fingerprint":
+        del ckpt["fingerprint"]
+    elif how == "elapsed":
+        ckpt["elapsed"] = float("nan")
+    return ckpt
+
+
+@pytest.mark.parametrize("how", ["step beyond the run", "negative step", "step as text", "data position", "stage",
+                                 "history", "model missing", "learning rate as text",
+                                 "Adam state without its second moment", "Adam state of another shape", "random state",
+                                 "strategy state", "ranks", "fingerprint", "elapsed"])
+def test_a_damaged_checkpoint_is_refused_before_anything_is_restored(data, tmp_path, how):
+    """A checkpoint is read as data: a part that does not fit the run is refused in one sentence, before the
+    supermodel, the optimizers or the random state change (a step beyond the run once skipped all training)."""
+    train, _ = data
+    tasks = [Task("segmentation", "segmentation", classes=4), Task("depth", "depth")]
+    cfg = SearchConfig(strategy="conflict", warmup_steps=2, search_steps=4, finetune_steps=0, conflict_every=1,
+                       checkpoint_every=3, out_dir=str(tmp_path), quiet=True)
+    search(fresh(tasks), make_loader(train, 8, shuffle=True), None, cfg)  # its checkpoint: the run's end, step 6
+    path = tmp_path / "checkpoint.pt"
+    torch.save(_damage(torch.load(path, weights_only=True), how), path)
+    sm = fresh(tasks, seed=1)
+    before = {k: v.clone() for k, v in sm.state_dict().items()}
+    rng = torch.get_rng_state()
+    with pytest.raises(AutomtlError, match=r"^checkpoint '.*checkpoint.pt' (is damaged|is at step).*delete it to start over"):
+        search(sm, make_loader(train, 8, shuffle=True), None, cfg.replace(resume=True))
+    assert all(torch.equal(v, sm.state_dict()[k]) for k, v in before.items())
+    assert torch.equal(rng, torch.get_rng_state())
+
+
 def test_missing_task_key_is_all_missing(data):
     train, _ = data
 

@@ -7,9 +7,12 @@ resume by a different run.
 """
 from __future__ import annotations
 
+import math
+from typing import Optional
+
 import torch
 
-from ..errors import ConfigError, FileFormatError
+from ..errors import ConfigError, FileFormatError, first_line
 from ..fileio import atomic_path, load_tensors
 from ..policy import Policy
 from ._util import _rng_state, _set_rng_state
@@ -23,6 +26,69 @@ _RESUME_FREE = {
     "out_dir", "log_dir", "tensorboard_dir", "log_every", "checkpoint_every", "resume", "quiet", "device", "val_every",
     "val_batches", "finetune_steps", "policy_file",
 }
+
+
+def _unlike(reference, value, where: str) -> Optional[str]:
+    """Where ``value`` differs in structure from ``reference`` (its keys, lengths, tensor shapes and dtypes, number
+    types), as a phrase, or None. A reference ``None`` takes anything a checkpoint holds (a lazily made state)."""
+    if reference is None:
+        return None
+    if isinstance(reference, torch.Tensor):
+        if not isinstance(value, torch.Tensor) or value.shape != reference.shape or value.dtype != reference.dtype:
+            got = f"{tuple(value.shape)} {value.dtype}" if isinstance(value, torch.Tensor) else type(value).__name__
+            return f"{where} is {got}, not {tuple(reference.shape)} {reference.dtype}"
+        return None
+    if isinstance(reference, dict):
+        if not isinstance(value, dict) or set(value) != set(reference):
+            keys = sorted(map(str, value)) if isinstance(value, dict) else type(value).__name__
+            return f"{where} holds {keys}, not {sorted(map(str, reference))}"
+        return next((d for k in reference if (d := _unlike(reference[k], value[k], f"{where}[{k!r}]"))), None)
+    if isinstance(reference, (tuple, list)):
+        if not isinstance(value, (tuple, list)) or len(value) != len(reference):
+            return f"{where} is not a sequence of {len(reference)}"
+        return next((d for i, (a, b) in enumerate(zip(reference, value)) if (d := _unlike(a, b, f"{where}[{i}]"))), None)
+    if isinstance(reference, bool) or not isinstance(reference, (int, float)):
+        return None if type(value) is type(reference) or isinstance(reference, str) and isinstance(value, str) \
+            else f"{where} is {type(value).__name__}, not {type(reference).__name__}"
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return f"{where} is {value!r}, not a finite number"
+    return None
+
+
+def _optimizer_unlike(opt: torch.optim.Optimizer, saved, where: str) -> Optional[str]:
+    """Where an optimizer's saved state does not fit ``opt``: its groups' settings, and per parameter the entries
+    ``opt``'s kind keeps (found by one step of the same kind on a one-element parameter), of its parameter's shape."""
+    current = opt.state_dict()
+    if not isinstance(saved, dict) or set(saved) != {"state", "param_groups"}:
+        return f"{where} is not an optimizer state"
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in current["param_groups"]]
+    found = _unlike(groups, [{k: v for k, v in g.items() if k != "params"} if isinstance(g, dict) else g
+                             for g in saved["param_groups"]] if isinstance(saved["param_groups"], list) else None,
+                    f"{where}'s settings")
+    if found:
+        return found
+    ids = [i for g in current["param_groups"] for i in g["params"]]
+    if any(not isinstance(g, dict) or g.get("params") != cg["params"]
+           for g, cg in zip(saved["param_groups"], current["param_groups"])):
+        return f"{where}'s groups hold other parameters"
+    if not isinstance(saved["state"], dict) or not set(saved["state"]) <= set(ids):
+        return f"{where} holds the state of parameters it does not have"
+    params = [p for g in opt.param_groups for p in g["params"]]
+    probe = torch.zeros(1, requires_grad=True)
+    kind = type(opt)([probe], **{k: v for k, v in opt.defaults.items() if k != "params"})
+    probe.grad = torch.zeros(1)
+    kind.step()
+    expected = kind.state[probe]
+    for i, entry in saved["state"].items():
+        p = params[ids.index(i)]
+        if not isinstance(entry, dict) or set(entry) != set(expected):
+            keys = sorted(entry) if isinstance(entry, dict) else type(entry).__name__
+            return f"{where}'s state of parameter {i} holds {keys}, not {sorted(expected)}"
+        for k, ref in expected.items():
+            like = torch.empty(p.shape, dtype=ref.dtype) if isinstance(ref, torch.Tensor) and ref.dim() else ref
+            if (found := _unlike(like, entry[k], f"{where}'s {k} of parameter {i}")) and ref is not None:
+                return found
+    return None
 
 
 class _CheckpointMixin:
@@ -76,7 +142,9 @@ class _CheckpointMixin:
         ckpt = load_tensors(path, "checkpoint", FileFormatError, "delete it to start over")
         if not isinstance(ckpt, dict) or ckpt.get("format") != _CKPT_FORMAT:
             raise FileFormatError(f"checkpoint {str(path)!r} is not an automtl search checkpoint; delete it to start over")
-        old, new = ckpt["fingerprint"], self._fingerprint()
+        old, new = ckpt.get("fingerprint"), self._fingerprint()
+        if not isinstance(old, dict) or not isinstance(old.get("config"), dict):
+            raise FileFormatError(f"checkpoint {str(path)!r} is damaged (its fingerprint is missing); delete it to start over")
         if old != new:
             diff = [k for k in new["config"] if old["config"].get(k) != new["config"][k]]
             what = f"config field(s) {', '.join(diff)}" if diff else next(
@@ -85,21 +153,75 @@ class _CheckpointMixin:
                 f"checkpoint {str(path)!r} was written by a different run ({what} differ); resume with the same "
                 "settings, or use another out_dir"
             )
+        name = str(path)
+        self._check(ckpt, name)
+        kept = {"model": {k: v.clone() for k, v in self.sm.state_dict().items()}, "rng": _rng_state(self.sm)}
+        try:
+            self._restore(ckpt, name)
+        except BaseException:
+            self.sm.load_state_dict(kept["model"])  # the caller's supermodel as it was
+            _set_rng_state(kept["rng"], self.sm)
+            raise
+
+    def _check(self, ckpt: dict, name: str) -> None:
+        """Refuse, in one sentence, a checkpoint whose parts do not fit this run (before any of it is restored)."""
+        total = sum(length for _, length, _ in self.plan)
+        g = ckpt.get("global_step")
+        if isinstance(g, bool) or not isinstance(g, int) or not 0 <= g <= total:
+            raise FileFormatError(f"checkpoint {name!r} is at step {g!r}, not one of this run's steps 0 to {total}; "
+                                  "delete it to start over (or, after a shorter finetune_steps, give the one it ran with)")
+        if ckpt.get("stage") not in [name for name, _, _ in self.plan] + ["done"]:
+            raise FileFormatError(f"checkpoint {name!r} is damaged (its stage {ckpt.get('stage')!r} is none of this "
+                                  "run's); delete it to start over")
+        history = ckpt.get("history")
+        if not isinstance(history, list) or len(history) > 2 * g + 2 or not all(
+                isinstance(h, dict) and isinstance(h.get("stage"), str) and isinstance(h.get("step"), int)
+                and not isinstance(h.get("step"), bool) and 0 <= h["step"] <= g for h in history):
+            raise FileFormatError(f"checkpoint {name!r} is damaged (its history is not this run's records up to step "
+                                  f"{g}); delete it to start over")
+        if ckpt.get("data_position") != g:
+            raise FileFormatError(f"checkpoint {name!r} is damaged (its data position {ckpt.get('data_position')!r} "
+                                  f"is not its step {g}); delete it to start over")
+        own = ckpt
+        if "ranks" in ckpt:
+            ranks = ckpt["ranks"]
+            if not isinstance(ranks, list) or len(ranks) != self.dist.world or not all(isinstance(r, dict) for r in ranks):
+                raise FileFormatError(f"checkpoint {name!r} is damaged (its per-rank states do not match the "
+                                      f"{self.dist.world} rank(s)); delete it to start over")
+            own = ranks[self.dist.rank]
+        rng = own.get("rng")
+        reference = _rng_state(self.sm)
+        found = (("model" not in ckpt or not isinstance(ckpt["model"], dict)) and "the model's weights are missing") \
+            or _optimizer_unlike(self.weight_opt, ckpt.get("weight_opt"), "the weight optimizer") \
+            or _optimizer_unlike(self.policy_opt, ckpt.get("policy_opt"), "the policy optimizer") \
+            or _unlike({k: reference[k] for k in ("torch", "python", "numpy")},
+                       {k: rng.get(k) for k in ("torch", "python", "numpy")} if isinstance(rng, dict) else rng,
+                       "the random state") \
+            or _unlike(self.strategy.state_dict(), ckpt.get("strategy") or {}, "the strategy's state") \
+            or _unlike(0.0, ckpt.get("elapsed", 0.0), "the elapsed time")
+        if found:
+            raise FileFormatError(f"checkpoint {name!r} is damaged ({found}); delete it to start over")
+
+    def _restore(self, ckpt: dict, name: str) -> None:
         try:
             self.sm.load_state_dict(ckpt["model"])
         except RuntimeError as exc:
-            raise FileFormatError(f"checkpoint {str(path)!r} does not fit this supermodel: {exc}") from None
+            raise FileFormatError(f"checkpoint {name!r} does not fit this supermodel: {exc}") from None
         own = ckpt["ranks"][self.dist.rank] if "ranks" in ckpt else ckpt  # this rank's balancer and generators
         self.weight_opt.load_state_dict(ckpt["weight_opt"])
         self.policy_opt.load_state_dict(ckpt["policy_opt"])
         try:
             self.weighting.load_state_dict(own["weighting"])
-        except RuntimeError as exc:
-            raise FileFormatError(f"checkpoint {str(path)!r} does not hold this loss weighting's state ({exc}); "
+        except (RuntimeError, KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+            raise FileFormatError(f"checkpoint {name!r} does not hold this loss weighting's state ({first_line(exc)}); "
                                   "delete it to start over") from None
-        _set_rng_state(own["rng"], self.sm)
+        try:
+            _set_rng_state(own["rng"], self.sm)
+        except (RuntimeError, KeyError, TypeError, ValueError, IndexError) as exc:
+            raise FileFormatError(f"checkpoint {name!r} holds a random state that does not fit ({first_line(exc)}); "
+                                  "delete it to start over") from None
         if ckpt.get("policy") is not None:
-            self.policy = Policy.from_dict(ckpt["policy"], f"checkpoint {str(path)!r}")
+            self.policy = Policy.from_dict(ckpt["policy"], f"checkpoint {name!r}")
         self.strategy.load_state_dict(ckpt.get("strategy") or {})
         self.history = list(ckpt["history"])
         self.elapsed0 = float(ckpt.get("elapsed", 0.0))
