@@ -284,18 +284,13 @@ def compact_cmd(run_dir, policy_path, finetune_steps, out, overwrite, quiet):
 
     Example: automtl compact runs/r18 --policy my-policy.yaml --finetune-steps 100 --out r18.automtl
     """
-    from .errors import ConfigError
     from .formats import writer_for
     from .runs import compact_run
 
-    def refuse_existing():
-        if os.path.lexists(out) and not overwrite:
-            raise ConfigError(f"--out {out!r} already exists; replace it with --overwrite or choose another --out")
-
     write = writer_for(out)  # the format follows the suffix; an unknown one is refused before any work
-    refuse_existing()
+    _refuse_existing(out, overwrite)
     model = compact_run(run_dir, policy=policy_path, finetune_steps=finetune_steps, out=None, quiet=quiet)
-    refuse_existing()  # again: another command may have written it during the fine-tune
+    _refuse_existing(out, overwrite)  # again: another command may have written it during the fine-tune
     write(model, out)
     if not quiet:
         click.echo(f"wrote {out}: {model.num_parameters():,} parameters")
@@ -305,21 +300,35 @@ def compact_cmd(run_dir, policy_path, finetune_steps, out, overwrite, quiet):
 @click.argument("model_path", type=click.Path(dir_okay=False))
 @click.argument("out", type=click.Path(dir_okay=False))
 @click.option("--batch", type=click.IntRange(1, 1024), default=2, show_default=True, help="Batch size of the example input (the batch dimension stays dynamic).")
-def export_cmd(model_path, out, batch):
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+def export_cmd(model_path, out, batch, overwrite):
     """Export a .automtl model to OUT: .pt2 (torch.export), .onnx (needs automtl[onnx]) or another .automtl.
 
     Example: automtl export model.automtl model.pt2
     """
-    from .formats import load, write
+    from .formats import load, write, writer_for
 
-    write(load(model_path), out, batch=batch)
+    writer_for(out)  # an unknown suffix is refused before the model is read
+    _refuse_existing(out, overwrite)
+    model = load(model_path)
+    _refuse_existing(out, overwrite)  # again: another command may have written it meanwhile
+    write(model, out, batch=batch)
     click.echo(f"wrote {out}")
+
+
+def _refuse_existing(out: str, overwrite: bool) -> None:
+    """A command's output file is never replaced unasked (it may be the only copy of something)."""
+    from .errors import ConfigError
+
+    if os.path.lexists(out) and not overwrite:
+        raise ConfigError(f"{out!r} already exists; replace it with --overwrite or choose another output path")
 
 
 @main.command("render")
 @click.argument("source", type=click.Path(dir_okay=False))
 @click.argument("out", type=click.Path(dir_okay=False))
-def render_cmd(source, out):
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+def render_cmd(source, out, overwrite):
     """Draw the sharing decisions of a .automtl model (graph and grid) or a policy.yaml (grid) to OUT (.svg, .png or .pdf).
 
     Example: automtl render model.automtl sharing.png
@@ -328,7 +337,9 @@ def render_cmd(source, out):
     from .policy import Policy
     from .render import render
 
+    _refuse_existing(out, overwrite)
     obj = Policy.load(source) if source.endswith((".yaml", ".yml")) else load(source)
+    _refuse_existing(out, overwrite)
     path = render(obj, out)
     click.echo(f"wrote {path}")
 

@@ -180,6 +180,28 @@ def test_a_file_written_under_a_file_is_refused_in_one_sentence(converted, tmp_p
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"] and f.read_text() == "x"
 
 
+@pytest.mark.parametrize("command, name", [("export", "m.pt2"), ("export", "m.automtl"), ("render", "m.svg")])
+def test_an_existing_output_file_is_replaced_only_with_overwrite(converted, tmp_path, command, name):
+    """export and render write one file: one that is there (perhaps the only copy of something) is refused in one
+    sentence and left as it was; --overwrite replaces it."""
+    out = tmp_path / name
+    out.write_bytes(b"the user's own file")
+    said = bad(command, converted / "model.automtl", out)
+    assert "already exists; replace it with --overwrite" in said and out.read_bytes() == b"the user's own file"
+    run(command, converted / "model.automtl", out, "--overwrite")
+    assert out.read_bytes() != b"the user's own file" and out.stat().st_size > 0
+
+
+def test_the_python_exports_refuse_a_name_of_another_format(converted, tmp_path):
+    model = automtl.load(converted / "model.automtl")
+    with pytest.raises(automtl.errors.ConfigError, match="would hold another format than its name says; name it .pt2"):
+        automtl.export(model, tmp_path / "m.txt")
+    from automtl.formats.onnx import export_onnx
+    with pytest.raises(automtl.errors.ConfigError, match="name it .onnx"):
+        export_onnx(model, tmp_path / "m.pt2")
+    assert not any(tmp_path.iterdir())
+
+
 def test_budget_below_any_policy(tmp_path):
     out = bad("convert", "tiny", *SMALL, "--budget", "0.1x", "--out", tmp_path / "o")
     assert "below what any policy can reach" in out

@@ -9,7 +9,7 @@ import torch
 from torch import fx, nn
 
 from ..compact import CompactModel
-from ..errors import AutomtlError
+from ..errors import AutomtlError, ConfigError
 from ..fileio import atomic_path
 from ._export_common import EvalMode, example_input_for, failing_op
 
@@ -32,7 +32,13 @@ def export_onnx(compact: CompactModel, path: str | os.PathLike, example_input: O
 
     Needs the optional extra: ``pip install 'automtl[onnx]'``. Uses the TorchScript-based
     exporter, which needs no packages beyond ``onnx``.
+
+    Raises:
+        ConfigError: ``path`` is not named ``.onnx``. AutomtlError: onnx is missing, or the export fails.
     """
+    if os.path.splitext(os.fspath(path))[1].lower() != ".onnx":
+        raise ConfigError(f"export_onnx() writes an ONNX model, so {os.fspath(path)!r} would hold another format "
+                          "than its name says; name it .onnx")
     try:
         import onnx
     except ImportError:

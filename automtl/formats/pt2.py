@@ -43,7 +43,7 @@ from typing import Any, Optional
 import torch
 
 from ..compact import CompactModel
-from ..errors import AutomtlError, FileFormatError
+from ..errors import AutomtlError, ConfigError, FileFormatError
 from ..fileio import atomic_path, check_zip_directory, read_regular_file, read_zip_entries
 from ._export_common import EvalMode, example_input_for, failing_op
 
@@ -175,6 +175,7 @@ def export(compact: CompactModel, path: str | os.PathLike, example_input: Option
     dimension but the batch. The archive holds no pickle: its sample inputs entry is empty.
 
     Raises:
+        ConfigError: ``path`` is not named ``.pt2``.
         AutomtlError: naming the operation torch.export cannot trace.
 
     Warns:
@@ -187,6 +188,9 @@ def export(compact: CompactModel, path: str | os.PathLike, example_input: Option
     """
     if not isinstance(compact, CompactModel):
         raise AutomtlError(f"export() needs an automtl CompactModel (from automtl.compact), got {type(compact).__name__}")
+    if os.path.splitext(os.fspath(path))[1].lower() != ".pt2":
+        raise ConfigError(f"export() writes a torch.export archive, so {os.fspath(path)!r} would hold another format "
+                          "than its name says; name it .pt2, or write .automtl with automtl.save")
     x = example_input_for(compact, example_input)
     gm = compact.graph_module
     noise = io.StringIO()  # on failure torch prints the whole traced graph to stderr; our one sentence replaces it
