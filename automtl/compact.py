@@ -17,11 +17,12 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .capture import copy_constants, count_parameters
-from .errors import AutomtlError
+from .errors import AutomtlError, ConfigError
 from .heads import finish
 from .policy import CHOICES, SHARE, SKIP, SPECIALIZE, Policy
 from .policy_layer import batch_norm_per_group, holds_running_stats, module_per_group
-from .supermodel import GraphsBuiltOnUse, PolicyLayer, SuperModel, repeat_tasks, taskwise_batch_norm, taskwise_norm
+from .supermodel import (GraphsBuiltOnUse, PolicyLayer, SuperModel, check_image_batch, repeat_tasks, taskwise_batch_norm,
+                         taskwise_norm)
 from .tasks import Task
 
 #: node.meta keys set on every emitted node, read by render and the file format.
@@ -80,6 +81,7 @@ class CompactModel(GraphsBuiltOnUse):
         return self._run(x, tasks)
 
     def _run(self, x: torch.Tensor, tasks: Optional[Sequence[str]]) -> dict:
+        check_image_batch(x, self.input_shape, "the model")
         if tasks is None or list(tasks) == self.task_names:
             return self._graph_module_for(self.training)(x)
         return self._subset(tuple(tasks), self.training)(x)
@@ -164,6 +166,9 @@ def compact(sm: SuperModel, policy: Optional[Policy] = None, copy_weights: bool 
         if sm.policy is None:
             raise AutomtlError("compact() needs a policy: pass one, or call supermodel.hard(policy) first")
         policy = sm.policy
+    if not isinstance(policy, Policy):
+        raise ConfigError(f"compact() needs an automtl Policy (Policy.uniform, Policy.load, a search's result.policy), "
+                           f"got {type(policy).__name__}")
     policy.check(sm.layer_names, sm.task_names, sm.skip_legal)
     root = nn.Module()
     root.net = sm.net

@@ -108,6 +108,18 @@ class GraphsBuiltOnUse(nn.Module):
         super()._load_from_state_dict(*args, **kwargs)
 
 
+
+def check_image_batch(x, input_shape: Optional[Sequence[int]], what: str, other: str = "") -> None:
+    """Raise :class:`AutomtlError` unless ``x`` is an (N, C, H, W) tensor with the channels of ``input_shape`` (the
+    example input the backbone was converted with)."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        raise AutomtlError(f"{what} takes an image batch (N, C, H, W){' ' + other if other else ''}, got "
+                           f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    if input_shape is not None and x.shape[1] != input_shape[1]:
+        raise AutomtlError(f"{what} takes images of {input_shape[1]} channel(s), as its example input "
+                           f"{tuple(input_shape)} had, got {x.shape[1]} (input shape {tuple(x.shape)})")
+
+
 class SuperModel(GraphsBuiltOnUse):
     """The multi-task supermodel: the converted backbone, one head per task, and the policy logits.
 
@@ -335,11 +347,8 @@ class SuperModel(GraphsBuiltOnUse):
         per_task_input = isinstance(x, Mapping)
         if per_task_input:
             x = self._fold_inputs(x)
-        elif not isinstance(x, torch.Tensor) or x.dim() != 4:
-            raise AutomtlError(
-                f"the supermodel takes an image batch (N, C, H, W) or a dict of them per task, got "
-                f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}"
-            )
+        else:
+            check_image_batch(x, self.input_shape, "the supermodel", "or a dict of them per task")
         feats = self._features(x, per_task_input, mix, generator)
         size = x.shape[-2:]
         return {t.name: finish(t, self.heads[t.name](f), size) for t, f in zip(self.tasks, feats)}
@@ -349,6 +358,8 @@ class SuperModel(GraphsBuiltOnUse):
         per_task_input = isinstance(x, Mapping)
         if per_task_input:
             x = self._fold_inputs(x)
+        else:
+            check_image_batch(x, self.input_shape, "the supermodel", "or a dict of them per task")
         return dict(zip(self.task_names, self._features(x, per_task_input, mix, generator)))
 
     def _features(self, x, per_task_input, mix, generator) -> tuple:
@@ -362,6 +373,8 @@ class SuperModel(GraphsBuiltOnUse):
                 f"per-task inputs are given for {sorted(inputs)} but the tasks are {self.task_names}; give one batch per task"
             )
         xs = [inputs[n] for n in self.task_names]
+        for n, t in zip(self.task_names, xs):
+            check_image_batch(t, self.input_shape, f"the supermodel's input for task {n!r}")
         if len({tuple(t.shape) for t in xs}) != 1:
             raise AutomtlError(
                 "per-task input batches must all have the same shape to run in one pass; "

@@ -241,3 +241,27 @@ def test_a_train_mode_subset_runs_only_its_tasks_and_moves_their_statistics():
     x = torch.randn(4, 3, 8, 8)
     out = model(x, tasks=["a"])
     assert set(out) == {"a"} and int(model.graph_module.state_dict()["net.post.num_batches_tracked"]) == 1
+
+
+def test_wrong_arguments_get_one_sentence():
+    """A policy that is not a Policy, and images of other channels than the example's, are named in a sentence
+    (they were an AttributeError and torch's own convolution error)."""
+    import automtl
+    from automtl.errors import AutomtlError, ConfigError
+
+    torch.manual_seed(0)
+    sm = automtl.supermodel("tiny", [automtl.Task("a", "depth"), automtl.Task("b", "depth")], torch.randn(1, 3, 32, 32))
+    for wrong in ("share", {"a": "share"}):
+        with pytest.raises(ConfigError, match=r"^compact\(\) needs an automtl Policy"):
+            compact(sm, wrong)
+    four = torch.randn(2, 4, 32, 32)
+    with pytest.raises(AutomtlError, match=r"^the supermodel takes images of 3 channel\(s\), as its example input "
+                                           r"\(1, 3, 32, 32\) had, got 4"):
+        sm(four)
+    with pytest.raises(AutomtlError, match=r"^the supermodel's input for task 'a' takes images of 3 channel"):
+        sm({"a": four, "b": four})
+    model = compact(sm, Policy.uniform(sm.layer_names, sm.task_names, "share"))
+    with pytest.raises(AutomtlError, match=r"^the model takes images of 3 channel\(s\)"):
+        model(four)
+    with pytest.raises(AutomtlError, match=r"^the model takes an image batch \(N, C, H, W\), got \(3, 32, 32\)"):
+        model(four[0, :3])
