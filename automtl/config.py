@@ -229,6 +229,9 @@ class SearchConfig:
         if not self.tau_min <= self.tau_start:
             raise ConfigError(f"config field 'tau_min' ({self.tau_min}) is above 'tau_start' ({self.tau_start}); the "
                               "temperature starts at tau_start and falls to tau_min")
+        if not self.min_margin <= 1:  # a margin between two probabilities
+            raise ConfigError(f"config field 'min_margin' is a margin between two probabilities: at most 1 (above, every "
+                              f"choice would fall back to share), got {self.min_margin}")
         if not 0 <= self.holdout_fraction < 1:
             raise ConfigError(f"config field 'holdout_fraction' must be at least 0 and below 1, got {self.holdout_fraction}")
 

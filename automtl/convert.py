@@ -85,6 +85,10 @@ class ConvertConfig:
             if isinstance(self.tasks, (str, Task, Mapping)) or not isinstance(self.tasks, Sequence) or not self.tasks:
                 raise ConfigError(f"tasks must be a non-empty list of tasks (or null for the data set's own), got {self.tasks!r}")
             self.tasks = [_task_dict(t) for t in self.tasks]
+            names = [t["name"] for t in self.tasks]
+            dup = sorted({n for n in names if names.count(n) > 1})
+            if dup:
+                raise ConfigError(f"task names must be unique; {', '.join(map(repr, dup))} given more than once")
 
     def validate(self) -> "ConvertConfig":
         """Check every field again, the search section's too: a field assigned after the config was made

@@ -66,6 +66,12 @@ def _path_error(path, exc: OSError, folder: Path):
     return StorageError(f"cannot write {os.fspath(path)!r} ({reason}); choose another path")
 
 
+def not_a_folder(path: str | os.PathLike) -> str:
+    """Why ``path`` is no folder, for a message: "does not exist", or what is there instead."""
+    path = Path(path)
+    return "is a file, not a folder" if path.exists() or path.is_symlink() else "does not exist"
+
+
 def _is_file(path: Path) -> bool:
     """Whether ``path`` exists and is not a folder (False where it cannot even be looked at)."""
     try:
@@ -365,9 +371,25 @@ def _yaml_loader(exponent_floats: bool = False):
     import yaml
 
     base = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+    def construct_mapping(self, node, deep=False):
+        """A key given twice is a mistake in a hand-edited file (YAML's loaders keep the last silently)."""
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                duplicate = key in seen
+                seen.add(key)
+            except TypeError:  # an unhashable key: the base constructor says so
+                continue
+            if duplicate:
+                raise yaml.constructor.ConstructorError(None, None, f"found the key {key!r} twice; keep one",
+                                                        key_node.start_mark)
+        return base.construct_mapping(self, node, deep=deep)
+
+    loader = type("ConfigLoader" if exponent_floats else "AutomtlLoader", (base,), {"construct_mapping": construct_mapping})
     if not exponent_floats:
-        return base
-    loader = type("ConfigLoader", (base,), {})
+        return loader
     loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_12, list("-+0123456789."))
     return loader
 

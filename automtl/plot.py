@@ -65,12 +65,19 @@ def read_log(path) -> List[dict]:
     path = _log_path(path)
     names = _Names(os.fspath(path))
     kept = {"train": _Thinned(MAX_RECORDS), "val": _Thinned(MAX_VAL_RECORDS), "policy": _Thinned(MAX_POLICY_COLUMNS)}
-    for number, _, rec in iter_json_lines(path, "log", FileFormatError):
+    lines = skipped = 0
+    for number, raw, rec in iter_json_lines(path, "log", FileFormatError):
+        lines += bool(raw.strip()) or not raw
         step = rec.get("step") if isinstance(rec, dict) else None
         if _finite(step) and not isinstance(step, bool) and abs(step) <= MAX_STEP:
             for kind, checked in _checked(rec, names.at(number)):
                 kept[kind].add(checked)
+        else:
+            skipped += bool(raw.strip()) or not raw
     records = sorted((r for k in kept.values() for r in k.records), key=lambda r: (r["line"], "policy_probs" in r))
+    if not records and skipped:
+        raise FileFormatError(f"log {os.fspath(path)!r} holds no automtl log records (none of its {lines} line(s) is a "
+                              "JSON record with a step automtl writes); pass a run directory or its log.jsonl")
     if not records:
         raise FileFormatError(f"log {os.fspath(path)!r} has no records yet; plot it once the run has logged a step")
     return records
@@ -194,6 +201,12 @@ def _probs(rows, names: _Names):
     return np.asarray(values, dtype=np.float32)
 
 
+def _legend(ax, **kwargs) -> None:
+    """A legend where some line has a label (a log whose values are all missing draws none: no legend, no warning)."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(**kwargs)
+
+
 def plot_run(run, out=None) -> List[Path]:
     """Draw the figures of ``run`` (a run directory, its ``checkpoints/`` or the log file) into ``out`` (default
     ``RUN/plots``, beside ``checkpoints/``).
@@ -280,7 +293,7 @@ def _losses_figure(Figure, train: List[dict]):
                 ax.plot(*zip(*pts), style, color=f"C{k}", label=f"{task} ({kind} steps)" if kind == "policy" else task)
     ax.set_ylabel("loss")
     ax.set_title("training loss per task (dotted: policy steps, on held-out data)", fontsize=10)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    _legend(ax, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     _stages(ax, train)
     labels = {"tau": "Gumbel-softmax τ", "expected_params": "expected parameters", "expected_macs": "expected MACs"}
     for ax, key in zip(axes[1:], extra):
@@ -306,7 +319,7 @@ def _metrics_figure(Figure, val: List[dict], train: List[dict]):
         for k, (name, pts) in enumerate(sorted(series[task].items())):
             ax.plot(*zip(*pts), "o-", color=f"C{k}", label=name, markersize=4)
         ax.set_title(f"validation: {task}", fontsize=10)
-        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        _legend(ax, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         if train:
             _stages(ax, train)
     axes[-1].set_xlabel("step")
@@ -370,7 +383,7 @@ def plot_sweep(result: dict, path) -> Path:
         _sweep_panel(ax, rows, key, front, scale)
         ax.set_xlabel(label)
     axes[0].set_ylabel("Δ_MTL against the single-task models (%)")
-    axes[0].legend(fontsize=8, loc="best")
+    _legend(axes[0], fontsize=8, loc="best")
     tasks = ", ".join(t["name"] for t in result["tasks"])
     fig.suptitle(f"{result['backbone']} on {result['data']} ({tasks}): {result['strategy']} at budgets "
                  f"{', '.join(result['budgets'])}; baselines trained for the same compute "

@@ -164,5 +164,5 @@ def check_tasks(tasks) -> list[Task]:
     names = [t.name for t in tasks]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
-        raise ConfigError(f"task names must be unique; {', '.join(dup)} appear more than once")
+        raise ConfigError(f"task names must be unique; {', '.join(map(repr, dup))} given more than once")
     return tasks

@@ -140,6 +140,36 @@ def test_bad_yaml_names_its_line(tmp_path):
     assert "line" in bad("convert", "--config", cfg, "--out", tmp_path / "o")
 
 
+def test_a_key_given_twice_in_a_yaml_file_is_refused(tmp_path):
+    """YAML loaders keep the last of two equal keys silently; a hand-edited config or policy names its line instead."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("backbone: tiny\nsearch:\n  lr: 0.1\n  lr: 0.2\n")
+    said = bad("convert", "--config", cfg, "--out", tmp_path / "o")
+    assert "at line 4 (found the key 'lr' twice; keep one)" in said and not (tmp_path / "o").exists()
+    from automtl.errors import FileFormatError
+    from automtl.policy import Policy
+    policy = tmp_path / "p.yaml"
+    policy.write_text("layers: [a]\ntasks: [x]\nlayers: [b]\nchoices: [[share]]\n")
+    with pytest.raises((FileFormatError, automtl.errors.ConfigError), match="found the key 'layers' twice"):
+        Policy.load(policy)
+
+
+def test_mistakes_in_options_name_the_mistake(tmp_path):
+    """Each message names what is wrong: a file given as a data root, a task named twice, a margin above 1."""
+    f = tmp_path / "file"
+    f.write_text("x")
+    assert f"cityscapes root {f} is a file, not a folder" in bad("convert", "tiny", "--data", f"cityscapes:{f}", *SMALL,
+                                                                  "--out", tmp_path / "o")
+    assert "task names must be unique; 'a' given more than once" in bad(
+        "convert", "tiny", "--task", "a:depth", "--task", "a:depth", *SMALL, "--out", tmp_path / "o")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("backbone: tiny\nsearch:\n  min_margin: 2\n")
+    assert "'min_margin' is a margin between two probabilities: at most 1" in bad("convert", "--config", cfg, "--out",
+                                                                                 tmp_path / "o")
+    assert "holds no automtl log records (none of its 1 line(s)" in bad("plot", f)
+    assert not (tmp_path / "o").exists()
+
+
 def test_unknown_config_key_suggests(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("backbone: tiny\nwarmup_step: 3\n")

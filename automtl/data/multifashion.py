@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..errors import ConfigError, DataError
-from ..fileio import open_regular, read_at_most
+from ..fileio import not_a_folder, open_regular, read_at_most
 from ..tasks import Task
 from .synthetic import sample_seed
 
@@ -115,7 +115,7 @@ class MultiFashion(Dataset):
         self.root = Path(root if root is not None else DEFAULT_ROOT).expanduser()
         if not self.root.is_dir():
             raise DataError(
-                f"Fashion-MNIST folder {self.root} does not exist; install it with "
+                f"Fashion-MNIST folder {self.root} {not_a_folder(self.root)}; install it with "
                 "`apt-get install dataset-fashion-mnist` or pass root= the folder that holds the IDX files"
             )
         self.split = split

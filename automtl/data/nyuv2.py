@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..errors import DataError
-from ..fileio import open_regular
+from ..fileio import not_a_folder, open_regular
 from ..tasks import Task
 
 VOID = 255
@@ -38,18 +38,18 @@ def _split_dir(name: str, root, split: str) -> Path:
         raise DataError(f"{name} needs root= the folder that holds train/ and val/ (the MTAN .npy layout)")
     root = Path(root).expanduser()
     if not root.is_dir():
-        raise DataError(f"{name} root {root} does not exist; pass the folder that holds train/ and val/")
+        raise DataError(f"{name} root {root} {not_a_folder(root)}; pass the folder that holds train/ and val/")
     if split not in _SPLITS:
         raise DataError(f"{name} split {split!r} is unknown; use 'train' or 'val' ('test' reads val/)")
     path = root / _SPLITS[split]
     if not path.is_dir():
-        raise DataError(f"{name} split folder {path} does not exist; the root must hold train/ and val/ folders")
+        raise DataError(f"{name} split folder {path} {not_a_folder(path)}; the root must hold train/ and val/ folders")
     return path
 
 
 def _count(folder: Path, name: str) -> int:
     if not folder.is_dir():
-        raise DataError(f"{name} folder {folder} does not exist; the layout needs it for the tasks asked for")
+        raise DataError(f"{name} folder {folder} {not_a_folder(folder)}; the layout needs it for the tasks asked for")
     files = [f for f in os.listdir(folder) if f.endswith(".npy")]
     expected = {f"{i}.npy" for i in range(len(files))}
     if set(files) != expected:
