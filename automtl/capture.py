@@ -213,9 +213,10 @@ def _faulty_module(exc: BaseException, backbone: nn.Module) -> str:
     while tb is not None:
         self_obj = tb.tb_frame.f_locals.get("self")
         if isinstance(self_obj, nn.Module) and id(self_obj) in names:
-            found = (names[id(self_obj)] or "<root>", type(self_obj).__name__)
+            found = (names[id(self_obj)] or "<root>", type(self_obj))
         tb = tb.tb_next
-    return f"{found[0]} ({found[1]})" if found else type(backbone).__name__
+    # the class with its module: leaf_modules takes the class itself, and two libraries' classes may share a name
+    return f"{found[0]} ({found[1].__module__}.{found[1].__qualname__})" if found else type(backbone).__name__
 
 
 def _refuse_rebound_state(backbone: nn.Module, before: dict) -> None:

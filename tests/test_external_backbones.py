@@ -208,3 +208,19 @@ def test_cli_convert_torchvision_end_to_end(torchvision_module, tmp_path):
                   "--input-size", "32", "--out", tmp_path, "--quiet")
     assert result.exit_code == 0, result.output
     assert (tmp_path / "model.automtl").exists() and (tmp_path / "sharing.svg").exists()
+
+
+def test_an_import_that_fails_in_another_package_names_that_package(tmp_path, monkeypatch):
+    """timm imports torchvision: where torchvision's build does not fit torch, the message names torchvision."""
+    from automtl.backbones.external import _import
+
+    site = tmp_path / "site-packages"
+    (site / "fakezoo").mkdir(parents=True)
+    (site / "fakezoo" / "__init__.py").write_text("import fakeops\n")
+    (site / "fakeops").mkdir()
+    (site / "fakeops" / "__init__.py").write_text("raise RuntimeError('operator fakeops::nms does not exist')\n")
+    monkeypatch.syspath_prepend(str(site))
+    with pytest.raises(BackboneError, match=r"^the fakezoo package is installed but fails to import because fakeops does "
+                                            r"\(RuntimeError: operator fakeops::nms does not exist\); install the fakeops "
+                                            r"release built for your torch"):
+        _import("fakezoo", "fakezoo:net")

@@ -13,6 +13,8 @@ import difflib
 import fnmatch
 import importlib
 import importlib.util
+import os
+import traceback
 from typing import Any, Dict, List, Mapping, Optional
 
 from torch import nn
@@ -41,8 +43,24 @@ def _import(source: str, spec: str) -> Any:
         return importlib.import_module(source)
     except Exception as e:  # e.g. a torchvision build for another torch: its compiled ops do not load
         first = (str(e).strip().splitlines() or [""])[0]
-        raise BackboneError(f"the {source} package is installed but fails to import ({type(e).__name__}: {first}); "
-                            f"install the {source} release built for your torch") from e
+        culprit = _failing_package(e) or source
+        because = f" because {culprit} does" if culprit != source else ""
+        raise BackboneError(f"the {source} package is installed but fails to import{because} ({type(e).__name__}: "
+                            f"{first}); install the {culprit} release built for your torch") from e
+
+
+def _failing_package(exc: BaseException) -> Optional[str]:
+    """The installed package in whose code an import failed (the last frame outside torch and the import system
+    that lies in a site-packages or dist-packages folder): timm fails to import when torchvision does."""
+    found = None
+    for frame in traceback.extract_tb(exc.__traceback__):
+        parts = os.path.normpath(frame.filename).split(os.sep)
+        for marker in ("site-packages", "dist-packages"):
+            if marker in parts and parts.index(marker) + 1 < len(parts):
+                top = parts[parts.index(marker) + 1].removesuffix(".py")
+                if top != "torch":
+                    found = top
+    return found
 
 
 def _names(source: str, mod: Any) -> List[str]:
