@@ -262,3 +262,8 @@ def test_console_script_exit_code(tmp_path):
     assert proc.returncode == 2
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and proc.stderr.endswith(errors[0] + "\n") and "Traceback" not in proc.stderr
+
+
+def test_resume_where_there_is_no_checkpoint_says_it_starts_from_the_beginning(tmp_path):
+    result = run("convert", "tiny", *SMALL, "--out", tmp_path / "o", "--resume")
+    assert "holds no checkpoint to continue, so the run starts from the beginning" in result.output + result.stderr
