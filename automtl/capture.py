@@ -573,7 +573,11 @@ def _propagate(gm: fx.GraphModule, example_input: torch.Tensor, tolerant: bool =
             prop.propagate(example_input)
             _mark_batched(gm, example_input)
             if not tolerant:
-                _mark_layout(gm, example_input)
+                buffers = [(b, b.detach().clone()) for b in gm.buffers()]
+                try:  # a buffer the forward writes (a counter) is as the shape run left it
+                    _mark_layout(gm, example_input)
+                finally:
+                    put_back(buffers)
         return getattr(prop, "failures", [])
     except Exception as exc:
         raise BackboneError(
@@ -644,9 +648,9 @@ LAYOUT_PROBE = 64
 
 def _mark_layout(gm: fx.GraphModule, example_input: torch.Tensor) -> None:
     """Set :data:`automtl.features.META_LAYOUT` on the 4-D nodes from two more runs (no gradients, eval mode, one
-    image): on the example tiled :data:`LAYOUT_PROBE` pixels taller, then wider. A backbone that refuses those
+    batch as the example): on the example tiled :data:`LAYOUT_PROBE` pixels taller, then wider. A backbone that refuses those
     sizes leaves the nodes it could not reach unmarked (their layout unknown, taken as (N, C, H, W))."""
-    x = example_input[:1]
+    x = example_input  # at the example's batch: an axis that folds the batch in (x.view(1, N * C, H, W)) stays put
     d = LAYOUT_PROBE
     taller = x.repeat(1, 1, -(-(x.shape[2] + d) // x.shape[2]), 1)[:, :, :x.shape[2] + d]
     wider = x.repeat(1, 1, 1, -(-(x.shape[3] + d) // x.shape[3]))[:, :, :, :x.shape[3] + d]

@@ -164,8 +164,12 @@ def trunk_nodes(gm: fx.GraphModule, output: fx.Node) -> list:
             trunk.add(n)
     maps = [n for n in gm.graph.nodes if n in trunk and n.op != "placeholder" and _is_map(n)
             and _layout(n) != "other"]
+    from .capture import is_conv_node  # capture imports this module
+
     sized = [n for n in maps if _layout(n) != "fixed"]
-    return sized or maps  # an input resized to a fixed size first leaves only fixed-size maps
+    # fixed-size maps after the convolutions are a head (timm's VGG ConvMlp); where the input is resized to a fixed
+    # size first, every map after a convolution is of fixed size, and those are the trunk
+    return sized if sized and any(is_conv_node(gm, a) for a in ancestors(sized[-1])) else maps
 
 
 def pick_feature_node(gm: fx.GraphModule, name: Optional[str], notes: list) -> fx.Node:

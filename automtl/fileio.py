@@ -376,6 +376,8 @@ def _yaml_loader(exponent_floats: bool = False):
         """A key given twice is a mistake in a hand-edited file (YAML's loaders keep the last silently)."""
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # "<<": merged keys may be given again, that is its use
+                continue
             key = self.construct_object(key_node, deep=True)
             try:
                 duplicate = key in seen

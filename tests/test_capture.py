@@ -335,6 +335,27 @@ def test_maps_of_a_size_the_input_does_not_set_are_not_the_default_features():
     assert cap.feature_shape == (1, 32, 1, 1)
 
 
+class _ResizedFirst(nn.Module):
+    """The input normalised, then resized to 16 x 16 whatever its size: every map after it is of a fixed size."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, stride=2, padding=1)
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x):
+        self.calls.add_(1)  # a counter written in the forward, as some backbones keep one
+        x = torch.nn.functional.interpolate((x - 0.5) / 0.25, size=(16, 16))
+        return self.c2(torch.relu(self.c1(x)))
+
+
+def test_a_backbone_that_resizes_its_input_first_is_cut_after_its_convolutions():
+    net = _ResizedFirst()
+    cap = capture(net, torch.randn(1, 3, 24, 24))
+    assert cap.feature_shape == (1, 8, 8, 8)
+    assert float(net.calls) == 0 and float(cap.graph_module.calls) <= 2  # the layout runs put the counter back
+
+
 @pytest.mark.parametrize("hook", ["register_hook", "register_post_accumulate_grad_hook"])
 def test_gradient_hooks_on_tensors_are_refused(hook):
     """Tensors are copied without their hooks: the converted model trained with a gradient the backbone's hook zeroed."""

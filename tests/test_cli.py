@@ -152,6 +152,9 @@ def test_a_key_given_twice_in_a_yaml_file_is_refused(tmp_path):
     policy.write_text("layers: [a]\ntasks: [x]\nlayers: [b]\nchoices: [[share]]\n")
     with pytest.raises((FileFormatError, automtl.errors.ConfigError), match="found the key 'layers' twice"):
         Policy.load(policy)
+    from automtl.fileio import parse_yaml  # a merge key may give a merged key again: that is what it is for
+    merged = parse_yaml("a: {<<: {lr: 0.1, m: 0.9}, lr: 0.2}\n", "x", automtl.errors.ConfigError)
+    assert merged == {"a": {"lr": 0.2, "m": 0.9}}
 
 
 def test_mistakes_in_options_name_the_mistake(tmp_path):

@@ -477,3 +477,23 @@ def test_generators_a_model_owns_round_trip_and_a_missing_one_is_one_sentence(tm
     del b[1].new
     with pytest.raises(FileFormatError, match="generator '1.new' that this model's modules do not own"):
         _set_rng_state(state, b)
+
+
+def test_optimizer_states_a_run_writes_pass_the_checkpoint_check():
+    """What the check compares against is the optimizer's own kind: a float64 supermodel's Adam state, and a
+    run that resumes with fused Adam where it started without (None) or the other way, are not damage."""
+    from automtl.search._checkpoint import _optimizer_unlike
+
+    p = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))
+    written = torch.optim.Adam([p])
+    p.grad = torch.ones(3, dtype=torch.float64)
+    written.step()
+    assert _optimizer_unlike(torch.optim.Adam([p]), written.state_dict(), "the weight optimizer") is None
+    q = torch.nn.Parameter(torch.zeros(3))
+    unfused, fused = torch.optim.Adam([q]), torch.optim.Adam([q], fused=True)
+    q.grad = torch.ones(3)
+    unfused.step()
+    assert _optimizer_unlike(fused, unfused.state_dict(), "the weight optimizer") is None
+    state = unfused.state_dict()
+    state["param_groups"][0]["fused"] = "x"
+    assert "neither a bool nor None" in _optimizer_unlike(fused, state, "the weight optimizer")

@@ -374,3 +374,16 @@ def test_futility_from_one_half_on_is_refused(value):
         SearchConfig(conflict_futility=value)
     with pytest.raises(ConfigError, match="'conflict_futility' must be non-negative"):
         SearchConfig(conflict_futility=-0.1)
+
+
+def test_a_run_whose_fine_tune_the_stop_lengthened_resumes_from_its_last_checkpoint(tmp_path):
+    """Under finetune_unit: compute the futility stop lengthens the fine-tune: the run's last checkpoint lies past
+    warm-up + search + finetune_steps, and a resume from it (the checkpoint check fits the fine-tune first) ends
+    the run as it was."""
+    _, first = run(True, "conflict", tmp_path, finetune_steps=10, finetune_unit="compute", checkpoint_every=5)
+    assert first.policy.evidence["stopped_early"] and first.steps["finetune"] > 10
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert ckpt["global_step"] == 30 + 60 + first.steps["finetune"]
+    _, again = run(True, "conflict", tmp_path, finetune_steps=10, finetune_unit="compute", checkpoint_every=5,
+                   resume=True)
+    assert again.steps == first.steps and again.policy.choices == first.policy.choices

@@ -51,14 +51,14 @@ def _import(source: str, spec: str) -> Any:
 
 def _failing_package(exc: BaseException) -> Optional[str]:
     """The installed package in whose code an import failed (the last frame outside torch and the import system
-    that lies in a site-packages or dist-packages folder): timm fails to import when torchvision does."""
+    and automtl that lies in a site-packages or dist-packages folder): timm fails to import when torchvision does."""
     found = None
     for frame in traceback.extract_tb(exc.__traceback__):
         parts = os.path.normpath(frame.filename).split(os.sep)
         for marker in ("site-packages", "dist-packages"):
             if marker in parts and parts.index(marker) + 1 < len(parts):
                 top = parts[parts.index(marker) + 1].removesuffix(".py")
-                if top != "torch":
+                if top not in ("torch", "automtl"):
                     found = top
     return found
 

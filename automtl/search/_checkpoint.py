@@ -55,13 +55,24 @@ def _unlike(reference, value, where: str) -> Optional[str]:
     return None
 
 
+#: Optimizer settings that are flags (a bool, or None where torch decides).
+_OPTIMIZER_FLAGS = frozenset({"foreach", "fused", "capturable", "differentiable", "maximize", "amsgrad", "nesterov",
+                              "decoupled_weight_decay"})
+
+
 def _optimizer_unlike(opt: torch.optim.Optimizer, saved, where: str) -> Optional[str]:
     """Where an optimizer's saved state does not fit ``opt``: its groups' settings, and per parameter the entries
     ``opt``'s kind keeps (found by one step of the same kind on a one-element parameter), of its parameter's shape."""
     current = opt.state_dict()
     if not isinstance(saved, dict) or set(saved) != {"state", "param_groups"}:
         return f"{where} is not an optimizer state"
-    groups = [{k: v for k, v in g.items() if k != "params"} for g in current["param_groups"]]
+    # flags a run may set otherwise where it resumes (fused Adam where the build has it, else None): None or a bool
+    groups = [{k: None if k in _OPTIMIZER_FLAGS else v for k, v in g.items() if k != "params"}
+              for g in current["param_groups"]]
+    if isinstance(saved["param_groups"], list) and any(
+            isinstance(g, dict) and any(g.get(k) is not None and not isinstance(g.get(k), bool) for k in _OPTIMIZER_FLAGS)
+            for g in saved["param_groups"]):
+        return f"{where}'s settings hold a flag ({', '.join(sorted(_OPTIMIZER_FLAGS))}) that is neither a bool nor None"
     found = _unlike(groups, [{k: v for k, v in g.items() if k != "params"} if isinstance(g, dict) else g
                              for g in saved["param_groups"]] if isinstance(saved["param_groups"], list) else None,
                     f"{where}'s settings")
@@ -85,7 +96,7 @@ def _optimizer_unlike(opt: torch.optim.Optimizer, saved, where: str) -> Optional
             keys = sorted(entry) if isinstance(entry, dict) else type(entry).__name__
             return f"{where}'s state of parameter {i} holds {keys}, not {sorted(expected)}"
         for k, ref in expected.items():
-            like = torch.empty(p.shape, dtype=ref.dtype) if isinstance(ref, torch.Tensor) and ref.dim() else ref
+            like = torch.empty(p.shape, dtype=p.dtype) if isinstance(ref, torch.Tensor) and ref.dim() else ref
             if (found := _unlike(like, entry[k], f"{where}'s {k} of parameter {i}")) and ref is not None:
                 return found
     return None
@@ -158,6 +169,13 @@ class _CheckpointMixin:
         kept = {"model": {k: v.clone() for k, v in self.sm.state_dict().items()}, "rng": _rng_state(self.sm)}
         try:
             self._restore(ckpt, name)
+            # the fine-tune's length follows the checkpoint's policy and the compute its search left (finetune_unit:
+            # compute), so the run's last step is known only now
+            self._fit_finetune()
+            total = sum(length for _, length, _ in self.plan)
+            if self.start > total:
+                raise FileFormatError(f"checkpoint {name!r} is at step {self.start}, beyond this run's {total} steps; "
+                                      "delete it to start over (or, after a shorter finetune_steps, give the one it ran with)")
         except BaseException:
             self.sm.load_state_dict(kept["model"])  # the caller's supermodel as it was
             _set_rng_state(kept["rng"], self.sm)
@@ -165,11 +183,9 @@ class _CheckpointMixin:
 
     def _check(self, ckpt: dict, name: str) -> None:
         """Refuse, in one sentence, a checkpoint whose parts do not fit this run (before any of it is restored)."""
-        total = sum(length for _, length, _ in self.plan)
         g = ckpt.get("global_step")
-        if isinstance(g, bool) or not isinstance(g, int) or not 0 <= g <= total:
-            raise FileFormatError(f"checkpoint {name!r} is at step {g!r}, not one of this run's steps 0 to {total}; "
-                                  "delete it to start over (or, after a shorter finetune_steps, give the one it ran with)")
+        if isinstance(g, bool) or not isinstance(g, int) or g < 0:
+            raise FileFormatError(f"checkpoint {name!r} is at step {g!r}, not a step of a run; delete it to start over")
         if ckpt.get("stage") not in [name for name, _, _ in self.plan] + ["done"]:
             raise FileFormatError(f"checkpoint {name!r} is damaged (its stage {ckpt.get('stage')!r} is none of this "
                                   "run's); delete it to start over")
@@ -194,7 +210,8 @@ class _CheckpointMixin:
         found = (("model" not in ckpt or not isinstance(ckpt["model"], dict)) and "the model's weights are missing") \
             or _optimizer_unlike(self.weight_opt, ckpt.get("weight_opt"), "the weight optimizer") \
             or _optimizer_unlike(self.policy_opt, ckpt.get("policy_opt"), "the policy optimizer") \
-            or _unlike({k: reference[k] for k in ("torch", "python", "numpy")},
+            or _unlike({"torch": reference["torch"], "numpy": reference["numpy"],
+                        "python": (*reference["python"][:2], None)},  # a cached Gaussian or None
                        {k: rng.get(k) for k in ("torch", "python", "numpy")} if isinstance(rng, dict) else rng,
                        "the random state") \
             or _unlike(self.strategy.state_dict(), ckpt.get("strategy") or {}, "the strategy's state") \
