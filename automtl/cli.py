@@ -348,8 +348,9 @@ def render_cmd(source, out, overwrite):
     """
     from .formats import load
     from .policy import Policy
-    from .render import render
+    from .render import drawing_format, render
 
+    drawing_format(out)  # a suffix that is no drawing format is refused before the model is read
     _refuse_existing(out, overwrite)
     obj = Policy.load(source) if source.endswith((".yaml", ".yml")) else load(source)
     _refuse_existing(out, overwrite)

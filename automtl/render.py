@@ -30,12 +30,9 @@ _FONT = "Helvetica,Arial,sans-serif"
 # --------------------------------------------------------------------------------------
 # public API
 # --------------------------------------------------------------------------------------
-def render(model_or_policy, path, format: Optional[str] = None, title: Optional[str] = None) -> Path:
-    """Draw ``model_or_policy`` into ``path`` (svg, png or pdf, from the suffix) and return the path.
-
-    A CompactModel gives its graph and its policy grid side by side; a SuperModel with a hard
-    policy is compiled first; a Policy alone gives the grid. The file appears whole or not at all.
-    """
+def drawing_format(path, format: Optional[str] = None) -> tuple:
+    """``(Path(path), format)`` of a drawing (svg, png or pdf: ``format``, else the suffix); :class:`AutomtlError`
+    in one sentence otherwise."""
     if not str(path):
         raise AutomtlError("cannot draw to an empty path; give a file name ending in .svg, .png or .pdf")
     path = Path(path)
@@ -46,6 +43,16 @@ def render(model_or_policy, path, format: Optional[str] = None, title: Optional[
             f"cannot draw {str(path)!r}: {shown} is not a drawing format; use one of "
             f"{', '.join('.' + f for f in FORMATS)}"
         )
+    return path, fmt
+
+
+def render(model_or_policy, path, format: Optional[str] = None, title: Optional[str] = None) -> Path:
+    """Draw ``model_or_policy`` into ``path`` (svg, png or pdf, from the suffix) and return the path.
+
+    A CompactModel gives its graph and its policy grid side by side; a SuperModel with a hard
+    policy is compiled first; a Policy alone gives the grid. The file appears whole or not at all.
+    """
+    path, fmt = drawing_format(path, format)
     _require_dot()
     dot = to_dot(model_or_policy, title=title)
     import graphviz
