@@ -26,7 +26,7 @@ from .cost import check_budget
 from .errors import ConfigError
 from .fileio import read_yaml
 from .supermodel import SuperModel, supermodel
-from .tasks import Task, parse_task
+from .tasks import Task, check_unique_names, parse_task
 
 #: The default run is sized to finish in a few minutes on 2 CPU cores.
 #: ``conflict`` is the default strategy: on the equal-compute quality benchmark (benchmarks/quality.py,
@@ -85,10 +85,7 @@ class ConvertConfig:
             if isinstance(self.tasks, (str, Task, Mapping)) or not isinstance(self.tasks, Sequence) or not self.tasks:
                 raise ConfigError(f"tasks must be a non-empty list of tasks (or null for the data set's own), got {self.tasks!r}")
             self.tasks = [_task_dict(t) for t in self.tasks]
-            names = [t["name"] for t in self.tasks]
-            dup = sorted({n for n in names if names.count(n) > 1})
-            if dup:
-                raise ConfigError(f"task names must be unique; {', '.join(map(repr, dup))} given more than once")
+            check_unique_names(t["name"] for t in self.tasks)
 
     def validate(self) -> "ConvertConfig":
         """Check every field again, the search section's too: a field assigned after the config was made

@@ -345,10 +345,7 @@ class SuperModel(GraphsBuiltOnUse):
         ``mix`` overrides the mode's operator weights (shape (layers, tasks, 3)).
         """
         per_task_input = isinstance(x, Mapping)
-        if per_task_input:
-            x = self._fold_inputs(x)
-        else:
-            check_image_batch(x, self.input_shape, "the supermodel", "or a dict of them per task")
+        x = self._input(x)
         feats = self._features(x, per_task_input, mix, generator)
         size = x.shape[-2:]
         return {t.name: finish(t, self.heads[t.name](f), size) for t, f in zip(self.tasks, feats)}
@@ -356,16 +353,20 @@ class SuperModel(GraphsBuiltOnUse):
     def features(self, x, mix: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None) -> dict:
         """The backbone feature map of every task (no heads), as ``{task: (B, C, h, w)}``."""
         per_task_input = isinstance(x, Mapping)
-        if per_task_input:
-            x = self._fold_inputs(x)
-        else:
-            check_image_batch(x, self.input_shape, "the supermodel", "or a dict of them per task")
+        x = self._input(x)
         return dict(zip(self.task_names, self._features(x, per_task_input, mix, generator)))
 
     def _features(self, x, per_task_input, mix, generator) -> tuple:
         if mix is None:
             mix = self.mixing_weights(generator)
         return self._net_for(per_task_input)(x, mix).chunk(self.num_tasks)
+
+    def _input(self, x) -> torch.Tensor:
+        """One batch for all tasks (checked), or per-task batches folded into one."""
+        if isinstance(x, Mapping):
+            return self._fold_inputs(x)
+        check_image_batch(x, self.input_shape, "the supermodel", "or a dict of them per task")
+        return x
 
     def _fold_inputs(self, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
         if set(inputs) != set(self.task_names):

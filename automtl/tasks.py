@@ -161,8 +161,13 @@ def check_tasks(tasks) -> list[Task]:
     for t in tasks:
         if not isinstance(t, Task):
             raise ConfigError(f"expected automtl.Task objects, got {type(t).__name__}")
-    names = [t.name for t in tasks]
+    check_unique_names([t.name for t in tasks])
+    return tasks
+
+
+def check_unique_names(names) -> None:
+    """Raise :class:`ConfigError` naming the task names given more than once."""
+    names = list(names)
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise ConfigError(f"task names must be unique; {', '.join(map(repr, dup))} given more than once")
-    return tasks

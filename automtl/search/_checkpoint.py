@@ -186,7 +186,7 @@ class _CheckpointMixin:
         g = ckpt.get("global_step")
         if isinstance(g, bool) or not isinstance(g, int) or g < 0:
             raise FileFormatError(f"checkpoint {name!r} is at step {g!r}, not a step of a run; delete it to start over")
-        if ckpt.get("stage") not in [name for name, _, _ in self.plan] + ["done"]:
+        if ckpt.get("stage") not in [stage for stage, _, _ in self.plan] + ["done"]:
             raise FileFormatError(f"checkpoint {name!r} is damaged (its stage {ckpt.get('stage')!r} is none of this "
                                   "run's); delete it to start over")
         history = ckpt.get("history")
