@@ -31,7 +31,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from .errors import BackboneError, first_line as _first_line
 from .features import META_LAYOUT, laid_out, pick_feature_node
-from .graphpasses import STATE_WRITE_ADVICE, ancestors, functionalize, refuse_state_writes, user_line
+from .graphpasses import (STATE_WRITE_ADVICE, ancestors, functionalize, module_tensor, mutated_argument,
+                          refuse_state_writes, user_line)
 from .seeding import moved_generators, random_states, seeded
 from .tracecheck import PythonState, check_trace, put_back
 
@@ -70,7 +71,33 @@ NORM_LEAVES = (nn.modules.batchnorm._NormBase, nn.GroupNorm)
 CONV_LEAVES = (nn.Conv2d,)
 
 
-class _BufferProxy(fx.Proxy):
+class _ValueProxy(fx.Proxy):
+    """A traced value that records, on its tracer, when Python asks for its value (``int()``, ``float()``,
+    ``len()``, ``bool()``, iteration): the trace then fails, and :func:`_trace_graph` reads the buffers that value
+    is made from as constants on its next try."""
+
+    def _needed(self, how: str):
+        self.tracer.value_needed = self.node
+        raise TypeError(f"{how}() needs the value of a tensor that torch.fx traces symbolically")
+
+    def __int__(self):
+        self._needed("int")
+
+    def __float__(self):
+        self._needed("float")
+
+    def __index__(self):
+        self._needed("index")
+
+    def __complex__(self):
+        self._needed("complex")
+
+    def __len__(self):
+        self.tracer.value_needed = self.node
+        return super().__len__()
+
+
+class _BufferProxy(_ValueProxy):
     """A buffer read in the forward: a graph value, whose size, dtype and device answer from the buffer itself
     (shapes are constants, as torch.fx answers them for parameters), so code asking them still traces."""
 
@@ -114,20 +141,29 @@ class _BufferProxy(fx.Proxy):
 class _Tracer(fx.Tracer):
     """The default tracer, plus normalisation layers of any class and the user's extra leaf module types.
 
-    With ``buffers`` (the first try), buffers are read as graph values (``get_attr``) like parameters: torch.fx's
+    Buffers are read as graph values (``get_attr``) like parameters, except those named in ``constants``: torch.fx's
     default reads them as plain tensors, so ``self.running_mean.view(1, -1, 1, 1)`` became a constant frozen at
     trace time (what training or a later ``load_state_dict`` put in the buffer was never read), and an in-place
-    update of a buffer ran once, on the backbone, while tracing. Code that needs a buffer's values in Python
-    (``int(self.factor)``) does not trace that way; :func:`_trace_graph` then traces with torch.fx's default.
+    update of a buffer ran once, on the backbone, while tracing. Code that needs a buffer's value in Python
+    (``int(self.factor)``) does not trace that way: the trace fails, ``value_needed`` is the node whose value
+    Python asked for, and :func:`_trace_graph` traces again with the buffers it is made from in ``constants``.
     """
 
-    def __init__(self, leaf_modules: Sequence[type] = (), buffers: bool = True):
+    def __init__(self, leaf_modules: Sequence[type] = (), constants: frozenset = frozenset()):
         super().__init__()
         self.record_stack_traces = True  # errors name the user's line of a node
         self._extra_leaves = tuple(leaf_modules) + NORM_LEAVES + CONV_LEAVES
-        self._buffers = buffers
+        self._constants = constants
+        self.value_needed: Optional[fx.Node] = None
         self.requires_grad_tests: list = []  # "file:line" of each `x.requires_grad` the trace decided
         self._needs_grad: dict = {}
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _ValueProxy(node, self)
+
+    def iter(self, obj: fx.Proxy):
+        self.value_needed = obj.node
+        return super().iter(obj)
 
     def to_bool(self, obj: fx.Proxy) -> bool:
         """``if x.requires_grad:`` on a traced value is decided as in an ordinary training step: true where the
@@ -141,6 +177,7 @@ class _Tracer(fx.Tracer):
             frame = next((f for f in reversed(traceback.extract_stack()) if _is_user_file(f.filename)), None)
             self.requires_grad_tests.append(f"{frame.filename}:{frame.lineno}" if frame else "the forward")
             return value
+        self.value_needed = obj.node
         return super().to_bool(obj)
 
     def _requires_grad(self, node: fx.Node) -> bool:
@@ -181,9 +218,9 @@ class _Tracer(fx.Tracer):
         return super().is_leaf_module(m, qualname)
 
     def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict) -> Any:
-        if self._buffers and isinstance(attr_val, torch.Tensor) and not isinstance(attr_val, nn.Parameter):
+        if isinstance(attr_val, torch.Tensor) and not isinstance(attr_val, nn.Parameter):
             for name, buffer in self.root.named_buffers():
-                if buffer is attr_val:
+                if buffer is attr_val and name not in self._constants:
                     if name not in parameter_proxy_cache:
                         parameter_proxy_cache[name] = self.create_proxy(
                             "get_attr", name, (), {}, proxy_factory_fn=lambda node: _BufferProxy(node, self, buffer))
@@ -307,14 +344,27 @@ def _refuse_hooks(backbone: nn.Module, graphs: Sequence[fx.Graph]) -> None:
 
 
 def _trace_graph(backbone: nn.Module, leaf_modules: Sequence[type], concrete_args: Optional[dict]) -> fx.Graph:
+    """The backbone's graph in its current mode. Buffers are graph values, except those whose value Python reads
+    (``int(self.repeats)``): found one failed try at a time, those are traced as constants (torch.fx's default),
+    and then must not change in the forward (:func:`_refuse_changed_constants`). A try that fails for another
+    reason, or whose failure no buffer explains, is followed by one with every buffer a constant.
+
+    ``graph.constant_buffers``: the buffers traced as constants, and why (``graph.constant_reason``);
+    ``graph.requires_grad_tests``: where the trace decided a ``.requires_grad``."""
     before, python, device = _state(backbone), PythonState(backbone), _device_of(backbone)
-    for buffers in (True, False):  # then torch.fx's default, for code that needs a buffer's value in Python
+    names = frozenset(name for name, _ in backbone.named_buffers())
+    saved = [(b, b.detach().clone()) for b in backbone.buffers()]  # each try starts from the same values
+    constants, read = frozenset(), frozenset()  # traced as constants; of those, the ones Python reads
+    while True:
         try:  # draws the forward makes while traced come from, and go back to, the caller's random state
             with _refusing_autograd_functions(), seeded(device, seed=None), _RefusingEagerDraws():
                 states = random_states(device)
-                tracer = _Tracer(leaf_modules, buffers=buffers)
+                tracer = _Tracer(leaf_modules, constants=constants)
                 graph = tracer.trace(backbone, concrete_args=concrete_args)
                 graph.requires_grad_tests = tracer.requires_grad_tests  # read by capture's trace check
+                graph.constant_buffers = constants  # read by capture's check of the writes
+                graph.constant_reason = (f"Python reads the value of {', '.join(map(repr, sorted(read)))}"
+                                         if constants == read else "the backbone traces no other way")
                 _refuse_frozen_draws(moved_generators(states, device)
                                      + [f"the generator {name!r}" for name in python.moved_generators(backbone)])
             failure = None
@@ -330,8 +380,20 @@ def _trace_graph(backbone: nn.Module, leaf_modules: Sequence[type], concrete_arg
         finally:  # what the forward kept in Python attributes while traced (a cache of symbolic values) is undone
             python.restore(added="proxies")
         _refuse_rebound_state(backbone, before)
-        if failure is None:
-            return graph
+        try:
+            if failure is None:
+                _refuse_changed_constants(backbone, saved, graph)
+                _refuse_constant_writes(backbone, graph)
+                return graph
+        finally:  # a constant the forward changed in Python (refused above, or on a failed try) is put back
+            put_back(saved)
+        needed = _buffers_needed(tracer, names)
+        if needed and not needed <= constants:
+            constants, read = constants | needed, read | needed
+        elif constants != names:
+            constants = names
+        else:
+            break
     frame = _user_frame(failure)
     where = f" at {frame.filename}:{frame.lineno} ({frame.line.strip() if frame.line else ''})" if frame else ""
     raise BackboneError(
@@ -339,6 +401,60 @@ def _trace_graph(backbone: nn.Module, leaf_modules: Sequence[type], concrete_arg
         f"{_first_line(failure, limit=None)}; mark that module as a leaf (leaf_modules=[ItsClass]) or fix its Python "
         "control flow with concrete_args, then try again"
     ) from failure
+
+
+def _buffers_needed(tracer: _Tracer, buffers: frozenset) -> frozenset:
+    """The buffers the value Python asked for in a failed trace is made from, when it is made from buffers and
+    constants only (a value of the input or of a parameter stays symbolic whatever the buffers are)."""
+    node = tracer.value_needed
+    if node is None:
+        return frozenset()
+    found = set()
+    for n in ancestors(node):
+        if n.op == "placeholder" or (n.op == "get_attr" and n.target not in buffers and _is_parameter(tracer.root, n.target)):
+            return frozenset()
+        if n.op == "get_attr" and n.target in buffers:
+            found.add(n.target)
+    return frozenset(found)
+
+
+def _is_parameter(root: nn.Module, target: str) -> bool:
+    try:
+        return isinstance(root.get_parameter(target), nn.Parameter)
+    except AttributeError:
+        return False
+
+
+def _refuse_changed_constants(backbone: nn.Module, saved: list, graph: fx.Graph) -> None:
+    """Refuse a forward that changed a buffer traced as a constant: Python ran that change once, while traced, and
+    the converted model would never make it (``self.count += 1`` beside ``int(self.repeats)``)."""
+    values = {id(b): v for b, v in saved}
+    for name, buffer in backbone.named_buffers():
+        if name in graph.constant_buffers and not _same_bits(buffer, values[id(buffer)]):
+            raise BackboneError(
+                f"the backbone changes its own tensor {name!r} in place during the forward while torch.fx traces it as "
+                f"a constant ({graph.constant_reason}), so the converted model would never make that change; "
+                f"{STATE_WRITE_ADVICE}")
+
+
+def _refuse_constant_writes(backbone: nn.Module, graph: fx.Graph) -> None:
+    """Refuse a graph that writes into a buffer traced as a constant: the values read from it in Python, or by
+    operations on it alone, were taken once, while traced, and would never see the write."""
+    for node in graph.nodes:
+        target = mutated_argument(backbone, node)
+        state = module_tensor(target) if target is not None else None
+        if state is not None and state.target in graph.constant_buffers:
+            raise BackboneError(
+                f"the backbone writes its own tensor {state.target!r} during the forward{user_line(node)} while "
+                f"torch.fx traces it as a constant ({graph.constant_reason}), so the converted model would read the "
+                "value it had while traced; compute that value in the forward without keeping it in a buffer, or mark "
+                "the module as a leaf (leaf_modules=[ItsClass])")
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal values, NaN and infinities included (writing the value a tensor holds changes nothing)."""
+    return a.shape == b.shape and a.dtype == b.dtype and bool(
+        torch.equal(a, b) or (a.is_floating_point() and torch.allclose(a, b, rtol=0.0, atol=0.0, equal_nan=True)))
 
 
 class _EagerDraw(Exception):

@@ -62,14 +62,14 @@ def mutated_argument(gm: fx.GraphModule, node: fx.Node) -> Optional[fx.Node]:
     return None
 
 
-def _module_tensor(node: fx.Node, written: dict) -> Optional[fx.Node]:
+def module_tensor(node: fx.Node, written: Optional[dict] = None) -> Optional[fx.Node]:
     """The ``get_attr`` node (a parameter, buffer or constant of the module) whose memory ``node`` is, or a view of
     (``.view``, ``.data``, basic indexing; indexing with a tensor makes a copy), directly or as the result of an
     earlier write into it (``written``)."""
     while True:
         if node.op == "get_attr":
             return node
-        if node in written:
+        if written and node in written:
             return written[node]
         if not node.args or not isinstance(node.args[0], fx.Node):
             return None
@@ -113,7 +113,7 @@ def functionalize(gm: fx.GraphModule, graph: fx.Graph) -> list:
         target = mutated_argument(gm, node)
         if target is None:
             continue
-        state = _module_tensor(target, written)
+        state = module_tensor(target, written)
         if state is not None:
             writes.append((node, state))
             written[node] = state  # out of place below: its result is the tensor's new value

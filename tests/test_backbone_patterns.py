@@ -6,6 +6,7 @@ hard policy in both modes, and two eval calls agree. Issue 11 names each kind.
 """
 import copy
 import functools
+import json
 import warnings
 
 import pytest
@@ -574,13 +575,68 @@ def test_buffers_read_in_python_and_harmless_writes_still_convert(value_in_pytho
     assert sm.layer_names == ["c1", "c2"]
     sm.eval().hard(Policy.uniform(sm.layer_names, sm.task_names, "share"))
     x = torch.randn(2, 3, SIZE, SIZE)
-    with torch.no_grad():
-        feats = sm.features(x)
-        expected = backbone.c2(torch.relu((backbone.c1(x) + backbone.table.sum(0).view(1, -1, 1, 1) * 0.1)
-                                          * (backbone.scale * 2).view(1, -1, 1, 1)
-                                          + (backbone.table[backbone.index] + 1).mean(0).view(1, -1, 1, 1))
-                               * (2 if value_in_python else 1))
-    assert all(close(f, expected) for f in feats.values())
+
+    def expected():
+        return backbone.c2(torch.relu((backbone.c1(x) + backbone.table.sum(0).view(1, -1, 1, 1) * 0.1)
+                                      * (backbone.scale * 2).view(1, -1, 1, 1)
+                                      + (backbone.table[backbone.index] + 1).mean(0).view(1, -1, 1, 1))
+                           * (2 if value_in_python else 1))
+
+    for step in range(2):  # as converted; then with a trained parameter and a loaded buffer, in both
+        with torch.no_grad():
+            assert all(close(f, expected()) for f in sm.features(x).values())
+            for model in (backbone, sm):
+                next(p for n, p in model.named_parameters() if n.endswith("scale")).mul_(3)
+                next(b for n, b in model.named_buffers() if n.endswith("table")).add_(1)
+
+
+class _BufferReadInPython(nn.Module):
+    """``int(self.repeats)`` needs a buffer's value in Python while traced; beside it, a buffer changed in the
+    forward in one of three ways."""
+
+    def __init__(self, change):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.register_buffer("repeats", torch.tensor(2))
+        self.register_buffer("seen", torch.zeros(()))
+        self.register_buffer("cache", torch.zeros(8))
+        self.change = change
+
+    def forward(self, x):
+        y = self.c1(x)
+        if self.change == "a value read in Python, counted":
+            if self.seen < 10:  # a warm-up read in Python
+                y = y * 0.5
+            self.seen += 1
+        elif self.change == "a value read in Python, written from the input":
+            self.repeats.copy_(x.shape[1] + x.detach().mean().round().long())
+        elif self.change == "a cache, when no buffer traces symbolically":
+            json.dumps(self.cache.tolist())  # a cache key: fails on a traced value whatever the buffers are
+            self.cache.copy_(self.c1.bias.detach() * 2)
+            y = y * self.cache.view(1, -1, 1, 1)
+        return self.c2(torch.relu(y * int(self.repeats)))
+
+
+BUFFER_CHANGES = {
+    "a value read in Python, counted":
+        "changes its own tensor 'seen' in place during the forward while torch.fx traces it as a constant \\(Python "
+        "reads the value of 'repeats', 'seen'\\), so the converted model would never make that change",
+    "a value read in Python, written from the input":
+        "writes its own tensor 'repeats' during the forward at .*repeats.copy_.* while torch.fx traces it as a "
+        "constant \\(Python reads the value of 'repeats'\\), so the converted model would read the value it had",
+    "a cache, when no buffer traces symbolically":
+        "writes its own tensor 'cache' during the forward at .* while torch.fx traces it as a constant \\(the "
+        "backbone traces no other way\\)",
+}
+
+
+@pytest.mark.parametrize("change", sorted(BUFFER_CHANGES))
+def test_a_buffer_traced_as_a_constant_and_changed_in_the_forward_is_refused(change):
+    backbone = _BufferReadInPython(change)
+    before = copy.deepcopy(backbone.state_dict())
+    with pytest.raises(BackboneError, match=BUFFER_CHANGES[change]):
+        automtl.supermodel(backbone, TASKS, torch.randn(1, 3, SIZE, SIZE))
+    assert all(torch.equal(v, before[k]) for k, v in backbone.state_dict().items())  # the user's backbone as it was
 
 
 class _StateWrite(_BufferThroughAView):
