@@ -100,10 +100,16 @@ def _is_pool(gm: fx.GraphModule, node: fx.Node) -> bool:
 
 
 def _collapses(gm: fx.GraphModule, node: fx.Node) -> bool:
-    """A global pooling or a reduction over the spatial axes."""
+    """A global pooling, a reduction over the spatial axes, or any operation that makes a 1x1 map of one larger
+    than 4x4, more than a downsampling step does (a stride-2 convolution without padding takes 3x3 or 4x4 to 1x1,
+    Inception's last stages at 96 px): a convolution whose kernel covers such a map is a fully connected layer
+    (VGG's ``fc6`` as a 7x7 convolution, timm's ``ConvMlp``), whatever it makes of a larger input."""
     if _is_pool(gm, node) and _shape(node)[2:] == (1, 1) and any(
             _is_map(i) and _shape(i)[2] * _shape(i)[3] > 1 for i in node.all_input_nodes):
         return True  # a fixed-size pooling over the whole map (AvgPool2d(7) at the end of a classifier)
+    if _is_map(node) and _shape(node)[2:] == (1, 1) and any(
+            _is_map(i) and max(_shape(i)[2:]) > 4 for i in node.all_input_nodes):
+        return True
     if node.op == "call_module":
         mod = gm.get_submodule(node.target)
         return isinstance(mod, _GLOBAL_POOL_MODULES) and _one(mod.output_size)
@@ -151,15 +157,21 @@ def trunk_nodes(gm: fx.GraphModule, output: fx.Node) -> list:
     """
     keep = set(ancestors(output))
     trunk: set = set()
+    collapsed: set = set()  # a collapse and what is computed from it off the trunk
     for n in gm.graph.nodes:
         if n.op == "placeholder":
             trunk.add(n)
             continue
-        if n not in keep or _collapses(gm, n):
+        if n not in keep:
+            continue
+        if _collapses(gm, n):
+            collapsed.add(n)
             continue
         inputs = [i for i in n.all_input_nodes if i in trunk]
         if inputs and (_carries_maps(n) or _keeps_spatial(n, inputs)):
             trunk.add(n)
+        elif any(i in collapsed for i in n.all_input_nodes):
+            collapsed.add(n)
         elif _layout(n) == "map":  # a map again after tokens or another layout (a PVT stage's end)
             trunk.add(n)
     maps = [n for n in gm.graph.nodes if n in trunk and n.op != "placeholder" and _is_map(n)

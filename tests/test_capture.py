@@ -317,22 +317,34 @@ def test_a_channels_last_map_is_not_a_feature_map():
 
 
 class _ConvHead(nn.Module):
-    """VGG's head as timm builds it: the map pooled to 3 x 3 and a 3 x 3 convolution over it, a (N, C, 1, 1) "map"."""
+    """VGG's head as timm builds it: a convolution whose kernel covers the whole map, a (N, C, 1, 1) "map" (a
+    fully connected layer); the map pooled to 3 x 3 first (a small input), or not (the input VGG was built for:
+    at a larger input that convolution's output grows)."""
 
-    def __init__(self):
+    def __init__(self, pooled: bool):
         super().__init__()
         self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2, padding=1))
-        self.pre_logits = nn.Sequential(nn.AdaptiveAvgPool2d(3), nn.Conv2d(8, 32, 3), nn.ReLU())
+        self.pre_logits = nn.Sequential(nn.AdaptiveAvgPool2d(3), nn.Conv2d(8, 32, 3), nn.ReLU()) if pooled else \
+            nn.Sequential(nn.Conv2d(8, 32, 8), nn.ReLU())
 
     def forward(self, x):
         return self.pre_logits(self.features(x))
 
 
-def test_maps_of_a_size_the_input_does_not_set_are_not_the_default_features():
-    cap = capture(_ConvHead(), torch.randn(1, 3, 16, 16))
+@pytest.mark.parametrize("pooled", [True, False], ids=["pooled to the kernel", "the kernel covers the map"])
+def test_a_fully_connected_head_in_convolutions_is_not_the_default_features(pooled):
+    cap = capture(_ConvHead(pooled), torch.randn(1, 3, 16, 16))
     assert cap.feature_shape == (1, 8, 8, 8)
-    cap = capture(_ConvHead(), torch.randn(1, 3, 16, 16), feature_node="pre_logits")  # named: the user's choice
+    cap = capture(_ConvHead(pooled), torch.randn(1, 3, 16, 16), feature_node="pre_logits")  # named: the user's choice
     assert cap.feature_shape == (1, 32, 1, 1)
+
+
+def test_a_downsampling_step_to_a_1x1_map_stays_in_the_trunk():
+    """Inception's last stages at a small input: a stride-2 convolution without padding takes 3 x 3 to 1 x 1."""
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2, padding=1),
+                        nn.ReLU(), nn.Conv2d(8, 16, 3, stride=2), nn.ReLU())
+    cap = capture(net, torch.randn(1, 3, 12, 12))
+    assert cap.feature_shape == (1, 16, 1, 1) and len(cap.conv_nodes) == 3
 
 
 class _ResizedFirst(nn.Module):
