@@ -121,7 +121,7 @@ class Quirky(nn.Module):
     def forward(self, x):
         y = F.relu(self.conv0(x))
         z = self.conv1(y) * self.scale + self.shift
-        z = torch.cat([z[:, :4], y[:, 4:]], dim=1)
+        z = torch.cat([z[:, :4], F.normalize(y, dim=1)[:, 4:]], dim=1)  # normalize: traced with out=None
         z = z + z.mean(dim=(2, 3), keepdim=True).to(torch.float32)
         return self.pool(F.leaky_relu(z, negative_slope=0.1))
 
@@ -285,8 +285,10 @@ def _first(desc, op):
     (lambda d: _first(d, "call_method").update(target="__reduce__"), "reviewed list of tensor methods"),
     (lambda d: _first(d, "placeholder").update(target="x=__import__('os').system('true')"), "invalid input"),
     (lambda d: _first(d, "call_module").update(args=[{"$node": "later"}]), "before it is defined"),
+    (lambda d: _first(d, "call_function").setdefault("kwargs", {}).update(out={"$node": _first(d, "placeholder")["name"]}),
+     "writes its result into an existing tensor"),
 ], ids=["newer-format", "os.system", "torch.load", "builtins.eval", "class-not-in-torch.nn", "private-method",
-        "code-in-input-name", "forward-reference"])
+        "code-in-input-name", "forward-reference", "out-into-the-input"])
 def test_hostile_or_edited_descriptions_are_refused(bundle, change, message):
     _edit(bundle, change)
     with pytest.raises(FileFormatError, match=message):

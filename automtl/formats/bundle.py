@@ -27,7 +27,7 @@ import torch
 from torch import fx, nn
 
 from ..compact import CompactModel
-from ..errors import AutomtlError, ConfigError, FileFormatError
+from ..errors import AutomtlError, ConfigError, FileFormatError, first_line
 from ..fileio import MAX_YAML_BYTES, atomic_path, parse_yaml, read_regular_file, read_zip_entries
 from ._export_common import EvalMode
 from .codec import DTYPES, encode
@@ -216,7 +216,13 @@ def save(compact: CompactModel, path: str | os.PathLike) -> None:
     text = yaml.dump(desc, Dumper=dumper, sort_keys=False, default_flow_style=None, width=120).encode()
     weights = st_save(tensors)
     where = os.fspath(path)
-    rebuild(where, parse_yaml(text, f"model file {where!r} (model.yaml)", FileFormatError), weights)
+    try:
+        rebuild(where, parse_yaml(text, f"model file {where!r} (model.yaml)", FileFormatError), weights)
+    except FileFormatError as exc:  # what automtl describes, automtl must read: a bug of ours, not the user's file
+        raise FileFormatError(
+            f"save() reads the model's description back with load()'s checks before writing, and they refuse it "
+            f"({first_line(exc)}), so nothing was written to {where!r}; unless the model is beyond load()'s bounds "
+            "this is a bug in automtl (please report it): write the model with automtl.export (.pt2) meanwhile") from exc
     checksums = f"{_sha256(text)}  {MODEL_ENTRY}\n{_sha256(weights)}  {WEIGHTS_ENTRY}\n".encode()
     with atomic_path(path) as tmp:
         with zipfile.ZipFile(tmp, "w") as zf:

@@ -199,7 +199,7 @@ def _method_kind(name: str, args: tuple, arg_kinds: list, where: str) -> str:
 
 def _no_writes(node: fx.Node, at: str, kinds: dict) -> None:
     """Refuse a call that would write into a tensor it did not create (see _PYTHON_SIGNATURES' note)."""
-    if "out" in node.kwargs:
+    if node.kwargs.get("out") is not None:  # out=None (F.normalize's default, as tracing spells it) writes nothing
         raise FileFormatError(f"{at} writes its result into an existing tensor (out=), which automtl files never do; re-save the model")
     sig = _PYTHON_SIGNATURES.get(node.target)
     if sig is None:
