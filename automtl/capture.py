@@ -14,8 +14,10 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import inspect
 import io
 import itertools
+import operator
 import os
 import sys
 import traceback
@@ -360,7 +362,8 @@ def _trace_graph(backbone: nn.Module, leaf_modules: Sequence[type], concrete_arg
             with _refusing_autograd_functions(), seeded(device, seed=None), _RefusingEagerDraws():
                 states = random_states(device)
                 tracer = _Tracer(leaf_modules, constants=constants)
-                graph = tracer.trace(backbone, concrete_args=concrete_args)
+                graph = tracer.trace(backbone, concrete_args=_with_defaults(backbone, concrete_args))
+                _drop_fixed_arguments(graph)
                 graph.requires_grad_tests = tracer.requires_grad_tests  # read by capture's trace check
                 graph.constant_buffers = constants  # read by capture's check of the writes
                 graph.constant_reason = (f"Python reads the value of {', '.join(map(repr, sorted(read)))}"
@@ -401,6 +404,38 @@ def _trace_graph(backbone: nn.Module, leaf_modules: Sequence[type], concrete_arg
         f"{_first_line(failure, limit=None)}; mark that module as a leaf (leaf_modules=[ItsClass]) or fix its Python "
         "control flow with concrete_args, then try again"
     ) from failure
+
+
+def _with_defaults(backbone: nn.Module, concrete_args: Optional[dict]) -> Optional[dict]:
+    """``concrete_args`` plus each argument of the forward after the image that has a default, at its default
+    (``forward(self, x, attn_mask=None)``): the converted model takes the image alone, as the backbone called with
+    one argument does."""
+    try:
+        params = list(inspect.signature(backbone.forward).parameters.values())
+    except (TypeError, ValueError):  # a forward without a signature Python can read
+        return concrete_args
+    given = dict(concrete_args or {})
+    if params and params[0].kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD):
+        for p in params[1:]:
+            if p.default is not p.empty and p.name not in given and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+                given[p.name] = p.default
+    return given or None
+
+
+def _drop_fixed_arguments(graph: fx.Graph) -> None:
+    """Remove the inputs torch.fx keeps for fixed arguments (with the checks it adds that a call passes the fixed
+    value) and unused ``*args``/``**kwargs``: the graph's one input is the image."""
+    for p in [n for n in graph.nodes if n.op == "placeholder"][1:]:
+        fixed = bool(p.args) or p.target.startswith("*") or bool(p.users)  # a default, or all users checks
+        for user in list(p.users):
+            checks = [user] if user.target is fx._symbolic_trace._assert_is_none else \
+                [*user.users, user] if user.target is operator.eq and all(u.target is torch._assert for u in user.users) \
+                else []
+            fixed = fixed and bool(checks)
+            for n in checks:
+                graph.erase_node(n)
+        if fixed and not p.users:
+            graph.erase_node(p)
 
 
 def _buffers_needed(tracer: _Tracer, buffers: frozenset) -> frozenset:
@@ -546,15 +581,18 @@ def capture(
     gm = fx.GraphModule(backbone, eval_graph, type(backbone).__name__)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(placeholders) != 1:
+        others = [str(n.target) for n in placeholders[1:]]
         raise BackboneError(
-            f"the backbone's forward takes {len(placeholders)} inputs but automtl needs exactly one image tensor; "
-            "wrap it in a module whose forward(x) takes one tensor, or fix the others with concrete_args"
-        )
+            f"the backbone's forward takes {len(placeholders)} inputs ({', '.join(str(n.target) for n in placeholders)})"
+            " but automtl needs exactly one image tensor; give the others fixed values with concrete_args="
+            f"{{{', '.join(f'{o!r}: ...' for o in others)}}} (or defaults in the forward's signature), or wrap the "
+            "backbone in a module whose forward(x) takes one tensor")
     _propagate(gm, example_input)
     tgm = fx.GraphModule(backbone, train_graph, type(backbone).__name__)
     assumed = list(dict.fromkeys(getattr(eval_graph, "requires_grad_tests", [])
                                  + getattr(train_graph, "requires_grad_tests", [])))
-    check_trace(backbone, {"eval": gm, "train": tgm}, example_input, requires_grad_tests=assumed)
+    check_trace(backbone, {"eval": gm, "train": tgm}, example_input, requires_grad_tests=assumed,
+                fixed_arguments=concrete_args)
     writes = functionalize(gm, gm.graph)
     notes: list = []
     node = pick_feature_node(gm, feature_node, notes)

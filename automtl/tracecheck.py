@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import io
 import math
 from collections.abc import Mapping
@@ -112,7 +113,7 @@ def _holds_proxy(value, depth: int = 0) -> bool:
 
 
 def check_trace(backbone: nn.Module, graphs: dict, example_input: torch.Tensor,
-                requires_grad_tests: Sequence[str] = ()) -> None:
+                requires_grad_tests: Sequence[str] = (), fixed_arguments: Optional[dict] = None) -> None:
     """Raise :class:`BackboneError` when a traced graph computes other outputs or gradients than ``backbone``.
 
     Args:
@@ -131,6 +132,7 @@ def check_trace(backbone: nn.Module, graphs: dict, example_input: torch.Tensor,
     (``file:line``). The first call then runs as that step does, its input not requiring gradients (no input
     gradient is compared), and the second, without gradients, runs the branches inference takes; a difference
     in either names those lines.
+    ``fixed_arguments``: the ``concrete_args`` the graphs were traced with, passed to the backbone's forward.
     Gradients are taken by ``.backward()`` (every ``.grad`` is put back as it was), also under an outer
     ``torch.no_grad()`` or ``torch.inference_mode()``. Changes nothing: all of that is as before afterwards.
     A train-mode graph may fail on every check batch (a train-only branch the feature node does not need); in
@@ -145,7 +147,8 @@ def check_trace(backbone: nn.Module, graphs: dict, example_input: torch.Tensor,
                 backbone.train(mode == "train")
                 failures = []
                 for x in _check_inputs(example_input, mode):
-                    found = _compare(backbone, gm, x, buffers, python, failures, not requires_grad_tests)
+                    found = _compare(backbone, gm, x, buffers, python, failures, not requires_grad_tests,
+                                     fixed_arguments or {})
                     if found is not None:
                         _raise_if_apart(type(backbone).__name__, mode, *found, requires_grad_tests=requires_grad_tests)
                         break
@@ -230,13 +233,14 @@ def _run(program, x: torch.Tensor, params: list, buffers: list, python: PythonSt
 
 
 def _compare(backbone: nn.Module, gm: fx.GraphModule, x: torch.Tensor, buffers: list, python: PythonState,
-             failures: list, input_grad: bool = True):
+             failures: list, input_grad: bool = True, fixed_arguments: Mapping = {}):
     """What differs between ``gm`` and ``backbone`` on ``x``: ``(what, how much)`` of the worst difference, or
     ``(None, 0.0)``; None when either fails on it (which, appended to ``failures``)."""
     named = [(name, p) for name, p in backbone.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
     runs = []
-    for who, program in (("the backbone's own forward", backbone), ("its torch.fx trace", gm)):
+    own = functools.partial(backbone, **fixed_arguments) if fixed_arguments else backbone
+    for who, program in (("the backbone's own forward", own), ("its torch.fx trace", gm)):
         try:
             runs.append((_run(program, x, params, buffers, python, input_grad), _run_again(program, x, buffers)))
         except BackboneError:

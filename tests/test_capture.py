@@ -926,3 +926,34 @@ def test_a_torch_draw_is_refused_wherever_its_generator_lives(middle):
     """Random operations are caught as they run during the trace: no generator's state needs to be found."""
     with pytest.raises(BackboneError, match=r"a torch generator \(with rand at .*test_capture.py.*while traced"):
         capture(_TwoConvs(middle()), torch.randn(1, 3, 16, 16))
+
+
+class _ExtraArguments(_TwoConvs):
+    """A forward with arguments after the image: optional ones (timm's ViT takes ``attn_mask=None``), ``*args`` and
+    ``**kwargs``."""
+
+    def forward(self, x, scale=None, double=False, *args, **kwargs):
+        y = self.c2(torch.relu(self.c1(x)))
+        y = y if scale is None else y * scale
+        return y * 2 if double else y
+
+
+class _RequiredArgument(_TwoConvs):
+    def forward(self, x, mask):
+        return self.c2(torch.relu(self.c1(x))) * mask
+
+
+def test_arguments_after_the_image_are_traced_at_their_defaults_or_as_given():
+    x = torch.randn(2, 3, 16, 16)
+    net = _ExtraArguments()
+    cap = capture(net, torch.randn(1, 3, 16, 16))
+    assert [n.target for n in cap.graph_module.graph.nodes if n.op == "placeholder"] == ["x"]
+    assert torch.allclose(cap.graph_module(x), net(x))
+    cap = capture(net, torch.randn(1, 3, 16, 16), concrete_args={"double": True})  # given: that value
+    assert torch.allclose(cap.graph_module(x), net(x, double=True))
+    with pytest.raises(BackboneError, match=r"forward takes 2 inputs \(x, mask\) but automtl needs exactly one image "
+                                            r"tensor; give the others fixed values with concrete_args=\{'mask': ...\}"):
+        capture(_RequiredArgument(), torch.randn(1, 3, 16, 16))
+    req = _RequiredArgument()
+    cap = capture(req, torch.randn(1, 3, 16, 16), concrete_args={"mask": 3.0})
+    assert torch.allclose(cap.graph_module(x), req(x, 3.0))
