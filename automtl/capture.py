@@ -399,10 +399,14 @@ def _trace_graph(backbone: nn.Module, leaf_modules: Sequence[type], concrete_arg
             break
     frame = _user_frame(failure)
     where = f" at {frame.filename}:{frame.lineno} ({frame.line.strip() if frame.line else ''})" if frame else ""
+    module = _faulty_module(failure, backbone)
+    remedy = ("fix its Python control flow with concrete_args, or convert the part of the model that is a CNN (such "
+              "as its .backbone or .features)" if module.startswith("<root>") or module == type(backbone).__name__
+              else "mark that module as a leaf (leaf_modules=[ItsClass]) or fix its Python control flow with "
+                   "concrete_args")
     raise BackboneError(
-        f"torch.fx cannot trace the backbone in module {_faulty_module(failure, backbone)}{where}: "
-        f"{_first_line(failure, limit=None)}; mark that module as a leaf (leaf_modules=[ItsClass]) or fix its Python "
-        "control flow with concrete_args, then try again"
+        f"torch.fx cannot trace the backbone in module {module}{where}: {_first_line(failure, limit=None)}; "
+        f"{remedy}, then try again"
     ) from failure
 
 

@@ -46,7 +46,82 @@ def _is_map(node: fx.Node) -> bool:
 
 
 def _layout(node: fx.Node) -> Optional[str]:
-    return node.meta.get(META_LAYOUT)
+    """:data:`META_LAYOUT`, or where the runs at other sizes did not reach the node (a backbone that takes one
+    size only), ``"other"`` when its axes are known from the graph to be laid out otherwise (:func:`mark_axes`)."""
+    found = node.meta.get(META_LAYOUT)
+    if found is None and node.meta.get(META_AXES, NCHW) != NCHW:
+        return "other"
+    return found
+
+
+#: Node meta set by :func:`mark_axes`: which axis of the input each axis of a 4-D node is ("N", "C", "H", "W").
+META_AXES = "automtl_axes"
+NCHW = ("N", "C", "H", "W")
+UNKNOWN_AXES = ("?", "?", "?", "?")
+_NCHW_MODULES = (nn.Conv2d, nn.ConvTranspose2d, nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.MaxPool2d,
+                 nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Upsample, nn.ZeroPad2d)
+_NCHW_FUNCTIONS = {F.conv2d, F.conv_transpose2d, F.interpolate, F.pad, F.avg_pool2d, F.max_pool2d,
+                   F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.batch_norm, F.group_norm}
+
+
+def mark_axes(gm: fx.GraphModule) -> None:
+    """Set :data:`META_AXES` on the 4-D nodes whose axes follow from the input's through the graph: a
+    convolution, a 2-D pooling or norm keeps (N, C, H, W); ``permute``, ``transpose`` move the axes they name
+    (VOLO's blocks work on ``x.permute(0, 2, 3, 1)``); a linear layer keeps its input's axes; any other operation
+    keeps the axes of an input of its own shape (a residual add, a LayerNorm), and an input of its own shape whose
+    axes are unknown gets its axes (the branch a residual add joins). What a reshape makes is unknown: in
+    :data:`UNKNOWN_AXES` (not a map) when made from a node laid out otherwise (attention over a channels-last
+    map), else unmarked."""
+    tokens: set = set()  # nodes of any rank computed, through unknown axes, from a 4-D node laid out otherwise
+    for node in gm.graph.nodes:
+        shape = _shape(node)
+        if shape is None or len(shape) != 4:
+            if any(i in tokens or i.meta.get(META_AXES, NCHW) != NCHW for i in node.all_input_nodes):
+                tokens.add(node)
+            continue
+        axes = NCHW if node.op == "placeholder" else _axes(gm, node, shape)
+        if axes is None and any(i in tokens or i.meta.get(META_AXES, NCHW) != NCHW for i in node.all_input_nodes):
+            axes = UNKNOWN_AXES  # made by a reshape from channels-last maps or tokens: not taken for a map
+        if axes is not None:
+            node.meta[META_AXES] = axes
+    for node in reversed(gm.graph.nodes):  # and back: the branch a residual add joins has the add's axes
+        axes, shape = node.meta.get(META_AXES), _shape(node)
+        if axes is None or node.op == "placeholder" or not _is_map(node) or _moves_axes(node):
+            continue
+        for i in node.all_input_nodes:
+            if META_AXES not in i.meta and _shape(i) == shape:
+                i.meta[META_AXES] = axes
+
+
+def _moves_axes(node: fx.Node) -> bool:
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", None)
+    return node.op in ("call_method", "call_function") and name in ("permute", "transpose", "swapaxes", "swapdims")
+
+
+def _axes(gm: fx.GraphModule, node: fx.Node, shape: tuple) -> Optional[tuple]:
+    first = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+    source = first.meta.get(META_AXES) if first is not None else None
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", None)
+    if name == "permute" and node.op in ("call_method", "call_function"):
+        dims = node.kwargs.get("dims", node.args[1] if len(node.args) == 2 else node.args[1:])
+        dims = dims if isinstance(dims, (tuple, list)) else (dims,)
+        if source is None or len(dims) != 4 or not all(isinstance(d, int) for d in dims):
+            return None
+        return tuple(source[d % 4] for d in dims)
+    if name in ("transpose", "swapaxes", "swapdims") and node.op in ("call_method", "call_function"):
+        pair = node.args[1:3]
+        if source is None or len(pair) != 2 or not all(isinstance(d, int) for d in pair):
+            return None
+        axes = list(source)
+        axes[pair[0] % 4], axes[pair[1] % 4] = axes[pair[1] % 4], axes[pair[0] % 4]
+        return tuple(axes)
+    if source == NCHW and ((node.op == "call_module" and isinstance(gm.get_submodule(node.target), _NCHW_MODULES))
+                           or (node.op == "call_function" and node.target in _NCHW_FUNCTIONS)):
+        return NCHW
+    if source is not None and ((node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.Linear))
+                               or (node.op == "call_function" and node.target is F.linear)):
+        return source  # a linear layer changes the last axis's size only (an MLP on (N, H, W, C))
+    return next((i.meta[META_AXES] for i in node.all_input_nodes if META_AXES in i.meta and _shape(i) == shape), None)
 
 
 def laid_out(shape: tuple, taller: tuple, wider: tuple) -> str:
@@ -186,6 +261,7 @@ def trunk_nodes(gm: fx.GraphModule, output: fx.Node) -> list:
 
 def pick_feature_node(gm: fx.GraphModule, name: Optional[str], notes: list) -> fx.Node:
     """The feature node: the one ``name`` gives (node name or module path), or the default (see the module doc)."""
+    mark_axes(gm)
     if name is not None:
         return _named(gm, name)
     output = _chosen_output(gm, notes)
@@ -203,6 +279,8 @@ def pick_feature_node(gm: fx.GraphModule, name: Optional[str], notes: list) -> f
     if not candidates:
         four_d = [n for n in gm.graph.nodes if n.op not in ("output", "placeholder") and _is_map(n)
                   and _layout(n) != "other"]
+        # a map known as one (by the runs at other sizes or through the graph) before one of unknown layout
+        four_d = [n for n in four_d if _layout(n) == "map" or n.meta.get(META_AXES) == NCHW] or four_d
         if not four_d:
             raise BackboneError("the backbone produces no 4-D feature map; automtl needs a CNN whose layers output (N, C, H, W)")
         notes.append(f"no 4-D map leads from the input to the output without a spatial collapse, so the features are "

@@ -85,6 +85,24 @@ def test_untraceable_backbone_names_module_and_line():
     assert "leaf_modules" in msg and "concrete_args" in msg
 
 
+class _ControlFlowAtTheTop(nn.Module):
+    """A detector's way: the top module's forward loops over its input in Python."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
+
+    def forward(self, x):
+        return [self.backbone(img[None]) for img in x]
+
+
+def test_untraceable_top_module_is_not_advised_to_become_a_leaf():
+    with pytest.raises(BackboneError, match="in module <root> .*fix its Python control flow with concrete_args, or "
+                                            "convert the part of the model that is a CNN \\(such as its .backbone"):
+        capture(_ControlFlowAtTheTop(), torch.randn(1, 3, 8, 8))
+    assert capture(_ControlFlowAtTheTop().backbone, torch.randn(1, 3, 8, 8)).feature_shape == (1, 4, 6, 6)
+
+
 def test_leaf_module_makes_it_traceable():
     cap = capture(Wrapper(), torch.randn(1, 3, 8, 8), leaf_modules=[Untraceable])
     assert cap.feature_shape == (1, 4, 6, 6)
@@ -314,6 +332,30 @@ def test_a_channels_last_map_is_not_a_feature_map():
     with pytest.raises(BackboneError, match=r"feature node 'norm' has output \(1, 8, 8, 8\) whose axes do not follow "
                                             r"the input as \(N, C, H, W\) do .*channels-last"):
         capture(_ChannelsLast(), torch.randn(1, 3, 16, 16), feature_node="norm")
+
+
+class _ChannelsLastOneSize(nn.Module):
+    """VOLO's pattern at the one size it takes (a position embedding of fixed size): blocks on (N, H, W, C) with a
+    residual, so the runs at other sizes cannot tell the layout; the graph does (the permute)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.pos = nn.Parameter(torch.zeros(1, 8, 8, 8))
+        self.norm, self.fc = nn.LayerNorm(8), nn.Linear(8, 8)
+
+    def forward(self, x):
+        x = (self.stem(x) + self.pos).permute(0, 2, 3, 1)
+        x = x + self.fc(self.norm(x))
+        return x.transpose(1, 2) * 2  # (N, W, H, C): still not (N, C, H, W)
+
+
+def test_a_channels_last_map_at_a_backbone_of_one_size_is_not_a_feature_map():
+    cap = capture(_ChannelsLastOneSize(), torch.randn(1, 3, 16, 16))
+    assert cap.feature_node == "add"  # the stem plus the position embedding, (N, C, H, W)
+    for name in ("add_1", "mul"):
+        with pytest.raises(BackboneError, match=f"feature node '{name}' has output .* whose axes do not follow"):
+            capture(_ChannelsLastOneSize(), torch.randn(1, 3, 16, 16), feature_node=name)
 
 
 class _ConvHead(nn.Module):
