@@ -279,8 +279,6 @@ def pick_feature_node(gm: fx.GraphModule, name: Optional[str], notes: list) -> f
     if not candidates:
         four_d = [n for n in gm.graph.nodes if n.op not in ("output", "placeholder") and _is_map(n)
                   and _layout(n) != "other"]
-        # a map known as one (by the runs at other sizes or through the graph) before one of unknown layout
-        four_d = [n for n in four_d if _layout(n) == "map" or n.meta.get(META_AXES) == NCHW] or four_d
         if not four_d:
             raise BackboneError("the backbone produces no 4-D feature map; automtl needs a CNN whose layers output (N, C, H, W)")
         notes.append(f"no 4-D map leads from the input to the output without a spatial collapse, so the features are "
