@@ -221,7 +221,7 @@ def save(compact: CompactModel, path: str | os.PathLike) -> None:
     except FileFormatError as exc:  # what automtl describes, automtl must read: a bug of ours, not the user's file
         raise FileFormatError(
             f"save() reads the model's description back with load()'s checks before writing, and they refuse it "
-            f"({first_line(exc)}), so nothing was written to {where!r}; unless the model is beyond load()'s bounds "
+            f"({first_line(exc, limit=None)}), so nothing was written to {where!r}; unless the model is beyond load()'s bounds "
             "this is a bug in automtl (please report it): write the model with automtl.export (.pt2) meanwhile") from exc
     checksums = f"{_sha256(text)}  {MODEL_ENTRY}\n{_sha256(weights)}  {WEIGHTS_ENTRY}\n".encode()
     with atomic_path(path) as tmp:
