@@ -151,10 +151,12 @@ class _Tracer(fx.Tracer):
     Python asked for, and :func:`_trace_graph` traces again with the buffers it is made from in ``constants``.
     """
 
-    def __init__(self, leaf_modules: Sequence[type] = (), constants: frozenset = frozenset()):
+    def __init__(self, leaf_modules: Sequence[type] = (), constants: frozenset = frozenset(),
+                 leaf_paths: frozenset = frozenset()):
         super().__init__()
         self.record_stack_traces = True  # errors name the user's line of a node
         self._extra_leaves = tuple(leaf_modules) + NORM_LEAVES + CONV_LEAVES
+        self._leaf_paths = leaf_paths  # modules (by path) run as one call: see capture
         self._constants = constants
         self.value_needed: Optional[fx.Node] = None
         self.requires_grad_tests: list = []  # "file:line" of each `x.requires_grad` the trace decided
@@ -215,7 +217,7 @@ class _Tracer(fx.Tracer):
         return any(self._needs_grad.get(a, False) for a in n.all_input_nodes)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if isinstance(m, self._extra_leaves):
+        if isinstance(m, self._extra_leaves) or qualname in self._leaf_paths:
             return True
         return super().is_leaf_module(m, qualname)
 
@@ -246,16 +248,23 @@ def _user_frame(exc: BaseException) -> Optional[traceback.FrameSummary]:
 
 def _faulty_module(exc: BaseException, backbone: nn.Module) -> str:
     """Name of the module whose forward was running when tracing failed."""
+    path, cls = _faulty_path(exc, backbone)
+    # the class with its module: leaf_modules takes the class itself, and two libraries' classes may share a name
+    return f"{path or '<root>'} ({cls.__module__}.{cls.__qualname__})" if cls is not None else type(backbone).__name__
+
+
+def _faulty_path(exc: BaseException, backbone: nn.Module) -> tuple:
+    """``(path, class)`` of the innermost module whose forward was running when tracing failed (path "" for the
+    backbone itself), or ``(None, None)``."""
     names = {id(m): n for n, m in backbone.named_modules()}
     tb = exc.__traceback__
-    found = None
+    found = (None, None)
     while tb is not None:
         self_obj = tb.tb_frame.f_locals.get("self")
         if isinstance(self_obj, nn.Module) and id(self_obj) in names:
-            found = (names[id(self_obj)] or "<root>", type(self_obj))
+            found = (names[id(self_obj)], type(self_obj))
         tb = tb.tb_next
-    # the class with its module: leaf_modules takes the class itself, and two libraries' classes may share a name
-    return f"{found[0]} ({found[1].__module__}.{found[1].__qualname__})" if found else type(backbone).__name__
+    return found
 
 
 def _refuse_rebound_state(backbone: nn.Module, before: dict) -> None:
@@ -345,7 +354,17 @@ def _refuse_hooks(backbone: nn.Module, graphs: Sequence[fx.Graph]) -> None:
                                 "(torch.nn.utils.parametrize.remove_parametrizations)")
 
 
-def _trace_graph(backbone: nn.Module, leaf_modules: Sequence[type], concrete_args: Optional[dict]) -> fx.Graph:
+class _NotTraceable(BackboneError):
+    """torch.fx cannot trace the forward of the module at ``path`` ("" for the backbone itself; None: unknown), for
+    ``reason`` (the error, at the user's line)."""
+
+    def __init__(self, message: str, path: Optional[str], reason: str):
+        super().__init__(message)
+        self.path, self.reason = path, reason
+
+
+def _trace_graph(backbone: nn.Module, leaf_modules: Sequence[type], concrete_args: Optional[dict],
+                 leaf_paths: frozenset = frozenset()) -> fx.Graph:
     """The backbone's graph in its current mode. Buffers are graph values, except those whose value Python reads
     (``int(self.repeats)``): found one failed try at a time, those are traced as constants (torch.fx's default),
     and then must not change in the forward (:func:`_refuse_changed_constants`). A try that fails for another
@@ -361,7 +380,7 @@ def _trace_graph(backbone: nn.Module, leaf_modules: Sequence[type], concrete_arg
         try:  # draws the forward makes while traced come from, and go back to, the caller's random state
             with _refusing_autograd_functions(), seeded(device, seed=None), _RefusingEagerDraws():
                 states = random_states(device)
-                tracer = _Tracer(leaf_modules, constants=constants)
+                tracer = _Tracer(leaf_modules, constants=constants, leaf_paths=leaf_paths)
                 graph = tracer.trace(backbone, concrete_args=_with_defaults(backbone, concrete_args))
                 _drop_fixed_arguments(graph)
                 graph.requires_grad_tests = tracer.requires_grad_tests  # read by capture's trace check
@@ -404,9 +423,9 @@ def _trace_graph(backbone: nn.Module, leaf_modules: Sequence[type], concrete_arg
               "as its .backbone or .features)" if module.startswith("<root>") or module == type(backbone).__name__
               else "mark that module as a leaf (leaf_modules=[ItsClass]) or fix its Python control flow with "
                    "concrete_args")
-    raise BackboneError(
+    raise _NotTraceable(
         f"torch.fx cannot trace the backbone in module {module}{where}: {_first_line(failure, limit=None)}; "
-        f"{remedy}, then try again"
+        f"{remedy}, then try again", _faulty_path(failure, backbone)[0], f"{_first_line(failure)}{where}"
     ) from failure
 
 
@@ -575,12 +594,19 @@ def capture(
     _refuse_wrappers(backbone)
     backbone = copy_backbone(backbone)
     was_training = backbone.training
-    try:
-        eval_graph = _trace_graph(backbone.eval(), leaf_modules, concrete_args)
-        _refuse_frozen_modules(backbone.train())
-        train_graph = _trace_graph(backbone, leaf_modules, concrete_args)
-    finally:
-        backbone.train(was_training)
+    as_one_call: dict = {}  # module path -> why it does not trace: run as one call, if cut away with the classifier
+    while True:
+        try:
+            eval_graph = _trace_graph(backbone.eval(), leaf_modules, concrete_args, frozenset(as_one_call))
+            _refuse_frozen_modules(backbone.train())
+            train_graph = _trace_graph(backbone, leaf_modules, concrete_args, frozenset(as_one_call))
+            break
+        except _NotTraceable as exc:
+            if not exc.path or exc.path in as_one_call or len(as_one_call) >= MAX_MODULES_AS_ONE_CALL:
+                raise
+            as_one_call[exc.path] = exc
+        finally:
+            backbone.train(was_training)
     _refuse_hooks(backbone, [eval_graph, train_graph])
     gm = fx.GraphModule(backbone, eval_graph, type(backbone).__name__)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
@@ -612,11 +638,31 @@ def capture(
         )
     train_graph = _train_counterpart(backbone, gm, tgm, node, example_input)
     _cut(gm.graph, node)
+    _refuse_kept_untraceable(as_one_call, [gm.graph] + ([train_graph] if train_graph is not None else []))
+    for path, why in as_one_call.items():
+        notes.append(f"module {path!r} does not trace with torch.fx ({why.reason}); "
+                     "the features are cut before it, so it ran as one call and is left out with the classifier")
+        warnings.warn(notes[-1], stacklevel=3)
     train_graph = _drop_if_same(gm.graph, train_graph, {name for name, _ in backbone.named_parameters()}
                                 | {name for name, _ in backbone.named_buffers()})
     _delete_unused(gm, [gm.graph] + ([train_graph] if train_graph is not None else []))
     gm.recompile()
     return Capture(gm, node.name, tuple(example_input.shape), tuple(_tensor_meta(node).shape), train_graph, notes)
+
+
+#: How many modules that torch.fx cannot trace capture tries running as one call (see _refuse_kept_untraceable).
+MAX_MODULES_AS_ONE_CALL = 8
+
+
+def _refuse_kept_untraceable(as_one_call: dict, graphs: Sequence[fx.Graph]) -> None:
+    """A module torch.fx cannot trace was run as one call (``as_one_call``: its path -> the refusal its trace
+    gave); that is right only where the cut leaves it out (timm's VGG head, ``ConvMlp``, branches on its input's
+    size). One the features need is refused as its trace was: its convolutions would not be policy layers, and an
+    ``.automtl`` file could not describe it."""
+    for graph in graphs:
+        for n in graph.nodes:
+            if n.op == "call_module" and n.target in as_one_call:
+                raise as_one_call[n.target]
 
 
 def _refuse_wrappers(backbone: nn.Module) -> None:

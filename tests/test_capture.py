@@ -103,6 +103,42 @@ def test_untraceable_top_module_is_not_advised_to_become_a_leaf():
     assert capture(_ControlFlowAtTheTop().backbone, torch.randn(1, 3, 8, 8)).feature_shape == (1, 4, 6, 6)
 
 
+class _SizeCheckingHead(nn.Module):
+    """timm's VGG head (``ConvMlp``): pools a map smaller than its kernel first, a branch on the input's size."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Conv2d(4, 16, 8)
+
+    def forward(self, x):
+        if x.shape[-1] < 8:
+            x = torch.nn.functional.adaptive_avg_pool2d(x, 8)
+        return self.fc(x)
+
+
+class _UntraceableHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
+        self.pre_logits = _SizeCheckingHead()
+
+    def forward(self, x):
+        return self.pre_logits(self.features(x))
+
+
+def test_a_module_that_does_not_trace_is_run_as_one_call_where_the_cut_leaves_it_out():
+    net = _UntraceableHead()
+    with pytest.warns(UserWarning, match="module 'pre_logits' does not trace with torch.fx .*x.shape\\[-1\\] < 8.*; "
+                                         "the features are cut before it"):
+        cap = capture(net, torch.randn(1, 3, 16, 16))
+    assert cap.feature_shape == (1, 4, 8, 8)
+    x = torch.randn(2, 3, 16, 16)
+    assert torch.equal(cap.graph_module(x), net.features(x))
+    with pytest.raises(BackboneError, match="cannot trace the backbone in module pre_logits .*mark that module as a "
+                                            "leaf"):  # named as the features: kept, so refused as its trace was
+        capture(net, torch.randn(1, 3, 16, 16), feature_node="pre_logits")
+
+
 def test_leaf_module_makes_it_traceable():
     cap = capture(Wrapper(), torch.randn(1, 3, 8, 8), leaf_modules=[Untraceable])
     assert cap.feature_shape == (1, 4, 6, 6)
