@@ -281,6 +281,14 @@ def pick_feature_node(gm: fx.GraphModule, name: Optional[str], notes: list) -> f
                   and _layout(n) != "other"]
         if not four_d:
             raise BackboneError("the backbone produces no 4-D feature map; automtl needs a CNN whose layers output (N, C, H, W)")
+        known = [n for n in four_d if _layout(n) == "map" or n.meta.get(META_AXES) == NCHW]
+        if not known:  # all made by reshapes (TNT's pixel patches, attention heads): a guess would be a wrong cut
+            raise BackboneError(
+                "no 4-D tensor on the way to the backbone's output is known to be a feature map (N, C, H, W): its 4-D "
+                f"tensors (such as {four_d[-1].name!r} of shape {_shape(four_d[-1])}) are made by reshapes of tokens "
+                "or patches, as in a vision transformer; name a node or module whose output is (N, C, H, W) with "
+                "feature_node=, or convert a convolutional backbone")
+        four_d = known
         notes.append(f"no 4-D map leads from the input to the output without a spatial collapse, so the features are "
                      f"cut at the last 4-D map, {four_d[-1].name!r} of shape {_shape(four_d[-1])}; pass "
                      "feature_node= (a node name or module path) to cut elsewhere")

@@ -394,6 +394,30 @@ def test_a_channels_last_map_at_a_backbone_of_one_size_is_not_a_feature_map():
             capture(_ChannelsLastOneSize(), torch.randn(1, 3, 16, 16), feature_node=name)
 
 
+class _PixelPatches(nn.Module):
+    """TNT's pattern at the one size it takes: the image unfolded into patches first, a convolution over each patch
+    (axes made by a reshape), then tokens and attention heads (N, tokens, heads, dim)."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Conv2d(3, 8, 3, padding=1)
+        self.pos = nn.Parameter(torch.zeros(1, 8, 4, 4))
+
+    def forward(self, x):
+        torch._assert(x.shape[2] == 16, "the model takes 16 x 16 images")
+        n = x.shape[0]
+        patches = torch.nn.functional.unfold(x, 4, stride=4).transpose(1, 2).reshape(n * 16, 3, 4, 4)
+        tokens = (self.proj(patches) + self.pos).reshape(n, 16, 128)
+        return tokens.reshape(n, 16, 2, 64).softmax(-1)
+
+
+def test_a_backbone_whose_4d_tensors_are_all_reshaped_tokens_is_refused_unless_named():
+    with pytest.raises(BackboneError, match="no 4-D tensor on the way to the backbone's output is known to be a "
+                                            "feature map .* vision transformer; name a node or module"):
+        capture(_PixelPatches(), torch.randn(1, 3, 16, 16))
+    assert capture(_PixelPatches(), torch.randn(1, 3, 16, 16), feature_node="proj").feature_shape == (16, 8, 4, 4)
+
+
 class _ConvHead(nn.Module):
     """VGG's head as timm builds it: a convolution whose kernel covers the whole map, a (N, C, 1, 1) "map" (a
     fully connected layer); the map pooled to 3 x 3 first (a small input), or not (the input VGG was built for:
