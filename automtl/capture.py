@@ -28,11 +28,11 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.utils.checkpoint
 from torch import fx, nn
-from torch.fx.passes.shape_prop import ShapeProp
+from torch.fx.passes.shape_prop import ShapeProp, _extract_tensor_metadata
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .errors import BackboneError, first_line as _first_line
-from .features import META_LAYOUT, laid_out, pick_feature_node
+from .features import META_LAYOUT, is_channels_last, laid_out, pick_feature_node
 from .graphpasses import (STATE_WRITE_ADVICE, ancestors, functionalize, module_tensor, mutated_argument,
                           refuse_state_writes, user_line)
 from .seeding import moved_generators, random_states, seeded
@@ -638,6 +638,10 @@ def capture(
         )
     train_graph = _train_counterpart(backbone, gm, tgm, node, example_input)
     _cut(gm.graph, node)
+    if is_channels_last(node):  # heads and policy layers take (N, C, H, W)
+        node = _channels_first(gm.graph)
+        if train_graph is not None:
+            _channels_first(train_graph)
     _refuse_kept_untraceable(as_one_call, [gm.graph] + ([train_graph] if train_graph is not None else []))
     for path, why in as_one_call.items():
         notes.append(f"module {path!r} does not trace with torch.fx ({why.reason}); "
@@ -1062,6 +1066,26 @@ def _dropped_body(gm: fx.GraphModule, node: fx.Node) -> list:
             f"spatial resolution collapses, which leaves out {len(dropped)} modules after it holding {share:.0%} of the "
             "backbone's parameters (a transformer's encoder works on tokens, not on 4-D maps); automtl converts "
             "convolutions, so if that is not what you want, name another place with feature_node"]
+
+
+def _channels_first(graph: fx.Graph) -> fx.Node:
+    """Permute the output of a graph cut at a channels-last map, (N, H, W, C), to (N, C, H, W); the new output node
+    (its ``tensor_meta`` follows where the cut node has one)."""
+    out = next(n for n in graph.nodes if n.op == "output")
+    feature = out.args[0]
+    with graph.inserting_before(out):
+        moved = graph.create_node("call_method", "permute", (feature, 0, 3, 1, 2), name=f"{feature.name}_channels_first")
+    out.args = (moved,)
+    meta = _tensor_meta(feature)
+    if meta is not None:
+        n, h, w, c = meta.shape
+        moved.meta["tensor_meta"] = _extract_tensor_metadata(
+            torch.empty((n, h, w, c), dtype=meta.dtype, device="meta").permute(0, 3, 1, 2))
+        moved.meta[META_LAYOUT] = "map"
+        for key in (META_BATCHED, "nn_module_stack", "stack_trace"):
+            if key in feature.meta:
+                moved.meta[key] = feature.meta[key]
+    return moved
 
 
 def _cut(graph: fx.Graph, node: fx.Node) -> None:

@@ -9,8 +9,10 @@ A 4-D tensor is not always laid out (N, C, H, W): transformer-style blocks permu
 channels-last (N, H, W, C) for a LayerNorm and a Linear, and attention holds (N, heads, tokens, dim).
 Capture runs the graph again on inputs taller and wider than the example and records, per node,
 :data:`META_LAYOUT`: ``"map"`` where axis 2 grows with the input's height, axis 3 with its width and
-axis 1 with neither; ``"fixed"`` where the channels stay on axis 1 but the size does not follow the
-input (a pooling to a fixed size); ``"other"`` for any other layout. Only maps are feature nodes, and
+axis 1 with neither; ``"channels_last"`` where axes 1 and 2 follow the height and width and axis 3 neither (a
+feature node of that layout is permuted to (N, C, H, W) by the cut); ``"fixed"`` where the channels stay on axis 1
+but the size does not follow the input (a pooling to a fixed size); ``"other"`` for any other layout (attention
+tensors, tokens). Only maps, of either layout, are feature nodes, and
 maps that tokens lead back to (PVT's stages end in ``(N, C, H, W)``) count as the trunk's.
 """
 from __future__ import annotations
@@ -30,7 +32,7 @@ _GLOBAL_POOL_MODULES = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
 _GLOBAL_POOL_FUNCTIONS = {F.adaptive_avg_pool2d, F.adaptive_max_pool2d}
 _REDUCTIONS = {"mean", "amax", "sum", "max", "amin", "min", "logsumexp", "std", "var"}
 
-#: Node meta set by capture from runs at a taller and a wider input: "map", "fixed" or "other" (see the
+#: Node meta set by capture from runs at a taller and a wider input: "map", "channels_last", "fixed" or "other" (see the
 #: module doc); absent where those runs could not reach the node (the backbone refuses other sizes).
 META_LAYOUT = "automtl_layout"
 
@@ -50,13 +52,20 @@ def _layout(node: fx.Node) -> Optional[str]:
     size only), ``"other"`` when its axes are known from the graph to be laid out otherwise (:func:`mark_axes`)."""
     found = node.meta.get(META_LAYOUT)
     if found is None and node.meta.get(META_AXES, NCHW) != NCHW:
-        return "other"
+        return "channels_last" if node.meta[META_AXES] == NHWC else "other"
     return found
+
+
+def is_channels_last(node: fx.Node) -> bool:
+    """A map laid out (N, H, W, C), as transformer-style stages keep theirs (Swin, MambaOut, Sequencer in timm):
+    a feature node the cut moves to (N, C, H, W) with a permute."""
+    return _layout(node) == "channels_last"
 
 
 #: Node meta set by :func:`mark_axes`: which axis of the input each axis of a 4-D node is ("N", "C", "H", "W").
 META_AXES = "automtl_axes"
 NCHW = ("N", "C", "H", "W")
+NHWC = ("N", "H", "W", "C")
 UNKNOWN_AXES = ("?", "?", "?", "?")
 _NCHW_MODULES = (nn.Conv2d, nn.ConvTranspose2d, nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.MaxPool2d,
                  nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Upsample, nn.ZeroPad2d)
@@ -126,6 +135,9 @@ def _axes(gm: fx.GraphModule, node: fx.Node, shape: tuple) -> Optional[tuple]:
 
 def laid_out(shape: tuple, taller: tuple, wider: tuple) -> str:
     """:data:`META_LAYOUT` of a 4-D node from its shapes at the example, a taller and a wider input."""
+    if len(taller) == len(wider) == 4 and taller[1] > shape[1] and wider[2] > shape[2] and taller[0] == shape[0] \
+            and wider[0] == shape[0] and taller[2:] == shape[2:] and (wider[1], wider[3]) == (shape[1], shape[3]):
+        return "channels_last"
     if not (len(taller) == len(wider) == 4) or taller[1] != shape[1] or wider[1] != shape[1] \
             or taller[3] != shape[3] or wider[2] != shape[2]:
         return "other"
@@ -247,7 +259,7 @@ def trunk_nodes(gm: fx.GraphModule, output: fx.Node) -> list:
             trunk.add(n)
         elif any(i in collapsed for i in n.all_input_nodes):
             collapsed.add(n)
-        elif _layout(n) == "map":  # a map again after tokens or another layout (a PVT stage's end)
+        elif _layout(n) in ("map", "channels_last"):  # a map again after tokens (a PVT stage's end)
             trunk.add(n)
     maps = [n for n in gm.graph.nodes if n in trunk and n.op != "placeholder" and _is_map(n)
             and _layout(n) != "other"]
@@ -281,7 +293,7 @@ def pick_feature_node(gm: fx.GraphModule, name: Optional[str], notes: list) -> f
                   and _layout(n) != "other"]
         if not four_d:
             raise BackboneError("the backbone produces no 4-D feature map; automtl needs a CNN whose layers output (N, C, H, W)")
-        known = [n for n in four_d if _layout(n) == "map" or n.meta.get(META_AXES) == NCHW]
+        known = [n for n in four_d if _layout(n) in ("map", "channels_last") or n.meta.get(META_AXES) == NCHW]
         if not known:  # all made by reshapes (TNT's pixel patches, attention heads): a guess would be a wrong cut
             raise BackboneError(
                 "no 4-D tensor on the way to the backbone's output is known to be a feature map (N, C, H, W): its 4-D "
@@ -321,7 +333,7 @@ def _named(gm: fx.GraphModule, name: str) -> fx.Node:
         )
     if _layout(node) == "other":
         raise BackboneError(
-            f"feature node {name!r} has output {_shape(node)} whose axes do not follow the input as (N, C, H, W) do "
-            "(axis 1 changes with the input's size, or axes 2 and 3 not with its height and width: channels-last "
-            "(N, H, W, C) or tokens); name a node or module whose output is (N, C, H, W), e.g. after the permute back")
+            f"feature node {name!r} has output {_shape(node)} whose axes do not follow the input as (N, C, H, W) or "
+            "(N, H, W, C) do (tokens or attention heads); name a node or module whose output is a map, e.g. where a "
+            "block's output is folded back into one")
     return node

@@ -361,13 +361,14 @@ class _ChannelsLast(nn.Module):
         return self.fc(self.norm(self.stem(x).permute(0, 2, 3, 1)))
 
 
-def test_a_channels_last_map_is_not_a_feature_map():
-    """(N, H, W, C) is 4-D too: the default cut stops before the permute, and naming a channels-last node is refused."""
-    cap = capture(_ChannelsLast(), torch.randn(1, 3, 16, 16))
-    assert cap.feature_shape == (1, 8, 8, 8) and cap.feature_node == "stem"
-    with pytest.raises(BackboneError, match=r"feature node 'norm' has output \(1, 8, 8, 8\) whose axes do not follow "
-                                            r"the input as \(N, C, H, W\) do .*channels-last"):
-        capture(_ChannelsLast(), torch.randn(1, 3, 16, 16), feature_node="norm")
+def test_a_channels_last_map_is_the_features_moved_to_channels_first():
+    """(N, H, W, C) is a map too: the default cut takes the deepest, named or not, and permutes it to (N, C, H, W)."""
+    net, x = _ChannelsLast(), torch.randn(2, 3, 16, 16)
+    cap = capture(net, torch.randn(1, 3, 16, 16))
+    assert cap.feature_shape == (1, 8, 8, 8) and cap.feature_node == "fc_channels_first"
+    assert torch.allclose(cap.graph_module(x), net(x).permute(0, 3, 1, 2))
+    cap = capture(net, torch.randn(1, 3, 16, 16), feature_node="norm")
+    assert torch.allclose(cap.graph_module(x), net.norm(net.stem(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2))
 
 
 class _ChannelsLastOneSize(nn.Module):
@@ -386,12 +387,14 @@ class _ChannelsLastOneSize(nn.Module):
         return x.transpose(1, 2) * 2  # (N, W, H, C): still not (N, C, H, W)
 
 
-def test_a_channels_last_map_at_a_backbone_of_one_size_is_not_a_feature_map():
-    cap = capture(_ChannelsLastOneSize(), torch.randn(1, 3, 16, 16))
-    assert cap.feature_node == "add"  # the stem plus the position embedding, (N, C, H, W)
-    for name in ("add_1", "mul"):
-        with pytest.raises(BackboneError, match=f"feature node '{name}' has output .* whose axes do not follow"):
-            capture(_ChannelsLastOneSize(), torch.randn(1, 3, 16, 16), feature_node=name)
+def test_the_axes_of_a_backbone_of_one_size_are_followed_through_the_graph():
+    net, x = _ChannelsLastOneSize(), torch.randn(2, 3, 16, 16)
+    cap = capture(net, torch.randn(1, 3, 16, 16))
+    assert cap.feature_node == "add_1_channels_first"  # the block's output, (N, H, W, C), moved to (N, C, H, W)
+    assert torch.allclose(cap.graph_module(x), (net(x) / 2).transpose(1, 2).permute(0, 3, 1, 2))
+    assert capture(net, torch.randn(1, 3, 16, 16), feature_node="add").feature_shape == (1, 8, 8, 8)  # stem + pos
+    with pytest.raises(BackboneError, match="feature node 'mul' has output .* whose axes do not follow"):
+        capture(net, torch.randn(1, 3, 16, 16), feature_node="mul")  # (N, W, H, C)
 
 
 class _PixelPatches(nn.Module):

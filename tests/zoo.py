@@ -521,6 +521,31 @@ class CoordMapNet(nn.Module):
         return self.c2(y * scale)
 
 
+class ChannelsLastStagesNet(nn.Module):
+    """timm's MambaOut / Sequencer / Swin way: stages on (N, H, W, C), a convolution on the map permuted in and out
+    within a gated block, a channels-last norm at the end of ``forward_features``, pooling over axes 1 and 2."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8))
+        self.norm, self.fc1, self.fc2 = nn.LayerNorm(8), nn.Linear(8, 16), nn.Linear(8, 8)
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.drop_path = DropPath(0.0)
+        self.norm_out, self.head = nn.LayerNorm(8), nn.Linear(8, 10)
+
+    def forward(self, x):
+        return self.head(self.forward_features(x).mean((1, 2)))
+
+    def forward_features(self, x):
+        x = self.stem(x).permute(0, 2, 3, 1)
+        gate, y = self.fc1(self.norm(x)).chunk(2, dim=-1)
+        y = self.dw(y.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        return self.norm_out(x + self.drop_path(self.fc2(F.gelu(gate) * y)))
+
+    def expected_features(self, x):
+        return self.forward_features(x).permute(0, 3, 1, 2)
+
+
 ZOO = {
     "constant": ConstantInForwardNet, "positional_conv": PositionalConvNet, "patches_to_batch": PatchesToBatchNet,
     "std_conv": StdConvNet,
@@ -530,5 +555,5 @@ ZOO = {
     "pruned": pruned_net, "transform_input": TransformInputNet, "call_arguments": CallArgumentsNet,
     "norm_weight_attention": NormWeightAttention, "coord_map": CoordMapNet,
     "train_only_constant": TrainOnlyConstantNet, "own_generator": OwnGeneratorNet,
-    "checkpoint_when_training": CheckpointWhenTrainingNet,
+    "checkpoint_when_training": CheckpointWhenTrainingNet, "channels_last_stages": ChannelsLastStagesNet,
 }
