@@ -1064,8 +1064,9 @@ def _dropped_body(gm: fx.GraphModule, node: fx.Node) -> list:
     share = dropped_params / max(kept_params + dropped_params, 1)
     return [f"the features are cut at {node.name!r} {tuple(_tensor_meta(node).shape)}, the deepest 4-D map before the "
             f"spatial resolution collapses, which leaves out {len(dropped)} modules after it holding {share:.0%} of the "
-            "backbone's parameters (a transformer's encoder works on tokens, not on 4-D maps); automtl converts "
-            "convolutions, so if that is not what you want, name another place with feature_node"]
+            "backbone's parameters (such as a transformer's encoder on tokens, or a segmentation head after the "
+            "deepest map); automtl converts convolutions, so if that is not what you want, name another place with "
+            "feature_node"]
 
 
 def _channels_first(graph: fx.Graph) -> fx.Node:
