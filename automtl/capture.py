@@ -381,8 +381,9 @@ def _trace_graph(backbone: nn.Module, leaf_modules: Sequence[type], concrete_arg
             with _refusing_autograd_functions(), seeded(device, seed=None), _RefusingEagerDraws():
                 states = random_states(device)
                 tracer = _Tracer(leaf_modules, constants=constants, leaf_paths=leaf_paths)
-                graph = tracer.trace(backbone, concrete_args=_with_defaults(backbone, concrete_args))
-                _drop_fixed_arguments(graph)
+                fixed = _with_defaults(backbone, concrete_args)
+                graph = tracer.trace(backbone, concrete_args=fixed)
+                _drop_fixed_arguments(graph, fixed)
                 graph.requires_grad_tests = tracer.requires_grad_tests  # read by capture's trace check
                 graph.constant_buffers = constants  # read by capture's check of the writes
                 graph.constant_reason = (f"Python reads the value of {', '.join(map(repr, sorted(read)))}"
@@ -445,20 +446,28 @@ def _with_defaults(backbone: nn.Module, concrete_args: Optional[dict]) -> Option
     return given or None
 
 
-def _drop_fixed_arguments(graph: fx.Graph) -> None:
-    """Remove the inputs torch.fx keeps for fixed arguments (with the checks it adds that a call passes the fixed
-    value) and unused ``*args``/``**kwargs``: the graph's one input is the image."""
+def _drop_fixed_arguments(graph: fx.Graph, fixed_names) -> None:
+    """Remove the inputs torch.fx keeps for the fixed arguments ``fixed_names`` (with the checks it adds that a call
+    passes the fixed value) and unused ``*args``/``**kwargs``: the graph's one input is the image. A fixed tuple,
+    list or dict made torch.fx generate code that flattens its arguments: plain code again, outputs as traced."""
+    names = set(fixed_names or ())
     for p in [n for n in graph.nodes if n.op == "placeholder"][1:]:
-        fixed = bool(p.args) or p.target.startswith("*") or bool(p.users)  # a default, or all users checks
         for user in list(p.users):
             checks = [user] if user.target is fx._symbolic_trace._assert_is_none else \
                 [*user.users, user] if user.target is operator.eq and all(u.target is torch._assert for u in user.users) \
                 else []
-            fixed = fixed and bool(checks)
             for n in checks:
                 graph.erase_node(n)
+        fixed = p.target.startswith("*") or p.target in names or p.target.rsplit("_", 1)[0] in names
         if fixed and not p.users:
             graph.erase_node(p)
+    codegen = graph._codegen
+    if isinstance(codegen, fx.graph._PyTreeCodeGen):
+        out = next(n for n in graph.nodes if n.op == "output")
+        if codegen.pytree_info.out_spec is not None:
+            flat = out.args[0] if isinstance(out.args[0], (list, tuple)) else [out.args[0]]
+            out.args = (torch.utils._pytree.tree_unflatten(list(flat), codegen.pytree_info.out_spec),)
+        graph._codegen = fx.graph.CodeGen()
 
 
 def _buffers_needed(tracer: _Tracer, buffers: frozenset) -> frozenset:

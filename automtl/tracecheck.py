@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import functools
+import inspect
 import io
 import math
 from collections.abc import Mapping
@@ -239,7 +239,7 @@ def _compare(backbone: nn.Module, gm: fx.GraphModule, x: torch.Tensor, buffers: 
     named = [(name, p) for name, p in backbone.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
     runs = []
-    own = functools.partial(backbone, **fixed_arguments) if fixed_arguments else backbone
+    own = _with_fixed(backbone, fixed_arguments) if fixed_arguments else backbone
     for who, program in (("the backbone's own forward", own), ("its torch.fx trace", gm)):
         try:
             runs.append((_run(program, x, params, buffers, python, input_grad), _run_again(program, x, buffers)))
@@ -264,6 +264,20 @@ def _compare(backbone: nn.Module, gm: fx.GraphModule, x: torch.Tensor, buffers: 
     scale = max([float(g.abs().max()) for g in grads if g.numel() and g.is_floating_point()] + [0.0])
     return _worst((names[i], a, relative_gap(b, a, floor=1e-4 * scale)) for i, (a, b) in enumerate(zip(grads, tgrads))) \
         or (None, 0.0)
+
+
+def _with_fixed(backbone: nn.Module, fixed: Mapping):
+    """``backbone`` called with the image and the ``fixed`` arguments: positional-only ones by position (with the
+    defaults of those before them), the others by name."""
+    try:
+        params = list(inspect.signature(backbone.forward).parameters.values())[1:]
+    except (TypeError, ValueError):
+        params = []
+    positional = [p for p in params if p.kind is p.POSITIONAL_ONLY]
+    last = max((i for i, p in enumerate(positional) if p.name in fixed), default=-1)
+    args = [fixed[p.name] if p.name in fixed else p.default for p in positional[:last + 1]]
+    kwargs = {k: v for k, v in fixed.items() if k not in {p.name for p in positional}}
+    return lambda x: backbone(x, *args, **kwargs)
 
 
 def _worst(gaps) -> Optional[tuple]:

@@ -1062,3 +1062,26 @@ def test_arguments_after_the_image_are_traced_at_their_defaults_or_as_given():
     req = _RequiredArgument()
     cap = capture(req, torch.randn(1, 3, 16, 16), concrete_args={"mask": 3.0})
     assert torch.allclose(cap.graph_module(x), req(x, 3.0))
+
+
+class _TupleDefault(_TwoConvs):
+    def forward(self, x, scales=(2.0, 3.0), options={"shift": 1.0}):
+        return self.c2(torch.relu(self.c1(x))) * scales[1] + options["shift"]
+
+
+class _PositionalOnly(_TwoConvs):
+    def forward(self, x, s=2.0, /):
+        return self.c2(torch.relu(self.c1(x))) * s
+
+
+@pytest.mark.parametrize("net, given, call", [
+    (_TupleDefault, None, lambda net, x: net(x)),  # torch.fx flattens tuple and dict arguments
+    (_TupleDefault, {"scales": (1.0, 5.0)}, lambda net, x: net(x, scales=(1.0, 5.0))),
+    (_RequiredArgument, {"mask": torch.full((1, 8, 1, 1), 3.0)}, lambda net, x: net(x, torch.full((1, 8, 1, 1), 3.0))),
+    (_PositionalOnly, {"s": 5.0}, lambda net, x: net(x, 5.0)),
+], ids=["tuple and dict defaults", "a tuple given", "a tensor given", "positional-only given"])
+def test_fixed_arguments_of_every_kind_leave_the_image_as_the_one_input(net, given, call):
+    net, x = net(), torch.randn(2, 3, 16, 16)
+    cap = capture(net, torch.randn(1, 3, 16, 16), concrete_args=given)
+    assert [n.target for n in cap.graph_module.graph.nodes if n.op == "placeholder"] == ["x"]
+    assert torch.allclose(cap.graph_module(x), call(net, x))
