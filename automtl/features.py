@@ -130,7 +130,8 @@ def _axes(gm: fx.GraphModule, node: fx.Node, shape: tuple) -> Optional[tuple]:
     if source is not None and ((node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.Linear))
                                or (node.op == "call_function" and node.target is F.linear)):
         return source  # a linear layer changes the last axis's size only (an MLP on (N, H, W, C))
-    return next((i.meta[META_AXES] for i in node.all_input_nodes if META_AXES in i.meta and _shape(i) == shape), None)
+    found = [i.meta[META_AXES] for i in node.all_input_nodes if META_AXES in i.meta and _shape(i) == shape]
+    return next((a for a in found if a != UNKNOWN_AXES), found[0] if found else None)  # known axes first
 
 
 def laid_out(shape: tuple, taller: tuple, wider: tuple) -> str:
@@ -186,16 +187,22 @@ def _is_pool(gm: fx.GraphModule, node: fx.Node) -> bool:
     return all(isinstance(k, int) and k > 2 for k in kernel)
 
 
-def _collapses(gm: fx.GraphModule, node: fx.Node) -> bool:
-    """A global pooling, a reduction over the spatial axes, or any operation that makes a 1x1 map of one larger
-    than 4x4, more than a downsampling step does (a stride-2 convolution without padding takes 3x3 or 4x4 to 1x1,
+def _spatial(node: fx.Node) -> tuple:
+    """A 4-D node's height and width, wherever its layout keeps them."""
+    shape = _shape(node)
+    return tuple(shape[1:3]) if is_channels_last(node) else tuple(shape[2:])
+
+
+def _collapses(gm: fx.GraphModule, node: fx.Node, trunk: frozenset = frozenset()) -> bool:
+    """A global pooling, a reduction over the spatial axes, or any operation that makes a 1x1 map of a map of the
+    ``trunk`` larger than 4x4, more than a downsampling step does (a stride-2 convolution without padding takes 3x3 or 4x4 to 1x1,
     Inception's last stages at 96 px): a convolution whose kernel covers such a map is a fully connected layer
     (VGG's ``fc6`` as a 7x7 convolution, timm's ``ConvMlp``), whatever it makes of a larger input."""
     if _is_pool(gm, node) and _shape(node)[2:] == (1, 1) and any(
             _is_map(i) and _shape(i)[2] * _shape(i)[3] > 1 for i in node.all_input_nodes):
         return True  # a fixed-size pooling over the whole map (AvgPool2d(7) at the end of a classifier)
-    if _is_map(node) and _shape(node)[2:] == (1, 1) and any(
-            _is_map(i) and max(_shape(i)[2:]) > 4 for i in node.all_input_nodes):
+    if _is_map(node) and _spatial(node) == (1, 1) and not _moves_axes(node) and any(
+            i in trunk and _is_map(i) and max(_spatial(i)) > 4 for i in node.all_input_nodes):
         return True
     if node.op == "call_module":
         mod = gm.get_submodule(node.target)
@@ -251,7 +258,7 @@ def trunk_nodes(gm: fx.GraphModule, output: fx.Node) -> list:
             continue
         if n not in keep:
             continue
-        if _collapses(gm, n):
+        if _collapses(gm, n, trunk):
             collapsed.add(n)
             continue
         inputs = [i for i in n.all_input_nodes if i in trunk]

@@ -1085,3 +1085,73 @@ def test_fixed_arguments_of_every_kind_leave_the_image_as_the_one_input(net, giv
     cap = capture(net, torch.randn(1, 3, 16, 16), concrete_args=given)
     assert [n.target for n in cap.graph_module.graph.nodes if n.op == "placeholder"] == ["x"]
     assert torch.allclose(cap.graph_module(x), call(net, x))
+
+
+class _StandardisedConv(nn.Module):
+    """A 5x5 convolution written with F.conv2d: its (weight) input is 4-D and larger than 4x4, but no map."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(16, 16, 5, 5) * 0.1)
+
+    def forward(self, x):
+        return torch.nn.functional.conv2d(x, self.weight - self.weight.mean((1, 2, 3), keepdim=True), padding=2)
+
+
+def _standardised_at_1x1():
+    return nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.ReLU(), nn.Conv2d(8, 16, 3, 2, 1), nn.ReLU(),
+                         nn.Conv2d(16, 16, 3, 2, 1), nn.ReLU(), _StandardisedConv(), nn.ReLU(),
+                         nn.Conv2d(16, 16, 3, 1, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
+
+
+class _ChannelsLastTo1x1(nn.Module):
+    """Channels-last stages down to 1 x 1 at a small input, then back to (N, C, H, W) for a 1x1 conv head."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1), nn.ReLU(), nn.Conv2d(16, 16, 3, 2, 1), nn.ReLU(),
+                                  nn.Conv2d(16, 16, 3, 2, 1))
+        self.down = nn.Conv2d(16, 32, 3, 2, 1)
+        self.norm1, self.fc1 = nn.LayerNorm(16), nn.Linear(16, 16)
+        self.norm2, self.fc2 = nn.LayerNorm(32), nn.Linear(32, 32)
+        self.conv_head = nn.Conv2d(32, 64, 1)
+
+    def forward(self, x):
+        x = self.stem(x).permute(0, 2, 3, 1)
+        x = x + self.fc1(self.norm1(x))
+        x = self.down(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        x = x + self.fc2(self.norm2(x))
+        return torch.relu(self.conv_head(x.permute(0, 3, 1, 2))).mean((2, 3))
+
+
+@pytest.mark.parametrize("net, size, convs, node", [
+    (_standardised_at_1x1, 8, 4, "_9"),
+    (_ChannelsLastTo1x1, 16, 5, "relu"),
+], ids=["a weight larger than 4x4", "a channels-last 1x1 map permuted"])
+def test_only_maps_of_the_trunk_larger_than_4x4_make_a_1x1_output_a_collapse(net, size, convs, node):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cap = capture(net(), torch.randn(1, 3, size, size))
+    assert (cap.feature_node, len(cap.conv_nodes), cap.feature_shape[2:]) == (node, convs, (1, 1))
+
+
+class _ReshapedBranchOneSize(_ChannelsLastOneSize):
+    """A residual branch made by reshapes (window attention), joined on either side of the add."""
+
+    def __init__(self, branch_first: bool):
+        super().__init__()
+        self.branch_first = branch_first
+
+    def forward(self, x):
+        x = (self.stem(x) + self.pos).permute(0, 2, 3, 1)
+        y = self.fc(self.norm(x)).flatten(1, 2).reshape(x.shape)
+        x = y + x if self.branch_first else x + y
+        return x.transpose(1, 2) * 2
+
+
+@pytest.mark.parametrize("branch_first", [False, True], ids=["x + branch", "branch + x"])
+def test_a_residual_add_keeps_the_known_axes_whichever_side_the_branch_joins(branch_first):
+    net, x = _ReshapedBranchOneSize(branch_first), torch.randn(2, 3, 16, 16)
+    cap = capture(net, torch.randn(1, 3, 16, 16))
+    assert cap.feature_node == "add_1_channels_first"
+    assert torch.allclose(cap.graph_module(x), (net(x) / 2).transpose(1, 2).permute(0, 3, 1, 2))
