@@ -616,42 +616,43 @@ def capture(
             as_one_call[exc.path] = exc
         finally:
             backbone.train(was_training)
-    _refuse_hooks(backbone, [eval_graph, train_graph])
-    gm = fx.GraphModule(backbone, eval_graph, type(backbone).__name__)
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    if len(placeholders) != 1:
-        others = [str(n.target) for n in placeholders[1:]]
-        raise BackboneError(
-            f"the backbone's forward takes {len(placeholders)} inputs ({', '.join(str(n.target) for n in placeholders)})"
-            " but automtl needs exactly one image tensor; give the others fixed values with concrete_args="
-            f"{{{', '.join(f'{o!r}: ...' for o in others)}}} (or defaults in the forward's signature), or wrap the "
-            "backbone in a module whose forward(x) takes one tensor")
-    _propagate(gm, example_input)
-    tgm = fx.GraphModule(backbone, train_graph, type(backbone).__name__)
-    assumed = list(dict.fromkeys(getattr(eval_graph, "requires_grad_tests", [])
-                                 + getattr(train_graph, "requires_grad_tests", [])))
-    check_trace(backbone, {"eval": gm, "train": tgm}, example_input, requires_grad_tests=assumed,
-                fixed_arguments=concrete_args)
-    writes = functionalize(gm, gm.graph)
-    notes: list = []
-    node = pick_feature_node(gm, feature_node, notes)
-    refuse_state_writes(writes, gm.graph, node)
-    if feature_node is None:
-        notes.extend(_dropped_body(gm, node))
-    for note in notes:
-        warnings.warn(note, stacklevel=3)
-    if not any(is_conv_node(gm, n) for n in ancestors(node)):
-        raise BackboneError(
-            f"the backbone {type(backbone).__name__} has no Conv2d before its feature node {node.name!r}; "
-            "automtl converts convolutional backbones, so give it one with nn.Conv2d layers"
-        )
-    train_graph = _train_counterpart(backbone, gm, tgm, node, example_input)
-    _cut(gm.graph, node)
-    if is_channels_last(node):  # heads and policy layers take (N, C, H, W)
-        node = _channels_first(gm.graph)
-        if train_graph is not None:
-            _channels_first(train_graph)
-    _refuse_kept_untraceable(as_one_call, [gm.graph] + ([train_graph] if train_graph is not None else []))
+    with _as_first_refusal(as_one_call):  # a refusal of what runs as one call comes first
+        _refuse_hooks(backbone, [eval_graph, train_graph])
+        gm = fx.GraphModule(backbone, eval_graph, type(backbone).__name__)
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        if len(placeholders) != 1:
+            others = [str(n.target) for n in placeholders[1:]]
+            raise BackboneError(
+                f"the backbone's forward takes {len(placeholders)} inputs ({', '.join(str(n.target) for n in placeholders)})"
+                " but automtl needs exactly one image tensor; give the others fixed values with concrete_args="
+                f"{{{', '.join(f'{o!r}: ...' for o in others)}}} (or defaults in the forward's signature), or wrap the "
+                "backbone in a module whose forward(x) takes one tensor")
+        _propagate(gm, example_input)
+        tgm = fx.GraphModule(backbone, train_graph, type(backbone).__name__)
+        assumed = list(dict.fromkeys(getattr(eval_graph, "requires_grad_tests", [])
+                                     + getattr(train_graph, "requires_grad_tests", [])))
+        check_trace(backbone, {"eval": gm, "train": tgm}, example_input, requires_grad_tests=assumed,
+                    fixed_arguments=concrete_args)
+        writes = functionalize(gm, gm.graph)
+        notes: list = []
+        node = pick_feature_node(gm, feature_node, notes)
+        refuse_state_writes(writes, gm.graph, node)
+        if feature_node is None:
+            notes.extend(_dropped_body(gm, node))
+        for note in notes:
+            warnings.warn(note, stacklevel=3)
+        if not any(is_conv_node(gm, n) for n in ancestors(node)):
+            raise BackboneError(
+                f"the backbone {type(backbone).__name__} has no Conv2d before its feature node {node.name!r}; "
+                "automtl converts convolutional backbones, so give it one with nn.Conv2d layers"
+            )
+        train_graph = _train_counterpart(backbone, gm, tgm, node, example_input)
+        _cut(gm.graph, node)
+        if is_channels_last(node):  # heads and policy layers take (N, C, H, W)
+            node = _channels_first(gm.graph)
+            if train_graph is not None:
+                _channels_first(train_graph)
+        _refuse_kept_untraceable(as_one_call, [gm.graph] + ([train_graph] if train_graph is not None else []))
     for path, why in as_one_call.items():
         notes.append(f"module {path!r} does not trace with torch.fx ({why.reason}); "
                      "the features are cut before it, so it ran as one call and is left out with the classifier")
@@ -661,6 +662,19 @@ def capture(
     _delete_unused(gm, [gm.graph] + ([train_graph] if train_graph is not None else []))
     gm.recompile()
     return Capture(gm, node.name, tuple(example_input.shape), tuple(_tensor_meta(node).shape), train_graph, notes)
+
+
+@contextlib.contextmanager
+def _as_first_refusal(as_one_call: dict):
+    """Where modules that do not trace run as one call (``as_one_call``), any refusal before the cut shows that
+    doing so did not work (the features need the module, or a name inside it was asked for): the module's own
+    trace refusal is raised instead, the other as its cause."""
+    try:
+        yield
+    except BackboneError as exc:
+        if as_one_call and not isinstance(exc, _NotTraceable):
+            raise next(iter(as_one_call.values())) from exc
+        raise
 
 
 #: How many modules that torch.fx cannot trace capture tries running as one call (see _refuse_kept_untraceable).

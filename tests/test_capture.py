@@ -137,6 +137,9 @@ def test_a_module_that_does_not_trace_is_run_as_one_call_where_the_cut_leaves_it
     with pytest.raises(BackboneError, match="cannot trace the backbone in module pre_logits .*mark that module as a "
                                             "leaf"):  # named as the features: kept, so refused as its trace was
         capture(net, torch.randn(1, 3, 16, 16), feature_node="pre_logits")
+    for inside in ("pre_logits.fc", "pre_logits_fc"):  # a name inside it: as its trace was, not "no node named"
+        with pytest.raises(BackboneError, match="cannot trace the backbone in module pre_logits"):
+            capture(net, torch.randn(1, 3, 16, 16), feature_node=inside)
 
 
 def test_leaf_module_makes_it_traceable():
