@@ -915,8 +915,14 @@ def _train_counterpart(backbone, gm: fx.GraphModule, tgm: fx.GraphModule, featur
     shape = _tensor_meta(feature).shape
     same = [n for n in graph.nodes if n.op == feature.op and n.target == feature.target
             and (m := _tensor_meta(n)) is not None and m.shape == shape]
+    # the same call of the same line in the same module, counted: names shift where train mode adds operations
+    # (y * 0.5 + 1.0 under `if self.training` takes the name "add" from a residual add after it)
+    eval_calls = [n for n in gm.graph.nodes if _call_site(n) == _call_site(feature)]
+    train_calls = [n for n in same if _call_site(n) == _call_site(feature)]
     named = [n for n in same if n.name == feature.name]
-    if named or same:
+    if len(train_calls) == len(eval_calls):
+        node = train_calls[eval_calls.index(feature)]
+    elif named or same:
         node = named[0] if named else same[-1]
     elif failures:
         n, exc = failures[0]
@@ -931,6 +937,14 @@ def _train_counterpart(backbone, gm: fx.GraphModule, tgm: fx.GraphModule, featur
     refuse_state_writes(writes, graph, node)
     _cut(graph, node)
     return graph
+
+
+def _call_site(node: fx.Node) -> tuple:
+    """What a node is beyond its name: its operation and target, the user's line that made it and the modules it
+    was made in."""
+    stack = node.meta.get("nn_module_stack") or {}
+    return (node.op, node.target, node.meta.get("stack_trace"),
+            tuple(v[0] if isinstance(v, tuple) else str(k) for k, v in stack.items()))
 
 
 def _share_constants(gm: fx.GraphModule, tgm: fx.GraphModule, buffers: set) -> None:

@@ -1158,3 +1158,29 @@ def test_a_residual_add_keeps_the_known_axes_whichever_side_the_branch_joins(bra
     cap = capture(net, torch.randn(1, 3, 16, 16))
     assert cap.feature_node == "add_1_channels_first"
     assert torch.allclose(cap.graph_module(x), (net(x) / 2).transpose(1, 2).permute(0, 3, 1, 2))
+
+
+class _TrainOnlyShift(nn.Module):
+    """Train mode adds an operation of the same kind before the feature node (``+ 1.0`` before the residual add),
+    so the train graph's node named like the eval feature node is another one."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.dw, self.pw = nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.Conv2d(8, 8, 1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = self.dw(x)
+        if self.training:
+            y = y * 0.5 + 1.0
+        return (x + self.pw(y)).mean((2, 3))
+
+
+def test_the_train_graph_is_cut_at_the_same_call_as_the_eval_graph():
+    net, x = _TrainOnlyShift(), torch.randn(2, 3, 16, 16)
+    cap = capture(net, torch.randn(1, 3, 16, 16), feature_node="add")
+    train = torch.fx.GraphModule(cap.graph_module, cap.train_graph)
+    with torch.no_grad():
+        y = net.dw(net.stem(x)) * 0.5 + 1.0
+        assert torch.allclose(train(x), net.stem(x) + net.pw(y))
