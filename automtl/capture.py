@@ -36,7 +36,7 @@ from .features import META_LAYOUT, is_channels_last, laid_out, pick_feature_node
 from .graphpasses import (STATE_WRITE_ADVICE, ancestors, functionalize, module_tensor, mutated_argument,
                           refuse_state_writes, user_line)
 from .seeding import moved_generators, random_states, seeded
-from .tracecheck import PythonState, check_trace, put_back
+from .tracecheck import PythonState, check_trace, put_back, saved_buffers
 
 
 @dataclass
@@ -248,7 +248,10 @@ def _user_frame(exc: BaseException) -> Optional[traceback.FrameSummary]:
 
 def _faulty_module(exc: BaseException, backbone: nn.Module) -> str:
     """Name of the module whose forward was running when tracing failed."""
-    path, cls = _faulty_path(exc, backbone)
+    return _module_name(*_faulty_path(exc, backbone), backbone)
+
+
+def _module_name(path: Optional[str], cls: Optional[type], backbone: nn.Module) -> str:
     # the class with its module: leaf_modules takes the class itself, and two libraries' classes may share a name
     return f"{path or '<root>'} ({cls.__module__}.{cls.__qualname__})" if cls is not None else type(backbone).__name__
 
@@ -374,14 +377,14 @@ def _trace_graph(backbone: nn.Module, leaf_modules: Sequence[type], concrete_arg
     ``graph.requires_grad_tests``: where the trace decided a ``.requires_grad``."""
     before, python, device = _state(backbone), PythonState(backbone), _device_of(backbone)
     names = frozenset(name for name, _ in backbone.named_buffers())
-    saved = [(b, b.detach().clone()) for b in backbone.buffers()]  # each try starts from the same values
+    saved = saved_buffers(backbone)  # each try starts from the same values
+    fixed = _with_defaults(backbone, concrete_args)
     constants, read = frozenset(), frozenset()  # traced as constants; of those, the ones Python reads
     while True:
         try:  # draws the forward makes while traced come from, and go back to, the caller's random state
             with _refusing_autograd_functions(), seeded(device, seed=None), _RefusingEagerDraws():
                 states = random_states(device)
                 tracer = _Tracer(leaf_modules, constants=constants, leaf_paths=leaf_paths)
-                fixed = _with_defaults(backbone, concrete_args)
                 graph = tracer.trace(backbone, concrete_args=fixed)
                 _drop_fixed_arguments(graph, fixed)
                 graph.requires_grad_tests = tracer.requires_grad_tests  # read by capture's trace check
@@ -419,14 +422,13 @@ def _trace_graph(backbone: nn.Module, leaf_modules: Sequence[type], concrete_arg
             break
     frame = _user_frame(failure)
     where = f" at {frame.filename}:{frame.lineno} ({frame.line.strip() if frame.line else ''})" if frame else ""
-    module = _faulty_module(failure, backbone)
+    path, cls = _faulty_path(failure, backbone)
     remedy = ("fix its Python control flow with concrete_args, or convert the part of the model that is a CNN (such "
-              "as its .backbone or .features)" if module.startswith("<root>") or module == type(backbone).__name__
-              else "mark that module as a leaf (leaf_modules=[ItsClass]) or fix its Python control flow with "
+              "as its .backbone or .features)" if not path else "mark that module as a leaf (leaf_modules=[ItsClass]) or fix its Python control flow with "
                    "concrete_args")
     raise _NotTraceable(
-        f"torch.fx cannot trace the backbone in module {module}{where}: {_first_line(failure, limit=None)}; "
-        f"{remedy}, then try again", _faulty_path(failure, backbone)[0], f"{_first_line(failure)}{where}"
+        f"torch.fx cannot trace the backbone in module {_module_name(path, cls, backbone)}{where}: "
+        f"{_first_line(failure, limit=None)}; {remedy}, then try again", path, f"{_first_line(failure)}{where}"
     ) from failure
 
 
@@ -804,7 +806,7 @@ def _propagate(gm: fx.GraphModule, example_input: torch.Tensor, tolerant: bool =
             prop.propagate(example_input)
             _mark_batched(gm, example_input)
             if not tolerant:
-                buffers = [(b, b.detach().clone()) for b in gm.buffers()]
+                buffers = saved_buffers(gm)
                 try:  # a buffer the forward writes (a counter) is as the shape run left it
                     _mark_layout(gm, example_input)
                 finally:
@@ -905,7 +907,7 @@ def _train_counterpart(backbone, gm: fx.GraphModule, tgm: fx.GraphModule, featur
     """The train-mode graph (``tgm``'s), functionalized and cut at the node that matches the eval graph's feature
     node."""
     graph = tgm.graph
-    buffers = [(b, b.clone()) for b in backbone.buffers()]
+    buffers = saved_buffers(backbone)
     try:  # for shapes only: train-mode code written in the forward may move statistics
         failures = _propagate(tgm, example_input, tolerant=True)
     finally:

@@ -49,7 +49,8 @@ def _is_map(node: fx.Node) -> bool:
 
 def _layout(node: fx.Node) -> Optional[str]:
     """:data:`META_LAYOUT`, or where the runs at other sizes did not reach the node (a backbone that takes one
-    size only), ``"other"`` when its axes are known from the graph to be laid out otherwise (:func:`mark_axes`)."""
+    size only), ``"channels_last"`` or ``"other"`` when its axes are known from the graph (:func:`mark_axes`) to be
+    laid out so."""
     found = node.meta.get(META_LAYOUT)
     if found is None and node.meta.get(META_AXES, NCHW) != NCHW:
         return "channels_last" if node.meta[META_AXES] == NHWC else "other"
@@ -82,14 +83,18 @@ def mark_axes(gm: fx.GraphModule) -> None:
     :data:`UNKNOWN_AXES` (not a map) when made from a node laid out otherwise (attention over a channels-last
     map), else unmarked."""
     tokens: set = set()  # nodes of any rank computed, through unknown axes, from a 4-D node laid out otherwise
+
+    def from_other_layouts(node: fx.Node) -> bool:
+        return any(i in tokens or i.meta.get(META_AXES, NCHW) != NCHW for i in node.all_input_nodes)
+
     for node in gm.graph.nodes:
         shape = _shape(node)
         if shape is None or len(shape) != 4:
-            if any(i in tokens or i.meta.get(META_AXES, NCHW) != NCHW for i in node.all_input_nodes):
+            if from_other_layouts(node):
                 tokens.add(node)
             continue
         axes = NCHW if node.op == "placeholder" else _axes(gm, node, shape)
-        if axes is None and any(i in tokens or i.meta.get(META_AXES, NCHW) != NCHW for i in node.all_input_nodes):
+        if axes is None and from_other_layouts(node):
             axes = UNKNOWN_AXES  # made by a reshape from channels-last maps or tokens: not taken for a map
         if axes is not None:
             node.meta[META_AXES] = axes
@@ -102,22 +107,28 @@ def mark_axes(gm: fx.GraphModule) -> None:
                 i.meta[META_AXES] = axes
 
 
+def _call_name(node: fx.Node) -> Optional[str]:
+    """The method or function a call node makes (``"permute"`` for ``x.permute`` and ``torch.permute``)."""
+    if node.op == "call_method":
+        return node.target
+    return getattr(node.target, "__name__", None) if node.op == "call_function" else None
+
+
 def _moves_axes(node: fx.Node) -> bool:
-    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", None)
-    return node.op in ("call_method", "call_function") and name in ("permute", "transpose", "swapaxes", "swapdims")
+    return _call_name(node) in ("permute", "transpose", "swapaxes", "swapdims")
 
 
 def _axes(gm: fx.GraphModule, node: fx.Node, shape: tuple) -> Optional[tuple]:
     first = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
     source = first.meta.get(META_AXES) if first is not None else None
-    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", None)
-    if name == "permute" and node.op in ("call_method", "call_function"):
+    name = _call_name(node)
+    if name == "permute":
         dims = node.kwargs.get("dims", node.args[1] if len(node.args) == 2 else node.args[1:])
         dims = dims if isinstance(dims, (tuple, list)) else (dims,)
         if source is None or len(dims) != 4 or not all(isinstance(d, int) for d in dims):
             return None
         return tuple(source[d % 4] for d in dims)
-    if name in ("transpose", "swapaxes", "swapdims") and node.op in ("call_method", "call_function"):
+    if name in ("transpose", "swapaxes", "swapdims"):
         pair = node.args[1:3]
         if source is None or len(pair) != 2 or not all(isinstance(d, int) for d in pair):
             return None
@@ -195,9 +206,9 @@ def _spatial(node: fx.Node) -> tuple:
 
 def _collapses(gm: fx.GraphModule, node: fx.Node, trunk: frozenset = frozenset()) -> bool:
     """A global pooling, a reduction over the spatial axes, or any operation that makes a 1x1 map of a map of the
-    ``trunk`` larger than 4x4, more than a downsampling step does (a stride-2 convolution without padding takes 3x3 or 4x4 to 1x1,
-    Inception's last stages at 96 px): a convolution whose kernel covers such a map is a fully connected layer
-    (VGG's ``fc6`` as a 7x7 convolution, timm's ``ConvMlp``), whatever it makes of a larger input."""
+    ``trunk`` larger than 4x4, more than a downsampling step does (a stride-2 convolution without padding takes
+    3x3 or 4x4 to 1x1, Inception's last stages at 96 px): a convolution whose kernel covers such a map is a fully
+    connected layer (VGG's ``fc6`` as a 7x7 convolution, timm's ``ConvMlp``), whatever it makes of a larger input."""
     if _is_pool(gm, node) and _shape(node)[2:] == (1, 1) and any(
             _is_map(i) and _shape(i)[2] * _shape(i)[3] > 1 for i in node.all_input_nodes):
         return True  # a fixed-size pooling over the whole map (AvgPool2d(7) at the end of a classifier)

@@ -26,6 +26,7 @@ from torch import fx
 
 from .errors import BackboneError, first_line as _first_line
 from .policy import SPECIALIZE, Policy
+from .tracecheck import saved_buffers
 from .seeding import seeded
 from .tracecheck import PythonState, put_back
 
@@ -74,7 +75,7 @@ def check_tasks_apart(sm) -> None:
     small = (min(H, CHECK_SIZE), min(W, CHECK_SIZE))
     training = {m: m.training for m in sm.modules()}  # each module's own flag (a backbone handed over in eval mode)
     mode, policy = sm.mode, sm.policy
-    buffers = [(b, b.detach().clone()) for b in sm.buffers()]  # train mode moves running statistics
+    buffers = saved_buffers(sm)  # train mode moves running statistics
     copies = [(unit, layer.shared) for layer in sm.policy_layers for unit in layer.specialized]
     # a fresh supermodel's copies are its shared operators (restored from them); trained ones are kept aside
     kept = None if all(_same(unit, shared) for unit, shared in copies) else [

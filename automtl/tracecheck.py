@@ -140,15 +140,15 @@ def check_trace(backbone: nn.Module, graphs: dict, example_input: torch.Tensor,
     """
     with torch.inference_mode(False), torch.enable_grad():
         training = {m: m.training for m in backbone.modules()}
-        buffers = [(b, b.detach().clone()) for b in backbone.buffers()]
+        buffers = saved_buffers(backbone)
         python = PythonState(backbone)
         try:
+            own = _with_fixed(backbone, fixed_arguments) if fixed_arguments else backbone
             for mode, gm in graphs.items():
                 backbone.train(mode == "train")
                 failures = []
                 for x in _check_inputs(example_input, mode):
-                    found = _compare(backbone, gm, x, buffers, python, failures, not requires_grad_tests,
-                                     fixed_arguments or {})
+                    found = _compare(backbone, own, gm, x, buffers, python, failures, not requires_grad_tests)
                     if found is not None:
                         _raise_if_apart(type(backbone).__name__, mode, *found, requires_grad_tests=requires_grad_tests)
                         break
@@ -195,6 +195,11 @@ def _tensors(value, path: str = "output"):
             yield from _tensors(getattr(value, f.name), f"{path}.{f.name}")
 
 
+def saved_buffers(module: nn.Module) -> list:
+    """``(buffer, a copy of its value)`` for each buffer of ``module``: what :func:`put_back` restores."""
+    return [(b, b.detach().clone()) for b in module.buffers()]
+
+
 def put_back(saved: list) -> None:
     """Copy each ``(tensor, saved value)`` pair's saved value back into the tensor (buffers a run moved)."""
     with torch.no_grad():
@@ -232,14 +237,14 @@ def _run(program, x: torch.Tensor, params: list, buffers: list, python: PythonSt
     return {k: t.detach() for k, t in outs.items()}, grads
 
 
-def _compare(backbone: nn.Module, gm: fx.GraphModule, x: torch.Tensor, buffers: list, python: PythonState,
-             failures: list, input_grad: bool = True, fixed_arguments: Mapping = {}):
+def _compare(backbone: nn.Module, own, gm: fx.GraphModule, x: torch.Tensor, buffers: list, python: PythonState,
+             failures: list, input_grad: bool = True):
     """What differs between ``gm`` and ``backbone`` on ``x``: ``(what, how much)`` of the worst difference, or
-    ``(None, 0.0)``; None when either fails on it (which, appended to ``failures``)."""
+    ``(None, 0.0)``; None when either fails on it (which, appended to ``failures``). ``own``: the backbone's forward
+    as the graphs were traced (with their fixed arguments)."""
     named = [(name, p) for name, p in backbone.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
     runs = []
-    own = _with_fixed(backbone, fixed_arguments) if fixed_arguments else backbone
     for who, program in (("the backbone's own forward", own), ("its torch.fx trace", gm)):
         try:
             runs.append((_run(program, x, params, buffers, python, input_grad), _run_again(program, x, buffers)))
