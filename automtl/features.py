@@ -23,6 +23,8 @@ from typing import Optional
 import torch.nn.functional as F
 from torch import fx, nn
 
+from . import axes
+from .axes import NCHW, NHWC, moves_axes as _moves_axes
 from .errors import BackboneError
 from .graphpasses import ancestors
 
@@ -63,86 +65,18 @@ def is_channels_last(node: fx.Node) -> bool:
     return _layout(node) == "channels_last"
 
 
-#: Node meta set by :func:`mark_axes`: which axis of the input each axis of a 4-D node is ("N", "C", "H", "W").
+#: Node meta set by :func:`mark_axes`: which axis of the input each axis of a 4-D node follows ("N", "C", "H", "W",
+#: or another class of :func:`automtl.axes.axis_class`).
 META_AXES = "automtl_axes"
-NCHW = ("N", "C", "H", "W")
-NHWC = ("N", "H", "W", "C")
 UNKNOWN_AXES = ("?", "?", "?", "?")
-_NCHW_MODULES = (nn.Conv2d, nn.ConvTranspose2d, nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.MaxPool2d,
-                 nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Upsample, nn.ZeroPad2d)
-_NCHW_FUNCTIONS = {F.conv2d, F.conv_transpose2d, F.interpolate, F.pad, F.avg_pool2d, F.max_pool2d,
-                   F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.batch_norm, F.group_norm}
 
 
 def mark_axes(gm: fx.GraphModule) -> None:
-    """Set :data:`META_AXES` on the 4-D nodes whose axes follow from the input's through the graph: a
-    convolution, a 2-D pooling or norm keeps (N, C, H, W); ``permute``, ``transpose`` move the axes they name
-    (VOLO's blocks work on ``x.permute(0, 2, 3, 1)``); a linear layer keeps its input's axes; any other operation
-    keeps the axes of an input of its own shape (a residual add, a LayerNorm), and an input of its own shape whose
-    axes are unknown gets its axes (the branch a residual add joins). What a reshape makes is unknown: in
-    :data:`UNKNOWN_AXES` (not a map) when made from a node laid out otherwise (attention over a channels-last
-    map), else unmarked."""
-    tokens: set = set()  # nodes of any rank computed, through unknown axes, from a 4-D node laid out otherwise
-
-    def from_other_layouts(node: fx.Node) -> bool:
-        return any(i in tokens or i.meta.get(META_AXES, NCHW) != NCHW for i in node.all_input_nodes)
-
-    for node in gm.graph.nodes:
-        shape = _shape(node)
-        if shape is None or len(shape) != 4:
-            if from_other_layouts(node):
-                tokens.add(node)
-            continue
-        axes = NCHW if node.op == "placeholder" else _axes(gm, node, shape)
-        if axes is None and from_other_layouts(node):
-            axes = UNKNOWN_AXES  # made by a reshape from channels-last maps or tokens: not taken for a map
-        if axes is not None:
-            node.meta[META_AXES] = axes
-    for node in reversed(gm.graph.nodes):  # and back: the branch a residual add joins has the add's axes
-        axes, shape = node.meta.get(META_AXES), _shape(node)
-        if axes is None or node.op == "placeholder" or not _is_map(node) or _moves_axes(node):
-            continue
-        for i in node.all_input_nodes:
-            if META_AXES not in i.meta and _shape(i) == shape:
-                i.meta[META_AXES] = axes
-
-
-def _call_name(node: fx.Node) -> Optional[str]:
-    """The method or function a call node makes (``"permute"`` for ``x.permute`` and ``torch.permute``)."""
-    if node.op == "call_method":
-        return node.target
-    return getattr(node.target, "__name__", None) if node.op == "call_function" else None
-
-
-def _moves_axes(node: fx.Node) -> bool:
-    return _call_name(node) in ("permute", "transpose", "swapaxes", "swapdims")
-
-
-def _axes(gm: fx.GraphModule, node: fx.Node, shape: tuple) -> Optional[tuple]:
-    first = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
-    source = first.meta.get(META_AXES) if first is not None else None
-    name = _call_name(node)
-    if name == "permute":
-        dims = node.kwargs.get("dims", node.args[1] if len(node.args) == 2 else node.args[1:])
-        dims = dims if isinstance(dims, (tuple, list)) else (dims,)
-        if source is None or len(dims) != 4 or not all(isinstance(d, int) for d in dims):
-            return None
-        return tuple(source[d % 4] for d in dims)
-    if name in ("transpose", "swapaxes", "swapdims"):
-        pair = node.args[1:3]
-        if source is None or len(pair) != 2 or not all(isinstance(d, int) for d in pair):
-            return None
-        axes = list(source)
-        axes[pair[0] % 4], axes[pair[1] % 4] = axes[pair[1] % 4], axes[pair[0] % 4]
-        return tuple(axes)
-    if source == NCHW and ((node.op == "call_module" and isinstance(gm.get_submodule(node.target), _NCHW_MODULES))
-                           or (node.op == "call_function" and node.target in _NCHW_FUNCTIONS)):
-        return NCHW
-    if source is not None and ((node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.Linear))
-                               or (node.op == "call_function" and node.target is F.linear)):
-        return source  # a linear layer changes the last axis's size only (an MLP on (N, H, W, C))
-    found = [i.meta[META_AXES] for i in node.all_input_nodes if META_AXES in i.meta and _shape(i) == shape]
-    return next((a for a in found if a != UNKNOWN_AXES), found[0] if found else None)  # known axes first
+    """Set :data:`META_AXES` on the 4-D nodes whose axes follow from the input's through the graph
+    (:mod:`automtl.axes`: convolutions, permutes, reshapes to tokens and back, windows, linear layers, residual adds);
+    :data:`UNKNOWN_AXES` (not a map) on those computed from tensors laid out otherwise through operations it does not
+    follow (attention); the rest stay unmarked."""
+    axes.mark(gm, META_AXES, UNKNOWN_AXES)
 
 
 def laid_out(shape: tuple, taller: tuple, wider: tuple) -> str:

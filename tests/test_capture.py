@@ -1184,3 +1184,46 @@ def test_the_train_graph_is_cut_at_the_same_call_as_the_eval_graph():
     with torch.no_grad():
         y = net.dw(net.stem(x)) * 0.5 + 1.0
         assert torch.allclose(train(x), net.stem(x) + net.pw(y))
+
+
+def test_the_axes_of_reshapes_follow_the_image_through_tokens_windows_and_patch_merging():
+    """automtl.axes on a map's labels: (N, H, W, C) to tokens and back is a map again; cut into windows it is not;
+    2 x 2 pixels merged into the channels is a map of half the size."""
+    from automtl.axes import NCHW, NHWC, classify, fresh, reshaped
+
+    nhwc = fresh((1, 8, 8, 6), NHWC)
+    tokens = reshaped(nhwc, (1, 64, 6))
+    assert [len(label) for label in tokens] == [1, 2, 1]  # N, (H, W), C
+    assert classify(reshaped(tokens, (1, 8, 8, 6))) == NHWC
+    assert classify(reshaped(tokens, (1, 4, 16, 6))) != NHWC  # another grid is not the image's
+    split = reshaped(nhwc, (1, 2, 4, 2, 4, 6))
+    windows = reshaped([split[i] for i in (0, 1, 3, 2, 4, 5)], (4, 4, 4, 6))
+    assert classify(windows) == ("?", "?", "?", "C")
+    back = reshaped(windows, (1, 2, 2, 4, 4, 6))
+    assert classify(reshaped([back[i] for i in (0, 1, 3, 2, 4, 5)], (1, 8, 8, 6))) == NHWC
+    merged = reshaped(nhwc, (1, 4, 2, 4, 2, 6))
+    assert classify(reshaped([merged[i] for i in (0, 1, 3, 4, 2, 5)], (1, 4, 4, 24))) == NHWC
+    assert classify(reshaped(fresh((1, 8, 4, 4), NCHW), (1, 2, 4, 4, 4))[:1] + fresh((1, 8, 4, 4), NCHW)[1:]) == NCHW
+    assert reshaped(nhwc, (1, 7, 55)) is None  # not on the atoms' factors
+
+
+class _GatheredTokens(nn.Module):
+    """Tokens reordered by an index before they are folded back into a map at the one size the model takes: which
+    position goes where is known only when it runs, so the map after it is not followed."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.conv = nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.pos = nn.Parameter(torch.zeros(1, 8, 8, 8))
+        self.register_buffer("order", torch.randperm(64))
+
+    def forward(self, x):
+        x = (self.stem(x) + self.pos).permute(0, 2, 3, 1)
+        t = x.reshape(x.shape[0], 64, 8)[:, self.order]
+        return self.conv(t.reshape(x.shape[0], 8, 8, 8).permute(0, 3, 1, 2))
+
+
+def test_tokens_indexed_by_a_tensor_are_not_taken_for_the_map():
+    with pytest.warns(UserWarning, match=r"leaves out 1 convolution\(s\) after the cut \(conv\)"):
+        cap = capture(_GatheredTokens(), torch.randn(1, 3, 16, 16))
+    assert cap.feature_node == "permute_channels_first"  # the last map the graph tells: (stem + pos) permuted

@@ -546,6 +546,49 @@ class ChannelsLastStagesNet(nn.Module):
         return self.forward_features(x).permute(0, 3, 1, 2)
 
 
+class WindowStagesNet(nn.Module):
+    """timm's Swin at the one size it takes: a convolution's map permuted to (N, H, W, C), attention in 4 x 4 windows
+    (the map cut into (N·windows, 16, C) and put back), an MLP on tokens (``reshape(N, -1, C)`` and back), a
+    depthwise convolution on the map permuted in and out, a patch merging (2 x 2 pixels into the channels) and a
+    channels-last norm at the end of ``forward_features``; other sizes fail at the position embedding, so only the
+    graph tells the maps."""
+
+    def __init__(self, window: int = 4):
+        super().__init__()
+        self.window, self.scale = window, 8 ** -0.5
+        self.stem = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.pos = nn.Parameter(torch.randn(1, 8, 8, 8) / 10)  # (1, H, W, C) at 16 x 16 images
+        self.norm1, self.qkv, self.proj = nn.LayerNorm(8), nn.Linear(8, 24), nn.Linear(8, 8)
+        self.norm2, self.fc1, self.fc2 = nn.LayerNorm(8), nn.Linear(8, 16), nn.Linear(16, 8)
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.merge_norm, self.reduction = nn.LayerNorm(32), nn.Linear(32, 16)
+        self.norm_out, self.head = nn.LayerNorm(16), nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.head(self.forward_features(x).mean((1, 2)))
+
+    def _attention(self, x):
+        n, h, w, c = x.shape
+        k = self.window
+        windows = x.view(n, h // k, k, w // k, k, c).permute(0, 1, 3, 2, 4, 5).reshape(-1, k * k, c)
+        q, key, v = self.qkv(windows).chunk(3, dim=-1)
+        out = self.proj(torch.softmax(q @ key.transpose(1, 2) * self.scale, dim=-1) @ v)
+        return out.view(n, h // k, w // k, k, k, c).permute(0, 1, 3, 2, 4, 5).reshape(n, h, w, c)
+
+    def forward_features(self, x):
+        x = self.stem(x).permute(0, 2, 3, 1) + self.pos
+        n, h, w, c = x.shape
+        x = x + self._attention(self.norm1(x))
+        t = x.reshape(n, -1, c)
+        x = (t + self.fc2(F.gelu(self.fc1(self.norm2(t))))).reshape(n, h, w, c)
+        x = x + self.dw(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        x = x.reshape(n, h // 2, 2, w // 2, 2, c).permute(0, 1, 3, 4, 2, 5).flatten(3)
+        return self.norm_out(self.reduction(self.merge_norm(x)))
+
+    def expected_features(self, x):
+        return self.forward_features(x).permute(0, 3, 1, 2)
+
+
 ZOO = {
     "constant": ConstantInForwardNet, "positional_conv": PositionalConvNet, "patches_to_batch": PatchesToBatchNet,
     "std_conv": StdConvNet,
@@ -556,4 +599,5 @@ ZOO = {
     "norm_weight_attention": NormWeightAttention, "coord_map": CoordMapNet,
     "train_only_constant": TrainOnlyConstantNet, "own_generator": OwnGeneratorNet,
     "checkpoint_when_training": CheckpointWhenTrainingNet, "channels_last_stages": ChannelsLastStagesNet,
+    "window_stages": WindowStagesNet,
 }
