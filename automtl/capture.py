@@ -603,6 +603,8 @@ def capture(
         raise BackboneError("automtl converts the backbone into a model to train, and tensors made under "
                             "torch.inference_mode() can never be trained; convert it outside inference_mode")
     _refuse_wrappers(backbone)
+    if backbone.training:  # before capture sets the modes: a layer put in eval mode by hand is frozen on purpose
+        _refuse_frozen_modules(backbone, "the backbone is in train mode but")
     backbone = copy_backbone(backbone)
     was_training = backbone.training
     as_one_call: dict = {}  # module path -> why it does not trace: run as one call, if cut away with the classifier
@@ -721,17 +723,24 @@ def _refuse_wrappers(backbone: nn.Module) -> None:
                                 "built; run the backbone once on an example input before converting it")
 
 
-def _refuse_frozen_modules(backbone: nn.Module) -> None:
-    """Refuse a backbone whose ``train()`` keeps norm or dropout layers in eval mode (frozen BatchNorm by a
-    ``train`` override): the supermodel and the compact model set every module's mode themselves."""
+def _refuse_frozen_modules(backbone: nn.Module, where: str = "the backbone's train()") -> None:
+    """Refuse a backbone in train mode whose norm or dropout layers are in eval mode (BatchNorm frozen by a ``train``
+    override, or by ``.eval()`` on the layer before converting): the supermodel and the compact model set every
+    module's mode themselves, and would train them."""
     moded = (nn.modules.batchnorm._NormBase, nn.modules.dropout._DropoutNd)
-    stuck = [name for name, m in backbone.named_modules() if not m.training and isinstance(m, moded)]
-    if stuck:
-        more = f" and {len(stuck) - 1} more" if len(stuck) > 1 else ""
+    stuck = [(name, m) for name, m in backbone.named_modules() if not m.training and isinstance(m, moded)]
+    if not stuck:
+        return
+    name, m = stuck[0]
+    more = f" and {len(stuck) - 1} more" if len(stuck) > 1 else ""
+    if isinstance(m, nn.modules.dropout._DropoutNd):
         raise BackboneError(
-            f"the backbone's train() keeps {stuck[0]!r}{more} in eval mode (a frozen norm layer); automtl sets every "
-            "module's mode itself and would train it: freeze it with a layer that has no train mode "
-            "(torchvision.ops.FrozenBatchNorm2d, timm.layers.freeze_batch_norm_2d) instead")
+            f"{where} keeps {name!r}{more} in eval mode (a dropout turned off); automtl sets every module's mode "
+            "itself and would turn it on in training: set its probability to 0 (or replace it with nn.Identity) instead")
+    raise BackboneError(
+        f"{where} keeps {name!r}{more} in eval mode (a frozen norm layer); automtl sets every module's mode itself "
+        "and would train it: freeze it with a layer that has no train mode (torchvision.ops.FrozenBatchNorm2d, "
+        "timm.layers.freeze_batch_norm_2d) instead")
 
 
 def copy_backbone(backbone: nn.Module) -> nn.Module:

@@ -708,6 +708,22 @@ def test_norm_layers_frozen_by_a_train_override_are_refused():
         automtl.supermodel(_FrozenByTrain(), TASKS, torch.randn(1, 3, SIZE, SIZE))
 
 
+@pytest.mark.parametrize("layer", ["norm", "dropout"])
+def test_layers_put_in_eval_mode_by_hand_in_a_train_mode_backbone_are_refused(layer):
+    """``backbone.train(); backbone.bn.eval()``, the usual way to freeze a norm layer when fine-tuning: automtl sets
+    the modes itself, so the supermodel trained it (1.36 off in train mode, its running statistics moving)."""
+    torch.manual_seed(0)
+    backbone = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Dropout2d(0.2),
+                             nn.Conv2d(8, 8, 3, padding=1)).train()
+    backbone[1 if layer == "norm" else 3].eval()
+    message = {"norm": "the backbone is in train mode but keeps '1' in eval mode .a frozen norm layer.*FrozenBatchNorm2d",
+               "dropout": "the backbone is in train mode but keeps '3' in eval mode .a dropout turned off.*probability "
+                          "to 0"}[layer]
+    with pytest.raises(BackboneError, match=message):
+        automtl.supermodel(backbone, TASKS, torch.randn(1, 3, SIZE, SIZE))
+    automtl.supermodel(backbone.eval(), TASKS, torch.randn(1, 3, SIZE, SIZE))  # a backbone in eval mode: as usual
+
+
 def test_a_buffer_written_through_data_is_refused():
     class _DataWrite(_BufferThroughAView):
         def forward(self, x):
