@@ -585,7 +585,7 @@ def capture(
 
     The default feature node is the deepest feature map before the spatial resolution collapses
     (global pooling, flatten) and before a classifier layer; ``feature_node`` names a node or a
-    module path (``"layer4"``). The backbone is copied first: converting never changes the user's
+    module path (``"layer4"``; ``"block@1"`` for the second call of a module the forward calls several times). The backbone is copied first: converting never changes the user's
     module. Pruning masks and old-style weight norm are folded into the copy's weights.
     """
     if not isinstance(backbone, nn.Module):

@@ -266,12 +266,25 @@ def _named(gm: fx.GraphModule, name: str) -> fx.Node:
     # Users think in module paths ("layer4", "backbone.layer4"), fx in node names ("layer4_1_relu_1"):
     # a module path means the last value computed inside that module, its output.
     by_path: dict = {}
+    calls: dict = {}  # module path -> the last node of each call of it, in order ("path@k" names the k-th)
     for n in nodes:
         if n.op == "call_module":
             by_path[str(n.target)] = n
         for p in _module_paths(n):
             by_path[p] = n
-    node = by_name.get(name) or by_path.get(name)
+        for key, value in (n.meta.get("nn_module_stack") or {}).items():
+            calls.setdefault(value[0] if isinstance(value, tuple) else str(key), {})[key] = n
+    path, _, k = name.rpartition("@")
+    if len(calls.get(name, ())) > 1:
+        outputs = list(calls[name].values())
+        raise BackboneError(
+            f"module {name!r} runs {len(outputs)} times in the forward, so its output is not one place; name one "
+            f"call: {', '.join(repr(f'{name}@{i}') for i in range(len(outputs)))} (nodes "
+            f"{', '.join(repr(n.name) for n in outputs)})")
+    if path in calls and k.isdigit() and int(k) < len(calls[path]):
+        node = list(calls[path].values())[int(k)]
+    else:
+        node = by_name.get(name) or by_path.get(name)
     if node is None:
         maps = [p for p, n in by_path.items() if _is_map(n) and _layout(n) != "other"]
         close = difflib.get_close_matches(name, maps, n=3) or difflib.get_close_matches(name, list(by_name), n=3)

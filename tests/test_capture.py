@@ -1227,3 +1227,35 @@ def test_tokens_indexed_by_a_tensor_are_not_taken_for_the_map():
     with pytest.warns(UserWarning, match=r"leaves out 1 convolution\(s\) after the cut \(conv\)"):
         cap = capture(_GatheredTokens(), torch.randn(1, 3, 16, 16))
     assert cap.feature_node == "permute_channels_first"  # the last map the graph tells: (stem + pos) permuted
+
+
+class _LoopedBlock(nn.Module):
+    """One conv + BN block called three times in a loop (weights reused)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.c, self.bn = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for _ in range(3):
+            x = torch.relu(self.bn(self.c(x))) + x
+        return x
+
+
+def test_a_module_called_several_times_is_named_by_its_call():
+    """Naming such a module cut at its first call, silently (0.92 off the third call's output a forward hook sees)."""
+    net, x = _LoopedBlock().eval(), torch.randn(2, 3, 8, 8)
+    with pytest.raises(BackboneError, match=r"module 'bn' runs 3 times in the forward, so its output is not one "
+                                            r"place; name one call: 'bn@0', 'bn@1', 'bn@2' \(nodes 'bn', 'bn_1', "
+                                            r"'bn_2'\)"):
+        capture(net, torch.randn(1, 3, 8, 8), feature_node="bn")
+    seen, y = [], net.stem(x)
+    with torch.no_grad():
+        for _ in range(3):
+            seen.append(net.bn(net.c(y)))
+            y = torch.relu(seen[-1]) + y
+        for k in range(3):
+            cap = capture(net, torch.randn(1, 3, 8, 8), feature_node=f"bn@{k}")
+            assert torch.allclose(cap.graph_module(x), seen[k])
+    assert capture(net, torch.randn(1, 3, 8, 8), feature_node="stem").feature_node == "stem"  # called once: as before
