@@ -23,6 +23,7 @@ from .policy import CHOICES, SHARE, SKIP, SPECIALIZE, Policy
 from .policy_layer import batch_norm_per_group, holds_running_stats, module_per_group
 from .supermodel import (GraphsBuiltOnUse, PolicyLayer, SuperModel, check_image_batch, repeat_tasks, taskwise_batch_norm,
                          taskwise_norm)
+from .supergraph import is_mix
 from .tasks import Task
 
 #: node.meta keys set on every emitted node, read by render and the file format.
@@ -278,12 +279,12 @@ class _Compiler:
         """The classes of one source node (other than the output), its new nodes emitted."""
         ALL = self.ALL
         if old.op == "placeholder":
-            if old.name == "mix":
+            if is_mix(old):
                 return [(ALL, None)]
             self.x_new = self.graph.placeholder(old.name)
             return [(ALL, self.tag(self.x_new, ALL, old))]
         inputs = [i for i in old.all_input_nodes]
-        if old.op == "call_function" and old.target is operator.getitem and inputs and inputs[0].name == "mix":
+        if old.op == "call_function" and old.target is operator.getitem and inputs and is_mix(inputs[0]):
             return [(ALL, None)]
         if old.op == "call_function" and old.target is repeat_tasks:
             return self.classes[old.args[0]]

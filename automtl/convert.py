@@ -7,6 +7,7 @@ The steps one at a time (``automtl search`` / ``compact``), through a run direct
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import json
@@ -14,6 +15,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
@@ -260,8 +262,6 @@ def convert(cfg: ConvertConfig, out, resume: bool = False, quiet: bool = False,
 def _convert(cfg: ConvertConfig, out: Path, resume: bool, quiet: bool, log: Callable[[str], None]) -> dict:
     from .compact import compact
     from .fileio import storage_error
-    from .formats import export, save
-    from .render import render
     from .report import compare
     from .search import search
 
@@ -295,14 +295,11 @@ def _convert(cfg: ConvertConfig, out: Path, resume: bool, quiet: bool, log: Call
     }
     stage = Path(tempfile.mkdtemp(prefix=".automtl-stage-", dir=out))
     try:
-        save(model, stage / "model.automtl")
-        export(model, stage / "model.pt2", example_input=torch.randn(*size))
-        result.policy.save(stage / "policy.yaml")
-        render(model, stage / "sharing.svg")
-        (stage / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        report["total_seconds"] = round(time.time() - started, 2)
-        (stage / "report.json").write_text(json.dumps(json_safe(report), indent=2, default=_jsonable, allow_nan=False) + "\n")
-        for name in OUTPUT_FILES:
+        with _named_as_written(stage, out):
+            _stage_outputs(model, stage, report, result.policy, cfg, torch.randn(*size), started)
+        if "model.automtl" not in report["files"]:
+            (out / "model.automtl").unlink(missing_ok=True)  # an earlier run's would pass for this one's
+        for name in report["files"]:
             os.replace(stage / name, out / name)
     except (OSError, RuntimeError) as exc:
         error = storage_error(out, exc)
@@ -312,6 +309,44 @@ def _convert(cfg: ConvertConfig, out: Path, resume: bool, quiet: bool, log: Call
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return report
+
+
+def _stage_outputs(model, stage: Path, report: dict, policy, cfg: ConvertConfig, example: torch.Tensor,
+                   started: float) -> None:
+    """Write the run's files into ``stage``; ``report["files"]`` lists them. A model the bundle cannot describe (an
+    operation off its vocabulary, a weight tie) is written as ``model.pt2`` only, with a warning that says why."""
+    from .errors import FileFormatError, first_line
+    from .formats import export, save
+    from .render import render
+
+    report["files"] = list(OUTPUT_FILES)
+    try:
+        save(model, stage / "model.automtl")
+    except FileFormatError as exc:
+        reason = first_line(exc, limit=None).removesuffix("; write a .pt2 with automtl.export() instead")
+        report["files"].remove("model.automtl")
+        report["not_written"] = {"model.automtl": reason}
+        warnings.warn(f"model.automtl is not written ({reason}); model.pt2 holds the compact model")
+    export(model, stage / "model.pt2", example_input=example)
+    policy.save(stage / "policy.yaml")
+    render(model, stage / "sharing.svg")
+    (stage / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    report["total_seconds"] = round(time.time() - started, 2)
+    (stage / "report.json").write_text(json.dumps(json_safe(report), indent=2, default=_jsonable, allow_nan=False) + "\n")
+
+
+@contextlib.contextmanager
+def _named_as_written(stage: Path, out: Path):
+    """Warnings raised while the outputs are staged name the files where the run leaves them, not the staging
+    folder, which is gone when the run ends."""
+    caught: list = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield
+    finally:
+        for w in caught:
+            warnings.warn_explicit(str(w.message).replace(str(stage), str(out)), w.category, w.filename, w.lineno)
 
 
 def _version() -> str:
@@ -346,7 +381,7 @@ def format_summary(report: dict, out) -> str:
     counts = report["policy"]["counts"]
     compact_stats = acc["compact"]
     lines = [
-        f"wrote {', '.join(OUTPUT_FILES)} into {out}",
+        f"wrote {', '.join(report.get('files', OUTPUT_FILES))} into {out}",
         f"policy: {counts['share']} share, {counts['specialize']} specialize, {counts['skip']} skip choices",
         f"compact model: {compact_stats['parameters']:,} parameters "
         f"({acc['ratios']['parameters_vs_backbone']:.2f}x one backbone, "

@@ -25,6 +25,7 @@ from torch import fx
 from .heads import finish
 from .policy import SHARE, SPECIALIZE
 from .policy_layer import ConvUnit, batch_norm_per_group, module_per_group, repeat_tasks, taskwise_batch_norm, taskwise_norm
+from .supergraph import is_mix
 
 
 class PathRunner:
@@ -62,7 +63,7 @@ class PathRunner:
         env: dict = {}
         for i, node in enumerate(self.nodes):
             if node.op == "placeholder":
-                if node.name == "mix":
+                if is_mix(node):
                     env[node] = [None] * T
                 else:
                     env[node] = list(x) if isinstance(x, (list, tuple)) else [x] * T
@@ -86,7 +87,7 @@ class PathRunner:
         if node.op == "call_function" and node.target is repeat_tasks:
             return True
         return (node.op == "call_function" and node.target is operator.getitem
-                and isinstance(node.args[0], fx.Node) and node.args[0].op == "placeholder" and node.args[0].name == "mix")
+                and isinstance(node.args[0], fx.Node) and is_mix(node.args[0]))
 
     def _grouped(self, node: fx.Node, env: dict, T: int) -> list:
         """Evaluate ``node`` once per group of tasks that agree on all of its inputs."""

@@ -29,6 +29,15 @@ def build_supergraph(captured: fx.Graph, root: nn.Module, layer_names: Sequence[
     return _SuperGraph(captured, root, layer_names, fused, num_tasks, shared_input).build()
 
 
+#: Node meta marking the supermodel graph's second input, the policy's mixing weights (layers x tasks x choices).
+MIX = "automtl_mix"
+
+
+def is_mix(node: fx.Node) -> bool:
+    """The placeholder of the mixing weights (told by its meta: its name is the backbone's to clash with)."""
+    return node.op == "placeholder" and bool(node.meta.get(MIX))
+
+
 class _SuperGraph:
     """One rewrite: the copied graph, and which of its nodes are per task or depend on the input."""
 
@@ -42,7 +51,8 @@ class _SuperGraph:
         graph.output(out_val)
         x = next(n for n in graph.nodes if n.op == "placeholder")
         with graph.inserting_after(x):
-            self.mix = graph.placeholder("mix")
+            self.mix = graph.placeholder("mix")  # named mix_1 where the backbone has a "mix" of its own
+        self.mix.meta[MIX] = True
         self.per_task: set = set()  # nodes whose value differs between tasks
         self.depends_on_input: set = {x}
         self.repeats: dict = {}

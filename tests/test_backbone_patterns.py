@@ -929,3 +929,30 @@ def test_randomness_in_eval_mode_is_refused_as_such():
     """Not as batch mixing (the advice about batch statistics does not apply): the message says what it is."""
     with pytest.raises(BackboneError, match="draws random numbers in eval mode"):
         automtl.supermodel(_MCDropout(), TASKS, torch.randn(1, 3, SIZE, SIZE))
+
+
+class _TiedConvs(nn.Module):
+    """Two convolutions sharing one weight (``c.weight = b.weight``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = (nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1),
+                                  nn.Conv2d(8, 8, 3, padding=1))
+        self.c.weight = self.b.weight
+
+    def forward(self, x):
+        return self.c(torch.relu(self.b(torch.relu(self.a(x)))))
+
+
+def test_a_weight_tied_between_layers_is_refused_by_the_bundle_in_one_sentence(tmp_path):
+    """safetensors refused the shared memory with its own traceback; the .pt2 keeps the tie."""
+    sm = automtl.supermodel(_TiedConvs(), TASKS, torch.randn(1, 3, SIZE, SIZE))
+    c = compact(sm.hard(Policy.uniform(sm.layer_names, sm.task_names, "share"))).eval()
+    with pytest.raises(automtl.errors.FileFormatError, match=r"the model's tensors '.*b.*weight' and '.*c.*weight' "
+                                                             r"share memory \(a weight tied between two layers"):
+        automtl.save(c, tmp_path / "m.automtl")
+    assert not list(tmp_path.iterdir())
+    automtl.export(c, tmp_path / "m.pt2")
+    x = torch.randn(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        assert all(close(automtl.load_pt2(tmp_path / "m.pt2").module()(x)[t], y) for t, y in c(x).items())

@@ -589,6 +589,20 @@ class WindowStagesNet(nn.Module):
         return self.forward_features(x).permute(0, 3, 1, 2)
 
 
+class NamedLikeTheGraphNet(nn.Module):
+    """Attributes named as automtl's own graph inputs (``mix``, the policy's mixing weights): a parameter scaling the
+    channels (the compact model asked for a second input, ``mix_1``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, stride=2, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.mix = nn.Parameter(torch.linspace(0.5, 1.5, 8).view(1, 8, 1, 1))
+
+    def forward(self, x):
+        return self.b(torch.relu(self.bn(self.a(x))) * self.mix)
+
+
 ZOO = {
     "constant": ConstantInForwardNet, "positional_conv": PositionalConvNet, "patches_to_batch": PatchesToBatchNet,
     "std_conv": StdConvNet,
@@ -599,5 +613,5 @@ ZOO = {
     "norm_weight_attention": NormWeightAttention, "coord_map": CoordMapNet,
     "train_only_constant": TrainOnlyConstantNet, "own_generator": OwnGeneratorNet,
     "checkpoint_when_training": CheckpointWhenTrainingNet, "channels_last_stages": ChannelsLastStagesNet,
-    "window_stages": WindowStagesNet,
+    "window_stages": WindowStagesNet, "named_like_the_graph": NamedLikeTheGraphNet,
 }

@@ -210,6 +210,7 @@ def save(compact: CompactModel, path: str | os.PathLike) -> None:
         raise ConfigError(f"save() writes an .automtl bundle, so {os.fspath(path)!r} would hold another format than "
                           "its name says; name it .automtl, or write .pt2 / .onnx with automtl.export")
     desc, tensors = describe(compact)
+    _refuse_shared_memory(tensors)
     import yaml
 
     dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
@@ -229,6 +230,21 @@ def save(compact: CompactModel, path: str | os.PathLike) -> None:
             zf.writestr(MODEL_ENTRY, text, compress_type=zipfile.ZIP_DEFLATED)
             zf.writestr(WEIGHTS_ENTRY, weights, compress_type=zipfile.ZIP_STORED)
             zf.writestr(CHECKSUMS_ENTRY, checksums, compress_type=zipfile.ZIP_STORED)
+
+
+def _refuse_shared_memory(tensors: dict) -> None:
+    """Tensors that share memory (a weight tied between two layers of the backbone) are one tensor under two names,
+    which the description cannot say: written twice, the loaded model's two copies would train apart."""
+    seen: dict = {}
+    for name, t in tensors.items():
+        if t.numel() == 0:
+            continue
+        key = (t.device, t.untyped_storage().data_ptr())
+        if key in seen:
+            raise FileFormatError(
+                f"the model's tensors {seen[key]!r} and {name!r} share memory (a weight tied between two layers of "
+                "the backbone), which an .automtl file does not describe; write a .pt2 with automtl.export() instead")
+        seen[key] = name
 
 
 # ---------------------------------------------------------------------------------------
