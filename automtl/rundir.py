@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 from typing import Optional
@@ -28,6 +29,29 @@ CHECKPOINT_FILES = ("checkpoint.pt", "log.jsonl")
 RUN_PATHS = tuple(Path(n) for n in RUN_FILES) + tuple(Path(CHECKPOINTS) / n for n in CHECKPOINT_FILES)
 #: The hidden folder --overwrite moves an earlier run into until the new run has finished.
 REPLACED_PREFIX = ".automtl-replaced-"
+
+
+def _own_folder(path: Path) -> bool:
+    """A real folder (not a link) of this user's: what ``--overwrite`` sets aside is one it made."""
+    try:
+        st = path.lstat()
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid()
+
+
+def _within(folder: Path, rel: Path) -> bool:
+    """``folder / rel`` reached without following a link (a ``checkpoints`` link to another folder would move that
+    folder's files)."""
+    path = folder
+    for part in Path(rel).parts:
+        path = path / part
+        try:
+            if stat.S_ISLNK(path.lstat().st_mode):
+                return False
+        except OSError:
+            return True  # absent: nothing to move
+    return True
 
 
 class RunDirectory:
@@ -156,7 +180,7 @@ class RunDirectory:
     def _settle_replaced(self) -> None:
         """What a killed --overwrite run (SIGKILL, out of memory) left set aside, settled by :meth:`_settle`."""
         for folder in sorted(self.path.glob(REPLACED_PREFIX + "*")):
-            if folder.is_dir():
+            if _own_folder(folder):  # not a link to another folder, whose files would be moved out of it
                 self._replaced = folder
                 self._settle(finished=False)
         self._replaced = None
@@ -179,7 +203,7 @@ class RunDirectory:
     def _restore_run(self, drop_new: bool = True) -> None:
         """Move the set-aside run back; ``drop_new``: also delete what the new run wrote where the old one had nothing."""
         for rel in RUN_PATHS:
-            if (self._replaced / rel).exists():
+            if _within(self._replaced, rel) and (self._replaced / rel).exists():
                 (self.path / rel).parent.mkdir(exist_ok=True)
                 (self.path / rel).unlink(missing_ok=True)
                 shutil.move(self._replaced / rel, self.path / rel)

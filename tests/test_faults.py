@@ -85,6 +85,27 @@ def test_overwrite_with_a_mistake_found_late_puts_the_earlier_run_back(finished,
     assert not [p for p in out.iterdir() if p.name.startswith(".automtl-replaced-")]
 
 
+@pytest.mark.parametrize("link", ["folder", "checkpoints"])
+def test_a_set_aside_folder_that_is_a_link_moves_nothing_out_of_its_target(tmp_path, link):
+    """A run folder holding ``.automtl-replaced-x`` as a link to another folder (or such a folder whose
+    ``checkpoints`` is a link): entering the run moved that folder's files named like run outputs into the run, and
+    deleted them there."""
+    victim = tmp_path / "victim"
+    (victim / "checkpoints").mkdir(parents=True)
+    for name in ("model.automtl", "config.yaml", "report.json", "checkpoints/checkpoint.pt"):
+        (victim / name).write_text("someone else's file\n")
+    before = snapshot(victim)
+    out = tmp_path / "run"
+    out.mkdir()
+    if link == "folder":
+        (out / ".automtl-replaced-x").symlink_to(victim)
+    else:
+        (out / ".automtl-replaced-x").mkdir()
+        (out / ".automtl-replaced-x" / "checkpoints").symlink_to(victim / "checkpoints")
+    cli("search", "tiny", *SMALL, "--out", out)
+    assert snapshot(victim) == before
+
+
 def test_an_overwrite_killed_before_its_first_checkpoint_gets_the_earlier_run_back(finished, tmp_path):
     """SIGKILL runs no cleanup: the next run in the folder settles what the killed one set aside."""
     import shutil
