@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 
 __all__ = ["stable_seed", "seeded", "random_states", "moved_generators", "same_state", "is_generator",
-           "generator_state", "set_generator_state"]
+           "generator_state", "set_generator_state", "check_mt19937", "python_state"]
 
 
 def stable_seed(*parts) -> int:
@@ -106,12 +106,42 @@ def generator_state(generator):
 
 
 def set_generator_state(generator, state) -> None:
-    """Put ``generator`` back at ``state`` (from :func:`generator_state`; Python's with its key as any sequence)."""
+    """Put ``generator`` back at ``state`` (from :func:`generator_state`; Python's with its key as any sequence).
+
+    Raises:
+        ValueError: a state that would put the generator out of its own bounds, which numpy does not check (an
+            MT19937 position beyond its 624 key words reads past them: garbage, or a crash at the next draw).
+    """
     if isinstance(generator, torch.Generator):
         generator.set_state(state)
     elif isinstance(generator, random.Random):
-        generator.setstate((state[0], tuple(state[1]), state[2]))
+        generator.setstate(python_state(state))
     elif hasattr(generator, "bit_generator"):
+        if isinstance(state, dict) and state.get("bit_generator") == "MT19937":
+            check_mt19937(state["state"]["key"], state["state"]["pos"])
         generator.bit_generator.state = state
     else:
+        check_mt19937(state[1], state[2], state[3])
         generator.set_state(state)
+
+
+#: Words in the Mersenne Twister's key (numpy's and Python's).
+MT19937_WORDS = 624
+
+
+def check_mt19937(key, pos, has_gauss: int = 0) -> None:
+    """Raise ValueError unless ``key``, ``pos`` (and the legacy ``has_gauss``) are an MT19937 state's."""
+    if len(key) != MT19937_WORDS or isinstance(pos, bool) or not isinstance(pos, int) or not 0 <= pos <= MT19937_WORDS \
+            or has_gauss not in (0, 1):
+        raise ValueError(f"an MT19937 state has {MT19937_WORDS} key words, a position from 0 to {MT19937_WORDS} and "
+                         f"a Gaussian flag of 0 or 1, not {len(key)} words at position {pos!r} with flag {has_gauss!r}")
+
+
+def python_state(state) -> tuple:
+    """``state`` as ``random.setstate`` takes it, its key words checked to be 32-bit (Python raises OverflowError on
+    a larger one, and takes a negative one as another number)."""
+    version, words, gauss = state
+    words = tuple(words)
+    if not all(isinstance(w, int) and not isinstance(w, bool) and 0 <= w < 2 ** 32 for w in words):
+        raise ValueError("a Python random state's key words are integers from 0 to 2**32 - 1")
+    return version, words, gauss

@@ -248,13 +248,26 @@ def _damage(ckpt: dict, how: str) -> dict:
         del ckpt["fingerprint"]
     elif how == "elapsed":
         ckpt["elapsed"] = float("nan")
+    elif how == "numpy position past its key":  # numpy does not check it: a crash at the next draw
+        ckpt["rng"]["numpy"]["pos"] = 10 ** 8
+    elif how == "numpy Gaussian flag":
+        ckpt["rng"]["numpy"]["has_gauss"] = 7
+    elif how == "Python key word beyond 32 bits":  # an OverflowError traceback from random.setstate
+        version, words, gauss = ckpt["rng"]["python"]
+        ckpt["rng"]["python"] = (version, (-1, *words[1:]), gauss)
+    elif how == "negative measurement count":  # made the fitted fine-tune ~10^12 steps: a resume without end
+        ckpt["strategy"]["count"], ckpt["strategy"]["stopped"] = -10 ** 12, True
+    elif how == "more measurements than planned":
+        ckpt["strategy"]["count"] = 10 ** 6
     return ckpt
 
 
 @pytest.mark.parametrize("how", ["step beyond the run", "negative step", "step as text", "data position", "stage",
                                  "history", "model missing", "learning rate as text",
                                  "Adam state without its second moment", "Adam state of another shape", "random state",
-                                 "strategy state", "ranks", "fingerprint", "elapsed"])
+                                 "strategy state", "ranks", "fingerprint", "elapsed", "numpy position past its key",
+                                 "numpy Gaussian flag", "Python key word beyond 32 bits", "negative measurement count",
+                                 "more measurements than planned"])
 def test_a_damaged_checkpoint_is_refused_before_anything_is_restored(data, tmp_path, how):
     """A checkpoint is read as data: a part that does not fit the run is refused in one sentence, before the
     supermodel, the optimizers or the random state change (a step beyond the run once skipped all training)."""

@@ -15,7 +15,7 @@ import torch
 from ..errors import ConfigError, FileFormatError, first_line
 from ..fileio import atomic_path, load_tensors
 from ..policy import Policy
-from ._util import _rng_state, _set_rng_state
+from ._util import _rng_state, _set_rng_state, check_rng_state
 
 CHECKPOINT_NAME = "checkpoint.pt"
 _CKPT_FORMAT = 1
@@ -52,6 +52,15 @@ def _unlike(reference, value, where: str) -> Optional[str]:
             else f"{where} is {type(value).__name__}, not {type(reference).__name__}"
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         return f"{where} is {value!r}, not a finite number"
+    return None
+
+
+def _out_of_bounds(check, where: str) -> Optional[str]:
+    """The phrase of the ValueError ``check()`` raises (a value of the right type that no run reaches), or None."""
+    try:
+        check()
+    except (ValueError, OverflowError) as exc:
+        return f"{where} is out of bounds: {first_line(exc)}"
     return None
 
 
@@ -215,7 +224,9 @@ class _CheckpointMixin:
                        {k: rng.get(k) for k in ("torch", "python", "numpy")} if isinstance(rng, dict) else rng,
                        "the random state") \
             or _unlike(self.strategy.state_dict(), ckpt.get("strategy") or {}, "the strategy's state") \
-            or _unlike(0.0, ckpt.get("elapsed", 0.0), "the elapsed time")
+            or _unlike(0.0, ckpt.get("elapsed", 0.0), "the elapsed time") \
+            or _out_of_bounds(lambda: check_rng_state(rng), "the random state") \
+            or _out_of_bounds(lambda: self.strategy.check_state(ckpt.get("strategy") or {}), "the strategy's state")
         if found:
             raise FileFormatError(f"checkpoint {name!r} is damaged ({found}); delete it to start over")
 
@@ -234,7 +245,7 @@ class _CheckpointMixin:
                                   "delete it to start over") from None
         try:
             _set_rng_state(own["rng"], self.sm)
-        except (RuntimeError, KeyError, TypeError, ValueError, IndexError) as exc:
+        except (RuntimeError, KeyError, TypeError, ValueError, IndexError, OverflowError) as exc:
             raise FileFormatError(f"checkpoint {name!r} holds a random state that does not fit ({first_line(exc)}); "
                                   "delete it to start over") from None
         if ckpt.get("policy") is not None:

@@ -109,3 +109,7 @@ class Strategy:
 
     def load_state_dict(self, state: dict) -> None:
         pass
+
+    def check_state(self, state: dict) -> None:
+        """Raise ValueError, with a phrase, for a ``state_dict`` of the right structure that no run reaches (a
+        checkpoint is read as data, and checked before anything is restored)."""

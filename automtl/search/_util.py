@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import AutomtlError, ConfigError, FileFormatError, first_line
-from ..seeding import generator_state, is_generator, set_generator_state, stable_seed
+from ..seeding import check_mt19937, generator_state, is_generator, python_state, set_generator_state, stable_seed
 
 _seed = stable_seed  # the name the search's modules import
 
@@ -220,12 +220,23 @@ def _rng_state(model: Optional[torch.nn.Module] = None) -> dict:
     return state
 
 
-def _set_rng_state(state: dict, model: Optional[torch.nn.Module] = None) -> None:
-    torch.set_rng_state(state["torch"])
-    py = state["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
+def check_rng_state(state: dict) -> None:
+    """Raise ValueError where the global generators' states (of :func:`_rng_state`'s structure) are out of their
+    bounds: numpy's position past its key (a crash at the next draw) or key words beyond 32 bits, Python's words."""
     npst = state["numpy"]
-    np.random.set_state(("MT19937", npst["keys"].numpy().astype(np.uint32), npst["pos"], npst["has_gauss"], npst["cached"]))
+    keys = npst["keys"]
+    if keys.dtype != torch.int64 or keys.numel() and not (0 <= int(keys.min()) and int(keys.max()) < 2 ** 32):
+        raise ValueError("numpy's MT19937 key words are integers from 0 to 2**32 - 1")
+    check_mt19937(keys, npst["pos"], npst["has_gauss"])
+    python_state(state["python"])
+
+
+def _set_rng_state(state: dict, model: Optional[torch.nn.Module] = None) -> None:
+    check_rng_state(state)
+    npst, keys = state["numpy"], state["numpy"]["keys"]
+    torch.set_rng_state(state["torch"])
+    random.setstate(python_state(state["python"]))
+    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), npst["pos"], npst["has_gauss"], npst["cached"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
     if model is not None:
@@ -239,7 +250,7 @@ def _set_rng_state(state: dict, model: Optional[torch.nn.Module] = None) -> None
                                       "delete the checkpoint to start over") from None
             try:
                 set_generator_state(generator, _decode(saved))
-            except (TypeError, ValueError, RuntimeError, AttributeError, IndexError) as exc:
+            except (TypeError, ValueError, RuntimeError, AttributeError, IndexError, KeyError, OverflowError) as exc:
                 raise FileFormatError(f"the checkpoint's state of the generator {key!r} does not fit it "
                                       f"({first_line(exc)}); delete the checkpoint to start over") from None
 

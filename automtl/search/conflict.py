@@ -296,7 +296,21 @@ class Conflict(Strategy):
         return {"cos_sum": self.cos_sum.clone(), "cos_sq": self.cos_sq.clone(), "count": self.count,
                 "stopped": self.stopped}
 
+    def check_state(self, state: dict) -> None:
+        """More measurements than planned or fewer than none (a negative count made the fitted fine-tune ~10^12
+        steps), non-finite sums, a stop flag that is not one: no run reaches them."""
+        if not state:
+            return
+        count, planned = state["count"], self.planned()
+        if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= planned:
+            raise ValueError(f"its conflict measurements number {count!r}, not 0 to the {planned} planned")
+        if not isinstance(state.get("stopped", False), bool):
+            raise ValueError(f"its futility stop is {state['stopped']!r}, not True or False")
+        if not (torch.isfinite(state["cos_sum"]).all() and torch.isfinite(state["cos_sq"]).all()):
+            raise ValueError("its conflict sums are not finite")
+
     def load_state_dict(self, state: dict) -> None:
+        self.check_state(state)
         if state:
             self.cos_sum = state["cos_sum"].clone()
             self.cos_sq = state["cos_sq"].clone()
