@@ -393,7 +393,7 @@ def test_idx_reader_reads_no_more_than_the_header_needs(tmp_path, monkeypatch):
     header = bytes([0, 0, 0x08, 1]) + struct.pack(">I", 1000)
     (tmp_path / "long.gz").write_bytes(gzip.compress(header + b"\x00" * 10**6))  # 1 MB inflated from 1 KB
     reads = []
-    opened = gzip.open
+    opened = gzip.GzipFile  # what read_idx inflates with
 
     def counting(*args, **kwargs):
         f = opened(*args, **kwargs)
@@ -401,10 +401,10 @@ def test_idx_reader_reads_no_more_than_the_header_needs(tmp_path, monkeypatch):
         f.read = lambda n=-1: reads.append(n) or read(n)
         return f
 
-    monkeypatch.setattr(mf.gzip, "open", counting)
+    monkeypatch.setattr(mf.gzip, "GzipFile", counting)
     with pytest.raises(DataError, match="holds more data bytes but its header .1000,. needs 1000"):
         read_idx(tmp_path / "long.gz")
-    assert -1 not in reads and sum(reads) <= 4 + 4 + 1001
+    assert reads and -1 not in reads and sum(reads) <= 4 + 4 + 1001
     (tmp_path / "huge").write_bytes(bytes([0, 0, 0x0E, 2]) + struct.pack(">II", 2**20, 2**20))
     with pytest.raises(DataError, match="more than the 4294967296 automtl reads"):
         read_idx(tmp_path / "huge")
@@ -424,3 +424,103 @@ def test_npy_samples_must_hold_what_their_header_declares(tmp_path):
     np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
     with pytest.raises(DataError, match="holds Python objects"):
         _load(tmp_path / "obj.npy", "NYUv2")
+
+
+def _idx_header(path, code, *dims, gz=False, body=b""):
+    data = bytes([0, 0, code, len(dims)]) + struct.pack(f">{len(dims)}I", *dims) + body
+    path.write_bytes(gzip.compress(data) if gz else data)
+
+
+def test_idx_files_may_not_declare_a_dimension_of_zero(tmp_path):
+    """Before, (N, 0, 0) images passed: 0 values need 0 bytes whatever N is, so N was backed by nothing."""
+    _idx_header(tmp_path / "empty", 0x08, 2**27, 0, 0)
+    with pytest.raises(DataError, match=r"declares dimensions \(134217728, 0, 0\), one of them 0, so .*download it again"):
+        read_idx(tmp_path / "empty")
+
+
+def test_multifashion_refuses_an_image_count_its_files_do_not_back(tmp_path):
+    """Before, 0x0 images beside 2^20 zero labels (a 1 KB gzip) built a data set of 2^20 items, and at 2^27 items a
+    130 KB download took 2.4 GB (int64 labels, randperm)."""
+    n = 2**20
+    _idx_header(tmp_path / "train-images-idx3-ubyte", 0x08, n, 0, 0)
+    _idx_header(tmp_path / "train-labels-idx1-ubyte.gz", 0x08, n, gz=True, body=bytes(n))
+    with pytest.raises(DataError):
+        MultiFashion(root=tmp_path, n=4)
+
+
+def test_multifashion_checks_the_headers_before_it_reads_the_images(tmp_path):
+    """Counts and sizes are checked on the headers, so none of these files needs a body for its refusal (before,
+    they failed only on the missing bytes, after reading the labels, or not at all for a 300-pixel-wide image)."""
+    from automtl.data.multifashion import MAX_IMAGE_SIDE, MAX_ITEMS
+
+    _fashion(tmp_path, n=6)
+    images = tmp_path / "train-images-idx3-ubyte.gz"
+    _idx_header(images, 0x08, 7, 28, 28, gz=True)
+    with pytest.raises(DataError, match="7 images but .* 6 labels; use files of one release"):
+        MultiFashion(root=tmp_path)
+    _idx_header(images, 0x08, 6, 28, MAX_IMAGE_SIDE + 1, gz=True)
+    with pytest.raises(DataError, match=rf"images of 28x{MAX_IMAGE_SIDE + 1} pixels.* at most {MAX_IMAGE_SIDE}"):
+        MultiFashion(root=tmp_path)
+    _idx_header(images, 0x0D, 6, 28, 28, gz=True)
+    with pytest.raises(DataError, match="should hold uint8 pixels"):
+        MultiFashion(root=tmp_path)
+    _idx_header(tmp_path / "train-labels-idx1-ubyte.gz", 0x08, MAX_ITEMS + 1, gz=True)
+    with pytest.raises(DataError, match=rf"declares {MAX_ITEMS + 1} labels, more than the {MAX_ITEMS}"):
+        MultiFashion(root=tmp_path)
+    _idx_header(tmp_path / "train-labels-idx1-ubyte.gz", 0x0D, 6, gz=True, body=np.zeros(6, ">f4").tobytes())
+    with pytest.raises(DataError, match="should hold integer labels"):
+        MultiFashion(root=tmp_path)
+
+
+def test_idx_gzip_files_may_not_inflate_far_beyond_their_size(tmp_path):
+    """Before, an 8 KB gzip of zeros was inflated to the 8 MiB its header declares (and up to 4 GiB from ~4 MB)."""
+    from automtl.data.multifashion import MAX_GZIP_RATIO
+
+    n = 2**23
+    _idx_header(tmp_path / "zeros.gz", 0x08, n, gz=True, body=bytes(n))
+    with pytest.raises(DataError, match=rf"more than {MAX_GZIP_RATIO} times .*; download it again"):
+        read_idx(tmp_path / "zeros.gz")
+
+
+def _npy_header_only(path, descr, shape):
+    with open(path, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, {"descr": descr, "fortran_order": False, "shape": shape})
+
+
+def test_npy_samples_must_hold_numbers(tmp_path):
+    """Before, a dtype of itemsize 0 ('|V0', '|S0', '<U0') needed 0 bytes for any shape, so (100000, 100000, 3) passed
+    the size check and the float32 conversion asked for 112 GiB; strings and complex numbers loaded, then failed the
+    conversion with a ValueError traceback or lost their imaginary part."""
+    from automtl.data.nyuv2 import _load
+
+    for descr in ("|V0", "|S0", "<U0"):
+        _npy_header_only(tmp_path / "zero.npy", descr, (100000, 100000, 3))
+        with pytest.raises(DataError, match=r"zero.npy holds values of type .*; save numbers \(bool, int, uint or"):
+            _load(tmp_path / "zero.npy", "nyuv2")
+    np.save(tmp_path / "s.npy", np.array([[b"ab", b"cd"]]))
+    np.save(tmp_path / "c.npy", np.ones((2, 2), np.complex64))
+    np.save(tmp_path / "r.npy", np.zeros(2, [("a", "<f4"), ("b", "<f4")]))
+    for name in ("s.npy", "c.npy", "r.npy"):
+        with pytest.raises(DataError, match="holds values of type"):
+            _load(tmp_path / name, "nyuv2")
+    np.save(tmp_path / "b.npy", np.ones((2, 2), bool))
+    np.save(tmp_path / "f.npy", np.ones((2, 2), ">f8"))
+    assert _load(tmp_path / "b.npy", "nyuv2").dtype == bool and _load(tmp_path / "f.npy", "nyuv2").sum() == 4
+    _npy_split(tmp_path, "train", 1, NYU_FOLDERS)
+    _npy_header_only(tmp_path / "train" / "image" / "0.npy", "|S0", (4, 6, 3))
+    with pytest.raises(DataError, match="holds values of type"):
+        NYUv2(tmp_path, tasks=("depth",))[0]
+
+
+def test_npy_samples_hold_a_bounded_number_of_values(tmp_path, monkeypatch):
+    """Before, the value count was bounded only through the 1 GiB file size (a 1 GiB bool file is 4 GiB as float32,
+    8 GiB in the label pass), and an empty (0, 3) array passed."""
+    import automtl.data.nyuv2 as nyu
+
+    monkeypatch.setattr(nyu, "MAX_NPY_VALUES", 10)
+    np.save(tmp_path / "big.npy", np.zeros((3, 4), np.uint8))
+    with pytest.raises(DataError, match=r"big.npy holds \(3, 4\), 12 values, more than the 10 .*; save smaller"):
+        nyu._load(tmp_path / "big.npy", "nyuv2")
+    np.save(tmp_path / "empty.npy", np.zeros((0, 3), np.float32))
+    with pytest.raises(DataError, match=r"empty.npy holds \(0, 3\), no values"):
+        nyu._load(tmp_path / "empty.npy", "nyuv2")

@@ -63,11 +63,20 @@ def _count(folder: Path, name: str) -> int:
 
 #: The largest .npy sample automtl reads (a 1024x1024 float32 normal map is 12 MiB).
 MAX_NPY_BYTES = 2**30
+#: The most values one .npy sample may hold. Samples are converted to float32 (4 bytes a value) and labels pass
+#: through float64 (8), whatever the file's own type, so a 1 GiB file of bools would cost 8 GiB: the count is bounded
+#: on its own. A full-resolution CityScapes image (2048x1024x3) holds 6.3 million values; 2^25 (33.5 million) allows
+#: 4096x2048x3 and keeps one converted array at 128 MiB (float32) or 256 MiB (float64).
+MAX_NPY_VALUES = 2**25
+#: numpy dtype kinds a sample may hold: bool, signed and unsigned integers, floats (all of non-zero size).
+_NUMERIC_KINDS = "biuf"
 
 
 def _load(path: Path, name: str) -> np.ndarray:
-    """One sample's array. The header's shape and dtype must need exactly the bytes the file holds after it (numpy
-    would allocate what the header declares before finding the file short); no pickled object arrays."""
+    """One sample's array. The header's dtype must be numeric (bool, int, uint or float: no pickled objects, and no
+    strings, records or zero-size types, which the float32 conversion cannot take or for which no bytes back the shape),
+    its shape must need exactly the bytes the file holds after it (numpy would allocate what the header declares before
+    finding the file short), and hold between 1 and :data:`MAX_NPY_VALUES` values."""
     try:
         with open_regular(path, f"{name} file", MAX_NPY_BYTES, DataError) as (f, size):  # no pipe or device
             version = np.lib.format.read_magic(f)
@@ -76,11 +85,20 @@ def _load(path: Path, name: str) -> np.ndarray:
             if dtype.hasobject:
                 raise DataError(f"{name} file {path} holds Python objects, which are read by unpickling; save numbers "
                                 "(a numeric dtype) instead")
+            if dtype.kind not in _NUMERIC_KINDS or dtype.itemsize == 0:
+                raise DataError(f"{name} file {path} holds values of type {dtype.str!r}; save numbers (bool, int, uint or "
+                                "float) instead")
             body = size - f.tell()
-            need = int(np.prod(shape, dtype=object)) * dtype.itemsize
+            count = int(np.prod(shape, dtype=object))
+            need = count * dtype.itemsize
             if need != body:
                 raise DataError(f"{name} file {path} declares {shape} values of {dtype} ({need} bytes) but holds {body}; "
                                 "regenerate it")
+            if count == 0:
+                raise DataError(f"{name} file {path} holds {shape}, no values; regenerate it from the sample")
+            if count > MAX_NPY_VALUES:
+                raise DataError(f"{name} file {path} holds {shape}, {count} values, more than the {MAX_NPY_VALUES} "
+                                "automtl reads per sample; save smaller samples (downscale them)")
             f.seek(0)
             return np.load(f, allow_pickle=False)  # the file whose header was checked
     except DataError:
