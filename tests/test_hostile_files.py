@@ -851,6 +851,18 @@ def test_what_a_convolution_unfolds_outside_float32_counts_as_alive(tmp_path):
     assert not (tmp_path / "f64.automtl").exists()
 
 
+def test_a_float32_convolution_on_a_small_input_counts_what_it_unfolds():
+    """torch runs a float32 CPU convolution on its native, unfolding kernels where the input is small: a 3x3
+    convolution padded by 4000 on a 32x32 input passed every bound and took 7.2 GB in one forward."""
+    from automtl.formats.rebuild import bounded_run
+
+    padded = torch.fx.symbolic_trace(nn.Conv2d(3, 1, 3, padding=4000)).to("meta")
+    with pytest.raises(FileFormatError, match="with what a convolution unfolds"):
+        bounded_run(padded, [torch.empty(1, 3, 32, 32, device="meta")], 1, 1)
+    bounded_run(torch.fx.symbolic_trace(nn.Conv2d(3, 1, 3, padding=1)).to("meta"),
+                [torch.empty(1, 3, 32, 32, device="meta")], 1, 1)
+
+
 def test_the_unfolded_input_counts_output_positions_and_only_on_the_cpu():
     """A strided convolution unfolds its input once per output position (a bf16 ResNet stem at batch 256 x 224 px:
     4.7e8 elements, not the 1.9e8 x 4 counted from the input's positions); on a GPU nothing is unfolded."""

@@ -361,6 +361,12 @@ class _LiveEnv(dict):
                 self.live -= numel
 
 
+
+#: Per-sample input elements up to which torch runs a float32 CPU convolution on its native kernels, which unfold the
+#: input, rather than oneDNN's (torch's ``use_mkldnn`` heuristic in ATen's Convolution.cpp: 20480 at batch 1, one group
+#: and a kernel of 3 or less; the other conditions are not relied on, so any batch, group or kernel counts here).
+NATIVE_FLOAT32_INPUT = 20480
+
 class _BoundedShapes(fx.Interpreter):
     """Runs on meta tensors and refuses a node whose output is larger than the bounds: a tensor of more
     than MAX_ACTIVATION elements, an int beyond MAX_COMPUTED_INT, a sequence longer than MAX_SEQUENCE.
@@ -394,7 +400,9 @@ class _BoundedShapes(fx.Interpreter):
         return super().call_function(target, args, kwargs)
 
     def _unfolded(self, n: fx.Node, args: tuple, out) -> int:
-        """Elements of the input a convolution outside float32 unfolds while it runs (0 for anything else)."""
+        """Elements of the input a convolution may unfold while it runs (0 for anything else): the CPU's kernels
+        unfold outside float32, and in float32 too where the input is small (:data:`NATIVE_FLOAT32_INPUT`: a 3x3
+        convolution padded by 4000 on a 32x32 input took 7.2 GB)."""
         if not self.unfolds:
             return 0
         if n.op == "call_module":
@@ -407,8 +415,10 @@ class _BoundedShapes(fx.Interpreter):
             transposed = "transpose" in name or (name.startswith("convolution") and len(args) > 6 and args[6] is True)
         x = args[0] if args else None
         if not (isinstance(weight, torch.Tensor) and isinstance(x, torch.Tensor) and isinstance(out, torch.Tensor)
-                and weight.dim() >= 3 and x.dim() == weight.dim() and out.dim() == x.dim()) or x.dtype == torch.float32:
+                and weight.dim() >= 3 and x.dim() == weight.dim() and out.dim() == x.dim()):
             return 0
+        if x.dtype == torch.float32 and math.prod(x.shape[1:]) > NATIVE_FLOAT32_INPUT:
+            return 0  # oneDNN's kernels, which do not unfold
         # a convolution unfolds its input once per output position; a transposed one, its input's positions
         positions = math.prod(x.shape[2:]) if transposed else math.prod(out.shape[2:])
         return int(x.shape[0]) * math.prod(weight.shape[1:]) * positions
@@ -423,7 +433,7 @@ class _BoundedShapes(fx.Interpreter):
                                   f"more than the {MAX_LIVE} automtl allows; the file is crafted or corrupted")
 
     shapes = None  # node -> the shapes of the tensors it made, when a caller asks (bounded_run's ``shapes``)
-    unfolds = True  # the model runs on the CPU, whose kernels unfold a convolution's input outside float32
+    unfolds = True  # the model runs on the CPU, whose kernels may unfold a convolution's input
     work = 0  # element operations so far: outputs once, a pooling's window times, inputs read (MAX_WORK_PER_SAMPLE)
     max_work = math.inf
 
