@@ -191,15 +191,30 @@ MAX_RESUMED_LOG_BYTES = 2**40
 MAX_LOG_LINE_BYTES = 16 * 2**20
 
 
+def json_depth(value) -> int:
+    """How many levels of lists and dicts nest in ``value`` (0 for a scalar), found without recursion."""
+    depth, level = 0, [value]
+    while True:
+        containers = [v for v in level if isinstance(v, (list, dict))]
+        if not containers:
+            return depth
+        depth += 1
+        level = [x for c in containers for x in (c.values() if isinstance(c, dict) else c)]
+
+
 def parse_json(raw: bytes | str, where: str, error: type, fix: str):
-    """``json.loads`` whose every failure (not UTF-8, not JSON, nested past Python's recursion limit, an integer
-    of more digits than Python converts) is one ``error`` naming ``where`` and ``fix``."""
+    """``json.loads`` whose every failure (not UTF-8, not JSON, nested past Python's recursion limit or
+    :data:`MAX_YAML_DEPTH` levels, which the code reading it recurses through, an integer of more digits than Python
+    converts) is one ``error`` naming ``where`` and ``fix``."""
     import json
 
     try:
-        return json.loads(raw)
+        value = json.loads(raw)
     except (UnicodeDecodeError, ValueError, RecursionError):
         raise error(f"{where} is not readable JSON; {fix}") from None
+    if json_depth(value) > MAX_YAML_DEPTH:
+        raise error(f"{where} nests more than {MAX_YAML_DEPTH} levels deep, which automtl never writes; {fix}")
+    return value
 
 
 def read_json(path: str | os.PathLike, what: str, error: type, fix: str, max_bytes: Optional[int] = None):
@@ -241,7 +256,7 @@ def iter_json_lines(path: str | os.PathLike, what: str, error: type, max_bytes: 
                 value = json.loads(line)
             except (UnicodeDecodeError, ValueError, RecursionError):
                 value = None
-            yield number, line, value
+            yield number, line, (value if json_depth(value) <= MAX_YAML_DEPTH else None)
 
 
 def read_at_most(f, n: int) -> bytes:

@@ -560,3 +560,25 @@ def test_a_compressed_tensor_file_in_a_run_directory_is_refused(finished, tmp_pa
     before = snapshot(out)
     one_line_error(cli(*command(out, tmp_path)), "compressed", name.rsplit("/", 1)[-1])
     assert snapshot(out) == before and not (tmp_path / "m.automtl").exists()
+
+
+def test_json_read_back_nesting_deeper_than_automtl_writes_is_one_sentence(tmp_path):
+    """A sweep member's report.json nesting 600 levels parsed (json's limit is about 1000), then the config rebuilt
+    from it recursed past Python's limit: a RecursionError traceback from ``sweep --resume``."""
+    deep: dict = {}
+    inner = deep
+    for _ in range(600):
+        inner["a"] = {}
+        inner = inner["a"]
+    member = tmp_path / "sweep" / "budget-1.0x"
+    member.mkdir(parents=True)
+    (member / "model.automtl").write_bytes(b"x")
+    (member / "report.json").write_text(json.dumps({"config": {"backbone": "tiny", "search": {"weighting_options": deep}},
+                                                    "policy": {"counts": {}}}))
+    one_line_error(cli("sweep", "tiny", "--budgets", "1.0x", *SMALL, "--out", tmp_path / "sweep", "--resume"),
+                   "report.json' nests more than 32 levels deep")
+    log = tmp_path / "log.jsonl"
+    log.write_text(json.dumps(deep) + "\n" + json.dumps({"step": 1}) + "\n")
+    from automtl.fileio import iter_json_lines
+
+    assert [value for _, _, value in iter_json_lines(log, "log", AutomtlError)] == [None, {"step": 1}]
