@@ -38,7 +38,7 @@ _FLOATS = {
     "min_margin": "nonneg", "conflict_confidence": "nonneg", "conflict_threshold": "any",
     "holdout_fraction": "nonneg", "finetune_decay_fraction": "pos", "conflict_futility": "nonneg",
 }
-_BUDGET = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*[xX×]?\s*$")
+_BUDGET = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*[xX×]?\s*\Z")
 
 
 def parse_numbers(option: str, text: Optional[str], n: int, form: str, positive: bool = False) -> tuple:

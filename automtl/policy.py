@@ -19,7 +19,7 @@ import yaml
 
 from .errors import ConfigError, FileFormatError
 
-_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,128}$")
+_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,128}\Z")
 
 SHARE, SPECIALIZE, SKIP = 0, 1, 2
 CHOICES = ("share", "specialize", "skip")

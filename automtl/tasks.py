@@ -16,7 +16,7 @@ from .kinds import KINDS, TaskKind
 
 #: The most classes a task may have (ImageNet-21k has 21,841).
 MAX_CLASSES = 1_000_000
-_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}\Z")
 #: Names a module uses for itself (``eval``, ``to``, ``forward``, an instance's ``_modules`` or ``_graph``): the
 #: class's attributes and an instance's own. Generated code reaches submodules as attributes, so a submodule, a
 #: task (its head and branches are modules named after it) or a bundle's module path may not take one.

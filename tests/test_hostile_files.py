@@ -876,3 +876,36 @@ def test_the_unfolded_input_counts_output_positions_and_only_on_the_cpu():
     with pytest.raises(FileFormatError, match="with what a convolution unfolds"):
         bounded_run(wide, [x], 1, 1)
     bounded_run(wide, [x], 1, 1, on_cpu=False)
+
+
+def test_names_ending_in_a_newline_are_refused(valid, tmp_path):
+    """Python's ``$`` matches before a final newline: a task named ``"segmentation\\n"`` loaded, ran and broke
+    ``inspect``'s table; node and module names, devices and policy values were checked the same way (``\\Z`` now)."""
+    with pytest.raises(AutomtlError, match="name"):
+        Task("segmentation\n", "segmentation", classes=4)
+
+    def newline_task(d):
+        d["tasks"][0]["name"] += "\n"
+        d["policy"]["tasks"][0] += "\n"
+
+    def newline_evidence(d):
+        d["policy"]["evidence"] = {**(d["policy"].get("evidence") or {}), "strategy": "conflict\n"}
+
+    for i, change in enumerate([newline_task, newline_evidence]):
+        with pytest.raises(FileFormatError):
+            load(write(tmp_path / f"m{i}.automtl", edit(valid, change)))
+    from automtl.formats.rebuild import _IDENT
+    from automtl.policy import _NAME
+
+    assert not _IDENT.match("x\n") and not _NAME.match("conflict\n") and _NAME.match("conflict")
+
+
+def test_a_dimension_beyond_the_input_and_an_input_beyond_the_bounds_are_refused_at_load(valid, tmp_path):
+    """The meta device takes ``torch.softmax(x, 2**31)``: the file loaded and failed at its first call (with torch.fx's
+    traceback on stderr). An input_shape of 65536^4 overflowed torch's size computation: a RuntimeError traceback."""
+    softmax = insert_before_output(node("r", "call_function", "torch.softmax", {"$node": "x"}, 2 ** 31), use_last=False)
+    with pytest.raises(FileFormatError, match="has node 'r' whose dim 2147483648 names no dimension of its "
+                                              "4-dimensional input"):
+        load(write(tmp_path / "dim.automtl", edit(valid, softmax)))
+    with pytest.raises(FileFormatError, match=r"records an input of shape \(65536, 65536, 65536, 65536\)"):
+        load(write(tmp_path / "shape.automtl", edit(valid, lambda d: d.update(input_shape=[65536] * 4))))

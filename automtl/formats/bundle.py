@@ -46,7 +46,7 @@ ENTRIES = (MODEL_ENTRY, WEIGHTS_ENTRY, CHECKSUMS_ENTRY)
 MAX_BUNDLE_BYTES = 2 * 2**30
 _MAX_CHECKSUMS = 4096
 _MAX_RATIO = 100  # model.yaml deflates about 10x; a zip bomb deflates 1000x
-_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
 _FUNCTION_NAMES = {fn: name for name, (fn, _) in FUNCTIONS.items()}
 
 

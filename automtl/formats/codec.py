@@ -21,7 +21,7 @@ from ..errors import FileFormatError
 DTYPES = {str(d).split(".")[-1]: d for d in (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.uint8,
                                              torch.int8, torch.int16, torch.int32, torch.int64, torch.bool)}
 _MEMORY_FORMATS = {n: getattr(torch, n) for n in ("contiguous_format", "channels_last", "preserve_format")}
-_DEVICE = re.compile(r"^(cpu|cuda|mps|meta)(:[0-9]{1,3})?$")
+_DEVICE = re.compile(r"^(cpu|cuda|mps|meta)(:[0-9]{1,3})?\Z")
 
 
 def encode(v: Any, where: str):

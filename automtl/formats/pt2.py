@@ -58,12 +58,12 @@ _MAX_DIMS = 16  # dimensions of a weight or constant
 _MAX_DIM = 2**40  # one size, stride or offset
 _MARKERS = {"archive_format", "archive_version", "byteorder", ".data/version", ".data/serialization_id"}
 _NAME = r"[A-Za-z0-9_]{1,100}"
-_ROOT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,99}$")
+_ROOT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,99}\Z")
 # every entry name a plain export has, relative to the root folder (torch/export/pt2_archive/constants.py)
 _LAYOUT = re.compile(rf"^(?:archive_format|archive_version|byteorder|\.data/version|\.data/serialization_id"
                      rf"|models/{_NAME}\.json|data/sample_inputs/{_NAME}\.pt"
                      rf"|data/weights/{_NAME}_weights_config\.json|data/constants/{_NAME}_constants_config\.json"
-                     rf"|data/weights/weight_[0-9]{{1,9}}|data/constants/tensor_[0-9]{{1,9}})$")
+                     rf"|data/weights/weight_[0-9]{{1,9}}|data/constants/tensor_[0-9]{{1,9}})\Z")
 
 # The aten operators a loaded program may call, by overload packet; any overload of a listed packet
 # but an in-place or out= one (checked on its schema: no argument it writes to; and by name).
@@ -157,13 +157,13 @@ _ARGUMENT_KINDS = frozenset({
 #: ``from_node``). ``source_fn_stack`` is left out (torch resolves each of its entries as an attribute path, like
 #: ``as_operator``), as is anything else.
 _NODE_METADATA = frozenset({"stack_trace", "nn_module_stack", "torch_fn", "from_node", "custom"})
-_ATEN = re.compile(r"^torch\.ops\.aten\.([A-Za-z0-9_]+)\.([A-Za-z0-9_]+)$")
+_ATEN = re.compile(r"^torch\.ops\.aten\.([A-Za-z0-9_]+)\.([A-Za-z0-9_]+)\Z")
 _PYTHON_OPERATORS = {f"_operator.{n}" for n in ("getitem", "add", "sub", "mul", "floordiv", "truediv", "mod", "neg",
                                                  "eq", "ne", "lt", "le", "gt", "ge")}
-_SYMBOLIC = re.compile(r"^[A-Za-z0-9_ +\-*/(),.%<>='\"]*$")
+_SYMBOLIC = re.compile(r"^[A-Za-z0-9_ +\-*/(),.%<>='\"]*\Z")
 _SYMBOLIC_NAMES = re.compile(r"^([su][0-9]+|Add|Mul|Mod|PythonMod|FloorDiv|CleanDiv|CeilDiv|CeilToInt|FloorToInt|Max|Min|"
                              r"floor|ceiling|oo|True|False|Eq|Ne|Lt|Le|Gt|Ge|And|Or|Not|Integer|Symbol|positive|negative|nonnegative|"
-                             r"integer|real|finite)$")
+                             r"integer|real|finite)\Z")
 
 
 def export(compact: CompactModel, path: str | os.PathLike, example_input: Optional[torch.Tensor] = None) -> None:
@@ -387,7 +387,7 @@ def _check_config(path: str, name: str, config: Any, prefix: str) -> tuple:
         if not isinstance(meta, dict) or meta.get("use_pickle") is not False:
             raise _bad(path, f"marks {fqn!r} in {name} as pickled, and unpickling can run code")
         file = meta.get("path_name")
-        if not isinstance(file, str) or not re.match(rf"^{prefix}[0-9]{{1,9}}$", file):
+        if not isinstance(file, str) or not re.match(rf"^{prefix}[0-9]{{1,9}}\Z", file):
             raise _bad(path, f"stores {fqn!r} in {name} as {str(file)[:60]!r}, not as raw tensor bytes")
         dtype, nbytes, span = _tensor_bytes(path, name, fqn, meta)
         total += nbytes

@@ -17,6 +17,7 @@ from typing import Any, Optional
 
 import torch
 from torch import fx, nn
+from torch.fx.operator_schemas import normalize_function
 
 from ..errors import AutomtlError, FileFormatError
 from ..kinds import shape_fits
@@ -35,8 +36,8 @@ _ATTRIBUTE_DTYPES = ("float16", "bfloat16", "float32", "float64", "int8", "int16
 #: The keys of a format-2 description; anything else is refused rather than parsed and ignored.
 DESCRIPTION_KEYS = {"automtl_bundle", "automtl_version", "dtype", "input_shape", "tasks", "policy", "modules",
                     "attributes", "nodes"}
-_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_PART = re.compile(r"^[A-Za-z0-9_]+$")
+_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
+_PART = re.compile(r"^[A-Za-z0-9_]+\Z")
 #: bounds of a node's sharing notes (a layer's module path, task names): far above what a model writes
 MAX_META_CHARS, MAX_META_ITEMS = 1024, 1024
 #: Names a module or attribute may not take: they would shadow the GraphModule's own attributes.
@@ -458,6 +459,34 @@ class _BoundedShapes(fx.Interpreter):
             k = (k,) * (3 if "3d" in kind else 1 if "1d" in kind else 2)
         return (math.prod(int(v) for v in k), 0) if isinstance(k, (tuple, list)) and all(isinstance(v, int) for v in k) else (1, 0)
 
+    def _check_dims(self, n: fx.Node, args: tuple, kwargs: dict) -> None:
+        """Every dimension a call names within its input's rank: the meta device takes ``torch.softmax(x, 2**31)``
+        (its kernels check on the CPU only), so a crafted file would load and fail at its first call."""
+        target = getattr(torch, n.target, None) if n.op == "call_method" else n.target
+        if n.op not in ("call_function", "call_method") or not callable(target):
+            return
+        try:
+            found = normalize_function(target, args, kwargs, normalize_to_only_use_kwargs=True)
+        except Exception:  # no schema torch can match: the call itself is checked when it runs
+            return
+        if found is None:
+            return
+        named = found.kwargs
+        x = named.get("input", named.get("self"))
+        if x is None and isinstance(named.get("tensors"), (list, tuple)) and named["tensors"]:
+            x = named["tensors"][0]
+        if not isinstance(x, torch.Tensor):
+            return
+        rank = max(x.dim(), 1) + (1 if target in (torch.unsqueeze, torch.stack) else 0)  # one past the input's axes
+        for key in ("dim", "dim0", "dim1", "start_dim", "end_dim", "dims"):
+            value = named.get(key)
+            if key == "dims" and not isinstance(value, (list, tuple)):
+                continue  # tensordot's count of contracted dimensions
+            for d in value if isinstance(value, (list, tuple)) else (value,):
+                if isinstance(d, int) and not isinstance(d, bool) and not -rank <= d < rank:
+                    raise FileFormatError(f"has node {n.name!r} whose {key} {d} names no dimension of its "
+                                          f"{x.dim()}-dimensional input; the file is crafted or corrupted")
+
     def run_node(self, n: fx.Node):
         name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")
         if name in ("unbind", "split", "chunk", "tensor_split", "split_with_sizes") and n.op != "call_module":
@@ -467,6 +496,7 @@ class _BoundedShapes(fx.Interpreter):
         if n.op not in ("get_attr", "placeholder", "output"):  # every element a node reads (a reduction of an
             args, kwargs = self.fetch_args_kwargs_from_env(n)  # expanded view reads far more than it writes)
             read += sum(v.numel() for v in _nested((args, kwargs)) if isinstance(v, torch.Tensor))
+            self._check_dims(n, args, kwargs)
         out = super().run_node(n)
         if self.shapes is not None:
             self.shapes[n] = _shapes_in_order(out)
@@ -555,6 +585,9 @@ def _dry_run(path: str, gm: fx.GraphModule, desc: dict, tasks: list, dtype: torc
     if not (isinstance(shape, list) and len(shape) == 4 and all(isinstance(d, int) and not isinstance(d, bool)
                                                                 and 1 <= d <= 2**16 for d in shape)):
         raise bad(path, "has no valid input_shape (N, C, H, W); the file is corrupted, save the model again")
+    if math.prod(shape) > MAX_LIVE:  # before anything of that shape is made, even on the meta device
+        raise bad(path, f"records an input of shape {tuple(shape)}, {math.prod(shape)} elements, more than the "
+                        f"{MAX_LIVE} automtl allows alive at once; the file is crafted or corrupted")
     shape_check(path, gm, tasks, dtype, shape)
 
 
