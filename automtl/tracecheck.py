@@ -14,12 +14,14 @@ output or the parameter that differs.
 """
 from __future__ import annotations
 
+import ast
 import contextlib
 import copy
 import dataclasses
 import inspect
 import io
 import math
+import textwrap
 from collections.abc import Mapping
 from typing import Optional, Sequence
 
@@ -150,7 +152,8 @@ def check_trace(backbone: nn.Module, graphs: dict, example_input: torch.Tensor,
                 for x in _check_inputs(example_input, mode):
                     found = _compare(backbone, own, gm, x, buffers, python, failures, not requires_grad_tests)
                     if found is not None:
-                        _raise_if_apart(type(backbone).__name__, mode, *found, requires_grad_tests=requires_grad_tests)
+                        _raise_if_apart(type(backbone).__name__, mode, *found, requires_grad_tests=requires_grad_tests,
+                                        augmented=augmented_assignments(backbone))
                         break
                 else:
                     if mode == "eval" and failures:  # the trace ran on the example when shapes were propagated
@@ -319,7 +322,28 @@ def tolerance(dtype: torch.dtype) -> float:
     return max(TOLERANCE, 4 * torch.finfo(dtype).eps) if dtype.is_floating_point else TOLERANCE
 
 
-def _raise_if_apart(name: str, mode: str, what, gap: float, requires_grad_tests: Sequence[str] = ()) -> None:
+def augmented_assignments(root: nn.Module, limit: int = 3) -> list:
+    """``file:line`` of the first ``limit`` augmented assignments (``x += y``, ``x *= s``) to a plain name in the
+    forwards of ``root``'s module classes: torch.fx records them out of place, so another name holding the same tensor
+    keeps the old value in the trace and sees the new one in eager mode."""
+    found: list = []
+    for cls in dict.fromkeys(type(m) for m in root.modules()):
+        forward = cls.__dict__.get("forward")
+        try:
+            lines, first = inspect.getsourcelines(forward)
+            tree = ast.parse(textwrap.dedent("".join(lines)))
+            where = inspect.getsourcefile(forward)
+        except (TypeError, OSError, SyntaxError, ValueError):
+            continue
+        found += [f"{where}:{first + node.lineno - 1}" for node in ast.walk(tree)
+                  if isinstance(node, ast.AugAssign) and isinstance(node.target, ast.Name)]
+        if len(found) >= limit:
+            break
+    return found[:limit]
+
+
+def _raise_if_apart(name: str, mode: str, what, gap: float, requires_grad_tests: Sequence[str] = (),
+                    augmented: Sequence[str] = ()) -> None:
     if what is None:
         return
     off = "differs" if math.isinf(gap) else f"off by {gap:.1%}" if gap < 10 else "off by more than 1000%"
@@ -339,9 +363,12 @@ def _raise_if_apart(name: str, mode: str, what, gap: float, requires_grad_tests:
         raise BackboneError(
             f"torch.fx's trace of {name} computes other outputs than its forward in {mode} mode ({what} {off} on a "
             "check batch): the forward depends on something the trace records as a constant (a Python random draw, "
-            "a call counter or other Python state, code that asks whether it is being traced); make that part "
-            "tensor operations, or mark the module that does it as a leaf (leaf_modules=[ItsClass]) so it runs as "
-            "one call")
+            "a call counter or other Python state, code that asks whether it is being traced)"
+            + (f", or an augmented assignment (`x += y` at {', '.join(augmented)}) to a tensor another name still holds, "
+               "which torch.fx records out of place (`x = x + y`), so that other name keeps the old value (assign the "
+               "new value to it too)" if augmented else "")
+            + "; make that part tensor operations, or mark the module that does it as a leaf "
+              "(leaf_modules=[ItsClass]) so it runs as one call")
     raise BackboneError(
         f"torch.fx's trace of {name} trains with other gradients than its forward in {mode} mode ({what} {off} on a "
         "check batch): the forward changes its backward in a way the trace does not record (a torch.no_grad() or "

@@ -1259,3 +1259,25 @@ def test_a_module_called_several_times_is_named_by_its_call():
             cap = capture(net, torch.randn(1, 3, 8, 8), feature_node=f"bn@{k}")
             assert torch.allclose(cap.graph_module(x), seen[k])
     assert capture(net, torch.randn(1, 3, 8, 8), feature_node="stem").feature_node == "stem"  # called once: as before
+
+
+class _AliasedInPlaceAdd(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 1)
+
+    def forward(self, x):
+        x = torch.relu(self.a(x))
+        shortcut = x
+        x += torch.relu(self.b(x))  # in place: shortcut is the new value too, in eager mode only
+        return self.c(x + shortcut)
+
+
+def test_an_augmented_assignment_to_an_aliased_tensor_is_named_in_the_refusal():
+    """torch.fx records ``x += y`` as ``x = x + y``: the refusal blamed Python state and random draws only."""
+    import inspect as _inspect
+
+    line = _inspect.getsourcelines(_AliasedInPlaceAdd.forward)[1] + 3
+    with pytest.raises(BackboneError, match=rf"an augmented assignment \(`x \+= y` at .*test_capture.py:{line}\) to a "
+                                            r"tensor another name still holds"):
+        capture(_AliasedInPlaceAdd(), torch.randn(1, 3, 16, 16))
