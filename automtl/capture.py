@@ -346,15 +346,41 @@ def _refuse_hooks(backbone: nn.Module, graphs: Sequence[fx.Graph]) -> None:
             raise BackboneError(f"{what} overrides __call__ or _call_impl, which torch.fx and the converted model do "
                                 "not run (they call forward); write what it does in forward instead")
 
-        stateful = [p for p in getattr(m, "parametrizations", {}).values()
-                    if any(True for _ in p.buffers()) or any(not q.requires_grad for f in p for q in f.parameters())
-                    or any(isinstance(v, torch.Tensor) for f in p for v in vars(f).values())]  # state kept as a
-        # frozen parameter or a plain tensor attribute is state too (p's own "original" weights are not)
-        if stateful:
-            raise BackboneError(f"{what} has a parametrization that keeps state ({type(stateful[0][0]).__name__}: "
-                                "spectral_norm's power iteration moves it at every call in training), and the compact "
-                                "model calls a shared module once per group of tasks; fold it into the weight first "
-                                "(torch.nn.utils.parametrize.remove_parametrizations)")
+        for tensor_name, p in getattr(m, "parametrizations", {}).items():
+            moved = _moving_state(m, tensor_name, p)
+            if moved:
+                raise BackboneError(
+                    f"{what} has a parametrization whose state changes each time it computes {tensor_name!r} in "
+                    f"training ({type(p[0]).__name__}'s {', '.join(moved)}, as spectral_norm's power iteration does), "
+                    "and the compact model calls a shared module once per group of tasks; fold it into the weight "
+                    "first (torch.nn.utils.parametrize.remove_parametrizations)")
+
+
+def _moving_state(module: nn.Module, tensor_name: str, parametrizations: nn.ModuleList) -> list:
+    """The state a parametrization changes when it computes ``module.<tensor_name>`` in train mode, by name: its
+    buffers, frozen parameters and tensor attributes compared before and after two computations (orthogonal's
+    ``base`` stays, spectral_norm's ``_u`` and ``_v`` move). The module's state is put back afterwards."""
+    state = {}
+    for i, f in enumerate(parametrizations):
+        state.update({f"{i}.{n}": b for n, b in f.named_buffers()})
+        state.update({f"{i}.{n}": q for n, q in f.named_parameters() if not q.requires_grad})
+        state.update({f"{i}.{n}": v for n, v in vars(f).items() if isinstance(v, torch.Tensor)})
+    if not state:
+        return []
+    before = {k: v.detach().clone() for k, v in state.items()}
+    modes = {f: f.training for f in parametrizations}
+    try:
+        with torch.no_grad():
+            parametrizations.train()
+            for _ in range(2):
+                getattr(module, tensor_name)
+        return [k.split(".", 1)[1] for k, v in state.items() if not torch.equal(v, before[k])]
+    finally:
+        with torch.no_grad():
+            for k, v in state.items():
+                v.copy_(before[k])
+        for f, mode in modes.items():
+            f.train(mode)
 
 
 class _NotTraceable(BackboneError):

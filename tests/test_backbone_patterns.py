@@ -956,3 +956,26 @@ def test_a_weight_tied_between_layers_is_refused_by_the_bundle_in_one_sentence(t
     x = torch.randn(2, 3, SIZE, SIZE)
     with torch.no_grad():
         assert all(close(automtl.load_pt2(tmp_path / "m.pt2").module()(x)[t], y) for t, y in c(x).items())
+
+
+def test_a_parametrization_whose_state_does_not_move_converts_with_the_right_numbers():
+    """orthogonal() keeps a ``base`` buffer that its forward never changes: it was refused as spectral_norm is."""
+    from torch.nn.utils import parametrizations
+
+    torch.manual_seed(0)
+    backbone = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1))
+    parametrizations.orthogonal(backbone[3])
+    sm = automtl.supermodel(backbone, TASKS, torch.randn(1, 3, SIZE, SIZE))
+    x = torch.randn(3, 3, SIZE, SIZE)
+    for mode in (False, True):
+        model = copy.deepcopy(sm).train(mode).hard(Policy.uniform(sm.layer_names, sm.task_names, "share"))
+        with torch.no_grad():
+            ref = copy.deepcopy(backbone).train(mode)(x)
+            assert all(close(f, ref, 1e-4) for f in model.features(x).values()), mode
+        policy = Policy.random(sm.layer_names, sm.task_names, sm.skip_legal, seed=0)
+        model = copy.deepcopy(sm).hard(policy)
+        c = compact(model, policy)
+        model.train(mode), c.train(mode)
+        with torch.no_grad():
+            a, b = model(x), c(x)
+        assert all(close(a[t], b[t], 1e-4) for t in a), mode
