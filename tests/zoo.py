@@ -550,14 +550,14 @@ class WindowStagesNet(nn.Module):
     """timm's Swin at the one size it takes: a convolution's map permuted to (N, H, W, C), attention in 4 x 4 windows
     (the map cut into (N·windows, 16, C) and put back), an MLP on tokens (``reshape(N, -1, C)`` and back), a
     depthwise convolution on the map permuted in and out, a patch merging (2 x 2 pixels into the channels) and a
-    channels-last norm at the end of ``forward_features``; other sizes fail at the position embedding, so only the
-    graph tells the maps."""
+    channels-last norm at the end of ``forward_features``; larger sizes fail at the position embedding (made for
+    images up to 32 x 32), so only the graph tells the maps."""
 
     def __init__(self, window: int = 4):
         super().__init__()
         self.window, self.scale = window, 8 ** -0.5
         self.stem = nn.Conv2d(3, 8, 3, stride=2, padding=1)
-        self.pos = nn.Parameter(torch.randn(1, 8, 8, 8) / 10)  # (1, H, W, C) at 16 x 16 images
+        self.pos = nn.Parameter(torch.randn(1, 16, 16, 8) / 10)  # (1, H, W, C) for images up to 32 x 32
         self.norm1, self.qkv, self.proj = nn.LayerNorm(8), nn.Linear(8, 24), nn.Linear(8, 8)
         self.norm2, self.fc1, self.fc2 = nn.LayerNorm(8), nn.Linear(8, 16), nn.Linear(16, 8)
         self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
@@ -576,8 +576,9 @@ class WindowStagesNet(nn.Module):
         return out.view(n, h // k, w // k, k, k, c).permute(0, 1, 3, 2, 4, 5).reshape(n, h, w, c)
 
     def forward_features(self, x):
-        x = self.stem(x).permute(0, 2, 3, 1) + self.pos
+        x = self.stem(x).permute(0, 2, 3, 1)
         n, h, w, c = x.shape
+        x = x + self.pos[:, :h, :w]
         x = x + self._attention(self.norm1(x))
         t = x.reshape(n, -1, c)
         x = (t + self.fc2(F.gelu(self.fc1(self.norm2(t))))).reshape(n, h, w, c)
