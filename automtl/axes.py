@@ -250,14 +250,16 @@ class _Axes:
 
 
 def mark(gm: fx.GraphModule, key: str, unknown: tuple) -> None:
-    """Set ``node.meta[key]`` on the 4-D nodes the rules reach (their :func:`classify`), and ``unknown`` on those
-    computed from tensors laid out otherwise through operations the rules do not cover."""
+    """Set ``node.meta[key]`` on the nodes the rules reach: a 4-D node's :func:`classify`, another's
+    :func:`axis_class` per axis (tokens: ``("N", "L", "C")``); and ``unknown`` on the 4-D nodes computed from tensors
+    laid out otherwise through operations the rules do not cover."""
     axes = _Axes(gm)
     for node in gm.graph.nodes:
         shape = _shape(node)
-        if shape is None or len(shape) != 4:
+        if shape is None:
             continue
         if node in axes.labels:
-            node.meta[key] = classify(axes.labels[node])
-        elif node in axes.other:
+            labels = axes.labels[node]
+            node.meta[key] = classify(labels) if len(shape) == 4 else tuple(axis_class(label) for label in labels)
+        elif node in axes.other and len(shape) == 4:
             node.meta[key] = unknown

@@ -1134,13 +1134,41 @@ def _dropped_body(gm: fx.GraphModule, node: fx.Node) -> list:
                 f"({', '.join(map(str, convs[:3]))}{', ...' if len(convs) > 3 else ''}): pass feature_node={out.name!r} "
                 "(or another place) to convert them too"]
     if len(dropped) <= DROPPED_MODULES_WARN or dropped_params <= kept_params:
-        return []
+        body = _left_out_body(gm, kept, dropped)
+        if not body:
+            return []
+        share = sum(body.values()) / max(kept_params + dropped_params, 1)
+        return [f"the features are cut at {node.name!r} {tuple(_tensor_meta(node).shape)}, the deepest map automtl can "
+                f"tell, which leaves out {len(body)} parameterised module(s) computing the backbone's output after it "
+                f"before any pooling or classifier ({', '.join(map(str, list(body)[:3]))}{', ...' if len(body) > 3 else ''}"
+                f"; {share:.0%} of its parameters), such as blocks on tokens: the converted model ends at the cut; name "
+                "another place with feature_node if that is not what you want"]
     share = dropped_params / max(kept_params + dropped_params, 1)
     return [f"the features are cut at {node.name!r} {tuple(_tensor_meta(node).shape)}, the deepest 4-D map before the "
             f"spatial resolution collapses, which leaves out {len(dropped)} modules after it holding {share:.0%} of the "
             "backbone's parameters (such as a transformer's encoder on tokens, or a segmentation head after the "
             "deepest map); automtl converts convolutions, so if that is not what you want, name another place with "
             "feature_node"]
+
+
+def _left_out_body(gm: fx.GraphModule, kept: set, dropped: dict) -> dict:
+    """Of the ``dropped`` parameterised modules (path -> parameters), those on the way to the output before any
+    spatial collapse and outside a classifier: the backbone's body, not its head (a last block on tokens)."""
+    from .features import _collapses, _in_classifier, _is_map
+
+    maps: set = set()
+    after_collapse: set = set()
+    body: dict = {}
+    for n in gm.graph.nodes:
+        if _is_map(n):
+            maps.add(n)
+        if n.op in ("placeholder", "output") or n in kept:
+            continue
+        if any(i in after_collapse for i in n.all_input_nodes) or _collapses(gm, n, frozenset(maps)):
+            after_collapse.add(n)
+        elif n.target in dropped and not _in_classifier(n):
+            body[n.target] = dropped[n.target]
+    return body
 
 
 def _channels_first(graph: fx.Graph) -> fx.Node:

@@ -159,6 +159,11 @@ def _collapses(gm: fx.GraphModule, node: fx.Node, trunk: frozenset = frozenset()
     if name in _REDUCTIONS:
         dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
         dims = dims if isinstance(dims, (tuple, list)) else (dims,)
+        source = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+        classes = source.meta.get(META_AXES) if source is not None else None
+        if classes and _shape(source) is not None and len(classes) == len(_shape(source)) != 4:
+            # tokens or another rank whose axes the graph tells: a reduction over the image's axes (a mean over tokens)
+            return any(isinstance(d, int) and classes[d % len(classes)] in ("L", "H", "W") for d in dims)
         return any(d in (2, 3, -1, -2) for d in dims)
     return False
 

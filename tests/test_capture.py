@@ -1282,3 +1282,34 @@ def test_an_augmented_assignment_to_an_aliased_tensor_is_named_in_the_refusal():
     with pytest.raises(BackboneError, match=rf"an augmented assignment \(`x \+= y` at .*test_capture.py:{line}\) to a "
                                             r"tensor another name still holds"):
         capture(_AliasedInPlaceAdd(), torch.randn(1, 3, 16, 16))
+
+
+class _TokenTail(nn.Module):
+    """EfficientFormer's end: convolutional stages, then a last block on tokens (``flatten(2).transpose(1, 2)``,
+    a norm and an MLP) whose output is the backbone's, (N, tokens, C), and a classifier after a pooling."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.conv = nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.norm, self.mlp = nn.LayerNorm(8), nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8))
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        t = self.conv(torch.relu(self.stem(x))).flatten(2).transpose(1, 2)
+        t = t + self.mlp(self.norm(t))
+        return self.fc(t.mean(1))
+
+
+def test_a_default_cut_that_leaves_out_blocks_before_the_head_says_so():
+    """twins, xcit and EfficientFormer end in tokens: the cut at the last map left their last blocks out silently
+    (a warning came only past 8 modules holding most of the parameters); the classifier after the pooling is no
+    such block."""
+    with pytest.warns(UserWarning, match=r"cut at 'conv' \(1, 8, 8, 8\), the deepest map automtl can tell, which "
+                                         r"leaves out 3 parameterised module\(s\) computing the backbone's output after "
+                                         r"it before any pooling or classifier \(norm, mlp.0, mlp.2; "):
+        cap = capture(_TokenTail(), torch.randn(1, 3, 16, 16))
+    assert cap.feature_node == "conv"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        capture(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10)),
+                torch.randn(1, 3, 16, 16))  # a head after a pooling: no warning
