@@ -77,6 +77,8 @@ def reshaped(labels: List[Label], sizes: tuple) -> Optional[List[Label]]:
     (an atom cut in two leaves its major part the name and its minor part the fine name); None where a size does not
     fall on the atoms' factors."""
     row = [a for label in labels for a in label]
+    if 0 in sizes or any(n == 0 for _, n in row):
+        return None  # an empty tensor: no axis of it is the image's
     out: List[Label] = []
     for size in sizes:
         part: List[Atom] = []
@@ -136,6 +138,8 @@ def _ints(args) -> Optional[list]:
 
 def _moved(node: fx.Node, labels: List[Label]) -> Optional[List[Label]]:
     name, rank = call_name(node), len(labels)
+    if rank == 0:
+        return None
     args = list(node.args[1:])
     if name == "permute":
         dims = _ints(args or [node.kwargs.get("dims", ())])
@@ -171,12 +175,14 @@ def _size(label: Label) -> int:
 
 
 def _sliced(node: fx.Node) -> bool:
-    """Not an index by a tensor (a gather or a shuffle: which position goes where is known only when it runs)."""
+    """An index of slices only (and ``...``): every axis stays where it was. Not an index by a tensor (a gather or a
+    shuffle: which position goes where is known only when it runs), nor one that drops or adds axes (an int, a None:
+    labels matched by position would land on the wrong axes)."""
     if call_name(node) != "getitem":
         return True
     index = node.args[1] if len(node.args) > 1 else None
     index = index if isinstance(index, tuple) else (index,)
-    return all(i is None or i is Ellipsis or isinstance(i, (int, slice)) for i in index)
+    return all(i is Ellipsis or isinstance(i, slice) for i in index)
 
 
 def _known(labels: List[Label]) -> bool:
@@ -199,7 +205,10 @@ class _Axes:
                 if shape is not None and len(shape) == 4:
                     self.labels[node] = fresh(shape, NCHW)
                 continue
-            found = self._rule(node, shape) if shape is not None else None
+            try:
+                found = self._rule(node, shape) if shape is not None else None
+            except (ArithmeticError, IndexError, KeyError, TypeError, ValueError):  # a form the rules did not foresee
+                found = None
             if found is not None and len(found) == len(shape):
                 self.labels[node] = found
             if any(i in after_otherwise or (i in self.labels and len(self.labels[i]) == 4

@@ -358,27 +358,44 @@ def _refuse_hooks(backbone: nn.Module, graphs: Sequence[fx.Graph]) -> None:
 
 def _moving_state(module: nn.Module, tensor_name: str, parametrizations: nn.ModuleList) -> list:
     """The state a parametrization changes when it computes ``module.<tensor_name>`` in train mode, by name: its
-    buffers, frozen parameters and tensor attributes compared before and after two computations (orthogonal's
-    ``base`` stays, spectral_norm's ``_u`` and ``_v`` move). The module's state is put back afterwards."""
-    state = {}
-    for i, f in enumerate(parametrizations):
-        state.update({f"{i}.{n}": b for n, b in f.named_buffers()})
-        state.update({f"{i}.{n}": q for n, q in f.named_parameters() if not q.requires_grad})
-        state.update({f"{i}.{n}": v for n, v in vars(f).items() if isinstance(v, torch.Tensor)})
-    if not state:
+    buffers, frozen parameters and tensor attributes, read again after each of two computations and compared with
+    what they were (orthogonal's ``base`` stays; spectral_norm's ``_u`` and ``_v`` move, in place or rebound). The
+    module's state is put back afterwards, the same objects with the same values."""
+    def state() -> dict:
+        found = {}
+        for i, f in enumerate(parametrizations):
+            found.update({(i, "buffer", n): b for n, b in f._buffers.items() if isinstance(b, torch.Tensor)})
+            found.update({(i, "parameter", n): q for n, q in f._parameters.items()
+                          if isinstance(q, torch.Tensor) and not q.requires_grad})
+            found.update({(i, "attribute", n): v for n, v in vars(f).items() if isinstance(v, torch.Tensor)})
+        return found
+
+    kept = state()
+    if not kept:
         return []
-    before = {k: v.detach().clone() for k, v in state.items()}
+    values = {k: v.detach().clone() for k, v in kept.items()}
     modes = {f: f.training for f in parametrizations}
+    moved: list = []
     try:
         with torch.no_grad():
             parametrizations.train()
             for _ in range(2):
                 getattr(module, tensor_name)
-        return [k.split(".", 1)[1] for k, v in state.items() if not torch.equal(v, before[k])]
+                now = state()
+                moved += [k[2] for k, v in values.items() if k[2] not in moved and (
+                    k not in now or now[k].shape != v.shape or not torch.equal(now[k], v))]
+        return moved
     finally:
         with torch.no_grad():
-            for k, v in state.items():
-                v.copy_(before[k])
+            for (i, kind, name), original in kept.items():
+                f = parametrizations[i]
+                if kind == "buffer":
+                    f._buffers[name] = original
+                elif kind == "parameter":
+                    f._parameters[name] = original
+                else:
+                    object.__setattr__(f, name, original)
+                original.copy_(values[(i, kind, name)])
         for f, mode in modes.items():
             f.train(mode)
 
@@ -629,15 +646,17 @@ def capture(
         raise BackboneError("automtl converts the backbone into a model to train, and tensors made under "
                             "torch.inference_mode() can never be trained; convert it outside inference_mode")
     _refuse_wrappers(backbone)
-    if backbone.training:  # before capture sets the modes: a layer put in eval mode by hand is frozen on purpose
-        _refuse_frozen_modules(backbone, "the backbone is in train mode but")
+    # before capture sets the modes: a layer put in eval mode by hand in a train-mode backbone is frozen on purpose
+    frozen = {name: "the backbone is in train mode but" for name in _frozen_modules(backbone)} if backbone.training \
+        else {}
     backbone = copy_backbone(backbone)
     was_training = backbone.training
     as_one_call: dict = {}  # module path -> why it does not trace: run as one call, if cut away with the classifier
     while True:
         try:
             eval_graph = _trace_graph(backbone.eval(), leaf_modules, concrete_args, frozenset(as_one_call))
-            _refuse_frozen_modules(backbone.train())
+            frozen.update({name: "the backbone's train()" for name in _frozen_modules(backbone.train())
+                           if name not in frozen})
             train_graph = _trace_graph(backbone, leaf_modules, concrete_args, frozenset(as_one_call))
             break
         except _NotTraceable as exc:
@@ -683,6 +702,7 @@ def capture(
             if train_graph is not None:
                 _channels_first(train_graph)
         _refuse_kept_untraceable(as_one_call, [gm.graph] + ([train_graph] if train_graph is not None else []))
+        _refuse_frozen_modules(backbone, gm.graph, frozen)
     for path, why in as_one_call.items():
         notes.append(f"module {path!r} does not trace with torch.fx ({why.reason}); "
                      "the features are cut before it, so it ran as one call and is left out with the classifier")
@@ -749,17 +769,36 @@ def _refuse_wrappers(backbone: nn.Module) -> None:
                                 "built; run the backbone once on an example input before converting it")
 
 
-def _refuse_frozen_modules(backbone: nn.Module, where: str = "the backbone's train()") -> None:
-    """Refuse a backbone in train mode whose norm or dropout layers are in eval mode (BatchNorm frozen by a ``train``
-    override, or by ``.eval()`` on the layer before converting): the supermodel and the compact model set every
-    module's mode themselves, and would train them."""
-    moded = (nn.modules.batchnorm._NormBase, nn.modules.dropout._DropoutNd)
-    stuck = [(name, m) for name, m in backbone.named_modules() if not m.training and isinstance(m, moded)]
+def _frozen_modules(backbone: nn.Module) -> list:
+    """Paths of the norm and dropout layers in eval mode whose eval mode differs from their train mode: a norm with
+    running statistics, a dropout of probability above 0 (an InstanceNorm without running statistics, a dropout of 0
+    compute the same in both)."""
+    found = []
+    for name, m in backbone.named_modules():
+        if m.training:
+            continue
+        if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats \
+                or isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0:
+            found.append(name)
+    return found
+
+
+def _refuse_frozen_modules(backbone: nn.Module, graph: fx.Graph, frozen: dict) -> None:
+    """Refuse a train-mode backbone whose ``frozen`` norm or dropout layers (path -> how: put in eval mode by hand,
+    or kept there by a ``train`` override) compute the features ``graph`` keeps: the supermodel and the compact model
+    set every module's mode themselves, and would train them (a frozen BatchNorm: 1.36 off in train mode)."""
+    used = set()
+    for n in graph.nodes:
+        if n.op == "call_module":
+            used.add(str(n.target))
+        for value in (n.meta.get("nn_module_stack") or {}).values():
+            used.add(value[0] if isinstance(value, tuple) else str(value))
+    stuck = [name for name in frozen if name in used]
     if not stuck:
         return
-    name, m = stuck[0]
-    more = f" and {len(stuck) - 1} more" if len(stuck) > 1 else ""
-    if isinstance(m, nn.modules.dropout._DropoutNd):
+    name, more = stuck[0], f" and {len(stuck) - 1} more" if len(stuck) > 1 else ""
+    where = frozen[name]
+    if isinstance(backbone.get_submodule(name), nn.modules.dropout._DropoutNd):
         raise BackboneError(
             f"{where} keeps {name!r}{more} in eval mode (a dropout turned off); automtl sets every module's mode "
             "itself and would turn it on in training: set its probability to 0 (or replace it with nn.Identity) instead")
@@ -1154,15 +1193,17 @@ def _dropped_body(gm: fx.GraphModule, node: fx.Node) -> list:
 def _left_out_body(gm: fx.GraphModule, kept: set, dropped: dict) -> dict:
     """Of the ``dropped`` parameterised modules (path -> parameters), those on the way to the output before any
     spatial collapse and outside a classifier: the backbone's body, not its head (a last block on tokens)."""
-    from .features import _collapses, _in_classifier, _is_map
+    from .features import _chosen_output, _collapses, _in_classifier, _is_map
 
+    output = _chosen_output(gm, [])
+    toward = set(ancestors(output)) | {output}  # an auxiliary head beside the output is not the body
     maps: set = set()
     after_collapse: set = set()
     body: dict = {}
     for n in gm.graph.nodes:
         if _is_map(n):
             maps.add(n)
-        if n.op in ("placeholder", "output") or n in kept:
+        if n.op in ("placeholder", "output") or n in kept or n not in toward:
             continue
         if any(i in after_collapse for i in n.all_input_nodes) or _collapses(gm, n, frozenset(maps)):
             after_collapse.add(n)

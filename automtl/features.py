@@ -46,7 +46,7 @@ def _shape(node: fx.Node):
 
 def _is_map(node: fx.Node) -> bool:
     s = _shape(node)
-    return s is not None and len(s) == 4
+    return s is not None and len(s) == 4 and all(d > 0 for d in s)  # an empty tensor is no map
 
 
 def _layout(node: fx.Node) -> Optional[str]:
@@ -54,8 +54,9 @@ def _layout(node: fx.Node) -> Optional[str]:
     size only), ``"channels_last"`` or ``"other"`` when its axes are known from the graph (:func:`mark_axes`) to be
     laid out so."""
     found = node.meta.get(META_LAYOUT)
-    if found is None and node.meta.get(META_AXES, NCHW) != NCHW:
-        return "channels_last" if node.meta[META_AXES] == NHWC else "other"
+    if found is None and META_AXES in node.meta:
+        axes_ = node.meta[META_AXES]
+        return "map" if axes_ == NCHW else "channels_last" if axes_ == NHWC else "other"
     return found
 
 

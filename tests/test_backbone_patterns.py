@@ -979,3 +979,59 @@ def test_a_parametrization_whose_state_does_not_move_converts_with_the_right_num
         with torch.no_grad():
             a, b = model(x), c(x)
         assert all(close(a[t], b[t], 1e-4) for t in a), mode
+
+
+@pytest.mark.parametrize("case", ["dropout of 0", "instance norm", "cut away with the classifier"])
+def test_layers_in_eval_mode_that_change_nothing_kept_are_not_refused(case):
+    """(Review) a dropout of probability 0 and an InstanceNorm without running statistics compute the same in both
+    modes, and a classifier's dropout is cut away: none of them is frozen in the features."""
+    backbone = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Dropout(0.0), nn.InstanceNorm2d(8),
+                             nn.Conv2d(8, 8, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    backbone.add_module("classifier", nn.Sequential(nn.Dropout(0.5), nn.Linear(8, 10)))
+    backbone.train()
+    {"dropout of 0": backbone[1], "instance norm": backbone[2], "cut away with the classifier": backbone.classifier[0]}[case].eval()
+    automtl.supermodel(backbone, TASKS, torch.randn(1, 3, SIZE, SIZE))
+
+
+def test_a_parametrization_that_rebinds_its_state_is_refused_and_left_as_it_was():
+    """(Review) a power iteration written out of place (``self.u = ...``) left the recorded tensor unchanged: it
+    passed the check, and the state it moved was not put back."""
+    from torch.nn.utils import parametrize
+
+    class _Rebinding(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("u", torch.ones(1))
+
+        def forward(self, w):
+            if self.training:
+                self.u = self.u + 1
+            return w * self.u
+
+    backbone = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1))
+    parametrize.register_parametrization(backbone[2], "weight", _Rebinding())  # which computes it once
+    before = backbone[2].parametrizations.weight[0].u.clone()
+    with pytest.raises(BackboneError, match=r"_Rebinding's u"):
+        automtl.supermodel(backbone, TASKS, torch.randn(1, 3, SIZE, SIZE))
+    assert torch.equal(backbone[2].parametrizations.weight[0].u, before)
+
+
+def test_views_of_one_storage_that_do_not_overlap_are_saved_apart(tmp_path):
+    """(Review) a table of constants sliced into a mean and a std was refused as a tied weight."""
+    class _Normalised(nn.Module):
+        def __init__(self):
+            super().__init__()
+            stats = torch.tensor([[0.4, 0.5, 0.6], [0.2, 0.3, 0.4]]).view(2, 1, 3, 1, 1)
+            self.register_buffer("mean", stats[0])
+            self.register_buffer("std", stats[1])
+            self.conv = nn.Conv2d(3, 8, 3, padding=1)
+
+        def forward(self, x):
+            return self.conv((x - self.mean) / self.std)
+
+    sm = automtl.supermodel(_Normalised(), TASKS, torch.randn(1, 3, SIZE, SIZE))
+    c = compact(sm.hard(Policy.uniform(sm.layer_names, sm.task_names, "share"))).eval()
+    automtl.save(c, tmp_path / "m.automtl")
+    x = torch.randn(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        assert all(torch.equal(automtl.load(tmp_path / "m.automtl")(x)[t], y) for t, y in c(x).items())

@@ -1313,3 +1313,72 @@ def test_a_default_cut_that_leaves_out_blocks_before_the_head_says_so():
         warnings.simplefilter("error")
         capture(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10)),
                 torch.randn(1, 3, 16, 16))  # a head after a pooling: no warning
+
+
+def test_the_axes_of_empty_scalar_and_indexed_tensors_are_not_guessed():
+    """(Review) an empty slice reshaped (a division by its zero size), a transpose of a 0-d tensor (modulo its rank
+    0) crashed the capture of any backbone; an index with an int and a None at other places labelled (N, 1, H, W) of
+    one channel as (N, H, W, C) by position, and the cut permuted it the wrong way."""
+    from automtl.axes import NHWC, fresh, reshaped
+
+    assert reshaped(fresh((1, 8, 8, 6), NHWC), (1, 64, 0)) is None
+
+    class _Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.c2 = nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.Conv2d(1, 8, 3, padding=1)
+            self.pos = nn.Parameter(torch.zeros(1, 8, 8, 8))
+
+        def forward(self, x):
+            t = self.stem(x).permute(0, 2, 3, 1) + self.pos
+            empty = t[:, :0].reshape(t.shape[0], 64, 0).sum() + t.mean().view(()).transpose(0, -1)
+            return self.c2(t[:, None, ..., 0] + empty)
+
+    net, x = _Odd(), torch.randn(2, 3, 16, 16)
+    with pytest.warns(UserWarning, match=r"leaves out 1 convolution\(s\) after the cut \(c2\)"):
+        cap = capture(net, torch.randn(1, 3, 16, 16))
+    assert cap.feature_node == "add_channels_first"  # stem + pos, the last map the graph tells
+    assert torch.allclose(cap.graph_module(x), net.stem(x) + net.pos.permute(0, 3, 1, 2))
+
+
+class _TokensBackToChannelsFirst(nn.Module):
+    """PVT's way at the one size it takes: tokens folded back with ``transpose(1, 2).reshape(N, C, H, W)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.c2 = nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        self.pos = nn.Parameter(torch.zeros(1, 64, 8))
+        self.norm, self.fc = nn.LayerNorm(8), nn.Linear(8, 8)
+
+    def forward(self, x):
+        y = self.stem(x)
+        n, c, h, w = y.shape
+        t = y.flatten(2).transpose(1, 2) + self.pos
+        t = t + self.fc(self.norm(t))
+        return self.c2(t.transpose(1, 2).reshape(n, c, h, w))
+
+
+def test_tokens_folded_back_channels_first_are_the_trunk_at_one_size():
+    """(Review) the graph labelled that map (N, C, H, W), but the cut took only channels-last ones for maps after
+    tokens: it fell back to the stem, the blocks left out."""
+    net, x = _TokensBackToChannelsFirst(), torch.randn(2, 3, 16, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cap = capture(net, torch.randn(1, 3, 16, 16))
+    assert cap.feature_node == "c2" and torch.allclose(cap.graph_module(x), net(x))
+
+
+def test_an_auxiliary_head_beside_the_output_is_not_named_as_left_out():
+    class _Aux(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 16, 3, stride=2, padding=1)
+            self.aux = nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            y = torch.relu(self.c1(x))
+            return torch.relu(self.c2(y)), self.aux(y)
+
+    with pytest.warns(UserWarning) as seen:
+        capture(_Aux(), torch.randn(1, 3, 16, 16))
+    assert not [w for w in seen if "leaves out" in str(w.message)]

@@ -233,18 +233,25 @@ def save(compact: CompactModel, path: str | os.PathLike) -> None:
 
 
 def _refuse_shared_memory(tensors: dict) -> None:
-    """Tensors that share memory (a weight tied between two layers of the backbone) are one tensor under two names,
-    which the description cannot say: written twice, the loaded model's two copies would train apart."""
-    seen: dict = {}
+    """Tensors whose bytes overlap (a weight tied between two layers of the backbone) are one tensor under two names,
+    which the description cannot say: written twice, the loaded model's two copies would train apart. Views of one
+    storage that do not overlap (a table of constants sliced into a mean and a std) are written apart, as they are."""
+    spans: dict = {}  # storage -> [(first byte, end byte, name)]
     for name, t in tensors.items():
         if t.numel() == 0:
             continue
-        key = (t.device, t.untyped_storage().data_ptr())
-        if key in seen:
-            raise FileFormatError(
-                f"the model's tensors {seen[key]!r} and {name!r} share memory (a weight tied between two layers of "
-                "the backbone), which an .automtl file does not describe; write a .pt2 with automtl.export() instead")
-        seen[key] = name
+        extent = 1 + sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()))
+        start = t.storage_offset() * t.element_size()
+        spans.setdefault((t.device, t.untyped_storage().data_ptr()), []).append(
+            (start, start + extent * t.element_size(), name))
+    for found in spans.values():
+        found.sort()
+        for (_, end, first), (start, _, second) in zip(found, found[1:]):
+            if start < end:
+                raise FileFormatError(
+                    f"the model's tensors {first!r} and {second!r} share memory (a weight tied between two layers of "
+                    "the backbone), which an .automtl file does not describe; write a .pt2 with automtl.export() "
+                    "instead")
 
 
 # ---------------------------------------------------------------------------------------
