@@ -287,7 +287,10 @@ def _named(gm: fx.GraphModule, name: str) -> fx.Node:
             f"module {name!r} runs {len(outputs)} times in the forward, so its output is not one place; name one "
             f"call: {', '.join(repr(f'{name}@{i}') for i in range(len(outputs)))} (nodes "
             f"{', '.join(repr(n.name) for n in outputs)})")
-    if path in calls and k.isdigit() and int(k) < len(calls[path]):
+    if path in calls and k.isdigit():
+        if int(k) >= len(calls[path]):
+            raise BackboneError(f"module {path!r} runs {len(calls[path])} time(s) in the forward, so it has no call "
+                                f"{name!r}; name one of {', '.join(repr(f'{path}@{i}') for i in range(len(calls[path])))}")
         node = list(calls[path].values())[int(k)]
     else:
         node = by_name.get(name) or by_path.get(name)

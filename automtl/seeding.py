@@ -144,4 +144,7 @@ def python_state(state) -> tuple:
     words = tuple(words)
     if not all(isinstance(w, int) and not isinstance(w, bool) and 0 <= w < 2 ** 32 for w in words):
         raise ValueError("a Python random state's key words are integers from 0 to 2**32 - 1")
+    if version != 3 or len(words) != MT19937_WORDS + 1 or words[-1] > MT19937_WORDS:
+        raise ValueError(f"a Python random state is version 3 with {MT19937_WORDS} key words and a position from 0 "
+                         f"to {MT19937_WORDS}, not version {version!r} with {len(words) - 1} words at {words[-1:]}")
     return version, words, gauss

@@ -1260,6 +1260,9 @@ def test_a_module_called_several_times_is_named_by_its_call():
             cap = capture(net, torch.randn(1, 3, 8, 8), feature_node=f"bn@{k}")
             assert torch.allclose(cap.graph_module(x), seen[k])
     assert capture(net, torch.randn(1, 3, 8, 8), feature_node="stem").feature_node == "stem"  # called once: as before
+    with pytest.raises(BackboneError, match=r"module 'bn' runs 3 time\(s\) in the forward, so it has no call 'bn@3'; "
+                                            r"name one of 'bn@0', 'bn@1', 'bn@2'"):
+        capture(net, torch.randn(1, 3, 8, 8), feature_node="bn@3")
 
 
 class _AliasedInPlaceAdd(nn.Module):

@@ -255,6 +255,9 @@ def _damage(ckpt: dict, how: str) -> dict:
     elif how == "Python key word beyond 32 bits":  # an OverflowError traceback from random.setstate
         version, words, gauss = ckpt["rng"]["python"]
         ckpt["rng"]["python"] = (version, (-1, *words[1:]), gauss)
+    elif how == "Python state position past its key":  # random.setstate refused it after the torch state was set
+        version, words, gauss = ckpt["rng"]["python"]
+        ckpt["rng"]["python"] = (version, (*words[:-1], 700), gauss)
     elif how == "negative measurement count":  # made the fitted fine-tune ~10^12 steps: a resume without end
         ckpt["strategy"]["count"], ckpt["strategy"]["stopped"] = -10 ** 12, True
     elif how == "more measurements than planned":
@@ -266,7 +269,8 @@ def _damage(ckpt: dict, how: str) -> dict:
                                  "history", "model missing", "learning rate as text",
                                  "Adam state without its second moment", "Adam state of another shape", "random state",
                                  "strategy state", "ranks", "fingerprint", "elapsed", "numpy position past its key",
-                                 "numpy Gaussian flag", "Python key word beyond 32 bits", "negative measurement count",
+                                 "numpy Gaussian flag", "Python key word beyond 32 bits",
+                                 "Python state position past its key", "negative measurement count",
                                  "more measurements than planned"])
 def test_a_damaged_checkpoint_is_refused_before_anything_is_restored(data, tmp_path, how):
     """A checkpoint is read as data: a part that does not fit the run is refused in one sentence, before the
