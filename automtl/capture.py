@@ -32,7 +32,7 @@ from torch.fx.passes.shape_prop import ShapeProp, _extract_tensor_metadata
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .errors import BackboneError, first_line as _first_line
-from .features import META_LAYOUT, is_channels_last, laid_out, pick_feature_node
+from .features import META_LAYOUT, _module_paths, is_channels_last, laid_out, pick_feature_node
 from .graphpasses import (STATE_WRITE_ADVICE, ancestors, functionalize, module_tensor, mutated_argument,
                           refuse_state_writes, user_line)
 from .seeding import moved_generators, random_states, seeded
@@ -787,12 +787,8 @@ def _refuse_frozen_modules(backbone: nn.Module, graph: fx.Graph, frozen: dict) -
     """Refuse a train-mode backbone whose ``frozen`` norm or dropout layers (path -> how: put in eval mode by hand,
     or kept there by a ``train`` override) compute the features ``graph`` keeps: the supermodel and the compact model
     set every module's mode themselves, and would train them (a frozen BatchNorm: 1.36 off in train mode)."""
-    used = set()
-    for n in graph.nodes:
-        if n.op == "call_module":
-            used.add(str(n.target))
-        for value in (n.meta.get("nn_module_stack") or {}).values():
-            used.add(value[0] if isinstance(value, tuple) else str(value))
+    used = {p for n in graph.nodes for p in _module_paths(n)} | {str(n.target) for n in graph.nodes
+                                                                  if n.op == "call_module"}
     stuck = [name for name in frozen if name in used]
     if not stuck:
         return
