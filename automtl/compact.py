@@ -83,9 +83,11 @@ class CompactModel(GraphsBuiltOnUse):
 
     def _run(self, x: torch.Tensor, tasks: Optional[Sequence[str]]) -> dict:
         check_image_batch(x, self.input_shape, "the model")
-        if tasks is None or list(tasks) == self.task_names:
-            return self._graph_module_for(self.training)(x)
-        return self._subset(tuple(tasks), self.training)(x)
+        whole = tasks is None or list(tasks) == self.task_names
+        gm = self._graph_module_for(self.training) if whole else self._subset(tuple(tasks), self.training)
+        # nn.Module's call, not fx's wrapper around it: the wrapper prints the generated code's traceback to
+        # stderr before re-raising, ahead of the caller's one-sentence error; hooks still run
+        return nn.Module.__call__(gm, x)
 
     def _graph_module_for(self, train: bool) -> fx.GraphModule:
         if not train or self.train_graph is None:
