@@ -167,7 +167,7 @@ def _pipeline_options(f):
         click.option("--tensorboard", "tensorboard", type=click.Path(file_okay=False), metavar="DIR",
                      help="Also write TensorBoard event files into DIR: losses per task, policy probabilities, tau, "
                           "expected size against the budget, validation metrics (pip install 'automtl[tensorboard]')."),
-        click.option("--quiet", is_flag=True, help="No progress bars or messages."),
+        click.option("--quiet", is_flag=True, help="No progress bars or progress messages (warnings still go to stderr)."),
         click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout."),
     ]
     for opt in reversed(opts):
@@ -291,7 +291,7 @@ def search_cmd(backbone, tasks, config_path, data, weights, pretrained, budget, 
 @click.option("--out", "out", type=click.Path(dir_okay=False), default="model.automtl", show_default=True,
               help="The model file to write: .automtl, or .pt2 / .onnx (as automtl export writes them).")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists (a fine-tuned model may be the only copy).")
-@click.option("--quiet", is_flag=True, help="No progress bars or messages.")
+@click.option("--quiet", is_flag=True, help="No progress bars or progress messages (warnings still go to stderr).")
 def compact_cmd(run_dir, policy_path, finetune_steps, out, overwrite, quiet):
     """Compile the supermodel of RUN_DIR (from `automtl search`) under a policy into a compact model.
 
