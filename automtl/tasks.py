@@ -44,7 +44,7 @@ class Task:
     head: Optional[nn.Module] = None
     loss: Optional[Callable[..., Any]] = None
     metric: Optional[Callable[[], Any]] = None
-    ignore_index: int = 255
+    ignore_index: Optional[int] = None
     options: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -70,10 +70,16 @@ class Task:
                                          or not 1 <= self.classes <= MAX_CLASSES):
             raise ConfigError(f"task {self.name!r}: classes must be a whole number from 1 to {MAX_CLASSES}, "
                               f"got {str(self.classes)[:40]!r}")
+        if self.ignore_index is None:  # not given: the kind's own (-1 for classification), else 255
+            self.ignore_index = self.default_ignore_index
         if not isinstance(self.ignore_index, int) or isinstance(self.ignore_index, bool) or abs(self.ignore_index) > 2**31:
             raise ConfigError(f"task {self.name!r}: ignore_index must be an integer label value, got {str(self.ignore_index)[:40]!r}")
-        if spec is not None and self.ignore_index == 255:
-            self.ignore_index = spec.default_ignore_index
+
+    @property
+    def default_ignore_index(self) -> int:
+        """The label value that marks a missing label when ``ignore_index`` is not given: the kind's own
+        (``-1`` for classification, ``255`` for segmentation), 255 for a custom task."""
+        return self.spec.default_ignore_index if self.spec is not None else 255
 
     @property
     def spec(self) -> Optional[TaskKind]:
@@ -98,10 +104,12 @@ class Task:
         return self.builtin("head").outputs(self)
 
     def describe(self) -> dict:
-        """Plain-data description (YAML-able) of the task."""
+        """Plain-data description (YAML-able) of the task; ``ignore_index`` only where it is not the kind's default."""
         out = {"name": self.name, "kind": self.kind}
         if self.classes is not None:
             out["classes"] = self.classes
+        if self.ignore_index != self.default_ignore_index:
+            out["ignore_index"] = self.ignore_index
         return out
 
     @classmethod

@@ -42,6 +42,25 @@ def test_classification_loss_masks_ignore_index():
     assert pred.grad[1].abs().sum() == 0  # the unlabelled sample gets no gradient
 
 
+@pytest.mark.parametrize("kind, classes, default", [("classification", 3, -1), ("segmentation", 4, 255),
+                                                     ("multilabel", 3, 255)])
+@pytest.mark.parametrize("given", [255, -1, 0])
+def test_an_ignore_index_given_is_kept_and_described(kind, classes, default, given):
+    """The value the user gives is the one used, whichever it is (255 for a classification task was taken for
+    "not given" and replaced by -1), and the task's description carries it (a config file's ignore_index was dropped
+    on the way to the run); a task given none gets its kind's default and describes none."""
+    from automtl.convert import ConvertConfig, resolve_config
+
+    task = Task("t", kind=kind, classes=classes, ignore_index=given)
+    assert task.ignore_index == given
+    assert Task(**task.describe()).ignore_index == given
+    assert Task("t", kind=kind, classes=classes).ignore_index == default
+    assert "ignore_index" not in Task("t", kind=kind, classes=classes).describe()
+    cfg = resolve_config(backbone="tiny", tasks=[{"name": "t", "kind": kind, "classes": classes, "ignore_index": given}])
+    assert [t.ignore_index for t in cfg.task_objects()] == [given]
+    assert [t.ignore_index for t in ConvertConfig.from_dict(cfg.to_dict()).task_objects()] == [given]
+
+
 def test_all_missing_batch_gives_zero_with_grad_path():
     cases = [
         (Task("c", kind="classification", classes=3), torch.randn(2, 3), torch.tensor([-1, -1])),
