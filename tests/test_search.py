@@ -291,6 +291,41 @@ def test_a_damaged_checkpoint_is_refused_before_anything_is_restored(data, tmp_p
     assert torch.equal(rng, torch.get_rng_state())
 
 
+@pytest.mark.parametrize("change", ["fewer training samples", "another batch size", "unshuffled", "validation data",
+                                    "input size", "ignore_index"])
+def test_a_resume_on_other_data_is_refused(data, tmp_path, change):
+    """A resume restarts the data at its position: on other data (more or fewer samples, another batch size or order,
+    other validation data, another input size) or tasks labelled otherwise, it would train on without a word and
+    be equal to no uninterrupted run; it is refused, naming what changed, before anything is restored."""
+    train, val = data
+    tasks = [Task("segmentation", "segmentation", classes=4), Task("depth", "depth")]
+    cfg = SearchConfig(strategy="conflict", warmup_steps=2, search_steps=2, finetune_steps=0, conflict_every=1,
+                       checkpoint_every=2, out_dir=str(tmp_path), quiet=True)
+    size = SIZE
+    loader, val_loader = make_loader(train, 8, shuffle=True), make_loader(val, 8)
+    search(fresh(tasks), loader, val_loader, cfg)
+    search(fresh(tasks), loader, val_loader, cfg.replace(resume=True))  # the same data: resumes
+    if change == "fewer training samples":
+        loader = make_loader(torch.utils.data.Subset(train, range(48)), 8, shuffle=True)
+    elif change == "another batch size":
+        loader = make_loader(train, 4, shuffle=True)
+    elif change == "unshuffled":
+        loader = make_loader(train, 8)
+    elif change == "validation data":
+        val_loader = make_loader(torch.utils.data.Subset(val, range(16)), 8)
+    elif change == "input size":
+        size = SIZE * 2
+    else:
+        tasks[0] = Task("segmentation", "segmentation", classes=4, ignore_index=0)
+    torch.manual_seed(0)
+    sm = supermodel("tiny", tasks, torch.randn(1, 3, size, size))
+    before = {k: v.clone() for k, v in sm.state_dict().items()}
+    what = {"validation data": "validation data", "input size": "input's shape", "ignore_index": "tasks' kinds"}
+    with pytest.raises(AutomtlError, match=r"written by a different run \(the " + what.get(change, "training data")):
+        search(sm, loader, val_loader, cfg.replace(resume=True))
+    assert all(torch.equal(v, sm.state_dict()[k]) for k, v in before.items())
+
+
 def test_missing_task_key_is_all_missing(data):
     train, _ = data
 

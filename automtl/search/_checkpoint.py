@@ -111,6 +111,11 @@ def _optimizer_unlike(opt: torch.optim.Optimizer, saved, where: str) -> Optional
     return None
 
 
+#: What changed, in words, when a resume finds the data's description (``_Search.data_description``) changed.
+_DATA_CHANGES = {"train": "the training data's sizes or order", "val": "the validation data's sizes",
+                 "input_shape": "the input's shape", "tasks": "the tasks' kinds, classes or ignore_index"}
+
+
 class _CheckpointMixin:
     """Checkpoint save/load of :class:`~automtl.search._run._Search` (which sets the attributes used here)."""
 
@@ -118,7 +123,8 @@ class _CheckpointMixin:
         cfg = {k: v for k, v in self.config.to_dict().items() if k not in _RESUME_FREE}
         return {"config": cfg, "tasks": self.tasks, "layers": list(self.sm.layer_names),
                 "plan": [p[0] for p in self.plan], "world": self.dist.world,
-                "policy": self.given_policy.to_dict() if self.given_policy is not None else None}
+                "policy": self.given_policy.to_dict() if self.given_policy is not None else None,
+                "data": self.data_description}
 
     def _state(self, g: int) -> dict:
         return {
@@ -167,11 +173,15 @@ class _CheckpointMixin:
             raise FileFormatError(f"checkpoint {str(path)!r} is damaged (its fingerprint is missing); delete it to start over")
         if old != new:
             diff = [k for k in new["config"] if old["config"].get(k) != new["config"][k]]
-            what = f"config field(s) {', '.join(diff)}" if diff else next(
-                (k for k in ("tasks", "layers", "plan", "world", "policy") if old.get(k) != new.get(k)), "setup")
+            what = f"config field(s) {', '.join(diff)} differ" if diff else next(
+                (f"{k} differ" for k in ("tasks", "layers", "plan", "world", "policy") if old.get(k) != new.get(k)), None)
+            if what is None:
+                was, now = old.get("data") if isinstance(old.get("data"), dict) else {}, new["data"]
+                what = next((f"{_DATA_CHANGES[k]} changed" for k in _DATA_CHANGES if was.get(k) != now.get(k)),
+                            "setup differs")
             raise ConfigError(
-                f"checkpoint {str(path)!r} was written by a different run ({what} differ); resume with the same "
-                "settings, or use another out_dir"
+                f"checkpoint {str(path)!r} was written by a different run ({what}); resume with the same "
+                "settings and data, or use another out_dir"
             )
         name = str(path)
         self._check(ckpt, name)

@@ -74,6 +74,14 @@ class _Stream:
                     f"per rank with drop_last; use a smaller batch size"
                 )
 
+    def describe(self) -> dict:
+        """What a resume must find unchanged (it restarts this stream at its position): the number of samples, the
+        batch size and the order, where the source tells them."""
+        if self.kind != "loader":
+            return {"kind": "iterable", "type": type(self.source).__name__}
+        return {"kind": "loader", "samples": len(self.loader.dataset), "batch_size": self.loader.batch_size,
+                "shuffle": self.shuffle, "drop_last": bool(self.loader.drop_last), "base": self.base}
+
     def split(self, fraction: float):
         """Two streams over disjoint parts of this map-style data: (the rest, ``fraction`` held out), drawn
         by a generator seeded with the run's seed; None when the data is not map-style or too small to
@@ -148,6 +156,20 @@ class _Stream:
                     j += 1
                 if empty:
                     raise DataError(f"training data {self.name!r} yielded no batches")
+
+
+def describe_data(source) -> object:
+    """The sizes a resume must find unchanged in validation data (or a per-task dict of it): samples and batch
+    size of a loader, the length of a dataset, else its type."""
+    if isinstance(source, Mapping):
+        return {str(k): describe_data(v) for k, v in sorted(source.items(), key=lambda kv: str(kv[0]))}
+    if isinstance(source, DataLoader):
+        dataset = source.dataset
+        samples = len(dataset) if hasattr(dataset, "__len__") and not isinstance(dataset, IterableDataset) else None
+        return {"samples": samples, "batch_size": source.batch_size}
+    if source is not None and hasattr(source, "__len__"):
+        return {"length": len(source)}
+    return None if source is None else {"type": type(source).__name__}
 
 
 def _single_sample(batch) -> bool:

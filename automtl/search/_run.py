@@ -42,7 +42,7 @@ from ..policy import Policy
 from ..supermodel import SuperModel
 from ..weighting import make_weighting
 from ._checkpoint import CHECKPOINT_NAME, _CheckpointMixin
-from ._data import _Stream, _check_task_keys
+from ._data import _Stream, _check_task_keys, describe_data
 from ._evaluate import evaluate
 from ._log import LOG_NAME, _LogMixin, _summary_writer_class
 from ._result import SearchResult
@@ -146,6 +146,13 @@ class _Search(_CheckpointMixin, _LogMixin, _StepMixin):
             prefix = lambda part: part if not key else f"{part}:{key}"  # noqa: E731
             self.streams[key], self.streams[prefix("policy")] = parts
             self.streams[prefix("all")] = stream
+        # what a resume must find as it was (the fingerprint): the data's sizes and order, the input's shape
+        self.data_description = {
+            "train": {key: s.describe() for key, s in sorted(self.streams.items())},
+            "val": describe_data(self.val_data),
+            "input_shape": [int(d) for d in self.sm.input_shape[1:]],
+            "tasks": [t.describe() for t in self.sm.tasks],
+        }
 
     def _setup_budget(self) -> None:
         cfg, sm = self.config, self.sm
