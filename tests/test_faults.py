@@ -422,7 +422,11 @@ def _batch(n=2, c=3, seg=None, depth=None):
     (lambda: [_batch(depth=torch.rand(2, 3, 16, 16))], "depth target is (B, 16, 16) or (B, 1, 16, 16)".replace("16", "*")),
     (lambda: [(torch.full((2, 3, 16, 16), float("nan")), _batch()[1])], "NaN or infinite"),
     (lambda: [_batch(seg=torch.full((2, 16, 16), 255))] * 4, "no usable label"),
-], ids=["label-range", "channels", "list-target", "depth-shape", "nan-image", "no-label"])
+    (lambda: [(torch.randn(2, 3, 16, 16, dtype=torch.float64), _batch()[1])], "float64 images but the model computes in float32"),
+    (lambda: [((torch.rand(2, 3, 16, 16) * 255).to(torch.uint8), _batch()[1])], "uint8 images of shape (2, 3, 16, 16)"),
+    (lambda: [_batch(seg=torch.full((2, 16, 16), 1.5))], "label 1.5, which is not a class id"),
+], ids=["label-range", "channels", "list-target", "depth-shape", "nan-image", "no-label", "float64-images",
+        "uint8-images", "fractional-label"])
 def test_search_names_bad_data(make, message, monkeypatch):
     from automtl.data import checks
     from automtl.errors import DataError
@@ -430,6 +434,29 @@ def test_search_names_bad_data(make, message, monkeypatch):
     monkeypatch.setattr(checks, "NO_LABEL_BATCHES", 3)
     with pytest.raises(DataError, match=message.replace("(", r"\(").replace(")", r"\)").replace("*", r"\*")):
         _search_on(make(), steps=(4, 0, 0))
+
+
+@pytest.mark.parametrize("val, message", [
+    ([_batch(seg=torch.full((2, 16, 16), 7))], "label 7 outside 0..2"),
+    ([(torch.randn(2, 3, 16, 16, dtype=torch.float64), _batch()[1])], "float64 images"),
+    ([], "validation data yielded no batches"),
+], ids=["label-range", "float64-images", "empty"])
+def test_bad_validation_data_is_refused_before_training(val, message):
+    """Validation batches get the training batches' checks, and the first one is checked before any training: a bad
+    label there was an IndexError from inside a loss after the whole run, an empty set all-NaN metrics."""
+    import automtl
+    from automtl import SearchConfig, Task
+    from automtl.errors import DataError
+
+    sm = automtl.supermodel("tiny", [Task("seg", "segmentation", classes=3), Task("depth", "depth")],
+                            torch.randn(1, 3, 16, 16))
+    before = {k: v.clone() for k, v in sm.state_dict().items()}
+    cfg = SearchConfig(warmup_steps=2, search_steps=0, finetune_steps=0, batch_size=2, quiet=True, budget=None)
+    with pytest.raises(DataError, match=message):
+        automtl.search(sm, [_batch(), _batch()], val, cfg)
+    assert all(torch.equal(v, sm.state_dict()[k]) for k, v in before.items())  # refused before a step
+    with pytest.raises(DataError, match=message):  # and by evaluate, which the final validation and `eval` call
+        automtl.evaluate(sm, val)
 
 
 def test_a_task_the_data_has_no_target_for_is_named_not_trained_on_nothing():

@@ -20,6 +20,11 @@ from ..tasks import Task
 NO_LABEL_BATCHES = 100
 
 
+def model_dtype(model: torch.nn.Module) -> Optional[torch.dtype]:
+    """The floating dtype a model computes in (its first floating parameter's), None without one."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+
+
 class BatchChecks:
     """Checks the images and each builtin-kind target of every training batch.
 
@@ -36,18 +41,24 @@ class BatchChecks:
             ignore index); a task with no usable label in its first ``NO_LABEL_BATCHES`` batches.
     """
 
-    def __init__(self, tasks: Sequence[Task], in_channels: int, where: str = "training data"):
+    def __init__(self, tasks: Sequence[Task], in_channels: Optional[int], where: str = "training data",
+                 dtype: Optional[torch.dtype] = None, require_labels: bool = True):
         self.tasks = [t for t in tasks if t.spec is not None]
-        self.in_channels, self.where = in_channels, where
+        self.in_channels, self.where, self.dtype, self.require_labels = in_channels, where, dtype, require_labels
         self.batches = {t.name: 0 for t in self.tasks}
         self.labelled = {t.name: 0 for t in self.tasks}
 
     def images(self, x, where: Optional[str] = None) -> None:
         where = where or self.where
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point():
-            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise DataError(f"{where} yielded images of shape {shape}; the backbone needs a float batch (N, C, H, W)")
-        if x.shape[1] != self.in_channels:
+            what = f"{str(x.dtype).split('.')[-1]} images of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) \
+                else f"images of type {type(x).__name__}"
+            raise DataError(f"{where} yielded {what}; the backbone needs a float batch (N, C, H, W) (for uint8 images, "
+                            "x.float() / 255 or torchvision's ToTensor)")
+        if self.dtype is not None and x.dtype != self.dtype:
+            raise DataError(f"{where} yielded {str(x.dtype).split('.')[-1]} images but the model computes in "
+                            f"{str(self.dtype).split('.')[-1]}; convert the images (x.to({self.dtype})) or the model")
+        if self.in_channels is not None and x.shape[1] != self.in_channels:
             raise DataError(f"{where} yielded images with {x.shape[1]} channels but the backbone takes {self.in_channels}; "
                             "convert them (e.g. repeat a grey channel) or build the supermodel for that many channels")
         if not bool(torch.isfinite(x).all()):
@@ -65,7 +76,7 @@ class BatchChecks:
             if y is not None:
                 self._target(task, x, y)
                 self.labelled[task.name] += task.spec.labelled(task, y)
-            if self.batches[task.name] == NO_LABEL_BATCHES and self.labelled[task.name] == 0:
+            if self.require_labels and self.batches[task.name] == NO_LABEL_BATCHES and self.labelled[task.name] == 0:
                 raise DataError(
                     f"task {task.name!r} has no usable label in the first {NO_LABEL_BATCHES} batches of {self.where} "
                     "(every target is missing, ignore_index or NaN); check its targets or drop the task")
@@ -86,9 +97,17 @@ class BatchChecks:
             labels = y[y != task.ignore_index]
             if y.is_floating_point():
                 labels = labels[~torch.isnan(labels)]
+            if labels.numel() and y.is_floating_point():
+                fractional = labels[labels != labels.round()]
+                if fractional.numel():
+                    raise DataError(f"{at} holds label {float(fractional.flatten()[0]):g}, which is not a class id; "
+                                    f"{kind} labels are whole numbers 0..{task.classes - 1} (NaN or {task.ignore_index} "
+                                    "for a missing one)")
             if labels.numel():
                 bad = labels[(labels < 0) | (labels >= task.classes)]
                 if bad.numel():
-                    raise DataError(f"{at} holds label {int(bad.flatten()[0])} outside 0..{task.classes - 1} (ignore index "
+                    first = bad.flatten()[0]
+                    shown = f"{float(first):g}" if y.is_floating_point() else int(first)
+                    raise DataError(f"{at} holds label {shown} outside 0..{task.classes - 1} (ignore index "
                                     f"{task.ignore_index}); set classes= to the data's class count or fix the labels")
 

@@ -6,6 +6,8 @@ from typing import Mapping, Optional, Union
 
 import torch
 
+from ..data.checks import BatchChecks, model_dtype
+from ..errors import DataError
 from ..losses import loss_for
 from ..metrics import metric_for
 from ..supermodel import SuperModel
@@ -56,7 +58,34 @@ def evaluate(
                 raise error
     finally:
         sm.train(was_training)
+    if tally.batches == 0 and (max_batches is None or max_batches > 0):
+        raise DataError("validation data yielded no batches, so no metric can be computed; check the dataset's root "
+                        "and split, or pass no validation data")
     return tally.results()
+
+
+def check_validation_data(sm, data, batch_size: int = 8) -> None:
+    """Check the first batch of validation data (of each task's, for per-task data) as training batches are checked,
+    without running the model: a bad batch is refused before training, not after it.
+
+    Raises:
+        DataError: see :class:`automtl.data.checks.BatchChecks`; also when the data yields no batch.
+    """
+    shape = getattr(sm, "input_shape", None)
+    checks = BatchChecks(sm.tasks, int(shape[1]) if shape else None, "validation data", dtype=model_dtype(sm),
+                         require_labels=False)
+    if isinstance(data, Mapping):
+        _check_task_keys(data, sm.task_names, "validation data")
+        sources = [(data[t], [t], f"validation data of task {t!r}") for t in sm.task_names]
+    else:
+        sources = [(data, list(sm.task_names), "validation data")]
+    for source, tasks, where in sources:
+        batch = next(_epoch_iter(source, batch_size), None)
+        if batch is None:
+            raise DataError(f"{where} yielded no batches, so no metric can be computed; check the dataset's root "
+                            "and split, or pass no validation data")
+        x, y = _split_batch(batch, where)
+        checks(x, {t: _task_target(y, t) for t in tasks}, task_names=tasks)
 
 
 class _Tally:
@@ -70,6 +99,12 @@ class _Tally:
         self.loss_sum = {t: 0.0 for t in self.task_names}
         self.loss_n = {t: 0 for t in self.task_names}
         self.targets = TargetTally(self.task_names)  # a shared loader's batches: which tasks had a target
+        shape = getattr(sm, "input_shape", None)
+        # the training batches' checks (images, target shapes, labels), none demanding labels: a bad batch is one
+        # sentence, not an IndexError from inside a loss after the whole training
+        self.checks = BatchChecks(sm.tasks, int(shape[1]) if shape else None, "validation data", dtype=model_dtype(sm),
+                                  require_labels=False)
+        self.batches = 0
 
     def consume(self, batches, tasks, where: str, shared: bool = False) -> None:
         for k, batch in enumerate(batches):
@@ -78,6 +113,8 @@ class _Tally:
             x, y = _split_batch(batch, where)
             if shared:
                 self.targets.add(y)
+            self.checks(x, {t: _task_target(y, t) for t in tasks}, task_names=tasks)
+            self.batches += 1
             x, y = _to(x, self.device), _to(y, self.device)
             with self.ctx:
                 out = self.run(x)

@@ -35,15 +35,16 @@ import torch
 from ..compact import compact
 from ..config import SearchConfig, parse_budget
 from ..cost import check_budget
-from ..data.checks import BatchChecks
+from ..data.checks import BatchChecks, model_dtype
 from ..errors import AutomtlError, ConfigError
 from ..losses import loss_for
 from ..policy import Policy
+from ..seeding import seeded
 from ..supermodel import SuperModel
 from ..weighting import make_weighting
 from ._checkpoint import CHECKPOINT_NAME, _CheckpointMixin
 from ._data import _Stream, _check_task_keys, describe_data
-from ._evaluate import evaluate
+from ._evaluate import check_validation_data, evaluate
 from ._log import LOG_NAME, _LogMixin, _summary_writer_class
 from ._result import SearchResult
 from ._step import _StepMixin
@@ -87,6 +88,9 @@ class _Search(_CheckpointMixin, _LogMixin, _StepMixin):
         policy = self._setup_plan(policy)
         self._setup_training()
         self._setup_streams(train_data, policy)
+        if self.val_data is not None:
+            with seeded(torch.device("cpu"), None):  # a loader's or dataset's draws here move no generator of the run
+                check_validation_data(sm, self.val_data, self.config.batch_size)
         self._setup_budget()
         self._setup_files()
 
@@ -113,7 +117,7 @@ class _Search(_CheckpointMixin, _LogMixin, _StepMixin):
         """Losses, batch checks, the loss balancer, the strategy and the three optimizers."""
         cfg, sm = self.config, self.sm
         self.loss_fns = {t.name: loss_for(t) for t in sm.tasks}
-        self.checks = BatchChecks(sm.tasks, int(sm.input_shape[1]))
+        self.checks = BatchChecks(sm.tasks, int(sm.input_shape[1]), dtype=model_dtype(sm))
         self.weighting = make_weighting(cfg.weighting, self.tasks, **cfg.weighting_options).to(self.device)
         weights = list(sm.weight_parameters()) + list(self.weighting.parameters())
         self.weight_params = weights
