@@ -26,8 +26,56 @@ FUSABLE_NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 
 
 def uses_batch_statistics(m: nn.Module) -> bool:
-    """True for a BatchNorm (any subclass) that normalises with the statistics of its input batch."""
-    return isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or m.running_mean is None)
+    """True for a norm that normalises a sample with the statistics of its batch: a BatchNorm (any subclass) in
+    train mode or without running statistics, or a norm subclass whose own forward does so in its current mode
+    whatever torch's class would (test-time adaptation's BatchNorm normalises with the batch in eval mode too),
+    seen by a probe (:func:`batch_statistics_in_mode`)."""
+    if isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or m.running_mean is None):
+        return True
+    return isinstance(m, FUSABLE_NORMS) and batch_statistics_in_mode(m, m.training)
+
+
+#: Where :func:`batch_statistics_in_mode` keeps its answers on the module (a deep copy keeps them too).
+_PROBED = "_automtl_batch_statistics"
+
+
+def batch_statistics_in_mode(m: nn.Module, training: bool) -> bool:
+    """Whether a norm subclass with a forward of its own normalises a sample with the other samples of its batch in
+    train (``training``) or eval mode, seen by running a copy of it on two batches that differ in every sample but
+    the first. torch's own forwards are not probed (False: their rule is the class's). Probed once per module and
+    mode; a subclass that refuses the probe's inputs counts as using batch statistics (its tasks' rows are then
+    normalised apart, which is right either way)."""
+    if getattr(type(m).forward, "__module__", "").startswith("torch."):
+        return False
+    known = m.__dict__.setdefault(_PROBED, {})
+    if training not in known:
+        known[training] = _probe_batch_statistics(m, training)
+    return known[training]
+
+
+def _probe_batch_statistics(m: nn.Module, training: bool) -> bool:
+    try:
+        probe = copy.deepcopy(m).train(training)  # its forward may move running statistics
+    except Exception:  # a norm that cannot be copied cannot be probed: normalised per task, which is right either way
+        return True
+    like = next((t for t in list(probe.parameters()) + list(probe.buffers()) if t.is_floating_point()), None)
+    dtype, device = (like.dtype, like.device) if like is not None else (torch.float32, torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+    shape = getattr(m, "normalized_shape", None)
+    c = int(getattr(m, "num_features", getattr(m, "num_channels", shape[-1] if shape else 1)))
+    for size in ((4, c, 3, 3), (4, 3, 3, c), (4, c, 5), (4, c), (4, c, 2, 2, 2)):
+        x = torch.randn(size, generator=g).to(device=device, dtype=dtype)
+        y = x.clone()
+        y[1:] = y[1:] * 3 + 2
+        try:
+            with torch.no_grad():
+                a, b = probe(x), probe(y)
+        except Exception:  # another rank or layout: the next one
+            continue
+        if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == x.shape == b.shape):
+            return True
+        return not torch.allclose(a[0].float(), b[0].float(), rtol=1e-4, atol=1e-5)
+    return True
 
 
 def tracks_running_stats(m: nn.Module) -> bool:

@@ -26,7 +26,7 @@ from .paths import PathRunner
 from .policy import SKIP, Policy
 from .policy_layer import (  # noqa: F401  (re-exported: the pieces of a supermodel)
     FUSABLE_NORMS, ConvUnit, LayerInfo, PolicyLayer, _conv_macs, _skip_operator, repeat_tasks, taskwise_batch_norm,
-    taskwise_norm, uses_batch_statistics,
+    batch_statistics_in_mode, taskwise_norm, uses_batch_statistics,
 )
 from .supergraph import build_supergraph
 from .tasks import Task, check_tasks
@@ -140,6 +140,9 @@ class SuperModel(GraphsBuiltOnUse):
         # what the supermodel adds (skip projections, builtin heads, policy logits) is made where the backbone lives
         like = next((t for t in (*gm.parameters(), *gm.buffers()) if t.is_floating_point()), None)
         place = dict(device=like.device, dtype=like.dtype) if like is not None else {}
+        for m in gm.modules():  # probed now, before the task copies are made (they keep the answers), not in a forward
+            if isinstance(m, FUSABLE_NORMS):
+                batch_statistics_in_mode(m, False), batch_statistics_in_mode(m, True)
 
         uses: dict = {}
         for n in gm.graph.nodes:

@@ -604,6 +604,26 @@ class NamedLikeTheGraphNet(nn.Module):
         return self.b(torch.relu(self.bn(self.a(x))) * self.mix)
 
 
+class BatchStatisticsNorm(nn.BatchNorm2d):
+    """Test-time adaptation's BatchNorm (TENT): it normalises with its batch's statistics in eval mode too."""
+
+    def forward(self, x):
+        return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
+
+
+class TestTimeNormNet(nn.Module):
+    """Convolutions each followed by a BatchNorm subclass that ignores the mode (fused with its conv like any norm)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), BatchStatisticsNorm(8), nn.ReLU(),
+                                  nn.Conv2d(8, 8, 3, stride=2, padding=1), BatchStatisticsNorm(8), nn.ReLU(),
+                                  nn.Conv2d(8, 8, 3, padding=1), BatchStatisticsNorm(8))
+
+    def forward(self, x):
+        return self.body(x)
+
+
 ZOO = {
     "constant": ConstantInForwardNet, "positional_conv": PositionalConvNet, "patches_to_batch": PatchesToBatchNet,
     "std_conv": StdConvNet,
@@ -615,4 +635,5 @@ ZOO = {
     "train_only_constant": TrainOnlyConstantNet, "own_generator": OwnGeneratorNet,
     "checkpoint_when_training": CheckpointWhenTrainingNet, "channels_last_stages": ChannelsLastStagesNet,
     "window_stages": WindowStagesNet, "named_like_the_graph": NamedLikeTheGraphNet,
+    "test_time_norm": TestTimeNormNet,
 }
