@@ -649,6 +649,7 @@ def capture(
     # before capture sets the modes: a layer put in eval mode by hand in a train-mode backbone is frozen on purpose
     frozen = {name: "the backbone is in train mode but" for name in _frozen_modules(backbone)} if backbone.training \
         else {}
+    thawed = [] if backbone.training else _thawed_modules(backbone)  # and the reverse: one left in train mode
     backbone = copy_backbone(backbone)
     was_training = backbone.training
     as_one_call: dict = {}  # module path -> why it does not trace: run as one call, if cut away with the classifier
@@ -661,6 +662,7 @@ def capture(
             break
         except _NotTraceable as exc:
             if not exc.path or exc.path in as_one_call or len(as_one_call) >= MAX_MODULES_AS_ONE_CALL:
+                _refuse_failing_forward(backbone, example_input)  # a bug in the forward is not torch.fx's limit
                 raise
             as_one_call[exc.path] = exc
         finally:
@@ -703,6 +705,7 @@ def capture(
                 _channels_first(train_graph)
         _refuse_kept_untraceable(as_one_call, [gm.graph] + ([train_graph] if train_graph is not None else []))
         _refuse_frozen_modules(backbone, gm.graph, frozen)
+        _refuse_thawed_modules(backbone, gm.graph, thawed)
     for path, why in as_one_call.items():
         notes.append(f"module {path!r} does not trace with torch.fx ({why.reason}); "
                      "the features are cut before it, so it ran as one call and is left out with the classifier")
@@ -783,12 +786,62 @@ def _frozen_modules(backbone: nn.Module) -> list:
     return found
 
 
+def _refuse_failing_forward(backbone: nn.Module, example_input: torch.Tensor) -> None:
+    """Raise when the backbone's own forward fails on the example input in eval mode (a typo, a missing import):
+    the trace failed for that, not for what torch.fx cannot follow. Its buffers and the random states are put back."""
+    python = PythonState(backbone)
+    buffers = saved_buffers(backbone)
+    try:
+        with torch.no_grad(), seeded(example_input.device), contextlib.redirect_stderr(io.StringIO()):
+            backbone.eval()(example_input)
+    except Exception as exc:
+        frame = _user_frame(exc)
+        where = f" at {frame.filename}:{frame.lineno} ({frame.line.strip() if frame.line else ''})" if frame else ""
+        raise BackboneError(
+            f"the backbone's own forward fails on the example input of shape {tuple(example_input.shape)}{where}: "
+            f"{_first_line(exc, limit=None)}; it fails without automtl too: fix the forward, or pass an example_input it takes"
+        ) from exc
+    finally:
+        put_back(buffers)
+        python.restore()
+
+
+def _thawed_modules(backbone: nn.Module) -> list:
+    """Paths of the norm and dropout layers in train mode (in an eval-mode backbone) whose train mode differs from
+    their eval mode: a BatchNorm (batch statistics), a norm with running statistics, a dropout above 0."""
+    return [name for name, m in backbone.named_modules() if m.training and (
+        isinstance(m, nn.modules.batchnorm._BatchNorm)
+        or isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats
+        or isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0)]
+
+
+def _used_paths(graph: fx.Graph) -> set:
+    return {p for n in graph.nodes for p in _module_paths(n)} | {str(n.target) for n in graph.nodes
+                                                                if n.op == "call_module"}
+
+
+def _refuse_thawed_modules(backbone: nn.Module, graph: fx.Graph, thawed: list) -> None:
+    """Refuse an eval-mode backbone whose ``thawed`` layers (put in train mode by hand: Monte Carlo dropout,
+    test-time BatchNorm) compute the features ``graph`` keeps: the supermodel and the compact model set every
+    module's mode themselves, and would turn them to eval mode (the backbone's numbers lost without a word)."""
+    used = _used_paths(graph)
+    stuck = [name for name in thawed if name in used]
+    if not stuck:
+        return
+    name, more = stuck[0], f" and {len(stuck) - 1} more" if len(stuck) > 1 else ""
+    what = "a dropout left on, Monte Carlo dropout" if isinstance(backbone.get_submodule(name), nn.modules.dropout._DropoutNd) \
+        else "a norm normalising with its batch, test-time adaptation"
+    raise BackboneError(
+        f"the backbone is in eval mode but keeps {name!r}{more} in train mode ({what}); automtl sets every module's "
+        "mode itself and would turn it off: put the whole backbone in one mode (backbone.train() or backbone.eval()) "
+        "before converting it")
+
+
 def _refuse_frozen_modules(backbone: nn.Module, graph: fx.Graph, frozen: dict) -> None:
     """Refuse a train-mode backbone whose ``frozen`` norm or dropout layers (path -> how: put in eval mode by hand,
     or kept there by a ``train`` override) compute the features ``graph`` keeps: the supermodel and the compact model
     set every module's mode themselves, and would train them (a frozen BatchNorm: 1.36 off in train mode)."""
-    used = {p for n in graph.nodes for p in _module_paths(n)} | {str(n.target) for n in graph.nodes
-                                                                  if n.op == "call_module"}
+    used = _used_paths(graph)
     stuck = [name for name in frozen if name in used]
     if not stuck:
         return

@@ -178,9 +178,19 @@ def _in_classifier(node: fx.Node) -> bool:
     return any(p.split(".")[-1] in CLASSIFIER_NAMES for p in _module_paths(node))
 
 
+def _is_named_tuple(node: fx.Node) -> bool:
+    """A call that builds a namedtuple (torch.fx records the constructor as a call)."""
+    return node.op == "call_function" and isinstance(node.target, type) and issubclass(node.target, tuple) \
+        and isinstance(getattr(node.target, "_fields", None), tuple)
+
+
 def _chosen_output(gm: fx.GraphModule, notes: list) -> fx.Node:
     out = next(n for n in gm.graph.nodes if n.op == "output")
     value = out.args[0]
+    if isinstance(value, fx.Node) and _is_named_tuple(value):  # NT(low=y, high=z): its fields are the outputs
+        fields = value.target._fields
+        value = {**dict(zip(fields, value.args)), **value.kwargs}
+        value = {k: value[k] for k in fields if k in value}
     if isinstance(value, fx.Node):
         return value
     items = list(value.items()) if isinstance(value, dict) else list(enumerate(value)) if isinstance(value, (tuple, list)) else []

@@ -442,7 +442,8 @@ def supermodel(
 
     ``example_input`` fixes the shapes used to decide where skip is legal (default: one
     3x64x64 image in the dtype and on the device of the backbone's first floating-point parameter or
-    buffer). The backbone is copied; the original is never changed.
+    buffer). The backbone is copied; the original is never changed. The supermodel is in the backbone's mode
+    (train or eval), every module of it; :func:`automtl.search` trains it in train mode.
     """
     tasks = check_tasks(tasks)
     if isinstance(backbone, str):
@@ -454,5 +455,9 @@ def supermodel(
         example_input = torch.randn(1, 3, 64, 64) if like is None else torch.randn(1, 3, 64, 64, dtype=like.dtype, device=like.device)
     cap = capture(backbone, example_input, feature_node, leaf_modules, concrete_args)
     sm = SuperModel(cap, tasks)
+    # in the backbone's mode, every module of it (the copied layers kept theirs; what the supermodel adds was made in
+    # train mode): a backbone handed over in eval mode gives an eval-mode supermodel, not one whose flag says train
+    # while its norms stay in eval
+    sm.train(backbone.training)
     check_tasks_apart(sm)
     return sm

@@ -4,6 +4,7 @@ The right values: the all-share supermodel computes the backbone's features (eva
 mode where nothing is random), the compact model computes the supermodel's outputs under the same
 hard policy in both modes, and two eval calls agree. Issue 11 names each kind.
 """
+import collections
 import copy
 import functools
 import json
@@ -289,6 +290,27 @@ def test_saved_and_exported_files_equal_the_compact_model(name, tmp_path):
     automtl.save(c, tmp_path / "m.automtl")
     loaded = automtl.load(tmp_path / "m.automtl")
     assert all(close(loaded(x)[t], ref[t], 1e-5) for t in ref)
+
+
+_Pyramid = collections.namedtuple("_Pyramid", ["fine", "coarse"])
+
+
+class _NamedTupleOutputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        y = torch.relu(self.a(x))
+        return _Pyramid(coarse=self.b(y), fine=y)
+
+
+def test_a_namedtuple_of_outputs_is_cut_as_a_tuple_of_them():
+    """A namedtuple was one output to torch.fx: the cut went to the last map (the coarse one) without a warning, where
+    the same outputs as a tuple are cut on the way to the first with one."""
+    with pytest.warns(UserWarning, match=r"returns 2 outputs \('fine', 'coarse'\).*on the way to output 'fine'"):
+        cap = capture(_NamedTupleOutputs(), torch.randn(1, 3, SIZE, SIZE))
+    assert cap.feature_shape == (1, 8, SIZE, SIZE)
 
 
 def test_training_batches_never_end_with_a_short_last_batch():
@@ -722,6 +744,40 @@ def test_layers_put_in_eval_mode_by_hand_in_a_train_mode_backbone_are_refused(la
     with pytest.raises(BackboneError, match=message):
         automtl.supermodel(backbone, TASKS, torch.randn(1, 3, SIZE, SIZE))
     automtl.supermodel(backbone.eval(), TASKS, torch.randn(1, 3, SIZE, SIZE))  # a backbone in eval mode: as usual
+
+
+@pytest.mark.parametrize("layer", ["norm", "dropout"])
+def test_layers_put_in_train_mode_by_hand_in_an_eval_mode_backbone_are_refused(layer):
+    """The reverse: ``backbone.eval(); backbone.drop.train()`` (Monte Carlo dropout, test-time BatchNorm) converted
+    silently into a model whose modes automtl sets, so the dropout was off and the norm used running statistics
+    (1.1 and 3.0 off the user's backbone)."""
+    torch.manual_seed(0)
+    backbone = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Dropout2d(0.2),
+                             nn.Conv2d(8, 8, 3, padding=1)).eval()
+    backbone[1 if layer == "norm" else 3].train()
+    what = {"norm": "a norm normalising with its batch", "dropout": "a dropout left on"}[layer]
+    with pytest.raises(BackboneError, match=f"the backbone is in eval mode but keeps '{1 if layer == 'norm' else 3}' "
+                                            f"in train mode .{what}.*one mode"):
+        automtl.supermodel(backbone, TASKS, torch.randn(1, 3, SIZE, SIZE))
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_the_supermodel_is_in_the_backbone_s_mode(mode):
+    """A backbone handed over in eval mode (pretrained, loaded for inference) gave a supermodel whose flag said train
+    while its norms and dropouts stayed in eval: its compact model, all in train mode, differed by 0.8."""
+    torch.manual_seed(0)
+    backbone = getattr(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Dropout(0.5),
+                                     nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)), mode)()
+    sm = automtl.supermodel(backbone, TASKS, torch.randn(1, 3, SIZE, SIZE))
+    assert {m.training for m in sm.modules()} == {mode == "train"}
+    policy = Policy.uniform(sm.layer_names, sm.task_names, "share")
+    c = compact(sm.hard(policy), policy)
+    assert {m.training for m in c.modules()} == {mode == "train"}
+    if mode == "eval":
+        x = torch.randn(2, 3, SIZE, SIZE)
+        with torch.no_grad():
+            a, b = sm(x), c(x)
+        assert all(close(a[t], b[t], 1e-5) for t in a)
 
 
 def test_a_buffer_written_through_data_is_refused():

@@ -1385,3 +1385,32 @@ def test_an_auxiliary_head_beside_the_output_is_not_named_as_left_out():
     with pytest.warns(UserWarning) as seen:
         capture(_Aux(), torch.randn(1, 3, 16, 16))
     assert not [w for w in seen if "leaves out" in str(w.message)]
+
+
+class _Typo(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv2(x)  # no such attribute: a bug, not something torch.fx cannot follow
+
+
+class _MissingImport(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+
+    def forward(self, x):
+        import a_module_that_is_not_installed  # noqa: F401
+        return self.conv(x)
+
+
+@pytest.mark.parametrize("cls, error", [(_Typo, "'_Typo' object has no attribute 'conv2'"),
+                                        (_MissingImport, "No module named 'a_module_that_is_not_installed'")])
+def test_a_forward_that_fails_without_automtl_is_named_as_such(cls, error):
+    """A typo or a missing import in the forward was reported as a torch.fx limit, with concrete_args as the remedy."""
+    with pytest.raises(BackboneError, match=f"the backbone's own forward fails on the example input of shape "
+                                            f"\\(1, 3, 16, 16\\) at .*test_capture.py:\\d+ .*: {error}; it fails "
+                                            "without automtl too"):
+        capture(cls(), torch.randn(1, 3, 16, 16))
