@@ -63,6 +63,7 @@ class CompactModel(GraphsBuiltOnUse):
 
     def forward(self, x: torch.Tensor, tasks: Optional[Sequence[str]] = None) -> dict:
         if self.input_check is not None:
+            check_image_batch(x, self.input_shape, "the model")  # channels first: the shape check would blame size
             self.input_check(x)
             if not self.training and torch.is_grad_enabled() and not x.requires_grad:
                 # a model read from a file runs inference without autograd: the load-time bound on what is

@@ -147,7 +147,28 @@ class NormalLoss:
 
 
 def loss_for(task: "Task") -> LossFn:
-    """The loss callable ``(pred, target) -> scalar`` of a task: its own, or its kind's builtin."""
+    """The loss callable ``(pred, target) -> scalar`` of a task: its own (checked to return one number at each call,
+    :class:`CheckedLoss`), or its kind's builtin."""
     if task.loss is not None:
-        return task.loss
+        return CheckedLoss(task.name, task.loss)
     return task.builtin("loss").loss(task)
+
+
+class CheckedLoss:
+    """A task's own loss, whose every value must be one number as a tensor (shape ``()`` or one element).
+
+    Raises (on call):
+        ConfigError: the loss returned something else (a per-sample vector, a Python float: no gradient).
+    """
+
+    def __init__(self, task: str, fn: LossFn):
+        self.task, self.fn = task, fn
+
+    def __call__(self, pred: Tensor, target) -> Tensor:
+        value = self.fn(pred, target)
+        if isinstance(value, Tensor) and value.numel() == 1 and value.is_floating_point():
+            return value.reshape(())
+        what = (f"a {str(value.dtype).split('.')[-1]} tensor of shape {tuple(value.shape)}" if isinstance(value, Tensor)
+                else f"a {type(value).__name__}")
+        raise ConfigError(f"the loss of task {self.task!r} returned {what}; a loss returns one number, a floating "
+                          "tensor of shape () computed from the prediction (reduce a per-sample loss with .mean())")

@@ -328,8 +328,32 @@ class NormalMetric(Metric):
 def metric_for(task: "Task"):
     """A fresh metric object for a task: its own ``metric()`` factory, or its kind's builtin."""
     if task.metric is not None:
-        return task.metric()
+        metric = task.metric()
+        if not (callable(getattr(metric, "update", None)) and callable(getattr(metric, "compute", None))):
+            from .errors import ConfigError
+            raise ConfigError(f"the metric of task {task.name!r} made a {type(metric).__name__}, which has no update() "
+                              "and compute(); metric= takes a class (or a function) that makes an object with "
+                              "update(pred, target) and compute() -> {name: number}")
+        return metric
     return task.builtin("metric").metric(task)
+
+
+def computed(task: str, metric) -> dict:
+    """``metric.compute()`` as ``{name: float}``.
+
+    Raises:
+        ConfigError: compute() returned something other than a mapping of names to numbers.
+    """
+    from .errors import ConfigError
+
+    value = metric.compute()
+    try:
+        if not isinstance(value, Mapping):
+            raise TypeError
+        return {str(k): float(v) for k, v in value.items()}
+    except (TypeError, ValueError, RuntimeError):
+        raise ConfigError(f"the metric of task {task!r} returned {type(value).__name__} {str(value)[:60]!r} from "
+                          "compute(); compute() returns a dict {name: number}, e.g. {'mae': 0.12}") from None
 
 
 def delta_mtl(

@@ -109,6 +109,27 @@ class GraphsBuiltOnUse(nn.Module):
 
 
 
+def _check_custom_head(task: Task, head: nn.Module, feature_shape: tuple, place: dict) -> None:
+    """Run a task's own head once on zeros of the features' shape (eval mode, no gradients, its mode put back):
+    a head built for other features is refused here in one sentence, not at the first step (or, for a single task, in
+    the search's cost count) as a traceback."""
+    like = next((p for p in (*head.parameters(), *head.buffers()) if p.is_floating_point()), None)
+    where = dict(device=like.device, dtype=like.dtype) if like is not None else place
+    x = torch.zeros((2, *feature_shape[1:]), **where)
+    modes = {m: m.training for m in head.modules()}
+    try:
+        with torch.no_grad():
+            head.eval()(x)
+    except Exception as exc:
+        raise ConfigError(f"the head of task {task.name!r} fails on the backbone's features, of shape "
+                          f"(N, {', '.join(map(str, feature_shape[1:]))}) ({type(exc).__name__}: "
+                          f"{str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ''}); build it for "
+                          f"{feature_shape[1]} input channels, or cut the features elsewhere with feature_node=") from None
+    finally:
+        for m, training in modes.items():
+            m.training = training
+
+
 def check_image_batch(x, input_shape: Optional[Sequence[int]], what: str, other: str = "") -> None:
     """Raise :class:`AutomtlError` unless ``x`` is an (N, C, H, W) tensor with the channels of ``input_shape`` (the
     example input the backbone was converted with)."""
@@ -192,6 +213,9 @@ class SuperModel(GraphsBuiltOnUse):
         channels = self.feature_shape[1]
         self.heads = nn.ModuleDict({t.name: build_head(t, channels) if t.head is not None else build_head(t, channels).to(**place)
                                     for t in self.tasks})
+        for t in self.tasks:
+            if t.head is not None:
+                _check_custom_head(t, self.heads[t.name], self.feature_shape, place)
         L = len(self.layer_names)
         self.policy_logits = nn.Parameter(torch.zeros(L, T, 3, **place))
         legal = torch.ones(L, 3, dtype=torch.bool, device=place.get("device"))

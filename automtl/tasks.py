@@ -61,6 +61,14 @@ class Task:
                 f"task {self.name!r} has unknown kind {str(self.kind)[:40]!r}; choose one of {', '.join(KINDS)} "
                 "(or register one with automtl.register_kind), or pass head=, loss= and metric= for a custom task"
             )
+        if self.head is not None and not isinstance(self.head, nn.Module):
+            raise ConfigError(f"task {self.name!r}: head= takes an nn.Module, got a {type(self.head).__name__}")
+        if self.loss is not None and not callable(self.loss):
+            raise ConfigError(f"task {self.name!r}: loss= takes a function (pred, target) -> loss, got a "
+                              f"{type(self.loss).__name__}")
+        if self.metric is not None and not callable(self.metric):
+            raise ConfigError(f"task {self.name!r}: metric= takes a class (or a function) that makes a fresh metric, "
+                              f"e.g. metric=RegressionMetric, not RegressionMetric(); got a {type(self.metric).__name__}")
         spec = self.spec
         if spec is None and (self.head is None or self.loss is None or self.metric is None):
             raise ConfigError(f"custom task {self.name!r} needs head=, loss= and metric=")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 from click.testing import CliRunner
 
 from automtl.cli import main
@@ -457,6 +458,45 @@ def test_bad_validation_data_is_refused_before_training(val, message):
     assert all(torch.equal(v, sm.state_dict()[k]) for k, v in before.items())  # refused before a step
     with pytest.raises(DataError, match=message):  # and by evaluate, which the final validation and `eval` call
         automtl.evaluate(sm, val)
+
+
+class _FloatCompute:
+    def update(self, pred, target):
+        pass
+
+    def compute(self):
+        return 0.5
+
+
+@pytest.mark.parametrize("how, message", [
+    ("per-sample loss", r"the loss of task 'bright' returned a float32 tensor of shape \(2,\); a loss returns one number"),
+    ("float loss", r"the loss of task 'bright' returned a float;"),
+    ("metric instance", r"task 'bright': metric= takes a class .*not RegressionMetric\(\); got a RegressionMetric"),
+    ("metric without update", r"the metric of task 'bright' made a dict, which has no update\(\) and compute\(\)"),
+    ("compute of a float", r"the metric of task 'bright' returned float '0.5' from compute\(\); compute\(\) returns a dict"),
+    ("head of another kind", r"task 'bright': head= takes an nn.Module, got a function"),
+])
+def test_a_custom_task_s_own_parts_are_checked_in_one_sentence(how, message):
+    """Mistakes in a custom task's loss or metric were tracebacks from inside the search (`shape '[]' is invalid`,
+    `'float' object has no attribute 'detach'`, `'RegressionMetric' object is not callable` after the whole run)."""
+    import automtl
+    from automtl import SearchConfig, Task
+    from automtl.errors import ConfigError
+    from automtl.metrics import RegressionMetric
+
+    def loss(p, y):
+        per_sample = (p.mean((1, 2, 3)) - y) ** 2
+        return {"per-sample loss": per_sample, "float loss": 0.5}.get(how, per_sample.mean())
+
+    metric = {"metric instance": RegressionMetric(), "metric without update": dict,
+              "compute of a float": _FloatCompute}.get(how, RegressionMetric)
+    head = (lambda f: f) if how == "head of another kind" else nn.Conv2d(32, 1, 1)
+    batches = [(x, {"bright": x.mean((1, 2, 3))}) for x, _ in (_batch(), _batch())]
+    with pytest.raises(ConfigError, match=message):
+        task = Task("bright", head=head, loss=loss, metric=metric)
+        sm = automtl.supermodel("tiny", [task], torch.randn(1, 3, 16, 16))
+        automtl.search(sm, batches, batches[:1], SearchConfig(warmup_steps=1, search_steps=0, finetune_steps=0,
+                                                              batch_size=2, quiet=True, budget=None))
 
 
 def test_a_task_the_data_has_no_target_for_is_named_not_trained_on_nothing():

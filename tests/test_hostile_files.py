@@ -577,6 +577,20 @@ def test_a_size_that_depends_on_the_input_is_checked_at_every_new_shape(valid, t
     assert result.exit_code == 2 and "Traceback" not in result.output
 
 
+def test_an_input_the_loaded_model_does_not_take_is_named_for_what_it_is(valid, tmp_path):
+    """A grey image given to an RGB model was "a graph that does not run ... pass a smaller batch or image"; an input
+    an operation refuses for its size gets the size the model was saved for, not "smaller"."""
+    model = load(write(tmp_path / "ok.automtl", valid))
+    with pytest.raises(AutomtlError, match=r"takes images of 3 channel\(s\).*got 1"):
+        model(torch.randn(2, 1, SIZE, SIZE))
+    def change(desc):  # an operation that needs at least 16 rows: fine at the recorded size only
+        insert_before_output(node("n", "call_method", "narrow", {"$node": d_out(valid)}, 2, 0, 16))(desc)
+    small = load(write(tmp_path / "narrow.automtl", edit(valid, change)))
+    with pytest.raises(FileFormatError, match=r"does not run at input shape \[2, 3, 8, 8\].*a size the model takes "
+                                              r"\(it was saved for \[1, 3, 16, 16\]\)"):
+        small(torch.randn(2, 3, 8, 8))
+
+
 def test_many_small_yaml_values_are_refused_before_they_are_built(valid, tmp_path):
     """1 MB of one-character values would cost seconds and hundreds of MB to build (32 MiB: gigabytes)."""
     many = b"junk: [" + b",".join([b"1"] * 500_000) + b"]\n"

@@ -216,3 +216,21 @@ def test_random_policy_never_skips_an_illegal_layer_even_when_asked_only_for_ski
     pol.check(sm.layer_names, sm.task_names, sm.skip_legal)
     with pytest.raises(ConfigError, match="three non-negative weights"):
         Policy.random(sm.layer_names, sm.task_names, sm.skip_legal, probs=(0, 0, 0))
+
+
+@pytest.mark.parametrize("tasks", [1, 2])
+def test_a_custom_head_built_for_other_features_is_refused_at_conversion(tasks):
+    """A head for 64 channels on features of 32 was, with one task, a RuntimeError traceback from the search's cost
+    count, and with two, a refusal blaming the batch size."""
+    from automtl.metrics import RegressionMetric
+
+    head = nn.Conv2d(64, 1, 1)
+    custom = Task("bright", head=head, loss=lambda p, y: ((p.mean((1, 2, 3)) - y) ** 2).mean(), metric=RegressionMetric)
+    others = [Task("depth", "depth")] if tasks == 2 else []
+    with pytest.raises(ConfigError, match=r"the head of task 'bright' fails on the backbone's features, of shape "
+                                          r"\(N, 32, .*to have 64 channels.*build it for 32 input channels"):
+        supermodel("tiny", [*others, custom], torch.randn(1, 3, 16, 16))
+    head.train()
+    sm = supermodel("tiny", [*others, Task("bright", head=nn.Conv2d(32, 1, 1).train(), loss=custom.loss,
+                                           metric=RegressionMetric)], torch.randn(1, 3, 16, 16))
+    assert sm.heads["bright"].training  # checked in eval mode, its mode put back

@@ -361,7 +361,7 @@ class _InputCheck:
     otherwise allocate without bound at another."""
 
     def __init__(self, path: str, gm, tasks: list, dtype: torch.dtype, recorded: list):
-        self.path, self.gm, self.tasks, self.dtype = path, gm, tasks, dtype
+        self.path, self.gm, self.tasks, self.dtype, self.recorded = path, gm, tasks, dtype, tuple(recorded)
         self.seen = {(tuple(recorded), dtype, True)}
 
     def __call__(self, x: torch.Tensor) -> None:
@@ -372,8 +372,12 @@ class _InputCheck:
         if key not in self.seen:
             try:
                 shape_check(self.path, self.gm, self.tasks, self.dtype, x.shape, on_cpu=x.device.type == "cpu")
-            except FileFormatError as exc:  # the file passed at its recorded shape: this input is what is too large
+            except FileFormatError as exc:  # the file passed at its recorded shape: this input is what does not fit
                 reason = str(exc).split("; the file is")[0]
+                if "does not run at input shape" in reason:  # an operation refuses the size (too small, odd)
+                    raise FileFormatError(f"{reason}; pass images of a size the model takes (it was saved for "
+                                          f"{list(self.recorded)}), or check the file if it is not one automtl "
+                                          "saved") from None
                 raise FileFormatError(f"{reason} (input shape {list(x.shape)}); pass a smaller batch or image, or "
                                       "check the file if it is not one automtl saved") from None
             self.seen.add(key)

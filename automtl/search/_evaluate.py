@@ -9,7 +9,7 @@ import torch
 from ..data.checks import BatchChecks, model_dtype
 from ..errors import DataError
 from ..losses import loss_for
-from ..metrics import metric_for
+from ..metrics import computed, metric_for
 from ..supermodel import SuperModel
 from ._data import TargetTally, _check_task_keys, _epoch_iter, _split_batch, _task_target, _to
 
@@ -129,6 +129,6 @@ class _Tally:
                 self.loss_n[t] += x.shape[0]
 
     def results(self) -> tuple[dict, dict]:
-        results = {t: {k: float(v) for k, v in m.compute().items()} for t, m in self.metrics.items()}
+        results = {t: computed(t, m) for t, m in self.metrics.items()}
         losses = {t: (self.loss_sum[t] / self.loss_n[t] if self.loss_n[t] else float("nan")) for t in self.task_names}
         return results, losses

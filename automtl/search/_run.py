@@ -38,6 +38,7 @@ from ..cost import check_budget
 from ..data.checks import BatchChecks, model_dtype
 from ..errors import AutomtlError, ConfigError
 from ..losses import loss_for
+from ..metrics import metric_for
 from ..policy import Policy
 from ..seeding import seeded
 from ..supermodel import SuperModel
@@ -117,6 +118,8 @@ class _Search(_CheckpointMixin, _LogMixin, _StepMixin):
         """Losses, batch checks, the loss balancer, the strategy and the three optimizers."""
         cfg, sm = self.config, self.sm
         self.loss_fns = {t.name: loss_for(t) for t in sm.tasks}
+        for t in sm.tasks:  # a custom metric that makes no metric object is refused now, not after the training
+            metric_for(t)
         self.checks = BatchChecks(sm.tasks, int(sm.input_shape[1]), dtype=model_dtype(sm))
         self.weighting = make_weighting(cfg.weighting, self.tasks, **cfg.weighting_options).to(self.device)
         weights = list(sm.weight_parameters()) + list(self.weighting.parameters())
