@@ -22,6 +22,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 import yaml
+from torch.utils.data import Subset
 
 from .config import MAX_INPUT_SIZE, MAX_SAMPLES, SearchConfig
 from .cost import check_budget
@@ -216,10 +217,14 @@ def build_data(cfg: ConvertConfig, tasks: Sequence[Task]):
     from .data import check_targets, make_dataset, parse_spec
 
     name, _ = parse_spec(cfg.data)
-    sized = name in ("synthetic", "multifashion")
+    sized = name in ("synthetic", "multifashion")  # made (or read) at that many samples; the others: the first ones
     extra = {"size": cfg.input_size} if name == "synthetic" else {}
-    train = make_dataset(cfg.data, "train", **({"n": cfg.train_samples} if sized and cfg.train_samples else {}), **extra)
-    val = make_dataset(cfg.data, "val", **({"n": cfg.val_samples} if sized and cfg.val_samples else {}), **extra)
+
+    def dataset(split: str, n: Optional[int]):
+        data = make_dataset(cfg.data, split, **({"n": n} if sized and n else {}), **extra)
+        return Subset(data, range(min(n, len(data)))) if n and not sized else data
+
+    train, val = dataset("train", cfg.train_samples), dataset("val", cfg.val_samples)
     check_targets(train, tasks)
     return train, val
 

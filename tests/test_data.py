@@ -325,6 +325,20 @@ def test_nyuv2_on_fixture(tmp_path):
         assert torch.isfinite(loss_for(task)(pred, t[task.name][None]))
 
 
+def test_samples_takes_the_first_ones_of_a_data_set_read_from_disk(tmp_path):
+    """`--samples` was ignored for nyuv2 and cityscapes (every sample trained) while supermodel.yaml recorded it."""
+    from automtl.convert import build_data, resolve_config
+
+    _npy_split(tmp_path, "train", 3, NYU_FOLDERS)
+    _npy_split(tmp_path, "val", 2, NYU_FOLDERS)
+    cfg = resolve_config(backbone="tiny", data=f"nyuv2:{tmp_path}", train_samples=2, val_samples=1)
+    train, val = build_data(cfg, cfg.task_objects())
+    assert (len(train), len(val)) == (2, 1)
+    assert torch.equal(train[1][0], NYUv2(tmp_path, split="train")[1][0])  # the first ones, in order
+    cfg = resolve_config(backbone="tiny", data=f"nyuv2:{tmp_path}", train_samples=50)
+    assert [len(d) for d in build_data(cfg, cfg.task_objects())] == [3, 2]  # at most what there is
+
+
 def test_nyuv2_errors(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         NYUv2(tmp_path / "nope")

@@ -127,6 +127,13 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool = False, seed: 
     )
 
 
+def _name(dataset) -> str:
+    """The data set's class name, through the ``Subset`` that takes its first samples."""
+    while isinstance(dataset, torch.utils.data.Subset):
+        dataset = dataset.dataset
+    return type(dataset).__name__
+
+
 def check_targets(dataset: Dataset, tasks: Sequence[Task]) -> None:
     """Fail early, with the task's name, when the data cannot feed a task.
 
@@ -138,15 +145,15 @@ def check_targets(dataset: Dataset, tasks: Sequence[Task]) -> None:
     except TypeError:
         n = None
     if n == 0:
-        raise DataError(f"data set {dataset!r} is empty; check its root and split")
+        raise DataError(f"data set {_name(dataset)} is empty; check its root and split")
     sample = dataset[0]
     if not (isinstance(sample, (tuple, list)) and len(sample) == 2 and isinstance(sample[1], dict)):
-        raise DataError(f"data set {type(dataset).__name__} must yield (x, {{task: target}}) pairs; it yields {type(sample).__name__}")
+        raise DataError(f"data set {_name(dataset)} must yield (x, {{task: target}}) pairs; it yields {type(sample).__name__}")
     targets = sample[1]
     for task in tasks:
         if task.name not in targets:
             raise DataError(
-                f"data set {type(dataset).__name__} has no target for task {task.name!r}; "
+                f"data set {_name(dataset)} has no target for task {task.name!r}; "
                 f"its targets are {', '.join(map(repr, targets)) or 'none'}, so rename the task or pick another data set"
             )
         spec = task.spec
@@ -155,7 +162,7 @@ def check_targets(dataset: Dataset, tasks: Sequence[Task]) -> None:
         y = torch.as_tensor(targets[task.name])
         if not shape_fits(spec.target_shapes(task), tuple(y.shape)):
             raise DataError(
-                f"target {task.name!r} of data set {type(dataset).__name__} has shape {tuple(y.shape)}, "
+                f"target {task.name!r} of data set {_name(dataset)} has shape {tuple(y.shape)}, "
                 f"which does not fit a {task.kind} task (one sample's target is {describe_shapes(spec.target_shapes(task))}); "
                 "check the task kind"
             )
