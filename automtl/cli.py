@@ -9,7 +9,9 @@ import errno
 import json
 import os
 import shlex
+import signal
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -34,7 +36,22 @@ class _Group(click.Group):
     def main(self, args=None, *rest, **kwargs):
         self.argv = list(args) if args is not None else sys.argv[1:]  # for the resume hint after Ctrl-C
         self.started = time.time()  # a checkpoint older than this is not this run's
-        return super().main(args, *rest, **kwargs)
+        self.sigint = False
+        # Ctrl-C noted as well as raised: a KeyboardInterrupt that library code swallows (one landing in a lazy import
+        # inside torch leaves a half-imported module, whose AttributeError comes later) still ends the command as one
+        watch = threading.current_thread() is threading.main_thread() \
+            and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        if watch:
+            signal.signal(signal.SIGINT, self._on_sigint)
+        try:
+            return super().main(args, *rest, **kwargs)
+        finally:
+            if watch:
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def _on_sigint(self, signum, frame):
+        self.sigint = True
+        signal.default_int_handler(signum, frame)
 
     def invoke(self, ctx):
         try:
@@ -44,6 +61,10 @@ class _Group(click.Group):
         except KeyboardInterrupt:
             _interrupted(self, ctx, getattr(self, "argv", sys.argv[1:]), getattr(self, "started", 0.0))
         except Exception as exc:  # MemoryError included
+            if getattr(self, "sigint", False):  # the error of an interrupt some library caught: the interrupt
+                if ctx.obj and ctx.obj.get("debug"):
+                    raise
+                _interrupted(self, ctx, getattr(self, "argv", sys.argv[1:]), getattr(self, "started", 0.0))
             message = _user_message(exc)
             if message is None or (ctx.obj and ctx.obj.get("debug")):
                 raise

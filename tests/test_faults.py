@@ -186,6 +186,26 @@ def test_ctrl_c_before_the_first_checkpoint_says_so_and_keeps_the_earlier_run(tm
     assert after == before
 
 
+def test_ctrl_c_that_a_library_swallows_still_ends_the_command_as_an_interrupt(tmp_path, monkeypatch):
+    """Ctrl-C landing in one of torch's lazy imports left a half-imported module whose AttributeError came later, and
+    was reported as "torch.fx cannot trace the backbone" (exit 2): the interrupt is noted as well as raised."""
+    import automtl.convert
+
+    def swallowing(cfg):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+        except KeyboardInterrupt:  # what some library code does with it
+            pass
+        raise AutomtlError("torch.fx cannot trace the backbone (module 'torch._dynamo' has no attribute 'guards')")
+
+    monkeypatch.setattr(automtl.convert, "build_supermodel", swallowing)
+    result = CliRunner().invoke(main, ["search", "tiny", *SMALL, "--out", str(tmp_path / "run")])
+    assert result.exit_code == 130, result.output
+    assert "interrupted" in result.output and "cannot trace" not in result.output
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+
+
 # ---------------------------------------------------------------------------------------
 # disk full, read-only disks: one sentence, nothing half-written
 # ---------------------------------------------------------------------------------------
