@@ -94,6 +94,8 @@ _CHOICES = {
     "finetune_schedule": ("cosine", "constant"),
     "finetune_unit": ("steps", "compute"),
 }
+#: What a value of a choice is often written as, for the did-you-mean (``device: gpu`` is not "cpu").
+_ALIASES = {"gpu": "cuda"}
 
 
 @dataclass
@@ -239,7 +241,8 @@ class SearchConfig:
         for name, options in _CHOICES.items():
             v = getattr(self, name)
             if not isinstance(v, str) or v.lower() not in options:
-                close = difflib.get_close_matches(str(v).lower(), options, n=1)
+                close = [_ALIASES[v.lower()]] if isinstance(v, str) and _ALIASES.get(v.lower()) in options else \
+                    difflib.get_close_matches(str(v).lower(), options, n=1)
                 hint = f"did you mean {close[0]!r}? " if close else ""
                 raise ConfigError(f"config field {name!r} is {v!r}; {hint}choose one of {', '.join(options)}")
             setattr(self, name, v.lower())

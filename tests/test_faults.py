@@ -480,6 +480,18 @@ def test_bad_validation_data_is_refused_before_training(val, message):
         automtl.evaluate(sm, val)
 
 
+def test_small_slips_get_the_right_hint():
+    """`device: gpu` was offered "did you mean 'cpu'?"; a sample of three items was "it yielded list"."""
+    from automtl import SearchConfig
+    from automtl.errors import ConfigError, DataError
+
+    with pytest.raises(ConfigError, match="'device' is 'gpu'; did you mean 'cuda'"):
+        SearchConfig(device="gpu").validate()
+    x, y = _batch()
+    with pytest.raises(DataError, match=r"must yield \(x, \{task: target\}\) pairs; it yielded a list of 3 items"):
+        _search_on([[x, y, y]])
+
+
 class _FloatCompute:
     def update(self, pred, target):
         pass

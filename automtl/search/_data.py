@@ -179,7 +179,9 @@ def _single_sample(batch) -> bool:
 
 def _split_batch(batch, where: str):
     if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
-        raise DataError(f"{where} must yield (x, {{task: target}}) pairs; it yielded {type(batch).__name__}")
+        what = f"a {type(batch).__name__} of {len(batch)} items" if isinstance(batch, (tuple, list)) else \
+            f"a {type(batch).__name__}"
+        raise DataError(f"{where} must yield (x, {{task: target}}) pairs; it yielded {what}")
     x, y = batch
     if not isinstance(x, torch.Tensor):
         raise DataError(f"{where} yielded inputs of type {type(x).__name__}; the input must be an image batch tensor")
