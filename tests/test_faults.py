@@ -540,6 +540,21 @@ def test_a_task_the_data_has_no_target_for_is_named_not_trained_on_nothing():
         _search_on([(x, {"segment": y["seg"], "depth": y["depth"]})], steps=(2, 0, 0))
 
 
+def test_a_run_shorter_than_the_grace_period_says_which_task_had_no_target():
+    """Without validation data, a misspelled target key trained silently when the run had fewer than 16 batches."""
+    import automtl
+    from automtl import SearchConfig, Task
+
+    x, y = _batch()
+    sm = automtl.supermodel("tiny", [Task("seg", "segmentation", classes=3), Task("depth", "depth")],
+                            torch.randn(1, 3, 16, 16))
+    with pytest.warns(UserWarning, match=r"training data had no target for task 'seg' in 3 batches.*'segment'.*fewer "
+                                         r"batches than the 16"):
+        automtl.search(sm, [(x, {"segment": y["seg"], "depth": y["depth"]})], None,
+                       SearchConfig(warmup_steps=3, search_steps=0, finetune_steps=0, batch_size=2, quiet=True,
+                                    budget=None))
+
+
 def test_partial_labels_in_a_shared_loader_still_train_and_evaluate():
     """A batch may lack a task's target (partial labels); only a task that never has one is an error."""
     x, y = _batch()

@@ -80,6 +80,8 @@ def check_validation_data(sm, data, batch_size: int = 8) -> None:
     else:
         sources = [(data, list(sm.task_names), "validation data")]
     for source, tasks, where in sources:
+        if hasattr(source, "__next__"):  # a one-shot iterator: what this check read, the evaluation would not see
+            continue
         batch = next(_epoch_iter(source, batch_size), None)
         if batch is None:
             raise DataError(f"{where} yielded no batches, so no metric can be computed; check the dataset's root "

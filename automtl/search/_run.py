@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
@@ -44,7 +45,7 @@ from ..seeding import seeded
 from ..supermodel import SuperModel
 from ..weighting import make_weighting
 from ._checkpoint import CHECKPOINT_NAME, _CheckpointMixin
-from ._data import _Stream, _check_task_keys, describe_data
+from ._data import TARGET_GRACE_BATCHES, _Stream, _check_task_keys, describe_data
 from ._evaluate import check_validation_data, evaluate
 from ._log import LOG_NAME, _LogMixin, _summary_writer_class
 from ._result import SearchResult
@@ -363,6 +364,11 @@ class _Search(_CheckpointMixin, _LogMixin, _StepMixin):
                 self._save(g)
             else:
                 self._leave(stage)
+        tally = self.__dict__.get("_target_tally")  # a run shorter than the grace period: said, not refused
+        missing = tally.error("training data") if tally is not None and 0 < tally.batches < TARGET_GRACE_BATCHES else None
+        if missing is not None and self.dist.main:
+            warnings.warn(f"{missing} (fewer batches than the {TARGET_GRACE_BATCHES} after which it is an error)",
+                          stacklevel=3)
         if self.policy is None:  # no search stage ran (search_steps = 0 still discretizes above)
             self._discretize()
         # the last step updated each rank's BN statistics on its own shard: end with rank 0's
