@@ -94,6 +94,9 @@ def _interrupted(group: click.Group, ctx, args: list, started: float) -> None:
     """Ctrl-C: exit 130 with what is left on disk — a checkpoint to continue from, or nothing."""
     args = [str(a) for a in args]
     command = ctx.invoked_subcommand
+    if command == "sweep":  # (an interrupt some library swallowed; the sweep's own handler says the same)
+        click.echo(f"interrupted; finished runs are kept, continue the sweep with: {_again(args)}", err=True)
+        sys.exit(130)
     if command not in _RESUMABLE:
         click.echo("interrupted; nothing was written", err=True)
         sys.exit(130)

@@ -57,6 +57,8 @@ class CompactModel(GraphsBuiltOnUse):
         self.task_names = [t.name for t in self.tasks]
         self.policy = policy
         self.input_shape = tuple(int(d) for d in input_shape) if input_shape is not None else None
+        #: The dtype of the images it takes, where known (a model compiled from a supermodel); None: not checked.
+        self.input_dtype: Optional[torch.dtype] = None
         self._subsets: dict = {}
         #: Called with each input before it runs (a model read from a file checks new shapes first).
         self.input_check: Optional[Callable[[torch.Tensor], None]] = None
@@ -195,6 +197,7 @@ def compact(sm: SuperModel, policy: Optional[Policy] = None, copy_weights: bool 
         for node in (g.nodes if g is not None else ()):  # deepcopy keeps node.meta; make sure every node carries its tasks
             node.meta.setdefault(META_TASKS, tuple(sm.task_names))
     model = CompactModel(gm, sm.tasks, policy, input_shape=sm.input_shape, train_graph=train_graph)
+    model.input_dtype = getattr(sm, "input_dtype", None)
     model.train(sm.training)
     return model
 

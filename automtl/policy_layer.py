@@ -42,7 +42,7 @@ _PROBED = "_automtl_batch_statistics"
 def batch_statistics_in_mode(m: nn.Module, training: bool) -> bool:
     """Whether a norm subclass with a forward of its own normalises a sample with the other samples of its batch in
     train (``training``) or eval mode, seen by running a copy of it on two batches that differ in every sample but
-    the first. torch's own forwards are not probed (False: their rule is the class's). Probed once per module and
+    the first (drawn again, at another scale and offset). torch's own forwards are not probed (False: their rule is the class's). Probed once per module and
     mode; a subclass that refuses the probe's inputs counts as using batch statistics (its tasks' rows are then
     normalised apart, which is right either way)."""
     if getattr(type(m).forward, "__module__", "").startswith("torch."):
@@ -65,8 +65,8 @@ def _probe_batch_statistics(m: nn.Module, training: bool) -> bool:
     c = int(getattr(m, "num_features", getattr(m, "num_channels", shape[-1] if shape else 1)))
     for size in ((4, c, 3, 3), (4, 3, 3, c), (4, c, 5), (4, c), (4, c, 2, 2, 2)):
         x = torch.randn(size, generator=g).to(device=device, dtype=dtype)
-        y = x.clone()
-        y[1:] = y[1:] * 3 + 2
+        y = x.clone()  # the other samples drawn again (not rescaled: a norm of its own would undo that)
+        y[1:] = (torch.randn(size, generator=g)[1:] * 3 + 2).to(device=device, dtype=dtype)
         try:
             with torch.no_grad():
                 a, b = probe(x), probe(y)

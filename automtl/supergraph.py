@@ -16,7 +16,8 @@ from torch import fx, nn
 
 from .errors import BackboneError
 from .graphpasses import user_line
-from .policy_layer import repeat_tasks, taskwise_batch_norm, taskwise_norm, tracks_running_stats
+from .policy_layer import (FUSABLE_NORMS, batch_statistics_in_mode, repeat_tasks, taskwise_batch_norm, taskwise_norm,
+                           tracks_running_stats)
 
 
 def build_supergraph(captured: fx.Graph, root: nn.Module, layer_names: Sequence[str], fused: Mapping[str, str],
@@ -157,9 +158,12 @@ class _SuperGraph:
 
 
 def _per_task_norm(module: nn.Module) -> bool:
-    """A module that must see each task's rows apart: a BatchNorm (batch statistics) or any norm with running
-    statistics (one update for all tasks), or a module called as one (a leaf) that holds such a norm."""
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) or tracks_running_stats(m) for m in module.modules())
+    """A module that must see each task's rows apart: a BatchNorm (batch statistics), any norm with running
+    statistics (one update for all tasks), a norm subclass whose own forward uses its batch's statistics in a mode
+    (:func:`automtl.policy_layer.batch_statistics_in_mode`), or a module called as one (a leaf) that holds one."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) or tracks_running_stats(m)
+               or isinstance(m, FUSABLE_NORMS) and (batch_statistics_in_mode(m, False) or batch_statistics_in_mode(m, True))
+               for m in module.modules())
 
 
 #: Functions that move running statistics they are handed: on rows of several tasks the compact model would call

@@ -66,7 +66,9 @@ class Task:
         if self.loss is not None and not callable(self.loss):
             raise ConfigError(f"task {self.name!r}: loss= takes a function (pred, target) -> loss, got a "
                               f"{type(self.loss).__name__}")
-        if self.metric is not None and not callable(self.metric):
+        if self.metric is not None and (not callable(self.metric) or (
+                not isinstance(self.metric, type) and callable(getattr(self.metric, "update", None))
+                and callable(getattr(self.metric, "compute", None)))):  # an instance (torchmetrics': a callable one)
             raise ConfigError(f"task {self.name!r}: metric= takes a class (or a function) that makes a fresh metric, "
                               f"e.g. metric=RegressionMetric, not RegressionMetric(); got a {type(self.metric).__name__}")
         spec = self.spec

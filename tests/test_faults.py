@@ -186,7 +186,8 @@ def test_ctrl_c_before_the_first_checkpoint_says_so_and_keeps_the_earlier_run(tm
     assert after == before
 
 
-def test_ctrl_c_that_a_library_swallows_still_ends_the_command_as_an_interrupt(tmp_path, monkeypatch):
+@pytest.mark.parametrize("command", ["search", "sweep"])
+def test_ctrl_c_that_a_library_swallows_still_ends_the_command_as_an_interrupt(tmp_path, monkeypatch, command):
     """Ctrl-C landing in one of torch's lazy imports left a half-imported module whose AttributeError came later, and
     was reported as "torch.fx cannot trace the backbone" (exit 2): the interrupt is noted as well as raised."""
     import automtl.convert
@@ -200,9 +201,12 @@ def test_ctrl_c_that_a_library_swallows_still_ends_the_command_as_an_interrupt(t
         raise AutomtlError("torch.fx cannot trace the backbone (module 'torch._dynamo' has no attribute 'guards')")
 
     monkeypatch.setattr(automtl.convert, "build_supermodel", swallowing)
-    result = CliRunner().invoke(main, ["search", "tiny", *SMALL, "--out", str(tmp_path / "run")])
+    extra = ["--budgets", "1.0x,1.5x"] if command == "sweep" else []
+    result = CliRunner().invoke(main, [command, "tiny", *SMALL, *extra, "--out", str(tmp_path / "run")])
     assert result.exit_code == 130, result.output
     assert "interrupted" in result.output and "cannot trace" not in result.output
+    if command == "sweep":  # what a sweep's own interrupt says: its finished runs are kept
+        assert "finished runs are kept, continue the sweep with" in result.output
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
 
 
@@ -443,7 +447,7 @@ def _batch(n=2, c=3, seg=None, depth=None):
     (lambda: [_batch(depth=torch.rand(2, 3, 16, 16))], "depth target is (B, 16, 16) or (B, 1, 16, 16)".replace("16", "*")),
     (lambda: [(torch.full((2, 3, 16, 16), float("nan")), _batch()[1])], "NaN or infinite"),
     (lambda: [_batch(seg=torch.full((2, 16, 16), 255))] * 4, "no usable label"),
-    (lambda: [(torch.randn(2, 3, 16, 16, dtype=torch.float64), _batch()[1])], "float64 images but the model computes in float32"),
+    (lambda: [(torch.randn(2, 3, 16, 16, dtype=torch.float64), _batch()[1])], "float64 images but the model takes float32 ones"),
     (lambda: [((torch.rand(2, 3, 16, 16) * 255).to(torch.uint8), _batch()[1])], "uint8 images of shape (2, 3, 16, 16)"),
     (lambda: [_batch(seg=torch.full((2, 16, 16), 1.5))], "label 1.5, which is not a class id"),
 ], ids=["label-range", "channels", "list-target", "depth-shape", "nan-image", "no-label", "float64-images",
@@ -492,6 +496,43 @@ def test_small_slips_get_the_right_hint():
         _search_on([[x, y, y]])
 
 
+class _CallableMetric(nn.Module):
+    """torchmetrics' way: a metric is an nn.Module, so an instance is callable."""
+
+    def update(self, pred, target):
+        pass
+
+    def compute(self):
+        return {"m": 0.0}
+
+
+class _CastsItsInput(nn.Module):
+    """Weights in float64, images taken in float32 and cast by the forward (as HuggingFace's vision models do)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 8, 3, padding=1).double(), nn.Conv2d(8, 8, 3, stride=2, padding=1).double()
+
+    def forward(self, x):
+        return self.c2(torch.relu(self.c1(x.to(self.c1.weight.dtype))))
+
+
+def test_images_are_checked_against_what_the_backbone_takes_not_its_weights():
+    """The images' dtype is the example input's: a backbone that casts its own input takes float32 images whatever
+    its weights are (the check compared them with the weights' dtype and refused a run that worked)."""
+    import automtl
+    from automtl import SearchConfig, Task
+    from automtl.errors import DataError
+
+    tasks = [Task("seg", "segmentation", classes=3), Task("depth", "depth")]
+    sm = automtl.supermodel(_CastsItsInput(), tasks, torch.randn(1, 3, 16, 16))
+    cfg = SearchConfig(warmup_steps=1, search_steps=0, finetune_steps=0, batch_size=2, quiet=True, budget=None)
+    automtl.search(sm, [_batch(), _batch()], [_batch()], cfg)
+    sm = automtl.supermodel(_CastsItsInput(), tasks, torch.randn(1, 3, 16, 16, dtype=torch.float64))
+    with pytest.raises(DataError, match="float32 images but the model takes float64 ones"):
+        automtl.search(sm, [_batch(), _batch()], [_batch()], cfg)
+
+
 class _FloatCompute:
     def update(self, pred, target):
         pass
@@ -504,6 +545,7 @@ class _FloatCompute:
     ("per-sample loss", r"the loss of task 'bright' returned a float32 tensor of shape \(2,\); a loss returns one number"),
     ("float loss", r"the loss of task 'bright' returned a float;"),
     ("metric instance", r"task 'bright': metric= takes a class .*not RegressionMetric\(\); got a RegressionMetric"),
+    ("callable metric instance", r"task 'bright': metric= takes a class .*got a _CallableMetric"),
     ("metric without update", r"the metric of task 'bright' made a dict, which has no update\(\) and compute\(\)"),
     ("compute of a float", r"the metric of task 'bright' returned float '0.5' from compute\(\); compute\(\) returns a dict"),
     ("head of another kind", r"task 'bright': head= takes an nn.Module, got a function"),
@@ -520,7 +562,8 @@ def test_a_custom_task_s_own_parts_are_checked_in_one_sentence(how, message):
         per_sample = (p.mean((1, 2, 3)) - y) ** 2
         return {"per-sample loss": per_sample, "float loss": 0.5}.get(how, per_sample.mean())
 
-    metric = {"metric instance": RegressionMetric(), "metric without update": dict,
+    metric = {"metric instance": RegressionMetric(), "callable metric instance": _CallableMetric(),
+              "metric without update": dict,
               "compute of a float": _FloatCompute}.get(how, RegressionMetric)
     head = (lambda f: f) if how == "head of another kind" else nn.Conv2d(32, 1, 1)
     batches = [(x, {"bright": x.mean((1, 2, 3))}) for x, _ in (_batch(), _batch())]

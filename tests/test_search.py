@@ -291,39 +291,68 @@ def test_a_damaged_checkpoint_is_refused_before_anything_is_restored(data, tmp_p
     assert torch.equal(rng, torch.get_rng_state())
 
 
-@pytest.mark.parametrize("change", ["fewer training samples", "another batch size", "unshuffled", "validation data",
-                                    "input size", "ignore_index"])
+@pytest.mark.parametrize("change", ["fewer training samples", "another batch size", "unshuffled", "input size",
+                                    "ignore_index", "generator seeded from entropy"])
 def test_a_resume_on_other_data_is_refused(data, tmp_path, change):
     """A resume restarts the data at its position: on other data (more or fewer samples, another batch size or order,
-    other validation data, another input size) or tasks labelled otherwise, it would train on without a word and
-    be equal to no uninterrupted run; it is refused, naming what changed, before anything is restored."""
+    another input size) or tasks labelled otherwise, it would train on without a word and be equal to no
+    uninterrupted run; it is refused, naming what changed, before anything is restored. Other validation data is
+    not a change (it trains nothing), and a checkpoint written before the data was recorded still resumes."""
     train, val = data
     tasks = [Task("segmentation", "segmentation", classes=4), Task("depth", "depth")]
     cfg = SearchConfig(strategy="conflict", warmup_steps=2, search_steps=2, finetune_steps=0, conflict_every=1,
                        checkpoint_every=2, out_dir=str(tmp_path), quiet=True)
     size = SIZE
     loader, val_loader = make_loader(train, 8, shuffle=True), make_loader(val, 8)
+    if change == "generator seeded from entropy":
+        loader = torch.utils.data.DataLoader(train, batch_size=8, shuffle=True, generator=torch.Generator())
+        loader.generator.seed()
     search(fresh(tasks), loader, val_loader, cfg)
-    search(fresh(tasks), loader, val_loader, cfg.replace(resume=True))  # the same data: resumes
+    search(fresh(tasks), loader, make_loader(torch.utils.data.Subset(val, range(16)), 4), cfg.replace(resume=True))
+    path = tmp_path / "checkpoint.pt"
+    ckpt = torch.load(path, weights_only=True)
+    older = copy.deepcopy(ckpt)
+    del older["fingerprint"]["data"]
+    torch.save(older, path)
+    search(fresh(tasks), loader, val_loader, cfg.replace(resume=True))  # an older checkpoint: as before
+    torch.save(ckpt, path)
     if change == "fewer training samples":
         loader = make_loader(torch.utils.data.Subset(train, range(48)), 8, shuffle=True)
     elif change == "another batch size":
         loader = make_loader(train, 4, shuffle=True)
     elif change == "unshuffled":
         loader = make_loader(train, 8)
-    elif change == "validation data":
-        val_loader = make_loader(torch.utils.data.Subset(val, range(16)), 8)
     elif change == "input size":
         size = SIZE * 2
-    else:
+    elif change == "ignore_index":
         tasks[0] = Task("segmentation", "segmentation", classes=4, ignore_index=0)
+    else:
+        loader = torch.utils.data.DataLoader(train, batch_size=8, shuffle=True, generator=torch.Generator())
+        loader.generator.seed()
     torch.manual_seed(0)
     sm = supermodel("tiny", tasks, torch.randn(1, 3, size, size))
     before = {k: v.clone() for k, v in sm.state_dict().items()}
-    what = {"validation data": "validation data", "input size": "input's shape", "ignore_index": "tasks' kinds"}
+    what = {"input size": "input's shape", "ignore_index": "tasks' kinds",
+            "generator seeded from entropy": "training loader's generator seed changed .*manual_seed"}
     with pytest.raises(AutomtlError, match=r"written by a different run \(the " + what.get(change, "training data")):
         search(sm, loader, val_loader, cfg.replace(resume=True))
     assert all(torch.equal(v, sm.state_dict()[k]) for k, v in before.items())
+
+
+def test_one_shot_validation_data_is_refused_where_it_would_run_out():
+    """A generator as validation data is used up by the first validation: with val_every it is refused at setup (the
+    second validation said "yielded no batches" partway through the run); validated once, it is read once."""
+    from automtl.errors import DataError
+
+    train = SyntheticScenes(16, size=SIZE, seed=0)
+    tasks = [Task("segmentation", "segmentation", classes=4), Task("depth", "depth")]
+    batches = lambda: iter([(torch.stack([train[i][0] for i in range(4)]),  # noqa: E731
+                             {k: torch.stack([train[i][1][k] for i in range(4)]) for k in ("segmentation", "depth")})])
+    cfg = SearchConfig(warmup_steps=2, search_steps=0, finetune_steps=0, quiet=True, budget=None)
+    with pytest.raises(DataError, match="one-shot iterator.*every 1 steps"):
+        search(fresh(tasks), make_loader(train, 4), batches(), cfg.replace(val_every=1))
+    result = search(fresh(tasks), make_loader(train, 4), batches(), cfg)
+    assert result.metrics["depth"]["abs_err"] == result.metrics["depth"]["abs_err"]  # measured, not NaN
 
 
 def test_missing_task_key_is_all_missing(data):

@@ -611,17 +611,27 @@ class BatchStatisticsNorm(nn.BatchNorm2d):
         return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
 
 
+class BatchCentredGroupNorm(nn.GroupNorm):
+    """A GroupNorm subclass that also centres each channel on the batch's mean (it mixes the batch in both modes)."""
+
+    def forward(self, x):
+        y = super().forward(x)
+        return y - y.mean((0, 2, 3), keepdim=True)
+
+
 class TestTimeNormNet(nn.Module):
-    """Convolutions each followed by a BatchNorm subclass that ignores the mode (fused with its conv like any norm)."""
+    """Convolutions each followed by a BatchNorm subclass that ignores the mode (fused with its conv like any norm),
+    and after a residual add a GroupNorm subclass that uses its batch (not fused: normalised per task all the same)."""
 
     def __init__(self):
         super().__init__()
         self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), BatchStatisticsNorm(8), nn.ReLU(),
-                                  nn.Conv2d(8, 8, 3, stride=2, padding=1), BatchStatisticsNorm(8), nn.ReLU(),
-                                  nn.Conv2d(8, 8, 3, padding=1), BatchStatisticsNorm(8))
+                                  nn.Conv2d(8, 8, 3, stride=2, padding=1), BatchStatisticsNorm(8), nn.ReLU())
+        self.last, self.norm, self.after = nn.Conv2d(8, 8, 3, padding=1), BatchStatisticsNorm(8), BatchCentredGroupNorm(2, 8)
 
     def forward(self, x):
-        return self.body(x)
+        y = self.body(x)
+        return self.after(self.norm(self.last(y)) + y)
 
 
 ZOO = {

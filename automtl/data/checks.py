@@ -33,6 +33,8 @@ class BatchChecks:
             target shapes, labels and what counts as labelled, see :mod:`automtl.kinds`).
         in_channels: channels of the backbone's input (C of its example input).
         where: how the data is named in errors, e.g. ``"training data"``.
+        dtype: the dtype of the images the model takes (its example input's); None: any floating dtype.
+        require_labels: refuse a task with no usable label in its first ``NO_LABEL_BATCHES`` batches (training).
 
     Raises (on call):
         DataError: images that are not a float (N, C, H, W) tensor with ``in_channels`` channels
@@ -56,8 +58,9 @@ class BatchChecks:
             raise DataError(f"{where} yielded {what}; the backbone needs a float batch (N, C, H, W) (for uint8 images, "
                             "x.float() / 255 or torchvision's ToTensor)")
         if self.dtype is not None and x.dtype != self.dtype:
-            raise DataError(f"{where} yielded {str(x.dtype).split('.')[-1]} images but the model computes in "
-                            f"{str(self.dtype).split('.')[-1]}; convert the images (x.to({self.dtype})) or the model")
+            raise DataError(f"{where} yielded {str(x.dtype).split('.')[-1]} images but the model takes "
+                            f"{str(self.dtype).split('.')[-1]} ones (its example input's dtype); convert the images "
+                            f"(x.to({self.dtype})) or build the model with an example input of theirs")
         if self.in_channels is not None and x.shape[1] != self.in_channels:
             raise DataError(f"{where} yielded images with {x.shape[1]} channels but the backbone takes {self.in_channels}; "
                             "convert them (e.g. repeat a grey channel) or build the supermodel for that many channels")

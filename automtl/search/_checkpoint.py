@@ -112,8 +112,17 @@ def _optimizer_unlike(opt: torch.optim.Optimizer, saved, where: str) -> Optional
 
 
 #: What changed, in words, when a resume finds the data's description (``_Search.data_description``) changed.
-_DATA_CHANGES = {"train": "the training data's sizes or order", "val": "the validation data's sizes",
-                 "input_shape": "the input's shape", "tasks": "the tasks' kinds, classes or ignore_index"}
+_DATA_CHANGES = {"train": "the training data's sizes or order", "input_shape": "the input's shape",
+                 "tasks": "the tasks' kinds, classes or ignore_index"}
+
+
+def _only_the_seed_differs(was, now) -> bool:
+    """Two descriptions of the training streams that differ in their loaders' generator seeds (``base``) only."""
+    if not (isinstance(was, dict) and isinstance(now, dict)) or was == now or set(was) != set(now):
+        return False
+    strip = lambda d: {k: {f: v for f, v in s.items() if f != "base"} if isinstance(s, dict) else s  # noqa: E731
+                       for k, s in d.items()}
+    return strip(was) == strip(now)
 
 
 class _CheckpointMixin:
@@ -171,6 +180,8 @@ class _CheckpointMixin:
         old, new = ckpt.get("fingerprint"), self._fingerprint()
         if not isinstance(old, dict) or not isinstance(old.get("config"), dict):
             raise FileFormatError(f"checkpoint {str(path)!r} is damaged (its fingerprint is missing); delete it to start over")
+        if "data" not in old:  # written before the data was part of it: checked on what it holds
+            new.pop("data")
         if old != new:
             diff = [k for k in new["config"] if old["config"].get(k) != new["config"][k]]
             what = f"config field(s) {', '.join(diff)} differ" if diff else next(
@@ -179,6 +190,9 @@ class _CheckpointMixin:
                 was, now = old.get("data") if isinstance(old.get("data"), dict) else {}, new["data"]
                 what = next((f"{_DATA_CHANGES[k]} changed" for k in _DATA_CHANGES if was.get(k) != now.get(k)),
                             "setup differs")
+                if _only_the_seed_differs(was.get("train"), now.get("train")):
+                    what = ("the training loader's generator seed changed (one seeded from entropy differs each run: "
+                            "seed it with torch.Generator().manual_seed(N) for an order a resume can continue)")
             raise ConfigError(
                 f"checkpoint {str(path)!r} was written by a different run ({what}); resume with the same "
                 "settings and data, or use another out_dir"

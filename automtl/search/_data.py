@@ -158,20 +158,6 @@ class _Stream:
                     raise DataError(f"training data {self.name!r} yielded no batches")
 
 
-def describe_data(source) -> object:
-    """The sizes a resume must find unchanged in validation data (or a per-task dict of it): samples and batch
-    size of a loader, the length of a dataset, else its type."""
-    if isinstance(source, Mapping):
-        return {str(k): describe_data(v) for k, v in sorted(source.items(), key=lambda kv: str(kv[0]))}
-    if isinstance(source, DataLoader):
-        dataset = source.dataset
-        samples = len(dataset) if hasattr(dataset, "__len__") and not isinstance(dataset, IterableDataset) else None
-        return {"samples": samples, "batch_size": source.batch_size}
-    if source is not None and hasattr(source, "__len__"):
-        return {"length": len(source)}
-    return None if source is None else {"type": type(source).__name__}
-
-
 def _single_sample(batch) -> bool:
     x = batch[0] if isinstance(batch, (tuple, list)) and batch else batch
     return isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == 1

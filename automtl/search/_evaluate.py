@@ -6,7 +6,7 @@ from typing import Mapping, Optional, Union
 
 import torch
 
-from ..data.checks import BatchChecks, model_dtype
+from ..data.checks import BatchChecks
 from ..errors import DataError
 from ..losses import loss_for
 from ..metrics import computed, metric_for
@@ -26,13 +26,19 @@ def evaluate(
     device: Optional[Union[str, torch.device]] = None,
     amp: bool = False,
     batch_size: int = 8,
+    input_dtype: Optional[torch.dtype] = None,
 ) -> tuple[dict, dict]:
     """Validation metrics ``{task: {metric: value}}`` and mean losses ``{task: loss}`` of the
     supermodel in its current mode (``mix`` overrides the mode's operator weights).
 
     ``data`` is a loader (or Dataset) of ``(x, {task: target})`` or a dict of per-task
     loaders; per-task loaders are evaluated one task at a time, so that every sample of every
-    task counts exactly once. A batch without a task's target is skipped for that task.
+    task counts exactly once. A batch without a task's target is skipped for that task. ``input_dtype``: cast the
+    images to it before the model (a model saved in bfloat16); else they must have the model's input dtype where it
+    is known.
+
+    Raises:
+        DataError: a batch the training checks refuse (:class:`automtl.data.checks.BatchChecks`), or no batch.
     """
     sm = supermodel
     if device is None:
@@ -43,7 +49,7 @@ def evaluate(
         # noiseless operator weights: uniform in warm-up, the policy probabilities when searching
         mix = sm.mixing_weights() if sm.mode == "warmup" else sm.policy_probabilities()
     run = (lambda x: sm(x, mix=mix)) if is_supermodel else sm
-    tally = _Tally(sm, run, device, amp, max_batches)
+    tally = _Tally(sm, run, device, amp, max_batches, input_dtype)
     was_training = sm.training
     sm.eval()
     try:
@@ -72,8 +78,8 @@ def check_validation_data(sm, data, batch_size: int = 8) -> None:
         DataError: see :class:`automtl.data.checks.BatchChecks`; also when the data yields no batch.
     """
     shape = getattr(sm, "input_shape", None)
-    checks = BatchChecks(sm.tasks, int(shape[1]) if shape else None, "validation data", dtype=model_dtype(sm),
-                         require_labels=False)
+    checks = BatchChecks(sm.tasks, int(shape[1]) if shape else None, "validation data",
+                         dtype=getattr(sm, "input_dtype", None), require_labels=False)
     if isinstance(data, Mapping):
         _check_task_keys(data, sm.task_names, "validation data")
         sources = [(data[t], [t], f"validation data of task {t!r}") for t in sm.task_names]
@@ -93,7 +99,8 @@ def check_validation_data(sm, data, batch_size: int = 8) -> None:
 class _Tally:
     """Each task's metric and the sample-weighted sum of its losses, over the batches consumed."""
 
-    def __init__(self, sm, run, device: torch.device, amp: bool, max_batches: Optional[int]):
+    def __init__(self, sm, run, device: torch.device, amp: bool, max_batches: Optional[int],
+                 input_dtype: Optional[torch.dtype] = None):
         self.task_names, self.run, self.device, self.max_batches = list(sm.task_names), run, device, max_batches
         self.ctx = torch.autocast("cuda", dtype=torch.bfloat16) if amp and device.type == "cuda" else contextlib.nullcontext()
         self.metrics = {t.name: metric_for(t) for t in sm.tasks}
@@ -104,8 +111,10 @@ class _Tally:
         shape = getattr(sm, "input_shape", None)
         # the training batches' checks (images, target shapes, labels), none demanding labels: a bad batch is one
         # sentence, not an IndexError from inside a loss after the whole training
-        self.checks = BatchChecks(sm.tasks, int(shape[1]) if shape else None, "validation data", dtype=model_dtype(sm),
+        self.checks = BatchChecks(sm.tasks, int(shape[1]) if shape else None, "validation data",
+                                  dtype=None if input_dtype is not None else getattr(sm, "input_dtype", None),
                                   require_labels=False)
+        self.input_dtype = input_dtype
         self.batches = 0
 
     def consume(self, batches, tasks, where: str, shared: bool = False) -> None:
@@ -117,6 +126,8 @@ class _Tally:
                 self.targets.add(y)
             self.checks(x, {t: _task_target(y, t) for t in tasks}, task_names=tasks)
             self.batches += 1
+            if self.input_dtype is not None:
+                x = x.to(self.input_dtype)
             x, y = _to(x, self.device), _to(y, self.device)
             with self.ctx:
                 out = self.run(x)

@@ -36,8 +36,8 @@ import torch
 from ..compact import compact
 from ..config import SearchConfig, parse_budget
 from ..cost import check_budget
-from ..data.checks import BatchChecks, model_dtype
-from ..errors import AutomtlError, ConfigError
+from ..data.checks import BatchChecks
+from ..errors import AutomtlError, ConfigError, DataError
 from ..losses import loss_for
 from ..metrics import metric_for
 from ..policy import Policy
@@ -45,7 +45,7 @@ from ..seeding import seeded
 from ..supermodel import SuperModel
 from ..weighting import make_weighting
 from ._checkpoint import CHECKPOINT_NAME, _CheckpointMixin
-from ._data import TARGET_GRACE_BATCHES, _Stream, _check_task_keys, describe_data
+from ._data import TARGET_GRACE_BATCHES, _Stream, _check_task_keys
 from ._evaluate import check_validation_data, evaluate
 from ._log import LOG_NAME, _LogMixin, _summary_writer_class
 from ._result import SearchResult
@@ -90,6 +90,10 @@ class _Search(_CheckpointMixin, _LogMixin, _StepMixin):
         policy = self._setup_plan(policy)
         self._setup_training()
         self._setup_streams(train_data, policy)
+        if self.val_data is not None and self.config.val_every and _one_shot(self.val_data):
+            raise DataError("validation data is a one-shot iterator, which the first validation would use up, and the "
+                            f"run validates every {self.config.val_every} steps; pass a DataLoader, a Dataset or a list "
+                            "of batches")
         if self.val_data is not None:
             with seeded(torch.device("cpu"), None):  # a loader's or dataset's draws here move no generator of the run
                 check_validation_data(sm, self.val_data, self.config.batch_size)
@@ -121,7 +125,7 @@ class _Search(_CheckpointMixin, _LogMixin, _StepMixin):
         self.loss_fns = {t.name: loss_for(t) for t in sm.tasks}
         for t in sm.tasks:  # a custom metric that makes no metric object is refused now, not after the training
             metric_for(t)
-        self.checks = BatchChecks(sm.tasks, int(sm.input_shape[1]), dtype=model_dtype(sm))
+        self.checks = BatchChecks(sm.tasks, int(sm.input_shape[1]), dtype=sm.input_dtype)
         self.weighting = make_weighting(cfg.weighting, self.tasks, **cfg.weighting_options).to(self.device)
         weights = list(sm.weight_parameters()) + list(self.weighting.parameters())
         self.weight_params = weights
@@ -155,9 +159,9 @@ class _Search(_CheckpointMixin, _LogMixin, _StepMixin):
             self.streams[key], self.streams[prefix("policy")] = parts
             self.streams[prefix("all")] = stream
         # what a resume must find as it was (the fingerprint): the data's sizes and order, the input's shape
+        # (not the validation data: it trains nothing, and may change on a resume as val_every may)
         self.data_description = {
             "train": {key: s.describe() for key, s in sorted(self.streams.items())},
-            "val": describe_data(self.val_data),
             "input_shape": [int(d) for d in self.sm.input_shape[1:]],
             "tasks": [t.describe() for t in self.sm.tasks],
         }
@@ -408,6 +412,13 @@ class _Search(_CheckpointMixin, _LogMixin, _StepMixin):
         self._close_logs()
         self.progress.close()
         self.dist.close()
+
+
+def _one_shot(data) -> bool:
+    """An iterator that can be read once only (a generator), itself or in a per-task dict."""
+    if isinstance(data, Mapping):
+        return any(_one_shot(v) for v in data.values())
+    return hasattr(data, "__next__")
 
 
 def search(
