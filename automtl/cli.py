@@ -239,7 +239,7 @@ def convert(backbone, tasks, config_path, data, weights, pretrained, budget, dev
 
     cfg = _resolve_config(backbone, tasks, config_path, data, weights, pretrained, budget, device, seed, steps, input_size, samples,
                           strategy, tensorboard, weighting)
-    _say_if_nothing_to_resume(out, resume)
+    _say_if_nothing_to_resume(out, resume, overwrite)
     report = run_convert(cfg, out, resume=resume, quiet=quiet, log=_say(quiet), overwrite=overwrite)
     if as_json:
         _echo_json(report)
@@ -274,13 +274,13 @@ def supermodel_cmd(backbone, tasks, input_size, feature_node, pretrained, as_jso
     click.echo(format_supermodel_summary(summary), nl=False)
 
 
-def _say_if_nothing_to_resume(out: str, resume: bool) -> None:
+def _say_if_nothing_to_resume(out: str, resume: bool, overwrite: bool = False) -> None:
     """--resume where no checkpoint is (a typo in --out, a run stopped before its first one) runs from the start:
-    said, not silent."""
+    said, not silent (with --overwrite too the command is refused instead: nothing to say first)."""
     from .rundir import CHECKPOINTS
     from .search import CHECKPOINT_NAME
 
-    if resume and not os.path.exists(os.path.join(out, CHECKPOINTS, CHECKPOINT_NAME)):
+    if resume and not overwrite and not os.path.exists(os.path.join(out, CHECKPOINTS, CHECKPOINT_NAME)):
         warnings.warn(f"--resume: {out!r} holds no checkpoint to continue, so the run starts from the beginning",
                       stacklevel=2)
 
@@ -300,7 +300,7 @@ def search_cmd(backbone, tasks, config_path, data, weights, pretrained, budget, 
 
     cfg = _resolve_config(backbone, tasks, config_path, data, weights, pretrained, budget, device, seed, steps, input_size, samples,
                           strategy, tensorboard, weighting)
-    _say_if_nothing_to_resume(out, resume)
+    _say_if_nothing_to_resume(out, resume, overwrite)
     payload = search_run(cfg, out, resume=resume, overwrite=overwrite, quiet=quiet)
     if as_json:
         click.echo(json.dumps(payload, indent=2, default=str))

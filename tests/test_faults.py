@@ -70,6 +70,8 @@ def test_overwrite_starts_over_and_resume_continues(finished, tmp_path):
     assert cli("search", "tiny", *SMALL, "--out", out, "--overwrite").exit_code == 0
     assert (out / "notes.txt").read_text() == "mine" and (out / "policy.yaml").exists()
     one_line_error(cli("search", "tiny", *SMALL, "--out", out, "--overwrite", "--resume"), "give one of them")
+    # on an --out with no run yet, the refusal alone (no "holds no checkpoint ... starts from the beginning" first)
+    one_line_error(cli("search", "tiny", *SMALL, "--out", tmp_path / "empty", "--overwrite", "--resume"), "give one of them")
 
 
 @pytest.mark.parametrize("command", ["search", "convert"])
