@@ -158,7 +158,8 @@ def test_normal_loss_cosine_on_valid_pixels():
 def test_custom_loss_is_used():
     own = lambda p, t: (p - t).abs().max()  # noqa: E731
     task = Task("x", kind="regression", loss=own)
-    assert loss_for(task) is own
+    pred, target = torch.randn(4, 1), torch.randn(4, 1)
+    assert loss_for(task).fn is own and torch.equal(loss_for(task)(pred, target), own(pred, target))
 
 
 # ---------------------------------------------------------------- metrics

@@ -123,8 +123,9 @@ class _Search(_CheckpointMixin, _LogMixin, _StepMixin):
         """Losses, batch checks, the loss balancer, the strategy and the three optimizers."""
         cfg, sm = self.config, self.sm
         self.loss_fns = {t.name: loss_for(t) for t in sm.tasks}
-        for t in sm.tasks:  # a custom metric that makes no metric object is refused now, not after the training
-            metric_for(t)
+        if self.val_data is not None:  # a custom metric that makes no metric object: refused now, not after training
+            for t in sm.tasks:
+                metric_for(t)
         self.checks = BatchChecks(sm.tasks, int(sm.input_shape[1]), dtype=sm.input_dtype)
         self.weighting = make_weighting(cfg.weighting, self.tasks, **cfg.weighting_options).to(self.device)
         weights = list(sm.weight_parameters()) + list(self.weighting.parameters())
