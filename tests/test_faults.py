@@ -496,6 +496,9 @@ def test_small_slips_get_the_right_hint():
     x, y = _batch()
     with pytest.raises(DataError, match=r"must yield \(x, \{task: target\}\) pairs; it yielded a list of 3 items"):
         _search_on([[x, y, y]])
+    with pytest.raises(DataError, match=r"float32 images of shape \(3, 16, 16\).*one image \(C, H, W\), not a batch: "
+                                         r"give samples as a Dataset"):
+        _search_on([(x[0], {k: v[0] for k, v in y.items()})])  # a list of samples read as batches
 
 
 class _CallableMetric(nn.Module):

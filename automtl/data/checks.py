@@ -55,8 +55,10 @@ class BatchChecks:
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point():
             what = f"{str(x.dtype).split('.')[-1]} images of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) \
                 else f"images of type {type(x).__name__}"
-            raise DataError(f"{where} yielded {what}; the backbone needs a float batch (N, C, H, W) (for uint8 images, "
-                            "x.float() / 255 or torchvision's ToTensor)")
+            hint = ("one image (C, H, W), not a batch: give samples as a Dataset (or in a DataLoader), which batches "
+                    "them") if isinstance(x, torch.Tensor) and x.dim() == 3 and x.is_floating_point() else \
+                "for uint8 images, x.float() / 255 or torchvision's ToTensor"
+            raise DataError(f"{where} yielded {what}; the backbone needs a float batch (N, C, H, W) ({hint})")
         if self.dtype is not None and x.dtype != self.dtype:
             raise DataError(f"{where} yielded {str(x.dtype).split('.')[-1]} images but the model takes "
                             f"{str(self.dtype).split('.')[-1]} ones (its example input's dtype); convert the images "
