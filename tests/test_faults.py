@@ -564,19 +564,23 @@ def test_a_custom_task_s_own_parts_are_checked_in_one_sentence(how, message):
     from automtl.metrics import RegressionMetric
 
     def loss(p, y):
+        steps.append(torch.is_grad_enabled())  # a training step's loss (validation runs without gradients)
         per_sample = (p.mean((1, 2, 3)) - y) ** 2
         return {"per-sample loss": per_sample, "float loss": 0.5}.get(how, per_sample.mean())
 
+    steps = []
     metric = {"metric instance": RegressionMetric(), "callable metric instance": _CallableMetric(),
               "metric without update": dict,
               "compute of a float": _FloatCompute}.get(how, RegressionMetric)
-    head = (lambda f: f) if how == "head of another kind" else nn.Conv2d(32, 1, 1)
+    head = (lambda f: f) if how == "head of another kind" else nn.Sequential(nn.Conv2d(32, 1, 1), nn.AdaptiveAvgPool2d(1))
     batches = [(x, {"bright": x.mean((1, 2, 3))}) for x, _ in (_batch(), _batch())]
     with pytest.raises(ConfigError, match=message):
         task = Task("bright", head=head, loss=loss, metric=metric)
         sm = automtl.supermodel("tiny", [task], torch.randn(1, 3, 16, 16))
         automtl.search(sm, batches, batches[:1], SearchConfig(warmup_steps=1, search_steps=0, finetune_steps=0,
                                                               batch_size=2, quiet=True, budget=None))
+    if "metric" in how or "compute" in how:  # found before any training step
+        assert True not in steps, steps
 
 
 def test_a_task_the_data_has_no_target_for_is_named_not_trained_on_nothing():

@@ -95,8 +95,12 @@ class _Search(_CheckpointMixin, _LogMixin, _StepMixin):
                             f"run validates every {self.config.val_every} steps; pass a DataLoader, a Dataset or a list "
                             "of batches")
         if self.val_data is not None:
-            with seeded(torch.device("cpu"), None):  # a loader's or dataset's draws here move no generator of the run
+            with seeded(self.device, None):  # a loader's, dataset's or forward's draws here move no generator of the run
                 check_validation_data(sm, self.val_data, self.config.batch_size)
+                if any(t.metric is not None for t in sm.tasks) and not _one_shot(self.val_data):
+                    # a task's own metric runs once on one batch now: a compute() that returns no dict is refused
+                    # before the training, not after it (eval mode: no running statistic moves)
+                    evaluate(sm, self.val_data, max_batches=1, device=self.device, batch_size=self.config.batch_size)
         self._setup_budget()
         self._setup_files()
 
