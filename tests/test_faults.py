@@ -583,6 +583,25 @@ def test_a_custom_task_s_own_parts_are_checked_in_one_sentence(how, message):
         assert True not in steps, steps
 
 
+def test_the_setup_look_at_validation_data_takes_partial_labels():
+    """A task's own metric is evaluated on the first validation batch at setup: a first batch without that task's
+    target is partial labels (the run validates on all batches), not a task the data lacks."""
+    import automtl
+    from automtl import SearchConfig, Task
+    from automtl.metrics import RegressionMetric
+
+    def batch(bright=True):
+        x, y = _batch()
+        return x, {"depth": y["depth"], **({"bright": x.mean((1, 2, 3)).view(2, 1, 1, 1)} if bright else {})}
+
+    bright = Task("bright", head=nn.Sequential(nn.Conv2d(32, 1, 1), nn.AdaptiveAvgPool2d(1)),
+                  loss=lambda p, y: ((p - y) ** 2).mean(), metric=RegressionMetric)
+    sm = automtl.supermodel("tiny", [Task("depth", "depth"), bright], torch.randn(1, 3, 16, 16))
+    result = automtl.search(sm, [batch(), batch()], [batch(False), batch()], SearchConfig(
+        warmup_steps=1, search_steps=0, finetune_steps=0, batch_size=2, quiet=True, budget=None))
+    assert result.metrics["bright"]["mae"] == result.metrics["bright"]["mae"]  # measured on the second batch
+
+
 def test_a_task_the_data_has_no_target_for_is_named_not_trained_on_nothing():
     """The README example named its task 'segment' on data whose target is 'segmentation': NaN metrics, no error."""
     from automtl.errors import DataError

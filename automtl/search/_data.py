@@ -158,6 +158,13 @@ class _Stream:
                     raise DataError(f"training data {self.name!r} yielded no batches")
 
 
+def one_shot(data) -> bool:
+    """An iterator that can be read once only (a generator), itself or in a per-task dict."""
+    if isinstance(data, Mapping):
+        return any(one_shot(v) for v in data.values())
+    return hasattr(data, "__next__")
+
+
 def _single_sample(batch) -> bool:
     x = batch[0] if isinstance(batch, (tuple, list)) and batch else batch
     return isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == 1

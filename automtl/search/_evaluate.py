@@ -11,12 +11,11 @@ from ..errors import DataError
 from ..losses import loss_for
 from ..metrics import computed, metric_for
 from ..supermodel import SuperModel
-from ._data import TargetTally, _check_task_keys, _epoch_iter, _split_batch, _task_target, _to
+from ._data import TargetTally, _check_task_keys, _epoch_iter, _split_batch, _task_target, _to, one_shot
 
 # ---------------------------------------------------------------------------------------------
 # evaluation
 # ---------------------------------------------------------------------------------------------
-@torch.no_grad()
 def evaluate(
     supermodel: SuperModel,
     data,
@@ -38,9 +37,16 @@ def evaluate(
     is known.
 
     Raises:
-        DataError: a batch the training checks refuse (:class:`automtl.data.checks.BatchChecks`), or no batch.
+        DataError: a batch the training checks refuse (:class:`automtl.data.checks.BatchChecks`), no batch, or (a
+            loader shared by the tasks) a task without a target in any batch.
     """
-    sm = supermodel
+    return _evaluate(supermodel, data, mix, max_batches, device, amp, batch_size, input_dtype, every_task_seen=True)
+
+
+@torch.no_grad()
+def _evaluate(sm, data, mix, max_batches, device, amp, batch_size, input_dtype, every_task_seen: bool):
+    """:func:`evaluate`; ``every_task_seen=False`` (a look at the first batch only): a task without a target in the
+    batches read is partial labels, not an error."""
     if device is None:
         device = next(sm.parameters()).device
     device = torch.device(device)
@@ -59,15 +65,25 @@ def evaluate(
                 tally.consume(_epoch_iter(data[t], batch_size), [t], f"validation data of task {t!r}")
         else:
             tally.consume(_epoch_iter(data, batch_size), sm.task_names, "validation data", shared=True)
-            error = tally.targets.error("validation data")
+            error = tally.targets.error("validation data") if every_task_seen else None
             if error is not None:
                 raise error
     finally:
         sm.train(was_training)
     if tally.batches == 0 and (max_batches is None or max_batches > 0):
-        raise DataError("validation data yielded no batches, so no metric can be computed; check the dataset's root "
-                        "and split, or pass no validation data")
+        raise _no_batches("validation data")
     return tally.results()
+
+
+def _no_batches(where: str) -> DataError:
+    return DataError(f"{where} yielded no batches, so no metric can be computed; check the dataset's root and split, "
+                     "or pass no validation data")
+
+
+def _validation_checks(sm, dtype: Optional[torch.dtype]) -> BatchChecks:
+    """The training batches' checks (images, target shapes, labels) for validation data, none demanding labels."""
+    shape = getattr(sm, "input_shape", None)
+    return BatchChecks(sm.tasks, int(shape[1]) if shape else None, "validation data", dtype=dtype, require_labels=False)
 
 
 def check_validation_data(sm, data, batch_size: int = 8) -> None:
@@ -77,21 +93,18 @@ def check_validation_data(sm, data, batch_size: int = 8) -> None:
     Raises:
         DataError: see :class:`automtl.data.checks.BatchChecks`; also when the data yields no batch.
     """
-    shape = getattr(sm, "input_shape", None)
-    checks = BatchChecks(sm.tasks, int(shape[1]) if shape else None, "validation data",
-                         dtype=getattr(sm, "input_dtype", None), require_labels=False)
+    checks = _validation_checks(sm, getattr(sm, "input_dtype", None))
     if isinstance(data, Mapping):
         _check_task_keys(data, sm.task_names, "validation data")
         sources = [(data[t], [t], f"validation data of task {t!r}") for t in sm.task_names]
     else:
         sources = [(data, list(sm.task_names), "validation data")]
     for source, tasks, where in sources:
-        if hasattr(source, "__next__"):  # a one-shot iterator: what this check read, the evaluation would not see
+        if one_shot(source):  # what this check read, the evaluation would not see
             continue
         batch = next(_epoch_iter(source, batch_size), None)
         if batch is None:
-            raise DataError(f"{where} yielded no batches, so no metric can be computed; check the dataset's root "
-                            "and split, or pass no validation data")
+            raise _no_batches(where)
         x, y = _split_batch(batch, where)
         checks(x, {t: _task_target(y, t) for t in tasks}, task_names=tasks)
 
@@ -108,12 +121,8 @@ class _Tally:
         self.loss_sum = {t: 0.0 for t in self.task_names}
         self.loss_n = {t: 0 for t in self.task_names}
         self.targets = TargetTally(self.task_names)  # a shared loader's batches: which tasks had a target
-        shape = getattr(sm, "input_shape", None)
-        # the training batches' checks (images, target shapes, labels), none demanding labels: a bad batch is one
-        # sentence, not an IndexError from inside a loss after the whole training
-        self.checks = BatchChecks(sm.tasks, int(shape[1]) if shape else None, "validation data",
-                                  dtype=None if input_dtype is not None else getattr(sm, "input_dtype", None),
-                                  require_labels=False)
+        # a bad batch is one sentence, not an IndexError from inside a loss after the whole training
+        self.checks = _validation_checks(sm, None if input_dtype is not None else getattr(sm, "input_dtype", None))
         self.input_dtype = input_dtype
         self.batches = 0
 

@@ -45,8 +45,8 @@ from ..seeding import seeded
 from ..supermodel import SuperModel
 from ..weighting import make_weighting
 from ._checkpoint import CHECKPOINT_NAME, _CheckpointMixin
-from ._data import TARGET_GRACE_BATCHES, _Stream, _check_task_keys
-from ._evaluate import check_validation_data, evaluate
+from ._data import TARGET_GRACE_BATCHES, _Stream, _check_task_keys, one_shot
+from ._evaluate import _evaluate, check_validation_data, evaluate
 from ._log import LOG_NAME, _LogMixin, _summary_writer_class
 from ._result import SearchResult
 from ._step import _StepMixin
@@ -90,17 +90,23 @@ class _Search(_CheckpointMixin, _LogMixin, _StepMixin):
         policy = self._setup_plan(policy)
         self._setup_training()
         self._setup_streams(train_data, policy)
-        if self.val_data is not None and self.config.val_every and _one_shot(self.val_data):
+        if self.val_data is not None and self.config.val_every and one_shot(self.val_data):
             raise DataError("validation data is a one-shot iterator, which the first validation would use up, and the "
                             f"run validates every {self.config.val_every} steps; pass a DataLoader, a Dataset or a list "
                             "of batches")
         if self.val_data is not None:
+            own_metrics = any(t.metric is not None for t in sm.tasks)
             with seeded(self.device, None):  # a loader's, dataset's or forward's draws here move no generator of the run
-                check_validation_data(sm, self.val_data, self.config.batch_size)
-                if any(t.metric is not None for t in sm.tasks) and not _one_shot(self.val_data):
-                    # a task's own metric runs once on one batch now: a compute() that returns no dict is refused
-                    # before the training, not after it (eval mode: no running statistic moves)
-                    evaluate(sm, self.val_data, max_batches=1, device=self.device, batch_size=self.config.batch_size)
+                if own_metrics and not one_shot(self.val_data):
+                    # the first batch checked and evaluated: a task's own metric that makes no metric object or whose
+                    # compute() returns no dict is refused before the training, not after it (eval mode: no running
+                    # statistic moves)
+                    _evaluate(sm, self.val_data, None, 1, self.device, False, self.config.batch_size, None,
+                              every_task_seen=False)
+                else:
+                    check_validation_data(sm, self.val_data, self.config.batch_size)
+                    for t in sm.tasks if own_metrics else ():  # what one-shot data cannot show: the metric objects
+                        metric_for(t)
         self._setup_budget()
         self._setup_files()
 
@@ -127,9 +133,6 @@ class _Search(_CheckpointMixin, _LogMixin, _StepMixin):
         """Losses, batch checks, the loss balancer, the strategy and the three optimizers."""
         cfg, sm = self.config, self.sm
         self.loss_fns = {t.name: loss_for(t) for t in sm.tasks}
-        if self.val_data is not None:  # a custom metric that makes no metric object: refused now, not after training
-            for t in sm.tasks:
-                metric_for(t)
         self.checks = BatchChecks(sm.tasks, int(sm.input_shape[1]), dtype=sm.input_dtype)
         self.weighting = make_weighting(cfg.weighting, self.tasks, **cfg.weighting_options).to(self.device)
         weights = list(sm.weight_parameters()) + list(self.weighting.parameters())
@@ -417,13 +420,6 @@ class _Search(_CheckpointMixin, _LogMixin, _StepMixin):
         self._close_logs()
         self.progress.close()
         self.dist.close()
-
-
-def _one_shot(data) -> bool:
-    """An iterator that can be read once only (a generator), itself or in a per-task dict."""
-    if isinstance(data, Mapping):
-        return any(_one_shot(v) for v in data.values())
-    return hasattr(data, "__next__")
 
 
 def search(
