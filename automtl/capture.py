@@ -53,6 +53,8 @@ class Capture:
     feature_shape: tuple
     train_graph: Optional[fx.Graph] = None
     notes: list = field(default_factory=list)
+    #: The example input's dtype: what the backbone takes (one that casts its input may compute in another).
+    input_dtype: torch.dtype = torch.float32
 
     @property
     def conv_nodes(self) -> list[fx.Node]:
@@ -714,7 +716,8 @@ def capture(
                                 | {name for name, _ in backbone.named_buffers()})
     _delete_unused(gm, [gm.graph] + ([train_graph] if train_graph is not None else []))
     gm.recompile()
-    return Capture(gm, node.name, tuple(example_input.shape), tuple(_tensor_meta(node).shape), train_graph, notes)
+    return Capture(gm, node.name, tuple(example_input.shape), tuple(_tensor_meta(node).shape), train_graph, notes,
+                   example_input.dtype)
 
 
 @contextlib.contextmanager
@@ -815,20 +818,23 @@ def _thawed_modules(backbone: nn.Module) -> list:
         or isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0)]
 
 
-def _used_paths(graph: fx.Graph) -> set:
-    return {p for n in graph.nodes for p in _module_paths(n)} | {str(n.target) for n in graph.nodes
+def _first_kept(graph: fx.Graph, paths) -> Optional[tuple]:
+    """Of the module ``paths``, the first whose module computes what ``graph`` keeps, and how many more do (as words:
+    " and 2 more"); None when none does."""
+    used = {p for n in graph.nodes for p in _module_paths(n)} | {str(n.target) for n in graph.nodes
                                                                 if n.op == "call_module"}
+    stuck = [name for name in paths if name in used]
+    return (stuck[0], f" and {len(stuck) - 1} more" if len(stuck) > 1 else "") if stuck else None
 
 
 def _refuse_thawed_modules(backbone: nn.Module, graph: fx.Graph, thawed: list) -> None:
     """Refuse an eval-mode backbone whose ``thawed`` layers (put in train mode by hand: Monte Carlo dropout,
     test-time BatchNorm) compute the features ``graph`` keeps: the supermodel and the compact model set every
     module's mode themselves, and would turn them to eval mode (the backbone's numbers lost without a word)."""
-    used = _used_paths(graph)
-    stuck = [name for name in thawed if name in used]
-    if not stuck:
+    found = _first_kept(graph, thawed)
+    if found is None:
         return
-    name, more = stuck[0], f" and {len(stuck) - 1} more" if len(stuck) > 1 else ""
+    name, more = found
     what = "a dropout left on, Monte Carlo dropout" if isinstance(backbone.get_submodule(name), nn.modules.dropout._DropoutNd) \
         else "a norm normalising with its batch, test-time adaptation"
     raise BackboneError(
@@ -841,11 +847,10 @@ def _refuse_frozen_modules(backbone: nn.Module, graph: fx.Graph, frozen: dict) -
     """Refuse a train-mode backbone whose ``frozen`` norm or dropout layers (path -> how: put in eval mode by hand,
     or kept there by a ``train`` override) compute the features ``graph`` keeps: the supermodel and the compact model
     set every module's mode themselves, and would train them (a frozen BatchNorm: 1.36 off in train mode)."""
-    used = _used_paths(graph)
-    stuck = [name for name in frozen if name in used]
-    if not stuck:
+    found = _first_kept(graph, frozen)
+    if found is None:
         return
-    name, more = stuck[0], f" and {len(stuck) - 1} more" if len(stuck) > 1 else ""
+    name, more = found
     where = frozen[name]
     if isinstance(backbone.get_submodule(name), nn.modules.dropout._DropoutNd):
         raise BackboneError(

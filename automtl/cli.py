@@ -90,13 +90,17 @@ def _fail(message: str) -> None:
     sys.exit(2)
 
 
+def _sweep_interrupted(args: list) -> None:
+    click.echo(f"interrupted; finished runs are kept, continue the sweep with: {_again(args)}", err=True)
+    sys.exit(130)
+
+
 def _interrupted(group: click.Group, ctx, args: list, started: float) -> None:
     """Ctrl-C: exit 130 with what is left on disk — a checkpoint to continue from, or nothing."""
     args = [str(a) for a in args]
     command = ctx.invoked_subcommand
     if command == "sweep":  # (an interrupt some library swallowed; the sweep's own handler says the same)
-        click.echo(f"interrupted; finished runs are kept, continue the sweep with: {_again(args)}", err=True)
-        sys.exit(130)
+        _sweep_interrupted(args)
     if command not in _RESUMABLE:
         click.echo("interrupted; nothing was written", err=True)
         sys.exit(130)
@@ -469,9 +473,8 @@ def sweep_cmd(backbone, tasks, config_path, data, weights, pretrained, budget, d
         if getattr(exc, "earlier_kept", False):  # SweepInterrupted: an --overwrite stopped before it changed a run
             click.echo("interrupted before any run changed, so the earlier sweep is as it was; run the command again",
                        err=True)
-        else:
-            click.echo(f"interrupted; finished runs are kept, continue the sweep with: {_again(argv)}", err=True)
-        sys.exit(130)
+            sys.exit(130)
+        _sweep_interrupted(argv)
     if as_json:
         _echo_json(result)
     elif not quiet:

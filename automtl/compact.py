@@ -64,8 +64,8 @@ class CompactModel(GraphsBuiltOnUse):
         self.input_check: Optional[Callable[[torch.Tensor], None]] = None
 
     def forward(self, x: torch.Tensor, tasks: Optional[Sequence[str]] = None) -> dict:
+        check_image_batch(x, self.input_shape, "the model")  # first: a loaded model's shape check would blame the size
         if self.input_check is not None:
-            check_image_batch(x, self.input_shape, "the model")  # channels first: the shape check would blame size
             self.input_check(x)
             if not self.training and torch.is_grad_enabled() and not x.requires_grad:
                 # a model read from a file runs inference without autograd: the load-time bound on what is
@@ -85,7 +85,6 @@ class CompactModel(GraphsBuiltOnUse):
         return self._run(x, tasks)
 
     def _run(self, x: torch.Tensor, tasks: Optional[Sequence[str]]) -> dict:
-        check_image_batch(x, self.input_shape, "the model")
         whole = tasks is None or list(tasks) == self.task_names
         gm = self._graph_module_for(self.training) if whole else self._subset(tuple(tasks), self.training)
         # nn.Module's call, not fx's wrapper around it: the wrapper prints the generated code's traceback to

@@ -12,7 +12,6 @@ def evaluate_model(model, data: str = "synthetic", split: str = "val", samples: 
     from torch.utils.data import Subset
 
     from .data import check_targets, make_dataset, parse_spec
-    from .data.checks import model_dtype
     from .search import evaluate
 
     name, _ = parse_spec(data)
@@ -27,9 +26,11 @@ def evaluate_model(model, data: str = "synthetic", split: str = "val", samples: 
     if len(dataset) == 0:
         raise DataError(f"split {split!r} of data set {data!r} is empty; choose another split")
     check_targets(dataset, model.tasks)
-    # the data sets' images are float32: a model saved in another floating dtype takes them cast
+    # the data sets' images are float32: a model saved in another floating dtype (its first floating parameter's)
+    # takes them cast
+    computes = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
     metrics, losses = evaluate(model, dataset, batch_size=batch_size,
-                               input_dtype=getattr(model, "input_dtype", None) or model_dtype(model))
+                               input_dtype=getattr(model, "input_dtype", None) or computes)
     return {t: {**m, "loss": losses[t]} for t, m in metrics.items()}
 
 

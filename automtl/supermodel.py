@@ -155,8 +155,8 @@ class SuperModel(GraphsBuiltOnUse):
         T = len(self.tasks)
         gm = cap.graph_module
         self.input_shape = cap.input_shape
-        #: The dtype of the images the backbone takes (its example input's); None: not known.
-        self.input_dtype: Optional[torch.dtype] = None
+        #: The dtype of the images the backbone takes (its example input's).
+        self.input_dtype: torch.dtype = cap.input_dtype
         self.feature_shape = cap.feature_shape
         self.feature_node = cap.feature_node
         graphs = [gm.graph] + ([cap.train_graph] if cap.train_graph is not None else [])
@@ -481,7 +481,6 @@ def supermodel(
         example_input = torch.randn(1, 3, 64, 64) if like is None else torch.randn(1, 3, 64, 64, dtype=like.dtype, device=like.device)
     cap = capture(backbone, example_input, feature_node, leaf_modules, concrete_args)
     sm = SuperModel(cap, tasks)
-    sm.input_dtype = example_input.dtype  # what the backbone takes (one that casts its input may compute in another)
     # in the backbone's mode, every module of it (the copied layers kept theirs; what the supermodel adds was made in
     # train mode): a backbone handed over in eval mode gives an eval-mode supermodel, not one whose flag says train
     # while its norms stay in eval

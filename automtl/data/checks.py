@@ -20,11 +20,6 @@ from ..tasks import Task
 NO_LABEL_BATCHES = 100
 
 
-def model_dtype(model: torch.nn.Module) -> Optional[torch.dtype]:
-    """The floating dtype a model computes in (its first floating parameter's), None without one."""
-    return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
-
-
 class BatchChecks:
     """Checks the images and each builtin-kind target of every training batch.
 
