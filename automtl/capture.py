@@ -1304,3 +1304,10 @@ def _cut(graph: fx.Graph, node: fx.Node) -> None:
 def count_parameters(module: nn.Module) -> int:
     """Number of distinct parameters (shared tensors counted once)."""
     return sum(p.numel() for p in {id(p): p for p in module.parameters()}.values())
+
+
+def placement(module: nn.Module) -> dict:
+    """``dict(device=..., dtype=...)`` of the module's first floating parameter or buffer (where what is made for it
+    must live and in which dtype it computes); ``{}`` for a module without one."""
+    like = next((t for t in (*module.parameters(), *module.buffers()) if t.is_floating_point()), None)
+    return {} if like is None else dict(device=like.device, dtype=like.dtype)

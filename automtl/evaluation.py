@@ -11,6 +11,7 @@ def evaluate_model(model, data: str = "synthetic", split: str = "val", samples: 
     """``{task: {metric: value}}`` of ``model`` on split ``split`` of data set ``data``."""
     from torch.utils.data import Subset
 
+    from .capture import placement
     from .data import check_targets, make_dataset, parse_spec
     from .search import evaluate
 
@@ -26,9 +27,9 @@ def evaluate_model(model, data: str = "synthetic", split: str = "val", samples: 
     if len(dataset) == 0:
         raise DataError(f"split {split!r} of data set {data!r} is empty; choose another split")
     check_targets(dataset, model.tasks)
-    # the data sets' images are float32: a model saved in another floating dtype (its first floating parameter's)
-    # takes them cast
-    computes = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    # the data sets' images are float32: a model saved in another floating dtype (its first floating parameter's or
+    # buffer's) takes them cast
+    computes = placement(model).get("dtype")
     metrics, losses = evaluate(model, dataset, batch_size=batch_size,
                                input_dtype=getattr(model, "input_dtype", None) or computes)
     return {t: {**m, "loss": losses[t]} for t, m in metrics.items()}

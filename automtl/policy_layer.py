@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .capture import placement
 from .policy import SHARE, SKIP, SPECIALIZE
 
 #: Normalisation kinds fused with the conv right before them (the rule is by kind, any subclass:
@@ -58,8 +59,8 @@ def _probe_batch_statistics(m: nn.Module, training: bool) -> bool:
         probe = copy.deepcopy(m).train(training)  # its forward may move running statistics
     except Exception:  # a norm that cannot be copied cannot be probed: normalised per task, which is right either way
         return True
-    like = next((t for t in list(probe.parameters()) + list(probe.buffers()) if t.is_floating_point()), None)
-    dtype, device = (like.dtype, like.device) if like is not None else (torch.float32, torch.device("cpu"))
+    where = placement(probe)
+    dtype, device = where.get("dtype", torch.float32), where.get("device", torch.device("cpu"))
     g = torch.Generator().manual_seed(0)
     shape = getattr(m, "normalized_shape", None)
     c = int(getattr(m, "num_features", getattr(m, "num_channels", shape[-1] if shape else 1)))

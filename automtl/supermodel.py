@@ -18,7 +18,7 @@ import torch
 from torch import fx, nn
 
 from . import cost
-from .capture import Capture, capture, copy_constants, count_parameters
+from .capture import Capture, capture, copy_constants, count_parameters, placement
 from .errors import AutomtlError, ConfigError
 from .foldcheck import check_tasks_apart
 from .heads import build_head, finish
@@ -113,8 +113,7 @@ def _check_custom_head(task: Task, head: nn.Module, feature_shape: tuple, place:
     """Run a task's own head once on zeros of the features' shape (eval mode, no gradients, its mode put back):
     a head built for other features is refused here in one sentence, not at the first step (or, for a single task, in
     the search's cost count) as a traceback."""
-    like = next((p for p in (*head.parameters(), *head.buffers()) if p.is_floating_point()), None)
-    where = dict(device=like.device, dtype=like.dtype) if like is not None else place
+    where = placement(head) or place
     x = torch.zeros((2, *feature_shape[1:]), **where)
     modes = {m: m.training for m in head.modules()}
     try:
@@ -161,8 +160,7 @@ class SuperModel(GraphsBuiltOnUse):
         self.feature_node = cap.feature_node
         graphs = [gm.graph] + ([cap.train_graph] if cap.train_graph is not None else [])
         # what the supermodel adds (skip projections, builtin heads, policy logits) is made where the backbone lives
-        like = next((t for t in (*gm.parameters(), *gm.buffers()) if t.is_floating_point()), None)
-        place = dict(device=like.device, dtype=like.dtype) if like is not None else {}
+        place = placement(gm)
         for m in gm.modules():  # probed now, before the task copies are made (they keep the answers), not in a forward
             if isinstance(m, FUSABLE_NORMS):
                 batch_statistics_in_mode(m, False), batch_statistics_in_mode(m, True)
@@ -477,8 +475,7 @@ def supermodel(
 
         backbone = build_backbone(backbone)
     if example_input is None:
-        like = next((t for t in (*backbone.parameters(), *backbone.buffers()) if t.is_floating_point()), None)
-        example_input = torch.randn(1, 3, 64, 64) if like is None else torch.randn(1, 3, 64, 64, dtype=like.dtype, device=like.device)
+        example_input = torch.randn(1, 3, 64, 64, **placement(backbone))
     cap = capture(backbone, example_input, feature_node, leaf_modules, concrete_args)
     sm = SuperModel(cap, tasks)
     # in the backbone's mode, every module of it (the copied layers kept theirs; what the supermodel adds was made in

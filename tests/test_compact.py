@@ -265,3 +265,18 @@ def test_wrong_arguments_get_one_sentence():
         model(four)
     with pytest.raises(AutomtlError, match=r"^the model takes an image batch \(N, C, H, W\), got \(3, 32, 32\)"):
         model(four[0, :3])
+
+
+def test_a_bfloat16_model_is_evaluated_on_images_cast_to_its_dtype(tmp_path):
+    """``automtl eval``'s evaluation of a saved bfloat16 model: the float32 images are cast to the model's dtype
+    (a dtype mismatch error before), and the metrics are those of the float32 model within bfloat16's precision."""
+    from automtl.evaluation import evaluate_model
+    from automtl.formats import load, save
+
+    tasks = [Task("segmentation", "segmentation", classes=5), Task("depth", "depth")]
+    sm = supermodel("tiny", tasks, torch.randn(1, 3, SIZE, SIZE)).eval()
+    model = compact(sm, Policy.uniform(sm.layer_names, sm.task_names, SHARE)).eval()
+    save(model.to(torch.bfloat16), tmp_path / "m.automtl")
+    half = evaluate_model(load(tmp_path / "m.automtl"), samples=8, input_size=SIZE)
+    full = evaluate_model(model.float(), samples=8, input_size=SIZE)
+    assert abs(half["depth"]["abs_err"] - full["depth"]["abs_err"]) < 0.05 * full["depth"]["abs_err"]
