@@ -487,28 +487,55 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 
 def check_zip_directory(data: bytes, max_entries: int, where: str, error: type) -> None:
-    """Refuse a zip whose central directory lists more than ``max_entries`` entries, before parsing it.
+    """Refuse a zip that two readers could read as two archives, or whose central directory lists more than
+    ``max_entries`` entries, before parsing it.
 
-    ``zipfile`` builds an object per directory entry before anyone can count them, so a file made
-    of millions of tiny directory records costs about ten times its size in memory. The end of
-    central directory record (and its zip64 form) states the count; it is read here first.
+    The archive must end as every writer of these files ends it: the end-of-central-directory record is the last 22
+    bytes (no comment, one disk), a zip64 record (torch.save writes one always) sits right before its locator and
+    agrees with the end record, and the central directory ends where those records begin. Python's ``zipfile`` reads
+    a directory that ends elsewhere as one behind prepended bytes and shifts every offset by the gap, while torch's
+    reader (miniz) takes the offsets as written, and the two disagree on which zip64 figures count: a file holding
+    two directories showed each reader its own archive, so bytes checked by one were not the bytes the other loaded
+    (pickled weights in a ``.pt2``, deflated entries in a ``torch.save`` file).
+
+    ``zipfile`` builds an object per directory entry before anyone can count them, so a file made of millions of
+    tiny directory records costs about ten times its size in memory; the end record's count is checked here first.
+
+    Raises:
+        error: one sentence naming what is wrong with the archive's end.
     """
     import struct
 
-    tail = data[-(65536 + 22):]
-    at = tail.rfind(b"PK\x05\x06")
-    if at < 0 or len(tail) - at < 22:
-        raise error(f"{where} is not a valid zip archive (no end of central directory); it is truncated or not a model file")
-    count, size = struct.unpack("<HI", tail[at + 10:at + 16])  # total entries, directory size
-    if count == 0xFFFF or size == 0xFFFFFFFF:  # zip64: the real figures are in the zip64 record
-        loc = at - 20
-        if loc < 0 or tail[loc:loc + 4] != b"PK\x06\x07":
-            raise error(f"{where} has a damaged zip64 directory; it is truncated or not a model file")
-        (offset,) = struct.unpack("<Q", tail[loc + 8:loc + 16])
-        record = data[offset:offset + 56]
-        if len(record) < 56 or record[:4] != b"PK\x06\x06":
-            raise error(f"{where} has a damaged zip64 directory; it is truncated or not a model file")
-        count, size = struct.unpack("<QQ", record[32:48])
+    def refuse(what: str):
+        return error(f"{where} {what}; it is truncated, crafted or not a model file")
+
+    n = len(data)
+    end = n - 22
+    if end < 0 or data[end:end + 4] != b"PK\x05\x06":
+        raise refuse("is not a valid zip archive: it does not end with a zip end-of-central-directory record (it has "
+                     "none, or bytes after it)")
+    disk, cd_disk, here, count, size, offset, comment = struct.unpack("<HHHHIIH", data[end + 4:end + 22])
+    if comment or disk or cd_disk or here != count:
+        raise refuse("has a zip end record with a comment or of several disks, which no model file writer makes")
+    directory_end = end
+    loc = end - 20
+    if loc >= 56 and data[loc:loc + 4] == b"PK\x06\x07":
+        z_disk, record_at, disks = struct.unpack("<IQI", data[loc + 4:loc + 20])
+        record = data[loc - 56:loc]
+        if (z_disk or disks != 1 or record_at != loc - 56 or record[:4] != b"PK\x06\x06"
+                or struct.unpack("<Q", record[4:12])[0] != 44):
+            raise refuse("has a zip64 end record that is not where its locator points, or of another size")
+        z_here, z_count, z_size, z_offset = struct.unpack("<QQQQ", record[24:56])
+        if (struct.unpack("<II", record[16:24]) != (0, 0) or z_here != z_count
+                or any(short not in (full, top) for short, full, top in
+                       ((count, z_count, 0xFFFF), (size, z_size, 0xFFFFFFFF), (offset, z_offset, 0xFFFFFFFF)))):
+            raise refuse("has zip64 and plain end records that disagree (readers differ on which counts)")
+        count, size, offset, directory_end = z_count, z_size, z_offset, loc - 56
+    elif count == 0xFFFF or size == 0xFFFFFFFF or offset == 0xFFFFFFFF:
+        raise refuse("has a damaged zip64 directory (no zip64 end record before its end record)")
+    if offset + size != directory_end:
+        raise refuse(f"has its central directory at bytes {offset}..{offset + size}, not right before its end records "
+                     f"at {directory_end} (zip readers differ on where such a directory starts)")
     if count > max_entries or size > 4096 * max_entries:
         raise error(f"{where} lists {count} entries in a {size}-byte directory, more than the {max_entries} a model file "
                     "has; it is crafted or not a model file")

@@ -88,6 +88,36 @@ def timm_module():
     return pytest.importorskip("timm", reason="timm is not installed (pip install 'automtl[timm]')")
 
 
+def two_directories(data: bytes, edit=None) -> bytes:
+    """The zip ``data`` with a second central directory (``edit(bytearray)`` changes it in place) between the first
+    and the end record, which still points at the first: Python's zipfile reads the second (as one behind prepended
+    bytes), torch's reader (miniz) the first, so a checker and a loader see two archives."""
+    import struct
+
+    eocd = len(data) - 22
+    assert data[eocd - 20:eocd - 16] != b"PK\x06\x07", "a zip Python wrote (no zip64 records) is expected"
+    size, offset = struct.unpack("<II", data[eocd + 12:eocd + 20])
+    end = data[eocd:]
+    second = bytearray(data[offset:offset + size])
+    if edit is not None:
+        edit(second)
+    assert len(second) == size
+    return data[:offset + size] + bytes(second) + end
+
+
+def deflated_as_stored(directory: bytearray) -> None:
+    """``two_directories``' edit: every entry of the directory copy stored, its size its stored size (a deflated
+    entry's bytes, which torch would inflate)."""
+    import struct
+
+    at = 0
+    while at < len(directory):
+        names, extra, comment = struct.unpack("<HHH", directory[at + 28:at + 34])
+        struct.pack_into("<H", directory, at + 10, 0)
+        struct.pack_into("<I", directory, at + 24, struct.unpack("<I", directory[at + 20:at + 24])[0])
+        at += 46 + names + extra + comment
+
+
 def deflate(path) -> None:
     """Rewrite the torch.save zip at ``path`` with every entry deflated: torch's reader inflates them, so a small file
     can stand for many times its size in tensors (a zip bomb automtl's tensor readers refuse)."""

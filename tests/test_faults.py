@@ -747,6 +747,35 @@ def test_a_compressed_tensor_file_in_a_run_directory_is_refused(finished, tmp_pa
     assert snapshot(out) == before and not (tmp_path / "m.automtl").exists()
 
 
+def test_a_tensor_file_whose_zip_readers_disagree_is_refused(tmp_path):
+    """torch.load's zip reader (miniz) and Python's, which checked that every entry is stored, read two directories of
+    one file as two archives: a 1 MB file checked as stored entries loaded as 1 GB of inflated zeros. Refused now,
+    as is a torch.save file (which always ends with zip64 records) whose plain end record names another directory."""
+    import struct
+
+    from automtl.errors import ConfigError
+    from automtl.fileio import load_tensors
+    from conftest import deflated_as_stored, two_directories
+
+    path = tmp_path / "w.pt"
+    torch.save({"w": torch.zeros(2**20)}, path)  # 4 MB of zeros
+    saved = path.read_bytes()
+    deflate(path)
+    path.write_bytes(two_directories(path.read_bytes(), deflated_as_stored))
+    assert path.stat().st_size < 100_000
+    with pytest.raises(ConfigError, match="zip readers differ"):
+        load_tensors(path, "weights", ConfigError, "save them again")
+    eocd = len(saved) - 22
+    assert saved[eocd - 20:eocd - 16] == b"PK\x06\x07"
+    other = bytearray(saved)
+    struct.pack_into("<I", other, eocd + 16, struct.unpack("<I", saved[eocd + 16:eocd + 20])[0] + 4)
+    path.write_bytes(bytes(other))
+    with pytest.raises(ConfigError, match="disagree"):
+        load_tensors(path, "weights", ConfigError, "save them again")
+    path.write_bytes(saved)
+    assert torch.equal(load_tensors(path, "weights", ConfigError, "save them again")["w"], torch.zeros(2**20))
+
+
 def test_json_read_back_nesting_deeper_than_automtl_writes_is_one_sentence(tmp_path):
     """A sweep member's report.json nesting 600 levels parsed (json's limit is about 1000), then the config rebuilt
     from it recursed past Python's limit: a RecursionError traceback from ``sweep --resume``."""

@@ -805,6 +805,69 @@ def test_load_pt2_refuses_code(pt2, tmp_path, case):
     assert not marker.exists()
 
 
+def _one_file_two_archives(shown: dict, loaded: dict) -> bytes:
+    """One zip file that Python's zipfile reads as ``shown`` and torch's reader (miniz) as ``loaded`` (the same names
+    in the same order, so their directories have one size): both archives' entries, then ``loaded``'s directory at
+    the offset the end record states, then ``shown``'s, which ends right before the end record, where Python looks
+    (taking the bytes of the first directory for data prepended to the archive and shifting every offset by them)."""
+    def archive(parts):
+        out = io.BytesIO()
+        with zipfile.ZipFile(out, "w") as zf:
+            for name, data in parts.items():
+                zf.writestr(zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0)), data)
+        raw = out.getvalue()
+        size, offset = struct.unpack("<II", raw[-10:-2])
+        return raw[:offset], bytearray(raw[offset:offset + size])
+
+    def shift(directory, by):
+        at = 0
+        while at < len(directory):
+            names, extra, comment = struct.unpack("<HHH", directory[at + 28:at + 34])
+            struct.pack_into("<I", directory, at + 42, struct.unpack("<I", directory[at + 42:at + 46])[0] + by)
+            at += 46 + names + extra + comment
+        return bytes(directory)
+
+    (loaded_entries, loaded_dir), (shown_entries, shown_dir) = archive(loaded), archive(shown)
+    assert list(loaded) == list(shown) and len(loaded_dir) == len(shown_dir)
+    size = len(loaded_dir)
+    shown_dir = shift(shown_dir, len(loaded_entries) - size)  # Python adds the first directory's size back
+    loaded_dir = shift(loaded_dir, 0)
+    end = b"PK\x05\x06" + struct.pack("<HHHHIIH", 0, 0, len(loaded), len(loaded), size,
+                                        len(loaded_entries) + len(shown_entries), 0)
+    return loaded_entries + shown_entries + loaded_dir + shown_dir + end
+
+
+def test_a_pt2_showing_the_checks_one_archive_and_torch_another_runs_no_code(pt2, tmp_path):
+    """The checks read the plain export, torch.export.load the same file with a pickled weight: the pickle ran
+    (os.system) before automtl reported an unrelated error. The file is refused on its zip end, and what torch is
+    given is an archive re-packed from the checked entries."""
+    _, parts = pt2
+    marker = tmp_path / "pwned"
+    evil = _pt2_with(parts, lambda p: _pickle_weight(p, marker))
+    path = tmp_path / "two.pt2"
+    path.write_bytes(_one_file_two_archives(parts, evil))
+    with zipfile.ZipFile(path) as zf:  # Python's view is the plain export
+        assert {i.filename: zf.read(i) for i in zf.infolist()} == parts
+    with pytest.raises(FileFormatError, match="zip readers differ"):
+        load_pt2(path)
+    assert not marker.exists()
+
+
+def test_torch_is_given_the_checked_entries_re_packed(pt2, tmp_path, monkeypatch):
+    _, parts = pt2
+    path = tmp_path / "model.pt2"
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:  # not the bytes torch is given
+        for name, data in parts.items():
+            zf.writestr(name, data)
+    given = []
+    load = torch.export.load
+    monkeypatch.setattr(torch.export, "load", lambda f: given.append(f.getvalue()) or load(io.BytesIO(given[-1])))
+    load_pt2(path)
+    with zipfile.ZipFile(io.BytesIO(given[0])) as zf:
+        assert [i.filename for i in zf.infolist()] == list(parts)
+        assert all(i.compress_type == zipfile.ZIP_STORED and zf.read(i) == parts[i.filename] for i in zf.infolist())
+
+
 def test_load_pt2_reads_what_export_wrote(pt2, tmp_path):
     model, parts = pt2
     assert all(not data for name, data in parts.items() if "sample_inputs" in name)
@@ -929,3 +992,28 @@ def test_a_dimension_beyond_the_input_and_an_input_beyond_the_bounds_are_refused
         load(write(tmp_path / "dim.automtl", edit(valid, softmax)))
     with pytest.raises(FileFormatError, match=r"records an input of shape \(65536, 65536, 65536, 65536\)"):
         load(write(tmp_path / "shape.automtl", edit(valid, lambda d: d.update(input_shape=[65536] * 4))))
+
+
+def _zip_end_variants(data: bytes) -> dict:
+    """The archive ``data`` (a zip Python wrote) with ends no model file writer makes, where zip readers disagree."""
+    from conftest import two_directories
+
+    eocd = len(data) - 22
+    offset = struct.unpack("<I", data[eocd + 16:eocd + 20])[0]
+    moved = bytearray(data)
+    struct.pack_into("<I", moved, eocd + 16, offset + 4)  # the directory said to start 4 bytes later
+    commented = bytearray(data)
+    struct.pack_into("<H", commented, eocd + 20, 4)
+    return {"two directories": two_directories(data), "comment": bytes(commented) + b"PK\x05\x06",
+            "offset off": bytes(moved), "gap before the end": data[:eocd] + bytes(8) + data[eocd:]}
+
+
+@pytest.mark.parametrize("variant", ["two directories", "comment", "offset off", "gap before the end"])
+def test_a_zip_whose_readers_could_disagree_is_refused(valid, tmp_path, variant):
+    """Python's zipfile reads a directory that does not end right before the end record as one behind prepended bytes
+    (and shifts every offset); torch's reader takes the offsets as written: a file with two directories showed the
+    checks one archive and the loader another (code ran from a checked .pt2). Every reader refuses such an end."""
+    path = write(tmp_path / "m.automtl", valid)
+    path.write_bytes(_zip_end_variants(path.read_bytes())[variant])
+    with pytest.raises(FileFormatError, match="crafted"):
+        load(path)

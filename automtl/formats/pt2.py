@@ -454,7 +454,8 @@ def _read_small(path: str, zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytes:
 
 
 def check_pt2(path: str | os.PathLike, max_bytes: int = MAX_PT2_BYTES) -> bytes:
-    """Read and check a ``.pt2`` archive; return its bytes, safe to hand to ``torch.export.load``.
+    """Read and check a ``.pt2`` archive; return its checked entries re-packed as a new archive, safe to hand to
+    ``torch.export.load``.
 
     The zip directory is checked before any entry is decompressed, and the graph and configs
     before any tensor entry is.
@@ -506,8 +507,18 @@ def check_pt2(path: str | os.PathLike, max_bytes: int = MAX_PT2_BYTES) -> bytes:
         if info.file_size != nbytes:
             raise _bad(path, f"holds {info.file_size} bytes in {entry[:60]!r} where the sizes and dtype its config "
                              f"declares need {nbytes}")
-    _entries(path, data, max_bytes)  # only now is every entry read (under the zip bounds): a damaged one is refused
-    return data
+    entries = _entries(path, data, max_bytes)  # only now is every entry read (under the zip bounds): a damaged one is refused
+    return _repacked(entries)
+
+
+def _repacked(entries: dict) -> bytes:
+    """A new archive of exactly the entries as checked (stored, in their order): torch's zip reader is another
+    program than the one that read them for the checks, so it is given only bytes Python wrote."""
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_STORED) as dst:
+        for name, raw in entries.items():
+            dst.writestr(zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0)), raw)
+    return out.getvalue()
 
 
 @contextlib.contextmanager
