@@ -187,7 +187,7 @@ def _pipeline_options(f):
                           "fairgrad, gradvac; pip install 'automtl[torchjd]'). Default: the config's, else equal."),
         click.option("--steps", metavar="WARMUP,SEARCH,FINETUNE", help="Stage lengths in optimizer steps, e.g. 40,80,60."),
         click.option("--input-size", type=click.IntRange(8, MAX_INPUT_SIZE), help="Image side of the synthetic data and of the example input."),
-        click.option("--samples", metavar="TRAIN,VAL", help="How many samples to train and validate on, e.g. 512,128 (synthetic: how many to generate; a data set read from disk: its first ones)."),
+        click.option("--samples", metavar="TRAIN,VAL", help="How many samples to train and validate on, e.g. 512,128 (synthetic, MultiFashion: how many to make, 512,128 by default; a data set read from disk: its first ones, all by default)."),
         click.option("--out", "out", type=click.Path(file_okay=False), default="automtl-out", show_default=True,
                      help="Directory for the results."),
         click.option("--resume", is_flag=True, help="Continue a killed run from its last checkpoint in --out."),

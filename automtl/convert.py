@@ -39,6 +39,10 @@ DEFAULT_SCHEDULE = dict(strategy="conflict", warmup_steps=80, search_steps=80, f
                         weight_steps_per_policy_step=2, batch_size=16, tau_every=10, tau_decay=0.9, log_every=5,
                         checkpoint_every=50, val_batches=None, budget="1.5x", reg_weight=0.5, policy_lr=0.1)
 
+#: Train and validation samples a run makes of a generated or composed data set when train_samples / val_samples
+#: are null; a data set read from disk (NYUv2, Cityscapes) is then used whole, as its benchmarks use it.
+DEFAULT_SAMPLES = {"synthetic": (512, 128), "multifashion": (512, 128)}
+
 OUTPUT_FILES = ("model.automtl", "model.pt2", "policy.yaml", "sharing.svg", "report.json", "config.yaml")
 _SHORTCUTS = ("budget", "device", "seed")  # top-level keys that belong to the search section
 
@@ -54,8 +58,8 @@ class ConvertConfig:
     input_size: int = 64
     tasks: Optional[list] = None
     data: str = "synthetic"
-    train_samples: Optional[int] = 512
-    val_samples: Optional[int] = 128
+    train_samples: Optional[int] = None  # None: DEFAULT_SAMPLES for a made data set, all of one read from disk
+    val_samples: Optional[int] = None
     search: SearchConfig = field(default_factory=lambda: SearchConfig(**DEFAULT_SCHEDULE))
 
     def __post_init__(self) -> None:
@@ -221,10 +225,12 @@ def build_data(cfg: ConvertConfig, tasks: Sequence[Task]):
     extra = {"size": cfg.input_size} if name == "synthetic" else {}
 
     def dataset(split: str, n: Optional[int]):
-        data = make_dataset(cfg.data, split, **({"n": n} if sized and n else {}), **extra)
+        data = make_dataset(cfg.data, split, for_tasks=tasks, **({"n": n} if sized and n else {}), **extra)
         return Subset(data, range(min(n, len(data)))) if n and not sized else data
 
-    train, val = dataset("train", cfg.train_samples), dataset("val", cfg.val_samples)
+    made = DEFAULT_SAMPLES.get(name, (None, None))
+    train = dataset("train", cfg.train_samples if cfg.train_samples is not None else made[0])
+    val = dataset("val", cfg.val_samples if cfg.val_samples is not None else made[1])
     check_targets(train, tasks)
     return train, val
 

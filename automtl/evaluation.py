@@ -21,7 +21,7 @@ def evaluate_model(model, data: str = "synthetic", split: str = "val", samples: 
         options["size"] = input_size
         if samples:
             options["n"] = samples
-    dataset = make_dataset(data, split, **options)
+    dataset = make_dataset(data, split, for_tasks=model.tasks, **options)
     if samples and name != "synthetic":
         dataset = Subset(dataset, range(min(samples, len(dataset))))
     if len(dataset) == 0:

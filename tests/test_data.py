@@ -339,6 +339,64 @@ def test_samples_takes_the_first_ones_of_a_data_set_read_from_disk(tmp_path):
     assert [len(d) for d in build_data(cfg, cfg.task_objects())] == [3, 2]  # at most what there is
 
 
+def test_a_data_set_read_from_disk_is_used_whole_by_default(tmp_path):
+    """NYUv2 and Cityscapes were cut to their first 512 / 128 samples by convert's defaults (the synthetic data's
+    sizes), so report.json scored 128 of NYUv2's 654 test images while `automtl eval` scored them all."""
+    from automtl.convert import build_data, resolve_config
+
+    _npy_split(tmp_path, "train", 2, NYU_FOLDERS, h=2, w=2)
+    _npy_split(tmp_path, "val", 130, NYU_FOLDERS, h=2, w=2)
+    cfg = resolve_config(backbone="tiny", data=f"nyuv2:{tmp_path}")
+    assert [len(d) for d in build_data(cfg, cfg.task_objects())] == [2, 130]
+    cfg = resolve_config(backbone="tiny", input_size=16)  # a made data set keeps its default size
+    assert [len(d) for d in build_data(cfg, cfg.task_objects())] == [512, 128]
+
+
+def test_the_segmentation_task_sets_the_labels_a_data_set_reads(tmp_path):
+    """A 19-class task on Cityscapes read label_7/ (a perfect 19-class model scored mIoU 0), and NYUv2 turned every id
+    beyond 12 into void whatever the task's classes: the labels follow the task named segmentation, and an id beyond
+    its classes is refused, naming it."""
+    from automtl.convert import build_data, resolve_config
+    from automtl.evaluation import evaluate_model
+    from automtl.supermodel import supermodel
+
+    def high(rng, h, w):  # ids 7..18: none of them a 7-class id
+        return rng.integers(7, 19, size=(h, w)).astype(np.float32)
+
+    folders = {"image": _image, "label_19": high, "depth": _depth}  # no label_7/: only the 19-class labels read
+    _npy_split(tmp_path / "cs", "train", 2, folders)
+    _npy_split(tmp_path / "cs", "val", 2, folders)
+    cfg = resolve_config(backbone="tiny", data=f"cityscapes:{tmp_path / 'cs'}", input_size=16,
+                         tasks=["segmentation:segmentation:19", "depth:depth"])
+    train, val = build_data(cfg, cfg.task_objects())
+    assert torch.equal(train[0][1]["segmentation"], torch.from_numpy(np.load(tmp_path / "cs/train/label_19/0.npy")).long())
+    sm = supermodel("tiny", cfg.task_objects(), torch.randn(1, 3, 16, 16))  # `automtl eval` reads them too
+    assert set(evaluate_model(sm, f"cityscapes:{tmp_path / 'cs'}", input_size=16)) == {"segmentation", "depth"}
+
+    for split in ("train", "val"):
+        _npy_split(tmp_path / "nyu", split, 2, {**NYU_FOLDERS, "label": high})
+    for classes in (13, 40):
+        tasks = [Task("segmentation", "segmentation", classes=classes), Task("depth", "depth")]
+        cfg = resolve_config(backbone="tiny", data=f"nyuv2:{tmp_path / 'nyu'}", tasks=[t.describe() for t in tasks])
+        if classes == 13:
+            with pytest.raises(DataError, match="label 1[3-8] outside 0..12"):
+                build_data(cfg, tasks)
+        else:
+            seg = make_dataset(f"nyuv2:{tmp_path / 'nyu'}", "train", for_tasks=tasks)[0][1]["segmentation"]
+            assert seg.min() >= 7 and seg.max() <= 18  # kept, not void
+
+
+def test_a_fractional_label_on_disk_is_refused_not_truncated(tmp_path):
+    def fractional(rng, h, w):
+        lab = _label(13)(rng, h, w)
+        lab[1, 1] = 3.5
+        return lab
+
+    _npy_split(tmp_path, "train", 1, {**NYU_FOLDERS, "label": fractional})
+    with pytest.raises(DataError, match="label 3.5, which is not a class id"):
+        NYUv2(tmp_path)[0]
+
+
 def test_nyuv2_errors(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         NYUv2(tmp_path / "nope")

@@ -66,10 +66,20 @@ def parse_spec(name_or_spec: str) -> tuple[str, Optional[str]]:
     return key, (root if sep and root else None)
 
 
-def make_dataset(name_or_spec: str, split: str = "train", **options) -> Dataset:
-    """Build a builtin data set from ``NAME[:ROOT]``; ``options`` go to its constructor."""
+def make_dataset(name_or_spec: str, split: str = "train", for_tasks: Optional[Sequence[Task]] = None,
+                 **options) -> Dataset:
+    """Build a builtin data set from ``NAME[:ROOT]``; ``options`` go to its constructor.
+
+    ``for_tasks``, the tasks the data will feed, sets what the data set reads from them where it takes it: the
+    class count of its ``segmentation`` task (Cityscapes reads ``label_7/`` or ``label_19/`` by it; NYUv2 states it).
+    """
     key, root = parse_spec(name_or_spec)
     cls = DATASETS[key]
+    takes_classes = "classes" in inspect.signature(cls.__init__).parameters
+    if for_tasks is not None and takes_classes and "classes" not in options:
+        classes = [t.classes for t in for_tasks if t.name == "segmentation" and t.classes is not None]
+        if classes:
+            options["classes"] = classes[0]
     if root is not None and "root" in options and options["root"] is not None and str(options["root"]) != root:
         raise ConfigError(f"data set {name_or_spec!r} names a root and root={options['root']!r} names another; give one")
     if key == "synthetic":

@@ -107,10 +107,20 @@ def _load(path: Path, name: str) -> np.ndarray:
         raise DataError(f"{name} file {path} cannot be read as .npy ({type(e).__name__}); regenerate it") from None
 
 
-def labels_to_long(label: np.ndarray, classes: int) -> torch.Tensor:
-    """Class ids as int64, with void (-1, NaN, or any id outside 0..classes-1) mapped to 255."""
+def labels_to_long(label: np.ndarray, where: str = "label file") -> torch.Tensor:
+    """Class ids as int64, void (-1 or any negative id, NaN) mapped to 255. Other ids are kept as stored: one
+    beyond the task's class count is refused by the batch checks, naming it (the data holds more classes than the
+    task says), not read as void. A fractional id is refused here, before the cast would truncate it.
+
+    Raises:
+        DataError: a finite, non-negative id that is not a whole number.
+    """
     lab = np.asarray(label, dtype=np.float64)
-    void = ~np.isfinite(lab) | (lab < 0) | (lab >= classes)
+    void = ~np.isfinite(lab) | (lab < 0)
+    fractional = ~void & (lab != np.round(lab))
+    if fractional.any():
+        raise DataError(f"{where} holds label {lab[fractional].flat[0]:g}, which is not a class id; class ids are whole "
+                        "numbers (-1 or NaN for void)")
     out = np.where(void, VOID, np.nan_to_num(lab)).astype(np.int64)
     return torch.from_numpy(out)
 
@@ -177,7 +187,7 @@ class NpyScenes(Dataset):
             a = self._file(folder, index)
             if kind == "segmentation":
                 a = a.reshape(a.shape[:2]) if a.ndim == 3 and a.shape[-1] == 1 else a
-                y = labels_to_long(a, self.classes)
+                y = labels_to_long(a, f"{self.name} {folder}/{index}.npy")
             elif kind == "depth":
                 a = a[..., None] if a.ndim == 2 else a
                 y = torch.from_numpy(np.ascontiguousarray(np.moveaxis(a, -1, 0), dtype=np.float32))
@@ -196,12 +206,20 @@ class NpyScenes(Dataset):
 
 
 class NYUv2(NpyScenes):
-    """NYUv2 with 13 semantic classes, depth and normals (void labels become 255)."""
+    """NYUv2 with 13 semantic classes (MTAN's labels; ``classes=40`` or another count for a relabelled copy),
+    depth and normals (void labels become 255).
+
+    Raises:
+        DataError: ``classes`` is not a positive whole number, or the folders do not hold the layout.
+    """
 
     name = "nyuv2"
-    classes = 13
-    class_names = NYU_CLASS_NAMES
     layout = {"segmentation": ("label", "segmentation"), "depth": ("depth", "depth"), "normal": ("normal", "normal")}
 
-    def __init__(self, root: Union[str, os.PathLike], split: str = "train", tasks: Sequence[str] = ("segmentation", "depth", "normal")):
+    def __init__(self, root: Union[str, os.PathLike], split: str = "train",
+                 tasks: Sequence[str] = ("segmentation", "depth", "normal"), classes: int = 13):
+        if not isinstance(classes, int) or isinstance(classes, bool) or classes < 1:
+            raise DataError(f"nyuv2 classes must be a positive whole number (13 for MTAN's labels), got {classes!r}")
+        self.classes = classes
+        self.class_names = NYU_CLASS_NAMES if classes == 13 else None
         super().__init__(root, split, tasks)

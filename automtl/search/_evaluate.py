@@ -6,6 +6,7 @@ from typing import Mapping, Optional, Union
 
 import torch
 
+from ..capture import placement
 from ..data.checks import BatchChecks
 from ..errors import DataError
 from ..losses import loss_for
@@ -48,7 +49,7 @@ def _evaluate(sm, data, mix, max_batches, device, amp, batch_size, input_dtype, 
     """:func:`evaluate`; ``every_task_seen=False`` (a look at the first batch only): a task without a target in the
     batches read is partial labels, not an error."""
     if device is None:
-        device = next(sm.parameters()).device
+        device = placement(sm).get("device", torch.device("cpu"))
     device = torch.device(device)
     is_supermodel = isinstance(sm, SuperModel)  # a CompactModel (or any {task: output} model) has no modes
     if is_supermodel and mix is None and sm.mode != "hard":
