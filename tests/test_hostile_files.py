@@ -946,6 +946,73 @@ def test_a_float32_convolution_on_a_small_input_counts_what_it_unfolds():
                 [torch.empty(1, 3, 32, 32, device="meta")], 1, 1)
 
 
+def test_every_convolution_torch_runs_unfolding_counts_what_it_unfolds():
+    """Which convolutions torch runs on its unfolding CPU kernels was read from the input's dtype and size alone: a 1x1
+    convolution padded by 4000 (native on one thread) and a transposed one whose output padding reaches its stride
+    (never oneDNN) asked for 72 GB and 37 GB after loading. Checked against torch's own choice
+    (``torch._C._select_conv_backend``) at batch 1 and one thread, the worst case, over a grid of settings: wherever
+    torch unfolds, automtl counts it; the convolutions of common CNNs on large inputs stay counted as oneDNN's."""
+    import itertools
+
+    from automtl.formats.rebuild import _unfolds_on_cpu
+
+    slow = {name for name in dir(torch._C._ConvBackend) if name.startswith("Slow")}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        checked = 0
+        for c, side, k, stride, pad, dil, grouped, transposed, out_pad in itertools.product(
+                (3, 8), (4, 60), (1, 3, 5), (1, 2), (0, 2), (1, 2), (False, True), (False, True), (0, 1)):
+            groups = c if grouped else 1
+            if out_pad and (not transposed or out_pad >= max(stride, dil)):
+                continue
+            x = torch.zeros(1, c, side, side)
+            w = torch.zeros((c, 1 if grouped else 4, k, k) if transposed else (4 * groups, c // groups, k, k))
+            try:
+                backend = torch._C._select_conv_backend(x, w, None, [stride] * 2, [pad] * 2, [dil] * 2, transposed,
+                                                        [out_pad] * 2, groups, None)
+            except RuntimeError:
+                continue  # settings torch refuses (an output of no size)
+            call = dict(stride=stride, dilation=dil, output_padding=out_pad, groups=groups, transposed=transposed)
+            if backend.name in slow:
+                assert _unfolds_on_cpu(x, w, call), (backend, call, tuple(x.shape), tuple(w.shape))
+            checked += 1
+        assert checked > 300
+    finally:
+        torch.set_num_threads(threads)
+    big = torch.empty(1, 64, 56, 56, device="meta")  # a ResNet's 3x3 and strided 1x1 convolutions: oneDNN's
+    assert not _unfolds_on_cpu(big, torch.empty(64, 64, 3, 3), dict(stride=1, dilation=1, groups=1, transposed=False))
+    assert not _unfolds_on_cpu(big, torch.empty(128, 64, 1, 1), dict(stride=2, dilation=1, groups=1, transposed=False))
+
+
+@pytest.mark.parametrize("conv", ["padded 1x1", "transposed, output padding at the stride"])
+def test_a_convolution_unfolding_on_cpus_beyond_the_bound_is_refused(conv):
+    from automtl.formats.rebuild import bounded_run
+
+    module = (nn.Conv2d(300, 1, 1, padding=4000) if conv == "padded 1x1" else
+              nn.ConvTranspose2d(27, 4, 1000, dilation=2, output_padding=1))  # an input oneDNN would take
+    graph = torch.fx.symbolic_trace(nn.Sequential(module)).to("meta")
+    x = torch.empty(1, 300 if conv == "padded 1x1" else 27, 32, 32, device="meta")
+    with pytest.raises(FileFormatError, match="with what a convolution unfolds"):
+        bounded_run(graph, [x], 1, 1)
+    bounded_run(graph, [x], 1, 1, on_cpu=False)
+
+
+def test_a_matrix_product_of_integers_is_refused():
+    """The FLOP bound is sized on floating-point speed; torch multiplies int64 matrices about 100x slower: a file
+    within the bound loaded and then ran a forward for 20 s (and for about half an hour at 100x its size)."""
+    from automtl.formats.rebuild import bounded_run
+
+    class IntegerProduct(nn.Module):
+        def forward(self, x):
+            m = x.flatten(1).to(torch.int64)
+            return (m.t() @ m).float().sum() + x
+
+    graph = torch.fx.symbolic_trace(IntegerProduct()).to("meta")
+    with pytest.raises(FileFormatError, match="multiplying int64 tensors"):
+        bounded_run(graph, [torch.empty(2, 3, 8, 8, device="meta")], 2, 1)
+
+
 def test_the_unfolded_input_counts_output_positions_and_only_on_the_cpu():
     """A strided convolution unfolds its input once per output position (a bf16 ResNet stem at batch 256 x 224 px:
     4.7e8 elements, not the 1.9e8 x 4 counted from the input's positions); on a GPU nothing is unfolded."""

@@ -278,8 +278,8 @@ MAX_FLOPS_PER_SAMPLE = 2 * 10**12
 #: 2^28-element expanded view (which takes no memory) or a 4096-wide pooling window on a large map stops here.
 MAX_WORK_PER_SAMPLE = 2**34
 #: Elements of all the activations alive at once (after each node, before any is freed): four of the largest. A
-#: convolution outside float32 counts the input it unfolds (CPU kernels for float64 and 16-bit floats build it:
-#: in_channels/groups x kernel x output positions x batch elements) as alive while it runs.
+#: convolution torch's CPU kernels may unfold (``_unfolds_on_cpu``) counts the input it unfolds (in_channels/groups x
+#: kernel x output positions x batch elements) as alive while it runs.
 MAX_LIVE = 4 * MAX_ACTIVATION
 #: The bounds above that scale with the tasks (each may run a backbone of its own) do so up to this many tasks: a
 #: file picks its task count (up to 256), and would otherwise pick its budget.
@@ -363,10 +363,63 @@ class _LiveEnv(dict):
 
 
 
-#: Per-sample input elements up to which torch runs a float32 CPU convolution on its native kernels, which unfold the
-#: input, rather than oneDNN's (torch's ``use_mkldnn`` heuristic in ATen's Convolution.cpp: 20480 at batch 1, one group
-#: and a kernel of 3 or less; the other conditions are not relied on, so any batch, group or kernel counts here).
+#: Per-sample input elements up to which torch may run a float32 CPU convolution on its native kernels, which unfold
+#: the input, rather than oneDNN's (``ConvParams::use_mkldnn`` in ATen's Convolution.cpp: at batch 1, one group and a
+#: kernel of 3 or less, an input of at most 20480 elements goes native).
 NATIVE_FLOAT32_INPUT = 20480
+
+#: Positional parameters of the convolution functions a graph may call (``torch.nn.functional``'s and aten's).
+_CONV_PARAMETERS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+_CONV_TRANSPOSE_PARAMETERS = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation")
+_ATEN_CONVOLUTION_PARAMETERS = ("input", "weight", "bias", "stride", "padding", "dilation", "transposed",
+                                "output_padding", "groups")
+
+
+def _conv_call(name: str, args: tuple, kwargs: dict) -> Optional[dict]:
+    """The arguments of a call of convolution function ``name`` by parameter name, or None for another function."""
+    base = name.split(".")[0]
+    if base == "convolution":
+        names = _ATEN_CONVOLUTION_PARAMETERS
+    elif re.fullmatch(r"conv_transpose[123]d", base):
+        names = _CONV_TRANSPOSE_PARAMETERS
+    elif re.fullmatch(r"conv[123]d", base):
+        names = _CONV_PARAMETERS
+    else:
+        return None
+    return {**dict(zip(names, args)), **kwargs, "transposed": bool(kwargs.get("transposed", args[6] if base ==
+            "convolution" and len(args) > 6 else "transpose" in base))}
+
+
+def _ints(value, dims: int) -> Optional[tuple]:
+    """An int or a sequence of ints as ``dims`` ints; None for anything else (a padding string, a symbol)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return (value,) * dims
+    if isinstance(value, (tuple, list)) and value and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        return tuple(value) * dims if len(value) == 1 else tuple(value)
+    return None
+
+
+def _unfolds_on_cpu(x: torch.Tensor, weight: torch.Tensor, call: dict) -> bool:
+    """Whether torch's CPU kernels may run this convolution unfolding its input (im2col, or col2im for a transposed
+    one) at some batch size and thread count: all but where ATen's ``use_mkldnn`` picks oneDNN whatever the batch
+    (below 16) and threads (one). Native are: every dtype but float32 (oneDNN takes bfloat16 and float16 only on CPUs
+    with their instructions); a transposed convolution whose output padding reaches its stride; an unstrided,
+    undilated 1x1 convolution; and one of one group and a kernel of 3 or less on a small input. Settings it cannot
+    read (a symbolic stride) count as native."""
+    if x.dtype != torch.float32:
+        return True
+    dims = weight.dim() - 2
+    stride, dilation = _ints(call.get("stride", 1), dims), _ints(call.get("dilation", 1), dims)
+    output_padding, groups = _ints(call.get("output_padding", 0), dims), call.get("groups", 1)
+    if stride is None or dilation is None or output_padding is None or not isinstance(groups, int):
+        return True
+    if call["transposed"] and any(o >= s for o, s in zip(output_padding, stride)):
+        return True
+    kernel = tuple(weight.shape[2:])
+    if all(k == 1 for k in kernel[-2:]) and all(s == 1 for s in stride) and all(d == 1 for d in dilation):
+        return True
+    return not (groups > 1 or all(k > 3 for k in kernel[-2:]) or math.prod(x.shape[1:]) > NATIVE_FLOAT32_INPUT)
+
 
 class _BoundedShapes(fx.Interpreter):
     """Runs on meta tensors and refuses a node whose output is larger than the bounds: a tensor of more
@@ -400,38 +453,67 @@ class _BoundedShapes(fx.Interpreter):
             kwargs = {**kwargs, "device": meta}
         return super().call_function(target, args, kwargs)
 
-    def _unfolded(self, n: fx.Node, args: tuple, out) -> int:
-        """Elements of the input a convolution may unfold while it runs (0 for anything else): the CPU's kernels
-        unfold outside float32, and in float32 too where the input is small (:data:`NATIVE_FLOAT32_INPUT`: a 3x3
-        convolution padded by 4000 on a 32x32 input took 7.2 GB)."""
+    def _unfolded(self, n: fx.Node, args: tuple, kwargs: dict, out) -> int:
+        """Elements of the input a convolution may unfold while it runs (0 for anything else): wherever torch's CPU
+        kernels may (:func:`_unfolds_on_cpu`: a 3x3 convolution padded by 4000 on a 32x32 input took 7.2 GB; a 1x1
+        one padded so on one thread, or a transposed one whose output padding reaches its stride, asked for 37-77 GB
+        on inputs oneDNN would have taken)."""
         if not self.unfolds:
             return 0
         if n.op == "call_module":
             mod = self.fetch_attr(n.target)
-            weight = getattr(mod, "weight", None) if isinstance(mod, nn.modules.conv._ConvNd) else None
-            transposed = bool(getattr(mod, "transposed", False))
+            if not isinstance(mod, nn.modules.conv._ConvNd):
+                return 0
+            call = dict(input=args[0] if args else kwargs.get("input"), weight=mod.weight, stride=mod.stride,
+                        padding=mod.padding, dilation=mod.dilation, groups=mod.groups, transposed=bool(mod.transposed),
+                        output_padding=mod.output_padding if len(args) < 2 and not kwargs else None)  # output_size: unread
         else:
-            name = getattr(n.target, "__name__", str(n.target))
-            weight = args[1] if "conv" in name and len(args) > 1 else None
-            transposed = "transpose" in name or (name.startswith("convolution") and len(args) > 6 and args[6] is True)
-        x = args[0] if args else None
+            call = _conv_call(getattr(n.target, "__name__", str(n.target)), args, kwargs)
+            if call is None:
+                return 0
+        x, weight = call.get("input"), call.get("weight")
         if not (isinstance(weight, torch.Tensor) and isinstance(x, torch.Tensor) and isinstance(out, torch.Tensor)
                 and weight.dim() >= 3 and x.dim() == weight.dim() and out.dim() == x.dim()):
             return 0
-        if x.dtype == torch.float32 and math.prod(x.shape[1:]) > NATIVE_FLOAT32_INPUT:
+        if not _unfolds_on_cpu(x, weight, call):
             return 0  # oneDNN's kernels, which do not unfold
+        kernel = tuple(weight.shape[2:])
+        padding, stride = _ints(call.get("padding", 0), len(kernel)), _ints(call.get("stride", 1), len(kernel))
+        if (not call["transposed"] and all(k == 1 for k in kernel) and padding is not None and not any(padding)
+                and stride is not None and all(s == 1 for s in stride)):
+            return 0  # a 1x1 convolution reads its input as it is, unless padded or strided
         # a convolution unfolds its input once per output position; a transposed one, its input's positions
-        positions = math.prod(x.shape[2:]) if transposed else math.prod(out.shape[2:])
+        positions = math.prod(x.shape[2:]) if call["transposed"] else math.prod(out.shape[2:])
         return int(x.shape[0]) * math.prod(weight.shape[1:]) * positions
 
-    def _check_live(self, n: fx.Node, args: tuple, out) -> None:
+    def _check_live(self, n: fx.Node, args: tuple, kwargs: dict, out) -> None:
         """The activations alive once ``n`` has run (the interpreter frees each after its last use, as the
         generated forward does), views counted once with the tensor they view, and what a convolution unfolds."""
         live = self.env.live + sum(numel for key, numel in _bases(out).items() if key not in self.env.count)
-        live += self._unfolded(n, args, out) if n.op in ("call_module", "call_function") else 0
+        live += self._unfolded(n, args, kwargs, out) if n.op in ("call_module", "call_function") else 0
         if live > MAX_LIVE:
             raise FileFormatError(f"has node {n.name!r} after which {live} activation elements (with what a convolution unfolds) are alive at once, "
                                   f"more than the {MAX_LIVE} automtl allows; the file is crafted or corrupted")
+
+    flop_counter = None  # the FlopCounterMode the graph runs under, when a caller counts
+    _flops_seen = 0
+
+    def _check_flop_dtypes(self, n: fx.Node, args: tuple, kwargs: dict) -> None:
+        """A node the flop counter counts (a matrix product, a convolution) computes in floating point: torch's CPU
+        kernels multiply int64 matrices about 100x slower than float32 ones (0.65 against 69 GFLOP/s on one core), so
+        a FLOP bound sized on floating-point speed would let such a node run for hours, and no CNN does it."""
+        if self.flop_counter is None:
+            return
+        total = self.flop_counter.get_total_flops()
+        if total <= self._flops_seen:
+            return
+        self._flops_seen = total
+        integer = next((v.dtype for v in _nested((args, kwargs)) if isinstance(v, torch.Tensor)
+                        and not v.is_floating_point()), None)
+        if integer is not None:
+            raise FileFormatError(f"has node {n.name!r} multiplying {str(integer).replace('torch.', '')} tensors (a "
+                                  "matrix product or convolution), which no CNN computes and CPUs run about 100x slower "
+                                  "than in floating point; the file is crafted or corrupted")
 
     shapes = None  # node -> the shapes of the tensors it made, when a caller asks (bounded_run's ``shapes``)
     unfolds = True  # the model runs on the CPU, whose kernels may unfold a convolution's input
@@ -492,16 +574,17 @@ class _BoundedShapes(fx.Interpreter):
         if name in ("unbind", "split", "chunk", "tensor_split", "split_with_sizes") and n.op != "call_module":
             self._check_pieces(n, name)  # before it runs: 2^28 pieces of a meta tensor would take minutes and GBs
         window, read = self._pooling_work(n, name)
-        args: tuple = ()
+        args, kwargs = (), {}
         if n.op not in ("get_attr", "placeholder", "output"):  # every element a node reads (a reduction of an
             args, kwargs = self.fetch_args_kwargs_from_env(n)  # expanded view reads far more than it writes)
             read += sum(v.numel() for v in _nested((args, kwargs)) if isinstance(v, torch.Tensor))
             self._check_dims(n, args, kwargs)
         out = super().run_node(n)
+        self._check_flop_dtypes(n, args, kwargs)
         if self.shapes is not None:
             self.shapes[n] = _shapes_in_order(out)
         if n.op != "get_attr":
-            self._check_live(n, args, out)
+            self._check_live(n, args, kwargs, out)
             made = [v for v in (out if isinstance(out, (tuple, list)) else (out,)) if isinstance(v, torch.Tensor)]
             self.work += sum(v.numel() for v in made) * window + read
             if self.work > self.max_work:
@@ -547,6 +630,7 @@ def bounded_run(gm: fx.GraphModule, inputs: list, batch: int, num_tasks: int, on
         interpreter.unfolds, interpreter.shapes = on_cpu, shapes
         interpreter.max_work = MAX_WORK_PER_SAMPLE * max(batch, 1) * num_tasks
         with torch.no_grad(), FlopCounterMode(display=False) as flops:
+            interpreter.flop_counter = flops
             out = interpreter.run(*inputs)
         per_sample = flops.get_total_flops() / max(batch, 1)
         limit = MAX_FLOPS_PER_SAMPLE * num_tasks  # each task may run a backbone of its own
