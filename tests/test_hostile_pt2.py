@@ -507,3 +507,14 @@ def test_shapes_the_file_declares_must_be_what_its_operations_make(parts, tmp_pa
         values[name]["sizes"][1] = {"as_int": values[name]["sizes"][1]["as_int"] + 1}
     _edit_json(parts, "models/model.json", change)
     _refused(_write(tmp_path / "lies.pt2", parts), "declares for node .* but its operations make")
+
+
+def test_a_program_that_changes_shape_at_batch_one_is_refused(parts, tmp_path):
+    """The dry runs at batches 2 and 3 bound every batch's sizes but saw nothing of batch 1, where ``squeeze(0)``
+    drops the batch axis: a program could declare one computation and run another for a single image."""
+    def squeeze(program):
+        node = next(n for n in _nodes(program) if n["target"].startswith("torch.ops.aten.relu."))
+        node["target"] = "torch.ops.aten.squeeze.dim"
+        node["inputs"] = [node["inputs"][0], {"name": "dim", "arg": {"as_int": 0}, "kind": 1}]
+    _edit_json(parts, "models/model.json", squeeze)
+    _refused(_write(tmp_path / "evil.pt2", parts), r"at batch 1|at input shape \[1, ")

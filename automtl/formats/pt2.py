@@ -583,9 +583,10 @@ def _check_batch_scaling(path: str, gm) -> None:
 
 
 #: The batch sizes of the dry runs of a loaded program (its batch dimension is dynamic): shapes proportional to the
-#: batch that agree with what the operations compute at two sizes agree at every size, as long as the sizes the
-#: program computes from the batch are proportional to it too (:func:`_check_size_arithmetic`).
-DRY_RUN_BATCHES = (2, 3)
+#: batch that agree with what the operations compute at two sizes (2 and 3) agree at every size, as long as the sizes
+#: the program computes from the batch are proportional to it too (:func:`_check_size_arithmetic`); except at 1, where
+#: an operation may treat the batch axis as a unit one (``squeeze(0)`` drops it), so batch 1 is run as well.
+DRY_RUN_BATCHES = (1, 2, 3)
 
 
 def _check_size_arithmetic(path: str, gm) -> None:
