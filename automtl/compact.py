@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import operator
+import warnings
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -62,11 +63,22 @@ class CompactModel(GraphsBuiltOnUse):
         self._subsets: dict = {}
         #: Called with each input before it runs (a model read from a file checks new shapes first).
         self.input_check: Optional[Callable[[torch.Tensor], None]] = None
+        #: The backbone's forward does something only in training (dropout, stochastic depth, a hand-written norm's
+        #: batch statistics): ``train_graph`` holds it, a file does not.
+        self.trains_otherwise = False
+        #: A model read from such a file: its first train-mode forward warns that it trains without that.
+        self.train_mode_left_out = False
 
     def forward(self, x: torch.Tensor, tasks: Optional[Sequence[str]] = None) -> dict:
         check_image_batch(x, self.input_shape, "the model")  # first: a loaded model's shape check would blame the size
         if self.input_check is not None:
             self.input_check(x)
+            if self.training and self.train_mode_left_out:
+                self.train_mode_left_out = False
+                warnings.warn("this model was read from a file, which holds its eval-mode graph: what its backbone's "
+                              "forward does only in training (dropout, stochastic depth, a norm written by hand) is not "
+                              "in it, so it trains without that; fine-tune the compact model itself (automtl compact "
+                              "RUN_DIR --finetune-steps N) for that", UserWarning, stacklevel=2)
             if not self.training and torch.is_grad_enabled() and not x.requires_grad:
                 # a model read from a file runs inference without autograd: the load-time bound on what is
                 # alive at once holds only then (autograd would keep every node's saved inputs); an input that
@@ -157,6 +169,69 @@ def _narrow_group_calls(graph: fx.Graph) -> bool:
     return narrowed
 
 
+def grouped_train_graph(gm: fx.GraphModule, task_names: Sequence[str]) -> Optional[fx.Graph]:
+    """The train graph of a compact model known by its eval graph alone (one read from an ``.automtl`` file): where a
+    norm module with running statistics runs for several classes of tasks at one call site of the backbone (nodes
+    calling the same module, noted with the same ``automtl_source``), one :func:`module_per_group` call, as
+    :func:`compact` emits in its own train graph, so the statistics move once a step and not once per class (a
+    loaded model's moved 2-6 times a step: its evaluation after one training step differed by up to 0.18). What the
+    backbone's forward does only in training (dropout, a hand-written ``F.batch_norm(training=self.training)``) is
+    not in an eval graph, so not here.
+
+    Returns:
+        The graph, its nodes in an order that runs (stable topological); None where no call site runs for several
+        classes (the eval graph computes the same in train mode).
+    """
+    import heapq
+
+    graph = copy.deepcopy(gm.graph)
+    index = {t: i for i, t in enumerate(task_names)}
+    sites: dict = {}
+    for node in graph.nodes:
+        source, tasks = node.meta.get(META_SOURCE), node.meta.get(META_TASKS)
+        if source is None or not tasks or any(t not in index for t in tasks):
+            continue
+        if (node.op == "call_module" and len(node.args) == 1 and not node.kwargs
+                and holds_running_stats(gm.get_submodule(node.target))):
+            sites.setdefault((node.target, source), []).append(node)
+    grouped = False
+    for nodes in sites.values():
+        members = tuple(tuple(index[t] for t in n.meta[META_TASKS]) for n in nodes)
+        if len(nodes) < 2 or len({t for m in members for t in m}) != sum(map(len, members)):
+            continue  # one class, or classes that overlap (no compiler makes them): left as they are
+        with graph.inserting_before(nodes[0]):
+            call = graph.call_function(module_per_group, (graph.get_attr(nodes[0].target),
+                                                          tuple(n.args[0] for n in nodes), members))
+        call.meta = {**nodes[0].meta, META_TASKS: tuple(sorted((t for n in nodes for t in n.meta[META_TASKS]),
+                                                               key=index.get))}
+        for j, node in enumerate(nodes):
+            with graph.inserting_after(call):
+                get = graph.call_function(operator.getitem, (call, j))
+            get.meta = dict(node.meta)
+            node.replace_all_uses_with(get)
+            graph.erase_node(node)
+        grouped = True
+    if not grouped:
+        return None
+    # a class's input may come after the first class's call: order the nodes again, each as early as it was
+    position = {n: i for i, n in enumerate(graph.nodes)}
+    waiting = {n: len(set(n.all_input_nodes)) for n in graph.nodes}
+    ready = [(position[n], n.name, n) for n, k in waiting.items() if k == 0]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        _, _, node = heapq.heappop(ready)
+        order.append(node)
+        for user in node.users:
+            waiting[user] -= 1
+            if waiting[user] == 0:
+                heapq.heappush(ready, (position[user], user.name, user))
+    for before, node in zip(order, order[1:]):
+        before.append(node)
+    graph.lint()
+    return graph
+
+
 def compact(sm: SuperModel, policy: Optional[Policy] = None, copy_weights: bool = True) -> CompactModel:
     """Compile ``sm`` under ``policy`` (default: the supermodel's current hard policy).
 
@@ -197,6 +272,7 @@ def compact(sm: SuperModel, policy: Optional[Policy] = None, copy_weights: bool 
             node.meta.setdefault(META_TASKS, tuple(sm.task_names))
     model = CompactModel(gm, sm.tasks, policy, input_shape=sm.input_shape, train_graph=train_graph)
     model.input_dtype = getattr(sm, "input_dtype", None)
+    model.trains_otherwise = train_source is not sm.net  # the backbone's forward differs in training (a file says so)
     model.train(sm.training)
     return model
 

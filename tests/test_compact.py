@@ -1,9 +1,11 @@
 """The compact model: cross-task CSE equals the supermodel's hard policy, on every builtin backbone."""
+import copy
 import functools
 
 import pytest
 import torch
 from torch import nn
+import torch.nn.functional as F
 
 from automtl.backbones import build_backbone, count_parameters, list_backbones
 from automtl.compact import META_CHOICE, META_TASKS, compact
@@ -280,3 +282,76 @@ def test_a_bfloat16_model_is_evaluated_on_images_cast_to_its_dtype(tmp_path):
     half = evaluate_model(load(tmp_path / "m.automtl"), samples=8, input_size=SIZE)
     full = evaluate_model(model.float(), samples=8, input_size=SIZE)
     assert abs(half["depth"]["abs_err"] - full["depth"]["abs_err"]) < 0.05 * full["depth"]["abs_err"]
+
+
+class ReusedNormLoop(nn.Module):
+    """One conv and one BatchNorm applied three times in a loop: three call sites of one module."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 6, 3, padding=1)
+        self.conv, self.bn = nn.Conv2d(6, 6, 3, padding=1), nn.BatchNorm2d(6)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for _ in range(3):
+            x = F.relu(self.bn(self.conv(x))) + x
+        return x
+
+
+@pytest.mark.parametrize("backbone", ["tiny", "norms_after_branch", "reused_norm_loop"])
+def test_a_loaded_model_trains_its_norms_as_the_saved_one(backbone, tmp_path):
+    """saved = loaded in train mode too: a file holds the eval graph, where a shared norm runs once per class of
+    tasks, so a loaded model moved its running statistics once per class (2-6 times a step; its evaluation after
+    one step differed by up to 0.18). Loaded, it groups them as the compact model's train graph does, task subsets
+    included: outputs, running statistics and the evaluation after the step agree bit for bit."""
+    from automtl.formats import load, save
+
+    net = {"tiny": "tiny", "norms_after_branch": NormsAfterBranch(), "reused_norm_loop": ReusedNormLoop()}[backbone]
+    tasks = [Task("a", "depth"), Task("b", "depth"), Task("c", "segmentation", classes=3)]
+    torch.manual_seed(0)
+    sm = supermodel(net, tasks, torch.randn(1, 3, 8, 8))
+    x = torch.randn(4, 3, 8, 8)
+    for seed in (1, 2, 3):
+        model = compact(sm, Policy.random(sm.layer_names, sm.task_names, sm.skip_legal, seed=seed)).eval()
+        save(model, tmp_path / "m.automtl")
+        for subset in (None, ["a", "c"]):
+            saved, loaded = copy.deepcopy(model).train(), load(tmp_path / "m.automtl").train()
+            with torch.no_grad():
+                want, got = saved(x, tasks=subset), loaded(x, tasks=subset)
+            assert all(torch.equal(got[t], want[t]) for t in want), (backbone, seed, subset)
+            mine, theirs = saved.state_dict(), loaded.state_dict()
+            assert all(torch.equal(mine[k], theirs[k]) for k in mine), \
+                [k for k in mine if not torch.equal(mine[k], theirs[k])]
+            with torch.no_grad():
+                want, got = saved.eval()(x), loaded.eval()(x)
+            assert all(torch.equal(got[t], want[t]) for t in want), (backbone, seed, subset)
+
+
+def test_a_loaded_model_says_once_that_it_trains_without_what_the_forward_does_only_in_training(tmp_path):
+    """A file holds the eval-mode graph: a backbone with dropout (or a hand-written norm branching on self.training)
+    trains without it once loaded. Said once, at the first train-mode forward; a backbone without any says nothing."""
+    import sys as _sys
+    import warnings
+
+    from automtl.formats import load, save
+
+    _sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    from zoo import DropoutNet, PreActNet
+
+    for net, says in ((DropoutNet(), True), (PreActNet(), True), (NormsAfterBranch(), False)):
+        sm = supermodel(net, [Task("a", "depth"), Task("b", "depth")], torch.randn(1, 3, 8, 8))
+        model = compact(sm, Policy.uniform(sm.layer_names, sm.task_names, SHARE)).eval()
+        assert model.trains_otherwise is says
+        save(model, tmp_path / "m.automtl")
+        loaded = load(tmp_path / "m.automtl")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            loaded(torch.randn(2, 3, 8, 8))  # eval: nothing to say
+            loaded.train()
+            loaded(torch.randn(2, 3, 8, 8))
+            loaded(torch.randn(2, 3, 8, 8))
+        said = [w for w in caught if "trains without that" in str(w.message)]
+        assert len(said) == (1 if says else 0), (type(net).__name__, [str(w.message) for w in caught])
+        save(loaded, tmp_path / "again.automtl")  # the note survives a second save
+        assert load(tmp_path / "again.automtl").trains_otherwise is says

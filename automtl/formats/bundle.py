@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 from torch import fx, nn
 
-from ..compact import CompactModel
+from ..compact import CompactModel, grouped_train_graph
 from ..errors import AutomtlError, ConfigError, FileFormatError, first_line
 from ..fileio import MAX_YAML_BYTES, atomic_path, parse_yaml, read_regular_file, read_zip_entries
 from ._export_common import EvalMode
@@ -163,6 +163,8 @@ def describe(compact: CompactModel) -> tuple[dict, dict]:
         "modules": modules,
         "attributes": attributes,
         "nodes": [_describe_node(n, names) for n in gm.graph.nodes],
+        # the forward does something only in training (dropout, stochastic depth) that this eval graph does not hold
+        "trains_otherwise": bool(getattr(compact, "trains_otherwise", False)),
     }
     return desc, {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
 
@@ -350,7 +352,10 @@ def load(path: str | os.PathLike, max_bytes: int = MAX_BUNDLE_BYTES) -> CompactM
     _check_checksums(path, entries)
     desc = _parse_description(path, entries[MODEL_ENTRY])
     gm, meta_twin, tasks, policy = rebuild(path, desc, entries[WEIGHTS_ENTRY])
-    model = CompactModel(gm, tasks, policy, input_shape=desc["input_shape"]).eval()
+    # the file holds the eval graph; in train mode its norms' statistics move once a step, as the saved model's did
+    train_graph = grouped_train_graph(gm, [t.name for t in tasks])
+    model = CompactModel(gm, tasks, policy, input_shape=desc["input_shape"], train_graph=train_graph).eval()
+    model.trains_otherwise = model.train_mode_left_out = desc.get("trains_otherwise", False)
     model.input_check = _InputCheck(path, meta_twin, tasks, DTYPES[desc["dtype"]], desc["input_shape"])
     return model
 

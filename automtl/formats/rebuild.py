@@ -35,7 +35,7 @@ MAX_ATTRIBUTE_ELEMENTS = 2**31
 _ATTRIBUTE_DTYPES = ("float16", "bfloat16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8", "bool")
 #: The keys of a format-2 description; anything else is refused rather than parsed and ignored.
 DESCRIPTION_KEYS = {"automtl_bundle", "automtl_version", "dtype", "input_shape", "tasks", "policy", "modules",
-                    "attributes", "nodes"}
+                    "attributes", "nodes", "trains_otherwise"}
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
 _PART = re.compile(r"^[A-Za-z0-9_]+\Z")
 #: bounds of a node's sharing notes (a layer's module path, task names): far above what a model writes
@@ -692,6 +692,8 @@ def rebuild(path: str, desc: dict, weights: bytes) -> tuple:
     if unknown:
         raise bad(path, f"has keys {sorted(str(k)[:30] for k in unknown)[:3]} in model.yaml that format 2 does not have; "
                         "it is crafted or from another version, save the model again")
+    if not isinstance(desc.get("trains_otherwise", False), bool):
+        raise bad(path, "has a trains_otherwise that is not true or false; the file is corrupted, save the model again")
     gm = _build_graph_module(path, desc)
     _check_meta(path, gm.graph, tasks)
     outputs = next(n for n in gm.graph.nodes if n.op == "output").args[0]
