@@ -355,3 +355,25 @@ def test_a_loaded_model_says_once_that_it_trains_without_what_the_forward_does_o
         assert len(said) == (1 if says else 0), (type(net).__name__, [str(w.message) for w in caught])
         save(loaded, tmp_path / "again.automtl")  # the note survives a second save
         assert load(tmp_path / "again.automtl").trains_otherwise is says
+
+
+def test_norm_calls_that_feed_each_other_are_not_grouped():
+    """A file's notes could put two calls of one norm, the second reading the first's result, at one call site:
+    one call for both would need its own result (a cycle, a traceback at load). They are left as they are."""
+    from torch import fx
+
+    from automtl.compact import META_SOURCE, META_TASKS, grouped_train_graph
+
+    class Chain(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = nn.BatchNorm2d(3)
+
+        def forward(self, x):
+            a = self.bn(x)
+            return {"a": a, "b": self.bn(a + 1)}
+
+    gm = fx.symbolic_trace(Chain())
+    for node, task in zip([n for n in gm.graph.nodes if n.op == "call_module"], ("a", "b")):
+        node.meta[META_SOURCE], node.meta[META_TASKS] = "bn", (task,)
+    assert grouped_train_graph(gm, ["a", "b"]) is None
