@@ -708,6 +708,7 @@ def capture(
         _refuse_kept_untraceable(as_one_call, [gm.graph] + ([train_graph] if train_graph is not None else []))
         _refuse_frozen_modules(backbone, gm.graph, frozen)
         _refuse_thawed_modules(backbone, gm.graph, thawed)
+        _refuse_stateful_leaves(backbone, gm.graph, example_input)
     for path, why in as_one_call.items():
         notes.append(f"module {path!r} does not trace with torch.fx ({why.reason}); "
                      "the features are cut before it, so it ran as one call and is left out with the classifier")
@@ -816,6 +817,48 @@ def _thawed_modules(backbone: nn.Module) -> list:
         isinstance(m, nn.modules.batchnorm._BatchNorm)
         or isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats
         or isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0)]
+
+
+#: torch.nn norm classes whose eval-mode forward reads its buffers and never writes them.
+_EVAL_READ_ONLY = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+
+
+def _refuse_stateful_leaves(backbone: nn.Module, graph: fx.Graph, example_input: torch.Tensor) -> None:
+    """Refuse a module ``graph`` calls as one (a leaf) that writes a buffer of its own in an eval-mode forward
+    (quantization-aware training's observers, an EMA): what it computes depends on how often it ran, and a shared
+    module runs once per class of tasks, not once a batch (a QAT conv's outputs drifted 0.002 from the backbone's).
+    The backbone runs once on the example input, in eval mode, only where such a leaf holds buffers; its buffers,
+    Python state, modes and random states are put back."""
+    leaves = {str(n.target) for n in graph.nodes if n.op == "call_module"}
+    owned = {}
+    for leaf in sorted(leaves):
+        module = backbone.get_submodule(leaf)
+        for name, b in module.named_buffers():
+            owner = module.get_submodule(name.rpartition(".")[0]) if "." in name else module
+            if not (type(owner).__module__.startswith("torch.nn.modules") and isinstance(owner, _EVAL_READ_ONLY)):
+                owned.setdefault(id(b), (leaf, f"{leaf}.{name}"))
+    if not owned:
+        return
+    modes = {m: m.training for m in backbone.modules()}
+    buffers, python = saved_buffers(backbone), PythonState(backbone)
+    try:
+        with torch.no_grad(), seeded(example_input.device), contextlib.redirect_stderr(io.StringIO()):
+            backbone.eval()(example_input)
+        moved = next((owned[id(b)] for b, before in buffers if id(b) in owned and not _same_bits(b, before)), None)
+    except Exception:  # noqa: BLE001 - the forward ran in the trace check; a failure here is not this check's to name
+        moved = None
+    finally:
+        put_back(buffers)
+        python.restore()
+        for m, mode in modes.items():
+            m.train(mode)
+    if moved is not None:
+        leaf, buffer = moved
+        raise BackboneError(
+            f"module {leaf!r} ({type(backbone.get_submodule(leaf)).__name__}) changes its buffer {buffer!r} in an "
+            "eval-mode forward, so what it computes depends on how often it has run, and automtl runs a shared "
+            "module once per class of tasks; freeze that state first (quantization-aware training: "
+            "backbone.apply(torch.ao.quantization.disable_observer))")
 
 
 def _first_kept(graph: fx.Graph, paths) -> Optional[tuple]:

@@ -1414,3 +1414,38 @@ def test_a_forward_that_fails_without_automtl_is_named_as_such(cls, error):
                                             f"\\(1, 3, 16, 16\\) at .*test_capture.py:\\d+ .*: {error}; it fails "
                                             "without automtl too"):
         capture(cls(), torch.randn(1, 3, 16, 16))
+
+
+def test_a_leaf_that_writes_its_own_buffers_in_eval_mode_is_refused():
+    """A quantization-aware conv's observers move at every call, eval mode included: the backbone itself is a new
+    function after each call, and a shared module runs once per class of tasks (the all-share supermodel drifted
+    0.002 from the backbone). Refused, naming the buffer; with its observers frozen, it converts exactly."""
+    import torch.ao.nn.intrinsic.qat as nniqat
+    import torch.ao.quantization as quantization
+
+    from automtl.policy import Policy
+    from automtl.supermodel import supermodel
+    from automtl.tasks import Task
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nniqat.ConvBnReLU2d(3, 8, 3, padding=1, qconfig=quantization.get_default_qat_qconfig("fbgemm"))
+            self.b = nn.Conv2d(8, 8, 3, padding=1)
+
+        def forward(self, x):
+            return self.b(self.a(x))
+
+    torch.manual_seed(0)
+    net = Net()
+    with torch.no_grad():
+        net(torch.randn(4, 3, 16, 16))  # the observers see data once
+    tasks = [Task("a", "depth"), Task("b", "depth")]
+    with pytest.raises(BackboneError, match=r"module 'a' \(ConvBnReLU2d\) changes its buffer 'a\..*' in an eval-mode"):
+        supermodel(net.eval(), tasks, torch.randn(1, 3, 16, 16))
+    net.apply(quantization.disable_observer)
+    sm = supermodel(net, tasks, torch.randn(1, 3, 16, 16)).eval()
+    sm.hard(Policy.uniform(sm.layer_names, sm.task_names, "share"))
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(sm.features(x)["a"], net(x))
