@@ -114,7 +114,8 @@ class TaskKind:
         return [(width, None, None)] if self.dense else [(width,)]
 
     def labelled(self, task: "Task", y: torch.Tensor) -> int:
-        """How many labels a batch target holds (integer labels: not ``ignore_index``; else finite values)."""
+        """How many labels a batch target holds (integer labels: not ``ignore_index``; else finite values): what the
+        kind's loss averages over, so a validation loss weights each batch by it."""
         if self.integer_labels:
             keep = y != task.ignore_index
             return int((keep & ~torch.isnan(y)).sum()) if y.is_floating_point() else int(keep.sum())
@@ -291,6 +292,11 @@ class Normal(TaskKind):
 
     def loss(self, task):
         return NormalLoss()
+
+    def labelled(self, task, y):
+        """Pixels with a normal: finite and not all zero (a (B, 3, H, W) target), as the loss and metric count them."""
+        return int((torch.isfinite(y).all(dim=1) & (torch.nan_to_num(y).abs().sum(dim=1) > 0)).sum()) if y.dim() == 4 \
+            else int(torch.isfinite(y).sum())
 
     def metric(self, task):
         return NormalMetric()
