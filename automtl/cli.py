@@ -174,7 +174,7 @@ def _pipeline_options(f):
         click.option("--data", help="synthetic (default), multifashion[:ROOT], nyuv2:ROOT or cityscapes:ROOT."),
         click.option("--weights", type=click.Path(dir_okay=False), help="A state dict for the backbone (e.g. torchvision's)."),
         click.option("--pretrained", is_flag=True, default=None,
-                     help="Download the ImageNet weights of a timm:NAME or torchvision:NAME backbone (needs the internet; else --weights)."),
+                     help="Download the ImageNet weights of a timm:NAME or torchvision:NAME backbone (needs the internet; else --weights); the backbone then standardises its [0, 1] input with the weights' mean and std."),
         click.option("--budget", help="Parameter budget as a multiple of one backbone + heads, e.g. 1.5x; 'none' for no limit."),
         click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Where to train (default auto)."),
         click.option("--seed", type=int, help="Seed of the whole run (data order, Gumbel noise, initial heads)."),

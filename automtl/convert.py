@@ -201,15 +201,17 @@ def _read_yaml(path, what: str):
 
 
 # ---- building -------------------------------------------------------------------------
-def build_supermodel(cfg: ConvertConfig) -> SuperModel:
-    """Backbone (+ weights) and tasks of ``cfg`` turned into a supermodel."""
+def build_supermodel(cfg: ConvertConfig, download: bool = True) -> SuperModel:
+    """Backbone (+ weights) and tasks of ``cfg`` turned into a supermodel. ``download=False``: a pretrained
+    backbone is built with its input statistics but without its weights (a run's own weights come next)."""
     from .backbones import build_backbone, load_weights
     from .backbones.external import is_external
 
     if cfg.pretrained and not is_external(cfg.backbone):
         raise ConfigError(f"pretrained weights are downloaded for timm:NAME and torchvision:NAME backbones only, "
                           f"not {cfg.backbone!r}; pass a state dict with --weights instead")
-    backbone = build_backbone(cfg.backbone, **({"pretrained": True} if cfg.pretrained else {}))
+    backbone = build_backbone(cfg.backbone, **({("pretrained" if download else "input_statistics"): True}
+                                               if cfg.pretrained else {}))
     if cfg.weights:
         load_weights(backbone, cfg.weights)
     example = torch.randn(1, 3, cfg.input_size, cfg.input_size)

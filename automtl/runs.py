@@ -126,8 +126,8 @@ def load_run(directory) -> tuple[SuperModel, ConvertConfig, Optional[Policy]]:
     if not spec.exists():
         raise FileFormatError(f"{os.fspath(directory)!r} is not an automtl run directory (no supermodel.yaml); run automtl search first")
     cfg = ConvertConfig.from_dict(read_yaml(spec, "run file", exponent_floats=True) or {}, f"run file {os.fspath(spec)!r}")
-    cfg.weights, cfg.pretrained = None, False  # the trained weights come from supermodel.pt
-    sm = supermodel_from_state(build_supermodel(cfg), directory / "supermodel.pt")
+    cfg.weights = None  # the trained weights come from supermodel.pt; a pretrained backbone's input statistics stay
+    sm = supermodel_from_state(build_supermodel(cfg, download=False), directory / "supermodel.pt")
     pol_path = directory / "policy.yaml"
     return sm, cfg, Policy.load(pol_path) if pol_path.exists() else None
 

@@ -224,3 +224,64 @@ def test_an_import_that_fails_in_another_package_names_that_package(tmp_path, mo
                                             r"\(RuntimeError: operator fakeops::nms does not exist\); install the fakeops "
                                             r"release built for your torch"):
         _import("fakezoo", "fakezoo:net")
+
+
+# ---- pretrained weights: their input statistics ------------------------------------------
+@pytest.fixture
+def weights_at_hand(monkeypatch):
+    """``pretrained=True`` builds without downloading (the weights themselves do not matter here): timm's and
+    torchvision's builders are called with the download switched off."""
+    import sys
+
+    timm, torchvision = sys.modules.get("timm"), sys.modules.get("torchvision")
+    if timm is not None:
+        create = timm.create_model
+        monkeypatch.setattr(timm, "create_model", lambda name, pretrained=False, **kw: create(name, **kw))
+    if torchvision is not None:
+        get = torchvision.models.get_model
+        monkeypatch.setattr(torchvision.models, "get_model", lambda name, weights=None, **kw: get(name, **kw))
+
+
+@pytest.mark.parametrize("spec", ["timm:resnet18", "torchvision:resnet18"])
+def test_a_pretrained_backbone_standardises_its_input_as_its_weights_were_trained(spec, timm_module,
+                                                                                   torchvision_module,
+                                                                                   weights_at_hand, tmp_path):
+    """Pretrained weights were trained on images standardised with ImageNet's statistics, automtl's data sets give
+    [0, 1]: fed as they were, the weights saw other inputs than in their training. The backbone now standardises
+    first (module paths and state dict keys unchanged), and so do the supermodel, the compact model and its file."""
+    from automtl.compact import compact
+    from automtl.policy import Policy
+    from automtl.tasks import Task
+
+    plain = build_backbone(spec).eval()
+    pretrained = build_backbone(spec, pretrained=True).eval()
+    pretrained.load_state_dict(plain.state_dict())
+    assert list(pretrained.state_dict()) == list(plain.state_dict())
+    x = torch.rand(2, 3, 64, 64)
+    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        assert torch.allclose(pretrained(x), plain((x - mean) / std), atol=1e-6)
+    tasks = [Task("a", "depth"), Task("b", "depth")]
+    sm = automtl.supermodel(pretrained, tasks, torch.rand(1, 3, 64, 64)).eval()
+    reference = automtl.supermodel(plain, tasks, torch.rand(1, 3, 64, 64)).eval()
+    reference.load_state_dict({k: v for k, v in sm.state_dict().items() if "automtl_input" not in k})
+    policy = Policy.uniform(sm.layer_names, sm.task_names, "share")
+    assert sm.layer_names == reference.layer_names
+    model = compact(sm, policy).eval()
+    automtl.save(model, tmp_path / "m.automtl")
+    with torch.no_grad():
+        want = compact(reference, policy).eval()((x - mean) / std)
+        for got in (model(x), automtl.load(tmp_path / "m.automtl")(x)):
+            assert all(torch.allclose(got[t], want[t], atol=1e-5) for t in want)
+
+
+def test_a_pretrained_run_is_rebuilt_with_its_input_statistics(timm_module, weights_at_hand, offline, tmp_path):
+    """`automtl compact RUN_DIR` rebuilds the run's backbone for the weights it saved, without downloading: with
+    the input statistics, or the compiled model would compute another function than the one trained."""
+    from automtl.runs import load_run
+
+    result = _cli("search", "timm:resnet18", "--pretrained", "--steps", "1,1,1", "--samples", "8,4",
+                  "--input-size", "32", "--out", tmp_path, "--quiet")
+    assert result.exit_code == 0, result.output
+    sm, cfg, _ = load_run(tmp_path)
+    assert cfg.pretrained and any(name.endswith("automtl_input_mean") for name, _ in sm.named_buffers())

@@ -17,6 +17,7 @@ import os
 import traceback
 from typing import Any, Dict, List, Mapping, Optional
 
+import torch
 from torch import nn
 
 from ..errors import BackboneError
@@ -28,6 +29,7 @@ SOURCES = {"timm": "automtl[timm]", "torchvision": "automtl[torchvision]"}
 #: Attributes that hold a torchvision classifier's head.
 _TORCHVISION_HEADS = ("fc", "classifier", "head", "heads")
 _HEADLESS_CLASSES: Dict[type, type] = {}
+_NORMALIZING_CLASSES: Dict[type, type] = {}
 
 
 def is_external(spec: str) -> bool:
@@ -89,11 +91,15 @@ def list_external(source: str, pattern: Optional[str] = None) -> List[Dict[str, 
 
 
 def build_external(spec: str, kwargs: Mapping[str, Any]) -> nn.Module:
-    """Build ``timm:NAME`` or ``torchvision:NAME`` headless; ``pretrained=True`` downloads its weights."""
+    """Build ``timm:NAME`` or ``torchvision:NAME`` headless; ``pretrained=True`` downloads its weights, and the model
+    then standardises its input with their statistics (:func:`normalizing_input`); ``input_statistics=True`` does
+    that alone (a pretrained run's backbone rebuilt for the weights it saved)."""
     source, _, name = spec.partition(":")
     name = name.strip()
     kwargs = dict(kwargs)
     pretrained = bool(kwargs.pop("pretrained", False))
+    # a run's pretrained backbone rebuilt for weights it saved: the input statistics, no download
+    statistics = bool(kwargs.pop("input_statistics", False)) or pretrained
     mod = _import(source, spec)
     names = _names(source, mod)
     if name.split(".")[0] not in set(names):  # timm names may carry a weight tag: resnet18.a1_in1k
@@ -102,7 +108,7 @@ def build_external(spec: str, kwargs: Mapping[str, Any]) -> nn.Module:
         raise BackboneError(f"{source} has no model named {name!r}; {hint}"
                             f"list them with automtl backbones --source {source}")
     try:
-        model = _create(source, mod, name, pretrained, kwargs)
+        model = _create(source, mod, name, pretrained, statistics, kwargs)
     except BackboneError:
         raise
     except Exception as e:
@@ -115,10 +121,11 @@ def build_external(spec: str, kwargs: Mapping[str, Any]) -> nn.Module:
     return model
 
 
-def _create(source: str, mod: Any, name: str, pretrained: bool, kwargs: Dict[str, Any]) -> nn.Module:
+def _create(source: str, mod: Any, name: str, pretrained: bool, statistics: bool, kwargs: Dict[str, Any]) -> nn.Module:
     if source == "timm":
-        model = mod.create_model(name, pretrained=pretrained, num_classes=0, **kwargs)
-        return _forward_features(model)
+        model = _forward_features(mod.create_model(name, pretrained=pretrained, num_classes=0, **kwargs))
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        return normalizing_input(model, cfg.get("mean"), cfg.get("std")) if statistics else model
     weights = "DEFAULT" if pretrained else None
     if name in ("googlenet", "inception_v3"):
         # Their auxiliary classifiers only exist for training on ImageNet labels.
@@ -128,6 +135,44 @@ def _create(source: str, mod: Any, name: str, pretrained: bool, kwargs: Dict[str
     for attr in _TORCHVISION_HEADS:
         if isinstance(getattr(model, attr, None), nn.Module):
             setattr(model, attr, nn.Identity())
+    if statistics:  # the weights' own preprocessing (ImageNet's statistics for every classification model)
+        transform = mod.models.get_model_weights(name).DEFAULT.transforms()
+        model = normalizing_input(model, getattr(transform, "mean", None), getattr(transform, "std", None))
+    return model
+
+
+def normalizing_input(model: nn.Module, mean, std) -> nn.Module:
+    """``model`` standardising its input first: ``(x - mean) / std`` per channel, the statistics pretrained weights
+    were trained on (ImageNet's for torchvision; timm's ``pretrained_cfg``), so images in [0, 1], as automtl's data
+    sets give them, reach the weights as in their training. Part of the model (what automtl saves or exports takes
+    images in [0, 1] too); the statistics are buffers outside the state dict. The model moves to a subclass whose
+    ``forward`` standardises and calls the class's own, so module paths and state dict keys stay as they were.
+
+    Raises:
+        BackboneError: ``mean`` or ``std`` is not a sequence of positive-std channel values of one length.
+    """
+    if mean is None or std is None:
+        return model
+    try:
+        mean_t, std_t = (torch.tensor([float(v) for v in values]).view(1, -1, 1, 1) for values in (mean, std))
+    except (TypeError, ValueError) as exc:
+        raise BackboneError(f"the pretrained weights' input statistics mean={mean!r}, std={std!r} are not numbers "
+                            f"({exc})") from None
+    if mean_t.numel() != std_t.numel() or not bool((std_t > 0).all()):
+        raise BackboneError(f"the pretrained weights' input statistics mean={mean!r}, std={std!r} do not fit each "
+                            "other; report it with the model's name")
+    cls = type(model)
+    if cls not in _NORMALIZING_CLASSES:
+        def forward(self, x):
+            return cls.forward(self, (x - self.automtl_input_mean) / self.automtl_input_std)
+
+        _NORMALIZING_CLASSES[cls] = type(cls.__name__, (cls,), {"forward": forward, "__module__": cls.__module__,
+                                                                "__qualname__": cls.__qualname__})
+    model.__class__ = _NORMALIZING_CLASSES[cls]
+    like = next((t for t in model.parameters() if t.is_floating_point()), None)
+    where = {} if like is None else dict(device=like.device, dtype=like.dtype)
+    model.register_buffer("automtl_input_mean", mean_t.to(**where), persistent=False)
+    model.register_buffer("automtl_input_std", std_t.to(**where), persistent=False)
     return model
 
 
