@@ -127,16 +127,26 @@ def load_run(directory) -> tuple[SuperModel, ConvertConfig, Optional[Policy]]:
         raise FileFormatError(f"{os.fspath(directory)!r} is not an automtl run directory (no supermodel.yaml); run automtl search first")
     cfg = ConvertConfig.from_dict(read_yaml(spec, "run file", exponent_floats=True) or {}, f"run file {os.fspath(spec)!r}")
     cfg.weights = None  # the trained weights come from supermodel.pt; a pretrained backbone's input statistics stay
-    sm = supermodel_from_state(build_supermodel(cfg, download=False), directory / "supermodel.pt")
+    state = _read_state(directory / "supermodel.pt")
+    if cfg.pretrained and not any(k.endswith("automtl_input_mean") for k in state):
+        cfg.pretrained = False  # a run of an automtl that did not standardise a pretrained input trained without it
+    sm = _load_state(build_supermodel(cfg, download=False), state, directory / "supermodel.pt")
     pol_path = directory / "policy.yaml"
     return sm, cfg, Policy.load(pol_path) if pol_path.exists() else None
 
 
 def supermodel_from_state(sm: SuperModel, path) -> SuperModel:
     """``sm`` with the tensors-only state dict at ``path`` loaded (FileFormatError when missing, unreadable or not fitting)."""
+    return _load_state(sm, _read_state(path), path)
+
+
+def _read_state(path) -> dict:
     if not os.path.lexists(path):
         raise FileFormatError(f"weights file {os.fspath(path)!r} is missing; run automtl search again")
-    state = load_tensors(path, "weights file", FileFormatError, "run automtl search again")
+    return load_tensors(path, "weights file", FileFormatError, "run automtl search again")
+
+
+def _load_state(sm: SuperModel, state: dict, path) -> SuperModel:
     try:
         sm.load_state_dict(state)
     except RuntimeError as exc:
