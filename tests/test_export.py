@@ -509,3 +509,46 @@ def test_whatever_save_writes_load_reads_module_names_with_hyphens(tmp_path):
         save(model, tmp_path / "h.automtl")
         loaded = load(tmp_path / "h.automtl")
         assert all(torch.equal(outputs(loaded, x)[t], outputs(model, x)[t]) for t in model.task_names)
+
+
+class _PadEcaNorms(nn.Module):
+    """What common timm models hold that a file could not describe: a constant-padded stem (resnetv2 BiT), ECA
+    channel attention (a Conv1d over the channels), EvoNorm's variance and FilterResponseNorm's square, and padding
+    to a multiple of 8 computed with ``%`` (then cropped back)."""
+
+    def __init__(self):
+        super().__init__()
+        self.pad, self.zero = nn.ConstantPad2d((1, 2, 0, 1), 0.5), nn.ZeroPad2d(1)
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.eca = nn.Conv1d(1, 1, 3, padding=1, bias=False)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        h, w = x.shape[-2:]
+        x = F.pad(x, (0, (8 - w % 8) % 8, 0, (8 - h % 8) % 8))
+        x = self.conv(self.zero(self.pad(x)))
+        attention = self.eca(x.mean((2, 3)).unsqueeze(1)).transpose(1, 2).unsqueeze(-1).sigmoid()
+        x = x * attention
+        x = x / (x.var(dim=(1, 2, 3), unbiased=False, keepdim=True) + 1e-5).sqrt()
+        x = x * x.square().mean((2, 3), keepdim=True).rsqrt()
+        return self.conv2(x)[..., :h, :w]
+
+
+def test_padding_modules_eca_variance_and_remainders_are_saved_as_data(tmp_path):
+    """ZeroPad2d (its stored 4-tuple was refused, so no model with one could be saved), ConstantPad2d, Conv1d,
+    ``var``, ``square`` and ``%``: on the list now, and a file of them computes what the model computes, at the
+    recorded size and another."""
+    from automtl.tasks import Task
+
+    torch.manual_seed(0)
+    sm = supermodel(_PadEcaNorms(), [Task("a", "depth"), Task("b", "segmentation", classes=3)],
+                    torch.randn(1, 3, 30, 30)).eval()
+    for seed in (0, 1):
+        model = compact(sm, Policy.random(sm.layer_names, sm.task_names, sm.skip_legal, seed=seed)).eval()
+        save(model, tmp_path / "m.automtl")
+        loaded = load(tmp_path / "m.automtl")
+        for size in (30, 33):
+            x = torch.randn(2, 3, size, size)
+            with torch.no_grad():
+                want, got = model(x), loaded(x)
+            assert all(torch.equal(got[t], want[t]) for t in want), (seed, size)

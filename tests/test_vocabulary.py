@@ -14,6 +14,7 @@ REVIEWED_FUNCTIONS = {
     "builtins.getattr",  # restricted by check_graph to ATTRIBUTES of a tensor
     "operator.add", "operator.floordiv", "operator.getitem", "operator.matmul",
     "operator.mul", "operator.neg", "operator.sub", "operator.truediv",
+    "operator.mod",  # reviewed: Python's % on numbers or tensors only (the arith rule refuses strings: no formatting)
     "torch.abs", "torch.add", "torch.amax", "torch.bmm", "torch.cat", "torch.channel_shuffle", "torch.chunk",
     "torch.clamp", "torch.clamp_max", "torch.clamp_min", "torch.concat", "torch.div", "torch.erf", "torch.exp",
     "torch.flatten", "torch.flip", "torch.matmul", "torch.maximum", "torch.mean", "torch.minimum", "torch.mul",
@@ -21,6 +22,7 @@ REVIEWED_FUNCTIONS = {
     "torch.sigmoid", "torch.softmax", "torch.split", "torch.sqrt", "torch.squeeze", "torch.stack", "torch.sub",
     "torch.sum", "torch.tanh", "torch.transpose", "torch.unbind", "torch.unsqueeze", "torch.where", "torch.zeros_like",
     "torch.conv2d", "torch.conv_transpose2d",
+    "torch.square", "torch.var",  # reviewed: elementwise square, a variance reduction
     *(f"torch.nn.functional.{n}" for n in (
         "adaptive_avg_pool2d", "adaptive_max_pool2d", "avg_pool2d", "batch_norm", "conv2d", "conv_transpose2d", "dropout", "dropout2d",
         "elu", "gelu", "glu", "group_norm", "hardsigmoid", "hardswish", "hardtanh", "interpolate", "layer_norm",
@@ -33,6 +35,7 @@ REVIEWED_METHODS = {
     "masked_fill", "matmul", "mean", "mul", "narrow", "neg", "permute", "pow", "relu",
     "repeat", "reshape", "reshape_as", "roll", "rsqrt", "sigmoid", "size", "softmax", "split", "sqrt",
     "squeeze", "sub", "sum", "tanh", "to", "transpose", "type_as", "unbind", "unsqueeze", "view", "view_as",
+    "square", "var",  # reviewed: as torch.square / torch.var
 }
 REVIEWED_ATTRIBUTES = {"shape", "ndim", "dtype", "device"}
 REVIEWED_MODULES = {
@@ -55,6 +58,9 @@ REVIEWED_MODULES = {
     "ReLU6": {"inplace"}, "SiLU": {"inplace"}, "Sigmoid": set(), "Softmax": {"dim"}, "Softplus": {"beta", "threshold"},
     "Tanh": set(), "Upsample": {"align_corners", "mode", "recompute_scale_factor", "scale_factor", "size"},
     "ZeroPad2d": {"padding"},
+    "ConstantPad2d": {"padding", "value"},  # reviewed: F.pad with a constant; its output bounded as any activation
+    "Conv1d": {"bias", "dilation", "groups", "in_channels", "kernel_size", "out_channels", "padding", "padding_mode",
+               "stride"},  # reviewed: as Conv2d (ECA attention); its unfolding counted as Conv2d's
 }
 
 

@@ -31,6 +31,10 @@ def _ints(v: Any) -> bool:
     return _int(v) or (isinstance(v, (tuple, list)) and 1 <= len(v) <= 3 and all(_int(x) for x in v))
 
 
+def _pad_sides(v: Any) -> bool:  # ZeroPad2d / ConstantPad2d: one int, or (left, right, top, bottom) as they store it
+    return _int(v) or (isinstance(v, (tuple, list)) and len(v) == 4 and all(_int(x) for x in v))
+
+
 def _opt_ints(v: Any) -> bool:  # adaptive pooling sizes may keep a dimension with None
     return v is None or _int(v) or (isinstance(v, (tuple, list)) and 1 <= len(v) <= 3
                                     and all(x is None or _int(x) for x in v))
@@ -81,6 +85,8 @@ _UPSAMPLE_MODE = _choice("nearest", "linear", "bilinear", "bicubic", "trilinear"
 MODULES: dict[type, dict[str, Callable[[Any], bool]]] = {
     nn.Conv2d: {"in_channels": _pos, "out_channels": _pos, "kernel_size": _ints, "stride": _ints,
                 "padding": _conv_padding, "dilation": _ints, "groups": _pos, "bias": _bool, "padding_mode": _PADDING_MODE},
+    nn.Conv1d: {"in_channels": _pos, "out_channels": _pos, "kernel_size": _ints, "stride": _ints,
+                "padding": _conv_padding, "dilation": _ints, "groups": _pos, "bias": _bool, "padding_mode": _PADDING_MODE},
     nn.ConvTranspose2d: {"in_channels": _pos, "out_channels": _pos, "kernel_size": _ints, "stride": _ints,
                          "padding": _ints, "output_padding": _ints, "groups": _pos, "bias": _bool, "dilation": _ints,
                          "padding_mode": _choice("zeros")},
@@ -107,7 +113,7 @@ MODULES: dict[type, dict[str, Callable[[Any], bool]]] = {
         "align_corners": lambda v: v is None or _bool(v), "recompute_scale_factor": lambda v: v is None or _bool(v)},
     nn.PixelShuffle: {"upscale_factor": _pos}, nn.PixelUnshuffle: {"downscale_factor": _pos},
     nn.Softmax: {"dim": _opt_dim}, nn.GLU: {"dim": _dim}, nn.ChannelShuffle: {"groups": _pos},
-    nn.ZeroPad2d: {"padding": _ints},
+    nn.ZeroPad2d: {"padding": _pad_sides}, nn.ConstantPad2d: {"padding": _pad_sides, "value": _float},
 }
 _BY_NAME = {cls.__name__: cls for cls in MODULES}
 

@@ -36,6 +36,7 @@ FUNCTIONS: dict[str, tuple[Callable, str]] = {
     "operator.add": (operator.add, "arith"), "operator.sub": (operator.sub, "arith"),
     "operator.mul": (operator.mul, "arith"), "operator.truediv": (operator.truediv, "arith"),
     "operator.floordiv": (operator.floordiv, "arith"), "operator.neg": (operator.neg, "arith"),
+    "operator.mod": (operator.mod, "arith"),  # numbers and tensors only (pad to a multiple: (8 - h % 8) % 8)
     "operator.matmul": (operator.matmul, TENSOR), "operator.getitem": (operator.getitem, "getitem"),
     "builtins.getattr": (getattr, "getattr"),
     # torch.*
@@ -44,7 +45,7 @@ FUNCTIONS: dict[str, tuple[Callable, str]] = {
         "relu", "sigmoid", "tanh", "mean", "sum", "sqrt", "rsqrt", "exp", "abs", "clamp", "clamp_min",
         "clamp_max", "maximum", "minimum", "narrow", "squeeze", "unsqueeze", "matmul", "bmm", "softmax",
         "roll", "channel_shuffle", "amax", "erf", "where", "zeros_like", "ones_like", "flip", "conv2d",
-        "conv_transpose2d")},
+        "conv_transpose2d", "square", "var")},
     **{f"torch.{n}": (getattr(torch, n), TENSORS) for n in ("chunk", "split", "unbind")},
     # torch.nn.functional.*
     **{f"torch.nn.functional.{n}": (getattr(F, n), TENSOR) for n in (
@@ -63,7 +64,7 @@ METHODS: dict[str, str] = {
         "expand_as", "view_as", "reshape_as", "narrow", "mean", "sum", "sqrt", "rsqrt", "clamp", "clamp_min",
         "clamp_max", "add", "sub", "mul", "div", "relu", "sigmoid", "tanh", "exp", "abs", "neg", "pow", "softmax",
         "matmul", "float", "half", "bfloat16", "to", "type_as", "repeat", "amax", "flip", "roll", "clone", "detach",
-        "masked_fill")},
+        "masked_fill", "square", "var")},
     **{n: TENSORS for n in ("chunk", "split", "unbind")},
     "size": "size", "dim": INT,
 }
