@@ -1084,3 +1084,23 @@ def test_a_zip_whose_readers_could_disagree_is_refused(valid, tmp_path, variant)
     path.write_bytes(_zip_end_variants(path.read_bytes())[variant])
     with pytest.raises(FileFormatError, match="crafted"):
         load(path)
+
+
+def test_weights_are_checked_as_safetensors_read_them_too(valid, tmp_path, monkeypatch):
+    """The header is checked with Python's JSON parser, the tensors come from safetensors' own: whatever the two
+    might read differently, the tensors loaded must be the dtypes and shapes the graph needs (a parser that read an
+    entry as float64 stands in for such a difference here)."""
+    import safetensors.torch
+
+    path = write(tmp_path / "m.automtl", valid)
+    load(path)
+    real = safetensors.torch.load
+
+    def other_reading(data):
+        state = real(data)
+        key = next(k for k, t in state.items() if t.is_floating_point())
+        return {**state, key: state[key].double()}
+
+    monkeypatch.setattr(safetensors.torch, "load", other_reading)
+    with pytest.raises(FileFormatError, match="safetensors reads otherwise than its header says"):
+        load(path)

@@ -701,10 +701,17 @@ def rebuild(path: str, desc: dict, weights: bytes) -> tuple:
         raise bad(path, f"has graph outputs that are not its tasks {names}; the file is corrupted, save the model again")
     _check_sharing(path, gm.graph, tasks, policy)
     dtype = DTYPES[desc["dtype"]]
-    _check_weights_header(path, weights, _expected_tensors(gm, desc, dtype))
+    expected = _expected_tensors(gm, desc, dtype)
+    _check_weights_header(path, weights, expected)
     gm.to(dtype)  # modules are built in float32 on meta: the dry run must see the file's floating dtype
     _dry_run(path, gm, desc, tasks, dtype)
     meta_twin = copy.deepcopy(gm)  # still all on meta: checks later input shapes for free
     state = _read_weights(path, weights)
+    # what safetensors' own parser read, checked again: the header check above read the JSON with Python's parser
+    got = {k: (t.dtype, tuple(t.shape)) for k, t in state.items()}
+    if got != expected:
+        key = next(k for k in sorted(set(got) | set(expected)) if got.get(k) != expected.get(k))
+        raise bad(path, f"has a weights.safetensors that safetensors reads otherwise than its header says (tensor "
+                        f"{key[:80]!r}); the file is crafted or corrupted, save the model again")
     gm.load_state_dict(state, strict=True, assign=True)
     return gm, meta_twin, tasks, policy
