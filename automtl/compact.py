@@ -197,9 +197,8 @@ def grouped_train_graph(gm: fx.GraphModule, task_names: Sequence[str]) -> Option
     grouped = False
     for nodes in sites.values():
         members = tuple(tuple(index[t] for t in n.meta[META_TASKS]) for n in nodes)
-        if (len(nodes) < 2 or len({t for m in members for t in m}) != sum(map(len, members))
-                or _reads_another(nodes)):
-            continue  # one class, or classes that overlap or feed each other (no compiler makes them): left as they are
+        if len(nodes) < 2 or len({t for m in members for t in m}) != sum(map(len, members)):
+            continue  # one class, or classes that overlap (no compiler makes them): left as they are
         with graph.inserting_before(nodes[0]):
             call = graph.call_function(module_per_group, (graph.get_attr(nodes[0].target),
                                                           tuple(n.args[0] for n in nodes), members))
@@ -227,25 +226,12 @@ def grouped_train_graph(gm: fx.GraphModule, task_names: Sequence[str]) -> Option
             waiting[user] -= 1
             if waiting[user] == 0:
                 heapq.heappush(ready, (position[user], user.name, user))
-    for before, node in zip(order, order[1:]):
+    if len(order) != len(position):
+        return None  # calls noted as one site that feed each other (one call would need its own result): no compiler
+    for before, node in zip(order, order[1:]):  # makes them, and the file's eval graph then trains as it is
         before.append(node)
     graph.lint()
     return graph
-
-
-def _reads_another(nodes: list) -> bool:
-    """Whether the input of one of ``nodes`` is computed from another of them (one call for all would need its own
-    result)."""
-    group, seen = set(nodes), set()
-    stack = [n.args[0] for n in nodes if isinstance(n.args[0], fx.Node)]
-    while stack:
-        node = stack.pop()
-        if node in group:
-            return True
-        if node not in seen:
-            seen.add(node)
-            stack.extend(node.all_input_nodes)
-    return False
 
 
 def compact(sm: SuperModel, policy: Optional[Policy] = None, copy_weights: bool = True) -> CompactModel:

@@ -531,7 +531,7 @@ def check_zip_directory(data: bytes, max_entries: int, where: str, error: type) 
                        ((count, z_count, 0xFFFF), (size, z_size, 0xFFFFFFFF), (offset, z_offset, 0xFFFFFFFF)))):
             raise refuse("has zip64 and plain end records that disagree (readers differ on which counts)")
         count, size, offset, directory_end = z_count, z_size, z_offset, loc - 56
-    elif count == 0xFFFF or size == 0xFFFFFFFF or offset == 0xFFFFFFFF:
+    elif size == 0xFFFFFFFF or offset == 0xFFFFFFFF:  # (a count of 0xFFFF may be just that: Python writes 65,535 so)
         raise refuse("has a damaged zip64 directory (no zip64 end record before its end record)")
     if offset + size != directory_end:
         raise refuse(f"has its central directory at bytes {offset}..{offset + size}, not right before its end records "

@@ -377,3 +377,25 @@ def test_norm_calls_that_feed_each_other_are_not_grouped():
     for node, task in zip([n for n in gm.graph.nodes if n.op == "call_module"], ("a", "b")):
         node.meta[META_SOURCE], node.meta[META_TASKS] = "bn", (task,)
     assert grouped_train_graph(gm, ["a", "b"]) is None
+
+
+def test_a_norm_subclass_inlined_in_its_eval_branch_is_noted_as_training_otherwise(tmp_path):
+    """timm's BatchNormAct2d calls F.batch_norm(training=self.training): a file holds its eval-mode call, so a loaded
+    model trained it with running statistics (off by up to 1.03 from the saved model) and said nothing."""
+    import sys as _sys
+    import warnings
+
+    from automtl.formats import load, save
+
+    _sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    from zoo import BatchNormAct2d
+
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), BatchNormAct2d(4), nn.Conv2d(4, 4, 3, padding=1))
+    sm = supermodel(net, [Task("a", "depth"), Task("b", "depth")], torch.randn(1, 3, 8, 8))
+    save(compact(sm, Policy.uniform(sm.layer_names, sm.task_names, SHARE)).eval(), tmp_path / "m.automtl")
+    loaded = load(tmp_path / "m.automtl")
+    assert loaded.trains_otherwise
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded.train()(torch.randn(2, 3, 8, 8))
+    assert any("trains without that" in str(w.message) for w in caught)

@@ -289,3 +289,18 @@ def test_a_pretrained_run_is_rebuilt_with_its_input_statistics(timm_module, weig
     torch.save({k: v for k, v in state.items() if "automtl_input" not in k}, tmp_path / "supermodel.pt")
     sm, cfg, _ = load_run(tmp_path)
     assert not any(name.endswith("automtl_input_mean") for name, _ in sm.named_buffers())
+    checkpoint = torch.load(tmp_path / "checkpoints" / "checkpoint.pt", weights_only=True)
+    checkpoint["model"] = {k: v for k, v in checkpoint["model"].items() if "automtl_input" not in k}
+    torch.save(checkpoint, tmp_path / "checkpoints" / "checkpoint.pt")
+    result = _cli("search", "timm:resnet18", "--pretrained", "--steps", "1,1,2", "--samples", "8,4",
+                  "--input-size", "32", "--out", tmp_path, "--quiet", "--resume")
+    assert result.exit_code == 2 and "unstandardised images" in result.output, result.output
+
+
+def test_pretrained_statistics_for_other_channels_are_left_out_with_a_warning(timm_module, weights_at_hand):
+    """timm adapts a pretrained first layer to in_chans=1 but its statistics stay three channels: standardising a
+    grey image with them broadcast it to three and the first convolution failed."""
+    with pytest.warns(UserWarning, match="statistics are for 3 channels and the backbone takes 1"):
+        backbone = build_backbone("timm:resnet18", pretrained=True, in_chans=1).eval()
+    with torch.no_grad():
+        assert backbone(torch.rand(2, 1, 32, 32)).shape[:2] == (2, 512)

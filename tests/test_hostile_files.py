@@ -961,23 +961,34 @@ def test_every_convolution_torch_runs_unfolding_counts_what_it_unfolds():
     torch.set_num_threads(1)
     try:
         checked = 0
-        for c, side, k, stride, pad, dil, grouped, transposed, out_pad in itertools.product(
-                (3, 8), (4, 60), (1, 3, 5), (1, 2), (0, 2), (1, 2), (False, True), (False, True), (0, 1)):
+        for dims, c, side, k, stride, pad, dil, grouped, transposed, out_pad in itertools.product(
+                (1, 2), (3, 8), (4, 60), (1, 3, 5), (1, 2), (0, 2), (1, 2), (False, True), (False, True), (0, 1)):
             groups = c if grouped else 1
-            if out_pad and (not transposed or out_pad >= max(stride, dil)):
+            if out_pad and (not transposed or out_pad >= max(stride, dil)) or dims == 1 and transposed:
                 continue
-            x = torch.zeros(1, c, side, side)
-            w = torch.zeros((c, 1 if grouped else 4, k, k) if transposed else (4 * groups, c // groups, k, k))
+            x = torch.zeros(1, c, *(side,) * dims)
+            w = torch.zeros((c, 1 if grouped else 4, *(k,) * dims) if transposed else
+                            (4 * groups, c // groups, *(k,) * dims))
             try:
-                backend = torch._C._select_conv_backend(x, w, None, [stride] * 2, [pad] * 2, [dil] * 2, transposed,
-                                                        [out_pad] * 2, groups, None)
+                backend = torch._C._select_conv_backend(x, w, None, [stride] * dims, [pad] * dims, [dil] * dims,
+                                                        transposed, [out_pad] * dims, groups, None)
             except RuntimeError:
                 continue  # settings torch refuses (an output of no size)
             call = dict(stride=stride, dilation=dil, output_padding=out_pad, groups=groups, transposed=transposed)
             if backend.name in slow:
                 assert _unfolds_on_cpu(x, w, call), (backend, call, tuple(x.shape), tuple(w.shape))
             checked += 1
-        assert checked > 300
+        assert checked > 500
+        enabled = torch.backends.mkldnn.enabled
+        try:  # oneDNN switched off (for determinism): every convolution runs natively, and counts so
+            torch.backends.mkldnn.enabled = False
+            big = torch.zeros(1, 64, 56, 56)
+            assert torch._C._select_conv_backend(big, torch.zeros(64, 64, 3, 3), None, [1, 1], [1, 1], [1, 1], False,
+                                                 [0, 0], 1, None).name in slow
+            assert _unfolds_on_cpu(big, torch.zeros(64, 64, 3, 3), dict(stride=1, dilation=1, groups=1,
+                                                                         transposed=False))
+        finally:
+            torch.backends.mkldnn.enabled = enabled
     finally:
         torch.set_num_threads(threads)
     big = torch.empty(1, 64, 56, 56, device="meta")  # a ResNet's 3x3 and strided 1x1 convolutions: oneDNN's

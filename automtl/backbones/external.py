@@ -15,6 +15,7 @@ import importlib
 import importlib.util
 import os
 import traceback
+import warnings
 from typing import Any, Dict, List, Mapping, Optional
 
 import torch
@@ -115,7 +116,8 @@ def build_external(spec: str, kwargs: Mapping[str, Any]) -> nn.Module:
         first = (str(e).strip().splitlines() or [""])[0]
         if pretrained and _is_download_error(e):
             raise BackboneError(f"the pretrained weights of {spec!r} could not be downloaded ({type(e).__name__}); "
-                                "connect to the internet, or leave pretrained off and pass a saved state dict with --weights") from e
+                                "connect to the internet, or leave pretrained off and pass a saved state dict with --weights "
+                                "(loaded as it is: standardise your images as the weights expect)") from e
         raise BackboneError(f"building backbone {spec!r} failed ({type(e).__name__}: {first[:200]}); "
                             "check its arguments") from e
     return model
@@ -125,7 +127,7 @@ def _create(source: str, mod: Any, name: str, pretrained: bool, statistics: bool
     if source == "timm":
         model = _forward_features(mod.create_model(name, pretrained=pretrained, num_classes=0, **kwargs))
         cfg = getattr(model, "pretrained_cfg", None) or {}
-        return normalizing_input(model, cfg.get("mean"), cfg.get("std")) if statistics else model
+        return normalizing_input(model, cfg.get("mean"), cfg.get("std"), kwargs.get("in_chans", 3)) if statistics else model
     weights = "DEFAULT" if pretrained else None
     if name in ("googlenet", "inception_v3"):
         # Their auxiliary classifiers only exist for training on ImageNet labels.
@@ -141,7 +143,7 @@ def _create(source: str, mod: Any, name: str, pretrained: bool, statistics: bool
     return model
 
 
-def normalizing_input(model: nn.Module, mean, std) -> nn.Module:
+def normalizing_input(model: nn.Module, mean, std, channels: int = 3) -> nn.Module:
     """``model`` standardising its input first: ``(x - mean) / std`` per channel, the statistics pretrained weights
     were trained on (ImageNet's for torchvision; timm's ``pretrained_cfg``), so images in [0, 1], as automtl's data
     sets give them, reach the weights as in their training. Part of the model (what automtl saves or exports takes
@@ -161,6 +163,11 @@ def normalizing_input(model: nn.Module, mean, std) -> nn.Module:
     if mean_t.numel() != std_t.numel() or not bool((std_t > 0).all()):
         raise BackboneError(f"the pretrained weights' input statistics mean={mean!r}, std={std!r} do not fit each "
                             "other; report it with the model's name")
+    if mean_t.numel() != channels:  # timm adapts the first layer's weights to in_chans, not the statistics
+        warnings.warn(f"the pretrained weights' input statistics are for {mean_t.numel()} channels and the backbone "
+                      f"takes {channels}: its input is passed on as it is, so standardise your images yourself",
+                      UserWarning, stacklevel=3)
+        return model
     cls = type(model)
     if cls not in _NORMALIZING_CLASSES:
         def forward(self, x):

@@ -46,13 +46,13 @@ def failing_op(exc: BaseException, gm: fx.GraphModule) -> str:
 
 
 class EvalMode:
-    """Put the model in eval mode for an export and restore its mode afterwards."""
+    """Put the model in eval mode (``train=True``: train mode) for an export and restore its mode afterwards."""
 
-    def __init__(self, module: nn.Module):
-        self.module, self.modes = module, {m: m.training for m in module.modules()}
+    def __init__(self, module: nn.Module, train: bool = False):
+        self.module, self.modes, self.mode = module, {m: m.training for m in module.modules()}, train
 
     def __enter__(self):
-        self.module.eval()
+        self.module.train(self.mode)
         return self.module
 
     def __exit__(self, *exc):

@@ -132,6 +132,10 @@ def describe(compact: CompactModel) -> tuple[dict, dict]:
         raise AutomtlError(f"save() needs an automtl CompactModel (from automtl.compact), got {type(compact).__name__}")
     with EvalMode(compact.graph_module):  # modules inlined here must take their eval-mode branches
         gm = lower(compact.graph_module)
+    # a module inlined here whose forward branches on self.training (timm's BatchNormAct2d: F.batch_norm(training=
+    # self.training)) is written as its eval-mode branch: the file then trains otherwise, as a backbone's dropout does
+    with EvalMode(compact.graph_module, train=True):
+        inlined_differ = _calls(lower(compact.graph_module).graph) != _calls(gm.graph)
     targets = list(dict.fromkeys(n.target for n in gm.graph.nodes if n.op in ("call_module", "get_attr")))
     names = _safe_names(targets)
     modules, attributes, tensors = [], [], {}
@@ -164,9 +168,15 @@ def describe(compact: CompactModel) -> tuple[dict, dict]:
         "attributes": attributes,
         "nodes": [_describe_node(n, names) for n in gm.graph.nodes],
         # the forward does something only in training (dropout, stochastic depth) that this eval graph does not hold
-        "trains_otherwise": bool(getattr(compact, "trains_otherwise", False)),
+        "trains_otherwise": bool(getattr(compact, "trains_otherwise", False)) or inlined_differ,
     }
     return desc, {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+
+
+def _calls(graph) -> list:
+    """What each node of ``graph`` calls, and on what: two lowerings of one model compare equal when they compute
+    the same."""
+    return [(n.op, str(n.target), str(n.args), str(n.kwargs)) for n in graph.nodes]
 
 
 def _input_shape(compact: CompactModel) -> list:

@@ -508,6 +508,7 @@ def check_pt2(path: str | os.PathLike, max_bytes: int = MAX_PT2_BYTES) -> bytes:
             raise _bad(path, f"holds {info.file_size} bytes in {entry[:60]!r} where the sizes and dtype its config "
                              f"declares need {nbytes}")
     entries = _entries(path, data, max_bytes)  # only now is every entry read (under the zip bounds): a damaged one is refused
+    del zf, data  # the file's bytes: the entries are all that is needed now (a 2 GiB file is not held three times)
     return _repacked(entries)
 
 
@@ -516,8 +517,8 @@ def _repacked(entries: dict) -> bytes:
     program than the one that read them for the checks, so it is given only bytes Python wrote."""
     out = io.BytesIO()
     with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_STORED) as dst:
-        for name, raw in entries.items():
-            dst.writestr(zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0)), raw)
+        for name in list(entries):  # each entry let go once written: its bytes are held once, not twice
+            dst.writestr(zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0)), entries.pop(name))
     return out.getvalue()
 
 

@@ -402,12 +402,13 @@ def _ints(value, dims: int) -> Optional[tuple]:
 def _unfolds_on_cpu(x: torch.Tensor, weight: torch.Tensor, call: dict) -> bool:
     """Whether torch's CPU kernels may run this convolution unfolding its input (im2col, or col2im for a transposed
     one) at some batch size and thread count: all but where ATen's ``use_mkldnn`` picks oneDNN whatever the batch
-    (below 16) and threads (one). Native are: every dtype but float32 (oneDNN takes bfloat16 and float16 only on CPUs
-    with their instructions); a transposed convolution whose output padding reaches its stride; an unstrided,
-    undilated 1x1 convolution; and one of one group and a kernel of 3 or less on a small input. Settings it cannot
-    read (a symbolic stride) count as native."""
-    if x.dtype != torch.float32:
-        return True
+    (below 16) and threads (one). Native are: everything where oneDNN is switched off or not built in; every dtype
+    but float32 (oneDNN takes bfloat16 and float16 only on CPUs with their instructions); a transposed convolution
+    whose output padding reaches its stride; an unstrided, undilated 1x1 convolution; and one of one group and a
+    kernel with a side of 3 or less (a 1-D kernel of k is (1, k)) on a small input. Settings it cannot read (a
+    symbolic stride) count as native."""
+    if x.dtype != torch.float32 or not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
+        return True  # (oneDNN switched off, or a build without it: every convolution runs natively)
     dims = weight.dim() - 2
     stride, dilation = _ints(call.get("stride", 1), dims), _ints(call.get("dilation", 1), dims)
     output_padding, groups = _ints(call.get("output_padding", 0), dims), call.get("groups", 1)
@@ -415,10 +416,11 @@ def _unfolds_on_cpu(x: torch.Tensor, weight: torch.Tensor, call: dict) -> bool:
         return True
     if call["transposed"] and any(o >= s for o, s in zip(output_padding, stride)):
         return True
-    kernel = tuple(weight.shape[2:])
-    if all(k == 1 for k in kernel[-2:]) and all(s == 1 for s in stride) and all(d == 1 for d in dilation):
+    # the kernel's last two sides as ATen sees them: it runs a 1-D convolution as a 2-D one of kernel (1, k)
+    kernel = (1, *weight.shape[2:]) if weight.dim() == 3 else tuple(weight.shape[-2:])
+    if all(k == 1 for k in kernel) and all(s == 1 for s in stride) and all(d == 1 for d in dilation):
         return True
-    return not (groups > 1 or all(k > 3 for k in kernel[-2:]) or math.prod(x.shape[1:]) > NATIVE_FLOAT32_INPUT)
+    return not (groups > 1 or all(k > 3 for k in kernel) or math.prod(x.shape[1:]) > NATIVE_FLOAT32_INPUT)
 
 
 class _BoundedShapes(fx.Interpreter):

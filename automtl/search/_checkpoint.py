@@ -255,10 +255,16 @@ class _CheckpointMixin:
             raise FileFormatError(f"checkpoint {name!r} is damaged ({found}); delete it to start over")
 
     def _restore(self, ckpt: dict, name: str) -> None:
+        statistics = {k for k in self.sm.state_dict() if k.endswith(("automtl_input_mean", "automtl_input_std"))}
+        if statistics and isinstance(ckpt.get("model"), dict) and not statistics & set(ckpt["model"]):
+            raise FileFormatError(f"checkpoint {name!r} is of a run started by an automtl that fed the pretrained backbone "
+                                  "unstandardised images, and this one standardises them: its weights were trained "
+                                  "on other inputs; start the run again with --overwrite")
         try:
             self.sm.load_state_dict(ckpt["model"])
         except RuntimeError as exc:
-            raise FileFormatError(f"checkpoint {name!r} does not fit this supermodel: {exc}") from None
+            raise FileFormatError(f"checkpoint {name!r} does not fit this supermodel: {first_line(exc)}; "
+                                  "delete it to start over") from None
         own = ckpt["ranks"][self.dist.rank] if "ranks" in ckpt else ckpt  # this rank's balancer and generators
         self.weight_opt.load_state_dict(ckpt["weight_opt"])
         self.policy_opt.load_state_dict(ckpt["policy_opt"])
