@@ -76,9 +76,11 @@ class CompactModel(GraphsBuiltOnUse):
             if self.training and self.train_mode_left_out:
                 self.train_mode_left_out = False
                 warnings.warn("this model was read from a file, which holds its eval-mode graph: what its backbone's "
-                              "forward does only in training (dropout, stochastic depth, a norm written by hand) is not "
-                              "in it, so it trains without that; fine-tune the compact model itself (automtl compact "
-                              "RUN_DIR --finetune-steps N) for that", UserWarning, stacklevel=2)
+                              "forward does only in training is not in it (dropout, stochastic depth, and norms written "
+                              "as F.batch_norm(training=self.training), such as timm's BatchNormAct2d, which then "
+                              "normalise with their running statistics and never update them), so it trains without "
+                              "that; fine-tune the compact model itself (automtl compact RUN_DIR --finetune-steps N) "
+                              "for that", UserWarning, stacklevel=2)
             if not self.training and torch.is_grad_enabled() and not x.requires_grad:
                 # a model read from a file runs inference without autograd: the load-time bound on what is
                 # alive at once holds only then (autograd would keep every node's saved inputs); an input that
