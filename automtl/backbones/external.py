@@ -175,9 +175,10 @@ def normalizing_input(model: nn.Module, mean, std, channels: int = 3) -> nn.Modu
 
         _NORMALIZING_CLASSES[cls] = type(cls.__name__, (cls,), {"forward": forward, "__module__": cls.__module__,
                                                                 "__qualname__": cls.__qualname__})
+    from ..capture import placement
+
     model.__class__ = _NORMALIZING_CLASSES[cls]
-    like = next((t for t in model.parameters() if t.is_floating_point()), None)
-    where = {} if like is None else dict(device=like.device, dtype=like.dtype)
+    where = placement(model)
     model.register_buffer("automtl_input_mean", mean_t.to(**where), persistent=False)
     model.register_buffer("automtl_input_std", std_t.to(**where), persistent=False)
     return model
