@@ -790,14 +790,30 @@ def _frozen_modules(backbone: nn.Module) -> list:
     return found
 
 
-def _refuse_failing_forward(backbone: nn.Module, example_input: torch.Tensor) -> None:
-    """Raise when the backbone's own forward fails on the example input in eval mode (a typo, a missing import):
-    the trace failed for that, not for what torch.fx cannot follow. Its buffers and the random states are put back."""
-    python = PythonState(backbone)
-    buffers = saved_buffers(backbone)
+@contextlib.contextmanager
+def _eager_eval_run(backbone: nn.Module, example_input: torch.Tensor):
+    """Run the backbone's own forward once on the example input, in eval mode, without gradients, from random state
+    0 (its stderr swallowed); yields the buffers as they were (``(tensor, value)`` pairs: the run's changes can be
+    read in the block). Afterwards its buffers, Python attributes, modes and the random states are as before."""
+    modes = {m: m.training for m in backbone.modules()}
+    buffers, python = saved_buffers(backbone), PythonState(backbone)
     try:
         with torch.no_grad(), seeded(example_input.device), contextlib.redirect_stderr(io.StringIO()):
             backbone.eval()(example_input)
+        yield buffers
+    finally:
+        put_back(buffers)
+        python.restore()
+        for m, mode in modes.items():
+            m.training = mode
+
+
+def _refuse_failing_forward(backbone: nn.Module, example_input: torch.Tensor) -> None:
+    """Raise when the backbone's own forward fails on the example input in eval mode (a typo, a missing import):
+    the trace failed for that, not for what torch.fx cannot follow. Its buffers and the random states are put back."""
+    try:
+        with _eager_eval_run(backbone, example_input):
+            pass
     except Exception as exc:
         frame = _user_frame(exc)
         where = f" at {frame.filename}:{frame.lineno} ({frame.line.strip() if frame.line else ''})" if frame else ""
@@ -805,9 +821,6 @@ def _refuse_failing_forward(backbone: nn.Module, example_input: torch.Tensor) ->
             f"the backbone's own forward fails on the example input of shape {tuple(example_input.shape)}{where}: "
             f"{_first_line(exc, limit=None)}; it fails without automtl too: fix the forward, or pass an example_input it takes"
         ) from exc
-    finally:
-        put_back(buffers)
-        python.restore()
 
 
 def _thawed_modules(backbone: nn.Module) -> list:
@@ -839,19 +852,12 @@ def _refuse_stateful_leaves(backbone: nn.Module, graph: fx.Graph, example_input:
                 owned.setdefault(id(b), (leaf, f"{leaf}.{name}"))
     if not owned:
         return
-    modes = {m: m.training for m in backbone.modules()}
-    buffers, python = saved_buffers(backbone), PythonState(backbone)
+    moved = None
     try:
-        with torch.no_grad(), seeded(example_input.device), contextlib.redirect_stderr(io.StringIO()):
-            backbone.eval()(example_input)
-        moved = next((owned[id(b)] for b, before in buffers if id(b) in owned and not _same_bits(b, before)), None)
+        with _eager_eval_run(backbone, example_input) as buffers:
+            moved = next((owned[id(b)] for b, before in buffers if id(b) in owned and not _same_bits(b, before)), None)
     except Exception:  # noqa: BLE001 - the forward ran in the trace check; a failure here is not this check's to name
-        moved = None
-    finally:
-        put_back(buffers)
-        python.restore()
-        for m, mode in modes.items():
-            m.train(mode)
+        pass
     if moved is not None:
         leaf, buffer = moved
         raise BackboneError(

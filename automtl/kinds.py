@@ -27,7 +27,8 @@ from torch import nn
 
 from .errors import ConfigError
 from .heads import DenseHead, GlobalHead
-from .losses import ClassificationLoss, DepthLoss, MultilabelLoss, NormalLoss, RegressionLoss, SegmentationLoss
+from .losses import (ClassificationLoss, DepthLoss, MultilabelLoss, NormalLoss, RegressionLoss, SegmentationLoss,
+                     normal_pixels)
 from .metrics import (HIGHER_IS_BETTER, Accuracy, DepthMetric, Metric, MultilabelMetric, NormalMetric,
                       RegressionMetric, SegmentationMetric)
 
@@ -295,8 +296,7 @@ class Normal(TaskKind):
 
     def labelled(self, task, y):
         """Pixels with a normal: finite and not all zero (a (B, 3, H, W) target), as the loss and metric count them."""
-        return int((torch.isfinite(y).all(dim=1) & (torch.nan_to_num(y).abs().sum(dim=1) > 0)).sum()) if y.dim() == 4 \
-            else int(torch.isfinite(y).sum())
+        return int(normal_pixels(y).sum()) if y.dim() == 4 else int(torch.isfinite(y).sum())
 
     def metric(self, task):
         return NormalMetric()

@@ -58,6 +58,12 @@ def _label_target(target: Tensor, ignore_index: int) -> Tensor:
     return target.long()
 
 
+def normal_pixels(target: Tensor) -> Tensor:
+    """(B, H, W) mask of the pixels of a (B, 3, H, W) normal map that have a normal: every channel finite, not all
+    zero. What the normal loss and metric average over, and what counts as a label."""
+    return torch.isfinite(target).all(dim=1) & (torch.nan_to_num(target).abs().sum(dim=1) > 0)
+
+
 def _clean(target: Tensor, valid: Tensor) -> Tensor:
     """Zero out invalid entries so no NaN enters the graph (0 * NaN would poison gradients)."""
     return torch.where(valid, target, torch.zeros_like(target))
@@ -139,9 +145,8 @@ class NormalLoss:
     def __call__(self, pred: Tensor, target: Tensor) -> Tensor:
         target = _dense_target(target, pred, 3)
         pred = match_size(pred, target.shape[-2:])
-        finite = torch.isfinite(target)
-        target = _clean(target, finite)
-        valid = finite.all(dim=1) & (target.abs().sum(dim=1) > 0)  # (B, H, W)
+        valid = normal_pixels(target)  # (B, H, W)
+        target = _clean(target, torch.isfinite(target))
         cos = F.cosine_similarity(pred, target, dim=1, eps=1e-8)
         return _masked_mean(1.0 - cos, valid)
 

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from .errors import ConfigError
-from .losses import _label_target, match_size
+from .losses import _label_target, match_size, normal_pixels
 
 if TYPE_CHECKING:
     from .tasks import Task
@@ -296,9 +296,7 @@ class NormalMetric(Metric):
     def update(self, pred: Tensor, target: Tensor) -> None:
         target = target.detach().double()
         pred = match_size(pred.detach().double(), target.shape[-2:])
-        finite = torch.isfinite(target).all(dim=1)
-        target = torch.where(torch.isfinite(target), target, torch.zeros_like(target))
-        valid = finite & (target.abs().sum(dim=1) > 0)
+        valid = normal_pixels(target)
         p = pred.permute(0, 2, 3, 1)[valid]
         t = target.permute(0, 2, 3, 1)[valid]
         # atan2(|p x t|, p.t) is accurate near 0 degrees, where acos loses precision. A prediction of no direction

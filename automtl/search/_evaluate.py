@@ -122,7 +122,6 @@ class _Tally:
         self.metrics = {t.name: metric_for(t) for t in sm.tasks}
         self.loss_fns = {t.name: loss_for(t) for t in sm.tasks}
         self.by_name = {t.name: t for t in sm.tasks}
-        self.specs = {t.name: t.spec for t in sm.tasks}
         self.loss_sum = {t: 0.0 for t in self.task_names}
         self.loss_n = {t: 0 for t in self.task_names}
         self.targets = TargetTally(self.task_names)  # a shared loader's batches: which tasks had a target
@@ -153,8 +152,8 @@ class _Tally:
                 self.metrics[t].update(pred, target)
                 loss = float(self.loss_fns[t](pred, target))
                 # a mean over the batch's labels (pixels, samples): weighted by how many, the whole set's mean
-                spec = self.specs[t]
-                n = spec.labelled(self.by_name[t], target) if spec is not None else x.shape[0]
+                task = self.by_name[t]
+                n = task.spec.labelled(task, target) if task.spec is not None else x.shape[0]
                 self.loss_sum[t] += loss * n
                 self.loss_n[t] += n
 
