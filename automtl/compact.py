@@ -63,10 +63,10 @@ class CompactModel(GraphsBuiltOnUse):
         self._subsets: dict = {}
         #: Called with each input before it runs (a model read from a file checks new shapes first).
         self.input_check: Optional[Callable[[torch.Tensor], None]] = None
-        #: The backbone's forward does something only in training (dropout, stochastic depth, a hand-written norm's
-        #: batch statistics): ``train_graph`` holds it, a file does not.
+        #: In train mode ``forward`` leaves out what the backbone's forward does only in training: a model read from a
+        #: file that could not describe it (dropout's random masks written in the forward, stochastic depth).
         self.trains_otherwise = False
-        #: A model read from such a file: its first train-mode forward warns that it trains without that.
+        #: Such a model's first train-mode forward warns that it trains without that (then this turns False).
         self.train_mode_left_out = False
 
     def forward(self, x: torch.Tensor, tasks: Optional[Sequence[str]] = None) -> dict:
@@ -171,22 +171,27 @@ def _narrow_group_calls(graph: fx.Graph) -> bool:
     return narrowed
 
 
-def grouped_train_graph(gm: fx.GraphModule, task_names: Sequence[str]) -> Optional[fx.Graph]:
+def grouped_train_graph(gm: fx.GraphModule, task_names: Sequence[str], graph: Optional[fx.Graph] = None) -> Optional[fx.Graph]:
     """The train graph of a compact model known by its eval graph alone (one read from an ``.automtl`` file): where a
-    norm module with running statistics runs for several classes of tasks at one call site of the backbone (nodes
-    calling the same module, noted with the same ``automtl_source``), one :func:`module_per_group` call, as
-    :func:`compact` emits in its own train graph, so the statistics move once a step and not once per class (a
-    loaded model's moved 2-6 times a step: its evaluation after one training step differed by up to 0.18). What the
-    backbone's forward does only in training (dropout, a hand-written ``F.batch_norm(training=self.training)``) is
-    not in an eval graph, so not here.
+    norm with running statistics runs for several classes of tasks at one call site of the backbone (nodes calling
+    the same module, or ``F.batch_norm`` on the same statistics in train mode, noted with the same
+    ``automtl_source``), one :func:`module_per_group` or :func:`batch_norm_per_group` call, as :func:`compact` emits
+    in its own train graph, so the statistics move once a step and not once per class (a loaded model's moved 2-6
+    times a step: its evaluation after one training step differed by up to 0.18).
+
+    Args:
+        gm: the eval graph's module (its modules are looked up).
+        task_names: the model's tasks, in order.
+        graph: the train-mode graph to group, over ``gm``'s modules (a file's notes switched in:
+            :func:`automtl.formats.trainmode.switch_to_train`); default a copy of ``gm.graph``. Changed in place.
 
     Returns:
         The graph, its nodes in an order that runs (stable topological); None where no call site runs for several
-        classes (the eval graph computes the same in train mode).
+        classes (``graph`` computes the same as it is).
     """
     import heapq
 
-    graph = copy.deepcopy(gm.graph)
+    graph = copy.deepcopy(gm.graph) if graph is None else graph
     index = {t: i for i, t in enumerate(task_names)}
     sites: dict = {}
     for node in graph.nodes:
@@ -196,14 +201,23 @@ def grouped_train_graph(gm: fx.GraphModule, task_names: Sequence[str]) -> Option
         if (node.op == "call_module" and len(node.args) == 1 and not node.kwargs
                 and holds_running_stats(gm.get_submodule(node.target))):
             sites.setdefault((node.target, source), []).append(node)
+        elif node.op == "call_function" and node.target is F.batch_norm:
+            site = _batch_norm_site(node)
+            if site is not None:
+                sites.setdefault((site, source), []).append(node)
     grouped = False
     for nodes in sites.values():
         members = tuple(tuple(index[t] for t in n.meta[META_TASKS]) for n in nodes)
         if len(nodes) < 2 or len({t for m in members for t in m}) != sum(map(len, members)):
             continue  # one class, or classes that overlap (no compiler makes them): left as they are
         with graph.inserting_before(nodes[0]):
-            call = graph.call_function(module_per_group, (graph.get_attr(nodes[0].target),
-                                                          tuple(n.args[0] for n in nodes), members))
+            if nodes[0].op == "call_module":
+                call = graph.call_function(module_per_group, (graph.get_attr(nodes[0].target),
+                                                              tuple(n.args[0] for n in nodes), members))
+            else:
+                rest = {k: v for k, v in nodes[0].kwargs.items() if k != "input"}
+                call = graph.call_function(batch_norm_per_group, (tuple(n.kwargs["input"] for n in nodes), members),
+                                           rest)
         call.meta = {**nodes[0].meta, META_TASKS: tuple(sorted((t for n in nodes for t in n.meta[META_TASKS]),
                                                                key=index.get))}
         for j, node in enumerate(nodes):
@@ -234,6 +248,51 @@ def grouped_train_graph(gm: fx.GraphModule, task_names: Sequence[str]) -> Option
         before.append(node)
     graph.lint()
     return graph
+
+
+def per_class_train_graph(graph: fx.Graph) -> fx.Graph:
+    """A copy of a train graph with every :func:`module_per_group` / :func:`batch_norm_per_group` call split into one
+    call per class, as the eval graph makes them: what the file writer compares with the eval graph (the statistics
+    then move once per class; the grouping is made again at load, :func:`grouped_train_graph`)."""
+    graph = copy.deepcopy(graph)
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target not in (module_per_group, batch_norm_per_group):
+            continue
+        for user in list(node.users):
+            j = user.args[1]
+            with graph.inserting_before(user):
+                if node.target is module_per_group:
+                    call = graph.call_module(node.args[0].target, (node.args[1][j],))
+                else:
+                    call = graph.call_function(F.batch_norm, (node.args[0][j], *node.args[2:]), dict(node.kwargs))
+            call.meta = dict(user.meta)
+            user.replace_all_uses_with(call)
+            graph.erase_node(user)
+        module = node.args[0]
+        graph.erase_node(node)
+        if isinstance(module, fx.Node) and module.op == "get_attr" and not module.users:
+            graph.erase_node(module)
+    return graph
+
+
+def _batch_norm_site(node: fx.Node) -> Optional[tuple]:
+    """What an ``F.batch_norm`` call in a train graph normalises with, where it moves running statistics (the
+    statistics' and affine attributes, the constants): calls at one site that agree on it run as one group. None
+    for a call that moves none, or whose arguments are not by keyword (as :func:`switch_to_train` leaves them)."""
+    kwargs = node.kwargs
+    if node.args or "input" not in kwargs or not kwargs.get("training") or (
+            kwargs.get("running_mean") is None and kwargs.get("running_var") is None):
+        return None
+    site = []
+    for key, value in sorted(kwargs.items()):
+        if key == "input":
+            continue
+        if isinstance(value, fx.Node):
+            if value.op != "get_attr":
+                return None
+            value = ("attribute", value.target)
+        site.append((key, value))
+    return tuple(site)
 
 
 def compact(sm: SuperModel, policy: Optional[Policy] = None, copy_weights: bool = True) -> CompactModel:
@@ -276,7 +335,6 @@ def compact(sm: SuperModel, policy: Optional[Policy] = None, copy_weights: bool 
             node.meta.setdefault(META_TASKS, tuple(sm.task_names))
     model = CompactModel(gm, sm.tasks, policy, input_shape=sm.input_shape, train_graph=train_graph)
     model.input_dtype = getattr(sm, "input_dtype", None)
-    model.trains_otherwise = train_source is not sm.net  # the backbone's forward differs in training (a file says so)
     model.train(sm.training)
     return model
 

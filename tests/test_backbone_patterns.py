@@ -292,6 +292,49 @@ def test_saved_and_exported_files_equal_the_compact_model(name, tmp_path):
     assert all(close(loaded(x)[t], ref[t], 1e-5) for t in ref)
 
 
+#: What a file cannot describe in train mode: random masks and noise drawn by operations off the vocabulary
+#: (stochastic depth's bernoulli_, a generator's randn), a tensor only the train branch builds (torch.arange).
+TRAINS_OTHERWISE = {"efficientnet", "convnext", "own_generator", "train_only_constant"}
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_a_loaded_model_trains_as_the_saved_one(name, tmp_path):
+    """saved = loaded in train mode: a file holds the eval graph and, on each call that takes other constants in
+    training (F.batch_norm's training and momentum, F.dropout's training, written in the backbone's forward or in a
+    module inlined at save, as timm's BatchNormAct2d), those constants. Trained two steps from one seed, the loaded
+    model's outputs, and its evaluation after (weights and running statistics), are the saved one's. A file that
+    cannot describe its train mode says so once, at the first train-mode forward."""
+    _, sm = built(name)
+    x = torch.randn(4, 3, SIZE, SIZE)
+    for seed in (1, 2):
+        policy = Policy.random(sm.layer_names, sm.task_names, sm.skip_legal, seed=seed)
+        saved = compact(copy.deepcopy(sm).hard(policy)).eval()
+        automtl.save(saved, tmp_path / "m.automtl")
+        loaded = automtl.load(tmp_path / "m.automtl")
+        assert loaded.trains_otherwise is (name in TRAINS_OTHERWISE), name
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            models = [saved.train(), loaded.train()]
+            optimizers = [torch.optim.SGD(m.parameters(), lr=0.05) for m in models]
+            for step in range(2):
+                outs = []
+                for model, optimizer in zip(models, optimizers):
+                    torch.manual_seed(step)
+                    y = model(x)
+                    sum(v.square().mean() for v in y.values()).backward()
+                    optimizer.step()
+                    optimizer.zero_grad()
+                    outs.append(y)
+                if not loaded.trains_otherwise:
+                    assert all(close(outs[0][t], outs[1][t]) for t in outs[0]), (name, seed, step)
+        said = [w for w in caught if "trains without that" in str(w.message)]
+        assert len(said) == (name in TRAINS_OTHERWISE), (name, [str(w.message) for w in caught])
+        if not loaded.trains_otherwise:
+            with torch.no_grad():
+                a, b = saved.eval()(x), loaded.eval()(x)
+            assert all(close(a[t], b[t]) for t in a), (name, seed, "evaluated after training")
+
+
 _Pyramid = collections.namedtuple("_Pyramid", ["fine", "coarse"])
 
 

@@ -329,28 +329,30 @@ def test_a_loaded_model_trains_its_norms_as_the_saved_one(backbone, tmp_path):
 
 
 def test_a_loaded_model_says_once_that_it_trains_without_what_the_forward_does_only_in_training(tmp_path):
-    """A file holds the eval-mode graph: a backbone with dropout (or a hand-written norm branching on self.training)
-    trains without it once loaded. Said once, at the first train-mode forward; a backbone without any says nothing."""
+    """A file holds the eval graph and the constants its calls take in training: a backbone with stochastic depth
+    (a random mask off the vocabulary) trains without it once loaded. Said once, at the first train-mode forward, and
+    kept by a second save; dropout written in the forward and a backbone without either say nothing."""
     import sys as _sys
     import warnings
 
     from automtl.formats import load, save
 
     _sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
-    from zoo import DropoutNet, PreActNet
+    from zoo import ConvNeXtish, DropoutNet
 
-    for net, says in ((DropoutNet(), True), (PreActNet(), True), (NormsAfterBranch(), False)):
-        sm = supermodel(net, [Task("a", "depth"), Task("b", "depth")], torch.randn(1, 3, 8, 8))
+    for net, says in ((ConvNeXtish(), True), (DropoutNet(), False), (NormsAfterBranch(), False)):
+        sm = supermodel(net, [Task("a", "depth"), Task("b", "depth")], torch.randn(1, 3, 16, 16))
         model = compact(sm, Policy.uniform(sm.layer_names, sm.task_names, SHARE)).eval()
-        assert model.trains_otherwise is says
+        assert model.trains_otherwise is False  # its own train graph holds it
         save(model, tmp_path / "m.automtl")
         loaded = load(tmp_path / "m.automtl")
+        assert loaded.trains_otherwise is says
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            loaded(torch.randn(2, 3, 8, 8))  # eval: nothing to say
+            loaded(torch.randn(2, 3, 16, 16))  # eval: nothing to say
             loaded.train()
-            loaded(torch.randn(2, 3, 8, 8))
-            loaded(torch.randn(2, 3, 8, 8))
+            loaded(torch.randn(2, 3, 16, 16))
+            loaded(torch.randn(2, 3, 16, 16))
         said = [w for w in caught if "trains without that" in str(w.message)]
         assert len(said) == (1 if says else 0), (type(net).__name__, [str(w.message) for w in caught])
         save(loaded, tmp_path / "again.automtl")  # the note survives a second save
@@ -379,9 +381,13 @@ def test_norm_calls_that_feed_each_other_are_not_grouped():
     assert grouped_train_graph(gm, ["a", "b"]) is None
 
 
-def test_a_norm_subclass_inlined_in_its_eval_branch_is_noted_as_training_otherwise(tmp_path):
-    """timm's BatchNormAct2d calls F.batch_norm(training=self.training): a file holds its eval-mode call, so a loaded
-    model trained it with running statistics (off by up to 1.03 from the saved model) and said nothing."""
+def test_a_norm_subclass_inlined_at_save_trains_as_the_saved_one(tmp_path):
+    """timm's BatchNormAct2d calls F.batch_norm(training=self.training): a file held its eval-mode call only, so a
+    loaded model trained it with its running statistics, never moved (off by up to 1.03). The file notes the call's
+    train-mode constants: trained, the loaded model (and one saved again) computes what the saved one does, its
+    statistics moved once a step where the norm runs for several classes. A momentum of None (a cumulative average
+    of the step counter, read as a number) cannot be noted: the file says it trains otherwise, and saving leaves
+    the model as it was (the train-mode trace counted a step on it)."""
     import sys as _sys
     import warnings
 
@@ -390,12 +396,37 @@ def test_a_norm_subclass_inlined_in_its_eval_branch_is_noted_as_training_otherwi
     _sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
     from zoo import BatchNormAct2d
 
-    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), BatchNormAct2d(4), nn.Conv2d(4, 4, 3, padding=1))
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), BatchNormAct2d(4), nn.Conv2d(4, 4, 3, padding=1),
+                        BatchNormAct2d(4), nn.Conv2d(4, 4, 3, padding=1))
+    sm = supermodel(net, [Task("a", "depth"), Task("b", "depth"), Task("c", "depth")], torch.randn(1, 3, 8, 8))
+    policy = Policy.uniform(sm.layer_names, sm.task_names, SHARE)
+    policy.choices[0][1] = SPECIALIZE  # the next layer's norm then runs for two classes
+    model = compact(sm, policy).eval()
+    save(model, tmp_path / "m.automtl")
+    save(load(tmp_path / "m.automtl"), tmp_path / "again.automtl")
+    x = torch.randn(4, 3, 8, 8)
+    for path in ("m.automtl", "again.automtl"):
+        saved, loaded = copy.deepcopy(model).train(), load(tmp_path / path).train()
+        assert not loaded.trains_otherwise
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            for _ in range(2):
+                a, b = saved(x), loaded(x)
+                assert all(torch.equal(a[t], b[t]) for t in a), path
+        with torch.no_grad():
+            a, b = saved.eval()(x), loaded.eval()(x)
+        assert all(torch.equal(a[t], b[t]) for t in a), path  # the running statistics moved alike
+
+    net[1].momentum = None
     sm = supermodel(net, [Task("a", "depth"), Task("b", "depth")], torch.randn(1, 3, 8, 8))
-    save(compact(sm, Policy.uniform(sm.layer_names, sm.task_names, SHARE)).eval(), tmp_path / "m.automtl")
-    loaded = load(tmp_path / "m.automtl")
+    model = compact(sm, Policy.uniform(sm.layer_names, sm.task_names, SHARE)).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    save(model, tmp_path / "cumulative.automtl")
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    loaded = load(tmp_path / "cumulative.automtl")
     assert loaded.trains_otherwise
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        loaded.train()(torch.randn(2, 3, 8, 8))
+        loaded.train()(x)
     assert any("trains without that" in str(w.message) for w in caught)

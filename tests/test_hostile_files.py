@@ -246,7 +246,25 @@ def _reduction_bomb(n=200):
     return insert_before_output(*nodes, use_last=False)
 
 
+def _batch_norm(train, running="computed"):
+    """A batch_norm on the input (3 channels, as the first task's 3 classes) noted with train-mode constants ``train``."""
+    stats = [node("mu", "call_function", "torch.mean", {"$node": "x"}, {"$tuple": [0, 2, 3]}),
+             node("va", "call_function", "torch.var", {"$node": "x"}, {"$tuple": [0, 2, 3]})]
+    bn = node("bn", "call_function", "torch.nn.functional.batch_norm", {"$node": "x"},
+              *(({"$node": "mu"}, {"$node": "va"}) if running == "computed" else (None, None)), None, None, False, 0.1, 1e-5)
+    return insert_before_output(*stats, {**bn, "train": train})
+
+
 DESCRIPTION_CASES = {
+    # train-mode notes (the constants a call takes in training): only batch_norm's and dropout's switches, of their
+    # kinds, and a batch_norm that trains moves only the model's own statistics, never a computed tensor it shares
+    "train-note-on-a-module-call": lambda p, m: edit(p, lambda d: first(d, "call_module").update(train={"training": True})),
+    "train-note-unknown-parameter": lambda p, m: edit(p, _batch_norm({"eps": 100.0}, running=None)),
+    "train-note-not-a-bool": lambda p, m: edit(p, _batch_norm({"training": 1}, running=None)),
+    "train-note-momentum-beyond-one": lambda p, m: edit(p, _batch_norm({"momentum": 1e30}, running=None)),
+    "train-note-not-a-mapping": lambda p, m: edit(p, _batch_norm([["training", True]], running=None)),
+    "train-note-moves-a-computed-tensor": lambda p, m: edit(p, _batch_norm({"training": True})),
+    "node-key-unknown": lambda p, m: edit(p, lambda d: first(d, "call_module").update(code="import os")),
     "reduction-compute-bomb": lambda p, m: edit(p, _reduction_bomb()),
     # sharing that inspect and render would report though the graph does not compute it
     "policy-not-the-graph": lambda p, m: edit(p, lambda d: [c.update({t: "specialize" for t in c})

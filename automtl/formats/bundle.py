@@ -17,6 +17,7 @@ once on the ``meta`` device at its recorded input shape, before any weight is fi
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
 import re
@@ -26,7 +27,7 @@ from typing import Optional
 import torch
 from torch import fx, nn
 
-from ..compact import CompactModel, grouped_train_graph
+from ..compact import CompactModel, grouped_train_graph, per_class_train_graph
 from ..errors import AutomtlError, ConfigError, FileFormatError, first_line
 from ..fileio import MAX_YAML_BYTES, atomic_path, parse_yaml, read_regular_file, read_zip_entries
 from ._export_common import EvalMode
@@ -34,6 +35,7 @@ from .codec import DTYPES, encode
 from .lowering import META_KEYS, lower
 from .modules import MODULES, buildable
 from .rebuild import RESERVED, bad, rebuild, shape_check
+from .trainmode import META_TRAIN, switch_to_train, train_switches
 from .vocabulary import FUNCTIONS, METHODS
 
 __all__ = ["save", "load", "describe", "FORMAT_VERSION", "MAX_BUNDLE_BYTES"]
@@ -118,6 +120,8 @@ def _describe_node(node: fx.Node, names: dict) -> dict:
     if node.kwargs:
         entry["kwargs"] = {k: encode(v, where) for k, v in node.kwargs.items()}
     entry["meta"] = meta
+    if node.meta.get(META_TRAIN):
+        entry["train"] = {k: encode(v, where) for k, v in node.meta[META_TRAIN].items()}
     return entry
 
 
@@ -133,9 +137,11 @@ def describe(compact: CompactModel) -> tuple[dict, dict]:
     with EvalMode(compact.graph_module):  # modules inlined here must take their eval-mode branches
         gm = lower(compact.graph_module)
     # a module inlined here whose forward branches on self.training (timm's BatchNormAct2d: F.batch_norm(training=
-    # self.training)) is written as its eval-mode branch: the file then trains otherwise, as a backbone's dropout does
-    with EvalMode(compact.graph_module, train=True):
-        inlined_differ = _calls(lower(compact.graph_module).graph) != _calls(gm.graph)
+    # self.training)) is written as its eval-mode branch, with the constants its train-mode branch takes instead
+    # noted on the node; a train-mode branch that differs otherwise is not described: the file then trains otherwise
+    switches = _train_switches(compact, gm)
+    for node, change in (switches or {}).items():
+        node.meta[META_TRAIN] = {**node.meta.get(META_TRAIN, {}), **change}
     targets = list(dict.fromkeys(n.target for n in gm.graph.nodes if n.op in ("call_module", "get_attr")))
     names = _safe_names(targets)
     modules, attributes, tensors = [], [], {}
@@ -168,15 +174,33 @@ def describe(compact: CompactModel) -> tuple[dict, dict]:
         "attributes": attributes,
         "nodes": [_describe_node(n, names) for n in gm.graph.nodes],
         # the forward does something only in training (dropout, stochastic depth) that this eval graph does not hold
-        "trains_otherwise": bool(getattr(compact, "trains_otherwise", False)) or inlined_differ,
+        "trains_otherwise": compact.trains_otherwise or switches is None,
     }
     return desc, {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
 
 
-def _calls(graph) -> list:
-    """What each node of ``graph`` calls, and on what: two lowerings of one model compare equal when they compute
-    the same."""
-    return [(n.op, str(n.target), str(n.args), str(n.kwargs)) for n in graph.nodes]
+def _train_switches(compact: CompactModel, lowered: fx.GraphModule) -> Optional[dict]:
+    """:func:`~.trainmode.train_switches` between ``lowered`` (the eval graph, lowered in eval mode) and the train
+    graph (with a call per class), lowered in train mode; None where the train graph differs otherwise (a random mask)
+    or a module's train-mode branch reads or writes a buffer while it is traced (a norm whose momentum is None reads
+    its step counter as a number, and counts the step): what it wrote is put back."""
+    source = compact.graph_module
+    if compact.train_graph is not None:
+        source = fx.GraphModule(source, per_class_train_graph(compact.train_graph), "CompactNet")
+    buffers = [(b, b.clone()) for b in compact.buffers()]
+    try:
+        with EvalMode(compact.graph_module, train=True):
+            trained = lower(source, proxy_buffers=True)
+    except Exception:  # noqa: BLE001 - any failure of the train-mode trace: the file then says it trains otherwise
+        return None
+    finally:
+        moved = False
+        with torch.no_grad():
+            for b, before in buffers:
+                if not torch.equal(b.reshape(-1).view(torch.uint8), before.reshape(-1).view(torch.uint8)):  # NaN too
+                    b.copy_(before)
+                    moved = True
+    return None if moved else train_switches(lowered.graph, trained.graph)
 
 
 def _input_shape(compact: CompactModel) -> list:
@@ -362,8 +386,11 @@ def load(path: str | os.PathLike, max_bytes: int = MAX_BUNDLE_BYTES) -> CompactM
     _check_checksums(path, entries)
     desc = _parse_description(path, entries[MODEL_ENTRY])
     gm, meta_twin, tasks, policy = rebuild(path, desc, entries[WEIGHTS_ENTRY])
-    # the file holds the eval graph; in train mode its norms' statistics move once a step, as the saved model's did
-    train_graph = grouped_train_graph(gm, [t.name for t in tasks])
+    # the file holds the eval graph and the constants its calls take in train mode instead; in train mode its norms'
+    # statistics move once a step, as the saved model's did
+    train = copy.deepcopy(gm.graph)
+    switched = switch_to_train(train)
+    train_graph = grouped_train_graph(gm, [t.name for t in tasks], train) or (train if switched else None)
     model = CompactModel(gm, tasks, policy, input_shape=desc["input_shape"], train_graph=train_graph).eval()
     model.trains_otherwise = model.train_mode_left_out = desc.get("trains_otherwise", False)
     model.input_check = _InputCheck(path, meta_twin, tasks, DTYPES[desc["dtype"]], desc["input_shape"])

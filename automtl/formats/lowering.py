@@ -29,7 +29,14 @@ def torch_nn_class(cls: type) -> bool:
 
 
 class _InlineTracer(fx.Tracer):
-    """Traces through everything except the torch.nn leaf modules a bundle can build."""
+    """Traces through everything except the torch.nn leaf modules a bundle can build. ``proxy_buffers``: buffers are
+    traced as attribute reads, not as the tensors they hold (a train-mode branch that reads one as a number, as a
+    BatchNorm of momentum None reads its step counter, then fails to trace instead of baking in today's value, and
+    one that counts steps in a buffer writes nothing while traced)."""
+
+    def __init__(self, proxy_buffers: bool = False):
+        super().__init__()
+        self.proxy_buffer_attributes = proxy_buffers
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return buildable(m)
@@ -59,8 +66,9 @@ def _shape_checks_off():
                 cls._check_input_dim = fn
 
 
-def lower(gm: fx.GraphModule) -> fx.GraphModule:
-    """A copy of ``gm`` whose call_module nodes all call torch.nn leaf modules (sharing gm's modules)."""
+def lower(gm: fx.GraphModule, proxy_buffers: bool = False) -> fx.GraphModule:
+    """A copy of ``gm`` whose call_module nodes all call torch.nn leaf modules (sharing gm's modules).
+    ``proxy_buffers``: see :class:`_InlineTracer` (the file writer's train-mode lowering)."""
     graph = fx.Graph()
     env: dict = {}
     traced: dict = {}  # module id -> its traced graph (one module can be called by several task classes)
@@ -73,7 +81,7 @@ def lower(gm: fx.GraphModule) -> fx.GraphModule:
         if node.op == "call_module":
             mod = gm.get_submodule(node.target)
             if _needs_inlining(mod):
-                env[node] = _inline(graph, gm, node, mod, env, traced)
+                env[node] = _inline(graph, gm, node, mod, env, traced, proxy_buffers)
                 continue
             if isinstance(mod, nn.Identity):
                 env[node] = fx.map_arg(node.args[0], lambda n: env[n])
@@ -184,12 +192,13 @@ def _custom_module_error(target: str, mod: nn.Module):
     )
 
 
-def _inline(graph: fx.Graph, gm: fx.GraphModule, node: fx.Node, mod: nn.Module, env: dict, traced: dict):
+def _inline(graph: fx.Graph, gm: fx.GraphModule, node: fx.Node, mod: nn.Module, env: dict, traced: dict,
+            proxy_buffers: bool = False):
     """Emit the traced body of ``mod`` in place of ``node``; returns the value that replaces it."""
     try:
         if id(mod) not in traced:
             with _shape_checks_off():
-                traced[id(mod)] = _InlineTracer().trace(mod)
+                traced[id(mod)] = _InlineTracer(proxy_buffers).trace(mod)
         sub = traced[id(mod)]
     except Exception as exc:  # fx raises many types: all mean "not traceable"
         from ..capture import _faulty_module

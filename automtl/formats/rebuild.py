@@ -26,6 +26,7 @@ from ..tasks import MODULE_ATTRIBUTES, Task
 from .codec import DTYPES, decode
 from .lowering import META_KEYS
 from .modules import build_module
+from .trainmode import META_TRAIN, check_switches
 from .vocabulary import FUNCTIONS, METHODS, check_graph
 
 _MAX_HEADER = 16 * 2**20
@@ -36,6 +37,8 @@ _ATTRIBUTE_DTYPES = ("float16", "bfloat16", "float32", "float64", "int8", "int16
 #: The keys of a format-2 description; anything else is refused rather than parsed and ignored.
 DESCRIPTION_KEYS = {"automtl_bundle", "automtl_version", "dtype", "input_shape", "tasks", "policy", "modules",
                     "attributes", "nodes", "trains_otherwise"}
+#: The keys of a node's entry.
+NODE_KEYS = {"name", "op", "target", "args", "kwargs", "meta", "train"}
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
 _PART = re.compile(r"^[A-Za-z0-9_]+\Z")
 #: bounds of a node's sharing notes (a layer's module path, task names): far above what a model writes
@@ -104,6 +107,10 @@ def _build_node(path: str, graph: fx.Graph, env: dict, root: dict, nd: Any, i: i
     if not isinstance(name, str) or not _IDENT.match(name) or len(name) > 256 or name in env or keyword.iskeyword(name):
         raise bad(path, f"has an invalid or repeated node name {str(name)[:60]!r}; the file is corrupted, save the model again")
     where = f"node {name!r} of model file {path!r}"
+    unknown = set(nd) - NODE_KEYS
+    if unknown:
+        raise FileFormatError(f"{where} has keys {sorted(str(k)[:30] for k in unknown)[:3]} that format 2 does not have; "
+                              "it is crafted or from another version, save the model again")
     raw_args, raw_kwargs = nd.get("args", []), nd.get("kwargs", {})
     if (not isinstance(raw_args, list) or not isinstance(raw_kwargs, dict)
             or not all(isinstance(k, str) and _IDENT.match(k) and not keyword.iskeyword(k) for k in raw_kwargs)):
@@ -137,6 +144,8 @@ def _build_node(path: str, graph: fx.Graph, env: dict, root: dict, nd: Any, i: i
     if node.name != name or name == "self":  # a name the generated code would shadow (self: the module itself)
         raise bad(path, f"has a node named {name[:60]!r}, a name the generated code uses itself; it is crafted, "
                         "save the model again")
+    if "train" in nd:  # the constants the call takes in train mode instead (a norm inlined in its eval branch)
+        node.meta[META_TRAIN] = check_switches(node, nd["train"], where)
     meta = nd.get("meta") or {}
     if isinstance(meta, dict):
         for key in META_KEYS:
