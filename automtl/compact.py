@@ -75,12 +75,11 @@ class CompactModel(GraphsBuiltOnUse):
             self.input_check(x)
             if self.training and self.train_mode_left_out:
                 self.train_mode_left_out = False
-                warnings.warn("this model was read from a file, which holds its eval-mode graph: what its backbone's "
-                              "forward does only in training is not in it (dropout, stochastic depth, and norms written "
-                              "as F.batch_norm(training=self.training), such as timm's BatchNormAct2d, which then "
-                              "normalise with their running statistics and never update them), so it trains without "
-                              "that; fine-tune the compact model itself (automtl compact RUN_DIR --finetune-steps N) "
-                              "for that", UserWarning, stacklevel=2)
+                warnings.warn("this model was read from a file that could not describe all its backbone's forward "
+                              "does in training (random masks such as stochastic depth's, a tensor only training "
+                              "builds, a BatchNorm of momentum None), so it trains without that; fine-tune the compact "
+                              "model itself (automtl compact RUN_DIR --finetune-steps N) for that", UserWarning,
+                              stacklevel=2)
             if not self.training and torch.is_grad_enabled() and not x.requires_grad:
                 # a model read from a file runs inference without autograd: the load-time bound on what is
                 # alive at once holds only then (autograd would keep every node's saved inputs); an input that
@@ -171,7 +170,8 @@ def _narrow_group_calls(graph: fx.Graph) -> bool:
     return narrowed
 
 
-def grouped_train_graph(gm: fx.GraphModule, task_names: Sequence[str], graph: Optional[fx.Graph] = None) -> Optional[fx.Graph]:
+def grouped_train_graph(gm: fx.GraphModule, task_names: Sequence[str],
+                        graph: Optional[fx.Graph] = None) -> tuple[Optional[fx.Graph], bool]:
     """The train graph of a compact model known by its eval graph alone (one read from an ``.automtl`` file): where a
     norm with running statistics runs for several classes of tasks at one call site of the backbone (nodes calling
     the same module, or ``F.batch_norm`` on the same statistics in train mode, noted with the same
@@ -183,15 +183,17 @@ def grouped_train_graph(gm: fx.GraphModule, task_names: Sequence[str], graph: Op
         gm: the eval graph's module (its modules are looked up).
         task_names: the model's tasks, in order.
         graph: the train-mode graph to group, over ``gm``'s modules (a file's notes switched in:
-            :func:`automtl.formats.trainmode.switch_to_train`); default a copy of ``gm.graph``. Changed in place.
+            :func:`automtl.formats.trainmode.switch_to_train`); default ``gm.graph``. Left as it is.
 
     Returns:
-        The graph, its nodes in an order that runs (stable topological); None where no call site runs for several
-        classes (``graph`` computes the same as it is).
+        ``(grouped, exact)``: the grouped copy of ``graph``, its nodes in an order that runs (stable topological), or
+        None where no call site runs for several classes (``graph`` computes the same as it is); ``exact`` is False
+        where a site runs for several classes but cannot be grouped (a class calls it twice, as a norm subclass that
+        normalises twice in one forward; calls that feed each other), so its statistics move once per call.
     """
     import heapq
 
-    graph = copy.deepcopy(gm.graph) if graph is None else graph
+    graph = copy.deepcopy(gm.graph if graph is None else graph)
     index = {t: i for i, t in enumerate(task_names)}
     sites: dict = {}
     for node in graph.nodes:
@@ -205,11 +207,13 @@ def grouped_train_graph(gm: fx.GraphModule, task_names: Sequence[str], graph: Op
             site = _batch_norm_site(node)
             if site is not None:
                 sites.setdefault((site, source), []).append(node)
-    grouped = False
+    grouped, exact = False, True
     for nodes in sites.values():
         members = tuple(tuple(index[t] for t in n.meta[META_TASKS]) for n in nodes)
         if len(nodes) < 2 or len({t for m in members for t in m}) != sum(map(len, members)):
-            continue  # one class, or classes that overlap (no compiler makes them): left as they are
+            # one class, or classes that overlap (a class calls the site twice): left as they are
+            exact = exact and len(set(members)) < 2
+            continue
         with graph.inserting_before(nodes[0]):
             if nodes[0].op == "call_module":
                 call = graph.call_function(module_per_group, (graph.get_attr(nodes[0].target),
@@ -228,7 +232,7 @@ def grouped_train_graph(gm: fx.GraphModule, task_names: Sequence[str], graph: Op
             graph.erase_node(node)
         grouped = True
     if not grouped:
-        return None
+        return None, exact
     # a class's input may come after the first class's call: order the nodes again, each as early as it was
     position = {n: i for i, n in enumerate(graph.nodes)}
     waiting = {n: len(set(n.all_input_nodes)) for n in graph.nodes}
@@ -243,11 +247,11 @@ def grouped_train_graph(gm: fx.GraphModule, task_names: Sequence[str], graph: Op
             if waiting[user] == 0:
                 heapq.heappush(ready, (position[user], user.name, user))
     if len(order) != len(position):
-        return None  # calls noted as one site that feed each other (one call would need its own result): no compiler
-    for before, node in zip(order, order[1:]):  # makes them, and the file's eval graph then trains as it is
+        return None, False  # calls noted as one site that feed each other (one call would need its own result)
+    for before, node in zip(order, order[1:]):
         before.append(node)
     graph.lint()
-    return graph
+    return graph, exact
 
 
 def per_class_train_graph(graph: fx.Graph) -> fx.Graph:

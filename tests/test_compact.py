@@ -361,7 +361,9 @@ def test_a_loaded_model_says_once_that_it_trains_without_what_the_forward_does_o
 
 def test_norm_calls_that_feed_each_other_are_not_grouped():
     """A file's notes could put two calls of one norm, the second reading the first's result, at one call site:
-    one call for both would need its own result (a cycle, a traceback at load). They are left as they are."""
+    one call for both would need its own result (a cycle, a traceback at load). They are left as they are, the graph
+    handed in too (grouping it halfway left a cycle, and every train-mode forward of the loaded model failed), and
+    the result says the statistics then move once per call."""
     from torch import fx
 
     from automtl.compact import META_SOURCE, META_TASKS, grouped_train_graph
@@ -378,7 +380,9 @@ def test_norm_calls_that_feed_each_other_are_not_grouped():
     gm = fx.symbolic_trace(Chain())
     for node, task in zip([n for n in gm.graph.nodes if n.op == "call_module"], ("a", "b")):
         node.meta[META_SOURCE], node.meta[META_TASKS] = "bn", (task,)
-    assert grouped_train_graph(gm, ["a", "b"]) is None
+    before = str(gm.graph)
+    assert grouped_train_graph(gm, ["a", "b"], gm.graph) == (None, False)
+    assert str(gm.graph) == before
 
 
 def test_a_norm_subclass_inlined_at_save_trains_as_the_saved_one(tmp_path):
@@ -430,3 +434,77 @@ def test_a_norm_subclass_inlined_at_save_trains_as_the_saved_one(tmp_path):
         warnings.simplefilter("always")
         loaded.train()(x)
     assert any("trains without that" in str(w.message) for w in caught)
+
+
+class TwoDropoutsOfOneValue(nn.Module):
+    """Two dropouts of one value (MC-dropout's branches): in eval mode the same computation twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        f = self.c2(F.relu(self.c1(x)))
+        return F.dropout(f, 0.5, self.training) * 2 + F.dropout(f, 0.5, self.training)
+
+
+class BatchNormTwice(nn.BatchNorm2d):
+    """A BatchNorm2d subclass (inlined at save, as timm's) that normalises twice in one forward."""
+
+    def forward(self, x):
+        return super().forward(F.relu(super().forward(x)))
+
+
+class NormTwiceNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c0, self.b0 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.c1, self.b1 = nn.Conv2d(8, 8, 3, padding=1), BatchNormTwice(8)
+        self.c2 = nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        return self.c2(self.b1(self.c1(F.relu(self.b0(self.c0(x))))))
+
+
+@pytest.mark.parametrize("net", [TwoDropoutsOfOneValue, NormTwiceNet])
+def test_what_a_file_cannot_say_in_train_mode_is_noted_not_guessed(net, tmp_path):
+    """Two dropouts of one value are one computation in the eval graph: which of them the note belongs to is not
+    known (the first got it, the second stayed off). A norm called twice in one class's forward cannot be grouped
+    with the other classes' calls, so its statistics would move once per call. Both files say they train otherwise
+    (before, they trained otherwise and said nothing: outputs off by 1.3, the evaluation after by 0.016)."""
+    from automtl.formats import load, save
+
+    torch.manual_seed(0)
+    sm = supermodel(net(), [Task("a", "depth"), Task("b", "depth")], torch.randn(1, 3, 16, 16))
+    policy = Policy.uniform(sm.layer_names, sm.task_names, SHARE)
+    policy.choices[0][1] = SPECIALIZE  # the later norms then run for two classes
+    save(compact(sm, policy).eval(), tmp_path / "m.automtl")
+    assert load(tmp_path / "m.automtl").trains_otherwise
+
+
+def test_a_noted_norm_that_reaches_no_output_moves_nothing():
+    """A file's dead code is harmless in eval mode, but a noted batch_norm there would move its statistics in
+    training: a loaded model's train graph leaves out what reaches no output."""
+    from torch import fx
+
+    from automtl.formats.bundle import _train_graph
+    from automtl.formats.trainmode import META_TRAIN
+
+    class Dead(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("mean", torch.zeros(3))
+            self.register_buffer("var", torch.ones(3))
+
+        def forward(self, x):
+            F.batch_norm(x * 1000, self.mean, self.var, None, None, False, 0.1, 1e-5)
+            return {"a": x + 1}
+
+    gm = fx.symbolic_trace(Dead())
+    (node,) = [n for n in gm.graph.nodes if n.target is F.batch_norm]
+    node.meta[META_TRAIN] = {"training": True}
+    graph, exact = _train_graph(gm, ["a"])
+    assert exact and not any(n.target is F.batch_norm for n in graph.nodes)
+    trained = fx.GraphModule(gm, graph)
+    trained(torch.randn(2, 3, 4, 4))
+    assert torch.equal(gm.mean, torch.zeros(3))

@@ -255,6 +255,15 @@ def _batch_norm(train, running="computed"):
     return insert_before_output(*stats, {**bn, "train": train})
 
 
+def _moves_a_parameter(desc):
+    """A noted batch_norm whose running mean is a parameter: training would move a weight as if it were a mean."""
+    desc["attributes"] = [*(desc.get("attributes") or []), {"name": "p", "kind": "parameter", "shape": [3],
+                                                            "dtype": "float32"}]
+    insert_before_output(node("pm", "get_attr", "p"), {**node(
+        "bn", "call_function", "torch.nn.functional.batch_norm", {"$node": "x"}, {"$node": "pm"}, None, None, None,
+        False, 0.1, 1e-5), "train": {"training": True}}, use_last=False)(desc)
+
+
 DESCRIPTION_CASES = {
     # train-mode notes (the constants a call takes in training): only batch_norm's and dropout's switches, of their
     # kinds, and a batch_norm that trains moves only the model's own statistics, never a computed tensor it shares
@@ -264,6 +273,10 @@ DESCRIPTION_CASES = {
     "train-note-momentum-beyond-one": lambda p, m: edit(p, _batch_norm({"momentum": 1e30}, running=None)),
     "train-note-not-a-mapping": lambda p, m: edit(p, _batch_norm([["training", True]], running=None)),
     "train-note-moves-a-computed-tensor": lambda p, m: edit(p, _batch_norm({"training": True})),
+    "train-note-momentum-in-its-arguments": lambda p, m: edit(p, insert_before_output({**node(
+        "bn", "call_function", "torch.nn.functional.batch_norm", {"$node": "x"}, None, None, None, None, True, 1e30,
+        1e-5), "train": {"training": True}}, use_last=False)),
+    "train-note-moves-a-parameter": lambda p, m: edit(p, _moves_a_parameter),
     "node-key-unknown": lambda p, m: edit(p, lambda d: first(d, "call_module").update(code="import os")),
     "reduction-compute-bomb": lambda p, m: edit(p, _reduction_bomb()),
     # sharing that inspect and render would report though the graph does not compute it
@@ -451,6 +464,14 @@ def test_load_refuses(valid, tmp_path, case):
     with pytest.raises(FileFormatError, match="model file"):
         load(path)
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("case", sorted(c for c in ALL_CASES if c.startswith("train-note")))
+def test_train_notes_are_refused_for_what_they_say(valid, tmp_path, case):
+    """Each crafted train-mode note is refused by the check of notes, not by another check it happens to trip."""
+    path, _ = hostile(valid, tmp_path, case)
+    with pytest.raises(FileFormatError, match="train-mode|trains with|in train mode"):
+        load(path)
 
 
 READERS = {

@@ -142,6 +142,8 @@ def describe(compact: CompactModel) -> tuple[dict, dict]:
     switches = _train_switches(compact, gm)
     for node, change in (switches or {}).items():
         node.meta[META_TRAIN] = {**node.meta.get(META_TRAIN, {}), **change}
+    # and the train graph a loaded model builds from that groups every norm as this one's does
+    exact = switches is not None and _train_graph(gm, compact.task_names)[1]
     targets = list(dict.fromkeys(n.target for n in gm.graph.nodes if n.op in ("call_module", "get_attr")))
     names = _safe_names(targets)
     modules, attributes, tensors = [], [], {}
@@ -174,9 +176,23 @@ def describe(compact: CompactModel) -> tuple[dict, dict]:
         "attributes": attributes,
         "nodes": [_describe_node(n, names) for n in gm.graph.nodes],
         # the forward does something only in training (dropout, stochastic depth) that this eval graph does not hold
-        "trains_otherwise": compact.trains_otherwise or switches is None,
+        "trains_otherwise": compact.trains_otherwise or not exact,
     }
     return desc, {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+
+
+def _train_graph(gm: fx.GraphModule, task_names: list) -> tuple[Optional[fx.Graph], bool]:
+    """The train graph a loaded model runs: the file's eval graph with its notes switched in, norm calls grouped,
+    what reaches no output left out (a noted batch_norm there would still move its statistics); None where it is the
+    eval graph. And whether it trains as the saved model did (every site that runs for several classes grouped)."""
+    train = copy.deepcopy(gm.graph)
+    switched = switch_to_train(train)
+    grouped, exact = grouped_train_graph(gm, task_names, train)
+    if grouped is None and not switched:
+        return None, exact
+    module = fx.GraphModule(gm, grouped if grouped is not None else train, "CompactNet")
+    module.graph.eliminate_dead_code()
+    return module.graph, exact
 
 
 def _train_switches(compact: CompactModel, lowered: fx.GraphModule) -> Optional[dict]:
@@ -388,9 +404,7 @@ def load(path: str | os.PathLike, max_bytes: int = MAX_BUNDLE_BYTES) -> CompactM
     gm, meta_twin, tasks, policy = rebuild(path, desc, entries[WEIGHTS_ENTRY])
     # the file holds the eval graph and the constants its calls take in train mode instead; in train mode its norms'
     # statistics move once a step, as the saved model's did
-    train = copy.deepcopy(gm.graph)
-    switched = switch_to_train(train)
-    train_graph = grouped_train_graph(gm, [t.name for t in tasks], train) or (train if switched else None)
+    train_graph = _train_graph(gm, [t.name for t in tasks])[0]
     model = CompactModel(gm, tasks, policy, input_shape=desc["input_shape"], train_graph=train_graph).eval()
     model.trains_otherwise = model.train_mode_left_out = desc.get("trains_otherwise", False)
     model.input_check = _InputCheck(path, meta_twin, tasks, DTYPES[desc["dtype"]], desc["input_shape"])

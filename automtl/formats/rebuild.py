@@ -26,7 +26,7 @@ from ..tasks import MODULE_ATTRIBUTES, Task
 from .codec import DTYPES, decode
 from .lowering import META_KEYS
 from .modules import build_module
-from .trainmode import META_TRAIN, check_switches
+from .trainmode import META_TRAIN, check_statistics, check_switches
 from .vocabulary import FUNCTIONS, METHODS, check_graph
 
 _MAX_HEADER = 16 * 2**20
@@ -711,6 +711,7 @@ def rebuild(path: str, desc: dict, weights: bytes) -> tuple:
     if list(outputs) != names:
         raise bad(path, f"has graph outputs that are not its tasks {names}; the file is corrupted, save the model again")
     _check_sharing(path, gm.graph, tasks, policy)
+    check_statistics(gm, f"model file {path!r}")
     dtype = DTYPES[desc["dtype"]]
     expected = _expected_tensors(gm, desc, dtype)
     _check_weights_header(path, weights, expected)

@@ -27,7 +27,7 @@ META_TRAIN = "automtl_train"
 #: The functions whose call may take other constants in train mode, each parameter with the kinds its value
 #: may have. Nothing here changes a result's shape or what a call allocates.
 SWITCHES: dict = {
-    F.batch_norm: {"training": (bool,), "momentum": (float, type(None))},
+    F.batch_norm: {"training": (bool,), "momentum": (float,)},
     F.dropout: {"training": (bool,)},
     F.dropout2d: {"training": (bool,)},
 }
@@ -53,8 +53,10 @@ def train_switches(eval_graph: fx.Graph, train_graph: fx.Graph) -> Optional[dict
     ids: dict = {}  # node -> the number of what it computes (equal computations get equal numbers)
     table: dict = {}  # key of a computation -> its number (eval graph's only)
     reduced: dict = {}  # key of a switchable call without its switches -> its eval node
+    copies: dict = {}  # number -> how many eval nodes compute it
     for node in eval_graph.nodes:
-        ids[node] = table.setdefault(_key(node, ids), len(table))
+        ids[node] = number = table.setdefault(_key(node, ids), len(table))
+        copies[number] = copies.get(number, 0) + 1
         if node.op == "call_function" and node.target in SWITCHES and bound_arguments(node) is not None:
             reduced.setdefault(_key(node, ids, reduced=True), node)
     switches: dict = {}
@@ -63,7 +65,8 @@ def train_switches(eval_graph: fx.Graph, train_graph: fx.Graph) -> Optional[dict
         if number is None:
             found = reduced.get(_key(node, ids, reduced=True)) if node.op == "call_function" and node.target in SWITCHES else None
             change = _switched(found, node) if found is not None else None
-            if change is None or switches.get(found, change) != change:
+            # a call the eval graph makes twice (two dropouts of one value): which of them switches is not known
+            if change is None or copies[ids[found]] > 1 or found in switches:
                 return None
             if change:
                 switches[found] = change
@@ -109,27 +112,35 @@ def _equal(a, b) -> bool:
 
 def check_switches(node: fx.Node, raw, where: str) -> dict:
     """The train-mode constants a file notes on ``node``, checked: a call of :data:`SWITCHES`, its parameters, values
-    of their kinds (a momentum finite in [0, 1]); a batch_norm that trains moves only the model's own running
-    statistics (attributes, never a computed tensor).
+    of their kinds; a batch_norm that trains has a momentum in [0, 1] and moves only attributes, never a computed
+    tensor (which attributes: :func:`check_statistics`).
 
     Raises:
         FileFormatError: one sentence naming the node and what is wrong.
     """
     allowed = SWITCHES.get(node.target) if node.op == "call_function" else None
-    bound = bound_arguments(node) if allowed is not None else None
-    if bound is None:
+    if allowed is None:
         raise FileFormatError(f"{where} notes train-mode arguments, which only a batch_norm or dropout call takes; "
+                              "the file is crafted or corrupted, save the model again")
+    bound = bound_arguments(node)
+    if bound is None:
+        raise FileFormatError(f"{where} notes train-mode arguments for a call whose own arguments do not fit it; "
                               "the file is crafted or corrupted, save the model again")
     if not isinstance(raw, dict) or not raw:
         raise FileFormatError(f"{where} notes train-mode arguments that are no mapping of parameters to values; "
                               "the file is crafted or corrupted, save the model again")
     for key, value in raw.items():
         kinds = allowed.get(key) if isinstance(key, str) else None
-        if kinds is None or not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds) or (
-                key == "momentum" and value is not None and not (math.isfinite(value) and 0.0 <= value <= 1.0)):
+        if kinds is None or not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
             raise FileFormatError(f"{where} notes the train-mode argument {str(key)[:30]!r} = {str(value)[:30]!r}, "
                                   "which it does not take; the file is crafted or corrupted, save the model again")
-    if node.target is F.batch_norm and {**bound, **raw}.get("training"):
+    training = {**bound, **raw}
+    if node.target is F.batch_norm and (training.get("training") or "momentum" in raw):
+        momentum = training.get("momentum")  # its own, or the note's: eval mode never reads it
+        if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not (
+                math.isfinite(momentum) and 0 <= momentum <= 1):
+            raise FileFormatError(f"{where} trains with a momentum of {str(momentum)[:30]}, not a number in [0, 1]; "
+                                  "the file is crafted or corrupted, save the model again")
         for key in ("running_mean", "running_var"):
             value = bound.get(key)
             if value is not None and not (isinstance(value, fx.Node) and value.op == "get_attr"):
@@ -150,3 +161,41 @@ def switch_to_train(graph: fx.Graph) -> bool:
         node.args, node.kwargs = (), bound
         switched = True
     return switched
+
+
+def check_statistics(gm: fx.GraphModule, where: str) -> None:
+    """The attributes a noted batch_norm moves in train mode are running statistics and nothing else: floating
+    buffers, not parameters (a crafted note could train a weight by moving it as a mean), inside no module the graph
+    calls, read by the graph only as the running statistics of batch_norm calls.
+
+    Raises:
+        FileFormatError: one sentence naming the attribute.
+    """
+    moved = set()
+    for node in gm.graph.nodes:
+        note = node.meta.get(META_TRAIN)
+        if note and node.target is F.batch_norm and {**bound_arguments(node), **note}.get("training"):
+            moved.update(v.target for k, v in bound_arguments(node).items()
+                         if k in ("running_mean", "running_var") and isinstance(v, fx.Node))
+    if not moved:
+        return
+    parameters = {name for name, _ in gm.named_parameters()}
+    called = [n.target for n in gm.graph.nodes if n.op == "call_module"]
+    for target in sorted(moved):
+        tensor = gm
+        for part in target.split("."):
+            tensor = getattr(tensor, part)
+        inside = next((m for m in called if target.startswith(f"{m}.")), None)
+        if target in parameters or not tensor.is_floating_point() or inside is not None:
+            raise FileFormatError(f"{where} moves {target[:80]!r} as running statistics in train mode, though it is "
+                                  f"{'a parameter' if target in parameters else 'a tensor of module ' + repr(inside) if inside else 'not floating'}; "
+                                  "the file is crafted or corrupted, save the model again")
+    for node in gm.graph.nodes:
+        if node.op != "get_attr" or node.target not in moved:
+            continue
+        for user in node.users:
+            bound = bound_arguments(user) if user.op == "call_function" and user.target is F.batch_norm else None
+            if bound is None or any(v is node for k, v in bound.items() if k not in ("running_mean", "running_var")):
+                raise FileFormatError(f"{where} moves {node.target[:80]!r} as running statistics in train mode and "
+                                      f"reads it otherwise too (node {user.name!r}); the file is crafted or corrupted, "
+                                      "save the model again")
