@@ -211,7 +211,7 @@ def export(compact: CompactModel, path: str | os.PathLike, example_input: Option
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
         try:  # say now, not at load time, when load_pt2 will not read what was written
-            check_pt2(tmp, max_bytes=max(MAX_PT2_BYTES, len(data)))
+            check_pt2(tmp, max_bytes=max(MAX_PT2_BYTES, len(data)), repack=False)
         except FileFormatError as exc:
             what = str(exc).split("; load only")[0].replace(f"program file {str(tmp)!r}", f"{os.fspath(path)!r}")
             warnings.warn(f"{what}, so automtl.load_pt2 will refuse it; load it with torch.export.load only where "
@@ -453,9 +453,9 @@ def _read_small(path: str, zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytes:
     return raw
 
 
-def check_pt2(path: str | os.PathLike, max_bytes: int = MAX_PT2_BYTES) -> bytes:
+def check_pt2(path: str | os.PathLike, max_bytes: int = MAX_PT2_BYTES, repack: bool = True) -> Optional[bytes]:
     """Read and check a ``.pt2`` archive; return its checked entries re-packed as a new archive, safe to hand to
-    ``torch.export.load``.
+    ``torch.export.load`` (``repack=False``: only check, return None; what ``export`` does with what it wrote).
 
     The zip directory is checked before any entry is decompressed, and the graph and configs
     before any tensor entry is.
@@ -509,7 +509,7 @@ def check_pt2(path: str | os.PathLike, max_bytes: int = MAX_PT2_BYTES) -> bytes:
                              f"declares need {nbytes}")
     entries = _entries(path, data, max_bytes)  # only now is every entry read (under the zip bounds): a damaged one is refused
     del zf, data  # the file's bytes: the entries are all that is needed now (a 2 GiB file is not held three times)
-    return _repacked(entries)
+    return _repacked(entries) if repack else None
 
 
 def _repacked(entries: dict) -> bytes:
