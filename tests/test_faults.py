@@ -148,16 +148,24 @@ def test_resume_removes_what_a_killed_run_left_half_written(finished, tmp_path):
 
 
 def _interrupt(out, *extra, wait_for="checkpoints/checkpoint.pt"):
-    """Start a long ``automtl search`` into ``out``, press Ctrl-C once ``wait_for`` exists; (exit code, stderr)."""
+    """Start a long ``automtl search`` into ``out``, press Ctrl-C once ``wait_for`` exists; (exit code, stderr).
+
+    The search runs on one thread: beside the other test worker, torch's default threads (one per core) spin for
+    each other, and a run that checkpoints at step 100 within 8 s alone had taken 40 steps in 120 s."""
     cmd = [sys.executable, "-m", "automtl", "search", "tiny", "--steps", "10000,10000,10000", "--samples", "64,8",
            "--input-size", "16", "--quiet", "--out", str(out), *map(str, extra)]
     started = time.time()
     # as from a terminal: a shell's background job (as CI may run us) inherits SIGINT ignored
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"},
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    deadline = time.time() + 120
+    deadline = time.time() + 600
     while time.time() < deadline and not ((out / wait_for).exists() and (out / wait_for).stat().st_mtime >= started):
         time.sleep(0.2)
+    if not (out / wait_for).exists():
+        proc.kill()
+        proc.communicate()
+        raise AssertionError(f"the search wrote no {wait_for} in 600 s")
     time.sleep(0.5)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
