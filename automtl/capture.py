@@ -36,7 +36,7 @@ from .features import META_LAYOUT, _module_paths, is_channels_last, laid_out, pi
 from .graphpasses import (STATE_WRITE_ADVICE, ancestors, functionalize, module_tensor, mutated_argument,
                           refuse_state_writes, user_line)
 from .seeding import moved_generators, random_states, seeded
-from .tracecheck import PythonState, check_trace, put_back, saved_buffers
+from .tracecheck import PythonState, check_trace, put_back, same_bits, saved_buffers
 
 
 @dataclass
@@ -544,7 +544,7 @@ def _refuse_changed_constants(backbone: nn.Module, saved: list, graph: fx.Graph)
     the converted model would never make it (``self.count += 1`` beside ``int(self.repeats)``)."""
     values = {id(b): v for b, v in saved}
     for name, buffer in backbone.named_buffers():
-        if name in graph.constant_buffers and not _same_bits(buffer, values[id(buffer)]):
+        if name in graph.constant_buffers and not same_bits(buffer, values[id(buffer)]):
             raise BackboneError(
                 f"the backbone changes its own tensor {name!r} in place during the forward while torch.fx traces it as "
                 f"a constant ({graph.constant_reason}), so the converted model would never make that change; "
@@ -563,12 +563,6 @@ def _refuse_constant_writes(backbone: nn.Module, graph: fx.Graph) -> None:
                 f"torch.fx traces it as a constant ({graph.constant_reason}), so the converted model would read the "
                 "value it had while traced; compute that value in the forward without keeping it in a buffer, or mark "
                 "the module as a leaf (leaf_modules=[ItsClass])")
-
-
-def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Equal values, NaN and infinities included (writing the value a tensor holds changes nothing)."""
-    return a.shape == b.shape and a.dtype == b.dtype and bool(
-        torch.equal(a, b) or (a.is_floating_point() and torch.allclose(a, b, rtol=0.0, atol=0.0, equal_nan=True)))
 
 
 class _EagerDraw(Exception):
@@ -855,7 +849,7 @@ def _refuse_stateful_leaves(backbone: nn.Module, graph: fx.Graph, example_input:
     moved = None
     try:
         with _eager_eval_run(backbone, example_input) as buffers:
-            moved = next((owned[id(b)] for b, before in buffers if id(b) in owned and not _same_bits(b, before)), None)
+            moved = next((owned[id(b)] for b, before in buffers if id(b) in owned and not same_bits(b, before)), None)
     except Exception:  # noqa: BLE001 - the forward ran in the trace check; a failure here is not this check's to name
         pass
     if moved is not None:

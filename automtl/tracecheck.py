@@ -203,6 +203,12 @@ def saved_buffers(module: nn.Module) -> list:
     return [(b, b.detach().clone()) for b in module.buffers()]
 
 
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal values, NaN and infinities included (writing the value a tensor holds changes nothing)."""
+    return a.shape == b.shape and a.dtype == b.dtype and bool(
+        torch.equal(a, b) or (a.is_floating_point() and torch.allclose(a, b, rtol=0.0, atol=0.0, equal_nan=True)))
+
+
 def put_back(saved: list) -> None:
     """Copy each ``(tensor, saved value)`` pair's saved value back into the tensor (buffers a run moved)."""
     with torch.no_grad():

@@ -30,6 +30,7 @@ from torch import fx, nn
 from ..compact import CompactModel, grouped_train_graph, per_class_train_graph
 from ..errors import AutomtlError, ConfigError, FileFormatError, first_line
 from ..fileio import MAX_YAML_BYTES, atomic_path, parse_yaml, read_regular_file, read_zip_entries
+from ..tracecheck import put_back, same_bits, saved_buffers
 from ._export_common import EvalMode
 from .codec import DTYPES, encode
 from .lowering import META_KEYS, lower
@@ -203,19 +204,15 @@ def _train_switches(compact: CompactModel, lowered: fx.GraphModule) -> Optional[
     source = compact.graph_module
     if compact.train_graph is not None:
         source = fx.GraphModule(source, per_class_train_graph(compact.train_graph), "CompactNet")
-    buffers = [(b, b.clone()) for b in compact.buffers()]
+    buffers = saved_buffers(compact)
     try:
         with EvalMode(compact.graph_module, train=True):
             trained = lower(source, proxy_buffers=True)
     except Exception:  # noqa: BLE001 - any failure of the train-mode trace: the file then says it trains otherwise
         return None
     finally:
-        moved = False
-        with torch.no_grad():
-            for b, before in buffers:
-                if not torch.equal(b.reshape(-1).view(torch.uint8), before.reshape(-1).view(torch.uint8)):  # NaN too
-                    b.copy_(before)
-                    moved = True
+        moved = any(not same_bits(b, before) for b, before in buffers)
+        put_back(buffers)
     return None if moved else train_switches(lowered.graph, trained.graph)
 
 
