@@ -98,6 +98,12 @@ _CHOICES = {
 _ALIASES = {"gpu": "cuda"}
 
 
+#: Search fields that say where a session writes (checkpoints, logs, TensorBoard), which policy file it reads and
+#: whether it resumes: they are the session's, not the run's. A run directory's ``supermodel.yaml`` does not set them
+#: for a later session (a handed-over run would otherwise have ``automtl compact`` write logs where its file says).
+SESSION_FIELDS = ("out_dir", "log_dir", "tensorboard_dir", "policy_file", "resume")
+
+
 @dataclass
 class SearchConfig:
     """How :func:`automtl.search` runs. Step counts are optimizer steps (one batch each).
@@ -184,6 +190,10 @@ class SearchConfig:
         if not isinstance(self.weighting_options, Mapping):
             raise ConfigError(f"config field 'weighting_options' must be a mapping, got {self.weighting_options!r}")
         self.weighting_options = dict(self.weighting_options)
+        named = next((k for k in self.weighting_options if not isinstance(k, str)), None)
+        if named is not None:
+            raise ConfigError(f"config field 'weighting_options' has the option name {named!r}; option names are "
+                              "words (e.g. temperature: 2.0)")
         for name in ("out_dir", "log_dir", "tensorboard_dir", "policy_file"):
             v = getattr(self, name)
             if v is not None:

@@ -16,9 +16,10 @@ from typing import Optional, Union
 import torch
 import yaml
 
+from .config import SESSION_FIELDS, SearchConfig
 from .convert import ConvertConfig, build_data, build_supermodel, json_safe, prepare_run
 from .errors import ConfigError, FileFormatError
-from .fileio import atomic_path, atomic_write_text, ensure_dir, load_tensors, read_yaml
+from .fileio import atomic_path, atomic_write_text, ensure_dir, load_tensors, read_yaml, state_dict_of
 from .policy import Policy
 from .supermodel import SuperModel
 
@@ -106,17 +107,24 @@ def compact_run(run_dir: Union[str, os.PathLike], policy: Union[None, str, os.Pa
 
 
 def save_run(sm: SuperModel, cfg: ConvertConfig, directory, policy: Optional[Policy] = None) -> None:
-    """Keep a supermodel as ``supermodel.yaml`` (how to rebuild it) + ``supermodel.pt`` (tensors), atomically each."""
+    """Keep a supermodel as ``supermodel.yaml`` (how to rebuild it) + ``supermodel.pt`` (tensors), atomically each.
+
+    The config's :data:`automtl.config.SESSION_FIELDS` (where this session wrote) are left out: a later session's own."""
     directory = ensure_dir(directory)
     with atomic_path(directory / "supermodel.pt") as tmp:
         torch.save(sm.state_dict(), tmp)
-    atomic_write_text(directory / "supermodel.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    spec = cfg.to_dict()
+    spec["search"] = {k: v for k, v in spec["search"].items() if k not in SESSION_FIELDS}
+    atomic_write_text(directory / "supermodel.yaml", yaml.safe_dump(spec, sort_keys=False))
     if policy is not None:
         policy.save(directory / "policy.yaml")
 
 
 def load_run(directory) -> tuple[SuperModel, ConvertConfig, Optional[Policy]]:
     """Rebuild the supermodel of a run directory written by :func:`save_run`: (supermodel, config, policy or None).
+
+    The config's :data:`automtl.config.SESSION_FIELDS` are the defaults, whatever the file says: where a later
+    session writes is its own (a run directory is data someone may have handed over).
 
     Raises:
         FileFormatError: no ``supermodel.yaml`` there, or a missing, damaged or mismatched ``supermodel.pt``.
@@ -127,6 +135,7 @@ def load_run(directory) -> tuple[SuperModel, ConvertConfig, Optional[Policy]]:
         raise FileFormatError(f"{os.fspath(directory)!r} is not an automtl run directory (no supermodel.yaml); run automtl search first")
     cfg = ConvertConfig.from_dict(read_yaml(spec, "run file", exponent_floats=True) or {}, f"run file {os.fspath(spec)!r}")
     cfg.weights = None  # the trained weights come from supermodel.pt; a pretrained backbone's input statistics stay
+    cfg.search = cfg.search.replace(**{name: SearchConfig.__dataclass_fields__[name].default for name in SESSION_FIELDS})
     state = _read_state(directory / "supermodel.pt")
     if cfg.pretrained and not any(k.endswith("automtl_input_mean") for k in state):
         cfg.pretrained = False  # a run of an automtl that did not standardise a pretrained input trained without it
@@ -143,7 +152,9 @@ def supermodel_from_state(sm: SuperModel, path) -> SuperModel:
 def _read_state(path) -> dict:
     if not os.path.lexists(path):
         raise FileFormatError(f"weights file {os.fspath(path)!r} is missing; run automtl search again")
-    return load_tensors(path, "weights file", FileFormatError, "run automtl search again")
+    fix = "run automtl search again"
+    return state_dict_of(load_tensors(path, "weights file", FileFormatError, fix), f"weights file {os.fspath(path)!r}",
+                         FileFormatError, fix)
 
 
 def _load_state(sm: SuperModel, state: dict, path) -> SuperModel:

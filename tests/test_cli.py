@@ -254,6 +254,49 @@ def test_file_errors(tmp_path):
     assert "supermodel.yaml" in bad("compact", tmp_path)
 
 
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory):
+    out = tmp_path_factory.mktemp("search") / "run"
+    run("search", "tiny", *SMALL, "--out", out)
+    return out
+
+
+def test_a_run_directory_does_not_say_where_a_later_session_writes(searched, tmp_path):
+    """A run directory is data someone may hand over: where its supermodel.yaml says logs, TensorBoard events,
+    checkpoints or a policy file are (a search's own settings) is not where `automtl compact --finetune-steps`
+    writes or reads (it created folders and replaced a log.jsonl anywhere on disk). The writer leaves them out."""
+    import shutil
+
+    import yaml
+    from automtl.config import SESSION_FIELDS
+
+    spec = yaml.safe_load((searched / "supermodel.yaml").read_text())
+    assert not set(SESSION_FIELDS) & set(spec["search"])
+    handed = tmp_path / "run"
+    shutil.copytree(searched, handed)
+    elsewhere = tmp_path / "elsewhere"
+    spec["search"].update(log_dir=str(elsewhere / "logs"), tensorboard_dir=str(elsewhere / "tb"),
+                          out_dir=str(elsewhere / "ckpt"), policy_file=str(elsewhere / "policy.yaml"), resume=True)
+    (handed / "supermodel.yaml").write_text(yaml.safe_dump(spec))
+    run("compact", handed, "--finetune-steps", "2", "--out", tmp_path / "m.automtl", "--quiet")
+    assert not elsewhere.exists() and (tmp_path / "m.automtl").exists()
+
+
+@pytest.mark.parametrize("content", ["list", "tensor", "integer name", "no tensor"])
+def test_a_weights_file_that_is_not_a_state_dict_is_refused(searched, tmp_path, content):
+    """A run's supermodel.pt must map names to tensors; anything else torch's tensors-only reader builds (a list, a
+    bare tensor, an integer key, a None) is one sentence, not a TypeError or AttributeError traceback."""
+    import shutil
+
+    handed = tmp_path / "run"
+    shutil.copytree(searched, handed)
+    value = {"list": [torch.zeros(1)], "tensor": torch.zeros(2), "integer name": {1: torch.zeros(1)},
+             "no tensor": {"stem.weight": None}}[content]
+    torch.save(value, handed / "supermodel.pt")
+    assert "not a state dict" in bad("compact", handed, "--out", tmp_path / "m.automtl")
+    assert not (tmp_path / "m.automtl").exists()
+
+
 def test_debug_shows_the_traceback(tmp_path):
     result = CliRunner().invoke(main, ["--debug", "convert", "resnet35", "--out", str(tmp_path)])
     assert result.exit_code != 0 and result.exception is not None and not isinstance(result.exception, SystemExit)
