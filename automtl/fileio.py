@@ -282,6 +282,9 @@ MAX_TENSOR_FILE_ENTRIES = 200_000
 #: The pickle of such a file (names, shapes, optimizer settings; the tensors' bytes are entries of their own): about
 #: 3 MB for that checkpoint. Unpickled objects cost several times their pickle, so it is bounded on its own.
 MAX_TENSOR_PICKLE_BYTES = 64 * 2**20
+#: How deeply containers may nest in such a file: a checkpoint nests 6 levels (a generator's state inside a
+#: rank's random state).
+MAX_TENSOR_NESTING = 32
 
 
 class _FileSlices:
@@ -353,9 +356,10 @@ def load_tensors(path: str | os.PathLike, what: str, error: type, fix: str,
 
 
 def _refuse_views_beyond_storage(value, where: str, error: type, fix: str, depth: int = 0) -> None:
-    """Every tensor in what a pickle built (containers walked) holds no more elements than its stored bytes: a view
-    with a zero or overlapping stride declares 2^40 elements over 4 bytes, and ``Optimizer.load_state_dict`` or
-    ``.to()`` would allocate them all."""
+    """Every tensor in what a pickle built (containers walked, at most :data:`MAX_TENSOR_NESTING` deep) holds no
+    more elements than its stored bytes: a view with a zero or overlapping stride declares 2^40 elements over 4
+    bytes, and ``Optimizer.load_state_dict`` or ``.to()`` would allocate them all. Deeper containers are refused
+    (no writer nests so deep, and the readers' comparisons and copies recurse)."""
     import torch
 
     if isinstance(value, torch.Tensor):
@@ -363,12 +367,25 @@ def _refuse_views_beyond_storage(value, where: str, error: type, fix: str, depth
             raise error(f"{where} holds a tensor of shape {tuple(value.shape)} over {value.untyped_storage().nbytes()} "
                         f"stored bytes (a view repeating its elements, which torch.save never writes of a state "
                         f"dict); {fix}")
-    elif depth < 64 and isinstance(value, Mapping):
-        for v in value.values():
+    elif isinstance(value, (Mapping, list, tuple)):
+        if depth >= MAX_TENSOR_NESTING:
+            raise error(f"{where} nests containers deeper than {MAX_TENSOR_NESTING} levels, which no state dict or "
+                        f"checkpoint does; {fix}")
+        for v in (value.values() if isinstance(value, Mapping) else value):
             _refuse_views_beyond_storage(v, where, error, fix, depth + 1)
-    elif depth < 64 and isinstance(value, (list, tuple)):
-        for v in value:
-            _refuse_views_beyond_storage(v, where, error, fix, depth + 1)
+
+
+def state_dict_of(value, where: str, error: type, fix: str) -> dict:
+    """``value`` (what :func:`load_tensors` read) as a state dict: a mapping of names to tensors, or ``error``."""
+    import torch
+
+    if not isinstance(value, Mapping):
+        raise error(f"{where} holds a {type(value).__name__}, not a state dict (names to tensors); {fix}")
+    bad = next((k for k, v in value.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)), None)
+    if bad is not None:
+        raise error(f"{where} is not a state dict of tensors (its entry {str(bad)[:80]!r} is not a name with a "
+                    f"tensor); {fix}")
+    return dict(value)
 
 
 #: YAML 1.2's floats: PyYAML reads YAML 1.1, where ``1e-3`` (no dot) is a string, not a number.

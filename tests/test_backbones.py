@@ -327,6 +327,12 @@ def test_weights_files_are_read_under_bounds(tmp_path):
         load_tensors(path, "weights file", BackboneError, "fix")
     torch.save({"w": torch.arange(10.0)[2:5]}, path)  # a slice: fewer elements than stored, fine
     assert load_tensors(path, "weights file", BackboneError, "fix")["w"].tolist() == [2.0, 3.0, 4.0]
+    nested = torch.zeros(1)
+    for _ in range(40):  # no state dict nests so deep; the readers' comparisons and copies recurse
+        nested = [nested]
+    torch.save({"w": nested}, path)
+    with pytest.raises(BackboneError, match="nests containers deeper than 32 levels"):
+        load_tensors(path, "weights file", BackboneError, "fix")
     path.write_bytes(pickle.dumps({"w": 1}))  # not a zip: an older torch's format, or another program's
     with pytest.raises(BackboneError, match="an older torch's file or another program's"):
         load_tensors(path, "weights file", BackboneError, "fix")

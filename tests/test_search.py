@@ -291,6 +291,55 @@ def test_a_damaged_checkpoint_is_refused_before_anything_is_restored(data, tmp_p
     assert torch.equal(rng, torch.get_rng_state())
 
 
+def _places(value, at=()):
+    """Places in a checkpoint's nested dicts, lists and tuples: every top-level part, and below it the first three
+    entries of each container."""
+    items = list(value.items()) if isinstance(value, dict) else list(enumerate(value)) \
+        if isinstance(value, (list, tuple)) else []
+    for key, item in items[:3] if at else items:
+        yield at + (key,)
+        yield from _places(item, at + (key,))
+
+
+def _put(value, place, new):
+    if not place:
+        return new
+    if isinstance(value, tuple):
+        return tuple(_put(v, place[1:], new) if i == place[0] else v for i, v in enumerate(value))
+    value[place[0]] = _put(value[place[0]], place[1:], new)
+    return value
+
+
+def test_whatever_a_checkpoint_holds_a_resume_refuses_or_takes(data, tmp_path):
+    """A checkpoint is data: with a tensor of two values, or None, at any place of it (its format, a fingerprint
+    field, a step, an optimizer's parameter ids, the module generators, the strategy, the policy's evidence), a
+    resume either refuses in one sentence before anything is restored or resumes; never a raw exception (a tensor
+    where the resume compared with == raised "Boolean value of Tensor with more than one value is ambiguous")."""
+    train, _ = data
+    tasks = [Task("segmentation", "segmentation", classes=4), Task("depth", "depth")]
+    cfg = SearchConfig(strategy="conflict", warmup_steps=2, search_steps=4, finetune_steps=0, conflict_every=1,
+                       checkpoint_every=3, out_dir=str(tmp_path), quiet=True)
+    search(fresh(tasks), make_loader(train, 8, shuffle=True), None, cfg)
+    path = tmp_path / "checkpoint.pt"
+    whole = torch.load(path, weights_only=True)
+    sm = fresh(tasks, seed=1)
+    before = {k: v.clone() for k, v in sm.state_dict().items()}
+    places = [p for p in _places(whole) if p[0] not in ("model", "weight_opt", "policy_opt") or "param_groups" in p]
+    assert len(places) > 50
+    refused = 0
+    for place in places:
+        for new in (torch.ones(2),) + ((None,) if len(place) == 1 else ()):
+            torch.save(_put(copy.deepcopy(whole), place, new), path)
+            try:
+                search(sm, make_loader(train, 8, shuffle=True), None, cfg.replace(resume=True))
+            except AutomtlError:
+                refused += 1
+                assert all(torch.equal(v, sm.state_dict()[k]) for k, v in before.items()), place
+            else:
+                sm.load_state_dict(before)
+    assert refused > len(places) // 2
+
+
 @pytest.mark.parametrize("change", ["fewer training samples", "another batch size", "unshuffled", "input size",
                                     "ignore_index", "generator seeded from entropy"])
 def test_a_resume_on_other_data_is_refused(data, tmp_path, change):

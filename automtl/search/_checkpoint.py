@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 
 from ..errors import ConfigError, FileFormatError, first_line
-from ..fileio import atomic_path, load_tensors
+from ..fileio import atomic_path, load_tensors, state_dict_of
 from ..policy import Policy
 from ._util import _rng_state, _set_rng_state, check_rng_state
 
@@ -55,6 +55,36 @@ def _unlike(reference, value, where: str) -> Optional[str]:
     return None
 
 
+#: The parts of a checkpoint that hold tensors; the others are plain data, compared with ``==`` to this run's.
+_TENSOR_PARTS = frozenset({"model", "weight_opt", "policy_opt", "weighting", "rng", "strategy", "ranks"})
+
+
+def _not_plain(value, where: str) -> Optional[str]:
+    """Where ``value`` is not plain data (None, bools, numbers, strings, and lists, tuples and dicts of them), as a
+    phrase, or None. A tensor in a part a resume compares with ``==`` (a fingerprint, a step) made that comparison
+    raise instead of refusing. (:func:`~automtl.fileio.load_tensors` bounds how deeply a checkpoint nests.)"""
+    stack = [(value, where)]
+    while stack:
+        item, at = stack.pop()
+        if isinstance(item, dict):
+            stack.extend((k, f"a key of {at}") for k in item)
+            stack.extend((v, f"{at}[{k!r}]" if isinstance(k, (str, int)) else at) for k, v in item.items())
+        elif isinstance(item, (list, tuple)):
+            stack.extend((v, f"{at}[{i}]") for i, v in enumerate(item))
+        elif item is not None and not isinstance(item, (bool, int, float, str)):
+            return f"{at} is a {type(item).__name__}, where a run writes plain numbers and names"
+    return None
+
+
+def _not_state_dict(value, where: str) -> Optional[str]:
+    """Where ``value`` is not a mapping of names to tensors, as a phrase, or None."""
+    try:
+        state_dict_of(value, where, ValueError, "")
+    except ValueError as exc:
+        return first_line(exc).rstrip("; ")
+    return None
+
+
 def _out_of_bounds(check, where: str) -> Optional[str]:
     """The phrase of the ValueError ``check()`` raises (a value of the right type that no run reaches), or None."""
     try:
@@ -88,6 +118,9 @@ def _optimizer_unlike(opt: torch.optim.Optimizer, saved, where: str) -> Optional
     if found:
         return found
     ids = [i for g in current["param_groups"] for i in g["params"]]
+    if (found := next((f for g in saved["param_groups"] if (f := _not_plain(
+            g.get("params") if isinstance(g, dict) else g, f"{where}'s parameter ids"))), None)):
+        return found
     if any(not isinstance(g, dict) or g.get("params") != cg["params"]
            for g, cg in zip(saved["param_groups"], current["param_groups"])):
         return f"{where}'s groups hold other parameters"
@@ -175,8 +208,12 @@ class _CheckpointMixin:
         if not path.exists():
             return  # nothing to resume: start from the beginning
         ckpt = load_tensors(path, "checkpoint", FileFormatError, "delete it to start over")
-        if not isinstance(ckpt, dict) or ckpt.get("format") != _CKPT_FORMAT:
+        if not isinstance(ckpt, dict) or not all(isinstance(k, str) for k in ckpt) \
+                or _not_plain(ckpt.get("format"), "") or ckpt.get("format") != _CKPT_FORMAT:
             raise FileFormatError(f"checkpoint {str(path)!r} is not an automtl search checkpoint; delete it to start over")
+        found = next((f for k, v in ckpt.items() if k not in _TENSOR_PARTS and (f := _not_plain(v, f"its {k}"))), None)
+        if found:
+            raise FileFormatError(f"checkpoint {str(path)!r} is damaged ({found}); delete it to start over")
         old, new = ckpt.get("fingerprint"), self._fingerprint()
         if not isinstance(old, dict) or not isinstance(old.get("config"), dict):
             raise FileFormatError(f"checkpoint {str(path)!r} is damaged (its fingerprint is missing); delete it to start over")
@@ -240,14 +277,19 @@ class _CheckpointMixin:
             own = ranks[self.dist.rank]
         rng = own.get("rng")
         reference = _rng_state(self.sm)
+        modules = rng.get("modules", {}) if isinstance(rng, dict) else {}
         found = (("model" not in ckpt or not isinstance(ckpt["model"], dict)) and "the model's weights are missing") \
+            or _not_state_dict(ckpt["model"], "the model's weights") \
             or _optimizer_unlike(self.weight_opt, ckpt.get("weight_opt"), "the weight optimizer") \
             or _optimizer_unlike(self.policy_opt, ckpt.get("policy_opt"), "the policy optimizer") \
             or _unlike({"torch": reference["torch"], "numpy": reference["numpy"],
                         "python": (*reference["python"][:2], None)},  # a cached Gaussian or None
                        {k: rng.get(k) for k in ("torch", "python", "numpy")} if isinstance(rng, dict) else rng,
                        "the random state") \
-            or _unlike(self.strategy.state_dict(), ckpt.get("strategy") or {}, "the strategy's state") \
+            or (not isinstance(modules, dict) or not all(isinstance(k, str) for k in modules)) \
+            and "the random state's module generators are not a mapping of names" \
+            or (not isinstance(ckpt.get("strategy", {}), dict) and "the strategy's state is not a mapping") \
+            or _unlike(self.strategy.state_dict(), ckpt.get("strategy", {}), "the strategy's state") \
             or _unlike(0.0, ckpt.get("elapsed", 0.0), "the elapsed time") \
             or _out_of_bounds(lambda: check_rng_state(rng), "the random state") \
             or _out_of_bounds(lambda: self.strategy.check_state(ckpt.get("strategy") or {}), "the strategy's state")
