@@ -29,6 +29,28 @@ def test_registry_and_errors():
         make_weighting("equal", NAMES)({"a": torch.tensor(1.0)})
 
 
+@pytest.mark.parametrize("name, options", [
+    ("dwa", {"temperature": "hot"}), ("dwa", {"window": 2.5}), ("dwa", {"temperature": float("nan")}),
+    ("gradnorm", {"alpha": [1.5]}), ("gradnorm", {"lr": True}), ("uncertainty", {"init": "0"}),
+    ("rlw", {"seed": float("inf")}), ("mgda", {"max_iters": 1.5}), ("cagrad", {"c": "x"}),
+    ("upgrad", {"pref_vector": "x"}), ("upgrad", {"pref_vector": [1.0, 2.0]})])
+def test_an_option_of_the_wrong_kind_is_one_config_error(name, options):
+    """An option value a weighting cannot use (a string where it takes a number, NaN, a fraction for a count, a list
+    for torchjd's tensor) is refused when the weighting is built, naming it, not by a TypeError in the first step
+    (DWA's temperature "hot" was a raw ValueError; torchjd's pref_vector "x" an AttributeError)."""
+    if name in TORCHJD_BALANCERS:
+        pytest.importorskip("torchjd")
+    with pytest.raises(ConfigError, match=f"loss weighting '{name}' (option|cannot use)"):
+        make_weighting(name, NAMES, **options)
+
+
+def test_weighting_option_names_in_a_config_are_words():
+    from automtl.search import SearchConfig
+
+    with pytest.raises(ConfigError, match="'weighting_options' has the option name 1"):
+        SearchConfig(weighting="dwa", weighting_options={1: 2})
+
+
 def test_equal():
     total, w = make_weighting("equal", NAMES)(L(1.5, 2.0))
     assert total.item() == pytest.approx(3.5)

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import math
 from typing import Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, first_line
 
 __all__ = ["LossWeighting", "WEIGHTINGS", "make_weighting", "rank_mean", "register_weighting"]
 
@@ -87,11 +88,28 @@ def make_weighting(name: str, task_names: Sequence[str], **options) -> LossWeigh
         raise ConfigError(f"unknown loss weighting {name!r}; {hint}choose one of {', '.join(WEIGHTINGS)}")
     cls = WEIGHTINGS[key]
     params = inspect.signature(cls.__init__).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return cls(task_names, **options)  # checked by the class (torchjd's aggregator options)
-    accepted = [p for p in params if p not in ("self", "task_names")]
-    unknown = [o for o in options if o not in accepted]
-    if unknown:
-        takes = ", ".join(accepted) if accepted else "no options"
-        raise ConfigError(f"loss weighting {key!r} does not take option(s) {', '.join(unknown)}; it takes {takes}")
-    return cls(task_names, **options)
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        accepted = [p for p in params if p not in ("self", "task_names")]
+        unknown = [o for o in options if o not in accepted]
+        if unknown:
+            takes = ", ".join(accepted) if accepted else "no options"
+            raise ConfigError(f"loss weighting {key!r} does not take option(s) {', '.join(unknown)}; it takes {takes}")
+        for name, value in options.items():
+            check_number_option(key, name, value, params[name].default)
+    try:
+        return cls(task_names, **options)  # torchjd's aggregators check their own options (**options)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise ConfigError(f"loss weighting {key!r} cannot use the options {dict(options)!r} ({first_line(exc)}); "
+                          "fix weighting_options") from None
+
+
+def check_number_option(weighting: str, name: str, value, default) -> None:
+    """Raise ConfigError unless ``value`` is a number where the option's ``default`` is one: a whole number for an
+    int, a finite real for a float (a string or NaN there failed in the first step, or trained on NaN)."""
+    if isinstance(default, bool) or not isinstance(default, (int, float)):
+        return
+    whole = isinstance(default, int)
+    if isinstance(value, bool) or not (isinstance(value, int) or isinstance(value, float) and math.isfinite(value)
+                                       and (not whole or value.is_integer())):
+        raise ConfigError(f"loss weighting {weighting!r} option {name!r} is {value!r}; give "
+                          f"{'a whole number' if whole else 'a finite number'} (default {default!r})")

@@ -3,13 +3,14 @@ Jacobian of the task losses (one gradient per task) into the update, which can e
 surgery (PCGrad, MGDA, CAGrad, Nash-MTL, ...) that a weighted sum of losses cannot."""
 from __future__ import annotations
 
+import inspect
 from typing import Sequence
 
 import torch
 from torch import Tensor, nn
 
-from ..errors import ConfigError
-from ._base import LossWeighting, register_weighting
+from ..errors import ConfigError, first_line
+from ._base import LossWeighting, check_number_option, register_weighting
 
 __all__ = ["STATEFUL_BALANCERS", "TORCHJD_BALANCERS", "JacobianWeighting"]
 
@@ -52,6 +53,10 @@ class JacobianWeighting(LossWeighting):
             raise ConfigError(f"loss weighting {self.balancer!r} needs torchjd: pip install 'automtl[torchjd]'") from None
         cls_name, defaults, _ = TORCHJD_BALANCERS[self.balancer]
         opts = {**defaults, **options}
+        signature = inspect.signature(getattr(aggregation, cls_name).__init__).parameters
+        for name, value in options.items():
+            if name in signature:
+                check_number_option(self.balancer, name, value, defaults.get(name, signature[name].default))
         self._options = opts
         if cls_name == "NashMTL":
             opts.setdefault("n_tasks", len(self.task_names))
@@ -60,8 +65,9 @@ class JacobianWeighting(LossWeighting):
         except ImportError as exc:  # the solvers some aggregators need (quadprog, cvxpy, scipy)
             raise ConfigError(f"loss weighting {self.balancer!r} needs more of torchjd ({exc}); "
                               "pip install 'automtl[torchjd]'") from None
-        except TypeError as exc:
-            raise ConfigError(f"loss weighting {self.balancer!r} does not take option(s) given ({exc})") from None
+        except (TypeError, ValueError, AttributeError, RuntimeError) as exc:  # what torchjd raises on its options
+            raise ConfigError(f"loss weighting {self.balancer!r} cannot use the option(s) given ({first_line(exc)}); "
+                              "fix weighting_options") from None
         self._losses: list = []
         self._weights: dict = {}
 
