@@ -397,6 +397,28 @@ def test_a_fractional_label_on_disk_is_refused_not_truncated(tmp_path):
         NYUv2(tmp_path)[0]
 
 
+def test_samples_of_different_sizes_in_one_batch_are_named(tmp_path):
+    """Any data set automtl batches (a builtin's folder, or the user's own): two samples of different sizes are one
+    DataError naming the part and both shapes, not torch's collate RuntimeError from inside the loader; a batch of
+    one of them still loads (evaluation at batch size 1)."""
+    from automtl.search import SearchConfig, search
+    from automtl.supermodel import supermodel
+
+    _npy_split(tmp_path, "val", 1, NYU_FOLDERS, h=4, w=6)
+    big = tmp_path / "big"
+    _npy_split(big, "val", 2, NYU_FOLDERS, h=8, w=6)
+    for folder in NYU_FOLDERS:
+        os.replace(big / "val" / folder / "1.npy", tmp_path / "val" / folder / "1.npy")
+    ds = NYUv2(tmp_path, split="val")
+    with pytest.raises(DataError, match=r"differ in size \(the image \(3, 4, 6\) and \(3, 8, 6\)\)"):
+        next(iter(make_loader(ds, 2)))
+    assert [x.shape[-2] for x, _ in make_loader(ds, 1)] == [4, 8]
+    tasks = ds.tasks
+    sm = supermodel("tiny", tasks, torch.randn(1, 3, 4, 6))
+    with pytest.raises(DataError, match="differ in size"):  # a Dataset handed to the search: batched by automtl
+        search(sm, ds, None, SearchConfig(warmup_steps=1, search_steps=0, finetune_steps=0, batch_size=2, quiet=True))
+
+
 def test_nyuv2_errors(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         NYUv2(tmp_path / "nope")

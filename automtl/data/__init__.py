@@ -18,6 +18,7 @@ from ..errors import ConfigError, DataError
 from ..kinds import describe_shapes, shape_fits
 from ..tasks import Task
 from .cityscapes import CityScapes
+from .collate import stack_samples
 from .multifashion import DEFAULT_ROOT as FASHION_MNIST_ROOT
 from .multifashion import MultiFashion, read_idx
 from .nyuv2 import NYUv2
@@ -34,6 +35,7 @@ __all__ = [
     "make_dataset",
     "default_tasks",
     "make_loader",
+    "stack_samples",
     "check_targets",
     "parse_spec",
 ]
@@ -120,7 +122,8 @@ def default_tasks(name_or_spec: str) -> list[Task]:
 
 
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool = False, seed: int = 0, num_workers: int = 0) -> DataLoader:
-    """A DataLoader whose shuffling order is fixed by ``seed`` (not by the global RNG)."""
+    """A DataLoader whose shuffling order is fixed by ``seed`` (not by the global RNG); samples of different sizes
+    in one batch are a DataError naming them (:func:`automtl.data.collate.stack_samples`)."""
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch size must be a positive integer, got {batch_size!r}")
     if not isinstance(num_workers, int) or num_workers < 0:
@@ -134,6 +137,7 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool = False, seed: 
         generator=g,
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
+        collate_fn=stack_samples,
     )
 
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 from typing import Iterator, Mapping, Optional, Sequence
 
 import torch
-from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset, RandomSampler, SequentialSampler
+from torch.utils.data import (BatchSampler, DataLoader, Dataset, IterableDataset, RandomSampler, SequentialSampler,
+                              default_collate)
 
+from ..data.collate import stack_samples
 from ..errors import DataError
 from ._util import _seed
 
@@ -51,7 +53,7 @@ class _Stream:
             if len(source) == 0:
                 raise DataError(f"training data {name!r} is empty; check the dataset's root and split")
             self.kind = "loader"
-            self.loader = DataLoader(source, batch_size=batch_size, shuffle=True)
+            self.loader = DataLoader(source, batch_size=batch_size, shuffle=True, collate_fn=stack_samples)
             self.shuffle = True
             self.base = 0
         elif hasattr(source, "__iter__"):
@@ -133,8 +135,9 @@ class _Stream:
             ld = self.loader
             while True:
                 batches = self._epoch_batches(epoch)[skip:]
+                collate = stack_samples if ld.collate_fn is default_collate else ld.collate_fn  # sizes named
                 kwargs: dict = dict(
-                    batch_sampler=batches, num_workers=ld.num_workers, collate_fn=ld.collate_fn,
+                    batch_sampler=batches, num_workers=ld.num_workers, collate_fn=collate,
                     pin_memory=ld.pin_memory, timeout=ld.timeout, worker_init_fn=ld.worker_init_fn,
                     generator=torch.Generator().manual_seed(_seed("automtl-workers", self.seed, self.name, epoch)),
                 )
@@ -246,5 +249,5 @@ def _epoch_iter(source, batch_size: int):
     """One pass over validation data, in its own order."""
     if isinstance(source, Dataset) and not isinstance(source, IterableDataset) and hasattr(source, "__len__") \
             and not isinstance(source, DataLoader):
-        return iter(DataLoader(source, batch_size=batch_size))
+        return iter(DataLoader(source, batch_size=batch_size, collate_fn=stack_samples))
     return iter(source)
