@@ -390,6 +390,79 @@ def test_a_program_asking_for_unbounded_memory_or_compute_is_refused_before_it_r
     _refused(path, match)  # within seconds: the dry run's factories make meta tensors, whatever device they name
 
 
+def _saved_program(module, path, decompose=False):
+    from automtl.formats.pt2 import _without_sample_inputs
+
+    exported = torch.export.export(module, (torch.randn(2, 3, 8, 8),), strict=False,
+                                   dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+    if decompose:
+        exported = exported.run_decompositions({})
+    buf = io.BytesIO()
+    torch.export.save(exported, buf)
+    path.write_bytes(_without_sample_inputs(buf.getvalue()))
+    return path
+
+
+class _InHalf(nn.Module):
+    def forward(self, x):  # 1.9e12 FLOPs, under the bound in float32 FLOPs; two hours of one core in float16
+        m = x.sum().reshape(1, 1).expand(2048, 2048).half()
+        for _ in range(110):
+            m = torch.mm(m, m)
+        return {"depth": x + m[:1, :1].sum().float()}
+
+
+def test_half_precision_products_count_for_what_they_cost_on_a_cpu(tmp_path):
+    _refused(_saved_program(_InHalf(), tmp_path / "half.pt2"), "float16/bfloat16 products 32 times")
+
+
+class _Mutates(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("count", torch.zeros(1))
+
+    def forward(self, x):
+        x.mul_(0)  # the caller's images, zeroed
+        self.count.add_(1)  # another output each call
+        return {"depth": x.mean(1, keepdim=True) + self.count}
+
+
+def test_a_program_that_writes_its_buffers_or_its_input_is_refused(tmp_path):
+    """Listed operators, functionalised by torch.export, with the writes declared in the signature: loaded, each call
+    zeroed the caller's tensor and gave another output for the same input."""
+    _refused(_saved_program(_Mutates(), tmp_path / "mutates.pt2", decompose=True), "declares an output of kind")
+
+
+class _Indexes(nn.Module):
+    def __init__(self, positions=(0, 2, 1)):
+        super().__init__()
+        self.register_buffer("idx", torch.tensor(positions))
+        self.table = nn.Parameter(torch.randn(5, 1))
+
+    def forward(self, x):
+        picked = torch.index_select(x, 1, self.idx) + self.table[self.idx.view(-1)].sum()
+        return {"depth": torch.gather(picked, 1, self.idx[:1].view(1, 1, 1, 1).expand(x.shape[0], 1, 8, 8))}
+
+
+class _IndexesByData(nn.Module):
+    def forward(self, x):
+        return {"depth": torch.gather(x, 1, x.argmax(1, keepdim=True))}
+
+
+def test_index_tensors_are_checked_at_load_against_what_they_index(tmp_path):
+    """The dry run sees shapes, not values: an index buffer pointing past its dimension loaded and failed inside torch
+    at the first call. Indices computed from the weights and buffers are computed at load and checked; indices
+    computed from the input are refused (only the data decides whether they are in range)."""
+    good = _saved_program(_Indexes(), tmp_path / "good.pt2")
+    x = torch.randn(3, 3, 8, 8)
+    model = _Indexes()
+    model.load_state_dict(dict(automtl.load_pt2(good).state_dict))
+    torch.testing.assert_close(automtl.load_pt2(good).module()(x)["depth"], model(x)["depth"])
+    bad = _Indexes()
+    bad.idx[1] = 10**9  # as a crafted file would hold it
+    _refused(_saved_program(bad, tmp_path / "bad.pt2"), r"positions 0 to 1000000000 of a dimension of size 3")
+    _refused(_saved_program(_IndexesByData(), tmp_path / "data.pt2"), "with positions computed from its input")
+
+
 def test_a_factory_that_leaves_its_device_out_is_sized_on_meta_not_allocated(tmp_path):
     """torch's loader gives a factory without its device input the CPU: the dry run must not allocate it (2 GiB)."""
     import resource

@@ -43,7 +43,7 @@ from typing import Any, Optional
 import torch
 
 from ..compact import CompactModel
-from ..errors import AutomtlError, ConfigError, FileFormatError
+from ..errors import AutomtlError, ConfigError, FileFormatError, first_line
 from ..fileio import atomic_path, check_zip_directory, read_regular_file, read_zip_entries
 from ._export_common import EvalMode, example_input_for, failing_op
 
@@ -302,6 +302,7 @@ def _check_program(path: str, name: str, program: Any) -> None:
         raise _bad(path, f"has a {name} that is not an exported program")
     if program.get("guards_code"):
         raise _bad(path, f"has guard code in {name}, which torch.export.load runs as Python")
+    _check_signature(path, name, program["graph_module"].get("signature"))
     for key in program.get("range_constraints") or {}:
         if not _symbolic_ok(key):
             raise _bad(path, f"has a shape constraint {str(key)[:60]!r} in {name} that is not plain arithmetic")
@@ -325,6 +326,33 @@ def _check_program(path: str, name: str, program: Any) -> None:
                                      "load (torch resolves objects from some of it)")
 
     _walk(program, visit)
+
+
+#: What a loaded program's inputs may be (torch's serialized ``InputSpec`` kinds): the images, and its weights and
+#: constants. Left out: custom objects (unpickled) and effect tokens (ordered side effects).
+_INPUT_KINDS = frozenset({"user_input", "parameter", "buffer", "constant_tensor"})
+#: What its outputs may be: the tasks' outputs only. Left out: every mutation (of a buffer or parameter: a model that
+#: changes between calls; of a user input: one that overwrites the caller's images), gradients, losses and tokens:
+#: :func:`export` writes an eval-mode program, which has none.
+_OUTPUT_KINDS = frozenset({"user_output"})
+
+
+def _check_signature(path: str, name: str, signature: Any) -> None:
+    """Refuse a program whose signature declares inputs or outputs other than :data:`_INPUT_KINDS` and
+    :data:`_OUTPUT_KINDS` (each spec is a union: a mapping of one kind to its fields)."""
+    if not isinstance(signature, dict):
+        raise _bad(path, f"has no signature in {name}")
+    for part, allowed in (("input_specs", _INPUT_KINDS), ("output_specs", _OUTPUT_KINDS)):
+        specs = signature.get(part)
+        if not isinstance(specs, list):
+            raise _bad(path, f"has no {part} in the signature of {name}")
+        for spec in specs:
+            kind = next(iter(spec)) if isinstance(spec, dict) and len(spec) == 1 else None
+            if kind not in allowed:
+                what = "output" if part == "output_specs" else "input"
+                raise _bad(path, f"declares an {what} of kind {str(kind)[:40]!r} in {name} (a mutation of its "
+                                 f"buffers or of the caller's input, a gradient, a token or an object), which "
+                                 f"automtl.export never writes: a loaded program takes images and returns outputs only")
 
 
 @functools.lru_cache(maxsize=None)
@@ -559,7 +587,90 @@ def load_pt2(path: str | os.PathLike, max_bytes: int = MAX_PT2_BYTES):
         first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
         raise FileFormatError(f"program file {os.fspath(path)!r} cannot be read by torch.export ({first}); export the model again") from None
     _bounded_dry_run(os.fspath(path), program)
+    _check_index_values(os.fspath(path), program)
     return program
+
+
+#: The listed operators that read a tensor at positions another tensor holds, by ``aten`` packet: where their index
+#: tensors are among the arguments, and which dimension each indexes (``index``: its list, from dimension 0).
+_INDEXING = {"index_select": 2, "gather": 2, "index": 1}
+#: Operators that only lay out or repeat a tensor's values, whatever sizes they are given: an index tensor reshaped or
+#: expanded to the batch (sizes read from the input) holds the values it held before.
+_SHAPE_ONLY = frozenset({"view", "reshape", "_unsafe_view", "expand", "repeat", "broadcast_to", "expand_as"})
+
+
+def _check_index_values(path: str, program) -> None:
+    """Every index tensor of ``index``, ``index_select`` and ``gather`` is computed from the program's constants
+    (weights, buffers), and its values, computed here, lie within the dimension they index. The meta-device dry run
+    sees shapes, not values: an index buffer holding 10**9 loaded, and the first call failed inside torch; an index
+    computed from the input (the data decides whether it is in range) is refused."""
+    gm = program.graph_module
+    constants = {**program.state_dict, **program.constants}
+    known: dict = {}
+    for spec in program.graph_signature.input_specs:
+        if spec.kind.name in ("PARAMETER", "BUFFER", "CONSTANT_TENSOR") and spec.target in constants:
+            known[spec.arg.name] = constants[spec.target]
+    sites = []  # (node, indexed tensor's meta value, dimension, index node)
+    for node in gm.graph.nodes:
+        packet = getattr(getattr(node.target, "_schema", None), "name", "").removeprefix("aten::")
+        if node.op != "call_function" or packet not in _INDEXING:
+            continue
+        source = node.args[0].meta.get("val") if isinstance(node.args[0], torch.fx.Node) else None
+        at = node.args[_INDEXING[packet]] if len(node.args) > _INDEXING[packet] else None
+        pairs = [(d, i) for d, i in enumerate(at or []) if i is not None] if packet == "index" else [(node.args[1], at)]
+        sites += [(node, source, d, i) for d, i in pairs]
+    needed, stack = set(), [i for *_, i in sites if isinstance(i, torch.fx.Node)]
+    while stack:  # what the index tensors are computed from
+        n = stack.pop()
+        if n not in needed:
+            needed.add(n)
+            stack.extend(n.all_input_nodes)
+    values: dict = {}  # node -> its real value, computed from constants only; None where it depends on the input
+    sizes = set()  # nodes whose value is a size computed from the batch (at the dry runs' batch 2 here)
+    for node in gm.graph.nodes:
+        if node not in needed:
+            continue
+        inputs = node.all_input_nodes
+        if node.op == "placeholder":
+            values[node] = known.get(node.name)
+            continue
+        if node.op == "call_function" and "sym_size" in str(node.target):  # a size of the input, not its values
+            val = node.meta.get("val")
+            values[node] = val if isinstance(val, int) else 2
+            if not isinstance(val, int):
+                sizes.add(node)
+            continue
+        if node.op != "call_function" or any(values.get(i) is None for i in inputs):
+            values[node] = None
+            continue
+        packet = getattr(getattr(node.target, "_schema", None), "name", "").removeprefix("aten::")
+        from_batch = [i for i in inputs if i in sizes]
+        if from_batch and not isinstance(node.meta.get("val"), torch.Tensor):
+            sizes.add(node)  # size arithmetic (bounded by _check_size_arithmetic)
+        elif from_batch and (packet not in _SHAPE_ONLY or node.args[0] in from_batch):
+            values[node] = None  # values that depend on the batch size (arange(batch))
+            continue
+        args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), lambda n: values[n])
+        try:
+            with torch.no_grad():
+                values[node] = node.target(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - any op refusing its values
+            raise _bad(path, f"cannot compute node {node.name[:60]!r} from its constants ({first_line(exc)[:120]})") from None
+    for node, source, dim, index_node in sites:
+        index = values.get(index_node) if isinstance(index_node, torch.fx.Node) else None
+        if not isinstance(index, torch.Tensor) or not isinstance(source, torch.Tensor) or not isinstance(dim, int):
+            raise _bad(path, f"indexes at node {node.name[:60]!r} with positions computed from its input, which "
+                             "automtl cannot check before the program runs (only the values decide whether they "
+                             "are in range)")
+        if index.dtype == torch.bool or index.numel() == 0:
+            continue  # a mask: its shape, checked by the dry run, is all that matters
+        size = source.shape[dim]
+        if not isinstance(size, int):
+            raise _bad(path, f"indexes the batch dimension at node {node.name[:60]!r} with fixed positions")
+        low, high = int(index.min()), int(index.max())
+        if low < -size or high >= size:
+            raise _bad(path, f"indexes at node {node.name[:60]!r} positions {low} to {high} of a dimension of "
+                             f"size {size}")
 
 
 def _check_batch_scaling(path: str, gm) -> None:

@@ -280,6 +280,10 @@ MAX_ACTIVATION = 2**28
 #: Floating-point operations a sample and task (convolutions and matrix products, as torch's flop counter counts
 #: them): about 3x a VGG-16 at automtl's largest input size (1024 px, 6.5e11), far above the builtin backbones.
 MAX_FLOPS_PER_SAMPLE = 2 * 10**12
+#: How many float32 FLOPs one FLOP of a float16 or bfloat16 product counts for against that bound: on one core of
+#: the CPU the bound was measured on, 2048x2048 matrix products run at 46 GFLOP/s in float32 and 1.3 in float16 or
+#: bfloat16 (35x), convolutions at 25 and 1.1 (23x); uncounted, a half-precision file within the bound ran for hours.
+LOW_PRECISION_CPU_COST = 32
 #: Element operations a sample and task that the flop counter does not see (every node's output elements once, a
 #: pooling's window times, and every input element it reads): 2^34, some 13x the largest builtin backbone at
 #: automtl's largest input size (ResNet-50 / VGG-16-BN at 1024 px, every layer a task's own: 1.3e9 a task), about a
@@ -508,19 +512,23 @@ class _BoundedShapes(fx.Interpreter):
 
     flop_counter = None  # the FlopCounterMode the graph runs under, when a caller counts
     _flops_seen = 0
+    low_precision_flops = 0  # of them, those of products of float16 or bfloat16 tensors (LOW_PRECISION_CPU_COST)
 
     def _check_flop_dtypes(self, n: fx.Node, args: tuple, kwargs: dict) -> None:
         """A node the flop counter counts (a matrix product, a convolution) computes in floating point: torch's CPU
         kernels multiply int64 matrices about 100x slower than float32 ones (0.65 against 69 GFLOP/s on one core), so
-        a FLOP bound sized on floating-point speed would let such a node run for hours, and no CNN does it."""
+        a FLOP bound sized on floating-point speed would let such a node run for hours, and no CNN does it. The FLOPs
+        of float16 and bfloat16 products are tallied apart (:data:`LOW_PRECISION_CPU_COST`)."""
         if self.flop_counter is None:
             return
         total = self.flop_counter.get_total_flops()
         if total <= self._flops_seen:
             return
-        self._flops_seen = total
-        integer = next((v.dtype for v in _nested((args, kwargs)) if isinstance(v, torch.Tensor)
-                        and not v.is_floating_point()), None)
+        added, self._flops_seen = total - self._flops_seen, total
+        tensors = [v for v in _nested((args, kwargs)) if isinstance(v, torch.Tensor)]
+        if any(v.dtype in (torch.float16, torch.bfloat16) for v in tensors):
+            self.low_precision_flops += added
+        integer = next((v.dtype for v in tensors if not v.is_floating_point()), None)
         if integer is not None:
             raise FileFormatError(f"has node {n.name!r} multiplying {str(integer).replace('torch.', '')} tensors (a "
                                   "matrix product or convolution), which no CNN computes and CPUs run about 100x slower "
@@ -643,11 +651,13 @@ def bounded_run(gm: fx.GraphModule, inputs: list, batch: int, num_tasks: int, on
         with torch.no_grad(), FlopCounterMode(display=False) as flops:
             interpreter.flop_counter = flops
             out = interpreter.run(*inputs)
-        per_sample = flops.get_total_flops() / max(batch, 1)
+        low = interpreter.low_precision_flops
+        per_sample = (flops.get_total_flops() + (LOW_PRECISION_CPU_COST - 1) * low) / max(batch, 1)
         limit = MAX_FLOPS_PER_SAMPLE * num_tasks  # each task may run a backbone of its own
         if per_sample > limit:
+            counted = f", float16/bfloat16 products {LOW_PRECISION_CPU_COST} times" if low else ""
             raise FileFormatError(f"computes {per_sample:.3g} FLOPs a sample at input shape {shape} (torch's flop "
-                                  f"counter: convolutions and matrix products), more than the {limit:.0e} "
+                                  f"counter: convolutions and matrix products{counted}), more than the {limit:.0e} "
                                   f"automtl allows for {num_tasks} task(s); the file is crafted or corrupted")
     except FileFormatError as exc:  # without the note fx's interpreter appends ("While executing ...")
         raise FileFormatError(str(exc).split("\n\nWhile executing")[0].strip()) from None
