@@ -80,6 +80,10 @@ class Task:
                                          or not 1 <= self.classes <= MAX_CLASSES):
             raise ConfigError(f"task {self.name!r}: classes must be a whole number from 1 to {MAX_CLASSES}, "
                               f"got {str(self.classes)[:40]!r}")
+        if spec is not None and spec.fixed_outputs is not None and self.classes not in (None, spec.fixed_outputs) \
+                and self.head is None:
+            raise ConfigError(f"task {self.name!r} of kind {self.kind!r} has {spec.fixed_outputs} output channel(s), "
+                              f"not classes={self.classes}; leave classes out")
         if self.ignore_index is None:  # not given: the kind's own (-1 for classification), else 255
             self.ignore_index = self.default_ignore_index
         if not isinstance(self.ignore_index, int) or isinstance(self.ignore_index, bool) or abs(self.ignore_index) > 2**31:

@@ -128,3 +128,12 @@ def test_builtin_kinds_are_registered_with_their_directions():
         for name, up in kind.higher_is_better.items():
             assert HIGHER_IS_BETTER[name] is up
     assert repr(KINDS["depth"]) == "Depth(name='depth')"
+
+
+@pytest.mark.parametrize("kind, classes", [("depth", 5), ("normal", 1), ("normal", 4)])
+def test_a_class_count_a_fixed_width_kind_would_ignore_is_refused(kind, classes):
+    """`--task a:depth:5` built a one-channel depth head without a word; the width a kind fixes may be given (as
+    itself) or left out, not contradicted."""
+    with pytest.raises(ConfigError, match=f"of kind '{kind}' has .* output channel.*not classes={classes}"):
+        Task("a", kind, classes=classes)
+    assert Task("a", "depth", classes=1).classes == 1 and Task("a", "normal").classes is None
