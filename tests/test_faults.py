@@ -212,12 +212,19 @@ def test_ctrl_c_that_a_library_swallows_still_ends_the_command_as_an_interrupt(t
 
     monkeypatch.setattr(automtl.convert, "build_supermodel", swallowing)
     extra = ["--budgets", "1.0x,1.5x"] if command == "sweep" else []
-    result = CliRunner().invoke(main, [command, "tiny", *SMALL, *extra, "--out", str(tmp_path / "run")])
+    # as from a terminal: a shell's background job (as the suite may be run) starts with SIGINT ignored, and the
+    # command then leaves it so (no Ctrl-C can reach it)
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        result = CliRunner().invoke(main, [command, "tiny", *SMALL, *extra, "--out", str(tmp_path / "run")])
+        handler = signal.getsignal(signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGINT, inherited)
     assert result.exit_code == 130, result.output
     assert "interrupted" in result.output and "cannot trace" not in result.output
     if command == "sweep":  # what a sweep's own interrupt says: its finished runs are kept
         assert "finished runs are kept, continue the sweep with" in result.output
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+    assert handler is signal.default_int_handler  # put back
 
 
 # ---------------------------------------------------------------------------------------
