@@ -308,7 +308,15 @@ def compact(sm: SuperModel, policy: Optional[Policy] = None, copy_weights: bool 
     training it trains the supermodel (the search's fine-tune stage runs this way: what tasks
     share is computed once, not once per task). Its in-place activations are then made
     out-of-place in the supermodel too, which changes no result.
+
+    Raises:
+        ConfigError: ``sm`` is not a :class:`SuperModel` (a backbone: build one with automtl.supermodel first), or
+            ``policy`` is not a :class:`Policy` or does not fit ``sm``'s layers and tasks.
+        AutomtlError: no policy given and ``sm`` has no hard one.
     """
+    if not isinstance(sm, SuperModel):
+        raise ConfigError(f"compact() compiles an automtl SuperModel (automtl.supermodel(backbone, tasks, example_input)), "
+                          f"got a {type(sm).__name__}")
     if policy is None:
         if sm.policy is None:
             raise AutomtlError("compact() needs a policy: pass one, or call supermodel.hard(policy) first")

@@ -113,20 +113,21 @@ class RunDirectory:
             if self._replaced is not None:
                 self._settle(finished=exc_type is None)
         finally:
-            if exc_type is not None:
-                self._remove_empty_log()  # while the lock is held: a run starting now must not lose its own log
+            if exc_type is not None:  # while the lock is held: a run starting now must not lose its own log
+                self._remove_empty_log(interrupted=issubclass(exc_type, KeyboardInterrupt))
             self._release()
             if exc_type is not None:
                 self._remove_if_empty()
 
-    def _remove_empty_log(self) -> None:
+    def _remove_empty_log(self, interrupted: bool = False) -> None:
         """A run that failed before its first step (a tensorboard folder it cannot write) leaves its log
         empty: that log is removed, so the corrected command is not refused as continuing a run. A log with
-        records stays: it is the failed run's account."""
+        records stays: it is the failed run's account; except after Ctrl-C before the first checkpoint, whose
+        message says to run the command again (the log made that command refused as continuing a run)."""
         log = self.path / CHECKPOINTS / CHECKPOINT_FILES[1]
         if self._fresh and self._replaced is None and not self.checkpoint_written():
             try:
-                if log.stat().st_size == 0:
+                if interrupted or log.stat().st_size == 0:
                     log.unlink()
             except OSError:
                 pass

@@ -7,7 +7,7 @@ from __future__ import annotations
 import keyword
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterable, Mapping, Optional
 
 from torch import fx, nn
 
@@ -177,6 +177,12 @@ def parse_task(spec: str) -> Task:
 
 def check_tasks(tasks) -> list[Task]:
     """Validate a task list: at least one, unique names, all :class:`Task`."""
+    if isinstance(tasks, Task):
+        raise ConfigError(f"tasks must be a list of automtl.Task, got the one task {tasks.name!r}; pass [task]")
+    if isinstance(tasks, Mapping):
+        raise ConfigError("tasks must be a list of automtl.Task, got a mapping; pass list(tasks.values())")
+    if isinstance(tasks, (str, bytes)) or not isinstance(tasks, Iterable):
+        raise ConfigError(f"tasks must be a list of automtl.Task, got a {type(tasks).__name__}")
     tasks = list(tasks)
     if not tasks:
         raise ConfigError("no tasks given; pass at least one Task (or --task name:kind)")

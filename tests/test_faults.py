@@ -196,6 +196,17 @@ def test_ctrl_c_before_the_first_checkpoint_says_so_and_keeps_the_earlier_run(tm
     assert after == before
 
 
+def test_ctrl_c_before_the_first_checkpoint_of_a_new_run_leaves_nothing_and_the_command_runs_again(tmp_path):
+    """"Run the command again" was refused: the interrupted run's log.jsonl stayed and counted as an earlier run."""
+    out = tmp_path / "new" / "run"
+    config = tmp_path / "late.yaml"
+    config.write_text("search:\n  checkpoint_every: 0\n")
+    code, err = _interrupt(out, "--config", config, wait_for="checkpoints/log.jsonl")
+    assert code == 130 and "nothing to continue" in err and "run the command again" in err, err
+    assert not (tmp_path / "new").exists()
+    assert cli("search", "tiny", *SMALL, "--out", out).exit_code == 0
+
+
 @pytest.mark.parametrize("command", ["search", "sweep"])
 def test_ctrl_c_that_a_library_swallows_still_ends_the_command_as_an_interrupt(tmp_path, monkeypatch, command):
     """Ctrl-C landing in one of torch's lazy imports left a half-imported module whose AttributeError came later, and

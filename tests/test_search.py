@@ -627,3 +627,21 @@ def test_optimizer_states_a_run_writes_pass_the_checkpoint_check():
     state = unfused.state_dict()
     state["param_groups"][0]["fused"] = "x"
     assert "neither a bool nor None" in _optimizer_unlike(fused, state, "the weight optimizer")
+
+
+def test_a_target_named_like_a_task_is_refused_as_a_typo_at_the_first_batch():
+    """A dataset yielding 'segmentaton' for the task 'segmentation' trained the others and left segmentation's head
+    untrained, with only a warning in a run shorter than the partial-label grace; a target whose name is close to a
+    task that has none in the batch is refused at once, naming both."""
+    class Typo(torch.utils.data.Dataset):
+        def __len__(self):
+            return 16
+
+        def __getitem__(self, i):
+            return torch.randn(3, SIZE, SIZE), {"segmentaton": torch.randint(0, 4, (SIZE, SIZE)),
+                                                "depth": torch.rand(1, SIZE, SIZE)}
+
+    tasks = [Task("segmentation", "segmentation", classes=4), Task("depth", "depth")]
+    cfg = SearchConfig(warmup_steps=2, search_steps=0, finetune_steps=0, quiet=True)
+    with pytest.raises(AutomtlError, match="no target for task 'segmentation' but one named 'segmentaton'"):
+        search(fresh(tasks), Typo(), None, cfg)

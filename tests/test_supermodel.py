@@ -234,3 +234,17 @@ def test_a_custom_head_built_for_other_features_is_refused_at_conversion(tasks):
     sm = supermodel("tiny", [*others, Task("bright", head=nn.Conv2d(32, 1, 1).train(), loss=custom.loss,
                                            metric=RegressionMetric)], torch.randn(1, 3, 16, 16))
     assert sm.heads["bright"].training  # checked in eval mode, its mode put back
+
+
+def test_arguments_of_the_wrong_kind_are_one_sentence():
+    """A backbone handed to compact(), one Task or a dict of them as the tasks: a ConfigError saying what to pass,
+    not an AttributeError from inside torch or "'Task' object is not iterable"."""
+    from automtl.compact import compact
+
+    x = torch.randn(1, 3, 32, 32)
+    with pytest.raises(ConfigError, match="compiles an automtl SuperModel .* got a TinyCNN"):
+        compact(build_backbone("tiny"))
+    with pytest.raises(ConfigError, match="got the one task 'd'; pass \\[task\\]"):
+        supermodel("tiny", Task("d", "depth"), x)
+    with pytest.raises(ConfigError, match="got a mapping; pass list"):
+        supermodel("tiny", {"d": Task("d", "depth")}, x)

@@ -1,6 +1,7 @@
 """Training data as a deterministic function of the step (exact resume, DDP shards), and batch helpers."""
 from __future__ import annotations
 
+import difflib
 from typing import Iterator, Mapping, Optional, Sequence
 
 import torch
@@ -219,11 +220,22 @@ class TargetTally:
         self.tasks, self.batches, self.keys = list(tasks), 0, set()
         self.seen = {t: 0 for t in self.tasks}
 
-    def add(self, y) -> None:
-        """Count one batch's targets: a dict ``{task: target}``, or one task's bare target."""
+    def add(self, y, where: str = "training data") -> None:
+        """Count one batch's targets: a dict ``{task: target}``, or one task's bare target.
+
+        Raises:
+            DataError: a task has no target in the batch while the batch has one under a name no task has that is
+                close to it (a typo: partial labels would otherwise hide it for :data:`TARGET_GRACE_BATCHES`).
+        """
         self.batches += 1
         if isinstance(y, Mapping):
             self.keys.update(map(str, y))
+            strays = [str(k) for k in y if k not in self.seen]
+            for t in self.tasks:
+                close = difflib.get_close_matches(t, strays, n=1, cutoff=0.75) if t not in y else []
+                if close:
+                    raise DataError(f"{where} has no target for task {t!r} but one named {close[0]!r}, which no task "
+                                    f"has; rename the task or the data's target so that they match")
         for t in self.tasks:
             self.seen[t] += (t in y) if isinstance(y, Mapping) else len(self.tasks) == 1
 

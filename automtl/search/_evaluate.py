@@ -136,7 +136,7 @@ class _Tally:
                 break
             x, y = _split_batch(batch, where)
             if shared:
-                self.targets.add(y)
+                self.targets.add(y, where)
             self.checks(x, {t: _task_target(y, t) for t in tasks}, task_names=tasks)
             self.batches += 1
             if self.input_dtype is not None:
