@@ -12,7 +12,7 @@ import re
 import warnings
 import random as _random
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
 import torch
 import yaml
@@ -24,6 +24,18 @@ _NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,128}\Z")
 SHARE, SPECIALIZE, SKIP = 0, 1, 2
 CHOICES = ("share", "specialize", "skip")
 _FORMAT = 1
+
+
+def _names(names, part: str) -> list:
+    """A policy's ``part`` ("layers" or "tasks") as a list of strings (YAML may read a name as a number)."""
+    if isinstance(names, (str, bytes)) or not isinstance(names, Iterable):
+        raise ConfigError(f"a policy's {part} are a list of names (e.g. supermodel.{part[:-1]}_names), got a "
+                          f"{type(names).__name__}")
+    names = list(names)
+    odd = next((x for x in names if not isinstance(x, (str, int)) or isinstance(x, bool)), None)
+    if odd is not None:
+        raise ConfigError(f"a policy's {part} are names (e.g. supermodel.{part[:-1]}_names), got a {type(odd).__name__}")
+    return [str(x) for x in names]
 
 
 @dataclass
@@ -44,8 +56,7 @@ class Policy:
     evidence: Optional[dict] = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        self.layers = [str(x) for x in self.layers]
-        self.tasks = [str(x) for x in self.tasks]
+        self.layers, self.tasks = _names(self.layers, "layers"), _names(self.tasks, "tasks")
         try:
             self.choices = [[_choice_index(c) for c in row] for row in self.choices]
         except TypeError:
@@ -66,7 +77,8 @@ class Policy:
     def uniform(cls, layers: Sequence[str], tasks: Sequence[str], choice: str | int) -> "Policy":
         """Every task makes the same ``choice`` at every layer (e.g. all-share = hard sharing)."""
         c = _choice_index(choice)
-        return cls(list(layers), list(tasks), [[c] * len(tasks) for _ in layers])
+        layers, tasks = _names(layers, "layers"), _names(tasks, "tasks")
+        return cls(layers, tasks, [[c] * len(tasks) for _ in layers])
 
     @classmethod
     def random(cls, layers: Sequence[str], tasks: Sequence[str], skip_legal: Sequence[bool] = None,
@@ -78,6 +90,7 @@ class Policy:
         """
         if len(probs) != 3 or any(not p >= 0 for p in probs) or sum(probs) <= 0:
             raise ConfigError(f"probs must be three non-negative weights for share, specialize, skip, got {tuple(probs)}")
+        layers, tasks = _names(layers, "layers"), _names(tasks, "tasks")
         rng = _random.Random(seed)
         skip_legal = list(skip_legal) if skip_legal is not None else [True] * len(layers)
         without_skip = [probs[0], probs[1], 0.0] if probs[0] + probs[1] > 0 else [1.0, 0.0, 0.0]
@@ -85,7 +98,7 @@ class Policy:
         for legal in skip_legal:
             weights = list(probs) if legal else without_skip
             rows.append([rng.choices((SHARE, SPECIALIZE, SKIP), weights=weights)[0] for _ in tasks])
-        return cls(list(layers), list(tasks), rows)
+        return cls(layers, tasks, rows)
 
     # ---- views --------------------------------------------------------------------
     def column(self, task: str) -> list[int]:

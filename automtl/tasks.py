@@ -4,6 +4,7 @@ A registered kind (:mod:`automtl.kinds`) brings its head, loss and metric; a cus
 """
 from __future__ import annotations
 
+import inspect
 import keyword
 import re
 from dataclasses import dataclass, field
@@ -66,6 +67,15 @@ class Task:
         if self.loss is not None and not callable(self.loss):
             raise ConfigError(f"task {self.name!r}: loss= takes a function (pred, target) -> loss, got a "
                               f"{type(self.loss).__name__}")
+        if self.loss is not None:
+            try:
+                signature = inspect.signature(self.loss)
+                signature.bind(None, None)
+            except TypeError:
+                raise ConfigError(f"task {self.name!r}: loss= is called as loss(pred, target), which a function of "
+                                  f"{signature} cannot take; give it those two arguments") from None
+            except ValueError:  # no signature to read (a builtin): its calls are checked instead (CheckedLoss)
+                pass
         if self.metric is not None and (not callable(self.metric) or (
                 not isinstance(self.metric, type) and callable(getattr(self.metric, "update", None))
                 and callable(getattr(self.metric, "compute", None)))):  # an instance (torchmetrics': a callable one)

@@ -137,3 +137,11 @@ def test_a_class_count_a_fixed_width_kind_would_ignore_is_refused(kind, classes)
     with pytest.raises(ConfigError, match=f"of kind '{kind}' has .* output channel.*not classes={classes}"):
         Task("a", kind, classes=classes)
     assert Task("a", "depth", classes=1).classes == 1 and Task("a", "normal").classes is None
+
+
+def test_a_custom_loss_that_cannot_take_pred_and_target_is_refused_when_the_task_is_made():
+    """loss=lambda p: ... failed in the first training step with a TypeError naming no task."""
+    with pytest.raises(ConfigError, match=r"task 'a': loss= is called as loss\(pred, target\), which a function of "
+                                          r"\(p\) cannot take"):
+        Task("a", "depth", loss=lambda p: p.mean())
+    Task("a", "depth", loss=lambda pred, target, weight=1.0: (pred - target).abs().mean() * weight)

@@ -248,3 +248,14 @@ def test_arguments_of_the_wrong_kind_are_one_sentence():
         supermodel("tiny", Task("d", "depth"), x)
     with pytest.raises(ConfigError, match="got a mapping; pass list"):
         supermodel("tiny", {"d": Task("d", "depth")}, x)
+
+
+def test_a_policy_over_a_supermodel_or_tasks_instead_of_their_names_is_one_sentence():
+    """Policy.uniform(sm, ...) raised "'SuperModel' object is not iterable"; Policy.uniform(layers, sm.tasks, ...) kept
+    "Task(name=...)" strings as task names, refused later by compact with a confusing message."""
+    sm = supermodel("tiny", [Task("d", "depth")], torch.randn(1, 3, 32, 32))
+    with pytest.raises(ConfigError, match="a policy's layers are a list of names .* got a SuperModel"):
+        Policy.uniform(sm, sm.task_names, "share")
+    with pytest.raises(ConfigError, match="a policy's tasks are names .* got a Task"):
+        Policy.random(sm.layer_names, sm.tasks)
+    assert Policy.uniform(sm.layer_names, sm.task_names, "share").tasks == ["d"]
