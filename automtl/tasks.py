@@ -70,12 +70,14 @@ class Task:
         if self.loss is not None:
             try:
                 signature = inspect.signature(self.loss)
-                signature.bind(None, None)
+            except (TypeError, ValueError):  # no signature to read (a builtin): its calls are checked (CheckedLoss)
+                signature = None
+            try:
+                if signature is not None:
+                    signature.bind(None, None)
             except TypeError:
                 raise ConfigError(f"task {self.name!r}: loss= is called as loss(pred, target), which a function of "
                                   f"{signature} cannot take; give it those two arguments") from None
-            except ValueError:  # no signature to read (a builtin): its calls are checked instead (CheckedLoss)
-                pass
         if self.metric is not None and (not callable(self.metric) or (
                 not isinstance(self.metric, type) and callable(getattr(self.metric, "update", None))
                 and callable(getattr(self.metric, "compute", None)))):  # an instance (torchmetrics': a callable one)

@@ -412,7 +412,7 @@ class _InHalf(nn.Module):
 
 
 def test_half_precision_products_count_for_what_they_cost_on_a_cpu(tmp_path):
-    _refused(_saved_program(_InHalf(), tmp_path / "half.pt2"), "float16/bfloat16 products 32 times")
+    _refused(_saved_program(_InHalf(), tmp_path / "half.pt2"), "of them float16/bfloat16 FLOPs, counted 8 times")
 
 
 class _Mutates(nn.Module):
@@ -461,6 +461,41 @@ def test_index_tensors_are_checked_at_load_against_what_they_index(tmp_path):
     bad.idx[1] = 10**9  # as a crafted file would hold it
     _refused(_saved_program(bad, tmp_path / "bad.pt2"), r"positions 0 to 1000000000 of a dimension of size 3")
     _refused(_saved_program(_IndexesByData(), tmp_path / "data.pt2"), "with positions computed from its input")
+
+
+class _PlainConstant(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.plain = torch.linspace(0.0, 1.0, 3).view(1, 3, 1, 1)  # neither a parameter nor a buffer: a lifted constant
+
+    def forward(self, x):
+        return {"depth": (x * self.plain).mean(1, keepdim=True)}
+
+
+def test_a_program_with_a_lifted_tensor_constant_loads(tmp_path):
+    """The signature check names torch's serialized kinds: a tensor constant ("tensor_constant") is an input a
+    loaded program may have (it was refused under a wrong name)."""
+    path = _saved_program(_PlainConstant(), tmp_path / "constant.pt2")
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(automtl.load_pt2(path).module()(x)["depth"], _PlainConstant()(x)["depth"])
+
+
+def test_export_warns_of_an_index_the_loader_will_refuse(tmp_path):
+    """A head gathering at its own argmax exported without a word and was then refused by load_pt2: export runs the
+    loader's checks on what it wrote."""
+    class ArgmaxHead(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(32, 2, 1)
+
+        def forward(self, f):
+            y = self.conv(f)
+            return torch.gather(y, 1, y.argmax(1, keepdim=True))
+
+    task = Task("picked", head=ArgmaxHead(), loss=lambda p, t: p.mean(), metric=lambda: None)
+    sm = supermodel("tiny", [task], torch.randn(1, 3, 32, 32))
+    with pytest.warns(UserWarning, match="with positions computed from its input, .* so automtl.load_pt2 will refuse"):
+        automtl.export(compact(sm.eval(), Policy.uniform(sm.layer_names, sm.task_names, "share")), tmp_path / "m.pt2")
 
 
 def test_a_factory_that_leaves_its_device_out_is_sized_on_meta_not_allocated(tmp_path):

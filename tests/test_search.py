@@ -645,3 +645,30 @@ def test_a_target_named_like_a_task_is_refused_as_a_typo_at_the_first_batch():
     cfg = SearchConfig(warmup_steps=2, search_steps=0, finetune_steps=0, quiet=True)
     with pytest.raises(AutomtlError, match="no target for task 'segmentation' but one named 'segmentaton'"):
         search(fresh(tasks), Typo(), None, cfg)
+
+
+def test_the_typo_check_leaves_partial_labels_and_number_names_alone():
+    """Only a task with no target yet, beside a stray target whose name is close to it, is a typo: a later batch
+    without it beside another attribute is partial labels, and a key 0 is the task '0'."""
+    from automtl.search._data import TargetTally
+
+    tally = TargetTally(["attr_1", "attr_3"])
+    tally.add({"attr_1": torch.zeros(1), "attr_3": torch.zeros(1)})
+    tally.add({"attr_1": torch.zeros(1), "attr_2": torch.zeros(1)})
+    TargetTally(["0"]).add({0: torch.zeros(1)})
+    with pytest.raises(AutomtlError, match="no target for task 'attr_3' but one named 'attr_2'"):
+        TargetTally(["attr_1", "attr_3"]).add({"attr_1": torch.zeros(1), "attr_2": torch.zeros(1)})
+
+
+def test_a_run_with_a_tensor_option_resumes(data, tmp_path):
+    """torchjd's pref_vector given as a tensor (the Python API) sat in the checkpoint's fingerprint: the resume's ==
+    raised; the fingerprint now holds its numbers."""
+    pytest.importorskip("torchjd")
+    train, _ = data
+    tasks = [Task("segmentation", "segmentation", classes=4), Task("depth", "depth")]
+    cfg = SearchConfig(strategy="conflict", warmup_steps=2, search_steps=2, finetune_steps=1, conflict_every=1,
+                       checkpoint_every=2, out_dir=str(tmp_path), quiet=True, weighting="upgrad",
+                       weighting_options={"pref_vector": torch.tensor([1.0, 2.0])})
+    first = search(fresh(tasks), make_loader(train, 8, shuffle=True), None, cfg)
+    again = search(fresh(tasks), make_loader(train, 8, shuffle=True), None, cfg.replace(resume=True))
+    assert again.policy == first.policy

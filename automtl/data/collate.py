@@ -30,7 +30,7 @@ def stack_samples(samples: Sequence[Any]):
     where = _unequal(list(samples), "the sample") if len(samples) > 1 else None
     if where is not None:
         raise DataError(f"samples of one batch differ in size ({where}); give every sample of a data set one size "
-                        "(resize or crop them) or use batch size 1")
+                        "(resize or crop them in the data set)")
     return default_collate(samples)
 
 

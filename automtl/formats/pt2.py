@@ -180,7 +180,8 @@ def export(compact: CompactModel, path: str | os.PathLike, example_input: Option
 
     Warns:
         UserWarning: the written program holds what :func:`load_pt2` refuses (an operator off
-            :data:`ALLOWED_ATEN_OPERATORS`, e.g. of a custom head): only ``torch.export.load`` reads it.
+            :data:`ALLOWED_ATEN_OPERATORS`, e.g. of a custom head, an index computed from the input, more compute
+            than its bounds): only ``torch.export.load`` reads it.
 
     Example:
         >>> automtl.export(model, "model.pt2")
@@ -212,6 +213,8 @@ def export(compact: CompactModel, path: str | os.PathLike, example_input: Option
         tmp.write_bytes(data)
         try:  # say now, not at load time, when load_pt2 will not read what was written
             check_pt2(tmp, max_bytes=max(MAX_PT2_BYTES, len(data)), repack=False)
+            _bounded_dry_run(str(tmp), program)  # what load_pt2 runs on the program it reads back
+            _check_index_values(str(tmp), program)
         except FileFormatError as exc:
             what = str(exc).split("; load only")[0].replace(f"program file {str(tmp)!r}", f"{os.fspath(path)!r}")
             warnings.warn(f"{what}, so automtl.load_pt2 will refuse it; load it with torch.export.load only where "
@@ -329,8 +332,9 @@ def _check_program(path: str, name: str, program: Any) -> None:
 
 
 #: What a loaded program's inputs may be (torch's serialized ``InputSpec`` kinds): the images, and its weights and
-#: constants. Left out: custom objects (unpickled) and effect tokens (ordered side effects).
-_INPUT_KINDS = frozenset({"user_input", "parameter", "buffer", "constant_tensor"})
+#: tensor constants. Left out: custom objects (unpickled), effect tokens (ordered side effects) and non-tensor
+#: constant inputs (the dry run sizes tensors only).
+_INPUT_KINDS = frozenset({"user_input", "parameter", "buffer", "tensor_constant"})
 #: What its outputs may be: the tasks' outputs only. Left out: every mutation (of a buffer or parameter: a model that
 #: changes between calls; of a user input: one that overwrites the caller's images), gradients, losses and tokens:
 #: :func:`export` writes an eval-mode program, which has none.
@@ -348,11 +352,14 @@ def _check_signature(path: str, name: str, signature: Any) -> None:
             raise _bad(path, f"has no {part} in the signature of {name}")
         for spec in specs:
             kind = next(iter(spec)) if isinstance(spec, dict) and len(spec) == 1 else None
+            if kind not in allowed and part == "output_specs":
+                raise _bad(path, f"declares an output of kind {str(kind)[:40]!r} in {name} (a write to its buffers or "
+                                 "to the caller's input, a gradient, a loss or a token): a loaded program returns its "
+                                 "tasks' outputs only and changes nothing")
             if kind not in allowed:
-                what = "output" if part == "output_specs" else "input"
-                raise _bad(path, f"declares an {what} of kind {str(kind)[:40]!r} in {name} (a mutation of its "
-                                 f"buffers or of the caller's input, a gradient, a token or an object), which "
-                                 f"automtl.export never writes: a loaded program takes images and returns outputs only")
+                raise _bad(path, f"declares an input of kind {str(kind)[:40]!r} in {name} (an object, a token or a "
+                                 "constant that is not a tensor): a loaded program takes images, weights, buffers and "
+                                 "tensor constants only")
 
 
 @functools.lru_cache(maxsize=None)

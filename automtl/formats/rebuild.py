@@ -280,10 +280,13 @@ MAX_ACTIVATION = 2**28
 #: Floating-point operations a sample and task (convolutions and matrix products, as torch's flop counter counts
 #: them): about 3x a VGG-16 at automtl's largest input size (1024 px, 6.5e11), far above the builtin backbones.
 MAX_FLOPS_PER_SAMPLE = 2 * 10**12
-#: How many float32 FLOPs one FLOP of a float16 or bfloat16 product counts for against that bound: on one core of
-#: the CPU the bound was measured on, 2048x2048 matrix products run at 46 GFLOP/s in float32 and 1.3 in float16 or
-#: bfloat16 (35x), convolutions at 25 and 1.1 (23x); uncounted, a half-precision file within the bound ran for hours.
-LOW_PRECISION_CPU_COST = 32
+#: How many float32 FLOPs one FLOP of a float16 or bfloat16 product counts for against that bound. On one core of
+#: the CPU the bound was sized on, 2048x2048 matrix products run at 46 GFLOP/s in float32 and 1.3 in float16 or
+#: bfloat16 (35x), convolutions at 25 and 1.1 (23x): uncounted, a half-precision file within the bound ran for
+#: hours. Counted at their full CPU cost (32), a float16 ResNet-50 at 768 px, a model meant for a GPU, was refused;
+#: at 8 it loads up to 1024 px with one task, and a crafted half-precision file costs at most about 4x what a
+#: float32 one may (some 3 minutes a sample and task on one core).
+LOW_PRECISION_CPU_COST = 8
 #: Element operations a sample and task that the flop counter does not see (every node's output elements once, a
 #: pooling's window times, and every input element it reads): 2^34, some 13x the largest builtin backbone at
 #: automtl's largest input size (ResNet-50 / VGG-16-BN at 1024 px, every layer a task's own: 1.3e9 a task), about a
@@ -655,7 +658,8 @@ def bounded_run(gm: fx.GraphModule, inputs: list, batch: int, num_tasks: int, on
         per_sample = (flops.get_total_flops() + (LOW_PRECISION_CPU_COST - 1) * low) / max(batch, 1)
         limit = MAX_FLOPS_PER_SAMPLE * num_tasks  # each task may run a backbone of its own
         if per_sample > limit:
-            counted = f", float16/bfloat16 products {LOW_PRECISION_CPU_COST} times" if low else ""
+            counted = (f", {low / max(batch, 1):.3g} of them float16/bfloat16 FLOPs, counted {LOW_PRECISION_CPU_COST} "
+                       "times as CPUs run them so much slower") if low else ""
             raise FileFormatError(f"computes {per_sample:.3g} FLOPs a sample at input shape {shape} (torch's flop "
                                   f"counter: convolutions and matrix products{counted}), more than the {limit:.0e} "
                                   f"automtl allows for {num_tasks} task(s); the file is crafted or corrupted")

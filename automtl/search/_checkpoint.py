@@ -76,6 +76,17 @@ def _not_plain(value, where: str) -> Optional[str]:
     return None
 
 
+def _as_plain(value):
+    """``value`` with every tensor in it (in dicts, lists and tuples) as its numbers (``tolist``)."""
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, dict):
+        return {k: _as_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_as_plain(v) for v in value)
+    return value
+
+
 def _not_state_dict(value, where: str) -> Optional[str]:
     """Where ``value`` is not a mapping of names to tensors, as a phrase, or None."""
     try:
@@ -162,7 +173,8 @@ class _CheckpointMixin:
     """Checkpoint save/load of :class:`~automtl.search._run._Search` (which sets the attributes used here)."""
 
     def _fingerprint(self) -> dict:
-        cfg = {k: v for k, v in self.config.to_dict().items() if k not in _RESUME_FREE}
+        # plain values only (a resume compares them with ==): a tensor option (torchjd's pref_vector) as its numbers
+        cfg = {k: _as_plain(v) for k, v in self.config.to_dict().items() if k not in _RESUME_FREE}
         return {"config": cfg, "tasks": self.tasks, "layers": list(self.sm.layer_names),
                 "plan": [p[0] for p in self.plan], "world": self.dist.world,
                 "policy": self.given_policy.to_dict() if self.given_policy is not None else None,

@@ -230,9 +230,10 @@ class TargetTally:
         self.batches += 1
         if isinstance(y, Mapping):
             self.keys.update(map(str, y))
-            strays = [str(k) for k in y if k not in self.seen]
-            for t in self.tasks:
-                close = difflib.get_close_matches(t, strays, n=1, cutoff=0.75) if t not in y else []
+            strays = [str(k) for k in y if str(k) not in self.seen]
+            for t in self.tasks:  # a task with no target yet: one later is partial labels beside another target
+                close = difflib.get_close_matches(t, strays, n=1, cutoff=0.75) \
+                    if not self.seen[t] and t not in y else []
                 if close:
                     raise DataError(f"{where} has no target for task {t!r} but one named {close[0]!r}, which no task "
                                     f"has; rename the task or the data's target so that they match")

@@ -94,8 +94,7 @@ def make_weighting(name: str, task_names: Sequence[str], **options) -> LossWeigh
         if unknown:
             takes = ", ".join(accepted) if accepted else "no options"
             raise ConfigError(f"loss weighting {key!r} does not take option(s) {', '.join(unknown)}; it takes {takes}")
-        for name, value in options.items():
-            check_number_option(key, name, value, params[name].default)
+        options = {name: check_number_option(key, name, value, params[name].default) for name, value in options.items()}
     try:
         return cls(task_names, **options)  # torchjd's aggregators check their own options (**options)
     except (TypeError, ValueError, OverflowError) as exc:
@@ -103,13 +102,15 @@ def make_weighting(name: str, task_names: Sequence[str], **options) -> LossWeigh
                           "fix weighting_options") from None
 
 
-def check_number_option(weighting: str, name: str, value, default) -> None:
-    """Raise ConfigError unless ``value`` is a number where the option's ``default`` is one: a whole number for an
-    int, a finite real for a float (a string or NaN there failed in the first step, or trained on NaN)."""
+def check_number_option(weighting: str, name: str, value, default):
+    """``value``, checked to be a number where the option's ``default`` is one: a whole number for an int (returned as
+    an int: YAML may read 100.0), a finite real for a float (a string or NaN there failed in the first step, or
+    trained on NaN); ConfigError otherwise. Other options are returned as given."""
     if isinstance(default, bool) or not isinstance(default, (int, float)):
-        return
+        return value
     whole = isinstance(default, int)
     if isinstance(value, bool) or not (isinstance(value, int) or isinstance(value, float) and math.isfinite(value)
                                        and (not whole or value.is_integer())):
         raise ConfigError(f"loss weighting {weighting!r} option {name!r} is {value!r}; give "
                           f"{'a whole number' if whole else 'a finite number'} (default {default!r})")
+    return int(value) if whole else value

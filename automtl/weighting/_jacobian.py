@@ -52,11 +52,10 @@ class JacobianWeighting(LossWeighting):
         except ImportError:
             raise ConfigError(f"loss weighting {self.balancer!r} needs torchjd: pip install 'automtl[torchjd]'") from None
         cls_name, defaults, _ = TORCHJD_BALANCERS[self.balancer]
-        opts = {**defaults, **options}
         signature = inspect.signature(getattr(aggregation, cls_name).__init__).parameters
-        for name, value in options.items():
-            if name in signature:
-                check_number_option(self.balancer, name, value, defaults.get(name, signature[name].default))
+        options = {name: check_number_option(self.balancer, name, value, defaults.get(name, signature[name].default))
+                   if name in signature else value for name, value in options.items()}
+        opts = {**defaults, **options}
         self._options = opts
         if cls_name == "NashMTL":
             opts.setdefault("n_tasks", len(self.task_names))
