@@ -624,8 +624,7 @@ def _check_index_values(path: str, program) -> None:
             continue
         source = node.args[0].meta.get("val") if isinstance(node.args[0], torch.fx.Node) else None
         at = node.args[_INDEXING[packet]] if len(node.args) > _INDEXING[packet] else None
-        pairs = [(d, i) for d, i in enumerate(at or []) if i is not None] if packet == "index" else [(node.args[1], at)]
-        sites += [(node, source, d, i) for d, i in pairs]
+        sites += [(node, source, d, i) for d, i in (_index_dims(at) if packet == "index" else [(node.args[1], at)])]
     needed, stack = set(), [i for *_, i in sites if isinstance(i, torch.fx.Node)]
     while stack:  # what the index tensors are computed from
         n = stack.pop()
@@ -678,6 +677,18 @@ def _check_index_values(path: str, program) -> None:
         if low < -size or high >= size:
             raise _bad(path, f"indexes at node {node.name[:60]!r} positions {low} to {high} of a dimension of "
                              f"size {size}")
+
+
+def _index_dims(indices) -> list:
+    """``[(dimension, index node)]`` of ``aten.index``'s list: each entry indexes the next dimension (None: skips
+    one), a boolean mask as many as it has (so the entries after it index later dimensions)."""
+    out, dim = [], 0
+    for entry in indices if isinstance(indices, (list, tuple)) else []:
+        if entry is not None:
+            out.append((dim, entry))
+        val = entry.meta.get("val") if isinstance(entry, torch.fx.Node) else None
+        dim += val.dim() if isinstance(val, torch.Tensor) and val.dtype in (torch.bool, torch.uint8) else 1
+    return out
 
 
 def _check_batch_scaling(path: str, gm) -> None:
