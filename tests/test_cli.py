@@ -181,6 +181,15 @@ def test_unknown_config_key_suggests(tmp_path):
     assert "did you mean 'budget'" in bad("convert", "--config", cfg, "--out", tmp_path / "o")
 
 
+def test_an_unknown_python_option_suggests_the_field(tmp_path):
+    """resolve_config(input_sise=32) listed the search keys only, with no did-you-mean (the config file's path had one)."""
+    from automtl.convert import resolve_config
+    from automtl.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown option 'input_sise'; did you mean 'input_size'"):
+        resolve_config(None, input_sise=32)
+
+
 def test_missing_data_path(tmp_path):
     out = bad("convert", "tiny", "--data", f"nyuv2:{tmp_path / 'nope'}", *SMALL, "--out", tmp_path / "o")
     assert "nope" in out
