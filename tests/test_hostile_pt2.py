@@ -444,8 +444,13 @@ class _Indexes(nn.Module):
 
 
 class _IndexesByData(nn.Module):
+    def __init__(self, shift=0):
+        super().__init__()
+        self.shift = shift
+
     def forward(self, x):
-        return {"depth": torch.gather(x, 1, x.argmax(1, keepdim=True))}
+        picked = x.argmax(1, keepdim=True)  # in range by construction; shifted, only the data knows
+        return {"depth": torch.gather(x, 1, (picked + self.shift) if self.shift else picked.flip(2))}
 
 
 def test_index_tensors_are_checked_at_load_against_what_they_index(tmp_path):
@@ -460,7 +465,9 @@ def test_index_tensors_are_checked_at_load_against_what_they_index(tmp_path):
     bad = _Indexes()
     bad.idx[1] = 10**9  # as a crafted file would hold it
     _refused(_saved_program(bad, tmp_path / "bad.pt2"), r"positions 0 to 1000000000 of a dimension of size 3")
-    _refused(_saved_program(_IndexesByData(), tmp_path / "data.pt2"), "with positions computed from its input")
+    _refused(_saved_program(_IndexesByData(shift=1), tmp_path / "data.pt2"), "with positions computed from its input")
+    argmax = _saved_program(_IndexesByData(), tmp_path / "argmax.pt2")  # an argmax over the dimension it indexes
+    torch.testing.assert_close(automtl.load_pt2(argmax).module()(x)["depth"], _IndexesByData()(x)["depth"])
 
 
 class _PlainConstant(nn.Module):
@@ -481,8 +488,8 @@ def test_a_program_with_a_lifted_tensor_constant_loads(tmp_path):
 
 
 def test_export_warns_of_an_index_the_loader_will_refuse(tmp_path):
-    """A head gathering at its own argmax exported without a word and was then refused by load_pt2: export runs the
-    loader's checks on what it wrote."""
+    """A head gathering at positions computed from its output exported without a word and was then refused by
+    load_pt2: export runs the loader's checks on what it wrote."""
     class ArgmaxHead(nn.Module):
         def __init__(self):
             super().__init__()
@@ -490,7 +497,7 @@ def test_export_warns_of_an_index_the_loader_will_refuse(tmp_path):
 
         def forward(self, f):
             y = self.conv(f)
-            return torch.gather(y, 1, y.argmax(1, keepdim=True))
+            return torch.gather(y, 1, (y.argmax(1, keepdim=True) - 1).abs())  # in range, which only the data shows
 
     task = Task("picked", head=ArgmaxHead(), loss=lambda p, t: p.mean(), metric=lambda: None)
     sm = supermodel("tiny", [task], torch.randn(1, 3, 32, 32))

@@ -664,19 +664,57 @@ def _check_index_values(path: str, program) -> None:
             raise _bad(path, f"cannot compute node {node.name[:60]!r} from its constants ({first_line(exc)[:120]})") from None
     for node, source, dim, index_node in sites:
         index = values.get(index_node) if isinstance(index_node, torch.fx.Node) else None
-        if not isinstance(index, torch.Tensor) or not isinstance(source, torch.Tensor) or not isinstance(dim, int):
+        size = source.shape[dim] if isinstance(source, torch.Tensor) and isinstance(dim, int) else None
+        if index is None and isinstance(index_node, torch.fx.Node) and isinstance(size, int):
+            bound = _argmax_bound(index_node)  # positions the data picks, within a dimension of a known size
+            if bound is not None and bound <= size:
+                continue
+        if not isinstance(index, torch.Tensor) or size is None:
             raise _bad(path, f"indexes at node {node.name[:60]!r} with positions computed from its input, which "
                              "automtl cannot check before the program runs (only the values decide whether they "
-                             "are in range)")
+                             "are in range, except for an argmax or argmin over a dimension no larger than the one "
+                             "indexed)")
         if index.dtype == torch.bool or index.numel() == 0:
             continue  # a mask: its shape, checked by the dry run, is all that matters
-        size = source.shape[dim]
         if not isinstance(size, int):
             raise _bad(path, f"indexes the batch dimension at node {node.name[:60]!r} with fixed positions")
         low, high = int(index.min()), int(index.max())
         if low < -size or high >= size:
             raise _bad(path, f"indexes at node {node.name[:60]!r} positions {low} to {high} of a dimension of "
                              f"size {size}")
+
+
+#: Operators whose output holds only values of their first argument (laid out, repeated or selected otherwise).
+_SAME_VALUES = _SHAPE_ONLY | {"unsqueeze", "squeeze", "clone", "contiguous", "permute", "transpose", "alias", "detach",
+                              "slice", "select", "flatten", "unflatten", "lift_fresh_copy", "flip", "roll"}
+
+
+def _argmax_bound(node) -> Optional[int]:
+    """An exclusive bound of the values of ``node`` where it is the position an ``argmax``/``argmin`` (or ``max``/
+    ``min`` over a dimension) picked, passed on through :data:`_SAME_VALUES`: the size of the dimension it reduced
+    (every element when it reduced them all); None otherwise or where that size is not fixed."""
+    import operator
+
+    while isinstance(node, torch.fx.Node) and node.op == "call_function":
+        packet = getattr(getattr(node.target, "_schema", None), "name", "").removeprefix("aten::")
+        if node.target is operator.getitem and node.args[1:] == (1,) and isinstance(node.args[0], torch.fx.Node):
+            reduced = node.args[0]  # (values, indices) of max.dim / min.dim
+            packet = getattr(getattr(reduced.target, "_schema", None), "name", "").removeprefix("aten::")
+            if packet not in ("max", "min") or len(reduced.args) < 2:
+                return None
+            node = reduced
+        elif packet in _SAME_VALUES and node.args:
+            node = node.args[0]
+            continue
+        elif packet not in ("argmax", "argmin"):
+            return None
+        source = node.args[0].meta.get("val") if isinstance(node.args[0], torch.fx.Node) else None
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        if not isinstance(source, torch.Tensor):
+            return None
+        extent = source.numel() if dim is None else source.shape[dim] if isinstance(dim, int) else None
+        return extent if isinstance(extent, int) else None
+    return None
 
 
 def _index_dims(indices) -> list:
