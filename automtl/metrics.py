@@ -68,6 +68,17 @@ class Metric:
         raise NotImplementedError
 
 
+def _class_ids(pred: Tensor, scored_dims: int) -> Tensor:
+    """The class each prediction picks: the argmax over dimension 1 of scores (``scored_dims`` dimensions, e.g.
+    (B, C) or (B, C, H, W)), or the prediction itself where it already holds class ids (an integer tensor, with or
+    without a dimension 1 of size 1). Scores of one class pick it everywhere."""
+    if pred.is_floating_point():
+        return pred.argmax(dim=1) if pred.dim() == scored_dims else pred.long()
+    if pred.dim() == scored_dims and pred.shape[1] == 1:
+        pred = pred[:, 0]
+    return pred.long()
+
+
 class Accuracy(Metric):
     """Top-1 accuracy (percent) over labelled samples."""
 
@@ -85,7 +96,7 @@ class Accuracy(Metric):
     @torch.no_grad()
     def update(self, pred: Tensor, target: Tensor) -> None:
         target = _label_target(target, self.ignore_index).reshape(-1)
-        labels = pred.argmax(dim=1) if pred.dim() > 1 else pred.long()
+        labels = _class_ids(pred, 2)
         valid = target != self.ignore_index
         self.correct += int((labels[valid] == target[valid]).sum())
         self.count += int(valid.sum())
@@ -217,18 +228,20 @@ class SegmentationMetric(Metric):
 
     @torch.no_grad()
     def update(self, pred: Tensor, target: Tensor) -> None:
+        """``pred``: (B, C, H, W) scores (resized to the target's size) or (B, H, W) / (B, 1, H, W) integer class
+        ids (an id outside 0..C-1 is a wrong prediction); ``target``: (B, H, W) or (B, 1, H, W) class ids."""
         target = _label_target(target.detach(), self.ignore_index)
         if target.dim() == 4:
             target = target[:, 0]
-        if pred.dim() == target.dim() + 1:
-            labels = match_size(pred.detach().float(), target.shape[-2:]).argmax(dim=1)
-        else:
-            labels = pred.detach().long()
+        pred = pred.detach()
+        if pred.dim() == target.dim() + 1 and pred.is_floating_point():
+            pred = match_size(pred.float(), target.shape[-2:])
+        labels = _class_ids(pred, target.dim() + 1)
         valid = (target != self.ignore_index) & (target >= 0) & (target < self.classes)
-        target, labels = target[valid], labels[valid].clamp(0, self.classes - 1)
+        target, labels = target[valid], labels[valid]
         count = functools.partial(torch.bincount, minlength=self.classes)
         self.labelled += count(target).cpu()
-        self.predicted += count(labels).cpu()
+        self.predicted += count(labels[(labels >= 0) & (labels < self.classes)]).cpu()  # another id: no class's
         self.correct += count(target[target == labels]).cpu()
 
     def compute(self) -> dict[str, float]:

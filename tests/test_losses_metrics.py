@@ -384,3 +384,25 @@ def test_the_validation_loss_is_the_mean_over_the_sets_labels_whatever_the_batch
         cosines = torch.tensor([1.0] * 16 + [1.0]) / math.sqrt(3)
         assert losses["normal"] == pytest.approx(float((1 - cosines).mean()), rel=1e-6)
     assert results[0][1] == pytest.approx(results[1][1])
+
+
+def test_metrics_read_class_ids_as_ids():
+    """A segmentation map or labels of class ids (an integer tensor, with or without a channel of 1) are the
+    classes predicted: an id beyond the classes was clamped into the last one and counted correct, and a (B, 1, H, W)
+    map was argmaxed over its one channel (class 0 everywhere)."""
+    from automtl.metrics import Accuracy, SegmentationMetric
+
+    m = SegmentationMetric(3)
+    m.update(torch.tensor([[[7, 7], [0, 1]]]), torch.tensor([[[2, 2], [0, 1]]]))
+    assert m.compute() == pytest.approx({"miou": 100 * 2 / 3, "pixel_acc": 50.0})
+    m = SegmentationMetric(3)
+    m.update(torch.tensor([[[[2, 2], [0, 1]]]]), torch.tensor([[[2, 2], [0, 1]]]))
+    assert m.compute() == pytest.approx({"miou": 100.0, "pixel_acc": 100.0})
+    scores, target = torch.randn(2, 3, 4, 4), torch.randint(0, 3, (2, 4, 4))
+    by_scores, by_ids = SegmentationMetric(3), SegmentationMetric(3)
+    by_scores.update(scores, target)
+    by_ids.update(scores.argmax(1), target)
+    assert by_scores.compute() == by_ids.compute()
+    a = Accuracy()
+    a.update(torch.tensor([[1], [2]]), torch.tensor([1, 2]))
+    assert a.compute() == {"accuracy": 100.0}
