@@ -608,9 +608,10 @@ _SHAPE_ONLY = frozenset({"view", "reshape", "_unsafe_view", "expand", "repeat", 
 
 def _check_index_values(path: str, program) -> None:
     """Every index tensor of ``index``, ``index_select`` and ``gather`` is computed from the program's constants
-    (weights, buffers), and its values, computed here, lie within the dimension they index. The meta-device dry run
-    sees shapes, not values: an index buffer holding 10**9 loaded, and the first call failed inside torch; an index
-    computed from the input (the data decides whether it is in range) is refused."""
+    (weights, buffers), and its values, computed here, lie within the dimension they index; or it is the position an
+    argmax/argmin picked over a dimension no larger than that one (:func:`_argmax_bound`). The meta-device dry run
+    sees shapes, not values: an index buffer holding 10**9 loaded, and the first call failed inside torch; any other
+    index computed from the input (only the data decides whether it is in range) is refused."""
     gm = program.graph_module
     constants = {**program.state_dict, **program.constants}
     known: dict = {}
