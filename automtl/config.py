@@ -98,6 +98,17 @@ _CHOICES = {
 _ALIASES = {"gpu": "cuda"}
 
 
+def check_keys(keys, known, where: str) -> None:
+    """Raise ConfigError for the first of ``keys`` not in ``known``, suggesting the closest known one (else listing
+    them all)."""
+    known = list(known)
+    for key in keys:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; known keys are {', '.join(known)}"
+            raise ConfigError(f"{where}: unknown key {key!r}{hint}")
+
+
 #: Search fields that say where a session writes (checkpoints, logs, TensorBoard), which policy file it reads and
 #: whether it resumes: they are the session's, not the run's. A run directory's ``supermodel.yaml`` does not set them
 #: for a later session (a handed-over run would otherwise have ``automtl compact`` write logs where its file says).
@@ -274,12 +285,7 @@ class SearchConfig:
     @classmethod
     def check_keys(cls, keys, where: str = "config") -> None:
         """Raise ConfigError for a key that is not a field, suggesting the closest one."""
-        known = cls.fields()
-        for key in keys:
-            if key not in known:
-                close = difflib.get_close_matches(str(key), known, n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else f"; known keys are {', '.join(known)}"
-                raise ConfigError(f"{where}: unknown key {key!r}{hint}")
+        check_keys(keys, cls.fields(), where)
 
     @classmethod
     def from_dict(cls, data: Optional[Mapping[str, Any]], where: str = "config") -> "SearchConfig":

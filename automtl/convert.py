@@ -24,7 +24,7 @@ import torch
 import yaml
 from torch.utils.data import Subset
 
-from .config import MAX_INPUT_SIZE, MAX_SAMPLES, SearchConfig
+from .config import MAX_INPUT_SIZE, MAX_SAMPLES, SearchConfig, check_keys
 from .cost import check_budget
 from .errors import ConfigError
 from .fileio import read_yaml
@@ -187,13 +187,7 @@ def resolve_config(config_path=None, **options) -> ConvertConfig:
     """
     cfg = ConvertConfig.from_yaml(config_path) if config_path else ConvertConfig()
     given = {k: v for k, v in options.items() if v is not None and not (k == "tasks" and not v)}
-    known = set(_TOP_LEVEL) | {f.name for f in dataclasses.fields(SearchConfig)}
-    unknown = next((k for k in given if k not in known), None)
-    if unknown is not None:
-        close = difflib.get_close_matches(unknown, sorted(known), n=1)
-        raise ConfigError(f"resolve_config got the unknown option {unknown!r}; "
-                          f"{f'did you mean {close[0]!r}? ' if close else ''}options are ConvertConfig and SearchConfig "
-                          "fields")
+    check_keys(given, [*_TOP_LEVEL, *SearchConfig.fields()], "resolve_config")
     top = {k: v for k, v in given.items() if k in _TOP_LEVEL}
     search = {k: v for k, v in given.items() if k not in _TOP_LEVEL}
     if top:

@@ -67,17 +67,9 @@ class Task:
         if self.loss is not None and not callable(self.loss):
             raise ConfigError(f"task {self.name!r}: loss= takes a function (pred, target) -> loss, got a "
                               f"{type(self.loss).__name__}")
-        if self.loss is not None:
-            try:
-                signature = inspect.signature(self.loss)
-            except (TypeError, ValueError):  # no signature to read (a builtin): its calls are checked (CheckedLoss)
-                signature = None
-            try:
-                if signature is not None:
-                    signature.bind(None, None)
-            except TypeError:
-                raise ConfigError(f"task {self.name!r}: loss= is called as loss(pred, target), which a function of "
-                                  f"{signature} cannot take; give it those two arguments") from None
+        if self.loss is not None and not _takes_two_arguments(self.loss):
+            raise ConfigError(f"task {self.name!r}: loss= is called as loss(pred, target), which a function of "
+                              f"{inspect.signature(self.loss)} cannot take; give it those two arguments")
         if self.metric is not None and (not callable(self.metric) or (
                 not isinstance(self.metric, type) and callable(getattr(self.metric, "update", None))
                 and callable(getattr(self.metric, "compute", None)))):  # an instance (torchmetrics': a callable one)
@@ -185,6 +177,19 @@ def parse_task(spec: str) -> Task:
         except ValueError:
             raise ConfigError(f"task {spec!r}: the class count {parts[2]!r} is not an integer") from None
     return Task(parts[0], kind=parts[1], classes=classes)
+
+
+def _takes_two_arguments(fn: Callable) -> bool:
+    """Whether ``fn(a, b)`` binds to its signature (True where it has none to read, e.g. a builtin)."""
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return True
+    try:
+        signature.bind(None, None)
+    except TypeError:
+        return False
+    return True
 
 
 def check_tasks(tasks) -> list[Task]:

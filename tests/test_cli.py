@@ -186,7 +186,7 @@ def test_an_unknown_python_option_suggests_the_field(tmp_path):
     from automtl.convert import resolve_config
     from automtl.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="unknown option 'input_sise'; did you mean 'input_size'"):
+    with pytest.raises(ConfigError, match="resolve_config: unknown key 'input_sise'; did you mean 'input_size'"):
         resolve_config(None, input_sise=32)
 
 

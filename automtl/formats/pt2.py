@@ -598,6 +598,11 @@ def load_pt2(path: str | os.PathLike, max_bytes: int = MAX_PT2_BYTES):
     return program
 
 
+def _packet(node) -> str:
+    """The ``aten`` packet a loaded program's node calls (``"gather"`` for ``aten.gather.default``), else ""."""
+    return getattr(getattr(node.target, "_schema", None), "name", "").removeprefix("aten::")
+
+
 #: The listed operators that read a tensor at positions another tensor holds, by ``aten`` packet: where their index
 #: tensors are among the arguments, and which dimension each indexes (``index``: its list, from dimension 0).
 _INDEXING = {"index_select": 2, "gather": 2, "index": 1}
@@ -620,7 +625,7 @@ def _check_index_values(path: str, program) -> None:
             known[spec.arg.name] = constants[spec.target]
     sites = []  # (node, indexed tensor's meta value, dimension, index node)
     for node in gm.graph.nodes:
-        packet = getattr(getattr(node.target, "_schema", None), "name", "").removeprefix("aten::")
+        packet = _packet(node)
         if node.op != "call_function" or packet not in _INDEXING:
             continue
         source = node.args[0].meta.get("val") if isinstance(node.args[0], torch.fx.Node) else None
@@ -650,7 +655,7 @@ def _check_index_values(path: str, program) -> None:
         if node.op != "call_function" or any(values.get(i) is None for i in inputs):
             values[node] = None
             continue
-        packet = getattr(getattr(node.target, "_schema", None), "name", "").removeprefix("aten::")
+        packet = _packet(node)
         from_batch = [i for i in inputs if i in sizes]
         if from_batch and not isinstance(node.meta.get("val"), torch.Tensor):
             sizes.add(node)  # size arithmetic (bounded by _check_size_arithmetic)
@@ -697,10 +702,10 @@ def _argmax_bound(node) -> Optional[int]:
     import operator
 
     while isinstance(node, torch.fx.Node) and node.op == "call_function":
-        packet = getattr(getattr(node.target, "_schema", None), "name", "").removeprefix("aten::")
+        packet = _packet(node)
         if node.target is operator.getitem and node.args[1:] == (1,) and isinstance(node.args[0], torch.fx.Node):
             reduced = node.args[0]  # (values, indices) of max.dim / min.dim
-            packet = getattr(getattr(reduced.target, "_schema", None), "name", "").removeprefix("aten::")
+            packet = _packet(reduced)
             if packet not in ("max", "min") or len(reduced.args) < 2:
                 return None
             node = reduced
