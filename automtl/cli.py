@@ -341,20 +341,38 @@ def compact_cmd(run_dir, policy_path, finetune_steps, out, overwrite, quiet):
 @click.argument("model_path", type=click.Path(dir_okay=False))
 @click.argument("out", type=click.Path(dir_okay=False))
 @click.option("--batch", type=click.IntRange(1, 1024), default=2, show_default=True, help="Batch size of the example input (the batch dimension stays dynamic).")
+@click.option("--input-size", "input_size", metavar="SIDE|H,W",
+              help="Height and width in pixels a .pt2 or .onnx takes (it takes no other); default the model's input shape.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
-def export_cmd(model_path, out, batch, overwrite):
+def export_cmd(model_path, out, batch, input_size, overwrite):
     """Export a .automtl model to OUT: .pt2 (torch.export), .onnx (needs automtl[onnx]) or another .automtl.
 
-    Example: automtl export model.automtl model.pt2
+    A .pt2 or .onnx takes any batch size at one height and width: the model's input shape, or --input-size.
+
+    Example: automtl export model.automtl model.pt2 --input-size 480,640
     """
     from .formats import load, write, writer_for
 
     writer_for(out)  # an unknown suffix is refused before the model is read
+    size = _input_size(input_size)
     _refuse_existing(out, overwrite)
     model = load(model_path)
     _refuse_existing(out, overwrite)  # again: another command may have written it meanwhile
-    write(model, out, batch=batch)
+    write(model, out, batch=batch, input_size=size)
     click.echo(f"wrote {out}")
+
+
+def _input_size(text: Optional[str]) -> Optional[tuple]:
+    """``--input-size`` of ``export``: "SIDE" or "H,W", whole numbers from 1 to MAX_INPUT_SIZE pixels."""
+    from .errors import ConfigError
+
+    if text is None:
+        return None
+    parts = text.split(",")
+    if len(parts) not in (1, 2) or not all(p.strip().isdigit() and 1 <= int(p) <= MAX_INPUT_SIZE for p in parts):
+        raise ConfigError(f"--input-size {text!r} must be one side or a height,width in whole pixels from 1 to "
+                          f"{MAX_INPUT_SIZE}, like 64 or 480,640")
+    return (int(parts[0]), int(parts[-1]))
 
 
 def _refuse_existing(out: str, overwrite: bool) -> None:

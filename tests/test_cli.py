@@ -234,6 +234,22 @@ def test_an_existing_output_file_is_replaced_only_with_overwrite(converted, tmp_
     assert out.read_bytes() != b"the user's own file" and out.stat().st_size > 0
 
 
+def test_export_at_another_input_size(converted, tmp_path):
+    """A .pt2 takes one height and width (any batch); a model saved at one size had no way to be exported at another,
+    which the loaded .automtl computes."""
+    run("export", converted / "model.automtl", tmp_path / "m.pt2", "--input-size", "24,40")
+    x = torch.rand(3, 3, 24, 40)
+    got = automtl.load_pt2(tmp_path / "m.pt2").module()(x)
+    want = automtl.load(converted / "model.automtl")(x)
+    assert all(torch.allclose(got[t], want[t].detach(), atol=1e-5) for t in want)
+    for wrong in ("0", "24,40,3", "big", "2000"):
+        assert "must be one side or a height,width in whole pixels" in bad(
+            "export", converted / "model.automtl", tmp_path / "w.pt2", "--input-size", wrong)
+    assert "runs at any input size" in bad("export", converted / "model.automtl", tmp_path / "w.automtl",
+                                           "--input-size", "24")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt2"]
+
+
 def test_the_python_exports_refuse_a_name_of_another_format(converted, tmp_path):
     model = automtl.load(converted / "model.automtl")
     with pytest.raises(automtl.errors.ConfigError, match="would hold another format than its name says; name it .pt2"):

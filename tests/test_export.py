@@ -138,6 +138,36 @@ def test_bundle_round_trip_of_general_graph_patterns(tmp_path):
     assert isinstance(loaded.graph_module.get_parameter("net.scale"), nn.Parameter)
 
 
+def test_frozen_parameters_stay_frozen_in_a_loaded_model(tmp_path):
+    """A file did not say which parameters the model trains: a loaded model trained a frozen stem and a fixed scale
+    again, so a fine-tune of it gave other numbers than one of the model that was saved."""
+    backbone = Quirky()
+    for p in [*backbone.conv0.parameters(), backbone.scale]:
+        p.requires_grad_(False)
+    sm = supermodel(backbone, [Task("a", "depth"), Task("b", "classification", classes=3)], torch.randn(1, 3, 9, 9))
+    model = compact(sm, Policy.random(sm.layer_names, sm.task_names, sm.skip_legal, seed=1))
+    save(model, tmp_path / "q.automtl")
+    loaded = load(tmp_path / "q.automtl")
+    frozen = sorted(n for n, p in model.named_parameters() if not p.requires_grad)
+    assert frozen and sorted(n for n, p in loaded.named_parameters() if not p.requires_grad) == frozen
+    x = torch.randn(4, 3, 9, 9)
+    steps = [(m.train(), torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.1)) for m in (model, loaded)]
+    for _ in range(2):  # both fine-tune the same parameters the same way
+        for m, opt in steps:
+            opt.zero_grad()
+            sum(y.square().mean() for y in m(x).values()).backward()
+            opt.step()
+    want, got = outputs(model.eval(), x), outputs(loaded.eval(), x)
+    assert all(torch.equal(got[t], want[t]) for t in want)
+    path = tmp_path / "q.automtl"
+    for entry, message in [(["net.nothing"], "lists 'net.nothing' as a frozen parameter, which the model does not have"),
+                           ("all", "has a frozen entry that is not a list of its parameters' names")]:
+        save(model, path)
+        _edit(path, lambda d: d.update(frozen=entry))
+        with pytest.raises(FileFormatError, match=message):
+            load(path)
+
+
 class MyHead(nn.Module):
     def __init__(self, channels):
         super().__init__()

@@ -633,3 +633,41 @@ def test_a_program_that_changes_shape_at_batch_one_is_refused(parts, tmp_path):
         node["inputs"] = [node["inputs"][0], {"name": "dim", "arg": {"as_int": 0}, "kind": 1}]
     _edit_json(parts, "models/model.json", squeeze)
     _refused(_write(tmp_path / "evil.pt2", parts), r"at batch 1|at input shape \[1, ")
+
+
+class _NewAxes(nn.Module):
+    def __init__(self, dim=None):
+        super().__init__()
+        self.dim = dim
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, 3))
+
+    def forward(self, x):
+        y = x * self.scale[:, None, None]  # unsqueeze at the input's rank, twice
+        y = torch.stack([y, -y], dim=4).amax(4)  # stack at the input's rank
+        if self.dim is not None:  # one past what unsqueeze may name: what only a crafted file holds
+            y = y.unsqueeze(self.dim).squeeze(self.dim)
+        return {"depth": y.mean(1, keepdim=True)}
+
+
+def test_operations_that_insert_an_axis_may_name_it_in_torch_and_in_aten_spelling(tmp_path):
+    """The dimension check widened the rank of ``torch.unsqueeze``/``torch.stack`` only: the aten spelling of an
+    exported program (``aten.unsqueeze.default``) was refused as crafted, so ``x[:, None]`` or ``stack(dim=x.dim())``
+    in a backbone made its .pt2 unloadable."""
+    x = torch.randn(3, 3, 8, 8)
+    path = _saved_program(_NewAxes(), tmp_path / "axes.pt2")
+    torch.testing.assert_close(automtl.load_pt2(path).module()(x)["depth"], _NewAxes()(x)["depth"])
+    crafted = _NewAxes()
+    crafted.dim = 4
+    path = _saved_program(crafted, tmp_path / "crafted.pt2")
+    with zipfile.ZipFile(path) as zf:
+        parts = {n: zf.read(n) for n in zf.namelist()}
+    edited = []
+
+    def one_past(program):  # the unsqueeze at 4 of a 4-D tensor (legal) becomes one at 5 (no such axis)
+        for node in _nodes(program):
+            if node["target"].startswith("torch.ops.aten.unsqueeze") and node["inputs"][1]["arg"].get("as_int") == 4:
+                node["inputs"][1]["arg"]["as_int"] = 5
+                edited.append(node["target"])
+    _edit_json(parts, "models/model.json", one_past)
+    assert len(edited) == 1
+    _refused(_write(path, parts), "whose dim 5 names no dimension of its 4-dimensional input")

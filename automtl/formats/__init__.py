@@ -43,23 +43,34 @@ def writer_for(path: str | os.PathLike) -> Callable:
     return WRITERS[suffix]
 
 
-def write(compact, path: str | os.PathLike, batch: Optional[int] = None) -> None:
+def write(compact, path: str | os.PathLike, batch: Optional[int] = None,
+          input_size: Optional[tuple[int, int]] = None) -> None:
     """Write ``compact`` to ``path`` in the format its suffix names (:data:`WRITERS`), atomically.
 
     ``batch`` sets the batch size of the example input that .pt2 and .onnx trace with (the batch
-    dimension stays dynamic; the rest is the model's input shape); default 2.
+    dimension stays dynamic); default 2. ``input_size`` ``(height, width)`` in pixels sets the example's
+    height and width, which a .pt2 or .onnx then takes and no other; default the model's input shape
+    (a .automtl runs at any size, so it takes no ``input_size``).
 
     Raises:
-        ConfigError: an unknown suffix. AutomtlError: the model cannot be exported (see :func:`export`).
+        ConfigError: an unknown suffix, or an ``input_size`` for a .automtl. AutomtlError: the model cannot
+            be exported (see :func:`export`), e.g. at an input size its layers cannot take.
 
     Example:
-        >>> automtl.formats.write(automtl.load("model.automtl"), "model.onnx")
+        >>> automtl.formats.write(automtl.load("model.automtl"), "model.onnx", input_size=(480, 640))
     """
     writer = writer_for(path)
     example = None
-    if batch is not None:
+    if input_size is not None and writer is _save:
+        from ..errors import ConfigError
+
+        raise ConfigError(f"{os.fspath(path)!r} is a .automtl model, which runs at any input size; leave out the input "
+                          "size, which fixes the height and width of a .pt2 or .onnx")
+    if batch is not None or input_size is not None:
         import torch
 
         shape = compact.input_shape or (1, 3, 64, 64)
-        example = torch.randn(batch, *shape[1:])
+        p = next(compact.parameters(), None)
+        example = torch.randn(batch or 2, shape[1], *(input_size or shape[2:]),
+                              dtype=p.dtype if p is not None else torch.float32)
     writer(compact, path, example_input=example)

@@ -147,7 +147,7 @@ def describe(compact: CompactModel) -> tuple[dict, dict]:
     exact = switches is not None and _train_graph(gm, compact.task_names)[1]
     targets = list(dict.fromkeys(n.target for n in gm.graph.nodes if n.op in ("call_module", "get_attr")))
     names = _safe_names(targets)
-    modules, attributes, tensors = [], [], {}
+    modules, attributes, tensors, frozen = [], [], {}, []
     for target in targets:
         obj = _fetch(gm, target)
         name = names[target]
@@ -157,10 +157,13 @@ def describe(compact: CompactModel) -> tuple[dict, dict]:
                                                       "the torch.nn modules on automtl's reviewed list")
             modules.append({"name": name, "class": type(obj).__name__, "args": _constructor_args(target, obj)})
             tensors.update({f"{name}.{k}": v for k, v in obj.state_dict().items()})
+            frozen += [f"{name}.{k}" for k, p in obj.named_parameters() if not p.requires_grad]
         elif isinstance(obj, torch.Tensor):
             attributes.append({"name": name, "kind": "parameter" if isinstance(obj, nn.Parameter) else "buffer",
                                "shape": list(obj.shape), "dtype": str(obj.dtype).split(".")[-1]})
             tensors[name] = obj
+            if isinstance(obj, nn.Parameter) and not obj.requires_grad:
+                frozen.append(name)
         else:
             raise _not_data(f"attribute {target!r}", f"is a {type(obj).__name__}, not a tensor")
     floating = {str(t.dtype).split(".")[-1] for k, t in tensors.items() if t.is_floating_point()}
@@ -179,6 +182,8 @@ def describe(compact: CompactModel) -> tuple[dict, dict]:
         # the forward does something only in training (dropout, stochastic depth) that this eval graph does not hold
         "trains_otherwise": compact.trains_otherwise or not exact,
     }
+    if frozen:  # parameters the model does not train (requires_grad False): a loaded model leaves them as they are
+        desc["frozen"] = frozen
     return desc, {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
 
 

@@ -36,7 +36,7 @@ MAX_ATTRIBUTE_ELEMENTS = 2**31
 _ATTRIBUTE_DTYPES = ("float16", "bfloat16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8", "bool")
 #: The keys of a format-2 description; anything else is refused rather than parsed and ignored.
 DESCRIPTION_KEYS = {"automtl_bundle", "automtl_version", "dtype", "input_shape", "tasks", "policy", "modules",
-                    "attributes", "nodes", "trains_otherwise"}
+                    "attributes", "nodes", "trains_otherwise", "frozen"}
 #: The keys of a node's entry.
 NODE_KEYS = {"name", "op", "target", "args", "kwargs", "meta", "train"}
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
@@ -61,6 +61,16 @@ def _dotted(target: Any) -> bool:
     return (isinstance(target, str) and len(target) <= 512
             and all(_PART.match(p) and p not in RESERVED and not p.startswith("__") for p in target.split("."))
             and _IDENT.match(target.split(".")[0]) is not None)
+
+
+#: Operations whose ``dim`` may name one past their input's axes: the axis they insert (``x[:, None]``,
+#: ``torch.stack(..., dim=x.dim())``), by name so that torch's and aten's spellings (``aten.unsqueeze.default``) match.
+_NEW_AXIS = frozenset({"unsqueeze", "unsqueeze_copy", "stack"})
+
+
+def _op_name(target: Any) -> str:
+    """``unsqueeze`` for ``torch.unsqueeze``, ``Tensor.unsqueeze`` and ``aten.unsqueeze.default`` alike."""
+    return getattr(target, "_opname", None) or getattr(target, "__name__", "")
 
 
 def _build_root(path: str, desc: dict) -> dict:
@@ -581,7 +591,7 @@ class _BoundedShapes(fx.Interpreter):
             x = named["tensors"][0]
         if not isinstance(x, torch.Tensor):
             return
-        rank = max(x.dim(), 1) + (1 if target in (torch.unsqueeze, torch.stack) else 0)  # one past the input's axes
+        rank = max(x.dim(), 1) + (1 if _op_name(target) in _NEW_AXIS else 0)  # one past the input's axes
         for key in ("dim", "dim0", "dim1", "start_dim", "end_dim", "dims"):
             value = named.get(key)
             if key == "dims" and not isinstance(value, (list, tuple)):
@@ -720,6 +730,7 @@ def rebuild(path: str, desc: dict, weights: bytes) -> tuple:
     if not isinstance(desc.get("trains_otherwise", False), bool):
         raise bad(path, "has a trains_otherwise that is not true or false; the file is corrupted, save the model again")
     gm = _build_graph_module(path, desc)
+    frozen = _frozen(path, desc, gm)
     _check_meta(path, gm.graph, tasks)
     outputs = next(n for n in gm.graph.nodes if n.op == "output").args[0]
     if list(outputs) != names:
@@ -740,4 +751,21 @@ def rebuild(path: str, desc: dict, weights: bytes) -> tuple:
         raise bad(path, f"has a weights.safetensors that safetensors reads otherwise than its header says (tensor "
                         f"{key[:80]!r}); the file is crafted or corrupted, save the model again")
     gm.load_state_dict(state, strict=True, assign=True)
+    for name in frozen:
+        gm.get_parameter(name).requires_grad_(False)
     return gm, meta_twin, tasks, policy
+
+
+def _frozen(path: str, desc: dict, gm: fx.GraphModule) -> list:
+    """The parameters the saved model did not train (``requires_grad`` False: a frozen stem, a fixed filter), checked
+    to name parameters of the file's own modules: a loaded model fine-tunes what the saved one did."""
+    frozen = desc.get("frozen", [])
+    params = dict(gm.named_parameters())
+    if not isinstance(frozen, list) or len(frozen) > len(params) or not all(isinstance(n, str) for n in frozen):
+        raise bad(path, "has a frozen entry that is not a list of its parameters' names; the file is corrupted, "
+                        "save the model again")
+    unknown = [n for n in frozen if n not in params]
+    if unknown:
+        raise bad(path, f"lists {unknown[0][:80]!r} as a frozen parameter, which the model does not have; the file is "
+                        "corrupted, save the model again")
+    return frozen
