@@ -30,6 +30,16 @@ _USER_OS_ERRNOS = STORAGE_ERRNOS | {errno.EMFILE, errno.ENFILE, errno.ENAMETOOLO
 _RESUMABLE = ("convert", "search")
 
 
+class _Path(click.Path):
+    """click's Path, without the empty string: ``--out ""`` (an unset shell variable) wrote a run into the current
+    folder."""
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str) and not value.strip():
+            self.fail("is empty; give a path", param, ctx)
+        return super().convert(value, param, ctx)
+
+
 class _Group(click.Group):
     """Turns user errors into one line on stderr and exit code 2; Ctrl-C into exit 130 and how to resume."""
 
@@ -80,9 +90,18 @@ def _user_message(exc: Exception) -> Optional[str]:
     if isinstance(exc, OSError) and exc.errno in _USER_OS_ERRNOS:
         where = f" {exc.filename!r}" if exc.filename else ""
         return f"cannot read or write{where} ({exc.strerror or exc}); free space, fix the permissions or choose another path"
-    if isinstance(exc, MemoryError):
+    if isinstance(exc, MemoryError) or _out_of_memory(exc):
         return "ran out of memory; use a smaller --input-size, --batch-size or model, or a machine with more memory"
     return None
+
+
+def _out_of_memory(exc: Exception) -> bool:
+    """torch's allocators out of memory: a GPU's (``torch.OutOfMemoryError``) and the CPU's, whose refusal is a
+    plain RuntimeError ("DefaultCPUAllocator: can't allocate memory")."""
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(exc, getattr(torch, "OutOfMemoryError", ())):
+        return True
+    return isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)
 
 
 def _fail(message: str) -> None:
@@ -168,11 +187,11 @@ def _pipeline_options(f):
         click.option("--task", "tasks", multiple=True, metavar="NAME:KIND[:CLASSES]",
                      help="A task, repeatable, e.g. --task seg:segmentation:13 --task depth:depth. "
                           "Default: the data set's own tasks."),
-        click.option("--config", "config_path", type=click.Path(dir_okay=False), metavar="FILE.yaml",
+        click.option("--config", "config_path", type=_Path(dir_okay=False), metavar="FILE.yaml",
                      help="A config file (backbone, tasks, data, search schedule, budget, device, seed); "
                           "options given on the command line win."),
         click.option("--data", help="synthetic (default), multifashion[:ROOT], nyuv2:ROOT or cityscapes:ROOT."),
-        click.option("--weights", type=click.Path(dir_okay=False), help="A state dict for the backbone (e.g. torchvision's)."),
+        click.option("--weights", type=_Path(dir_okay=False), help="A state dict for the backbone (e.g. torchvision's)."),
         click.option("--pretrained", is_flag=True, default=None,
                      help="Download the ImageNet weights of a timm:NAME or torchvision:NAME backbone (needs the internet; else --weights); the backbone then standardises its [0, 1] input with the weights' mean and std."),
         click.option("--budget", help="Parameter budget as a multiple of one backbone + heads, e.g. 1.5x; 'none' for no limit."),
@@ -188,11 +207,11 @@ def _pipeline_options(f):
         click.option("--steps", metavar="WARMUP,SEARCH,FINETUNE", help="Stage lengths in optimizer steps, e.g. 40,80,60."),
         click.option("--input-size", type=click.IntRange(8, MAX_INPUT_SIZE), help="Image side of the synthetic data and of the example input."),
         click.option("--samples", metavar="TRAIN,VAL", help="How many samples to train and validate on, e.g. 512,128 (synthetic, MultiFashion: how many to make, 512,128 by default; a data set read from disk: its first ones, all by default)."),
-        click.option("--out", "out", type=click.Path(file_okay=False), default="automtl-out", show_default=True,
+        click.option("--out", "out", type=_Path(file_okay=False), default="automtl-out", show_default=True,
                      help="Directory for the results."),
         click.option("--resume", is_flag=True, help="Continue a killed run from its last checkpoint in --out."),
         click.option("--overwrite", is_flag=True, help="Start over in an --out that holds an earlier run, replacing its checkpoint, log and results (kept if the new run fails before its first checkpoint)."),
-        click.option("--tensorboard", "tensorboard", type=click.Path(file_okay=False), metavar="DIR",
+        click.option("--tensorboard", "tensorboard", type=_Path(file_okay=False), metavar="DIR",
                      help="Also write TensorBoard event files into DIR: losses per task, policy probabilities, tau, "
                           "expected size against the budget, validation metrics (pip install 'automtl[tensorboard]')."),
         click.option("--quiet", is_flag=True, help="No progress bars or progress messages (warnings still go to stderr)."),
@@ -313,10 +332,10 @@ def search_cmd(backbone, tasks, config_path, data, weights, pretrained, budget, 
 
 
 @main.command("compact")
-@click.argument("run_dir", type=click.Path(file_okay=False))
-@click.option("--policy", "policy_path", type=click.Path(dir_okay=False), help="A policy YAML (default: RUN_DIR/policy.yaml), e.g. one edited by hand.")
+@click.argument("run_dir", type=_Path(file_okay=False))
+@click.option("--policy", "policy_path", type=_Path(dir_okay=False), help="A policy YAML (default: RUN_DIR/policy.yaml), e.g. one edited by hand.")
 @click.option("--finetune-steps", type=click.IntRange(min=0), default=0, show_default=True, help="Fine-tune the policy's architecture this many steps first.")
-@click.option("--out", "out", type=click.Path(dir_okay=False), default="model.automtl", show_default=True,
+@click.option("--out", "out", type=_Path(dir_okay=False), default="model.automtl", show_default=True,
               help="The model file to write: .automtl, or .pt2 / .onnx (as automtl export writes them).")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists (a fine-tuned model may be the only copy).")
 @click.option("--quiet", is_flag=True, help="No progress bars or progress messages (warnings still go to stderr).")
@@ -338,8 +357,8 @@ def compact_cmd(run_dir, policy_path, finetune_steps, out, overwrite, quiet):
 
 
 @main.command("export")
-@click.argument("model_path", type=click.Path(dir_okay=False))
-@click.argument("out", type=click.Path(dir_okay=False))
+@click.argument("model_path", type=_Path(dir_okay=False))
+@click.argument("out", type=_Path(dir_okay=False))
 @click.option("--batch", type=click.IntRange(1, 1024), default=2, show_default=True, help="Batch size of the example input (the batch dimension stays dynamic).")
 @click.option("--input-size", "input_size", metavar="SIDE|H,W",
               help="Height and width in pixels a .pt2 or .onnx takes (it takes no other); default the model's input shape.")
@@ -384,8 +403,8 @@ def _refuse_existing(out: str, overwrite: bool) -> None:
 
 
 @main.command("render")
-@click.argument("source", type=click.Path(dir_okay=False))
-@click.argument("out", type=click.Path(dir_okay=False))
+@click.argument("source", type=_Path(dir_okay=False))
+@click.argument("out", type=_Path(dir_okay=False))
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 def render_cmd(source, out, overwrite):
     """Draw the sharing decisions of a .automtl model (graph and grid) or a policy.yaml (grid) to OUT (.svg, .png or .pdf).
@@ -405,7 +424,7 @@ def render_cmd(source, out, overwrite):
 
 
 @main.command("inspect")
-@click.argument("model_path", type=click.Path(dir_okay=False))
+@click.argument("model_path", type=_Path(dir_okay=False))
 @click.option("--latency", is_flag=True, help="Also time the model on random inputs (this runs it; the rest is read from the graph's shapes).")
 def inspect_cmd(model_path, latency):
     """Print the parameters and multiply-accumulates of a .automtl model, and its policy.
@@ -420,7 +439,7 @@ def inspect_cmd(model_path, latency):
 
 
 @main.command("eval")
-@click.argument("model_path", type=click.Path(dir_okay=False))
+@click.argument("model_path", type=_Path(dir_okay=False))
 @click.option("--data", default="synthetic", show_default=True, help="synthetic, multifashion[:ROOT], nyuv2:ROOT or cityscapes:ROOT.")
 @click.option("--split", type=click.Choice(["train", "val", "test"]), default="val", show_default=True, help="Which split to evaluate.")
 @click.option("--samples", type=click.IntRange(min=1, max=MAX_SAMPLES), help="Use only the first N samples (synthetic: how many to generate).")
@@ -444,8 +463,8 @@ def eval_cmd(model_path, data, split, samples, input_size, batch_size, as_json):
 
 
 @main.command("plot")
-@click.argument("run_dir", type=click.Path(exists=True))
-@click.option("--out", "out", type=click.Path(file_okay=False), help="Directory for the PNGs (default: RUN_DIR/plots).")
+@click.argument("run_dir", type=_Path(exists=True))
+@click.option("--out", "out", type=_Path(file_okay=False), help="Directory for the PNGs (default: RUN_DIR/plots).")
 def plot_cmd(run_dir, out):
     """Draw a run's loss curves, validation metrics and policy probabilities as PNGs (needs automtl[plot]).
 

@@ -44,9 +44,9 @@ _BUDGET = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*[xX×]?\s*\Z"
 def parse_numbers(option: str, text: Optional[str], n: int, form: str, positive: bool = False) -> tuple:
     """A command-line option's ``text`` "a,b,..." (``--steps``, ``--samples``) as ``n`` whole numbers (all None
     when the option is not given); ConfigError naming ``option`` and the expected ``form`` otherwise."""
-    if not text:
+    if text is None:
         return (None,) * n
-    parts = text.split(",")
+    parts = text.split(",")  # "" (an unset shell variable) is refused, not read as the option left out
     if len(parts) != n or not all(p.strip().isdigit() and (int(p) > 0 or not positive) for p in parts):
         what = "positive whole numbers" if positive else "whole numbers"
         raise ConfigError(f"{option} {text!r} must be {'two' if n == 2 else 'three'} {what} {form}")
@@ -66,7 +66,9 @@ def parse_budget(value: Union[str, float, int, None]) -> Optional[float]:
         mult = float(value)
     elif isinstance(value, str):
         text = value.strip().lower()
-        if text in ("none", "inf", "infinite", "off", ""):
+        if not text:  # an unset shell variable, not a request to switch the budget off
+            raise ConfigError("the budget is empty; write it like '1.5x', or 'none' for no budget")
+        if text in ("none", "inf", "infinite", "off"):
             return None
         m = _BUDGET.match(text)
         if not m:

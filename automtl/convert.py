@@ -69,7 +69,9 @@ class ConvertConfig:
             raise ConfigError(f"search must be a SearchConfig or a mapping of its fields, got {type(self.search).__name__}")
         for name in ("backbone", "data"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
-                raise ConfigError(f"{name} must be a name, got {getattr(self, name)!r}")
+                raise ConfigError(f"{name} must be a name, got {str(getattr(self, name))[:60]!r}; give the "
+                                  + ("backbone's name (automtl backbones lists them)" if name == "backbone" else
+                                     "data set's name (synthetic, multifashion, nyuv2:ROOT, cityscapes:ROOT)"))
         if isinstance(self.weights, os.PathLike):
             self.weights = os.fspath(self.weights)
         for name in ("weights", "feature_node"):

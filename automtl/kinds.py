@@ -79,7 +79,8 @@ class TaskKind:
         if self.fixed_outputs is not None:
             return self.fixed_outputs
         if task.classes is None:
-            raise ConfigError(f"task {task.name!r} has no builtin output width; pass classes=N")
+            raise ConfigError(f"task {task.name!r} has no builtin output width; give it a class count (classes=N in "
+                              f"Python, --task {task.name}:{task.kind}:N on the command line)")
         return task.classes
 
     def head(self, task: "Task", channels: int) -> nn.Module:
@@ -246,7 +247,8 @@ class Segmentation(TaskKind):
 
     def metric(self, task):
         if task.classes is None:
-            raise ConfigError(f"task {task.name!r}: the segmentation metric needs classes=N")
+            raise ConfigError(f"task {task.name!r}: the segmentation metric needs a class count (classes=N in Python, "
+                              f"--task {task.name}:{task.kind}:N on the command line)")
         return SegmentationMetric(task.classes, task.ignore_index)
 
     def target_shapes(self, task):

@@ -79,7 +79,8 @@ class Task:
         if spec is None and (self.head is None or self.loss is None or self.metric is None):
             raise ConfigError(f"custom task {self.name!r} needs head=, loss= and metric=")
         if spec is not None and spec.needs_classes and self.classes is None and self.head is None:
-            raise ConfigError(f"task {self.name!r} of kind {self.kind!r} needs classes=N")
+            raise ConfigError(f"task {self.name!r} of kind {self.kind!r} needs a class count: classes=N in Python, "
+                              f"--task {self.name}:{self.kind}:N on the command line")
         if self.classes is not None and (not isinstance(self.classes, int) or isinstance(self.classes, bool)
                                          or not 1 <= self.classes <= MAX_CLASSES):
             raise ConfigError(f"task {self.name!r}: classes must be a whole number from 1 to {MAX_CLASSES}, "

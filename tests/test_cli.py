@@ -370,3 +370,17 @@ def test_convert_writes_the_pt2_alone_where_the_bundle_cannot_describe_the_model
     assert "model.automtl" not in report["files"] and "einsum" in report["not_written"]["model.automtl"]
     program = torch.export.load(str(out / "model.pt2"))  # our own file (load_pt2 lists no aten.einsum)
     assert set(program.module()(torch.randn(2, 3, 32, 32))) == set(report["metrics"])
+
+
+@pytest.mark.parametrize("error", [MemoryError(), torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+                                   RuntimeError("[enforce fail at alloc_cpu.cpp:127] data. DefaultCPUAllocator: can't "
+                                                "allocate memory: you tried to allocate 2415919104 bytes.")],
+                         ids=["python", "gpu", "cpu-allocator"])
+def test_running_out_of_memory_is_one_sentence(tmp_path, monkeypatch, error):
+    """torch's CPU allocator refuses with a plain RuntimeError: that ended the command in a traceback and exit 1."""
+    import automtl.report
+
+    def exhausted(*args, **kwargs):
+        raise error
+    monkeypatch.setattr(automtl.report, "inspect_text", exhausted)
+    assert "ran out of memory; use a smaller --input-size" in bad("inspect", tmp_path / "m.automtl")

@@ -1,6 +1,7 @@
 """Data sets: synthetic scenes, MultiFashion (IDX), NYUv2 and CityScapes (.npy layout)."""
 import gzip
 import os
+import re
 import struct
 
 import numpy as np
@@ -397,6 +398,65 @@ def test_a_fractional_label_on_disk_is_refused_not_truncated(tmp_path):
         NYUv2(tmp_path)[0]
 
 
+@pytest.mark.parametrize("value", [1e20, np.inf, 2.0**31])
+def test_a_label_no_class_count_reaches_is_refused_as_stored(tmp_path, value):
+    """1e20 was cast to int64 and reported as label -9223372036854775808; +inf was read as void."""
+    def huge(rng, h, w):
+        lab = _label(13)(rng, h, w)
+        lab[1, 1] = value
+        return lab
+
+    _npy_split(tmp_path, "train", 1, {**NYU_FOLDERS, "label": huge})
+    with pytest.raises(DataError, match=re.escape(f"label {value:g}, which is not a class id; class ids are whole numbers from 0")):
+        NYUv2(tmp_path)[0]
+
+
+def test_integer_images_are_scaled_or_refused(tmp_path):
+    """A uint8 image (0-255, as image files hold them) was fed as 0-255 where the models expect [0, 1]: other numbers,
+    silently. uint8 is divided by 255; other integer types have no scale to assume and are refused."""
+    _npy_split(tmp_path, "train", 1, NYU_FOLDERS)
+    img = np.load(tmp_path / "train" / "image" / "0.npy")
+    as_bytes = np.round(img * 255).astype(np.uint8)
+    np.save(tmp_path / "train" / "image" / "0.npy", as_bytes)
+    x = NYUv2(tmp_path)[0][0]
+    assert x.dtype == torch.float32 and torch.allclose(x, torch.from_numpy(as_bytes / 255).float().permute(2, 0, 1))
+    for dtype in (np.uint16, np.int32, bool):
+        np.save(tmp_path / "train" / "image" / "0.npy", as_bytes.astype(dtype))
+        with pytest.raises(DataError, match=f"holds {np.dtype(dtype)} values; store images as floats in \\[0, 1\\] or as uint8"):
+            NYUv2(tmp_path)[0]
+
+
+def test_a_task_reading_a_target_of_another_kind_is_refused(tmp_path):
+    """`--task segmentation:depth` on NYUv2 trained depth regression on class ids (void 255) without a word; the
+    builtin data sets say what their targets are. A kind of the same sort (a user's kind over class ids) may read them."""
+    from automtl.kinds import Segmentation, register_kind
+
+    _npy_split(tmp_path, "train", 2, NYU_FOLDERS)
+    ds = NYUv2(tmp_path)
+    with pytest.raises(DataError, match="target 'segmentation' of data set NYUv2 holds segmentation class ids, which a "
+                                        r"depth task would read as measured values; give the task the kind 'segmentation'"):
+        check_targets(ds, [Task("segmentation", "depth")])
+    with pytest.raises(DataError, match="holds depth measured values, which a segmentation task would read as class ids"):
+        check_targets(torch.utils.data.Subset(ds, [0]), [Task("depth", "segmentation", classes=13)])
+
+    @register_kind("test_focal_segmentation")
+    class Focal(Segmentation):
+        pass
+    try:
+        check_targets(ds, [Task("segmentation", "test_focal_segmentation", classes=13)])
+    finally:
+        from automtl.kinds import KINDS
+        KINDS.pop("test_focal_segmentation")
+
+
+def test_a_target_that_does_not_fit_its_image_says_which_file_and_what_to_do(tmp_path):
+    _npy_split(tmp_path, "train", 2, NYU_FOLDERS)
+    np.save(tmp_path / "train" / "depth" / "1.npy", np.zeros((3, 6, 1), np.float32))
+    with pytest.raises(DataError, match=r"depth/1.npy has shape \(3, 6, 1\), which does not fit its image of size "
+                                        r"\(4, 6\) \(expected \(4, 6, 1\)\); regenerate it"):
+        NYUv2(tmp_path)[1]
+
+
 def test_samples_of_different_sizes_in_one_batch_are_named(tmp_path):
     """Any data set automtl batches (a builtin's folder, or the user's own): two samples of different sizes are one
     DataError naming the part and both shapes, not torch's collate RuntimeError from inside the loader; a batch of
@@ -458,7 +518,7 @@ def test_cityscapes_on_fixture(tmp_path):
     lab19 = np.load(tmp_path / "train" / "label_19" / "0.npy")
     assert ds19[0][1]["segmentation"][1, 1] == int(lab19[1, 1])
     check_targets(ds, default_tasks("cityscapes"))
-    with pytest.raises(DataError, match="classes=7 or 19"):
+    with pytest.raises(DataError, match=r"not 13; its segmentation task needs 7 or 19 classes \(--task segmentation:segmentation:19"):
         CityScapes(tmp_path, classes=13)
     with pytest.raises(DataError, match="split folder"):
         CityScapes(tmp_path, split="val")

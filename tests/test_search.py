@@ -495,7 +495,7 @@ def test_parse_budget(value, expected):
     assert parse_budget(value) == expected
 
 
-@pytest.mark.parametrize("value", ["1.5y", "x", "-1x", 0, -2.0, True, "1.5xx", [1.5]])
+@pytest.mark.parametrize("value", ["1.5y", "x", "-1x", 0, -2.0, True, "1.5xx", [1.5], "", "  "])
 def test_parse_budget_rejects(value):
     with pytest.raises(ConfigError):
         parse_budget(value)

@@ -148,11 +148,28 @@ def _name(dataset) -> str:
     return type(dataset).__name__
 
 
+def _declared_kinds(dataset) -> dict:
+    """``{target: TaskKind}`` for a data set that says what its targets are (the builtin ones' ``tasks``); {} else."""
+    while isinstance(dataset, torch.utils.data.Subset):
+        dataset = dataset.dataset
+    try:
+        declared = getattr(type(dataset), "tasks", None) and dataset.tasks
+    except Exception:  # noqa: BLE001 - a user's data set whose `tasks` is something else says nothing
+        return {}
+    if not isinstance(declared, (list, tuple)):
+        return {}
+    return {t.name: t.spec for t in declared if isinstance(t, Task) and t.spec is not None}
+
+
 def check_targets(dataset: Dataset, tasks: Sequence[Task]) -> None:
     """Fail early, with the task's name, when the data cannot feed a task.
 
     Looks at the first sample: every task needs a target of its kind's shape, and label ids
-    must fit the task's class count.
+    must fit the task's class count. Where the data set says what its targets are (the builtin ones'
+    ``tasks``), class ids feed only kinds of class ids and measured values only kinds of measured values.
+
+    Raises:
+        DataError: naming the task, its target and what to change.
     """
     try:
         n = len(dataset)  # type: ignore[arg-type]
@@ -164,6 +181,7 @@ def check_targets(dataset: Dataset, tasks: Sequence[Task]) -> None:
     if not (isinstance(sample, (tuple, list)) and len(sample) == 2 and isinstance(sample[1], dict)):
         raise DataError(f"data set {_name(dataset)} must yield (x, {{task: target}}) pairs; it yields {type(sample).__name__}")
     targets = sample[1]
+    declared = _declared_kinds(dataset)
     for task in tasks:
         if task.name not in targets:
             raise DataError(
@@ -180,10 +198,20 @@ def check_targets(dataset: Dataset, tasks: Sequence[Task]) -> None:
                 f"which does not fit a {task.kind} task (one sample's target is {describe_shapes(spec.target_shapes(task))}); "
                 "check the task kind"
             )
+        kind = declared.get(task.name)
+        if spec is not None and kind is not None and kind.integer_labels != spec.integer_labels:
+            holds = "class ids" if kind.integer_labels else "measured values"
+            raise DataError(
+                f"target {task.name!r} of data set {_name(dataset)} holds {kind.name} {holds}, which a {task.kind} task "
+                f"would read as {'class ids' if spec.integer_labels else 'measured values'}; give the task the kind "
+                f"{kind.name!r} (--task {task.name}:{kind.name}{':N' if kind.needs_classes else ''}), or name it after a "
+                "target of its kind"
+            )
         if spec.integer_labels and task.classes is not None:
             labels = y[(y != task.ignore_index) & ~torch.isnan(y.double())] if y.is_floating_point() else y[y != task.ignore_index]
             if labels.numel() and (int(labels.max()) >= task.classes or int(labels.min()) < 0):
                 raise DataError(
                     f"target {task.name!r} has label {int(labels.max()) if int(labels.max()) >= task.classes else int(labels.min())} "
-                    f"outside 0..{task.classes - 1}; set classes= to the data set's class count"
+                    f"outside 0..{task.classes - 1}; give the task the data set's class count (classes=N in Python, "
+                    f"--task {task.name}:{task.kind}:N on the command line), or evaluate a model of that many classes"
                 )

@@ -1,6 +1,6 @@
 """CityScapes (7 or 19 classes, depth) in MTAN's preprocessed .npy layout::
 
-    root/{train,val}/image/{i}.npy                (H, W, 3) float
+    root/{train,val}/image/{i}.npy                (H, W, 3) float in [0, 1] (or uint8 0-255, divided by 255)
     root/{train,val}/label_7/{i}.npy or label_19  (H, W)    class id, -1 for void
     root/{train,val}/depth/{i}.npy                (H, W, 1) float (disparity), 0 where unknown
 """
@@ -35,7 +35,9 @@ class CityScapes(NpyScenes):
         tasks: Sequence[str] = ("segmentation", "depth"),
     ):
         if classes not in CLASS_NAMES:
-            raise DataError(f"cityscapes has 7- and 19-class labels, not classes={classes!r}; pass classes=7 or 19")
+            raise DataError(f"cityscapes has 7- and 19-class labels, not {str(classes)[:20]}; its segmentation task needs "
+                            "7 or 19 classes (--task segmentation:segmentation:19 on the command line, classes=19 in "
+                            "Python)")
         self.classes = classes
         self.class_names = CLASS_NAMES[classes]
         # per instance: the label folder depends on the class count

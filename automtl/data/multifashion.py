@@ -123,6 +123,10 @@ def _find(root: Path, name: str) -> Path:
     for candidate in (root / name, root / f"{name}.gz"):
         if candidate.is_file():
             return candidate
+    for candidate in (root / name, root / f"{name}.gz"):
+        if os.path.lexists(candidate):  # a folder, a device, a broken link: there, but no file to read
+            raise DataError(f"Fashion-MNIST file {candidate} is not a regular file (a folder, a device or a broken "
+                            "link); put the IDX file itself there")
     raise DataError(
         f"Fashion-MNIST file {name}(.gz) is not in {root}; install it with `apt-get install dataset-fashion-mnist` "
         "or pass root= the folder that holds the IDX files"

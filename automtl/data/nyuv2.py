@@ -1,7 +1,7 @@
 """NYUv2 (13 classes, depth, surface normals) in the preprocessed .npy layout of MTAN
 (Liu et al., github.com/lorenmt/mtan), which AutoMTL and most MTL code bases reuse::
 
-    root/{train,val}/image/{i}.npy    (H, W, 3) float
+    root/{train,val}/image/{i}.npy    (H, W, 3) float in [0, 1] (or uint8 0-255, divided by 255)
     root/{train,val}/label/{i}.npy    (H, W)    class id, -1 for void
     root/{train,val}/depth/{i}.npy    (H, W, 1) float, 0 where unknown
     root/{train,val}/normal/{i}.npy   (H, W, 3) float, 0 where unknown
@@ -107,21 +107,26 @@ def _load(path: Path, name: str) -> np.ndarray:
         raise DataError(f"{name} file {path} cannot be read as .npy ({type(e).__name__}); regenerate it") from None
 
 
+#: No class count reaches this id (automtl.tasks.MAX_CLASSES is far below): a label at or beyond it is no class id.
+_MAX_LABEL = 2**31
+
+
 def labels_to_long(label: np.ndarray, where: str = "label file") -> torch.Tensor:
     """Class ids as int64, void (-1 or any negative id, NaN) mapped to 255. Other ids are kept as stored: one
     beyond the task's class count is refused by the batch checks, naming it (the data holds more classes than the
-    task says), not read as void. A fractional id is refused here, before the cast would truncate it.
+    task says), not read as void. A fractional id, +inf or an id no class count reaches (1e20, which the cast would
+    wrap to a negative number) is refused here.
 
     Raises:
-        DataError: a finite, non-negative id that is not a whole number.
+        DataError: a non-negative id that is not a whole number below 2^31.
     """
     lab = np.asarray(label, dtype=np.float64)
-    void = ~np.isfinite(lab) | (lab < 0)
-    fractional = ~void & (lab != np.round(lab))
-    if fractional.any():
-        raise DataError(f"{where} holds label {lab[fractional].flat[0]:g}, which is not a class id; class ids are whole "
-                        "numbers (-1 or NaN for void)")
-    out = np.where(void, VOID, np.nan_to_num(lab)).astype(np.int64)
+    void = np.isnan(lab) | (lab < 0)
+    wrong = ~void & ((lab != np.round(lab)) | (lab >= _MAX_LABEL))  # +inf included
+    if wrong.any():
+        raise DataError(f"{where} holds label {lab[wrong].flat[0]:g}, which is not a class id; class ids are whole "
+                        "numbers from 0 to the class count - 1 (-1 or NaN for void)")
+    out = np.where(void, VOID, lab).astype(np.int64)
     return torch.from_numpy(out)
 
 
@@ -180,6 +185,11 @@ class NpyScenes(Dataset):
         if img.ndim != 3 or img.shape[-1] != 3:
             raise DataError(f"{self.name} image {index}.npy has shape {img.shape}; expected (H, W, 3)")
         x = torch.from_numpy(np.ascontiguousarray(np.moveaxis(img, -1, 0), dtype=np.float32))
+        if img.dtype == np.uint8:  # 0-255, as image files hold them: the [0, 1] of float images
+            x = x / 255
+        elif img.dtype.kind != "f":  # uint16, int32, bool: no scale a reader can assume
+            raise DataError(f"{self.name} image {self.path / 'image' / f'{index}.npy'} holds {img.dtype} values; store "
+                            "images as floats in [0, 1] or as uint8 0-255")
         hw = img.shape[:2]
         targets = {}
         for t in self.task_names:
@@ -196,10 +206,16 @@ class NpyScenes(Dataset):
             expected = {"segmentation": hw, "depth": (1, *hw), "normal": (3, *hw)}[kind]
             if tuple(y.shape) != tuple(expected):
                 raise DataError(
-                    f"{self.name} {folder}/{index}.npy has shape {a.shape}, which does not fit its image of size {hw}"
+                    f"{self.name} {self.path / folder / f'{index}.npy'} has shape {a.shape}, which does not fit its "
+                    f"image of size {hw} (expected {self._expected(kind, hw)}); regenerate it so that sample {index}'s "
+                    "files belong together"
                 )
             targets[t] = y
         return x, targets
+
+    @staticmethod
+    def _expected(kind: str, hw: tuple) -> tuple:
+        return {"segmentation": hw, "depth": (*hw, 1), "normal": (*hw, 3)}[kind]
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(root={str(self.root)!r}, split={self.split!r}, tasks={self.task_names}, n={self.n})"

@@ -64,7 +64,9 @@ class SyntheticScenes(Dataset):
             raise ConfigError(f"synthetic scene size must be an integer of at least 8 pixels, got size={size!r}")
         if not isinstance(classes, int) or not 2 <= classes <= len(SHAPES) + 1:
             raise ConfigError(
-                f"synthetic scenes support 2 to {len(SHAPES) + 1} classes (background plus shapes), got classes={classes!r}"
+                f"synthetic scenes have 2 to {len(SHAPES) + 1} classes (background plus shapes), not {str(classes)[:20]}; "
+                f"give their segmentation task 2 to {len(SHAPES) + 1} (--task segmentation:segmentation:4 on the command "
+                "line, classes=4 in Python), or use your own data"
             )
         if not isinstance(max_shapes, int) or max_shapes < 1:
             raise ConfigError(f"max_shapes must be a positive integer, got {max_shapes!r}")
