@@ -384,3 +384,22 @@ def test_running_out_of_memory_is_one_sentence(tmp_path, monkeypatch, error):
         raise error
     monkeypatch.setattr(automtl.report, "inspect_text", exhausted)
     assert "ran out of memory; use a smaller --input-size" in bad("inspect", tmp_path / "m.automtl")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["convert", "tiny", "--out", ""], "Invalid value for '--out': is empty; give a path"),
+    (["convert", "tiny", "--budget", ""], "the budget is empty; write it like '1.5x', or 'none' for no budget"),
+    (["convert", "tiny", "--steps", ""], "--steps '' must be three whole numbers"),
+    (["convert", "tiny", "--samples", " "], "--samples ' ' must be two positive whole numbers"),
+    (["convert", "", "--steps", "1,1,1"], "backbone must be a name, got ''; give the backbone's name"),
+    (["convert", "tiny", "--data", ""], "data must be a name, got ''; give the data set's name"),
+    (["export", "m.automtl", ""], "Invalid value for 'OUT': is empty; give a path"),
+    (["render", "", "m.svg"], "Invalid value for 'SOURCE': is empty; give a path"),
+], ids=["out", "budget", "steps", "samples", "backbone", "data", "export", "render"])
+def test_an_empty_value_is_refused_not_read_as_left_out(tmp_path, monkeypatch, args, message):
+    """An unset shell variable: `--out ""` wrote a whole run into the current folder, `--steps ""` ran the full
+    default schedule, `--budget ""` switched the budget off."""
+    monkeypatch.chdir(tmp_path)
+    out = [] if "--out" in args or args[0] != "convert" else ["--out", "run"]
+    assert message in bad(*args, *out)
+    assert not any(tmp_path.iterdir())

@@ -252,6 +252,10 @@ def test_multifashion_errors(tmp_path):
         MultiFashion(root=tmp_path / "none")
     with pytest.raises(DataError, match="apt-get install dataset-fashion-mnist"):
         MultiFashion(root=tmp_path)  # folder exists, files do not
+    (tmp_path / "train-images-idx3-ubyte.gz").mkdir()  # there, but no file: not "is not in ROOT"
+    with pytest.raises(DataError, match="train-images-idx3-ubyte.gz is not a regular file"):
+        MultiFashion(root=tmp_path)
+    (tmp_path / "train-images-idx3-ubyte.gz").rmdir()
     _fashion(tmp_path, n=6)
     with pytest.raises(ConfigError, match="between 1 and the 6"):
         MultiFashion(root=tmp_path, n=7)
