@@ -582,3 +582,89 @@ def test_padding_modules_eca_variance_and_remainders_are_saved_as_data(tmp_path)
             with torch.no_grad():
                 want, got = model(x), loaded(x)
             assert all(torch.equal(got[t], want[t]) for t in want), (seed, size)
+
+
+class _MoreActivationsAndNorms(nn.Module):
+    """What models people use hold beyond the first list: PReLU and its kin, SyncBatchNorm (segmentation code converts
+    every BatchNorm to it), LocalResponseNorm (AlexNet, GoogLeNet), ``x ** 2`` and a scale ``d ** -0.5`` computed from
+    the input's size."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.norm = nn.SyncBatchNorm(8)
+        self.acts = nn.Sequential(nn.PReLU(8), nn.SELU(), nn.CELU(0.5), nn.Threshold(0.1, -1.0), nn.Softsign(),
+                                  nn.Hardshrink(0.05), nn.Softshrink(0.01), nn.Tanhshrink())
+        self.lrn = nn.LocalResponseNorm(3)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.prelu = nn.PReLU()
+
+    def forward(self, x):
+        x = self.acts(self.norm(self.conv1(x)))
+        x = self.lrn(x) + F.logsigmoid(x) + torch.log_softmax(x, 1) + F.softmin(x, 1)
+        scale = (x.shape[2] * x.shape[3]) ** -0.5  # a Python number from the input's size
+        return self.prelu(self.conv2(x ** 2 * scale))
+
+
+def test_more_activations_norms_and_powers_are_saved_as_data(tmp_path):
+    """Each was refused by save ("not one of the torch.nn modules on automtl's reviewed list", "_operator.pow"), so
+    such a model had only its .pt2."""
+    from automtl.tasks import Task
+
+    torch.manual_seed(0)
+    sm = supermodel(_MoreActivationsAndNorms(), [Task("a", "depth"), Task("b", "segmentation", classes=3)],
+                    torch.randn(1, 3, 12, 12))
+    for seed in (0, 1):
+        model = compact(sm, Policy.random(sm.layer_names, sm.task_names, sm.skip_legal, seed=seed))
+        save(model.eval(), tmp_path / "m.automtl")
+        loaded = load(tmp_path / "m.automtl")
+        for size in (12, 15):
+            x = torch.randn(2, 3, size, size)
+            with torch.no_grad():
+                want, got = model(x), loaded(x)
+            assert all(torch.equal(got[t], want[t]) for t in want), (seed, size)
+        x = torch.randn(3, 3, 12, 12)
+        for m in (model, loaded):  # train mode: the SyncBatchNorm normalises with the batch's statistics, on one process
+            m.train()
+        want, got = model(x), loaded(x)
+        assert all(torch.equal(got[t], want[t]) for t in want), seed
+        assert all(torch.equal(a, b) for a, b in zip(model.buffers(), loaded.buffers()))
+
+
+class _SizeArithmetic(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(x) + x.shape[2] ** 2 * 0  # an integer computed from the input's size
+
+
+@pytest.mark.parametrize("exponent, chain", [(2**30, 0), (2, 40)], ids=["one-power", "squarings"])
+def test_integers_a_file_computes_are_bounded_before_they_are_computed(tmp_path, exponent, chain):
+    """Python integers in a graph are exact: ``h ** 2**30`` (or forty squarings) would take the machine's memory
+    while the loader computes it; the power is checked before it runs, a product after (it at most doubles)."""
+    import time
+
+    from automtl.tasks import Task
+
+    sm = supermodel(_SizeArithmetic(), [Task("d", "depth")], torch.randn(1, 3, 8, 8)).eval()
+    path = tmp_path / "m.automtl"
+    save(compact(sm, Policy.uniform(sm.layer_names, sm.task_names, "share")).eval(), path)
+
+    def bomb(desc):
+        nodes = desc["nodes"]
+        power = next(n for n in nodes if n["target"] == "operator.pow")
+        power["args"][1] = exponent
+        at, last = nodes.index(power), power["name"]
+        for i in range(chain):
+            nodes.insert(at + 1 + i, {"name": f"square_{i}", "op": "call_function", "target": "operator.mul",
+                                      "args": [{"$node": last}, {"$node": last}]})
+            last = f"square_{i}"
+        for n in nodes[at + 1 + chain:]:
+            n["args"] = [{"$node": last} if a == {"$node": power["name"]} else a for a in n.get("args", [])]
+    _edit(path, bomb)
+    start = time.monotonic()
+    with pytest.raises(FileFormatError, match="computing an integer beyond 1099511627776, which no size or index"):
+        load(path)
+    assert time.monotonic() - start < 10

@@ -15,6 +15,7 @@ REVIEWED_FUNCTIONS = {
     "operator.add", "operator.floordiv", "operator.getitem", "operator.matmul",
     "operator.mul", "operator.neg", "operator.sub", "operator.truediv",
     "operator.mod",  # reviewed: Python's % on numbers or tensors only (the arith rule refuses strings: no formatting)
+    "operator.pow",  # reviewed: ** on numbers or tensors; an integer power is bounded before it is computed
     "torch.abs", "torch.add", "torch.amax", "torch.bmm", "torch.cat", "torch.channel_shuffle", "torch.chunk",
     "torch.clamp", "torch.clamp_max", "torch.clamp_min", "torch.concat", "torch.div", "torch.erf", "torch.exp",
     "torch.flatten", "torch.flip", "torch.matmul", "torch.maximum", "torch.mean", "torch.minimum", "torch.mul",
@@ -23,6 +24,10 @@ REVIEWED_FUNCTIONS = {
     "torch.sum", "torch.tanh", "torch.transpose", "torch.unbind", "torch.unsqueeze", "torch.where", "torch.zeros_like",
     "torch.conv2d", "torch.conv_transpose2d",
     "torch.square", "torch.var",  # reviewed: elementwise square, a variance reduction
+    "torch.log_softmax",  # reviewed: as F.log_softmax
+    *(f"torch.nn.functional.{n}" for n in (  # reviewed: elementwise activations (softmin: a softmax of -x)
+        "prelu", "selu", "celu", "logsigmoid", "softsign", "tanhshrink", "hardshrink", "softshrink", "threshold",
+        "softmin")),
     *(f"torch.nn.functional.{n}" for n in (
         "adaptive_avg_pool2d", "adaptive_max_pool2d", "avg_pool2d", "batch_norm", "conv2d", "conv_transpose2d", "dropout", "dropout2d",
         "elu", "gelu", "glu", "group_norm", "hardsigmoid", "hardswish", "hardtanh", "interpolate", "layer_norm",
@@ -36,6 +41,7 @@ REVIEWED_METHODS = {
     "repeat", "reshape", "reshape_as", "roll", "rsqrt", "sigmoid", "size", "softmax", "split", "sqrt",
     "squeeze", "sub", "sum", "tanh", "to", "transpose", "type_as", "unbind", "unsqueeze", "view", "view_as",
     "square", "var",  # reviewed: as torch.square / torch.var
+    "log_softmax",  # reviewed: as torch.log_softmax
 }
 REVIEWED_ATTRIBUTES = {"shape", "ndim", "dtype", "device"}
 REVIEWED_MODULES = {
@@ -61,6 +67,14 @@ REVIEWED_MODULES = {
     "ConstantPad2d": {"padding", "value"},  # reviewed: F.pad with a constant; its output bounded as any activation
     "Conv1d": {"bias", "dilation", "groups", "in_channels", "kernel_size", "out_channels", "padding", "padding_mode",
                "stride"},  # reviewed: as Conv2d (ECA attention); its unfolding counted as Conv2d's
+    # reviewed: elementwise activations, their constants floats (PReLU: its weight a parameter of the file)
+    "PReLU": {"num_parameters"}, "SELU": {"inplace"}, "CELU": {"alpha", "inplace"},
+    "Threshold": {"threshold", "value", "inplace"}, "Hardshrink": {"lambd"}, "Softshrink": {"lambd"}, "Softsign": set(),
+    "Tanhshrink": set(), "LogSigmoid": set(), "LogSoftmax": {"dim"}, "Softmin": {"dim"}, "Softmax2d": set(),
+    # reviewed: BatchNorm2d's arguments (no process group: the default, one process or DDP's own); a window of `size`
+    # channels per element, counted as a pooling window in the element-operation bound
+    "SyncBatchNorm": {"affine", "bias", "eps", "momentum", "num_features", "track_running_stats"},
+    "LocalResponseNorm": {"size", "alpha", "beta", "k"},
 }
 
 

@@ -92,6 +92,9 @@ MODULES: dict[type, dict[str, Callable[[Any], bool]]] = {
                          "padding_mode": _choice("zeros")},
     nn.Linear: {"in_features": _pos, "out_features": _pos, "bias": _bool},
     nn.BatchNorm1d: _NORM, nn.BatchNorm2d: _NORM, nn.InstanceNorm2d: _NORM,
+    # SyncBatchNorm: BatchNorm on one process; under DDP a loaded model synchronises its statistics as the saved one did
+    nn.SyncBatchNorm: _NORM,
+    nn.LocalResponseNorm: {"size": _pos, "alpha": _float, "beta": _float, "k": _float},  # its window counts as pooling
     nn.GroupNorm: {"num_groups": _pos, "num_channels": _pos, "eps": _float, "affine": _bool, "bias": _bool},
     nn.LayerNorm: {"normalized_shape": _ints, "eps": _float, "elementwise_affine": _bool, "bias": _bool},
     nn.ReLU: _INPLACE, nn.ReLU6: _INPLACE, nn.SiLU: _INPLACE, nn.Hardswish: _INPLACE, nn.Hardsigmoid: _INPLACE,
@@ -99,6 +102,10 @@ MODULES: dict[type, dict[str, Callable[[Any], bool]]] = {
     nn.GELU: {"approximate": _choice("none", "tanh")},
     nn.LeakyReLU: {"negative_slope": _float, **_INPLACE}, nn.ELU: {"alpha": _float, **_INPLACE},
     nn.Softplus: {"beta": _float, "threshold": _float},
+    nn.PReLU: {"num_parameters": _pos}, nn.SELU: _INPLACE, nn.CELU: {"alpha": _float, **_INPLACE},
+    nn.Threshold: {"threshold": _float, "value": _float, **_INPLACE},
+    nn.Hardshrink: {"lambd": _float}, nn.Softshrink: {"lambd": _float}, nn.Softsign: {}, nn.Tanhshrink: {},
+    nn.LogSigmoid: {}, nn.LogSoftmax: {"dim": _opt_dim}, nn.Softmin: {"dim": _opt_dim}, nn.Softmax2d: {},
     nn.Hardtanh: {"min_val": _float, "max_val": _float, **_INPLACE},
     nn.Dropout: {"p": _float, **_INPLACE}, nn.Dropout2d: {"p": _float, **_INPLACE},
     nn.MaxPool2d: {"kernel_size": _ints, "stride": _ints, "padding": _ints, "dilation": _ints,

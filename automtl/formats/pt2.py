@@ -102,6 +102,7 @@ ALLOWED_ATEN_OPERATORS = frozenset({
     "softmax",  # seen
     "relu6", "leaky_relu", "elu", "selu", "celu", "mish", "softplus", "tanh", "prelu", "_prelu_kernel", "glu",
     "threshold", "clamp", "clamp_min", "clamp_max", "log_softmax", "_softmax", "_log_softmax",
+    "log_sigmoid", "hardshrink", "softshrink",  # nn.LogSigmoid, nn.Hardshrink, nn.Softshrink
     # dropout (identity in eval mode; functional, not in place, in train mode)
     "dropout",  # seen
     "native_dropout", "feature_dropout",

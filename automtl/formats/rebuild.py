@@ -11,6 +11,7 @@ import copy
 import json
 import keyword
 import math
+import operator
 import re
 import struct
 from typing import Any, Optional
@@ -557,6 +558,8 @@ class _BoundedShapes(fx.Interpreter):
         (it reads all of it whatever its output size); ``(1, 0)`` for anything else."""
         if n.op == "call_module":
             mod = self.fetch_attr(n.target)
+            if isinstance(mod, nn.LocalResponseNorm):  # a window of `size` channels around each element
+                return mod.size, 0
             kind, k = type(mod).__name__.lower(), getattr(mod, "kernel_size", None)
         elif n.op in ("call_function", "call_method"):
             kind, k = name.lower(), None
@@ -601,6 +604,17 @@ class _BoundedShapes(fx.Interpreter):
                     raise FileFormatError(f"has node {n.name!r} whose {key} {d} names no dimension of its "
                                           f"{x.dim()}-dimensional input; the file is crafted or corrupted")
 
+    @staticmethod
+    def _check_power(n: fx.Node, args: tuple) -> None:
+        """An integer power is refused before Python computes it: the bound on computed integers is checked on the
+        result, and ``2 ** 10**12`` would take the machine's memory first."""
+        if len(args) != 2 or not all(isinstance(a, int) and not isinstance(a, bool) for a in args):
+            return
+        base, exponent = args
+        if abs(base) > 1 and exponent > 0 and math.log2(abs(base)) * exponent > math.log2(MAX_COMPUTED_INT):
+            raise FileFormatError(f"has node {n.name!r} computing an integer beyond {MAX_COMPUTED_INT}, which no "
+                                  "size or index of a model reaches; the file is crafted or corrupted")
+
     def run_node(self, n: fx.Node):
         name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")
         if name in ("unbind", "split", "chunk", "tensor_split", "split_with_sizes") and n.op != "call_module":
@@ -611,6 +625,8 @@ class _BoundedShapes(fx.Interpreter):
             args, kwargs = self.fetch_args_kwargs_from_env(n)  # expanded view reads far more than it writes)
             read += sum(v.numel() for v in _nested((args, kwargs)) if isinstance(v, torch.Tensor))
             self._check_dims(n, args, kwargs)
+            if n.op == "call_function" and n.target is operator.pow:
+                self._check_power(n, args)
         out = super().run_node(n)
         self._check_flop_dtypes(n, args, kwargs)
         if self.shapes is not None:

@@ -37,6 +37,7 @@ FUNCTIONS: dict[str, tuple[Callable, str]] = {
     "operator.mul": (operator.mul, "arith"), "operator.truediv": (operator.truediv, "arith"),
     "operator.floordiv": (operator.floordiv, "arith"), "operator.neg": (operator.neg, "arith"),
     "operator.mod": (operator.mod, "arith"),  # numbers and tensors only (pad to a multiple: (8 - h % 8) % 8)
+    "operator.pow": (operator.pow, "arith"),  # x ** 2, the attention scale d ** -0.5 (integer powers bounded at load)
     "operator.matmul": (operator.matmul, TENSOR), "operator.getitem": (operator.getitem, "getitem"),
     "builtins.getattr": (getattr, "getattr"),
     # torch.*
@@ -45,7 +46,7 @@ FUNCTIONS: dict[str, tuple[Callable, str]] = {
         "relu", "sigmoid", "tanh", "mean", "sum", "sqrt", "rsqrt", "exp", "abs", "clamp", "clamp_min",
         "clamp_max", "maximum", "minimum", "narrow", "squeeze", "unsqueeze", "matmul", "bmm", "softmax",
         "roll", "channel_shuffle", "amax", "erf", "where", "zeros_like", "ones_like", "flip", "conv2d",
-        "conv_transpose2d", "square", "var")},
+        "conv_transpose2d", "square", "var", "log_softmax")},
     **{f"torch.{n}": (getattr(torch, n), TENSORS) for n in ("chunk", "split", "unbind")},
     # torch.nn.functional.*
     **{f"torch.nn.functional.{n}": (getattr(F, n), TENSOR) for n in (
@@ -53,7 +54,8 @@ FUNCTIONS: dict[str, tuple[Callable, str]] = {
         "mish", "softplus", "hardtanh", "glu", "softmax", "log_softmax", "interpolate", "adaptive_avg_pool2d",
         "adaptive_max_pool2d", "avg_pool2d", "max_pool2d", "dropout", "dropout2d", "pad", "normalize",
         "layer_norm", "group_norm", "batch_norm", "linear", "conv2d", "conv_transpose2d", "pixel_shuffle",
-        "pixel_unshuffle")},
+        "pixel_unshuffle", "prelu", "selu", "celu", "logsigmoid", "softsign", "tanhshrink", "hardshrink",
+        "softshrink", "threshold", "softmin")},
 }
 
 #: Tensor methods (called only on a tensor) and the kind each returns; ``"size"`` depends on
@@ -64,7 +66,7 @@ METHODS: dict[str, str] = {
         "expand_as", "view_as", "reshape_as", "narrow", "mean", "sum", "sqrt", "rsqrt", "clamp", "clamp_min",
         "clamp_max", "add", "sub", "mul", "div", "relu", "sigmoid", "tanh", "exp", "abs", "neg", "pow", "softmax",
         "matmul", "float", "half", "bfloat16", "to", "type_as", "repeat", "amax", "flip", "roll", "clone", "detach",
-        "masked_fill", "square", "var")},
+        "masked_fill", "square", "var", "log_softmax")},
     **{n: TENSORS for n in ("chunk", "split", "unbind")},
     "size": "size", "dim": INT,
 }
