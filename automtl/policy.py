@@ -5,6 +5,7 @@ person can edit it and feed it back.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import numbers
 import os
@@ -46,7 +47,10 @@ class Policy:
     policy probability of the choice minus the runner-up's; "conflict": the conflict threshold minus
     the task's best gradient cosine with another task in that layer), ``scores[l][t]``, the
     ``threshold`` a score must clear, ``undecided`` (``(l, t)`` pairs whose evidence did not clear it:
-    they share), ``strategy`` and ``budget`` (``used`` and ``limit`` as multiples of the single model).
+    they share), ``strategy`` and ``budget`` (``used`` and ``limit`` as multiples of the single model),
+    and ``of_choices``, the fingerprint of the choices it describes (:func:`choices_fingerprint`): once
+    the choices are edited (in the file or in ``choices``), :attr:`current_evidence` is None, so what
+    inspect, render and reports show is never the searched policy's evidence beside other choices.
     It is not part of equality: two policies with the same choices are the same policy.
     """
 
@@ -113,15 +117,23 @@ class Policy:
         flat = [c for row in self.choices for c in row]
         return {name: flat.count(i) for i, name in enumerate(CHOICES)}
 
+    @property
+    def current_evidence(self) -> Optional[dict]:
+        """:attr:`evidence` while it describes these choices; None once they were edited after the search."""
+        ev = self.evidence
+        if ev is not None and ev.get("of_choices") not in (None, choices_fingerprint(self.choices)):
+            return None
+        return ev
+
     def score(self, layer: int, task: int) -> Optional[float]:
-        """The evidence score of a choice (None without evidence)."""
-        ev = self.evidence or {}
+        """The evidence score of a choice (None without evidence, or once the choices were edited)."""
+        ev = self.current_evidence or {}
         scores = ev.get("scores")
         return None if scores is None else scores[layer][task]
 
     def undecided(self, layer: int, task: int) -> bool:
         """True when the evidence did not support a choice, so it fell back to share."""
-        pairs = (self.evidence or {}).get("undecided") or []
+        pairs = (self.current_evidence or {}).get("undecided") or []
         cached = self.__dict__.get("_undecided")
         if cached is None or cached[0] is not pairs or cached[1] != len(pairs):
             cached = (pairs, len(pairs), {(int(l), int(t)) for l, t in pairs})
@@ -149,8 +161,8 @@ class Policy:
             "tasks": list(self.tasks),
             "layers": {l: {t: CHOICES[c] for t, c in zip(self.tasks, row)} for l, row in zip(self.layers, self.choices)},
         }
-        if self.evidence is not None:
-            out["evidence"] = _evidence_to_yaml(self.evidence, self.layers, self.tasks)
+        if self.current_evidence is not None:
+            out["evidence"] = _evidence_to_yaml(self.current_evidence, self.layers, self.tasks)
         return out
 
     @classmethod
@@ -182,6 +194,10 @@ class Policy:
                 )
             rows.append([_choice_index(per_task[t], f"{source}: layer {lname!r}, task {t!r}") for t in tasks])
         evidence = _evidence_from_yaml(data.get("evidence"), list(layers), tasks, source)
+        if evidence is not None and evidence.get("of_choices") not in (None, choices_fingerprint(rows)):
+            warnings.warn(f"{source}: its choices were edited after the search, so the search's evidence (scores, "
+                          "undecided choices, budget used) describes other choices and is left out", stacklevel=2)
+            evidence = None
         return cls(list(layers), tasks, rows, evidence)
 
     def save(self, path: str | os.PathLike) -> None:
@@ -196,6 +212,12 @@ class Policy:
 
         data = read_yaml(path, "policy file", FileFormatError)
         return cls.from_dict(data, f"policy file {str(path)!r}")
+
+
+def choices_fingerprint(choices: Sequence[Sequence[int]]) -> str:
+    """16 hex digits naming a table of choices: evidence records the one it describes (``of_choices``)."""
+    text = ";".join(",".join(str(int(c)) for c in row) for row in choices)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _choice_index(choice, where: str = "policy") -> int:
@@ -265,6 +287,7 @@ _EVIDENCE_VALUES = {
     "strategy": lambda v: isinstance(v, str) and bool(_NAME.match(v)),
     "threshold": _finite, "confidence": _finite, "steps": _count, "planned_steps": _count,
     "stopped_early": lambda v: isinstance(v, bool), "budget": _budget,
+    "of_choices": lambda v: isinstance(v, str) and re.fullmatch(r"[0-9a-f]{16}", v) is not None,
 }
 
 

@@ -118,7 +118,7 @@ def legend_label(policy: Policy, colours: dict, with_graph_legend: bool) -> str:
         item('BORDER="1"><FONT POINT-SIZE="9" COLOR="#555555"><I>skip</I></FONT>',
              "skip: left out (identity, or <I>skip 1x1</I>: a 1x1 projection)"),
     ]
-    ev = policy.evidence or {}
+    ev = policy.current_evidence or {}
     if ev.get("scores") is not None:
         what = score_meaning(ev)
         note = (f"+0.12 beside a choice: its {what} ({e(str(ev.get('strategy', 'search')))});<BR ALIGN=\"LEFT\"/>"

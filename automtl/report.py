@@ -288,7 +288,7 @@ def _policy_lines(policy: Optional[Policy]) -> list:
     if policy is None:
         return ["Policy: none recorded."]
     lines = ["Policy (S = share the backbone's layer, P = specialize: a task-owned copy, - = skip the layer)"]
-    ev = policy.evidence or {}
+    ev = policy.current_evidence or {}
     scored = ev.get("scores") is not None
     if scored:
         what = score_meaning(ev)

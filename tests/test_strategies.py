@@ -2,6 +2,7 @@
 scores), evidence reaches policy.yaml and falls back to share where it is weak, the held-out split."""
 import pytest
 import torch
+import yaml
 from torch.utils.data import DataLoader, Dataset
 
 from automtl.errors import ConfigError
@@ -146,6 +147,32 @@ def test_evidence_in_bundle_and_inspect_grid(tmp_path):
     l, t = next(iter(res.policy.evidence["undecided"]), (0, 0))
     row = next(line for line in text.splitlines() if line.startswith(res.policy.layers[l] + " "))
     assert f"{res.policy.evidence['scores'][l][t]:+.3f}" in row
+
+
+def test_edited_choices_leave_the_search_s_evidence_behind(tmp_path):
+    """A policy edited by hand (as the README suggests) kept the search's evidence: inspect and render marked an edited
+    skip "undecided, fell back to share" and printed the searched architecture's budget used."""
+    import automtl
+    from automtl.report import inspect_text
+
+    sm, res = run(False, "conflict", search_steps=20)
+    assert res.policy.current_evidence is res.policy.evidence and "of_choices" in res.policy.evidence
+    res.policy.save(tmp_path / "searched.yaml")
+    doc = yaml.safe_load((tmp_path / "searched.yaml").read_text())
+    layer = next(l for l, legal in zip(res.policy.layers, sm.skip_legal) if legal)
+    doc["layers"][layer]["a"] = "skip" if doc["layers"][layer]["a"] != "skip" else "share"
+    (tmp_path / "edited.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    with pytest.warns(UserWarning, match="its choices were edited after the search, so the search's evidence"):
+        edited = Policy.load(tmp_path / "edited.yaml")
+    assert edited.evidence is None and not any(edited.undecided(l, t) for l in range(len(edited.layers))
+                                               for t in range(len(edited.tasks)))
+    automtl.save(automtl.compact(sm, edited), tmp_path / "m.automtl")
+    text = inspect_text(tmp_path / "m.automtl")
+    assert "budget used" not in text and "undecided" not in text
+    same = Policy.load(tmp_path / "searched.yaml")  # not edited: its evidence stays
+    assert same.current_evidence["scores"] == res.policy.evidence["scores"]
+    same.choices[0][0] = 1 if same.choices[0][0] != 1 else 0  # edited in Python: the same
+    assert same.current_evidence is None and same.score(0, 0) is None and "evidence" not in same.to_dict()
 
 
 def test_rendered_grid_shows_evidence():

@@ -40,7 +40,7 @@ from ..data.checks import BatchChecks
 from ..errors import AutomtlError, ConfigError, DataError
 from ..losses import loss_for
 from ..metrics import metric_for
-from ..policy import Policy
+from ..policy import Policy, choices_fingerprint
 from ..seeding import seeded
 from ..supermodel import SuperModel
 from ..weighting import make_weighting
@@ -314,6 +314,7 @@ class _Search(_CheckpointMixin, _LogMixin, _StepMixin):
             else self.sm.policy_parameter_count(policy) / self.base_params
         evidence["budget"] = {"metric": self.config.budget_metric, "used": round(float(used), 4),
                               "limit": self.budget}
+        evidence["of_choices"] = choices_fingerprint(policy.choices)  # edited choices leave this evidence behind
         policy.evidence = evidence
         self.policy = policy
         if self.out_dir is not None and self.dist.main:
