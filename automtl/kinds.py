@@ -100,11 +100,13 @@ class TaskKind:
 
     def loss(self, task: "Task") -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         """A callable ``(pred, target) -> scalar`` that ignores missing labels (see :mod:`automtl.losses`)."""
-        raise NotImplementedError(f"task kind {self.name!r} defines no loss")
+        raise ConfigError(f"task kind {self.name!r} defines no loss; define loss() in its TaskKind subclass, or give "
+                          f"the Task its own (Task(..., kind={self.name!r}, loss=my_loss))")
 
     def metric(self, task: "Task") -> Metric:
         """A fresh streaming metric (``update``/``compute``/``reset``, see :mod:`automtl.metrics`)."""
-        raise NotImplementedError(f"task kind {self.name!r} defines no metric")
+        raise ConfigError(f"task kind {self.name!r} defines no metric; define metric() in its TaskKind subclass, or "
+                          f"give the Task its own (Task(..., kind={self.name!r}, metric=MyMetric))")
 
     def target_shapes(self, task: "Task") -> List[Shape]:
         """Per-sample target shapes a data set may yield for the task (an empty list: not checked)."""
@@ -143,10 +145,17 @@ def register_kind(name: str) -> Callable[[_K], _K]:
         ConfigError: ``name`` is not a Python-style name, is ``"custom"`` or taken, the kind is not a
             TaskKind, or one of its metric names is already registered with the other direction.
 
-    Example:
+    Example (a kind needs an output width, a loss and a metric; the rest has defaults):
+        >>> from automtl.losses import RegressionLoss
+        >>> from automtl.metrics import RegressionMetric
         >>> @register_kind("count")
         ... class Count(TaskKind):
         ...     fixed_outputs = 1
+        ...     higher_is_better = {"mae": False, "rmse": False}
+        ...     def loss(self, task):
+        ...         return RegressionLoss("l1")  # NaN targets are missing labels
+        ...     def metric(self, task):
+        ...         return RegressionMetric()
     """
     if not isinstance(name, str) or not name.isidentifier() or name == "custom":
         raise ConfigError(f"task kind name {name!r} must be a Python-style name other than 'custom'")

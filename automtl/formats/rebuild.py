@@ -21,7 +21,7 @@ from torch import fx, nn
 from torch.fx.operator_schemas import normalize_function
 
 from ..errors import AutomtlError, FileFormatError
-from ..kinds import shape_fits
+from ..kinds import KINDS, shape_fits
 from ..policy import CHOICES, Policy
 from ..tasks import MODULE_ATTRIBUTES, Task
 from .codec import DTYPES, decode
@@ -731,6 +731,11 @@ def rebuild(path: str, desc: dict, weights: bytes) -> tuple:
     ``(graph_module, meta_twin, tasks, policy)``; the twin is the same graph on the meta device."""
     if not isinstance(desc.get("tasks"), list) or not 1 <= len(desc["tasks"]) <= 256:
         raise bad(path, "has no list of 1 to 256 task descriptions; the file is corrupted, save the model again")
+    for d in desc["tasks"]:  # a kind registered by the saving program: the file holds no code, its name only
+        kind = d.get("kind") if isinstance(d, dict) else None
+        if isinstance(kind, str) and kind != "custom" and kind not in KINDS and _IDENT.match(kind) and len(kind) <= 64:
+            raise bad(path, f"has task {str(d.get('name'))[:60]!r} of kind {kind!r}, which is not registered in this "
+                            "process; import the code that registers it (automtl.register_kind) before loading the model")
     try:
         tasks = [Task.from_description(d) for d in desc["tasks"]]
         policy = Policy.from_dict(desc["policy"], f"the policy in {path!r}") if desc.get("policy") is not None else None
