@@ -682,3 +682,15 @@ def test_npy_samples_hold_a_bounded_number_of_values(tmp_path, monkeypatch):
     np.save(tmp_path / "empty.npy", np.zeros((0, 3), np.float32))
     with pytest.raises(DataError, match=r"empty.npy holds \(0, 3\), no values"):
         nyu._load(tmp_path / "empty.npy", "nyuv2")
+
+
+def test_a_sample_that_leaves_out_a_task_is_named_not_a_raw_key_error():
+    """Partial labels written by leaving the key out: torch's default_collate raised KeyError: 'depth' from inside the
+    loader."""
+    samples = [(torch.zeros(3, 4, 4), {"seg": torch.zeros(4, 4, dtype=torch.long), "depth": torch.zeros(1, 4, 4)}),
+               (torch.zeros(3, 4, 4), {"seg": torch.zeros(4, 4, dtype=torch.long)})]
+    for batch in (samples, samples[::-1]):
+        with pytest.raises(DataError, match=r"hold different targets \('depth' in one, not in another\); give every "
+                                            "sample every task's target, marking a missing label with NaN"):
+            next(iter(make_loader(batch, 2)))
+    assert next(iter(make_loader(samples[:1] * 2, 2)))[1]["depth"].shape == (2, 1, 4, 4)

@@ -25,13 +25,36 @@ def stack_samples(samples: Sequence[Any]):
 
     Raises:
         DataError: the samples' tensors at one place (the image, a task's target) differ in shape, naming it
-            and both shapes.
+            and both shapes; or their target dicts hold different tasks (a sample that leaves out a task
+            it has no label for), naming the task.
     """
+    missing = _missing_key(list(samples)) if len(samples) > 1 else None
+    if missing is not None:
+        raise DataError(f"samples of one batch hold different targets ({missing!r} in one, not in another); give every "
+                        "sample every task's target, marking a missing label with NaN (or the task's ignore index for "
+                        "class ids)")
     where = _unequal(list(samples), "the sample") if len(samples) > 1 else None
     if where is not None:
         raise DataError(f"samples of one batch differ in size ({where}); give every sample of a data set one size "
                         "(resize or crop them in the data set)")
     return default_collate(samples)
+
+
+def _missing_key(parts: list, depth: int = 0):
+    """A key some of the parallel ``parts`` (dicts, or tuples holding them) have and others lack, or None."""
+    first = parts[0]
+    if depth > 8:
+        return None
+    if isinstance(first, dict) and all(isinstance(p, dict) for p in parts):
+        keys = dict.fromkeys(k for p in parts for k in p)
+        lacking = next((k for k in keys if any(k not in p for p in parts)), None)
+        if lacking is not None:
+            return lacking
+        return next((m for k in first if (m := _missing_key([p[k] for p in parts], depth + 1)) is not None), None)
+    if isinstance(first, (tuple, list)) and all(isinstance(p, (tuple, list)) and len(p) == len(first) for p in parts):
+        return next((m for i in range(len(first)) if (m := _missing_key([p[i] for p in parts], depth + 1)) is not None),
+                    None)
+    return None
 
 
 def _unequal(parts: list, name: str, depth: int = 0):
