@@ -672,3 +672,17 @@ def test_a_run_with_a_tensor_option_resumes(data, tmp_path):
     first = search(fresh(tasks), make_loader(train, 8, shuffle=True), None, cfg)
     again = search(fresh(tasks), make_loader(train, 8, shuffle=True), None, cfg.replace(resume=True))
     assert again.policy == first.policy
+
+
+def test_evaluate_refuses_a_plain_backbone_and_a_count_of_no_batches():
+    """A backbone was an AttributeError from inside; max_batches=0 returned NaN for every metric."""
+    from torch import nn
+
+    sm = supermodel("tiny", [Task("depth", "depth")], torch.randn(1, 3, 16, 16))
+    data = [(torch.randn(2, 3, 16, 16), {"depth": torch.rand(2, 1, 16, 16)})]
+    with pytest.raises(ConfigError, match="evaluate\\(\\) needs a multi-task model with its tasks .* got a Conv2d"):
+        evaluate(nn.Conv2d(3, 1, 1), data)
+    for wrong in (0, -1, 1.5, True):
+        with pytest.raises(ConfigError, match="max_batches must be a positive whole number"):
+            evaluate(sm, data, max_batches=wrong)
+    assert set(evaluate(sm, data, max_batches=1)[0]["depth"]) >= {"abs_err"}

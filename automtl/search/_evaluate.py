@@ -8,7 +8,7 @@ import torch
 
 from ..capture import placement
 from ..data.checks import BatchChecks
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from ..losses import loss_for
 from ..metrics import computed, metric_for
 from ..supermodel import SuperModel
@@ -38,9 +38,19 @@ def evaluate(
     is known.
 
     Raises:
+        ConfigError: ``supermodel`` is no multi-task model (a SuperModel, a CompactModel from compact/load, or a
+            module with ``tasks`` and ``task_names`` returning ``{task: output}``), or ``max_batches`` is not a
+            positive whole number.
         DataError: a batch the training checks refuse (:class:`automtl.data.checks.BatchChecks`), no batch, or (a
             loader shared by the tasks) a task without a target in any batch.
     """
+    if not (callable(supermodel) and isinstance(getattr(supermodel, "tasks", None), (list, tuple))
+            and isinstance(getattr(supermodel, "task_names", None), (list, tuple))):
+        raise ConfigError(f"evaluate() needs a multi-task model with its tasks (automtl.supermodel, automtl.compact or "
+                          f"automtl.load), got a {type(supermodel).__name__}; wrap a backbone with automtl.supermodel first")
+    if max_batches is not None and (not isinstance(max_batches, int) or isinstance(max_batches, bool) or max_batches < 1):
+        raise ConfigError(f"max_batches must be a positive whole number (or None for every batch), got "
+                          f"{str(max_batches)[:40]!r}")
     return _evaluate(supermodel, data, mix, max_batches, device, amp, batch_size, input_dtype, every_task_seen=True)
 
 
