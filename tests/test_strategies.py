@@ -414,3 +414,22 @@ def test_a_run_whose_fine_tune_the_stop_lengthened_resumes_from_its_last_checkpo
     _, again = run(True, "conflict", tmp_path, finetune_steps=10, finetune_unit="compute", checkpoint_every=5,
                    resume=True)
     assert again.steps == first.steps and again.policy.choices == first.policy.choices
+
+
+def test_gumbel_says_when_its_policy_steps_cannot_read_held_out_data():
+    """Too few samples for a held-out part: the split was dropped without a word and the policy trained on the
+    training batches, which the strategy exists to avoid."""
+    from automtl.search import _Search
+
+    tasks = [Task("a", kind="regression"), Task("b", kind="regression")]
+    sm = supermodel("tiny", tasks, torch.randn(1, 3, SIZE, SIZE))
+    with pytest.warns(UserWarning, match=r"gumbel's policy steps read the training batches of 'train', not a held-out "
+                                         r"part: a share of 0.2 of its 24 samples leaves 5 held out and 19 to train, "
+                                         r"and each part needs two batches of 8 \(16 samples\)"):
+        run_ = _Search(sm, DataLoader(TwoTargets(24, True), batch_size=8), None, SearchConfig(quiet=True), None)
+    assert set(run_.streams) == {""}
+    run_.close()
+    with pytest.warns(UserWarning, match="it is not a map-style data set"):
+        run_ = _Search(sm, [next(iter(DataLoader(TwoTargets(8, True), batch_size=8)))], None, SearchConfig(quiet=True),
+                       None)
+    run_.close()
