@@ -397,7 +397,8 @@ def test_export_warns_when_load_pt2_would_refuse_what_it_wrote(tmp_path, monkeyp
 
     model = random_model()
     monkeypatch.setattr(pt2, "ALLOWED_ATEN_OPERATORS", pt2.ALLOWED_ATEN_OPERATORS - {"conv2d"})
-    with pytest.warns(UserWarning, match=r"m\.pt2' calls torch\.ops\.aten\.conv2d.*so automtl\.load_pt2 will refuse it"):
+    with pytest.warns(UserWarning, match=r"m\.pt2' calls torch\.ops\.aten\.conv2d.*so automtl\.load_pt2 will refuse it.*"
+                                         r"or save an \.automtl bundle, which describes this model"):
         export(model, tmp_path / "m.pt2")
     with pytest.raises(FileFormatError, match="conv2d"):
         pt2.load_pt2(tmp_path / "m.pt2")

@@ -219,7 +219,19 @@ def export(compact: CompactModel, path: str | os.PathLike, example_input: Option
         except FileFormatError as exc:
             what = str(exc).split("; load only")[0].replace(f"program file {str(tmp)!r}", f"{os.fspath(path)!r}")
             warnings.warn(f"{what}, so automtl.load_pt2 will refuse it; load it with torch.export.load only where "
-                          "you trust the file, or save an .automtl bundle", UserWarning, stacklevel=2)
+                          f"you trust the file{_bundle_advice(compact)}", UserWarning, stacklevel=2)
+
+
+def _bundle_advice(compact: CompactModel) -> str:
+    """Whether an .automtl bundle is the way out for a model whose .pt2 load_pt2 refuses (so that neither format's
+    message sends the user to the other when both refuse it)."""
+    from .bundle import describe
+
+    try:
+        describe(compact)
+    except FileFormatError:
+        return " (an .automtl bundle cannot describe this model either: keep the code that builds it, with its weights)"
+    return ", or save an .automtl bundle, which describes this model"
 
 
 def _without_sample_inputs(data: bytes) -> bytes:
