@@ -71,6 +71,7 @@ class CompactModel(GraphsBuiltOnUse):
 
     def forward(self, x: torch.Tensor, tasks: Optional[Sequence[str]] = None) -> dict:
         check_image_batch(x, self.input_shape, "the model")  # first: a loaded model's shape check would blame the size
+        self._check_dtype(x)
         if self.input_check is not None:
             self.input_check(x)
             if self.training and self.train_mode_left_out:
@@ -96,6 +97,18 @@ class CompactModel(GraphsBuiltOnUse):
                     raise
                 raise failure(x, exc) from exc
         return self._run(x, tasks)
+
+    def _check_dtype(self, x: torch.Tensor) -> None:
+        """Images of the weights' floating dtype (under autocast, any floating dtype): float64 images into float32
+        weights were torch's "Input type (double) and bias type (float) should be the same" from inside a layer, or,
+        for a loaded model, a failure blamed on the file."""
+        p = next((p for p in self.parameters() if p.is_floating_point()), None)
+        if p is None or x.dtype == p.dtype or (x.is_floating_point() and torch.is_autocast_enabled(x.device.type)):
+            return
+        name = str(p.dtype).split(".")[-1]
+        scale = " / 255" if x.dtype == torch.uint8 else ""
+        raise AutomtlError(f"the model's weights are {name} and it takes {name} images, got {str(x.dtype).split('.')[-1]}; "
+                           f"convert them (x.to(torch.{name}){scale}), or the model (model.to(x.dtype))")
 
     def _run(self, x: torch.Tensor, tasks: Optional[Sequence[str]]) -> dict:
         whole = tasks is None or list(tasks) == self.task_names

@@ -111,6 +111,16 @@ def check_keys(keys, known, where: str) -> None:
             raise ConfigError(f"{where}: unknown key {key!r}{hint}")
 
 
+class KeywordChecked(type):
+    """Metaclass of the config dataclasses: an unknown keyword is a ConfigError with a did-you-mean
+    (``SearchConfig(warmup_step=3)``), as in their files, not Python's TypeError."""
+
+    def __call__(cls, *args, **kwargs):
+        if dataclasses.is_dataclass(cls):
+            check_keys(kwargs, [f.name for f in dataclasses.fields(cls) if f.init], cls.__name__)
+        return super().__call__(*args, **kwargs)
+
+
 #: Search fields that say where a session writes (checkpoints, logs, TensorBoard), which policy file it reads and
 #: whether it resumes: they are the session's, not the run's. A run directory's ``supermodel.yaml`` does not set them
 #: for a later session (a handed-over run would otherwise have ``automtl compact`` write logs where its file says).
@@ -118,7 +128,7 @@ SESSION_FIELDS = ("out_dir", "log_dir", "tensorboard_dir", "policy_file", "resum
 
 
 @dataclass
-class SearchConfig:
+class SearchConfig(metaclass=KeywordChecked):
     """How :func:`automtl.search` runs. Step counts are optimizer steps (one batch each).
 
     Stages: ``warmup_steps`` of the hard-sharing model (gumbel with ``paths="soft"``: every

@@ -24,7 +24,7 @@ import torch
 import yaml
 from torch.utils.data import Subset
 
-from .config import MAX_INPUT_SIZE, MAX_SAMPLES, SearchConfig, check_keys
+from .config import MAX_INPUT_SIZE, MAX_SAMPLES, KeywordChecked, SearchConfig, check_keys
 from .cost import check_budget
 from .errors import ConfigError
 from .fileio import read_yaml
@@ -48,7 +48,7 @@ _SHORTCUTS = ("budget", "device", "seed")  # top-level keys that belong to the s
 
 
 @dataclass
-class ConvertConfig:
+class ConvertConfig(metaclass=KeywordChecked):
     """Everything a conversion needs. ``tasks: None`` takes the data set's natural tasks."""
 
     backbone: str = "resnet18"

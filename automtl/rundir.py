@@ -64,7 +64,8 @@ class RunDirectory:
 
     def __init__(self, path: str | os.PathLike, resume: bool = False, overwrite: bool = False):
         if resume and overwrite:
-            raise AutomtlError("--resume continues a run and --overwrite deletes it; give one of them")
+            raise AutomtlError("--resume continues a run and --overwrite deletes it (resume=True and overwrite=True in "
+                               "Python); give one of them")
         self.path, self.resume, self.overwrite = Path(path), resume, overwrite
         self._replaced = None  # where --overwrite put the earlier run while the new one runs
         self._created = []  # the folders this run made, deepest first, removed again if it fails with nothing in them
@@ -97,7 +98,8 @@ class RunDirectory:
             if earlier and not (self.resume or self.overwrite):
                 raise AutomtlError(
                     f"output directory {where!r} already holds a run ({', '.join(earlier[:3])}); continue it with "
-                    "--resume, start over with --overwrite (which replaces it), or choose another --out")
+                    "--resume, start over with --overwrite (which replaces it), or choose another --out (in Python: "
+                    "resume=True, overwrite=True, another out)")
             self.clean_temporaries()
             self._fresh = not earlier  # nothing of an earlier run here: what the run writes is its own
             if self.overwrite and earlier:
