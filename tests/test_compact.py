@@ -508,3 +508,20 @@ def test_a_noted_norm_that_reaches_no_output_moves_nothing():
     trained = fx.GraphModule(gm, graph)
     trained(torch.randn(2, 3, 4, 4))
     assert torch.equal(gm.mean, torch.zeros(3))
+
+
+def test_images_of_another_dtype_are_one_sentence(tmp_path):
+    """float64 images into float32 weights were torch's "Input type (double) and bias type (float)" from inside a
+    layer, and a loaded model blamed its file ("crafted or corrupted")."""
+    import automtl
+
+    sm = supermodel("tiny", [Task("depth", "depth")], torch.randn(1, 3, 16, 16)).eval()
+    model = compact(sm, Policy.uniform(sm.layer_names, sm.task_names, "share")).eval()
+    automtl.save(model, tmp_path / "m.automtl")
+    for m in (model, automtl.load(tmp_path / "m.automtl")):
+        with pytest.raises(AutomtlError, match=r"the model's weights are float32 and it takes float32 images, got "
+                                               r"float64; convert them \(x.to\(torch.float32\)\)"):
+            m(torch.randn(2, 3, 16, 16, dtype=torch.float64))
+        with pytest.raises(AutomtlError, match=r"got uint8; convert them \(x.to\(torch.float32\) / 255\)"):
+            m(torch.zeros(2, 3, 16, 16, dtype=torch.uint8))
+        assert m.to(torch.float64)(torch.randn(2, 3, 16, 16, dtype=torch.float64))["depth"].dtype == torch.float64

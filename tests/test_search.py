@@ -686,3 +686,14 @@ def test_evaluate_refuses_a_plain_backbone_and_a_count_of_no_batches():
         with pytest.raises(ConfigError, match="max_batches must be a positive whole number"):
             evaluate(sm, data, max_batches=wrong)
     assert set(evaluate(sm, data, max_batches=1)[0]["depth"]) >= {"abs_err"}
+
+
+def test_a_config_keyword_typo_gets_a_did_you_mean():
+    from automtl.convert import ConvertConfig
+
+    with pytest.raises(ConfigError, match="SearchConfig: unknown key 'warmup_step'; did you mean 'warmup_steps'"):
+        SearchConfig(warmup_step=3)
+    with pytest.raises(ConfigError, match="ConvertConfig: unknown key 'backbon'; did you mean 'backbone'"):
+        ConvertConfig(backbon="tiny")
+    import dataclasses
+    assert dataclasses.replace(SearchConfig(warmup_steps=3), search_steps=2).warmup_steps == 3

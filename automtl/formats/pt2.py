@@ -588,8 +588,10 @@ def _quiet_torch_logs():
 def load_pt2(path: str | os.PathLike, max_bytes: int = MAX_PT2_BYTES):
     """Load a ``.pt2`` as a ``torch.export.ExportedProgram`` after :func:`check_pt2` refused any code in it.
 
-    ``load_pt2(path).module()(x)`` returns ``{task: output}``. The checked bytes, not the path,
-    go to ``torch.export.load``, so the file cannot change in between.
+    ``load_pt2(path).module()(x)`` returns ``{task: output}`` for any batch size at the height and width the file
+    was exported at (torch refuses another; export again at that size: ``automtl export --input-size H,W``, or
+    ``automtl.export(model, path, example_input=x)``). The checked bytes, not the path, go to
+    ``torch.export.load``, so the file cannot change in between.
 
     Raises:
         FileFormatError: see :func:`check_pt2`; also when torch cannot read the checked archive.
