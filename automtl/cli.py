@@ -370,10 +370,11 @@ def export_cmd(model_path, out, batch, input_size, overwrite):
 
     Example: automtl export model.automtl model.pt2 --input-size 480,640
     """
-    from .formats import load, write, writer_for
+    from .formats import check_input_size, load, write, writer_for
 
     writer_for(out)  # an unknown suffix is refused before the model is read
     size = _input_size(input_size)
+    check_input_size(out, size)
     _refuse_existing(out, overwrite)
     model = load(model_path)
     _refuse_existing(out, overwrite)  # again: another command may have written it meanwhile

@@ -98,17 +98,29 @@ class CompactModel(GraphsBuiltOnUse):
                 raise failure(x, exc) from exc
         return self._run(x, tasks)
 
+    def _apply(self, fn, recurse=True):
+        """``.to``/``.double``/``.half``: images that were of the weights' dtype stay so (``input_dtype`` follows)."""
+        before = next((p.dtype for p in self.parameters() if p.is_floating_point()), None)
+        out = super()._apply(fn, recurse)
+        after = next((p.dtype for p in self.parameters() if p.is_floating_point()), None)
+        if getattr(self, "input_dtype", None) is not None and self.input_dtype == before and after is not None:
+            self.input_dtype = after
+        return out
+
     def _check_dtype(self, x: torch.Tensor) -> None:
-        """Images of the weights' floating dtype (under autocast, any floating dtype): float64 images into float32
+        """Images of the weights' floating dtype, or of the backbone's example input (a backbone that casts its input
+        itself, as HuggingFace's vision models do); under autocast any floating dtype: float64 images into float32
         weights were torch's "Input type (double) and bias type (float) should be the same" from inside a layer, or,
         for a loaded model, a failure blamed on the file."""
         p = next((p for p in self.parameters() if p.is_floating_point()), None)
-        if p is None or x.dtype == p.dtype or (x.is_floating_point() and torch.is_autocast_enabled(x.device.type)):
+        if p is None or x.dtype in (p.dtype, self.input_dtype) or (
+                x.is_floating_point() and torch.is_autocast_enabled(x.device.type)):
             return
-        name = str(p.dtype).split(".")[-1]
-        scale = " / 255" if x.dtype == torch.uint8 else ""
-        raise AutomtlError(f"the model's weights are {name} and it takes {name} images, got {str(x.dtype).split('.')[-1]}; "
-                           f"convert them (x.to(torch.{name}){scale}), or the model (model.to(x.dtype))")
+        name = str((self.input_dtype or p.dtype)).split(".")[-1]
+        how = f"x.to(torch.{name}) / 255" if x.dtype == torch.uint8 else f"x.to(torch.{name})"
+        model = ", or the model (model.to(x.dtype))" if x.is_floating_point() else ""
+        raise AutomtlError(f"the model takes {name} images, got {str(x.dtype).split('.')[-1]}; convert them "
+                           f"({how}){model}")
 
     def _run(self, x: torch.Tensor, tasks: Optional[Sequence[str]]) -> dict:
         whole = tasks is None or list(tasks) == self.task_names

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
 import math
 import os
 import re
@@ -116,8 +117,11 @@ class KeywordChecked(type):
     (``SearchConfig(warmup_step=3)``), as in their files, not Python's TypeError."""
 
     def __call__(cls, *args, **kwargs):
-        if dataclasses.is_dataclass(cls):
-            check_keys(kwargs, [f.name for f in dataclasses.fields(cls) if f.init], cls.__name__)
+        params = inspect.signature(cls.__init__).parameters.values()  # a subclass may take arguments of its own
+        known = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)][1:]
+        if any(p.kind == p.VAR_KEYWORD for p in params):  # passed on to the dataclass's own __init__
+            known += [f.name for f in dataclasses.fields(cls) if f.init]
+        check_keys(kwargs, known, cls.__name__)
         return super().__call__(*args, **kwargs)
 
 

@@ -315,3 +315,7 @@ class Normal(TaskKind):
     def target_shapes(self, task):
         return [(3, None, None)]
 
+
+
+#: The kinds automtl brings (registered above), apart from those a user registers.
+BUILTIN_KINDS = frozenset(KINDS)

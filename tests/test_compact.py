@@ -519,7 +519,7 @@ def test_images_of_another_dtype_are_one_sentence(tmp_path):
     model = compact(sm, Policy.uniform(sm.layer_names, sm.task_names, "share")).eval()
     automtl.save(model, tmp_path / "m.automtl")
     for m in (model, automtl.load(tmp_path / "m.automtl")):
-        with pytest.raises(AutomtlError, match=r"the model's weights are float32 and it takes float32 images, got "
+        with pytest.raises(AutomtlError, match=r"the model takes float32 images, got "
                                                r"float64; convert them \(x.to\(torch.float32\)\)"):
             m(torch.randn(2, 3, 16, 16, dtype=torch.float64))
         with pytest.raises(AutomtlError, match=r"got uint8; convert them \(x.to\(torch.float32\) / 255\)"):

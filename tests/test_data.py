@@ -433,7 +433,7 @@ def test_integer_images_are_scaled_or_refused(tmp_path):
 def test_a_task_reading_a_target_of_another_kind_is_refused(tmp_path):
     """`--task segmentation:depth` on NYUv2 trained depth regression on class ids (void 255) without a word; the
     builtin data sets say what their targets are. A kind of the same sort (a user's kind over class ids) may read them."""
-    from automtl.kinds import Segmentation, register_kind
+    from automtl.kinds import Depth, Segmentation, register_kind
 
     _npy_split(tmp_path, "train", 2, NYU_FOLDERS)
     ds = NYUv2(tmp_path)
@@ -446,11 +446,17 @@ def test_a_task_reading_a_target_of_another_kind_is_refused(tmp_path):
     @register_kind("test_focal_segmentation")
     class Focal(Segmentation):
         pass
+
+    @register_kind("test_edges")  # a user's kind deriving its targets from class ids (boundaries), measured values
+    class Edges(Depth):
+        pass
     try:
         check_targets(ds, [Task("segmentation", "test_focal_segmentation", classes=13)])
+        check_targets(ds, [Task("segmentation", "test_edges")])
     finally:
         from automtl.kinds import KINDS
         KINDS.pop("test_focal_segmentation")
+        KINDS.pop("test_edges")
 
 
 def test_a_target_that_does_not_fit_its_image_says_which_file_and_what_to_do(tmp_path):

@@ -669,3 +669,51 @@ def test_integers_a_file_computes_are_bounded_before_they_are_computed(tmp_path,
     with pytest.raises(FileFormatError, match="computing an integer beyond 1099511627776, which no size or index"):
         load(path)
     assert time.monotonic() - start < 10
+
+
+class _Lrn(nn.Module):
+    def __init__(self, size=3):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 1, 3, padding=1)
+        self.lrn = nn.LocalResponseNorm(size)
+
+    def forward(self, x):
+        return self.lrn(self.conv(x))
+
+
+def test_a_local_response_norm_window_is_bounded_and_its_copies_counted(tmp_path):
+    """LocalResponseNorm pads a squared copy of its input by size - 1 channels: a crafted size of 2^31 loaded and took
+    8 GiB a sample for a one-element map. Its size is at most 1024, and the copies count as live elements."""
+    from automtl.tasks import Task
+
+    sm = supermodel(_Lrn(1024), [Task("d", "depth")], torch.randn(1, 3, 8, 8)).eval()
+    path = tmp_path / "m.automtl"
+    save(compact(sm, Policy.uniform(sm.layer_names, sm.task_names, "share")).eval(), path)
+    loaded = load(path)
+    with pytest.raises(FileFormatError, match="activation elements .* are alive at once"):
+        loaded(torch.zeros(1, 3, 1024, 1024))  # (1 + 1023) channels of 1024x1024, twice: checked before it runs
+    _edit(path, lambda d: next(m for m in d["modules"] if m["class"] == "LocalResponseNorm")["args"].update(size=2**31))
+    with pytest.raises(FileFormatError, match="constructor argument 'size' = '2147483648', which is not an argument"):
+        load(path)
+
+
+def test_a_module_dim_beyond_its_input_is_refused_at_load(tmp_path):
+    """A module's own dim (Softmin(dim=7) on a 4-D map) loaded: the meta dry run does not check it, the first call
+    failed inside torch."""
+    from automtl.tasks import Task
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.soft = nn.Conv2d(3, 4, 3, padding=1), nn.Softmin(1)
+
+        def forward(self, x):
+            return self.soft(self.conv(x))
+
+    sm = supermodel(M(), [Task("d", "depth")], torch.randn(1, 3, 8, 8)).eval()
+    path = tmp_path / "m.automtl"
+    save(compact(sm, Policy.uniform(sm.layer_names, sm.task_names, "share")).eval(), path)
+    load(path)
+    _edit(path, lambda d: next(m for m in d["modules"] if m["class"] == "Softmin")["args"].update(dim=7))
+    with pytest.raises(FileFormatError, match="whose module's dim 7 names no dimension of its 4-dimensional input"):
+        load(path)

@@ -92,7 +92,7 @@ def test_a_registered_kind_runs_supermodel_search_compact_save_load(count_kind, 
         assert torch.allclose(loaded(x)["people"], out["people"], atol=1e-5)
     KINDS.pop("count")  # another program, which does not register it: the file names the kind, it holds no code
     with pytest.raises(automtl.FileFormatError, match="has task 'people' of kind 'count', which is not registered in "
-                                                      r"this process; import the code that registers it \(automtl.register_kind\)"):
+                                                      "this process; load it from Python after importing the code that registers it"):
         automtl.load(tmp_path / "count.automtl")
 
 

@@ -429,7 +429,12 @@ def test_gumbel_says_when_its_policy_steps_cannot_read_held_out_data():
         run_ = _Search(sm, DataLoader(TwoTargets(24, True), batch_size=8), None, SearchConfig(quiet=True), None)
     assert set(run_.streams) == {""}
     run_.close()
-    with pytest.warns(UserWarning, match="it is not a map-style data set"):
+    import warnings
+    with warnings.catch_warnings():  # no policy step: nothing to say
+        warnings.simplefilter("error")
+        _Search(sm, DataLoader(TwoTargets(24, True), batch_size=8), None, SearchConfig(quiet=True, search_steps=0),
+                None).close()
+    with pytest.warns(UserWarning, match="it is not a map-style data set; pass a Dataset, or a DataLoader over one"):
         run_ = _Search(sm, [next(iter(DataLoader(TwoTargets(8, True), batch_size=8)))], None, SearchConfig(quiet=True),
                        None)
     run_.close()

@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import ConfigError, DataError
-from ..kinds import describe_shapes, shape_fits
+from ..kinds import BUILTIN_KINDS, describe_shapes, shape_fits
 from ..tasks import Task
 from .cityscapes import CityScapes
 from .collate import stack_samples
@@ -166,7 +166,8 @@ def check_targets(dataset: Dataset, tasks: Sequence[Task]) -> None:
 
     Looks at the first sample: every task needs a target of its kind's shape, and label ids
     must fit the task's class count. Where the data set says what its targets are (the builtin ones'
-    ``tasks``), class ids feed only kinds of class ids and measured values only kinds of measured values.
+    ``tasks``), class ids feed only builtin kinds of class ids and measured values only builtin kinds of measured
+    values (a user's registered kind may derive its targets from either).
 
     Raises:
         DataError: naming the task, its target and what to change.
@@ -199,7 +200,8 @@ def check_targets(dataset: Dataset, tasks: Sequence[Task]) -> None:
                 "check the task kind"
             )
         kind = declared.get(task.name)
-        if spec is not None and kind is not None and kind.integer_labels != spec.integer_labels:
+        # builtin kinds only: a user's kind may derive its targets from another sort (edges from class ids)
+        if task.kind in BUILTIN_KINDS and kind is not None and kind.integer_labels != spec.integer_labels:
             holds = "class ids" if kind.integer_labels else "measured values"
             raise DataError(
                 f"target {task.name!r} of data set {_name(dataset)} holds {kind.name} {holds}, which a {task.kind} task "

@@ -16,8 +16,8 @@ from .bundle import FORMAT_VERSION, describe, load, save
 from .onnx import export_onnx
 from .pt2 import check_pt2, export, load_pt2
 
-__all__ = ["FORMAT_VERSION", "WRITERS", "check_pt2", "describe", "export", "export_onnx", "load", "load_pt2", "save",
-           "write", "writer_for"]
+__all__ = ["FORMAT_VERSION", "WRITERS", "check_input_size", "check_pt2", "describe", "export", "export_onnx", "load",
+           "load_pt2", "save", "write", "writer_for"]
 
 
 def _save(compact, path, example_input=None) -> None:
@@ -60,17 +60,23 @@ def write(compact, path: str | os.PathLike, batch: Optional[int] = None,
         >>> automtl.formats.write(automtl.load("model.automtl"), "model.onnx", input_size=(480, 640))
     """
     writer = writer_for(path)
+    check_input_size(path, input_size)
     example = None
-    if input_size is not None and writer is _save:
+    if batch is not None or input_size is not None:
+        import torch
+
+        from ._export_common import example_input_for
+
+        like = example_input_for(compact, None)  # the model's input dtype and device, its channels and size
+        example = torch.randn(batch or 2, like.shape[1], *(input_size or like.shape[2:]), dtype=like.dtype,
+                              device=like.device)
+    writer(compact, path, example_input=example)
+
+
+def check_input_size(path: str | os.PathLike, input_size: Optional[tuple[int, int]]) -> None:
+    """ConfigError for an ``input_size`` given for a .automtl file, which runs at any size (before a model is read)."""
+    if input_size is not None and writer_for(path) is _save:
         from ..errors import ConfigError
 
         raise ConfigError(f"{os.fspath(path)!r} is a .automtl model, which runs at any input size; leave out the input "
                           "size, which fixes the height and width of a .pt2 or .onnx")
-    if batch is not None or input_size is not None:
-        import torch
-
-        shape = compact.input_shape or (1, 3, 64, 64)
-        p = next(compact.parameters(), None)
-        example = torch.randn(batch or 2, shape[1], *(input_size or shape[2:]),
-                              dtype=p.dtype if p is not None else torch.float32)
-    writer(compact, path, example_input=example)

@@ -22,9 +22,10 @@ def example_input_for(compact: CompactModel, example_input: Optional[torch.Tenso
         meta = placeholder.meta.get("tensor_meta")
         shape = tuple(meta.shape) if hasattr(meta, "shape") else (2, 3, 64, 64)
     p = next(compact.parameters(), None)
+    # the images' dtype where known (a backbone may cast its input itself), else the weights'
+    dtype = getattr(compact, "input_dtype", None) or (p.dtype if p is not None else torch.float32)
     # batch 2: an example batch of 1 would let the tracer treat the batch as the constant 1
-    return torch.randn(2, *shape[1:], dtype=p.dtype if p is not None else torch.float32,
-                       device=p.device if p is not None else "cpu")
+    return torch.randn(2, *shape[1:], dtype=dtype, device=p.device if p is not None else "cpu")
 
 
 def failing_op(exc: BaseException, gm: fx.GraphModule) -> str:

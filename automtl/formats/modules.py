@@ -94,7 +94,8 @@ MODULES: dict[type, dict[str, Callable[[Any], bool]]] = {
     nn.BatchNorm1d: _NORM, nn.BatchNorm2d: _NORM, nn.InstanceNorm2d: _NORM,
     # SyncBatchNorm: BatchNorm on one process; under DDP a loaded model synchronises its statistics as the saved one did
     nn.SyncBatchNorm: _NORM,
-    nn.LocalResponseNorm: {"size": _pos, "alpha": _float, "beta": _float, "k": _float},  # its window counts as pooling
+    # its window counts as pooling, its padded copies as live elements; AlexNet and GoogLeNet use 5
+    nn.LocalResponseNorm: {"size": lambda v: _pos(v) and v <= 1024, "alpha": _float, "beta": _float, "k": _float},
     nn.GroupNorm: {"num_groups": _pos, "num_channels": _pos, "eps": _float, "affine": _bool, "bias": _bool},
     nn.LayerNorm: {"normalized_shape": _ints, "eps": _float, "elementwise_affine": _bool, "bias": _bool},
     nn.ReLU: _INPLACE, nn.ReLU6: _INPLACE, nn.SiLU: _INPLACE, nn.Hardswish: _INPLACE, nn.Hardsigmoid: _INPLACE,

@@ -486,7 +486,13 @@ class _BoundedShapes(fx.Interpreter):
         """Elements of the input a convolution may unfold while it runs (0 for anything else): wherever torch's CPU
         kernels may (:func:`_unfolds_on_cpu`: a 3x3 convolution padded by 4000 on a 32x32 input took 7.2 GB; a 1x1
         one padded so on one thread, or a transposed one whose output padding reaches its stride, asked for 37-77 GB
-        on inputs oneDNN would have taken)."""
+        on inputs oneDNN would have taken). A LocalResponseNorm pads a squared copy of its input by ``size - 1``
+        channels and pools it: both copies count."""
+        if n.op == "call_module" and isinstance(self.fetch_attr(n.target), nn.LocalResponseNorm):
+            x = args[0] if args else kwargs.get("input")
+            if isinstance(x, torch.Tensor) and x.dim() >= 3:
+                return 2 * x.shape[0] * (x.shape[1] + self.fetch_attr(n.target).size - 1) * math.prod(x.shape[2:])
+            return 0
         if not self.unfolds:
             return 0
         if n.op == "call_module":
@@ -579,6 +585,15 @@ class _BoundedShapes(fx.Interpreter):
     def _check_dims(self, n: fx.Node, args: tuple, kwargs: dict) -> None:
         """Every dimension a call names within its input's rank: the meta device takes ``torch.softmax(x, 2**31)``
         (its kernels check on the CPU only), so a crafted file would load and fail at its first call."""
+        if n.op == "call_module":  # a module's own dims (Softmax(dim=7) on a 4-D map: its kernel checks on the CPU only)
+            mod, x = self.fetch_attr(n.target), args[0] if args else None
+            dims = {k: getattr(mod, k, None) for k in ("dim", "start_dim", "end_dim")}
+            for key, d in dims.items():
+                if isinstance(x, torch.Tensor) and isinstance(d, int) and not isinstance(d, bool) \
+                        and not -max(x.dim(), 1) <= d < max(x.dim(), 1):
+                    raise FileFormatError(f"has node {n.name!r} whose module's {key} {d} names no dimension of its "
+                                          f"{x.dim()}-dimensional input; the file is crafted or corrupted")
+            return
         target = getattr(torch, n.target, None) if n.op == "call_method" else n.target
         if n.op not in ("call_function", "call_method") or not callable(target):
             return
@@ -735,7 +750,8 @@ def rebuild(path: str, desc: dict, weights: bytes) -> tuple:
         kind = d.get("kind") if isinstance(d, dict) else None
         if isinstance(kind, str) and kind != "custom" and kind not in KINDS and _IDENT.match(kind) and len(kind) <= 64:
             raise bad(path, f"has task {str(d.get('name'))[:60]!r} of kind {kind!r}, which is not registered in this "
-                            "process; import the code that registers it (automtl.register_kind) before loading the model")
+                            "process; load it from Python after importing the code that registers it "
+                            "(automtl.register_kind)")
     try:
         tasks = [Task.from_description(d) for d in desc["tasks"]]
         policy = Policy.from_dict(desc["policy"], f"the policy in {path!r}") if desc.get("policy") is not None else None

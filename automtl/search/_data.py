@@ -88,11 +88,12 @@ class _Stream:
     def why_not_split(self, fraction: float) -> str:
         """Why :meth:`split` gives None, as a phrase (for the warning that policy steps read the training batches)."""
         if self.kind != "loader" or self.subset is not None:
-            return "it is not a map-style data set (a Dataset, or a DataLoader over one)"
+            return "it is not a map-style data set; pass a Dataset, or a DataLoader over one"
         n, need = len(self.loader.dataset), self.loader.batch_size * self.world * 2
         return (f"a share of {fraction:g} of its {n} samples leaves {int(round(fraction * n))} held out and "
                 f"{n - int(round(fraction * n))} to train, and each part needs two batches of {self.loader.batch_size}"
-                + (f" on each of {self.world} processes" if self.world > 1 else "") + f" ({need} samples)")
+                + (f" on each of {self.world} processes" if self.world > 1 else "") + f" ({need} samples); give it "
+                "more samples or a smaller batch size")
 
     def split(self, fraction: float):
         """Two streams over disjoint parts of this map-style data: (the rest, ``fraction`` held out), drawn

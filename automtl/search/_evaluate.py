@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import numbers
 from typing import Mapping, Optional, Union
 
 import torch
@@ -48,7 +49,8 @@ def evaluate(
             and isinstance(getattr(supermodel, "task_names", None), (list, tuple))):
         raise ConfigError(f"evaluate() needs a multi-task model with its tasks (automtl.supermodel, automtl.compact or "
                           f"automtl.load), got a {type(supermodel).__name__}; wrap a backbone with automtl.supermodel first")
-    if max_batches is not None and (not isinstance(max_batches, int) or isinstance(max_batches, bool) or max_batches < 1):
+    if max_batches is not None and (not isinstance(max_batches, numbers.Integral) or isinstance(max_batches, bool)
+                                    or max_batches < 1):
         raise ConfigError(f"max_batches must be a positive whole number (or None for every batch), got "
                           f"{str(max_batches)[:40]!r}")
     return _evaluate(supermodel, data, mix, max_batches, device, amp, batch_size, input_dtype, every_task_seen=True)

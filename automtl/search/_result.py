@@ -52,6 +52,6 @@ class SearchResult:
             "params": self.params, "base_params": self.base_params, "macs": self.macs, "base_macs": self.base_macs,
             "budget": self.budget, "budget_metric": self.budget_metric, "budget_params": self.budget_params,
             "budget_macs": self.budget_macs, "within_budget": self.within_budget, "checkpoint": self.checkpoint,
-            "stages": self.stages, "steps": self.steps, "strategy": self.strategy, "evidence": self.policy.evidence,
+            "stages": self.stages, "steps": self.steps, "strategy": self.strategy, "evidence": self.policy.current_evidence,
             "history": self.history,
         }

@@ -160,10 +160,9 @@ class _Search(_CheckpointMixin, _LogMixin, _StepMixin):
             stream = _Stream(source, name, cfg.seed, self.dist.rank, self.dist.world, cfg.batch_size)
             parts = stream.split(held_out) if held_out > 0 else None
             if parts is None:
-                if held_out > 0 and self.dist.main:  # the strategy's premise (decisions on unseen data) does not hold
-                    warnings.warn(f"{self.strategy.name}'s policy steps read the training batches of {name!r}, not a "
-                                  f"held-out part: {stream.why_not_split(held_out)}; give it more samples or a "
-                                  "smaller batch size", stacklevel=2)
+                if held_out > 0 and cfg.search_steps > 0 and self.dist.main:  # the premise (decisions on unseen
+                    warnings.warn(f"{self.strategy.name}'s policy steps read the training batches of {name!r}, not a "  # data)
+                                  f"held-out part: {stream.why_not_split(held_out)}", stacklevel=2)
                 self.streams[key] = stream
                 continue
             # weight steps read one part, the strategy's policy steps the held-out one, fine-tune all
