@@ -575,14 +575,20 @@ def test_padding_modules_eca_variance_and_remainders_are_saved_as_data(tmp_path)
     sm = supermodel(_PadEcaNorms(), [Task("a", "depth"), Task("b", "segmentation", classes=3)],
                     torch.randn(1, 3, 30, 30)).eval()
     for seed in (0, 1):
-        model = compact(sm, Policy.random(sm.layer_names, sm.task_names, sm.skip_legal, seed=seed)).eval()
-        save(model, tmp_path / "m.automtl")
-        loaded = load(tmp_path / "m.automtl")
-        for size in (30, 33):
-            x = torch.randn(2, 3, size, size)
-            with torch.no_grad():
-                want, got = model(x), loaded(x)
-            assert all(torch.equal(got[t], want[t]) for t in want), (seed, size)
+        _saved_computes_the_same(compact(sm, Policy.random(sm.layer_names, sm.task_names, sm.skip_legal, seed=seed)),
+                                 tmp_path / "m.automtl", (30, 33))
+
+
+def _saved_computes_the_same(model, path, sizes):
+    """Save ``model`` (eval mode) and load it back: the same outputs at each input size; the loaded model."""
+    save(model.eval(), path)
+    loaded = load(path)
+    for size in sizes:
+        x = torch.randn(2, 3, size, size)
+        with torch.no_grad():
+            want, got = model(x), loaded(x)
+        assert all(torch.equal(got[t], want[t]) for t in want), size
+    return loaded
 
 
 class _MoreActivationsAndNorms(nn.Module):
@@ -617,13 +623,7 @@ def test_more_activations_norms_and_powers_are_saved_as_data(tmp_path):
                     torch.randn(1, 3, 12, 12))
     for seed in (0, 1):
         model = compact(sm, Policy.random(sm.layer_names, sm.task_names, sm.skip_legal, seed=seed))
-        save(model.eval(), tmp_path / "m.automtl")
-        loaded = load(tmp_path / "m.automtl")
-        for size in (12, 15):
-            x = torch.randn(2, 3, size, size)
-            with torch.no_grad():
-                want, got = model(x), loaded(x)
-            assert all(torch.equal(got[t], want[t]) for t in want), (seed, size)
+        loaded = _saved_computes_the_same(model, tmp_path / "m.automtl", (12, 15))
         x = torch.randn(3, 3, 12, 12)
         for m in (model, loaded):  # train mode: the SyncBatchNorm normalises with the batch's statistics, on one process
             m.train()
