@@ -700,3 +700,16 @@ def test_a_sample_that_leaves_out_a_task_is_named_not_a_raw_key_error():
                                             "sample every task's target, marking a missing label with NaN"):
             next(iter(make_loader(batch, 2)))
     assert next(iter(make_loader(samples[:1] * 2, 2)))[1]["depth"].shape == (2, 1, 4, 4)
+
+
+def test_a_batch_on_the_meta_device_is_named():
+    """A target (or image) on the meta device reached torch's "Tensor.item() cannot be called on meta tensors"."""
+    from automtl.data.checks import BatchChecks
+
+    checks = BatchChecks([Task("depth", "depth")], 3, "training data")
+    x, y = torch.zeros(2, 3, 4, 4), torch.zeros(2, 1, 4, 4)
+    checks(x, {"depth": y})
+    with pytest.raises(DataError, match="target 'depth' .* is on the meta device, which holds shapes but no values"):
+        checks(x, {"depth": y.to("meta")})
+    with pytest.raises(DataError, match="yielded images on the meta device"):
+        checks(x.to("meta"), {"depth": y})

@@ -54,6 +54,9 @@ class BatchChecks:
                     "them") if isinstance(x, torch.Tensor) and x.dim() == 3 and x.is_floating_point() else \
                 "for uint8 images, x.float() / 255 or torchvision's ToTensor"
             raise DataError(f"{where} yielded {what}; the backbone needs a float batch (N, C, H, W) ({hint})")
+        if x.is_meta:
+            raise DataError(f"{where} yielded images on the meta device, which holds shapes but no values; load them "
+                            "on the CPU (or a GPU)")
         if self.dtype is not None and x.dtype != self.dtype:
             raise DataError(f"{where} yielded {str(x.dtype).split('.')[-1]} images but the model takes "
                             f"{str(self.dtype).split('.')[-1]} ones (its example input's dtype); convert the images "
@@ -89,6 +92,8 @@ class BatchChecks:
                             "or torch.as_tensor in the dataset)")
         if y.dim() == 0 or y.shape[0] != x.shape[0]:
             raise DataError(f"{at} has shape {tuple(y.shape)} for a batch of {x.shape[0]} images; give one target per image")
+        if y.is_meta:
+            raise DataError(f"{at} is on the meta device, which holds shapes but no values; load it on the CPU (or a GPU)")
         expected = task.spec.target_shapes(task)
         if expected and not shape_fits(expected, tuple(y.shape[1:])):
             raise DataError(f"{at} has shape {tuple(y.shape)} but a {kind} target is {describe_shapes(expected, batch=True)}; "
