@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .capture import copy_constants, count_parameters
+from .capture import copy_constants, count_parameters, placement
 from .errors import AutomtlError, ConfigError
 from .heads import finish
 from .policy import CHOICES, SHARE, SKIP, SPECIALIZE, Policy
@@ -100,9 +100,9 @@ class CompactModel(GraphsBuiltOnUse):
 
     def _apply(self, fn, recurse=True):
         """``.to``/``.double``/``.half``: images that were of the weights' dtype stay so (``input_dtype`` follows)."""
-        before = next((p.dtype for p in self.parameters() if p.is_floating_point()), None)
+        before = placement(self).get("dtype")
         out = super()._apply(fn, recurse)
-        after = next((p.dtype for p in self.parameters() if p.is_floating_point()), None)
+        after = placement(self).get("dtype")
         if getattr(self, "input_dtype", None) is not None and self.input_dtype == before and after is not None:
             self.input_dtype = after
         return out
@@ -112,11 +112,11 @@ class CompactModel(GraphsBuiltOnUse):
         itself, as HuggingFace's vision models do); under autocast any floating dtype: float64 images into float32
         weights were torch's "Input type (double) and bias type (float) should be the same" from inside a layer, or,
         for a loaded model, a failure blamed on the file."""
-        p = next((p for p in self.parameters() if p.is_floating_point()), None)
-        if p is None or x.dtype in (p.dtype, self.input_dtype) or (
+        computes = placement(self).get("dtype")
+        if computes is None or x.dtype in (computes, self.input_dtype) or (
                 x.is_floating_point() and torch.is_autocast_enabled(x.device.type)):
             return
-        name = str((self.input_dtype or p.dtype)).split(".")[-1]
+        name = str(self.input_dtype or computes).split(".")[-1]
         how = f"x.to(torch.{name}) / 255" if x.dtype == torch.uint8 else f"x.to(torch.{name})"
         model = ", or the model (model.to(x.dtype))" if x.is_floating_point() else ""
         raise AutomtlError(f"the model takes {name} images, got {str(x.dtype).split('.')[-1]}; convert them "

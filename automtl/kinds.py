@@ -316,6 +316,5 @@ class Normal(TaskKind):
         return [(3, None, None)]
 
 
-
 #: The kinds automtl brings (registered above), apart from those a user registers.
 BUILTIN_KINDS = frozenset(KINDS)

@@ -121,9 +121,15 @@ class Policy:
     def current_evidence(self) -> Optional[dict]:
         """:attr:`evidence` while it describes these choices; None once they were edited after the search."""
         ev = self.evidence
-        if ev is not None and ev.get("of_choices") not in (None, choices_fingerprint(self.choices)):
-            return None
-        return ev
+        if ev is None or ev.get("of_choices") is None:
+            return ev
+        # read once a cell by score()/undecided() (a grid of 10,000 cells): the fingerprint is computed again only
+        # when the choices changed since, which a comparison of the tables tells
+        seen = self.__dict__.get("_fingerprinted")  # (the choices as they were, their fingerprint)
+        if seen is None or seen[0] != self.choices:
+            seen = ([list(row) for row in self.choices], choices_fingerprint(self.choices))
+            self.__dict__["_fingerprinted"] = seen
+        return ev if seen[1] == ev["of_choices"] else None
 
     def score(self, layer: int, task: int) -> Optional[float]:
         """The evidence score of a choice (None without evidence, or once the choices were edited)."""

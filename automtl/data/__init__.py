@@ -141,17 +141,21 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool = False, seed: 
     )
 
 
-def _name(dataset) -> str:
-    """The data set's class name, through the ``Subset`` that takes its first samples."""
+def _whole(dataset):
+    """The data set under the ``Subset``s that take its first samples."""
     while isinstance(dataset, torch.utils.data.Subset):
         dataset = dataset.dataset
-    return type(dataset).__name__
+    return dataset
+
+
+def _name(dataset) -> str:
+    """The data set's class name, through the ``Subset`` that takes its first samples."""
+    return type(_whole(dataset)).__name__
 
 
 def _declared_kinds(dataset) -> dict:
     """``{target: TaskKind}`` for a data set that says what its targets are (the builtin ones' ``tasks``); {} else."""
-    while isinstance(dataset, torch.utils.data.Subset):
-        dataset = dataset.dataset
+    dataset = _whole(dataset)
     try:
         declared = getattr(type(dataset), "tasks", None) and dataset.tasks
     except Exception:  # noqa: BLE001 - a user's data set whose `tasks` is something else says nothing

@@ -207,15 +207,11 @@ class NpyScenes(Dataset):
             if tuple(y.shape) != tuple(expected):
                 raise DataError(
                     f"{self.name} {self.path / folder / f'{index}.npy'} has shape {a.shape}, which does not fit its "
-                    f"image of size {hw} (expected {self._expected(kind, hw)}); regenerate it so that sample {index}'s "
-                    "files belong together"
+                    f"image of size {hw} (expected {(*hw, *expected[:-2])}); regenerate it so that "
+                    f"sample {index}'s files belong together"
                 )
             targets[t] = y
         return x, targets
-
-    @staticmethod
-    def _expected(kind: str, hw: tuple) -> tuple:
-        return {"segmentation": hw, "depth": (*hw, 1), "normal": (*hw, 3)}[kind]
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(root={str(self.root)!r}, split={self.split!r}, tasks={self.task_names}, n={self.n})"

@@ -585,38 +585,35 @@ class _BoundedShapes(fx.Interpreter):
     def _check_dims(self, n: fx.Node, args: tuple, kwargs: dict) -> None:
         """Every dimension a call names within its input's rank: the meta device takes ``torch.softmax(x, 2**31)``
         (its kernels check on the CPU only), so a crafted file would load and fail at its first call."""
-        if n.op == "call_module":  # a module's own dims (Softmax(dim=7) on a 4-D map: its kernel checks on the CPU only)
-            mod, x = self.fetch_attr(n.target), args[0] if args else None
-            dims = {k: getattr(mod, k, None) for k in ("dim", "start_dim", "end_dim")}
-            for key, d in dims.items():
-                if isinstance(x, torch.Tensor) and isinstance(d, int) and not isinstance(d, bool) \
-                        and not -max(x.dim(), 1) <= d < max(x.dim(), 1):
-                    raise FileFormatError(f"has node {n.name!r} whose module's {key} {d} names no dimension of its "
-                                          f"{x.dim()}-dimensional input; the file is crafted or corrupted")
-            return
-        target = getattr(torch, n.target, None) if n.op == "call_method" else n.target
-        if n.op not in ("call_function", "call_method") or not callable(target):
-            return
-        try:
-            found = normalize_function(target, args, kwargs, normalize_to_only_use_kwargs=True)
-        except Exception:  # no schema torch can match: the call itself is checked when it runs
-            return
-        if found is None:
-            return
-        named = found.kwargs
+        whose, new_axis = "", False
+        if n.op == "call_module":  # a module's own dims (Softmax(dim=7) on a 4-D map)
+            mod, whose = self.fetch_attr(n.target), "module's "
+            named = {"input": args[0] if args else None,
+                     **{k: getattr(mod, k) for k in ("dim", "start_dim", "end_dim") if hasattr(mod, k)}}
+        else:
+            target = getattr(torch, n.target, None) if n.op == "call_method" else n.target
+            if n.op not in ("call_function", "call_method") or not callable(target):
+                return
+            try:
+                found = normalize_function(target, args, kwargs, normalize_to_only_use_kwargs=True)
+            except Exception:  # no schema torch can match: the call itself is checked when it runs
+                return
+            if found is None:
+                return
+            named, new_axis = found.kwargs, _op_name(target) in _NEW_AXIS
         x = named.get("input", named.get("self"))
         if x is None and isinstance(named.get("tensors"), (list, tuple)) and named["tensors"]:
             x = named["tensors"][0]
         if not isinstance(x, torch.Tensor):
             return
-        rank = max(x.dim(), 1) + (1 if _op_name(target) in _NEW_AXIS else 0)  # one past the input's axes
+        rank = max(x.dim(), 1) + (1 if new_axis else 0)  # one past the input's axes
         for key in ("dim", "dim0", "dim1", "start_dim", "end_dim", "dims"):
             value = named.get(key)
             if key == "dims" and not isinstance(value, (list, tuple)):
                 continue  # tensordot's count of contracted dimensions
             for d in value if isinstance(value, (list, tuple)) else (value,):
                 if isinstance(d, int) and not isinstance(d, bool) and not -rank <= d < rank:
-                    raise FileFormatError(f"has node {n.name!r} whose {key} {d} names no dimension of its "
+                    raise FileFormatError(f"has node {n.name!r} whose {whose}{key} {d} names no dimension of its "
                                           f"{x.dim()}-dimensional input; the file is crafted or corrupted")
 
     @staticmethod

@@ -85,27 +85,28 @@ class _Stream:
         return {"kind": "loader", "samples": len(self.loader.dataset), "batch_size": self.loader.batch_size,
                 "shuffle": self.shuffle, "drop_last": bool(self.loader.drop_last), "base": self.base}
 
-    def why_not_split(self, fraction: float) -> str:
-        """Why :meth:`split` gives None, as a phrase (for the warning that policy steps read the training batches)."""
+    def why_not_split(self, fraction: float) -> Optional[str]:
+        """Why :meth:`split` gives None, as a phrase (for the warning that policy steps read the training batches);
+        None where it splits."""
         if self.kind != "loader" or self.subset is not None:
             return "it is not a map-style data set; pass a Dataset, or a DataLoader over one"
         n, need = len(self.loader.dataset), self.loader.batch_size * self.world * 2
-        return (f"a share of {fraction:g} of its {n} samples leaves {int(round(fraction * n))} held out and "
-                f"{n - int(round(fraction * n))} to train, and each part needs two batches of {self.loader.batch_size}"
+        k = int(round(fraction * n))
+        if k >= need and n - k >= need:
+            return None
+        return (f"a share of {fraction:g} of its {n} samples leaves {k} held out and {n - k} to train, and each part "
+                f"needs two batches of {self.loader.batch_size}"
                 + (f" on each of {self.world} processes" if self.world > 1 else "") + f" ({need} samples); give it "
                 "more samples or a smaller batch size")
 
     def split(self, fraction: float):
         """Two streams over disjoint parts of this map-style data: (the rest, ``fraction`` held out), drawn
         by a generator seeded with the run's seed; None when the data is not map-style or too small to
-        give each part a batch per rank (then policy steps read the training batches)."""
-        if self.kind != "loader" or self.subset is not None:
+        give each part two batches per rank (:meth:`why_not_split`; then policy steps read the training batches)."""
+        if self.why_not_split(fraction) is not None:
             return None
         n = len(self.loader.dataset)
         k = int(round(fraction * n))
-        need = self.loader.batch_size * self.world * 2
-        if k < need or n - k < need:
-            return None
         g = torch.Generator().manual_seed(_seed("automtl-holdout", self.seed, self.base, self.name))
         perm = torch.randperm(n, generator=g).tolist()
         parts = []
