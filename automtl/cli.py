@@ -339,7 +339,10 @@ def search_cmd(backbone, tasks, config_path, data, weights, pretrained, budget, 
               help="The model file to write: .automtl, or .pt2 / .onnx (as automtl export writes them).")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists (a fine-tuned model may be the only copy).")
 @click.option("--quiet", is_flag=True, help="No progress bars or progress messages (warnings still go to stderr).")
-def compact_cmd(run_dir, policy_path, finetune_steps, out, overwrite, quiet):
+@click.option("--backbone", "backbone", metavar="SPEC",
+              help="The backbone as path/to/file.py:Class or package.module:factory, where RUN_DIR's is code: a run "
+                   "folder runs no code it names, so give (and vouch for) it here.")
+def compact_cmd(run_dir, policy_path, finetune_steps, out, overwrite, quiet, backbone):
     """Compile the supermodel of RUN_DIR (from `automtl search`) under a policy into a compact model.
 
     Example: automtl compact runs/r18 --policy my-policy.yaml --finetune-steps 100 --out r18.automtl
@@ -349,7 +352,7 @@ def compact_cmd(run_dir, policy_path, finetune_steps, out, overwrite, quiet):
 
     write = writer_for(out)  # the format follows the suffix; an unknown one is refused before any work
     _refuse_existing(out, overwrite)
-    model = compact_run(run_dir, policy=policy_path, finetune_steps=finetune_steps, out=None, quiet=quiet)
+    model = compact_run(run_dir, policy=policy_path, finetune_steps=finetune_steps, out=None, quiet=quiet, backbone=backbone)
     _refuse_existing(out, overwrite)  # again: another command may have written it during the fine-tune
     write(model, out)
     if not quiet:

@@ -65,7 +65,8 @@ def search_run(cfg: ConvertConfig, out: Union[str, os.PathLike], resume: bool = 
 
 
 def compact_run(run_dir: Union[str, os.PathLike], policy: Union[None, str, os.PathLike, Policy] = None,
-                finetune_steps: int = 0, out: Union[None, str, os.PathLike] = "model.automtl", quiet: bool = False):
+                finetune_steps: int = 0, out: Union[None, str, os.PathLike] = "model.automtl", quiet: bool = False,
+                backbone: Optional[str] = None):
     """Compile the supermodel of ``run_dir`` (from :func:`search_run`) under a policy into a compact model.
 
     Args:
@@ -75,12 +76,16 @@ def compact_run(run_dir: Union[str, os.PathLike], policy: Union[None, str, os.Pa
             steps of compute when the run's config says ``finetune_unit: compute``), on the run's data and
             schedule (0: compile the weights as they are).
         out: the ``.automtl`` file to write atomically; None writes nothing.
+        quiet: no progress bars during the fine-tune.
+        backbone: the backbone spec, needed (and then used) where the run's backbone is code
+            (``path/to/file.py:Net``, ``package.module:factory``): see :func:`load_run`.
 
     Returns:
         the :class:`automtl.CompactModel`, in eval mode.
 
     Raises:
-        ConfigError: the run has no policy and none is given; the policy does not fit the run's layers and tasks.
+        ConfigError: the run has no policy and none is given; the policy does not fit the run's layers and tasks;
+            the run's backbone is code and ``backbone`` is not given.
         FileFormatError: ``run_dir`` is not a run directory, or its files are damaged or do not fit each other.
 
     Example:
@@ -90,7 +95,7 @@ def compact_run(run_dir: Union[str, os.PathLike], policy: Union[None, str, os.Pa
     from .formats import save
     from .search import search
 
-    sm, cfg, own = load_run(run_dir)
+    sm, cfg, own = load_run(run_dir, backbone=backbone)
     if policy is not None and not isinstance(policy, Policy):
         policy = Policy.load(policy)
     policy = policy if policy is not None else own
@@ -120,20 +125,32 @@ def save_run(sm: SuperModel, cfg: ConvertConfig, directory, policy: Optional[Pol
         policy.save(directory / "policy.yaml")
 
 
-def load_run(directory) -> tuple[SuperModel, ConvertConfig, Optional[Policy]]:
+def load_run(directory, backbone: Optional[str] = None) -> tuple[SuperModel, ConvertConfig, Optional[Policy]]:
     """Rebuild the supermodel of a run directory written by :func:`save_run`: (supermodel, config, policy or None).
 
-    The config's :data:`automtl.config.SESSION_FIELDS` are the defaults, whatever the file says: where a later
-    session writes is its own (a run directory is data someone may have handed over).
+    A run directory is data someone may have handed over, so it runs no code of its own: the config's
+    :data:`automtl.config.SESSION_FIELDS` are the defaults, whatever the file says (where a later session writes
+    is its own), and a backbone recorded as code (``path/to/file.py:Net``, ``package.module:factory``) is built
+    only from ``backbone``, the spec the caller gives (the run's, or where that code is now); builtin and
+    ``timm:``/``torchvision:`` backbones are looked up by name as recorded.
 
     Raises:
         FileFormatError: no ``supermodel.yaml`` there, or a missing, damaged or mismatched ``supermodel.pt``.
+        ConfigError: the run's backbone is code and ``backbone`` is not given.
     """
+    from .backbones.registry import names_code
+
     directory = Path(directory)
     spec = directory / "supermodel.yaml"
     if not spec.exists():
         raise FileFormatError(f"{os.fspath(directory)!r} is not an automtl run directory (no supermodel.yaml); run automtl search first")
     cfg = ConvertConfig.from_dict(read_yaml(spec, "run file", exponent_floats=True) or {}, f"run file {os.fspath(spec)!r}")
+    if backbone is not None:
+        cfg.backbone = backbone
+    elif names_code(cfg.backbone):
+        raise ConfigError(f"run directory {os.fspath(directory)!r} records its backbone as code ({str(cfg.backbone)[:200]!r}), "
+                          "which automtl does not run because a folder says so; if you trust that code, give it "
+                          f"yourself: --backbone {str(cfg.backbone)[:200]} (Python: backbone={str(cfg.backbone)[:200]!r})")
     cfg.weights = None  # the trained weights come from supermodel.pt; a pretrained backbone's input statistics stay
     cfg.search = cfg.search.replace(**{name: SearchConfig.__dataclass_fields__[name].default for name in SESSION_FIELDS})
     state = _read_state(directory / "supermodel.pt")

@@ -307,6 +307,32 @@ def test_a_run_directory_does_not_say_where_a_later_session_writes(searched, tmp
     assert not elsewhere.exists() and (tmp_path / "m.automtl").exists()
 
 
+def test_a_run_directory_runs_no_code_it_names(searched, tmp_path):
+    """A handed-over run folder whose supermodel.yaml names its backbone as code (a .py file beside it, any
+    installed module's callable) ran that code under `automtl compact` (os:abort aborted it); it is refused until
+    the user gives the backbone, and then the user's spec is what is built."""
+    import shutil
+
+    import yaml
+
+    handed = tmp_path / "run"
+    shutil.copytree(searched, handed)
+    marker = tmp_path / "ran"
+    (tmp_path / "payload.py").write_text(f"open({str(marker)!r}, 'w').close()\n"
+                                         "from automtl.backbones import build_backbone\n"
+                                         "def Net():\n    return build_backbone('tiny')\n")
+    spec = yaml.safe_load((handed / "supermodel.yaml").read_text())
+    for code in (f"{tmp_path / 'payload.py'}:Net", "os:abort"):
+        (handed / "supermodel.yaml").write_text(yaml.safe_dump({**spec, "backbone": code}))
+        message = bad("compact", handed, "--out", tmp_path / "m.automtl")
+        assert "records its backbone as code" in message and f"--backbone {code}" in message
+        assert not marker.exists() and not (tmp_path / "m.automtl").exists()
+    with pytest.raises(automtl.ConfigError, match="backbone='os:abort'"):
+        automtl.compact_run(handed, out=None)
+    run("compact", handed, "--backbone", f"{tmp_path / 'payload.py'}:Net", "--out", tmp_path / "m.automtl")
+    assert marker.exists() and (tmp_path / "m.automtl").exists()  # the user's spec, vouched for, is built
+
+
 @pytest.mark.parametrize("content", ["list", "tensor", "integer name", "no tensor"])
 def test_a_weights_file_that_is_not_a_state_dict_is_refused(searched, tmp_path, content):
     """A run's supermodel.pt must map names to tensors; anything else torch's tensors-only reader builds (a list, a

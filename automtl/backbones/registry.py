@@ -147,6 +147,15 @@ def build_backbone(spec: str, **kwargs: Any) -> nn.Module:
     return _call(obj, spec, kwargs)
 
 
+def names_code(spec: str) -> bool:
+    """Whether building ``spec`` runs code it names (``path/to/file.py:Attr``, ``package.module:Attr``), not a
+    builtin or a timm/torchvision model looked up by name."""
+    from .external import is_external
+
+    spec = spec.strip() if isinstance(spec, str) else spec
+    return isinstance(spec, str) and spec not in BACKBONES and not is_external(spec) and ":" in spec
+
+
 def _looks_like_drive(source: str, attr: str) -> bool:
     """``C:\\nets\\a.py`` (no attribute) splits at the drive colon; treat it as having no colon."""
     return len(source) == 1 and source.isalpha() and ("\\" in attr or "/" in attr)
