@@ -303,7 +303,7 @@ def _say_if_nothing_to_resume(out: str, resume: bool, overwrite: bool = False) -
     from .rundir import CHECKPOINTS
     from .search import CHECKPOINT_NAME
 
-    if resume and not overwrite and not os.path.exists(os.path.join(out, CHECKPOINTS, CHECKPOINT_NAME)):
+    if resume and not overwrite and not os.path.lexists(os.path.join(out, CHECKPOINTS, CHECKPOINT_NAME)):
         warnings.warn(f"--resume: {out!r} holds no checkpoint to continue, so the run starts from the beginning",
                       stacklevel=2)
 

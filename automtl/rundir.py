@@ -91,6 +91,7 @@ class RunDirectory:
         except OSError as exc:
             self._remove_if_empty()
             raise AutomtlError(f"output directory {where!r} is not writable ({exc.strerror}); choose another --out") from None
+        self._refuse_links()
         self._acquire()
         try:
             self._settle_replaced()
@@ -214,12 +215,29 @@ class RunDirectory:
                 (self.path / rel).unlink(missing_ok=True)  # what the failed run wrote where the old run had nothing
         shutil.rmtree(self._replaced, ignore_errors=True)
 
+    def _refuse_links(self) -> None:
+        """The names a run writes, reads, cleans or moves inside its folder must be its own, not links: a
+        ``checkpoints`` link sent checkpoints, the log and the policy into another folder (replacing files there,
+        cleaning its temporaries), a ``.automtl.lock`` link truncated the file it pointed to, a dangling
+        ``checkpoints/log.jsonl`` link created its target. (The folder itself may be a link: ``--out`` is the
+        user's.)"""
+        for rel in (Path(LOCK_NAME), Path(CHECKPOINTS), *RUN_PATHS):
+            path = self.path / rel
+            if path.is_symlink():
+                raise AutomtlError(
+                    f"output directory {os.fspath(self.path)!r} holds {rel.as_posix()} as a link (to "
+                    f"{os.readlink(path)[:200]!r}), where a run keeps its own files; remove the link or choose another --out")
+
     # -- lock ---------------------------------------------------------------------------------
     def _acquire(self) -> None:
         import fcntl
 
         lock_path = self.path / LOCK_NAME
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:  # not through a link made after _refuse_links looked
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        except OSError as exc:
+            raise AutomtlError(f"output directory {os.fspath(self.path)!r} has a lock file automtl cannot open "
+                               f"({exc.strerror}); remove {LOCK_NAME} there or choose another --out") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -109,6 +109,52 @@ def test_a_set_aside_folder_that_is_a_link_moves_nothing_out_of_its_target(tmp_p
     assert snapshot(victim) == before
 
 
+@pytest.mark.parametrize("name", [".automtl.lock", "checkpoints", "checkpoints/log.jsonl", "checkpoints/checkpoint.pt",
+                                  "policy.yaml"])
+@pytest.mark.parametrize("flag", ["--resume", "--overwrite"])
+def test_a_run_folder_s_own_names_as_links_are_refused_before_anything_is_written(finished, tmp_path, name, flag):
+    """A folder handed over whose lock file, checkpoints folder or run files are links: the lock's target was
+    truncated to a process id, a checkpoints link sent checkpoint, log and policy into another folder (and cleaned
+    its temporaries), a dangling log link created its target. Refused in one sentence; nothing is followed."""
+    import shutil
+
+    victim = tmp_path / "victim"
+    (victim / "checkpoints").mkdir(parents=True)
+    for file in ("precious.txt", "log.jsonl", "checkpoint.pt", ".notes.tmp", "policy.yaml"):
+        (victim / file).write_text("someone else's file\n")
+    before = snapshot(victim)
+    out = tmp_path / "run"
+    shutil.copytree(finished, out)
+    (shutil.rmtree if (out / name).is_dir() else Path.unlink)(out / name) if (out / name).exists() else None
+    target = {"checkpoints": victim}.get(name, victim / ("precious.txt" if name == ".automtl.lock" else "new.txt"))
+    (out / name).symlink_to(target)  # new.txt does not exist: a dangling link
+    one_line_error(cli("search", "tiny", *SMALL, "--out", out, flag), "as a link", "remove the link")
+    assert snapshot(victim) == before and not (victim / "new.txt").exists()
+
+
+def test_a_resumed_log_that_is_gone_is_started_again_in_the_folder(finished, tmp_path):
+    """A resume whose log.jsonl is missing starts a new one where the run keeps it (Python's search, no RunDirectory:
+    a dangling link there is replaced, not followed)."""
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(finished, out)
+    outside = tmp_path / "outside.txt"
+    (out / "checkpoints" / "log.jsonl").unlink()
+    (out / "checkpoints" / "log.jsonl").symlink_to(outside)
+    from automtl.search._log import _LogMixin
+
+    class Log(_LogMixin):
+        log_path, start = out / "checkpoints" / "log.jsonl", 0
+        dist = type("D", (), {"main": True})()
+
+    log = Log()
+    log._open_log(resumed=True)
+    log._log_file.write("{}\n")
+    log._log_file.close()
+    assert not outside.exists() and not (out / "checkpoints" / "log.jsonl").is_symlink()
+
+
 def test_an_overwrite_killed_before_its_first_checkpoint_gets_the_earlier_run_back(finished, tmp_path):
     """SIGKILL runs no cleanup: the next run in the folder settles what the killed one set aside."""
     import shutil

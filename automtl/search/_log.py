@@ -33,7 +33,7 @@ class _LogMixin:
         if self.log_path is None or not self.dist.main:
             return
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        if resumed and self.log_path.exists():
+        if resumed and self.log_path.exists() and not self.log_path.is_symlink():
             # keep what the checkpoint knows about; drop lines a killed run wrote after it (read as a stream)
             with atomic_path(self.log_path) as tmp, open(tmp, "wb") as out:
                 for _, line, rec in iter_json_lines(self.log_path, "log", FileFormatError, MAX_RESUMED_LOG_BYTES):
@@ -42,7 +42,7 @@ class _LogMixin:
                         continue
                     if step <= self.start and not (rec.get("stage") == "val" and step == self.start and rec.get("final")):
                         out.write(line if line.endswith(b"\n") else line + b"\n")
-        elif not resumed:
+        else:  # a new log; also for a resume whose log is gone (a dangling link: replaced, not followed)
             atomic_write_text(self.log_path, "")
         self._log_file = open(self.log_path, "a")
 
