@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import math
 import os
 import re
 import stat
@@ -285,6 +286,97 @@ MAX_TENSOR_PICKLE_BYTES = 64 * 2**20
 #: How deeply containers may nest in such a file: a checkpoint nests 6 levels (a generator's state inside a
 #: rank's random state).
 MAX_TENSOR_NESTING = 32
+#: Values such a file may hold with every shared part counted where it appears: pickle's memo lets a few bytes put
+#: one container in many places (``v = [v, v]`` thirty times is 2^30 values to anything that walks or hashes it,
+#: torch's unpickler hashing a key included), where that checkpoint holds about 200,000 (a run's, 5,000-10,000).
+MAX_TENSOR_FILE_VALUES = 2**22
+
+
+def pickle_values(data: bytes) -> Optional[int]:
+    """How many values the pickle ``data`` builds with each shared part counted where it appears (a container that
+    holds itself: infinitely many), read from its opcodes without building anything; None for an opcode outside
+    the protocol-2 subset ``torch.load(..., weights_only=True)`` accepts (its unpickler refuses those itself).
+
+    A value is a leaf (a number, a string, a global) or a container (tuple, list, dict, set, and what ``REDUCE``,
+    ``NEWOBJ`` or a persistent id builds), which counts 1 plus its items. Linear in the opcodes."""
+    import pickletools
+
+    leaf = None
+    stack, marks, memo, made = [], [], {}, []
+
+    def container(items):
+        made.append(list(items))
+        return len(made) - 1
+
+    try:
+        for op, arg, _ in pickletools.genops(data):
+            name = op.name
+            if name in ("PROTO", "STOP"):
+                if name == "STOP":
+                    break
+            elif name in ("GLOBAL", "NONE", "NEWFALSE", "NEWTRUE", "BININT", "BININT1", "BININT2", "BINFLOAT",
+                          "BINUNICODE", "SHORT_BINSTRING", "LONG1"):
+                stack.append(leaf)
+            elif name in ("EMPTY_TUPLE", "EMPTY_LIST", "EMPTY_DICT", "EMPTY_SET"):
+                stack.append(container(()))
+            elif name in ("NEWOBJ", "REDUCE"):
+                args = stack.pop()
+                stack.pop()
+                stack.append(container((args,)))
+            elif name == "BINPERSID":
+                stack.append(container((stack.pop(),)))
+            elif name in ("BUILD", "APPEND"):
+                item = stack.pop()
+                if stack[-1] is not None:
+                    made[stack[-1]].append(item)
+            elif name == "SETITEM":
+                value, key = stack.pop(), stack.pop()
+                if stack[-1] is not None:
+                    made[stack[-1]].extend((key, value))
+            elif name == "MARK":
+                marks.append(len(stack))
+            elif name in ("APPENDS", "SETITEMS", "TUPLE"):
+                start = marks.pop()
+                items, stack[start:] = stack[start:], []
+                if name == "TUPLE":
+                    stack.append(container(items))
+                elif stack[-1] is not None:
+                    made[stack[-1]].extend(items)
+            elif name in ("TUPLE1", "TUPLE2", "TUPLE3"):
+                n = int(name[-1])
+                items, stack[-n:] = stack[-n:], []
+                stack.append(container(items))
+            elif name in ("BINGET", "LONG_BINGET"):
+                stack.append(memo[arg])
+            elif name in ("BINPUT", "LONG_BINPUT"):
+                memo[arg] = stack[-1]
+            else:
+                return None
+    except (ValueError, IndexError, KeyError):  # not a pickle, or one torch's unpickler fails on: its refusal
+        return None
+    # every container's count, children first (an explicit stack: a pickle may nest a million levels)
+    counts = [0] * len(made)
+    state = [0] * len(made)  # 0 not seen, 1 being counted, 2 counted
+    for root in range(len(made)):
+        if state[root]:
+            continue
+        todo = [root]
+        while todo:
+            at = todo[-1]
+            if state[at] == 0:
+                state[at] = 1
+                for child in made[at]:
+                    if child is not None:
+                        if state[child] == 1:
+                            return math.inf
+                        if state[child] == 0:
+                            todo.append(child)
+                continue
+            todo.pop()
+            if state[at] == 1:
+                counts[at] = 1 + sum(1 if c is None else counts[c] for c in made[at])
+                state[at] = 2
+    return max(counts) if made else 1
 
 
 class _FileSlices:
@@ -346,6 +438,15 @@ def load_tensors(path: str | os.PathLike, what: str, error: type, fix: str,
                         f"names and layout of tensors take (its objects would cost many times that); {fix}")
         if sum(i.file_size for i in infos) > size:
             raise error(f"{where} declares more bytes in its entries than the file holds; it is damaged or crafted; {fix}")
+        for info in (i for i in infos if i.filename.endswith("data.pkl")):
+            try:
+                values = pickle_values(zipfile.ZipFile(f).read(info))
+            except (zipfile.BadZipFile, zlib.error, EOFError, ValueError, NotImplementedError) as exc:
+                raise error(f"{where} is not a torch.save file (a zip archive, as torch >= 1.6 writes; {exc}); {fix}") from None
+            if values is not None and values > MAX_TENSOR_FILE_VALUES:
+                raise error(f"{where} holds a pickle that builds more than {MAX_TENSOR_FILE_VALUES} values once the parts "
+                            "it shares are counted where they appear (or a container holding itself), which no state "
+                            f"dict or checkpoint does; {fix}")
         f.seek(0)
         try:
             loaded = torch.load(f, map_location="cpu", weights_only=True)
@@ -355,13 +456,17 @@ def load_tensors(path: str | os.PathLike, what: str, error: type, fix: str,
     return loaded
 
 
-def _refuse_views_beyond_storage(value, where: str, error: type, fix: str, depth: int = 0) -> None:
+def _refuse_views_beyond_storage(value, where: str, error: type, fix: str, depth: int = 0, seen=None) -> None:
     """Every tensor in what a pickle built (containers walked, at most :data:`MAX_TENSOR_NESTING` deep) holds no
     more elements than its stored bytes: a view with a zero or overlapping stride declares 2^40 elements over 4
     bytes, and ``Optimizer.load_state_dict`` or ``.to()`` would allocate them all. Deeper containers are refused
-    (no writer nests so deep, and the readers' comparisons and copies recurse)."""
+    (no writer nests so deep, and the readers' comparisons and copies recurse). Each object is looked at once."""
     import torch
 
+    seen = set() if seen is None else seen
+    if id(value) in seen:
+        return
+    seen.add(id(value))
     if isinstance(value, torch.Tensor):
         if value.numel() * value.element_size() > value.untyped_storage().nbytes():
             raise error(f"{where} holds a tensor of shape {tuple(value.shape)} over {value.untyped_storage().nbytes()} "
@@ -372,7 +477,7 @@ def _refuse_views_beyond_storage(value, where: str, error: type, fix: str, depth
             raise error(f"{where} nests containers deeper than {MAX_TENSOR_NESTING} levels, which no state dict or "
                         f"checkpoint does; {fix}")
         for v in (value.values() if isinstance(value, Mapping) else value):
-            _refuse_views_beyond_storage(v, where, error, fix, depth + 1)
+            _refuse_views_beyond_storage(v, where, error, fix, depth + 1, seen)
 
 
 def state_dict_of(value, where: str, error: type, fix: str) -> dict:

@@ -296,6 +296,41 @@ def test_build_errors(tmp_path):
         build_backbone("")
 
 
+def _with_pickle(path, pickle_bytes):
+    """A torch.save archive whose pickle is ``pickle_bytes`` (its other entries as torch.save wrote them)."""
+    import zipfile
+
+    torch.save({}, path)
+    with zipfile.ZipFile(path) as z:
+        entries = {i.filename: z.read(i) for i in z.infolist()}
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
+        for name, data in entries.items():
+            z.writestr(name, pickle_bytes if name.endswith("data.pkl") else data)
+    return path
+
+
+def test_a_pickle_that_shares_or_holds_itself_is_counted_from_its_opcodes(tmp_path):
+    """torch's tensors-only unpickler hashes a dict key as it builds it: a tuple key shared 40 levels deep
+    ((t, t), then ((t, t), (t, t)), ...) is 2^40 hashes inside torch.load, about 9 hours from 200 bytes (depth 28
+    took 8 s). The opcodes are counted before torch reads them; a list holding itself is refused too."""
+    from automtl.fileio import load_tensors, pickle_values
+
+    def tuple_key(depth):
+        ops = b"\x80\x02K\x01\x85q\x00" + b"h\x00h\x00\x86q\x00" * depth  # (1,), then (t, t) in memo 0
+        return ops + b"}h\x00K\x01s."  # {t: 1}
+
+    assert pickle_values(tuple_key(3)) == 2 ** 4 - 1 + 2 ** 3 + 2  # tuples and leaves of the key, the value, the dict
+    with pytest.raises(BackboneError, match="more than 4194304 values"):
+        load_tensors(_with_pickle(tmp_path / "k.pt", tuple_key(40)), "weights file", BackboneError, "fix")
+    assert load_tensors(_with_pickle(tmp_path / "k.pt", tuple_key(10)), "weights file", BackboneError, "fix")
+    loop = []
+    loop.append(loop)
+    torch.save({"w": loop}, tmp_path / "loop.pt")
+    with pytest.raises(BackboneError, match="or a container holding itself"):
+        load_tensors(tmp_path / "loop.pt", "weights file", BackboneError, "fix")
+    assert pickle_values(b"\x80\x02cos\nsystem\n.") == 1 and pickle_values(b"\x80\x04\x95") is None
+
+
 def test_weights_files_are_read_under_bounds(tmp_path):
     """Only the zip torch.save writes, every entry stored: a deflated one (16 MB of zeros in a 20 KB file here) is
     refused before torch inflates it, and so is a file over the size bound, before it is read, or a pickle over
@@ -333,6 +368,18 @@ def test_weights_files_are_read_under_bounds(tmp_path):
     torch.save({"w": nested}, path)
     with pytest.raises(BackboneError, match="nests containers deeper than 32 levels"):
         load_tensors(path, "weights file", BackboneError, "fix")
+    shared = [torch.zeros(1)]
+    for _ in range(30):  # pickle's memo: one list in two places, 30 times over, is 2^30 values in 1.7 KB
+        shared = [shared, shared]
+    torch.save({"w": shared}, path)
+    assert path.stat().st_size < 2**12
+    with pytest.raises(BackboneError, match="more than 4194304 values once the parts it shares are counted"):
+        load_tensors(path, "weights file", BackboneError, "fix")  # was minutes walking it, before any other check
+    torch.save({"w": shared[0][0][0][0][0][0][0][0][0][0][0][0][0][0]}, path)  # 2^16 copies of a tensor: within the bound
+    w = load_tensors(path, "weights file", BackboneError, "fix")["w"]
+    while isinstance(w, list):
+        w = w[-1]
+    assert w.shape == (1,)
     path.write_bytes(pickle.dumps({"w": 1}))  # not a zip: an older torch's format, or another program's
     with pytest.raises(BackboneError, match="an older torch's file or another program's"):
         load_tensors(path, "weights file", BackboneError, "fix")
