@@ -977,9 +977,48 @@ def test_what_a_convolution_unfolds_outside_float32_counts_as_alive(tmp_path):
     model = compact(sm.hard(policy), policy).eval()
     save(model, tmp_path / "f32.automtl")
     load(tmp_path / "f32.automtl")
-    with pytest.raises(FileFormatError, match="with what a convolution unfolds"):  # save checks what load will
+    with pytest.raises(FileFormatError, match="with what operations unfold or copy"):  # save checks what load will
         save(model.double(), tmp_path / "f64.automtl")
     assert not (tmp_path / "f64.automtl").exists()
+
+
+@pytest.mark.parametrize("make", ["replicate", "reflect", "circular", "interpolate", "aten"])
+def test_what_an_operation_copies_and_does_not_return_is_bounded(make):
+    """A convolution module padded other than by zeros pads a copy of its input (padding 8000 under a 2^30 stride:
+    a 1x1 output and 3.3 GB); an antialiased resize fills a half-resized intermediate (a 2^15-element column
+    resized to a 2^15-element row: 4.4 GB), in a bundle's forward and in load_pt2's own index check. Counted."""
+    from torch.nn import functional as F
+
+    from automtl.formats.rebuild import bounded_run
+
+    side = 2**14 + 1  # each half-resized image or padded copy just beyond 2^28 elements
+
+    class Resize(nn.Module):
+        def __init__(self, antialias):
+            super().__init__()
+            self.antialias = antialias
+
+        def forward(self, x):
+            if make == "aten":
+                return torch.ops.aten._upsample_bilinear2d_aa.default(x, [1, side], False, None, None)
+            return F.interpolate(x, size=(1, side), mode="bilinear", antialias=self.antialias)
+
+    def run(module, shape):
+        bounded_run(torch.fx.symbolic_trace(module).to("meta"), [torch.empty(*shape, device="meta")], 1, 1)
+
+    if make in ("interpolate", "aten"):
+        with pytest.raises(FileFormatError, match=f"makes a {side * side}-element intermediate it does not return"):
+            run(Resize(True), (1, 1, side, 1))
+        run(Resize(make == "aten"), (1, 1, 64, 1))
+        if make == "interpolate":
+            run(Resize(False), (1, 1, side, 1))  # without antialiasing, one pass: nothing hidden
+        return
+    pad, input_side = (8200, 8) if make == "replicate" else (6000, 6001)  # reflect, circular: pad within the input
+    conv = nn.Sequential(nn.Conv2d(1, 1, 1, stride=2**20, padding=pad, padding_mode=make))  # the module as a bundle holds it
+    with pytest.raises(FileFormatError, match="intermediate it does not return"):
+        run(conv, (1, 1, input_side, input_side))
+    run(nn.Sequential(nn.Conv2d(1, 1, 1, stride=2**20, padding=pad)), (1, 1, 8, 8))  # zeros: padded as it is read
+    run(nn.Sequential(nn.Conv2d(1, 1, 1, padding=2, padding_mode=make)), (1, 1, 8, 8))
 
 
 def test_a_float32_convolution_on_a_small_input_counts_what_it_unfolds():
@@ -988,7 +1027,7 @@ def test_a_float32_convolution_on_a_small_input_counts_what_it_unfolds():
     from automtl.formats.rebuild import bounded_run
 
     padded = torch.fx.symbolic_trace(nn.Conv2d(3, 1, 3, padding=4000)).to("meta")
-    with pytest.raises(FileFormatError, match="with what a convolution unfolds"):
+    with pytest.raises(FileFormatError, match="with what operations unfold or copy"):
         bounded_run(padded, [torch.empty(1, 3, 32, 32, device="meta")], 1, 1)
     bounded_run(torch.fx.symbolic_trace(nn.Conv2d(3, 1, 3, padding=1)).to("meta"),
                 [torch.empty(1, 3, 32, 32, device="meta")], 1, 1)
@@ -1052,7 +1091,7 @@ def test_a_convolution_unfolding_on_cpus_beyond_the_bound_is_refused(conv):
               nn.ConvTranspose2d(27, 4, 1000, dilation=2, output_padding=1))  # an input oneDNN would take
     graph = torch.fx.symbolic_trace(nn.Sequential(module)).to("meta")
     x = torch.empty(1, 300 if conv == "padded 1x1" else 27, 32, 32, device="meta")
-    with pytest.raises(FileFormatError, match="with what a convolution unfolds"):
+    with pytest.raises(FileFormatError, match="with what operations unfold or copy"):
         bounded_run(graph, [x], 1, 1)
     bounded_run(graph, [x], 1, 1, on_cpu=False)
 
@@ -1082,7 +1121,7 @@ def test_the_unfolded_input_counts_output_positions_and_only_on_the_cpu():
     bounded_run(stem, [x], 256, 1)
     wide = torch.fx.symbolic_trace(nn.Conv2d(1024, 4, 32)).to(torch.float64).to("meta")
     x = torch.empty(1, 1024, 96, 96, dtype=torch.float64, device="meta")
-    with pytest.raises(FileFormatError, match="with what a convolution unfolds"):
+    with pytest.raises(FileFormatError, match="with what operations unfold or copy"):
         bounded_run(wide, [x], 1, 1)
     bounded_run(wide, [x], 1, 1, on_cpu=False)
 

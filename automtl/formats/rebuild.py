@@ -521,13 +521,41 @@ class _BoundedShapes(fx.Interpreter):
         positions = math.prod(x.shape[2:]) if call["transposed"] else math.prod(out.shape[2:])
         return int(x.shape[0]) * math.prod(weight.shape[1:]) * positions
 
+    def _hidden_copies(self, n: fx.Node, args: tuple, kwargs: dict, out) -> int:
+        """Elements of what an operation makes while it runs and does not return, on every device: a convolution
+        module padded other than by zeros pads a copy of its input first (a padding of 8000 took 3.3 GB for a 1x1
+        output); an antialiased resize (``interpolate(..., antialias=True)``, aten's ``_upsample_*_aa``) resizes one
+        spatial dimension into an intermediate before the other (a 2^15-element input and output took 4.4 GB)."""
+        x = args[0] if args else kwargs.get("input")
+        if not isinstance(x, torch.Tensor) or x.dim() < 3:
+            return 0
+        if n.op == "call_module":
+            mod = self.fetch_attr(n.target)
+            if not isinstance(mod, nn.modules.conv._ConvNd) or mod.padding_mode == "zeros":
+                return 0
+            pads = mod._reversed_padding_repeated_twice  # last dimension first, two sides each
+            sides = [int(x.shape[-1 - i]) + int(pads[2 * i]) + int(pads[2 * i + 1]) for i in range(len(pads) // 2)]
+            return int(x.shape[0]) * int(x.shape[1]) * math.prod(sides)
+        name = getattr(n.target, "__name__", str(n.target))
+        antialias = (name == "interpolate" and bool(kwargs.get("antialias", args[6] if len(args) > 6 else False))) \
+            or re.fullmatch(r"_upsample_\w+_aa(\.\w+)?", name) is not None
+        if not (antialias and isinstance(out, torch.Tensor) and out.dim() == x.dim() == 4):
+            return 0
+        (h_in, w_in), (h_out, w_out) = x.shape[2:], out.shape[2:]
+        return int(x.shape[0]) * int(x.shape[1]) * max(h_in * w_out, h_out * w_in)
+
     def _check_live(self, n: fx.Node, args: tuple, kwargs: dict, out) -> None:
         """The activations alive once ``n`` has run (the interpreter frees each after its last use, as the
         generated forward does), views counted once with the tensor they view, and what a convolution unfolds."""
         live = self.env.live + sum(numel for key, numel in _bases(out).items() if key not in self.env.count)
-        live += self._unfolded(n, args, kwargs, out) if n.op in ("call_module", "call_function") else 0
+        hidden = self._hidden_copies(n, args, kwargs, out) if n.op in ("call_module", "call_function") else 0
+        if hidden > MAX_ACTIVATION:
+            raise FileFormatError(f"has node {n.name!r} that makes a {hidden}-element intermediate it does not return (a "
+                                  f"padded copy or a half-resized image), more than the {MAX_ACTIVATION} automtl allows; "
+                                  "the file is crafted or corrupted")
+        live += self._unfolded(n, args, kwargs, out) + hidden if n.op in ("call_module", "call_function") else 0
         if live > MAX_LIVE:
-            raise FileFormatError(f"has node {n.name!r} after which {live} activation elements (with what a convolution unfolds) are alive at once, "
+            raise FileFormatError(f"has node {n.name!r} after which {live} activation elements (with what operations unfold or copy while they run) are alive at once, "
                                   f"more than the {MAX_LIVE} automtl allows; the file is crafted or corrupted")
 
     flop_counter = None  # the FlopCounterMode the graph runs under, when a caller counts
