@@ -156,8 +156,11 @@ def _claim(path: Path, cfg: ConvertConfig, resume: bool, overwrite: bool) -> Opt
     """Refuse a folder that holds an earlier sweep unless resumed or overwritten. On overwrite, set the earlier
     sweep's summary aside (returned) and mark the overwrite as under way. What a killed overwrite left set aside
     is settled first."""
+    from .rundir import _own_folder
+
     for folder in sorted(path.glob(_SetAside.PREFIX + "*")):
-        _SetAside(path, folder).settle()
+        if _own_folder(folder):  # not a link to another folder, whose files would be moved out of it
+            _SetAside(path, folder).settle()
     earlier = [n for n in SWEEP_FILES if (path / n).exists()]
     earlier += [d.name for d in _member_dirs(path) if _has_run(d)]
     if earlier and not (resume or overwrite):

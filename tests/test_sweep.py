@@ -254,6 +254,20 @@ def test_without_matplotlib_the_json_is_written_and_the_error_names_the_extra(sw
     assert json.loads((swept / "sweep.json").read_text())["rows"]
 
 
+def test_a_set_aside_sweep_folder_that_is_a_link_moves_nothing_out_of_its_target(tmp_path):
+    """A sweep folder holding ``.automtl-sweep-replaced-x`` as a link to another folder whose record matches: entering
+    the sweep moved that folder's sweep.json into the sweep (the set-aside summary put back)."""
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "members.json").write_text("{}")
+    (victim / "sweep.json").write_text("someone else's file\n")
+    out = tmp_path / "sweep"
+    out.mkdir()
+    (out / ".automtl-sweep-replaced-x").symlink_to(victim)
+    invoke("sweep", "tiny", "--budgets", "1.0x", "--steps", "0,0,0", "--samples", "8,4", "--input-size", "8", "--out", out)
+    assert (victim / "sweep.json").read_text() == "someone else's file\n"
+
+
 def test_interleaved_latency_times_every_model_in_the_same_rounds():
     from torch import nn
 
