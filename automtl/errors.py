@@ -5,7 +5,8 @@ anything else is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
-from typing import Optional
+import math
+from typing import Any, Optional
 
 
 class AutomtlError(Exception):
@@ -37,3 +38,25 @@ def first_line(exc: BaseException, limit: Optional[int] = 160) -> str:
     fx appends the node's code on lines of its own."""
     text = str(exc).strip().splitlines()
     return (text[0] if text else type(exc).__name__)[:limit]
+
+
+def finite_number(value: Any) -> bool:
+    """Whether ``value`` is an int or a float (not a bool) that is a finite float: an integer too large for a float
+    (a file's 400-digit number, on which ``math.isfinite`` and ``float`` raise OverflowError) is not."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
+def shown(value: Any, limit: int = 60) -> str:
+    """``repr(value)`` cut to ``limit`` characters, for a message that quotes a value read from a file; an integer of
+    hundreds of digits by its length (Python refuses to print one past 4300 digits at all)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 256:
+        return f"an integer of about {int(value.bit_length() * math.log10(2)) + 1} digits"
+    try:
+        return repr(value)[:limit]
+    except ValueError:  # a container holding such an integer
+        return f"a {type(value).__name__} of unprintable numbers"

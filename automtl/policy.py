@@ -18,7 +18,7 @@ from typing import Iterable, Optional, Sequence
 import torch
 import yaml
 
-from .errors import ConfigError, FileFormatError
+from .errors import ConfigError, FileFormatError, finite_number, shown
 
 _NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,128}\Z")
 
@@ -196,7 +196,7 @@ class Policy:
                 raise FileFormatError(f"{source}: layer {lname!r} must map each task to share, specialize or skip")
             if set(per_task) != set(tasks):
                 raise FileFormatError(
-                    f"{source}: layer {lname!r} gives choices for {sorted(per_task)} but the policy's tasks are {tasks}"
+                    f"{source}: layer {lname!r} gives choices for {str(sorted(map(str, per_task)))[:200]} but the policy's tasks are {tasks}"
                 )
             rows.append([_choice_index(per_task[t], f"{source}: layer {lname!r}, task {t!r}") for t in tasks])
         evidence = _evidence_from_yaml(data.get("evidence"), list(layers), tasks, source)
@@ -271,7 +271,7 @@ _BUDGET_METRICS = ("params", "macs")
 
 
 def _finite(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    return finite_number(v)  # a 400-digit integer too: not a finite float, where math.isfinite raises
 
 
 def _count(v) -> bool:
@@ -316,7 +316,7 @@ def _evidence_from_yaml(data, layers: list, tasks: list, source: str) -> Optiona
             continue
         check = _EVIDENCE_VALUES.get(key, _plain) if isinstance(key, str) and _NAME.match(key) else None
         if check is None or not check(value):
-            raise FileFormatError(f"{source}: evidence {str(key)[:40]!r} is {str(value)[:40]!r}, not what a search "
+            raise FileFormatError(f"{source}: evidence {str(key)[:40]!r} is {shown(value, 40)}, not what a search "
                                   "writes there; delete the evidence section to use the choices alone")
     ev = {k: v for k, v in data.items() if k not in ("scores", "undecided", "over_budget")}
     layer_index = {name: i for i, name in enumerate(layers)}

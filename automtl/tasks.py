@@ -155,7 +155,7 @@ class Task:
             raise ConfigError(f"task {data['name']!r}: classes must be a whole number from 1 to {MAX_CLASSES}, "
                               f"got {str(classes)[:40]!r}")
         if isinstance(data.get("ignore_index"), int) and abs(data["ignore_index"]) > 2**31:
-            raise ConfigError(f"task {data['name']!r}: ignore_index {data['ignore_index']} is not a label value")
+            raise ConfigError(f"task {data['name']!r}: ignore_index {str(data['ignore_index'])[:40]} is not a label value")
         task = cls.__new__(cls)  # skips __post_init__, which demands head/loss/metric for custom tasks
         task.name, task.kind, task.classes = data["name"], "custom", classes
         task.head = task.loss = task.metric = None

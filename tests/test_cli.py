@@ -134,6 +134,17 @@ def test_malformed_task(tmp_path):
     assert "unknown kind" in bad("convert", "tiny", "--task", "d:dept", *SMALL, "--out", tmp_path)
 
 
+@pytest.mark.parametrize("field", ["lr", "tau_start", "budget", "momentum", "grad_clip", "conflict_confidence",
+                                   "holdout_fraction", "min_margin", "finetune_decay_fraction"])
+def test_a_400_digit_number_in_a_config_file_is_one_sentence(tmp_path, field):
+    """A config file's number no float holds (1 and 400 zeros): float() and math.isfinite raised OverflowError, exit
+    code 1 with a traceback; now one sentence, exit code 2, that does not quote the 400 digits."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"backbone: tiny\ninput_size: 32\nsearch: {{{field}: 1{'0' * 400}}}\n")
+    out = bad("convert", "--config", cfg, "--quiet", "--out", tmp_path / "o")
+    assert field in out and len(out.strip().splitlines()) == 1 and "0" * 100 not in out, out
+
+
 def test_bad_yaml_names_its_line(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("backbone: tiny\ntasks: [a\nseed: 1\n")

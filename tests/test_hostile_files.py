@@ -417,7 +417,33 @@ DESCRIPTION_CASES = {
         node("z", "call_function", "torch.nn.functional.dropout", {"$node": d_out(p)}, 0.9, True))),
     "format-1": lambda p, m: {**{k: v for k, v in p.items() if k != "weights.safetensors"},
                               "weights.pt": _torch_save({"w": torch.zeros(1)})},
+    # numbers no float or int64 holds, and lists or mappings where a name (a dict key) is looked up: one sentence,
+    # not the OverflowError, "Overflow when unpacking long long" or "unhashable type" they raised
+    "train-note-momentum-a-huge-integer": lambda p, m: edit(p, insert_before_output({**node(
+        "bn", "call_function", "torch.nn.functional.batch_norm", {"$node": "x"}, None, None, None, None, True, 10 ** 400,
+        1e-5), "train": {"training": True}}, use_last=False)),
+    "module-float-a-huge-integer": lambda p, m: edit(p, lambda d: d["modules"].append(
+        {"name": "hb", "class": "BatchNorm2d", "args": {"num_features": 3, "eps": 10 ** 400}})),
+    "size-beyond-int64": lambda p, m: edit(p, lambda d: d["modules"].append(
+        {"name": "hc", "class": "Conv2d", "args": {"in_channels": 3, "out_channels": 1, "kernel_size": 1,
+                                                    "stride": {"$size": [10 ** 30, 1]}}})),
+    "dict-key-a-list": lambda p, m: edit(p, insert_before_output(node(
+        "r", "call_function", "torch.nn.functional.relu", {"$node": d_out(p)}, inplace={"$dict": [[[1], 2]]}))),
+    "node-reference-a-mapping": lambda p, m: edit(p, insert_before_output(node(
+        "r", "call_function", "torch.nn.functional.relu", {"$node": {"a": 1}}))),
+    "call-target-a-mapping": lambda p, m: edit(p, insert_before_output(node(
+        "r", "call_function", {"a": 1}, {"$node": d_out(p)}))),
+    "dtype-tag-a-list": lambda p, m: edit(p, insert_before_output(node(
+        "q", "call_method", "to", {"$node": d_out(p)}, {"$dtype": ["float32"]}))),
+    "policy-evidence-a-huge-integer": lambda p, m: edit(p, lambda d: d["policy"].update(evidence={"threshold": 10 ** 400})),
+    "policy-choices-keyed-by-a-number": lambda p, m: edit(p, lambda d: next(iter(d["policy"]["layers"].values())).update(
+        {1: "share"})),
 }
+
+#: The cases above whose values are numbers no float holds or values no dict can be keyed by.
+HUGE_OR_UNHASHABLE = ["train-note-momentum-a-huge-integer", "module-float-a-huge-integer", "size-beyond-int64",
+                      "dict-key-a-list", "node-reference-a-mapping", "call-target-a-mapping", "dtype-tag-a-list",
+                      "policy-evidence-a-huge-integer", "policy-choices-keyed-by-a-number", "header-dtype-a-list"]
 
 ENTRY_CASES = {
     "pickle-as-model.yaml": lambda p, m: {**p, "model.yaml": pickle.dumps(Touch(m))},
@@ -439,6 +465,7 @@ ENTRY_CASES = {
     "offsets-out-of-range": lambda p, m: _weights_header(p, _bad_offsets),
     "header-length-huge": lambda p, m: {**p, "weights.safetensors": struct.pack("<Q", 2**62) + p["weights.safetensors"][8:]},
     "missing-tensor": lambda p, m: _weights_header(p, lambda h: h.pop(_first_key(h))),
+    "header-dtype-a-list": lambda p, m: _weights_header(p, lambda h: _set(h, _first_key, dtype=["F32"])),
     "sparse-layout": lambda p, m: {**p, "weights.safetensors": _torch_save({"w": torch.eye(3).to_sparse()})},
     "float64-attribute-declared": lambda p, m: edit(p, lambda d: d.update(dtype="complex128")),
     "deeply-nested-header": lambda p, m: {**p, "weights.safetensors": struct.pack("<Q", 400000) + b"[" * 200000 + b"]" * 200000},
@@ -476,6 +503,18 @@ def test_train_notes_are_refused_for_what_they_say(valid, tmp_path, case):
     path, _ = hostile(valid, tmp_path, case)
     with pytest.raises(FileFormatError, match="train-mode|trains with|in train mode"):
         load(path)
+
+
+@pytest.mark.parametrize("case", HUGE_OR_UNHASHABLE)
+def test_huge_numbers_and_unhashable_values_are_refused_in_one_short_sentence(valid, tmp_path, case):
+    """A 400-digit integer where a float or a size goes, a list or mapping where a name goes: `inspect` refuses in
+    one sentence of bounded length (the number is not printed whole), exit code 2."""
+    path, marker = hostile(valid, tmp_path, case)
+    before = sorted(os.listdir(tmp_path))
+    result = CliRunner().invoke(main, ["inspect", str(path)])
+    assert_refused(result, path, before)
+    assert len(result.output) < 400 + len(str(path)), result.output
+    assert "0" * 100 not in result.output
 
 
 READERS = {

@@ -264,3 +264,27 @@ def test_max_boxes_merges_runs(resnet50_staged):
 def test_resnet50_renders_png(resnet50_staged, tmp_path):
     out = render(resnet50_staged, tmp_path / "resnet50.png")
     assert out.read_bytes().startswith(b"\x89PNG")
+
+
+@pytest.mark.parametrize("evidence", [{"threshold": 10 ** 400}, {"confidence": -10 ** 400},
+                                      {"budget": {"metric": "params", "used": 10 ** 400}},
+                                      {"budget": {"metric": "params", "used": 1.0, "limit": 10 ** 400}},
+                                      {"note": 10 ** 400}, {"scores": {"l0": {"a": 10 ** 400, "b": 0.0}}}])
+def test_a_policy_file_s_400_digit_number_is_refused_in_one_sentence(tmp_path, evidence):
+    """An integer no float holds in a policy's evidence: math.isfinite raised OverflowError out of `render`; now the
+    file is refused in one sentence (exit code 2) that does not quote the 400 digits."""
+    import yaml
+    from click.testing import CliRunner
+    from automtl.cli import main
+    from automtl.errors import FileFormatError
+
+    path = tmp_path / "policy.yaml"
+    path.write_text(yaml.safe_dump({"tasks": ["a", "b"], "layers": {"l0": {"a": "share", "b": "specialize"}},
+                                    "evidence": {"kind": "conflict", **evidence}}))
+    with pytest.raises(FileFormatError, match="evidence"):
+        Policy.load(path)
+    result = CliRunner().invoke(main, ["render", str(path), str(tmp_path / "grid.svg")])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "0" * 100 not in lines[0], result.output
+    assert not (tmp_path / "grid.svg").exists()

@@ -262,6 +262,24 @@ def _damage(ckpt: dict, how: str) -> dict:
         ckpt["strategy"]["count"], ckpt["strategy"]["stopped"] = -10 ** 12, True
     elif how == "more measurements than planned":
         ckpt["strategy"]["count"] = 10 ** 6
+    # numbers no float holds (math.isfinite raised OverflowError) and values too long to quote whole
+    elif how == "elapsed a 400-digit integer":
+        ckpt["elapsed"] = 10 ** 400
+    elif how == "numpy Gaussian a 400-digit integer":
+        ckpt["rng"]["numpy"]["cached"] = 10 ** 400
+    elif how == "numpy position a 400-digit integer":
+        ckpt["rng"]["numpy"]["pos"] = 10 ** 400
+    elif how == "measurement count a 400-digit integer":
+        ckpt["strategy"]["count"] = 10 ** 400
+    elif how == "learning rate a 400-digit integer":
+        ckpt["weight_opt"]["param_groups"][0]["lr"] = 10 ** 400
+    elif how == "step a 400-digit integer":
+        ckpt["global_step"] = ckpt["data_position"] = 10 ** 400
+    elif how == "stage of a megabyte":
+        ckpt["stage"] = "x" * 10 ** 6
+    elif how == "Adam state keyed by numbers and names":  # sorted() raised comparing an int with a str
+        entry = next(iter(ckpt["weight_opt"]["state"].values()))
+        entry[10 ** 400] = entry.pop("exp_avg")
     return ckpt
 
 
@@ -271,7 +289,11 @@ def _damage(ckpt: dict, how: str) -> dict:
                                  "strategy state", "ranks", "fingerprint", "elapsed", "numpy position past its key",
                                  "numpy Gaussian flag", "Python key word beyond 32 bits",
                                  "Python state position past its key", "negative measurement count",
-                                 "more measurements than planned"])
+                                 "more measurements than planned", "elapsed a 400-digit integer",
+                                 "numpy Gaussian a 400-digit integer", "numpy position a 400-digit integer",
+                                 "measurement count a 400-digit integer", "learning rate a 400-digit integer",
+                                 "step a 400-digit integer", "stage of a megabyte",
+                                 "Adam state keyed by numbers and names"])
 def test_a_damaged_checkpoint_is_refused_before_anything_is_restored(data, tmp_path, how):
     """A checkpoint is read as data: a part that does not fit the run is refused in one sentence, before the
     supermodel, the optimizers or the random state change (a step beyond the run once skipped all training)."""
@@ -285,8 +307,9 @@ def test_a_damaged_checkpoint_is_refused_before_anything_is_restored(data, tmp_p
     sm = fresh(tasks, seed=1)
     before = {k: v.clone() for k, v in sm.state_dict().items()}
     rng = torch.get_rng_state()
-    with pytest.raises(AutomtlError, match=r"^checkpoint '.*checkpoint.pt' (is damaged|is at step).*delete it to start over"):
+    with pytest.raises(AutomtlError, match=r"^checkpoint '.*checkpoint.pt' (is damaged|is at step).*delete it to start over") as caught:
         search(sm, make_loader(train, 8, shuffle=True), None, cfg.replace(resume=True))
+    assert len(str(caught.value)) < 300 + len(str(path)), "a value from the file quoted whole"
     assert all(torch.equal(v, sm.state_dict()[k]) for k, v in before.items())
     assert torch.equal(rng, torch.get_rng_state())
 
@@ -489,13 +512,26 @@ def test_values_outside_a_field_s_meaning_are_refused(fields, message):
         SearchConfig(**fields)
 
 
+@pytest.mark.parametrize("field", ["lr", "momentum", "tau_start", "conflict_confidence", "holdout_fraction", "min_margin",
+                                   "finetune_decay_fraction", "conflict_threshold", "grad_clip", "finetune_lr", "budget",
+                                   "seed", "warmup_steps"])
+@pytest.mark.parametrize("value", [10 ** 400, -10 ** 400], ids=["huge", "minus-huge"])
+def test_a_number_no_float_holds_is_refused_in_a_short_sentence(field, value):
+    """A 400-digit integer where a number goes: math.isfinite and float() raised OverflowError; now one sentence
+    that does not quote the 400 digits."""
+    with pytest.raises(ConfigError, match=field) as caught:
+        SearchConfig(**{field: value})
+    assert len(str(caught.value)) < 300 and "0" * 100 not in str(caught.value)
+
+
 @pytest.mark.parametrize("value, expected", [("1.5x", 1.5), (1.5, 1.5), ("2x", 2.0), (2, 2.0), ("3", 3.0),
                                              (" 1.25 X ", 1.25), (None, None), ("none", None)])
 def test_parse_budget(value, expected):
     assert parse_budget(value) == expected
 
 
-@pytest.mark.parametrize("value", ["1.5y", "x", "-1x", 0, -2.0, True, "1.5xx", [1.5], "", "  "])
+@pytest.mark.parametrize("value", ["1.5y", "x", "-1x", 0, -2.0, True, "1.5xx", [1.5], "", "  ", 10 ** 400],
+                         ids=lambda v: "huge" if v == 10 ** 400 else None)
 def test_parse_budget_rejects(value):
     with pytest.raises(ConfigError):
         parse_budget(value)

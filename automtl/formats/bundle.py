@@ -359,7 +359,7 @@ def _parse_description(path: str, raw: bytes) -> dict:
     if version != FORMAT_VERSION:
         newer = "newer than this automtl reads; upgrade automtl" if version > FORMAT_VERSION else \
             "older than this automtl reads; compile the run again with this version (automtl compact RUN_DIR)"
-        raise bad(path, f"uses .automtl format version {version}, {newer}")
+        raise bad(path, f"uses .automtl format version {str(version)[:20]}, {newer}")
     for key in ("tasks", "modules", "nodes"):
         if not isinstance(desc.get(key), list):
             raise bad(path, f"has no {key!r} list in model.yaml; the file is corrupted, save the model again")

@@ -53,6 +53,15 @@ def encode(v: Any, where: str):
     )
 
 
+def _hashable(value: Any) -> bool:
+    """Whether ``value`` can be a dict key (a decoded list, slice or mapping cannot, nor a tuple holding one)."""
+    try:
+        hash(value)
+    except TypeError:
+        return False
+    return True
+
+
 def decode(v: Any, where: str, nodes: Optional[dict] = None):
     if v is None or isinstance(v, (bool, int, float, str)):
         return v
@@ -61,22 +70,25 @@ def decode(v: Any, where: str, nodes: Optional[dict] = None):
     if isinstance(v, dict) and len(v) == 1:
         (tag, val), = v.items()
         if tag == "$node" and nodes is not None:
-            if val not in nodes:
-                raise FileFormatError(f"{where} uses node {val!r} before it is defined; the file is corrupted, re-save the model")
+            if not isinstance(val, str) or val not in nodes:  # a name: a mapping or list is no key of the nodes
+                raise FileFormatError(f"{where} uses node {str(val)[:60]!r} before it is defined; the file is corrupted, re-save the model")
             return nodes[val]
         if tag == "$tuple" and isinstance(val, list):
             return tuple(decode(x, where, nodes) for x in val)
-        if tag == "$size" and isinstance(val, list) and all(isinstance(d, int) for d in val):
+        if tag == "$size" and isinstance(val, list) and all(  # torch's sizes are int64: a larger one overflows
+                isinstance(d, int) and not isinstance(d, bool) and -2**63 <= d < 2**63 for d in val):
             return torch.Size(val)
         if tag == "$dict" and isinstance(val, list) and all(isinstance(p, list) and len(p) == 2 for p in val):
-            return {decode(k, where, nodes): decode(x, where, nodes) for k, x in val}
+            pairs = [(decode(k, where, nodes), decode(x, where, nodes)) for k, x in val]
+            if all(_hashable(k) for k, _ in pairs):  # a list or mapping as a key: refused below, not a TypeError
+                return dict(pairs)
         if tag == "$slice" and isinstance(val, list) and len(val) == 3:
             return slice(*(decode(x, where, nodes) for x in val))
-        if tag == "$dtype" and val in DTYPES:
+        if tag == "$dtype" and isinstance(val, str) and val in DTYPES:
             return DTYPES[val]
         if tag == "$device" and isinstance(val, str) and _DEVICE.match(val):
             return torch.device(val)
-        if tag == "$memory_format" and val in _MEMORY_FORMATS:
+        if tag == "$memory_format" and isinstance(val, str) and val in _MEMORY_FORMATS:
             return _MEMORY_FORMATS[val]
         if tag == "$ellipsis":
             return Ellipsis

@@ -9,12 +9,11 @@ entry, whose size the reader bounds, fills them.
 from __future__ import annotations
 
 import inspect
-import math
 from typing import Any, Callable
 
 from torch import nn
 
-from ..errors import FileFormatError
+from ..errors import FileFormatError, finite_number
 
 _MAX = 2**31
 
@@ -45,7 +44,7 @@ def _bool(v: Any) -> bool:
 
 
 def _float(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    return finite_number(v)  # a 400-digit integer too is refused: no float holds it
 
 
 def _opt_float(v: Any) -> bool:
@@ -159,5 +158,5 @@ def build_module(name: str, cls_name: Any, args: Any, where: str) -> nn.Module:
         return cls(**kwargs)
     except Exception as exc:  # a constructor refusing a combination of valid-looking values
         raise FileFormatError(
-            f"module {name!r} ({cls_name}) of {where} cannot be built from its stored arguments ({exc}); "
+            f"module {name!r} ({cls_name}) of {where} cannot be built from its stored arguments ({str(exc)[:120]}); "
             "the file is corrupted or edited, re-save the model") from None

@@ -133,7 +133,7 @@ def _build_node(path: str, graph: fx.Graph, env: dict, root: dict, nd: Any, i: i
             raise FileFormatError(f"{where} is an invalid input; the file is corrupted, save the model again")
         target = "x"  # the forward's parameter name is ours to choose: a stored one could shadow a name the code uses
     elif op == "call_function":
-        if target not in FUNCTIONS:
+        if not isinstance(target, str) or target not in FUNCTIONS:  # a mapping or list is no key: refused, not a TypeError
             raise FileFormatError(f"{where} calls {str(target)[:80]!r}, which is not on automtl's reviewed vocabulary of "
                                   "tensor functions; the file was not written by automtl.save or was crafted, re-save the model")
         target = FUNCTIONS[target][0]
@@ -270,10 +270,10 @@ def _check_weights_header(path: str, data: bytes, expected: dict) -> None:
         entry = header.get(key)
         if not isinstance(entry, dict):
             raise bad(path, f"has no tensor {key!r} in weights.safetensors although model.yaml uses it; the weights do not belong to this graph, save the model again")
-        dtype, shape = _SAFETENSORS_DTYPES.get(entry.get("dtype")), entry.get("shape")
+        dtype, shape = _SAFETENSORS_DTYPES.get(entry.get("dtype")) if isinstance(entry.get("dtype"), str) else None, entry.get("shape")
         want_dtype, want_shape = expected[key]
         if dtype != want_dtype or not isinstance(shape, list) or tuple(shape) != want_shape:
-            raise bad(path, f"stores tensor {key!r} as {entry.get('dtype')} {shape} but the graph needs "
+            raise bad(path, f"stores tensor {key!r} as {str(entry.get('dtype'))[:30]} {str(shape)[:60]} but the graph needs "
                              f"{str(want_dtype).split('.')[-1]} {list(want_shape)}; the weights do not belong to this graph, save the model again")
 
 

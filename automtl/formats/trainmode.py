@@ -13,13 +13,12 @@ file then says that its model trains otherwise (``trains_otherwise``).
 from __future__ import annotations
 
 import inspect
-import math
 from typing import Optional
 
 import torch.nn.functional as F
 from torch import fx
 
-from ..errors import FileFormatError
+from ..errors import FileFormatError, finite_number
 
 #: node.meta key: ``{parameter: value}``, the constants a call takes in train mode instead of its own.
 META_TRAIN = "automtl_train"
@@ -137,8 +136,7 @@ def check_switches(node: fx.Node, raw, where: str) -> dict:
     training = {**bound, **raw}
     if node.target is F.batch_norm and (training.get("training") or "momentum" in raw):
         momentum = training.get("momentum")  # its own, or the note's: eval mode never reads it
-        if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not (
-                math.isfinite(momentum) and 0 <= momentum <= 1):
+        if not finite_number(momentum) or not 0 <= momentum <= 1:  # a 400-digit integer too: no float holds it
             raise FileFormatError(f"{where} trains with a momentum of {str(momentum)[:30]}, not a number in [0, 1]; "
                                   "the file is crafted or corrupted, save the model again")
         for key in ("running_mean", "running_var"):

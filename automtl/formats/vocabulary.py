@@ -98,7 +98,7 @@ def _literal_kind(v: Any, kinds: dict, where: str):
         return BOOL
     if isinstance(v, int):
         if abs(v) > MAX_LITERAL_INT:
-            raise FileFormatError(f"{where} holds the integer {v}, larger than any size a model uses; the file is corrupted, re-save the model")
+            raise FileFormatError(f"{where} holds the integer {str(v)[:30]}, larger than any size a model uses; the file is corrupted, re-save the model")
         return INT
     if isinstance(v, float):
         if math.isnan(v):

@@ -7,12 +7,11 @@ resume by a different run.
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 
-from ..errors import ConfigError, FileFormatError, first_line
+from ..errors import ConfigError, FileFormatError, finite_number, first_line, shown
 from ..fileio import atomic_path, load_tensors, state_dict_of
 from ..policy import Policy
 from ._util import _rng_state, _set_rng_state, check_rng_state
@@ -40,8 +39,9 @@ def _unlike(reference, value, where: str) -> Optional[str]:
         return None
     if isinstance(reference, dict):
         if not isinstance(value, dict) or set(value) != set(reference):
-            keys = sorted(map(str, value)) if isinstance(value, dict) else type(value).__name__
-            return f"{where} holds {keys}, not {sorted(map(str, reference))}"
+            keys = sorted(k if isinstance(k, str) else shown(k, 40) for k in value) if isinstance(value, dict) \
+                else type(value).__name__
+            return f"{where} holds {str(keys)[:120]}, not {sorted(map(str, reference))}"
         return next((d for k in reference if (d := _unlike(reference[k], value[k], f"{where}[{k!r}]"))), None)
     if isinstance(reference, (tuple, list)):
         if not isinstance(value, (tuple, list)) or len(value) != len(reference):
@@ -50,8 +50,8 @@ def _unlike(reference, value, where: str) -> Optional[str]:
     if isinstance(reference, bool) or not isinstance(reference, (int, float)):
         return None if type(value) is type(reference) or isinstance(reference, str) and isinstance(value, str) \
             else f"{where} is {type(value).__name__}, not {type(reference).__name__}"
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        return f"{where} is {value!r}, not a finite number"
+    if not finite_number(value):  # a 400-digit integer too: no float holds it
+        return f"{where} is {shown(value, 40)}, not a finite number in a float's range"
     return None
 
 
@@ -68,7 +68,7 @@ def _not_plain(value, where: str) -> Optional[str]:
         item, at = stack.pop()
         if isinstance(item, dict):
             stack.extend((k, f"a key of {at}") for k in item)
-            stack.extend((v, f"{at}[{k!r}]" if isinstance(k, (str, int)) else at) for k, v in item.items())
+            stack.extend((v, f"{at}[{shown(k, 40)}]" if isinstance(k, (str, int)) else at) for k, v in item.items())
         elif isinstance(item, (list, tuple)):
             stack.extend((v, f"{at}[{i}]") for i, v in enumerate(item))
         elif item is not None and not isinstance(item, (bool, int, float, str)):
@@ -146,8 +146,9 @@ def _optimizer_unlike(opt: torch.optim.Optimizer, saved, where: str) -> Optional
     for i, entry in saved["state"].items():
         p = params[ids.index(i)]
         if not isinstance(entry, dict) or set(entry) != set(expected):
-            keys = sorted(entry) if isinstance(entry, dict) else type(entry).__name__
-            return f"{where}'s state of parameter {i} holds {keys}, not {sorted(expected)}"
+            keys = sorted(k if isinstance(k, str) else shown(k, 40) for k in entry) if isinstance(entry, dict) \
+                else type(entry).__name__
+            return f"{where}'s state of parameter {i} holds {str(keys)[:120]}, not {sorted(expected)}"
         for k, ref in expected.items():
             like = torch.empty(p.shape, dtype=p.dtype) if isinstance(ref, torch.Tensor) and ref.dim() else ref
             if (found := _unlike(like, entry[k], f"{where}'s {k} of parameter {i}")) and ref is not None:
@@ -256,7 +257,7 @@ class _CheckpointMixin:
             self._fit_finetune()
             total = sum(length for _, length, _ in self.plan)
             if self.start > total:
-                raise FileFormatError(f"checkpoint {name!r} is at step {self.start}, beyond this run's {total} steps; "
+                raise FileFormatError(f"checkpoint {name!r} is at step {shown(self.start, 30)}, beyond this run's {total} steps; "
                                       "delete it to start over (or, after a shorter finetune_steps, give the one it ran with)")
         except BaseException:
             self.sm.load_state_dict(kept["model"])  # the caller's supermodel as it was
@@ -267,19 +268,19 @@ class _CheckpointMixin:
         """Refuse, in one sentence, a checkpoint whose parts do not fit this run (before any of it is restored)."""
         g = ckpt.get("global_step")
         if isinstance(g, bool) or not isinstance(g, int) or g < 0:
-            raise FileFormatError(f"checkpoint {name!r} is at step {g!r}, not a step of a run; delete it to start over")
+            raise FileFormatError(f"checkpoint {name!r} is at step {shown(g, 30)}, not a step of a run; delete it to start over")
         if ckpt.get("stage") not in [stage for stage, _, _ in self.plan] + ["done"]:
-            raise FileFormatError(f"checkpoint {name!r} is damaged (its stage {ckpt.get('stage')!r} is none of this "
+            raise FileFormatError(f"checkpoint {name!r} is damaged (its stage {shown(ckpt.get('stage'))} is none of this "
                                   "run's); delete it to start over")
         history = ckpt.get("history")
         if not isinstance(history, list) or len(history) > 2 * g + 2 or not all(
                 isinstance(h, dict) and isinstance(h.get("stage"), str) and isinstance(h.get("step"), int)
                 and not isinstance(h.get("step"), bool) and 0 <= h["step"] <= g for h in history):
             raise FileFormatError(f"checkpoint {name!r} is damaged (its history is not this run's records up to step "
-                                  f"{g}); delete it to start over")
+                                  f"{shown(g, 30)}); delete it to start over")
         if ckpt.get("data_position") != g:
-            raise FileFormatError(f"checkpoint {name!r} is damaged (its data position {ckpt.get('data_position')!r} "
-                                  f"is not its step {g}); delete it to start over")
+            raise FileFormatError(f"checkpoint {name!r} is damaged (its data position {shown(ckpt.get('data_position'), 30)} "
+                                  f"is not its step {shown(g, 30)}); delete it to start over")
         own = ckpt
         if "ranks" in ckpt:
             ranks = ckpt["ranks"]
