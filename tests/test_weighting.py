@@ -33,7 +33,8 @@ def test_registry_and_errors():
     ("dwa", {"temperature": "hot"}), ("dwa", {"window": 2.5}), ("dwa", {"temperature": float("nan")}),
     ("gradnorm", {"alpha": [1.5]}), ("gradnorm", {"lr": True}), ("uncertainty", {"init": "0"}),
     ("rlw", {"seed": float("inf")}), ("mgda", {"max_iters": 1.5}), ("cagrad", {"c": "x"}),
-    ("upgrad", {"pref_vector": "x"}), ("upgrad", {"pref_vector": [1.0, 2.0]})])
+    ("upgrad", {"pref_vector": "x"}), ("upgrad", {"pref_vector": [1.0, 2.0]}),
+    ("dwa", {"temperature": 10**400}), ("dwa", {"window": 10**400}), ("rlw", {"seed": 2**64})])  # no float, no int64
 def test_an_option_of_the_wrong_kind_is_one_config_error(name, options):
     """An option value a weighting cannot use (a string where it takes a number, NaN, a fraction for a count, a list
     for torchjd's tensor) is refused when the weighting is built, naming it, not by a TypeError in the first step

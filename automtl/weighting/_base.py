@@ -3,13 +3,12 @@ from __future__ import annotations
 
 import difflib
 import inspect
-import math
 from typing import Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from ..errors import ConfigError, first_line
+from ..errors import ConfigError, finite_number, first_line, shown
 
 __all__ = ["LossWeighting", "WEIGHTINGS", "make_weighting", "rank_mean", "register_weighting"]
 
@@ -109,8 +108,8 @@ def check_number_option(weighting: str, name: str, value, default):
     if isinstance(default, bool) or not isinstance(default, (int, float)):
         return value
     whole = isinstance(default, int)
-    if isinstance(value, bool) or not (isinstance(value, int) or isinstance(value, float) and math.isfinite(value)
-                                       and (not whole or value.is_integer())):
-        raise ConfigError(f"loss weighting {weighting!r} option {name!r} is {value!r}; give "
-                          f"{'a whole number' if whole else 'a finite number'} (default {default!r})")
+    number = finite_number(value) and (not whole or float(value).is_integer())
+    if not number or whole and not -2**63 <= value < 2**63:  # a 400-digit integer: no float or int64 holds it
+        raise ConfigError(f"loss weighting {weighting!r} option {name!r} is {shown(value)}; give "
+                          f"{'a whole number within int64' if whole else 'a finite number'} (default {default!r})")
     return int(value) if whole else value
