@@ -292,55 +292,84 @@ MAX_TENSOR_NESTING = 32
 MAX_TENSOR_FILE_VALUES = 2**22
 
 
-def pickle_values(data: bytes) -> Optional[int]:
+class PickleRefused(ValueError):
+    """What :func:`pickle_values` found that no ``torch.save`` of a state dict or checkpoint writes (a phrase)."""
+
+
+#: Callables torch's tensors-only unpickler accepts that allocate what their arguments ask for, not what the file
+#: holds (``bytearray(2**30)``, ``torch.FloatTensor(2**28)``: an 890-byte file built 1.25 GB); torch.save never
+#: calls them.
+_ALLOCATING_GLOBALS = re.compile(r"(builtins|__builtin__) bytearray|torch(\.cuda|\.sparse)? \w*(Tensor|Storage)")
+
+
+def pickle_values(data: bytes, cap: int = 2**62) -> Optional[int]:
     """How many values the pickle ``data`` builds with each shared part counted where it appears (a container that
-    holds itself: infinitely many), read from its opcodes without building anything; None for an opcode outside
-    the protocol-2 subset ``torch.load(..., weights_only=True)`` accepts (its unpickler refuses those itself).
+    holds itself: infinitely many; counts stop at ``cap``), read from its opcodes without building anything; None
+    for an opcode outside the protocol-2 subset ``torch.load(..., weights_only=True)`` accepts (its unpickler
+    refuses those itself).
 
     A value is a leaf (a number, a string, a global) or a container (tuple, list, dict, set, and what ``REDUCE``,
-    ``NEWOBJ`` or a persistent id builds), which counts 1 plus its items. Linear in the opcodes."""
+    ``NEWOBJ`` or a persistent id builds), which counts 1 plus its items. Linear in the opcodes.
+
+    Raises:
+        PickleRefused: a dict key that is a container (tuples that collide in Python's hash make a dict quadratic to
+            build), an integer beyond int64 (integers ``1 + k (2^61 - 1)`` all hash alike), or a call of an
+            allocating constructor (:data:`_ALLOCATING_GLOBALS`).
+    """
     import pickletools
 
-    leaf = None
-    stack, marks, memo, made = [], [], {}, []
+    stack, marks, memo, made = [], [], {}, []  # leaves: None, or a global's name; containers: their index in made
 
     def container(items):
         made.append(list(items))
         return len(made) - 1
 
+    def keys(items):
+        if any(isinstance(k, int) for k in items):
+            raise PickleRefused("uses a container as a dict key")
+
     try:
         for op, arg, _ in pickletools.genops(data):
             name = op.name
-            if name in ("PROTO", "STOP"):
-                if name == "STOP":
-                    break
-            elif name in ("GLOBAL", "NONE", "NEWFALSE", "NEWTRUE", "BININT", "BININT1", "BININT2", "BINFLOAT",
-                          "BINUNICODE", "SHORT_BINSTRING", "LONG1"):
-                stack.append(leaf)
+            if name == "STOP":
+                break
+            if name == "PROTO":
+                continue
+            if name == "GLOBAL":
+                stack.append(str(arg))
+            elif name in ("NONE", "NEWFALSE", "NEWTRUE", "BININT", "BININT1", "BININT2", "BINFLOAT", "BINUNICODE",
+                          "SHORT_BINSTRING", "LONG1"):
+                if name == "LONG1" and not -2**63 <= arg < 2**63:
+                    raise PickleRefused("holds an integer beyond int64")
+                stack.append(None)
             elif name in ("EMPTY_TUPLE", "EMPTY_LIST", "EMPTY_DICT", "EMPTY_SET"):
                 stack.append(container(()))
             elif name in ("NEWOBJ", "REDUCE"):
-                args = stack.pop()
-                stack.pop()
+                args, func = stack.pop(), stack.pop()
+                if isinstance(func, str) and _ALLOCATING_GLOBALS.fullmatch(func):
+                    raise PickleRefused(f"calls {func.replace(' ', '.')[:60]}, which allocates what its arguments ask for")
                 stack.append(container((args,)))
             elif name == "BINPERSID":
                 stack.append(container((stack.pop(),)))
             elif name in ("BUILD", "APPEND"):
                 item = stack.pop()
-                if stack[-1] is not None:
+                if isinstance(stack[-1], int):
                     made[stack[-1]].append(item)
             elif name == "SETITEM":
                 value, key = stack.pop(), stack.pop()
-                if stack[-1] is not None:
+                keys([key])
+                if isinstance(stack[-1], int):
                     made[stack[-1]].extend((key, value))
             elif name == "MARK":
                 marks.append(len(stack))
             elif name in ("APPENDS", "SETITEMS", "TUPLE"):
                 start = marks.pop()
                 items, stack[start:] = stack[start:], []
+                if name == "SETITEMS":
+                    keys(items[0::2])
                 if name == "TUPLE":
                     stack.append(container(items))
-                elif stack[-1] is not None:
+                elif isinstance(stack[-1], int):
                     made[stack[-1]].extend(items)
             elif name in ("TUPLE1", "TUPLE2", "TUPLE3"):
                 n = int(name[-1])
@@ -352,9 +381,12 @@ def pickle_values(data: bytes) -> Optional[int]:
                 memo[arg] = stack[-1]
             else:
                 return None
-    except (ValueError, IndexError, KeyError):  # not a pickle, or one torch's unpickler fails on: its refusal
+    except (ValueError, IndexError, KeyError) as exc:  # not a pickle, or one torch's unpickler fails on: its refusal
+        if isinstance(exc, PickleRefused):
+            raise
         return None
-    # every container's count, children first (an explicit stack: a pickle may nest a million levels)
+    # every container's count, children first (an explicit stack: a pickle may nest a million levels); counts stop
+    # at ``cap``, so each stays a small integer (exact ones of a long chain of shared lists grow a bit a level)
     counts = [0] * len(made)
     state = [0] * len(made)  # 0 not seen, 1 being counted, 2 counted
     for root in range(len(made)):
@@ -366,7 +398,7 @@ def pickle_values(data: bytes) -> Optional[int]:
             if state[at] == 0:
                 state[at] = 1
                 for child in made[at]:
-                    if child is not None:
+                    if isinstance(child, int):
                         if state[child] == 1:
                             return math.inf
                         if state[child] == 0:
@@ -374,7 +406,7 @@ def pickle_values(data: bytes) -> Optional[int]:
                 continue
             todo.pop()
             if state[at] == 1:
-                counts[at] = 1 + sum(1 if c is None else counts[c] for c in made[at])
+                counts[at] = min(1 + sum(counts[c] if isinstance(c, int) else 1 for c in made[at]), cap)
                 state[at] = 2
     return max(counts) if made else 1
 
@@ -424,23 +456,26 @@ def load_tensors(path: str | os.PathLike, what: str, error: type, fix: str,
                         f"torch's file or another program's); {fix}")
         check_zip_directory(_FileSlices(f, size), MAX_TENSOR_FILE_ENTRIES, where, error)
         try:
-            infos = zipfile.ZipFile(f).infolist()
+            archive = zipfile.ZipFile(f)
+            infos = archive.infolist()
         except (zipfile.BadZipFile, zlib.error, EOFError, ValueError, NotImplementedError) as exc:
             raise error(f"{where} is not a torch.save file (a zip archive, as torch >= 1.6 writes; {exc}); {fix}") from None
         packed = next((i for i in infos if i.compress_type != zipfile.ZIP_STORED or i.flag_bits & 0x1), None)
         if packed is not None:
             raise error(f"{where} holds {packed.filename[:80]!r} compressed or encrypted, which torch.save never "
                         f"writes (a compressed entry can inflate far beyond the file); {fix}")
-        pickle = next((i for i in infos if i.filename.endswith("data.pkl") and i.file_size > MAX_TENSOR_PICKLE_BYTES),
+        pickle = next((i for i in infos if i.filename.lower().endswith("data.pkl") and i.file_size > MAX_TENSOR_PICKLE_BYTES),
                       None)
         if pickle is not None:
             raise error(f"{where} holds a {pickle.file_size}-byte pickle, more than the {MAX_TENSOR_PICKLE_BYTES} the "
                         f"names and layout of tensors take (its objects would cost many times that); {fix}")
         if sum(i.file_size for i in infos) > size:
             raise error(f"{where} declares more bytes in its entries than the file holds; it is damaged or crafted; {fix}")
-        for info in (i for i in infos if i.filename.endswith("data.pkl")):
+        for info in (i for i in infos if i.filename.lower().endswith("data.pkl")):  # torch finds it in any case
             try:
-                values = pickle_values(zipfile.ZipFile(f).read(info))
+                values = pickle_values(archive.read(info), cap=MAX_TENSOR_FILE_VALUES + 1)
+            except PickleRefused as exc:
+                raise error(f"{where} holds a pickle that {exc}, which no state dict or checkpoint does; {fix}") from None
             except (zipfile.BadZipFile, zlib.error, EOFError, ValueError, NotImplementedError) as exc:
                 raise error(f"{where} is not a torch.save file (a zip archive, as torch >= 1.6 writes; {exc}); {fix}") from None
             if values is not None and values > MAX_TENSOR_FILE_VALUES:
@@ -460,13 +495,14 @@ def _refuse_views_beyond_storage(value, where: str, error: type, fix: str, depth
     """Every tensor in what a pickle built (containers walked, at most :data:`MAX_TENSOR_NESTING` deep) holds no
     more elements than its stored bytes: a view with a zero or overlapping stride declares 2^40 elements over 4
     bytes, and ``Optimizer.load_state_dict`` or ``.to()`` would allocate them all. Deeper containers are refused
-    (no writer nests so deep, and the readers' comparisons and copies recurse). Each object is looked at once."""
+    (no writer nests so deep, and the readers' comparisons and copies recurse). An object is looked at again only
+    where it is reached deeper than before (so at most :data:`MAX_TENSOR_NESTING` times)."""
     import torch
 
-    seen = set() if seen is None else seen
-    if id(value) in seen:
+    seen = {} if seen is None else seen  # id -> the deepest level it was looked at
+    if seen.get(id(value), -1) >= depth:
         return
-    seen.add(id(value))
+    seen[id(value)] = depth
     if isinstance(value, torch.Tensor):
         if value.numel() * value.element_size() > value.untyped_storage().nbytes():
             raise error(f"{where} holds a tensor of shape {tuple(value.shape)} over {value.untyped_storage().nbytes()} "

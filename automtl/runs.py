@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 from pathlib import Path
 from typing import Optional, Union
 
@@ -148,9 +149,10 @@ def load_run(directory, backbone: Optional[str] = None) -> tuple[SuperModel, Con
     if backbone is not None:
         cfg.backbone = backbone
     elif names_code(cfg.backbone):
-        raise ConfigError(f"run directory {os.fspath(directory)!r} records its backbone as code ({str(cfg.backbone)[:200]!r}), "
-                          "which automtl does not run because a folder says so; if you trust that code, give it "
-                          f"yourself: --backbone {str(cfg.backbone)[:200]} (Python: backbone={str(cfg.backbone)[:200]!r})")
+        code = str(cfg.backbone)[:200]
+        raise ConfigError(f"run directory {os.fspath(directory)!r} records its backbone as code ({code!r}), which "
+                          f"automtl does not run on a folder's say-so; if you trust that code, pass it yourself: "
+                          f"--backbone {shlex.quote(code)} (Python: backbone=...)")
     cfg.weights = None  # the trained weights come from supermodel.pt; a pretrained backbone's input statistics stay
     cfg.search = cfg.search.replace(**{name: SearchConfig.__dataclass_fields__[name].default for name in SESSION_FIELDS})
     state = _read_state(directory / "supermodel.pt")

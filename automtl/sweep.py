@@ -158,6 +158,10 @@ def _claim(path: Path, cfg: ConvertConfig, resume: bool, overwrite: bool) -> Opt
     is settled first."""
     from .rundir import _own_folder
 
+    linked = next((d for d in sorted(path.iterdir()) if d.is_symlink() and d.is_dir()), None) if path.is_dir() else None
+    if linked is not None:  # a member run (or anything the sweep reads as one) would be run in the link's target
+        raise AutomtlError(f"output directory {os.fspath(path)!r} holds {linked.name!r} as a link to a folder, where a "
+                           "sweep keeps its runs; remove the link or choose another --out")
     for folder in sorted(path.glob(_SetAside.PREFIX + "*")):
         if _own_folder(folder):  # not a link to another folder, whose files would be moved out of it
             _SetAside(path, folder).settle()

@@ -319,16 +319,50 @@ def test_a_pickle_that_shares_or_holds_itself_is_counted_from_its_opcodes(tmp_pa
         ops = b"\x80\x02K\x01\x85q\x00" + b"h\x00h\x00\x86q\x00" * depth  # (1,), then (t, t) in memo 0
         return ops + b"}h\x00K\x01s."  # {t: 1}
 
-    assert pickle_values(tuple_key(3)) == 2 ** 4 - 1 + 2 ** 3 + 2  # tuples and leaves of the key, the value, the dict
-    with pytest.raises(BackboneError, match="more than 4194304 values"):
+    with pytest.raises(BackboneError, match="uses a container as a dict key"):  # refused as a key, whatever its size
         load_tensors(_with_pickle(tmp_path / "k.pt", tuple_key(40)), "weights file", BackboneError, "fix")
-    assert load_tensors(_with_pickle(tmp_path / "k.pt", tuple_key(10)), "weights file", BackboneError, "fix")
+    shared = b"\x80\x02K\x01\x85q\x00" + b"h\x00h\x00\x86q\x00" * 3 + b"."  # (1,), then (t, t) three times
+    assert pickle_values(shared) == 2 ** 4 - 1 + 2 ** 3  # the tuples, and the leaves of the innermost one
     loop = []
     loop.append(loop)
     torch.save({"w": loop}, tmp_path / "loop.pt")
     with pytest.raises(BackboneError, match="or a container holding itself"):
         load_tensors(tmp_path / "loop.pt", "weights file", BackboneError, "fix")
     assert pickle_values(b"\x80\x02cos\nsystem\n.") == 1 and pickle_values(b"\x80\x04\x95") is None
+    chain = b"\x80\x02]q\x00" + b"]q\x01(h\x00h\x00eq\x00" * 3000 + b"h\x00."  # v = [v, v] 3000 times: counts capped
+    assert pickle_values(chain, cap=100) == 100
+
+
+@pytest.mark.parametrize("case, says", [
+    ("bytearray", "calls builtins.bytearray"), ("legacy tensor", "calls torch.FloatTensor"),
+    ("colliding keys", "an integer beyond int64"), ("tuple key", "a container as a dict key"),
+    ("upper-case name", "more than 4194304 values")])
+def test_a_pickle_that_builds_more_than_the_file_holds_is_refused_before_torch_reads_it(tmp_path, case, says):
+    """torch's tensors-only unpickler calls bytearray(n) and the legacy torch.FloatTensor(n) (an 890-byte file built
+    1.25 GB), builds dicts whose keys all hash alike (integers 1 + k (2^61 - 1), tuples of -1 and -2: 40,000 took
+    23 s, quadratically more), and reads an archive's pickle under any case of its name (``DATA.PKL`` skipped every
+    check). Refused from the opcodes."""
+    import struct
+    import zipfile
+
+    from automtl.fileio import load_tensors
+
+    big = struct.pack("<i", 2**30)
+    pickles = {"bytearray": b"\x80\x02cbuiltins\nbytearray\nJ" + big + b"\x85R.",
+               "legacy tensor": b"\x80\x02ctorch\nFloatTensor\nJ" + big + b"\x85R.",
+               "colliding keys": b"\x80\x02}(" + b"".join(
+                   b"\x8a\x09" + (1 + k * (2**61 - 1)).to_bytes(9, "little") + b"K\x00" for k in range(8, 12)) + b"u.",
+               "tuple key": b"\x80\x02}J\xff\xff\xff\xffJ\xfe\xff\xff\xff\x86K\x00s.",
+               "upper-case name": b"\x80\x02]q\x00" + b"]q\x01(h\x00h\x00eq\x00" * 30 + b"h\x00."}
+    path = _with_pickle(tmp_path / "w.pt", pickles[case])
+    if case == "upper-case name":
+        with zipfile.ZipFile(path) as z:
+            entries = {i.filename: z.read(i) for i in z.infolist()}
+        with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
+            for name, data in entries.items():
+                z.writestr(name.replace("data.pkl", "DATA.PKL"), data)
+    with pytest.raises(BackboneError, match=says):
+        load_tensors(path, "weights file", BackboneError, "fix")
 
 
 def test_weights_files_are_read_under_bounds(tmp_path):

@@ -1021,7 +1021,7 @@ def test_what_a_convolution_unfolds_outside_float32_counts_as_alive(tmp_path):
     assert not (tmp_path / "f64.automtl").exists()
 
 
-@pytest.mark.parametrize("make", ["replicate", "reflect", "circular", "interpolate", "aten"])
+@pytest.mark.parametrize("make", ["replicate", "reflect", "circular", "unbatched", "interpolate", "aten"])
 def test_what_an_operation_copies_and_does_not_return_is_bounded(make):
     """A convolution module padded other than by zeros pads a copy of its input (padding 8000 under a 2^30 stride:
     a 1x1 output and 3.3 GB); an antialiased resize fills a half-resized intermediate (a 2^15-element column
@@ -1051,6 +1051,11 @@ def test_what_an_operation_copies_and_does_not_return_is_bounded(make):
         run(Resize(make == "aten"), (1, 1, 64, 1))
         if make == "interpolate":
             run(Resize(False), (1, 1, side, 1))  # without antialiasing, one pass: nothing hidden
+        return
+    if make == "unbatched":  # a (channels, length) input: its copy is channels x padded length, no batch dimension
+        with pytest.raises(FileFormatError, match="intermediate it does not return"):
+            run(nn.Sequential(nn.Conv1d(4, 1, 1, stride=2**20, padding=2**25, padding_mode="replicate")), (4, 8))
+        run(nn.Sequential(nn.Conv2d(4, 1, 1, padding=2**10, padding_mode="replicate")), (4, 8, 8))  # 4 x 2056^2
         return
     pad, input_side = (8200, 8) if make == "replicate" else (6000, 6001)  # reflect, circular: pad within the input
     conv = nn.Sequential(nn.Conv2d(1, 1, 1, stride=2**20, padding=pad, padding_mode=make))  # the module as a bundle holds it

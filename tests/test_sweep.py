@@ -268,6 +268,21 @@ def test_a_set_aside_sweep_folder_that_is_a_link_moves_nothing_out_of_its_target
     assert (victim / "sweep.json").read_text() == "someone else's file\n"
 
 
+def test_a_sweep_folder_holding_a_link_to_a_folder_is_refused(tmp_path):
+    """A member run's name as a link (``budget-1.0x`` -> another folder) ran that member, its lock, checkpoints and
+    --overwrite, in the link's target."""
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "model.automtl").write_text("someone else's file\n")
+    out = tmp_path / "sweep"
+    out.mkdir()
+    (out / "budget-1.0x").symlink_to(victim)
+    result = invoke("sweep", "tiny", "--budgets", "1.0x", "--steps", "0,0,0", "--samples", "8,4", "--input-size", "8",
+                    "--out", out, "--overwrite")
+    assert result.exit_code == 2 and "holds 'budget-1.0x' as a link to a folder" in result.output
+    assert sorted(p.name for p in victim.iterdir()) == ["model.automtl"]
+
+
 def test_interleaved_latency_times_every_model_in_the_same_rounds():
     from torch import nn
 

@@ -527,15 +527,20 @@ class _BoundedShapes(fx.Interpreter):
         output); an antialiased resize (``interpolate(..., antialias=True)``, aten's ``_upsample_*_aa``) resizes one
         spatial dimension into an intermediate before the other (a 2^15-element input and output took 4.4 GB)."""
         x = args[0] if args else kwargs.get("input")
-        if not isinstance(x, torch.Tensor) or x.dim() < 3:
+        if not isinstance(x, torch.Tensor):
             return 0
         if n.op == "call_module":
             mod = self.fetch_attr(n.target)
             if not isinstance(mod, nn.modules.conv._ConvNd) or mod.padding_mode == "zeros":
                 return 0
             pads = mod._reversed_padding_repeated_twice  # last dimension first, two sides each
-            sides = [int(x.shape[-1 - i]) + int(pads[2 * i]) + int(pads[2 * i + 1]) for i in range(len(pads) // 2)]
-            return int(x.shape[0]) * int(x.shape[1]) * math.prod(sides)
+            spatial = len(pads) // 2
+            if x.dim() <= spatial:
+                return 0  # torch refuses it
+            sides = [int(x.shape[-1 - i]) + int(pads[2 * i]) + int(pads[2 * i + 1]) for i in range(spatial)]
+            return math.prod(x.shape[:x.dim() - spatial]) * math.prod(sides)  # batched or not
+        if x.dim() < 3:
+            return 0
         name = getattr(n.target, "__name__", str(n.target))
         antialias = (name == "interpolate" and bool(kwargs.get("antialias", args[6] if len(args) > 6 else False))) \
             or re.fullmatch(r"_upsample_\w+_aa(\.\w+)?", name) is not None

@@ -42,7 +42,7 @@ class _LogMixin:
                         continue
                     if step <= self.start and not (rec.get("stage") == "val" and step == self.start and rec.get("final")):
                         out.write(line if line.endswith(b"\n") else line + b"\n")
-        else:  # a new log; also for a resume whose log is gone (a dangling link: replaced, not followed)
+        else:  # a new log; also for a resume whose log is gone or is a link (replaced, not followed)
             atomic_write_text(self.log_path, "")
         self._log_file = open(self.log_path, "a")
 
