@@ -302,6 +302,10 @@ class PickleRefused(ValueError):
 _ALLOCATING_GLOBALS = re.compile(r"(builtins|__builtin__) bytearray|torch(\.cuda|\.sparse)? \w*(Tensor|Storage)")
 
 
+#: A leaf that is an integer beyond int64: a value may be one (a generator's uint64 seed), a dict key may not.
+_BIG = "<an integer beyond int64>"
+
+
 def pickle_values(data: bytes, cap: int = 2**62) -> Optional[int]:
     """How many values the pickle ``data`` builds with each shared part counted where it appears (a container that
     holds itself: infinitely many; counts stop at ``cap``), read from its opcodes without building anything; None
@@ -313,7 +317,7 @@ def pickle_values(data: bytes, cap: int = 2**62) -> Optional[int]:
 
     Raises:
         PickleRefused: a dict key that is a container (tuples that collide in Python's hash make a dict quadratic to
-            build), an integer beyond int64 (integers ``1 + k (2^61 - 1)`` all hash alike), or a call of an
+            build) or an integer beyond int64 (integers ``1 + k (2^61 - 1)`` all hash alike), or a call of an
             allocating constructor (:data:`_ALLOCATING_GLOBALS`).
     """
     import pickletools
@@ -327,6 +331,8 @@ def pickle_values(data: bytes, cap: int = 2**62) -> Optional[int]:
     def keys(items):
         if any(isinstance(k, int) for k in items):
             raise PickleRefused("uses a container as a dict key")
+        if _BIG in items:
+            raise PickleRefused("uses an integer beyond int64 as a dict key")
 
     try:
         for op, arg, _ in pickletools.genops(data):
@@ -339,9 +345,7 @@ def pickle_values(data: bytes, cap: int = 2**62) -> Optional[int]:
                 stack.append(str(arg))
             elif name in ("NONE", "NEWFALSE", "NEWTRUE", "BININT", "BININT1", "BININT2", "BINFLOAT", "BINUNICODE",
                           "SHORT_BINSTRING", "LONG1"):
-                if name == "LONG1" and not -2**63 <= arg < 2**63:
-                    raise PickleRefused("holds an integer beyond int64")
-                stack.append(None)
+                stack.append(_BIG if name == "LONG1" and not -2**63 <= arg < 2**63 else None)  # a seed may be uint64
             elif name in ("EMPTY_TUPLE", "EMPTY_LIST", "EMPTY_DICT", "EMPTY_SET"):
                 stack.append(container(()))
             elif name in ("NEWOBJ", "REDUCE"):

@@ -335,7 +335,7 @@ def test_a_pickle_that_shares_or_holds_itself_is_counted_from_its_opcodes(tmp_pa
 
 @pytest.mark.parametrize("case, says", [
     ("bytearray", "calls builtins.bytearray"), ("legacy tensor", "calls torch.FloatTensor"),
-    ("colliding keys", "an integer beyond int64"), ("tuple key", "a container as a dict key"),
+    ("colliding keys", "an integer beyond int64 as a dict key"), ("tuple key", "a container as a dict key"),
     ("upper-case name", "more than 4194304 values")])
 def test_a_pickle_that_builds_more_than_the_file_holds_is_refused_before_torch_reads_it(tmp_path, case, says):
     """torch's tensors-only unpickler calls bytearray(n) and the legacy torch.FloatTensor(n) (an 890-byte file built

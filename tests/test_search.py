@@ -279,7 +279,7 @@ def _damage(ckpt: dict, how: str) -> dict:
         ckpt["stage"] = "x" * 10 ** 6
     elif how == "Adam state keyed by numbers and names":  # sorted() raised comparing an int with a str
         entry = next(iter(ckpt["weight_opt"]["state"].values()))
-        entry[10 ** 400] = entry.pop("exp_avg")
+        entry[7] = entry.pop("exp_avg")
     return ckpt
 
 
