@@ -50,7 +50,7 @@ def parse_numbers(option: str, text: Optional[str], n: int, form: str, positive:
     parts = text.split(",")  # "" (an unset shell variable) is refused, not read as the option left out
     if len(parts) != n or not all(p.strip().isdigit() and (int(p) > 0 or not positive) for p in parts):
         what = "positive whole numbers" if positive else "whole numbers"
-        raise ConfigError(f"{option} {repr(text)[:60]} must be {'two' if n == 2 else 'three'} {what} {form}")
+        raise ConfigError(f"{option} {shown(text)} must be {'two' if n == 2 else 'three'} {what} {form}")
     return tuple(int(p) for p in parts)
 
 
@@ -62,7 +62,7 @@ def parse_budget(value: Union[str, float, int, None]) -> Optional[float]:
     if value is None:
         return None
     if isinstance(value, bool):
-        raise ConfigError(f"budget {repr(value)[:60]} is not a multiple; write it like '1.5x' or 1.5")
+        raise ConfigError(f"budget {shown(value)} is not a multiple; write it like '1.5x' or 1.5")
     if isinstance(value, int) and not finite_number(value):  # a 400-digit integer: float() would overflow
         raise ConfigError(f"budget {shown(value)} is beyond any model size; write 'none' for no budget" if value > 0 else
                           f"budget {shown(value)} must be a positive multiple of the single model, such as '1.5x'")
@@ -77,17 +77,17 @@ def parse_budget(value: Union[str, float, int, None]) -> Optional[float]:
         m = _BUDGET.match(text)
         if not m:
             raise ConfigError(
-                f"budget {repr(value)[:60]} is not a multiple of the single model; write it like '1.5x' (or 1.5)"
+                f"budget {shown(value)} is not a multiple of the single model; write it like '1.5x' (or 1.5)"
             )
         mult = float(m.group(1))
         if math.isinf(mult):  # a number too large for a float, not a request for no budget
-            raise ConfigError(f"budget {repr(value)[:60]} is beyond any model size; write 'none' for no budget")
+            raise ConfigError(f"budget {shown(value)} is beyond any model size; write 'none' for no budget")
     else:
-        raise ConfigError(f"budget {repr(value)[:60]} is not a multiple; write it like '1.5x' or 1.5")
+        raise ConfigError(f"budget {shown(value)} is not a multiple; write it like '1.5x' or 1.5")
     if math.isinf(mult):
         return None
     if not (mult > 0) or math.isnan(mult):
-        raise ConfigError(f"budget {repr(value)[:60]} must be a positive multiple of the single model, such as '1.5x'")
+        raise ConfigError(f"budget {shown(value)} must be a positive multiple of the single model, such as '1.5x'")
     return mult
 
 
@@ -112,7 +112,7 @@ def check_keys(keys, known, where: str) -> None:
         if key not in known:
             close = difflib.get_close_matches(str(key), known, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else f"; known keys are {', '.join(known)}"
-            raise ConfigError(f"{where}: unknown key {repr(key)[:60]}{hint}")
+            raise ConfigError(f"{where}: unknown key {shown(key)}{hint}")
 
 
 class KeywordChecked(type):
@@ -214,21 +214,21 @@ class SearchConfig(metaclass=KeywordChecked):
         self._validate_names()
         for name in ("amp", "resume", "quiet"):
             if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"config field {name!r} must be true or false, got {repr(getattr(self, name))[:60]}")
+                raise ConfigError(f"config field {name!r} must be true or false, got {shown(getattr(self, name))}")
         if self.weighting_options is None:
             self.weighting_options = {}
         if not isinstance(self.weighting_options, Mapping):
-            raise ConfigError(f"config field 'weighting_options' must be a mapping, got {repr(self.weighting_options)[:60]}")
+            raise ConfigError(f"config field 'weighting_options' must be a mapping, got {shown(self.weighting_options)}")
         self.weighting_options = dict(self.weighting_options)
         named = next((k for k in self.weighting_options if not isinstance(k, str)), None)
         if named is not None:
-            raise ConfigError(f"config field 'weighting_options' has the option name {repr(named)[:60]}; option names are "
+            raise ConfigError(f"config field 'weighting_options' has the option name {shown(named)}; option names are "
                               "words (e.g. temperature: 2.0)")
         for name in ("out_dir", "log_dir", "tensorboard_dir", "policy_file"):
             v = getattr(self, name)
             if v is not None:
                 if not isinstance(v, (str, os.PathLike)):
-                    raise ConfigError(f"config field {name!r} must be a path, got {repr(v)[:60]}")
+                    raise ConfigError(f"config field {name!r} must be a path, got {shown(v)}")
                 setattr(self, name, os.fspath(v))
         parse_budget(self.budget)
         return self
@@ -258,7 +258,7 @@ class SearchConfig(metaclass=KeywordChecked):
                 raise ConfigError(f"config field {name!r} must be a positive number or null, got {shown(v)}")
             setattr(self, name, float(v))
         if self.val_batches is not None and (isinstance(self.val_batches, bool) or not isinstance(self.val_batches, int) or self.val_batches < 1):
-            raise ConfigError(f"config field 'val_batches' must be a positive integer or null, got {repr(self.val_batches)[:60]}")
+            raise ConfigError(f"config field 'val_batches' must be a positive integer or null, got {shown(self.val_batches)}")
         if not 0 < self.finetune_decay_fraction <= 1:
             raise ConfigError(f"config field 'finetune_decay_fraction' must be above 0 and at most 1, got {self.finetune_decay_fraction}")
         if not 0 <= self.conflict_futility < 0.5:  # from 0.5 on, a pair in conflict now could count as futile
@@ -284,12 +284,12 @@ class SearchConfig(metaclass=KeywordChecked):
                 close = [_ALIASES[v.lower()]] if isinstance(v, str) and _ALIASES.get(v.lower()) in options else \
                     difflib.get_close_matches(str(v).lower(), options, n=1)
                 hint = f"did you mean {close[0]!r}? " if close else ""
-                raise ConfigError(f"config field {name!r} is {repr(v)[:60]}; {hint}choose one of {', '.join(options)}")
+                raise ConfigError(f"config field {name!r} is {shown(v)}; {hint}choose one of {', '.join(options)}")
             setattr(self, name, v.lower())
         if not isinstance(self.strategy, str) or not self.strategy:
-            raise ConfigError(f"config field 'strategy' must be a strategy name such as 'conflict', got {repr(self.strategy)[:60]}")
+            raise ConfigError(f"config field 'strategy' must be a strategy name such as 'conflict', got {shown(self.strategy)}")
         if not isinstance(self.weighting, str) or not self.weighting:
-            raise ConfigError(f"config field 'weighting' must be a weighting name such as 'equal', got {repr(self.weighting)[:60]}")
+            raise ConfigError(f"config field 'weighting' must be a weighting name such as 'equal', got {shown(self.weighting)}")
 
     @property
     def budget_multiple(self) -> Optional[float]:
