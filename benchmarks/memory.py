@@ -2,6 +2,7 @@
 
     python benchmarks/memory.py                                   # ResNet-34 and MobileNetV2, 64 px
     python benchmarks/memory.py --backbones resnet18 --size 128 --batch 16
+    python benchmarks/memory.py --cases search/batched,infer/compact/random   # some cases (and their baselines)
 
 Every case runs in a fresh subprocess so that no allocator cache from an earlier case hides its
 peak, and after one warm-up run (lazy kernel caches, optimizer state). Two figures per case:
@@ -40,6 +41,11 @@ from common import write_result  # noqa: E402
 
 CASES = ["train/backbone", "search/batched", "search/per_task_loop", "infer/backbone", "infer/separate",
          "infer/compact/all-share", "infer/compact/all-specialize", "infer/compact/random", "infer/automtl_hard/random"]
+
+
+def _baseline(case: str) -> str:
+    """The case whose memory ``case``'s ratios divide by."""
+    return "train/backbone" if case.startswith(("train", "search")) else "infer/backbone"
 
 
 def _rss_bytes() -> int:
@@ -195,6 +201,8 @@ def main(argv=None) -> int:
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--steps", type=int, default=2, help="measured runs of each case (the peak is over all)")
+    ap.add_argument("--cases", default=",".join(CASES),
+                    help="comma-separated cases to measure (default: all); the baselines their ratios need are measured too")
     ap.add_argument("--out", type=Path, default=None, help="write the JSON here instead of benchmarks/results/memory.json")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -202,10 +210,15 @@ def main(argv=None) -> int:
         case, backbone = json.loads(args.child)
         print(json.dumps(child(case, backbone, args.size, args.batch, args.steps)))
         return 0
+    asked = [c.strip() for c in args.cases.split(",") if c.strip()]
+    unknown = [c for c in asked if c not in CASES]
+    if unknown or not asked:
+        ap.error(f"--cases takes some of {', '.join(CASES)}; {', '.join(unknown) or 'none'} given")
+    asked += [_baseline(c) for c in asked]
     rows = []
     for backbone in args.backbones.split(","):
         measured = {}
-        for case in CASES:
+        for case in [c for c in CASES if c in asked]:
             cmd = [sys.executable, __file__, "--child", json.dumps([case, backbone]), "--size", str(args.size),
                    "--batch", str(args.batch), "--steps", str(args.steps)]
             proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -214,7 +227,7 @@ def main(argv=None) -> int:
                 raise SystemExit(f"case {case} on {backbone} failed (exit {proc.returncode}); its error is above")
             measured[case] = json.loads(proc.stdout.strip().splitlines()[-1])
         for case, m in measured.items():
-            base = measured["train/backbone" if case.startswith(("train", "search")) else "infer/backbone"]
+            base = measured[_baseline(case)]
             total, base_total = m["peak_bytes"] + m["held_bytes"], base["peak_bytes"] + base["held_bytes"]
             rows.append({"backbone": backbone, "size": args.size, "batch": args.batch, "case": case, "device": m["device"],
                          "step_peak_mib": round(m["peak_bytes"] / 2 ** 20, 1), "held_mib": round(m["held_bytes"] / 2 ** 20, 1),
