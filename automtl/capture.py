@@ -19,6 +19,7 @@ import io
 import itertools
 import operator
 import os
+import re
 import sys
 import traceback
 import warnings
@@ -471,6 +472,10 @@ def _trace_graph(backbone: nn.Module, leaf_modules: Sequence[type], concrete_arg
     remedy = ("fix its Python control flow with concrete_args, or convert the part of the model that is a CNN (such "
               "as its .backbone or .features)" if not path else "mark that module as a leaf (leaf_modules=[ItsClass]) or fix its Python control flow with "
                    "concrete_args")
+    if isinstance(failure, NotImplementedError) and re.search(r"argument of type: <class '(function|method|builtin_function_or_method|functools\.partial)'>", str(failure)):
+        remedy = ("the forward passes a Python function to a tensor operation there (a gradient hook, register_hook, or "
+                  "a callback), which torch.fx cannot record and the converted model would not keep: remove it while "
+                  "converting" + (", or mark that module as a leaf (leaf_modules=[ItsClass])" if path else ""))
     raise _NotTraceable(
         f"torch.fx cannot trace the backbone in module {_module_name(path, cls, backbone)}{where}: "
         f"{_first_line(failure, limit=None)}; {remedy}, then try again", path, f"{_first_line(failure)}{where}"
@@ -785,14 +790,14 @@ def _frozen_modules(backbone: nn.Module) -> list:
 
 
 @contextlib.contextmanager
-def _eager_eval_run(backbone: nn.Module, example_input: torch.Tensor):
-    """Run the backbone's own forward once on the example input, in eval mode, without gradients, from random state
-    0 (its stderr swallowed); yields the buffers as they were (``(tensor, value)`` pairs: the run's changes can be
+def _eager_eval_run(backbone: nn.Module, example_input: torch.Tensor, grad: bool = False):
+    """Run the backbone's own forward once on the example input, in eval mode, without gradients (``grad``: with
+    them), from random state 0 (its stderr swallowed); yields the buffers as they were (``(tensor, value)`` pairs: the run's changes can be
     read in the block). Afterwards its buffers, Python attributes, modes and the random states are as before."""
     modes = {m: m.training for m in backbone.modules()}
     buffers, python = saved_buffers(backbone), PythonState(backbone)
     try:
-        with torch.no_grad(), seeded(example_input.device), contextlib.redirect_stderr(io.StringIO()):
+        with torch.set_grad_enabled(grad), seeded(example_input.device), contextlib.redirect_stderr(io.StringIO()):
             backbone.eval()(example_input)
         yield buffers
     finally:
@@ -811,6 +816,16 @@ def _refuse_failing_forward(backbone: nn.Module, example_input: torch.Tensor) ->
     except Exception as exc:
         frame = _user_frame(exc)
         where = f" at {frame.filename}:{frame.lineno} ({frame.line.strip() if frame.line else ''})" if frame else ""
+        try:  # does it fail under no_grad only? (register_hook on an intermediate tensor needs autograd on)
+            with _eager_eval_run(backbone, example_input, grad=True):
+                pass
+        except Exception:
+            pass
+        else:
+            raise BackboneError(
+                f"the backbone's forward needs autograd while it runs{where} ({_first_line(exc, limit=None)} under "
+                "torch.no_grad()): a gradient hook (register_hook) or a gradient taken inside the forward, which torch.fx "
+                "cannot record and the converted model would not keep; remove it while converting") from exc
         raise BackboneError(
             f"the backbone's own forward fails on the example input of shape {tuple(example_input.shape)}{where}: "
             f"{_first_line(exc, limit=None)}; it fails without automtl too: fix the forward, or pass an example_input it takes"

@@ -369,7 +369,8 @@ def _raise_if_apart(name: str, mode: str, what, gap: float, requires_grad_tests:
         raise BackboneError(
             f"torch.fx's trace of {name} computes other outputs than its forward in {mode} mode ({what} {off} on a "
             "check batch): the forward depends on something the trace records as a constant (a Python random draw, "
-            "a call counter or other Python state, code that asks whether it is being traced)"
+            "a call counter or other Python state, code that asks whether it is being traced) or on what it does not "
+            "record (a torch.autocast block: autocast around the whole model instead)"
             + (f", or an augmented assignment (`x += y` at {', '.join(augmented)}) to a tensor another name still holds, "
                "which torch.fx records out of place (`x = x + y`), so that other name keeps the old value (assign the "
                "new value to it too)" if augmented else "")

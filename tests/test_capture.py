@@ -583,6 +583,15 @@ class _NoGradScale(nn.Module):
         return x / s
 
 
+class _AutocastBlock(nn.Module):
+    """Part of the forward in bfloat16: the trace, which does not record the block, computes it in float32."""
+
+    def forward(self, x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = torch.nn.functional.conv2d(x, torch.ones(8, 8, 3, 3) / 72, padding=1)
+        return y.float()
+
+
 class _TensorHook(nn.Module):
     def forward(self, x):
         y = x * 1
@@ -597,7 +606,9 @@ class _TensorHook(nn.Module):
     (_CallCounter, "other outputs than its forward .*in a second call"),
     (_NoGradScale, r"other gradients .* torch.no_grad\(\) or torch.autocast block: use .detach"),
     (_TensorHook, "other gradients"),
-], ids=["function around apply", "python random", "call counter", "no_grad block", "hook only when not traced"])
+    (_AutocastBlock, r"other outputs .* what it does not record \(a torch.autocast block: autocast around the whole model"),
+], ids=["function around apply", "python random", "call counter", "no_grad block", "hook only when not traced",
+        "autocast block"])
 def test_a_trace_that_computes_other_values_or_gradients_is_refused(middle, match):
     """Whatever the route, a trace that differs from the eager forward is found by running both."""
     with pytest.raises(BackboneError, match=match):
@@ -1414,6 +1425,34 @@ def test_a_forward_that_fails_without_automtl_is_named_as_such(cls, error):
                                             f"\\(1, 3, 16, 16\\) at .*test_capture.py:\\d+ .*: {error}; it fails "
                                             "without automtl too"):
         capture(cls(), torch.randn(1, 3, 16, 16))
+
+
+class _HookedActivation(nn.Module):
+    """A gradient hook on an intermediate tensor: the forward runs as written, only under torch.no_grad() it fails."""
+
+    def __init__(self, only_when_it_requires_grad: bool):
+        super().__init__()
+        self.c1, self.c2, self.guarded = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), only_when_it_requires_grad
+
+    def forward(self, x):
+        y = self.c1(x)
+        if not self.guarded or y.requires_grad:
+            y.register_hook(lambda g: g * 2)
+        return self.c2(y)
+
+
+@pytest.mark.parametrize("guarded, error", [
+    (False, "the backbone's forward needs autograd while it runs at .*test_capture.py:\\d+ \\(y.register_hook"),
+    (True, "torch.fx cannot trace the backbone in module .*_HookedActivation.* at .*test_capture.py:\\d+ "
+           "\\(y.register_hook.*passes a Python function to a tensor operation there \\(a gradient hook")])
+def test_a_gradient_hook_on_an_activation_is_named_with_its_remedy(guarded, error):
+    """It was reported as a forward that "fails without automtl too" (it runs; the check ran it under no_grad), or,
+    guarded by requires_grad, as Python control flow to fix with concrete_args."""
+    net = _HookedActivation(guarded)
+    assert net(torch.randn(1, 3, 16, 16)).requires_grad  # the backbone itself runs
+    with pytest.raises(BackboneError, match=error) as info:
+        capture(net, torch.randn(1, 3, 16, 16))
+    assert "fails without automtl too" not in str(info.value) and "concrete_args" not in str(info.value)
 
 
 def test_a_leaf_that_writes_its_own_buffers_in_eval_mode_is_refused():
