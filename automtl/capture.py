@@ -476,6 +476,10 @@ def _trace_graph(backbone: nn.Module, leaf_modules: Sequence[type], concrete_arg
         remedy = ("the forward passes a Python function to a tensor operation there (a gradient hook, register_hook, or "
                   "a callback), which torch.fx cannot record and the converted model would not keep: remove it while "
                   "converting" + (", or mark that module as a leaf (leaf_modules=[ItsClass])" if path else ""))
+    factory = re.match(r"(zeros|ones|empty|rand|randn)\(\) takes 1 positional argument but \d+ were given", str(failure))
+    if isinstance(failure, TypeError) and factory:
+        remedy = (f"torch.fx passes sizes it reads from the input to torch.{factory[1]} only as one tuple: write "
+                  f"torch.{factory[1]}((n, c, h, w), ...) rather than torch.{factory[1]}(n, c, h, w, ...)")
     raise _NotTraceable(
         f"torch.fx cannot trace the backbone in module {_module_name(path, cls, backbone)}{where}: "
         f"{_first_line(failure, limit=None)}; {remedy}, then try again", path, f"{_first_line(failure)}{where}"

@@ -1455,6 +1455,31 @@ def test_a_gradient_hook_on_an_activation_is_named_with_its_remedy(guarded, erro
     assert "fails without automtl too" not in str(info.value) and "concrete_args" not in str(info.value)
 
 
+class _ZeroPaddedShortcut(nn.Module):
+    """PyramidNet's shortcut: zero channels made at the input's size."""
+
+    def __init__(self, sizes_as_one_tuple: bool):
+        super().__init__()
+        self.c1, self.c2, self.one_tuple = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(16, 8, 3, padding=1), sizes_as_one_tuple
+
+    def forward(self, x):
+        y = self.c1(x)
+        n, c, h, w = y.shape
+        zeros = torch.zeros((n, 8, h, w)) if self.one_tuple else torch.zeros(n, 8, h, w)
+        return self.c2(torch.cat([y, zeros], 1))
+
+
+def test_a_factory_given_traced_sizes_one_by_one_is_named_with_the_tuple_that_traces():
+    """torch.zeros(n, c, h, w) with sizes from x.shape was "Python control flow to fix with concrete_args"."""
+    with pytest.raises(BackboneError, match=r"zeros\(\) takes 1 positional argument but 4 were given; torch.fx passes "
+                                            r"sizes it reads from the input to torch.zeros only as one tuple") as info:
+        capture(_ZeroPaddedShortcut(False), torch.randn(1, 3, 16, 16))
+    assert "concrete_args" not in str(info.value)
+    net = _ZeroPaddedShortcut(True).eval()
+    x = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(capture(net, x[:1]).graph_module(x), net(x))  # the remedy works
+
+
 def test_a_leaf_that_writes_its_own_buffers_in_eval_mode_is_refused():
     """A quantization-aware conv's observers move at every call, eval mode included: the backbone itself is a new
     function after each call, and a shared module runs once per class of tasks (the all-share supermodel drifted
