@@ -472,7 +472,8 @@ def _trace_graph(backbone: nn.Module, leaf_modules: Sequence[type], concrete_arg
     remedy = ("fix its Python control flow with concrete_args, or convert the part of the model that is a CNN (such "
               "as its .backbone or .features)" if not path else "mark that module as a leaf (leaf_modules=[ItsClass]) or fix its Python control flow with "
                    "concrete_args")
-    if isinstance(failure, NotImplementedError) and re.search(r"argument of type: <class '(function|method|builtin_function_or_method|functools\.partial)'>", str(failure)):
+    callable_argument = r"argument of type: <class '(function|method|builtin_function_or_method|functools\.partial)'>"
+    if isinstance(failure, NotImplementedError) and re.search(callable_argument, str(failure)):
         remedy = ("the forward passes a Python function to a tensor operation there (a gradient hook, register_hook, or "
                   "a callback), which torch.fx cannot record and the converted model would not keep: remove it while "
                   "converting" + (", or mark that module as a leaf (leaf_modules=[ItsClass])" if path else ""))
@@ -796,8 +797,9 @@ def _frozen_modules(backbone: nn.Module) -> list:
 @contextlib.contextmanager
 def _eager_eval_run(backbone: nn.Module, example_input: torch.Tensor, grad: bool = False):
     """Run the backbone's own forward once on the example input, in eval mode, without gradients (``grad``: with
-    them), from random state 0 (its stderr swallowed); yields the buffers as they were (``(tensor, value)`` pairs: the run's changes can be
-    read in the block). Afterwards its buffers, Python attributes, modes and the random states are as before."""
+    them), from random state 0 (its stderr swallowed); yields the buffers as they were (``(tensor, value)`` pairs: the
+    run's changes can be read in the block). Afterwards its buffers, Python attributes, modes and the random states are
+    as before."""
     modes = {m: m.training for m in backbone.modules()}
     buffers, python = saved_buffers(backbone), PythonState(backbone)
     try:
