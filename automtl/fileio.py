@@ -299,7 +299,8 @@ class PickleRefused(ValueError):
 #: Callables torch's tensors-only unpickler accepts that allocate what their arguments ask for, not what the file
 #: holds (``bytearray(2**30)``, ``torch.FloatTensor(2**28)``: an 890-byte file built 1.25 GB); torch.save never
 #: calls them.
-_ALLOCATING_GLOBALS = re.compile(r"(builtins|__builtin__) bytearray|torch(\.cuda|\.sparse)? \w*(Tensor|Storage)")
+_ALLOCATING_GLOBALS = re.compile(r"(builtins|__builtin__) bytearray|torch(\.cuda|\.sparse)? \w*(Tensor|Storage)"
+                                 r"|torch\._utils _rebuild_(device_tensor_from_cpu_tensor|sparse\w*|nested_tensor)")
 
 
 #: A leaf that is an integer beyond int64: a value may be one (a generator's uint64 seed), a dict key may not.

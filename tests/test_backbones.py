@@ -336,7 +336,7 @@ def test_a_pickle_that_shares_or_holds_itself_is_counted_from_its_opcodes(tmp_pa
 @pytest.mark.parametrize("case, says", [
     ("bytearray", "calls builtins.bytearray"), ("legacy tensor", "calls torch.FloatTensor"),
     ("colliding keys", "an integer beyond int64 as a dict key"), ("tuple key", "a container as a dict key"),
-    ("upper-case name", "more than 4194304 values")])
+    ("upper-case name", "more than 4194304 values"), ("device rebuild", "calls torch._utils._rebuild_device_tensor")])
 def test_a_pickle_that_builds_more_than_the_file_holds_is_refused_before_torch_reads_it(tmp_path, case, says):
     """torch's tensors-only unpickler calls bytearray(n) and the legacy torch.FloatTensor(n) (an 890-byte file built
     1.25 GB), builds dicts whose keys all hash alike (integers 1 + k (2^61 - 1), tuples of -1 and -2: 40,000 took
@@ -353,7 +353,9 @@ def test_a_pickle_that_builds_more_than_the_file_holds_is_refused_before_torch_r
                "colliding keys": b"\x80\x02}(" + b"".join(
                    b"\x8a\x09" + (1 + k * (2**61 - 1)).to_bytes(9, "little") + b"K\x00" for k in range(8, 12)) + b"u.",
                "tuple key": b"\x80\x02}J\xff\xff\xff\xffJ\xfe\xff\xff\xff\x86K\x00s.",
-               "upper-case name": b"\x80\x02]q\x00" + b"]q\x01(h\x00h\x00eq\x00" * 30 + b"h\x00."}
+               "upper-case name": b"\x80\x02]q\x00" + b"]q\x01(h\x00h\x00eq\x00" * 30 + b"h\x00.",
+               # writes a stride-0 view of one byte out as 2^30 float64 inside torch.load (helper-74: 1.2 KB -> 8.4 GB)
+               "device rebuild": b"\x80\x02ctorch._utils\n_rebuild_device_tensor_from_cpu_tensor\n)R."}
     path = _with_pickle(tmp_path / "w.pt", pickles[case])
     if case == "upper-case name":
         with zipfile.ZipFile(path) as z:
