@@ -367,6 +367,17 @@ def test_a_pickle_that_builds_more_than_the_file_holds_is_refused_before_torch_r
         load_tensors(path, "weights file", BackboneError, "fix")
 
 
+@pytest.mark.parametrize("layout", ["sparse", "nested"])
+def test_a_sparse_or_nested_tensor_in_a_weights_file_is_one_sentence(tmp_path, layout):
+    """They raised NotImplementedError / RuntimeError tracebacks past the checks (helper-74)."""
+    from automtl.fileio import load_tensors
+
+    value = torch.eye(3).to_sparse() if layout == "sparse" else torch.nested.nested_tensor([torch.ones(2), torch.ones(3)])
+    torch.save({"w": value}, tmp_path / "w.pt")
+    with pytest.raises(BackboneError, match=f"calls torch._utils._rebuild_{layout}"):
+        load_tensors(tmp_path / "w.pt", "weights file", BackboneError, "fix")
+
+
 def test_weights_files_are_read_under_bounds(tmp_path):
     """Only the zip torch.save writes, every entry stored: a deflated one (16 MB of zeros in a 20 KB file here) is
     refused before torch inflates it, and so is a file over the size bound, before it is read, or a pickle over
