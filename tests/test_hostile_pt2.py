@@ -470,6 +470,54 @@ def test_index_tensors_are_checked_at_load_against_what_they_index(tmp_path):
     torch.testing.assert_close(automtl.load_pt2(argmax).module()(x)["depth"], _IndexesByData()(x)["depth"])
 
 
+class _ConstantChain(nn.Module):
+    """Positions computed from a buffer through a chain of ``steps`` products of ``size`` elements each."""
+
+    def __init__(self, steps, size, product=False):
+        super().__init__()
+        self.steps, self.size, self.product = steps, size, product
+        self.register_buffer("idx", torch.zeros(1, dtype=torch.float32 if product else torch.long))
+
+    def forward(self, x):
+        if self.product:  # one square matrix product of a buffer expanded (a view: no memory)
+            m = self.idx.reshape(1, 1).expand(self.size, self.size)
+            return {"depth": torch.index_select(x, 1, torch.mm(m, m)[0, :1].long())}
+        v = self.idx.expand(self.size)
+        for _ in range(self.steps):
+            v = v * 1
+        return {"depth": torch.index_select(x, 1, v[:1])}
+
+
+def test_positions_computed_from_constants_are_bounded_and_freed_after_their_last_use(tmp_path, monkeypatch):
+    """The index check computes positions from the constants for real: it kept every value of a chain alive (a 16 KB
+    file of twelve 2^27-element steps took 6.5 GB, which the dry run counted as two alive), and computed a product of
+    any size the forward's FLOP budget allowed (one 8192^2 product: 15 s)."""
+    import weakref
+
+    from automtl.formats import pt2
+
+    computed, most = [], 0
+    real = pt2._constant_value
+
+    def spy(*args):
+        nonlocal most
+        value = real(*args)
+        if isinstance(value, torch.Tensor):
+            computed.append(weakref.ref(value))
+        most = max(most, sum(ref() is not None for ref in computed))
+        return value
+
+    monkeypatch.setattr(pt2, "_constant_value", spy)
+    x = torch.randn(2, 3, 8, 8)
+    path = _saved_program(_ConstantChain(12, 1000), tmp_path / "chain.pt2")
+    torch.testing.assert_close(automtl.load_pt2(path).module()(x)["depth"], _ConstantChain(12, 1000)(x)["depth"])
+    assert len(computed) >= 13 and most <= 3  # the buffer, the last value and the one being made: not all thirteen
+    _refused(_saved_program(_ConstantChain(20, 2**24), tmp_path / "long.pt2"), r"computes from its constants, up to "
+             r"node 'mul_\d+', \d+ elements and 0 FLOPs to find the positions it indexes at, more than the 268435456")
+    _refused(_saved_program(_ConstantChain(1, 4096, product=True), tmp_path / "product.pt2"),
+             r"1.37e\+11 FLOPs to find the positions it indexes at, more than the 268435456 elements and 1e\+10 FLOPs")
+
+
 class _PlainConstant(nn.Module):
     def __init__(self):
         super().__init__()

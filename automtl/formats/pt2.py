@@ -626,12 +626,37 @@ _INDEXING = {"index_select": 2, "gather": 2, "index": 1}
 _SHAPE_ONLY = frozenset({"view", "reshape", "_unsafe_view", "expand", "repeat", "broadcast_to", "expand_as"})
 
 
+#: What the load-time check of index positions (:func:`_check_index_values`) may compute from a program's
+#: constants: elements made (2^28, 1 GiB of float32 in all, about a second) and FLOPs of products (10^10, under a
+#: second of one core). Positions an automtl export indexes at are buffers, viewed or sliced: a few elements.
+MAX_CONSTANT_ELEMENTS, MAX_CONSTANT_FLOPS = 2**28, 10**10
+#: A computed value no later node reads (not None, which marks a value that depends on the input).
+_FREED = object()
+
+
+def _on_meta(target, args, kwargs, flops) -> list:
+    """The tensors ``target(*args, **kwargs)`` returns, made on the meta device (no memory, no compute), with
+    their FLOPs counted by ``flops`` (a ``FlopCounterMode``)."""
+    meta = lambda v: torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device="meta") if isinstance(v, torch.Tensor) else v
+    args, kwargs = torch.utils._pytree.tree_map(meta, (args, kwargs))
+    with flops:
+        out = target(*args, **kwargs)
+    return [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+
+
 def _check_index_values(path: str, program) -> None:
     """Every index tensor of ``index``, ``index_select`` and ``gather`` is computed from the program's constants
     (weights, buffers), and its values, computed here, lie within the dimension they index; or it is the position an
     argmax/argmin picked over a dimension no larger than that one (:func:`_argmax_bound`). The meta-device dry run
     sees shapes, not values: an index buffer holding 10**9 loaded, and the first call failed inside torch; any other
-    index computed from the input (only the data decides whether it is in range) is refused."""
+    index computed from the input (only the data decides whether it is in range) is refused.
+
+    The values are computed in the graph's order, each freed after its last use, so no more is alive at once than the
+    dry run allowed; and each operation is first sized on the meta device: the whole computation may make at most
+    :data:`MAX_CONSTANT_ELEMENTS` elements and :data:`MAX_CONSTANT_FLOPS` FLOPs (positions are small tensors; a 16 KB
+    file whose chain of 2^27-element constants was kept whole took 6.5 GB here, and one 8192^2 product 15 s)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
     gm = program.graph_module
     constants = {**program.state_dict, **program.constants}
     known: dict = {}
@@ -652,37 +677,21 @@ def _check_index_values(path: str, program) -> None:
         if n not in needed:
             needed.add(n)
             stack.extend(n.all_input_nodes)
+    last_use = {}  # node -> the last needed node that reads it (index nodes are kept to the end)
+    for node in gm.graph.nodes:
+        if node in needed:
+            for i in node.all_input_nodes:
+                last_use[i] = node
+    kept = {i for *_, i in sites}
     values: dict = {}  # node -> its real value, computed from constants only; None where it depends on the input
     sizes = set()  # nodes whose value is a size computed from the batch (at the dry runs' batch 2 here)
+    budget = {"made": 0, "flops": FlopCounterMode(display=False)}
     for node in gm.graph.nodes:
-        if node not in needed:
-            continue
-        inputs = node.all_input_nodes
-        if node.op == "placeholder":
-            values[node] = known.get(node.name)
-            continue
-        if node.op == "call_function" and "sym_size" in str(node.target):  # a size of the input, not its values
-            val = node.meta.get("val")
-            values[node] = val if isinstance(val, int) else 2
-            if not isinstance(val, int):
-                sizes.add(node)
-            continue
-        if node.op != "call_function" or any(values.get(i) is None for i in inputs):
-            values[node] = None
-            continue
-        packet = _packet(node)
-        from_batch = [i for i in inputs if i in sizes]
-        if from_batch and not isinstance(node.meta.get("val"), torch.Tensor):
-            sizes.add(node)  # size arithmetic (bounded by _check_size_arithmetic)
-        elif from_batch and (packet not in _SHAPE_ONLY or node.args[0] in from_batch):
-            values[node] = None  # values that depend on the batch size (arange(batch))
-            continue
-        args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), lambda n: values[n])
-        try:
-            with torch.no_grad():
-                values[node] = node.target(*args, **kwargs)
-        except Exception as exc:  # noqa: BLE001 - any op refusing its values
-            raise _bad(path, f"cannot compute node {node.name[:60]!r} from its constants ({first_line(exc)[:120]})") from None
+        if node in needed:
+            values[node] = _constant_value(path, node, values, known, sizes, budget)
+            for i in node.all_input_nodes:  # read by no later node: freed, so no more is alive than the dry run allowed
+                if last_use.get(i) is node and i not in kept:
+                    values[i] = _FREED
     for node, source, dim, index_node in sites:
         index = values.get(index_node) if isinstance(index_node, torch.fx.Node) else None
         size = source.shape[dim] if isinstance(source, torch.Tensor) and isinstance(dim, int) else None
@@ -703,6 +712,46 @@ def _check_index_values(path: str, program) -> None:
         if low < -size or high >= size:
             raise _bad(path, f"indexes at node {node.name[:60]!r} positions {low} to {high} of a dimension of "
                              f"size {size}")
+
+
+def _constant_value(path: str, node, values: dict, known: dict, sizes: set, budget: dict):
+    """The real value of ``node`` computed from the values of its inputs (None where it depends on the input; a size
+    computed from the batch at the dry runs' batch 2, recorded in ``sizes``), sized on the meta device and counted
+    against ``budget`` (elements made, a ``FlopCounterMode``) before it is computed.
+
+    Raises:
+        FileFormatError: the budget is exceeded, or the operation refuses its values.
+    """
+    inputs = node.all_input_nodes
+    if node.op == "placeholder":
+        return known.get(node.name)
+    if node.op == "call_function" and "sym_size" in str(node.target):  # a size of the input, not its values
+        val = node.meta.get("val")
+        if not isinstance(val, int):
+            sizes.add(node)
+        return val if isinstance(val, int) else 2
+    if node.op != "call_function" or any(values.get(i) is None for i in inputs):
+        return None
+    from_batch = [i for i in inputs if i in sizes]
+    if from_batch and not isinstance(node.meta.get("val"), torch.Tensor):
+        sizes.add(node)  # size arithmetic (bounded by _check_size_arithmetic)
+    elif from_batch and (_packet(node) not in _SHAPE_ONLY or node.args[0] in from_batch):
+        return None  # values that depend on the batch size (arange(batch))
+    args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), lambda n: values[n])
+    flops = budget["flops"]
+    try:
+        with torch.no_grad():
+            budget["made"] += sum(t.numel() for t in _on_meta(node.target, args, kwargs, flops))
+            if budget["made"] > MAX_CONSTANT_ELEMENTS or flops.get_total_flops() > MAX_CONSTANT_FLOPS:
+                raise _bad(path, f"computes from its constants, up to node {node.name[:60]!r}, {budget['made']} "
+                                 f"elements and {flops.get_total_flops():.3g} FLOPs to find the positions it "
+                                 f"indexes at, more than the {MAX_CONSTANT_ELEMENTS} elements and "
+                                 f"{MAX_CONSTANT_FLOPS:.0e} FLOPs automtl computes to check them")
+            return node.target(*args, **kwargs)
+    except FileFormatError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any op refusing its values
+        raise _bad(path, f"cannot compute node {node.name[:60]!r} from its constants ({first_line(exc)[:120]})") from None
 
 
 #: Operators whose output holds only values of their first argument (laid out, repeated or selected otherwise).
