@@ -204,9 +204,10 @@ def _read_yaml(path, what: str):
 
 
 # ---- building -------------------------------------------------------------------------
-def build_supermodel(cfg: ConvertConfig, download: bool = True) -> SuperModel:
+def build_supermodel(cfg: ConvertConfig, download: bool = True, max_elements: Optional[int] = None) -> SuperModel:
     """Backbone (+ weights) and tasks of ``cfg`` turned into a supermodel. ``download=False``: a pretrained
-    backbone is built with its input statistics but without its weights (a run's own weights come next)."""
+    backbone is built with its input statistics but without its weights (a run's own weights come next);
+    ``max_elements``: see :func:`automtl.supermodel`."""
     from .backbones import build_backbone, load_weights
     from .backbones.external import is_external
 
@@ -218,7 +219,7 @@ def build_supermodel(cfg: ConvertConfig, download: bool = True) -> SuperModel:
     if cfg.weights:
         load_weights(backbone, cfg.weights)
     example = torch.randn(1, 3, cfg.input_size, cfg.input_size)
-    return supermodel(backbone, cfg.task_objects(), example, feature_node=cfg.feature_node)
+    return supermodel(backbone, cfg.task_objects(), example, feature_node=cfg.feature_node, max_elements=max_elements)
 
 
 def build_data(cfg: ConvertConfig, tasks: Sequence[Task]):

@@ -19,7 +19,7 @@ import yaml
 
 from .config import SESSION_FIELDS, SearchConfig
 from .convert import ConvertConfig, build_data, build_supermodel, json_safe, prepare_run
-from .errors import ConfigError, FileFormatError
+from .errors import ConfigError, FileFormatError, first_line
 from .fileio import atomic_path, atomic_write_text, ensure_dir, load_tensors, read_yaml, state_dict_of
 from .policy import Policy
 from .supermodel import SuperModel
@@ -158,9 +158,40 @@ def load_run(directory, backbone: Optional[str] = None) -> tuple[SuperModel, Con
     state = _read_state(directory / "supermodel.pt")
     if cfg.pretrained and not any(k.endswith("automtl_input_mean") for k in state):
         cfg.pretrained = False  # a run of an automtl that did not standardise a pretrained input trained without it
-    sm = _load_state(build_supermodel(cfg, download=False), state, directory / "supermodel.pt")
+    sm = _load_state(_build_within(cfg, state, directory / "supermodel.pt"), state, directory / "supermodel.pt")
     pol_path = directory / "policy.yaml"
     return sm, cfg, Policy.load(pol_path) if pol_path.exists() else None
+
+
+def _build_within(cfg: ConvertConfig, state: dict, path) -> SuperModel:
+    """The supermodel ``cfg`` describes, built only as far as ``state`` (its weights file's tensors) can fill it: the
+    tasks must be those the weights hold heads and policy logits for (checked before anything is built), and the
+    supermodel no larger than the weights (checked after the backbone's capture, before the task copies and heads
+    are made). A config is a file too: 64 tasks of 10^6 classes each took 7.5 GB to build before the weights were
+    found not to fit."""
+    fix = "keep the two files together, or run automtl search again"
+    heads = {key.split(".")[1] for key in state if key.startswith("heads.") and key.count(".") >= 2}
+    names = [t.name for t in cfg.task_objects()]
+    logits = state.get("policy_logits")
+    held = logits.shape[1] if isinstance(logits, torch.Tensor) and logits.dim() == 3 else None
+    if heads != set(names) or held != len(names):
+        raise FileFormatError(f"weights file {os.fspath(path)!r} holds heads for {_few(sorted(heads))} and policy "
+                              f"logits for {held} task(s), not the {len(names)} its supermodel.yaml describes "
+                              f"({_few(names)}); {fix}")
+    elements = sum(t.numel() for t in state.values() if isinstance(t, torch.Tensor))
+    try:
+        return build_supermodel(cfg, download=False, max_elements=elements)
+    except ConfigError as exc:
+        if not hasattr(exc, "least"):
+            raise
+        raise FileFormatError(f"weights file {os.fspath(path)!r} holds {elements} elements, fewer than the at least "
+                              f"{exc.least} of the supermodel its supermodel.yaml describes; {fix}") from None
+
+
+def _few(names: list, most: int = 4) -> str:
+    """Up to ``most`` names, quoted (each cut at 60 characters), and how many more."""
+    shown = ", ".join(repr(str(n)[:60]) for n in names[:most])
+    return (shown + (f" and {len(names) - most} more" if len(names) > most else "")) or "none"
 
 
 def supermodel_from_state(sm: SuperModel, path) -> SuperModel:
@@ -177,8 +208,18 @@ def _read_state(path) -> dict:
 
 
 def _load_state(sm: SuperModel, state: dict, path) -> SuperModel:
+    own = sm.state_dict()
+    missing = [k for k in own if k not in state]
+    extra = [k for k in state if k not in own]
+    unlike = [k for k in own if k in state and tuple(getattr(state[k], "shape", ())) != tuple(own[k].shape)]
+    found = (f"it lacks {_few(missing, 2)}" if missing else f"it holds {_few(extra, 2)}, which the supermodel does not have"
+             if extra else f"{unlike[0]!r} is of shape {tuple(state[unlike[0]].shape)}, not "
+                          f"{tuple(own[unlike[0]].shape)}" if unlike else "")
     try:
+        if found:
+            raise RuntimeError(found)
         sm.load_state_dict(state)
     except RuntimeError as exc:
-        raise FileFormatError(f"weights file {os.fspath(path)!r} does not fit its supermodel.yaml ({str(exc).splitlines()[0]}); keep the two files together") from None
+        raise FileFormatError(f"weights file {os.fspath(path)!r} does not fit its supermodel.yaml "
+                              f"({first_line(exc)[:300]}); keep the two files together") from None
     return sm

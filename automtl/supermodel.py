@@ -440,6 +440,22 @@ class SuperModel(GraphsBuiltOnUse):
         return cost.backbone_parameters(self)
 
 
+def least_elements(cap: Capture, tasks: Sequence[Task]) -> int:
+    """A lower bound of the parameter and buffer elements of ``SuperModel(cap, tasks)``, without making it: each
+    task's copy of every convolution that becomes a policy layer, and the heads (builtin ones made on the meta
+    device)."""
+    graphs = [cap.graph_module.graph] + ([cap.train_graph] if cap.train_graph is not None else [])
+    plain = _read_directly(graphs) | _off_the_input(graphs) | _not_one_input(graphs)
+    layers = {n.target for n in cap.conv_nodes if n.target not in plain}
+    least = len(tasks) * sum(count_parameters(cap.graph_module.get_submodule(name)) for name in layers)
+    channels = cap.feature_shape[1]
+    for task in tasks:
+        with torch.device("meta"):
+            head = build_head(task, channels)
+        least += sum(t.numel() for t in (*head.parameters(), *head.buffers()))
+    return least
+
+
 def _fused_in(graph: fx.Graph, conv: str, norm: str) -> bool:
     """True when ``graph`` calls ``conv`` and ``norm`` once each, the norm right on the conv's output alone."""
     convs = [n for n in graph.nodes if n.op == "call_module" and n.target == conv]
@@ -461,6 +477,8 @@ def supermodel(
     feature_node: Optional[str] = None,
     leaf_modules: Sequence[type] = (),
     concrete_args: Optional[dict] = None,
+    *,
+    max_elements: Optional[int] = None,
 ) -> SuperModel:
     """Convert ``backbone`` (a module, or a builtin/import name) into a multi-task supermodel.
 
@@ -468,6 +486,14 @@ def supermodel(
     3x64x64 image in the dtype and on the device of the backbone's first floating-point parameter or
     buffer). The backbone is copied; the original is never changed. The supermodel is in the backbone's mode
     (train or eval), every module of it; :func:`automtl.search` trains it in train mode.
+
+    ``max_elements``: refuse, after the capture and before the task copies and heads are made, a supermodel that
+    would hold more parameter and buffer elements than this (counted from below: each task's copy of every policy
+    layer's convolution and the heads, sized on the meta device). A run folder's weights file sets it: what its
+    config describes must fit in what it holds (:func:`automtl.runs.load_run`).
+
+    Raises:
+        ConfigError: the supermodel would hold more than ``max_elements`` elements.
     """
     tasks = check_tasks(tasks)
     if isinstance(backbone, str):
@@ -477,6 +503,12 @@ def supermodel(
     if example_input is None:
         example_input = torch.randn(1, 3, 64, 64, **placement(backbone))
     cap = capture(backbone, example_input, feature_node, leaf_modules, concrete_args)
+    if max_elements is not None and (least := least_elements(cap, tasks)) > max_elements:
+        error = ConfigError(f"the supermodel of {len(tasks)} task(s) on this backbone would hold at least {least} "
+                            f"elements (each task's copy of every policy layer, and the heads), more than the "
+                            f"{max_elements} allowed")
+        error.least = least
+        raise error
     sm = SuperModel(cap, tasks)
     # in the backbone's mode, every module of it (the copied layers kept theirs; what the supermodel adds was made in
     # train mode): a backbone handed over in eval mode gives an eval-mode supermodel, not one whose flag says train

@@ -1,4 +1,5 @@
 """The command line as a user drives it: every command, and every bad input as one clear sentence, exit 2."""
+import re
 import json
 import os
 import subprocess
@@ -358,6 +359,45 @@ def test_a_weights_file_that_is_not_a_state_dict_is_refused(searched, tmp_path, 
     torch.save(value, handed / "supermodel.pt")
     assert "not a state dict" in bad("compact", handed, "--out", tmp_path / "m.automtl")
     assert not (tmp_path / "m.automtl").exists()
+
+
+@pytest.mark.parametrize("case", ["more tasks", "more classes", "a layer missing"])
+def test_a_run_config_is_built_only_as_far_as_its_weights_fill_it(searched, tmp_path, monkeypatch, case):
+    """supermodel.yaml is data too: a handed-over run folder whose config named 64 tasks of 10^6 classes took 7.5 GB
+    to build before its supermodel.pt was found not to fit. The tasks are checked against the weights' heads and
+    policy logits before anything is built, the supermodel's size against theirs after the capture, before the task
+    copies and heads are made; what still does not fit is named by its first keys."""
+    import importlib
+    import shutil
+
+    import yaml
+
+    supermodel_module = importlib.import_module("automtl.supermodel")
+    handed = tmp_path / "run"
+    shutil.copytree(searched, handed)
+    spec = yaml.safe_load((handed / "supermodel.yaml").read_text())
+    state = torch.load(handed / "supermodel.pt", weights_only=True)
+    names = [t["name"] for t in spec["tasks"]]
+    if case == "more tasks":
+        spec["tasks"] = [{"name": f"t{i}", "kind": "classification", "classes": 10**6} for i in range(64)]
+        match = rf"holds heads for {', '.join(repr(n) for n in sorted(names))} and policy logits for {len(names)} task"
+    elif case == "more classes":  # the heads and logits the config names, each a few elements
+        spec["tasks"] = [{"name": n, "kind": "classification", "classes": 10**6} for n in names]
+        state = {k: v for k, v in state.items() if not k.startswith("heads.")}
+        state.update({f"heads.{n}.fc.bias": torch.zeros(1) for n in names})
+        match = r"holds \d+ elements, fewer than the at least \d+ of the supermodel its supermodel.yaml describes"
+    else:  # small enough, and without one task's copy of the first layer
+        gone = [k for k in state if k.startswith("net.") and ".specialized.0." in k][:5]
+        state = {k: v for k, v in state.items() if k not in gone}
+        match = rf"does not fit its supermodel.yaml \(it lacks {re.escape(repr(gone[0]))}, .* and 3 more\)"
+    (handed / "supermodel.yaml").write_text(yaml.safe_dump(spec))
+    torch.save(state, handed / "supermodel.pt")
+    built = []
+    real = supermodel_module.SuperModel.__init__
+    monkeypatch.setattr(supermodel_module.SuperModel, "__init__", lambda self, *a: built.append(1) or real(self, *a))
+    message = bad("compact", handed, "--out", tmp_path / "m.automtl")
+    assert re.search(match, " ".join(message.split())), message
+    assert built == ([1] if case == "a layer missing" else []) and not (tmp_path / "m.automtl").exists()
 
 
 def test_debug_shows_the_traceback(tmp_path):
