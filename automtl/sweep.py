@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
 from .convert import ConvertConfig, json_safe
-from .errors import AutomtlError, ConfigError
+from .errors import AutomtlError, ConfigError, FileFormatError
 from .fileio import atomic_write_text, read_json
 
 __all__ = ["sweep", "parse_budgets", "pareto_front", "format_sweep"]
@@ -428,7 +428,9 @@ def _measure_rows(path: Path, members: list, singles: list, val, shape: tuple, r
     rows and the reference: the single-task metrics that enter Δ_MTL."""
     from .protocol import delta_metrics, delta_or_none
 
-    measured = _measure(path, members + singles, val, shape, repeats, batch_size)
+    names = list(kinds)
+    expected = [names] * len(members) + [[n] for n in names]  # the singles in the tasks' order
+    measured = _measure(path, members + singles, expected, val, shape, repeats, batch_size)
     rows, parts = measured[:len(members)], measured[len(members):]
     single = {"name": "single-task", "kind": "single-task", "budget": None, "dirs": [p["dirs"][0] for p in parts],
               "train_fbe": sum(p["train_fbe"] for p in parts),
@@ -441,7 +443,7 @@ def _measure_rows(path: Path, members: list, singles: list, val, shape: tuple, r
     hard = next(r for r in rows if r["kind"] == "hard-sharing")
     for r in rows:
         r["delta_mtl"] = delta_or_none(delta_metrics(r["metrics"], kinds), reference)
-        r["params_vs_hard_sharing"] = round(r["params"] / hard["params"], 4)
+        r["params_vs_hard_sharing"] = round(r["params"] / hard["params"], 4) if hard["params"] else None
     for cost in ("params", "latency"):
         key = "latency_ms" if cost == "latency" else cost
         marks = pareto_front([(r[key], r["delta_mtl"]) for r in rows])
@@ -450,14 +452,27 @@ def _measure_rows(path: Path, members: list, singles: list, val, shape: tuple, r
     return rows, reference
 
 
-def _measure(path: Path, members: list, val, shape: tuple, repeats: int, batch_size: int) -> list[dict]:
+def _measure(path: Path, members: list, expected: list, val, shape: tuple, repeats: int, batch_size: int) -> list[dict]:
     """Each member with its validation metrics, parameters, MACs per sample and median latency (ms per batch
-    of ``shape``; all models timed in the same rounds, :func:`automtl.report.interleaved_latency`)."""
+    of ``shape``; all models timed in the same rounds, :func:`automtl.report.interleaved_latency`).
+
+    Raises:
+        FileFormatError: a member's model is not for the tasks ``expected`` of it (a folder kept from another sweep
+            or handed over; its model is data).
+    """
     from .formats import load
     from .report import interleaved_latency, model_stats
     from .search import evaluate
 
-    models = [load(path / m["dirs"][0] / "model.automtl") for m in members]
+    models = []
+    for m, tasks in zip(members, expected):
+        file = path / m["dirs"][0] / "model.automtl"
+        model = load(file)
+        if list(model.task_names) != list(tasks):
+            raise FileFormatError(f"{os.fspath(file)!r} is a model for the tasks {list(model.task_names)[:8]}, not "
+                                  f"{list(tasks)[:8]} as this sweep's {m['name']!r}; remove the folder "
+                                  f"{os.fspath(file.parent)!r} to train it again")
+        models.append(model)
     timings = interleaved_latency(models, shape, repeats=repeats)
     out = []
     for m, model, timing in zip(members, models, timings):

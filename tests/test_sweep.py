@@ -327,3 +327,32 @@ def test_resume_over_a_member_file_larger_than_automtl_reads_is_one_sentence(swe
     monkeypatch.setattr(fileio, "MAX_JSON_BYTES", 100)
     result = invoke("sweep", *TINY, "--out", folder, "--resume")
     assert result.exit_code == 2 and "more than the 100 automtl reads" in result.output, result.output
+
+
+def test_resume_over_a_member_model_for_other_tasks_is_one_sentence(swept, tmp_path):
+    """A kept member's model.automtl is data: one for other tasks (a single-task folder holding the hard-sharing
+    model) was measured as that member, or failed inside the evaluation."""
+    import shutil
+
+    folder = tmp_path / "copy"
+    shutil.copytree(swept, folder)
+    single = next(p for p in sorted(folder.iterdir()) if p.name.startswith("single-"))
+    shutil.copy(folder / "hard-sharing" / "model.automtl", single / "model.automtl")
+    result = invoke("sweep", *TINY, "--out", folder, "--resume")
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert "is a model for the tasks" in result.output and f"remove the folder {str(single)!r}" in result.output
+
+
+def test_a_hard_sharing_model_without_parameters_has_no_parameter_ratio(monkeypatch):
+    """The ratio to hard sharing's parameters divided by zero for a model without any (a ZeroDivisionError)."""
+    from automtl import sweep
+
+    def measured(path, members, expected, *args):
+        return [{**m, "params": 0, "macs": 1, "latency_ms": 1.0, "metrics": {t: {"abs_err": 1.0} for t in tasks}}
+                for m, tasks in zip(members, expected)]
+
+    monkeypatch.setattr(sweep, "_measure", measured)
+    members = [{"name": "hard-sharing", "kind": "hard-sharing", "dirs": ["h"], "train_fbe": 1}]
+    singles = [{"name": "single-d", "kind": "single-task", "dirs": ["s"], "train_fbe": 1}]
+    rows, _ = sweep._measure_rows(None, members, singles, None, (1, 3, 8, 8), 1, {"d": "depth"}, 1)
+    assert [r["params_vs_hard_sharing"] for r in rows] == [None, None]
