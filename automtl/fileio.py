@@ -498,8 +498,9 @@ def load_tensors(path: str | os.PathLike, what: str, error: type, fix: str,
 
 
 def _refuse_views_beyond_storage(value, where: str, error: type, fix: str, depth: int = 0, seen=None) -> None:
-    """Every tensor in what a pickle built (containers walked, at most :data:`MAX_TENSOR_NESTING` deep) holds no
-    more elements than its stored bytes: a view with a zero or overlapping stride declares 2^40 elements over 4
+    """Every tensor in what a pickle built (containers walked, at most :data:`MAX_TENSOR_NESTING` deep) is a strided
+    tensor of values on the CPU (not a meta tensor, which passed every shape check and failed inside torch's
+    loaders) and holds no more elements than its stored bytes: a view with a zero or overlapping stride declares 2^40 elements over 4
     bytes, and ``Optimizer.load_state_dict`` or ``.to()`` would allocate them all. Deeper containers are refused
     (no writer nests so deep, and the readers' comparisons and copies recurse). An object is looked at again only
     where it is reached deeper than before (so at most :data:`MAX_TENSOR_NESTING` times)."""
@@ -510,6 +511,11 @@ def _refuse_views_beyond_storage(value, where: str, error: type, fix: str, depth
         return
     seen[id(value)] = depth
     if isinstance(value, torch.Tensor):
+        if value.device.type != "cpu" or value.layout != torch.strided:  # torch.load leaves meta tensors on meta
+            kind = "a tensor" if value.layout == torch.strided else f"a {str(value.layout).removeprefix('torch.')} tensor"
+            raise error(f"{where} holds {kind} on the {value.device.type} device, without values on the CPU "
+                        f"(torch.save writes a state dict's tensors with their values, which automtl reads to the "
+                        f"CPU); {fix}")
         if value.numel() * value.element_size() > value.untyped_storage().nbytes():
             raise error(f"{where} holds a tensor of shape {tuple(value.shape)} over {value.untyped_storage().nbytes()} "
                         f"stored bytes (a view repeating its elements, which torch.save never writes of a state "

@@ -378,6 +378,16 @@ def test_a_sparse_or_nested_tensor_in_a_weights_file_is_one_sentence(tmp_path, l
         load_tensors(tmp_path / "w.pt", "weights file", BackboneError, "fix")
 
 
+def test_a_meta_tensor_in_a_tensor_file_is_one_sentence(tmp_path):
+    """torch.load leaves a meta tensor on the meta device: as Adam's exp_avg in a checkpoint it passed the shape and
+    dtype checks and failed inside Optimizer.load_state_dict (helper-74); as a weight, inside load_state_dict."""
+    from automtl.fileio import load_tensors
+
+    torch.save({"w": torch.zeros(2), "state": {0: {"exp_avg": torch.empty(3, device="meta")}}}, tmp_path / "c.pt")
+    with pytest.raises(BackboneError, match=r"holds a tensor on the meta device, without values on the CPU .*; fix$"):
+        load_tensors(tmp_path / "c.pt", "checkpoint", BackboneError, "fix")
+
+
 def test_weights_files_are_read_under_bounds(tmp_path):
     """Only the zip torch.save writes, every entry stored: a deflated one (16 MB of zeros in a 20 KB file here) is
     refused before torch inflates it, and so is a file over the size bound, before it is read, or a pickle over
