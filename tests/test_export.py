@@ -540,6 +540,9 @@ def test_whatever_save_writes_load_reads_module_names_with_hyphens(tmp_path):
         save(model, tmp_path / "h.automtl")
         loaded = load(tmp_path / "h.automtl")
         assert all(torch.equal(outputs(loaded, x)[t], outputs(model, x)[t]) for t in model.task_names)
+        # the names too: a loaded model's state dict has the saved one's keys (block1-0 came back as block1_0)
+        assert sorted(loaded.state_dict()) == sorted(model.state_dict())
+        loaded.load_state_dict(model.state_dict())
 
 
 class _PadEcaNorms(nn.Module):

@@ -76,10 +76,11 @@ def _constructor_args(name: str, mod: nn.Module) -> dict:
 
 
 def _safe_names(targets) -> dict:
-    """A file-safe dotted name for each module/attribute path (``block1-0`` -> ``block1_0``), unique."""
+    """A file-safe dotted name for each module/attribute path, unique: the same where it can be (a "-" kept, as in
+    torchvision's ``block1-0``, so that a loaded model's state dict has the saved one's keys), else with ``_``."""
     out, used = {}, set()
     for target in targets:
-        parts = [re.sub(r"[^A-Za-z0-9_]", "_", p) or "_" for p in target.split(".")]
+        parts = [re.sub(r"[^A-Za-z0-9_-]", "_", p) or "_" for p in target.split(".")]
         # every part the reader refuses (a module's own attribute, a dunder; a first part that is no identifier)
         parts = [f"m_{p}" if p in RESERVED or p.startswith("__") or (i == 0 and not _IDENT.match(p)) else p
                  for i, p in enumerate(parts)]

@@ -41,7 +41,7 @@ DESCRIPTION_KEYS = {"automtl_bundle", "automtl_version", "dtype", "input_shape",
 #: The keys of a node's entry.
 NODE_KEYS = {"name", "op", "target", "args", "kwargs", "meta", "train"}
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
-_PART = re.compile(r"^[A-Za-z0-9_]+\Z")
+_PART = re.compile(r"^[A-Za-z0-9_-]+\Z")  # a "-" as torchvision's RegNet names blocks ("block1-0"): fx reads it with getattr
 #: bounds of a node's sharing notes (a layer's module path, task names): far above what a model writes
 MAX_META_CHARS, MAX_META_ITEMS = 1024, 1024
 #: Names a module or attribute may not take: they would shadow the GraphModule's own attributes.
