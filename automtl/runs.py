@@ -211,10 +211,10 @@ def _load_state(sm: SuperModel, state: dict, path) -> SuperModel:
     own = sm.state_dict()
     missing = [k for k in own if k not in state]
     extra = [k for k in state if k not in own]
-    unlike = [k for k in own if k in state and tuple(getattr(state[k], "shape", ())) != tuple(own[k].shape)]
+    unlike = [k for k in own if k in state and (tuple(state[k].shape), state[k].dtype) != (tuple(own[k].shape), own[k].dtype)]
     found = (f"it lacks {_few(missing, 2)}" if missing else f"it holds {_few(extra, 2)}, which the supermodel does not have"
-             if extra else f"{unlike[0]!r} is of shape {tuple(state[unlike[0]].shape)}, not "
-                          f"{tuple(own[unlike[0]].shape)}" if unlike else "")
+             if extra else f"{unlike[0]!r} is {tuple(state[unlike[0]].shape)} {state[unlike[0]].dtype}, not "
+                          f"{tuple(own[unlike[0]].shape)} {own[unlike[0]].dtype}" if unlike else "")
     try:
         if found:
             raise RuntimeError(found)

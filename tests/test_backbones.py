@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import pickle
+import re
 import textwrap
-
 from pathlib import Path
 
 import pytest
@@ -376,6 +376,19 @@ def test_a_sparse_or_nested_tensor_in_a_weights_file_is_one_sentence(tmp_path, l
     torch.save({"w": value}, tmp_path / "w.pt")
     with pytest.raises(BackboneError, match=f"calls torch._utils._rebuild_{layout}"):
         load_tensors(tmp_path / "w.pt", "weights file", BackboneError, "fix")
+
+
+def test_weights_of_another_kind_of_number_are_refused_and_of_another_precision_cast(tmp_path):
+    """load_state_dict casts what it copies: integer or bool tensors loaded into float weights without a word."""
+    state = build_backbone("tiny").state_dict()
+    torch.save({k: v.half() if v.is_floating_point() else v for k, v in state.items()}, tmp_path / "half.pt")
+    assert load_weights(build_backbone("tiny"), tmp_path / "half.pt")["loaded"] == len(state)
+    name = next(k for k, v in state.items() if v.is_floating_point())
+    for dtype in (torch.int64, torch.bool):
+        torch.save({**state, name: state[name].to(dtype)}, tmp_path / "w.pt")
+        with pytest.raises(BackboneError, match=rf"1 tensor\(s\) of another kind of number such as {re.escape(name)} "
+                                                rf"{str(dtype)[6:]} vs float32 \(file vs model\); use weights saved"):
+            load_weights(build_backbone("tiny"), tmp_path / "w.pt")
 
 
 def test_a_meta_tensor_in_a_tensor_file_is_one_sentence(tmp_path):

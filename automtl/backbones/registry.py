@@ -279,11 +279,18 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> Dict[str, Any]:
     unexpected = [k for k in state if k not in own]
     mismatched = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
                   if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    # load_state_dict casts whatever it copies: float16 into float32 is a checkpoint's precision, an integer or bool
+    # tensor into a float weight (or a float into a step counter) is another file's
+    other_kind = [f"{k} {str(v.dtype).removeprefix('torch.')} vs {str(own[k].dtype).removeprefix('torch.')}"
+                  for k, v in state.items() if k in own and _number_kind(v.dtype) != _number_kind(own[k].dtype)]
     problems = []
     if missing:
         problems.append(f"{len(missing)} missing key(s) such as {_first(missing)}")
     if mismatched:
         problems.append(f"{len(mismatched)} shape mismatch(es) such as {_first(mismatched)} (file vs model)")
+    if other_kind:
+        problems.append(f"{len(other_kind)} tensor(s) of another kind of number such as {_first(other_kind)} "
+                        "(file vs model)")
     if unexpected:
         problems.append(f"{len(unexpected)} unexpected key(s) such as {_first(unexpected)}")
     if problems:
@@ -295,6 +302,12 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> Dict[str, Any]:
         raise BackboneError(f"weights file {path!r} could not be loaded ({_one_line(e)}); "
                             "use weights saved from the same architecture") from e
     return {"loaded": len(state), "ignored": ignored}
+
+
+def _number_kind(dtype: torch.dtype) -> str:
+    """"bool", "complex", "float" or "integer": what a cast between dtypes of one kind keeps."""
+    return ("bool" if dtype == torch.bool else "complex" if dtype.is_complex else "float" if dtype.is_floating_point
+            else "integer")
 
 
 def _named_classifiers(model: nn.Module) -> Tuple[str, ...]:
