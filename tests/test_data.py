@@ -430,6 +430,25 @@ def test_integer_images_are_scaled_or_refused(tmp_path):
             NYUv2(tmp_path)[0]
 
 
+@pytest.mark.parametrize("scale, says", [(255.0, r"values from [\d.]+ to 255; store images as floats in \[0, 1\] \(divide"),
+                                         (np.nan, "values that are not finite; store images"),
+                                         (1.005, None)])
+def test_float_images_outside_zero_to_one_are_refused(tmp_path, scale, says):
+    """A float image of 0-255 trained on inputs 255 times those the models expect, and a NaN image on NaN losses,
+    without a word; what resampling overshoots [0, 1] by is kept."""
+    _npy_split(tmp_path, "train", 1, NYU_FOLDERS)
+    img = np.load(tmp_path / "train" / "image" / "0.npy")
+    img = img / img.max() * (255.0 if scale == 255.0 else 1.005)
+    if scale != scale:
+        img[0, 0, 0] = np.nan
+    np.save(tmp_path / "train" / "image" / "0.npy", img.astype(np.float32))
+    if says is None:
+        assert float(NYUv2(tmp_path)[0][0].max()) == pytest.approx(1.005)
+        return
+    with pytest.raises(DataError, match=says):
+        NYUv2(tmp_path)[0]
+
+
 def test_a_task_reading_a_target_of_another_kind_is_refused(tmp_path):
     """`--task segmentation:depth` on NYUv2 trained depth regression on class ids (void 255) without a word; the
     builtin data sets say what their targets are. A kind of the same sort (a user's kind over class ids) may read them."""

@@ -107,6 +107,9 @@ def _load(path: Path, name: str) -> np.ndarray:
         raise DataError(f"{name} file {path} cannot be read as .npy ({type(e).__name__}); regenerate it") from None
 
 
+#: How far a float image's values may lie outside [0, 1] (what resampling overshoots by), as a fraction of the range.
+IMAGE_SLACK = 0.01
+
 #: No class count reaches this id (automtl.tasks.MAX_CLASSES is far below): a label at or beyond it is no class id.
 _MAX_LABEL = 2**31
 
@@ -190,6 +193,12 @@ class NpyScenes(Dataset):
         elif img.dtype.kind != "f":  # uint16, int32, bool: no scale a reader can assume
             raise DataError(f"{self.name} image {self.path / 'image' / f'{index}.npy'} holds {img.dtype} values; store "
                             "images as floats in [0, 1] or as uint8 0-255")
+        else:  # floats of 0-255 trained on inputs 255 times too large without a word, NaN on NaN losses
+            low, high = (float(x.min()), float(x.max())) if torch.isfinite(x).all() else (float("nan"),) * 2
+            if not -IMAGE_SLACK <= low <= high <= 1 + IMAGE_SLACK:
+                shown = "values that are not finite" if low != low else f"values from {low:g} to {high:g}"
+                raise DataError(f"{self.name} image {self.path / 'image' / f'{index}.npy'} holds {shown}; store "
+                                "images as floats in [0, 1] (divide 0-255 values by 255) or as uint8 0-255")
         hw = img.shape[:2]
         targets = {}
         for t in self.task_names:
