@@ -385,6 +385,10 @@ def _refuse_export(path: str) -> None:
 def load(path: str | os.PathLike, max_bytes: int = MAX_BUNDLE_BYTES) -> CompactModel:
     """Read an ``.automtl`` bundle back as a :class:`CompactModel` in eval mode. Runs nothing from the file.
 
+    The load-time bounds (README, "Files are data") are for inference, which runs without autograd: in train mode,
+    autograd keeps what the backward needs (up to every node's output), bounded only by the element operations a
+    sample and task (2^34). Fine-tune a loaded model only where you trust the file that far.
+
     Args:
         path: the bundle. Must be a regular file (not a pipe or device) of at most ``max_bytes``.
         max_bytes: cap on the file's size, 2 GiB by default; raise it for a larger model.
