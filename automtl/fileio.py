@@ -528,6 +528,15 @@ def _refuse_views_beyond_storage(value, where: str, error: type, fix: str, depth
             _refuse_views_beyond_storage(v, where, error, fix, depth + 1, seen)
 
 
+def number_kind(dtype) -> str:
+    """``"bool"``, ``"complex"``, ``"float"`` or ``"integer"``: the kind of number a ``torch.dtype`` holds. A cast
+    within a kind is a precision (float16 weights into float32 ones); across kinds, another file's values."""
+    import torch
+
+    return ("bool" if dtype == torch.bool else "complex" if dtype.is_complex else "float" if dtype.is_floating_point
+            else "integer")
+
+
 def state_dict_of(value, where: str, error: type, fix: str) -> dict:
     """``value`` (what :func:`load_tensors` read) as a state dict: a mapping of names to tensors, or ``error``."""
     import torch

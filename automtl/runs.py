@@ -20,7 +20,7 @@ import yaml
 from .config import SESSION_FIELDS, SearchConfig
 from .convert import ConvertConfig, build_data, build_supermodel, json_safe, prepare_run
 from .errors import ConfigError, FileFormatError, first_line
-from .fileio import atomic_path, atomic_write_text, ensure_dir, load_tensors, read_yaml, state_dict_of
+from .fileio import atomic_path, atomic_write_text, ensure_dir, load_tensors, number_kind, read_yaml, state_dict_of
 from .policy import Policy
 from .supermodel import SuperModel
 
@@ -211,7 +211,8 @@ def _load_state(sm: SuperModel, state: dict, path) -> SuperModel:
     own = sm.state_dict()
     missing = [k for k in own if k not in state]
     extra = [k for k in state if k not in own]
-    unlike = [k for k in own if k in state and (tuple(state[k].shape), state[k].dtype) != (tuple(own[k].shape), own[k].dtype)]
+    unlike = [k for k in own if k in state and (tuple(state[k].shape), number_kind(state[k].dtype))
+              != (tuple(own[k].shape), number_kind(own[k].dtype))]  # load_state_dict casts: an int64 became a weight
     found = (f"it lacks {_few(missing, 2)}" if missing else f"it holds {_few(extra, 2)}, which the supermodel does not have"
              if extra else f"{unlike[0]!r} is {tuple(state[unlike[0]].shape)} {state[unlike[0]].dtype}, not "
                           f"{tuple(own[unlike[0]].shape)} {own[unlike[0]].dtype}" if unlike else "")

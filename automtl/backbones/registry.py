@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..errors import BackboneError
-from ..fileio import load_tensors
+from ..fileio import load_tensors, number_kind
 from .external import build_external, is_external
 
 __all__ = ["BackboneSpec", "BACKBONES", "register_backbone", "list_backbones", "build_backbone", "load_weights",
@@ -282,7 +282,7 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> Dict[str, Any]:
     # load_state_dict casts whatever it copies: float16 into float32 is a checkpoint's precision, an integer or bool
     # tensor into a float weight (or a float into a step counter) is another file's
     other_kind = [f"{k} {str(v.dtype).removeprefix('torch.')} vs {str(own[k].dtype).removeprefix('torch.')}"
-                  for k, v in state.items() if k in own and _number_kind(v.dtype) != _number_kind(own[k].dtype)]
+                  for k, v in state.items() if k in own and number_kind(v.dtype) != number_kind(own[k].dtype)]
     problems = []
     if missing:
         problems.append(f"{len(missing)} missing key(s) such as {_first(missing)}")
@@ -302,12 +302,6 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> Dict[str, Any]:
         raise BackboneError(f"weights file {path!r} could not be loaded ({_one_line(e)}); "
                             "use weights saved from the same architecture") from e
     return {"loaded": len(state), "ignored": ignored}
-
-
-def _number_kind(dtype: torch.dtype) -> str:
-    """"bool", "complex", "float" or "integer": what a cast between dtypes of one kind keeps."""
-    return ("bool" if dtype == torch.bool else "complex" if dtype.is_complex else "float" if dtype.is_floating_point
-            else "integer")
 
 
 def _named_classifiers(model: nn.Module) -> Tuple[str, ...]:
