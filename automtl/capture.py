@@ -32,7 +32,7 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp, _extract_tensor_metadata
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .errors import BackboneError, first_line as _first_line
+from .errors import BackboneError, TraceError, first_line as _first_line
 from .features import META_LAYOUT, _module_paths, is_channels_last, laid_out, pick_feature_node
 from .graphpasses import (STATE_WRITE_ADVICE, ancestors, functionalize, module_tensor, mutated_argument,
                           refuse_state_writes, user_line)
@@ -403,15 +403,6 @@ def _moving_state(module: nn.Module, tensor_name: str, parametrizations: nn.Modu
             f.train(mode)
 
 
-class _NotTraceable(BackboneError):
-    """torch.fx cannot trace the forward of the module at ``path`` ("" for the backbone itself; None: unknown), for
-    ``reason`` (the error, at the user's line)."""
-
-    def __init__(self, message: str, path: Optional[str], reason: str):
-        super().__init__(message)
-        self.path, self.reason = path, reason
-
-
 def _trace_graph(backbone: nn.Module, leaf_modules: Sequence[type], concrete_args: Optional[dict],
                  leaf_paths: frozenset = frozenset()) -> fx.Graph:
     """The backbone's graph in its current mode. Buffers are graph values, except those whose value Python reads
@@ -481,7 +472,7 @@ def _trace_graph(backbone: nn.Module, leaf_modules: Sequence[type], concrete_arg
     if isinstance(failure, TypeError) and factory:
         remedy = (f"torch.fx passes sizes it reads from the input to torch.{factory[1]} only as one tuple: write "
                   f"torch.{factory[1]}((n, c, h, w), ...) rather than torch.{factory[1]}(n, c, h, w, ...)")
-    raise _NotTraceable(
+    raise TraceError(
         f"torch.fx cannot trace the backbone in module {_module_name(path, cls, backbone)}{where}: "
         f"{_first_line(failure, limit=None)}; {remedy}, then try again", path, f"{_first_line(failure)}{where}"
     ) from failure
@@ -666,7 +657,7 @@ def capture(
                            if name not in frozen})
             train_graph = _trace_graph(backbone, leaf_modules, concrete_args, frozenset(as_one_call))
             break
-        except _NotTraceable as exc:
+        except TraceError as exc:
             if not exc.path or exc.path in as_one_call or len(as_one_call) >= MAX_MODULES_AS_ONE_CALL:
                 _refuse_failing_forward(backbone, example_input)  # a bug in the forward is not torch.fx's limit
                 raise
@@ -733,7 +724,7 @@ def _as_first_refusal(as_one_call: dict):
     try:
         yield
     except BackboneError as exc:
-        if as_one_call and not isinstance(exc, _NotTraceable):
+        if as_one_call and not isinstance(exc, TraceError):
             raise next(iter(as_one_call.values())) from exc
         raise
 

@@ -17,6 +17,16 @@ class BackboneError(AutomtlError):
     """The backbone cannot be loaded, traced or converted."""
 
 
+class TraceError(BackboneError):
+    """torch.fx cannot trace the forward of the backbone's module at ``path`` ("" for the backbone itself; None:
+    unknown), for ``reason`` (the error, at the user's line); the message says how to go on (a leaf module,
+    ``concrete_args``, a rewritten line)."""
+
+    def __init__(self, message: str, path: Optional[str] = None, reason: str = ""):
+        super().__init__(message)
+        self.path, self.reason = path, reason
+
+
 class ConfigError(AutomtlError):
     """A configuration value, task spec or policy file is invalid."""
 

@@ -10,7 +10,7 @@ from torch import nn
 
 from automtl.backbones import build_backbone, count_convs, list_backbones
 from automtl.capture import capture
-from automtl.errors import BackboneError
+from automtl.errors import BackboneError, TraceError
 
 BUILTINS = [s.name for s in list_backbones()]
 
@@ -135,8 +135,10 @@ def test_a_module_that_does_not_trace_is_run_as_one_call_where_the_cut_leaves_it
     x = torch.randn(2, 3, 16, 16)
     assert torch.equal(cap.graph_module(x), net.features(x))
     with pytest.raises(BackboneError, match="cannot trace the backbone in module pre_logits .*mark that module as a "
-                                            "leaf"):  # named as the features: kept, so refused as its trace was
+                                            "leaf") as refused:  # named as the features: kept, so refused as its trace was
         capture(net, torch.randn(1, 3, 16, 16), feature_node="pre_logits")
+    # a public type (it was capture._NotTraceable) with where and why
+    assert type(refused.value) is TraceError and refused.value.path == "pre_logits" and refused.value.reason
     for inside in ("pre_logits.fc", "pre_logits_fc"):  # a name inside it: as its trace was, not "no node named"
         with pytest.raises(BackboneError, match="cannot trace the backbone in module pre_logits"):
             capture(net, torch.randn(1, 3, 16, 16), feature_node=inside)
