@@ -512,10 +512,51 @@ def test_positions_computed_from_constants_are_bounded_and_freed_after_their_las
     path = _saved_program(_ConstantChain(12, 1000), tmp_path / "chain.pt2")
     torch.testing.assert_close(automtl.load_pt2(path).module()(x)["depth"], _ConstantChain(12, 1000)(x)["depth"])
     assert len(computed) >= 13 and most <= 3  # the buffer, the last value and the one being made: not all thirteen
-    _refused(_saved_program(_ConstantChain(20, 2**24), tmp_path / "long.pt2"), r"computes from its constants, up to "
-             r"node 'mul_\d+', \d+ elements and 0 FLOPs to find the positions it indexes at, more than the 268435456")
+    _refused(_saved_program(_ConstantChain(20, 2**24), tmp_path / "long.pt2"), r"reads and writes \d+ bytes, up to node "
+             r"'mul_\d+', to compute the positions it indexes at from its constants, more than the 1073741824")
     _refused(_saved_program(_ConstantChain(1, 4096, product=True), tmp_path / "product.pt2"),
-             r"1.37e\+11 FLOPs to find the positions it indexes at, more than the 268435456 elements and 1e\+10 FLOPs")
+             r"computes the positions it indexes at with aten.mm.default at node 'mm', which automtl does not run")
+
+
+class _ZerosIndex(nn.Module):
+    def __init__(self, position=0):
+        super().__init__()
+        self.position = position
+
+    def forward(self, x):
+        at = torch.zeros(1, dtype=torch.long) + self.position
+        return {"depth": torch.index_select(x, 1, at)}
+
+
+def test_positions_are_values_on_the_cpu_at_or_above_zero_where_the_operator_needs(tmp_path):
+    """helper-75: a factory edited to make its positions on the meta device raised a traceback from the check itself
+    (Tensor.item() on a meta tensor); a position of -1 loaded (in range for aten.index, which reads it from the end)
+    and index_select refused it at the first call; a stride-0 buffer cost 4 bytes on disk and its conversion
+    to complex128 was counted as elements, not the 4 GiB it wrote."""
+    path = _saved_program(_ZerosIndex(), tmp_path / "zeros.pt2")
+    with zipfile.ZipFile(path) as zf:
+        parts = {n: zf.read(n) for n in zf.namelist()}
+
+    def on_meta(program):
+        zeros = next(n for n in _nodes(program) if n["target"].startswith("torch.ops.aten.zeros."))
+        for argument in zeros["inputs"]:
+            if "as_device" in argument["arg"]:
+                argument["arg"]["as_device"] = {"type": "meta", "index": None}
+    _edit_json(parts, "models/model.json", on_meta)
+    _refused(_write(tmp_path / "meta.pt2", parts), "makes at node 'zeros' positions that are not values on the CPU")
+    _refused(_saved_program(_ZerosIndex(-1), tmp_path / "negative.pt2"),
+             "indexes at node 'index_select' positions -1 to -1 of a dimension of size 3")
+
+    class Stride0(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("zero", torch.zeros(1).expand(2**26))  # saved as one element
+
+        def forward(self, x):
+            at = self.zero.double()[:1].long()  # 2^26 elements read, 2^26 of 8 bytes written, then read
+            return {"depth": torch.index_select(x, 1, at)}
+
+    _refused(_saved_program(Stride0(), tmp_path / "stride0.pt2"), r"reads and writes \d+ bytes, up to node '")
 
 
 class _PlainConstant(nn.Module):

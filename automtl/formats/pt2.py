@@ -626,22 +626,42 @@ _INDEXING = {"index_select": 2, "gather": 2, "index": 1}
 _SHAPE_ONLY = frozenset({"view", "reshape", "_unsafe_view", "expand", "repeat", "broadcast_to", "expand_as"})
 
 
-#: What the load-time check of index positions (:func:`_check_index_values`) may compute from a program's
-#: constants: elements made (2^28, 1 GiB of float32 in all, about a second) and FLOPs of products (10^10, under a
-#: second of one core). Positions an automtl export indexes at are buffers, viewed or sliced: a few elements.
-MAX_CONSTANT_ELEMENTS, MAX_CONSTANT_FLOPS = 2**28, 10**10
+#: The bytes the load-time check of index positions (:func:`_check_index_values`) may read and write in all to
+#: compute them from a program's constants (1 GiB: about a second). Positions an automtl export indexes at are
+#: buffers, viewed or sliced: a few elements.
+MAX_CONSTANT_BYTES = 2**30
+#: The operators (``aten`` packets) that check may run, whose cost is the bytes they read and write: layout,
+#: conversions, factories, arithmetic, comparisons, reductions and indexing. Nothing else computes positions: a
+#: product, a convolution (whose CPU kernels unfold their input), logsumexp's hidden copies.
+CONSTANT_OPERATORS = frozenset({
+    "view", "reshape", "_unsafe_view", "expand", "repeat", "broadcast_to", "expand_as", "unsqueeze", "squeeze",
+    "clone", "contiguous", "permute", "transpose", "alias", "detach", "slice", "select", "flatten", "unflatten",
+    "lift_fresh_copy", "flip", "roll", "t", "cat", "stack", "_to_copy", "to", "type_as", "arange", "full", "zeros",
+    "ones", "empty", "scalar_tensor", "zeros_like", "ones_like", "full_like", "empty_like", "add", "sub", "rsub",
+    "mul", "div", "floor_divide", "remainder", "fmod", "neg", "abs", "sign", "clamp", "clamp_min", "clamp_max",
+    "minimum", "maximum", "floor", "ceil", "round", "trunc", "where", "eq", "ne", "lt", "le", "gt", "ge",
+    "logical_and", "logical_or", "logical_not", "bitwise_and", "bitwise_or", "bitwise_not", "sum", "cumsum",
+    "argmax", "argmin", "max", "min", "amax", "amin", "index", "index_select", "gather"})
 #: A computed value no later node reads (not None, which marks a value that depends on the input).
 _FREED = object()
 
 
-def _on_meta(target, args, kwargs, flops) -> list:
-    """The tensors ``target(*args, **kwargs)`` returns, made on the meta device (no memory, no compute), with
-    their FLOPs counted by ``flops`` (a ``FlopCounterMode``)."""
+def _bytes(value) -> int:
+    """The bytes of the tensors in ``value`` (its logical elements: a stride-0 view is read element by element)."""
+    return sum(t.numel() * t.element_size() for t in torch.utils._pytree.tree_leaves(value) if isinstance(t, torch.Tensor))
+
+
+def _on_device(kwargs: dict, device: str) -> dict:
+    """``kwargs`` with any device it names replaced by ``device``."""
+    return {**kwargs, "device": torch.device(device)} if "device" in kwargs else kwargs
+
+
+def _on_meta(target, args, kwargs):
+    """What ``target(*args, **kwargs)`` returns, made on the meta device (no memory, no compute), factories too."""
     meta = lambda v: torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device="meta") if isinstance(v, torch.Tensor) else v
     args, kwargs = torch.utils._pytree.tree_map(meta, (args, kwargs))
-    with flops:
-        out = target(*args, **kwargs)
-    return [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+    with torch.device("meta"):
+        return target(*args, **_on_device(kwargs, "meta"))
 
 
 def _check_index_values(path: str, program) -> None:
@@ -651,12 +671,10 @@ def _check_index_values(path: str, program) -> None:
     sees shapes, not values: an index buffer holding 10**9 loaded, and the first call failed inside torch; any other
     index computed from the input (only the data decides whether it is in range) is refused.
 
-    The values are computed in the graph's order, each freed after its last use, so no more is alive at once than the
-    dry run allowed; and each operation is first sized on the meta device: the whole computation may make at most
-    :data:`MAX_CONSTANT_ELEMENTS` elements and :data:`MAX_CONSTANT_FLOPS` FLOPs (positions are small tensors; a 16 KB
-    file whose chain of 2^27-element constants was kept whole took 6.5 GB here, and one 8192^2 product 15 s)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
+    The values are computed in the graph's order, each freed after its last use, so no more is alive at
+    once than the dry run allowed; only with :data:`CONSTANT_OPERATORS`, each sized on the meta device first, reading
+    and writing at most :data:`MAX_CONSTANT_BYTES` in all (a 16 KB file whose chain of 2^27-element constants was
+    kept whole took 6.5 GB here, one 8192^2 product 15 s, chained logsumexps of a stride-0 buffer most of an hour)."""
     gm = program.graph_module
     constants = {**program.state_dict, **program.constants}
     known: dict = {}
@@ -685,7 +703,7 @@ def _check_index_values(path: str, program) -> None:
     kept = {i for *_, i in sites}
     values: dict = {}  # node -> its real value, computed from constants only; None where it depends on the input
     sizes = set()  # nodes whose value is a size computed from the batch (at the dry runs' batch 2 here)
-    budget = {"made": 0, "flops": FlopCounterMode(display=False)}
+    budget = {"bytes": 0}
     for node in gm.graph.nodes:
         if node in needed:
             values[node] = _constant_value(path, node, values, known, sizes, budget)
@@ -709,7 +727,7 @@ def _check_index_values(path: str, program) -> None:
         if not isinstance(size, int):
             raise _bad(path, f"indexes the batch dimension at node {node.name[:60]!r} with fixed positions")
         low, high = int(index.min()), int(index.max())
-        if low < -size or high >= size:
+        if low < (-size if _packet(node) == "index" else 0) or high >= size:  # index_select and gather: none below 0
             raise _bad(path, f"indexes at node {node.name[:60]!r} positions {low} to {high} of a dimension of "
                              f"size {size}")
 
@@ -717,10 +735,11 @@ def _check_index_values(path: str, program) -> None:
 def _constant_value(path: str, node, values: dict, known: dict, sizes: set, budget: dict):
     """The real value of ``node`` computed from the values of its inputs (None where it depends on the input; a size
     computed from the batch at the dry runs' batch 2, recorded in ``sizes``), sized on the meta device and counted
-    against ``budget`` (elements made, a ``FlopCounterMode``) before it is computed.
+    against ``budget`` (bytes read and written) before it is computed.
 
     Raises:
-        FileFormatError: the budget is exceeded, or the operation refuses its values.
+        FileFormatError: an operator off :data:`CONSTANT_OPERATORS`, the budget exceeded, the operation refusing its
+            values, or a value that is not of values on the CPU.
     """
     inputs = node.all_input_nodes
     if node.op == "placeholder":
@@ -738,20 +757,28 @@ def _constant_value(path: str, node, values: dict, known: dict, sizes: set, budg
     elif from_batch and (_packet(node) not in _SHAPE_ONLY or node.args[0] in from_batch):
         return None  # values that depend on the batch size (arange(batch))
     args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), lambda n: values[n])
-    flops = budget["flops"]
+    packet = _packet(node)
+    if packet not in CONSTANT_OPERATORS and getattr(node.target, "__module__", None) != "_operator":
+        raise _bad(path, f"computes the positions it indexes at with {str(node.target)[:60]} at node "
+                         f"{node.name[:60]!r}, which automtl does not run at load (it checks positions computed with "
+                         "layout, conversions, arithmetic, comparisons, reductions and indexing of constants)")
     try:
         with torch.no_grad():
-            budget["made"] += sum(t.numel() for t in _on_meta(node.target, args, kwargs, flops))
-            if budget["made"] > MAX_CONSTANT_ELEMENTS or flops.get_total_flops() > MAX_CONSTANT_FLOPS:
-                raise _bad(path, f"computes from its constants, up to node {node.name[:60]!r}, {budget['made']} "
-                                 f"elements and {flops.get_total_flops():.3g} FLOPs to find the positions it "
-                                 f"indexes at, more than the {MAX_CONSTANT_ELEMENTS} elements and "
-                                 f"{MAX_CONSTANT_FLOPS:.0e} FLOPs automtl computes to check them")
-            return node.target(*args, **kwargs)
+            budget["bytes"] += _bytes((args, kwargs)) + _bytes(_on_meta(node.target, args, kwargs))
+            if budget["bytes"] > MAX_CONSTANT_BYTES:
+                raise _bad(path, f"reads and writes {budget['bytes']} bytes, up to node {node.name[:60]!r}, to compute "
+                                 f"the positions it indexes at from its constants, more than the {MAX_CONSTANT_BYTES} "
+                                 "automtl computes to check them")
+            value = node.target(*args, **kwargs)  # on the device the file names: one not the CPU is refused below
     except FileFormatError:
         raise
     except Exception as exc:  # noqa: BLE001 - any op refusing its values
         raise _bad(path, f"cannot compute node {node.name[:60]!r} from its constants ({first_line(exc)[:120]})") from None
+    if any(isinstance(t, torch.Tensor) and (t.device.type != "cpu" or t.layout != torch.strided)
+           for t in torch.utils._pytree.tree_leaves(value)):
+        raise _bad(path, f"makes at node {node.name[:60]!r} positions that are not values on the CPU (a tensor on "
+                         "another device, or of another layout), which indexing the CPU's tensors fails on")
+    return value
 
 
 #: Operators whose output holds only values of their first argument (laid out, repeated or selected otherwise).
