@@ -390,6 +390,35 @@ def test_a_program_asking_for_unbounded_memory_or_compute_is_refused_before_it_r
     _refused(path, match)  # within seconds: the dry run's factories make meta tensors, whatever device they name
 
 
+class _FourAlive(nn.Module):
+    """Four activations of 3 * 2^26 elements alive at once (a, b, c and a + b): 3 GiB of float32, within the bound;
+    6 GiB of float64, not."""
+
+    def __init__(self, dtype):
+        super().__init__()
+        self.dtype = dtype
+
+    def forward(self, x):
+        a = x.sum().to(self.dtype).reshape(1).expand(3 * 2**26) + 1
+        b, c = a * 2, a * 3
+        return {"depth": x + (a + b + c)[:1].sum().float()}
+
+
+def test_what_is_alive_at_once_is_bounded_in_bytes_not_elements(tmp_path):
+    """helper-75: the bound counted elements, so float64 activations (and the input a float64 convolution unfolds,
+    7.2 GB) had twice the memory of float32 ones; they count twice now."""
+    from automtl.formats.pt2 import _without_sample_inputs
+
+    for dtype, path in ((torch.float32, tmp_path / "f32.pt2"), (torch.float64, tmp_path / "f64.pt2")):
+        exported = torch.export.export(_FourAlive(dtype), (torch.randn(2, 3, 8, 8),), strict=False)
+        buf = io.BytesIO()
+        torch.export.save(exported, buf)
+        path.write_bytes(_without_sample_inputs(buf.getvalue()))
+    automtl.load_pt2(tmp_path / "f32.pt2")  # checked on the meta device: nothing of its 3 GiB is made
+    _refused(tmp_path / "f64.pt2", r"after which \d+ activation elements \(counted as float32 ones, a float64 one "
+                                   r"twice, .*\) are alive at once, more than the 1073741824")
+
+
 def _saved_program(module, path, decompose=False):
     from automtl.formats.pt2 import _without_sample_inputs
 

@@ -304,7 +304,8 @@ LOW_PRECISION_CPU_COST = 8
 #: minute of one CPU core for reductions (2e8 elements a second); a chain of 2^28-element nodes, reductions of a
 #: 2^28-element expanded view (which takes no memory) or a 4096-wide pooling window on a large map stops here.
 MAX_WORK_PER_SAMPLE = 2**34
-#: Elements of all the activations alive at once (after each node, before any is freed): four of the largest. A
+#: Elements of all the activations alive at once (after each node, before any is freed), counted as float32 ones
+#: (4 GiB; a float64 activation counts twice, a float16 one half): four of the largest. A
 #: convolution torch's CPU kernels may unfold (``_unfolds_on_cpu``) counts the input it unfolds (in_channels/groups x
 #: kernel x output positions x batch elements) as alive while it runs.
 MAX_LIVE = 4 * MAX_ACTIVATION
@@ -353,13 +354,19 @@ def _shapes_in_order(value) -> list:
     return []
 
 
+def _float32_elements(numel: int, element_size: int) -> int:
+    """``numel`` elements of ``element_size`` bytes counted as float32 elements of the same bytes (rounded up): the
+    bound on what is alive at once is on memory, so a float64 activation counts twice and a float16 one half."""
+    return -(-numel * element_size // 4)
+
+
 def _bases(value) -> dict:
-    """``{id: elements}`` of the tensors ``value`` holds (nested), a view counted as the tensor it views."""
+    """``{id: float32 elements}`` of the tensors ``value`` holds (nested), a view counted as the tensor it views."""
     bases = {}
     for v in _nested(value):
         if isinstance(v, torch.Tensor):
             base = v._base if v._base is not None else v
-            bases[id(base)] = base.numel()
+            bases[id(base)] = _float32_elements(base.numel(), base.element_size())
     return bases
 
 
@@ -553,15 +560,19 @@ class _BoundedShapes(fx.Interpreter):
         """The activations alive once ``n`` has run (the interpreter frees each after its last use, as the
         generated forward does), views counted once with the tensor they view, and what a convolution unfolds."""
         live = self.env.live + sum(numel for key, numel in _bases(out).items() if key not in self.env.count)
+        x = args[0] if args else kwargs.get("input")
+        size = x.element_size() if isinstance(x, torch.Tensor) else 4  # what is unfolded or copied is of the input's dtype
         hidden = self._hidden_copies(n, args, kwargs, out) if n.op in ("call_module", "call_function") else 0
         if hidden > MAX_ACTIVATION:
             raise FileFormatError(f"has node {n.name!r} that makes a {hidden}-element intermediate it does not return (a "
                                   f"padded copy or a half-resized image), more than the {MAX_ACTIVATION} automtl allows; "
                                   "the file is crafted or corrupted")
-        live += self._unfolded(n, args, kwargs, out) + hidden if n.op in ("call_module", "call_function") else 0
+        if n.op in ("call_module", "call_function"):
+            live += _float32_elements(self._unfolded(n, args, kwargs, out) + hidden, size)
         if live > MAX_LIVE:
-            raise FileFormatError(f"has node {n.name!r} after which {live} activation elements (with what operations unfold or copy while they run) are alive at once, "
-                                  f"more than the {MAX_LIVE} automtl allows; the file is crafted or corrupted")
+            raise FileFormatError(f"has node {n.name!r} after which {live} activation elements (counted as float32 ones, "
+                                  "a float64 one twice, and with what operations unfold or copy while they run) are alive "
+                                  f"at once, more than the {MAX_LIVE} automtl allows; the file is crafted or corrupted")
 
     flop_counter = None  # the FlopCounterMode the graph runs under, when a caller counts
     _flops_seen = 0
