@@ -174,7 +174,7 @@ def _build_within(cfg: ConvertConfig, state: dict, path) -> SuperModel:
     names = [t.name for t in cfg.task_objects()]
     logits = state.get("policy_logits")
     held = logits.shape[1] if isinstance(logits, torch.Tensor) and logits.dim() == 3 else None
-    if heads != set(names) or held != len(names):
+    if not heads <= set(names) or held != len(names):  # a head without parameters holds no key
         raise FileFormatError(f"weights file {os.fspath(path)!r} holds heads for {_few(sorted(heads))} and policy "
                               f"logits for {held} task(s), not the {len(names)} its supermodel.yaml describes "
                               f"({_few(names)}); {fix}")

@@ -588,6 +588,38 @@ def test_positions_are_values_on_the_cpu_at_or_above_zero_where_the_operator_nee
     _refused(_saved_program(Stride0(), tmp_path / "stride0.pt2"), r"reads and writes \d+ bytes, up to node '")
 
 
+class _ArgmaxOfScaled(nn.Module):
+    """Positions an argmax picks from the input, scaled by exp of a parameter on the way (a constant-only branch of
+    an input-dependent chain), and positions from a buffer narrowed, split or chunked."""
+
+    def __init__(self, layout):
+        super().__init__()
+        self.layout = layout
+        self.conv = nn.Conv2d(3, 3, 1)
+        self.log_scale = nn.Parameter(torch.zeros(1))
+        self.table = nn.Parameter(torch.randn(3, 1, 8, 8))
+        self.register_buffer("idx", torch.tensor([2, 0, 1, 1]))
+
+    def forward(self, x):
+        at = (self.conv(x) * self.log_scale.exp()).mean((2, 3)).argmax(1)
+        if self.layout == "narrow":
+            idx = self.idx.narrow(0, 0, 2)
+        else:
+            idx = self.idx.split(2)[1] if self.layout == "split" else self.idx.chunk(2)[0]
+        return {"depth": self.table[at] + torch.index_select(x, 1, idx).mean(1, keepdim=True)}
+
+
+@pytest.mark.parametrize("layout", ["narrow", "split", "chunk"])
+def test_positions_from_the_input_or_laid_out_constants_still_load(tmp_path, layout):
+    """helper-77: the first bounded version computed every ancestor of an index, an input-dependent one's constant
+    branches too (exp of a parameter refused a model whose argmax the check lets through), and left narrow, split
+    and chunk out of the operators it runs (refused; slicing loaded)."""
+    model = _ArgmaxOfScaled(layout)
+    path = _saved_program(model, tmp_path / f"{layout}.pt2")
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(automtl.load_pt2(path).module()(x)["depth"], model(x)["depth"])
+
+
 class _PlainConstant(nn.Module):
     def __init__(self):
         super().__init__()

@@ -180,3 +180,46 @@ def test_a_custom_loss_that_cannot_take_pred_and_target_is_refused_when_the_task
                                           r"\(p\) cannot take"):
         Task("a", "depth", loss=lambda p: p.mean())
     Task("a", "depth", loss=lambda pred, target, weight=1.0: (pred - target).abs().mean() * weight)
+
+
+class _PooledCount(Count):
+    """A count read off the features without parameters: its head holds no key in a state dict."""
+
+    def head(self, task, channels):
+        return torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Identity())
+
+
+class _PriorHead(torch.nn.Module):
+    def __init__(self, channels):
+        super().__init__()
+        self.fc = torch.nn.Linear(channels, 1)
+        torch.nn.init.constant_(self.fc.bias, float(torch.log(torch.tensor(4.0))))  # reads a value while made
+
+    def forward(self, x):
+        return self.fc(x.mean((2, 3)))
+
+
+class _PriorCount(Count):
+    def head(self, task, channels):
+        return _PriorHead(channels)
+
+
+@pytest.mark.parametrize("kind", [_PooledCount, _PriorCount], ids=["head without parameters", "head reading values"])
+def test_a_run_of_a_registered_kind_loads_whatever_its_head(tmp_path, kind):
+    """The run folder's check of its config against its weights (heads held, size from below) refused a run whose
+    head has no parameters (no `heads.<task>.` key), and raised a traceback where the head, built on the meta device
+    to be counted, reads a value while it is made (helper-77)."""
+    from automtl.convert import ConvertConfig, build_supermodel
+    from automtl.runs import load_run, save_run
+
+    register_kind("count")(kind)
+    try:
+        cfg = ConvertConfig.from_dict({"backbone": "tiny", "input_size": SIZE, "tasks": [
+            {"name": "seg", "kind": "segmentation", "classes": 3}, {"name": "n", "kind": "count"}]}, "test")
+        sm = build_supermodel(cfg)
+        save_run(sm, cfg, tmp_path / "run")
+        loaded, _, _ = load_run(tmp_path / "run")
+        assert all(torch.equal(a, b) for a, b in zip(sm.state_dict().values(), loaded.state_dict().values()))
+    finally:
+        KINDS.pop("count", None)
+        HIGHER_IS_BETTER.pop("count_mae", None)

@@ -107,8 +107,9 @@ def _load(path: Path, name: str) -> np.ndarray:
         raise DataError(f"{name} file {path} cannot be read as .npy ({type(e).__name__}); regenerate it") from None
 
 
-#: How far a float image's values may lie outside [0, 1] (what resampling overshoots by), as a fraction of the range.
-IMAGE_SLACK = 0.01
+#: How far a float image's values may lie outside [0, 1], as a fraction of the range: what resampling overshoots by
+#: when it is not clipped (bicubic upsampling of a 0/1 edge: -0.11 to 1.11), far below images stored as 0-255.
+IMAGE_SLACK = 0.25
 
 #: No class count reaches this id (automtl.tasks.MAX_CLASSES is far below): a label at or beyond it is no class id.
 _MAX_LABEL = 2**31

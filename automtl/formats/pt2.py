@@ -630,9 +630,10 @@ _SHAPE_ONLY = frozenset({"view", "reshape", "_unsafe_view", "expand", "repeat", 
 #: compute them from a program's constants (1 GiB: about a second). Positions an automtl export indexes at are
 #: buffers, viewed or sliced: a few elements.
 MAX_CONSTANT_BYTES = 2**30
-#: The operators (``aten`` packets) that check may run, whose cost is the bytes they read and write: layout,
-#: conversions, factories, arithmetic, comparisons, reductions and indexing. Nothing else computes positions: a
-#: product, a convolution (whose CPU kernels unfold their input), logsumexp's hidden copies.
+#: The operators (``aten`` packets) that check may run on values computed from constants only, whose cost is the
+#: bytes they read and write: layout, conversions, factories, elementwise arithmetic and functions, comparisons,
+#: reductions and indexing. Not a product, a convolution (whose CPU kernels unfold their input) or logsumexp (hidden
+#: copies). Values that depend on the input are never computed, nor what only they read.
 CONSTANT_OPERATORS = frozenset({
     "view", "reshape", "_unsafe_view", "expand", "repeat", "broadcast_to", "expand_as", "unsqueeze", "squeeze",
     "clone", "contiguous", "permute", "transpose", "alias", "detach", "slice", "select", "flatten", "unflatten",
@@ -641,7 +642,10 @@ CONSTANT_OPERATORS = frozenset({
     "mul", "div", "floor_divide", "remainder", "fmod", "neg", "abs", "sign", "clamp", "clamp_min", "clamp_max",
     "minimum", "maximum", "floor", "ceil", "round", "trunc", "where", "eq", "ne", "lt", "le", "gt", "ge",
     "logical_and", "logical_or", "logical_not", "bitwise_and", "bitwise_or", "bitwise_not", "sum", "cumsum",
-    "argmax", "argmin", "max", "min", "amax", "amin", "index", "index_select", "gather"})
+    "argmax", "argmin", "max", "min", "amax", "amin", "index", "index_select", "gather", "narrow", "split",
+    "split_with_sizes", "chunk", "unbind", "tensor_split", "view_as", "reshape_as", "numpy_T", "movedim",
+    "new_zeros", "new_ones", "new_full", "new_empty", "constant_pad_nd", "repeat_interleave", "masked_fill", "exp",
+    "log", "sqrt", "rsqrt", "sigmoid", "tanh", "relu", "pow"})
 #: A computed value no later node reads (not None, which marks a value that depends on the input).
 _FREED = object()
 
@@ -689,12 +693,18 @@ def _check_index_values(path: str, program) -> None:
         source = node.args[0].meta.get("val") if isinstance(node.args[0], torch.fx.Node) else None
         at = node.args[_INDEXING[packet]] if len(node.args) > _INDEXING[packet] else None
         sites += [(node, source, d, i) for d, i in (_index_dims(at) if packet == "index" else [(node.args[1], at)])]
+    depends = set()  # nodes whose values depend on the input (found without computing anything)
+    for node in gm.graph.nodes:
+        if (node.op == "placeholder" and node.name not in known) or (
+                "sym_size" not in str(node.target) and any(i in depends for i in node.all_input_nodes)):
+            depends.add(node)
     needed, stack = set(), [i for *_, i in sites if isinstance(i, torch.fx.Node)]
-    while stack:  # what the index tensors are computed from
+    while stack:  # what the index tensors are computed from, as far as it is computed from constants
         n = stack.pop()
         if n not in needed:
             needed.add(n)
-            stack.extend(n.all_input_nodes)
+            if n not in depends:  # an input-dependent value is not computed: neither is what feeds it
+                stack.extend(n.all_input_nodes)
     last_use = {}  # node -> the last needed node that reads it (index nodes are kept to the end)
     for node in gm.graph.nodes:
         if node in needed:
@@ -706,7 +716,7 @@ def _check_index_values(path: str, program) -> None:
     budget = {"bytes": 0}
     for node in gm.graph.nodes:
         if node in needed:
-            values[node] = _constant_value(path, node, values, known, sizes, budget)
+            values[node] = None if node in depends else _constant_value(path, node, values, known, sizes, budget)
             for i in node.all_input_nodes:  # read by no later node: freed, so no more is alive than the dry run allowed
                 if last_use.get(i) is node and i not in kept:
                     values[i] = _FREED

@@ -776,9 +776,9 @@ def _dry_run(path: str, gm: fx.GraphModule, desc: dict, tasks: list, dtype: torc
     if not (isinstance(shape, list) and len(shape) == 4 and all(isinstance(d, int) and not isinstance(d, bool)
                                                                 and 1 <= d <= 2**16 for d in shape)):
         raise bad(path, "has no valid input_shape (N, C, H, W); the file is corrupted, save the model again")
-    if math.prod(shape) > MAX_LIVE:  # before anything of that shape is made, even on the meta device
-        raise bad(path, f"records an input of shape {tuple(shape)}, {math.prod(shape)} elements, more than the "
-                        f"{MAX_LIVE} automtl allows alive at once; the file is crafted or corrupted")
+    if _float32_elements(math.prod(shape), dtype.itemsize) > MAX_LIVE:  # before anything of that shape is made
+        raise bad(path, f"records an input of shape {tuple(shape)}, {math.prod(shape)} elements of {dtype}, more than "
+                        f"the {MAX_LIVE} (float32) automtl allows alive at once; the file is crafted or corrupted")
     shape_check(path, gm, tasks, dtype, shape)
 
 
