@@ -23,6 +23,6 @@ __version__ = "0.1.0"
 __all__ = [
     "AutomtlError", "BackboneError", "Capture", "CompactModel", "ConfigError", "DataError", "FileFormatError",
     "Policy", "SearchConfig", "SearchResult", "SuperModel", "Task", "TaskKind", "TraceError", "build_backbone",
-    "capture", "compact", "compact_run", "evaluate", "export", "export_onnx", "list_backbones", "load", "load_pt2", "load_weights",
-    "register_backbone", "register_kind", "render", "save", "search", "search_run", "supermodel",
+    "capture", "compact", "compact_run", "evaluate", "export", "export_onnx", "list_backbones", "load", "load_pt2",
+    "load_weights", "register_backbone", "register_kind", "render", "save", "search", "search_run", "supermodel",
 ]

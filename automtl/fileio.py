@@ -501,8 +501,8 @@ def _refuse_views_beyond_storage(value, where: str, error: type, fix: str, depth
     """Every tensor in what a pickle built (containers walked, at most :data:`MAX_TENSOR_NESTING` deep) is a strided
     tensor of values on the CPU (not a meta tensor, which passed every shape check and failed inside torch's
     loaders) and holds no more elements than its stored bytes: a view with a zero or overlapping stride declares
-    2^40 elements over 4 bytes, and ``Optimizer.load_state_dict`` or ``.to()`` would allocate them all. Deeper containers are refused
-    (no writer nests so deep, and the readers' comparisons and copies recurse). An object is looked at again only
+    2^40 elements over 4 bytes, and ``Optimizer.load_state_dict`` or ``.to()`` would allocate them all. Deeper
+    containers are refused (no writer nests so deep, and the readers' comparisons and copies recurse). An object is looked at again only
     where it is reached deeper than before (so at most :data:`MAX_TENSOR_NESTING` times)."""
     import torch
 

@@ -216,11 +216,11 @@ def _load_state(sm: SuperModel, state: dict, path) -> SuperModel:
     found = (f"it lacks {_few(missing, 2)}" if missing else f"it holds {_few(extra, 2)}, which the supermodel does not have"
              if extra else f"{unlike[0]!r} is {tuple(state[unlike[0]].shape)} {state[unlike[0]].dtype}, not "
                           f"{tuple(own[unlike[0]].shape)} {own[unlike[0]].dtype}" if unlike else "")
-    try:
-        if found:
-            raise RuntimeError(found)
-        sm.load_state_dict(state)
-    except RuntimeError as exc:
-        raise FileFormatError(f"weights file {os.fspath(path)!r} does not fit its supermodel.yaml "
-                              f"({first_line(exc)[:300]}); keep the two files together") from None
-    return sm
+    if not found:
+        try:
+            sm.load_state_dict(state)
+            return sm
+        except RuntimeError as exc:  # what the key, shape and kind checks cannot see
+            found = first_line(exc)[:300]
+    raise FileFormatError(f"weights file {os.fspath(path)!r} does not fit its supermodel.yaml ({found}); keep the two "
+                          "files together")

@@ -93,9 +93,9 @@ def sweep(cfg: ConvertConfig, budgets: Union[str, Sequence[str]], out: Union[str
 
     Returns the content of ``sweep.json``: ``rows`` (one per model: ``name``, ``kind`` automtl |
     hard-sharing | single-task, ``budget`` label or None, ``params`` (count), ``params_vs_hard_sharing``
-    (None where hard sharing has no parameters), ``macs`` (per sample), ``latency_ms`` (median of ``repeats`` CPU runs of a batch of ``batch``
-    images, every model timed in the same rounds; the single-task row is its T models one after
-    another), ``metrics`` {task: {metric: value}}, ``delta_mtl`` (%, against the single-task row;
+    (None where hard sharing has no parameters), ``macs`` (per sample), ``latency_ms`` (median of
+    ``repeats`` CPU runs of a batch of ``batch`` images, every model timed in the same rounds; the
+    single-task row is its T models one after another), ``metrics`` {task: {metric: value}}, ``delta_mtl`` (%, against the single-task row;
     None where a baseline metric is 0), ``train_fbe``, ``pareto_params`` and ``pareto_latency``), and
     the protocol (``compute``, ``latency``, ``delta_metrics``: the metrics Δ_MTL averages per task).
 

@@ -630,22 +630,6 @@ _SHAPE_ONLY = frozenset({"view", "reshape", "_unsafe_view", "expand", "repeat", 
 #: compute them from a program's constants (1 GiB: about a second). Positions an automtl export indexes at are
 #: buffers, viewed or sliced: a few elements.
 MAX_CONSTANT_BYTES = 2**30
-#: The operators (``aten`` packets) that check may run on values computed from constants only, whose cost is the
-#: bytes they read and write: layout, conversions, factories, elementwise arithmetic and functions, comparisons,
-#: reductions and indexing. Not a product, a convolution (whose CPU kernels unfold their input) or logsumexp (hidden
-#: copies). Values that depend on the input are never computed, nor what only they read.
-CONSTANT_OPERATORS = frozenset({
-    "view", "reshape", "_unsafe_view", "expand", "repeat", "broadcast_to", "expand_as", "unsqueeze", "squeeze",
-    "clone", "contiguous", "permute", "transpose", "alias", "detach", "slice", "select", "flatten", "unflatten",
-    "lift_fresh_copy", "flip", "roll", "t", "cat", "stack", "_to_copy", "to", "type_as", "arange", "full", "zeros",
-    "ones", "empty", "scalar_tensor", "zeros_like", "ones_like", "full_like", "empty_like", "add", "sub", "rsub",
-    "mul", "div", "floor_divide", "remainder", "fmod", "neg", "abs", "sign", "clamp", "clamp_min", "clamp_max",
-    "minimum", "maximum", "floor", "ceil", "round", "trunc", "where", "eq", "ne", "lt", "le", "gt", "ge",
-    "logical_and", "logical_or", "logical_not", "bitwise_and", "bitwise_or", "bitwise_not", "sum", "cumsum",
-    "argmax", "argmin", "max", "min", "amax", "amin", "index", "index_select", "gather", "narrow", "split",
-    "split_with_sizes", "chunk", "unbind", "tensor_split", "view_as", "reshape_as", "numpy_T", "movedim",
-    "new_zeros", "new_ones", "new_full", "new_empty", "constant_pad_nd", "repeat_interleave", "masked_fill", "exp",
-    "log", "sqrt", "rsqrt", "sigmoid", "tanh", "relu", "pow"})
 #: A computed value no later node reads (not None, which marks a value that depends on the input).
 _FREED = object()
 
@@ -655,17 +639,12 @@ def _bytes(value) -> int:
     return sum(t.numel() * t.element_size() for t in torch.utils._pytree.tree_leaves(value) if isinstance(t, torch.Tensor))
 
 
-def _on_device(kwargs: dict, device: str) -> dict:
-    """``kwargs`` with any device it names replaced by ``device``."""
-    return {**kwargs, "device": torch.device(device)} if "device" in kwargs else kwargs
-
-
 def _on_meta(target, args, kwargs):
     """What ``target(*args, **kwargs)`` returns, made on the meta device (no memory, no compute), factories too."""
     meta = lambda v: torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device="meta") if isinstance(v, torch.Tensor) else v
     args, kwargs = torch.utils._pytree.tree_map(meta, (args, kwargs))
-    with torch.device("meta"):
-        return target(*args, **_on_device(kwargs, "meta"))
+    with torch.device("meta"):  # factories without a device; those naming one are given the meta device
+        return target(*args, **({**kwargs, "device": torch.device("meta")} if "device" in kwargs else kwargs))
 
 
 def _check_index_values(path: str, program) -> None:
@@ -794,6 +773,20 @@ def _constant_value(path: str, node, values: dict, known: dict, sizes: set, budg
 #: Operators whose output holds only values of their first argument (laid out, repeated or selected otherwise).
 _SAME_VALUES = _SHAPE_ONLY | {"unsqueeze", "squeeze", "clone", "contiguous", "permute", "transpose", "alias", "detach",
                               "slice", "select", "flatten", "unflatten", "lift_fresh_copy", "flip", "roll"}
+#: The operators (``aten`` packets) that check may run on values computed from constants only, whose cost is the
+#: bytes they read and write: layout (:data:`_SAME_VALUES`), conversions, factories, elementwise arithmetic and
+#: functions, comparisons, reductions and indexing. Not a product, a convolution (whose CPU kernels unfold their
+#: input) or logsumexp (hidden copies). Values that depend on the input are never computed, nor what only they read.
+CONSTANT_OPERATORS = frozenset(_SAME_VALUES | {
+    "t", "cat", "stack", "_to_copy", "to", "type_as", "arange", "full", "zeros", "ones", "empty", "scalar_tensor",
+    "zeros_like", "ones_like", "full_like", "empty_like", "add", "sub", "rsub", "mul", "div", "floor_divide",
+    "remainder", "fmod", "neg", "abs", "sign", "clamp", "clamp_min", "clamp_max", "minimum", "maximum", "floor",
+    "ceil", "round", "trunc", "where", "eq", "ne", "lt", "le", "gt", "ge", "logical_and", "logical_or",
+    "logical_not", "bitwise_and", "bitwise_or", "bitwise_not", "sum", "cumsum", "argmax", "argmin", "max", "min",
+    "amax", "amin", "index", "index_select", "gather", "narrow", "split", "split_with_sizes", "chunk", "unbind",
+    "tensor_split", "view_as", "reshape_as", "numpy_T", "movedim", "new_zeros", "new_ones", "new_full",
+    "new_empty", "constant_pad_nd", "repeat_interleave", "masked_fill", "exp", "log", "sqrt", "rsqrt", "sigmoid",
+    "tanh", "relu", "pow"})
 
 
 def _argmax_bound(node) -> Optional[int]:
