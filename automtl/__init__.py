@@ -8,7 +8,7 @@ from .backbones import build_backbone, list_backbones, load_weights, register_ba
 from .capture import Capture, capture
 from .compact import CompactModel, compact
 from .config import SearchConfig
-from .errors import AutomtlError, BackboneError, ConfigError, DataError, FileFormatError, TraceError
+from .errors import AutomtlError, BackboneError, ConfigError, DataError, FileFormatError, TooLargeError, TraceError
 from .formats import export, export_onnx, load, load_pt2, save
 from .kinds import TaskKind, register_kind
 from .policy import Policy
@@ -22,7 +22,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AutomtlError", "BackboneError", "Capture", "CompactModel", "ConfigError", "DataError", "FileFormatError",
-    "Policy", "SearchConfig", "SearchResult", "SuperModel", "Task", "TaskKind", "TraceError", "build_backbone",
+    "Policy", "SearchConfig", "SearchResult", "SuperModel", "Task", "TaskKind", "TooLargeError", "TraceError", "build_backbone",
     "capture", "compact", "compact_run", "evaluate", "export", "export_onnx", "list_backbones", "load", "load_pt2",
     "load_weights", "register_backbone", "register_kind", "render", "save", "search", "search_run", "supermodel",
 ]

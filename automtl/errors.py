@@ -31,6 +31,15 @@ class ConfigError(AutomtlError):
     """A configuration value, task spec or policy file is invalid."""
 
 
+class TooLargeError(ConfigError):
+    """What was asked for would hold at least ``least`` elements, more than the ``limit`` allowed (e.g.
+    ``supermodel(..., max_elements=)``: the supermodel a run folder's config describes against its weights)."""
+
+    def __init__(self, message: str, least: int, limit: int):
+        super().__init__(message)
+        self.least, self.limit = least, limit
+
+
 class DataError(AutomtlError):
     """A dataset is missing, malformed or does not fit the tasks."""
 

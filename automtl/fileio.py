@@ -537,6 +537,24 @@ def number_kind(dtype) -> str:
             else "integer")
 
 
+def state_misfits(state: Mapping, own: Mapping) -> dict:
+    """How the tensors of a file's ``state`` miss a module's own state dict ``own``, as lists of messages' parts:
+    ``missing`` (keys of ``own`` that ``state`` lacks), ``unexpected`` (keys ``own`` lacks), ``reshaped``
+    (``"key (file shape) vs (model shape)"``) and ``other_kind`` (``"key file-dtype vs model-dtype"``, another kind of
+    number, :func:`number_kind`). ``load_state_dict`` casts whatever it copies: float16 into float32 weights is a
+    checkpoint's precision, an integer or bool tensor into a float weight is another file's values."""
+    def dtype(t) -> str:
+        return str(t.dtype).removeprefix("torch.")
+
+    shared = [k for k in state if k in own]
+    return {"missing": [k for k in own if k not in state],
+            "unexpected": [k for k in state if k not in own],
+            "reshaped": [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in shared
+                         if tuple(state[k].shape) != tuple(own[k].shape)],
+            "other_kind": [f"{k} {dtype(state[k])} vs {dtype(own[k])}" for k in shared
+                           if number_kind(state[k].dtype) != number_kind(own[k].dtype)]}
+
+
 def state_dict_of(value, where: str, error: type, fix: str) -> dict:
     """``value`` (what :func:`load_tensors` read) as a state dict: a mapping of names to tensors, or ``error``."""
     import torch

@@ -19,8 +19,8 @@ import yaml
 
 from .config import SESSION_FIELDS, SearchConfig
 from .convert import ConvertConfig, build_data, build_supermodel, json_safe, prepare_run
-from .errors import ConfigError, FileFormatError, first_line
-from .fileio import atomic_path, atomic_write_text, ensure_dir, load_tensors, number_kind, read_yaml, state_dict_of
+from .errors import ConfigError, FileFormatError, TooLargeError, first_line
+from .fileio import atomic_path, atomic_write_text, ensure_dir, load_tensors, read_yaml, state_dict_of, state_misfits
 from .policy import Policy
 from .supermodel import SuperModel
 
@@ -181,9 +181,7 @@ def _build_within(cfg: ConvertConfig, state: dict, path) -> SuperModel:
     elements = sum(t.numel() for t in state.values() if isinstance(t, torch.Tensor))
     try:
         return build_supermodel(cfg, download=False, max_elements=elements)
-    except ConfigError as exc:
-        if not hasattr(exc, "least"):
-            raise
+    except TooLargeError as exc:
         raise FileFormatError(f"weights file {os.fspath(path)!r} holds {elements} elements, fewer than the at least "
                               f"{exc.least} of the supermodel its supermodel.yaml describes; {fix}") from None
 
@@ -208,14 +206,11 @@ def _read_state(path) -> dict:
 
 
 def _load_state(sm: SuperModel, state: dict, path) -> SuperModel:
-    own = sm.state_dict()
-    missing = [k for k in own if k not in state]
-    extra = [k for k in state if k not in own]
-    unlike = [k for k in own if k in state and (tuple(state[k].shape), number_kind(state[k].dtype))
-              != (tuple(own[k].shape), number_kind(own[k].dtype))]  # load_state_dict casts: an int64 became a weight
+    misfit = state_misfits(state, sm.state_dict())
+    missing, extra = misfit["missing"], misfit["unexpected"]
+    unlike = misfit["reshaped"] + misfit["other_kind"]
     found = (f"it lacks {_few(missing, 2)}" if missing else f"it holds {_few(extra, 2)}, which the supermodel does not have"
-             if extra else f"{unlike[0]!r} is {tuple(state[unlike[0]].shape)} {state[unlike[0]].dtype}, not "
-                          f"{tuple(own[unlike[0]].shape)} {own[unlike[0]].dtype}" if unlike else "")
+             if extra else f"{unlike[0]} (file vs supermodel)" if unlike else "")
     if not found:
         try:
             sm.load_state_dict(state)

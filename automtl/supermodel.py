@@ -19,7 +19,7 @@ from torch import fx, nn
 
 from . import cost
 from .capture import Capture, capture, copy_constants, count_parameters, placement
-from .errors import AutomtlError, ConfigError
+from .errors import AutomtlError, ConfigError, TooLargeError
 from .foldcheck import check_tasks_apart
 from .heads import build_head, finish
 from .paths import PathRunner
@@ -496,7 +496,7 @@ def supermodel(
     config describes must fit in what it holds (:func:`automtl.runs.load_run`).
 
     Raises:
-        ConfigError: the supermodel would hold more than ``max_elements`` elements.
+        TooLargeError: (a ConfigError) the supermodel would hold more than ``max_elements`` elements.
     """
     tasks = check_tasks(tasks)
     if isinstance(backbone, str):
@@ -507,11 +507,9 @@ def supermodel(
         example_input = torch.randn(1, 3, 64, 64, **placement(backbone))
     cap = capture(backbone, example_input, feature_node, leaf_modules, concrete_args)
     if max_elements is not None and (least := least_elements(cap, tasks)) > max_elements:
-        error = ConfigError(f"the supermodel of {len(tasks)} task(s) on this backbone would hold at least {least} "
+        raise TooLargeError(f"the supermodel of {len(tasks)} task(s) on this backbone would hold at least {least} "
                             f"elements (each task's copy of every policy layer, and the heads), more than the "
-                            f"{max_elements} allowed")
-        error.least = least
-        raise error
+                            f"{max_elements} allowed", least, max_elements)
     sm = SuperModel(cap, tasks)
     # in the backbone's mode, every module of it (the copied layers kept theirs; what the supermodel adds was made in
     # train mode): a backbone handed over in eval mode gives an eval-mode supermodel, not one whose flag says train

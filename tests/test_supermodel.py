@@ -6,10 +6,11 @@ import torch
 from torch import nn
 
 from automtl.backbones import build_backbone, count_convs, count_parameters, list_backbones
-from automtl.errors import AutomtlError, ConfigError
+from automtl.capture import capture
+from automtl.errors import AutomtlError, ConfigError, TooLargeError
 from automtl.policy import SHARE, SKIP, Policy
 from automtl.reference import run_task_by_task
-from automtl.supermodel import PolicyLayer, supermodel
+from automtl.supermodel import PolicyLayer, least_elements, supermodel
 from automtl.tasks import Task
 
 BUILTINS = [s.name for s in list_backbones()]
@@ -98,6 +99,20 @@ def test_parameter_accounting(name):
     pol = Policy.random(sm.layer_names, sm.task_names, sm.skip_legal, seed=2)
     onehot = torch.nn.functional.one_hot(torch.tensor(pol.choices), 3).float()
     assert sm.expected_parameter_count(onehot).item() == pytest.approx(sm.policy_parameter_count(pol), rel=1e-6)
+
+
+@pytest.mark.parametrize("name", BUILTINS)
+def test_the_size_bound_is_a_lower_bound_and_refuses_below_it(name):
+    """``least_elements`` never exceeds what the supermodel holds (a run folder's weights are checked against it),
+    and ``max_elements`` below it refuses with a TooLargeError (a ConfigError) carrying both numbers."""
+    backbone, sm = built(name)
+    held = sum(t.numel() for t in sm.state_dict().values())
+    least = least_elements(capture(backbone, torch.randn(1, 3, SIZE, SIZE)), TASKS)
+    assert 0 < least <= held
+    with pytest.raises(TooLargeError) as refused:
+        supermodel(backbone, TASKS, torch.randn(1, 3, SIZE, SIZE), max_elements=least - 1)
+    assert isinstance(refused.value, ConfigError) and (refused.value.least, refused.value.limit) == (least, least - 1)
+    assert f"at least {least} elements" in str(refused.value)
 
 
 def test_parameter_groups_are_disjoint_and_complete():

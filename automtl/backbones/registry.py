@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..errors import BackboneError
-from ..fileio import load_tensors, number_kind
+from ..fileio import load_tensors, state_misfits
 from .external import build_external, is_external
 
 __all__ = ["BackboneSpec", "BACKBONES", "register_backbone", "list_backbones", "build_backbone", "load_weights",
@@ -274,15 +274,10 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> Dict[str, Any]:
                (k.split(".", 1)[0] in heads or k.rsplit(".", 1)[0] in heads or k.endswith("num_batches_tracked"))]
     for k in ignored:
         del state[k]
+    misfits = state_misfits(state, own)
     # BN fills a missing num_batches_tracked itself, so old checkpoints without it are fine.
-    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in state if k not in own]
-    mismatched = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
-                  if k in own and tuple(v.shape) != tuple(own[k].shape)]
-    # load_state_dict casts whatever it copies: float16 into float32 is a checkpoint's precision, an integer or bool
-    # tensor into a float weight (or a float into a step counter) is another file's
-    other_kind = [f"{k} {str(v.dtype).removeprefix('torch.')} vs {str(own[k].dtype).removeprefix('torch.')}"
-                  for k, v in state.items() if k in own and number_kind(v.dtype) != number_kind(own[k].dtype)]
+    missing = [k for k in misfits["missing"] if not k.endswith("num_batches_tracked")]
+    unexpected, mismatched, other_kind = misfits["unexpected"], misfits["reshaped"], misfits["other_kind"]
     problems = []
     if missing:
         problems.append(f"{len(missing)} missing key(s) such as {_first(missing)}")
