@@ -4,7 +4,10 @@ A metric accumulates sufficient statistics batch by batch (``update``) and reduc
 (``compute``), so a validation pass costs no more memory than one batch for every kind except
 multilabel mAP, which keeps the scores. Only labelled samples and pixels count, with the same
 notion of "missing" as :mod:`automtl.losses`. A metric with nothing counted computes to NaN:
-a number would claim a measurement that was never made.
+a number would claim a measurement that was never made. So does a metric whose prediction is not finite (NaN or
+inf) at any counted entry: every value it computes is NaN, as a mean of NaN errors is, where an argmax, a
+threshold or a histogram bin would otherwise turn the NaN into a plausible number (NaN logits pick a class, a NaN
+angle fell into the 0-degree bin of the median, a NaN score dropped out of mAP as a missing entry).
 """
 from __future__ import annotations
 
@@ -67,6 +70,24 @@ class Metric:
     def compute(self) -> dict[str, float]:  # pragma: no cover - overridden
         raise NotImplementedError
 
+    nonfinite = 0  # counted entries whose prediction is not finite: every value computes to NaN (module docstring)
+
+    def _not_finite(self, pred: Tensor, counted: Tensor) -> bool:
+        """Count the entries where ``counted`` (bool) is set and ``pred`` (bool: finite there) is not; True if any."""
+        self.nonfinite += int((counted & ~pred).sum())
+        return self.nonfinite > 0
+
+    def _unmeasured(self) -> dict[str, float]:
+        return dict.fromkeys(self.names, _NAN)
+
+
+def _finite_at(pred: Tensor, scored_dims: int) -> Tensor:
+    """Where :func:`_class_ids` picks from finite values (same shape as its result): all scores of a position finite."""
+    if not pred.is_floating_point():
+        return torch.ones_like(_class_ids(pred, scored_dims), dtype=torch.bool)
+    finite = torch.isfinite(pred)
+    return finite.all(dim=1) if pred.dim() == scored_dims else finite
+
 
 def _class_ids(pred: Tensor, scored_dims: int) -> Tensor:
     """The class each prediction picks: the argmax over dimension 1 of scores (``scored_dims`` dimensions, e.g.
@@ -92,16 +113,20 @@ class Accuracy(Metric):
     def reset(self) -> None:
         self.correct = 0
         self.count = 0
+        self.nonfinite = 0
 
     @torch.no_grad()
     def update(self, pred: Tensor, target: Tensor) -> None:
         target = _label_target(target, self.ignore_index).reshape(-1)
         labels = _class_ids(pred, 2)
         valid = target != self.ignore_index
+        self._not_finite(_finite_at(pred.detach(), 2).reshape(-1), valid)
         self.correct += int((labels[valid] == target[valid]).sum())
         self.count += int(valid.sum())
 
     def compute(self) -> dict[str, float]:
+        if self.nonfinite:
+            return self._unmeasured()
         return {"accuracy": 100.0 * _ratio(self.correct, self.count)}
 
 
@@ -144,6 +169,7 @@ class MultilabelMetric(Metric):
 
     def reset(self) -> None:
         self.tp = self.fp = self.fn = None
+        self.nonfinite = 0
         self.scores: list[Tensor] = []
         self.labels: list[Tensor] = []
 
@@ -152,6 +178,7 @@ class MultilabelMetric(Metric):
         pred = pred.detach().float().cpu()
         target = target.detach().float().cpu().reshape(pred.shape)
         valid = ~torch.isnan(target)
+        self._not_finite(torch.isfinite(pred), valid)
         t = torch.where(valid, target, torch.zeros_like(target)) > 0.5
         p = pred > 0
         if self.tp is None:
@@ -165,8 +192,8 @@ class MultilabelMetric(Metric):
         self.labels.append(t)
 
     def compute(self) -> dict[str, float]:
-        if self.tp is None:
-            return {"f1": _NAN, "map": _NAN}
+        if self.tp is None or self.nonfinite:
+            return self._unmeasured()
         denom = 2 * self.tp + self.fp + self.fn
         has = denom > 0
         f1 = (2 * self.tp[has].double() / denom[has].double()).mean().item() if bool(has.any()) else _NAN
@@ -192,17 +219,21 @@ class RegressionMetric(Metric):
         self.abs_sum = 0.0
         self.sq_sum = 0.0
         self.count = 0
+        self.nonfinite = 0
 
     @torch.no_grad()
     def update(self, pred: Tensor, target: Tensor) -> None:
         target = target.detach().double().reshape(pred.shape)
         valid = ~torch.isnan(target)
+        self._not_finite(torch.isfinite(pred.detach()), valid)
         err = pred.detach().double()[valid] - target[valid]
         self.abs_sum += float(err.abs().sum())
         self.sq_sum += float((err * err).sum())
         self.count += int(valid.sum())
 
     def compute(self) -> dict[str, float]:
+        if self.nonfinite:
+            return self._unmeasured()
         return {"mae": _ratio(self.abs_sum, self.count), "rmse": math.sqrt(_ratio(self.sq_sum, self.count))}
 
 
@@ -225,6 +256,7 @@ class SegmentationMetric(Metric):
 
     def reset(self) -> None:
         self.predicted, self.labelled, self.correct = (torch.zeros(self.classes, dtype=torch.long) for _ in range(3))
+        self.nonfinite = 0
 
     @torch.no_grad()
     def update(self, pred: Tensor, target: Tensor) -> None:
@@ -238,6 +270,7 @@ class SegmentationMetric(Metric):
             pred = match_size(pred.float(), target.shape[-2:])
         labels = _class_ids(pred, target.dim() + 1)
         valid = (target != self.ignore_index) & (target >= 0) & (target < self.classes)
+        self._not_finite(_finite_at(pred, target.dim() + 1).reshape(valid.shape), valid)
         target, labels = target[valid], labels[valid]
         count = functools.partial(torch.bincount, minlength=self.classes)
         self.labelled += count(target).cpu()
@@ -245,6 +278,8 @@ class SegmentationMetric(Metric):
         self.correct += count(target[target == labels]).cpu()
 
     def compute(self) -> dict[str, float]:
+        if self.nonfinite:
+            return self._unmeasured()
         inter = self.correct.double()
         total = self.labelled.sum().item()
         union = self.predicted.double() + self.labelled.double() - inter
@@ -267,6 +302,7 @@ class DepthMetric(Metric):
         self.abs_sum = 0.0
         self.rel_sum = 0.0
         self.count = 0
+        self.nonfinite = 0
 
     @torch.no_grad()
     def update(self, pred: Tensor, target: Tensor) -> None:
@@ -275,12 +311,15 @@ class DepthMetric(Metric):
             target = target.unsqueeze(1)
         pred = match_size(pred.detach().double(), target.shape[-2:])
         valid = torch.isfinite(target) & (target != 0)
+        self._not_finite(torch.isfinite(pred), valid)
         err = (pred[valid] - target[valid]).abs()
         self.abs_sum += float(err.sum())
         self.rel_sum += float((err / target[valid].abs()).sum())
         self.count += int(valid.sum())
 
     def compute(self) -> dict[str, float]:
+        if self.nonfinite:
+            return self._unmeasured()
         return {"abs_err": _ratio(self.abs_sum, self.count), "rel_err": _ratio(self.rel_sum, self.count)}
 
 
@@ -304,6 +343,7 @@ class NormalMetric(Metric):
         self.angle_sum = 0.0
         self.within = {k: 0 for k in self.THRESHOLDS}
         self.count = 0
+        self.nonfinite = 0
 
     @torch.no_grad()
     def update(self, pred: Tensor, target: Tensor) -> None:
@@ -316,6 +356,8 @@ class NormalMetric(Metric):
         # (all zero) is 90 degrees off, as its loss says (cosine 0), not atan2(0, 0) = 0, a perfect score.
         angle = torch.rad2deg(torch.atan2(torch.linalg.cross(p, t).norm(dim=1), (p * t).sum(dim=1)))
         angle = torch.where((p != 0).any(dim=1), angle, torch.full_like(angle, 90.0)).cpu()
+        if self._not_finite(torch.isfinite(p).all(dim=1).cpu(), torch.ones_like(angle, dtype=torch.bool)):
+            return  # every value is NaN now; NaN angles would fall into the histogram's first bin
         self.angle_sum += float(angle.sum())
         for k, thr in self.THRESHOLDS.items():
             self.within[k] += int((angle < thr).sum())
@@ -334,6 +376,8 @@ class NormalMetric(Metric):
         return (b + (half - before) / inside) * self.BIN
 
     def compute(self) -> dict[str, float]:
+        if self.nonfinite:
+            return self._unmeasured()
         out = {"mean_angle": _ratio(self.angle_sum, self.count), "median_angle": self._median()}
         for k in self.THRESHOLDS:
             out[k] = 100.0 * _ratio(self.within[k], self.count)

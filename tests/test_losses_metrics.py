@@ -406,3 +406,54 @@ def test_metrics_read_class_ids_as_ids():
     a = Accuracy()
     a.update(torch.tensor([[1], [2]]), torch.tensor([1, 2]))
     assert a.compute() == {"accuracy": 100.0}
+
+
+# A prediction of each kind and its target: (B, C) scores, (B, C) multilabel logits, (B, 3) values, (B, C, H, W)
+# scores, (B, 1, H, W) depth, (B, 3, H, W) unit normals; the first sample's first entry is unlabelled in each.
+def _labelled_batches():
+    g = torch.Generator().manual_seed(0)
+    seg = torch.randint(0, 4, (2, 6, 6), generator=g)
+    seg[0, 0, 0] = 255
+    depth = torch.rand(2, 1, 6, 6, generator=g) + 0.1
+    depth[0, 0, 0, 0] = 0.0
+    normal = F.normalize(torch.randn(2, 3, 6, 6, generator=g), dim=1)
+    normal[0, :, 0, 0] = 0.0
+    multi = torch.randint(0, 2, (6, 4), generator=g).float()
+    multi[0, 0] = NAN
+    values = torch.randn(6, 3, generator=g)
+    values[0, 0] = NAN
+    return {
+        "classification": ({"classes": 4}, torch.randn(6, 4, generator=g), torch.tensor([-1, 0, 1, 2, 3, 1])),
+        "multilabel": ({"classes": 4}, torch.randn(6, 4, generator=g), multi),
+        "regression": ({"classes": 3}, torch.randn(6, 3, generator=g), values),
+        "segmentation": ({"classes": 4}, torch.randn(2, 4, 6, 6, generator=g), seg),
+        "depth": ({}, torch.rand(2, 1, 6, 6, generator=g) + 0.1, depth),
+        "normal": ({}, F.normalize(torch.randn(2, 3, 6, 6, generator=g), dim=1), normal),
+    }
+
+
+@pytest.mark.parametrize("kind", list(_labelled_batches()))
+@pytest.mark.parametrize("bad", [NAN, math.inf])
+def test_a_prediction_that_is_not_finite_where_it_counts_makes_every_value_nan(kind, bad):
+    """Found by helper-79: a NaN normal counted as 0 degrees in the median (45.0 became 0.01 with half the pixels NaN)
+    and a NaN multilabel score dropped out of mAP as a missing entry (83.3 became 100). Every builtin metric now
+    computes NaN for all its values once a counted entry's prediction is NaN or inf, and ignores one where nothing
+    is counted (an unlabelled sample, a void pixel, an invalid depth or normal)."""
+    kw, pred, target = _labelled_batches()[kind]
+    metric = metric_for(Task("t", kind=kind, **kw))
+    metric.update(pred, target)
+    clean = metric.compute()
+    assert all(math.isfinite(v) for v in clean.values()), clean
+    unlabelled, counted = pred.clone(), pred.clone()
+    unlabelled[(0,) * pred.dim()] = bad  # the first entry: no label there
+    counted[(1, 0) + (1,) * (pred.dim() - 2)] = bad  # the second sample's: labelled
+    metric.reset()
+    metric.update(unlabelled, target)
+    assert metric.compute() == pytest.approx(clean)
+    metric.reset()
+    metric.update(counted, target)
+    metric.update(pred, target)  # later finite batches do not wash it out
+    assert all(math.isnan(v) for v in metric.compute().values())
+    metric.reset()
+    metric.update(pred, target)
+    assert metric.compute() == pytest.approx(clean)
