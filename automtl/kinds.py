@@ -52,6 +52,12 @@ def describe_shapes(shapes: Sequence[Shape], batch: bool = False) -> str:
                        + ("," if len(s) == 1 and not batch else "") + ")" for s in shapes)
 
 
+#: How far beyond its kind's ``target_range`` a target value may lie, as a fraction of the range's width: bilinear
+#: resampling stays within a range, torch's bicubic (a = -0.75) overshoots it by at most 44.5 % in two dimensions
+#: (its weights' absolute sum is 1.375 a dimension). A 0-255 normal map lies 100x beyond.
+TARGET_SLACK = 0.5
+
+
 class TaskKind:
     """One kind of task. Subclass it, override what differs, and register it with :func:`register_kind`.
 
@@ -63,6 +69,9 @@ class TaskKind:
         integer_labels: targets are class ids in ``0..classes-1`` (range-checked, ``ignore_index`` = missing).
         higher_is_better: ``{metric name: True when larger is better}`` of the kind's metric (Δ_MTL signs).
         classes_word: what ``classes`` counts, for reports ("classes", "outputs").
+        target_range: ``(low, high)``: the finite values a target may hold (give or take ``TARGET_SLACK`` of its
+            width, what resampling overshoots), checked on every batch; None: any. It catches a target on a scale the metric
+            misreads (a normal map stored as a 0-255 image); ``range_hint`` says how to convert one.
     """
 
     name: str = ""
@@ -73,6 +82,8 @@ class TaskKind:
     integer_labels: bool = False
     higher_is_better: Mapping[str, bool] = {}
     classes_word: str = "classes"
+    target_range: Optional[Tuple[float, float]] = None
+    range_hint: str = ""
 
     def outputs(self, task: "Task") -> int:
         """Output channels of the builtin head. Raises ConfigError when the task has no ``classes``."""
@@ -289,6 +300,8 @@ class Normal(TaskKind):
     """A unit surface normal per pixel: 1 - cosine similarity, angle error statistics."""
 
     dense, fixed_outputs = True, 3
+    target_range = (-1.0, 1.0)
+    range_hint = "for a normal map stored as a 0-255 image, x / 127.5 - 1 (0 where a pixel has no normal)"
     higher_is_better = {"mean_angle": False, "median_angle": False, "within_11_25": True, "within_22_5": True,
                         "within_30": True}
 

@@ -732,3 +732,32 @@ def test_a_batch_on_the_meta_device_is_named():
         checks(x, {"depth": y.to("meta")})
     with pytest.raises(DataError, match="yielded images on the meta device"):
         checks(x.to("meta"), {"depth": y})
+
+
+def test_a_target_on_a_scale_its_metric_misreads_is_refused():
+    """helper-79: a normal map stored as a 0-255 image trained and scored without a word (mean angle 73 degrees for
+    normals 34 degrees off). A kind's ``target_range`` is checked on every batch, training and validation; unit
+    normals, bilinearly resized ones, NaN and unknown (0) pixels pass."""
+    import torch.nn.functional as F
+
+    from automtl.data.checks import BatchChecks
+    from automtl.kinds import TARGET_SLACK, KINDS
+
+    assert KINDS["normal"].target_range == (-1.0, 1.0)
+    unit = F.normalize(torch.randn(2, 3, 8, 8), dim=1)
+    unit[0, :, 0, 0] = 0.0
+    unit[1, :, 1, 1] = float("nan")
+    checkerboard = torch.tensor([[1.0, -1.0] * 4, [-1.0, 1.0] * 4] * 4).expand(2, 3, 8, 8)  # bicubic's worst case
+    resized = F.interpolate(torch.cat([unit.nan_to_num(), checkerboard]), size=(13, 13), mode="bicubic",
+                            align_corners=False)
+    x = torch.zeros(2, 3, 8, 8)
+    for where in ("training data", "validation data"):
+        checks = BatchChecks([Task("normal", "normal")], 3, where, require_labels=False)
+        checks(x, {"normal": unit})
+        checks(torch.zeros(4, 3, 13, 13), {"normal": resized})
+        assert float(resized.abs().max()) <= 1 + 2 * TARGET_SLACK
+        image = ((unit.nan_to_num() + 1) * 127.5).round()
+        with pytest.raises(DataError, match=rf"target 'normal' \(normal\) of {where} holds values from \d+ to \d+, outside "
+                                            r"the \[-1, 1\] of a normal target; for a normal map stored as a 0-255 "
+                                            r"image, x / 127.5 - 1"):
+            checks(x, {"normal": image})

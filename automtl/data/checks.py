@@ -2,7 +2,8 @@
 
 A wrong input or target should fail at once, naming the task and what to fix, rather than
 crash deep inside a loss (an IndexError from a label out of range), broadcast silently (a depth
-target with three channels) or train at loss 0 for the whole run (a task with no label at all).
+target with three channels), train at loss 0 for the whole run (a task with no label at all) or be misread
+without a word (a normal map stored as a 0-255 image).
 The checks run on the batch as the loader yields it, before it moves to the device, so they add
 no device synchronisation.
 """
@@ -13,7 +14,7 @@ from typing import Mapping, Optional, Sequence
 import torch
 
 from ..errors import DataError
-from ..kinds import describe_shapes, shape_fits
+from ..kinds import TARGET_SLACK, describe_shapes, shape_fits
 from ..tasks import Task
 
 #: A task whose first this-many training batches hold no usable label is refused.
@@ -115,4 +116,10 @@ class BatchChecks:
                     shown = f"{float(first):g}" if y.is_floating_point() else int(first)
                     raise DataError(f"{at} holds label {shown} outside 0..{task.classes - 1} (ignore index "
                                     f"{task.ignore_index}); set classes= to the data's class count or fix the labels")
+        if task.spec.target_range is not None and y.is_floating_point():
+            low, high = task.spec.target_range
+            values, slack = y[torch.isfinite(y)], TARGET_SLACK * (high - low)
+            if values.numel() and not low - slack <= float(values.min()) <= float(values.max()) <= high + slack:
+                raise DataError(f"{at} holds values from {float(values.min()):g} to {float(values.max()):g}, outside "
+                                f"the [{low:g}, {high:g}] of a {kind} target; {task.spec.range_hint or 'rescale it'}")
 
