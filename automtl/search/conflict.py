@@ -284,12 +284,28 @@ class Conflict(Strategy):
         return run.sm.policy_parameter_count(policy) <= run.budget_params
 
     def _inherit(self, policy: Policy) -> None:
-        """Each new task-owned copy starts from the trained shared operator (weights and statistics)."""
+        """Each new task-owned copy starts from the trained shared operator (weights and statistics); so does every
+        copy the policy leaves unused (none of them trained here), so that a policy edited by hand specializes
+        from trained weights too (:meth:`stage_done` brings them up to the fine-tuned shared operator)."""
+        self._copies_from_shared(self.run.sm.policy_layers, [[True] * len(row) for row in policy.choices])
+
+    def stage_done(self, stage: str) -> None:
+        """After the fine-tune, every copy the policy does not use holds the fine-tuned shared operator: a hand-edited
+        policy that specializes a layer starts from what the delivered model computes (``automtl compact RUN_DIR
+        --policy``, ``examples/edit_policy.py``); before, those copies held the backbone's initial weights."""
+        if stage == "finetune" and self.run.policy is not None:
+            unused = [[c != SPECIALIZE for c in row] for row in self.run.policy.choices]
+            self._copies_from_shared(self.run.sm.policy_layers, unused)
+
+    @staticmethod
+    def _copies_from_shared(layers, which: list) -> None:
+        """``layer.specialized[t]`` := ``layer.shared`` (state dict) wherever ``which[l][t]``."""
         with torch.no_grad():
-            for layer, row in zip(self.run.sm.policy_layers, policy.choices):
-                for t, c in enumerate(row):
-                    if c == SPECIALIZE:
-                        layer.specialized[t].load_state_dict(layer.shared.state_dict())
+            for layer, row in zip(layers, which):
+                state = layer.shared.state_dict()
+                for t, copy in enumerate(row):
+                    if copy:
+                        layer.specialized[t].load_state_dict(state)
 
     # ---- checkpoint ------------------------------------------------------------------
     def state_dict(self) -> dict:
