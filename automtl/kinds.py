@@ -249,7 +249,10 @@ class Regression(TaskKind):
         return RegressionMetric()
 
     def target_shapes(self, task):
-        return [(task.classes,)] + ([()] if task.classes in (None, 1) else [])
+        """``(classes,)``, and ``()`` for one value; without ``classes`` the builtin head's one output (a head of
+        the task's own has the width it has: any)."""
+        width = task.classes or (None if task.head is not None else 1)
+        return [(width,)] + ([()] if width in (None, 1) else [])
 
     def output_shapes(self, task):
         return [(task.classes or 1,), ()]

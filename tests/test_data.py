@@ -761,3 +761,22 @@ def test_a_target_on_a_scale_its_metric_misreads_is_refused():
                                             r"the \[-1, 1\] of a normal target; for a normal map stored as a 0-255 "
                                             r"image, x / 127.5 - 1"):
             checks(x, {"normal": image})
+
+
+def test_a_regression_target_is_as_wide_as_the_head_that_predicts_it():
+    """helper-78: without classes=, a regression target of any width was accepted and crashed inside the loss
+    ("shape '[16, 1]' is invalid for input of size 32"). The builtin head predicts one value then; a head of the
+    task's own keeps any width."""
+    from torch import nn
+
+    from automtl.data.checks import BatchChecks
+
+    x = torch.zeros(4, 3, 8, 8)
+    checks = BatchChecks([Task("level", kind="regression")], 3)
+    for ok in (torch.zeros(4), torch.zeros(4, 1)):
+        checks(x, {"level": ok})
+    with pytest.raises(DataError, match=r"has shape \(4, 2\) but a regression target is \(B, 1\) or \(B\)"):
+        checks(x, {"level": torch.zeros(4, 2)})
+    BatchChecks([Task("level", kind="regression", classes=2)], 3)(x, {"level": torch.zeros(4, 2)})
+    own = Task("level", kind="regression", head=nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.LazyLinear(2)))
+    BatchChecks([own], 3)(x, {"level": torch.zeros(4, 2)})
