@@ -244,10 +244,12 @@ def score_meaning(evidence: Optional[dict]) -> str:
 
 def undecided_meaning(evidence: Optional[dict]) -> str:
     """What "undecided" meant for this evidence, for legends: a probability margin below the threshold
-    (gumbel), or a positive conflict score within ``confidence`` standard errors of zero (conflict)."""
+    (gumbel), or a positive conflict score without a conflict of ``confidence`` standard errors from every other
+    task (conflict)."""
     ev = evidence or {}
     if ev.get("kind") == "conflict":
-        return f"a conflict score above 0 by less than {ev.get('confidence')} standard errors"
+        return (f"a conflict score above 0, but no conflict of {ev.get('confidence')} standard errors from every other "
+                "task")
     return f"a margin below {ev.get('threshold')}"
 
 

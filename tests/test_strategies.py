@@ -143,7 +143,7 @@ def test_evidence_in_bundle_and_inspect_grid(tmp_path):
     text = inspect_text(tmp_path / "m.automtl")
     assert "gradient-conflict score (conflict)" in text and "budget used:" in text
     assert f"gradients measured {res.policy.evidence['steps']} of 5 planned times" in text
-    assert "? = undecided (a conflict score above 0 by less than 2.0 standard errors)" in text
+    assert "? = undecided (a conflict score above 0, but no conflict of 2.0 standard errors from every other task)" in text
     l, t = next(iter(res.policy.evidence["undecided"]), (0, 0))
     row = next(line for line in text.splitlines() if line.startswith(res.policy.layers[l] + " "))
     assert f"{res.policy.evidence['scores'][l][t]:+.3f}" in row
@@ -465,3 +465,39 @@ def test_a_hand_edited_policy_specializes_from_the_trained_shared_operator(finet
         before = compact(sm.eval(), own)(x)
         after = compact(sm.eval(), Policy(own.layers, own.tasks, edited))(x)
     assert all(torch.allclose(before[k], after[k], atol=1e-6) for k in before)
+
+
+def test_a_task_that_shares_for_want_of_evidence_is_undecided_whichever_pair_links_it():
+    """helper-78: normal's least agreement (with segmentation: mean cosine -0.044, s.e. 0.002) was significant, so its
+    score showed as decided, but a noisy pair (with depth: -0.052, s.e. 0.10) linked it to the others and it shared.
+    A task with a positive score that stays with other tasks is undecided; one that a significant conflict parts
+    from every other task is decided, whether it branches or keeps the shared operator."""
+    from types import SimpleNamespace
+
+    from automtl.search.conflict import Conflict
+
+    tasks = [Task(n, kind="regression") for n in ("segmentation", "depth", "normal")]
+    sm = supermodel("tiny", tasks, torch.randn(1, 3, SIZE, SIZE))
+    L, n = len(sm.layer_names), 10
+
+    def decided(pairs):
+        """Conflict's decision when every layer's pair (a, b) has mean cosine m and standard error e."""
+        strategy = Conflict(SimpleNamespace(sm=sm, budget=None, config=SearchConfig(strategy="conflict", search_steps=n,
+                                                                                    conflict_every=1)))
+        mean, var = torch.full((3, 3), 0.5, dtype=torch.float64), torch.zeros(3, 3, dtype=torch.float64)
+        for (a, b), (m, e) in pairs.items():
+            mean[a, b] = mean[b, a] = m
+            var[a, b] = var[b, a] = e * e * (n - 1)
+        strategy.count, strategy.cos_sum, strategy.cos_sq = n, (n * mean).expand(L, 3, 3), (n * (var + mean ** 2)).expand(L, 3, 3)
+        policy, evidence = strategy.decide()
+        return policy.choices[0], sorted({t for _, t in evidence["undecided"]}), evidence["scores"][0]
+
+    noisy = {(0, 1): (0.3, 0.01), (0, 2): (-0.044, 0.002), (1, 2): (-0.052, 0.10)}
+    choices, undecided, scores = decided(noisy)
+    assert choices == [SHARE, SHARE, SHARE] and scores[2] > 0 and undecided == [2]
+    parted = {(0, 1): (0.3, 0.01), (0, 2): (-0.044, 0.002), (1, 2): (-0.052, 0.002)}
+    choices, undecided, scores = decided(parted)
+    assert choices == [SHARE, SHARE, SPECIALIZE] and undecided == []
+    apart = {(0, 1): (-0.3, 0.01), (0, 2): (-0.3, 0.01), (1, 2): (-0.3, 0.01)}  # segmentation keeps the shared one
+    choices, undecided, scores = decided(apart)
+    assert choices == [SHARE, SPECIALIZE, SPECIALIZE] and min(scores) > 0 and undecided == []

@@ -13,7 +13,8 @@ step trains exactly like the others: its own backward is reused). Then, per laye
   own copies, initialised from the trained shared weights so that no training is thrown away;
 * layers are taken in order of conflict while the compact model stays within the budget.
 
-A task whose score is positive but not significant is *undecided* and shares. Fine-tune trains on.
+A task whose score is positive but that no significant conflict parts from every other task (its least
+agreement may be significant while another pair's is noise) is *undecided* and shares. Fine-tune trains on.
 
 Why 0 is the natural threshold: to first order in the learning rate η, giving task t its own copy of a
 layer changes the summed task loss of one step by ``+2η <g_t, Σ_{j≠t} g_j>`` against the shared step
@@ -228,15 +229,14 @@ class Conflict(Strategy):
                     continue
                 others = [j for j in range(T) if j != t]
                 ally = max(others, key=lambda j: float(mean[l, t, j]))
-                score = thr - float(mean[l, t, ally])
-                scores[l][t] = round(score, 4)
-                if score > 0 and score - z * float(se[l, t, ally]) <= 0:
-                    undecided.append((l, t))
+                scores[l][t] = round(thr - float(mean[l, t, ally]), 4)
             groups = self._groups(mean[l], se[l], thr, z)
+            keep = max(groups, key=lambda grp: (len(grp), -min(grp)))
             if len(groups) > 1:
-                keep = max(groups, key=lambda grp: (len(grp), -min(grp)))
                 branch = sorted(t for grp in groups if grp is not keep for t in grp)
                 candidates.append((max(scores[l][t] for t in branch), l, branch))
+            # agrees with no one, yet no significant conflict parts it from every other task: it shares with them
+            undecided.extend((l, t) for t in keep if len(keep) > 1 and scores[l][t] > 0)
         choices = [[SHARE] * T for _ in range(L)]
         over_budget = []
         for priority, l, branch in sorted(candidates, key=lambda c: (-c[0], c[1])):
