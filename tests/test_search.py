@@ -14,7 +14,7 @@ import torch
 import yaml
 
 from automtl.data import SyntheticScenes, make_loader
-from automtl.errors import AutomtlError, ConfigError
+from automtl.errors import AutomtlError, ConfigError, DataError
 from automtl.policy import Policy
 from automtl.search import SearchConfig, evaluate, parse_budget, search
 from automtl.supermodel import supermodel
@@ -733,3 +733,17 @@ def test_a_config_keyword_typo_gets_a_did_you_mean():
         ConvertConfig(backbon="tiny")
     import dataclasses
     assert dataclasses.replace(SearchConfig(warmup_steps=3), search_steps=2).warmup_steps == 3
+
+
+def test_per_task_loaders_of_other_batch_sizes_are_refused_before_training(data):
+    """helper-78: per-task training loaders of batch sizes 4 and 24 failed at the first step, after the setup; they
+    are refused up front (validation loaders run task by task, so theirs may differ)."""
+    train, val = data
+    sm = fresh(train.tasks)
+    loaders = {t: make_loader(train, 4 if k == 0 else 8) for k, t in enumerate(sm.task_names)}
+    with pytest.raises(DataError, match=r"training data is a dict of per-task loaders with batch sizes '\w+': 4, "
+                                        r"'\w+': 8.*give every task's loader the same batch_size"):
+        search(sm, loaders, None, dict(warmup_steps=1, search_steps=1, finetune_steps=1, quiet=True))
+    vals = {t: make_loader(val, 4 if k == 0 else 16) for k, t in enumerate(sm.task_names)}
+    res = search(sm, make_loader(train, 8), vals, dict(warmup_steps=1, search_steps=1, finetune_steps=1, quiet=True))
+    assert set(res.metrics) == set(sm.task_names)

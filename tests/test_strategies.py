@@ -276,6 +276,15 @@ def test_conflict_warns_when_the_search_cannot_measure_enough():
     with pytest.warns(UserWarning, match="too few for any conflict to be significant"):
         _, res = run(False, "conflict", search_steps=7)  # one measurement at conflict_every=4
     assert res.policy.evidence["steps"] == 1 and res.policy.counts()["specialize"] == 0
+    import warnings  # one task has no pair to be in conflict: nothing to warn about (helper-78)
+
+    torch.manual_seed(0)
+    sm = supermodel("tiny", [Task("a", kind="regression")], torch.randn(1, 3, SIZE, SIZE))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*too few for any conflict")
+        search(sm, DataLoader(TwoTargets(32, True), batch_size=16), None,
+               SearchConfig(strategy="conflict", warmup_steps=1, search_steps=3, finetune_steps=0, quiet=True,
+                            checkpoint_every=0))
 
 
 def test_tasks_that_agree_branch_as_a_group():

@@ -45,7 +45,7 @@ from ..seeding import seeded
 from ..supermodel import SuperModel
 from ..weighting import make_weighting
 from ._checkpoint import CHECKPOINT_NAME, _CheckpointMixin
-from ._data import TARGET_GRACE_BATCHES, _Stream, _check_task_keys, one_shot
+from ._data import TARGET_GRACE_BATCHES, _Stream, _check_one_batch_size, _check_task_keys, one_shot
 from ._evaluate import _evaluate, check_validation_data, evaluate
 from ._log import LOG_NAME, _LogMixin, _summary_writer_class
 from ._result import SearchResult
@@ -151,6 +151,7 @@ class _Search(_CheckpointMixin, _LogMixin, _StepMixin):
         self.per_task = isinstance(train_data, Mapping)
         if self.per_task:
             _check_task_keys(train_data, self.tasks, "training data")
+            _check_one_batch_size(train_data, self.tasks, "training data")
             sources = {t: (train_data[t], t) for t in self.tasks}
         else:
             sources = {"": (train_data, "train")}

@@ -78,7 +78,7 @@ class Conflict(Strategy):
         self.net = self.run.hard_view(self._all_share())
         self.run.stage_net = self.net
         cfg = self.run.config
-        if cfg.search_steps // cfg.conflict_every < 2 and self.run.dist.main:
+        if cfg.search_steps // cfg.conflict_every < 2 and self.run.dist.main and self.run.sm.num_tasks > 1:
             warnings.warn(f"conflict measures the gradients {cfg.search_steps // cfg.conflict_every} time(s) in "
                           f"{cfg.search_steps} search steps (one every conflict_every={cfg.conflict_every}), too few "
                           "for any conflict to be significant, so every layer will share; raise search_steps or "
