@@ -397,11 +397,15 @@ def format_summary(report: dict, out) -> str:
     acc = report["accounting"]
     counts = report["policy"]["counts"]
     compact_stats = acc["compact"]
+    budget = ((report["policy"].get("evidence") or {}).get("budget") or {})
+    # the budget's unit is hard sharing (the backbone and every task's head): an all-share model is 1.00x of it
+    used = (f"{budget['used']:.2f}x hard sharing{' in MACs' if budget.get('metric') == 'macs' else ''} (the "
+            "budget's unit), ") if isinstance(budget.get("used"), (int, float)) else ""
     lines = [
         f"wrote {', '.join(report.get('files', OUTPUT_FILES))} into {out}",
         f"policy: {counts['share']} share, {counts['specialize']} specialize, {counts['skip']} skip choices",
         f"compact model: {compact_stats['parameters']:,} parameters "
-        f"({acc['ratios']['parameters_vs_backbone']:.2f}x one backbone, "
+        f"({used}{acc['ratios']['parameters_vs_backbone']:.2f}x one backbone and head, "
         f"{acc['ratios']['parameters_vs_separate']:.2f}x the single-task models)",
     ]
     for task, metrics in report["metrics"].items():

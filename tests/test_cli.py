@@ -485,3 +485,20 @@ def test_an_empty_value_is_refused_not_read_as_left_out(tmp_path, monkeypatch, a
     out = [] if "--out" in args or args[0] != "convert" else ["--out", "run"]
     assert message in bad(*args, *out)
     assert not any(tmp_path.iterdir())
+
+
+def test_the_summary_states_the_size_in_the_budget_s_unit():
+    """helper-78: an all-share model was printed as "2.03x one backbone" beside "budget used: 1.0x" (one backbone
+    there is one backbone and the first task's head; the budget's unit is hard sharing, every task's head)."""
+    from automtl.convert import format_summary
+
+    report = {"accounting": {"compact": {"parameters": 41176},
+                             "ratios": {"parameters_vs_backbone": 2.0276, "parameters_vs_separate": 0.6773}},
+              "policy": {"counts": {"share": 6, "specialize": 0, "skip": 0},
+                         "evidence": {"budget": {"metric": "params", "used": 1.0, "limit": 1.5}}},
+              "metrics": {"depth": {"abs_err": 3.1}}, "files": ["model.automtl"]}
+    text = format_summary(report, "runs/x")
+    assert ("compact model: 41,176 parameters (1.00x hard sharing (the budget's unit), 2.03x one backbone and head, "
+            "0.68x the single-task models)") in text
+    report["policy"]["evidence"] = None  # a given policy's run: no budget to state
+    assert "(2.03x one backbone and head, 0.68x" in format_summary(report, "runs/x")
