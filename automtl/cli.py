@@ -13,6 +13,7 @@ import signal
 import sys
 import threading
 import time
+import traceback
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -76,8 +77,10 @@ class _Group(click.Group):
                     raise
                 _interrupted(self, ctx, getattr(self, "argv", sys.argv[1:]), getattr(self, "started", 0.0))
             message = _user_message(exc)
-            if message is None or (ctx.obj and ctx.obj.get("debug")):
+            if message is None:
                 raise
+            if ctx.obj and ctx.obj.get("debug"):  # the traceback too, and still the user's mistake's exit code
+                traceback.print_exc()
             _fail(message)
 
 
@@ -299,11 +302,13 @@ def supermodel_cmd(backbone, tasks, input_size, feature_node, pretrained, as_jso
 
 def _say_if_nothing_to_resume(out: str, resume: bool, overwrite: bool = False) -> None:
     """--resume where no checkpoint is (a typo in --out, a run stopped before its first one) runs from the start:
-    said, not silent (with --overwrite too the command is refused instead: nothing to say first)."""
-    from .rundir import CHECKPOINTS
+    said, not silent (with --overwrite too, or where a live run holds the folder, the command is refused instead:
+    nothing to say first)."""
+    from .rundir import CHECKPOINTS, in_use
     from .search import CHECKPOINT_NAME
 
-    if resume and not overwrite and not os.path.lexists(os.path.join(out, CHECKPOINTS, CHECKPOINT_NAME)):
+    if resume and not overwrite and not os.path.lexists(os.path.join(out, CHECKPOINTS, CHECKPOINT_NAME)) \
+            and not in_use(out):
         warnings.warn(f"--resume: {out!r} holds no checkpoint to continue, so the run starts from the beginning",
                       stacklevel=2)
 

@@ -75,6 +75,8 @@ def parse_budget(value: Union[str, float, int, None]) -> Optional[float]:
         if text in ("none", "inf", "infinite", "off"):
             return None
         m = _BUDGET.match(text)
+        if not m and _BUDGET.match(text.lstrip("-").lstrip()) and text.startswith("-"):  # -1.5x: a sign, not a typo
+            raise ConfigError(f"budget {shown(value)} must be a positive multiple of the single model, such as '1.5x'")
         if not m:
             raise ConfigError(
                 f"budget {shown(value)} is not a multiple of the single model; write it like '1.5x' (or 1.5)"

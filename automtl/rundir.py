@@ -40,6 +40,26 @@ def _own_folder(path: Path) -> bool:
     return stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid()
 
 
+def in_use(path: str | os.PathLike) -> bool:
+    """Whether a live automtl run holds the lock of run folder ``path`` (tried without taking it or making a file)."""
+    import fcntl
+
+    lock_path = Path(path) / LOCK_NAME
+    if lock_path.is_symlink() or not lock_path.is_file():
+        return False
+    try:
+        fd = os.open(lock_path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # and with it the shared lock, if taken
+
+
 def _within(folder: Path, rel: Path) -> bool:
     """``folder / rel`` reached without following a link (a ``checkpoints`` link to another folder would move that
     folder's files)."""

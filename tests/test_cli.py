@@ -405,8 +405,10 @@ def test_a_run_config_is_built_only_as_far_as_its_weights_fill_it(searched, tmp_
 
 
 def test_debug_shows_the_traceback(tmp_path):
+    """--debug adds the traceback to a user's mistake, which keeps its exit code 2 (it was 1; helper-78)."""
     result = CliRunner().invoke(main, ["--debug", "convert", "resnet35", "--out", str(tmp_path)])
-    assert result.exit_code != 0 and result.exception is not None and not isinstance(result.exception, SystemExit)
+    assert result.exit_code == 2 and "Traceback (most recent call last)" in result.output
+    assert result.output.strip().splitlines()[-1].startswith("error: ") and "resnet35" in result.output
 
 
 def test_console_script_exit_code(tmp_path):

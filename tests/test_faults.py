@@ -174,6 +174,8 @@ def test_a_live_run_locks_its_folder(tmp_path):
     out = tmp_path / "busy"
     with RunDirectory(out):
         one_line_error(cli("convert", "tiny", *SMALL, "--out", out), "in use by another automtl run", str(os.getpid()))
+        # --resume said first that the run "starts from the beginning", then refused it (helper-78): only the refusal
+        one_line_error(cli("search", "tiny", *SMALL, "--out", out, "--resume"), "in use by another automtl run")
     assert not (out / ".automtl.lock").exists()
     with RunDirectory(out):  # released: usable again
         pass

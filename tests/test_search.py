@@ -539,6 +539,13 @@ def test_parse_budget_rejects(value):
         SearchConfig(budget=value)
 
 
+@pytest.mark.parametrize("value", ["-1.5x", "-2", 0, "0x", -2.0])
+def test_a_budget_below_zero_is_named_as_one_whatever_its_form(value):
+    """helper-78: '-1.5x' was "not a multiple of the single model" where '0x' "must be positive"."""
+    with pytest.raises(ConfigError, match="must be a positive multiple of the single model"):
+        parse_budget(value)
+
+
 # ---- two ranks ---------------------------------------------------------------------------
 @pytest.mark.parametrize("strategy", ["gumbel", "conflict"])
 def test_two_ranks_agree_on_the_policy(tmp_path, strategy):
