@@ -1,7 +1,7 @@
 """The ``automtl`` command line. It parses arguments and calls the Python API; nothing more.
 
 A user mistake (:class:`AutomtlError`) is printed as one sentence with exit code 2;
-``--debug`` shows the traceback instead.
+``--debug`` shows its traceback as well.
 """
 from __future__ import annotations
 
