@@ -318,6 +318,6 @@ def _named(gm: fx.GraphModule, name: str) -> fx.Node:
     if _layout(node) == "other":
         raise BackboneError(
             f"feature node {name!r} has output {_shape(node)} whose axes do not follow the input as (N, C, H, W) or "
-            "(N, H, W, C) do (tokens or attention heads); name a node or module whose output is a map, e.g. where a "
-            "block's output is folded back into one")
+            "(N, H, W, C) do (a size fixed or read from another axis, tokens or attention heads); name a node or "
+            "module whose output is a map, e.g. where a block's output is folded back into one")
     return node
