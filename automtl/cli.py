@@ -195,6 +195,8 @@ def _pipeline_options(f):
                           "options given on the command line win."),
         click.option("--data", help="synthetic (default), multifashion[:ROOT], nyuv2:ROOT or cityscapes:ROOT."),
         click.option("--weights", type=_Path(dir_okay=False), help="A state dict for the backbone (e.g. torchvision's)."),
+        click.option("--feature-node", help="Cut the backbone at this node name or module path, e.g. layer4 (default: "
+                                            "the deepest feature map before global pooling and any classifier)."),
         click.option("--pretrained", is_flag=True, default=None,
                      help="Download the ImageNet weights of a timm:NAME or torchvision:NAME backbone (needs the internet; else --weights); the backbone then standardises its [0, 1] input with the weights' mean and std."),
         click.option("--budget", help="Parameter budget as a multiple of one backbone + heads, e.g. 1.5x; 'none' for no limit."),
@@ -226,13 +228,13 @@ def _pipeline_options(f):
 
 
 def _resolve_config(backbone, tasks, config_path, data, weights, pretrained, budget, device, seed, steps, input_size, samples,
-                    strategy=None, tensorboard=None, weighting=None):
+                    strategy=None, tensorboard=None, weighting=None, feature_node=None):
     from .convert import resolve_config
 
     train_samples, val_samples = parse_numbers("--samples", samples, 2, "TRAIN,VAL, e.g. 512,128", positive=True)
     warmup, search, finetune = parse_numbers("--steps", steps, 3, "WARMUP,SEARCH,FINETUNE, e.g. 60,120,120")
     return resolve_config(config_path, backbone=backbone, tasks=list(tasks), data=data, weights=weights,
-                          pretrained=pretrained, input_size=input_size, train_samples=train_samples,
+                          feature_node=feature_node, pretrained=pretrained, input_size=input_size, train_samples=train_samples,
                           val_samples=val_samples, budget=budget, device=device, seed=seed, strategy=strategy,
                           tensorboard_dir=tensorboard, weighting=weighting, warmup_steps=warmup, search_steps=search,
                           finetune_steps=finetune)
@@ -251,7 +253,7 @@ def _say(quiet):
 # ---- the whole pipeline -------------------------------------------------------------------------
 @main.command()
 @_pipeline_options
-def convert(backbone, tasks, config_path, data, weights, pretrained, budget, device, seed, strategy, weighting, steps, input_size, samples, out, resume,
+def convert(backbone, tasks, config_path, data, weights, feature_node, pretrained, budget, device, seed, strategy, weighting, steps, input_size, samples, out, resume,
             overwrite, tensorboard, quiet, as_json):
     """Run the whole pipeline on BACKBONE and write the results into --out.
 
@@ -264,7 +266,7 @@ def convert(backbone, tasks, config_path, data, weights, pretrained, budget, dev
     from .convert import convert as run_convert
 
     cfg = _resolve_config(backbone, tasks, config_path, data, weights, pretrained, budget, device, seed, steps, input_size, samples,
-                          strategy, tensorboard, weighting)
+                          strategy, tensorboard, weighting, feature_node)
     _say_if_nothing_to_resume(out, resume, overwrite)
     report = run_convert(cfg, out, resume=resume, quiet=quiet, log=_say(quiet), overwrite=overwrite)
     if as_json:
@@ -315,7 +317,7 @@ def _say_if_nothing_to_resume(out: str, resume: bool, overwrite: bool = False) -
 
 @main.command("search")
 @_pipeline_options
-def search_cmd(backbone, tasks, config_path, data, weights, pretrained, budget, device, seed, strategy, weighting, steps, input_size, samples, out,
+def search_cmd(backbone, tasks, config_path, data, weights, feature_node, pretrained, budget, device, seed, strategy, weighting, steps, input_size, samples, out,
                resume, overwrite, tensorboard, quiet, as_json):
     """Search a sharing policy and fine-tune it; keep the run in --out for `automtl compact`.
 
@@ -327,7 +329,7 @@ def search_cmd(backbone, tasks, config_path, data, weights, pretrained, budget, 
     from .runs import RUN_OUTPUT_FILES, search_run
 
     cfg = _resolve_config(backbone, tasks, config_path, data, weights, pretrained, budget, device, seed, steps, input_size, samples,
-                          strategy, tensorboard, weighting)
+                          strategy, tensorboard, weighting, feature_node)
     _say_if_nothing_to_resume(out, resume, overwrite)
     payload = search_run(cfg, out, resume=resume, overwrite=overwrite, quiet=quiet)
     if as_json:
@@ -492,7 +494,7 @@ def plot_cmd(run_dir, out):
 @_pipeline_options
 @click.option("--budgets", required=True, metavar="B1,B2,...",
               help="The budgets to convert at, separated by commas, e.g. 1.0x,1.5x,2.0x (one full convert each).")
-def sweep_cmd(backbone, tasks, config_path, data, weights, pretrained, budget, device, seed, strategy, weighting, steps, input_size,
+def sweep_cmd(backbone, tasks, config_path, data, weights, feature_node, pretrained, budget, device, seed, strategy, weighting, steps, input_size,
               samples, out, resume, overwrite, tensorboard, quiet, as_json, budgets):
     """Convert BACKBONE once per budget and set the models beside hard sharing and single-task models.
 
@@ -511,7 +513,7 @@ def sweep_cmd(backbone, tasks, config_path, data, weights, pretrained, budget, d
         raise ConfigError("automtl sweep takes its budgets from --budgets; leave out --budget")
     parse_budgets(budgets)  # a bad list fails before the config is read
     cfg = _resolve_config(backbone, tasks, config_path, data, weights, pretrained, None, device, seed, steps, input_size, samples,
-                          strategy, tensorboard, weighting)
+                          strategy, tensorboard, weighting, feature_node)
     try:
         result = sweep(cfg, budgets, out, resume=resume, overwrite=overwrite, quiet=quiet, log=_say(quiet), plot=False)
     except KeyboardInterrupt as exc:

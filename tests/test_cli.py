@@ -504,3 +504,16 @@ def test_the_summary_states_the_size_in_the_budget_s_unit():
             "0.68x the single-task models)") in text
     report["policy"]["evidence"] = None  # a given policy's run: no budget to state
     assert "(2.03x one backbone and head, 0.68x" in format_summary(report, "runs/x")
+
+
+def test_the_pipeline_commands_take_a_feature_node(tmp_path):
+    """helper-78: `automtl supermodel` and the config took `feature_node`, convert, search and sweep did not."""
+    import yaml
+
+    run("search", "tiny", *SMALL, "--feature-node", "block2_conv2", "--out", tmp_path / "s")
+    spec = yaml.safe_load((tmp_path / "s" / "supermodel.yaml").read_text())
+    assert spec["feature_node"] == "block2_conv2"
+    message = bad("convert", "tiny", *SMALL, "--feature-node", "block9", "--out", tmp_path / "c")
+    assert "block9" in message and not (tmp_path / "c").exists()
+    for command in ("convert", "sweep"):
+        assert "--feature-node" in run(command, "--help").output
