@@ -2,6 +2,7 @@
 
     python benchmarks/measurement_cost.py                       # MobileNetV2 scenes, seeds 0-9, 2 workers
     python benchmarks/measurement_cost.py --only resnet18 --seeds 3
+    python benchmarks/measurement_cost.py --quick --seeds 1 --singles DIR/quality.json --out DIR/mc.json   # a smoke run
 
 Where the conflict search finds no significant conflict, ``automtl convert`` delivers the hard-sharing
 architecture, trained for fewer steps than hard sharing gets for the same compute: each measurement
@@ -37,7 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, write_result  # noqa: E402
-from quality import BENCHMARKS, _metrics, make_backbone, run_job, schedule, tasks_of  # noqa: E402
+from quality import BENCHMARKS, QUICK, _metrics, bench_data, make_backbone, run_job, schedule, tasks_of  # noqa: E402
 
 ROWS = ("conflict@1.5x", "hard-sharing", "hard-sharing@conflict")
 
@@ -48,15 +49,11 @@ def hard_sharing_for(bench: dict, seed: int, steps: list, anneal: int) -> dict:
     from automtl import Policy, supermodel
     from automtl.config import SearchConfig
     from automtl.convert import DEFAULT_SCHEDULE
-    from automtl.data import make_dataset
     from automtl.search import search
 
     torch.set_num_threads(1)
     started, cpu0 = time.time(), time.process_time()
-    opts = {"size": bench["size"]} if bench["data"] == "synthetic" else {}
-    train = make_dataset(bench["data"], "train", n=bench["train"], seed=seed, **opts)
-    val = make_dataset(bench["data"], "val", n=bench["val"], seed=seed, **opts)
-    tasks = tasks_of(bench["data"])
+    train, val, tasks = bench_data(bench, seed)
     torch.manual_seed(seed)
     sm = supermodel(make_backbone(bench["backbone"]), tasks, torch.randn(1, 3, bench["size"], bench["size"]))
     total = sum(steps)
@@ -108,13 +105,15 @@ def main(argv=None) -> int:
     ap.add_argument("--singles", type=Path, default=RESULTS / "quality_10seeds" / "quality.json",
                     help="a quality.json whose single-task jobs give the Δ_MTL baselines of these seeds")
     ap.add_argument("--out", type=Path, default=RESULTS / "measurement_cost.json")
+    ap.add_argument("--quick", action="store_true", help="the quality benchmark's --quick sizes (tiny data and steps); "
+                                                         "--singles must then be a --quick quality.json")
     ap.add_argument("--reuse", type=Path, help="an earlier measurement_cost.json whose conflict@1.5x and hard-sharing "
                                                "jobs are kept (hard-sharing@conflict runs again)")
     args = ap.parse_args(argv)
     key = f"synthetic/{args.only}"
     if key not in BENCHMARKS:
         ap.error(f"--only {args.only!r}: choose mobilenet_v2 or resnet18")
-    bench, seeds = BENCHMARKS[key], list(range(args.seeds))
+    bench, seeds = dict(BENCHMARKS[key], **(QUICK if args.quick else {})), list(range(args.seeds))
     singles = json.loads(args.singles.read_text())["jobs"].get(key, {})
     missing = [s for s in seeds if any(f"single:{t.name}/{s}" not in singles for t in tasks_of(bench["data"]))]
     if missing:

@@ -106,20 +106,26 @@ def make_backbone(name: str):
     return TinyCNN(width=32) if name == "small_resnet" else build_backbone(name)
 
 
+def bench_data(bench: dict, seed: int) -> tuple:
+    """``(train, val, tasks)`` of a benchmark's seed: its data sets, made from the seed, and its tasks."""
+    from automtl.data import make_dataset
+
+    opts = {"size": bench["size"]} if bench["data"] == "synthetic" else {}
+    train = make_dataset(bench["data"], "train", n=bench["train"], seed=seed, **opts)
+    val = make_dataset(bench["data"], "val", n=bench["val"], seed=seed, **opts)
+    return train, val, tasks_of(bench["data"])
+
+
 def run_job(bench: dict, seed: int, method: str, target_params=None, policy_dict=None) -> dict:
     """Train one method of one benchmark and seed; return its metrics, size, policy and CPU seconds."""
     from automtl import Policy, supermodel
     from automtl.config import SearchConfig
     from automtl.convert import DEFAULT_SCHEDULE
-    from automtl.data import make_dataset
     from automtl.search import search
 
     torch.set_num_threads(1)
     started, cpu0 = time.time(), time.process_time()
-    opts = {"size": bench["size"]} if bench["data"] == "synthetic" else {}
-    train = make_dataset(bench["data"], "train", n=bench["train"], seed=seed, **opts)
-    val = make_dataset(bench["data"], "val", n=bench["val"], seed=seed, **opts)
-    tasks = tasks_of(bench["data"])
+    train, val, tasks = bench_data(bench, seed)
     if method.startswith("single:"):
         tasks = [t for t in tasks if t.name == method.split(":", 1)[1]]
     torch.manual_seed(seed)

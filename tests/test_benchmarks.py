@@ -204,3 +204,17 @@ def test_capacity_probe_judges_every_trial_copy_and_leaves_the_ordinary_run_as_i
         assert set(per_task) == {"segmentation", "depth", "normal"}
         assert all(g["se"] > 0 and abs(g["relative_gain"]) < 10 for g in per_task.values())
     assert 0 < result["trial_cpu_seconds"] < result["cpu_seconds"]
+
+
+def test_measurement_cost_finds_convert_s_all_share_run_to_be_hard_sharing_at_its_steps(tmp_path):
+    """benchmarks/measurement_cost.py on the quick scenes: where conflict keeps every layer shared, hard sharing
+    trained for the same steps with the same anneal has bitwise its metrics (a difference of exactly 0)."""
+    run("quality.py", "--quick", "--only", "resnet18", "--jobs", "1", "--rows", "hard-sharing", "--out", tmp_path)
+    run("measurement_cost.py", "--quick", "--only", "resnet18", "--seeds", "1", "--jobs", "1",
+        "--singles", tmp_path / "quality.json", "--out", tmp_path / "mc.json")
+    result = json.loads((tmp_path / "mc.json").read_text())
+    jobs = result["jobs"]
+    assert sum(jobs["conflict@1.5x/0"]["steps"]) == sum(jobs["hard-sharing@conflict/0"]["steps"])
+    assert jobs["conflict@1.5x/0"]["policy"]["specialize"] == 0  # conflict keeps every layer shared here
+    assert jobs["conflict@1.5x/0"]["metrics"] == jobs["hard-sharing@conflict/0"]["metrics"]
+    assert result["conflict - hard-sharing@conflict"]["mean"] == 0.0
