@@ -249,9 +249,9 @@ class Regression(TaskKind):
         return RegressionMetric()
 
     def target_shapes(self, task):
-        """``(classes,)``, and ``()`` for one value; without ``classes`` the builtin head's one output (a head of
-        the task's own has the width it has: any)."""
-        width = task.classes or (None if task.head is not None else 1)
+        """``(classes,)``, and ``()`` for one value; without ``classes`` the builtin head's one output (a head or a
+        loss of the task's own may take any width)."""
+        width = task.classes or (None if task.head is not None or task.loss is not None else 1)
         return [(width,)] + ([()] if width in (None, 1) else [])
 
     def output_shapes(self, task):

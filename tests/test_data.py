@@ -761,6 +761,10 @@ def test_a_target_on_a_scale_its_metric_misreads_is_refused():
                                             r"the \[-1, 1\] of a normal target; for a normal map stored as a 0-255 "
                                             r"image, x / 127.5 - 1"):
             checks(x, {"normal": image})
+        for dtype in (torch.uint8, torch.int64, torch.bool):  # not floats at all: uint8 passed, bool crashed (helper-80)
+            with pytest.raises(DataError, match=rf"holds {str(dtype).split('.')[1]} values; a normal target is floats in "
+                                                r"\[-1, 1\]; for a normal map stored as a 0-255 image"):
+                checks(x, {"normal": image.to(dtype)})
 
 
 def test_a_regression_target_is_as_wide_as_the_head_that_predicts_it():
@@ -780,3 +784,5 @@ def test_a_regression_target_is_as_wide_as_the_head_that_predicts_it():
     BatchChecks([Task("level", kind="regression", classes=2)], 3)(x, {"level": torch.zeros(4, 2)})
     own = Task("level", kind="regression", head=nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.LazyLinear(2)))
     BatchChecks([own], 3)(x, {"level": torch.zeros(4, 2)})
+    reads = Task("level", kind="regression", loss=lambda pred, y: (pred - y[:, :1]).abs().mean())  # a loss of its own
+    BatchChecks([reads], 3)(x, {"level": torch.zeros(4, 2)})

@@ -116,7 +116,11 @@ class BatchChecks:
                     shown = f"{float(first):g}" if y.is_floating_point() else int(first)
                     raise DataError(f"{at} holds label {shown} outside 0..{task.classes - 1} (ignore index "
                                     f"{task.ignore_index}); set classes= to the data's class count or fix the labels")
-        if task.spec.target_range is not None and y.is_floating_point():
+        if task.spec.target_range is not None and not y.is_floating_point():  # uint8 0-255 maps: misread too
+            low, high = task.spec.target_range
+            raise DataError(f"{at} holds {str(y.dtype).removeprefix('torch.')} values; a {kind} target is floats in "
+                            f"[{low:g}, {high:g}]; {task.spec.range_hint or 'convert it'}")
+        if task.spec.target_range is not None:
             low, high = task.spec.target_range
             values, slack = y[torch.isfinite(y)], TARGET_SLACK * (high - low)
             if values.numel() and not low - slack <= float(values.min()) <= float(values.max()) <= high + slack:

@@ -269,9 +269,15 @@ def _check_task_keys(data: Mapping, tasks: Sequence[str], where: str) -> None:
         )
 
 
-def _check_one_batch_size(data: Mapping, tasks: Sequence[str], where: str) -> None:
-    """Per-task training loaders run in one pass: their batch sizes, where they say one, must agree."""
-    sizes = {t: getattr(data[t], "batch_size", None) for t in tasks}
+def _check_one_batch_size(data: Mapping, tasks: Sequence[str], where: str, batch_size: int) -> None:
+    """Per-task training loaders run in one pass: their batch sizes, where they say one (a map-style data set is
+    batched at ``batch_size``), must agree."""
+    def size(source):
+        if isinstance(source, Dataset) and not isinstance(source, IterableDataset):
+            return batch_size
+        return getattr(source, "batch_size", None)
+
+    sizes = {t: size(data[t]) for t in tasks}
     if len({b for b in sizes.values() if b is not None}) > 1:  # found at the first step otherwise, after the setup
         shown = ", ".join(f"{t!r}: {b}" for t, b in sizes.items())
         raise DataError(f"{where} is a dict of per-task loaders with batch sizes {shown}; the tasks' batches run in "

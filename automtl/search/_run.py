@@ -151,7 +151,7 @@ class _Search(_CheckpointMixin, _LogMixin, _StepMixin):
         self.per_task = isinstance(train_data, Mapping)
         if self.per_task:
             _check_task_keys(train_data, self.tasks, "training data")
-            _check_one_batch_size(train_data, self.tasks, "training data")
+            _check_one_batch_size(train_data, self.tasks, "training data", cfg.batch_size)
             sources = {t: (train_data[t], t) for t in self.tasks}
         else:
             sources = {"": (train_data, "train")}
