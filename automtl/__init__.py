@@ -22,7 +22,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AutomtlError", "BackboneError", "Capture", "CompactModel", "ConfigError", "DataError", "FileFormatError",
-    "Policy", "SearchConfig", "SearchResult", "SuperModel", "Task", "TaskKind", "TooLargeError", "TraceError", "build_backbone",
+    "Policy", "SearchConfig", "SearchResult", "SuperModel", "Task", "TaskKind", "TooLargeError", "TraceError",
+    "build_backbone",
     "capture", "compact", "compact_run", "evaluate", "export", "export_onnx", "list_backbones", "load", "load_pt2",
     "load_weights", "register_backbone", "register_kind", "render", "save", "search", "search_run", "supermodel",
 ]

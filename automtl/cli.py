@@ -234,8 +234,8 @@ def _resolve_config(backbone, tasks, config_path, data, weights, pretrained, bud
     train_samples, val_samples = parse_numbers("--samples", samples, 2, "TRAIN,VAL, e.g. 512,128", positive=True)
     warmup, search, finetune = parse_numbers("--steps", steps, 3, "WARMUP,SEARCH,FINETUNE, e.g. 60,120,120")
     return resolve_config(config_path, backbone=backbone, tasks=list(tasks), data=data, weights=weights,
-                          feature_node=feature_node, pretrained=pretrained, input_size=input_size, train_samples=train_samples,
-                          val_samples=val_samples, budget=budget, device=device, seed=seed, strategy=strategy,
+                          feature_node=feature_node, pretrained=pretrained, input_size=input_size,
+                          train_samples=train_samples, val_samples=val_samples, budget=budget, device=device, seed=seed, strategy=strategy,
                           tensorboard_dir=tensorboard, weighting=weighting, warmup_steps=warmup, search_steps=search,
                           finetune_steps=finetune)
 

@@ -69,9 +69,9 @@ class TaskKind:
         integer_labels: targets are class ids in ``0..classes-1`` (range-checked, ``ignore_index`` = missing).
         higher_is_better: ``{metric name: True when larger is better}`` of the kind's metric (Δ_MTL signs).
         classes_word: what ``classes`` counts, for reports ("classes", "outputs").
-        target_range: ``(low, high)``: the finite values a target may hold (give or take ``TARGET_SLACK`` of its
-            width, what resampling overshoots), checked on every batch; None: any. It catches a target on a scale the metric
-            misreads (a normal map stored as a 0-255 image); ``range_hint`` says how to convert one.
+        target_range: ``(low, high)``: the finite float values a target may hold (give or take ``TARGET_SLACK`` of
+            its width, what resampling overshoots), checked on every batch; None: any. It catches a target on a
+            scale the metric misreads (a normal map stored as a 0-255 image); ``range_hint`` says how to convert one.
     """
 
     name: str = ""
