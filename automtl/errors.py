@@ -39,6 +39,9 @@ class TooLargeError(ConfigError):
         super().__init__(message)
         self.least, self.limit = least, limit
 
+    def __reduce__(self):  # pickle and copy rebuild it from all three (a worker or a spawned rank may raise it)
+        return type(self), (str(self), self.least, self.limit), self.__dict__
+
 
 class DataError(AutomtlError):
     """A dataset is missing, malformed or does not fit the tasks."""

@@ -69,9 +69,13 @@ class TaskKind:
         integer_labels: targets are class ids in ``0..classes-1`` (range-checked, ``ignore_index`` = missing).
         higher_is_better: ``{metric name: True when larger is better}`` of the kind's metric (Δ_MTL signs).
         classes_word: what ``classes`` counts, for reports ("classes", "outputs").
-        target_range: ``(low, high)``: the finite float values a target may hold (give or take ``TARGET_SLACK`` of
-            its width, what resampling overshoots), checked on every batch; None: any. It catches a target on a
-            scale the metric misreads (a normal map stored as a 0-255 image); ``range_hint`` says how to convert one.
+        target_range: ``(low, high)``: the finite values a target may hold, give or take ``target_slack`` of the
+            range's width, checked on every batch; None: any. It catches a target on a scale the loss or metric
+            misreads (a normal map stored as a 0-255 image, 0/255 multilabel targets, on which BCE is unbounded
+            below); ``range_hint`` says how to convert one.
+        target_slack: how far beyond ``target_range`` a value may lie, as a fraction of its width (default
+            ``TARGET_SLACK``, what resampling a map overshoots; 0 for targets that are never resampled).
+        float_targets: targets must be floating point (integers are an image's encoding of the values, not them).
     """
 
     name: str = ""
@@ -83,6 +87,8 @@ class TaskKind:
     higher_is_better: Mapping[str, bool] = {}
     classes_word: str = "classes"
     target_range: Optional[Tuple[float, float]] = None
+    target_slack: float = TARGET_SLACK
+    float_targets: bool = False
     range_hint: str = ""
 
     def outputs(self, task: "Task") -> int:
@@ -217,9 +223,11 @@ class Classification(TaskKind):
 
 @register_kind("multilabel")
 class Multilabel(TaskKind):
-    """Any number of labels per image (a 0/1 vector, NaN = missing): BCE, mean F1 and mAP."""
+    """Any number of labels per image (a 0/1 vector, NaN = missing; soft labels in [0, 1]): BCE, mean F1 and mAP."""
 
     needs_classes = True
+    target_range, target_slack = (0.0, 1.0), 0.0
+    range_hint = "for 0/255 labels divide by 255, for -1/1 labels take (y + 1) / 2"
     higher_is_better = {"f1": True, "map": True}
 
     def loss(self, task):
@@ -303,7 +311,9 @@ class Normal(TaskKind):
     """A unit surface normal per pixel: 1 - cosine similarity, angle error statistics."""
 
     dense, fixed_outputs = True, 3
-    target_range = (-1.0, 1.0)
+    target_range, float_targets = (-1.0, 1.0), True
+    # a map in [0, 1] (ToTensor of the image) or [0, 2] (x / 127.5) lies within the slack and is not caught: the
+    # check finds scales, not offsets; the hint names the conversion the loaders use
     range_hint = "for a normal map stored as a 0-255 image, x / 127.5 - 1 (0 where a pixel has no normal)"
     higher_is_better = {"mean_angle": False, "median_angle": False, "within_11_25": True, "within_22_5": True,
                         "within_30": True}

@@ -57,6 +57,7 @@ class Metric:
 
     primary: str = ""
     names: tuple[str, ...] = ()
+    nonfinite = 0  # counted entries whose prediction is not finite: every value computes to NaN (module docstring)
 
     def __init__(self) -> None:
         self.reset()
@@ -70,11 +71,10 @@ class Metric:
     def compute(self) -> dict[str, float]:  # pragma: no cover - overridden
         raise NotImplementedError
 
-    nonfinite = 0  # counted entries whose prediction is not finite: every value computes to NaN (module docstring)
-
-    def _not_finite(self, pred: Tensor, counted: Tensor) -> bool:
-        """Count the entries where ``counted`` (bool) is set and ``pred`` (bool: finite there) is not; True if any."""
-        self.nonfinite += int((counted & ~pred).sum())
+    def _not_finite(self, finite: Tensor, counted: Tensor) -> bool:
+        """Count the entries where ``counted`` is set and ``finite`` (the prediction is finite there) is not (bool
+        tensors of one shape); True once any counted prediction was not finite."""
+        self.nonfinite += int((counted & ~finite).sum())
         return self.nonfinite > 0
 
     def _unmeasured(self) -> dict[str, float]:

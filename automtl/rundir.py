@@ -41,7 +41,10 @@ def _own_folder(path: Path) -> bool:
 
 
 def in_use(path: str | os.PathLike) -> bool:
-    """Whether a live automtl run holds the lock of run folder ``path`` (tried without taking it or making a file)."""
+    """Whether a live automtl run holds the lock of run folder ``path`` (tried without making a file).
+
+    It takes a shared lock for an instant, so a run starting on the folder in that instant is told it is in use
+    and may be started again; it never blocks or leaves a lock behind."""
     import fcntl
 
     lock_path = Path(path) / LOCK_NAME

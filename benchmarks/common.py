@@ -23,8 +23,19 @@ def machine() -> dict:
         "threads": torch.get_num_threads(),
         "cpus": os.cpu_count(),
         "processor": platform.processor() or platform.machine(),
+        "cpu": _cpu_model(),
+        # the kernels torch dispatches to: another capability rounds differently, and long trainings drift apart
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
+
+
+def _cpu_model() -> Optional[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
+    except OSError:
+        return platform.processor() or None
 
 
 def median_time(fn, repeats: int = 5, warmup: int = 1) -> dict:

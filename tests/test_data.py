@@ -786,3 +786,32 @@ def test_a_regression_target_is_as_wide_as_the_head_that_predicts_it():
     BatchChecks([own], 3)(x, {"level": torch.zeros(4, 2)})
     reads = Task("level", kind="regression", loss=lambda pred, y: (pred - y[:, :1]).abs().mean())  # a loss of its own
     BatchChecks([reads], 3)(x, {"level": torch.zeros(4, 2)})
+
+
+def test_a_multilabel_target_outside_zero_one_is_refused_as_bce_would_misread_it():
+    """helper-80: 0/255 multilabel targets trained at a BCE of -252.9 (BCE with logits is unbounded below for a label
+    above 1 or below 0). Labels are 0/1 or soft in [0, 1], of any number type; NaN is missing. Never resampled, so
+    no slack."""
+    from automtl.data.checks import BatchChecks
+    from automtl.losses import MultilabelLoss
+
+    x = torch.zeros(4, 3, 8, 8)
+    checks = BatchChecks([Task("tags", "multilabel", classes=3)], 3)
+    ok = torch.tensor([[0.0, 1.0, float("nan")], [1.0, 0.0, 0.0], [0.2, 0.9, 1.0], [0.0, 0.0, 0.0]])
+    checks(x, {"tags": ok})
+    for dtype in (torch.uint8, torch.int64, torch.bool):
+        checks(x, {"tags": ok.nan_to_num().round().to(dtype)})
+    assert float(MultilabelLoss()(torch.full((4, 3), 30.0), ok.nan_to_num().round() * 255)) < 0  # what it trained on
+    for bad in (ok.nan_to_num() * 255, ok.nan_to_num() * 2 - 1, ok + 0.01, (ok.nan_to_num() * 255).to(torch.uint8)):
+        with pytest.raises(DataError, match=r"target 'tags' \(multilabel\) of training data holds values from -?[\d.]+ to "
+                                            r"[\d.]+, outside the \[0, 1\] of a multilabel target; for 0/255 labels "
+                                            r"divide by 255, for -1/1 labels take \(y \+ 1\) / 2"):
+            checks(x, {"tags": bad})
+
+
+def test_a_too_wide_regression_target_names_the_class_count_that_fits_it():
+    from automtl.data.checks import BatchChecks
+
+    with pytest.raises(DataError, match=r"a regression target is \(B, 1\) or \(B\); for 2 outputs a sample give the "
+                                        r"task classes=2 \(--task level:regression:2\), else reshape it"):
+        BatchChecks([Task("level", kind="regression")], 3)(torch.zeros(4, 3, 8, 8), {"level": torch.zeros(4, 2)})

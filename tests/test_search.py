@@ -754,6 +754,13 @@ def test_per_task_loaders_of_other_batch_sizes_are_refused_before_training(data)
     mixed = {t: make_loader(train, 4) if k == 0 else train for k, t in enumerate(sm.task_names)}  # a data set: batch_size
     with pytest.raises(DataError, match=r"batch sizes '\w+': 4, '\w+': 8"):
         search(sm, mixed, None, dict(warmup_steps=1, search_steps=1, finetune_steps=1, batch_size=8, quiet=True))
+    from torch.utils.data import BatchSampler, DataLoader, SequentialSampler
+
+    from automtl.data.collate import stack_samples
+    sampled = {t: DataLoader(train, batch_sampler=BatchSampler(SequentialSampler(train), 4 if k == 0 else 8, False),
+                             collate_fn=stack_samples) for k, t in enumerate(sm.task_names)}  # batch_size None (helper-80)
+    with pytest.raises(DataError, match=r"batch sizes '\w+': 4, '\w+': 8"):
+        search(sm, sampled, None, dict(warmup_steps=1, search_steps=1, finetune_steps=1, quiet=True))
     vals = {t: make_loader(val, 4 if k == 0 else 16) for k, t in enumerate(sm.task_names)}
     res = search(sm, make_loader(train, 8), vals, dict(warmup_steps=1, search_steps=1, finetune_steps=1, quiet=True))
     assert set(res.metrics) == set(sm.task_names)

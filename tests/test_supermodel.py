@@ -113,6 +113,10 @@ def test_the_size_bound_is_a_lower_bound_and_refuses_below_it(name):
         supermodel(backbone, TASKS, torch.randn(1, 3, SIZE, SIZE), max_elements=least - 1)
     assert isinstance(refused.value, ConfigError) and (refused.value.least, refused.value.limit) == (least, least - 1)
     assert f"at least {least} elements" in str(refused.value)
+    import copy
+    import pickle
+    for again in (pickle.loads(pickle.dumps(refused.value)), copy.copy(refused.value)):  # helper-80: a TypeError
+        assert (type(again), str(again), again.least, again.limit) == (TooLargeError, str(refused.value), least, least - 1)
 
 
 def test_parameter_groups_are_disjoint_and_complete():

@@ -14,7 +14,7 @@ from typing import Mapping, Optional, Sequence
 import torch
 
 from ..errors import DataError
-from ..kinds import TARGET_SLACK, describe_shapes, shape_fits
+from ..kinds import describe_shapes, shape_fits
 from ..tasks import Task
 
 #: A task whose first this-many training batches hold no usable label is refused.
@@ -97,8 +97,12 @@ class BatchChecks:
             raise DataError(f"{at} is on the meta device, which holds shapes but no values; load it on the CPU (or a GPU)")
         expected = task.spec.target_shapes(task)
         if expected and not shape_fits(expected, tuple(y.shape[1:])):
+            hint = "reshape it or change the task's kind"
+            if task.classes is None and not task.spec.needs_classes and task.spec.fixed_outputs is None and y.dim() == 2:
+                hint = (f"for {y.shape[1]} {task.spec.classes_word} a sample give the task classes={y.shape[1]} "
+                        f"(--task {task.name}:{kind}:{y.shape[1]}), else reshape it")
             raise DataError(f"{at} has shape {tuple(y.shape)} but a {kind} target is {describe_shapes(expected, batch=True)}; "
-                            "reshape it or change the task's kind")
+                            + hint)
         if task.spec.integer_labels and task.classes is not None:
             labels = y[y != task.ignore_index]
             if y.is_floating_point():
@@ -116,13 +120,14 @@ class BatchChecks:
                     shown = f"{float(first):g}" if y.is_floating_point() else int(first)
                     raise DataError(f"{at} holds label {shown} outside 0..{task.classes - 1} (ignore index "
                                     f"{task.ignore_index}); set classes= to the data's class count or fix the labels")
-        if task.spec.target_range is not None and not y.is_floating_point():  # uint8 0-255 maps: misread too
-            low, high = task.spec.target_range
+        if task.spec.target_range is not None and task.spec.float_targets and not y.is_floating_point():
+            low, high = task.spec.target_range  # a uint8 0-255 map is misread too
             raise DataError(f"{at} holds {str(y.dtype).removeprefix('torch.')} values; a {kind} target is floats in "
                             f"[{low:g}, {high:g}]; {task.spec.range_hint or 'convert it'}")
         if task.spec.target_range is not None:
             low, high = task.spec.target_range
-            values, slack = y[torch.isfinite(y)], TARGET_SLACK * (high - low)
+            floats = y if y.is_floating_point() else y.double()
+            values, slack = floats[torch.isfinite(floats)], task.spec.target_slack * (high - low)
             if values.numel() and not low - slack <= float(values.min()) <= float(values.max()) <= high + slack:
                 raise DataError(f"{at} holds values from {float(values.min()):g} to {float(values.max()):g}, outside "
                                 f"the [{low:g}, {high:g}] of a {kind} target; {task.spec.range_hint or 'rescale it'}")

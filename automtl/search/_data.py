@@ -275,7 +275,8 @@ def _check_one_batch_size(data: Mapping, tasks: Sequence[str], where: str, batch
     def size(source):
         if isinstance(source, Dataset) and not isinstance(source, IterableDataset):
             return batch_size
-        return getattr(source, "batch_size", None)
+        b = getattr(source, "batch_size", None)  # a DataLoader given batch_sampler= has None; its sampler may say
+        return b if b is not None else getattr(getattr(source, "batch_sampler", None), "batch_size", None)
 
     sizes = {t: size(data[t]) for t in tasks}
     if len({b for b in sizes.values() if b is not None}) > 1:  # found at the first step otherwise, after the setup
