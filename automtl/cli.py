@@ -145,9 +145,23 @@ def _interrupted(group: click.Group, ctx, args: list, started: float) -> None:
 
 def _again(args: list) -> str:
     """The command line that continues an interrupted run: ``args`` with ``--resume`` (and without
-    ``--overwrite``, which would start it over)."""
+    ``--overwrite``, which would start it over), under ``torchrun`` with as many processes where it ran
+    under torchrun (``WORLD_SIZE`` > 1): a checkpoint holds each rank's state and resumes on that many."""
     args = [a for a in args if a != "--overwrite"]
-    return shlex.join(["automtl", *args, *([] if "--resume" in args else ["--resume"])])
+    command = ["automtl"]
+    world = _env_int("WORLD_SIZE")
+    if world > 1:
+        local = _env_int("LOCAL_WORLD_SIZE") or world
+        nodes = ["--nnodes", str(world // local)] if world > local else []
+        command = ["torchrun", *nodes, "--nproc-per-node", str(local), "-m", "automtl"]
+    return shlex.join([*command, *args, *([] if "--resume" in args else ["--resume"])])
+
+
+def _env_int(name: str) -> int:
+    try:
+        return int(os.environ.get(name, "1"))
+    except ValueError:
+        return 1
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -454,7 +468,9 @@ def inspect_cmd(model_path, latency):
 @click.option("--data", default="synthetic", show_default=True, help="synthetic, multifashion[:ROOT], nyuv2:ROOT or cityscapes:ROOT.")
 @click.option("--split", type=click.Choice(["train", "val", "test"]), default="val", show_default=True, help="Which split to evaluate.")
 @click.option("--samples", type=click.IntRange(min=1, max=MAX_SAMPLES), help="Use only the first N samples (synthetic: how many to generate).")
-@click.option("--input-size", type=click.IntRange(8, MAX_INPUT_SIZE), default=64, show_default=True, help="Image side of the synthetic data.")
+@click.option("--input-size", type=click.IntRange(8, MAX_INPUT_SIZE),
+              help="Image side of the synthetic data. Default: the side of the input the model was converted at "
+                   "(its recorded input shape, where square), else 64.")
 @click.option("--batch-size", type=click.IntRange(1, 4096), default=16, show_default=True, help="Samples per evaluation batch.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def eval_cmd(model_path, data, split, samples, input_size, batch_size, as_json):

@@ -184,9 +184,9 @@ class SearchConfig(metaclass=KeywordChecked):
     # strategy: what happens between warm-up and the discrete policy (see automtl/search/)
     strategy: str = "gumbel"  # gumbel | conflict
     holdout_fraction: float = 0.2  # gumbel: share of map-style training data its policy steps read
-    min_margin: float = 0.1  # gumbel: probability margin over the runner-up below which a choice shares
+    min_margin: float = 0.1  # gumbel: margin of a choice over the best other below which it shares
     conflict_threshold: float = 0.0  # conflict: gradient cosine below which two tasks conflict (Recon: 0)
-    conflict_confidence: float = 2.0  # conflict: standard errors a conflict must clear to count
+    conflict_confidence: float = 2.0  # conflict: z of the false-conflict rate Φ(-z) of its t test
     conflict_every: int = 4  # conflict: search steps per gradient measurement (the others are plain steps)
     # conflict: stop measuring once every pair of tasks in every layer conflicts beyond doubt or has a conditional
     # power below this to conflict by the last planned measurement (futility stopping); 0: measure to the end

@@ -6,9 +6,24 @@ from typing import Optional
 from .errors import DataError
 
 
+#: Side of the synthetic images for a model that records no square input shape.
+DEFAULT_SIZE = 64
+
+
+def synthetic_size(model) -> int:
+    """The side of the synthetic images a model is evaluated on by default: that of the input it was
+    converted at (``model.input_shape``, (N, C, H, W)) where it is square, else :data:`DEFAULT_SIZE`."""
+    shape = getattr(model, "input_shape", None)
+    if shape is not None and len(shape) == 4 and shape[2] == shape[3]:
+        return int(shape[2])
+    return DEFAULT_SIZE
+
+
 def evaluate_model(model, data: str = "synthetic", split: str = "val", samples: Optional[int] = None,
-                   input_size: int = 64, batch_size: int = 16) -> dict:
-    """``{task: {metric: value}}`` of ``model`` on split ``split`` of data set ``data``."""
+                   input_size: Optional[int] = None, batch_size: int = 16) -> dict:
+    """``{task: {metric: value}}`` of ``model`` on split ``split`` of data set ``data``. ``input_size`` is the
+    side in pixels of the synthetic images (None: :func:`synthetic_size`, the size the model was converted at);
+    data read from disk keeps its own size."""
     from torch.utils.data import Subset
 
     from .capture import placement
@@ -18,7 +33,7 @@ def evaluate_model(model, data: str = "synthetic", split: str = "val", samples: 
     name, _ = parse_spec(data)
     options = {}
     if name == "synthetic":
-        options["size"] = input_size
+        options["size"] = input_size if input_size is not None else synthetic_size(model)
         if samples:
             options["n"] = samples
     dataset = make_dataset(data, split, for_tasks=model.tasks, **options)

@@ -239,7 +239,7 @@ def _choice_index(choice, where: str = "policy") -> int:
 def score_meaning(evidence: Optional[dict]) -> str:
     """What the score beside a choice is, for legends."""
     ev = evidence or {}
-    return "probability margin over the runner-up" if ev.get("kind") == "margin" else "gradient-conflict score"
+    return "probability margin over the best other choice" if ev.get("kind") == "margin" else "gradient-conflict score"
 
 
 def undecided_meaning(evidence: Optional[dict]) -> str:
@@ -248,8 +248,8 @@ def undecided_meaning(evidence: Optional[dict]) -> str:
     task (conflict)."""
     ev = evidence or {}
     if ev.get("kind") == "conflict":
-        return (f"a conflict score above 0, but no conflict of {ev.get('confidence')} standard errors from every other "
-                "task")
+        crit = ev.get("critical_value", ev.get("confidence"))  # policies written before the t test have none
+        return f"a conflict score above 0, but no conflict of {crit} standard errors from every other task"
     return f"a margin below {ev.get('threshold')}"
 
 
@@ -293,7 +293,8 @@ def _plain(v) -> bool:
 _EVIDENCE_VALUES = {
     "kind": lambda v: isinstance(v, str) and bool(_NAME.match(v)),  # margin, conflict, or a registered strategy's
     "strategy": lambda v: isinstance(v, str) and bool(_NAME.match(v)),
-    "threshold": _finite, "confidence": _finite, "steps": _count, "planned_steps": _count,
+    "threshold": _finite, "confidence": _finite, "critical_value": lambda v: v is None or _finite(v),
+    "steps": _count, "planned_steps": _count,
     "stopped_early": lambda v: isinstance(v, bool), "budget": _budget,
     "of_choices": lambda v: isinstance(v, str) and re.fullmatch(r"[0-9a-f]{16}", v) is not None,
 }

@@ -61,13 +61,19 @@ def step_cost(strategy: str, num_tasks: int = 3, conflict_every: int = 4) -> dic
 
 def run_cost(strategy: str, warmup_steps: int, search_steps: int, finetune_steps: int, num_tasks: int = 3,
              conflict_every: int = 4) -> float:
-    """Training compute of one search run in FBE: steps of each stage times :func:`step_cost`.
+    """Training compute of one search run in FBE: steps of each stage times their cost in :data:`STEP_COST`,
+    plus, for conflict, :func:`measure_cost` for each of the ``search_steps // conflict_every`` measured steps
+    (the search stage measures at the end of each full cycle, so a partial last cycle measures nothing; the
+    average of :func:`step_cost` would charge it a fraction of a measurement).
 
     Raises:
         KeyError: ``strategy`` has no measured step cost (only ``conflict`` and ``gumbel`` have).
     """
-    cost = step_cost(strategy, num_tasks, conflict_every)
-    return warmup_steps * cost["warmup"] + search_steps * cost["search"] + finetune_steps * cost["finetune"]
+    cost = dict(STEP_COST[strategy])
+    measured = 0.0
+    if cost.pop("measure_per_extra_task", None) is not None:
+        measured = (search_steps // max(int(conflict_every), 1)) * measure_cost(num_tasks)
+    return warmup_steps * cost["warmup"] + search_steps * cost["search"] + measured + finetune_steps * cost["finetune"]
 
 
 def finetune_share(strategy: str, warmup_steps: int, search_steps: int, finetune_steps: int, num_tasks: int = 3,

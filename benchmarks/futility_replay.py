@@ -149,7 +149,6 @@ def replay(strategy: Conflict, cos: torch.Tensor, futility: float, minimum: int,
     (both with ``conflict_threshold`` = ``threshold``), and the pairs still open at the look before the stop
     (layer, tasks, mean cosine and its standard error)."""
     cfg = strategy.run.config
-    z = cfg.conflict_confidence
     thr = threshold
     saved = (cfg.conflict_futility, cfg.conflict_threshold, strategy.cos_sum, strategy.cos_sq, strategy.count)
     cfg.conflict_futility, cfg.conflict_threshold = futility, threshold
@@ -159,7 +158,7 @@ def replay(strategy: Conflict, cos: torch.Tensor, futility: float, minimum: int,
 
     def groups():
         mean, se = strategy.statistics()
-        return [sorted(map(sorted, strategy._groups(mean[l], se[l], thr, z))) for l in range(mean.shape[0])]
+        return [sorted(map(sorted, strategy._groups(mean[l], se[l], thr, strategy.critical_value()))) for l in range(mean.shape[0])]
 
     try:
         K = len(cos)

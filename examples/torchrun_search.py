@@ -30,7 +30,8 @@ def main(argv=None):
     warmup, search_steps, finetune = (int(s) for s in args.steps.split(","))
     torch.manual_seed(0)  # every rank starts from the same weights
     sm = automtl.supermodel(args.backbone, default_tasks("synthetic"), example_input=torch.randn(1, 3, args.size, args.size))
-    train = SyntheticScenes(128, size=args.size, seed=0, split="train")
+    # 256: gumbel's policy steps read a held-out 20 % of it, two batches of 8 on each of up to 3 processes
+    train = SyntheticScenes(256, size=args.size, seed=0, split="train")
     val = SyntheticScenes(32, size=args.size, seed=0, split="val")
     config = SearchConfig(warmup_steps=warmup, search_steps=search_steps, finetune_steps=finetune, batch_size=8,
                           tau_every=5, quiet=True, out_dir=args.out, checkpoint_every=10, resume=args.resume)

@@ -105,6 +105,10 @@ def test_steps_one_at_a_time(tmp_path, converted):
     assert "parameters" in text.lower() and "layer" in text.lower()
     metrics = json.loads(run("eval", model, "--samples", "8", "--input-size", "32", "--json").output)
     assert set(metrics) == {"segmentation", "depth", "normal"}
+    # without --input-size, eval generates images of the size the model was converted at (32 here), not 64
+    assert automtl.load(model).input_shape[2:] == (32, 32)
+    assert json.loads(run("eval", model, "--samples", "8", "--json").output) == metrics
+    assert json.loads(run("eval", model, "--samples", "8", "--input-size", "64", "--json").output) != metrics
     out = run("supermodel", "mobilenet_v2", "--task", "seg:segmentation:13").output
     assert "policy layers: 52" in out
 

@@ -764,3 +764,54 @@ def test_per_task_loaders_of_other_batch_sizes_are_refused_before_training(data)
     vals = {t: make_loader(val, 4 if k == 0 else 16) for k, t in enumerate(sm.task_names)}
     res = search(sm, make_loader(train, 8), vals, dict(warmup_steps=1, search_steps=1, finetune_steps=1, quiet=True))
     assert set(res.metrics) == set(sm.task_names)
+
+
+def test_a_checkpoint_of_another_number_of_processes_names_the_torchrun_that_resumes_it(data, tmp_path):
+    """A checkpoint written under torchrun by 2 processes, resumed by one: the refusal says how many processes
+    wrote it and the torchrun that resumes it (it said "world differ")."""
+    train, _ = data
+    tasks = [Task("segmentation", "segmentation", classes=4), Task("depth", "depth")]
+    cfg = SearchConfig(strategy="conflict", warmup_steps=2, search_steps=2, finetune_steps=0, checkpoint_every=2,
+                       out_dir=str(tmp_path), quiet=True)
+    search(fresh(tasks), make_loader(train, 8, shuffle=True), None, cfg)
+    path = tmp_path / "checkpoint.pt"
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["fingerprint"]["world"] = 2
+    torch.save(ckpt, path)
+    with pytest.raises(AutomtlError, match=r"written by 2 processes and this run has 1: resume it under torchrun "
+                                           r"--nproc-per-node 2\), or use another out_dir$"):
+        search(fresh(tasks), make_loader(train, 8, shuffle=True), None, cfg.replace(resume=True))
+
+
+@pytest.mark.parametrize("env,prefix", [({}, "automtl search"),
+                                        ({"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"},
+                                         "torchrun --nproc-per-node 2 -m automtl search"),
+                                        ({"WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "4"},
+                                         "torchrun --nnodes 2 --nproc-per-node 4 -m automtl search")])
+def test_the_resume_command_after_ctrl_c_runs_as_many_processes_as_the_run(monkeypatch, env, prefix):
+    from automtl.cli import _again
+
+    for k in ("WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert _again(["search", "tiny", "--out", "r", "--overwrite"]) == f"{prefix} tiny --out r --resume"
+
+
+def test_a_resume_in_the_fine_tune_with_another_finetune_steps_says_what_it_changes(data, tmp_path):
+    """finetune_steps may change on resume (to lengthen a run), but from inside the fine-tune its anneal then
+    restarts on the new schedule: a warning says so, and a resume with the run's own length says nothing."""
+    import warnings
+
+    train, _ = data
+    tasks = [Task("segmentation", "segmentation", classes=4), Task("depth", "depth")]
+    cfg = SearchConfig(strategy="conflict", warmup_steps=2, search_steps=2, finetune_steps=4, checkpoint_every=100,
+                       out_dir=str(tmp_path), quiet=True)
+    search(fresh(tasks), make_loader(train, 8, shuffle=True), None, cfg)  # its checkpoint: the run's end, step 8
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        search(fresh(tasks), make_loader(train, 8, shuffle=True), None, cfg.replace(resume=True))
+    with pytest.warns(UserWarning, match=r"resuming in the fine-tune \(step 8\) with finetune_steps 6, where the run "
+                                         r"was started with 4: its length and learning-rate anneal follow the new"):
+        longer = search(fresh(tasks), make_loader(train, 8, shuffle=True), None, cfg.replace(resume=True, finetune_steps=6))
+    assert longer.steps["finetune"] == 6

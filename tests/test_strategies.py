@@ -143,7 +143,9 @@ def test_evidence_in_bundle_and_inspect_grid(tmp_path):
     text = inspect_text(tmp_path / "m.automtl")
     assert "gradient-conflict score (conflict)" in text and "budget used:" in text
     assert f"gradients measured {res.policy.evidence['steps']} of 5 planned times" in text
-    assert "? = undecided (a conflict score above 0, but no conflict of 2.0 standard errors from every other task)" in text
+    crit = res.policy.evidence["critical_value"]  # Student's t at Φ(-2) with 4 degrees of freedom
+    assert crit == pytest.approx(2.87, abs=0.01) and res.policy.evidence["steps"] == 5
+    assert f"? = undecided (a conflict score above 0, but no conflict of {crit} standard errors from every other task)" in text
     l, t = next(iter(res.policy.evidence["undecided"]), (0, 0))
     row = next(line for line in text.splitlines() if line.startswith(res.policy.layers[l] + " "))
     assert f"{res.policy.evidence['scores'][l][t]:+.3f}" in row
@@ -510,3 +512,73 @@ def test_a_task_that_shares_for_want_of_evidence_is_undecided_whichever_pair_lin
     apart = {(0, 1): (-0.3, 0.01), (0, 2): (-0.3, 0.01), (1, 2): (-0.3, 0.01)}  # segmentation keeps the shared one
     choices, undecided, scores = decided(apart)
     assert choices == [SHARE, SPECIALIZE, SPECIALIZE] and min(scores) > 0 and undecided == []
+
+
+def test_a_sampled_choice_is_judged_by_its_own_margin_not_the_argmax_margin():
+    """discretize="sample": the evidence for a drawn choice is its probability minus the best other
+    choice's, negative where the draw is not the most probable, so ``min_margin`` sends it to share."""
+    sm, res = run(False, "gumbel", discretize="sample", min_margin=0.02, seed=1)
+    ev = res.policy.evidence
+    probs = sm.policy_probabilities().detach()
+    drawn = sm.discretize(sample=True, seed=1).choices
+    assert any(score < 0 for row in ev["scores"] for score in row)  # some draws are not the argmax
+    for l, row in enumerate(drawn):
+        for t, c in enumerate(row):
+            others = [float(probs[l, t, o]) for o in range(3) if o != c]
+            assert ev["scores"][l][t] == pytest.approx(float(probs[l, t, c]) - max(others), abs=1e-4)
+            undecided = ev["scores"][l][t] < 0.02
+            assert ((l, t) in ev["undecided"]) == undecided
+            assert res.policy.choices[l][t] == (SHARE if undecided else c)
+
+
+@pytest.mark.parametrize("n", [2, 4, 20])
+def test_the_false_conflict_rate_is_phi_of_minus_z_whatever_the_number_of_measurements(n):
+    """Under the null (pairs whose cosines scatter around the threshold), conflict parts a pair at the
+    one-sided rate Φ(-conflict_confidence), 2.3 %: the standard error comes from the same n cosines, so
+    the critical value is Student's t with n - 1 degrees of freedom (z alone parted 15 % at n = 2)."""
+    from types import SimpleNamespace
+
+    from automtl.search.conflict import Conflict
+
+    pairs = 40_000
+    cos = torch.randn(n, pairs, 2, 2, generator=torch.Generator().manual_seed(n), dtype=torch.float64) * 0.1
+    cos = 0.5 * (cos + cos.transpose(-1, -2))  # symmetric, as measured
+    strategy = Conflict.__new__(Conflict)
+    strategy.run = SimpleNamespace(config=SearchConfig(conflict_confidence=2.0, conflict_threshold=0.0))
+    strategy.cos_sum, strategy.cos_sq, strategy.count = cos.sum(0), (cos ** 2).sum(0), n
+    mean, se = strategy.statistics()
+    crit = strategy.critical_value()
+    split = sum(len(Conflict._groups(mean[p], se[p], 0.0, crit)) > 1 for p in range(0, pairs, 10)) / (pairs // 10)
+    assert split == pytest.approx(0.02275, abs=0.008), (n, crit, split)
+    naive = float(((mean + 2.0 * se)[:, 0, 1] < 0).double().mean())  # the normal quantile on an estimated s.d.
+    assert crit > 2.0 and (n > 4 or naive > 0.05)
+
+
+@pytest.mark.parametrize("search_steps,every", [(6, 4), (7, 3), (3, 4), (8, 1)])
+def test_run_cost_charges_the_measurements_the_search_takes(search_steps, every):
+    """protocol.run_cost charges conflict's search stage measure_cost for each measurement it takes, and
+    it takes search_steps // conflict_every of them (a partial last cycle measures nothing)."""
+    from automtl.protocol import STEP_COST, measure_cost, run_cost
+
+    _, res = run(False, "conflict", search_steps=search_steps, conflict_every=every, conflict_futility=0.0)
+    taken = res.policy.evidence["steps"]
+    assert taken == search_steps // every
+    plain = 30 * STEP_COST["conflict"]["warmup"] + search_steps * STEP_COST["conflict"]["search"]
+    assert run_cost("conflict", 30, search_steps, 0, 2, every) == pytest.approx(plain + taken * measure_cost(2))
+
+
+def test_gumbel_delivers_a_policy_within_its_budget():
+    """gumbel's budget term only penalizes the expected size, so its argmax can exceed the budget; the
+    choices that cost size go back to share, weakest margin first, until it fits (budget_weight 0 here:
+    the same search as without a budget, so the two policies differ exactly where choices went back)."""
+    _, free = run(False, "gumbel", budget=None, budget_weight=0.0, min_margin=0.0)
+    _, tight = run(False, "gumbel", budget="1.0x", budget_weight=0.0, min_margin=0.0)
+    assert free.policy.evidence["budget"]["used"] > 1.0 and tight.within_budget
+    back = tight.policy.evidence["over_budget"]
+    assert back and all(free.policy.choices[l][t] != SHARE for l, t in back)
+    for l, row in enumerate(tight.policy.choices):
+        for t, c in enumerate(row):
+            assert c == (SHARE if (l, t) in back else free.policy.choices[l][t])
+    scores = free.policy.evidence["scores"]
+    kept = [scores[l][t] for l, row in enumerate(tight.policy.choices) for t, c in enumerate(row) if c != SHARE]
+    assert max(scores[l][t] for l, t in back) <= max(kept, default=1.0)

@@ -7,6 +7,7 @@ resume by a different run.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
@@ -197,6 +198,7 @@ class _CheckpointMixin:
             "strategy": self.strategy.state_dict(),
             "history": self.history,
             "elapsed": self._elapsed(),
+            "finetune_steps": self.config.finetune_steps,  # may change on resume (_RESUME_FREE): a warning says so
         }
 
     def _save(self, g: int) -> None:
@@ -236,6 +238,11 @@ class _CheckpointMixin:
             diff = [k for k in new["config"] if old["config"].get(k) != new["config"][k]]
             what = f"config field(s) {', '.join(diff)} differ" if diff else next(
                 (f"{k} differ" for k in ("tasks", "layers", "plan", "world", "policy") if old.get(k) != new.get(k)), None)
+            if what == "world differ" and isinstance(old.get("world"), int):
+                was = old["world"]
+                what = (f"it was written by {was} process{'es' if was != 1 else ''} and this run has {new['world']}: "
+                        + (f"resume it under torchrun --nproc-per-node {was}" if was > 1 else "resume it without torchrun"))
+                raise ConfigError(f"checkpoint {str(path)!r} cannot continue here ({what}), or use another out_dir")
             if what is None:
                 was, now = old.get("data") if isinstance(old.get("data"), dict) else {}, new["data"]
                 what = next((f"{_DATA_CHANGES[k]} changed" for k in _DATA_CHANGES if was.get(k) != now.get(k)),
@@ -259,6 +266,14 @@ class _CheckpointMixin:
             if self.start > total:
                 raise FileFormatError(f"checkpoint {name!r} is at step {shown(self.start, 30)}, beyond this run's {total} steps; "
                                       "delete it to start over (or, after a shorter finetune_steps, give the one it ran with)")
+            was = ckpt.get("finetune_steps")  # absent from checkpoints written before it was kept
+            begun = next((offset for stage, _, offset in self.plan if stage == "finetune"), total)
+            if isinstance(was, int) and not isinstance(was, bool) and was != self.config.finetune_steps \
+                    and self.start > begun and self.dist.main:
+                warnings.warn(f"resuming in the fine-tune (step {self.start}) with finetune_steps {self.config.finetune_steps}, "
+                              f"where the run was started with {shown(was, 30)}: its length and learning-rate anneal follow "
+                              "the new value from here on (the rate jumps to where the new schedule is), so the result is "
+                              "neither length's uninterrupted run", stacklevel=2)
         except BaseException:
             self.sm.load_state_dict(kept["model"])  # the caller's supermodel as it was
             _set_rng_state(kept["rng"], self.sm)

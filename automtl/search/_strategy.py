@@ -94,6 +94,22 @@ class Strategy:
         """The discrete :class:`~automtl.policy.Policy` and its evidence dict (see ``Policy.evidence``)."""
         raise NotImplementedError
 
+    def size(self, policy) -> int:
+        """What the budget limits of ``policy``'s compact model: its parameters, or its MACs under
+        ``budget_metric: macs``."""
+        run = self.run
+        if run.config.budget_metric == "macs":
+            return run.sm.policy_mac_count(policy)
+        return run.sm.policy_parameter_count(policy)
+
+    def fits(self, policy) -> bool:
+        """Whether ``policy``'s compact model is within the run's budget (always, without one)."""
+        run = self.run
+        if run.budget is None:
+            return True
+        limit = run.budget_macs if run.config.budget_metric == "macs" else run.budget_params
+        return self.size(policy) <= limit
+
     def unspent_compute(self) -> float:
         """FBE the search stage planned but did not spend (e.g. measurements a futility stop skipped); under
         ``finetune_unit: compute`` the fine-tune gets them."""

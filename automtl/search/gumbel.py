@@ -11,12 +11,17 @@ straight-through gates of GDAS (Dong & Yang, CVPR 2019). With ``paths="soft"`` e
 all three operators of every layer (AutoMTL). The policy objective is the task losses, plus
 ``reg_weight`` times a depth-weighted
 pull toward *share* averaged (not summed) over layers, so its strength does not grow with depth,
-plus ``budget_weight`` times the hinge of the expected compact-model size over the budget.
+plus ``budget_weight`` times the hinge of the expected compact-model size over the budget. That term is
+a penalty, not a bound: where the discrete policy still exceeds the budget, its choices that cost size
+go back to share, weakest margin first, until it fits (``over_budget`` in the evidence).
 
-Evidence: the probability margin of each choice over the runner-up. Below ``min_margin`` the
-choice is undecided and falls back to share.
+Evidence: the margin of each choice, its probability minus the best other choice's (negative for a
+``discretize="sample"`` draw that is not the most probable). Below ``min_margin`` the choice is
+undecided and falls back to share.
 """
 from __future__ import annotations
+
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -177,21 +182,53 @@ class Gumbel(Strategy):
         return freed
 
     def decide(self):
-        """Argmax (or a seeded sample) of the policy; a choice whose probability beats the runner-up by
-        less than ``min_margin`` is undecided and shares."""
+        """Argmax (or a seeded sample) of the policy. The evidence for a choice is its margin: its
+        probability minus the best other choice's, negative where a sample picked a choice that is not
+        the most probable. A choice whose margin is below ``min_margin`` is undecided and shares
+        (``min_margin`` 0 keeps every choice, sampled ones included)."""
         sm, cfg = self.run.sm, self.run.config
         policy = sm.discretize(sample=cfg.discretize == "sample", seed=cfg.seed)
         with torch.no_grad():
-            probs = sm.policy_probabilities().detach().cpu()
-        top2 = probs.topk(2, dim=-1).values
-        margin = (top2[..., 0] - top2[..., 1]).tolist()
+            probs = sm.policy_probabilities().detach().cpu()  # (layers, tasks, 3)
+        chosen = torch.tensor(policy.choices, dtype=torch.long).unsqueeze(-1)
+        p_chosen = probs.gather(-1, chosen).squeeze(-1)
+        best_other = probs.scatter(-1, chosen, float("-inf")).amax(dim=-1)
+        margin = (p_chosen - best_other).tolist()
         choices = [list(row) for row in policy.choices]
         undecided = []
         for l, row in enumerate(choices):
             for t, c in enumerate(row):
-                if margin[l][t] < cfg.min_margin:
+                if cfg.min_margin > 0 and margin[l][t] < cfg.min_margin:
                     undecided.append((l, t))
                     row[t] = SHARE
+        over_budget = self._within_budget(policy.layers, policy.tasks, choices, margin)
         evidence = {"kind": "margin", "threshold": cfg.min_margin,
-                    "scores": [[round(m, 4) for m in row] for row in margin], "undecided": undecided}
+                    "scores": [[round(m, 4) for m in row] for row in margin], "undecided": undecided,
+                    "over_budget": over_budget}
         return Policy(policy.layers, policy.tasks, choices), evidence
+
+    def _within_budget(self, layers, tasks, choices, margin) -> list:
+        """The budget term is a penalty on the expected size, so the discrete policy can exceed the budget
+        (3.8x at a 1.2x budget was seen). Its choices that cost size (a task's copy; a skip whose
+        projection has weights) go back to share, weakest margin first, until the model fits; all-share
+        fits any budget from 1.0x. Returns the ``(layer, task)`` choices sent back (``choices`` is changed in
+        place); warns where the model still does not fit."""
+        current = Policy(layers, tasks, choices)
+        if self.fits(current):
+            return []
+        size = self.size(current)
+        back = []
+        for _, l, t in sorted((margin[l][t], l, t) for l, row in enumerate(choices) for t, c in enumerate(row) if c != SHARE):
+            was, choices[l][t] = choices[l][t], SHARE
+            smaller = self.size(Policy(layers, tasks, choices))
+            if smaller >= size:  # sharing costs as much here (a skip without weights): keep the choice
+                choices[l][t] = was
+                continue
+            size = smaller
+            back.append((l, t))
+            if self.fits(Policy(layers, tasks, choices)):
+                return back
+        if self.run.dist.main:
+            warnings.warn(f"gumbel's policy exceeds the budget of {self.run.budget:g}x ({self.run.config.budget_metric}) "
+                          "even with every choice that costs size back to share; raise the budget", stacklevel=2)
+        return back
