@@ -44,7 +44,7 @@ class Policy:
     """``choices[l][t]`` is the choice (0 share, 1 specialize, 2 skip) of task ``t`` at layer ``l``.
 
     ``evidence`` (optional, from a search) says what backs each choice: ``kind`` ("margin": the
-    policy probability of the choice minus the runner-up's; "conflict": the conflict threshold minus
+    policy probability of the choice minus the best other choice's; "conflict": the conflict threshold minus
     the task's best gradient cosine with another task in that layer), ``scores[l][t]``, the
     ``threshold`` a score must clear, ``undecided`` (``(l, t)`` pairs whose evidence did not clear it:
     they share), ``strategy`` and ``budget`` (``used`` and ``limit`` as multiples of the single model),
@@ -244,11 +244,16 @@ def score_meaning(evidence: Optional[dict]) -> str:
 
 def undecided_meaning(evidence: Optional[dict]) -> str:
     """What "undecided" meant for this evidence, for legends: a probability margin below the threshold
-    (gumbel), or a positive conflict score without a conflict of ``confidence`` standard errors from every other
-    task (conflict)."""
+    (gumbel), or a positive conflict score without a significant conflict (``critical_value`` standard errors;
+    ``confidence`` in policies written before the t test) from every other task (conflict)."""
     ev = evidence or {}
     if ev.get("kind") == "conflict":
-        crit = ev.get("critical_value", ev.get("confidence"))  # policies written before the t test have none
+        if "critical_value" not in ev:  # written before the t test: z standard errors
+            crit = ev.get("confidence")
+        elif ev["critical_value"] is None:  # fewer than two measurements: no spread, so no conflict
+            return "a conflict score above 0, and too few gradient measurements (under 2) for any conflict"
+        else:
+            crit = ev["critical_value"]
         return f"a conflict score above 0, but no conflict of {crit} standard errors from every other task"
     return f"a margin below {ev.get('threshold')}"
 
@@ -309,7 +314,7 @@ def _evidence_from_yaml(data, layers: list, tasks: list, source: str) -> Optiona
     """
     if data is None:
         return None
-    bad = (f"{source}: 'evidence' must hold what a search writes (kind, strategy, threshold, confidence, steps, "
+    bad = (f"{source}: 'evidence' must hold what a search writes (kind, strategy, threshold, confidence, critical_value, steps, "
            "planned_steps, stopped_early, budget, scores as layer -> task -> number, undecided and over_budget as "
            "layer -> [tasks]); delete the evidence section to use the choices alone")
     if not isinstance(data, dict):

@@ -81,7 +81,8 @@ def test_budget_limits_branching():
 
 
 def test_weak_evidence_is_undecided_and_shares():
-    # three conflict steps cannot clear two standard errors: every positive score is undecided
+    # three conflict steps cannot clear t's 4.53 standard errors (2 degrees of freedom): every positive score is
+    # undecided
     _, res = run(False, "conflict", search_steps=3, conflict_every=1)
     ev = res.policy.evidence
     assert ev["steps"] == 3 and ev["undecided"]
@@ -567,18 +568,56 @@ def test_run_cost_charges_the_measurements_the_search_takes(search_steps, every)
     assert run_cost("conflict", 30, search_steps, 0, 2, every) == pytest.approx(plain + taken * measure_cost(2))
 
 
-def test_gumbel_delivers_a_policy_within_its_budget():
+@pytest.mark.parametrize("overrides", [{}, {"seed": 3, "reg_weight": 0.0, "policy_lr": 0.05}])  # the second: a layer
+def test_gumbel_delivers_a_policy_within_its_budget(overrides):                      # where every task specializes
     """gumbel's budget term only penalizes the expected size, so its argmax can exceed the budget; the
     choices that cost size go back to share, weakest margin first, until it fits (budget_weight 0 here:
-    the same search as without a budget, so the two policies differ exactly where choices went back)."""
-    _, free = run(False, "gumbel", budget=None, budget_weight=0.0, min_margin=0.0)
-    _, tight = run(False, "gumbel", budget="1.0x", budget_weight=0.0, min_margin=0.0)
+    the same search as without a budget, so the two policies differ exactly where choices went back). In a
+    layer no task shares, one choice back saves nothing alone: the layer's others go back with it."""
+    import warnings
+
+    _, free = run(False, "gumbel", budget=None, budget_weight=0.0, min_margin=0.0, **overrides)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # all-share fits 1.0x: no warning that the budget cannot be met
+        _, tight = run(False, "gumbel", budget="1.0x", budget_weight=0.0, min_margin=0.0, **overrides)
     assert free.policy.evidence["budget"]["used"] > 1.0 and tight.within_budget
     back = tight.policy.evidence["over_budget"]
     assert back and all(free.policy.choices[l][t] != SHARE for l, t in back)
     for l, row in enumerate(tight.policy.choices):
         for t, c in enumerate(row):
             assert c == (SHARE if (l, t) in back else free.policy.choices[l][t])
-    scores = free.policy.evidence["scores"]
-    kept = [scores[l][t] for l, row in enumerate(tight.policy.choices) for t, c in enumerate(row) if c != SHARE]
-    assert max(scores[l][t] for l, t in back) <= max(kept, default=1.0)
+
+
+def test_gumbel_sends_back_the_weakest_choices_first_and_a_layer_no_task_shares_whole():
+    from types import SimpleNamespace
+
+    from automtl.search.gumbel import Gumbel
+
+    tasks = [Task("a", kind="regression"), Task("b", kind="regression")]
+    sm = supermodel("tiny", tasks, torch.randn(1, 3, SIZE, SIZE))
+    layers, names = sm.layer_names, sm.task_names
+    share = [[SHARE, SHARE] for _ in layers]
+    base = sm.policy_parameter_count(Policy(layers, names, share))
+    strategy = Gumbel.__new__(Gumbel)
+    strategy.run = SimpleNamespace(sm=sm, budget=1.0, budget_params=base, budget_macs=None, dist=SimpleNamespace(main=True),
+                                   config=SimpleNamespace(budget_metric="params"))
+    margin = [[0.5, 0.5] for _ in layers]
+    # layer 1: both tasks specialize (one back alone saves nothing); layer 2: one copy, with a weaker margin
+    choices = [list(r) for r in share]
+    choices[1], choices[2] = [SPECIALIZE, SPECIALIZE], [SHARE, SPECIALIZE]
+    margin[1], margin[2] = [0.2, 0.3], [0.5, 0.1]
+    strategy.run.budget_params = sm.policy_parameter_count(Policy(layers, names, [share[0], choices[1], *share[2:]]))
+    back = strategy._within_budget(layers, names, choices, margin)
+    assert back == [(2, 1)] and choices[1] == [SPECIALIZE, SPECIALIZE]  # the weakest went back, and was enough
+    strategy.run.budget_params = base
+    back = strategy._within_budget(layers, names, choices, margin)
+    assert back == [(1, 0), (1, 1)] and choices == share
+
+
+def test_the_undecided_legend_names_the_critical_value_or_too_few_measurements():
+    from automtl.policy import undecided_meaning
+
+    assert "of 2.87 standard errors" in undecided_meaning({"kind": "conflict", "confidence": 2.0, "critical_value": 2.87})
+    assert "too few gradient measurements" in undecided_meaning({"kind": "conflict", "confidence": 2.0,
+                                                                 "critical_value": None})
+    assert "of 2.0 standard errors" in undecided_meaning({"kind": "conflict", "confidence": 2.0})  # an older policy

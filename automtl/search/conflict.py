@@ -79,8 +79,10 @@ def t_critical(tail: float, df: int) -> float:
     """The one-sided critical value of Student's t test: the t with P(T > t) = ``tail`` under ``df``
     degrees of freedom (``df`` >= 1; 0 < ``tail`` <= 0.5). It is what a mean must clear, in standard errors
     estimated from ``df + 1`` measurements, for a false-positive rate of ``tail``: 13.97 for
-    ``tail`` = Φ(−2) at df 1, 2.32 at df 9, 2.03 at df 74, and Φ's 2.0 as df grows. Exact by bisection on
-    the series for df up to 400; above, the Cornish-Fisher expansion in 1/df (error below 1e-5)."""
+    ``tail`` = Φ(−2) at df 1, 2.32 at df 9, 2.03 at df 74, and Φ's 2.0 as df grows. By bisection on the
+    series for df up to 400; above, the Cornish-Fisher expansion in 1/df. Relative error below 1e-5 for
+    tails from 1e-9 (checked against scipy); smaller tails lose digits to ``1 - tail``, and a tail of 0
+    (``conflict_confidence`` from about 8.4, where Φ(−z) underflows) gives infinity: no conflict."""
     if tail >= 0.5:
         return 0.0
     z = -NormalDist().inv_cdf(tail)
@@ -232,8 +234,10 @@ class Conflict(Strategy):
 
         For a pair with mean cosine ``m`` and sample standard deviation ``s`` over ``n`` of ``K`` planned
         measurements, the conditional power under the current trend is
-        ``Φ((K (thr - m) - z s √K) / (s √(K - n)))``: the chance that the mean of all K falls ``z``
-        standard errors below the threshold ``thr``.
+        ``Φ((K (thr - m) - t_K s √K) / (s √(K - n)))``: the chance that the mean of all K falls ``t_K``
+        standard errors below the threshold ``thr``, ``t_K`` the final test's critical value
+        (:meth:`critical_value` at K measurements). A pair below the threshold by Bonferroni's t over the
+        K looks conflicts beyond doubt.
         """
         cfg = self.run.config
         K, n, T = self.planned(), self.count, self.run.sm.num_tasks

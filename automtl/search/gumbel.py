@@ -210,8 +210,9 @@ class Gumbel(Strategy):
     def _within_budget(self, layers, tasks, choices, margin) -> list:
         """The budget term is a penalty on the expected size, so the discrete policy can exceed the budget
         (3.8x at a 1.2x budget was seen). Its choices that cost size (a task's copy; a skip whose
-        projection has weights) go back to share, weakest margin first, until the model fits; all-share
-        fits any budget from 1.0x. Returns the ``(layer, task)`` choices sent back (``choices`` is changed in
+        projection has weights) go back to share, weakest margin first (with the rest of its layer where one
+        alone saves nothing: no task of the layer shares), until the model fits; all-share fits any budget
+        from 1.0x. Returns the ``(layer, task)`` choices sent back (``choices`` is changed in
         place); warns where the model still does not fit."""
         current = Policy(layers, tasks, choices)
         if self.fits(current):
@@ -219,13 +220,23 @@ class Gumbel(Strategy):
         size = self.size(current)
         back = []
         for _, l, t in sorted((margin[l][t], l, t) for l, row in enumerate(choices) for t, c in enumerate(row) if c != SHARE):
-            was, choices[l][t] = choices[l][t], SHARE
-            smaller = self.size(Policy(layers, tasks, choices))
-            if smaller >= size:  # sharing costs as much here (a skip without weights): keep the choice
-                choices[l][t] = was
+            if choices[l][t] == SHARE:  # sent back with its layer below
+                continue
+            # one choice back to share; where no other task of the layer shares, that brings the shared operator
+            # back and saves nothing alone, so the layer's other choices go back with it
+            for group in ([t], [k for k, c in enumerate(choices[l]) if c != SHARE]):
+                was = [choices[l][k] for k in group]
+                for k in group:
+                    choices[l][k] = SHARE
+                smaller = self.size(Policy(layers, tasks, choices))
+                if smaller < size:
+                    break
+                for k, c in zip(group, was):
+                    choices[l][k] = c
+            else:  # sharing costs as much here (a skip without weights): keep the choices
                 continue
             size = smaller
-            back.append((l, t))
+            back.extend((l, k) for k in group)
             if self.fits(Policy(layers, tasks, choices)):
                 return back
         if self.run.dist.main:
