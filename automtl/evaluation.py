@@ -6,24 +6,20 @@ from typing import Optional
 from .errors import DataError
 
 
-#: Side of the synthetic images for a model that records no square input shape.
-DEFAULT_SIZE = 64
-
-
-def synthetic_size(model) -> int:
-    """The side of the synthetic images a model is evaluated on by default: that of the input it was
-    converted at (``model.input_shape``, (N, C, H, W)) where it is square, else :data:`DEFAULT_SIZE`."""
+def converted_side(model) -> Optional[int]:
+    """The side of the square input ``model`` was converted at (``model.input_shape``, (N, C, H, W)); None where
+    it records none or a non-square one."""
     shape = getattr(model, "input_shape", None)
     if shape is not None and len(shape) == 4 and shape[2] == shape[3]:
         return int(shape[2])
-    return DEFAULT_SIZE
+    return None
 
 
 def evaluate_model(model, data: str = "synthetic", split: str = "val", samples: Optional[int] = None,
                    input_size: Optional[int] = None, batch_size: int = 16) -> dict:
     """``{task: {metric: value}}`` of ``model`` on split ``split`` of data set ``data``. ``input_size`` is the
-    side in pixels of the synthetic images (None: :func:`synthetic_size`, the size the model was converted at);
-    data read from disk keeps its own size."""
+    side in pixels of the synthetic images (None: :func:`converted_side`, the size the model was converted at, else
+    the synthetic data's default of 64); data read from disk keeps its own size."""
     from torch.utils.data import Subset
 
     from .capture import placement
@@ -33,7 +29,9 @@ def evaluate_model(model, data: str = "synthetic", split: str = "val", samples: 
     name, _ = parse_spec(data)
     options = {}
     if name == "synthetic":
-        options["size"] = input_size if input_size is not None else synthetic_size(model)
+        size = input_size if input_size is not None else converted_side(model)
+        if size is not None:
+            options["size"] = size
         if samples:
             options["n"] = samples
     dataset = make_dataset(data, split, for_tasks=model.tasks, **options)

@@ -69,10 +69,9 @@ def run_cost(strategy: str, warmup_steps: int, search_steps: int, finetune_steps
     Raises:
         KeyError: ``strategy`` has no measured step cost (only ``conflict`` and ``gumbel`` have).
     """
-    cost = dict(STEP_COST[strategy])
-    measured = 0.0
-    if cost.pop("measure_per_extra_task", None) is not None:
-        measured = (search_steps // max(int(conflict_every), 1)) * measure_cost(num_tasks)
+    cost = STEP_COST[strategy]
+    measured = (search_steps // max(int(conflict_every), 1)) * measure_cost(num_tasks) \
+        if "measure_per_extra_task" in cost else 0.0
     return warmup_steps * cost["warmup"] + search_steps * cost["search"] + measured + finetune_steps * cost["finetune"]
 
 

@@ -236,9 +236,9 @@ class _CheckpointMixin:
             new.pop("data")
         if old != new:
             diff = [k for k in new["config"] if old["config"].get(k) != new["config"][k]]
-            what = f"config field(s) {', '.join(diff)} differ" if diff else next(
-                (f"{k} differ" for k in ("tasks", "layers", "plan", "world", "policy") if old.get(k) != new.get(k)), None)
-            if what == "world differ" and isinstance(old.get("world"), int):
+            part = next((k for k in ("tasks", "layers", "plan", "world", "policy") if old.get(k) != new.get(k)), None)
+            what = f"config field(s) {', '.join(diff)} differ" if diff else f"{part} differ" if part else None
+            if not diff and part == "world" and isinstance(old["world"], int):
                 was = old["world"]
                 what = (f"it was written by {was} process{'es' if was != 1 else ''} and this run has {new['world']}: "
                         + (f"resume it under torchrun --nproc-per-node {was}" if was > 1 else "resume it without torchrun"))

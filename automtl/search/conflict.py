@@ -241,13 +241,12 @@ class Conflict(Strategy):
         """
         cfg = self.run.config
         K, n, T = self.planned(), self.count, self.run.sm.num_tasks
-        thr, z = cfg.conflict_threshold, cfg.conflict_confidence
+        thr = cfg.conflict_threshold
         mean, se = self.statistics()
         a, b = torch.triu_indices(T, T, 1)
         m, se = 0.5 * (mean[:, a, b] + mean[:, b, a]), se[:, a, b]  # (L, pairs)
         s = (se * math.sqrt(n)).clamp_min(1e-12)
-        tail = NormalDist().cdf(-z) / max(K, 1)  # Bonferroni over the K looks
-        t_stop = t_critical(tail, n - 1) if tail > 0 and n > 1 else math.inf
+        t_stop = self.critical_value(n, looks=K)  # Bonferroni over the K looks
         conflicting = torch.where(se > 0, m + t_stop * se, m) < thr  # (inf x 0 would be nan)
         t_end = self.critical_value(K)  # the final test's, at the K-th measurement
         power = torch.special.ndtr((K * (thr - m) - t_end * s * math.sqrt(max(K, 1))) / (s * math.sqrt(max(K - n, 1))))
@@ -261,18 +260,16 @@ class Conflict(Strategy):
         return (self.planned() - self.count) * measure_cost(self.run.sm.num_tasks)
 
     # ---- the decision ----------------------------------------------------------------
-    def critical_value(self, n: int | None = None) -> float:
+    def critical_value(self, n: int | None = None, looks: int = 1) -> float:
         """Standard errors a mean cosine must fall below the threshold by to count as a conflict after
         ``n`` measurements (default: those taken): Student's t at the false-conflict rate Φ(−z) of
-        ``conflict_confidence`` z, with n − 1 degrees of freedom, since the standard error is estimated
-        from the same n cosines (z itself would let through 15 % false conflicts at n = 2 and 7 % at
-        n = 4, not 2.3 %). Infinite below two measurements: no conflict without a spread."""
+        ``conflict_confidence`` z (divided by ``looks``, Bonferroni's correction for that many tests), with
+        n − 1 degrees of freedom, since the standard error is estimated from the same n cosines (z itself
+        would let through 15 % false conflicts at n = 2 and 7 % at n = 4, not 2.3 %). Infinite below two
+        measurements: no conflict without a spread."""
         n = self.count if n is None else n
-        z = self.run.config.conflict_confidence
-        if n < 2:
-            return math.inf
-        tail = NormalDist().cdf(-z)
-        return t_critical(tail, n - 1) if tail > 0 else math.inf
+        tail = NormalDist().cdf(-self.run.config.conflict_confidence) / max(looks, 1)
+        return t_critical(tail, n - 1) if tail > 0 and n > 1 else math.inf
 
     def statistics(self):
         """Mean pairwise cosine (L, T, T) and its standard error over the measured steps."""
