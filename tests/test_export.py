@@ -93,6 +93,44 @@ def test_bundle_round_trip(name, tmp_path):
     assert torch.equal(outputs(loaded, x)["depth"], loaded(x, tasks=["depth"])["depth"].detach())
 
 
+_BATCHNORM_INIT = nn.BatchNorm2d.__init__
+
+
+def _batchnorm_init_of_torch_2_11(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
+                                  device=None, dtype=None):
+    """BatchNorm2d's constructor before torch 2.13 gave it the keyword-only ``bias``."""
+    _BATCHNORM_INIT(self, num_features, eps, momentum, affine, track_running_stats, device, dtype)
+
+
+def test_a_bundle_is_read_and_written_by_a_torch_whose_norms_take_no_bias(tmp_path, monkeypatch):
+    """Files move between torch releases: an argument torch added keyword-only (BatchNorm's ``bias``, 2.13) is not
+    written at its default, so torch 2.11 reads this torch's files and writes its own (on 2.11 every save failed,
+    since its read-back refused ``bias``); a file that needs the argument is one sentence asking for a newer torch."""
+    model = random_model("resnet18", seed=3)
+    x = torch.randn(2, 3, SIZE, SIZE)
+    save(model, tmp_path / "new.automtl")
+    described = yaml.safe_load(entries(tmp_path / "new.automtl")["model.yaml"])
+    norms = [m for m in described["modules"] if m["class"] == "BatchNorm2d"]
+    assert norms and not any("bias" in m["args"] for m in norms)
+
+    monkeypatch.setattr(nn.BatchNorm2d, "__init__", _batchnorm_init_of_torch_2_11)
+    loaded = load(tmp_path / "new.automtl")
+    assert all(torch.equal(a, b) for a, b in zip(outputs(loaded, x).values(), outputs(model, x).values()))
+    save(loaded, tmp_path / "old.automtl")
+    again = load(tmp_path / "old.automtl")
+    assert all(torch.equal(a, b) for a, b in zip(outputs(again, x).values(), outputs(model, x).values()))
+    monkeypatch.undo()
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4, bias=False), nn.ReLU())
+    sm = supermodel(net, TASKS, torch.randn(1, 3, SIZE, SIZE)).eval()
+    save(compact(sm, Policy.uniform(sm.layer_names, sm.task_names, "share")).eval(), tmp_path / "nobias.automtl")
+    monkeypatch.setattr(nn.BatchNorm2d, "__init__", _batchnorm_init_of_torch_2_11)
+    with pytest.raises(FileFormatError, match=r"constructor argument 'bias', which the BatchNorm2d of the installed "
+                                              r"torch .* does not take; .* upgrade torch to load it"):
+        load(tmp_path / "nobias.automtl")
+
+
 def test_bundle_layout_and_checksums(tmp_path):
     path = tmp_path / "m.automtl"
     save(random_model(), path)

@@ -63,6 +63,8 @@ def _constructor_args(name: str, mod: nn.Module) -> dict:
     params = inspect.signature(type(mod).__init__).parameters
     for key in MODULES[type(mod)]:
         param = params.get(key)
+        if param is None:
+            continue  # an argument of another torch release (BatchNorm's bias arrived in 2.13): not this class's
         value = getattr(mod, key, inspect.Parameter.empty)
         if isinstance(value, torch.Tensor) or (value is None and key in ("bias", "weight") and param is not None
                                                and param.default is True):
@@ -71,6 +73,8 @@ def _constructor_args(name: str, mod: nn.Module) -> dict:
             continue  # an initialisation-only argument: the weights override it
         if key == "inplace":
             value = False  # the graph uses the returned value (capture made that explicit); a bundle never writes in place
+        if param.kind is inspect.Parameter.KEYWORD_ONLY and value == param.default:
+            continue  # torch adds arguments as keyword-only with the old behaviour as default: a release without it reads the file
         args[key] = encode(value, f"module {name!r} argument {key!r}")
     return args
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 from typing import Any, Callable
 
+import torch
 from torch import nn
 
 from ..errors import FileFormatError, finite_number
@@ -152,7 +153,14 @@ def build_module(name: str, cls_name: Any, args: Any, where: str) -> nn.Module:
                 f"module {name!r} ({cls_name}) of {where} has constructor argument {str(key)[:40]!r} = {str(value)[:40]!r}, "
                 "which is not an argument of the type automtl accepts there; the file is corrupted or crafted, re-save the model")
     kwargs = dict(args)
-    if "device" in inspect.signature(cls.__init__).parameters:
+    params = inspect.signature(cls.__init__).parameters
+    missing = [key for key in kwargs if key not in params]
+    if missing:  # on the list, but not in this torch's constructor: a file of a newer torch
+        raise FileFormatError(
+            f"module {name!r} ({cls_name}) of {where} has constructor argument {missing[0]!r}, which the "
+            f"{cls_name} of the installed torch {torch.__version__} does not take; the file was written with a newer "
+            "torch: upgrade torch to load it")
+    if "device" in params:
         kwargs["device"] = "meta"  # no memory, no random init: the weights fill it
     try:
         return cls(**kwargs)
