@@ -294,6 +294,9 @@ def _convert(cfg: ConvertConfig, out: Path, resume: bool, quiet: bool, log: Call
     result = search(sm, train, val, search_cfg)
     search_seconds = time.time() - t0
     log("compacting, exporting and rendering")
+    # the files and the report's accounting are the CPU's whatever device trained: model.pt2 runs where there is no
+    # GPU, and latency is CPU latency as the README's report says
+    sm.cpu()
     model = compact(sm, result.policy).eval()
     size = (1, 3, cfg.input_size, cfg.input_size)
     stats = compare(sm, model, (8, 3, cfg.input_size, cfg.input_size), repeats=5)

@@ -62,14 +62,23 @@ class _eval:
             m.training = mode
 
 
+def _synchronize() -> None:
+    """Wait for the GPU work queued so far: a CUDA call returns before its kernels ran, so a wall-clock interval
+    must end (and start) here to hold them."""
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def _median_latency(fn, repeats: int, warmup: int = 1) -> dict:
     with torch.inference_mode():
         for _ in range(max(warmup, 0)):
             fn()
         times = []
         for _ in range(max(repeats, 1)):
+            _synchronize()
             start = time.perf_counter()
             fn()
+            _synchronize()
             times.append(time.perf_counter() - start)
     return {"latency_s": statistics.median(times), "latency_min_s": min(times), "repeats": len(times)}
 
@@ -91,8 +100,10 @@ def interleaved_latency(models: Sequence[nn.Module], input_shape: Sequence[int],
             stack.enter_context(_eval(m))
         for r in range(max(warmup, 0) + max(repeats, 1)):
             for k, (m, x) in enumerate(zip(models, inputs)):
+                _synchronize()
                 start = time.perf_counter()
                 m(x)
+                _synchronize()
                 if r >= warmup:
                     times[k].append(time.perf_counter() - start)
     return [{"latency_s": statistics.median(t), "latency_min_s": min(t), "repeats": len(t)} for t in times]
@@ -131,7 +142,8 @@ def _task_parameters(model: CompactModel, tasks: Optional[Sequence[str]]) -> int
 
 def model_stats(compact: CompactModel, input_shape: Sequence[int], tasks: Optional[Sequence[str]] = None,
                 repeats: int = 10, warmup: int = 1, latency: bool = True) -> dict:
-    """Parameters, MACs per sample and median CPU latency of ``compact`` computing ``tasks`` (default all).
+    """Parameters, MACs per sample and median latency of ``compact`` computing ``tasks`` (default all), on the
+    device its weights are on (a GPU's queued kernels waited for).
 
     Latency is for one batch of ``input_shape`` (N, C, H, W) in eval mode; MACs are per sample and
     counted on shapes alone. With ``latency=False`` the model is never run on data (latency is None).

@@ -82,7 +82,7 @@ def compact_run(run_dir: Union[str, os.PathLike], policy: Union[None, str, os.Pa
             (``path/to/file.py:Net``, ``package.module:factory``): see :func:`load_run`.
 
     Returns:
-        the :class:`automtl.CompactModel`, in eval mode.
+        the :class:`automtl.CompactModel`, in eval mode, on the CPU (also where the fine-tune ran on a GPU).
 
     Raises:
         ConfigError: the run has no policy and none is given; the policy does not fit the run's layers and tasks;
@@ -106,7 +106,7 @@ def compact_run(run_dir: Union[str, os.PathLike], policy: Union[None, str, os.Pa
     if finetune_steps > 0:
         train, val = build_data(cfg, sm.tasks)
         search(sm, train, val, cfg.search.replace(finetune_steps=finetune_steps, out_dir=None, quiet=quiet), policy=policy)
-    model = compact(sm.eval(), policy)
+    model = compact(sm.cpu().eval(), policy)  # on the CPU as load_run built it, also after a fine-tune on a GPU
     if out is not None:
         save(model, out)
     return model

@@ -1,7 +1,7 @@
-"""All-task inference latency of the compact model against what it replaces (3 dense tasks, CPU).
+"""All-task inference latency of the compact model against what it replaces (3 dense tasks, CPU or GPU).
 
     python benchmarks/inference.py [--backbones resnet18,resnet34,mobilenet_v2] [--sizes 64,128] [--batch 8]
-                                   [--repeats 5] [--threads N] [--clock wall|cpu]
+                                   [--repeats 5] [--threads N] [--clock wall|cpu] [--device cpu|cuda] [--out FILE]
 
 For every backbone and input size, and every policy (all-share, all-specialize, a seeded random
 mix, and the policy in ``benchmarks/results/found_policies/<backbone>.yaml`` when that file
@@ -45,11 +45,12 @@ TASKS = TASK_POOL[:3]
 FOUND = RESULTS / "found_policies"
 
 
-def interleaved_medians(fns: dict, repeats: int, warmup: int = 1) -> dict:
+def interleaved_medians(fns: dict, repeats: int, warmup: int = 1, sync=lambda: None) -> dict:
     """Median (and spread) of each callable over ``repeats`` rounds; each round calls every one once.
 
     Records wall-clock time and the process's CPU time: on a machine shared with other jobs the
-    wall clock also counts the time the scheduler gave to them, the CPU time does not.
+    wall clock also counts the time the scheduler gave to them, the CPU time does not. ``sync`` is called
+    before and after each timed call (``torch.cuda.synchronize`` on a GPU, where calls only queue work).
     """
     wall = {k: [] for k in fns}
     cpu = {k: [] for k in fns}
@@ -59,8 +60,10 @@ def interleaved_medians(fns: dict, repeats: int, warmup: int = 1) -> dict:
                 fn()
         for _ in range(repeats):
             for key, fn in fns.items():
+                sync()
                 start, start_cpu = time.perf_counter(), time.process_time()
                 fn()
+                sync()
                 cpu[key].append(time.process_time() - start_cpu)
                 wall[key].append(time.perf_counter() - start)
     return {k: {"median_s": statistics.median(v), "min_s": min(v), "max_s": max(v),
@@ -86,8 +89,9 @@ def policies(sm, backbone: str, seed: int) -> dict:
 
 
 def run_one(name: str, size: int, batch: int, repeats: int, seed: int, clock: str = "wall", tasks=TASKS,
-            only: tuple = ()) -> list:
-    """Time every policy's compact model against its baselines; ``only`` keeps just those policy labels."""
+            only: tuple = (), device: str = "cpu") -> list:
+    """Time every policy's compact model against its baselines; ``only`` keeps just those policy labels.
+    Parameters and MACs are counted on the CPU; the timed models and the batch live on ``device``."""
     torch.manual_seed(0)
     sm = supermodel(build_backbone(name), tasks, torch.randn(1, 3, size, size)).eval()
     x = torch.randn(batch, 3, size, size)
@@ -99,6 +103,10 @@ def run_one(name: str, size: int, batch: int, repeats: int, seed: int, clock: st
     if only:
         pols = {k: v for k, v in pols.items() if k.split("(")[0] in only}
     models = {label: compact(sm, pol).eval() for label, pol in pols.items()}
+    stats = {label: model_stats(model, (1, 3, size, size), repeats=1, warmup=0) for label, model in models.items()}
+    dev = torch.device(device)
+    sm, single, x = sm.to(dev), single.to(dev), x.to(dev)
+    models = {label: model.to(dev) for label, model in models.items()}
 
     def automtl_hard(pol):
         def run():
@@ -111,18 +119,18 @@ def run_one(name: str, size: int, batch: int, repeats: int, seed: int, clock: st
     for label, model in models.items():
         fns[f"compact/{label}"] = (lambda m: lambda: m(x))(model)
         fns[f"automtl_hard/{label}"] = automtl_hard(pols[label])
-    timing = interleaved_medians(fns, repeats)
+    timing = interleaved_medians(fns, repeats, sync=torch.cuda.synchronize if dev.type == "cuda" else lambda: None)
     key = "cpu_median_s" if clock == "cpu" else "median_s"
     rows = []
     for label, model in models.items():
-        stats = model_stats(model, (1, 3, size, size), repeats=1, warmup=0)  # parameters and MACs
-        row = {"backbone": name, "size": size, "batch": batch, "tasks": len(tasks), "policy": label, "choices": pols[label].counts(),
-               "parameters": stats["parameters"], "macs_per_sample": stats["macs"],
+        row = {"backbone": name, "size": size, "batch": batch, "tasks": len(tasks), "device": dev.type,
+               "policy": label, "choices": pols[label].counts(),
+               "parameters": stats[label]["parameters"], "macs_per_sample": stats[label]["macs"],
                "backbone_macs_per_sample": backbone_macs}
         for suffix, k in (("s", "median_s"), ("cpu_s", "cpu_median_s")):
             backbone_s = timing["backbone"][k]
             compact_s = timing[f"compact/{label}"][k]
-            bound = backbone_s * stats["macs"] / backbone_macs
+            bound = backbone_s * stats[label]["macs"] / backbone_macs
             row.update({
                 f"compact_{suffix}": compact_s, f"flop_bound_{suffix}": bound,
                 f"compact_vs_flop_bound{'' if suffix == 's' else '_cpu'}": compact_s / bound,
@@ -152,6 +160,9 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0, help="seed of the random policy")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                    help="where the timed models and the batch live (cuda: each call synchronized)")
+    ap.add_argument("--out", type=Path, default=None, help="write the JSON here instead of benchmarks/results/inference.json")
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                     help="figure to print and check: wall-clock or process CPU time (both are written)")
     args = ap.parse_args(argv)
@@ -160,16 +171,16 @@ def main(argv=None):
     rows = []
     for name in args.backbones.split(","):
         for size in (int(s) for s in args.sizes.split(",")):
-            rows.extend(run_one(name, size, args.batch, args.repeats, args.seed, args.clock))
+            rows.extend(run_one(name, size, args.batch, args.repeats, args.seed, args.clock, device=args.device))
     worst = max(r["compact_vs_flop_bound"] for r in rows)
     worst_cpu = max(r["compact_vs_flop_bound_cpu"] for r in rows)
     path = write_result("inference", {
         "tasks": [t.describe() for t in TASKS], "batch": args.batch, "repeats": args.repeats,
-        "threads": torch.get_num_threads(), "clock": args.clock,
+        "threads": torch.get_num_threads(), "clock": args.clock, "device": args.device,
         "target": "compact latency within 10% of its FLOP bound",
         "worst_compact_vs_flop_bound": worst, "worst_compact_vs_flop_bound_cpu": worst_cpu,
         "results": rows,
-    })
+    }, args.out)
     print(f"worst compact / FLOP bound: {worst:.2f} wall-clock, {worst_cpu:.2f} CPU time; wrote {path}")
 
 

@@ -14,6 +14,7 @@ of the batched pass is a ratio measured side by side (``speedup_vs_per_task_loop
 
     python benchmarks/search_step.py                      # all backbones and sizes, 3 tasks
     python benchmarks/search_step.py --sizes 64 --repeats 3 --backbones resnet34 --tasks 5
+    python benchmarks/search_step.py --device cuda --sizes 224 --batch 32 --backbones resnet50 mobilenet_v2
 """
 from __future__ import annotations
 
@@ -96,33 +97,42 @@ def baseline_step(backbone, head, loss, x, target):
 
 
 def measure(name: str, size: int, batch_size: int, repeats: int, warmup: int, variants: dict,
-            num_tasks: int = 3, per_task_loop: bool = True) -> dict:
-    """Baseline, each variant of the batched search and (optionally) the per-task loop, interleaved."""
+            num_tasks: int = 3, per_task_loop: bool = True, device: str = "cpu") -> dict:
+    """Baseline, each variant of the batched search and (optionally) the per-task loop, interleaved.
+
+    On ``device`` "cuda" the batch lives on the GPU for every contender (no host copies are timed) and
+    each timed call ends with ``torch.cuda.synchronize()``."""
     torch.manual_seed(0)
+    dev = torch.device(device)
     tasks = TASK_POOL[:num_tasks]
-    backbone = build_backbone(name)
+    backbone = build_backbone(name).to(dev)
     x, y = batch(size, batch_size, tasks=tasks)
+    x, y = x.to(dev), {k: v.to(dev) for k, v in y.items()}
     with torch.no_grad():
         channels = backbone(x[:1]).shape[1]
-    head = DenseHead(channels, 13)
+    head = DenseHead(channels, 13).to(dev)
     seg_loss = loss_for(tasks[0])
     default = SearchConfig()
     r = default.weight_steps_per_policy_step
     runs = {}
     for label, overrides in variants.items():
         sm = supermodel(build_backbone(name), tasks, torch.randn(1, 3, size, size))
-        cfg = SearchConfig(quiet=True, device="cpu", **overrides)
+        cfg = SearchConfig(quiet=True, device=dev.type, **overrides)
         run = _Search(sm, [(x, y)], None, cfg, None)
         run._enter("search")
         iters = {k: s.iterate(0) for k, s in run.streams.items()}
         runs[label] = (run, iters)
-    loop = PerTaskLoop(supermodel(build_backbone(name), tasks, torch.randn(1, 3, size, size)), default) if per_task_loop else None
+    loop = (PerTaskLoop(supermodel(build_backbone(name), tasks, torch.randn(1, 3, size, size)).to(dev), default)
+            if per_task_loop else None)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
 
     def timed(fn):
         """Wall and CPU seconds of one call. CPU time (process_time) is what to read on a shared
         machine with one thread: other processes' load does not count in it."""
+        sync()
         w, c = time.perf_counter(), time.process_time()
         fn()
+        sync()
         return time.perf_counter() - w, time.process_time() - c
 
     def search_cycle(run, iters, g0):
@@ -148,7 +158,7 @@ def measure(name: str, size: int, batch_size: int, repeats: int, warmup: int, va
                 cycles["per_task_loop"].append(c)
         if rep >= warmup:
             base_t.append(dt)
-    out = {"backbone": name, "size": size, "batch": batch_size, "tasks": len(tasks), "repeats": repeats,
+    out = {"backbone": name, "size": size, "batch": batch_size, "tasks": len(tasks), "repeats": repeats, "device": dev.type,
            "baseline_all_s": base_t, "variants": {}}
     for clock, k in (("wall", 0), ("cpu", 1)):
         base = statistics.median(t[k] for t in base_t)
@@ -182,6 +192,8 @@ def main(argv=None) -> int:
                     help=f"number of dense tasks (1 to {len(TASK_POOL)})")
     ap.add_argument("--no-per-task-loop", action="store_true", help="leave out the AutoMTL per-task loop (slow)")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                    help="where every contender runs (cuda: the batch on the GPU, each timed call synchronized)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     if args.threads:
@@ -196,7 +208,7 @@ def main(argv=None) -> int:
     for name in args.backbones:
         for size in args.sizes:
             res = measure(name, size, args.batch, args.repeats, args.warmup, variants, args.tasks,
-                          per_task_loop=not args.no_per_task_loop)
+                          per_task_loop=not args.no_per_task_loop, device=args.device)
             results.append(res)
             for clock in ("wall", "cpu"):
                 summary = ", ".join(

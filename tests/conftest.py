@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 
@@ -7,6 +9,18 @@ from automtl.tasks import Task
 # other jobs share the cores (two spinning OpenMP pools on two cores can be 100x slower).
 torch.set_num_threads(1)
 torch.manual_seed(0)
+
+
+def pytest_addoption(parser):
+    parser.addoption("--gpu", action="store_true",
+                     help="let the tests see CUDA GPUs: tests/test_cuda.py runs, and device 'auto' means the GPU. "
+                          "Without it the suite runs on the CPU on any machine, as in CI")
+
+
+def pytest_configure(config):
+    # before anything asks CUDA: hidden, device "auto" is the CPU in every test and in the processes they start
+    if not config.getoption("--gpu"):
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 
 @pytest.fixture(autouse=True)

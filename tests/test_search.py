@@ -478,6 +478,27 @@ def test_cuda_without_gpu_is_a_config_error(data):
         search(fresh(train.tasks), make_loader(train, 8), None, device="cuda", quiet=True)
 
 
+def test_more_processes_on_a_machine_than_gpus_is_a_config_error(monkeypatch):
+    """torchrun --nproc-per-node 2 on a one-GPU machine: the second process has no GPU of its own (it died with
+    CUDA's 'invalid device ordinal')."""
+    from automtl.search._util import _resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ConfigError, match=r"process 1 of this machine has no GPU of its own: the machine has 1 .*\("
+                                          r"torchrun --nproc-per-node 1\) or use device: cpu"):
+        _resolve_device("auto", 1)
+
+
+def test_evaluate_on_a_device_the_model_is_not_on_is_one_sentence(data):
+    _, val = data
+    sm = fresh(val.tasks)
+    with pytest.raises(ConfigError, match=r"evaluate\(\) was asked for device 'meta' but the model is on 'cpu'; move "
+                                          r"the model there first \(model.to\('meta'\)\) or leave device out"):
+        evaluate(sm, make_loader(val, 16), device="meta")
+    assert evaluate(sm, make_loader(val, 16), device="cpu", max_batches=1)[0]
+
+
 # ---- the config --------------------------------------------------------------------------
 def test_config_yaml_round_trip(tmp_path):
     cfg = SearchConfig(warmup_steps=3, budget="1.5x", weighting="dwa", weighting_options={"window": 5}, out_dir="runs/x")

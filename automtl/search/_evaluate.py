@@ -39,7 +39,7 @@ def evaluate(
     is known.
 
     Raises:
-        ConfigError: ``supermodel`` is no multi-task model (a SuperModel, a CompactModel from compact/load, or a
+        ConfigError: ``device`` is not where the model's weights are; ``supermodel`` is no multi-task model (a SuperModel, a CompactModel from compact/load, or a
             module with ``tasks`` and ``task_names`` returning ``{task: output}``), or ``max_batches`` is not a
             positive whole number.
         DataError: a batch the training checks refuse (:class:`automtl.data.checks.BatchChecks`), no batch, or (a
@@ -53,6 +53,13 @@ def evaluate(
                                     or max_batches < 1):
         raise ConfigError(f"max_batches must be a positive whole number (or None for every batch), got "
                           f"{str(max_batches)[:40]!r}")
+    where = placement(supermodel).get("device")
+    if device is not None and where is not None:
+        want = torch.device(device)
+        if want.type != where.type or (want.index is not None and where.index is not None and want.index != where.index):
+            raise ConfigError(f"evaluate() was asked for device {str(device)!r} but the model is on {str(where)!r}; move "
+                              f"the model there first (model.to({str(device)!r})) or leave device out to evaluate "
+                              "where the model is")
     return _evaluate(supermodel, data, mix, max_batches, device, amp, batch_size, input_dtype, every_task_seen=True)
 
 

@@ -282,6 +282,11 @@ def _resolve_device(name: str, local_rank: int) -> torch.device:
     if name == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError("device 'cuda' was asked for but no CUDA GPU is available; use device: cpu or auto")
+        count = torch.cuda.device_count()
+        if local_rank >= count:  # each process of a machine takes the GPU of its local rank
+            raise ConfigError(
+                f"process {local_rank} of this machine has no GPU of its own: the machine has {count} and each process "
+                f"takes one; run at most {count} per machine (torchrun --nproc-per-node {count}) or use device: cpu")
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
