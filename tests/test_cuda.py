@@ -82,7 +82,9 @@ def test_a_search_on_the_gpu_trains_and_keeps_its_evidence(scenes, strategy, amp
 
 
 def test_a_model_trained_on_the_gpu_is_saved_and_loaded_on_the_cpu(tmp_path):
-    from automtl.formats import load, save
+    import warnings
+
+    from automtl.formats import export, load, load_pt2, save
 
     torch.manual_seed(0)
     sm = supermodel("resnet18", TASKS, torch.randn(1, 3, SIZE, SIZE)).eval()
@@ -99,6 +101,14 @@ def test_a_model_trained_on_the_gpu_is_saved_and_loaded_on_the_cpu(tmp_path):
     for task in want:
         assert close(got[task], want[task].cpu()), task
         assert torch.equal(again[task], want[task]), task
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a program holding the GPU's tensors is written with a warning: load_pt2 refuses it
+        export(model, tmp_path / "m.pt2")
+    assert next(model.parameters()).device.type == "cuda"  # exported from a CPU copy; the model stays
+    with torch.no_grad():
+        program = load_pt2(tmp_path / "m.pt2").module()(x)
+    for task in want:
+        assert close(program[task], want[task].cpu()), task
 
 
 def test_convert_on_the_gpu_from_the_command_line(tmp_path):

@@ -173,7 +173,8 @@ def export(compact: CompactModel, path: str | os.PathLike, example_input: Option
     ``automtl.load_pt2(path).module()(x)`` returns ``{task: output}`` for any batch size; where
     automtl is not installed, ``torch.export.load`` reads the same file (for files you trust:
     it unpickles). The example input (default: the model's input shape at batch 2) fixes every
-    dimension but the batch. The archive holds no pickle: its sample inputs entry is empty.
+    dimension but the batch. The archive holds no pickle: its sample inputs entry is empty. A model on a GPU is
+    exported from a CPU copy (the program's weights are the CPU's, which load_pt2 requires), and stays where it is.
 
     Raises:
         ConfigError: ``path`` is not named ``.pt2``.
@@ -193,6 +194,7 @@ def export(compact: CompactModel, path: str | os.PathLike, example_input: Option
     if os.path.splitext(os.fspath(path))[1].lower() != ".pt2":
         raise ConfigError(f"export() writes a torch.export archive, so {os.fspath(path)!r} would hold another format "
                           "than its name says; name it .pt2, or write .automtl with automtl.save")
+    compact, example_input = _on_the_cpu(compact, example_input)
     x = example_input_for(compact, example_input)
     gm = compact.graph_module
     noise = io.StringIO()  # on failure torch prints the whole traced graph to stderr; our one sentence replaces it
@@ -220,6 +222,19 @@ def export(compact: CompactModel, path: str | os.PathLike, example_input: Option
             what = str(exc).split("; load only")[0].replace(f"program file {str(tmp)!r}", f"{os.fspath(path)!r}")
             warnings.warn(f"{what}, so automtl.load_pt2 will refuse it; load it with torch.export.load only where "
                           f"you trust the file{_bundle_advice(compact)}", UserWarning, stacklevel=2)
+
+
+def _on_the_cpu(compact: CompactModel, example_input: Optional[torch.Tensor]):
+    """A copy of a model with tensors off the CPU (trained on a GPU), and its example input, on the CPU: the program
+    holds its weights, and one holding a GPU's tensors runs only where that GPU is (load_pt2 refuses it). A CPU model
+    is exported as it is, uncopied."""
+    import copy
+
+    tensors = [*compact.parameters(), *compact.buffers()]
+    if all(t.device.type == "cpu" for t in tensors):
+        return compact, example_input
+    moved = copy.deepcopy(compact).cpu()
+    return moved, (example_input.cpu() if isinstance(example_input, torch.Tensor) else example_input)
 
 
 def _bundle_advice(compact: CompactModel) -> str:

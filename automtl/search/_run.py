@@ -446,7 +446,8 @@ def search(
     ``config.policy_file``) skips warm-up and search and fine-tunes that policy only.
     ``resume=True`` continues from ``out_dir/checkpoint.pt`` when it exists.
 
-    The supermodel is trained in place and left in ``hard(result.policy)`` mode, in eval mode.
+    The supermodel is trained in place and left in ``hard(result.policy)`` mode, in eval mode, on the device it
+    trained on (``config.device``; ``auto`` is the GPU where torch sees one): give it inputs there, or ``.cpu()`` it.
     Raises ConfigError before any training when no policy can meet ``budget`` (in ``budget_metric``).
     """
     if config is None:
