@@ -1,6 +1,7 @@
 """Files: the .automtl bundle (data, not code), the .pt2 and ONNX exports, and the accounting report."""
 import functools
 import hashlib
+import inspect
 import os
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from automtl.backbones import build_backbone
 from automtl.compact import META_CHOICE, META_LAYER, META_TASKS, compact
 from automtl.errors import AutomtlError, FileFormatError
 from automtl.formats import export, export_onnx, load, save
+from automtl.formats.modules import MODULES
 from automtl.policy import Policy
 from automtl.report import compare, count_macs, format_inspect, inspect_text, model_stats
 from automtl.supermodel import supermodel
@@ -129,6 +131,45 @@ def test_a_bundle_is_read_and_written_by_a_torch_whose_norms_take_no_bias(tmp_pa
     with pytest.raises(FileFormatError, match=r"constructor argument 'bias', which the BatchNorm2d of the installed "
                                               r"torch .* does not take; .* upgrade torch to load it"):
         load(tmp_path / "nobias.automtl")
+
+
+_REQUIRED = {"in_channels": 4, "out_channels": 4, "kernel_size": 3, "in_features": 4, "out_features": 4,
+             "num_features": 4, "size": 3, "num_groups": 2, "num_channels": 4, "normalized_shape": [4],
+             "threshold": 0.5, "value": 0.0, "output_size": 2, "upscale_factor": 2, "downscale_factor": 2,
+             "groups": 2, "padding": 1}
+
+
+def _has_keyword_only(cls) -> bool:
+    return any(p.kind is p.KEYWORD_ONLY and k in MODULES[cls] for k, p in inspect.signature(cls.__init__).parameters.items())
+
+
+@pytest.mark.parametrize("cls,keyword_only", [(c, "default") for c in MODULES] + [
+    (c, "changed") for c in MODULES if _has_keyword_only(c)], ids=lambda v: getattr(v, "__name__", v))
+def test_every_module_is_written_with_arguments_an_older_torch_takes(cls, keyword_only):
+    """The whole kind of BatchNorm's ``bias``: for every module class a bundle may hold, what the writer records is
+    arguments of the installed constructor, none keyword-only at its default (torch's way of adding an argument,
+    which an older torch lacks), and building from them gives the same module; a keyword-only argument set away
+    from its default is written, since leaving it out would change the model."""
+    from automtl.formats.bundle import _constructor_args
+    from automtl.formats.codec import decode
+    from automtl.formats.modules import build_module
+
+    params = inspect.signature(cls.__init__).parameters
+    required = {k: _REQUIRED[k] for k, p in params.items()
+                if k != "self" and p.default is inspect.Parameter.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    keyword = [k for k, p in params.items() if p.kind is p.KEYWORD_ONLY and k in MODULES[cls]]
+    if keyword_only == "changed":
+        required.update({k: not params[k].default for k in keyword})
+        if "affine" in params:
+            required["affine"] = True  # InstanceNorm's default False has no bias either way
+    module = cls(**required)
+    args = _constructor_args("m", module)
+    assert set(args) <= set(params), args
+    written_keyword = {k for k in args if params[k].kind is params[k].KEYWORD_ONLY}
+    assert written_keyword == (set(keyword) if keyword_only == "changed" else set()), args
+    rebuilt = build_module("m", cls.__name__, {k: decode(v, k) for k, v in args.items()}, "the test")
+    assert repr(rebuilt) == repr(module)
+    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in module.state_dict().items()}
 
 
 def test_bundle_layout_and_checksums(tmp_path):

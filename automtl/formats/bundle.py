@@ -57,26 +57,42 @@ _FUNCTION_NAMES = {fn: name for name, (fn, _) in FUNCTIONS.items()}
 # writing
 # ---------------------------------------------------------------------------------------
 def _constructor_args(name: str, mod: nn.Module) -> dict:
+    """The arguments that rebuild ``mod``, encoded. Only arguments of the installed constructor are written, and a
+    keyword-only one only where the module built without it differs (other parameters, buffers or settings): torch
+    adds arguments keyword-only, with the old behaviour as default (BatchNorm's ``bias`` in 2.13), so a file that
+    leaves them out is read by a torch without them."""
     import inspect
 
-    args: dict = {}
+    values: dict = {}
     params = inspect.signature(type(mod).__init__).parameters
     for key in MODULES[type(mod)]:
         param = params.get(key)
         if param is None:
-            continue  # an argument of another torch release (BatchNorm's bias arrived in 2.13): not this class's
+            continue  # an argument of another torch release: not this class's
         value = getattr(mod, key, inspect.Parameter.empty)
-        if isinstance(value, torch.Tensor) or (value is None and key in ("bias", "weight") and param is not None
-                                               and param.default is True):
+        if isinstance(value, torch.Tensor) or (value is None and key in ("bias", "weight") and param.default is True):
             value = value is not None  # bias=True/False is kept as a parameter or None
         if value is inspect.Parameter.empty:
             continue  # an initialisation-only argument: the weights override it
         if key == "inplace":
             value = False  # the graph uses the returned value (capture made that explicit); a bundle never writes in place
-        if param.kind is inspect.Parameter.KEYWORD_ONLY and value == param.default:
-            continue  # torch adds arguments as keyword-only with the old behaviour as default: a release without it reads the file
-        args[key] = encode(value, f"module {name!r} argument {key!r}")
-    return args
+        values[key] = value
+    for key in [k for k in values if params[k].kind is inspect.Parameter.KEYWORD_ONLY]:
+        rest = {k: v for k, v in values.items() if k != key}
+        if _same_module(mod, rest):
+            values = rest
+    return {key: encode(value, f"module {name!r} argument {key!r}") for key, value in values.items()}
+
+
+def _same_module(mod: nn.Module, args: dict) -> bool:
+    """Whether ``type(mod)(**args)`` (built on the meta device) has ``mod``'s parameters, buffers (their shapes) and
+    settings (``extra_repr``)."""
+    try:
+        other = type(mod)(**args, device="meta")
+    except Exception:  # noqa: BLE001 - a constructor refusing the combination: the argument is needed
+        return False
+    shapes = lambda m: {k: tuple(v.shape) for k, v in m.state_dict().items()}  # noqa: E731 - dtypes: the weights'
+    return other.extra_repr() == mod.extra_repr() and shapes(other) == shapes(mod)
 
 
 def _safe_names(targets) -> dict:
