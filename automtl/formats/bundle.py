@@ -79,20 +79,21 @@ def _constructor_args(name: str, mod: nn.Module) -> dict:
         values[key] = value
     for key in [k for k in values if params[k].kind is inspect.Parameter.KEYWORD_ONLY]:
         rest = {k: v for k, v in values.items() if k != key}
-        if _same_module(mod, rest):
+        if _same_module(type(mod), values, rest):
             values = rest
     return {key: encode(value, f"module {name!r} argument {key!r}") for key, value in values.items()}
 
 
-def _same_module(mod: nn.Module, args: dict) -> bool:
-    """Whether ``type(mod)(**args)`` (built on the meta device) has ``mod``'s parameters, buffers (their shapes) and
-    settings (``extra_repr``)."""
+def _same_module(cls: type, args: dict, rest: dict) -> bool:
+    """Whether ``cls(**args)`` and ``cls(**rest)``, built on the meta device, have the same parameters and buffers
+    (their shapes) and settings (``extra_repr``): whether what ``rest`` leaves out changes the module. Both are built
+    from the written arguments, so what the writer sets itself (``inplace=False``) counts on neither side."""
     try:
-        other = type(mod)(**args, device="meta")
+        built = [cls(**a, device="meta") for a in (args, rest)]
     except Exception:  # noqa: BLE001 - a constructor refusing the combination: the argument is needed
         return False
     shapes = lambda m: {k: tuple(v.shape) for k, v in m.state_dict().items()}  # noqa: E731 - dtypes: the weights'
-    return other.extra_repr() == mod.extra_repr() and shapes(other) == shapes(mod)
+    return built[0].extra_repr() == built[1].extra_repr() and shapes(built[0]) == shapes(built[1])
 
 
 def _safe_names(targets) -> dict:
