@@ -8,7 +8,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -36,6 +36,12 @@ def _cpu_model() -> Optional[str]:
             return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
     except OSError:
         return platform.processor() or None
+
+
+def synchronizer(device) -> Callable[[], None]:
+    """What a timed call is wrapped in on ``device``: ``torch.cuda.synchronize`` on a GPU, where a call only queues
+    its kernels, else nothing."""
+    return torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
 
 
 def median_time(fn, repeats: int = 5, warmup: int = 1) -> dict:

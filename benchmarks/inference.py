@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, write_result  # noqa: E402
+from common import RESULTS, synchronizer, write_result  # noqa: E402
 
 from automtl import Policy, compact, supermodel  # noqa: E402
 from automtl.backbones import build_backbone  # noqa: E402
@@ -119,7 +119,7 @@ def run_one(name: str, size: int, batch: int, repeats: int, seed: int, clock: st
     for label, model in models.items():
         fns[f"compact/{label}"] = (lambda m: lambda: m(x))(model)
         fns[f"automtl_hard/{label}"] = automtl_hard(pols[label])
-    timing = interleaved_medians(fns, repeats, sync=torch.cuda.synchronize if dev.type == "cuda" else lambda: None)
+    timing = interleaved_medians(fns, repeats, sync=synchronizer(dev))
     key = "cpu_median_s" if clock == "cpu" else "median_s"
     rows = []
     for label, model in models.items():

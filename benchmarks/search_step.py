@@ -36,7 +36,7 @@ from automtl.reference import run_task_by_task
 from automtl.search import _make_optimizer, _Search
 from automtl.supermodel import supermodel
 from automtl.tasks import Task
-from common import write_result
+from common import synchronizer, write_result
 
 #: Dense tasks in the order they are added for the scaling table (T = 2, 3, 5 takes the first T).
 TASK_POOL = [Task("segmentation", "segmentation", classes=13), Task("depth", "depth"), Task("normal", "normal"),
@@ -124,7 +124,7 @@ def measure(name: str, size: int, batch_size: int, repeats: int, warmup: int, va
         runs[label] = (run, iters)
     loop = (PerTaskLoop(supermodel(build_backbone(name), tasks, torch.randn(1, 3, size, size)).to(dev), default)
             if per_task_loop else None)
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    sync = synchronizer(dev)
 
     def timed(fn):
         """Wall and CPU seconds of one call. CPU time (process_time) is what to read on a shared
